@@ -1,0 +1,17 @@
+/* Monotonic clock helpers. */
+#ifndef MOE_COMMON_CLOCK_H
+#define MOE_COMMON_CLOCK_H
+
+#include <stdint.h>
+#include <time.h>
+
+static inline int64_t moe_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline double moe_now_s(void) { return (double)moe_now_ns() * 1e-9; }
+
+#endif

@@ -1,0 +1,113 @@
+/* CPU math kernels: pure functions over plain arrays, plus the thread pool they run on.
+ * Nothing here knows about requests, models or MPI. Hot-path functions allocate nothing.
+ * ISA (AVX-512 BF16/VNNI, AVX2+FMA, scalar) is chosen once at start-up; see moe_kernels_isa(). */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Element type of a weight matrix. Activations are always f32. */
+typedef enum {
+    MOE_DT_F32 = 0,
+    MOE_DT_BF16, /* raw bf16 bits in uint16_t */
+    MOE_DT_F16,  /* raw IEEE half bits in uint16_t */
+    MOE_DT_Q8,   /* group-wise 8-bit, see moe_quant.h (issue: CPU speed) */
+    MOE_DT_Q4,   /* group-wise 4-bit */
+    MOE_DT_COUNT
+} moe_dtype;
+
+const char *moe_dtype_name(moe_dtype dt);
+
+/* ---- ISA dispatch ---- */
+typedef enum { MOE_ISA_SCALAR = 0, MOE_ISA_AVX2, MOE_ISA_AVX512 } moe_isa;
+/* The ISA every kernel dispatches to. Chosen from CPUID at first use; MOE_ISA=scalar|avx2|avx512
+ * in the environment forces a lower one (tests use moe_kernels_force_isa). */
+moe_isa moe_kernels_isa(void);
+const char *moe_isa_name(moe_isa isa);
+/* Test hook: force an ISA (must be supported by the CPU, else returns the active one). */
+moe_isa moe_kernels_force_isa(moe_isa isa);
+
+/* ---- conversions ---- */
+static inline float moe_bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+/* Round-to-nearest-even, NaN kept quiet. */
+static inline uint16_t moe_f32_to_bf16(float f)
+{
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+float moe_f16_to_f32(uint16_t h);
+uint16_t moe_f32_to_f16(float f);
+/* dst[i] = (float)src[i] for a whole array of dtype `dt` (F32, BF16 or F16). */
+void moe_convert_to_f32(float *dst, const void *src, moe_dtype dt, size_t n);
+
+/* ---- thread pool ---- */
+typedef struct moe_threadpool moe_threadpool_t;
+/* A task body: called once for each task index in [0, n_tasks), on some thread. */
+typedef void (*moe_task_fn)(void *arg, int task, int thread);
+
+/* n_threads >= 1 (including the caller). Returns NULL on failure. */
+moe_threadpool_t *moe_threadpool_create(int n_threads);
+void moe_threadpool_free(moe_threadpool_t *pool);
+int moe_threadpool_size(const moe_threadpool_t *pool);
+/* Runs fn(arg, t, thread) for every t in [0, n_tasks) and returns when all are done. The calling
+ * thread takes part. Not reentrant: one run at a time per pool (call from one thread). pool may be
+ * NULL: then everything runs on the caller. */
+void moe_threadpool_run(moe_threadpool_t *pool, moe_task_fn fn, void *arg, int n_tasks);
+
+/* ---- linear algebra ---- */
+/* y[t*n_out + r] = sum_c x[t*n_in + c] * W[r, c]   for t < n_tok, r < n_out.
+ * W is row-major (n_out, n_in) of dtype wt (F32, BF16 or F16; Q8/Q4 once quantization lands).
+ * x: (n_tok, n_in) f32, y: (n_tok, n_out) f32, no aliasing. Rows of W are split across the pool's
+ * threads and each weight row is read once for all n_tok tokens. Accumulates in f32. */
+void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
+                int n_tok, int n_in, int n_out);
+/* Single-threaded variant, for callers that already split work across threads (per expert). */
+void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                       int n_out);
+
+/* ---- elementwise ---- */
+/* y = x / sqrt(mean(x^2) + eps) * w, over n elements; y may alias x. */
+void moe_rmsnorm(float *y, const float *x, const float *w, int n, float eps);
+/* In-place softmax over n elements (max-subtracted). */
+void moe_softmax(float *x, int n);
+/* gate[i] = silu(gate[i]) * up[i]. */
+void moe_silu_mul(float *gate, const float *up, int n);
+/* y[i] += a * x[i]. */
+void moe_axpy(float *y, float a, const float *x, int n);
+/* Indices and values of the k largest of x[0..n), largest first; ties go to the lower index
+ * (as torch.topk does on CPU). k <= n. */
+void moe_topk(const float *x, int n, int k, int *idx, float *val);
+
+/* Rotary embedding, Hugging Face "rotate half" convention, in place on n_heads heads of head_dim
+ * (contiguous, stride head_dim). cos_sin holds head_dim/2 cos values then head_dim/2 sin values for
+ * this position (see moe_rope_table). */
+void moe_rope(float *x, int n_heads, int head_dim, const float *cos_sin);
+/* Fills table[pos * head_dim + ...] with cos then sin for positions [0, n_pos), frequencies
+ * theta^(-2i/head_dim), computed in double then rounded (as HF does in f32: see kernels docs). */
+void moe_rope_table(float *table, int n_pos, int head_dim, double theta);
+
+/* ---- attention over a paged KV cache ----
+ * One query token of one sequence, all heads. K and V of context token j live in block
+ * blocks[j / block_size] at row j % block_size: for kv head h, key = k_base[b] + h * head_stride +
+ * (j % block_size) * head_dim (likewise v_base). Grouped-query: query head i reads kv head
+ * i / (n_head / n_kv_head). Attends to context tokens [0, n_ctx) (the caller passes the causal
+ * length). q: (n_head, head_dim); out: (n_head, head_dim); scratch: at least n_ctx floats.
+ * scale is usually 1/sqrt(head_dim). */
+typedef struct {
+    const float *const *k_base; /* per block: this layer's K base in that block */
+    const float *const *v_base; /* per block: this layer's V base in that block */
+    int block_size;             /* tokens per block */
+    size_t head_stride;         /* floats between kv heads inside a block (block_size*head_dim) */
+} moe_kv_view;
+
+void moe_attention(float *out, const float *q, const moe_kv_view *kv, int n_ctx, int n_head,
+                   int n_kv_head, int head_dim, float scale, float *scratch);
+
+#endif

@@ -1,0 +1,70 @@
+/* The per-instance inference engine: continuous batching with chunked prefill over a paged KV
+ * cache. One step() runs one forward pass over a batch that mixes prefill chunks and decode
+ * tokens under a token budget, then samples. Single-threaded API (the kernels use the pool). */
+#ifndef MOE_WORKER_ENGINE_H
+#define MOE_WORKER_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "common/status.h"
+#include "worker/model.h"
+#include "worker/sampler.h"
+
+typedef struct moe_engine moe_engine;
+
+typedef struct {
+    int n_threads;          /* kernel threads (incl. caller); 0 = all cores */
+    int block_size;         /* KV tokens per block; 0 = 16 */
+    int n_kv_blocks;        /* KV capacity in blocks; 0 = from kv_budget_bytes */
+    size_t kv_budget_bytes; /* used when n_kv_blocks == 0; 0 = enough for max_seqs x context */
+    int max_batch_tokens;   /* token budget of one step (prefill chunks + decodes); 0 = 512 */
+    int max_seqs;           /* most sequences running at once; 0 = 64 */
+} moe_engine_opts;
+
+typedef enum {
+    MOE_FINISH_NONE = 0, /* still running */
+    MOE_FINISH_EOS,
+    MOE_FINISH_LENGTH,
+    MOE_FINISH_STOP,      /* set by the caller through moe_engine_finish (stop strings) */
+    MOE_FINISH_CANCELLED,
+} moe_finish_reason;
+
+const char *moe_finish_name(moe_finish_reason r);
+
+/* One sampled token. index counts generated tokens of that sequence from 0. */
+typedef struct {
+    uint64_t seq_id;
+    int32_t token;
+    int index;
+    moe_finish_reason finish; /* != NONE on the sequence's last event */
+} moe_token_event;
+
+typedef struct {
+    int kv_blocks_total, kv_blocks_used;
+    int n_waiting, n_running;
+    int64_t steps, prefill_tokens, decode_tokens;
+} moe_engine_stats;
+
+/* model must outlive the engine. */
+moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts, moe_engine **out);
+void moe_engine_free(moe_engine *e);
+
+/* Queues a sequence. The prompt is copied. Fails with INVALID_ARG (empty prompt, id outside the
+ * vocabulary, prompt + max_new_tokens past the context) or FULL (it could never fit the cache). */
+moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                          const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos);
+/* Ends a sequence now (cancel, stop string): frees its KV. NOT_FOUND if unknown. */
+moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id);
+
+/* Runs one step. Writes up to cap events (one per sequence that produced a token). Returns the
+ * number of events, or -1 with moe_error_message() set. Finished sequences are freed inside. */
+int moe_engine_step(moe_engine *e, moe_token_event *events, int cap);
+bool moe_engine_has_work(const moe_engine *e);
+void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st);
+
+/* Test and tool helper: runs `tokens` through a fresh sequence in chunks of `chunk` tokens
+ * (0 = all at once) and writes the logits of every position (n x vocab) into logits. Frees the
+ * sequence afterwards. */
+moe_status moe_engine_logits(moe_engine *e, const int32_t *tokens, int n, int chunk, float *logits);
+
+#endif

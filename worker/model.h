@@ -1,0 +1,67 @@
+/* A loaded model: its config and pointers to every weight, bound by name and checked by shape and
+ * dtype against the config before anything runs. Weights point into the safetensors mmaps
+ * (zero-copy); only tiny vectors (norms, biases) and F16 matrices are converted into owned f32. */
+#ifndef MOE_WORKER_MODEL_H
+#define MOE_WORKER_MODEL_H
+
+#include <stdbool.h>
+#include "common/model_config.h"
+#include "kernels/kernels.h"
+#include "worker/safetensors.h"
+
+/* A row-major matrix (rows = outputs, cols = inputs), as nn.Linear stores it. */
+typedef struct {
+    const void *data; /* NULL when absent (e.g. an expert not held by this rank) */
+    moe_dtype dtype;
+    int rows, cols;
+} moe_weight;
+
+typedef struct {
+    const float *attn_norm;          /* (d) */
+    moe_weight wq;                   /* (n_heads*head_dim, d) */
+    moe_weight wk, wv;               /* (n_kv_heads*head_dim, d) */
+    moe_weight wo;                   /* (d, n_heads*head_dim) */
+    const float *bq, *bk, *bv;       /* biases or NULL */
+    const float *q_norm, *k_norm;    /* qk_norm 1: (n_heads*head_dim)/(n_kv*head_dim); 2: (head_dim) */
+    const float *ffn_norm;           /* (d) post_attention_layernorm */
+
+    bool is_moe;
+    moe_weight router;               /* (n_experts, d) */
+    moe_weight *exp_gate;            /* [n_experts] (moe_ffn, d) */
+    moe_weight *exp_up;              /* [n_experts] (moe_ffn, d) */
+    moe_weight *exp_down;            /* [n_experts] (d, moe_ffn) */
+    moe_weight sh_gate, sh_up;       /* Qwen2-MoE shared expert (shared_ffn, d) */
+    moe_weight sh_down;              /* (d, shared_ffn) */
+    moe_weight sh_expert_gate;       /* (1, d): sigmoid gate of the shared expert */
+
+    moe_weight mlp_gate, mlp_up;     /* dense layers: (dense_ffn, d) */
+    moe_weight mlp_down;             /* (d, dense_ffn) */
+} moe_layer_weights;
+
+typedef struct {
+    /* Experts [expert_begin, expert_end) are bound; others stay NULL and are not touched (so
+     * their pages are never faulted in). Default (0, 0) means all. */
+    int expert_begin, expert_end;
+} moe_model_load_opts;
+
+typedef struct {
+    moe_model_config cfg;
+    char dir[4096];
+    moe_st_set *st;
+    moe_weight embed;                /* (vocab, d) */
+    const float *final_norm;         /* (d) */
+    moe_weight lm_head;              /* (vocab, d); the embedding when tied */
+    moe_layer_weights *layers;       /* [n_layers] */
+    int expert_begin, expert_end;
+    void *owned;                     /* converted buffers, freed by moe_model_free */
+} moe_model;
+
+/* Loads DIR (config.json, generation_config.json, safetensors). opts may be NULL. On error returns
+ * a status whose message names the file and tensor/field at fault; *out is untouched. */
+moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_model **out);
+void moe_model_free(moe_model *m);
+
+/* Bytes of weights this rank maps and will read (for logs and the KV budget). */
+size_t moe_model_weight_bytes(const moe_model *m);
+
+#endif

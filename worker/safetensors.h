@@ -1,0 +1,53 @@
+/* Read-only, zero-copy access to safetensors files: one file or a sharded set with
+ * model.safetensors.index.json. Files are mmap'd; tensor data pointers point into the maps. */
+#ifndef MOE_WORKER_SAFETENSORS_H
+#define MOE_WORKER_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "common/status.h"
+#include "kernels/kernels.h"
+
+#define MOE_ST_MAX_DIMS 4
+
+typedef struct {
+    const char *name;      /* owned by the set */
+    const char *file;      /* path of the file it lives in (owned by the set) */
+    moe_dtype dtype;       /* F32, BF16 or F16; other dtypes are refused at open */
+    int n_dims;
+    int64_t shape[MOE_ST_MAX_DIMS];
+    const void *data;      /* into the mmap; valid until moe_st_close */
+    size_t n_bytes;
+} moe_st_tensor;
+
+typedef struct moe_st_set moe_st_set;
+
+/* Opens every safetensors file of model directory `dir` (model.safetensors, or the shards named
+ * by model.safetensors.index.json). Validates each header completely: JSON well formed, header
+ * length inside the file, dtypes known, shape x dtype size == byte range, ranges inside the data
+ * section, no overlaps, index entries pointing at existing tensors. Errors name file and tensor. */
+moe_status moe_st_open_dir(const char *dir, moe_st_set **out);
+/* Opens one file (for tools and fuzzing). */
+moe_status moe_st_open_file(const char *path, moe_st_set **out);
+/* Parses a header from memory: buf = the whole file image. For the fuzzer; same checks. */
+moe_status moe_st_parse(const uint8_t *buf, size_t len, const char *name, moe_st_set **out);
+void moe_st_close(moe_st_set *set);
+
+/* NULL if absent. */
+const moe_st_tensor *moe_st_find(const moe_st_set *set, const char *name);
+int moe_st_count(const moe_st_set *set);
+const moe_st_tensor *moe_st_at(const moe_st_set *set, int i);
+
+/* Writer (used by moe-gen-model and tests): writes one safetensors file from n tensors.
+ * Tensors are written in the given order, data aligned to 8 bytes, with __metadata__ if given. */
+typedef struct {
+    const char *name;
+    moe_dtype dtype;
+    int n_dims;
+    int64_t shape[MOE_ST_MAX_DIMS];
+    const void *data;
+} moe_st_write_tensor;
+moe_status moe_st_write_file(const char *path, const moe_st_write_tensor *tensors, int n,
+                             const char *metadata_json);
+
+#endif
