@@ -39,13 +39,19 @@ int moe_st_count(const moe_st_set *set);
 const moe_st_tensor *moe_st_at(const moe_st_set *set, int i);
 
 /* Writer (used by moe-gen-model and tests): writes one safetensors file from n tensors.
- * Tensors are written in the given order, data aligned to 8 bytes, with __metadata__ if given. */
+ * Tensors are written in the given order, data aligned to 8 bytes, with __metadata__ if given.
+ * A tensor's bytes come from `data`, or, when data is NULL, from fill(fill_ctx, dst, n_bytes, offset)
+ * (offset = where dst starts inside the tensor; called repeatedly in order)
+ * which writes them into a bounded staging buffer: multi-GB models stream to disk without being
+ * held in memory. */
 typedef struct {
     const char *name;
     moe_dtype dtype;
     int n_dims;
     int64_t shape[MOE_ST_MAX_DIMS];
     const void *data;
+    void (*fill)(void *fill_ctx, void *dst, size_t n_bytes, size_t offset);
+    void *fill_ctx;
 } moe_st_write_tensor;
 moe_status moe_st_write_file(const char *path, const moe_st_write_tensor *tensors, int n,
                              const char *metadata_json);
