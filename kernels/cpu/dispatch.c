@@ -1,0 +1,101 @@
+/* Run-time ISA selection: CPUID at first use, MOE_ISA override, the test hook, dtype/ISA names. */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/kernels_internal.h"
+
+static const moe_kernel_ops ops_scalar = {moe_matmul_rows_scalar, moe_dot_f32_scalar, 4};
+static const moe_kernel_ops ops_avx2 = {moe_matmul_rows_avx2, moe_dot_f32_avx2, 16};
+static const moe_kernel_ops ops_avx512 = {moe_matmul_rows_avx512, moe_dot_f32_avx512, 16};
+
+/* -1 until first use. Selection is idempotent, so a race between two first callers is harmless:
+ * both compute the same value. */
+static _Atomic int active_isa = -1;
+
+const char *moe_dtype_name(moe_dtype dt)
+{
+    switch (dt) {
+    case MOE_DT_F32: return "f32";
+    case MOE_DT_BF16: return "bf16";
+    case MOE_DT_F16: return "f16";
+    case MOE_DT_Q8: return "q8";
+    case MOE_DT_Q4: return "q4";
+    default: return "?";
+    }
+}
+
+const char *moe_isa_name(moe_isa isa)
+{
+    switch (isa) {
+    case MOE_ISA_SCALAR: return "scalar";
+    case MOE_ISA_AVX2: return "avx2";
+    case MOE_ISA_AVX512: return "avx512";
+    default: return "?";
+    }
+}
+
+/* The best ISA this CPU (and OS: __builtin_cpu_supports checks XCR0 state) can run. */
+static moe_isa cpu_best_isa(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    /* The AVX-512 file is compiled with F/BW/VL/DQ/BF16/VNNI; require them all so that no
+     * instruction the compiler picked can fault. */
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return MOE_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return MOE_ISA_AVX2;
+#endif
+    return MOE_ISA_SCALAR;
+}
+
+static moe_isa select_isa(void)
+{
+    moe_isa best = cpu_best_isa();
+    const char *env = getenv("MOE_ISA");
+    if (env && *env) {
+        /* The override can only lower the ISA: asking for more than the CPU has must not
+         * crash with SIGILL later. An unknown value keeps the CPU's best. */
+        moe_isa want = best;
+        if (strcmp(env, "scalar") == 0)
+            want = MOE_ISA_SCALAR;
+        else if (strcmp(env, "avx2") == 0)
+            want = MOE_ISA_AVX2;
+        else if (strcmp(env, "avx512") == 0)
+            want = MOE_ISA_AVX512;
+        if (want < best)
+            best = want;
+    }
+    return best;
+}
+
+moe_isa moe_kernels_isa(void)
+{
+    int isa = atomic_load_explicit(&active_isa, memory_order_acquire);
+    if (isa < 0) {
+        isa = (int)select_isa();
+        atomic_store_explicit(&active_isa, isa, memory_order_release);
+    }
+    return (moe_isa)isa;
+}
+
+moe_isa moe_kernels_force_isa(moe_isa isa)
+{
+    if (isa >= MOE_ISA_SCALAR && isa <= cpu_best_isa())
+        atomic_store_explicit(&active_isa, (int)isa, memory_order_release);
+    return moe_kernels_isa();
+}
+
+const moe_kernel_ops *moe_kernels_ops(void)
+{
+    switch (moe_kernels_isa()) {
+    case MOE_ISA_AVX512: return &ops_avx512;
+    case MOE_ISA_AVX2: return &ops_avx2;
+    default: return &ops_scalar;
+    }
+}

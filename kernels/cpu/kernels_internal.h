@@ -1,0 +1,36 @@
+/* Private to kernels/cpu: the per-ISA function table and the scalar/AVX2/AVX-512 entry points. */
+#ifndef MOE_KERNELS_CPU_INTERNAL_H
+#define MOE_KERNELS_CPU_INTERNAL_H
+
+#include "kernels/kernels.h"
+
+/* Computes rows [r0, r1) of y = x * W^T for all n_tok tokens (see moe_matmul). Single-threaded;
+ * every ISA implements exactly this contract, so the threading layer (matmul.c) is shared. */
+typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_dtype wt,
+                                   int n_tok, int n_in, int n_out, int r0, int r1);
+/* sum_i a[i] * b[i] over f32 arrays (attention's q.k), several accumulators. */
+typedef float (*moe_dot_f32_fn)(const float *a, const float *b, int n);
+
+typedef struct {
+    moe_matmul_rows_fn matmul_rows;
+    moe_dot_f32_fn dot_f32;
+    /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
+    int row_block;
+} moe_kernel_ops;
+
+/* The table of the active ISA (moe_kernels_isa()); never NULL. */
+const moe_kernel_ops *moe_kernels_ops(void);
+
+void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                            int n_in, int n_out, int r0, int r1);
+float moe_dot_f32_scalar(const float *a, const float *b, int n);
+
+/* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
+void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                          int n_in, int n_out, int r0, int r1);
+float moe_dot_f32_avx2(const float *a, const float *b, int n);
+void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                            int n_in, int n_out, int r0, int r1);
+float moe_dot_f32_avx512(const float *a, const float *b, int n);
+
+#endif
