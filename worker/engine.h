@@ -50,7 +50,8 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
 void moe_engine_free(moe_engine *e);
 
 /* Queues a sequence. The prompt is copied. Fails with INVALID_ARG (empty prompt, id outside the
- * vocabulary, prompt + max_new_tokens past the context) or FULL (it could never fit the cache). */
+ * vocabulary, prompt not shorter than the context, past a sliding window, duplicate seq_id) or
+ * FULL (it could never fit the cache). Generation stops at the context length (LENGTH). */
 moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
                           const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos);
 /* Ends a sequence now (cancel, stop string): frees its KV. NOT_FOUND if unknown. */

@@ -1,0 +1,391 @@
+/* Continuous-batching engine: schedules prefill chunks and decode tokens into steps under a token
+ * budget (running sequences first, then waiting ones in arrival order), preempts by recompute when
+ * the KV cache runs out, runs the forward pass and samples. */
+#include "worker/engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "worker/forward.h"
+#include "worker/kv_cache.h"
+
+typedef struct {
+    uint64_t id;
+    int32_t *tokens; /* prompt then generated ids */
+    int n_tokens, cap;
+    int n_prompt;
+    int n_computed;  /* positions whose K/V are in the cache */
+    int n_generated;
+    int max_new;
+    bool ignore_eos;
+    moe_kv_seq kv;
+    moe_sampling_params sp;
+    moe_rng rng;
+} seq_t;
+
+struct moe_engine {
+    const moe_model *m;
+    moe_threadpool_t *pool;
+    moe_kv_cache *kv;
+    moe_forward *fw;
+    int max_batch_tokens, max_seqs, max_ctx, vocab;
+
+    seq_t **seqs; /* all live sequences, in arrival order */
+    int n_seqs, cap_seqs;
+
+    /* per-step scratch, sized at create */
+    int32_t *btok;
+    moe_batch_seg *segs;
+    seq_t **seg_seq;
+    int *logit_rows;
+    int *logit_seg;
+    float *logits;
+    int *sample_idx;
+    float *sample_prob;
+
+    moe_engine_stats st;
+};
+
+const char *moe_finish_name(moe_finish_reason r)
+{
+    static const char *const names[] = {"none", "eos", "length", "stop", "cancelled"};
+    return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "unknown";
+}
+
+static int default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts, moe_engine **out)
+{
+    moe_engine_opts o = opts ? *opts : (moe_engine_opts){0};
+    const moe_model_config *c = &model->cfg;
+    if (o.n_threads <= 0)
+        o.n_threads = default_threads();
+    if (o.block_size <= 0)
+        o.block_size = 16;
+    if (o.max_batch_tokens <= 0)
+        o.max_batch_tokens = 512;
+    if (o.max_seqs <= 0)
+        o.max_seqs = 64;
+
+    moe_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return moe_error(MOE_ERR_NOMEM, "engine: out of memory");
+    e->m = model;
+    e->max_batch_tokens = o.max_batch_tokens;
+    e->max_seqs = o.max_seqs;
+    e->max_ctx = c->max_position;
+    e->vocab = c->vocab_size;
+
+    moe_kv_layout lay = {.n_layers = c->n_layers, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+                         .block_size = o.block_size};
+    int n_blocks = o.n_kv_blocks;
+    if (n_blocks <= 0) {
+        size_t budget = o.kv_budget_bytes;
+        size_t want = (size_t)o.max_seqs * (size_t)e->max_ctx / (size_t)o.block_size + (size_t)o.max_seqs;
+        if (budget == 0)
+            budget = (size_t)1 << 30; /* 1 GiB unless told otherwise */
+        size_t fit = budget / moe_kv_block_bytes(&lay);
+        n_blocks = (int)(fit < want ? fit : want);
+        if (n_blocks < 1)
+            n_blocks = 1;
+    }
+    moe_status st;
+    e->pool = moe_threadpool_create(o.n_threads);
+    if (!e->pool) {
+        free(e);
+        return moe_error(MOE_ERR_NOMEM, "engine: cannot start %d threads", o.n_threads);
+    }
+    if ((st = moe_kv_create(&lay, n_blocks, &e->kv)) != MOE_OK ||
+        (st = moe_forward_create(model, e->pool, o.max_batch_tokens, o.max_seqs, e->max_ctx,
+                                 o.block_size, &e->fw)) != MOE_OK) {
+        moe_engine_free(e);
+        return st;
+    }
+    size_t T = (size_t)o.max_batch_tokens, S = (size_t)o.max_seqs;
+    e->btok = calloc(T, sizeof *e->btok);
+    e->segs = calloc(S, sizeof *e->segs);
+    e->seg_seq = calloc(S, sizeof *e->seg_seq);
+    e->logit_rows = calloc(S, sizeof *e->logit_rows);
+    e->logit_seg = calloc(S, sizeof *e->logit_seg);
+    e->logits = calloc(S * (size_t)e->vocab, sizeof *e->logits);
+    e->sample_idx = calloc((size_t)e->vocab, sizeof *e->sample_idx);
+    e->sample_prob = calloc((size_t)e->vocab, sizeof *e->sample_prob);
+    if (!e->btok || !e->segs || !e->seg_seq || !e->logit_rows || !e->logit_seg || !e->logits ||
+        !e->sample_idx || !e->sample_prob) {
+        moe_engine_free(e);
+        return moe_error(MOE_ERR_NOMEM, "engine: out of memory for step buffers");
+    }
+    MOE_LOG_I("engine: %d threads (%s kernels), KV %d blocks x %d tokens (%.1f MiB), batch %d tokens / %d seqs",
+              o.n_threads, moe_isa_name(moe_kernels_isa()), n_blocks, o.block_size,
+              (double)n_blocks * (double)moe_kv_block_bytes(&lay) / 1048576.0, o.max_batch_tokens, o.max_seqs);
+    *out = e;
+    return MOE_OK;
+}
+
+static void seq_free(moe_engine *e, seq_t *s)
+{
+    moe_kv_seq_release(e->kv, &s->kv);
+    free(s->tokens);
+    free(s);
+}
+
+void moe_engine_free(moe_engine *e)
+{
+    if (!e)
+        return;
+    for (int i = 0; i < e->n_seqs; i++)
+        seq_free(e, e->seqs[i]);
+    free(e->seqs);
+    moe_forward_free(e->fw);
+    moe_kv_free(e->kv);
+    moe_threadpool_free(e->pool);
+    free(e->btok);
+    free(e->segs);
+    free(e->seg_seq);
+    free(e->logit_rows);
+    free(e->logit_seg);
+    free(e->logits);
+    free(e->sample_idx);
+    free(e->sample_prob);
+    free(e);
+}
+
+static int find_seq(const moe_engine *e, uint64_t id)
+{
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->id == id)
+            return i;
+    return -1;
+}
+
+moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                          const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos)
+{
+    const moe_model_config *c = &e->m->cfg;
+    if (n_prompt <= 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "prompt: empty");
+    if (n_prompt >= e->max_ctx)
+        return moe_error(MOE_ERR_INVALID_ARG, "prompt: %d tokens, the context holds %d (max_position_embeddings)",
+                         n_prompt, e->max_ctx);
+    if (max_new_tokens <= 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "max_new_tokens: %d, must be positive", max_new_tokens);
+    if (c->sliding_window > 0 && n_prompt + max_new_tokens > c->sliding_window)
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "prompt: %d + %d new tokens exceed sliding_window %d, which is not supported",
+                         n_prompt, max_new_tokens, c->sliding_window);
+    for (int i = 0; i < n_prompt; i++)
+        if (prompt[i] < 0 || prompt[i] >= e->vocab)
+            return moe_error(MOE_ERR_INVALID_ARG, "prompt: token id %d at %d outside the vocabulary (%d)",
+                             prompt[i], i, e->vocab);
+    if (moe_kv_blocks_for(e->kv, n_prompt + 1) > moe_kv_total_blocks(e->kv))
+        return moe_error(MOE_ERR_FULL, "prompt: %d tokens need more KV blocks than the cache has (%d)", n_prompt,
+                         moe_kv_total_blocks(e->kv));
+    if (find_seq(e, seq_id) >= 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "seq_id: %llu already running", (unsigned long long)seq_id);
+    if (e->n_seqs == e->cap_seqs) {
+        int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
+        seq_t **ns = realloc(e->seqs, (size_t)cap * sizeof *ns);
+        if (!ns)
+            return moe_error(MOE_ERR_NOMEM, "engine: out of memory");
+        e->seqs = ns;
+        e->cap_seqs = cap;
+    }
+    seq_t *s = calloc(1, sizeof *s);
+    /* A sequence never outgrows the context nor the whole cache (else it could never run alone). */
+    int limit = n_prompt + max_new_tokens;
+    if (limit > e->max_ctx)
+        limit = e->max_ctx;
+    int cache_tokens = moe_kv_total_blocks(e->kv) * moe_kv_get_layout(e->kv)->block_size;
+    if (limit > cache_tokens)
+        limit = cache_tokens;
+    if (!s || !(s->tokens = malloc((size_t)limit * sizeof(int32_t)))) {
+        free(s);
+        return moe_error(MOE_ERR_NOMEM, "engine: out of memory");
+    }
+    memcpy(s->tokens, prompt, (size_t)n_prompt * sizeof(int32_t));
+    s->id = seq_id;
+    s->n_tokens = s->n_prompt = n_prompt;
+    s->cap = limit;
+    s->max_new = max_new_tokens;
+    s->ignore_eos = ignore_eos;
+    s->sp = sp ? *sp : (moe_sampling_params){.temperature = 0.0f, .top_p = 1.0f};
+    moe_rng_seed(&s->rng, s->sp.seed);
+    e->seqs[e->n_seqs++] = s;
+    return MOE_OK;
+}
+
+static void remove_at(moe_engine *e, int i)
+{
+    seq_free(e, e->seqs[i]);
+    memmove(e->seqs + i, e->seqs + i + 1, (size_t)(e->n_seqs - i - 1) * sizeof *e->seqs);
+    e->n_seqs--;
+}
+
+moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id)
+{
+    int i = find_seq(e, seq_id);
+    if (i < 0)
+        return moe_error(MOE_ERR_NOT_FOUND, "seq_id: %llu is not running", (unsigned long long)seq_id);
+    remove_at(e, i);
+    return MOE_OK;
+}
+
+bool moe_engine_has_work(const moe_engine *e) { return e->n_seqs > 0; }
+
+void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st)
+{
+    *st = e->st;
+    st->kv_blocks_total = moe_kv_total_blocks(e->kv);
+    st->kv_blocks_used = moe_kv_used_blocks(e->kv);
+    st->n_running = st->n_waiting = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        if (e->seqs[i]->kv.n_blocks > 0)
+            st->n_running++;
+        else
+            st->n_waiting++;
+    }
+}
+
+static void preempt(seq_t *s, moe_kv_cache *kv)
+{
+    MOE_LOG_D("preempting seq %llu (%d tokens)", (unsigned long long)s->id, s->n_tokens);
+    moe_kv_seq_release(kv, &s->kv);
+    s->n_computed = 0;
+}
+
+/* Frees the KV of the latest-arrived sequence after position `after` that holds any, so that it
+ * will be recomputed later (vLLM's preemption by recompute). Sequences at or before `after` may
+ * already be in this step's batch and are never touched. Returns false when there is none. */
+static bool preempt_later(moe_engine *e, int after)
+{
+    for (int i = e->n_seqs - 1; i > after; i--) {
+        seq_t *s = e->seqs[i];
+        if (s->kv.n_blocks > 0) {
+            preempt(s, e->kv);
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool is_eos(const moe_model_config *c, int32_t tok)
+{
+    for (int i = 0; i < c->n_eos; i++)
+        if (c->eos_ids[i] == tok)
+            return true;
+    return false;
+}
+
+int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
+{
+    int budget = e->max_batch_tokens, n_segs = 0, n_tok = 0, n_rows = 0;
+    /* Pass 1 schedules sequences that already hold KV (decodes and started prefills), pass 2 the
+     * waiting ones, each in arrival order. */
+    for (int pass = 0; pass < 2 && budget > 0; pass++) {
+        for (int i = 0; i < e->n_seqs && budget > 0 && n_segs < e->max_seqs; i++) {
+            seq_t *s = e->seqs[i];
+            bool holds = s->kv.n_blocks > 0 || s->n_computed > 0;
+            if (holds != (pass == 0))
+                continue;
+            int want = s->n_tokens - s->n_computed;
+            if (want <= 0)
+                continue;
+            int chunk = want < budget ? want : budget;
+            moe_status st;
+            while ((st = moe_kv_seq_reserve(e->kv, &s->kv, s->n_computed + chunk)) == MOE_ERR_FULL &&
+                   pass == 0 && preempt_later(e, i))
+                ;
+            if (st != MOE_OK) {
+                if (pass == 0) {
+                    preempt(s, e->kv); /* no later sequence to take from: it yields and waits */
+                    continue;
+                }
+                break; /* no room: later arrivals wait too (FCFS) */
+            }
+            moe_batch_seg *sg = &e->segs[n_segs];
+            sg->kv = &s->kv;
+            sg->pos0 = s->n_computed;
+            sg->tok_begin = n_tok;
+            sg->n = chunk;
+            memcpy(e->btok + n_tok, s->tokens + s->n_computed, (size_t)chunk * sizeof(int32_t));
+            if (s->n_computed + chunk == s->n_tokens) {
+                e->logit_rows[n_rows] = n_tok + chunk - 1;
+                e->logit_seg[n_rows++] = n_segs;
+            }
+            e->seg_seq[n_segs++] = s;
+            n_tok += chunk;
+            budget -= chunk;
+        }
+    }
+    if (n_tok == 0)
+        return 0;
+
+    moe_batch b = {.tokens = e->btok, .n_tokens = n_tok, .segs = e->segs, .n_segs = n_segs,
+                   .logit_rows = e->logit_rows, .n_logit_rows = n_rows, .logits = e->logits};
+    if (moe_forward_run(e->fw, e->kv, &b) != MOE_OK)
+        return -1;
+    e->st.steps++;
+    for (int k = 0; k < n_segs; k++) {
+        seq_t *s = e->seg_seq[k];
+        if (s->n_computed < s->n_prompt)
+            e->st.prefill_tokens += e->segs[k].n;
+        else
+            e->st.decode_tokens += e->segs[k].n;
+        s->n_computed += e->segs[k].n;
+    }
+
+    int n_ev = 0;
+    const moe_model_config *c = &e->m->cfg;
+    for (int r = 0; r < n_rows; r++) {
+        seq_t *s = e->seg_seq[e->logit_seg[r]];
+        int32_t tok = moe_sample(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp, &s->rng,
+                                 e->sample_idx, e->sample_prob);
+        s->tokens[s->n_tokens++] = tok;
+        moe_finish_reason fin = MOE_FINISH_NONE;
+        if (!s->ignore_eos && is_eos(c, tok))
+            fin = MOE_FINISH_EOS;
+        else if (++s->n_generated >= s->max_new || s->n_tokens >= s->cap)
+            fin = MOE_FINISH_LENGTH;
+        if (fin == MOE_FINISH_EOS)
+            s->n_generated++;
+        if (n_ev < cap)
+            events[n_ev++] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
+                                               .finish = fin};
+        else
+            MOE_LOG_W("event buffer of %d too small; seq %llu's token dropped", cap,
+                      (unsigned long long)s->id);
+        if (fin != MOE_FINISH_NONE)
+            remove_at(e, find_seq(e, s->id));
+    }
+    return n_ev;
+}
+
+moe_status moe_engine_logits(moe_engine *e, const int32_t *tokens, int n, int chunk, float *logits)
+{
+    if (n <= 0 || n >= e->max_ctx)
+        return moe_error(MOE_ERR_INVALID_ARG, "tokens: %d, must be in [1, %d)", n, e->max_ctx);
+    if (chunk <= 0 || chunk > e->max_batch_tokens)
+        chunk = e->max_batch_tokens;
+    moe_kv_seq kvs = {0};
+    moe_status st = moe_kv_seq_reserve(e->kv, &kvs, n);
+    if (st != MOE_OK)
+        return st;
+    int rows[e->max_batch_tokens];
+    for (int p = 0; p < n && st == MOE_OK; p += chunk) {
+        int len = n - p < chunk ? n - p : chunk;
+        for (int i = 0; i < len; i++)
+            rows[i] = i;
+        moe_batch_seg seg = {.kv = &kvs, .pos0 = p, .tok_begin = 0, .n = len};
+        moe_batch b = {.tokens = tokens + p, .n_tokens = len, .segs = &seg, .n_segs = 1,
+                       .logit_rows = rows, .n_logit_rows = len, .logits = logits + (size_t)p * e->vocab};
+        st = moe_forward_run(e->fw, e->kv, &b);
+    }
+    moe_kv_seq_release(e->kv, &kvs);
+    return st;
+}

@@ -1,0 +1,398 @@
+/* Forward pass of the supported MoE decoders (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) over a
+ * flattened multi-sequence batch, with K/V written to and read from the paged cache. */
+#include "worker/forward.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+
+struct moe_forward {
+    const moe_model *m;
+    const moe_model_config *c;
+    moe_threadpool_t *pool;
+    int n_threads;
+    int max_tokens, max_segs, max_ctx, block_size, max_blocks;
+    int d, nh, nkv, hd, qdim, kvdim, ffn_max, n_exp, topk;
+
+    float *x;       /* (T, d) residual stream */
+    float *xb;      /* (T, d) normed input of the current sub-layer */
+    float *q;       /* (T, qdim) */
+    float *k, *v;   /* (T, kvdim) */
+    float *att;     /* (T, qdim) attention output */
+    float *router;  /* (T, n_exp) */
+    int *top_idx;   /* (T, topk) */
+    float *top_w;   /* (T, topk) */
+    float *moe_out; /* (T, d) */
+    float *eh;      /* (T, d) rows gathered for one expert; also the final-norm rows */
+    float *eg, *eu; /* (T, ffn_max) */
+    float *eo;      /* (T, d) */
+    float *sh_gate; /* (T) shared-expert gate logits */
+    int *exp_count; /* [n_exp] */
+    int *exp_off;   /* [n_exp + 1] */
+    int *exp_tok;   /* [T * topk] token of each routed assignment, grouped by expert */
+    float *exp_w;   /* [T * topk] its routing weight */
+    int *tok_pos;   /* [T] position of each token */
+    int *tok_seg;   /* [T] segment of each token */
+    float *rope;    /* (max_ctx, hd): cos then sin halves */
+    float *scratch; /* (n_threads, max_ctx) attention scores */
+    const float **kptr, **vptr; /* (max_segs, nkv, max_blocks) per-head block bases of one layer */
+};
+
+static void *xcalloc_count(size_t n, size_t size, int *failed)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (!p)
+        *failed = 1;
+    return p;
+}
+
+moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int max_tokens,
+                              int max_segs, int max_ctx, int block_size, moe_forward **out)
+{
+    const moe_model_config *c = &m->cfg;
+    if (max_tokens <= 0 || max_segs <= 0 || max_ctx <= 0 || block_size <= 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "forward: bad sizes (tokens %d, segs %d, ctx %d, block %d)",
+                         max_tokens, max_segs, max_ctx, block_size);
+    moe_forward *f = calloc(1, sizeof *f);
+    if (!f)
+        return moe_error(MOE_ERR_NOMEM, "forward: out of memory");
+    f->m = m;
+    f->c = c;
+    f->pool = pool;
+    f->n_threads = pool ? moe_threadpool_size(pool) : 1;
+    f->max_tokens = max_tokens;
+    f->max_segs = max_segs;
+    f->max_ctx = max_ctx;
+    f->block_size = block_size;
+    f->max_blocks = (max_ctx + block_size - 1) / block_size;
+    f->d = c->hidden_size;
+    f->nh = c->n_heads;
+    f->nkv = c->n_kv_heads;
+    f->hd = c->head_dim;
+    f->qdim = f->nh * f->hd;
+    f->kvdim = f->nkv * f->hd;
+    f->n_exp = c->n_experts;
+    f->topk = c->n_experts_per_tok > 0 ? c->n_experts_per_tok : 1;
+    f->ffn_max = c->moe_ffn;
+    if (c->dense_ffn > f->ffn_max)
+        f->ffn_max = c->dense_ffn;
+    if (c->shared_expert_ffn > f->ffn_max)
+        f->ffn_max = c->shared_expert_ffn;
+
+    size_t T = (size_t)max_tokens;
+    int failed = 0;
+    f->x = xcalloc_count(T * f->d, sizeof(float), &failed);
+    f->xb = xcalloc_count(T * f->d, sizeof(float), &failed);
+    f->q = xcalloc_count(T * f->qdim, sizeof(float), &failed);
+    f->k = xcalloc_count(T * f->kvdim, sizeof(float), &failed);
+    f->v = xcalloc_count(T * f->kvdim, sizeof(float), &failed);
+    f->att = xcalloc_count(T * f->qdim, sizeof(float), &failed);
+    f->router = xcalloc_count(T * (size_t)(f->n_exp > 0 ? f->n_exp : 1), sizeof(float), &failed);
+    f->top_idx = xcalloc_count(T * f->topk, sizeof(int), &failed);
+    f->top_w = xcalloc_count(T * f->topk, sizeof(float), &failed);
+    f->moe_out = xcalloc_count(T * f->d, sizeof(float), &failed);
+    f->eh = xcalloc_count(T * f->d, sizeof(float), &failed);
+    f->eg = xcalloc_count(T * f->ffn_max, sizeof(float), &failed);
+    f->eu = xcalloc_count(T * f->ffn_max, sizeof(float), &failed);
+    f->eo = xcalloc_count(T * f->d, sizeof(float), &failed);
+    f->sh_gate = xcalloc_count(T, sizeof(float), &failed);
+    f->exp_count = xcalloc_count((size_t)f->n_exp + 1, sizeof(int), &failed);
+    f->exp_off = xcalloc_count((size_t)f->n_exp + 2, sizeof(int), &failed);
+    f->exp_tok = xcalloc_count(T * f->topk, sizeof(int), &failed);
+    f->exp_w = xcalloc_count(T * f->topk, sizeof(float), &failed);
+    f->tok_pos = xcalloc_count(T, sizeof(int), &failed);
+    f->tok_seg = xcalloc_count(T, sizeof(int), &failed);
+    f->rope = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
+    f->scratch = xcalloc_count((size_t)f->n_threads * max_ctx, sizeof(float), &failed);
+    size_t nptr = (size_t)max_segs * f->nkv * f->max_blocks;
+    f->kptr = xcalloc_count(nptr, sizeof(float *), &failed);
+    f->vptr = xcalloc_count(nptr, sizeof(float *), &failed);
+    if (failed) {
+        moe_forward_free(f);
+        return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate buffers for %d tokens", max_tokens);
+    }
+    moe_rope_table(f->rope, max_ctx, f->hd, c->rope_theta);
+    *out = f;
+    return MOE_OK;
+}
+
+void moe_forward_free(moe_forward *f)
+{
+    if (!f)
+        return;
+    void *bufs[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
+                    f->moe_out, f->eh, f->eg, f->eu, f->eo, f->sh_gate, f->exp_count, f->exp_off,
+                    f->exp_tok, f->exp_w, f->tok_pos, f->tok_seg, f->rope, f->scratch,
+                    (void *)f->kptr, (void *)f->vptr};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        free(bufs[i]);
+    free(f);
+}
+
+static void linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok)
+{
+    moe_matmul(f->pool, y, x, w->data, w->dtype, n_tok, w->cols, w->rows);
+}
+
+static void add_bias(float *y, const float *bias, int n_tok, int n)
+{
+    if (!bias)
+        return;
+    for (int t = 0; t < n_tok; t++)
+        moe_axpy(y + (size_t)t * n, 1.0f, bias, n);
+}
+
+static void clamp_all(float *x, size_t n, float lim)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = x[i] > lim ? lim : (x[i] < -lim ? -lim : x[i]);
+}
+
+/* ---- attention ---- */
+
+typedef struct {
+    moe_forward *f;
+    float scale;
+    int group; /* query heads per kv head */
+} attn_job;
+
+static void attn_task(void *arg, int task, int thread)
+{
+    const attn_job *j = arg;
+    moe_forward *f = j->f;
+    int t = task / f->nkv, h = task % f->nkv;
+    int seg = f->tok_seg[t];
+    size_t base = ((size_t)seg * f->nkv + h) * f->max_blocks;
+    moe_kv_view view = {
+        .k_base = f->kptr + base,
+        .v_base = f->vptr + base,
+        .block_size = f->block_size,
+        .head_stride = (size_t)f->block_size * f->hd,
+    };
+    size_t qoff = (size_t)t * f->qdim + (size_t)h * j->group * f->hd;
+    moe_attention(f->att + qoff, f->q + qoff, &view, f->tok_pos[t] + 1, j->group, 1, f->hd, j->scale,
+                  f->scratch + (size_t)thread * f->max_ctx);
+}
+
+static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b, int layer)
+{
+    const moe_model_config *c = f->c;
+    const moe_layer_weights *lw = &f->m->layers[layer];
+    int T = b->n_tokens;
+
+    linear(f, f->q, f->xb, &lw->wq, T);
+    linear(f, f->k, f->xb, &lw->wk, T);
+    linear(f, f->v, f->xb, &lw->wv, T);
+    add_bias(f->q, lw->bq, T, f->qdim);
+    add_bias(f->k, lw->bk, T, f->kvdim);
+    add_bias(f->v, lw->bv, T, f->kvdim);
+    if (c->qk_norm == 1) { /* OLMoE: RMSNorm over the whole projection */
+        for (int t = 0; t < T; t++) {
+            moe_rmsnorm(f->q + (size_t)t * f->qdim, f->q + (size_t)t * f->qdim, lw->q_norm, f->qdim, c->rms_eps);
+            moe_rmsnorm(f->k + (size_t)t * f->kvdim, f->k + (size_t)t * f->kvdim, lw->k_norm, f->kvdim, c->rms_eps);
+        }
+    } else if (c->qk_norm == 2) { /* Qwen3: RMSNorm per head */
+        for (int i = 0; i < T * f->nh; i++)
+            moe_rmsnorm(f->q + (size_t)i * f->hd, f->q + (size_t)i * f->hd, lw->q_norm, f->hd, c->rms_eps);
+        for (int i = 0; i < T * f->nkv; i++)
+            moe_rmsnorm(f->k + (size_t)i * f->hd, f->k + (size_t)i * f->hd, lw->k_norm, f->hd, c->rms_eps);
+    }
+    if (c->clip_qkv > 0) { /* OLMoE clamps after the q/k norms */
+        clamp_all(f->q, (size_t)T * f->qdim, c->clip_qkv);
+        clamp_all(f->k, (size_t)T * f->kvdim, c->clip_qkv);
+        clamp_all(f->v, (size_t)T * f->kvdim, c->clip_qkv);
+    }
+    for (int t = 0; t < T; t++) {
+        const float *cs = f->rope + (size_t)f->tok_pos[t] * f->hd;
+        moe_rope(f->q + (size_t)t * f->qdim, f->nh, f->hd, cs);
+        moe_rope(f->k + (size_t)t * f->kvdim, f->nkv, f->hd, cs);
+    }
+
+    /* Write this layer's K/V of every token into its sequence's blocks, then point the per-head
+     * block tables at them: all writes land before any token of the batch attends. */
+    int bs = f->block_size;
+    for (int t = 0; t < T; t++) {
+        const moe_kv_seq *sq = b->segs[f->tok_seg[t]].kv;
+        int pos = f->tok_pos[t];
+        int blk = sq->blocks[pos / bs], slot = pos % bs;
+        float *kb = moe_kv_block_k(kv, blk, layer), *vb = moe_kv_block_v(kv, blk, layer);
+        for (int h = 0; h < f->nkv; h++) {
+            size_t off = ((size_t)h * bs + slot) * f->hd;
+            memcpy(kb + off, f->k + (size_t)t * f->kvdim + (size_t)h * f->hd, sizeof(float) * f->hd);
+            memcpy(vb + off, f->v + (size_t)t * f->kvdim + (size_t)h * f->hd, sizeof(float) * f->hd);
+        }
+    }
+    for (int s = 0; s < b->n_segs; s++) {
+        const moe_batch_seg *sg = &b->segs[s];
+        int nblk = (sg->pos0 + sg->n + bs - 1) / bs;
+        for (int h = 0; h < f->nkv; h++) {
+            size_t base = ((size_t)s * f->nkv + h) * f->max_blocks;
+            size_t hoff = (size_t)h * bs * f->hd;
+            for (int i = 0; i < nblk; i++) {
+                f->kptr[base + i] = moe_kv_block_k(kv, sg->kv->blocks[i], layer) + hoff;
+                f->vptr[base + i] = moe_kv_block_v(kv, sg->kv->blocks[i], layer) + hoff;
+            }
+        }
+    }
+    attn_job job = {.f = f, .scale = 1.0f / sqrtf((float)f->hd), .group = f->nh / f->nkv};
+    moe_threadpool_run(f->pool, attn_task, &job, T * f->nkv);
+
+    linear(f, f->eo, f->att, &lw->wo, T);
+    for (int t = 0; t < T; t++)
+        moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
+}
+
+/* ---- feed-forward ---- */
+
+/* out(n, d) = down(silu(gate(in)) * up(in)) for n rows of in(n, d). */
+static void swiglu(moe_forward *f, float *out, const float *in, int n, const moe_weight *gate,
+                   const moe_weight *up, const moe_weight *down)
+{
+    int ffn = gate->rows;
+    linear(f, f->eg, in, gate, n);
+    linear(f, f->eu, in, up, n);
+    for (int i = 0; i < n; i++)
+        moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
+    linear(f, out, f->eg, down, n);
+}
+
+static void route(moe_forward *f, const moe_layer_weights *lw, int T)
+{
+    int E = f->n_exp, K = f->topk;
+    linear(f, f->router, f->xb, &lw->router, T);
+    memset(f->exp_count, 0, sizeof(int) * (size_t)E);
+    for (int t = 0; t < T; t++) {
+        float *p = f->router + (size_t)t * E;
+        moe_softmax(p, E);
+        int *idx = f->top_idx + (size_t)t * K;
+        float *w = f->top_w + (size_t)t * K;
+        moe_topk(p, E, K, idx, w);
+        if (f->c->norm_topk_prob) {
+            float s = 0.0f;
+            for (int i = 0; i < K; i++)
+                s += w[i];
+            for (int i = 0; i < K; i++)
+                w[i] /= s;
+        }
+        for (int i = 0; i < K; i++)
+            f->exp_count[idx[i]]++;
+    }
+    f->exp_off[0] = 0;
+    for (int e = 0; e < E; e++)
+        f->exp_off[e + 1] = f->exp_off[e] + f->exp_count[e];
+    memset(f->exp_count, 0, sizeof(int) * (size_t)E);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < K; i++) {
+            int e = f->top_idx[(size_t)t * K + i];
+            int slot = f->exp_off[e] + f->exp_count[e]++;
+            f->exp_tok[slot] = t;
+            f->exp_w[slot] = f->top_w[(size_t)t * K + i];
+        }
+}
+
+static void moe_layer(moe_forward *f, const moe_layer_weights *lw, int T)
+{
+    int d = f->d;
+    route(f, lw, T);
+    memset(f->moe_out, 0, sizeof(float) * (size_t)T * d);
+    for (int e = 0; e < f->n_exp; e++) {
+        int n = f->exp_off[e + 1] - f->exp_off[e];
+        if (n == 0)
+            continue;
+        const int *toks = f->exp_tok + f->exp_off[e];
+        const float *ws = f->exp_w + f->exp_off[e];
+        for (int i = 0; i < n; i++)
+            memcpy(f->eh + (size_t)i * d, f->xb + (size_t)toks[i] * d, sizeof(float) * d);
+        swiglu(f, f->eo, f->eh, n, &lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]);
+        for (int i = 0; i < n; i++)
+            moe_axpy(f->moe_out + (size_t)toks[i] * d, ws[i], f->eo + (size_t)i * d, d);
+    }
+    if (lw->sh_gate.data) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
+        swiglu(f, f->eo, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
+        linear(f, f->sh_gate, f->xb, &lw->sh_expert_gate, T);
+        for (int t = 0; t < T; t++) {
+            float g = 1.0f / (1.0f + expf(-f->sh_gate[t]));
+            moe_axpy(f->moe_out + (size_t)t * d, g, f->eo + (size_t)t * d, d);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        moe_axpy(f->x + (size_t)t * d, 1.0f, f->moe_out + (size_t)t * d, d);
+}
+
+static void dense_layer(moe_forward *f, const moe_layer_weights *lw, int T)
+{
+    swiglu(f, f->eo, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
+    for (int t = 0; t < T; t++)
+        moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
+}
+
+/* ---- the whole pass ---- */
+
+static moe_status check_batch(const moe_forward *f, const moe_batch *b)
+{
+    if (b->n_tokens <= 0 || b->n_tokens > f->max_tokens || b->n_segs <= 0 || b->n_segs > f->max_segs ||
+        b->n_logit_rows > f->max_tokens)
+        return moe_error(MOE_ERR_INVALID_ARG, "forward: batch of %d tokens / %d sequences over the limits (%d / %d)",
+                         b->n_tokens, b->n_segs, f->max_tokens, f->max_segs);
+    int next = 0;
+    for (int s = 0; s < b->n_segs; s++) {
+        const moe_batch_seg *sg = &b->segs[s];
+        if (sg->tok_begin != next || sg->n <= 0 || sg->pos0 < 0 || sg->pos0 + sg->n > f->max_ctx ||
+            sg->kv->n_blocks * f->block_size < sg->pos0 + sg->n)
+            return moe_error(MOE_ERR_INVALID_ARG, "forward: segment %d (tokens %d+%d at position %d) is inconsistent",
+                             s, sg->tok_begin, sg->n, sg->pos0);
+        next += sg->n;
+    }
+    if (next != b->n_tokens)
+        return moe_error(MOE_ERR_INVALID_ARG, "forward: segments cover %d of %d tokens", next, b->n_tokens);
+    for (int t = 0; t < b->n_tokens; t++)
+        if (b->tokens[t] < 0 || b->tokens[t] >= f->c->vocab_size)
+            return moe_error(MOE_ERR_INVALID_ARG, "forward: token id %d outside the vocabulary (%d)",
+                             b->tokens[t], f->c->vocab_size);
+    return MOE_OK;
+}
+
+moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
+{
+    moe_status st = check_batch(f, b);
+    if (st != MOE_OK)
+        return st;
+    const moe_model *m = f->m;
+    const moe_model_config *c = f->c;
+    int T = b->n_tokens, d = f->d;
+    size_t row_bytes = (size_t)d * (m->embed.dtype == MOE_DT_F32 ? 4 : 2);
+
+    for (int s = 0; s < b->n_segs; s++)
+        for (int i = 0; i < b->segs[s].n; i++) {
+            int t = b->segs[s].tok_begin + i;
+            f->tok_seg[t] = s;
+            f->tok_pos[t] = b->segs[s].pos0 + i;
+        }
+    for (int t = 0; t < T; t++)
+        moe_convert_to_f32(f->x + (size_t)t * d,
+                           (const char *)m->embed.data + (size_t)b->tokens[t] * row_bytes,
+                           m->embed.dtype, (size_t)d);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const moe_layer_weights *lw = &m->layers[l];
+        for (int t = 0; t < T; t++)
+            moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->attn_norm, d, c->rms_eps);
+        attention_layer(f, kv, b, l);
+        for (int t = 0; t < T; t++)
+            moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->ffn_norm, d, c->rms_eps);
+        if (lw->is_moe)
+            moe_layer(f, lw, T);
+        else
+            dense_layer(f, lw, T);
+    }
+
+    if (b->n_logit_rows > 0) {
+        for (int r = 0; r < b->n_logit_rows; r++)
+            moe_rmsnorm(f->eh + (size_t)r * d, f->x + (size_t)b->logit_rows[r] * d, m->final_norm, d,
+                        c->rms_eps);
+        linear(f, b->logits, f->eh, &m->lm_head, b->n_logit_rows);
+    }
+    return MOE_OK;
+}

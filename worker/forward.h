@@ -1,0 +1,44 @@
+/* The model's forward pass over one flattened batch of tokens from several sequences, writing
+ * K/V into the paged cache and producing logits for chosen rows. All buffers are sized at
+ * create; a run allocates nothing. Internal to worker/ (the engine drives it). */
+#ifndef MOE_WORKER_FORWARD_H
+#define MOE_WORKER_FORWARD_H
+
+#include <stdint.h>
+#include "common/status.h"
+#include "kernels/kernels.h"
+#include "worker/kv_cache.h"
+#include "worker/model.h"
+
+typedef struct moe_forward moe_forward;
+
+/* One sequence's slice of the batch: tokens [tok_begin, tok_begin + n) of the batch sit at
+ * positions [pos0, pos0 + n) of the sequence whose block table is kv (already reserved for
+ * pos0 + n positions). */
+typedef struct {
+    const moe_kv_seq *kv;
+    int pos0;
+    int tok_begin;
+    int n;
+} moe_batch_seg;
+
+typedef struct {
+    const int32_t *tokens;     /* [n_tokens] */
+    int n_tokens;
+    const moe_batch_seg *segs; /* [n_segs], covering the tokens in order */
+    int n_segs;
+    const int *logit_rows;     /* [n_logit_rows] batch token indices whose logits are wanted */
+    int n_logit_rows;
+    float *logits;             /* out: (n_logit_rows, vocab) */
+} moe_batch;
+
+/* max_tokens: most tokens in one batch; max_segs: most sequences in one batch; max_ctx: longest
+ * sequence (positions); block_size: the KV cache's. pool may be NULL (single thread). */
+moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int max_tokens,
+                              int max_segs, int max_ctx, int block_size, moe_forward **out);
+void moe_forward_free(moe_forward *f);
+
+/* Runs the batch. Requires n_tokens <= max_tokens, n_segs <= max_segs, positions < max_ctx. */
+moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b);
+
+#endif
