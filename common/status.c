@@ -54,7 +54,12 @@ moe_status moe_error_context(moe_status s, const char *fmt, ...)
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, error_message, sizeof old);
-    snprintf(error_message, sizeof error_message, "%s%s", prefix, old);
+    /* Truncation is fine: the message is for people and keeps its most specific start. */
+    size_t n = strnlen(prefix, sizeof prefix - 1);
+    memcpy(error_message, prefix, n);
+    size_t m = strnlen(old, sizeof error_message - 1 - n);
+    memcpy(error_message + n, old, m);
+    error_message[n + m] = '\0';
     return s;
 }
 
