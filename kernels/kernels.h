@@ -90,7 +90,9 @@ void moe_topk(const float *x, int n, int k, int *idx, float *val);
  * this position (see moe_rope_table). */
 void moe_rope(float *x, int n_heads, int head_dim, const float *cos_sin);
 /* Fills table[pos * head_dim + ...] with cos then sin for positions [0, n_pos), frequencies
- * theta^(-2i/head_dim), computed in double then rounded (as HF does in f32: see kernels docs). */
+ * theta^(-2i/head_dim), computed in f32 step by step as HF/PyTorch does (inv_freq, pos*inv_freq,
+ * cos/sin all f32), so tables agree with PyTorch to ~1e-7 even at large positions: see
+ * docs/kernels.md. */
 void moe_rope_table(float *table, int n_pos, int head_dim, double theta);
 
 /* ---- attention over a paged KV cache ----

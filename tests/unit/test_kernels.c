@@ -1,0 +1,695 @@
+/* Unit tests for kernels/: every kernel of every ISA this CPU runs, against the scalar path and a
+ * double-precision reference; thread pool exactness; f16 edge cases; paged GQA attention. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/kernels.h"
+
+/* ---- helpers ---- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint64_t rng_next(void)
+{
+    /* xorshift64*: deterministic across runs, so a failure reproduces. */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545f4914f6cdd1dull;
+}
+
+static float rng_uniform(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)((rng_next() >> 40) * 0x1p-24);
+}
+
+static void fill(float *v, size_t n, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        v[i] = rng_uniform(lo, hi);
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    cr_assert_not_null(p);
+    return p;
+}
+
+/* The ISAs this CPU supports, lowest first; returns how many. Restores nothing: each Criterion
+ * test runs in its own process. */
+static int supported_isas(moe_isa *out)
+{
+    int n = 0;
+    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
+        if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
+            out[n++] = (moe_isa)i;
+    moe_kernels_force_isa(MOE_ISA_SCALAR);
+    return n;
+}
+
+static double f16_ref_value(uint16_t h)
+{
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double s = (h & 0x8000) ? -1.0 : 1.0;
+    if (e == 0x1f)
+        return m ? NAN : s * INFINITY;
+    if (e == 0)
+        return s * ldexp(m, -24);
+    return s * ldexp(1024 + m, e - 25);
+}
+
+/* ---- dispatch ---- */
+
+Test(kernels, isa_names_and_force)
+{
+    cr_assert_str_eq(moe_isa_name(MOE_ISA_SCALAR), "scalar");
+    cr_assert_str_eq(moe_isa_name(MOE_ISA_AVX2), "avx2");
+    cr_assert_str_eq(moe_isa_name(MOE_ISA_AVX512), "avx512");
+    cr_assert_str_eq(moe_dtype_name(MOE_DT_BF16), "bf16");
+    cr_assert_str_eq(moe_dtype_name(MOE_DT_F16), "f16");
+    cr_assert_str_eq(moe_dtype_name(MOE_DT_F32), "f32");
+    moe_isa best = moe_kernels_isa();
+    cr_assert_eq(moe_kernels_force_isa(MOE_ISA_SCALAR), MOE_ISA_SCALAR);
+    cr_assert_eq(moe_kernels_isa(), MOE_ISA_SCALAR);
+    /* Forcing back up to the CPU's best works; beyond it is refused. */
+    cr_assert_eq(moe_kernels_force_isa(best), best);
+    if (best < MOE_ISA_AVX512)
+        cr_assert_eq(moe_kernels_force_isa(MOE_ISA_AVX512), best);
+}
+
+Test(kernels, isa_env_override)
+{
+    setenv("MOE_ISA", "scalar", 1);
+    cr_assert_eq(moe_kernels_isa(), MOE_ISA_SCALAR);
+}
+
+/* ---- conversions ---- */
+
+Test(kernels, f16_to_f32_exhaustive)
+{
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = moe_f16_to_f32((uint16_t)h);
+        double ref = f16_ref_value((uint16_t)h);
+        if (isnan(ref)) {
+            cr_assert(isnan(f), "h=%04x", h);
+            /* Round trip keeps it a NaN with the sign. */
+            uint16_t back = moe_f32_to_f16(f);
+            cr_assert((back & 0x7c00) == 0x7c00 && (back & 0x3ff) != 0, "h=%04x", h);
+            cr_assert_eq(back & 0x8000, h & 0x8000);
+            continue;
+        }
+        cr_assert_eq((double)f, ref, "h=%04x", h);
+        cr_assert_eq(signbit(f) != 0, (h & 0x8000) != 0, "h=%04x", h);
+        cr_assert_eq(moe_f32_to_f16(f), h, "round trip h=%04x", h);
+    }
+}
+
+/* The nearest half (ties to even mantissa), by checking the neighbours in double. */
+static void check_f32_to_f16(float f)
+{
+    uint16_t h = moe_f32_to_f16(f);
+    double v = (double)f;
+    double got = f16_ref_value(h);
+    cr_assert_eq(h & 0x8000, signbit(f) ? 0x8000 : 0, "f=%a", (double)f);
+    if (fabs(v) >= 65520.0) {
+        cr_assert(isinf(got), "f=%a -> %04x", (double)f, h);
+        return;
+    }
+    cr_assert(!isinf(got), "f=%a -> %04x", (double)f, h);
+    double err = fabs(got - v);
+    uint16_t mag = h & 0x7fff;
+    /* Neighbours in magnitude: compare against each. */
+    for (int d = -1; d <= 1; d += 2) {
+        int nm = (int)mag + d;
+        if (nm < 0 || nm > 0x7bff)
+            continue;
+        double other = f16_ref_value((uint16_t)((h & 0x8000) | nm));
+        double oerr = fabs(other - v);
+        cr_assert(err <= oerr, "f=%a -> %04x not nearest", (double)f, h);
+        if (err == oerr)
+            cr_assert((mag & 1) == 0, "f=%a -> %04x tie not even", (double)f, h);
+    }
+}
+
+Test(kernels, f32_to_f16_edges_and_random)
+{
+    cr_assert_eq(moe_f32_to_f16(0.0f), 0x0000);
+    cr_assert_eq(moe_f32_to_f16(-0.0f), 0x8000);
+    cr_assert_eq(moe_f32_to_f16(1.0f), 0x3c00);
+    cr_assert_eq(moe_f32_to_f16(-2.0f), 0xc000);
+    cr_assert_eq(moe_f32_to_f16(65504.0f), 0x7bff);
+    cr_assert_eq(moe_f32_to_f16(65519.99f), 0x7bff);
+    cr_assert_eq(moe_f32_to_f16(65520.0f), 0x7c00);
+    cr_assert_eq(moe_f32_to_f16(1e10f), 0x7c00);
+    cr_assert_eq(moe_f32_to_f16(-1e10f), 0xfc00);
+    cr_assert_eq(moe_f32_to_f16(INFINITY), 0x7c00);
+    cr_assert_eq(moe_f32_to_f16(-INFINITY), 0xfc00);
+    uint16_t qn = moe_f32_to_f16(NAN);
+    cr_assert((qn & 0x7c00) == 0x7c00 && (qn & 0x0200), "NaN -> quiet NaN, got %04x", qn);
+    /* A signalling-looking f32 NaN with only low payload bits must not become inf. */
+    uint32_t snan_bits = 0x7f800001u;
+    float snan;
+    memcpy(&snan, &snan_bits, sizeof snan);
+    uint16_t hs = moe_f32_to_f16(snan);
+    cr_assert((hs & 0x7c00) == 0x7c00 && (hs & 0x3ff) != 0, "got %04x", hs);
+    cr_assert_eq(moe_f32_to_f16(0x1p-24f), 0x0001);           /* smallest subnormal */
+    cr_assert_eq(moe_f32_to_f16(0x1p-25f), 0x0000);           /* tie to even: zero */
+    cr_assert_eq(moe_f32_to_f16(0x1.000002p-25f), 0x0001);    /* just above the tie */
+    cr_assert_eq(moe_f32_to_f16(0x3p-25f), 0x0002);           /* 1.5 ulp: tie to even 2 */
+    cr_assert_eq(moe_f32_to_f16(0x1p-14f), 0x0400);           /* smallest normal */
+    cr_assert_eq(moe_f32_to_f16(0x1.ff8p-15f), 0x03ff);       /* largest subnormal */
+    cr_assert_eq(moe_f32_to_f16(0x1.ffcp-15f), 0x0400);       /* its half-ulp tie rounds to even */
+    cr_assert_eq(moe_f32_to_f16(1.0f + 0x1p-11f), 0x3c00);    /* tie: even stays */
+    cr_assert_eq(moe_f32_to_f16(1.0f + 0x3p-11f), 0x3c02);    /* tie: odd rounds up */
+    cr_assert_eq(moe_f32_to_f16(1e-10f), 0x0000);
+    for (int i = 0; i < 200000; i++) {
+        uint32_t u = (uint32_t)rng_next();
+        /* Bias toward the half range: exponents 96..143 (2^-31 .. 2^16). */
+        u = (u & 0x807fffffu) | ((96u + (uint32_t)(rng_next() % 48)) << 23);
+        float f;
+        memcpy(&f, &u, sizeof f);
+        check_f32_to_f16(f);
+    }
+}
+
+Test(kernels, convert_to_f32)
+{
+    enum { N = 37 };
+    float src[N], dst[N];
+    uint16_t b[N], h[N];
+    fill(src, N, -100.f, 100.f);
+    for (int i = 0; i < N; i++) {
+        b[i] = moe_f32_to_bf16(src[i]);
+        h[i] = moe_f32_to_f16(src[i]);
+    }
+    moe_convert_to_f32(dst, src, MOE_DT_F32, N);
+    cr_assert_arr_eq(dst, src, sizeof src);
+    moe_convert_to_f32(dst, b, MOE_DT_BF16, N);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(dst[i], moe_bf16_to_f32(b[i]));
+    moe_convert_to_f32(dst, h, MOE_DT_F16, N);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(dst[i], moe_f16_to_f32(h[i]));
+    /* bf16 rounding is to nearest even. */
+    cr_assert_eq(moe_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80);
+    cr_assert_eq(moe_f32_to_bf16(1.0f + 0x3p-8f), 0x3f82);
+}
+
+/* ---- thread pool ---- */
+
+#define POOL_MAX_TASKS 200
+
+typedef struct {
+    _Atomic int count[POOL_MAX_TASKS];
+    _Atomic int bad_thread;
+    int n_threads;
+    _Atomic long total;
+} pool_probe;
+
+static void probe_task(void *arg, int task, int thread)
+{
+    pool_probe *p = arg;
+    if (thread < 0 || thread >= p->n_threads)
+        atomic_fetch_add(&p->bad_thread, 1);
+    atomic_fetch_add(&p->count[task], 1);
+    atomic_fetch_add(&p->total, task + 1);
+}
+
+static void pool_exercise(moe_threadpool_t *pool, int n_threads, int runs)
+{
+    pool_probe *p = xmalloc(sizeof *p);
+    for (int r = 0; r < runs; r++) {
+        memset(p, 0, sizeof *p);
+        p->n_threads = n_threads;
+        int n_tasks = (int)(rng_next() % POOL_MAX_TASKS) + 1;
+        if (r % 50 == 7) {
+            /* Let the workers fall asleep so the futex wake-up path runs too. */
+            struct timespec ts = {0, 2000000};
+            nanosleep(&ts, NULL);
+        }
+        moe_threadpool_run(pool, probe_task, p, n_tasks);
+        for (int t = 0; t < POOL_MAX_TASKS; t++)
+            cr_assert_eq(atomic_load(&p->count[t]), t < n_tasks ? 1 : 0,
+                         "run %d task %d of %d", r, t, n_tasks);
+        cr_assert_eq(atomic_load(&p->total), (long)n_tasks * (n_tasks + 1) / 2);
+        cr_assert_eq(atomic_load(&p->bad_thread), 0);
+    }
+    free(p);
+}
+
+Test(kernels, threadpool_exact_counts, .timeout = 60)
+{
+    for (int nt = 1; nt <= 4; nt++) {
+        moe_threadpool_t *pool = moe_threadpool_create(nt);
+        cr_assert_not_null(pool);
+        cr_assert_eq(moe_threadpool_size(pool), nt);
+        pool_exercise(pool, nt, 1500);
+        moe_threadpool_free(pool);
+    }
+    /* NULL pool: everything on the caller, thread 0. */
+    cr_assert_eq(moe_threadpool_size(NULL), 1);
+    pool_exercise(NULL, 1, 20);
+    cr_assert_null(moe_threadpool_create(0));
+}
+
+Test(kernels, threadpool_create_free_churn, .timeout = 60)
+{
+    /* Free right after create (workers may not have started) and right after a run. */
+    for (int i = 0; i < 100; i++) {
+        moe_threadpool_t *pool = moe_threadpool_create(1 + i % 4);
+        cr_assert_not_null(pool);
+        if (i % 2)
+            pool_exercise(pool, 1 + i % 4, 3);
+        moe_threadpool_free(pool);
+    }
+}
+
+static void sleepy_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    /* Uneven task lengths: the caller must wait for the slow ones, not just its own. */
+    struct timespec ts = {0, (task % 3) * 300000L};
+    nanosleep(&ts, NULL);
+    atomic_fetch_add((_Atomic int *)arg, 1);
+}
+
+Test(kernels, threadpool_waits_for_slow_tasks)
+{
+    moe_threadpool_t *pool = moe_threadpool_create(3);
+    cr_assert_not_null(pool);
+    for (int r = 0; r < 20; r++) {
+        _Atomic int n = 0;
+        moe_threadpool_run(pool, sleepy_task, &n, 7);
+        cr_assert_eq(atomic_load(&n), 7);
+    }
+    moe_threadpool_free(pool);
+}
+
+/* ---- matmul ---- */
+
+static const void *make_weights(const float *wf, float *wq, moe_dtype dt, size_t n, void **own)
+{
+    /* Returns the weights in dtype dt and writes their exact f32 values to wq. */
+    if (dt == MOE_DT_F32) {
+        memcpy(wq, wf, n * sizeof(float));
+        *own = NULL;
+        return wf;
+    }
+    uint16_t *w = xmalloc(n * sizeof *w);
+    for (size_t i = 0; i < n; i++) {
+        w[i] = dt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[i]) : moe_f32_to_f16(wf[i]);
+        wq[i] = dt == MOE_DT_BF16 ? moe_bf16_to_f32(w[i]) : moe_f16_to_f32(w[i]);
+    }
+    *own = w;
+    return w;
+}
+
+/* |got - exact| within a bound on f32 accumulation: a few ulps of sum |x*w| per sqrt-ish of
+ * n terms; (n_in * 2^-23) covers the worst case of any summation order. */
+static void check_matmul_close(const float *y, const double *ref, const double *mag, int n_tok,
+                               int n_out, int n_in, const char *what)
+{
+    double rel = (double)(n_in + 4) * 0x1p-23;
+    for (int i = 0; i < n_tok * n_out; i++) {
+        double tol = rel * mag[i] + 1e-30;
+        cr_assert(fabs((double)y[i] - ref[i]) <= tol,
+                  "%s: n_tok=%d n_in=%d n_out=%d i=%d got %.9g want %.9g (tol %.3g)", what, n_tok,
+                  n_in, n_out, i, (double)y[i], ref[i], tol);
+    }
+}
+
+static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_isa *isas,
+                        int n_isa, moe_threadpool_t **pools)
+{
+    size_t nw = (size_t)n_in * n_out;
+    float *wf = xmalloc(nw * sizeof *wf), *wq = xmalloc(nw * sizeof *wq);
+    float *x = xmalloc((size_t)n_tok * n_in * sizeof *x);
+    float *y = xmalloc((size_t)n_tok * n_out * sizeof *y);
+    float *y_scalar = xmalloc((size_t)n_tok * n_out * sizeof *y);
+    float *y_serial = xmalloc((size_t)n_tok * n_out * sizeof *y);
+    double *ref = xmalloc((size_t)n_tok * n_out * sizeof *ref);
+    double *mag = xmalloc((size_t)n_tok * n_out * sizeof *mag);
+    fill(wf, nw, -1.f, 1.f);
+    fill(x, (size_t)n_tok * n_in, -2.f, 2.f);
+    void *own;
+    const void *w = make_weights(wf, wq, dt, nw, &own);
+    for (int t = 0; t < n_tok; t++)
+        for (int r = 0; r < n_out; r++) {
+            double s = 0, m = 0;
+            for (int c = 0; c < n_in; c++) {
+                double p = (double)x[(size_t)t * n_in + c] * (double)wq[(size_t)r * n_in + c];
+                s += p;
+                m += fabs(p);
+            }
+            ref[(size_t)t * n_out + r] = s;
+            mag[(size_t)t * n_out + r] = m;
+        }
+    char what[64];
+    for (int i = 0; i < n_isa; i++) {
+        cr_assert_eq(moe_kernels_force_isa(isas[i]), isas[i]);
+        snprintf(what, sizeof what, "%s/%s serial", moe_isa_name(isas[i]), moe_dtype_name(dt));
+        for (int k = 0; k < n_tok * n_out; k++)
+            y_serial[k] = NAN; /* every output must be written */
+        moe_matmul_serial(y_serial, x, w, dt, n_tok, n_in, n_out);
+        check_matmul_close(y_serial, ref, mag, n_tok, n_out, n_in, what);
+        if (i == 0)
+            memcpy(y_scalar, y_serial, (size_t)n_tok * n_out * sizeof *y);
+        else
+            check_matmul_close(y_serial, ref, mag, n_tok, n_out, n_in, what);
+        /* Vector path vs scalar path: both near the exact value, hence near each other. */
+        double rel = (double)(n_in + 4) * 0x1p-22;
+        for (int k = 0; k < n_tok * n_out; k++)
+            cr_assert(fabs((double)y_serial[k] - (double)y_scalar[k]) <= rel * mag[k] + 1e-30,
+                      "%s vs scalar at %d", what, k);
+        /* Threaded: the same per-row arithmetic, so bit-identical to serial for any thread
+         * count (results do not depend on how rows were split). */
+        for (int p = 0; p < 4; p++) {
+            for (int k = 0; k < n_tok * n_out; k++)
+                y[k] = NAN;
+            moe_matmul(pools[p], y, x, w, dt, n_tok, n_in, n_out);
+            cr_assert_arr_eq(y, y_serial, (size_t)n_tok * n_out * sizeof *y,
+                             "%s: threads=%d differs from serial (n_tok=%d n_in=%d n_out=%d)",
+                             what, moe_threadpool_size(pools[p]), n_tok, n_in, n_out);
+        }
+    }
+    free(own);
+    free(wf);
+    free(wq);
+    free(x);
+    free(y);
+    free(y_scalar);
+    free(y_serial);
+    free(ref);
+    free(mag);
+}
+
+static void matmul_sweep(moe_dtype dt)
+{
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
+                                  moe_threadpool_create(4)};
+    static const int n_ins[] = {1, 7, 8, 9, 16, 31, 33, 64, 257, 1000};
+    static const int n_toks[] = {1, 2, 3, 5, 16, 37};
+    static const int n_outs[] = {1, 3, 16, 17, 61};
+    for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
+        for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
+            for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++)
+                matmul_case(dt, n_toks[b], n_ins[a], n_outs[c], isas, n_isa, pools);
+    /* A few random shapes, including a tall one that is split into many tasks. */
+    for (int i = 0; i < 6; i++) {
+        int n_tok = (int)(rng_next() % 40) + 1;
+        int n_in = (int)(rng_next() % 600) + 1;
+        int n_out = (int)(rng_next() % 300) + 1;
+        matmul_case(dt, n_tok, n_in, n_out, isas, n_isa, pools);
+    }
+    matmul_case(dt, 1, 300, 1111, isas, n_isa, pools);
+    matmul_case(dt, 70, 130, 90, isas, n_isa, pools);
+    for (int p = 1; p < 4; p++)
+        moe_threadpool_free(pools[p]);
+}
+
+Test(kernels, matmul_f32, .timeout = 120)
+{
+    matmul_sweep(MOE_DT_F32);
+}
+
+Test(kernels, matmul_bf16, .timeout = 120)
+{
+    matmul_sweep(MOE_DT_BF16);
+}
+
+Test(kernels, matmul_f16, .timeout = 120)
+{
+    matmul_sweep(MOE_DT_F16);
+}
+
+Test(kernels, matmul_special_values)
+{
+    /* f32 accumulation, no fast-math: inf and NaN in the input propagate as IEEE says. */
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    enum { N_IN = 19, N_OUT = 5 };
+    float w[N_OUT * N_IN], x[N_IN], y[N_OUT];
+    for (int i = 0; i < N_OUT * N_IN; i++)
+        w[i] = 1.0f;
+    for (int i = 0; i < N_IN; i++)
+        x[i] = 0.5f;
+    w[2 * N_IN + 18] = INFINITY;
+    w[3 * N_IN + 5] = NAN;
+    for (int i = 0; i < n_isa; i++) {
+        moe_kernels_force_isa(isas[i]);
+        moe_matmul_serial(y, x, w, MOE_DT_F32, 1, N_IN, N_OUT);
+        cr_assert_eq(y[0], 9.5f);
+        cr_assert_eq(y[4], 9.5f);
+        cr_assert(isinf(y[2]) && y[2] > 0);
+        cr_assert(isnan(y[3]));
+    }
+}
+
+/* ---- elementwise ---- */
+
+Test(kernels, rmsnorm)
+{
+    static const int ns[] = {1, 7, 64, 257, 4096};
+    for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
+        int n = ns[k];
+        float *x = xmalloc(n * sizeof *x), *w = xmalloc(n * sizeof *w), *y = xmalloc(n * sizeof *y);
+        fill(x, n, -3.f, 3.f);
+        fill(w, n, 0.5f, 1.5f);
+        double ss = 0;
+        for (int i = 0; i < n; i++)
+            ss += (double)x[i] * x[i];
+        double inv = 1.0 / sqrt(ss / n + 1e-6);
+        moe_rmsnorm(y, x, w, n, 1e-6f);
+        for (int i = 0; i < n; i++)
+            cr_assert(fabs(y[i] - x[i] * inv * w[i]) <= 1e-6 * (1 + fabs(x[i] * inv * w[i])));
+        /* In place (y aliases x) gives the same result. */
+        moe_rmsnorm(x, x, w, n, 1e-6f);
+        cr_assert_arr_eq(x, y, n * sizeof *x);
+        free(x);
+        free(w);
+        free(y);
+    }
+}
+
+Test(kernels, softmax)
+{
+    float x[300];
+    double e[300];
+    for (int n = 1; n < 300; n += 37) {
+        fill(x, n, -20.f, 20.f);
+        x[n / 2] = 80.f + (float)n; /* would overflow expf without the max subtraction */
+        double mx = -INFINITY, s = 0;
+        for (int i = 0; i < n; i++)
+            mx = fmax(mx, x[i]);
+        for (int i = 0; i < n; i++)
+            s += (e[i] = exp((double)x[i] - mx));
+        moe_softmax(x, n);
+        double tot = 0;
+        for (int i = 0; i < n; i++) {
+            cr_assert(fabs(x[i] - e[i] / s) <= 1e-6, "n=%d i=%d", n, i);
+            tot += x[i];
+        }
+        cr_assert(fabs(tot - 1.0) < 1e-5);
+    }
+}
+
+Test(kernels, silu_mul_and_axpy)
+{
+    enum { N = 133 };
+    float g[N], u[N], g0[N], y[N], y0[N];
+    fill(g, N, -10.f, 10.f);
+    fill(u, N, -2.f, 2.f);
+    memcpy(g0, g, sizeof g);
+    moe_silu_mul(g, u, N);
+    for (int i = 0; i < N; i++) {
+        double r = (double)g0[i] / (1.0 + exp(-(double)g0[i])) * u[i];
+        cr_assert(fabs(g[i] - r) <= 1e-6 * (1 + fabs(r)), "i=%d", i);
+    }
+    fill(y, N, -1.f, 1.f);
+    memcpy(y0, y, sizeof y);
+    moe_axpy(y, 0.75f, u, N);
+    for (int i = 0; i < N; i++)
+        cr_assert(fabs(y[i] - (y0[i] + 0.75 * u[i])) <= 1e-6);
+}
+
+Test(kernels, topk_ties_and_random)
+{
+    const float x[] = {1.f, 3.f, 3.f, 2.f, 3.f, -1.f};
+    int idx[6];
+    float val[6];
+    moe_topk(x, 6, 3, idx, val);
+    cr_assert(idx[0] == 1 && idx[1] == 2 && idx[2] == 4);
+    cr_assert(val[0] == 3.f && val[2] == 3.f);
+    moe_topk(x, 6, 6, idx, val);
+    const int want[] = {1, 2, 4, 3, 0, 5};
+    cr_assert_arr_eq(idx, want, sizeof want);
+    moe_topk(x, 6, 1, idx, val);
+    cr_assert(idx[0] == 1 && val[0] == 3.f);
+    /* All equal: indices in order. */
+    const float z[] = {0.5f, 0.5f, 0.5f, 0.5f};
+    moe_topk(z, 4, 3, idx, val);
+    cr_assert(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
+    /* Random against a selection reference (values drawn from a small set: many ties). */
+    for (int it = 0; it < 300; it++) {
+        int n = (int)(rng_next() % 64) + 1, k = (int)(rng_next() % n) + 1;
+        float v[64];
+        int used[64] = {0};
+        for (int i = 0; i < n; i++)
+            v[i] = (float)(rng_next() % 8);
+        int ti[64];
+        float tv[64];
+        moe_topk(v, n, k, ti, tv);
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int i = 0; i < n; i++)
+                if (!used[i] && (best < 0 || v[i] > v[best]))
+                    best = i;
+            used[best] = 1;
+            cr_assert_eq(ti[j], best, "n=%d k=%d j=%d", n, k, j);
+            cr_assert_eq(tv[j], v[best]);
+        }
+    }
+}
+
+Test(kernels, rope_rotate_half)
+{
+    enum { H = 3, D = 10 };
+    float x[H * D], x0[H * D], cs[D];
+    fill(x, H * D, -1.f, 1.f);
+    memcpy(x0, x, sizeof x);
+    fill(cs, D, -1.f, 1.f);
+    moe_rope(x, H, D, cs);
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < D / 2; i++) {
+            const float *v = x0 + h * D;
+            double a = (double)v[i] * cs[i] - (double)v[i + D / 2] * cs[D / 2 + i];
+            double b = (double)v[i + D / 2] * cs[i] + (double)v[i] * cs[D / 2 + i];
+            cr_assert(fabs(x[h * D + i] - a) < 1e-6);
+            cr_assert(fabs(x[h * D + i + D / 2] - b) < 1e-6);
+        }
+}
+
+Test(kernels, rope_table_matches_f32_pytorch_recipe)
+{
+    enum { P = 64, D = 128 };
+    float *t = xmalloc((size_t)P * D * sizeof *t);
+    moe_rope_table(t, P, D, 1000000.0);
+    for (int p = 0; p < P; p++)
+        for (int i = 0; i < D / 2; i++) {
+            /* PyTorch: inv_freq in f32 (pow rounded to f32, reciprocal rounded to f32), then
+             * freq = f32(p * inv_freq), cos/sin of that f32 angle. */
+            float e = (float)(2 * i) / (float)D;
+            float inv = (float)(1.0 / (double)(float)pow(1000000.0, (double)e));
+            float f = (float)p * inv;
+            cr_assert(fabs(t[p * D + i] - cos((double)f)) <= 1e-6, "p=%d i=%d", p, i);
+            cr_assert(fabs(t[p * D + D / 2 + i] - sin((double)f)) <= 1e-6, "p=%d i=%d", p, i);
+        }
+    /* Position 0 is the identity rotation. */
+    cr_assert_eq(t[0], 1.0f);
+    cr_assert_eq(t[D / 2], 0.0f);
+    free(t);
+}
+
+/* ---- attention ---- */
+
+static void attention_case(int block_size, int n_kv_head, int group, int head_dim, int n_ctx,
+                           float spread)
+{
+    int n_head = n_kv_head * group;
+    int n_blocks = (n_ctx + block_size - 1) / block_size;
+    size_t head_stride = (size_t)block_size * head_dim;
+    size_t block_floats = head_stride * n_kv_head;
+    /* Blocks live at shuffled places in one arena, as in a real cache. */
+    int n_arena = n_blocks + 3;
+    float *karena = xmalloc(block_floats * n_arena * sizeof(float));
+    float *varena = xmalloc(block_floats * n_arena * sizeof(float));
+    fill(karena, block_floats * n_arena, -spread, spread);
+    fill(varena, block_floats * n_arena, -1.f, 1.f);
+    int *perm = xmalloc(n_arena * sizeof *perm);
+    for (int i = 0; i < n_arena; i++)
+        perm[i] = i;
+    for (int i = n_arena - 1; i > 0; i--) {
+        int j = (int)(rng_next() % (uint64_t)(i + 1)), tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    const float **kb = xmalloc(n_blocks * sizeof *kb), **vb = xmalloc(n_blocks * sizeof *vb);
+    for (int b = 0; b < n_blocks; b++) {
+        kb[b] = karena + block_floats * perm[b];
+        vb[b] = varena + block_floats * perm[b];
+    }
+    moe_kv_view kv = {kb, vb, block_size, head_stride};
+    float *q = xmalloc((size_t)n_head * head_dim * sizeof *q);
+    float *out = xmalloc((size_t)n_head * head_dim * sizeof *out);
+    float *scratch = xmalloc((size_t)n_ctx * sizeof *scratch);
+    double *p = xmalloc((size_t)n_ctx * sizeof *p);
+    fill(q, (size_t)n_head * head_dim, -1.f, 1.f);
+    float scale = 1.0f / sqrtf((float)head_dim);
+
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    for (int ii = 0; ii < n_isa; ii++) {
+        moe_kernels_force_isa(isas[ii]);
+        moe_attention(out, q, &kv, n_ctx, n_head, n_kv_head, head_dim, scale, scratch);
+        for (int h = 0; h < n_head; h++) {
+            int kvh = h / group;
+            double mx = -INFINITY, s = 0;
+            for (int j = 0; j < n_ctx; j++) {
+                const float *k = kb[j / block_size] + kvh * head_stride +
+                                 (size_t)(j % block_size) * head_dim;
+                double d = 0;
+                for (int c = 0; c < head_dim; c++)
+                    d += (double)q[h * head_dim + c] * k[c];
+                p[j] = d * scale;
+                mx = fmax(mx, p[j]);
+            }
+            for (int j = 0; j < n_ctx; j++)
+                s += (p[j] = exp(p[j] - mx));
+            for (int c = 0; c < head_dim; c++) {
+                double o = 0;
+                for (int j = 0; j < n_ctx; j++)
+                    o += p[j] / s *
+                         vb[j / block_size][kvh * head_stride +
+                                            (size_t)(j % block_size) * head_dim + c];
+                float got = out[h * head_dim + c];
+                cr_assert(fabs(got - o) <= 2e-5 * (1 + fabs(o)),
+                          "%s bs=%d kv=%d group=%d d=%d ctx=%d h=%d c=%d got %g want %g",
+                          moe_isa_name(isas[ii]), block_size, n_kv_head, group, head_dim,
+                          n_ctx, h, c, (double)got, o);
+            }
+        }
+    }
+    free(karena);
+    free(varena);
+    free(perm);
+    free(kb);
+    free(vb);
+    free(q);
+    free(out);
+    free(scratch);
+    free(p);
+}
+
+Test(kernels, attention_paged_gqa, .timeout = 60)
+{
+    static const int bss[] = {1, 3, 16};
+    static const int groups[] = {1, 2, 4};
+    static const int ctxs[] = {1, 2, 17, 50};
+    static const int dims[] = {8, 17, 64};
+    for (size_t a = 0; a < 3; a++)
+        for (size_t g = 0; g < 3; g++)
+            for (size_t c = 0; c < 4; c++)
+                for (size_t d = 0; d < 3; d++)
+                    attention_case(bss[a], 2, groups[g], dims[d], ctxs[c], 1.f);
+    /* Large scores: softmax must subtract the max (exp(200) overflows f32). */
+    attention_case(3, 1, 2, 64, 40, 30.f);
+}
