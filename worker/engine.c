@@ -20,6 +20,8 @@ typedef struct {
     int n_generated;
     int max_new;
     bool ignore_eos;
+    bool prefill_only; /* park after the first sampled token */
+    bool paused;       /* parked, paused, or being imported: takes no steps */
     moe_kv_seq kv;
     moe_sampling_params sp;
     moe_rng rng;
@@ -164,8 +166,8 @@ static int find_seq(const moe_engine *e, uint64_t id)
     return -1;
 }
 
-moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
-                          const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos)
+static moe_status add_seq(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                          const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos, seq_t **out)
 {
     const moe_model_config *c = &e->m->cfg;
     if (n_prompt <= 0)
@@ -217,7 +219,26 @@ moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
     s->sp = sp ? *sp : (moe_sampling_params){.temperature = 0.0f, .top_p = 1.0f};
     moe_rng_seed(&s->rng, s->sp.seed);
     e->seqs[e->n_seqs++] = s;
+    if (out)
+        *out = s;
     return MOE_OK;
+}
+
+moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                          const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos)
+{
+    return add_seq(e, seq_id, prompt, n_prompt, sp, max_new_tokens, ignore_eos, NULL);
+}
+
+moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
+                                       int n_prompt, const moe_sampling_params *sp, int max_new_tokens,
+                                       bool ignore_eos)
+{
+    seq_t *s;
+    moe_status st = add_seq(e, seq_id, prompt, n_prompt, sp, max_new_tokens, ignore_eos, &s);
+    if (st == MOE_OK)
+        s->prefill_only = true;
+    return st;
 }
 
 static void remove_at(moe_engine *e, int i)
@@ -236,7 +257,13 @@ moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id)
     return MOE_OK;
 }
 
-bool moe_engine_has_work(const moe_engine *e) { return e->n_seqs > 0; }
+bool moe_engine_has_work(const moe_engine *e)
+{
+    for (int i = 0; i < e->n_seqs; i++)
+        if (!e->seqs[i]->paused)
+            return true;
+    return false;
+}
 
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st)
 {
@@ -266,7 +293,7 @@ static bool preempt_later(moe_engine *e, int after)
 {
     for (int i = e->n_seqs - 1; i > after; i--) {
         seq_t *s = e->seqs[i];
-        if (s->kv.n_blocks > 0) {
+        if (s->kv.n_blocks > 0 && !s->paused) {
             preempt(s, e->kv);
             return true;
         }
@@ -290,6 +317,8 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
     for (int pass = 0; pass < 2 && budget > 0; pass++) {
         for (int i = 0; i < e->n_seqs && budget > 0 && n_segs < e->max_seqs; i++) {
             seq_t *s = e->seqs[i];
+            if (s->paused)
+                continue;
             bool holds = s->kv.n_blocks > 0 || s->n_computed > 0;
             if (holds != (pass == 0))
                 continue;
@@ -354,9 +383,12 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
             fin = MOE_FINISH_LENGTH;
         if (fin == MOE_FINISH_EOS)
             s->n_generated++;
+        bool park = fin == MOE_FINISH_NONE && s->prefill_only;
+        if (park)
+            s->paused = true;
         if (n_ev < cap)
             events[n_ev++] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
-                                               .finish = fin};
+                                               .finish = fin, .parked = park};
         else
             MOE_LOG_W("event buffer of %d too small; seq %llu's token dropped", cap,
                       (unsigned long long)s->id);
@@ -389,3 +421,107 @@ moe_status moe_engine_logits(moe_engine *e, const int32_t *tokens, int n, int ch
     moe_kv_seq_release(e->kv, &kvs);
     return st;
 }
+
+static seq_t *get_seq(const moe_engine *e, uint64_t id)
+{
+    int i = find_seq(e, id);
+    if (i < 0)
+        moe_error(MOE_ERR_NOT_FOUND, "seq_id: %llu is not on this engine", (unsigned long long)id);
+    return i < 0 ? NULL : e->seqs[i];
+}
+
+moe_status moe_engine_pause(moe_engine *e, uint64_t seq_id)
+{
+    seq_t *s = get_seq(e, seq_id);
+    if (!s)
+        return MOE_ERR_NOT_FOUND;
+    s->paused = true;
+    return MOE_OK;
+}
+
+moe_status moe_engine_resume(moe_engine *e, uint64_t seq_id)
+{
+    seq_t *s = get_seq(e, seq_id);
+    if (!s)
+        return MOE_ERR_NOT_FOUND;
+    s->paused = false;
+    s->prefill_only = false;
+    return MOE_OK;
+}
+
+moe_status moe_engine_export(const moe_engine *e, uint64_t seq_id, moe_seq_state *st, const int **blocks,
+                             int *n_blocks)
+{
+    const seq_t *s = get_seq(e, seq_id);
+    if (!s)
+        return MOE_ERR_NOT_FOUND;
+    *st = (moe_seq_state){.seq_id = s->id, .tokens = s->tokens, .n_tokens = s->n_tokens,
+                          .n_prompt = s->n_prompt, .n_generated = s->n_generated,
+                          .n_computed = s->n_computed, .max_new_tokens = s->max_new,
+                          .ignore_eos = s->ignore_eos, .sp = s->sp, .rng = s->rng};
+    *blocks = s->kv.blocks;
+    *n_blocks = s->kv.n_blocks;
+    return MOE_OK;
+}
+
+/* Copies the movable state into s (tokens included) without touching its KV. */
+static void apply_state(seq_t *s, const moe_seq_state *st)
+{
+    memcpy(s->tokens, st->tokens, (size_t)st->n_tokens * sizeof(int32_t));
+    s->n_tokens = st->n_tokens;
+    s->n_prompt = st->n_prompt;
+    s->n_generated = st->n_generated;
+    s->n_computed = st->n_computed;
+    s->rng = st->rng;
+}
+
+moe_status moe_engine_import(moe_engine *e, const moe_seq_state *st, const int **blocks, int *n_blocks)
+{
+    if (st->n_tokens <= 0 || st->n_computed < 0 || st->n_computed > st->n_tokens ||
+        st->n_prompt > st->n_tokens || st->n_tokens - st->n_prompt != st->n_generated)
+        return moe_error(MOE_ERR_INVALID_ARG, "import: inconsistent sequence state (%d tokens, %d prompt, "
+                         "%d generated, %d computed)", st->n_tokens, st->n_prompt, st->n_generated, st->n_computed);
+    seq_t *s;
+    moe_status rc = add_seq(e, st->seq_id, st->tokens, st->n_prompt, &st->sp, st->max_new_tokens,
+                            st->ignore_eos, &s);
+    if (rc != MOE_OK)
+        return rc;
+    if (st->n_tokens > s->cap) {
+        remove_at(e, find_seq(e, s->id));
+        return moe_error(MOE_ERR_INVALID_ARG, "import: %d tokens exceed the sequence's limit %d", st->n_tokens,
+                         s->cap);
+    }
+    s->paused = true;
+    apply_state(s, st);
+    if ((rc = moe_kv_seq_reserve(e->kv, &s->kv, st->n_computed)) != MOE_OK) {
+        remove_at(e, find_seq(e, s->id));
+        return rc;
+    }
+    *blocks = s->kv.blocks;
+    *n_blocks = s->kv.n_blocks;
+    return MOE_OK;
+}
+
+moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_seq_state *st,
+                                    const int **blocks, int *n_blocks)
+{
+    seq_t *s = get_seq(e, seq_id);
+    if (!s)
+        return MOE_ERR_NOT_FOUND;
+    if (!s->paused || st->n_tokens > s->cap || st->n_computed < s->n_computed)
+        return moe_error(MOE_ERR_INVALID_ARG, "import: seq %llu cannot be extended to %d positions",
+                         (unsigned long long)seq_id, st->n_computed);
+    moe_status rc = moe_kv_seq_reserve(e->kv, &s->kv, st->n_computed);
+    if (rc != MOE_OK)
+        return rc;
+    apply_state(s, st);
+    *blocks = s->kv.blocks;
+    *n_blocks = s->kv.n_blocks;
+    return MOE_OK;
+}
+
+float *moe_engine_kv_block(moe_engine *e, int block) { return moe_kv_block_data(e->kv, block); }
+
+size_t moe_engine_kv_block_bytes(const moe_engine *e) { return moe_kv_block_bytes(moe_kv_get_layout(e->kv)); }
+
+int moe_engine_kv_block_size(const moe_engine *e) { return moe_kv_get_layout(e->kv)->block_size; }

@@ -37,6 +37,7 @@ typedef struct {
     int32_t token;
     int index;
     moe_finish_reason finish; /* != NONE on the sequence's last event */
+    bool parked;              /* a prefill-only sequence stopped after its first token (see below) */
 } moe_token_event;
 
 typedef struct {
@@ -60,8 +61,47 @@ moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id);
 /* Runs one step. Writes up to cap events (one per sequence that produced a token). Returns the
  * number of events, or -1 with moe_error_message() set. Finished sequences are freed inside. */
 int moe_engine_step(moe_engine *e, moe_token_event *events, int cap);
+/* True while some sequence can take a step (parked/paused ones do not count). */
 bool moe_engine_has_work(const moe_engine *e);
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st);
+
+/* ---- moving sequences between engines (disaggregated prefill -> decode, live migration) ----
+ * A sequence's state is its tokens (prompt + generated), how many positions have K/V in the cache
+ * (n_computed; the last sampled token has none yet), the sampler state, and its KV blocks. */
+typedef struct {
+    uint64_t seq_id;
+    const int32_t *tokens; /* borrowed from the engine on export; copied on import */
+    int n_tokens, n_prompt, n_generated, n_computed;
+    int max_new_tokens;
+    bool ignore_eos;
+    moe_sampling_params sp;
+    moe_rng rng;
+} moe_seq_state;
+
+/* Like moe_engine_add, but the sequence stops after its first sampled token and is parked: it keeps
+ * its KV, takes no further steps, and its event has parked = true (unless it finished outright). */
+moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
+                                       int n_prompt, const moe_sampling_params *sp, int max_new_tokens,
+                                       bool ignore_eos);
+/* Stops / restarts stepping a running sequence (KV kept). NOT_FOUND if unknown. */
+moe_status moe_engine_pause(moe_engine *e, uint64_t seq_id);
+moe_status moe_engine_resume(moe_engine *e, uint64_t seq_id);
+/* Borrowed view of a sequence's state and block table; valid until the next call that changes the
+ * engine. NOT_FOUND if unknown. */
+moe_status moe_engine_export(const moe_engine *e, uint64_t seq_id, moe_seq_state *st,
+                             const int **blocks, int *n_blocks);
+/* Creates a paused sequence from st (tokens copied) and reserves blocks for st->n_computed
+ * positions; *blocks / *n_blocks name them, in position order, for the caller to fill with
+ * moe_engine_kv_block. FULL when the cache has no room (nothing kept). Commit with
+ * moe_engine_resume, or drop with moe_engine_finish. */
+moe_status moe_engine_import(moe_engine *e, const moe_seq_state *st, const int **blocks, int *n_blocks);
+/* Grows an imported (paused) sequence to n_computed positions (migration stages). FULL: unchanged. */
+moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_seq_state *st,
+                                    const int **blocks, int *n_blocks);
+/* One KV block as a contiguous buffer of moe_engine_kv_block_bytes bytes. */
+float *moe_engine_kv_block(moe_engine *e, int block);
+size_t moe_engine_kv_block_bytes(const moe_engine *e);
+int moe_engine_kv_block_size(const moe_engine *e);
 
 /* Test and tool helper: runs `tokens` through a fresh sequence in chunks of `chunk` tokens
  * (0 = all at once) and writes the logits of every position (n x vocab) into logits. Frees the
