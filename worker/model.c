@@ -1,0 +1,316 @@
+/* Model loading: binds every weight of the config's architecture by its Hugging Face name and
+ * checks presence, shape and dtype before anything runs. Matrices stay zero-copy in the mmaps. */
+#include "worker/model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+
+/* Behind moe_model.owned: the f32 copies of vectors, and what this rank binds. */
+typedef struct {
+    float **bufs;
+    int n, cap;
+    size_t weight_bytes;
+} model_owned;
+
+typedef struct {
+    moe_model *m;
+    model_owned *own;
+    const char *dir;
+    char name[256]; /* the tensor name being bound */
+} binder;
+
+static const char *dtype_str(moe_dtype dt)
+{
+    return dt == MOE_DT_F32 ? "F32" : dt == MOE_DT_BF16 ? "BF16" : dt == MOE_DT_F16 ? "F16" : "?";
+}
+
+static void shape_str(const moe_st_tensor *t, char *buf, size_t n)
+{
+    size_t k = (size_t)snprintf(buf, n, "[");
+    for (int d = 0; d < t->n_dims && k < n; d++)
+        k += (size_t)snprintf(buf + k, n - k, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+    if (k < n)
+        snprintf(buf + k, n - k, "]");
+}
+
+/* Looks the tensor up and checks its shape: dims[0..n_dims). */
+static moe_status find_checked(binder *b, int n_dims, const int64_t *dims, const moe_st_tensor **out)
+{
+    const moe_st_tensor *t = moe_st_find(b->m->st, b->name);
+    char want[96];
+    size_t k = (size_t)snprintf(want, sizeof want, "[");
+    for (int d = 0; d < n_dims; d++)
+        k += (size_t)snprintf(want + k, sizeof want - k, "%s%lld", d ? ", " : "", (long long)dims[d]);
+    snprintf(want + k, sizeof want - k, "]");
+    if (!t)
+        return moe_error(MOE_ERR_NOT_FOUND, "%s: tensor %s is missing (expected shape %s, %s)",
+                         b->dir, b->name, want, moe_arch_name(b->m->cfg.arch));
+    bool ok = t->n_dims == n_dims;
+    for (int d = 0; ok && d < n_dims; d++)
+        ok = t->shape[d] == dims[d];
+    if (!ok) {
+        char got[96];
+        shape_str(t, got, sizeof got);
+        return moe_error(MOE_ERR_FORMAT, "%s: tensor %s has shape %s, expected %s", t->file,
+                         b->name, got, want);
+    }
+    /* The reader admits only these; a future reader dtype must be taught to the kernels first. */
+    if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_BF16 && t->dtype != MOE_DT_F16)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor %s has dtype %s, expected F32, BF16 or F16",
+                         t->file, b->name, dtype_str(t->dtype));
+    *out = t;
+    return MOE_OK;
+}
+
+/* A (rows, cols) matrix, zero-copy in its file dtype (the kernels take F32, BF16 and F16). */
+static moe_status bind_matrix(binder *b, int rows, int cols, moe_weight *w)
+{
+    const int64_t dims[2] = {rows, cols};
+    const moe_st_tensor *t;
+    moe_status s = find_checked(b, 2, dims, &t);
+    if (s != MOE_OK)
+        return s;
+    w->data = t->data;
+    w->dtype = t->dtype;
+    w->rows = rows;
+    w->cols = cols;
+    b->own->weight_bytes += t->n_bytes;
+    return MOE_OK;
+}
+
+/* A 1-D vector (norm weight, bias), converted into an owned f32 buffer: they are tiny and the
+ * elementwise kernels take f32 only. */
+static moe_status bind_vector(binder *b, int n, const float **out)
+{
+    const int64_t dims[1] = {n};
+    const moe_st_tensor *t;
+    moe_status s = find_checked(b, 1, dims, &t);
+    if (s != MOE_OK)
+        return s;
+    model_owned *o = b->own;
+    if (o->n == o->cap) {
+        int cap = o->cap ? o->cap * 2 : 64;
+        float **nb = realloc(o->bufs, (size_t)cap * sizeof *nb);
+        if (!nb)
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory converting tensor %s", t->file, b->name);
+        o->bufs = nb;
+        o->cap = cap;
+    }
+    float *v = malloc((size_t)n * sizeof *v);
+    if (!v)
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory converting tensor %s", t->file, b->name);
+    moe_convert_to_f32(v, t->data, t->dtype, (size_t)n);
+    o->bufs[o->n++] = v;
+    o->weight_bytes += t->n_bytes;
+    *out = v;
+    return MOE_OK;
+}
+
+#define NAME(b, ...) snprintf((b)->name, sizeof (b)->name, __VA_ARGS__)
+
+static moe_status bind_attention(binder *b, int l, moe_layer_weights *lw)
+{
+    const moe_model_config *c = &b->m->cfg;
+    const int d = c->hidden_size, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    moe_status s;
+    NAME(b, "model.layers.%d.input_layernorm.weight", l);
+    if ((s = bind_vector(b, d, &lw->attn_norm)) != MOE_OK)
+        return s;
+    NAME(b, "model.layers.%d.post_attention_layernorm.weight", l);
+    if ((s = bind_vector(b, d, &lw->ffn_norm)) != MOE_OK)
+        return s;
+    static const char *const proj[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+    moe_weight *w[4] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo};
+    const int rows[4] = {qd, kvd, kvd, d}, cols[4] = {d, d, d, qd};
+    for (int i = 0; i < 4; i++) {
+        NAME(b, "model.layers.%d.self_attn.%s.weight", l, proj[i]);
+        if ((s = bind_matrix(b, rows[i], cols[i], w[i])) != MOE_OK)
+            return s;
+    }
+    if (c->attn_bias) {
+        const float **bias[3] = {&lw->bq, &lw->bk, &lw->bv};
+        for (int i = 0; i < 3; i++) {
+            NAME(b, "model.layers.%d.self_attn.%s.bias", l, proj[i]);
+            if ((s = bind_vector(b, rows[i], bias[i])) != MOE_OK)
+                return s;
+        }
+    }
+    if (c->qk_norm) {
+        /* OLMoE normalises the whole projection, Qwen3-MoE each head. */
+        int qn = c->qk_norm == 1 ? qd : c->head_dim, kn = c->qk_norm == 1 ? kvd : c->head_dim;
+        NAME(b, "model.layers.%d.self_attn.q_norm.weight", l);
+        if ((s = bind_vector(b, qn, &lw->q_norm)) != MOE_OK)
+            return s;
+        NAME(b, "model.layers.%d.self_attn.k_norm.weight", l);
+        if ((s = bind_vector(b, kn, &lw->k_norm)) != MOE_OK)
+            return s;
+    }
+    return MOE_OK;
+}
+
+/* gate/up (ffn, d) and down (d, ffn) under prefix `pre` with the given leaf names. */
+static moe_status bind_swiglu(binder *b, const char *pre, const char *const leaf[3], int ffn,
+                              moe_weight *gate, moe_weight *up, moe_weight *down)
+{
+    const int d = b->m->cfg.hidden_size;
+    moe_status s;
+    NAME(b, "%s.%s.weight", pre, leaf[0]);
+    if ((s = bind_matrix(b, ffn, d, gate)) != MOE_OK)
+        return s;
+    NAME(b, "%s.%s.weight", pre, leaf[1]);
+    if ((s = bind_matrix(b, ffn, d, up)) != MOE_OK)
+        return s;
+    NAME(b, "%s.%s.weight", pre, leaf[2]);
+    return bind_matrix(b, d, ffn, down);
+}
+
+static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
+{
+    const moe_model_config *c = &b->m->cfg;
+    const int d = c->hidden_size;
+    static const char *const hf_leaf[3] = {"gate_proj", "up_proj", "down_proj"};
+    static const char *const mixtral_leaf[3] = {"w1", "w3", "w2"}; /* w1 gate, w3 up, w2 down */
+    char pre[128];
+    moe_status s;
+    lw->is_moe = c->layer_is_moe[l];
+    if (!lw->is_moe) {
+        snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
+        return bind_swiglu(b, pre, hf_leaf, c->dense_ffn, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
+    }
+    const bool mixtral = c->arch == MOE_ARCH_MIXTRAL;
+    const char *block = mixtral ? "block_sparse_moe" : "mlp";
+    NAME(b, "model.layers.%d.%s.gate.weight", l, block);
+    if ((s = bind_matrix(b, c->n_experts, d, &lw->router)) != MOE_OK)
+        return s;
+    /* Arrays span all experts so the engine indexes them by global id; only this rank's range is
+     * bound, the rest stay NULL and their tensors are never looked at. */
+    size_t n = (size_t)c->n_experts;
+    lw->exp_gate = calloc(3 * n, sizeof(moe_weight));
+    if (!lw->exp_gate)
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory for %d experts", b->dir, c->n_experts);
+    lw->exp_up = lw->exp_gate + n;
+    lw->exp_down = lw->exp_gate + 2 * n;
+    for (int e = b->m->expert_begin; e < b->m->expert_end; e++) {
+        snprintf(pre, sizeof pre, "model.layers.%d.%s.experts.%d", l, block, e);
+        s = bind_swiglu(b, pre, mixtral ? mixtral_leaf : hf_leaf, c->moe_ffn, &lw->exp_gate[e],
+                        &lw->exp_up[e], &lw->exp_down[e]);
+        if (s != MOE_OK)
+            return s;
+    }
+    if (c->shared_expert_ffn > 0) {
+        snprintf(pre, sizeof pre, "model.layers.%d.mlp.shared_expert", l);
+        s = bind_swiglu(b, pre, hf_leaf, c->shared_expert_ffn, &lw->sh_gate, &lw->sh_up,
+                        &lw->sh_down);
+        if (s != MOE_OK)
+            return s;
+        NAME(b, "model.layers.%d.mlp.shared_expert_gate.weight", l);
+        if ((s = bind_matrix(b, 1, d, &lw->sh_expert_gate)) != MOE_OK)
+            return s;
+    }
+    return MOE_OK;
+}
+
+static moe_status bind_all(binder *b)
+{
+    moe_model *m = b->m;
+    const moe_model_config *c = &m->cfg;
+    moe_status s;
+    NAME(b, "model.embed_tokens.weight");
+    if ((s = bind_matrix(b, c->vocab_size, c->hidden_size, &m->embed)) != MOE_OK)
+        return s;
+    NAME(b, "model.norm.weight");
+    if ((s = bind_vector(b, c->hidden_size, &m->final_norm)) != MOE_OK)
+        return s;
+    if (c->tie_embeddings) {
+        m->lm_head = m->embed; /* same bytes: counted once */
+        if (moe_st_find(m->st, "lm_head.weight"))
+            MOE_LOG_W("%s: lm_head.weight is present but tie_word_embeddings is true; using "
+                      "model.embed_tokens.weight as transformers does", b->dir);
+    } else {
+        NAME(b, "lm_head.weight");
+        if ((s = bind_matrix(b, c->vocab_size, c->hidden_size, &m->lm_head)) != MOE_OK)
+            return s;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        if ((s = bind_attention(b, l, &m->layers[l])) != MOE_OK ||
+            (s = bind_ffn(b, l, &m->layers[l])) != MOE_OK)
+            return s;
+    }
+    return MOE_OK;
+}
+
+moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_model **out)
+{
+    if (!dir || !out)
+        return moe_error(MOE_ERR_INVALID_ARG, "moe_model_load: no directory");
+    moe_model *m = calloc(1, sizeof *m);
+    model_owned *own = calloc(1, sizeof *own);
+    if (!m || !own) {
+        free(m);
+        free(own);
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory", dir);
+    }
+    m->owned = own;
+    moe_status s = MOE_OK;
+    if (strlen(dir) >= sizeof m->dir)
+        s = moe_error(MOE_ERR_INVALID_ARG, "%s: path longer than %zu bytes", dir, sizeof m->dir - 1);
+    else
+        snprintf(m->dir, sizeof m->dir, "%s", dir);
+    if (s == MOE_OK)
+        s = moe_model_config_load(dir, &m->cfg);
+    if (s == MOE_OK) {
+        int eb = opts ? opts->expert_begin : 0, ee = opts ? opts->expert_end : 0;
+        if (eb == 0 && ee == 0)
+            ee = m->cfg.n_experts;
+        if (eb < 0 || eb >= ee || ee > m->cfg.n_experts)
+            s = moe_error(MOE_ERR_INVALID_ARG, "%s: expert range [%d, %d) is not inside [0, %d)",
+                          dir, eb, ee, m->cfg.n_experts);
+        m->expert_begin = eb;
+        m->expert_end = ee;
+    }
+    if (s == MOE_OK)
+        s = moe_st_open_dir(dir, &m->st);
+    if (s == MOE_OK && !(m->layers = calloc((size_t)m->cfg.n_layers, sizeof *m->layers)))
+        s = moe_error(MOE_ERR_NOMEM, "%s: out of memory", dir);
+    if (s == MOE_OK) {
+        binder b = {.m = m, .own = own, .dir = m->dir};
+        s = bind_all(&b);
+    }
+    if (s != MOE_OK) {
+        moe_model_free(m);
+        return s;
+    }
+    MOE_LOG_I("%s: %s, %d layers, %d experts (binding [%d, %d)), %.1f MiB of weights", dir,
+              m->cfg.arch_name, m->cfg.n_layers, m->cfg.n_experts, m->expert_begin, m->expert_end,
+              (double)own->weight_bytes / (1 << 20));
+    *out = m;
+    return MOE_OK;
+}
+
+void moe_model_free(moe_model *m)
+{
+    if (!m)
+        return;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.n_layers; l++)
+            free(m->layers[l].exp_gate); /* exp_up and exp_down live in the same block */
+        free(m->layers);
+    }
+    model_owned *own = m->owned;
+    if (own) {
+        for (int i = 0; i < own->n; i++)
+            free(own->bufs[i]);
+        free(own->bufs);
+        free(own);
+    }
+    moe_st_close(m->st);
+    free(m);
+}
+
+size_t moe_model_weight_bytes(const moe_model *m)
+{
+    return m && m->owned ? ((const model_owned *)m->owned)->weight_bytes : 0;
+}
