@@ -1,0 +1,178 @@
+/* The contract between the gRPC front end (coordinator/grpc_server.c) and the backend behind it
+ * (the scheduler that drives the MPI cluster, or a test double): the backend vtable the server
+ * calls, and the functions the backend calls, from any thread, to stream events to a request.
+ * Plain C: no gRPC or protobuf type crosses this interface. */
+#ifndef MOE_COORDINATOR_FRONTEND_H
+#define MOE_COORDINATOR_FRONTEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "common/status.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Requests as the backend sees them: validated, tokenized, defaults resolved. */
+
+#define MOE_REQUEST_ID_MAX 128 /* bytes of a request id, without the NUL */
+
+typedef struct {
+    char request_id[MOE_REQUEST_ID_MAX + 1]; /* the client's id, else one made by the server */
+    const int32_t *prompt;                  /* (n_prompt) token ids, each in [0, vocab) */
+    uint32_t n_prompt;                      /* >= 1; n_prompt + max_new_tokens <= context */
+    uint32_t max_new_tokens;                /* >= 1, resolved (never "default") */
+    float temperature;                      /* >= 0; 0 = greedy */
+    float top_p;                            /* in (0, 1] */
+    int32_t top_k;                          /* >= 0; 0 = off */
+    uint64_t seed;                          /* the client's, else drawn by the server */
+    const char *const *stop;                /* (n_stop) NUL-terminated, non-empty UTF-8 strings */
+    uint32_t n_stop;
+    const int32_t *stop_token_ids;          /* (n_stop_token_ids) each in [0, vocab) */
+    uint32_t n_stop_token_ids;
+    bool ignore_eos;
+    bool include_stop_str_in_output;
+    int32_t priority;                       /* lower is served first */
+    int64_t arrival_ns;                     /* moe_now_ns() when the front end received it */
+    int64_t deadline_ns;                    /* moe_now_ns() clock; 0 = none. The front end
+                                               cancels at the deadline by itself; this is for
+                                               scheduling decisions only. */
+} moe_gen_request;
+
+/* Why a generation ended normally (values match moeserve.v1.FinishReason). */
+typedef enum {
+    MOE_FINISH_LENGTH = 1, /* max_new_tokens reached */
+    MOE_FINISH_EOS = 2,    /* an EOS id of the model */
+    MOE_FINISH_STOP = 3,   /* a stop string or stop token id */
+} moe_finish_reason;
+
+typedef struct {
+    moe_finish_reason reason;
+    const char *matched_stop;    /* MOE_FINISH_STOP: the stop string, or the token id in decimal;
+                                    NULL otherwise. Copied. */
+    uint32_t completion_tokens;  /* 0: the front end uses the number of tokens pushed */
+} moe_frontend_finish_info;
+
+/* ---------------------------------------------------------------------------------------------
+ * Cluster snapshot for ClusterStatus. The backend fills instances and cluster counters; the
+ * front end adds pool and total sums, its own request counters, health and uptime. */
+
+#define MOE_FRONTEND_MAX_INSTANCES 256
+#define MOE_FRONTEND_MAX_EP 64
+
+typedef enum { /* values match moeserve.v1.PoolKind */
+    MOE_POOL_PREFILL = 1,
+    MOE_POOL_DECODE = 2,
+    MOE_POOL_MIXED = 3,
+} moe_pool_kind;
+
+typedef enum { /* values match moeserve.v1.InstanceState */
+    MOE_INSTANCE_STARTING = 1,
+    MOE_INSTANCE_READY = 2,
+    MOE_INSTANCE_DRAINING = 3,
+    MOE_INSTANCE_UNREACHABLE = 4,
+} moe_instance_state;
+
+typedef struct {
+    uint32_t id;
+    moe_pool_kind pool;
+    moe_instance_state state;
+    uint32_t ep_size;                     /* ranks in use: ranks[0..ep_size) */
+    int32_t ranks[MOE_FRONTEND_MAX_EP];
+    uint32_t kv_blocks_total, kv_blocks_used, kv_blocks_free;
+    uint32_t kv_block_tokens;
+    uint32_t running, waiting;
+    uint64_t pending_prompt_tokens;
+    double heartbeat_age_ms;
+} moe_instance_status;
+
+typedef struct {
+    uint64_t kv_transfers, kv_transfer_bytes, kv_transfer_retries, kv_transfer_recomputes;
+    uint64_t kv_checksum_failures, kv_transfer_timeouts, kv_lease_expirations;
+    uint64_t migrations, migrations_aborted, preemptions;
+} moe_cluster_counters;
+
+typedef struct {
+    char model[128];          /* model name (directory base name or config name) */
+    uint32_t world_size;      /* MPI ranks, coordinator included */
+    uint32_t n_instances;     /* <= MOE_FRONTEND_MAX_INSTANCES */
+    moe_instance_status instances[MOE_FRONTEND_MAX_INSTANCES];
+    moe_cluster_counters counters;
+} moe_cluster_status;
+
+/* ---------------------------------------------------------------------------------------------
+ * The backend vtable. Every slot is called from a gRPC completion-queue thread, possibly from
+ * several threads at once, never while the front end holds a lock: a slot may call the push
+ * functions below (even for the request it is being asked about). Slots must not block for long
+ * (no waiting on the cluster): they stall every stream served by that thread. */
+
+typedef struct moe_frontend_req moe_frontend_req; /* one Generate stream, owned by the front end */
+
+typedef struct {
+    void *ctx; /* passed to every slot */
+
+    /* Admits a request. On MOE_OK the backend stores *handle (its own id for cancel) and takes a
+     * reference to `stream`: from then on it must call exactly one of moe_frontend_finish or
+     * moe_frontend_error for it, eventually, even after cancel; that call releases the reference.
+     * It may push events from any thread, even before submit returns. `req` and everything it
+     * points to stay valid until that terminal call.
+     * On failure it keeps nothing, pushes nothing, and sets moe_error's message (sent to the
+     * client): MOE_ERR_FULL (queues full) -> RESOURCE_EXHAUSTED, MOE_ERR_UNAVAILABLE (workers
+     * gone, draining) -> UNAVAILABLE, MOE_ERR_INVALID_ARG -> INVALID_ARGUMENT. Required. */
+    moe_status (*submit)(void *ctx, const moe_gen_request *req, moe_frontend_req *stream,
+                         uint64_t *handle);
+
+    /* Asks the backend to stop a request it admitted (client cancel, disconnect, deadline): free
+     * its KV on every rank, then make the terminal call (its content is ignored: the client is
+     * gone). Asynchronous: returns at once. Called at most once per request, maybe after the
+     * backend already made its terminal call: then it must ignore the handle. Required. */
+    void (*cancel)(void *ctx, uint64_t handle);
+
+    /* Tokenizes UTF-8 text like moe_tokenizer_encode (common/tokenizer.h): writes up to cap ids
+     * and sets *n_out to the number the text needs (call again with more room if larger).
+     * add_special: apply the tokenizer's special-token template (BOS). Used for text prompts and
+     * the Tokenize RPC. Required. */
+    moe_status (*tokenize)(void *ctx, const char *text, size_t len, bool add_special,
+                           int32_t *ids, size_t cap, size_t *n_out);
+
+    /* Fills *out (zeroed by the caller) with a consistent snapshot. Must be quick: read cached
+     * state, don't ask the workers. NULL: ClusterStatus reports only the front end's part. */
+    moe_status (*cluster_status)(void *ctx, moe_cluster_status *out);
+
+    /* True once a real forward pass succeeded on the cluster and it can take requests; false
+     * while loading, after a rank is lost, or while draining. Health/Check answers SERVING only
+     * when this is true. Required. */
+    bool (*healthy)(void *ctx);
+} moe_frontend_backend;
+
+/* ---------------------------------------------------------------------------------------------
+ * Events the backend pushes to an admitted request. Thread-safe: any thread, concurrently for
+ * different requests; the calls for one request must be ordered by the backend (one thread at a
+ * time, or its own ordering). None of them blocks on the network: events are queued and the
+ * completion-queue threads send them (several pushes can share one message when the client reads
+ * slower than the backend produces). After a cancel, pushes are accepted and dropped. */
+
+/* New tokens: ids[i] has index indices[i] among the generated tokens. Indices must continue the
+ * stream exactly (first push: 0, then one more than the last index pushed, contiguous within the
+ * push); `text` is the UTF-8 text these tokens completed (the backend detokenizes and holds back
+ * incomplete sequences), may be empty. n may be 0 to push text alone (the detokenizer's final
+ * flush). Fails with MOE_ERR_INVALID_ARG (nothing queued, message says why) on an index that
+ * does not continue the stream, or after the terminal call; MOE_ERR_NOMEM if out of memory. */
+moe_status moe_frontend_push_tokens(moe_frontend_req *r, const int32_t *ids,
+                                    const uint32_t *indices, size_t n, const char *text,
+                                    size_t text_len);
+
+/* Terminal: the generation ended normally. Queues the last message (finish reason, usage,
+ * timing) and an OK status. Releases the backend's reference: `r` must not be used afterwards. */
+void moe_frontend_finish(moe_frontend_req *r, const moe_frontend_finish_info *info);
+
+/* Terminal: the request failed after admission. Sends the status mapped from `code`
+ * (MOE_ERR_FULL -> RESOURCE_EXHAUSTED, MOE_ERR_UNAVAILABLE -> UNAVAILABLE, MOE_ERR_TIMEOUT ->
+ * DEADLINE_EXCEEDED, MOE_ERR_INVALID_ARG/RANGE/FORMAT -> INVALID_ARGUMENT, MOE_ERR_CANCELLED ->
+ * CANCELLED, others -> INTERNAL) with `message` (NULL: the status's text) after the tokens
+ * already pushed. Releases the backend's reference: `r` must not be used afterwards. */
+void moe_frontend_error(moe_frontend_req *r, moe_status code, const char *message);
+
+/* The request this stream carries (the one given to submit); valid until the terminal call.
+ * Handy for backends that keep only the stream pointer. */
+const moe_gen_request *moe_frontend_request(const moe_frontend_req *r);
+
+#endif
