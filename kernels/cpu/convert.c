@@ -4,14 +4,7 @@
 #include "common/log.h"
 #include "kernels/cpu/kernels_internal.h"
 
-static inline float bits_to_f32(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t f32_to_bits(float f)
+static inline uint32_t f32_bits(float f)
 {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -20,23 +13,12 @@ static inline uint32_t f32_to_bits(float f)
 
 float moe_f16_to_f32(uint16_t h)
 {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    if (exp == 0x1f) /* inf / nan: keep the payload, NaN stays NaN */
-        return bits_to_f32(sign | 0x7f800000u | (man << 13));
-    if (exp != 0)
-        return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
-    if (man == 0)
-        return bits_to_f32(sign);
-    /* Subnormal: man * 2^-24 is exact in f32. */
-    float v = (float)man * 0x1p-24f;
-    return sign ? -v : v;
+    return moe_f16_to_f32_inline(h);
 }
 
 uint16_t moe_f32_to_f16(float f)
 {
-    uint32_t u = f32_to_bits(f);
+    uint32_t u = f32_bits(f);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
     uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) /* NaN: quiet, keep the top payload bits */
@@ -80,7 +62,7 @@ void moe_convert_to_f32(float *dst, const void *src, moe_dtype dt, size_t n)
     case MOE_DT_F16: {
         const uint16_t *s = src;
         for (size_t i = 0; i < n; i++)
-            dst[i] = moe_f16_to_f32(s[i]);
+            dst[i] = moe_f16_to_f32_inline(s[i]);
         return;
     }
     default:

@@ -2,7 +2,41 @@
 #ifndef MOE_KERNELS_CPU_INTERNAL_H
 #define MOE_KERNELS_CPU_INTERNAL_H
 
+#include <string.h>
+
 #include "kernels/kernels.h"
+
+static inline float moe_bits_f32_(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t moe_f32_bits_(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* moe_f16_to_f32, inlinable for the scalar kernels. */
+static inline float moe_f16_to_f32_inline(uint16_t h)
+{
+    /* Branch-light (the scalar matmul calls this per weight): move exponent and mantissa into
+     * place and rebias by 112; inf/nan get 112 more (31 + 224 = 255); a subnormal is fixed up
+     * by one exact f32 subtraction (2^-14 * (1 + man/1024) - 2^-14 = man * 2^-24). */
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13;
+    uint32_t exp = o & 0x0f800000u;
+    o += 112u << 23;
+    if (exp == 0x0f800000u) {
+        o += 112u << 23;
+    } else if (exp == 0) {
+        o += 1u << 23;
+        o = moe_f32_bits_(moe_bits_f32_(o) - 0x1p-14f);
+    }
+    return moe_bits_f32_(o | ((uint32_t)(h & 0x8000u) << 16));
+}
 
 /* Computes rows [r0, r1) of y = x * W^T for all n_tok tokens (see moe_matmul). Single-threaded;
  * every ISA implements exactly this contract, so the threading layer (matmul.c) is shared. */

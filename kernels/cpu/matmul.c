@@ -24,7 +24,7 @@ static void convert_chunk(float *dst, const void *w, moe_dtype wt, size_t off, i
     case MOE_DT_F16: {
         const uint16_t *s = (const uint16_t *)w + off;
         for (int i = 0; i < n; i++)
-            dst[i] = moe_f16_to_f32(s[i]);
+            dst[i] = moe_f16_to_f32_inline(s[i]);
         break;
     }
     default:
