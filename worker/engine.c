@@ -47,6 +47,7 @@ struct moe_engine {
     int *sample_idx;
     float *sample_prob;
 
+    bool ep; /* expert parallel: steps run even when empty */
     moe_engine_stats st;
 };
 
@@ -83,6 +84,11 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
     e->max_seqs = o.max_seqs;
     e->max_ctx = c->max_position;
     e->vocab = c->vocab_size;
+    e->ep = o.ep_comm != NULL;
+    if (e->ep && !o.ep_placement) {
+        free(e);
+        return moe_error(MOE_ERR_INVALID_ARG, "engine: ep_comm given without ep_placement");
+    }
 
     moe_kv_layout lay = {.n_layers = c->n_layers, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
                          .block_size = o.block_size};
@@ -105,7 +111,8 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
     }
     if ((st = moe_kv_create(&lay, n_blocks, &e->kv)) != MOE_OK ||
         (st = moe_forward_create(model, e->pool, o.max_batch_tokens, o.max_seqs, e->max_ctx,
-                                 o.block_size, &e->fw)) != MOE_OK) {
+                                 o.block_size, &e->fw)) != MOE_OK ||
+        (o.ep_comm && (st = moe_forward_set_ep(e->fw, o.ep_comm, o.ep_placement)) != MOE_OK)) {
         moe_engine_free(e);
         return st;
     }
@@ -257,6 +264,8 @@ moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id)
     return MOE_OK;
 }
 
+const int64_t *moe_engine_expert_load(const moe_engine *e) { return moe_forward_expert_tokens(e->fw); }
+
 bool moe_engine_has_work(const moe_engine *e)
 {
     for (int i = 0; i < e->n_seqs; i++)
@@ -352,8 +361,12 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
             budget -= chunk;
         }
     }
-    if (n_tok == 0)
-        return 0;
+    if (n_tok == 0) {
+        if (!e->ep)
+            return 0;
+        moe_batch empty = {.n_tokens = 0};
+        return moe_forward_run(e->fw, e->kv, &empty) == MOE_OK ? 0 : -1;
+    }
 
     moe_batch b = {.tokens = e->btok, .n_tokens = n_tok, .segs = e->segs, .n_segs = n_segs,
                    .logit_rows = e->logit_rows, .n_logit_rows = n_rows, .logits = e->logits};

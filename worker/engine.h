@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include "common/status.h"
+#include "worker/comm.h"
+#include "worker/ep_placement.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
 
@@ -19,6 +21,10 @@ typedef struct {
     size_t kv_budget_bytes; /* used when n_kv_blocks == 0; 0 = enough for max_seqs x context */
     int max_batch_tokens;   /* token budget of one step (prefill chunks + decodes); 0 = 512 */
     int max_seqs;           /* most sequences running at once; 0 = 64 */
+    /* Expert parallelism (NULL: all experts local). The model must hold this rank's experts of
+     * the placement; every rank of the group steps together (see moe_engine_step). */
+    const moe_comm *ep_comm;
+    const moe_ep_placement *ep_placement;
 } moe_engine_opts;
 
 typedef enum {
@@ -59,11 +65,16 @@ moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
 moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id);
 
 /* Runs one step. Writes up to cap events (one per sequence that produced a token). Returns the
- * number of events, or -1 with moe_error_message() set. Finished sequences are freed inside. */
+ * number of events, or -1 with moe_error_message() set. Finished sequences are freed inside.
+ * Expert-parallel engines: every rank of the group must call it the same number of times (agree
+ * with an allreduce of moe_engine_has_work); a rank with nothing runs an empty step that serves
+ * its experts to the others. */
 int moe_engine_step(moe_engine *e, moe_token_event *events, int cap);
 /* True while some sequence can take a step (parked/paused ones do not count). */
 bool moe_engine_has_work(const moe_engine *e);
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st);
+/* Rows computed by each expert held here: (n_layers, n_experts), cumulative. */
+const int64_t *moe_engine_expert_load(const moe_engine *e);
 
 /* ---- moving sequences between engines (disaggregated prefill -> decode, live migration) ----
  * A sequence's state is its tokens (prompt + generated), how many positions have K/V in the cache

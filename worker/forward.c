@@ -7,38 +7,7 @@
 #include <string.h>
 
 #include "common/log.h"
-
-struct moe_forward {
-    const moe_model *m;
-    const moe_model_config *c;
-    moe_threadpool_t *pool;
-    int n_threads;
-    int max_tokens, max_segs, max_ctx, block_size, max_blocks;
-    int d, nh, nkv, hd, qdim, kvdim, ffn_max, n_exp, topk;
-
-    float *x;       /* (T, d) residual stream */
-    float *xb;      /* (T, d) normed input of the current sub-layer */
-    float *q;       /* (T, qdim) */
-    float *k, *v;   /* (T, kvdim) */
-    float *att;     /* (T, qdim) attention output */
-    float *router;  /* (T, n_exp) */
-    int *top_idx;   /* (T, topk) */
-    float *top_w;   /* (T, topk) */
-    float *moe_out; /* (T, d) */
-    float *eh;      /* (T, d) rows gathered for one expert; also the final-norm rows */
-    float *eg, *eu; /* (T, ffn_max) */
-    float *eo;      /* (T, d) */
-    float *sh_gate; /* (T) shared-expert gate logits */
-    int *exp_count; /* [n_exp] */
-    int *exp_off;   /* [n_exp + 1] */
-    int *exp_tok;   /* [T * topk] token of each routed assignment, grouped by expert */
-    float *exp_w;   /* [T * topk] its routing weight */
-    int *tok_pos;   /* [T] position of each token */
-    int *tok_seg;   /* [T] segment of each token */
-    float *rope;    /* (max_ctx, hd): cos then sin halves */
-    float *scratch; /* (n_threads, max_ctx) attention scores */
-    const float **kptr, **vptr; /* (max_segs, nkv, max_blocks) per-head block bases of one layer */
-};
+#include "worker/forward_internal.h"
 
 static void *xcalloc_count(size_t n, size_t size, int *failed)
 {
@@ -93,15 +62,11 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
     f->top_idx = xcalloc_count(T * f->topk, sizeof(int), &failed);
     f->top_w = xcalloc_count(T * f->topk, sizeof(float), &failed);
     f->moe_out = xcalloc_count(T * f->d, sizeof(float), &failed);
-    f->eh = xcalloc_count(T * f->d, sizeof(float), &failed);
-    f->eg = xcalloc_count(T * f->ffn_max, sizeof(float), &failed);
-    f->eu = xcalloc_count(T * f->ffn_max, sizeof(float), &failed);
-    f->eo = xcalloc_count(T * f->d, sizeof(float), &failed);
     f->sh_gate = xcalloc_count(T, sizeof(float), &failed);
     f->exp_count = xcalloc_count((size_t)f->n_exp + 1, sizeof(int), &failed);
     f->exp_off = xcalloc_count((size_t)f->n_exp + 2, sizeof(int), &failed);
-    f->exp_tok = xcalloc_count(T * f->topk, sizeof(int), &failed);
-    f->exp_w = xcalloc_count(T * f->topk, sizeof(float), &failed);
+    f->expert_tokens = xcalloc_count((size_t)c->n_layers * (size_t)(f->n_exp > 0 ? f->n_exp : 1),
+                                     sizeof(int64_t), &failed);
     f->tok_pos = xcalloc_count(T, sizeof(int), &failed);
     f->tok_seg = xcalloc_count(T, sizeof(int), &failed);
     f->rope = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
@@ -109,7 +74,8 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
     size_t nptr = (size_t)max_segs * f->nkv * f->max_blocks;
     f->kptr = xcalloc_count(nptr, sizeof(float *), &failed);
     f->vptr = xcalloc_count(nptr, sizeof(float *), &failed);
-    if (failed) {
+    f->ep_size = 1;
+    if (failed || moe_fwd_ep_alloc(f) != MOE_OK) {
         moe_forward_free(f);
         return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate buffers for %d tokens", max_tokens);
     }
@@ -123,18 +89,83 @@ void moe_forward_free(moe_forward *f)
     if (!f)
         return;
     void *bufs[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
-                    f->moe_out, f->eh, f->eg, f->eu, f->eo, f->sh_gate, f->exp_count, f->exp_off,
-                    f->exp_tok, f->exp_w, f->tok_pos, f->tok_seg, f->rope, f->scratch,
-                    (void *)f->kptr, (void *)f->vptr};
+                    f->moe_out, f->sh_gate, f->exp_count, f->exp_off, f->expert_tokens,
+                    f->tok_pos, f->tok_seg, f->rope, f->scratch, (void *)f->kptr, (void *)f->vptr};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
+    moe_fwd_ep_free(f);
+    moe_ep_placement_free(&f->place);
     free(f);
 }
 
-static void linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok)
+/* Expert-side buffers depend on the group size S: a rank may receive rows from every peer, and one
+ * expert at most one row per token of each peer. */
+moe_status moe_fwd_ep_alloc(moe_forward *f)
 {
-    moe_matmul(f->pool, y, x, w->data, w->dtype, n_tok, w->cols, w->rows);
+    moe_fwd_ep_free(f);
+    size_t T = (size_t)f->max_tokens, K = (size_t)f->topk, S = (size_t)f->ep_size, d = (size_t)f->d;
+    size_t rows = S * T, recv = S * T * K;
+    int failed = 0;
+    f->eh = xcalloc_count(rows * d, sizeof(float), &failed);
+    f->eo = xcalloc_count(rows * d, sizeof(float), &failed);
+    f->eg = xcalloc_count(rows * (size_t)f->ffn_max, sizeof(float), &failed);
+    f->eu = xcalloc_count(rows * (size_t)f->ffn_max, sizeof(float), &failed);
+    f->ep_send = xcalloc_count(T * K * (d + 1), sizeof(float), &failed);
+    f->ep_send_tok = xcalloc_count(T * K, sizeof(int), &failed);
+    f->ep_send_w = xcalloc_count(T * K, sizeof(float), &failed);
+    f->ep_back = xcalloc_count(T * K * d, sizeof(float), &failed);
+    f->ep_recv = xcalloc_count(recv * (d + 1), sizeof(float), &failed);
+    f->ep_out = xcalloc_count(recv * d, sizeof(float), &failed);
+    f->exp_tok = xcalloc_count(recv, sizeof(int), &failed);
+    f->ep_order = xcalloc_count(recv, sizeof(int), &failed);
+    f->cnt_send = xcalloc_count(S, sizeof(int), &failed);
+    f->cnt_recv = xcalloc_count(S, sizeof(int), &failed);
+    f->bytes_send = xcalloc_count(S, sizeof(int), &failed);
+    f->bytes_recv = xcalloc_count(S, sizeof(int), &failed);
+    f->off_send = xcalloc_count(S, sizeof(int), &failed);
+    f->off_recv = xcalloc_count(S, sizeof(int), &failed);
+    f->ep_cap_recv = (int)recv;
+    if (failed)
+        return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate expert buffers for %zu rows", recv);
+    return MOE_OK;
 }
+
+void moe_fwd_ep_free(moe_forward *f)
+{
+    void *bufs[] = {f->eh, f->eo, f->eg, f->eu, f->ep_send, f->ep_send_tok, f->ep_send_w, f->ep_back,
+                    f->ep_recv, f->ep_out, f->exp_tok, f->ep_order, f->cnt_send, f->cnt_recv,
+                    f->bytes_send, f->bytes_recv, f->off_send, f->off_recv};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        free(bufs[i]);
+    f->eh = f->eo = f->eg = f->eu = f->ep_send = f->ep_send_w = f->ep_back = f->ep_recv = f->ep_out = NULL;
+    f->ep_send_tok = f->exp_tok = f->ep_order = NULL;
+    f->cnt_send = f->cnt_recv = f->bytes_send = f->bytes_recv = f->off_send = f->off_recv = NULL;
+}
+
+moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep_placement *place)
+{
+    int rank = moe_comm_rank(comm), size = moe_comm_size(comm);
+    if (place->n_ranks != size || place->n_experts != f->n_exp)
+        return moe_error(MOE_ERR_INVALID_ARG, "expert parallel: placement for %d ranks / %d experts, group has %d "
+                         "ranks, model %d experts", place->n_ranks, place->n_experts, size, f->n_exp);
+    for (int e = 0; e < f->n_exp; e++) {
+        bool held = moe_ep_placement_holds(place, rank, e);
+        for (int l = 0; l < f->c->n_layers; l++)
+            if (f->m->layers[l].is_moe && held && !f->m->layers[l].exp_gate[e].data)
+                return moe_error(MOE_ERR_INVALID_ARG, "expert parallel: rank %d should hold expert %d but the "
+                                 "model was loaded without it", rank, e);
+    }
+    moe_ep_placement_free(&f->place);
+    moe_status st = moe_ep_placement_copy(&f->place, place);
+    if (st != MOE_OK)
+        return st;
+    f->ep = comm;
+    f->ep_rank = rank;
+    f->ep_size = size;
+    return moe_fwd_ep_alloc(f);
+}
+
+const int64_t *moe_forward_expert_tokens(const moe_forward *f) { return f->expert_tokens; }
 
 static void add_bias(float *y, const float *bias, int n_tok, int n)
 {
@@ -182,9 +213,9 @@ static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b
     const moe_layer_weights *lw = &f->m->layers[layer];
     int T = b->n_tokens;
 
-    linear(f, f->q, f->xb, &lw->wq, T);
-    linear(f, f->k, f->xb, &lw->wk, T);
-    linear(f, f->v, f->xb, &lw->wv, T);
+    moe_fwd_linear(f, f->q, f->xb, &lw->wq, T);
+    moe_fwd_linear(f, f->k, f->xb, &lw->wk, T);
+    moe_fwd_linear(f, f->v, f->xb, &lw->wv, T);
     add_bias(f->q, lw->bq, T, f->qdim);
     add_bias(f->k, lw->bk, T, f->kvdim);
     add_bias(f->v, lw->bv, T, f->kvdim);
@@ -239,91 +270,14 @@ static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b
     attn_job job = {.f = f, .scale = 1.0f / sqrtf((float)f->hd), .group = f->nh / f->nkv};
     moe_threadpool_run(f->pool, attn_task, &job, T * f->nkv);
 
-    linear(f, f->eo, f->att, &lw->wo, T);
+    moe_fwd_linear(f, f->eo, f->att, &lw->wo, T);
     for (int t = 0; t < T; t++)
         moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
 }
 
-/* ---- feed-forward ---- */
-
-/* out(n, d) = down(silu(gate(in)) * up(in)) for n rows of in(n, d). */
-static void swiglu(moe_forward *f, float *out, const float *in, int n, const moe_weight *gate,
-                   const moe_weight *up, const moe_weight *down)
-{
-    int ffn = gate->rows;
-    linear(f, f->eg, in, gate, n);
-    linear(f, f->eu, in, up, n);
-    for (int i = 0; i < n; i++)
-        moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
-    linear(f, out, f->eg, down, n);
-}
-
-static void route(moe_forward *f, const moe_layer_weights *lw, int T)
-{
-    int E = f->n_exp, K = f->topk;
-    linear(f, f->router, f->xb, &lw->router, T);
-    memset(f->exp_count, 0, sizeof(int) * (size_t)E);
-    for (int t = 0; t < T; t++) {
-        float *p = f->router + (size_t)t * E;
-        moe_softmax(p, E);
-        int *idx = f->top_idx + (size_t)t * K;
-        float *w = f->top_w + (size_t)t * K;
-        moe_topk(p, E, K, idx, w);
-        if (f->c->norm_topk_prob) {
-            float s = 0.0f;
-            for (int i = 0; i < K; i++)
-                s += w[i];
-            for (int i = 0; i < K; i++)
-                w[i] /= s;
-        }
-        for (int i = 0; i < K; i++)
-            f->exp_count[idx[i]]++;
-    }
-    f->exp_off[0] = 0;
-    for (int e = 0; e < E; e++)
-        f->exp_off[e + 1] = f->exp_off[e] + f->exp_count[e];
-    memset(f->exp_count, 0, sizeof(int) * (size_t)E);
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < K; i++) {
-            int e = f->top_idx[(size_t)t * K + i];
-            int slot = f->exp_off[e] + f->exp_count[e]++;
-            f->exp_tok[slot] = t;
-            f->exp_w[slot] = f->top_w[(size_t)t * K + i];
-        }
-}
-
-static void moe_layer(moe_forward *f, const moe_layer_weights *lw, int T)
-{
-    int d = f->d;
-    route(f, lw, T);
-    memset(f->moe_out, 0, sizeof(float) * (size_t)T * d);
-    for (int e = 0; e < f->n_exp; e++) {
-        int n = f->exp_off[e + 1] - f->exp_off[e];
-        if (n == 0)
-            continue;
-        const int *toks = f->exp_tok + f->exp_off[e];
-        const float *ws = f->exp_w + f->exp_off[e];
-        for (int i = 0; i < n; i++)
-            memcpy(f->eh + (size_t)i * d, f->xb + (size_t)toks[i] * d, sizeof(float) * d);
-        swiglu(f, f->eo, f->eh, n, &lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]);
-        for (int i = 0; i < n; i++)
-            moe_axpy(f->moe_out + (size_t)toks[i] * d, ws[i], f->eo + (size_t)i * d, d);
-    }
-    if (lw->sh_gate.data) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
-        swiglu(f, f->eo, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
-        linear(f, f->sh_gate, f->xb, &lw->sh_expert_gate, T);
-        for (int t = 0; t < T; t++) {
-            float g = 1.0f / (1.0f + expf(-f->sh_gate[t]));
-            moe_axpy(f->moe_out + (size_t)t * d, g, f->eo + (size_t)t * d, d);
-        }
-    }
-    for (int t = 0; t < T; t++)
-        moe_axpy(f->x + (size_t)t * d, 1.0f, f->moe_out + (size_t)t * d, d);
-}
-
 static void dense_layer(moe_forward *f, const moe_layer_weights *lw, int T)
 {
-    swiglu(f, f->eo, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
+    moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
     for (int t = 0; t < T; t++)
         moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
 }
@@ -332,6 +286,8 @@ static void dense_layer(moe_forward *f, const moe_layer_weights *lw, int T)
 
 static moe_status check_batch(const moe_forward *f, const moe_batch *b)
 {
+    if (b->n_tokens == 0 && f->ep)
+        return MOE_OK; /* an expert-parallel rank with nothing of its own still serves its experts */
     if (b->n_tokens <= 0 || b->n_tokens > f->max_tokens || b->n_segs <= 0 || b->n_segs > f->max_segs ||
         b->n_logit_rows > f->max_tokens)
         return moe_error(MOE_ERR_INVALID_ARG, "forward: batch of %d tokens / %d sequences over the limits (%d / %d)",
@@ -363,6 +319,12 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
     const moe_model_config *c = f->c;
     int T = b->n_tokens, d = f->d;
     size_t row_bytes = (size_t)d * (m->embed.dtype == MOE_DT_F32 ? 4 : 2);
+    if (T == 0) {
+        for (int l = 0; l < c->n_layers; l++)
+            if (m->layers[l].is_moe && (st = moe_fwd_moe_layer(f, &m->layers[l], l, 0)) != MOE_OK)
+                return st;
+        return MOE_OK;
+    }
 
     for (int s = 0; s < b->n_segs; s++)
         for (int i = 0; i < b->segs[s].n; i++) {
@@ -382,9 +344,10 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
         attention_layer(f, kv, b, l);
         for (int t = 0; t < T; t++)
             moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->ffn_norm, d, c->rms_eps);
-        if (lw->is_moe)
-            moe_layer(f, lw, T);
-        else
+        if (lw->is_moe) {
+            if ((st = moe_fwd_moe_layer(f, lw, l, T)) != MOE_OK)
+                return st;
+        } else
             dense_layer(f, lw, T);
     }
 
@@ -392,7 +355,7 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
         for (int r = 0; r < b->n_logit_rows; r++)
             moe_rmsnorm(f->eh + (size_t)r * d, f->x + (size_t)b->logit_rows[r] * d, m->final_norm, d,
                         c->rms_eps);
-        linear(f, b->logits, f->eh, &m->lm_head, b->n_logit_rows);
+        moe_fwd_linear(f, b->logits, f->eh, &m->lm_head, b->n_logit_rows);
     }
     return MOE_OK;
 }

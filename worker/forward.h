@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include "common/status.h"
 #include "kernels/kernels.h"
+#include "worker/comm.h"
+#include "worker/ep_placement.h"
 #include "worker/kv_cache.h"
 #include "worker/model.h"
 
@@ -37,6 +39,14 @@ typedef struct {
 moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int max_tokens,
                               int max_segs, int max_ctx, int block_size, moe_forward **out);
 void moe_forward_free(moe_forward *f);
+
+/* Makes the MoE layers expert-parallel over comm's group with this placement (copied). The model
+ * must have been loaded with (at least) the experts the placement gives this rank. Every rank of
+ * the group must then call moe_forward_run for every step, with n_tokens == 0 when it has nothing
+ * (it still serves its experts to the others). comm must outlive f. */
+moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep_placement *place);
+/* Rows each expert computed on this rank so far: (n_layers, n_experts), for load statistics. */
+const int64_t *moe_forward_expert_tokens(const moe_forward *f);
 
 /* Runs the batch. Requires n_tokens <= max_tokens, n_segs <= max_segs, positions < max_ctx. */
 moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b);

@@ -1,0 +1,69 @@
+/* Internals of the forward pass shared by forward.c (the layer loop, attention) and moe_layer.c
+ * (routing, local experts, the expert-parallel exchange). Nobody outside these files includes it. */
+#ifndef MOE_WORKER_FORWARD_INTERNAL_H
+#define MOE_WORKER_FORWARD_INTERNAL_H
+
+#include "worker/comm.h"
+#include "worker/ep_placement.h"
+#include "worker/forward.h"
+
+struct moe_forward {
+    const moe_model *m;
+    const moe_model_config *c;
+    moe_threadpool_t *pool;
+    int n_threads;
+    int max_tokens, max_segs, max_ctx, block_size, max_blocks;
+    int d, nh, nkv, hd, qdim, kvdim, ffn_max, n_exp, topk;
+
+    float *x;       /* (T, d) residual stream */
+    float *xb;      /* (T, d) normed input of the current sub-layer */
+    float *q;       /* (T, qdim) */
+    float *k, *v;   /* (T, kvdim) */
+    float *att;     /* (T, qdim) attention output */
+    float *router;  /* (T, n_exp) */
+    int *top_idx;   /* (T, topk) */
+    float *top_w;   /* (T, topk) */
+    float *moe_out; /* (T, d) */
+    float *eh;      /* (S*T, d) rows gathered for one expert; also the final-norm rows */
+    float *eg, *eu; /* (S*T, ffn_max) */
+    float *eo;      /* (S*T, d) */
+    float *sh_gate; /* (T) shared-expert gate logits */
+    int *exp_count; /* [n_exp] */
+    int *exp_off;   /* [n_exp + 1] */
+    int *exp_tok;   /* [ep_cap_recv] scratch: expert of each received row */
+    int *tok_pos;   /* [T] position of each token */
+    int *tok_seg;   /* [T] segment of each token */
+    float *rope;    /* (max_ctx, hd): cos then sin halves */
+    float *scratch; /* (n_threads, max_ctx) attention scores */
+    const float **kptr, **vptr; /* (max_segs, nkv, max_blocks) per-head block bases of one layer */
+
+    int64_t *expert_tokens; /* (n_layers, n_exp) assignments computed here, for load statistics */
+
+    /* Expert parallelism (NULL ep: every expert is local). Buffers sized by moe_forward_set_ep. */
+    const moe_comm *ep;
+    moe_ep_placement place;
+    int ep_rank, ep_size;
+    int ep_cap_recv;   /* rows this rank can receive in one layer */
+    float *ep_send;    /* (T*topk, d+1): rows grouped by destination; the last float holds the expert */
+    float *ep_recv;    /* (ep_cap_recv, d+1) */
+    float *ep_out;     /* (ep_cap_recv, d) expert outputs, in receive order */
+    float *ep_back;    /* (T*topk, d) outputs returned to us, in send order */
+    int *ep_send_tok;  /* [T*topk] token of each sent row */
+    float *ep_send_w;  /* [T*topk] its routing weight */
+    int *ep_order;     /* [ep_cap_recv] received rows sorted by expert */
+    int *cnt_send, *cnt_recv;          /* [ep_size] rows */
+    int *bytes_send, *bytes_recv;      /* [ep_size] */
+    int *off_send, *off_recv;          /* [ep_size] */
+};
+
+/* y(n_tok, w->rows) = x(n_tok, w->cols) * W^T, threaded. */
+void moe_fwd_linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok);
+/* out(n, d) = down(silu(gate(in)) * up(in)); uses f->eg / f->eu as scratch. */
+void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const moe_weight *gate,
+                    const moe_weight *up, const moe_weight *down);
+/* The MoE block of `layer` on f->xb, added into the residual f->x (local or expert-parallel). */
+moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int layer, int T);
+moe_status moe_fwd_ep_alloc(moe_forward *f);
+void moe_fwd_ep_free(moe_forward *f);
+
+#endif
