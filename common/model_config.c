@@ -96,7 +96,8 @@ static moe_status get_num(const cJSON *obj, const char *name, const char *key, d
     return MOE_OK;
 }
 
-static moe_status get_bool(const cJSON *obj, const char *name, const char *key, bool dflt, bool *out)
+static moe_status get_bool(const cJSON *obj, const char *name, const char *key, bool dflt,
+                           bool *out)
 {
     const cJSON *j = field(obj, key);
     if (!j) {
@@ -114,7 +115,8 @@ static moe_status find_arch(const cJSON *root, const char *name, moe_model_confi
     const cJSON *archs = field(root, "architectures");
     if (archs) {
         if (!cJSON_IsArray(archs) || !cJSON_IsString(archs->child))
-            return moe_error(MOE_ERR_FORMAT, "%s: field architectures is not a list of names", name);
+            return moe_error(MOE_ERR_FORMAT, "%s: field architectures is not a list of names",
+                             name);
         const char *a = archs->child->valuestring;
         for (int i = 0; i < MOE_ARCH_COUNT; i++) {
             if (strcmp(a, arch_names[i].arch) == 0) {
@@ -131,8 +133,8 @@ static moe_status find_arch(const cJSON *root, const char *name, moe_model_confi
     }
     const cJSON *mt = field(root, "model_type");
     if (!mt)
-        return moe_error(MOE_ERR_FORMAT, "%s: neither field architectures nor model_type is present",
-                         name);
+        return moe_error(MOE_ERR_FORMAT,
+                         "%s: neither field architectures nor model_type is present", name);
     if (!cJSON_IsString(mt))
         return moe_error(MOE_ERR_FORMAT, "%s: field model_type is not a string", name);
     for (int i = 0; i < MOE_ARCH_COUNT; i++) {
@@ -168,7 +170,8 @@ static moe_status check_rope_dict(const cJSON *r, const char *name, const char *
     const cJSON *prf = field(r, "partial_rotary_factor");
     if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0))
         return moe_error(MOE_ERR_UNSUPPORTED,
-                         "%s: field %s.partial_rotary_factor: partial RoPE is not supported", name, key);
+                         "%s: field %s.partial_rotary_factor: partial RoPE is not supported", name,
+                         key);
     const cJSON *th = field(r, "rope_theta");
     if (th) {
         if (!cJSON_IsNumber(th) || !isfinite(th->valuedouble))
@@ -193,10 +196,11 @@ static moe_status parse_rope(const cJSON *root, const char *name, moe_model_conf
         return s;
     const cJSON *prf = field(root, "partial_rotary_factor");
     if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0))
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: field partial_rotary_factor: partial RoPE is not supported",
-                         name);
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: field partial_rotary_factor: partial RoPE is not supported", name);
     if (!(theta > 0))
-        return moe_error(MOE_ERR_RANGE, "%s: field rope_theta is %g, must be positive", name, theta);
+        return moe_error(MOE_ERR_RANGE, "%s: field rope_theta is %g, must be positive", name,
+                         theta);
     c->rope_theta = theta;
     return MOE_OK;
 }
@@ -211,13 +215,15 @@ static moe_status parse_n_experts(const cJSON *root, const char *name, moe_model
         s = get_int(root, name, "num_experts", 0, 0, &b);
     if (s != MOE_OK)
         return s;
-    bool has_a = field(root, "num_local_experts") != NULL, has_b = field(root, "num_experts") != NULL;
+    bool has_a = field(root, "num_local_experts") != NULL,
+         has_b = field(root, "num_experts") != NULL;
     const char *key = c->arch == MOE_ARCH_MIXTRAL ? "num_local_experts" : "num_experts";
     if (!has_a && !has_b)
         return moe_error(MOE_ERR_FORMAT, "%s: required field %s is missing", name, key);
     if (has_a && has_b && a != b)
-        return moe_error(MOE_ERR_FORMAT, "%s: fields num_local_experts (%d) and num_experts (%d) disagree",
-                         name, a, b);
+        return moe_error(MOE_ERR_FORMAT,
+                         "%s: fields num_local_experts (%d) and num_experts (%d) disagree", name, a,
+                         b);
     c->n_experts = has_a ? a : b;
     if (c->n_experts <= 0)
         return moe_error(MOE_ERR_RANGE, "%s: field %s is %d, must be positive", name, key,
@@ -246,9 +252,10 @@ static moe_status parse_sparse_layout(const cJSON *root, const char *name, moe_m
                 return moe_error(MOE_ERR_FORMAT, "%s: field mlp_only_layers[%d] is not an integer",
                                  name, k);
             if (li < 0 || li >= c->n_layers)
-                return moe_error(MOE_ERR_RANGE,
-                                 "%s: field mlp_only_layers[%d] = %d is not a layer (num_hidden_layers %d)",
-                                 name, k, li, c->n_layers);
+                return moe_error(
+                    MOE_ERR_RANGE,
+                    "%s: field mlp_only_layers[%d] = %d is not a layer (num_hidden_layers %d)",
+                    name, k, li, c->n_layers);
             c->layer_is_moe[li] = false;
         }
     }
@@ -319,8 +326,8 @@ static moe_status parse_arch_specific(const cJSON *root, const char *name, moe_m
     if (s != MOE_OK)
         return s;
     if (use_sw && sw < 0)
-        return moe_error(MOE_ERR_RANGE, "%s: field sliding_window is %d, must not be negative", name,
-                         sw);
+        return moe_error(MOE_ERR_RANGE, "%s: field sliding_window is %d, must not be negative",
+                         name, sw);
     c->sliding_window = use_sw ? sw : 0;
 
     /* Attention biases: Qwen2-MoE has q/k/v biases (qkv_bias, default true). OLMoE and Qwen3-MoE
@@ -368,15 +375,16 @@ static moe_status parse_special_ids(const cJSON *root, const cJSON *gen, const c
     const cJSON *one = eos;
     if (cJSON_IsArray(eos)) {
         if (cJSON_GetArraySize(eos) > MOE_MAX_EOS)
-            return moe_error(MOE_ERR_UNSUPPORTED, "%s: field eos_token_id lists %d ids (at most %d)",
-                             eos_src, cJSON_GetArraySize(eos), MOE_MAX_EOS);
+            return moe_error(MOE_ERR_UNSUPPORTED,
+                             "%s: field eos_token_id lists %d ids (at most %d)", eos_src,
+                             cJSON_GetArraySize(eos), MOE_MAX_EOS);
         one = eos->child;
     }
     for (int k = 0; one; k++) {
         int id;
         if (!json_int(one, &id) || id < 0)
-            return moe_error(MOE_ERR_FORMAT, "%s: field eos_token_id is not a token id or a list of them",
-                             eos_src);
+            return moe_error(MOE_ERR_FORMAT,
+                             "%s: field eos_token_id is not a token id or a list of them", eos_src);
         /* transformers only warns about these (OLMoE's class default eos is 50279 whatever the
          * vocabulary); an id the model can never emit cannot stop anything, so drop it. */
         if (id >= c->vocab_size)
@@ -397,8 +405,9 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
         return s;
     const cJSON *act = field(root, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: field hidden_act: \"%s\" is not supported (silu only)",
-                         name, cJSON_IsString(act) ? act->valuestring : "?");
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: field hidden_act: \"%s\" is not supported (silu only)", name,
+                         cJSON_IsString(act) ? act->valuestring : "?");
 
     if ((s = get_pos_int(root, name, "vocab_size", 1, 0, &c->vocab_size)) != MOE_OK ||
         (s = get_pos_int(root, name, "hidden_size", 1, 0, &c->hidden_size)) != MOE_OK ||
@@ -406,17 +415,18 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
         (s = get_pos_int(root, name, "num_attention_heads", 1, 0, &c->n_heads)) != MOE_OK)
         return s;
     if (c->n_layers > MOE_MAX_LAYERS)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: field num_hidden_layers is %d (at most %d)", name,
-                         c->n_layers, MOE_MAX_LAYERS);
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: field num_hidden_layers is %d (at most %d)",
+                         name, c->n_layers, MOE_MAX_LAYERS);
     /* Class defaults when absent: Mixtral 8, Qwen2-MoE 16, Qwen3-MoE 4, OLMoE = attention heads. */
     static const int kv_default[MOE_ARCH_COUNT] = {8, 16, 0, 4};
     int kv_dflt = kv_default[c->arch] ? kv_default[c->arch] : c->n_heads;
     if ((s = get_pos_int(root, name, "num_key_value_heads", 0, kv_dflt, &c->n_kv_heads)) != MOE_OK)
         return s;
     if (c->n_heads % c->n_kv_heads != 0)
-        return moe_error(MOE_ERR_FORMAT,
-                         "%s: field num_key_value_heads (%d) does not divide num_attention_heads (%d)",
-                         name, c->n_kv_heads, c->n_heads);
+        return moe_error(
+            MOE_ERR_FORMAT,
+            "%s: field num_key_value_heads (%d) does not divide num_attention_heads (%d)", name,
+            c->n_kv_heads, c->n_heads);
     if (field(root, "head_dim")) {
         if ((s = get_pos_int(root, name, "head_dim", 1, 0, &c->head_dim)) != MOE_OK)
             return s;
@@ -433,9 +443,9 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
     /* OLMoE sizes q_norm by hidden_size and k_norm by (hidden_size / heads) * kv_heads, which
      * only matches the projections when head_dim is hidden_size / heads. */
     if (c->arch == MOE_ARCH_OLMOE && c->head_dim * c->n_heads != c->hidden_size)
-        return moe_error(MOE_ERR_FORMAT,
-                         "%s: field head_dim: OLMoE needs head_dim x num_attention_heads == hidden_size",
-                         name);
+        return moe_error(
+            MOE_ERR_FORMAT,
+            "%s: field head_dim: OLMoE needs head_dim x num_attention_heads == hidden_size", name);
 
     if ((s = get_pos_int(root, name, "max_position_embeddings", 0,
                          arch_defaults[c->arch].max_position, &c->max_position)) != MOE_OK)
@@ -444,15 +454,18 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
     if ((s = get_num(root, name, "rms_norm_eps", arch_defaults[c->arch].rms_eps, &eps)) != MOE_OK)
         return s;
     if (!(eps > 0 && eps < 1))
-        return moe_error(MOE_ERR_RANGE, "%s: field rms_norm_eps is %g, must be in (0, 1)", name, eps);
+        return moe_error(MOE_ERR_RANGE, "%s: field rms_norm_eps is %g, must be in (0, 1)", name,
+                         eps);
     c->rms_eps = (float)eps;
     if ((s = get_bool(root, name, "tie_word_embeddings", false, &c->tie_embeddings)) != MOE_OK ||
-        (s = parse_rope(root, name, c)) != MOE_OK || (s = parse_n_experts(root, name, c)) != MOE_OK ||
+        (s = parse_rope(root, name, c)) != MOE_OK ||
+        (s = parse_n_experts(root, name, c)) != MOE_OK ||
         (s = get_pos_int(root, name, "num_experts_per_tok", 1, 0, &c->n_experts_per_tok)) != MOE_OK)
         return s;
     if (c->n_experts_per_tok > c->n_experts)
-        return moe_error(MOE_ERR_RANGE, "%s: field num_experts_per_tok (%d) exceeds the expert count (%d)",
-                         name, c->n_experts_per_tok, c->n_experts);
+        return moe_error(MOE_ERR_RANGE,
+                         "%s: field num_experts_per_tok (%d) exceeds the expert count (%d)", name,
+                         c->n_experts_per_tok, c->n_experts);
     if ((s = parse_arch_specific(root, name, c)) != MOE_OK)
         return s;
     return parse_special_ids(root, gen, name, gen_name, c);
@@ -481,8 +494,7 @@ static void gen_name_for(const char *name, char *buf, size_t n)
     size_t len = strlen(name);
     const char *tail = "config.json";
     size_t tl = strlen(tail);
-    if (len >= tl && strcmp(name + len - tl, tail) == 0 &&
-        (len == tl || name[len - tl - 1] == '/'))
+    if (len >= tl && strcmp(name + len - tl, tail) == 0 && (len == tl || name[len - tl - 1] == '/'))
         snprintf(buf, n, "%.*sgeneration_config.json", (int)(len - tl), name);
     else
         snprintf(buf, n, "%s (generation config)", name);

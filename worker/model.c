@@ -37,13 +37,15 @@ static void shape_str(const moe_st_tensor *t, char *buf, size_t n)
 }
 
 /* Looks the tensor up and checks its shape: dims[0..n_dims). */
-static moe_status find_checked(binder *b, int n_dims, const int64_t *dims, const moe_st_tensor **out)
+static moe_status find_checked(binder *b, int n_dims, const int64_t *dims,
+                               const moe_st_tensor **out)
 {
     const moe_st_tensor *t = moe_st_find(b->m->st, b->name);
     char want[96];
     size_t k = (size_t)snprintf(want, sizeof want, "[");
     for (int d = 0; d < n_dims; d++)
-        k += (size_t)snprintf(want + k, sizeof want - k, "%s%lld", d ? ", " : "", (long long)dims[d]);
+        k += (size_t)snprintf(want + k, sizeof want - k, "%s%lld", d ? ", " : "",
+                              (long long)dims[d]);
     snprintf(want + k, sizeof want - k, "]");
     if (!t)
         return moe_error(MOE_ERR_NOT_FOUND, "%s: tensor %s is missing (expected shape %s, %s)",
@@ -59,8 +61,9 @@ static moe_status find_checked(binder *b, int n_dims, const int64_t *dims, const
     }
     /* The reader admits only these; a future reader dtype must be taught to the kernels first. */
     if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_BF16 && t->dtype != MOE_DT_F16)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor %s has dtype %s, expected F32, BF16 or F16",
-                         t->file, b->name, dtype_str(t->dtype));
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: tensor %s has dtype %s, expected F32, BF16 or F16", t->file, b->name,
+                         dtype_str(t->dtype));
     *out = t;
     return MOE_OK;
 }
@@ -95,7 +98,8 @@ static moe_status bind_vector(binder *b, int n, const float **out)
         int cap = o->cap ? o->cap * 2 : 64;
         float **nb = realloc(o->bufs, (size_t)cap * sizeof *nb);
         if (!nb)
-            return moe_error(MOE_ERR_NOMEM, "%s: out of memory converting tensor %s", t->file, b->name);
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory converting tensor %s", t->file,
+                             b->name);
         o->bufs = nb;
         o->cap = cap;
     }
@@ -109,7 +113,7 @@ static moe_status bind_vector(binder *b, int n, const float **out)
     return MOE_OK;
 }
 
-#define NAME(b, ...) snprintf((b)->name, sizeof (b)->name, __VA_ARGS__)
+#define NAME(b, ...) snprintf((b)->name, sizeof(b)->name, __VA_ARGS__)
 
 static moe_status bind_attention(binder *b, int l, moe_layer_weights *lw)
 {
@@ -178,7 +182,8 @@ static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
     lw->is_moe = c->layer_is_moe[l];
     if (!lw->is_moe) {
         snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
-        return bind_swiglu(b, pre, hf_leaf, c->dense_ffn, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
+        return bind_swiglu(b, pre, hf_leaf, c->dense_ffn, &lw->mlp_gate, &lw->mlp_up,
+                           &lw->mlp_down);
     }
     const bool mixtral = c->arch == MOE_ARCH_MIXTRAL;
     const char *block = mixtral ? "block_sparse_moe" : "mlp";
@@ -228,7 +233,8 @@ static moe_status bind_all(binder *b)
         m->lm_head = m->embed; /* same bytes: counted once */
         if (moe_st_find(m->st, "lm_head.weight"))
             MOE_LOG_W("%s: lm_head.weight is present but tie_word_embeddings is true; using "
-                      "model.embed_tokens.weight as transformers does", b->dir);
+                      "model.embed_tokens.weight as transformers does",
+                      b->dir);
     } else {
         NAME(b, "lm_head.weight");
         if ((s = bind_matrix(b, c->vocab_size, c->hidden_size, &m->lm_head)) != MOE_OK)
@@ -256,7 +262,8 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
     m->owned = own;
     moe_status s = MOE_OK;
     if (strlen(dir) >= sizeof m->dir)
-        s = moe_error(MOE_ERR_INVALID_ARG, "%s: path longer than %zu bytes", dir, sizeof m->dir - 1);
+        s = moe_error(MOE_ERR_INVALID_ARG, "%s: path longer than %zu bytes", dir,
+                      sizeof m->dir - 1);
     else
         snprintf(m->dir, sizeof m->dir, "%s", dir);
     if (s == MOE_OK)

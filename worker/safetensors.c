@@ -61,7 +61,10 @@ static uint64_t hash_name(const char *s)
     return h;
 }
 
-static moe_st_set *set_new(void) { return calloc(1, sizeof(moe_st_set)); }
+static moe_st_set *set_new(void)
+{
+    return calloc(1, sizeof(moe_st_set));
+}
 
 void moe_st_close(moe_st_set *set)
 {
@@ -138,7 +141,10 @@ const moe_st_tensor *moe_st_find(const moe_st_set *set, const char *name)
     return NULL;
 }
 
-int moe_st_count(const moe_st_set *set) { return set ? set->n : 0; }
+int moe_st_count(const moe_st_set *set)
+{
+    return set ? set->n : 0;
+}
 
 const moe_st_tensor *moe_st_at(const moe_st_set *set, int i)
 {
@@ -171,9 +177,9 @@ static int parse_dtype(const char *s, moe_dtype *dt, size_t *size)
         *size = 2;
         return 1;
     }
-    static const char *const known[] = {"F64", "I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8",
-                                        "BOOL", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3",
-                                        "F6_E3M2", "F4", "C64"};
+    static const char *const known[] = {
+        "F64",  "I64",     "U64",     "I32",     "U32",     "I16",     "U16", "I8", "U8",
+        "BOOL", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",  "C64"};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (strcmp(s, known[i]) == 0)
             return 0;
@@ -216,8 +222,8 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
     int k = parse_dtype(jdt->valuestring, &dt, &esize);
     if (k == 0)
         return moe_error(MOE_ERR_UNSUPPORTED,
-                         "%s: tensor %s: dtype %s is not supported (F32, BF16, F16 only)", file, name,
-                         jdt->valuestring);
+                         "%s: tensor %s: dtype %s is not supported (F32, BF16, F16 only)", file,
+                         name, jdt->valuestring);
     if (k < 0)
         return moe_error(MOE_ERR_FORMAT, "%s: tensor %s: unknown dtype \"%s\"", file, name,
                          jdt->valuestring);
@@ -234,7 +240,8 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
         uint64_t v;
         if (!json_u53(j, &v))
             return moe_error(MOE_ERR_FORMAT,
-                             "%s: tensor %s: shape[%d] is not a non-negative integer", file, name, d);
+                             "%s: tensor %s: shape[%d] is not a non-negative integer", file, name,
+                             d);
         shape[d] = (int64_t)v;
         if (v && numel > UINT64_MAX / v)
             overflow = 1;
@@ -248,13 +255,14 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
         return moe_error(MOE_ERR_FORMAT,
                          "%s: tensor %s: data_offsets are not non-negative integers", file, name);
     if (b > en)
-        return moe_error(MOE_ERR_FORMAT, "%s: tensor %s: data_offsets [%llu, %llu] end before they begin",
-                         file, name, (unsigned long long)b, (unsigned long long)en);
-    if (en > data_len)
         return moe_error(MOE_ERR_FORMAT,
-                         "%s: tensor %s: data_offsets [%llu, %llu] outside the data section (%llu bytes)",
-                         file, name, (unsigned long long)b, (unsigned long long)en,
-                         (unsigned long long)data_len);
+                         "%s: tensor %s: data_offsets [%llu, %llu] end before they begin", file,
+                         name, (unsigned long long)b, (unsigned long long)en);
+    if (en > data_len)
+        return moe_error(
+            MOE_ERR_FORMAT,
+            "%s: tensor %s: data_offsets [%llu, %llu] outside the data section (%llu bytes)", file,
+            name, (unsigned long long)b, (unsigned long long)en, (unsigned long long)data_len);
     if (en - b != numel * esize)
         return moe_error(MOE_ERR_FORMAT,
                          "%s: tensor %s: data_offsets cover %llu bytes but shape x %s needs %llu",
@@ -263,9 +271,10 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
     /* Reading a misaligned float is undefined behaviour; the reference writer pads the header and
      * orders tensors so this never happens in real files. */
     if (((uintptr_t)(data + b)) % esize)
-        return moe_error(MOE_ERR_UNSUPPORTED,
-                         "%s: tensor %s: data at offset %llu is not aligned to its %zu-byte elements",
-                         file, name, (unsigned long long)b, esize);
+        return moe_error(
+            MOE_ERR_UNSUPPORTED,
+            "%s: tensor %s: data at offset %llu is not aligned to its %zu-byte elements", file,
+            name, (unsigned long long)b, esize);
 
     if (ST_GROW(set->t, set->cap, set->n + 1))
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory", file);
@@ -291,8 +300,8 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
 static moe_status set_add_image(moe_st_set *set, const uint8_t *buf, size_t len, const char *file)
 {
     if (len < 8)
-        return moe_error(MOE_ERR_FORMAT, "%s: file is %zu bytes, shorter than the 8-byte header length",
-                         file, len);
+        return moe_error(MOE_ERR_FORMAT,
+                         "%s: file is %zu bytes, shorter than the 8-byte header length", file, len);
     uint64_t hlen = 0;
     for (int i = 0; i < 8; i++)
         hlen |= (uint64_t)buf[i] << (8 * i);
@@ -369,8 +378,9 @@ static moe_status set_add_image(moe_st_set *set, const uint8_t *buf, size_t len,
             if (ranges[i].begin == ranges[i].end)
                 continue;
             if (prev >= 0 && ranges[i].begin < prev_end) {
-                s = moe_error(MOE_ERR_FORMAT, "%s: tensor %s overlaps tensor %s in the data section",
-                              file, set->t[ranges[i].idx].name, set->t[prev].name);
+                s = moe_error(MOE_ERR_FORMAT,
+                              "%s: tensor %s overlaps tensor %s in the data section", file,
+                              set->t[ranges[i].idx].name, set->t[prev].name);
                 break;
             }
             prev_end = ranges[i].end;
@@ -519,7 +529,8 @@ static moe_status open_sharded(moe_st_set *set, const char *dir, const char *ind
     const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     if (!cJSON_IsObject(wm)) {
         cJSON_Delete(root);
-        return moe_error(MOE_ERR_FORMAT, "%s: field weight_map missing or not an object", index_path);
+        return moe_error(MOE_ERR_FORMAT, "%s: field weight_map missing or not an object",
+                         index_path);
     }
     s = MOE_OK;
     size_t plen = strlen(dir) + 1;
@@ -536,8 +547,9 @@ static moe_status open_sharded(moe_st_set *set, const char *dir, const char *ind
         const char *fn = e->valuestring;
         /* A shard is a file of this directory; anything else would let an index reach out. */
         if (strchr(fn, '/') || strcmp(fn, ".") == 0 || strcmp(fn, "..") == 0) {
-            s = moe_error(MOE_ERR_FORMAT, "%s: weight_map: tensor %s: file \"%s\" is not a plain name",
-                          index_path, e->string, fn);
+            s = moe_error(MOE_ERR_FORMAT,
+                          "%s: weight_map: tensor %s: file \"%s\" is not a plain name", index_path,
+                          e->string, fn);
             break;
         }
         int seen = 0;

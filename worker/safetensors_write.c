@@ -39,7 +39,10 @@ static void sb_put(sbuf *b, const char *s, size_t n)
     b->buf[b->len] = '\0';
 }
 
-static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+static void sb_str(sbuf *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
 
 static void sb_fmt_i64(sbuf *b, int64_t v)
 {
@@ -71,14 +74,21 @@ static void sb_json_string(sbuf *b, const char *s)
 static const char *st_dtype_tag(moe_dtype dt)
 {
     switch (dt) {
-    case MOE_DT_F32: return "F32";
-    case MOE_DT_BF16: return "BF16";
-    case MOE_DT_F16: return "F16";
-    default: return NULL;
+    case MOE_DT_F32:
+        return "F32";
+    case MOE_DT_BF16:
+        return "BF16";
+    case MOE_DT_F16:
+        return "F16";
+    default:
+        return NULL;
     }
 }
 
-static size_t st_dtype_size(moe_dtype dt) { return dt == MOE_DT_F32 ? 4 : 2; }
+static size_t st_dtype_size(moe_dtype dt)
+{
+    return dt == MOE_DT_F32 ? 4 : 2;
+}
 
 static int cmp_name_ptr(const void *a, const void *b)
 {
@@ -93,20 +103,21 @@ static moe_status st_write_check(const char *path, const moe_st_write_tensor *t,
         if (!t[i].name || !t[i].name[0])
             return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor #%d has no name", path, i);
         if (!st_dtype_tag(t[i].dtype))
-            return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor %s: dtype %d cannot be stored in safetensors",
-                             path, t[i].name, (int)t[i].dtype);
+            return moe_error(MOE_ERR_UNSUPPORTED,
+                             "%s: tensor %s: dtype %d cannot be stored in safetensors", path,
+                             t[i].name, (int)t[i].dtype);
         if (t[i].n_dims < 0 || t[i].n_dims > MOE_ST_MAX_DIMS)
             return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: n_dims %d outside [0, %d]", path,
                              t[i].name, t[i].n_dims, MOE_ST_MAX_DIMS);
         if (!t[i].data && !t[i].fill)
-            return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: neither data nor fill given", path,
-                             t[i].name);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: neither data nor fill given",
+                             path, t[i].name);
         size_t bytes = st_dtype_size(t[i].dtype);
         for (int d = 0; d < t[i].n_dims; d++) {
             int64_t dim = t[i].shape[d];
             if (dim < 0)
-                return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: negative dimension %lld", path,
-                                 t[i].name, (long long)dim);
+                return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: negative dimension %lld",
+                                 path, t[i].name, (long long)dim);
             if (dim > 0 && bytes > SIZE_MAX / (size_t)dim)
                 return moe_error(MOE_ERR_RANGE, "%s: tensor %s: size overflows", path, t[i].name);
             bytes *= (size_t)dim;
@@ -122,7 +133,8 @@ static moe_status st_write_check(const char *path, const moe_st_write_tensor *t,
     qsort(names, (size_t)n, sizeof *names, cmp_name_ptr);
     for (int i = 1; i < n; i++) {
         if (strcmp(names[i - 1], names[i]) == 0) {
-            moe_status s = moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s given twice", path, names[i]);
+            moe_status s =
+                moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s given twice", path, names[i]);
             free(names);
             return s;
         }
@@ -229,9 +241,9 @@ moe_status moe_st_write_file(const char *path, const moe_st_write_tensor *tensor
         /* The format's metadata is a string -> string map; the reference reader refuses more. */
         for (const cJSON *e = meta->child; e; e = e->next) {
             if (!cJSON_IsString(e)) {
-                moe_status bad = moe_error(MOE_ERR_INVALID_ARG,
-                                           "%s: __metadata__ field %s is not a string", path,
-                                           e->string);
+                moe_status bad =
+                    moe_error(MOE_ERR_INVALID_ARG, "%s: __metadata__ field %s is not a string",
+                              path, e->string);
                 cJSON_Delete(meta);
                 free(sizes);
                 free(h.buf);
