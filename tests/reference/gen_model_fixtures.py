@@ -57,6 +57,8 @@ F32_ABS_TOL = 1e-4
 BF16_REL_TOL = 1e-3
 # Router logits of the chosen experts vs the best unchosen one, at every computed position.
 MIN_ROUTER_GAP = 1e-4
+# --new-tokenizers: train tokenizers again instead of keeping the fixtures' tokenizer.json.
+NEW_TOKENIZERS = False
 
 # Source texts for the prompts: each prompt is the first L tokens of one of these, provided that
 # decoding those L tokens and encoding the text again gives the same ids (so text and ids agree).
@@ -347,7 +349,14 @@ def generate_one(spec, write=True):
     name = spec["name"]
     out = os.path.join(OUT_DIR, name)
     tk, tv = spec["tokenizer"]
-    tok = make_tokenizer(tk, tv)
+    # The committed tokenizer.json is kept: train_tokenizers' SentencePiece-style trainer is not
+    # reproducible across processes (tokenizers' limit_alphabet breaks ties between equally rare
+    # characters in hash order), and a new tokenizer would change every prompt.
+    kept = os.path.join(out, "tokenizer.json")
+    if os.path.exists(kept) and not NEW_TOKENIZERS:
+        tok = tokenizers.Tokenizer.from_file(kept)
+    else:
+        tok = make_tokenizer(tk, tv)
     model_vocab = spec["config"]["vocab_size"]
     assert tok.get_vocab_size() <= model_vocab, (tok.get_vocab_size(), model_vocab)
     model, eos_ids, bos_id = build(spec, tok)
@@ -418,15 +427,33 @@ def generate_one(spec, write=True):
     if not write:
         return
 
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(os.path.join(out, "reference"))
-    (model_bf16 if bf16 else model).save_pretrained(out)
-    tok.save(os.path.join(out, "tokenizer.json"))
+    # Written next to the old fixture and swapped in at the end, so a rejection leaves it intact.
+    tmp = os.path.join(OUT_DIR, f".{name}.new")
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.join(tmp, "reference"))
+    (model_bf16 if bf16 else model).save_pretrained(tmp)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    # What the runtime reads is the saved file, not the model in memory: reload it (transformers 5
+    # converts its fused in-memory experts back to per-expert tensors on save) and check that every
+    # weight came back bit for bit and that the reloaded config gives the reference logits (up to
+    # the kernels from_pretrained picks, ~1e-6).
+    again = spec["model_cls"].from_pretrained(tmp, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    want = ref.state_dict()
+    for k, v in again.state_dict().items():
+        if k not in want or not torch.equal(v, want[k]):
+            shutil.rmtree(tmp)
+            raise Rejected(f"{name}: saved tensor {k} does not reload as the reference's")
     for c in cases:
-        write_bin(os.path.join(out, c["logits_file"]), c.pop("_logits"))
+        d = float((forward_logits(again, c["prompt_ids"]) - c["_logits"]).abs().max())
+        if d > F32_ABS_TOL / 10:
+            shutil.rmtree(tmp)
+            raise Rejected(f"{name} {c['name']}: reloaded fixture differs from the reference by {d}")
+    for c in cases:
+        write_bin(os.path.join(tmp, c["logits_file"]), c.pop("_logits"))
         if bf16:
-            write_bin(os.path.join(out, c["logits_bf16compute_file"]), c.pop("_logits_bf16"))
+            write_bin(os.path.join(tmp, c["logits_bf16compute_file"]), c.pop("_logits_bf16"))
 
     doc = {
         "model": name,
@@ -454,9 +481,12 @@ def generate_one(spec, write=True):
         doc["reference"] = "HF forward in float32"
         doc["tolerance"] = {"logits_max_abs": F32_ABS_TOL}
     doc["cases"] = cases
-    with open(os.path.join(out, "cases.json"), "w") as f:
+    with open(os.path.join(tmp, "cases.json"), "w") as f:
         json.dump(doc, f, indent=1, ensure_ascii=False)
         f.write("\n")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
 
 
 def main():
@@ -464,7 +494,11 @@ def main():
     ap.add_argument("--only", action="append", help="fixture name(s) to regenerate")
     ap.add_argument("--search-seeds", type=int, default=0, metavar="N",
                     help="try N seeds upwards from the listed one; print the first that passes")
+    ap.add_argument("--new-tokenizers", action="store_true",
+                    help="train the tokenizers again instead of keeping each fixture's tokenizer.json")
     args = ap.parse_args()
+    global NEW_TOKENIZERS
+    NEW_TOKENIZERS = args.new_tokenizers
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     os.makedirs(OUT_DIR, exist_ok=True)
