@@ -823,8 +823,10 @@ static moe_status build_id_tables(loader *L)
         }
     }
     for (size_t i = 0; i < tok->n_added; i++) {
-        tok->id_str[tok->added[i].id] = tok->added[i].content;
-        tok->id_len[tok->added[i].id] = tok->added[i].len;
+        const tok_added *a = &tok->added[i];
+        /* HF decodes a normalized added token as its normalized form. */
+        tok->id_str[a->id] = a->ncontent ? a->ncontent : a->content;
+        tok->id_len[a->id] = a->ncontent ? a->nlen : a->len;
     }
     /* HF skips a token when its *content* is a special token's content. */
     tok_strmap special;
@@ -893,7 +895,7 @@ moe_status moe_tokenizer_parse(const char *json, size_t len, const char *name, m
         tok->decs[0].type = TOK_DEC_JOIN;
         tok->n_decs = 1;
     }
-    if ((st = build_id_tables(&L)) || (st = tok_build_tries(tok)))
+    if ((st = tok_build_tries(tok)) || (st = build_id_tables(&L)))
         goto done;
 done:
     cJSON_Delete(root);
@@ -946,8 +948,10 @@ void moe_tokenizer_free(moe_tokenizer *tok)
     tok_pairmap_free(&tok->merges);
     free(tok->cont_prefix);
     free(tok->eow_suffix);
-    for (size_t i = 0; i < tok->n_added; i++)
+    for (size_t i = 0; i < tok->n_added; i++) {
         free(tok->added[i].content);
+        free(tok->added[i].ncontent);
+    }
     free(tok->added);
     tok_strmap_free(&tok->added_map);
     tok_trie_free(&tok->trie_raw);

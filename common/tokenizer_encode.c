@@ -122,9 +122,6 @@ static char *arena_dup(enc_ctx *c, const char *s, size_t n)
 void tok_trie_free(tok_trie *t)
 {
     free(t->nodes);
-    for (size_t i = 0; i < t->n_owned; i++)
-        free(t->owned[i]);
-    free(t->owned);
     memset(t, 0, sizeof *t);
 }
 
@@ -203,7 +200,7 @@ moe_status tok_build_tries(moe_tokenizer *tok)
     /* HF builds its matchers from the special tokens first, then the others. */
     for (int pass = 0; pass < 2; pass++)
         for (size_t i = 0; i < tok->n_added; i++) {
-            const tok_added *a = &tok->added[i];
+            tok_added *a = &tok->added[i];
             if (a->special != (pass == 0))
                 continue;
             if (!a->normalized) {
@@ -218,14 +215,10 @@ moe_status tok_build_tries(moe_tokenizer *tok)
             }
             if (nb.len == 0)
                 continue;
-            char **owned = realloc(tok->trie_norm.owned, (tok->trie_norm.n_owned + 1) * sizeof *owned);
-            if (!owned)
+            if (!(a->ncontent = malloc(nb.len + 1)))
                 goto nomem;
-            tok->trie_norm.owned = owned;
-            if (!(owned[tok->trie_norm.n_owned] = malloc(nb.len + 1)))
-                goto nomem;
-            memcpy(owned[tok->trie_norm.n_owned], nb.p, nb.len + 1);
-            tok->trie_norm.n_owned++;
+            memcpy(a->ncontent, nb.p, nb.len + 1);
+            a->nlen = (uint32_t)nb.len;
             if (!trie_insert(&tok->trie_norm, nb.p, nb.len, (int32_t)i))
                 goto nomem;
         }

@@ -160,6 +160,8 @@ typedef struct {
 typedef struct {
     char *content;
     uint32_t len;
+    char *ncontent; /* normalized=true: the normalized content, what HF matches and decodes */
+    uint32_t nlen;
     int32_t id;
     bool special, lstrip, rstrip, single_word, normalized;
 } tok_added;
@@ -175,8 +177,6 @@ typedef struct {
     tok_trie_node *nodes; /* nodes[0] is the root */
     size_t n, cap;
     uint8_t first[32];    /* bitmap of first bytes, to skip positions quickly */
-    char **owned;         /* normalized contents the trie was built from (normalized trie) */
-    size_t n_owned;
 } tok_trie;
 
 /* Per-pre-token BPE result cache, shared by threads under a mutex. */
@@ -224,7 +224,8 @@ struct moe_tokenizer {
     tok_cache *cache; /* behind a pointer: mutable through a const tokenizer */
 };
 
-/* tokenizer_encode.c: builds both added-token tries (needs the normalizers loaded). */
+/* tokenizer_encode.c: builds both added-token tries and sets tok_added.ncontent (needs the
+ * normalizers loaded). */
 moe_status tok_build_tries(moe_tokenizer *tok);
 void tok_trie_free(tok_trie *t);
 /* Applies the normalizers to s[0..n) into out (cleared first). */

@@ -474,7 +474,7 @@ moe_status tok_regex_compile(tok_regex *re, const char *pattern, size_t len, boo
     tok_buf pat = {0};
     uint32_t opts = PCRE2_UTF | PCRE2_UCP;
     if (literal) {
-        opts |= PCRE2_LITERAL;
+        opts = PCRE2_UTF | PCRE2_LITERAL; /* UCP is not allowed with LITERAL, nor needed */
         if (!tok_buf_put(&pat, pattern, len))
             return moe_error(MOE_ERR_NOMEM, "%s: %s: out of memory", name, field);
     } else if (!rewrite_pattern(pattern, len, &pat)) {

@@ -110,9 +110,11 @@ def byte_level_tokenizer(vocab_size=600, style="qwen2"):
     return tok
 
 
-def sentencepiece_tokenizer(vocab_size=600):
+def sentencepiece_tokenizer(vocab_size=600, legacy=False):
     """A Llama-2 / Mixtral shaped BPE: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>=3..258, then merges;
-    byte_fallback, Metaspace(prepend_scheme="first", split=False), BOS added by the template."""
+    byte_fallback, Metaspace(prepend_scheme="first", split=False), BOS added by the template.
+    legacy=True: the older file layout (Mixtral-8x7B's): no pre-tokenizer, normalizer
+    Sequence[Prepend("▁"), Replace(" ", "▁")]."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = None
     # Trained on words (split=True) so merges never cross a word start, as SentencePiece's; the
@@ -153,6 +155,12 @@ def sentencepiece_tokenizer(vocab_size=600):
         for t in SP_SPECIALS
     ]
     spec["pre_tokenizer"]["split"] = False
+    if legacy:
+        spec["pre_tokenizer"] = None
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ]}
     tok = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A",
