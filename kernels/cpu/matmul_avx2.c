@@ -13,7 +13,7 @@
 /* ---- numerics, shared by both matmul paths ----
  * Small n_tok ("dot" path): every output y[t][r] is one 8-lane f32 accumulator over k in steps
  * of 8 (lane l sums k = l mod 8), FMA, the last partial 8 zero-padded into the same accumulator,
- * then a fixed-order horizontal sum. Large n_tok ("panel" path): every output is one f32 FMA
+ * then a fixed-order horizontal sum. Large n_tok (>= PANEL_MIN_TOK, "panel" path): every output is one f32 FMA
  * chain over k in order (like a BLAS sgemm). Either way the arithmetic of an output depends only
  * on (n_tok, n_in), never on which rows a thread got, so threaded == serial bit for bit. */
 
@@ -66,17 +66,17 @@ AI size_t elem_size(int wt)
 AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int n_out, int r,
                  int t0, int NR, int NT)
 {
-    __m256 acc[8][2];
+    __m256 acc[8][4];
     const char *wr[8];
-    const float *xr[2];
+    const float *xr[4];
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++) {
         wr[i] = (const char *)w + (size_t)(r + i) * n_in * elem_size(wt);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int t = 0; t < NT; t++)
         xr[t] = x + (size_t)(t0 + t) * n_in;
     int n8 = n_in & ~7;
@@ -85,7 +85,7 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++)
             wv[i] = load_w8(wr[i], (size_t)k, wt);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             __m256 xv = _mm256_loadu_ps(xr[t] + k);
 #pragma GCC unroll 8
@@ -99,7 +99,7 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++)
             wv[i] = load_w_tail(wr[i], (size_t)n8, n, wt);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             __m256 xv = load_x_tail(xr[t] + n8, n);
 #pragma GCC unroll 8
@@ -109,42 +109,57 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
     }
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
 }
 
-AI void dot_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
-                 int r0, int r1)
+/* Rows [r0, r1) in tiles of NR rows x 4 tokens (the last token tile 1-3 wide). */
+AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, int n_in,
+                    int n_out, int r0, int r1, int NR)
 {
     int r = r0;
-    if (n_tok == 1) {
-        /* Matrix-vector: 8 rows stream at once, one accumulator each; memory bound. */
-        for (; r + 8 <= r1; r += 8)
-            dot_tile(y, x, w, wt, n_in, n_out, r, 0, 8, 1);
-        for (; r < r1; r++)
-            dot_tile(y, x, w, wt, n_in, n_out, r, 0, 1, 1);
-        return;
-    }
-    /* 4 rows x 2 tokens: 8 accumulators + 4 weight + 1 x register. The 4-row weight tile is
-     * read from memory once and from L1/L2 for the other token pairs. */
-    for (; r + 4 <= r1; r += 4) {
+    for (; r + NR <= r1; r += NR) {
         int t = 0;
-        for (; t + 2 <= n_tok; t += 2)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 4, 2);
-        if (t < n_tok)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 4, 1);
+        for (; t + 4 <= n_tok; t += 4)
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 4);
+        switch (n_tok - t) {
+        case 3: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3); break;
+        case 2: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2); break;
+        case 1: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1); break;
+        default: break;
+        }
     }
     for (; r < r1; r++) {
         int t = 0;
-        for (; t + 2 <= n_tok; t += 2)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 2);
-        if (t < n_tok)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 1);
+        for (; t + 4 <= n_tok; t += 4)
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 4);
+        switch (n_tok - t) {
+        case 3: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 3); break;
+        case 2: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 2); break;
+        case 1: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 1); break;
+        default: break;
+        }
     }
 }
 
-/* ---- panel path (large n_tok): sgemm-style, weights packed k-major in f32 ----
+/* Tile shapes measured on Zen 3 (bf16 4096x4096, one core): n_tok = 1 is memory bound, 8 rows
+ * stream at once; n_tok = 2: 5 rows x 2 tokens (10 accumulators) beat 4x2 and 6x2; from 3 tokens
+ * on, 3 rows x 4 tokens (12 accumulators + 3 weight + 1 x register) reaches 60-70 GFLOP/s, as
+ * much as the packed panel path below 20 tokens. The weight tile is read from memory once; the
+ * other token tiles re-read it from L1/L2. */
+AI void dot_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
+                 int r0, int r1)
+{
+    if (n_tok == 1)
+        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 8);
+    else if (n_tok == 2)
+        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 5);
+    else
+        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 3);
+}
+
+/* ---- panel path (n_tok >= PANEL_MIN_TOK): sgemm-style, weights packed k-major in f32 ----
  * For a panel of PANEL_ROWS rows and a KC slice of k, the weights are converted once into
  * pack[k][16 rows] (sub-panels of 16 rows = 2 registers). Then for every tile of 6 tokens each
  * output keeps one accumulator per 8 rows: 12 accumulators, 2 weight registers, 1 broadcast of
@@ -302,8 +317,9 @@ AI void panel_rows(float *y, const float *x, const void *w, int wt, int n_tok, i
     }
 }
 
-/* From this many tokens on, the packed panel path beats re-reading x for every 4 rows. */
-#define PANEL_MIN_TOK 8
+/* From this many tokens on, the packed panel path beats the 3x4 dot tiles (measured crossover
+ * on Zen 3 for n_in = 2048..14336: below it packing costs more than re-reading x from L2/L3). */
+#define PANEL_MIN_TOK 48
 
 static void rows_f32(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out,
                      int r0, int r1)

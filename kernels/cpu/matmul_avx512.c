@@ -93,7 +93,7 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
 {
     /* Many tokens: compute bound, where the AVX2 packed-panel kernel (which every AVX-512 CPU
      * runs) already beats this dot path; n_tok alone decides, so threading stays exact. */
-    if (n_tok >= 8) {
+    if (n_tok >= 48) {
         moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
         return;
     }

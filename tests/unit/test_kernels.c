@@ -397,7 +397,7 @@ static void matmul_sweep(moe_dtype dt)
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
     static const int n_ins[] = {1, 7, 8, 9, 16, 31, 33, 64, 257, 1000};
-    static const int n_toks[] = {1, 2, 3, 5, 16, 37};
+    static const int n_toks[] = {1, 2, 3, 4, 5, 16, 37, 50};
     static const int n_outs[] = {1, 3, 16, 17, 61};
     for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
         for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
