@@ -1,0 +1,77 @@
+/* The coordinator's cluster backend (rank 0): the request table, placement of each request on a
+ * prefill and a decode instance (or one mixed instance), the MPI side of the coordinator
+ * (control messages with the workers, heartbeats), detokenization and stop strings, and drain.
+ * It implements the front end's backend vtable (coordinator/frontend.h): the gRPC threads only
+ * queue work for it; everything else, MPI included, runs in moe_cluster_run on the thread that
+ * initialised MPI. */
+#ifndef MOE_COORDINATOR_CLUSTER_H
+#define MOE_COORDINATOR_CLUSTER_H
+
+#include <mpi.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include "common/model_config.h"
+#include "common/status.h"
+#include "common/tokenizer.h"
+#include "coordinator/frontend.h"
+
+typedef struct moe_cluster moe_cluster;
+
+/* One model replica: ep_size ranks (1 today) that will split the experts between them. */
+typedef struct {
+    moe_pool_kind pool;
+    int ep_size;
+    int ranks[MOE_FRONTEND_MAX_EP]; /* world ranks, ranks[0] leads (talks to the coordinator) */
+} moe_cluster_instance;
+
+typedef struct {
+    const char *model_name;          /* for ClusterStatus and logs */
+    const moe_model_config *cfg;     /* borrowed: EOS ids, vocabulary, context */
+    const moe_tokenizer *tok;        /* borrowed: tokenize, detokenize */
+    MPI_Comm ctrl;                   /* control communicator (cluster.proto); the coordinator is 0 */
+    int world_size;
+    int n_instances;
+    const moe_cluster_instance *instances; /* [n_instances], copied */
+    const int *spare_ranks;          /* ranks outside every instance (they only wait for Shutdown) */
+    int n_spare;
+
+    int max_requests;         /* admitted and unfinished; more -> RESOURCE_EXHAUSTED. > 0 */
+    int max_queue;            /* admitted, not yet sent to a worker; more -> RESOURCE_EXHAUSTED. >= 0 */
+    int heartbeat_timeout_ms; /* silence after which an instance is UNREACHABLE. > 0 */
+    int startup_timeout_ms;   /* for every worker's WorkerReady. > 0 */
+    double drain_timeout_s;   /* running requests may finish for this long after a drain starts */
+
+    /* Called once from moe_cluster_run when every instance is ready (for the start-up line). */
+    void (*on_ready)(void *ctx, const moe_cluster *c);
+    void *on_ready_ctx;
+    /* Set asynchronously (a signal handler) to start the drain. May be NULL. */
+    volatile sig_atomic_t *drain_flag;
+} moe_cluster_opts;
+
+/* Copies what it needs from opts (the borrowed pointers must outlive the cluster). */
+moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out);
+/* Frees the table; requests still open get moe_frontend_error(UNAVAILABLE). NULL is a no-op. */
+void moe_cluster_free(moe_cluster *c);
+
+/* The backend vtable for moe_grpc_server_start, ctx = c. Thread-safe slots. */
+void moe_cluster_backend(moe_cluster *c, moe_frontend_backend *out);
+
+/* Runs the coordinator loop: waits for every worker's WorkerReady (fails with a message naming
+ * the rank and its error, or UNAVAILABLE after startup_timeout_ms), then serves until a drain
+ * (drain_flag or moe_cluster_drain) has finished: no new requests, running ones finish within
+ * drain_timeout_s, the rest end with UNAVAILABLE. Never sleeps a fixed time while tokens are in
+ * flight; idle, it blocks on a condition variable the front end signals, polling MPI in short
+ * naps. Must be called on the thread that initialised MPI. */
+moe_status moe_cluster_run(moe_cluster *c);
+/* Starts the drain (thread-safe, not async-signal-safe: signal handlers use drain_flag). */
+void moe_cluster_drain(moe_cluster *c);
+/* After moe_cluster_run: tells every worker to exit and waits up to timeout_ms for their goodbyes.
+ * UNAVAILABLE when some rank did not answer (hung): the caller should MPI_Abort rather than
+ * MPI_Finalize, which would wait for it forever. */
+moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms);
+
+/* A snapshot like the ClusterStatus backend slot (for the start-up line and tests). */
+void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out);
+
+#endif

@@ -1,0 +1,182 @@
+/* moe-serve, rank 0: loads the tokenizer and model config, starts the gRPC front end over the
+ * cluster backend, runs the coordinator loop, and on SIGTERM / SIGINT / SIGUSR1 drains and shuts
+ * every rank down. */
+#include <libgen.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/model_config.h"
+#include "common/tokenizer.h"
+#include "coordinator/cluster.h"
+#include "coordinator/grpc_server.h"
+#include "serve.h"
+
+static volatile sig_atomic_t drain_flag = 0;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    drain_flag = 1;
+}
+
+typedef struct {
+    const serve_args *a;
+    const serve_layout *l;
+    const moe_model_config *cfg;
+    moe_grpc_server *srv;
+} ready_ctx;
+
+static void print_ranks(char *buf, size_t cap, const serve_layout *l, serve_pool pool)
+{
+    size_t off = 0;
+    buf[0] = 0;
+    for (int i = 0; i < l->n_instances && off < cap; i++) {
+        if (l->instances[i].pool != pool)
+            continue;
+        for (int j = 0; j < l->instances[i].ep_size && off < cap; j++)
+            off += (size_t)snprintf(buf + off, cap - off, "%s%d", off ? "," : "", l->instances[i].ranks[j]);
+    }
+}
+
+/* The one-line summary: model, pools, ranks, KV capacity per instance, address. */
+static void on_ready(void *vctx, const moe_cluster *cc)
+{
+    ready_ctx *rc = vctx;
+    moe_cluster_status *st = calloc(1, sizeof *st);
+    if (!st)
+        return;
+    moe_cluster_snapshot((moe_cluster *)(uintptr_t)cc, st);
+    const serve_layout *l = rc->l;
+    const moe_model_config *cfg = rc->cfg;
+    char pools[512] = "", ranks[256];
+    size_t off = 0;
+    for (int p = SERVE_PREFILL; p <= SERVE_MIXED; p++) {
+        int n = p == SERVE_PREFILL ? l->n_prefill : p == SERVE_DECODE ? l->n_decode : l->n_mixed;
+        if (!n)
+            continue;
+        print_ranks(ranks, sizeof ranks, l, (serve_pool)p);
+        off += (size_t)snprintf(pools + off, sizeof pools - off, "%s%s %d x ep%d [rank %s]", off ? ", " : "",
+                                serve_pool_name((serve_pool)p), n, rc->a->ep_size, ranks);
+    }
+    uint32_t kv_min = UINT32_MAX, bt = 16;
+    for (uint32_t i = 0; i < st->n_instances; i++) {
+        if (st->instances[i].kv_blocks_total < kv_min)
+            kv_min = st->instances[i].kv_blocks_total;
+        bt = st->instances[i].kv_block_tokens;
+    }
+    double block_mib = (double)cfg->n_layers * 2.0 * cfg->n_kv_heads * cfg->head_dim * bt * 4.0 / 1048576.0;
+    printf("moe-serve: model %s (%s, %d layers, %d experts), %d ranks: coordinator 0, %s%s%s; KV per instance "
+           "%u blocks x %u tokens (%.1f MiB); listening on %s (port %d); coordinator pid %d\n",
+           st->model, cfg->arch_name, cfg->n_layers, cfg->n_experts, l->world, pools,
+           l->n_spare ? ", spare ranks " : "", l->n_spare ? "(idle)" : "", kv_min, bt, kv_min * block_mib,
+           rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid());
+    fflush(stdout);
+    free(st);
+}
+
+int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl)
+{
+    int rc = 1;
+    moe_model_config cfg;
+    moe_tokenizer *tok = NULL;
+    moe_cluster *cl = NULL;
+    moe_grpc_server *srv = NULL;
+    moe_cluster_instance *inst = calloc((size_t)l->n_instances, sizeof *inst);
+    char tok_path[4200], dirbuf[4096], name[128];
+    bool started = false;
+
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL); /* mpirun forwards SIGUSR1 to every rank; SIGTERM it does not */
+    signal(SIGPIPE, SIG_IGN);
+
+    if (!inst) {
+        fprintf(stderr, "moe-serve: out of memory\n");
+        goto out;
+    }
+    if (moe_model_config_load(a->model_dir, &cfg) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        goto out;
+    }
+    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", a->model_dir);
+    if (moe_tokenizer_load(tok_path, &tok) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        goto out;
+    }
+    snprintf(dirbuf, sizeof dirbuf, "%s", a->model_dir);
+    size_t dl = strlen(dirbuf);
+    while (dl > 1 && dirbuf[dl - 1] == '/')
+        dirbuf[--dl] = 0;
+    snprintf(name, sizeof name, "%s", basename(dirbuf));
+    for (int i = 0; i < l->n_instances; i++) {
+        inst[i].pool = l->instances[i].pool == SERVE_PREFILL ? MOE_POOL_PREFILL
+                       : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
+                                                              : MOE_POOL_MIXED;
+        inst[i].ep_size = l->instances[i].ep_size;
+        memcpy(inst[i].ranks, l->instances[i].ranks, sizeof(int) * (size_t)inst[i].ep_size);
+    }
+    ready_ctx rctx = {.a = a, .l = l, .cfg = &cfg};
+    moe_cluster_opts co = {.model_name = name, .cfg = &cfg, .tok = tok, .ctrl = ctrl, .world_size = l->world,
+                           .n_instances = l->n_instances, .instances = inst, .spare_ranks = l->spare,
+                           .n_spare = l->n_spare, .max_requests = a->max_requests, .max_queue = a->max_queue,
+                           .heartbeat_timeout_ms = a->heartbeat_timeout_ms,
+                           .startup_timeout_ms = a->startup_timeout_s * 1000, .drain_timeout_s = a->drain_timeout_s,
+                           .on_ready = on_ready, .on_ready_ctx = &rctx, .drain_flag = &drain_flag};
+    if (moe_cluster_create(&co, &cl) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        goto out;
+    }
+    moe_grpc_server_config gc;
+    moe_grpc_server_config_default(&gc, cfg.vocab_size, (uint32_t)cfg.max_position);
+    gc.listen_addr = a->listen;
+    gc.n_threads = a->grpc_threads;
+    if (a->max_new_tokens > 0 && (uint32_t)a->max_new_tokens < gc.limits.max_new_tokens)
+        gc.limits.max_new_tokens = (uint32_t)a->max_new_tokens;
+    if (gc.limits.default_max_new_tokens > gc.limits.max_new_tokens)
+        gc.limits.default_max_new_tokens = gc.limits.max_new_tokens;
+    moe_frontend_backend be;
+    moe_cluster_backend(cl, &be);
+    /* Listening before the workers are ready: Health answers NOT_SERVING until they are. */
+    if (moe_grpc_server_start(&gc, &be, &srv) != MOE_OK) {
+        fprintf(stderr, "moe-serve: --listen %s: %s\n", a->listen, moe_error_message());
+        goto out;
+    }
+    rctx.srv = srv;
+    started = true;
+    moe_status st = moe_cluster_run(cl);
+    if (st != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+    } else {
+        MOE_LOG_I("drained; stopping");
+        rc = 0;
+    }
+out:
+    if (srv) {
+        moe_grpc_server_shutdown(srv, 2.0);
+        moe_grpc_server_free(srv);
+    }
+    if (cl || !started) {
+        /* Every worker waits for Shutdown, whatever happened here. */
+        if (!cl) {
+            moe_cluster_instance one = {.pool = MOE_POOL_MIXED, .ep_size = 1, .ranks = {1}};
+            moe_cluster_opts mini = {.ctrl = ctrl, .world_size = l->world, .n_instances = 1, .instances = &one,
+                                     .max_requests = 1, .heartbeat_timeout_ms = 1, .startup_timeout_ms = 1};
+            moe_cluster_create(&mini, &cl);
+        }
+        if (cl && moe_cluster_shutdown_workers(cl, 15000) != MOE_OK) {
+            fprintf(stderr, "moe-serve: %s; aborting the job\n", moe_error_message());
+            moe_cluster_free(cl);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+    }
+    moe_cluster_free(cl);
+    moe_tokenizer_free(tok);
+    free(inst);
+    return rc;
+}

@@ -1,0 +1,63 @@
+/* moe-serve internals shared by its files: command-line options, the cluster layout every rank
+ * computes identically from them, and the two roles' entry points. */
+#ifndef MOE_TOOLS_MOE_SERVE_SERVE_H
+#define MOE_TOOLS_MOE_SERVE_SERVE_H
+
+#include <mpi.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#define SERVE_MAX_EP 64
+
+typedef struct {
+    const char *model_dir;
+    int prefill, decode;   /* instances asked for; -1 = not given */
+    bool colocated;
+    int ep_size;
+    const char *listen;
+    int threads;           /* kernel threads per worker; 0 = cores / ranks on the node */
+    int kv_blocks;         /* per instance; 0 = from kv_mb */
+    int kv_mb;             /* per instance; 0 = engine default */
+    int block_size, batch_tokens, max_seqs;
+    int max_requests, max_queue;
+    int heartbeat_ms, heartbeat_timeout_ms, kv_timeout_ms, lease_ms;
+    double drain_timeout_s;
+    int startup_timeout_s;
+    int grpc_threads;
+    int max_new_tokens;    /* server limit; 0 = the context */
+} serve_args;
+
+typedef enum { SERVE_PREFILL = 1, SERVE_DECODE = 2, SERVE_MIXED = 3 } serve_pool;
+
+typedef struct {
+    serve_pool pool;
+    int ep_size;
+    int ranks[SERVE_MAX_EP];
+} serve_instance;
+
+typedef struct {
+    int world;
+    int n_instances;
+    serve_instance *instances; /* prefill instances first, then decode (or all mixed) */
+    int n_prefill, n_decode, n_mixed;
+    int *rank_instance;        /* [world]: -1 for the coordinator and spare ranks */
+    int n_spare;
+    int *spare;                /* [n_spare] */
+    bool auto_colocated;       /* -np 2 without pool flags: one mixed instance */
+} serve_layout;
+
+/* Parses argv; 0 ok, 1 --help printed, -1 error printed (print = false: stay silent). */
+int serve_parse_args(int argc, char **argv, serve_args *a, bool print);
+/* Plans the layout for `world` ranks; on an impossible layout writes the reason into err and
+ * returns -1. */
+int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err, size_t err_cap);
+void serve_layout_free(serve_layout *l);
+const char *serve_pool_name(serve_pool p);
+
+/* Rank 0 and worker ranks; each returns the process exit status. MPI is initialised and is
+ * finalised by the caller. */
+int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl);
+int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
+                      MPI_Comm instance_comm, int local_ranks);
+
+#endif

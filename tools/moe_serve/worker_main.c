@@ -1,0 +1,55 @@
+/* moe-serve, worker ranks: engine options from the command line, then the worker loop until the
+ * coordinator says Shutdown. */
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "serve.h"
+#include "worker/worker_loop.h"
+
+static volatile sig_atomic_t signalled = 0;
+
+static void on_signal(int sig) { signalled = sig; }
+
+int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
+                      MPI_Comm instance_comm, int local_ranks)
+{
+    /* Workers leave only through the coordinator's Shutdown, so that a drain can finish: mpirun
+     * forwards SIGUSR1 (and, when it is itself signalled, SIGTERM) to every rank. */
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int rank;
+    MPI_Comm_rank(ctrl, &rank);
+    int idx = l->rank_instance[rank];
+    moe_worker_role role = MOE_WORKER_SPARE;
+    if (idx >= 0)
+        role = l->instances[idx].pool == SERVE_PREFILL  ? MOE_WORKER_PREFILL
+               : l->instances[idx].pool == SERVE_DECODE ? MOE_WORKER_DECODE
+                                                        : MOE_WORKER_MIXED;
+    int threads = a->threads;
+    if (threads <= 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = (int)(cores > 0 ? cores : 1) / (local_ranks > 0 ? local_ranks : 1);
+        if (threads < 1)
+            threads = 1;
+    }
+    moe_worker_opts o = {
+        .model_dir = a->model_dir, .role = role, .instance_id = idx, .coordinator_rank = 0, .ctrl = ctrl,
+        .data = data, .instance_comm = instance_comm,
+        .engine = {.n_threads = threads, .block_size = a->block_size, .n_kv_blocks = a->kv_blocks,
+                   .kv_budget_bytes = (size_t)a->kv_mb << 20, .max_batch_tokens = a->batch_tokens,
+                   .max_seqs = a->max_seqs},
+        .heartbeat_ms = a->heartbeat_ms, .kv_timeout_ms = a->kv_timeout_ms, .lease_ms = a->lease_ms};
+    moe_status st = moe_worker_run(&o);
+    if (st != MOE_OK) {
+        fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,150 @@
+/* MPI backend of the comm vtable: collectives and non-blocking point-to-point over one borrowed
+ * communicator, with heap request handles that test() / cancel() release. */
+#include "worker/comm_mpi.h"
+
+#include <stdlib.h>
+
+#include "common/log.h"
+
+struct moe_comm_req {
+    MPI_Request r;
+};
+
+typedef struct {
+    MPI_Comm comm;
+    int rank, size;
+} mpi_ctx;
+
+moe_status moe_mpi_check_(int rc, const char *call, const char *file, int line)
+{
+    if (rc == MPI_SUCCESS)
+        return MOE_OK;
+    char msg[MPI_MAX_ERROR_STRING] = "";
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    return moe_error(MOE_ERR_INTERNAL, "%s:%d: %s failed: %s", file, line, call, msg);
+}
+
+static int m_rank(void *ctx) { return ((mpi_ctx *)ctx)->rank; }
+static int m_size(void *ctx) { return ((mpi_ctx *)ctx)->size; }
+
+static moe_status m_alltoall_int(void *ctx, const int *send, int *recv)
+{
+    mpi_ctx *c = ctx;
+    return MOE_MPI_CHECK(MPI_Alltoall(send, 1, MPI_INT, recv, 1, MPI_INT, c->comm));
+}
+
+static moe_status m_alltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
+                              void *recv, const int *recv_bytes, const int *recv_off)
+{
+    mpi_ctx *c = ctx;
+    return MOE_MPI_CHECK(MPI_Alltoallv(send, send_bytes, send_off, MPI_BYTE, recv, recv_bytes, recv_off,
+                                       MPI_BYTE, c->comm));
+}
+
+static moe_status m_allreduce_sum_int(void *ctx, int *value)
+{
+    mpi_ctx *c = ctx;
+    return MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, value, 1, MPI_INT, MPI_SUM, c->comm));
+}
+
+static moe_status new_req(moe_comm_req **req)
+{
+    *req = malloc(sizeof **req);
+    if (!*req)
+        return moe_error(MOE_ERR_NOMEM, "comm mpi: out of memory for a request");
+    (*req)->r = MPI_REQUEST_NULL;
+    return MOE_OK;
+}
+
+static moe_status m_isend(void *ctx, const void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+{
+    mpi_ctx *c = ctx;
+    moe_status st = new_req(req);
+    if (st != MOE_OK)
+        return st;
+    if ((st = MOE_MPI_CHECK(MPI_Isend(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) != MOE_OK) {
+        free(*req);
+        *req = NULL;
+    }
+    return st;
+}
+
+static moe_status m_irecv(void *ctx, void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+{
+    mpi_ctx *c = ctx;
+    moe_status st = new_req(req);
+    if (st != MOE_OK)
+        return st;
+    if ((st = MOE_MPI_CHECK(MPI_Irecv(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) != MOE_OK) {
+        free(*req);
+        *req = NULL;
+    }
+    return st;
+}
+
+static moe_status m_test(void *ctx, moe_comm_req *req, bool *done)
+{
+    (void)ctx;
+    int flag = 0;
+    MPI_Status status;
+    moe_status st = MOE_MPI_CHECK(MPI_Test(&req->r, &flag, &status));
+    *done = st == MOE_OK && flag;
+    if (*done)
+        free(req);
+    return st;
+}
+
+static void m_cancel(void *ctx, moe_comm_req *req)
+{
+    (void)ctx;
+    if (!req)
+        return;
+    if (req->r != MPI_REQUEST_NULL) {
+        /* A receive cancels cleanly; a send may already be matched, so it is detached instead:
+         * MPI completes (or drops) it on its own and frees the request. */
+        int flag = 0;
+        MPI_Status status;
+        MPI_Test(&req->r, &flag, &status);
+        if (!flag) {
+            MPI_Cancel(&req->r);
+            MPI_Request_free(&req->r);
+        }
+    }
+    free(req);
+}
+
+static moe_status m_barrier(void *ctx) { return MOE_MPI_CHECK(MPI_Barrier(((mpi_ctx *)ctx)->comm)); }
+
+static void m_destroy(void *ctx) { free(ctx); }
+
+static const moe_comm_ops mpi_ops = {
+    .name = "mpi",
+    .rank = m_rank,
+    .size = m_size,
+    .alltoall_int = m_alltoall_int,
+    .alltoallv = m_alltoallv,
+    .allreduce_sum_int = m_allreduce_sum_int,
+    .isend = m_isend,
+    .irecv = m_irecv,
+    .test = m_test,
+    .cancel = m_cancel,
+    .barrier = m_barrier,
+    .destroy = m_destroy,
+};
+
+moe_status moe_comm_mpi_create(MPI_Comm comm, moe_comm *out)
+{
+    mpi_ctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return moe_error(MOE_ERR_NOMEM, "comm mpi: out of memory");
+    c->comm = comm;
+    moe_status st;
+    if ((st = MOE_MPI_CHECK(MPI_Comm_rank(comm, &c->rank))) != MOE_OK ||
+        (st = MOE_MPI_CHECK(MPI_Comm_size(comm, &c->size))) != MOE_OK) {
+        free(c);
+        return st;
+    }
+    *out = (moe_comm){.ops = &mpi_ops, .ctx = c};
+    return MOE_OK;
+}

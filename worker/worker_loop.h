@@ -1,0 +1,44 @@
+/* A worker rank's main loop: loads the model, runs the engine of its instance, obeys the
+ * coordinator's control messages (start, free, shutdown), reports every engine step's tokens in
+ * one message, heartbeats, and moves KV between prefill and decode instances (DistServe pull:
+ * the prefill side parks a sequence and offers it, the decode side reserves blocks, posts its
+ * receives and pulls, verifies the checksums, and acks; a lease frees an offer nobody pulls). */
+#ifndef MOE_WORKER_WORKER_LOOP_H
+#define MOE_WORKER_WORKER_LOOP_H
+
+#include <mpi.h>
+#include "common/status.h"
+#include "worker/engine.h"
+
+typedef enum {
+    MOE_WORKER_PREFILL = 1, /* values match moeserve.cluster.v1.Role */
+    MOE_WORKER_DECODE = 2,
+    MOE_WORKER_MIXED = 3,
+    MOE_WORKER_SPARE = 4,   /* beyond the layout: loads nothing, waits for Shutdown */
+} moe_worker_role;
+
+typedef struct {
+    const char *model_dir;
+    moe_worker_role role;
+    int instance_id;
+    int coordinator_rank;   /* in ctrl */
+    MPI_Comm ctrl;          /* control messages (cluster.proto, tag = kind); borrowed */
+    MPI_Comm data;          /* raw KV blocks; borrowed */
+    MPI_Comm instance_comm; /* the ranks of this instance (ep_size of them; 1 today); borrowed */
+    moe_engine_opts engine;
+    int heartbeat_ms;       /* > 0 */
+    int kv_timeout_ms;      /* one KV transfer attempt, > 0 */
+    int lease_ms;           /* an offered KV is freed after this long without a pull or renewal */
+} moe_worker_opts;
+
+/* Runs the worker until the coordinator sends Shutdown (or the control link fails). Failures to
+ * load are reported to the coordinator (WorkerReady.ok = false) and the worker still waits for
+ * Shutdown, so that every rank exits through the same path. Returns MOE_OK after a clean
+ * shutdown; otherwise the error (moe_error_message says what).
+ * Test hooks (environment): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
+ * MOE_TEST_HANG_RANK=R with MOE_TEST_HANG_AFTER=K: world rank R stops answering anything once it
+ * has received K StartSeq messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode rank waits N
+ * ms after each offer before pulling and renews no lease meanwhile (lease expiry). */
+moe_status moe_worker_run(const moe_worker_opts *o);
+
+#endif
