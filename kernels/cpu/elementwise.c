@@ -43,10 +43,15 @@ void moe_silu_mul(float *gate, const float *up, int n)
     }
 }
 
-void moe_axpy(float *y, float a, const float *x, int n)
+void moe_axpy_f32_scalar(float *y, float a, const float *x, int n)
 {
     for (int i = 0; i < n; i++)
         y[i] += a * x[i];
+}
+
+void moe_axpy(float *y, float a, const float *x, int n)
+{
+    moe_kernels_ops()->axpy_f32(y, a, x, n);
 }
 
 void moe_topk(const float *x, int n, int k, int *idx, float *val)

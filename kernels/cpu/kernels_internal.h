@@ -44,10 +44,13 @@ typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_
                                    int n_tok, int n_in, int n_out, int r0, int r1);
 /* sum_i a[i] * b[i] over f32 arrays (attention's q.k), several accumulators. */
 typedef float (*moe_dot_f32_fn)(const float *a, const float *b, int n);
+/* y[i] += a * x[i] (moe_axpy, attention's p.V). */
+typedef void (*moe_axpy_f32_fn)(float *y, float a, const float *x, int n);
 
 typedef struct {
     moe_matmul_rows_fn matmul_rows;
     moe_dot_f32_fn dot_f32;
+    moe_axpy_f32_fn axpy_f32;
     /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
     int row_block;
 } moe_kernel_ops;
@@ -58,13 +61,16 @@ const moe_kernel_ops *moe_kernels_ops(void);
 void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_scalar(const float *a, const float *b, int n);
+void moe_axpy_f32_scalar(float *y, float a, const float *x, int n);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx2(const float *a, const float *b, int n);
+void moe_axpy_f32_avx2(float *y, float a, const float *x, int n);
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);
+void moe_axpy_f32_avx512(float *y, float a, const float *x, int n);
 
 #endif

@@ -1,5 +1,5 @@
-/* AVX2+FMA+F16C matmul and dot kernels (this file is compiled with -mavx2 -mfma -mf16c; it is
- * only called after dispatch.c saw those features in CPUID). */
+/* AVX2+FMA+F16C vector kernels: matmul, dot, axpy (this file is compiled with -mavx2 -mfma
+ * -mf16c; it is only called after dispatch.c saw those features in CPUID). */
 #include <immintrin.h>
 #include <string.h>
 
@@ -376,6 +376,18 @@ float moe_dot_f32_avx2(const float *a, const float *b, int n)
     return hsum8(_mm256_add_ps(s0, s1));
 }
 
+void moe_axpy_f32_avx2(float *y, float a, const float *x, int n)
+{
+    /* mul then add, not FMA: the same rounding as the scalar y += a * x. */
+    __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i),
+                                              _mm256_mul_ps(av, _mm256_loadu_ps(x + i))));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
 #else /* built without the flags (not x86, or a compiler that ignored them): never dispatched */
 
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
@@ -387,6 +399,11 @@ void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt,
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
 {
     return moe_dot_f32_scalar(a, b, n);
+}
+
+void moe_axpy_f32_avx2(float *y, float a, const float *x, int n)
+{
+    moe_axpy_f32_scalar(y, a, x, n);
 }
 
 #endif

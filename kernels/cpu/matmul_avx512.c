@@ -1,6 +1,6 @@
-/* AVX-512 matmul and dot kernels (compiled with -mavx512f/bw/vl/dq/bf16/vnni; only called after
- * dispatch.c saw all of those in CPUID). Deliberately simple: the development machine has no
- * AVX-512, so this path is exercised by the unit tests only on machines that do. */
+/* AVX-512 vector kernels: matmul, dot, axpy (compiled with -mavx512f/bw/vl/dq/bf16/vnni; only
+ * called after dispatch.c saw all of those in CPUID). Deliberately simple: the development
+ * machine has no AVX-512, so the unit tests exercise this path only on machines that do. */
 #include <immintrin.h>
 
 #include "common/log.h"
@@ -115,6 +115,18 @@ float moe_dot_f32_avx512(const float *a, const float *b, int n)
     return _mm512_reduce_add_ps(s);
 }
 
+void moe_axpy_f32_avx512(float *y, float a, const float *x, int n)
+{
+    /* mul then add, not FMA: the same rounding as the scalar y += a * x. */
+    __m512 av = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = mask16(n - i);
+        __m512 r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
+                                 _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m, r);
+    }
+}
+
 #else /* built without the flags: never dispatched */
 
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
@@ -126,6 +138,11 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
 float moe_dot_f32_avx512(const float *a, const float *b, int n)
 {
     return moe_dot_f32_scalar(a, b, n);
+}
+
+void moe_axpy_f32_avx512(float *y, float a, const float *x, int n)
+{
+    moe_axpy_f32_scalar(y, a, x, n);
 }
 
 #endif

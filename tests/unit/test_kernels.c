@@ -692,4 +692,22 @@ Test(kernels, attention_paged_gqa, .timeout = 60)
                     attention_case(bss[a], 2, groups[g], dims[d], ctxs[c], 1.f);
     /* Large scores: softmax must subtract the max (exp(200) overflows f32). */
     attention_case(3, 1, 2, 64, 40, 30.f);
+    /* Several 64-token chunks (the running max grows: rescaling), large scores, and groups wider
+     * than the 8 heads handled together. */
+    attention_case(16, 2, 4, 64, 200, 1.f);
+    attention_case(5, 1, 2, 32, 300, 30.f);
+    attention_case(16, 1, 16, 16, 129, 3.f);
+    attention_case(1, 3, 12, 8, 70, 1.f);
+}
+
+Test(kernels, attention_empty_context)
+{
+    float q[2 * 8], out[2 * 8], scratch[1];
+    fill(q, 16, -1.f, 1.f);
+    fill(out, 16, -1.f, 1.f);
+    const float *base[1] = {q};
+    moe_kv_view kv = {base, base, 4, 32};
+    moe_attention(out, q, &kv, 0, 2, 1, 8, 0.3f, scratch);
+    for (int i = 0; i < 16; i++)
+        cr_assert_eq(out[i], 0.f);
 }
