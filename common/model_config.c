@@ -290,7 +290,7 @@ static moe_status parse_arch_specific(const cJSON *root, const char *name, moe_m
         double clip = 0;
         if (s == MOE_OK)
             s = get_num(root, name, "clip_qkv", 0, &clip);
-        if (s == MOE_OK && clip < 0)
+        if (s == MOE_OK && (clip < 0 || clip > 3.0e38))
             return moe_error(MOE_ERR_RANGE, "%s: field clip_qkv is %g, must be positive or null",
                              name, clip);
         c->clip_qkv = (float)clip;
@@ -453,7 +453,8 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
     double eps;
     if ((s = get_num(root, name, "rms_norm_eps", arch_defaults[c->arch].rms_eps, &eps)) != MOE_OK)
         return s;
-    if (!(eps > 0 && eps < 1))
+    /* checked as the float it is stored in: 1e-61 is positive as a double but 0 as a float */
+    if (!(eps > 0 && eps < 1) || !((float)eps > 0))
         return moe_error(MOE_ERR_RANGE, "%s: field rms_norm_eps is %g, must be in (0, 1)", name,
                          eps);
     c->rms_eps = (float)eps;
@@ -471,6 +472,17 @@ static moe_status parse_root(const cJSON *root, const cJSON *gen, const char *na
     return parse_special_ids(root, gen, name, gen_name, c);
 }
 
+/* cJSON keeps both copies of a repeated key and returns the first; Python's json keeps the
+ * last. Refuse rather than read a different model than transformers would. */
+static moe_status check_dup_keys(const cJSON *obj, const char *name)
+{
+    for (const cJSON *a = obj->child; a; a = a->next)
+        for (const cJSON *b = a->next; b; b = b->next)
+            if (strcmp(a->string, b->string) == 0)
+                return moe_error(MOE_ERR_FORMAT, "%s: field %s appears twice", name, a->string);
+    return MOE_OK;
+}
+
 static moe_status parse_json(const char *text, const char *name, cJSON **out)
 {
     cJSON *j = cJSON_Parse(text);
@@ -482,6 +494,11 @@ static moe_status parse_json(const char *text, const char *name, cJSON **out)
     if (!cJSON_IsObject(j)) {
         cJSON_Delete(j);
         return moe_error(MOE_ERR_FORMAT, "%s: not a JSON object", name);
+    }
+    moe_status s = check_dup_keys(j, name);
+    if (s != MOE_OK) {
+        cJSON_Delete(j);
+        return s;
     }
     *out = j;
     return MOE_OK;

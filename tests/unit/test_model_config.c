@@ -283,10 +283,16 @@ Test(model_config, refuses_bad_activation_and_sizes)
                       "head_dim");
     expect_edit_error(MIXTRAL, "\"rms_norm_eps\":1e-6", "\"rms_norm_eps\":0", MOE_ERR_RANGE,
                       "rms_norm_eps");
+    /* positive as a double, zero as the float it is stored in (found by fuzz_config) */
+    expect_edit_error(MIXTRAL, "\"rms_norm_eps\":1e-6", "\"rms_norm_eps\":1e-61", MOE_ERR_RANGE,
+                      "rms_norm_eps");
 }
 
 Test(model_config, refuses_malformed_json)
 {
+    /* cJSON would read the first copy, transformers the last: refuse */
+    expect_edit_error(MIXTRAL, "\"hidden_size\":32,", "\"hidden_size\":32,\"hidden_size\":64,",
+                      MOE_ERR_FORMAT, "field hidden_size appears twice");
     expect_error("{\"architectures\":[\"MixtralForCausalLM\"", NULL, MOE_ERR_FORMAT,
                  "not valid JSON");
     expect_error("[]", NULL, MOE_ERR_FORMAT, "not a JSON object");
