@@ -597,6 +597,8 @@ static bool try_import(worker *w, pull_t *q)
 
 static void on_offer(worker *w, int src, pb_offer *m)
 {
+    w->n_starts++;
+    maybe_hang(w);
     uint64_t id = m->state ? m->state->seq_id : 0;
     if (!m->state || take_tomb(w, id) || !w->eng) {
         send_kv_done(w, src, id, false);

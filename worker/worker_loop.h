@@ -37,7 +37,7 @@ typedef struct {
  * shutdown; otherwise the error (moe_error_message says what).
  * Test hooks (environment): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
  * MOE_TEST_HANG_RANK=R with MOE_TEST_HANG_AFTER=K: world rank R stops answering anything once it
- * has received K StartSeq messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode rank waits N
+ * has received K StartSeq or KvOffer messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode rank waits N
  * ms after each offer before pulling and renews no lease meanwhile (lease expiry). */
 moe_status moe_worker_run(const moe_worker_opts *o);
 

@@ -1,0 +1,247 @@
+"""Helpers for the mpirun cluster tests: start moe-serve under mpirun, wait until it serves, talk
+to it with grpcio stubs generated from proto/ (run.sh puts them on PYTHONPATH), compute reference
+outputs with moe-generate, and stop the cluster, checking that every rank exited 0."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+
+import health_pb2
+import health_pb2_grpc
+import moeserve_pb2 as pb
+import moeserve_pb2_grpc as pbg
+
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = os.path.join(SRC, "tests/reference/fixtures/models/qwen3_moe_f32")
+
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    # containers without ptrace rights cannot use CMA single-copy
+    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
+
+
+class TestFailure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def build_dir():
+    return os.environ["MOE_BUILD_DIR"]
+
+
+class Cluster:
+    """One moe-serve job. Use as a context manager; stop() drains it with SIGTERM to rank 0."""
+
+    def __init__(self, np=3, args=(), env=None, model=MODEL, startup_s=60):
+        self.np = np
+        self.model = model
+        self.log = tempfile.NamedTemporaryFile(prefix="moe-serve-", suffix=".log", delete=False)
+        self.out = tempfile.NamedTemporaryFile(prefix="moe-serve-", suffix=".out", delete=False)
+        e = dict(os.environ)
+        e.update(MPI_ENV)
+        e.setdefault("MOE_LOG_LEVEL", "info")
+        if env:
+            e.update(env)
+        cmd = ["mpirun", "--oversubscribe", "-np", str(np), os.path.join(build_dir(), "moe-serve"),
+               "--model", model, "--listen", "127.0.0.1:0", "--threads", "1", "--kv-blocks", "512",
+               "--heartbeat-ms", "100"] + list(args)
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.log, env=e, start_new_session=True)
+        try:
+            self._start(startup_s)
+        except BaseException:
+            self.kill()
+            sys.stderr.write("cluster log kept: %s\n" % self.log.name)
+            raise
+
+    def _start(self, startup_s):
+        self.port = None
+        self.pid = None
+        deadline = time.time() + startup_s
+        while time.time() < deadline:
+            m = re.search(r"port (\d+)\); coordinator pid (\d+)", self.stdout())
+            if m:
+                self.port, self.pid = int(m.group(1)), int(m.group(2))
+                break
+            if self.proc.poll() is not None:
+                raise TestFailure("moe-serve exited with %s before serving:\n%s" % (self.proc.returncode, self.stderr()))
+            time.sleep(0.05)
+        if not self.port:
+            raise TestFailure("moe-serve did not print its start-up line in %d s:\n%s" % (startup_s, self.stderr()))
+        self.channel = grpc.insecure_channel("127.0.0.1:%d" % self.port)
+        self.stub = pbg.MoeserveStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.serving():
+                return
+            time.sleep(0.05)
+        raise TestFailure("Health never answered SERVING:\n" + self.stderr())
+
+    def stdout(self):
+        with open(self.out.name, errors="replace") as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def serving(self):
+        try:
+            r = self.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def status(self):
+        return self.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+
+    def wait_idle(self, timeout=10):
+        """Waits until no instance holds KV or runs a sequence; returns the last status."""
+        deadline = time.time() + timeout
+        st = None
+        while time.time() < deadline:
+            st = self.status()
+            if all(i.kv_blocks_used == 0 and i.running == 0 and i.waiting == 0 for i in st.instances) \
+                    and st.totals.active_streams == 0:
+                return st
+            time.sleep(0.05)
+        raise TestFailure("KV/sequences not back at zero after %d s:\n%s" % (timeout, st))
+
+    def wait_counters(self, pred, timeout=5):
+        """Waits until pred(status.counters) holds (counters travel with heartbeats)."""
+        deadline = time.time() + timeout
+        st = None
+        while time.time() < deadline:
+            st = self.status()
+            if pred(st.counters):
+                return st
+            time.sleep(0.05)
+        raise TestFailure("counters never satisfied the test:\n%s" % st.counters)
+
+    def stop(self, timeout=30, sig=signal.SIGTERM, to_mpirun=False):
+        """Drains via SIGTERM to the coordinator (or a signal to mpirun); returns mpirun's status."""
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid if to_mpirun else self.pid, sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TestFailure("moe-serve did not exit %d s after the signal:\n%s" % (timeout, self.stderr()[-4000:]))
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        for f in (self.log, self.out):
+            f.close()
+            if exc[0] is None:
+                os.unlink(f.name)
+            else:
+                sys.stderr.write("cluster log kept: %s\n" % f.name)
+        return False
+
+
+def gen_request(prompt=None, ids=None, max_new=16, temperature=0.0, **kw):
+    sp = pb.SamplingParams(temperature=temperature)
+    if "top_p" in kw:
+        sp.top_p = kw.pop("top_p")
+    if "seed" in kw:
+        sp.seed = kw.pop("seed")
+    if ids is not None:
+        return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_new_tokens=max_new, sampling=sp, **kw)
+    return pb.GenerateRequest(text=prompt, max_new_tokens=max_new, sampling=sp, **kw)
+
+
+def generate(stub, req, timeout=60):
+    """Runs one Generate; returns (ids, text, last message). Checks index continuity."""
+    ids, text, last = [], "", None
+    for r in stub.Generate(req, timeout=timeout):
+        check(list(r.token_indices) == list(range(len(ids), len(ids) + len(r.token_ids))),
+              "token indices %s after %d tokens" % (list(r.token_indices), len(ids)))
+        ids += list(r.token_ids)
+        text += r.text
+        last = r
+    return ids, text, last
+
+
+def reference(prompt=None, ids=None, max_new=16, model=MODEL, extra=()):
+    """moe-generate's greedy token ids for the same prompt."""
+    cmd = [os.path.join(build_dir(), "moe-generate"), "--model", model, "--max-new-tokens", str(max_new),
+           "--print-ids", "--threads", "1"] + list(extra)
+    if ids is not None:
+        cmd += ["--prompt-ids", ",".join(str(i) for i in ids)]
+    else:
+        cmd += ["--prompt", prompt]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    m = re.search(r"^ids:(.*)$", out, re.M)
+    check(m is not None, "moe-generate printed no ids: %r" % out)
+    return [int(x) for x in m.group(1).split()]
+
+
+def mixed_workload(n, seed=1234, vocab=1000, context=512):
+    """n requests of mixed prompt and output lengths (text and token-id prompts)."""
+    import random
+    rnd = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "Hello", "world", "serving", "experts", "token", "cache",
+             "über", "naïve", "日本", "数据", "🙂", ",", ".", "\n"]
+    reqs = []
+    for i in range(n):
+        max_new = rnd.choice([1, 2, 5, 17, 33, 64, 100])
+        if i % 3 == 0:
+            plen = rnd.choice([1, 3, 15, 16, 17, 40, 130, 300])
+            ids = [rnd.randrange(vocab) for _ in range(plen)]
+            reqs.append({"ids": ids, "max_new": max_new})
+        else:
+            k = rnd.choice([1, 4, 12, 30, 80])
+            reqs.append({"prompt": " ".join(rnd.choice(words) for _ in range(k)), "max_new": max_new})
+    return reqs
+
+
+def run_parallel(fn, items, workers=40):
+    """fn(item) for each item on its own thread, all at once; returns results (exceptions re-raised)."""
+    results = [None] * len(items)
+    errors = []
+
+    def one(i):
+        try:
+            results[i] = fn(items[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        i, e = errors[0]
+        raise TestFailure("item %d: %s: %s" % (i, type(e).__name__, e))
+    return results

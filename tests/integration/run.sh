@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
+# Builds nothing: BUILD_DIR must hold moe-serve and moe-generate. Generates the Python gRPC stubs
+# from proto/ into a temporary directory, runs every test of cluster_tests.py (or the ones named)
+# in its own process with a time limit, then the grpcio client test against a live cluster, and
+# ends with one line "N passed, M failed" (exit status non-zero when M > 0).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+src=$(cd "$here/../.." && pwd)
+if [ $# -lt 1 ]; then
+  echo "usage: $0 BUILD_DIR [TEST...]" >&2
+  exit 2
+fi
+build=$(cd "$1" && pwd) || exit 2
+shift
+per_test_timeout=${MOE_IT_TIMEOUT:-120}
+
+passed=0
+failed=0
+fail_names=()
+for bin in moe-serve moe-generate; do
+  if [ ! -x "$build/$bin" ]; then
+    echo "run.sh: $build/$bin is missing (build it first)" >&2
+    echo "0 passed, 1 failed"
+    exit 1
+  fi
+done
+if ! python3 -c "import grpc, grpc_tools" 2>/dev/null; then
+  echo "run.sh: Python grpcio and grpcio-tools are required (pip install grpcio grpcio-tools)" >&2
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+stubs=$(mktemp -d)
+trap 'rm -rf "$stubs"' EXIT
+python3 -m grpc_tools.protoc -I "$src/proto" --python_out="$stubs" --grpc_python_out="$stubs" \
+  "$src/proto/moeserve.proto" "$src/proto/health.proto" || { echo "0 passed, 1 failed"; exit 1; }
+export PYTHONPATH="$stubs:$here${PYTHONPATH:+:$PYTHONPATH}"
+export MOE_BUILD_DIR="$build"
+
+if [ $# -gt 0 ]; then
+  tests=("$@")
+else
+  mapfile -t tests < <(python3 "$here/cluster_tests.py" --list)
+  if [ -f "$here/grpc_client_test.py" ]; then
+    tests+=(grpc_client_test)
+  fi
+fi
+
+for t in "${tests[@]}"; do
+  start=$(date +%s%N)
+  if [ "$t" = grpc_client_test ]; then
+    cmd=(python3 "$here/live_cluster.py" python3 "$here/grpc_client_test.py")
+  else
+    cmd=(python3 "$here/cluster_tests.py" "$t")
+  fi
+  out=$(timeout -k 5 "$per_test_timeout" "${cmd[@]}" 2>&1)
+  rc=$?
+  tenths=$((($(date +%s%N) - start) / 100000000))
+  secs="$((tenths / 10)).$((tenths % 10))"
+  if [ $rc -eq 0 ]; then
+    passed=$((passed + 1))
+    echo "PASS $t (${secs} s)"
+  else
+    failed=$((failed + 1))
+    fail_names+=("$t")
+    [ $rc -eq 124 ] && out="$out
+(timed out after ${per_test_timeout} s)"
+    echo "FAIL $t (${secs} s)"
+    echo "$out" | tail -40 | sed 's/^/    /'
+  fi
+done
+if [ $failed -gt 0 ]; then
+  echo "failed: ${fail_names[*]}"
+fi
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]
