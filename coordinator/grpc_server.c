@@ -253,13 +253,13 @@ static void request_call(moe_grpc_server *s, enum call_kind kind)
         call_free(c);
 }
 
-/* The gRPC side lets go once the call is closed and no batch is outstanding; the object goes
- * once the backend let go too. Called without c->mu. */
-static void release_check(struct moe_frontend_req *c)
+/* Ends a critical section on c->mu: drops `drop` references (a handler's own), lets the gRPC
+ * side go once the call is closed and no batch is outstanding, and frees the object when nobody
+ * holds it. Every decision is taken under the lock, so c must not be touched after this. */
+static void unlock_and_release(struct moe_frontend_req *c, int drop)
 {
     grpc_call *to_unref = NULL;
-    bool free_it = false;
-    pthread_mutex_lock(&c->mu);
+    c->refs -= drop;
     if (c->call && c->closed && c->grpc_ops == 0) {
         to_unref = c->call;
         c->call = NULL;
@@ -270,7 +270,7 @@ static void release_check(struct moe_frontend_req *c)
         c->p_n = 0;
         c->p_text_len = 0;
     }
-    free_it = c->refs == 0;
+    bool free_it = c->refs == 0;
     pthread_mutex_unlock(&c->mu);
     if (to_unref)
         grpc_call_unref(to_unref);
@@ -724,7 +724,9 @@ static void gen_start(struct moe_frontend_req *c)
 {
     moe_grpc_server *s = c->srv;
     atomic_fetch_add(&s->ctr.received, 1);
-    c->refs = 1; /* the gRPC side */
+    /* The gRPC side's reference, and this handler's own: RECV_CLOSE may complete on another
+     * thread and the backend may finish before submit returns. */
+    c->refs = 2;
 
     grpc_op op;
     memset(&op, 0, sizeof(op));
@@ -733,7 +735,6 @@ static void gen_start(struct moe_frontend_req *c)
     c->grpc_ops = 1;
     if (!MOE_GRPC_OK(grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL))) {
         c->grpc_ops = 0;
-        c->refs = 0;
         grpc_call_cancel_with_status(c->call, GRPC_STATUS_INTERNAL, "server failed to start",
                                      NULL);
         grpc_call_unref(c->call);
@@ -781,20 +782,18 @@ static void gen_start(struct moe_frontend_req *c)
         atomic_fetch_add(&s->ctr.rejected_invalid, 1);
         pthread_mutex_lock(&c->mu);
         gen_fail_locked(c, code, msg);
-        pthread_mutex_unlock(&c->mu);
-        release_check(c);
+        unlock_and_release(c, 1);
         return;
     }
     c->v.req.arrival_ns = c->arrival_ns;
     if (gpr_time_cmp(c->deadline, gpr_inf_future(c->deadline.clock_type)) != 0) {
         gpr_timespec left = gpr_time_sub(c->deadline, gpr_now(c->deadline.clock_type));
-        c->v.req.deadline_ns = moe_now_ns() + gpr_time_to_millis(left) * 1000000;
+        c->v.req.deadline_ns = moe_now_ns() + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
     }
 
     pthread_mutex_lock(&c->mu);
     if (c->closed) { /* gone before admission: nothing to tell the backend */
-        pthread_mutex_unlock(&c->mu);
-        release_check(c);
+        unlock_and_release(c, 1);
         return;
     }
     c->backend_holds = true;
@@ -827,10 +826,10 @@ static void gen_start(struct moe_frontend_req *c)
             do_cancel = true;
         }
     }
-    pthread_mutex_unlock(&c->mu);
+    unlock_and_release(c, 1);
+    /* c may be gone; the handle is all cancel needs. */
     if (do_cancel)
         s->be.cancel(s->be.ctx, handle);
-    release_check(c);
 }
 
 static void gen_on_close(struct moe_frontend_req *c)
@@ -858,10 +857,9 @@ static void gen_on_close(struct moe_frontend_req *c)
         /* Backend finished but the client left before we could send the end. */
         atomic_fetch_add(&s->ctr.cancelled, 1);
     }
-    pthread_mutex_unlock(&c->mu);
+    unlock_and_release(c, 0);
     if (do_cancel)
         s->be.cancel(s->be.ctx, handle);
-    release_check(c);
 }
 
 static void gen_on_wake(struct moe_frontend_req *c)
@@ -870,8 +868,7 @@ static void gen_on_wake(struct moe_frontend_req *c)
     c->grpc_ops--;
     c->wake_pending = false;
     gen_flush(c);
-    pthread_mutex_unlock(&c->mu);
-    release_check(c);
+    unlock_and_release(c, 0);
 }
 
 static void gen_on_send(struct moe_frontend_req *c, bool ok)
@@ -889,8 +886,7 @@ static void gen_on_send(struct moe_frontend_req *c, bool ok)
     }
     (void)ok; /* a failed send means the call is going away: RECV_CLOSE will say so */
     gen_flush(c);
-    pthread_mutex_unlock(&c->mu);
-    release_check(c);
+    unlock_and_release(c, 0);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -983,11 +979,7 @@ static void backend_release_locked_then_unlock(struct moe_frontend_req *c)
 {
     c->backend_done = true;
     c->backend_holds = false;
-    c->refs--;
-    bool free_it = c->refs == 0;
-    pthread_mutex_unlock(&c->mu);
-    if (free_it)
-        call_free(c);
+    unlock_and_release(c, 1);
 }
 
 void moe_frontend_finish(moe_frontend_req *c, const moe_frontend_finish_info *info)
