@@ -46,11 +46,20 @@ typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_
 typedef float (*moe_dot_f32_fn)(const float *a, const float *b, int n);
 /* y[i] += a * x[i] (moe_axpy, attention's p.V). */
 typedef void (*moe_axpy_f32_fn)(float *y, float a, const float *x, int n);
+/* Attention chunk, scores: s[g * s_stride + c] = scale * dot(q + g * head_dim, k[c]) for g < ng,
+ * c < nc (k: row pointers into the paged cache). */
+typedef void (*moe_attn_scores_fn)(float *s, int s_stride, const float *q, int ng,
+                                   const float *const *k, int nc, int head_dim, float scale);
+/* Attention chunk, values: o[g * head_dim + d] += sum_c p[g * p_stride + c] * v[c][d]. */
+typedef void (*moe_attn_accum_fn)(float *o, const float *p, int p_stride, int ng,
+                                  const float *const *v, int nc, int head_dim);
 
 typedef struct {
     moe_matmul_rows_fn matmul_rows;
     moe_dot_f32_fn dot_f32;
     moe_axpy_f32_fn axpy_f32;
+    moe_attn_scores_fn attn_scores;
+    moe_attn_accum_fn attn_accum;
     /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
     int row_block;
 } moe_kernel_ops;
@@ -62,12 +71,21 @@ void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype w
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_scalar(const float *a, const float *b, int n);
 void moe_axpy_f32_scalar(float *y, float a, const float *x, int n);
+void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, const float *const *k,
+                            int nc, int head_dim, float scale);
+void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
+                           int nc, int head_dim);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx2(const float *a, const float *b, int n);
 void moe_axpy_f32_avx2(float *y, float a, const float *x, int n);
+/* attention_avx2.c; the AVX-512 table uses these too. */
+void moe_attn_scores_avx2(float *s, int s_stride, const float *q, int ng, const float *const *k,
+                          int nc, int head_dim, float scale);
+void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const float *const *v,
+                         int nc, int head_dim);
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);
