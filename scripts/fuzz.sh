@@ -43,7 +43,7 @@ for n in "${names[@]}"; do
   log="$build/artifacts/fuzz_$n.log"
   if "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="$build/artifacts/fuzz_$n-" "${dirs[@]}" >"$log" 2>&1; then
-    grep -E "^(stat::number_of_executed_runs|stat::peak_rss_mb)" "$log" || true
+    grep -aE "^stat::(number_of_executed_units|new_units_added|peak_rss_mb)" "$log" || true
     echo "=== fuzz_$n: ok"
   else
     tail -n 60 "$log"
