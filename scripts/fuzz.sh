@@ -12,9 +12,10 @@ shift || true
 build=build-fuzz
 jobs=${MOE_FUZZ_JOBS:-2}
 
+mkdir -p "$build"
 CC=clang cmake -S . -B "$build" -G Ninja -DMOE_FUZZ=ON -DMOE_BUILD_TESTS=OFF \
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build.configure.log" 2>&1 ||
-  { cat "$build.configure.log"; exit 1; }
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$build/configure.log" 2>&1 ||
+  { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j"$jobs" --target moe_fuzz
 
 names=("$@")

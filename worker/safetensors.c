@@ -580,6 +580,11 @@ static moe_status open_sharded(moe_st_set *set, const char *dir, const char *ind
         s = moe_error(MOE_ERR_FORMAT, "%s: weight_map is empty", index_path);
     if (s == MOE_OK)
         s = set_index(set);
+    /* Mark what the index covers (by tensor index: a name lookup per tensor in the cJSON object
+     * would be quadratic, and big MoE checkpoints have tens of thousands of tensors). */
+    unsigned char *listed = NULL;
+    if (s == MOE_OK && !(listed = calloc((size_t)(set->n > 0 ? set->n : 1), 1)))
+        s = moe_error(MOE_ERR_NOMEM, "%s: out of memory", index_path);
     for (const cJSON *e = wm->child; e && s == MOE_OK; e = e->next) {
         const moe_st_tensor *t = moe_st_find(set, e->string);
         if (!t) {
@@ -592,12 +597,14 @@ static moe_status open_sharded(moe_st_set *set, const char *dir, const char *ind
         if (strcmp(base, e->valuestring) != 0)
             s = moe_error(MOE_ERR_FORMAT, "%s: tensor %s is indexed in %s but lives in %s",
                           index_path, e->string, e->valuestring, t->file);
+        listed[t - set->t] = 1;
     }
     for (int i = 0; i < set->n && s == MOE_OK; i++) {
-        if (!cJSON_GetObjectItemCaseSensitive(wm, set->t[i].name))
+        if (!listed[i])
             s = moe_error(MOE_ERR_FORMAT, "%s: tensor %s is not listed in %s", set->t[i].file,
                           set->t[i].name, index_path);
     }
+    free(listed);
     free(path);
     free(names);
     cJSON_Delete(root);
