@@ -82,9 +82,11 @@ static inline int64_t now_ns(void)
 static void run_tasks(moe_threadpool_t *pool, uint32_t gen, int thread)
 {
     const job_slot *slot = &pool->slot[gen & 1u];
-    moe_task_fn fn = atomic_load_explicit(&slot->fn, memory_order_relaxed);
-    void *arg = atomic_load_explicit(&slot->arg, memory_order_relaxed);
-    uint32_t n = (uint32_t)atomic_load_explicit(&slot->n_tasks, memory_order_relaxed);
+    /* Acquire: if these read a later run's values, the later run's state store is then
+     * visible, so the CAS below fails rather than pairing them with generation `gen`. */
+    moe_task_fn fn = atomic_load_explicit(&slot->fn, memory_order_acquire);
+    void *arg = atomic_load_explicit(&slot->arg, memory_order_acquire);
+    uint32_t n = (uint32_t)atomic_load_explicit(&slot->n_tasks, memory_order_acquire);
     uint64_t cur = atomic_load_explicit(&pool->state, memory_order_acquire);
     for (;;) {
         if ((uint32_t)(cur >> 32) != gen || (uint32_t)cur >= n)
@@ -203,9 +205,9 @@ void moe_threadpool_run(moe_threadpool_t *pool, moe_task_fn fn, void *arg, int n
     uint64_t st = atomic_load_explicit(&pool->state, memory_order_relaxed);
     uint32_t gen = (uint32_t)(st >> 32) + 1u;
     job_slot *slot = &pool->slot[gen & 1u];
-    atomic_store_explicit(&slot->fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&slot->arg, arg, memory_order_relaxed);
-    atomic_store_explicit(&slot->n_tasks, n_tasks, memory_order_relaxed);
+    atomic_store_explicit(&slot->fn, fn, memory_order_release);
+    atomic_store_explicit(&slot->arg, arg, memory_order_release);
+    atomic_store_explicit(&slot->n_tasks, n_tasks, memory_order_release);
     atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
     atomic_store_explicit(&pool->caller_sleeping, 0, memory_order_relaxed);
     atomic_store_explicit(&pool->state, (uint64_t)gen << 32, memory_order_seq_cst);
