@@ -12,10 +12,10 @@
 
 typedef struct {
     const tok_dec *d;
-    size_t n_tokens;   /* tokens begun so far at this stage */
-    bool started;      /* Fuse/ByteLevel/Join: the single output token has begun */
-    tok_buf buf;       /* Replace: held-back text; ByteLevel: current token; ByteFallback: run */
-    tok_buf out;       /* scratch for the text emitted by one call */
+    size_t n_tokens; /* tokens begun so far at this stage */
+    bool started;    /* Fuse/ByteLevel/Join: the single output token has begun */
+    tok_buf buf;     /* Replace: held-back text; ByteLevel: current token; ByteFallback: run */
+    tok_buf out;     /* scratch for the text emitted by one call */
     /* Strip */
     int lead_left, trail_pending;
     bool lead_done;
@@ -35,7 +35,7 @@ struct moe_detok {
     bool oom;
     dstage *st;
     size_t n;
-    tok_buf q;    /* decoded text not yet handed out */
+    tok_buf q; /* decoded text not yet handed out */
     size_t q_pos;
 };
 
@@ -110,7 +110,8 @@ static void bl_bytes(moe_detok *d, dstage *s, const unsigned char *b, size_t n)
         if (s->npend == 0) {
             if (c < 0x80)
                 put(d, &s->out, &c, 1);
-            else if ((c >= 0xC2 && c <= 0xDF) || (c >= 0xE0 && c <= 0xEF) || (c >= 0xF0 && c <= 0xF4))
+            else if ((c >= 0xC2 && c <= 0xDF) || (c >= 0xE0 && c <= 0xEF) ||
+                     (c >= 0xF0 && c <= 0xF4))
                 s->pend[s->npend++] = c;
             else
                 put(d, &s->out, REPLACEMENT_CHAR, 3);
@@ -508,8 +509,8 @@ size_t moe_detok_finish(moe_detok *d, char *out, size_t cap)
     return drain(d, out, cap);
 }
 
-moe_status moe_tokenizer_decode(const moe_tokenizer *tok, const int32_t *ids, size_t n, bool skip_special,
-                                char *out, size_t cap, size_t *n_out)
+moe_status moe_tokenizer_decode(const moe_tokenizer *tok, const int32_t *ids, size_t n,
+                                bool skip_special, char *out, size_t cap, size_t *n_out)
 {
     *n_out = 0;
     moe_detok d;

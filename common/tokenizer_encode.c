@@ -1,6 +1,6 @@
 /* Encoding text to ids, step for step as HF tokenizers does it: added tokens split out first
- * (raw, then on the normalized text), normalizers, pre-tokenizers, the BPE model (with a
- * heap-ordered merge and a shared per-pre-token cache), then the post-processor template. */
+ * (raw, then on the normalized text), normalizers, pre-tokenizers, the BPE model
+ * (tokenizer_bpe.c), then the post-processor template. Also the added-token tries. */
 #include <stdlib.h>
 #include <string.h>
 #include <utf8proc.h>
@@ -13,19 +13,14 @@
 typedef struct {
     const char *s;
     size_t n;
-    bool first;   /* starts at offset 0 of the original text (Metaspace prepend_scheme "first") */
-    int32_t id;   /* >= 0: an added token, already final */
+    bool first; /* starts at offset 0 of the original text (Metaspace prepend_scheme "first") */
+    int32_t id; /* >= 0: an added token, already final */
 } piece;
 
 typedef struct {
     piece *v;
     size_t n, cap;
 } piece_vec;
-
-typedef struct {
-    int32_t *v;
-    size_t n, cap;
-} id_vec;
 
 typedef struct {
     size_t s, e;
@@ -37,27 +32,13 @@ typedef struct {
     size_t n, cap;
 } span_vec;
 
-typedef struct {
-    int32_t id, prev, next;
-    uint32_t len; /* 0: merged away */
-} bpe_sym;
-
-typedef struct {
-    uint32_t rank, pos;
-    int32_t id;
-} bpe_merge;
-
 /* Everything one encode call allocates; freed at the end of the call. */
 typedef struct {
     const moe_tokenizer *tok;
     tok_arena arena;
     pcre2_match_data *md;
     span_vec spans;
-    bpe_sym *syms;
-    size_t syms_cap;
-    bpe_merge *heap;
-    size_t heap_cap;
-    tok_buf tmp;
+    tok_bpe_scratch bpe;
 } enc_ctx;
 
 static bool piece_push(piece_vec *pv, piece p)
@@ -71,20 +52,6 @@ static bool piece_push(piece_vec *pv, piece p)
         pv->cap = c;
     }
     pv->v[pv->n++] = p;
-    return true;
-}
-
-static bool id_push(id_vec *iv, int32_t id)
-{
-    if (iv->n == iv->cap) {
-        size_t c = iv->cap ? iv->cap * 2 : 64;
-        int32_t *v = realloc(iv->v, c * sizeof *v);
-        if (!v)
-            return false;
-        iv->v = v;
-        iv->cap = c;
-    }
-    iv->v[iv->n++] = id;
     return true;
 }
 
@@ -161,8 +128,8 @@ static bool trie_insert(tok_trie *t, const char *s, size_t n, int32_t added)
 }
 
 /* Leftmost-longest match at or after `from`: returns true with [*ms, *me) and the added index. */
-static bool trie_find(const tok_trie *t, const char *s, size_t n, size_t from, size_t *ms, size_t *me,
-                      int32_t *added)
+static bool trie_find(const tok_trie *t, const char *s, size_t n, size_t from, size_t *ms,
+                      size_t *me, int32_t *added)
 {
     if (!t->nodes)
         return false;
@@ -226,7 +193,8 @@ moe_status tok_build_tries(moe_tokenizer *tok)
     return MOE_OK;
 nomem:
     tok_buf_free(&nb);
-    return moe_error(MOE_ERR_NOMEM, "%s: out of memory building the added-token matcher", tok->name);
+    return moe_error(MOE_ERR_NOMEM, "%s: out of memory building the added-token matcher",
+                     tok->name);
 }
 
 static size_t prev_char_start(const char *s, size_t i)
@@ -283,15 +251,15 @@ static moe_status split_added(enc_ctx *c, const tok_trie *t, const piece *in, pi
                 stop += l;
             }
         }
-        if (start_offset < start &&
-            !piece_push(out, (piece){s + start_offset, start - start_offset, in->first && start_offset == 0, -1}))
+        if (start_offset < start && !piece_push(out, (piece){s + start_offset, start - start_offset,
+                                                             in->first && start_offset == 0, -1}))
             return oom(tok);
         if (!piece_push(out, (piece){s + start, stop - start, false, a->id}))
             return oom(tok);
         start_offset = stop;
     }
-    if (start_offset < n &&
-        !piece_push(out, (piece){s + start_offset, n - start_offset, in->first && start_offset == 0, -1}))
+    if (start_offset < n && !piece_push(out, (piece){s + start_offset, n - start_offset,
+                                                     in->first && start_offset == 0, -1}))
         return oom(tok);
     return MOE_OK;
 }
@@ -311,7 +279,8 @@ static moe_status regex_spans(enc_ctx *c, const tok_regex *re, const char *s, si
     while (last_end <= n) {
         int r = tok_regex_find(re, s, n, last_end, &ms, &me, c->md);
         if (r < 0)
-            return moe_error(MOE_ERR_INTERNAL, "%s: regex matching failed (resource limit?)", c->tok->name);
+            return moe_error(MOE_ERR_INTERNAL, "%s: regex matching failed (resource limit?)",
+                             c->tok->name);
         if (r == 0)
             break;
         if (ms == me && have_last && last_match_end == me) {
@@ -338,8 +307,8 @@ static moe_status regex_spans(enc_ctx *c, const tok_regex *re, const char *s, si
 }
 
 /* Spans for a per-character predicate (each matching character is its own match). */
-static moe_status char_spans(enc_ctx *c, const char *s, size_t n, bool (*pred)(uint32_t, const void *),
-                             const void *arg)
+static moe_status char_spans(enc_ctx *c, const char *s, size_t n,
+                             bool (*pred)(uint32_t, const void *), const void *arg)
 {
     c->spans.n = 0;
     if (n == 0)
@@ -420,7 +389,8 @@ static moe_status apply_behavior(enc_ctx *c, const piece *in, int behavior, piec
     for (size_t i = 0; i < k; i++) {
         if (v[i].match || v[i].e == v[i].s)
             continue;
-        if (!piece_push(out, (piece){in->s + v[i].s, v[i].e - v[i].s, in->first && v[i].s == 0, -1}))
+        if (!piece_push(out,
+                        (piece){in->s + v[i].s, v[i].e - v[i].s, in->first && v[i].s == 0, -1}))
             return oom(c->tok);
     }
     return MOE_OK;
@@ -428,8 +398,8 @@ static moe_status apply_behavior(enc_ctx *c, const piece *in, int behavior, piec
 
 /* ---- normalizers ---- */
 
-static moe_status replace_all(enc_ctx *c, const tok_regex *re, const char *s, size_t n, const char *with,
-                              size_t with_len, tok_buf *out)
+static moe_status replace_all(enc_ctx *c, const tok_regex *re, const char *s, size_t n,
+                              const char *with, size_t with_len, tok_buf *out)
 {
     moe_status st = regex_spans(c, re, s, n, false);
     if (st)
@@ -437,7 +407,8 @@ static moe_status replace_all(enc_ctx *c, const tok_regex *re, const char *s, si
     out->len = 0;
     for (size_t i = 0; i < c->spans.n; i++) {
         const span *sp = &c->spans.v[i];
-        bool ok = sp->match ? tok_buf_put(out, with, with_len) : tok_buf_put(out, s + sp->s, sp->e - sp->s);
+        bool ok = sp->match ? tok_buf_put(out, with, with_len)
+                            : tok_buf_put(out, s + sp->s, sp->e - sp->s);
         if (!ok)
             return oom(c->tok);
     }
@@ -456,7 +427,10 @@ static moe_status normalize_with(enc_ctx *c, const char *s, size_t n, tok_buf *o
         const tok_norm *nm = &tok->norms[i];
         b.len = 0;
         switch (nm->type) {
-        case TOK_NORM_NFC: case TOK_NORM_NFKC: case TOK_NORM_NFD: case TOK_NORM_NFKD: {
+        case TOK_NORM_NFC:
+        case TOK_NORM_NFKC:
+        case TOK_NORM_NFD:
+        case TOK_NORM_NFKD: {
             if (a.len == 0)
                 continue;
             int opt = UTF8PROC_STABLE;
@@ -467,14 +441,15 @@ static moe_status normalize_with(enc_ctx *c, const char *s, size_t n, tok_buf *o
             if (nm->type == TOK_NORM_NFKC || nm->type == TOK_NORM_NFKD)
                 opt |= UTF8PROC_COMPAT;
             utf8proc_uint8_t *dst = NULL;
-            utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)a.p, (utf8proc_ssize_t)a.len, &dst,
-                                              (utf8proc_option_t)opt);
+            utf8proc_ssize_t r =
+                utf8proc_map((const utf8proc_uint8_t *)a.p, (utf8proc_ssize_t)a.len, &dst,
+                             (utf8proc_option_t)opt);
             if (r < 0) {
                 free(dst);
                 tok_buf_free(&a);
                 tok_buf_free(&b);
-                return moe_error(MOE_ERR_INVALID_ARG, "%s: unicode normalization failed: %s", tok->name,
-                                 utf8proc_errmsg(r));
+                return moe_error(MOE_ERR_INVALID_ARG, "%s: unicode normalization failed: %s",
+                                 tok->name, utf8proc_errmsg(r));
             }
             bool ok = tok_buf_put(&b, dst, (size_t)r);
             free(dst);
@@ -543,9 +518,7 @@ static void ctx_free(enc_ctx *c)
     tok_arena_free(&c->arena);
     pcre2_match_data_free(c->md);
     free(c->spans.v);
-    free(c->syms);
-    free(c->heap);
-    tok_buf_free(&c->tmp);
+    tok_bpe_scratch_free(&c->bpe);
 }
 
 static moe_status ctx_init(enc_ctx *c, const moe_tokenizer *tok)
@@ -569,7 +542,10 @@ moe_status tok_normalize(const moe_tokenizer *tok, const char *s, size_t n, tok_
 
 /* ---- pre-tokenizers ---- */
 
-static bool is_cp(uint32_t cp, const void *arg) { return cp == *(const uint32_t *)arg; }
+static bool is_cp(uint32_t cp, const void *arg)
+{
+    return cp == *(const uint32_t *)arg;
+}
 static bool is_numeric(uint32_t cp, const void *arg)
 {
     (void)arg;
@@ -600,7 +576,8 @@ static moe_status pretok_one(enc_ctx *c, const tok_pretok *p, const piece *in, p
     case TOK_PRE_DIGITS:
         if ((st = char_spans(c, in->s, in->n, is_numeric, NULL)))
             return st;
-        return apply_behavior(c, in, p->individual_digits ? TOK_SPLIT_ISOLATED : TOK_SPLIT_CONTIGUOUS, out);
+        return apply_behavior(
+            c, in, p->individual_digits ? TOK_SPLIT_ISOLATED : TOK_SPLIT_CONTIGUOUS, out);
     case TOK_PRE_BYTELEVEL: {
         piece src = *in;
         if (p->add_prefix_space && (in->n == 0 || in->s[0] != ' ')) {
@@ -666,309 +643,9 @@ static moe_status pretok_one(enc_ctx *c, const tok_pretok *p, const piece *in, p
     }
 }
 
-/* ---- BPE ---- */
-
-static void heap_push(bpe_merge *h, size_t *n, bpe_merge m)
-{
-    size_t i = (*n)++;
-    while (i > 0) {
-        size_t p = (i - 1) / 2;
-        if (h[p].rank < m.rank || (h[p].rank == m.rank && h[p].pos <= m.pos))
-            break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = m;
-}
-
-static bpe_merge heap_pop(bpe_merge *h, size_t *n)
-{
-    bpe_merge top = h[0], last = h[--*n];
-    size_t i = 0;
-    for (;;) {
-        size_t l = 2 * i + 1, r = l + 1, m = i;
-        const bpe_merge *best = &last;
-        if (l < *n && (h[l].rank < best->rank || (h[l].rank == best->rank && h[l].pos < best->pos))) {
-            m = l;
-            best = &h[l];
-        }
-        if (r < *n && (h[r].rank < best->rank || (h[r].rank == best->rank && h[r].pos < best->pos)))
-            m = r;
-        if (m == i)
-            break;
-        h[i] = h[m];
-        i = m;
-    }
-    if (*n > 0)
-        h[i] = last;
-    return top;
-}
-
-static bool sym_add(enc_ctx *c, size_t *ns, int32_t id, uint32_t len)
-{
-    if (*ns == c->syms_cap) {
-        size_t cap = c->syms_cap ? c->syms_cap * 2 : 64;
-        bpe_sym *s = realloc(c->syms, cap * sizeof *s);
-        if (!s)
-            return false;
-        c->syms = s;
-        c->syms_cap = cap;
-    }
-    int32_t i = (int32_t)*ns;
-    c->syms[i] = (bpe_sym){id, i - 1, -1, len};
-    if (i > 0)
-        c->syms[i - 1].next = i;
-    (*ns)++;
-    return true;
-}
-
-static moe_status unk_missing(const moe_tokenizer *tok)
-{
-    return moe_error(MOE_ERR_FORMAT, "%s: model.unk_token is needed but not in the vocabulary", tok->name);
-}
-
-/* HF BPE::merge_word + Word::merge_all for one pre-token. */
-static moe_status bpe_word(enc_ctx *c, const char *s, size_t n, id_vec *out)
-{
-    const moe_tokenizer *tok = c->tok;
-    if (tok->ignore_merges) {
-        int32_t id = tok_strmap_get(&tok->vocab, s, n);
-        if (id >= 0)
-            return id_push(out, id) ? MOE_OK : oom(tok);
-    }
-    size_t ns = 0;
-    int32_t unk = -1;
-    uint32_t unk_len = 0;
-    bool affix = tok->cont_prefix || tok->eow_suffix;
-    for (size_t i = 0; i < n;) {
-        uint32_t cp;
-        size_t l = tok_utf8_decode(s + i, &cp);
-        const char *sym = s + i;
-        size_t sym_len = l;
-        if (affix) {
-            c->tmp.len = 0;
-            if ((i > 0 && tok->cont_prefix && !tok_buf_put(&c->tmp, tok->cont_prefix, tok->cont_prefix_len)) ||
-                !tok_buf_put(&c->tmp, s + i, l) ||
-                (i + l == n && tok->eow_suffix && !tok_buf_put(&c->tmp, tok->eow_suffix, tok->eow_suffix_len)))
-                return oom(tok);
-            sym = c->tmp.p;
-            sym_len = c->tmp.len;
-        }
-        i += l;
-        int32_t id = tok_strmap_get(&tok->vocab, sym, sym_len);
-        if (id >= 0) {
-            if (unk >= 0) {
-                if (!sym_add(c, &ns, unk, unk_len))
-                    return oom(tok);
-                unk = -1;
-            }
-            if (!sym_add(c, &ns, id, (uint32_t)l))
-                return oom(tok);
-            continue;
-        }
-        if (tok->byte_fallback) {
-            bool all = true;
-            for (size_t k = 0; k < sym_len && all; k++)
-                all = tok->byte_ids[(unsigned char)sym[k]] >= 0;
-            if (all) {
-                /* As HF: a pending unk is not flushed before the byte tokens. */
-                for (size_t k = 0; k < sym_len; k++)
-                    if (!sym_add(c, &ns, tok->byte_ids[(unsigned char)sym[k]], 1))
-                        return oom(tok);
-                continue;
-            }
-        }
-        if (tok->unk_id == -1)
-            continue; /* no unk token: HF drops the character */
-        if (tok->unk_id < 0)
-            return unk_missing(tok);
-        if (unk >= 0 && tok->fuse_unk)
-            unk_len += (uint32_t)l;
-        else {
-            if (unk >= 0 && !sym_add(c, &ns, unk, unk_len))
-                return oom(tok);
-            unk = tok->unk_id;
-            unk_len = (uint32_t)l;
-        }
-    }
-    if (unk >= 0 && !sym_add(c, &ns, unk, unk_len))
-        return oom(tok);
-
-    if (ns > 1) {
-        if (c->heap_cap < ns * 2) {
-            bpe_merge *h = realloc(c->heap, ns * 2 * sizeof *h);
-            if (!h)
-                return oom(tok);
-            c->heap = h;
-            c->heap_cap = ns * 2;
-        }
-        size_t hn = 0;
-        bpe_sym *sy = c->syms;
-        uint32_t rank;
-        int32_t nid;
-        for (size_t i = 0; i + 1 < ns; i++)
-            if (tok_pairmap_get(&tok->merges, sy[i].id, sy[i + 1].id, &rank, &nid))
-                heap_push(c->heap, &hn, (bpe_merge){rank, (uint32_t)i, nid});
-        while (hn > 0) {
-            bpe_merge top = heap_pop(c->heap, &hn);
-            bpe_sym *cur = &sy[top.pos];
-            if (cur->len == 0 || cur->next < 0)
-                continue;
-            int32_t next_pos = cur->next;
-            bpe_sym right = sy[next_pos];
-            if (!tok_pairmap_get(&tok->merges, cur->id, right.id, &rank, &nid) || nid != top.id)
-                continue;
-            cur->id = top.id;
-            cur->len += right.len;
-            cur->next = right.next;
-            sy[next_pos].len = 0;
-            if (right.next >= 0)
-                sy[right.next].prev = (int32_t)top.pos;
-            /* Each merge adds at most two entries and removes one: the heap never exceeds 2n. */
-            if (hn + 2 > c->heap_cap) {
-                bpe_merge *h = realloc(c->heap, (c->heap_cap * 2 + 2) * sizeof *h);
-                if (!h)
-                    return oom(tok);
-                c->heap = h;
-                c->heap_cap = c->heap_cap * 2 + 2;
-            }
-            if (cur->prev >= 0 && tok_pairmap_get(&tok->merges, sy[cur->prev].id, cur->id, &rank, &nid))
-                heap_push(c->heap, &hn, (bpe_merge){rank, (uint32_t)cur->prev, nid});
-            if (cur->next >= 0 && tok_pairmap_get(&tok->merges, cur->id, sy[cur->next].id, &rank, &nid))
-                heap_push(c->heap, &hn, (bpe_merge){rank, top.pos, nid});
-        }
-    }
-    for (size_t i = 0; i < ns; i++)
-        if (c->syms[i].len && !id_push(out, c->syms[i].id))
-            return oom(tok);
-    return MOE_OK;
-}
-
-/* ---- cache of pre-token -> ids ---- */
-
-#define CACHE_CAP 16384   /* slots; filled to 3/4 and then left alone, as HF's cache */
-#define CACHE_MAX_KEY 64  /* longer pre-tokens are rare and cheap to skip */
-
-tok_cache *tok_cache_create(void)
-{
-    tok_cache *c = calloc(1, sizeof *c);
-    if (c && pthread_mutex_init(&c->mu, NULL) != 0) {
-        free(c);
-        return NULL;
-    }
-    return c;
-}
-
-void tok_cache_free(tok_cache *c)
-{
-    if (!c)
-        return;
-    for (uint32_t i = 0; i < c->cap; i++) {
-        free(c->keys[i]);
-        free(c->vals[i]);
-    }
-    free(c->keys);
-    free(c->key_lens);
-    free(c->vals);
-    pthread_mutex_destroy(&c->mu);
-    free(c);
-}
-
-static uint32_t cache_hash(const char *s, size_t n)
-{
-    uint32_t h = 2166136261u;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    return h ^ (h >> 15);
-}
-
-/* Appends the cached ids of s to out; false on a miss (or when the lock is busy). */
-static bool cache_get(tok_cache *c, const char *s, size_t n, id_vec *out, bool *oom_flag)
-{
-    if (n > CACHE_MAX_KEY || pthread_mutex_trylock(&c->mu) != 0)
-        return false;
-    bool hit = false;
-    if (c->cap) {
-        uint32_t i = cache_hash(s, n) & (c->cap - 1);
-        while (c->keys[i]) {
-            if (c->key_lens[i] == n && memcmp(c->keys[i], s, n) == 0) {
-                const int32_t *v = c->vals[i];
-                hit = true;
-                for (int32_t k = 0; k < v[0]; k++)
-                    if (!id_push(out, v[1 + k])) {
-                        *oom_flag = true;
-                        break;
-                    }
-                break;
-            }
-            i = (i + 1) & (c->cap - 1);
-        }
-    }
-    pthread_mutex_unlock(&c->mu);
-    return hit;
-}
-
-static void cache_put(tok_cache *c, const char *s, size_t n, const int32_t *ids, size_t k)
-{
-    if (n > CACHE_MAX_KEY || pthread_mutex_trylock(&c->mu) != 0)
-        return;
-    if (!c->cap) {
-        c->keys = calloc(CACHE_CAP, sizeof *c->keys);
-        c->key_lens = calloc(CACHE_CAP, sizeof *c->key_lens);
-        c->vals = calloc(CACHE_CAP, sizeof *c->vals);
-        if (c->keys && c->key_lens && c->vals)
-            c->cap = CACHE_CAP;
-        else {
-            free(c->keys);
-            free(c->key_lens);
-            free(c->vals);
-            c->keys = NULL;
-            c->key_lens = NULL;
-            c->vals = NULL;
-        }
-    }
-    if (c->cap && c->n < c->cap / 4 * 3) {
-        uint32_t i = cache_hash(s, n) & (c->cap - 1);
-        while (c->keys[i] && !(c->key_lens[i] == n && memcmp(c->keys[i], s, n) == 0))
-            i = (i + 1) & (c->cap - 1);
-        if (!c->keys[i]) {
-            char *key = malloc(n + 1);
-            int32_t *val = malloc((k + 1) * sizeof *val);
-            if (key && val) {
-                memcpy(key, s, n);
-                val[0] = (int32_t)k;
-                memcpy(val + 1, ids, k * sizeof *ids);
-                c->keys[i] = key;
-                c->key_lens[i] = (uint32_t)n;
-                c->vals[i] = val;
-                c->n++;
-            } else {
-                free(key);
-                free(val);
-            }
-        }
-    }
-    pthread_mutex_unlock(&c->mu);
-}
-
-static moe_status model_piece(enc_ctx *c, const char *s, size_t n, id_vec *out)
-{
-    if (n == 0)
-        return MOE_OK;
-    tok_cache *cache = c->tok->cache;
-    bool oom_flag = false;
-    if (cache && cache_get(cache, s, n, out, &oom_flag))
-        return oom_flag ? oom(c->tok) : MOE_OK;
-    size_t before = out->n;
-    moe_status st = bpe_word(c, s, n, out);
-    if (!st && cache)
-        cache_put(cache, s, n, out->v + before, out->n - before);
-    return st;
-}
-
 /* ---- the whole pipeline ---- */
 
-static moe_status encode_pieces(enc_ctx *c, const char *text, size_t len, id_vec *ids)
+static moe_status encode_pieces(enc_ctx *c, const char *text, size_t len, tok_ids *ids)
 {
     const moe_tokenizer *tok = c->tok;
     piece_vec a = {0}, b = {0};
@@ -1019,9 +696,9 @@ static moe_status encode_pieces(enc_ctx *c, const char *text, size_t len, id_vec
     /* 4. the model */
     for (size_t i = 0; i < b.n; i++) {
         if (b.v[i].id >= 0)
-            st = id_push(ids, b.v[i].id) ? MOE_OK : oom(tok);
+            st = tok_ids_push(ids, b.v[i].id) ? MOE_OK : oom(tok);
         else
-            st = model_piece(c, b.v[i].s, b.v[i].n, ids);
+            st = tok_bpe_encode(tok, &c->bpe, b.v[i].s, b.v[i].n, ids);
         if (st)
             goto out;
     }
@@ -1032,8 +709,8 @@ out:
     return st;
 }
 
-moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size_t len, bool add_special,
-                                int32_t *ids, size_t cap, size_t *n_out)
+moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size_t len,
+                                bool add_special, int32_t *ids, size_t cap, size_t *n_out)
 {
     *n_out = 0;
     if (!text && len)
@@ -1042,20 +719,21 @@ moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size
         text = "";
     size_t bad = tok_utf8_check(text, len);
     if (bad != len)
-        return moe_error(MOE_ERR_INVALID_ARG, "%s: encode: text is not valid UTF-8 (byte %zu)", tok->name, bad);
+        return moe_error(MOE_ERR_INVALID_ARG, "%s: encode: text is not valid UTF-8 (byte %zu)",
+                         tok->name, bad);
     enc_ctx c;
     moe_status st = ctx_init(&c, tok);
-    id_vec seq = {0}, all = {0};
+    tok_ids seq = {0}, all = {0};
     if (!st)
         st = encode_pieces(&c, text, len, &seq);
-    const id_vec *res = &seq;
+    const tok_ids *res = &seq;
     if (!st && add_special) {
         for (size_t i = 0; i < tok->post.n_items && !st; i++) {
             const tok_tmpl_item *it = &tok->post.items[i];
             const int32_t *src = it->ids ? it->ids : seq.v;
             size_t n = it->ids ? it->n : seq.n;
             for (size_t k = 0; k < n && !st; k++)
-                if (!id_push(&all, src[k]))
+                if (!tok_ids_push(&all, src[k]))
                     st = oom(tok);
         }
         res = &all;

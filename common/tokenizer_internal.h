@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cjson/cJSON.h>
+
 #include "common/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -102,47 +104,66 @@ int tok_regex_find(const tok_regex *re, const char *s, size_t n, size_t start, s
 
 /* ---- the loaded pipeline ---- */
 
-enum { TOK_NORM_NFC, TOK_NORM_NFKC, TOK_NORM_NFD, TOK_NORM_NFKD, TOK_NORM_PREPEND,
-       TOK_NORM_REPLACE, TOK_NORM_STRIP };
+enum {
+    TOK_NORM_NFC,
+    TOK_NORM_NFKC,
+    TOK_NORM_NFD,
+    TOK_NORM_NFKD,
+    TOK_NORM_PREPEND,
+    TOK_NORM_REPLACE,
+    TOK_NORM_STRIP
+};
 
 typedef struct {
     int type;
-    char *str;     /* Prepend: the prefix; Replace: the content */
+    char *str; /* Prepend: the prefix; Replace: the content */
     size_t str_len;
-    tok_regex re;  /* Replace: the pattern */
+    tok_regex re;     /* Replace: the pattern */
     bool left, right; /* Strip */
 } tok_norm;
 
 enum { TOK_PRE_SPLIT, TOK_PRE_BYTELEVEL, TOK_PRE_METASPACE, TOK_PRE_DIGITS };
-enum { TOK_SPLIT_REMOVED, TOK_SPLIT_ISOLATED, TOK_SPLIT_MERGED_PREV, TOK_SPLIT_MERGED_NEXT,
-       TOK_SPLIT_CONTIGUOUS };
+enum {
+    TOK_SPLIT_REMOVED,
+    TOK_SPLIT_ISOLATED,
+    TOK_SPLIT_MERGED_PREV,
+    TOK_SPLIT_MERGED_NEXT,
+    TOK_SPLIT_CONTIGUOUS
+};
 enum { TOK_PREPEND_FIRST, TOK_PREPEND_ALWAYS, TOK_PREPEND_NEVER };
 
 typedef struct {
     int type;
-    tok_regex re;     /* Split's pattern; ByteLevel's GPT-2 pattern when use_regex */
-    int behavior;     /* Split */
-    bool invert;      /* Split */
+    tok_regex re; /* Split's pattern; ByteLevel's GPT-2 pattern when use_regex */
+    int behavior; /* Split */
+    bool invert;  /* Split */
     bool add_prefix_space, use_regex; /* ByteLevel */
-    char repl[5];     /* Metaspace replacement, UTF-8 */
+    char repl[5];                     /* Metaspace replacement, UTF-8 */
     size_t repl_len;
     uint32_t repl_cp;
     int prepend_scheme;
-    bool split;       /* Metaspace */
+    bool split;             /* Metaspace */
     bool individual_digits; /* Digits */
 } tok_pretok;
 
-enum { TOK_DEC_BYTELEVEL, TOK_DEC_METASPACE, TOK_DEC_REPLACE, TOK_DEC_BYTEFALLBACK, TOK_DEC_FUSE,
-       TOK_DEC_STRIP, TOK_DEC_JOIN /* no decoder: HF joins the tokens with spaces */ };
+enum {
+    TOK_DEC_BYTELEVEL,
+    TOK_DEC_METASPACE,
+    TOK_DEC_REPLACE,
+    TOK_DEC_BYTEFALLBACK,
+    TOK_DEC_FUSE,
+    TOK_DEC_STRIP,
+    TOK_DEC_JOIN /* no decoder: HF joins the tokens with spaces */
+};
 
 typedef struct {
     int type;
     char *pattern, *content; /* Replace */
     size_t pattern_len, content_len;
-    char ch[5];              /* Strip content / Metaspace replacement, UTF-8 */
+    char ch[5]; /* Strip content / Metaspace replacement, UTF-8 */
     size_t ch_len;
-    int start, stop;         /* Strip */
-    int prepend_scheme;      /* Metaspace */
+    int start, stop;    /* Strip */
+    int prepend_scheme; /* Metaspace */
 } tok_dec;
 
 /* One element of a post-processor template for a single sequence: the sequence itself
@@ -176,7 +197,7 @@ typedef struct {
 typedef struct {
     tok_trie_node *nodes; /* nodes[0] is the root */
     size_t n, cap;
-    uint8_t first[32];    /* bitmap of first bytes, to skip positions quickly */
+    uint8_t first[32]; /* bitmap of first bytes, to skip positions quickly */
 } tok_trie;
 
 /* Per-pre-token BPE result cache, shared by threads under a mutex. */
@@ -192,15 +213,15 @@ struct moe_tokenizer {
     char *name;
 
     /* model: BPE */
-    int32_t n_ids;        /* max id + 1 over vocab and added tokens */
-    char **id_str;        /* id -> token string (added tokens override the vocab), or NULL */
+    int32_t n_ids; /* max id + 1 over vocab and added tokens */
+    char **id_str; /* id -> token string (added tokens override the vocab), or NULL */
     uint32_t *id_len;
-    uint8_t *id_special;  /* 1 when the id decodes to a special added token's content */
-    char **vocab_keys;    /* owned vocab strings */
+    uint8_t *id_special; /* 1 when the id decodes to a special added token's content */
+    char **vocab_keys;   /* owned vocab strings */
     size_t n_vocab;
     tok_strmap vocab;
     tok_pairmap merges;
-    int32_t unk_id;       /* -1 without unk_token */
+    int32_t unk_id; /* -1 without unk_token */
     bool fuse_unk, byte_fallback, ignore_merges;
     char *cont_prefix, *eow_suffix;
     size_t cont_prefix_len, eow_suffix_len;
@@ -223,6 +244,70 @@ struct moe_tokenizer {
 
     tok_cache *cache; /* behind a pointer: mutable through a const tokenizer */
 };
+
+/* ---- loading (tokenizer.c: helpers; tokenizer_config.c: components) ---- */
+
+/* Ids beyond this are refused: real vocabularies stay far below, and the id table is dense. */
+#define TOK_MAX_ID (1 << 22)
+
+typedef struct {
+    moe_tokenizer *tok;
+    const char *name; /* for messages: "NAME: FIELD: what is wrong" */
+} tok_loader;
+
+/* Each sets the error message ("NAME: PATH ..." ) and returns its status. */
+moe_status tok_unsupported(const tok_loader *L, const char *path, const char *what);
+moe_status tok_bad(const tok_loader *L, const char *path, const char *why);
+moe_status tok_nomem(const tok_loader *L);
+char *tok_strndup(const char *s, size_t n); /* NULL when out of memory */
+/* Optional fields of obj (absent or null gives dflt / NULL); PATH.KEY names them in errors. */
+moe_status tok_get_bool(const tok_loader *L, const cJSON *obj, const char *key, bool dflt,
+                        bool *out, const char *path);
+moe_status tok_get_str(const tok_loader *L, const cJSON *obj, const char *key, const char **out,
+                       const char *path);
+moe_status tok_get_int(const tok_loader *L, const cJSON *obj, const char *key, long dflt, long lo,
+                       long hi, long *out, const char *path);
+const char *tok_type_of(const cJSON *obj); /* obj.type, or NULL */
+
+/* Append the steps of one JSON component (null: none) to L->tok; *cap is the array capacity. */
+moe_status tok_parse_normalizer(tok_loader *L, const cJSON *j, const char *path, size_t *cap);
+moe_status tok_parse_pretok(tok_loader *L, const cJSON *j, const char *path, size_t *cap);
+moe_status tok_parse_decoder(tok_loader *L, const cJSON *j, const char *path, size_t *cap);
+/* Composes the processor into L->tok->post. */
+moe_status tok_parse_post(tok_loader *L, const cJSON *j, const char *path);
+void tok_free_items(tok_tmpl_item *items, size_t n);
+
+/* ---- BPE (tokenizer_bpe.c) ---- */
+
+typedef struct {
+    int32_t *v;
+    size_t n, cap;
+} tok_ids;
+bool tok_ids_push(tok_ids *ids, int32_t id); /* false when out of memory */
+
+typedef struct {
+    int32_t id, prev, next;
+    uint32_t len; /* bytes covered; 0: merged into its left neighbour */
+} tok_bpe_sym;
+
+typedef struct {
+    uint32_t rank, pos;
+    int32_t id;
+} tok_bpe_merge;
+
+/* Per-call scratch of the BPE merge, reused across pre-tokens. */
+typedef struct {
+    tok_bpe_sym *syms;
+    size_t syms_cap;
+    tok_bpe_merge *heap;
+    size_t heap_cap;
+    tok_buf tmp;
+} tok_bpe_scratch;
+void tok_bpe_scratch_free(tok_bpe_scratch *sc);
+
+/* Appends the ids of one pre-token (valid UTF-8) to out, through the shared cache. */
+moe_status tok_bpe_encode(const moe_tokenizer *tok, tok_bpe_scratch *sc, const char *s, size_t n,
+                          tok_ids *out);
 
 /* tokenizer_encode.c: builds both added-token tries and sets tok_added.ncontent (needs the
  * normalizers loaded). */

@@ -192,10 +192,17 @@ bool tok_is_word_char(uint32_t cp)
     if (cp == 0x200C || cp == 0x200D)
         return true;
     switch (utf8proc_category((utf8proc_int32_t)cp)) {
-    case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT:
-    case UTF8PROC_CATEGORY_LM: case UTF8PROC_CATEGORY_LO: case UTF8PROC_CATEGORY_NL:
-    case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_MC: case UTF8PROC_CATEGORY_ME:
-    case UTF8PROC_CATEGORY_ND: case UTF8PROC_CATEGORY_PC:
+    case UTF8PROC_CATEGORY_LU:
+    case UTF8PROC_CATEGORY_LL:
+    case UTF8PROC_CATEGORY_LT:
+    case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_LO:
+    case UTF8PROC_CATEGORY_NL:
+    case UTF8PROC_CATEGORY_MN:
+    case UTF8PROC_CATEGORY_MC:
+    case UTF8PROC_CATEGORY_ME:
+    case UTF8PROC_CATEGORY_ND:
+    case UTF8PROC_CATEGORY_PC:
         return true;
     default:
         return false;
@@ -212,6 +219,7 @@ bool tok_is_numeric(uint32_t cp)
 
 /* ---- byte-level table (GPT-2's bytes_to_unicode) ---- */
 
+/* clang-format off */
 const uint16_t tok_byte_to_cp[256] = {
     256, 257, 258, 259, 260, 261, 262, 263, 264, 265, 266, 267, 268, 269, 270, 271, 272, 273, 274,
     275, 276, 277, 278, 279, 280, 281, 282, 283, 284, 285, 286, 287, 288, 33, 34, 35, 36, 37, 38,
@@ -245,7 +253,12 @@ static const int16_t cp_to_byte_table[324] = {
     140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150, 151, 152, 153, 154, 155, 156, 157, 158,
     159, 160, 173};
 
-int tok_cp_to_byte(uint32_t cp) { return cp < 324 ? cp_to_byte_table[cp] : -1; }
+/* clang-format on */
+
+int tok_cp_to_byte(uint32_t cp)
+{
+    return cp < 324 ? cp_to_byte_table[cp] : -1;
+}
 
 /* ---- hash maps ---- */
 
@@ -415,7 +428,9 @@ bool tok_pairmap_get(const tok_pairmap *m, int32_t a, int32_t b, uint32_t *rank,
 
 /* Oniguruma's \s (what HF tokenizers run) is Unicode White_Space; PCRE2's differs (it adds
  * U+180E), so \s and \S are spelled out as explicit classes before compiling. */
-#define WS_RANGES "\\t-\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+#define WS_RANGES                                                                                  \
+    "\\t-\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}"   \
+    "\\x{3000}"
 
 static bool rewrite_pattern(const char *p, size_t n, tok_buf *out)
 {
@@ -457,7 +472,8 @@ static bool rewrite_pattern(const char *p, size_t n, tok_buf *out)
             }
         } else if (in_class && c == ']') {
             /* A ']' right after '[' or '[^' is a literal member, not the end. */
-            bool literal = i == class_start + 1 || (i == class_start + 2 && p[class_start + 1] == '^');
+            bool literal =
+                i == class_start + 1 || (i == class_start + 2 && p[class_start + 1] == '^');
             if (!literal)
                 in_class = false;
         }
@@ -507,8 +523,9 @@ int tok_regex_find(const tok_regex *re, const char *s, size_t n, size_t start, s
                    size_t *me, pcre2_match_data *md)
 {
     /* Callers pass valid UTF-8 split at character boundaries, so the UTF check is skipped. */
-    int rc = re->jit ? pcre2_jit_match(re->code, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, md, NULL)
-                     : pcre2_match(re->code, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, md, NULL);
+    int rc = re->jit
+                 ? pcre2_jit_match(re->code, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, md, NULL)
+                 : pcre2_match(re->code, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, md, NULL);
     if (rc == PCRE2_ERROR_NOMATCH)
         return 0;
     if (rc < 0)

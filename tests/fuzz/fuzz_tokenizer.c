@@ -14,12 +14,12 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(c)                                                                         \
-    do {                                                                                 \
-        if (!(c)) {                                                                      \
-            fprintf(stderr, "fuzz_tokenizer: check failed at line %d: %s\n", __LINE__, #c); \
-            abort();                                                                     \
-        }                                                                                \
+#define CHECK(c)                                                                                   \
+    do {                                                                                           \
+        if (!(c)) {                                                                                \
+            fprintf(stderr, "fuzz_tokenizer: check failed at line %d: %s\n", __LINE__, #c);        \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 typedef struct {
@@ -39,7 +39,10 @@ static void sb_put(sbuf *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+static void sb_str(sbuf *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
 
 /* GPT-2's byte -> code point table, rebuilt here so the target needs no files. */
 static unsigned byte_cp(unsigned b)
@@ -74,14 +77,20 @@ static void sb_cp(sbuf *b, unsigned cp)
 static char *byte_level_json(void)
 {
     sbuf b = {0};
-    sb_str(&b, "{\"added_tokens\":[{\"id\":300,\"content\":\"<|endoftext|>\",\"special\":true,\"normalized\":false},"
-               "{\"id\":301,\"content\":\"<tool>\",\"special\":false,\"lstrip\":true,\"rstrip\":true,\"normalized\":false}],"
-               "\"normalizer\":{\"type\":\"NFC\"},"
-               "\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\",\"pattern\":{\"Regex\":"
-               "\"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"},"
-               "\"behavior\":\"Isolated\",\"invert\":false},{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"use_regex\":false}]},"
-               "\"post_processor\":{\"type\":\"ByteLevel\"},\"decoder\":{\"type\":\"ByteLevel\"},"
-               "\"model\":{\"type\":\"BPE\",\"vocab\":{");
+    sb_str(&b,
+           "{\"added_tokens\":[{\"id\":300,\"content\":\"<|endoftext|>\",\"special\":true,"
+           "\"normalized\":false},"
+           "{\"id\":301,\"content\":\"<tool>\",\"special\":false,\"lstrip\":true,\"rstrip\":true,"
+           "\"normalized\":false}],"
+           "\"normalizer\":{\"type\":\"NFC\"},"
+           "\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\","
+           "\"pattern\":{\"Regex\":"
+           "\"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| "
+           "?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"},"
+           "\"behavior\":\"Isolated\",\"invert\":false},{\"type\":\"ByteLevel\",\"add_prefix_"
+           "space\":false,\"use_regex\":false}]},"
+           "\"post_processor\":{\"type\":\"ByteLevel\"},\"decoder\":{\"type\":\"ByteLevel\"},"
+           "\"model\":{\"type\":\"BPE\",\"vocab\":{");
     for (unsigned i = 0; i < 256; i++) {
         char num[32];
         sb_str(&b, i ? ",\"" : "\"");
@@ -89,10 +98,11 @@ static char *byte_level_json(void)
         snprintf(num, sizeof num, "\":%u", i);
         sb_str(&b, num);
     }
-    sb_str(&b, ",\"\xC4\xA0t\":256,\"he\":257,\"\xC4\xA0the\":258,\"in\":259,\"\xC4\xA0\xC4\xA0\":260,"
-               "\"\xC3\xA4\xC2\xBD\":261,\"\xC3\xA4\xC2\xBD\xC5\x82\":262},"
-               "\"merges\":[\"\xC4\xA0 t\",\"h e\",\"\xC4\xA0t he\",\"i n\",\"\xC4\xA0 \xC4\xA0\","
-               "[\"\xC3\xA4\",\"\xC2\xBD\"],[\"\xC3\xA4\xC2\xBD\",\"\xC5\x82\"]]}}");
+    sb_str(&b,
+           ",\"\xC4\xA0t\":256,\"he\":257,\"\xC4\xA0the\":258,\"in\":259,\"\xC4\xA0\xC4\xA0\":260,"
+           "\"\xC3\xA4\xC2\xBD\":261,\"\xC3\xA4\xC2\xBD\xC5\x82\":262},"
+           "\"merges\":[\"\xC4\xA0 t\",\"h e\",\"\xC4\xA0t he\",\"i n\",\"\xC4\xA0 \xC4\xA0\","
+           "[\"\xC3\xA4\",\"\xC2\xBD\"],[\"\xC3\xA4\xC2\xBD\",\"\xC5\x82\"]]}}");
     return b.p;
 }
 
@@ -100,21 +110,29 @@ static char *byte_level_json(void)
 static char *sentencepiece_json(void)
 {
     sbuf b = {0};
-    sb_str(&b, "{\"added_tokens\":[{\"id\":0,\"content\":\"<unk>\",\"special\":true},{\"id\":1,\"content\":\"<s>\",\"special\":true},"
+    sb_str(&b, "{\"added_tokens\":[{\"id\":0,\"content\":\"<unk>\",\"special\":true},{\"id\":1,"
+               "\"content\":\"<s>\",\"special\":true},"
                "{\"id\":2,\"content\":\"</s>\",\"special\":true}],"
-               "\"pre_tokenizer\":{\"type\":\"Metaspace\",\"replacement\":\"\xE2\x96\x81\",\"prepend_scheme\":\"first\",\"split\":false},"
-               "\"post_processor\":{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{\"id\":\"<s>\",\"type_id\":0}},"
-               "{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}],\"special_tokens\":{\"<s>\":{\"id\":\"<s>\",\"ids\":[1],\"tokens\":[\"<s>\"]}}},"
-               "\"decoder\":{\"type\":\"Sequence\",\"decoders\":[{\"type\":\"Replace\",\"pattern\":{\"String\":\"\xE2\x96\x81\"},\"content\":\" \"},"
-               "{\"type\":\"ByteFallback\"},{\"type\":\"Fuse\"},{\"type\":\"Strip\",\"content\":\" \",\"start\":1,\"stop\":0}]},"
-               "\"model\":{\"type\":\"BPE\",\"unk_token\":\"<unk>\",\"fuse_unk\":true,\"byte_fallback\":true,"
+               "\"pre_tokenizer\":{\"type\":\"Metaspace\",\"replacement\":\"\xE2\x96\x81\","
+               "\"prepend_scheme\":\"first\",\"split\":false},"
+               "\"post_processor\":{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{"
+               "\"id\":\"<s>\",\"type_id\":0}},"
+               "{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}],\"special_tokens\":{\"<s>\":{\"id\":"
+               "\"<s>\",\"ids\":[1],\"tokens\":[\"<s>\"]}}},"
+               "\"decoder\":{\"type\":\"Sequence\",\"decoders\":[{\"type\":\"Replace\",\"pattern\":"
+               "{\"String\":\"\xE2\x96\x81\"},\"content\":\" \"},"
+               "{\"type\":\"ByteFallback\"},{\"type\":\"Fuse\"},{\"type\":\"Strip\",\"content\":\" "
+               "\",\"start\":1,\"stop\":0}]},"
+               "\"model\":{\"type\":\"BPE\",\"unk_token\":\"<unk>\",\"fuse_unk\":true,\"byte_"
+               "fallback\":true,"
                "\"vocab\":{\"<unk>\":0,\"<s>\":1,\"</s>\":2");
     for (unsigned i = 0; i < 256; i++) {
         char t[32];
         snprintf(t, sizeof t, ",\"<0x%02X>\":%u", i, 3 + i);
         sb_str(&b, t);
     }
-    sb_str(&b, ",\"\xE2\x96\x81\":259,\"a\":260,\"b\":261,\"e\":262,\"t\":263,\"\xE2\x96\x81t\":264,\"e\xE2\x96\x81\":265,"
+    sb_str(&b, ",\"\xE2\x96\x81\":259,\"a\":260,\"b\":261,\"e\":262,\"t\":263,\"\xE2\x96\x81t\":"
+               "264,\"e\xE2\x96\x81\":265,"
                "\"\xE4\xBD\xA0\":266},\"merges\":[[\"\xE2\x96\x81\",\"t\"],\"e \xE2\x96\x81\"]}}");
     return b.p;
 }
@@ -124,14 +142,18 @@ static int utf8_ok(const char *s, size_t n)
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
         unsigned c = u[i];
-        size_t need = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        size_t need = c < 0x80                 ? 1
+                      : c >= 0xC2 && c <= 0xDF ? 2
+                      : c >= 0xE0 && c <= 0xEF ? 3
+                      : c >= 0xF0 && c <= 0xF4 ? 4
+                                               : 0;
         if (!need || i + need > n)
             return 0;
         for (size_t k = 1; k < need; k++)
             if ((u[i + k] & 0xC0) != 0x80)
                 return 0;
-        if ((c == 0xE0 && u[i + 1] < 0xA0) || (c == 0xED && u[i + 1] > 0x9F) || (c == 0xF0 && u[i + 1] < 0x90) ||
-            (c == 0xF4 && u[i + 1] > 0x8F))
+        if ((c == 0xE0 && u[i + 1] < 0xA0) || (c == 0xED && u[i + 1] > 0x9F) ||
+            (c == 0xF0 && u[i + 1] < 0x90) || (c == 0xF4 && u[i + 1] > 0x8F))
             return 0;
         i += need;
     }
@@ -139,7 +161,8 @@ static int utf8_ok(const char *s, size_t n)
 }
 
 /* Full decode, then the streaming decoder with a small buffer: same bytes, valid chunks. */
-static char *decode_both(const moe_tokenizer *tok, const int32_t *ids, size_t n, int skip, size_t *len)
+static char *decode_both(const moe_tokenizer *tok, const int32_t *ids, size_t n, int skip,
+                         size_t *len)
 {
     size_t need = 0, got = 0;
     CHECK(moe_tokenizer_decode(tok, ids, n, skip, NULL, 0, &need) == MOE_OK);
@@ -153,11 +176,13 @@ static char *decode_both(const moe_tokenizer *tok, const int32_t *ids, size_t n,
     char buf[7];
     size_t k = 0;
     for (size_t i = 0; i <= n; i++) {
-        size_t w = i < n ? moe_detok_push(d, ids[i], buf, sizeof buf) : moe_detok_finish(d, buf, sizeof buf);
+        size_t w = i < n ? moe_detok_push(d, ids[i], buf, sizeof buf)
+                         : moe_detok_finish(d, buf, sizeof buf);
         while (w > 0) {
             CHECK(utf8_ok(buf, w) && k + w <= need && memcmp(full + k, buf, w) == 0);
             k += w;
-            w = i < n ? moe_detok_push(d, -1, buf, sizeof buf) : moe_detok_finish(d, buf, sizeof buf);
+            w = i < n ? moe_detok_push(d, -1, buf, sizeof buf)
+                      : moe_detok_finish(d, buf, sizeof buf);
         }
     }
     CHECK(k == need);
@@ -171,7 +196,8 @@ static void exercise(const moe_tokenizer *tok, const char *text, size_t len, int
     size_t n = 0;
     moe_status st = moe_tokenizer_encode(tok, text, len, 0, NULL, 0, &n);
     if (st != MOE_OK) {
-        CHECK(st == MOE_ERR_INVALID_ARG || st == MOE_ERR_FORMAT || st == MOE_ERR_INTERNAL || st == MOE_ERR_NOMEM);
+        CHECK(st == MOE_ERR_INVALID_ARG || st == MOE_ERR_FORMAT || st == MOE_ERR_INTERNAL ||
+              st == MOE_ERR_NOMEM);
         return;
     }
     int32_t *ids = malloc((n + 1) * sizeof *ids);
@@ -227,7 +253,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             CHECK(tok == NULL && moe_error_message()[0] != '\0');
             return 0;
         }
-        exercise(tok, "Hello, world! 12345 \xE4\xBD\xA0\xE5\xA5\xBD \xF0\x9F\x98\x80\n\tend", 36, 0);
+        exercise(tok, "Hello, world! 12345 \xE4\xBD\xA0\xE5\xA5\xBD \xF0\x9F\x98\x80\n\tend", 36,
+                 0);
         int32_t ids[8] = {0, 1, 2, 3, 255, 256, 257, -1};
         size_t dl;
         free(decode_both(tok, ids, 8, 0, &dl));
@@ -241,7 +268,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int32_t *ids = malloc((k + 1) * sizeof *ids);
     CHECK(ids);
     for (size_t i = 0; i < k; i++)
-        ids[i] = (int32_t)(((unsigned)(unsigned char)rest[2 * i] << 8 | (unsigned char)rest[2 * i + 1]) % 320) - 4;
+        ids[i] =
+            (int32_t)(((unsigned)(unsigned char)rest[2 * i] << 8 | (unsigned char)rest[2 * i + 1]) %
+                      320) -
+            4;
     size_t dl;
     free(decode_both(tok, ids, k, data[0] & 8, &dl));
     free(ids);

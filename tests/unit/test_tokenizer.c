@@ -92,7 +92,11 @@ static bool valid_utf8(const char *s, size_t n)
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
         unsigned c = u[i];
-        size_t need = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        size_t need = c < 0x80                 ? 1
+                      : c >= 0xC2 && c <= 0xDF ? 2
+                      : c >= 0xE0 && c <= 0xEF ? 3
+                      : c >= 0xF0 && c <= 0xF4 ? 4
+                                               : 0;
         if (!need || i + need > n)
             return false;
         for (size_t k = 1; k < need; k++)
@@ -106,7 +110,8 @@ static bool valid_utf8(const char *s, size_t n)
     return true;
 }
 
-static char *decode_all(const moe_tokenizer *tok, const int32_t *ids, size_t n, bool skip, size_t *len)
+static char *decode_all(const moe_tokenizer *tok, const int32_t *ids, size_t n, bool skip,
+                        size_t *len)
 {
     size_t need = 0;
     cr_assert_eq(moe_tokenizer_decode(tok, ids, n, skip, NULL, 0, &need), MOE_OK);
@@ -121,8 +126,8 @@ static char *decode_all(const moe_tokenizer *tok, const int32_t *ids, size_t n, 
 
 /* Streams ids through moe_detok with an output buffer of `cap` bytes: every chunk must be valid
  * UTF-8 and the concatenation must be exactly `want`. */
-static void check_stream(const moe_tokenizer *tok, const int32_t *ids, size_t n, bool skip, const char *want,
-                         size_t want_len, size_t cap, const char *what)
+static void check_stream(const moe_tokenizer *tok, const int32_t *ids, size_t n, bool skip,
+                         const char *want, size_t want_len, size_t cap, const char *what)
 {
     moe_detok *d = moe_detok_create(tok, skip);
     cr_assert_not_null(d);
@@ -145,14 +150,15 @@ static void check_stream(const moe_tokenizer *tok, const int32_t *ids, size_t n,
         }
     }
     cr_assert_eq(k, want_len, "%s: streamed %zu bytes, full decode has %zu", what, k, want_len);
-    cr_assert(memcmp(acc, want, want_len) == 0, "%s: streamed text differs from the full decode", what);
+    cr_assert(memcmp(acc, want, want_len) == 0, "%s: streamed text differs from the full decode",
+              what);
     free(buf);
     free(acc);
     moe_detok_free(d);
 }
 
-static void check_ids(const moe_tokenizer *tok, const char *text, size_t len, bool special, const cJSON *want,
-                      const char *what)
+static void check_ids(const moe_tokenizer *tok, const char *text, size_t len, bool special,
+                      const cJSON *want, const char *what)
 {
     size_t n_want;
     int32_t *w = ids_of(want, &n_want);
@@ -170,14 +176,14 @@ static void check_ids(const moe_tokenizer *tok, const char *text, size_t len, bo
     free(w);
 }
 
-static void check_decode(const moe_tokenizer *tok, const int32_t *ids, size_t n, const cJSON *rec, bool skip,
-                         const char *what)
+static void check_decode(const moe_tokenizer *tok, const int32_t *ids, size_t n, const cJSON *rec,
+                         bool skip, const char *what)
 {
     size_t want_len, len;
     char *want = field(rec, skip ? "decode_skip" : "decode", &want_len);
     char *got = decode_all(tok, ids, n, skip, &len);
-    cr_assert(len == want_len && memcmp(got, want, len) == 0, "%s (skip=%d): decoded '%s', HF has '%s'", what, skip,
-              got, want);
+    cr_assert(len == want_len && memcmp(got, want, len) == 0,
+              "%s (skip=%d): decoded '%s', HF has '%s'", what, skip, got, want);
     check_stream(tok, ids, n, skip, want, want_len, 64, what);
     check_stream(tok, ids, n, skip, want, want_len, 5, what); /* forces queued, split output */
     free(want);
@@ -225,11 +231,26 @@ static void check_fixture(const char *name)
     cJSON_Delete(root);
 }
 
-Test(tokenizer_fixtures, qwen2) { check_fixture("qwen2"); }
-Test(tokenizer_fixtures, gpt2) { check_fixture("gpt2"); }
-Test(tokenizer_fixtures, sentencepiece) { check_fixture("sentencepiece"); }
-Test(tokenizer_fixtures, sentencepiece_legacy) { check_fixture("sentencepiece_legacy"); }
-Test(tokenizer_fixtures, options) { check_fixture("options"); }
+Test(tokenizer_fixtures, qwen2)
+{
+    check_fixture("qwen2");
+}
+Test(tokenizer_fixtures, gpt2)
+{
+    check_fixture("gpt2");
+}
+Test(tokenizer_fixtures, sentencepiece)
+{
+    check_fixture("sentencepiece");
+}
+Test(tokenizer_fixtures, sentencepiece_legacy)
+{
+    check_fixture("sentencepiece_legacy");
+}
+Test(tokenizer_fixtures, options)
+{
+    check_fixture("options");
+}
 
 /* ---- API contracts ---- */
 
@@ -266,7 +287,8 @@ Test(tokenizer_api, token_ids_and_vocab)
 Test(tokenizer_api, encode_reports_needed_size)
 {
     moe_tokenizer *g = load_fixture("gpt2");
-    const char *text = "Short buffers must not overflow, and the count says how many ids are needed.";
+    const char *text =
+        "Short buffers must not overflow, and the count says how many ids are needed.";
     size_t n_all = 0, n = 0;
     cr_assert_eq(moe_tokenizer_encode(g, text, strlen(text), false, NULL, 0, &n_all), MOE_OK);
     cr_assert_gt(n_all, 8);
@@ -318,7 +340,8 @@ Test(tokenizer_api, invalid_utf8_text_is_refused)
     cr_assert(strstr(moe_error_message(), "byte 2"), "message: %s", moe_error_message());
     /* Overlong and surrogate encodings are invalid too. */
     cr_assert_eq(moe_tokenizer_encode(q, "\xC0\xAF", 2, false, ids, 8, &n), MOE_ERR_INVALID_ARG);
-    cr_assert_eq(moe_tokenizer_encode(q, "\xED\xA0\x80", 3, false, ids, 8, &n), MOE_ERR_INVALID_ARG);
+    cr_assert_eq(moe_tokenizer_encode(q, "\xED\xA0\x80", 3, false, ids, 8, &n),
+                 MOE_ERR_INVALID_ARG);
     moe_tokenizer_free(q);
 }
 
@@ -410,7 +433,8 @@ Test(tokenizer_stream, tiny_buffers_never_split_characters)
 
 static char *long_text(size_t n)
 {
-    static const char *words[] = {"expert ", "routing ", "多专家 ", "\n\t", "1234 ", "😀 ", "it's ", "   "};
+    static const char *words[] = {"expert ", "routing ", "多专家 ", "\n\t",
+                                  "1234 ",   "😀 ",       "it's ",   "   "};
     char *s = malloc(n + 16);
     size_t k = 0;
     unsigned r = 7;
@@ -439,7 +463,8 @@ Test(tokenizer_long, round_trip_64k, .timeout = 30)
         cr_assert_lt(n, len, "%s: BPE should merge something", names[t]);
         size_t dl;
         char *back = decode_all(tok, ids, n, false, &dl);
-        cr_assert(dl == len && memcmp(back, text, len) == 0, "%s: decode(encode(x)) != x", names[t]);
+        cr_assert(dl == len && memcmp(back, text, len) == 0, "%s: decode(encode(x)) != x",
+                  names[t]);
         free(back);
         free(ids);
         moe_tokenizer_free(tok);
@@ -462,7 +487,8 @@ static void *encode_loop(void *p)
     a->ok = 1;
     for (int it = 0; it < 20; it++) {
         size_t n;
-        if (moe_tokenizer_encode(a->tok, a->text, strlen(a->text), true, ids, a->n_want, &n) != MOE_OK ||
+        if (moe_tokenizer_encode(a->tok, a->text, strlen(a->text), true, ids, a->n_want, &n) !=
+                MOE_OK ||
             n != a->n_want || memcmp(ids, a->want, n * sizeof *ids) != 0)
             a->ok = 0;
     }
@@ -513,7 +539,8 @@ static char *fixture_with(const char *name, const char *from, const char *to)
     return out;
 }
 
-static void expect_refused(const char *json, moe_status want, const char *needle1, const char *needle2)
+static void expect_refused(const char *json, moe_status want, const char *needle1,
+                           const char *needle2)
 {
     moe_tokenizer *tok = (moe_tokenizer *)0x1;
     moe_status st = moe_tokenizer_parse(json, strlen(json), "bad.json", &tok);
@@ -529,7 +556,8 @@ static void expect_refused(const char *json, moe_status want, const char *needle
 
 Test(tokenizer_bad, malformed_json)
 {
-    expect_refused("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}", MOE_ERR_FORMAT, "malformed JSON", NULL);
+    expect_refused("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}", MOE_ERR_FORMAT,
+                   "malformed JSON", NULL);
     expect_refused("", MOE_ERR_FORMAT, "malformed JSON", NULL);
     expect_refused("[1, 2, 3]", MOE_ERR_FORMAT, "expected an object", NULL);
     expect_refused("{}", MOE_ERR_FORMAT, "model", NULL);
@@ -537,10 +565,10 @@ Test(tokenizer_bad, malformed_json)
 
 Test(tokenizer_bad, unsupported_model_type)
 {
-    expect_refused("{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]]}}", MOE_ERR_UNSUPPORTED,
-                   "model.type", "'Unigram' is not supported");
-    expect_refused("{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}", MOE_ERR_UNSUPPORTED, "model.type",
-                   "WordPiece");
+    expect_refused("{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]]}}",
+                   MOE_ERR_UNSUPPORTED, "model.type", "'Unigram' is not supported");
+    expect_refused("{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}", MOE_ERR_UNSUPPORTED,
+                   "model.type", "WordPiece");
 }
 
 Test(tokenizer_bad, unsupported_components_name_their_field)
@@ -555,7 +583,8 @@ Test(tokenizer_bad, unsupported_components_name_their_field)
     j = fixture_with("sentencepiece", "{\"type\":\"Fuse\"}", "{\"type\":\"CTC\"}");
     expect_refused(j, MOE_ERR_UNSUPPORTED, "decoder.decoders[2].type", "CTC");
     free(j);
-    j = fixture_with("qwen2", "\"post_processor\":{\"type\":\"ByteLevel\"", "\"post_processor\":{\"type\":\"Mystery\"");
+    j = fixture_with("qwen2", "\"post_processor\":{\"type\":\"ByteLevel\"",
+                     "\"post_processor\":{\"type\":\"Mystery\"");
     expect_refused(j, MOE_ERR_UNSUPPORTED, "post_processor.type", "Mystery");
     free(j);
     j = fixture_with("qwen2", "\"Isolated\"", "\"Sideways\"");
@@ -569,7 +598,8 @@ Test(tokenizer_bad, unsupported_components_name_their_field)
 Test(tokenizer_bad, broken_regex_and_merges)
 {
     char *j = fixture_with("qwen2", "{\"Regex\":\"", "{\"Regex\":\"(unclosed");
-    expect_refused(j, MOE_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers[0].pattern", "does not compile");
+    expect_refused(j, MOE_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers[0].pattern",
+                   "does not compile");
     free(j);
     j = fixture_with("gpt2", "\"merges\":[[", "\"merges\":[[\"no-such-token\",\"x\"],[");
     expect_refused(j, MOE_ERR_FORMAT, "model.merges[0]", "not in the vocabulary");
