@@ -514,11 +514,21 @@ Test(kernels, silu_mul_and_axpy)
         double r = (double)g0[i] / (1.0 + exp(-(double)g0[i])) * u[i];
         cr_assert(fabs(g[i] - r) <= 1e-6 * (1 + fabs(r)), "i=%d", i);
     }
-    fill(y, N, -1.f, 1.f);
-    memcpy(y0, y, sizeof y);
-    moe_axpy(y, 0.75f, u, N);
-    for (int i = 0; i < N; i++)
-        cr_assert(fabs(y[i] - (y0[i] + 0.75 * u[i])) <= 1e-6);
+    /* axpy dispatches by ISA: every ISA, every length's tail, the same rounding (mul, add). */
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    fill(y0, N, -1.f, 1.f);
+    for (int ii = 0; ii < n_isa; ii++) {
+        moe_kernels_force_isa(isas[ii]);
+        for (int n = 0; n <= N; n += (n < 20 ? 1 : 19)) {
+            memcpy(y, y0, sizeof y);
+            moe_axpy(y, 0.75f, u, n);
+            for (int i = 0; i < N; i++) {
+                float want = i < n ? y0[i] + 0.75f * u[i] : y0[i];
+                cr_assert_eq(y[i], want, "%s n=%d i=%d", moe_isa_name(isas[ii]), n, i);
+            }
+        }
+    }
 }
 
 Test(kernels, topk_ties_and_random)
