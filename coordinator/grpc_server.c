@@ -74,7 +74,7 @@ struct moe_grpc_server {
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cv;
     int live_calls; /* call objects alive, pending request_call ones included */
-    bool shutdown_started, shutdown_notified, shutdown_finished, cq_shut;
+    bool shutdown_started, shutdown_notified;
     cq_tag shutdown_tag;
 };
 
@@ -1244,9 +1244,6 @@ void moe_grpc_server_shutdown(moe_grpc_server *s, double grace_s)
                   s->live_calls);
         pthread_mutex_unlock(&s->mu);
     }
-    pthread_mutex_lock(&s->mu);
-    s->shutdown_finished = true;
-    pthread_mutex_unlock(&s->mu);
 }
 
 void moe_grpc_server_free(moe_grpc_server *s)
