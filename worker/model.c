@@ -199,6 +199,8 @@ static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
     lw->exp_up = lw->exp_gate + n;
     lw->exp_down = lw->exp_gate + 2 * n;
     for (int e = b->m->expert_begin; e < b->m->expert_end; e++) {
+        if (!b->m->expert_bound[e])
+            continue;
         snprintf(pre, sizeof pre, "model.layers.%d.%s.experts.%d", l, block, e);
         s = bind_swiglu(b, pre, mixtral ? mixtral_leaf : hf_leaf, c->moe_ffn, &lw->exp_gate[e],
                         &lw->exp_up[e], &lw->exp_down[e]);
@@ -277,6 +279,22 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
                           dir, eb, ee, m->cfg.n_experts);
         m->expert_begin = eb;
         m->expert_end = ee;
+        if (s == MOE_OK && !(m->expert_bound = calloc((size_t)m->cfg.n_experts + 1, sizeof(bool))))
+            s = moe_error(MOE_ERR_NOMEM, "%s: out of memory", dir);
+        if (s == MOE_OK && opts && opts->expert_mask) {
+            m->expert_begin = m->cfg.n_experts;
+            m->expert_end = 0;
+            for (int e = 0; e < m->cfg.n_experts; e++)
+                if ((m->expert_bound[e] = opts->expert_mask[e])) {
+                    m->expert_begin = e < m->expert_begin ? e : m->expert_begin;
+                    m->expert_end = e + 1;
+                }
+            if (m->expert_end == 0)
+                s = moe_error(MOE_ERR_INVALID_ARG, "%s: expert mask selects no expert", dir);
+        } else if (s == MOE_OK) {
+            for (int e = eb; e < ee; e++)
+                m->expert_bound[e] = true;
+        }
     }
     if (s == MOE_OK)
         s = moe_st_open_dir(dir, &m->st);
@@ -314,6 +332,7 @@ void moe_model_free(moe_model *m)
         free(own);
     }
     moe_st_close(m->st);
+    free(m->expert_bound);
     free(m);
 }
 

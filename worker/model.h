@@ -42,6 +42,9 @@ typedef struct {
     /* Experts [expert_begin, expert_end) are bound; others stay NULL and are not touched (so
      * their pages are never faulted in). Default (0, 0) means all. */
     int expert_begin, expert_end;
+    /* When non-NULL, [n_experts] flags: bind exactly the flagged experts (a rank's primary range
+     * plus its EPLB replicas); overrides the range. */
+    const bool *expert_mask;
 } moe_model_load_opts;
 
 typedef struct {
@@ -52,7 +55,8 @@ typedef struct {
     const float *final_norm;         /* (d) */
     moe_weight lm_head;              /* (vocab, d); the embedding when tied */
     moe_layer_weights *layers;       /* [n_layers] */
-    int expert_begin, expert_end;
+    int expert_begin, expert_end;    /* bounds of the bound experts (all of them inside) */
+    bool *expert_bound;              /* [n_experts] which experts are bound */
     void *owned;                     /* converted buffers, freed by moe_model_free */
 } moe_model;
 

@@ -70,8 +70,10 @@ static void *rank_main(void *arg)
     rank_job *j = arg;
     moe_model *m = NULL;
     moe_engine *e = NULL;
-    moe_model_load_opts lo = {.expert_begin = j->place->range_begin[j->rank],
-                              .expert_end = j->place->range_end[j->rank]};
+    bool mask[256] = {false};
+    for (int x = 0; x < j->place->n_experts && x < 256; x++)
+        mask[x] = moe_ep_placement_holds(j->place, j->rank, x);
+    moe_model_load_opts lo = {.expert_mask = mask};
     moe_engine_opts eo = base_opts;
     eo.ep_comm = j->comm;
     eo.ep_placement = j->place;
@@ -108,7 +110,7 @@ static void *rank_main(void *arg)
     return NULL;
 }
 
-static void check_model(const char *name, int ep)
+static void check_model_replicas(const char *name, int ep, int n_redundant)
 {
     char dir[1024];
     snprintf(dir, sizeof dir, FIXTURES "%s", name);
@@ -122,6 +124,8 @@ static void check_model(const char *name, int ep)
     cr_assert_eq(moe_comm_loopback_create(ep, &comms), MOE_OK);
     moe_ep_placement place;
     cr_assert_eq(moe_ep_placement_contiguous(n_exp, ep, &place), MOE_OK);
+    for (int i = 0; i < n_redundant; i++) /* replicas of the first experts on the last rank */
+        cr_assert_eq(moe_ep_placement_add_replica(&place, i, ep - 1), MOE_OK);
     rank_job jobs[MAX_RANKS];
     pthread_t th[MAX_RANKS];
     for (int r = 0; r < ep; r++) {
@@ -156,12 +160,15 @@ static void check_model(const char *name, int ep)
     moe_comm_loopback_free(comms, ep);
 }
 
+static void check_model(const char *name, int ep) { check_model_replicas(name, ep, 0); }
+
 #define EP_TEST(model)                                   \
     Test(expert_parallel, model, .timeout = 120)         \
     {                                                    \
         check_model(#model, 1);                          \
         check_model(#model, 2);                          \
         check_model(#model, 4);                          \
+        check_model_replicas(#model, 2, 2);              \
     }
 
 EP_TEST(mixtral_f32)
