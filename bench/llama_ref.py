@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""bench/llama_ref.py: the llama.cpp reference for bench/run.sh. Converts a generated Hugging Face
+model to GGUF with llama.cpp's own converter (bf16, q8_0), quantizes Q4_0 with llama.cpp's
+quantizer, and measures llama.cpp (through llama-cpp-python) with the same thread count: prompt
+processing tokens/s for one long prompt and decode tokens/s at batch 1, both from llama.cpp's own
+perf counters. Prints `name=value` lines (one block per format) and writes them to --out.
+
+  llama_ref.py --model HF_DIR --name small --threads 2 [--formats bf16,q8_0,q4_0]
+
+Benchmark tooling only: the product never runs Python. The converter is not shipped in the
+llama-cpp-python wheel, so it is taken from the sdist of the installed version (pip download, once)
+and cached under bench/out/llama/ with every GGUF it writes.
+
+The converter refuses tokenizers whose pre-tokenizer hash it does not know, and our synthetic BPE
+tokenizer is unknown to it: we patch that one lookup at run time to fall back to a named
+pre-tokenizer (qwen2 / olmo / default). Token ids are fed directly, so the tokenizer plays no part
+in the timings.
+"""
+import argparse
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FTYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15}  # llama_ftype values (llama.h)
+
+
+def log(msg):
+    print(f"[llama_ref] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the converter, from the sdist of the installed llama-cpp-python ----
+
+def converter_dir(cache: Path) -> Path:
+    ver = importlib.metadata.version("llama-cpp-python")
+    d = cache / f"llama.cpp-{ver}"
+    if (d / "convert_hf_to_gguf.py").exists():
+        return d
+    sdist_dir = cache / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    tars = sorted(sdist_dir.glob(f"llama_cpp_python-{ver}.tar.gz")) + sorted(
+        sdist_dir.glob(f"llama-cpp-python-{ver}.tar.gz"))
+    if not tars:
+        log(f"fetching the llama-cpp-python {ver} sdist for convert_hf_to_gguf.py (once)")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={ver}", "-d", str(sdist_dir)], check=True,
+                       stdout=sys.stderr)
+        tars = sorted(sdist_dir.glob("*.tar.gz"))
+    if not tars:
+        raise SystemExit(f"llama_ref: no sdist found in {sdist_dir}")
+    tmp = cache / f"llama.cpp-{ver}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tars[0]) as tf:
+        # convert_hf_to_gguf.py, its conversion/ package (newer llama.cpp) and gguf-py/
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        for m in tf.getmembers():
+            parts = m.name.split("/vendor/llama.cpp/", 1)
+            if len(parts) != 2 or not parts[1].startswith(wanted):
+                continue
+            if not (m.isfile() or m.isdir()):
+                continue
+            m.name = parts[1]
+            tf.extract(m, tmp)
+    if not (tmp / "convert_hf_to_gguf.py").exists():
+        raise SystemExit(f"llama_ref: {tars[0]} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+    tmp.rename(d)
+    return d
+
+
+def run_converter(conv: Path, pre_fallback: str, argv):
+    """Runs convert_hf_to_gguf.py in this process with the pre-tokenizer lookup patched."""
+    import runpy
+    sys.path.insert(0, str(conv))
+    sys.path.insert(1, str(conv / "gguf-py"))
+    patched = []
+    try:
+        import conversion.base as base  # llama.cpp >= 2026: the converter is a package
+        mods = [base]
+    except ImportError:
+        mods = []
+    if not mods:  # older llama.cpp: everything lives in convert_hf_to_gguf.py
+        import importlib
+        mods = [importlib.import_module("convert_hf_to_gguf")]
+    for mod in mods:
+        for obj in list(vars(mod).values()):
+            if isinstance(obj, type) and "get_vocab_base_pre" in obj.__dict__:
+                orig = obj.__dict__["get_vocab_base_pre"]
+
+                def lookup(self, tokenizer, _orig=orig):
+                    try:
+                        return _orig(self, tokenizer)
+                    except NotImplementedError:
+                        print(f"[llama_ref] unknown pre-tokenizer hash (synthetic tokenizer): "
+                              f"using '{pre_fallback}'", file=sys.stderr)
+                        return pre_fallback
+
+                obj.get_vocab_base_pre = lookup
+                patched.append(obj.__name__)
+    if not patched:
+        raise SystemExit("llama_ref: found no get_vocab_base_pre to patch in the converter")
+    sys.argv = [str(conv / "convert_hf_to_gguf.py")] + argv
+    runpy.run_path(str(conv / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+def fingerprint(hf_dir: Path) -> str:
+    """Changes when the HF model is regenerated (config and weight file names, sizes, mtimes)."""
+    h = hashlib.sha256()
+    for p in sorted(hf_dir.iterdir()):
+        if p.suffix in (".json", ".safetensors"):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def pre_tokenizer_for(hf_dir: Path) -> str:
+    arch = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+    if arch.startswith("Qwen"):
+        return "qwen2"
+    if arch.startswith("Olmoe"):
+        return "olmo"
+    return "default"
+
+
+def convert(conv: Path, hf_dir: Path, out: Path, outtype: str) -> Path:
+    stamp = out.with_suffix(".src")
+    fp = fingerprint(hf_dir)
+    if out.exists() and stamp.exists() and stamp.read_text().strip() == fp:
+        return out
+    log(f"converting {hf_dir} -> {out} ({outtype}) with {conv.name}/convert_hf_to_gguf.py")
+    tmp = out.with_suffix(".tmp")
+    t0 = time.time()
+    subprocess.run([sys.executable, __file__, "_convert", str(conv), pre_tokenizer_for(hf_dir), "--",
+                    str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)], check=True,
+                   stdout=sys.stderr)
+    tmp.rename(out)
+    stamp.write_text(fp + "\n")
+    log(f"converted in {time.time() - t0:.0f} s")
+    return out
+
+
+def quantize(src: Path, out: Path, fmt: str, threads: int) -> Path:
+    import llama_cpp
+    stamp = out.with_suffix(".src")
+    fp = f"{src.name}:{src.stat().st_size}:{int(src.stat().st_mtime)}"
+    if out.exists() and stamp.exists() and stamp.read_text().strip() == fp:
+        return out
+    log(f"quantizing {src} -> {out} ({fmt}) with llama_model_quantize")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[fmt]
+    params.nthread = threads
+    tmp = out.with_suffix(".tmp")
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_ref: llama_model_quantize({fmt}) failed with {rc}")
+    tmp.rename(out)
+    stamp.write_text(fp + "\n")
+    log(f"quantized in {time.time() - t0:.0f} s")
+    return out
+
+
+# ---- what a decoded token reads from this GGUF ----
+
+def gguf_costs(path: Path, conv: Path):
+    sys.path.insert(0, str(conv / "gguf-py"))
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+
+    def field(name, default=0):
+        f = r.fields.get(f"{arch}.{name}")
+        return int(f.parts[-1][0]) if f else default
+
+    n_exp, top_k = field("expert_count"), field("expert_used_count")
+    total = active = 0
+    for t in r.tensors:
+        nb = int(t.n_bytes)
+        total += nb
+        if "_exps" in t.name and n_exp:
+            active += nb * top_k / n_exp
+        elif t.name == "token_embd.weight":
+            active += nb / int(t.shape[-1])  # one row
+        else:
+            active += nb
+    return {"gguf_bytes": total, "active_bytes_per_token": int(active), "n_expert": n_exp,
+            "top_k": top_k}
+
+
+# ---- measurement ----
+
+class Llama:
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int):
+        import llama_cpp as L
+        self.L = L
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        if hasattr(mp, "load_mode"):
+            mp.load_mode = 1  # LLAMA_LOAD_MODE_MMAP: mapped like ours, pages pre-read below
+        elif hasattr(mp, "use_mmap"):
+            mp.use_mmap = True
+        t0 = time.time()
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise SystemExit(f"llama_ref: llama.cpp could not load {path}")
+        self.load_s = time.time() - t0
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.no_perf = False
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise SystemExit("llama_ref: llama_init_from_model failed")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def clear(self):
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+
+    def decode(self, toks):
+        arr = (self.L.llama_token * len(toks))(*toks)
+        rc = self.L.llama_decode(self.ctx, self.L.llama_batch_get_one(arr, len(toks)))
+        if rc != 0:
+            raise SystemExit(f"llama_ref: llama_decode returned {rc}")
+
+    def argmax(self):
+        import numpy as np
+        p = self.L.llama_get_logits_ith(self.ctx, -1)
+        return int(np.ctypeslib.as_array(p, shape=(self.n_vocab,)).argmax())
+
+    def perf(self):
+        return self.L.llama_perf_context(self.ctx)
+
+    def reset_perf(self):
+        self.L.llama_perf_context_reset(self.ctx)
+
+    def close(self):
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def preread(path: Path):
+    """Reads the file once so the timed runs do not wait for the disk."""
+    t0 = time.time()
+    buf = bytearray(64 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.time() - t0
+
+
+def measure(path: Path, threads: int, pp: int, pp_reps: int, prompt: int, n_predict: int, warmup: int):
+    import random
+    rng = random.Random(1234)
+    res = {"preread_seconds": round(preread(path), 3)}
+    llm = Llama(path, threads, n_ctx=max(pp, prompt + warmup + n_predict) + 16, n_batch=max(pp, prompt))
+    res["load_seconds"] = round(llm.load_s, 3)
+    toks = [rng.randrange(llm.n_vocab) for _ in range(max(pp, prompt))]
+    if pp > 0:
+        best = None
+        for _ in range(pp_reps):
+            llm.clear()
+            llm.reset_perf()
+            t0 = time.time()
+            llm.decode(toks[:pp])
+            wall = time.time() - t0
+            p = llm.perf()
+            rate = p.n_p_eval / (p.t_p_eval_ms * 1e-3) if p.t_p_eval_ms > 0 else 0
+            if best is None or rate > best[0]:
+                best = (rate, p.t_p_eval_ms * 1e-3, p.n_p_eval, wall)
+        res.update({"pp_tokens": best[2], "pp_seconds": round(best[1], 4), "pp_tok_s": round(best[0], 3),
+                    "pp_wall_seconds": round(best[3], 4)})
+    # decode at batch 1: a short prompt, `warmup` untimed tokens, then n_predict timed greedy tokens
+    llm.clear()
+    llm.decode(toks[:prompt])
+    for _ in range(warmup):
+        llm.decode([llm.argmax()])
+    llm.reset_perf()
+    t0 = time.time()
+    for _ in range(n_predict):
+        llm.decode([llm.argmax()])
+    wall = time.time() - t0
+    p = llm.perf()
+    res.update({"decode_tokens": p.n_eval, "decode_seconds": round(p.t_eval_ms * 1e-3, 4),
+                "decode_tok_s": round(p.n_eval / (p.t_eval_ms * 1e-3), 3) if p.t_eval_ms > 0 else 0,
+                "decode_wall_seconds": round(wall, 4)})
+    llm.close()
+    return res
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_convert":  # internal: python llama_ref.py _convert DIR PRE -- args
+        run_converter(Path(sys.argv[2]), sys.argv[3], sys.argv[5:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, type=Path, help="HF model directory (moe-gen-model output)")
+    ap.add_argument("--name", required=True, help="name of the GGUF files in the cache")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--formats", default="bf16,q8_0,q4_0")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "out" / "llama")
+    ap.add_argument("--pp", type=int, default=512, help="prompt-processing length (0 = skip)")
+    ap.add_argument("--pp-reps", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt before the decode run")
+    ap.add_argument("--n-predict", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="directory for llama_<format>.txt")
+    ap.add_argument("--prepare-only", action="store_true", help="convert/quantize, measure nothing")
+    a = ap.parse_args()
+
+    import llama_cpp
+    a.cache.mkdir(parents=True, exist_ok=True)
+    conv = converter_dir(a.cache)
+    formats = [f for f in a.formats.split(",") if f]
+    paths = {}
+    for fmt in formats:
+        if fmt in ("bf16", "q8_0"):
+            paths[fmt] = convert(conv, a.model, a.cache / f"{a.name}-{fmt}.gguf", fmt)
+        elif fmt in FTYPES:
+            src = convert(conv, a.model, a.cache / f"{a.name}-bf16.gguf", "bf16")
+            paths[fmt] = quantize(src, a.cache / f"{a.name}-{fmt}.gguf", fmt, a.threads)
+        else:
+            raise SystemExit(f"llama_ref: unknown format {fmt}")
+    if a.prepare_only:
+        return
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+    sysinfo = llama_cpp.llama_print_system_info().decode().strip()
+    for fmt in formats:
+        log(f"measuring {paths[fmt].name} with {a.threads} threads")
+        res = {"llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+               "converter": conv.name, "format": fmt, "gguf": str(paths[fmt]), "threads": a.threads,
+               "system_info": sysinfo.replace("\n", " ")}
+        res.update(gguf_costs(paths[fmt], conv))
+        res.update(measure(paths[fmt], a.threads, a.pp, a.pp_reps, a.prompt, a.n_predict, a.warmup))
+        text = "".join(f"{k}={v}\n" for k, v in res.items())
+        sys.stdout.write(f"# llama.cpp {fmt}\n{text}")
+        sys.stdout.flush()
+        if a.out:
+            (a.out / f"llama_{fmt}.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+/* roofline: this machine's two ceilings for the engine benchmark: memory bandwidth (a STREAM-style
+ * triad, plus a read-only sweep, with all threads) and the register-only multiply-add peak in f32
+ * and on the bf16 path the kernels run. Prints `name=value` lines that bench/run.sh parses.
+ *
+ *   roofline [--threads N] [--mib M]   (N: 0 = all cores; M: MiB per triad array, default 128)
+ *
+ * Why these kernels: decode streams every active weight once per token, so its ceiling is
+ * bytes/s; prefill reuses each weight over hundreds of tokens, so its ceiling is multiply-adds/s.
+ * The peak loops keep everything in registers (no loads) with enough independent accumulators to
+ * cover the FMA latency on every port, so they measure the core, not the caches. */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "kernels/kernels.h"
+
+/* ---- thread team: every thread runs the same body between two barriers ---- */
+typedef struct team team;
+typedef void (*team_fn)(team *t, int id);
+struct team {
+    int n;
+    pthread_barrier_t bar;
+    team_fn fn;
+    int reps;
+    /* triad / read */
+    double *a, *b, *c;
+    size_t len;
+    double sink[64];
+    /* peaks */
+    long iters;
+    int kind;
+};
+
+typedef struct {
+    team *t;
+    int id;
+} team_arg;
+
+static void slice(size_t len, int n, int id, size_t *lo, size_t *hi)
+{
+    *lo = len * (size_t)id / (size_t)n;
+    *hi = len * (size_t)(id + 1) / (size_t)n;
+}
+
+static void *team_main(void *p)
+{
+    team_arg *ta = p;
+    ta->t->fn(ta->t, ta->id);
+    return NULL;
+}
+
+/* Runs fn on n threads (the caller is thread 0) and returns when all have finished. */
+static int team_run(team *t, team_fn fn)
+{
+    pthread_t th[256];
+    team_arg args[256];
+    t->fn = fn;
+    if (t->n > 256)
+        t->n = 256;
+    if (pthread_barrier_init(&t->bar, NULL, (unsigned)t->n) != 0)
+        return -1;
+    int started = 1;
+    for (int i = 1; i < t->n; i++) {
+        args[i] = (team_arg){t, i};
+        if (pthread_create(&th[i], NULL, team_main, &args[i]) != 0) {
+            fprintf(stderr, "roofline: cannot start thread %d\n", i);
+            abort(); /* the barrier would wait forever */
+        }
+        started++;
+    }
+    fn(t, 0);
+    for (int i = 1; i < started; i++)
+        pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&t->bar);
+    return 0;
+}
+
+/* ---- bandwidth ---- */
+static double g_best_triad_s, g_best_read_s;
+
+static void bw_body(team *t, int id)
+{
+    size_t lo, hi;
+    slice(t->len, t->n, id, &lo, &hi);
+    double *restrict a = t->a, *restrict b = t->b, *restrict c = t->c;
+    /* First touch by the thread that will stream the slice (NUMA placement). */
+    for (size_t i = lo; i < hi; i++) {
+        a[i] = 0.0;
+        b[i] = 1.0 + (double)(i & 7);
+        c[i] = 2.0;
+    }
+    const double s = 3.0;
+    double acc = 0.0;
+    for (int r = 0; r < t->reps; r++) {
+        pthread_barrier_wait(&t->bar);
+        int64_t t0 = moe_now_ns();
+        for (size_t i = lo; i < hi; i++)
+            a[i] = b[i] + s * c[i];
+        pthread_barrier_wait(&t->bar);
+        if (id == 0) {
+            double dt = (double)(moe_now_ns() - t0) * 1e-9;
+            if (r == 0 || dt < g_best_triad_s)
+                g_best_triad_s = dt;
+        }
+    }
+    for (int r = 0; r < t->reps; r++) {
+        pthread_barrier_wait(&t->bar);
+        int64_t t0 = moe_now_ns();
+        /* Eight independent sums so the adds are not one latency chain (no -ffast-math here). */
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+        size_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            s0 += a[i] + b[i] + c[i];
+            s1 += a[i + 1] + b[i + 1] + c[i + 1];
+            s2 += a[i + 2] + b[i + 2] + c[i + 2];
+            s3 += a[i + 3] + b[i + 3] + c[i + 3];
+            s4 += a[i + 4] + b[i + 4] + c[i + 4];
+            s5 += a[i + 5] + b[i + 5] + c[i + 5];
+            s6 += a[i + 6] + b[i + 6] + c[i + 6];
+            s7 += a[i + 7] + b[i + 7] + c[i + 7];
+        }
+        for (; i < hi; i++)
+            s0 += a[i] + b[i] + c[i];
+        acc += s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
+        pthread_barrier_wait(&t->bar);
+        if (id == 0) {
+            double dt = (double)(moe_now_ns() - t0) * 1e-9;
+            if (r == 0 || dt < g_best_read_s)
+                g_best_read_s = dt;
+        }
+    }
+    t->sink[id % 64] = acc;
+}
+
+/* ---- register-only peaks ----
+ * Each loop runs NACC independent accumulator chains; 12 chains cover 4-cycle FMA latency on two
+ * FMA pipes (8 needed) with room to spare on Zen 3 / Ice Lake / Sapphire Rapids. */
+#define NACC 12
+
+enum { PEAK_F32_AVX2 = 0, PEAK_BF16_AVX2, PEAK_F32_AVX512, PEAK_BF16_DP, PEAK_F32_SCALAR };
+
+static double peak_flops_per_iter(int kind)
+{
+    switch (kind) {
+    case PEAK_F32_AVX2: return NACC * 8 * 2;
+    case PEAK_BF16_AVX2: return NACC * 8 * 2;
+    case PEAK_F32_AVX512: return NACC * 16 * 2;
+    case PEAK_BF16_DP: return NACC * 16 * 2 * 2; /* 16 lanes x 2 bf16 pairs x (mul + add) */
+    default: return NACC * 2;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static double peak_f32_avx2(long iters)
+{
+    __m256 acc[NACC];
+    const __m256 m = _mm256_set1_ps(0.999f), x = _mm256_set1_ps(1e-3f);
+    for (int j = 0; j < NACC; j++)
+        acc[j] = _mm256_set1_ps((float)j);
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int j = 0; j < NACC; j++)
+            acc[j] = _mm256_fmadd_ps(acc[j], m, x);
+    }
+    __m256 s = acc[0];
+    for (int j = 1; j < NACC; j++)
+        s = _mm256_add_ps(s, acc[j]);
+    float out[8];
+    _mm256_storeu_ps(out, s);
+    return out[0];
+}
+
+/* The AVX2 kernels' bf16 step (matmul_avx2.c load_w8): zero-extend 8 bf16 to 32 bits, shift into
+ * the high half (an exact f32), FMA in f32. One FMA per converted vector: the rate when nothing
+ * amortises the conversion. The empty asm makes the compiler believe the packed weights change
+ * every iteration, so the conversion stays inside the loop. */
+__attribute__((target("avx2,fma"))) static double peak_bf16_avx2(long iters)
+{
+    __m256 acc[NACC];
+    const __m256 x = _mm256_set1_ps(1e-6f);
+    __m128i w0 = _mm_set1_epi16(0x3f80), w1 = _mm_set1_epi16(0x3f00), w2 = _mm_set1_epi16(0x3e80),
+            w3 = _mm_set1_epi16(0x3e00);
+    for (int j = 0; j < NACC; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (long i = 0; i < iters; i++) {
+        __asm__("" : "+x"(w0), "+x"(w1), "+x"(w2), "+x"(w3));
+        const __m128i w[4] = {w0, w1, w2, w3};
+#pragma GCC unroll 12
+        for (int j = 0; j < NACC; j++) {
+            __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w[j & 3]), 16));
+            acc[j] = _mm256_fmadd_ps(wf, x, acc[j]);
+        }
+    }
+    __m256 s = acc[0];
+    for (int j = 1; j < NACC; j++)
+        s = _mm256_add_ps(s, acc[j]);
+    float out[8];
+    _mm256_storeu_ps(out, s);
+    return out[0];
+}
+
+__attribute__((target("avx512f"))) static double peak_f32_avx512(long iters)
+{
+    __m512 acc[NACC];
+    const __m512 m = _mm512_set1_ps(0.999f), x = _mm512_set1_ps(1e-3f);
+    for (int j = 0; j < NACC; j++)
+        acc[j] = _mm512_set1_ps((float)j);
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int j = 0; j < NACC; j++)
+            acc[j] = _mm512_fmadd_ps(acc[j], m, x);
+    }
+    __m512 s = acc[0];
+    for (int j = 1; j < NACC; j++)
+        s = _mm512_add_ps(s, acc[j]);
+    return _mm512_reduce_add_ps(s);
+}
+
+/* AVX-512 BF16: vdpbf16ps multiplies 16 x 2 bf16 pairs and adds them into 16 f32 lanes. */
+__attribute__((target("avx512f,avx512bf16"))) static double peak_bf16_dp(long iters)
+{
+    __m512 acc[NACC];
+    __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
+    __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f));
+    for (int j = 0; j < NACC; j++)
+        acc[j] = _mm512_setzero_ps();
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int j = 0; j < NACC; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+    }
+    __m512 s = acc[0];
+    for (int j = 1; j < NACC; j++)
+        s = _mm512_add_ps(s, acc[j]);
+    return _mm512_reduce_add_ps(s);
+}
+
+static double peak_f32_scalar(long iters)
+{
+    float acc[NACC];
+    for (int j = 0; j < NACC; j++)
+        acc[j] = (float)j;
+    for (long i = 0; i < iters; i++)
+        for (int j = 0; j < NACC; j++)
+            acc[j] = acc[j] * 0.999f + 1e-3f;
+    float s = 0;
+    for (int j = 0; j < NACC; j++)
+        s += acc[j];
+    return s;
+}
+
+static double g_peak_s;
+
+static void peak_body(team *t, int id)
+{
+    double best = 0, v = 0;
+    for (int r = 0; r < t->reps; r++) {
+        pthread_barrier_wait(&t->bar);
+        int64_t t0 = moe_now_ns();
+        switch (t->kind) {
+        case PEAK_F32_AVX2: v += peak_f32_avx2(t->iters); break;
+        case PEAK_BF16_AVX2: v += peak_bf16_avx2(t->iters); break;
+        case PEAK_F32_AVX512: v += peak_f32_avx512(t->iters); break;
+        case PEAK_BF16_DP: v += peak_bf16_dp(t->iters); break;
+        default: v += peak_f32_scalar(t->iters); break;
+        }
+        pthread_barrier_wait(&t->bar);
+        double dt = (double)(moe_now_ns() - t0) * 1e-9;
+        if (r == 0 || dt < best)
+            best = dt;
+    }
+    t->sink[id % 64] = v;
+    if (id == 0)
+        g_peak_s = best;
+}
+
+/* GFLOP/s of `kind` on n threads together (the slowest thread sets the time). */
+static double peak_gflops(int n, int kind)
+{
+    team t = {.n = n, .kind = kind, .reps = 5};
+    /* ~0.2 s per repetition at a few GFLOP/s per core keeps the whole probe about a second. */
+    t.iters = kind == PEAK_F32_SCALAR ? 20000000L : 4000000L;
+    team_run(&t, peak_body);
+    return peak_flops_per_iter(kind) * (double)t.iters * n / g_peak_s * 1e-9;
+}
+
+static int cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+int main(int argc, char **argv)
+{
+    int threads = 0;
+    long mib = 128;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
+            mib = atol(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--threads N] [--mib MiB per array]\n", argv[0]);
+            return 2;
+        }
+    }
+    if (threads <= 0)
+        threads = cpu_count();
+    if (mib < 8)
+        mib = 8;
+
+    __builtin_cpu_init();
+    int has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int has_avx512 = __builtin_cpu_supports("avx512f");
+    int has_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+    printf("# roofline: %d threads, kernels ISA %s, CPU avx2+fma=%d avx512f=%d avx512bf16=%d\n",
+           threads, moe_isa_name(moe_kernels_isa()), has_avx2, has_avx512, has_bf16);
+    printf("threads=%d\n", threads);
+    printf("kernels_isa=%s\n", moe_isa_name(moe_kernels_isa()));
+
+    /* Triad: three arrays of `mib` MiB each (STREAM asks for 4x the last-level cache). */
+    team bw = {.n = threads, .reps = 10};
+    bw.len = (size_t)mib * 1048576 / sizeof(double);
+    bw.a = aligned_alloc(64, bw.len * sizeof(double));
+    bw.b = aligned_alloc(64, bw.len * sizeof(double));
+    bw.c = aligned_alloc(64, bw.len * sizeof(double));
+    if (!bw.a || !bw.b || !bw.c) {
+        fprintf(stderr, "roofline: cannot allocate 3 x %ld MiB\n", mib);
+        return 1;
+    }
+    team_run(&bw, bw_body);
+    double bytes = 3.0 * (double)bw.len * sizeof(double);
+    /* STREAM convention: the triad moves 2 reads + 1 write = 24 bytes per element (the write-
+     * allocate read of a[] is real traffic but not counted). */
+    printf("# triad a=b+s*c over 3 x %ld MiB, best of %d; read = sum of the same arrays\n", mib, bw.reps);
+    printf("triad_gbs=%.2f\n", bytes / g_best_triad_s * 1e-9);
+    printf("read_gbs=%.2f\n", bytes / g_best_read_s * 1e-9);
+    free(bw.a);
+    free(bw.b);
+    free(bw.c);
+
+    double f32 = 0, bf16_cvt = 0, bf16_dp = 0;
+    if (has_avx512)
+        f32 = peak_gflops(threads, PEAK_F32_AVX512);
+    if (has_avx2) {
+        double f = peak_gflops(threads, PEAK_F32_AVX2);
+        f32 = f > f32 ? f : f32;
+        bf16_cvt = peak_gflops(threads, PEAK_BF16_AVX2);
+    }
+    if (!has_avx2 && !has_avx512)
+        f32 = peak_gflops(threads, PEAK_F32_SCALAR);
+    if (has_bf16)
+        bf16_dp = peak_gflops(threads, PEAK_BF16_DP);
+    /* The bf16 compute ceiling: the fastest way this CPU multiply-adds bf16 weights. With
+     * vdpbf16ps that instruction's rate; otherwise the weights are widened to f32 once per panel
+     * (the prefill path) and FMA'd at the f32 peak, the conversion amortised over the tokens. */
+    double bf16_peak = bf16_dp > f32 ? bf16_dp : f32;
+    printf("f32_fma_gflops=%.1f\n", f32);
+    printf("bf16_cvt_fma_gflops=%.1f\n", bf16_cvt);
+    if (has_bf16)
+        printf("bf16_dpbf16_gflops=%.1f\n", bf16_dp);
+    else
+        printf("bf16_dpbf16_gflops=n/a\n");
+    printf("bf16_peak_gflops=%.1f\n", bf16_peak);
+    printf("bf16_peak_path=%s\n", bf16_dp > f32 ? "vdpbf16ps" : "f32-fma (bf16 widened once per panel)");
+    return 0;
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# bench/run.sh: THE benchmark command (issue 3). Builds, generates the benchmark models once (cached
+# under bench/out/), measures this machine's rooflines, runs our engine and llama.cpp on the same
+# models with the same thread count, profiles decode, and writes the table into bench/RESULTS.md.
+# See bench/README.md. Environment knobs (defaults in brackets):
+#   MOE_BENCH_THREADS   [nproc]                 threads for every figure, ours and llama.cpp
+#   MOE_BENCH_PRESETS   ["small olmoe-1b-7b"]
+#   MOE_BENCH_LLAMA     [1]                      0 skips llama.cpp
+#   MOE_BENCH_LLAMA_FORMATS [bf16,q8_0,q4_0]
+#   MOE_BENCH_OLMOE_LAYERS  []                   shorten OLMoE (disk/time); empty = full 16 layers
+#   MOE_BENCH_PROFILE   [1]                      0 skips the callgrind/perf decode profiles
+#   MOE_BENCH_BUILD     [build-bench]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t_start=$(date +%s)
+
+THREADS=${MOE_BENCH_THREADS:-$(nproc)}
+PRESETS=${MOE_BENCH_PRESETS:-small olmoe-1b-7b}
+LLAMA=${MOE_BENCH_LLAMA:-1}
+LLAMA_FORMATS=${MOE_BENCH_LLAMA_FORMATS:-bf16,q8_0,q4_0}
+OLMOE_LAYERS=${MOE_BENCH_OLMOE_LAYERS:-}
+PROFILE=${MOE_BENCH_PROFILE:-1}
+BUILD=${MOE_BENCH_BUILD:-build-bench}
+OUT=bench/out
+RUN=$OUT/run
+
+cmd="bench/run.sh"
+for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OLMOE_LAYERS \
+         MOE_BENCH_PROFILE MOE_BENCH_BUILD; do
+  if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
+done
+
+say() { printf '\n== %s\n' "$*" >&2; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# ---- build (the README's release flavour: RelWithDebInfo, warnings as errors) ----
+say "build ($BUILD)"
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_WERROR=ON >/dev/null
+fi
+cmake --build "$BUILD" -j"$(nproc)" --target moe-gen-model roofline engine_bench
+
+rm -rf "$RUN"
+mkdir -p "$RUN/profile" "$OUT/models"
+echo "$cmd" >"$RUN/command.txt"
+{
+  echo "cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+  echo "cores=$(lscpu -p=CORE | grep -v '^#' | sort -u | wc -l)"
+  echo "cpus=$(nproc)"
+  echo "l3=$(lscpu | sed -n 's/^L3 cache: *//p' | head -1)"
+  echo "mem=$(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
+  echo "virt=$(lscpu | sed -n 's/^Hypervisor vendor: *//p' | head -1) VM"
+  echo "date=$(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "commit=$(git rev-parse --short HEAD)"
+  echo "load_before=$(load1)"
+} >"$RUN/machine.txt"
+
+# ---- models: generated once, regenerated only when the arguments change ----
+arch_of() { case $1 in small) echo qwen3_moe ;; olmoe-1b-7b) echo olmoe ;; *) echo olmoe ;; esac; }
+for p in $PRESETS; do
+  args=(--arch "$(arch_of "$p")" --preset "$p")
+  if [ "$p" = olmoe-1b-7b ] && [ -n "$OLMOE_LAYERS" ]; then args+=(--layers "$OLMOE_LAYERS"); fi
+  dir=$OUT/models/$p
+  if [ "$(cat "$dir/.bench-args" 2>/dev/null)" != "${args[*]}" ]; then
+    say "generating $p (${args[*]}) into $dir (once; cached)"
+    rm -rf "$dir"
+    "$BUILD/moe-gen-model" "${args[@]}" --out "$dir"
+    echo "${args[*]}" >"$dir/.bench-args"
+  fi
+done
+
+# ---- rooflines ----
+say "roofline ($THREADS threads)"
+"$BUILD/bench/roofline" --threads "$THREADS" | tee "$RUN/roofline.txt"
+
+# ---- per preset: our engine, then llama.cpp on the same model ----
+for p in $PRESETS; do
+  mkdir -p "$RUN/$p"
+  case $p in
+    small) eb=(--batch 1,16 --decode-tokens 64,32 --prefill 512 --prefill-reps 3)
+           lr=(--pp-reps 2 --n-predict 64) ;;
+    *)     eb=(--batch 1,16 --decode-tokens 16,4 --prefill 512 --prefill-reps 1)
+           lr=(--pp-reps 1 --n-predict 32) ;;
+  esac
+  say "engine_bench $p bf16 (${eb[*]})"
+  "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" "${eb[@]}" | tee "$RUN/$p/ours_bf16.txt"
+  # Our 8/4-bit expert formats: measured here once the engine can load them (see README).
+  if [ "$LLAMA" = 1 ]; then
+    say "llama.cpp $p ($LLAMA_FORMATS)"
+    python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
+      --formats "$LLAMA_FORMATS" --out "$RUN/$p" "${lr[@]}"
+  fi
+done
+
+# ---- decode profiles (small preset) ----
+if [ "$PROFILE" = 1 ] && [[ " $PRESETS " == *" small "* ]]; then
+  say "decode profile: callgrind (1 thread) and perf cpu-clock ($THREADS threads), small preset"
+  if command -v valgrind >/dev/null; then
+    valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$RUN/profile/callgrind.out" \
+      "$BUILD/bench/engine_bench" --model "$OUT/models/small" --threads 1 --batch 1 --prompt 16 \
+      --warmup 1 --decode-tokens 8 --prefill 0 --no-touch --callgrind-decode >/dev/null 2>"$RUN/profile/callgrind.log"
+    callgrind_annotate --inclusive=no "$RUN/profile/callgrind.out" >"$RUN/profile/callgrind.txt" 2>/dev/null
+    printf 'threads=1\nsteps=8\n' >"$RUN/profile/callgrind.meta"
+  fi
+  if command -v perf >/dev/null; then
+    if perf record -e cpu-clock -F 2000 -o "$RUN/profile/perf.data" -- \
+        "$BUILD/bench/engine_bench" --model "$OUT/models/small" --threads "$THREADS" --batch 1 \
+        --decode-tokens 128 --prefill 0 >/dev/null 2>"$RUN/profile/perf.log"; then
+      perf report -i "$RUN/profile/perf.data" --stdio --no-children --sort comm,dso,sym 2>/dev/null \
+        | grep -v '^#' | grep '%' >"$RUN/profile/perf.txt" || true
+      printf 'threads=%s\nsteps=128\n' "$THREADS" >"$RUN/profile/perf.meta"
+    fi
+  fi
+fi
+
+echo "load_after=$(load1)" >>"$RUN/machine.txt"
+echo "wall_minutes=$(( ($(date +%s) - t_start + 30) / 60 ))" >>"$RUN/machine.txt"
+say "results"
+python3 bench/report.py "$RUN" bench/RESULTS.md
+echo >&2
+echo "bench/RESULTS.md updated; raw outputs in $RUN" >&2
