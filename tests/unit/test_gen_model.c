@@ -749,3 +749,34 @@ Test(gen_model, real_presets)
                                     MOE_DT_BF16, 0, &s),
                  MOE_ERR_INVALID_ARG);
 }
+
+/* Vocab rows no token uses are zero in embed_tokens and lm_head (their logit is always 0); the
+ * tokenizer's own rows, specials included, are not. */
+Test(gen_model, padding_rows_are_zero)
+{
+    moe_gen_spec spec;
+    build_spec(MOE_ARCH_QWEN2_MOE, &spec);
+    spec.tok_rows = 100;
+    spec.n_tok_extra = 1;
+    spec.tok_extra[0] = 300;
+    moe_gen_tensor *t;
+    int n;
+    cr_assert_eq(moe_gen_tensor_list(&spec, &t, &n), MOE_OK);
+    const int idx[2] = {0, n - 1};
+    cr_assert_str_eq(t[n - 1].name, "lm_head.weight");
+    for (int k = 0; k < 2; k++) {
+        moe_gen_tensor *x = &t[idx[k]];
+        uint16_t *rows = malloc((size_t)x->n_bytes);
+        moe_gen_tensor_fill(x, rows, (size_t)x->n_bytes, 0);
+        for (int r = 0; r < 512; r++) {
+            int nonzero = 0;
+            for (int c = 0; c < 64; c++)
+                nonzero += rows[r * 64 + c] != 0;
+            bool token = r < 100 || r == 300;
+            cr_assert(token ? nonzero > 50 : nonzero == 0, "%s row %d: %d non-zero", x->name, r,
+                      nonzero);
+        }
+        free(rows);
+    }
+    free(t);
+}

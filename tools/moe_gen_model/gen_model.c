@@ -233,6 +233,7 @@ moe_status moe_gen_run(const moe_gen_options *opt)
     moe_gen_tokenizer *tok = NULL;
     if ((st = moe_gen_tok_train(spec.tok_family, spec.vocab, &tok)) != MOE_OK)
         return moe_error_context(st, "%s: ", opt->out_dir);
+    moe_gen_spec_set_tokens(&spec, tok);
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/tokenizer.json", opt->out_dir) >= sizeof path) {
         moe_gen_tok_free(tok);

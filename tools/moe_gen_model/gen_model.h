@@ -82,6 +82,12 @@ typedef struct {
     int mlp_only[MOE_MAX_LAYERS];
     bool layer_is_moe[MOE_MAX_LAYERS];
     moe_gen_tok_family tok_family;
+    /* Token ids the tokenizer uses: [0, tok_rows) plus tok_extra (its special tokens). The other
+     * rows of embed_tokens / lm_head are padding and written as zeros, so their logit is always
+     * 0 and never competes with real tokens. tok_rows = 0: every row is a token. */
+    int tok_rows;
+    int n_tok_extra;
+    int tok_extra[4];
 } moe_gen_spec;
 
 /* Wires `preset` as architecture `arch`. n_layers > 0 overrides the preset's layer count (at most
@@ -90,7 +96,11 @@ typedef struct {
 moe_status moe_gen_spec_build(moe_arch arch, const moe_gen_preset *preset, int n_layers,
                               moe_dtype dtype, uint64_t seed, moe_gen_spec *spec);
 
-/* Total number of parameters and of weight bytes the spec's safetensors hold. */
+struct moe_gen_tokenizer_s;
+/* Records which ids tok uses (see tok_rows). */
+void moe_gen_spec_set_tokens(moe_gen_spec *spec, const struct moe_gen_tokenizer_s *tok);
+
+/* Total number of parameters the spec's safetensors hold. */
 uint64_t moe_gen_spec_params(const moe_gen_spec *spec);
 
 /* Writes the --list-presets table. */
@@ -100,7 +110,7 @@ void moe_gen_list_presets(FILE *f);
 
 #define MOE_GEN_MAX_SPECIALS 4
 
-typedef struct {
+typedef struct moe_gen_tokenizer_s {
     moe_gen_tok_family family;
     int n_vocab;             /* model vocab entries: ids 0..n_vocab-1 */
     char **vocab;            /* token strings by id (UTF-8, already in the model's alphabet) */
@@ -189,11 +199,13 @@ typedef struct {
     uint64_t key;            /* PRNG stream of this tensor (seed x name) */
     moe_dtype dtype;
     uint64_t n_bytes;
+    const moe_gen_spec *rows_of; /* non-NULL: a vocab-row tensor, padding rows are zero */
 } moe_gen_tensor;
 
 enum { MOE_GEN_INIT_NORMAL = 0, MOE_GEN_INIT_NORM, MOE_GEN_INIT_BIAS };
 
-/* Lists every tensor of the spec in module order (HF state_dict order). *out is malloc'd. */
+/* Lists every tensor of the spec in module order (HF state_dict order). *out is malloc'd; the
+ * vocab-row tensors point at spec, which must outlive the list. */
 moe_status moe_gen_tensor_list(const moe_gen_spec *spec, moe_gen_tensor **out, int *n_out);
 /* The streaming fill callback of moe_st_write_tensor for a moe_gen_tensor (as fill_ctx). The
  * value of element i depends only on (tensor key, i): chunking never changes the bytes. */

@@ -170,6 +170,15 @@ moe_status moe_gen_spec_build(moe_arch arch, const moe_gen_preset *p, int n_laye
     return MOE_OK;
 }
 
+void moe_gen_spec_set_tokens(moe_gen_spec *s, const moe_gen_tokenizer *t)
+{
+    s->tok_rows = t->n_vocab;
+    s->n_tok_extra = 0;
+    for (int i = 0; i < t->n_special && s->n_tok_extra < 4; i++)
+        if (t->special[i].id >= t->n_vocab)
+            s->tok_extra[s->n_tok_extra++] = t->special[i].id;
+}
+
 static uint64_t mlp_params(uint64_t d, uint64_t ffn)
 {
     return 3 * d * ffn;

@@ -113,6 +113,9 @@ def check_model(d, cfg, tok):
     std = out.logits.float().std().item()
     print(f"  model: clean load, logits std {std:.2f}, experts used {len(chosen)}/{n_exp}, "
           f"greedy {len(set(new))} distinct of {len(new)}: {tok.decode(new)!r}")
+    unknown = [i for i in new if tok.id_to_token(i) is None]
+    if unknown:
+        fail(f"{d}: greedy decoding picked ids no token has: {unknown}")
     if len(set(new)) < 3:
         fail(f"{d}: degenerate greedy output {new}")
     if not math.isfinite(std):

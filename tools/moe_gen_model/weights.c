@@ -53,15 +53,28 @@ static void encode(const moe_gen_tensor *t, float v, uint8_t out[4])
     }
 }
 
+/* Whether vocab row r is a token of the tokenizer (else padding). */
+static bool row_is_token(const moe_gen_spec *s, int64_t r)
+{
+    if (s->tok_rows <= 0 || r < s->tok_rows)
+        return true;
+    for (int i = 0; i < s->n_tok_extra; i++)
+        if (s->tok_extra[i] == r)
+            return true;
+    return false;
+}
+
 void moe_gen_tensor_fill(void *fill_ctx, void *dst, size_t n_bytes, size_t offset)
 {
     const moe_gen_tensor *t = fill_ctx;
     const size_t es = t->dtype == MOE_DT_F32 ? 4 : 2;
+    const uint64_t row_len = t->n_dims == 2 ? (uint64_t)t->shape[1] : 1;
     uint8_t *out = dst;
     size_t end = offset + n_bytes;
     for (size_t e = offset / es; e * es < end; e++) {
         uint8_t bytes[4];
-        encode(t, element_value(t, e), bytes);
+        bool live = !t->rows_of || row_is_token(t->rows_of, (int64_t)(e / row_len));
+        encode(t, live ? element_value(t, e) : 0.0f, bytes);
         size_t eb = e * es;
         size_t lo = eb < offset ? offset : eb, hi = eb + es > end ? end : eb + es;
         memcpy(out + (lo - offset), bytes + (lo - eb), hi - lo);
@@ -145,6 +158,8 @@ moe_status moe_gen_tensor_list(const moe_gen_spec *s, moe_gen_tensor **out, int 
     /* Embedding rows have unit scale: the first RMSNorm rescales them anyway, and it keeps the
      * token's own signal comparable to what each layer adds to the residual stream. */
     add(&l, MOE_GEN_INIT_NORMAL, 1.0f, s->vocab, d, "model.embed_tokens.weight");
+    if (!l.oom)
+        l.v[l.n - 1].rows_of = s;
     for (int i = 0; i < s->n_layers; i++) {
         char pre[32], mlp[64], name[96];
         snprintf(pre, sizeof pre, "model.layers.%d", i);
@@ -187,7 +202,12 @@ moe_status moe_gen_tensor_list(const moe_gen_spec *s, moe_gen_tensor **out, int 
         add(&l, MOE_GEN_INIT_NORM, 0, d, 0, "%s.post_attention_layernorm.weight", pre);
     }
     add(&l, MOE_GEN_INIT_NORM, 0, d, 0, "model.norm.weight");
-    add(&l, MOE_GEN_INIT_NORMAL, inv_sqrt(d), s->vocab, d, "lm_head.weight");
+    /* Logits of about 4 standard deviations over the normalised final state: peaked like a
+     * trained model's, and far above the 0 of the zero padding rows, which greedy decoding then
+     * never picks and sampling almost never does. */
+    add(&l, MOE_GEN_INIT_NORMAL, 4.0f * inv_sqrt(d), s->vocab, d, "lm_head.weight");
+    if (!l.oom)
+        l.v[l.n - 1].rows_of = s;
     if (l.oom) {
         free(l.v);
         return moe_error(MOE_ERR_NOMEM, "out of memory listing the tensors");
