@@ -162,8 +162,8 @@ int main(int argc, char **argv)
                     moe_dtype dt = dts[d];
                     if (dt != MOE_DT_F32)
                         for (size_t i = 0; i < n; i++)
-                            wh[i] = dt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[i])
-                                                      : moe_f32_to_f16(wf[i]);
+                            wh[i] =
+                                dt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[i]) : moe_f32_to_f16(wf[i]);
                     const void *w = dt == MOE_DT_F32 ? (const void *)wf : (const void *)wh;
                     size_t bytes = n * (dt == MOE_DT_F32 ? 4 : 2);
                     /* Interleave a read of the same number of bytes with each matvec and keep
@@ -171,8 +171,8 @@ int main(int argc, char **argv)
                     int reps = isa == MOE_ISA_SCALAR ? 2 : (quick ? 4 : 12);
                     double best_mv = 1e30, best_bw = 0;
                     for (int r = 0; r < reps; r++) {
-                        double bw = read_bw(pool, dt == MOE_DT_F32 ? wf : (const float *)wh,
-                                            bytes, 1);
+                        double bw =
+                            read_bw(pool, dt == MOE_DT_F32 ? wf : (const float *)wh, bytes, 1);
                         best_bw = bw > best_bw ? bw : best_bw;
                         double t = time_matmul(pool, y, x, w, dt, 1, n_in, n_out, 1);
                         best_mv = t < best_mv ? t : best_mv;
@@ -180,8 +180,8 @@ int main(int argc, char **argv)
                     double bw = (double)bytes / best_mv / 1e9;
                     printf("matvec %-6s %-4s %5dx%-5d (%4zu MB): %8.3f ms %6.1f GB/s | read %6.1f "
                            "GB/s | %3.0f%%\n",
-                           moe_isa_name((moe_isa)isa), moe_dtype_name(dt), n_out, n_in,
-                           bytes >> 20, best_mv * 1e3, bw, best_bw, 100.0 * bw / best_bw);
+                           moe_isa_name((moe_isa)isa), moe_dtype_name(dt), n_out, n_in, bytes >> 20,
+                           best_mv * 1e3, bw, best_bw, 100.0 * bw / best_bw);
                 }
             }
         }

@@ -5,16 +5,16 @@
 
 #include "kernels/cpu/kernels_internal.h"
 
-static const moe_kernel_ops ops_scalar = {
-    moe_matmul_rows_scalar, moe_dot_f32_scalar,     moe_axpy_f32_scalar,
-    moe_attn_scores_scalar, moe_attn_accum_scalar, 4};
-static const moe_kernel_ops ops_avx2 = {
-    moe_matmul_rows_avx2, moe_dot_f32_avx2,    moe_axpy_f32_avx2,
-    moe_attn_scores_avx2, moe_attn_accum_avx2, 16};
+static const moe_kernel_ops ops_scalar = {moe_matmul_rows_scalar, moe_dot_f32_scalar,
+                                          moe_axpy_f32_scalar,    moe_attn_scores_scalar,
+                                          moe_attn_accum_scalar,  4};
+static const moe_kernel_ops ops_avx2 = {moe_matmul_rows_avx2, moe_dot_f32_avx2,
+                                        moe_axpy_f32_avx2,    moe_attn_scores_avx2,
+                                        moe_attn_accum_avx2,  16};
 /* Attention is memory bound: the AVX2 chunk kernels serve AVX-512 CPUs as well. */
-static const moe_kernel_ops ops_avx512 = {
-    moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,
-    moe_attn_scores_avx2,   moe_attn_accum_avx2, 16};
+static const moe_kernel_ops ops_avx512 = {moe_matmul_rows_avx512, moe_dot_f32_avx512,
+                                          moe_axpy_f32_avx512,    moe_attn_scores_avx2,
+                                          moe_attn_accum_avx2,    16};
 
 /* -1 until first use. Selection is idempotent, so a race between two first callers is harmless:
  * both compute the same value. */
@@ -23,22 +23,32 @@ static _Atomic int active_isa = -1;
 const char *moe_dtype_name(moe_dtype dt)
 {
     switch (dt) {
-    case MOE_DT_F32: return "f32";
-    case MOE_DT_BF16: return "bf16";
-    case MOE_DT_F16: return "f16";
-    case MOE_DT_Q8: return "q8";
-    case MOE_DT_Q4: return "q4";
-    default: return "?";
+    case MOE_DT_F32:
+        return "f32";
+    case MOE_DT_BF16:
+        return "bf16";
+    case MOE_DT_F16:
+        return "f16";
+    case MOE_DT_Q8:
+        return "q8";
+    case MOE_DT_Q4:
+        return "q4";
+    default:
+        return "?";
     }
 }
 
 const char *moe_isa_name(moe_isa isa)
 {
     switch (isa) {
-    case MOE_ISA_SCALAR: return "scalar";
-    case MOE_ISA_AVX2: return "avx2";
-    case MOE_ISA_AVX512: return "avx512";
-    default: return "?";
+    case MOE_ISA_SCALAR:
+        return "scalar";
+    case MOE_ISA_AVX2:
+        return "avx2";
+    case MOE_ISA_AVX512:
+        return "avx512";
+    default:
+        return "?";
     }
 }
 
@@ -102,8 +112,11 @@ moe_isa moe_kernels_force_isa(moe_isa isa)
 const moe_kernel_ops *moe_kernels_ops(void)
 {
     switch (moe_kernels_isa()) {
-    case MOE_ISA_AVX512: return &ops_avx512;
-    case MOE_ISA_AVX2: return &ops_avx2;
-    default: return &ops_scalar;
+    case MOE_ISA_AVX512:
+        return &ops_avx512;
+    case MOE_ISA_AVX2:
+        return &ops_avx2;
+    default:
+        return &ops_scalar;
     }
 }

@@ -40,8 +40,8 @@ static inline float moe_f16_to_f32_inline(uint16_t h)
 
 /* Computes rows [r0, r1) of y = x * W^T for all n_tok tokens (see moe_matmul). Single-threaded;
  * every ISA implements exactly this contract, so the threading layer (matmul.c) is shared. */
-typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_dtype wt,
-                                   int n_tok, int n_in, int n_out, int r0, int r1);
+typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                                   int n_in, int n_out, int r0, int r1);
 /* sum_i a[i] * b[i] over f32 arrays (attention's q.k), several accumulators. */
 typedef float (*moe_dot_f32_fn)(const float *a, const float *b, int n);
 /* y[i] += a * x[i] (moe_axpy, attention's p.V). */

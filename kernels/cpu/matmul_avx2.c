@@ -13,9 +13,10 @@
 /* ---- numerics, shared by both matmul paths ----
  * Small n_tok ("dot" path): every output y[t][r] is one 8-lane f32 accumulator over k in steps
  * of 8 (lane l sums k = l mod 8), FMA, the last partial 8 zero-padded into the same accumulator,
- * then a fixed-order horizontal sum. Large n_tok (>= PANEL_MIN_TOK, "panel" path): every output is one f32 FMA
- * chain over k in order (like a BLAS sgemm). Either way the arithmetic of an output depends only
- * on (n_tok, n_in), never on which rows a thread got, so threaded == serial bit for bit. */
+ * then a fixed-order horizontal sum. Large n_tok (>= PANEL_MIN_TOK, "panel" path): every output is
+ * one f32 FMA chain over k in order (like a BLAS sgemm). Either way the arithmetic of an output
+ * depends only on (n_tok, n_in), never on which rows a thread got, so threaded == serial bit for
+ * bit. */
 
 /* 8 weights at w[i..i+8) as f32. wt is a compile-time constant at every call site. */
 AI __m256 load_w8(const void *w, size_t i, int wt)
@@ -51,9 +52,9 @@ AI __m256 load_x_tail(const float *x, int n)
 AI float hsum8(__m256 v)
 {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    __m128 s = _mm_add_ps(lo, hi);            /* l + l+4 */
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));   /* + (l+2) */
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));    /* + (l+1) */
+    __m128 s = _mm_add_ps(lo, hi);          /* l + l+4 */
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s)); /* + (l+2) */
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));  /* + (l+1) */
     return _mm_cvtss_f32(s);
 }
 
@@ -115,8 +116,8 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
 }
 
 /* Rows [r0, r1) in tiles of NR rows x 4 tokens (the last token tile 1-3 wide). */
-AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, int n_in,
-                    int n_out, int r0, int r1, int NR)
+AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
+                    int r0, int r1, int NR)
 {
     int r = r0;
     for (; r + NR <= r1; r += NR) {
@@ -124,10 +125,17 @@ AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, 
         for (; t + 4 <= n_tok; t += 4)
             dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 4);
         switch (n_tok - t) {
-        case 3: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3); break;
-        case 2: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2); break;
-        case 1: dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1); break;
-        default: break;
+        case 3:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3);
+            break;
+        case 2:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2);
+            break;
+        case 1:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1);
+            break;
+        default:
+            break;
         }
     }
     for (; r < r1; r++) {
@@ -135,10 +143,17 @@ AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, 
         for (; t + 4 <= n_tok; t += 4)
             dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 4);
         switch (n_tok - t) {
-        case 3: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 3); break;
-        case 2: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 2); break;
-        case 1: dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 1); break;
-        default: break;
+        case 3:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 3);
+            break;
+        case 2:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 2);
+            break;
+        case 1:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 1);
+            break;
+        default:
+            break;
         }
     }
 }
@@ -231,8 +246,8 @@ AI __m256i lane_mask(int n)
 }
 
 /* y[t0 + t][r + 0..nr) (+)= sum_k pack[k] * x[t0 + t][k0 + k] for t < NT. */
-AI void panel_tile(float *y, const float *x, const float *pack, int n_in, int n_out, int r,
-                   int nr, int t0, int k0, int kc, int NT)
+AI void panel_tile(float *y, const float *x, const float *pack, int n_in, int n_out, int r, int nr,
+                   int t0, int k0, int kc, int NT)
 {
     __m256 acc[PANEL_TOK][2];
     const float *xr[PANEL_TOK];
@@ -279,17 +294,29 @@ static void panel_tile_n(float *y, const float *x, const float *pack, int n_in, 
                          int nr, int t0, int k0, int kc, int nt)
 {
     switch (nt) {
-    case 6: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 6); break;
-    case 5: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 5); break;
-    case 4: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 4); break;
-    case 3: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 3); break;
-    case 2: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 2); break;
-    default: panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 1); break;
+    case 6:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 6);
+        break;
+    case 5:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 5);
+        break;
+    case 4:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 4);
+        break;
+    case 3:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 3);
+        break;
+    case 2:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 2);
+        break;
+    default:
+        panel_tile(y, x, pack, n_in, n_out, r, nr, t0, k0, kc, 1);
+        break;
     }
 }
 
-AI void panel_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in,
-                   int n_out, int r0, int r1)
+AI void panel_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
+                   int r0, int r1)
 {
     _Alignas(32) float pack[PANEL_ROWS / 16][PANEL_KC * 16];
     for (int rp = r0; rp < r1; rp += PANEL_ROWS) {
@@ -352,10 +379,17 @@ void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt,
                           int n_in, int n_out, int r0, int r1)
 {
     switch (wt) {
-    case MOE_DT_F32: rows_f32(y, x, w, n_tok, n_in, n_out, r0, r1); return;
-    case MOE_DT_BF16: rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1); return;
-    case MOE_DT_F16: rows_f16(y, x, w, n_tok, n_in, n_out, r0, r1); return;
-    default: MOE_ASSERT(!"moe_matmul (avx2): weight dtype must be F32, BF16 or F16");
+    case MOE_DT_F32:
+        rows_f32(y, x, w, n_tok, n_in, n_out, r0, r1);
+        return;
+    case MOE_DT_BF16:
+        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1);
+        return;
+    case MOE_DT_F16:
+        rows_f16(y, x, w, n_tok, n_in, n_out, r0, r1);
+        return;
+    default:
+        MOE_ASSERT(!"moe_matmul (avx2): weight dtype must be F32, BF16 or F16");
     }
 }
 

@@ -98,10 +98,17 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
         return;
     }
     switch (wt) {
-    case MOE_DT_F32: dot_rows(y, x, w, MOE_DT_F32, n_tok, n_in, n_out, r0, r1); return;
-    case MOE_DT_BF16: dot_rows(y, x, w, MOE_DT_BF16, n_tok, n_in, n_out, r0, r1); return;
-    case MOE_DT_F16: dot_rows(y, x, w, MOE_DT_F16, n_tok, n_in, n_out, r0, r1); return;
-    default: MOE_ASSERT(!"moe_matmul (avx512): weight dtype must be F32, BF16 or F16");
+    case MOE_DT_F32:
+        dot_rows(y, x, w, MOE_DT_F32, n_tok, n_in, n_out, r0, r1);
+        return;
+    case MOE_DT_BF16:
+        dot_rows(y, x, w, MOE_DT_BF16, n_tok, n_in, n_out, r0, r1);
+        return;
+    case MOE_DT_F16:
+        dot_rows(y, x, w, MOE_DT_F16, n_tok, n_in, n_out, r0, r1);
+        return;
+    default:
+        MOE_ASSERT(!"moe_matmul (avx512): weight dtype must be F32, BF16 or F16");
     }
 }
 

@@ -159,15 +159,15 @@ Test(kernels, f32_to_f16_edges_and_random)
     memcpy(&snan, &snan_bits, sizeof snan);
     uint16_t hs = moe_f32_to_f16(snan);
     cr_assert((hs & 0x7c00) == 0x7c00 && (hs & 0x3ff) != 0, "got %04x", hs);
-    cr_assert_eq(moe_f32_to_f16(0x1p-24f), 0x0001);           /* smallest subnormal */
-    cr_assert_eq(moe_f32_to_f16(0x1p-25f), 0x0000);           /* tie to even: zero */
-    cr_assert_eq(moe_f32_to_f16(0x1.000002p-25f), 0x0001);    /* just above the tie */
-    cr_assert_eq(moe_f32_to_f16(0x3p-25f), 0x0002);           /* 1.5 ulp: tie to even 2 */
-    cr_assert_eq(moe_f32_to_f16(0x1p-14f), 0x0400);           /* smallest normal */
-    cr_assert_eq(moe_f32_to_f16(0x1.ff8p-15f), 0x03ff);       /* largest subnormal */
-    cr_assert_eq(moe_f32_to_f16(0x1.ffcp-15f), 0x0400);       /* its half-ulp tie rounds to even */
-    cr_assert_eq(moe_f32_to_f16(1.0f + 0x1p-11f), 0x3c00);    /* tie: even stays */
-    cr_assert_eq(moe_f32_to_f16(1.0f + 0x3p-11f), 0x3c02);    /* tie: odd rounds up */
+    cr_assert_eq(moe_f32_to_f16(0x1p-24f), 0x0001);        /* smallest subnormal */
+    cr_assert_eq(moe_f32_to_f16(0x1p-25f), 0x0000);        /* tie to even: zero */
+    cr_assert_eq(moe_f32_to_f16(0x1.000002p-25f), 0x0001); /* just above the tie */
+    cr_assert_eq(moe_f32_to_f16(0x3p-25f), 0x0002);        /* 1.5 ulp: tie to even 2 */
+    cr_assert_eq(moe_f32_to_f16(0x1p-14f), 0x0400);        /* smallest normal */
+    cr_assert_eq(moe_f32_to_f16(0x1.ff8p-15f), 0x03ff);    /* largest subnormal */
+    cr_assert_eq(moe_f32_to_f16(0x1.ffcp-15f), 0x0400);    /* its half-ulp tie rounds to even */
+    cr_assert_eq(moe_f32_to_f16(1.0f + 0x1p-11f), 0x3c00); /* tie: even stays */
+    cr_assert_eq(moe_f32_to_f16(1.0f + 0x3p-11f), 0x3c02); /* tie: odd rounds up */
     cr_assert_eq(moe_f32_to_f16(1e-10f), 0x0000);
     for (int i = 0; i < 200000; i++) {
         uint32_t u = (uint32_t)rng_next();
@@ -236,8 +236,8 @@ static void pool_exercise(moe_threadpool_t *pool, int n_threads, int runs)
         }
         moe_threadpool_run(pool, probe_task, p, n_tasks);
         for (int t = 0; t < POOL_MAX_TASKS; t++)
-            cr_assert_eq(atomic_load(&p->count[t]), t < n_tasks ? 1 : 0,
-                         "run %d task %d of %d", r, t, n_tasks);
+            cr_assert_eq(atomic_load(&p->count[t]), t < n_tasks ? 1 : 0, "run %d task %d of %d", r,
+                         t, n_tasks);
         cr_assert_eq(atomic_load(&p->total), (long)n_tasks * (n_tasks + 1) / 2);
         cr_assert_eq(atomic_load(&p->bad_thread), 0);
     }
@@ -375,8 +375,8 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
                 y[k] = NAN;
             moe_matmul(pools[p], y, x, w, dt, n_tok, n_in, n_out);
             cr_assert_arr_eq(y, y_serial, (size_t)n_tok * n_out * sizeof *y,
-                             "%s: threads=%d differs from serial (n_tok=%d n_in=%d n_out=%d)",
-                             what, moe_threadpool_size(pools[p]), n_tok, n_in, n_out);
+                             "%s: threads=%d differs from serial (n_tok=%d n_in=%d n_out=%d)", what,
+                             moe_threadpool_size(pools[p]), n_tok, n_in, n_out);
         }
     }
     free(own);
@@ -654,8 +654,8 @@ static void attention_case(int block_size, int n_kv_head, int group, int head_di
             int kvh = h / group;
             double mx = -INFINITY, s = 0;
             for (int j = 0; j < n_ctx; j++) {
-                const float *k = kb[j / block_size] + kvh * head_stride +
-                                 (size_t)(j % block_size) * head_dim;
+                const float *k =
+                    kb[j / block_size] + kvh * head_stride + (size_t)(j % block_size) * head_dim;
                 double d = 0;
                 for (int c = 0; c < head_dim; c++)
                     d += (double)q[h * head_dim + c] * k[c];
@@ -668,13 +668,13 @@ static void attention_case(int block_size, int n_kv_head, int group, int head_di
                 double o = 0;
                 for (int j = 0; j < n_ctx; j++)
                     o += p[j] / s *
-                         vb[j / block_size][kvh * head_stride +
-                                            (size_t)(j % block_size) * head_dim + c];
+                         vb[j / block_size]
+                           [kvh * head_stride + (size_t)(j % block_size) * head_dim + c];
                 float got = out[h * head_dim + c];
                 cr_assert(fabs(got - o) <= 2e-5 * (1 + fabs(o)),
                           "%s bs=%d kv=%d group=%d d=%d ctx=%d h=%d c=%d got %g want %g",
-                          moe_isa_name(isas[ii]), block_size, n_kv_head, group, head_dim,
-                          n_ctx, h, c, (double)got, o);
+                          moe_isa_name(isas[ii]), block_size, n_kv_head, group, head_dim, n_ctx, h,
+                          c, (double)got, o);
             }
         }
     }
