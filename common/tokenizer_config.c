@@ -414,8 +414,8 @@ static moe_status compose(tok_loader *L, tok_tmpl_item *outer, size_t n_outer)
     return MOE_OK;
 }
 
-static moe_status special_item(tok_loader *L, const char *token, const cJSON *idv,
-                               tok_tmpl_item *it, const char *path)
+/* One special token of Bert/RobertaProcessing: ["[CLS]", 101]; idv is the id element. */
+static moe_status special_item(tok_loader *L, const cJSON *idv, tok_tmpl_item *it, const char *path)
 {
     it->n = 1;
     it->ids = malloc(sizeof(int32_t));
@@ -425,7 +425,6 @@ static moe_status special_item(tok_loader *L, const char *token, const cJSON *id
         idv->valuedouble != floor(idv->valuedouble))
         return tok_bad(L, path, "expected [token, id]");
     it->ids[0] = (int32_t)idv->valuedouble;
-    (void)token;
     return MOE_OK;
 }
 
@@ -530,10 +529,10 @@ moe_status tok_parse_post(tok_loader *L, const cJSON *j, const char *path)
         if (!items)
             return tok_nomem(L);
         snprintf(p, sizeof p, "%s.cls", path);
-        moe_status st = special_item(L, NULL, cJSON_GetArrayItem(cls, 1), &items[0], p);
+        moe_status st = special_item(L, cJSON_GetArrayItem(cls, 1), &items[0], p);
         snprintf(p, sizeof p, "%s.sep", path);
         if (!st)
-            st = special_item(L, NULL, cJSON_GetArrayItem(sep, 1), &items[2], p);
+            st = special_item(L, cJSON_GetArrayItem(sep, 1), &items[2], p);
         if (st) {
             tok_free_items(items, 3);
             return st;
