@@ -254,8 +254,8 @@ static void check_config_common(const char *dir, moe_arch arch, const char *cls,
     const char *text = "Hello world! 机器学习 😀 def f(x):\n\treturn 42";
     int32_t ids[256];
     size_t n = 0;
-    cr_assert_eq(moe_tokenizer_encode(tok, text, strlen(text), false, ids, 256, &n), MOE_OK,
-                 "%s", moe_error_message());
+    cr_assert_eq(moe_tokenizer_encode(tok, text, strlen(text), false, ids, 256, &n), MOE_OK, "%s",
+                 moe_error_message());
     cr_assert(n > 5 && n < 256);
     char out[512];
     size_t m = 0;
@@ -414,15 +414,15 @@ Test(gen_model, deterministic)
         snprintf(d1, sizeof d1, "%s/%s-a", g_root, archs[a]);
         snprintf(d2, sizeof d2, "%s/%s-b", g_root, archs[a]);
         snprintf(d3, sizeof d3, "%s/%s-seed", g_root, archs[a]);
-        cr_assert_eq(run_tool("--arch", archs[a], "--preset", "tiny", "--out", d1, "--seed", "7",
-                              NULL),
-                     MOE_OK);
-        cr_assert_eq(run_tool("--arch", archs[a], "--preset", "tiny", "--out", d2, "--seed", "7",
-                              NULL),
-                     MOE_OK);
-        cr_assert_eq(run_tool("--arch", archs[a], "--preset", "tiny", "--out", d3, "--seed", "8",
-                              NULL),
-                     MOE_OK);
+        cr_assert_eq(
+            run_tool("--arch", archs[a], "--preset", "tiny", "--out", d1, "--seed", "7", NULL),
+            MOE_OK);
+        cr_assert_eq(
+            run_tool("--arch", archs[a], "--preset", "tiny", "--out", d2, "--seed", "7", NULL),
+            MOE_OK);
+        cr_assert_eq(
+            run_tool("--arch", archs[a], "--preset", "tiny", "--out", d3, "--seed", "8", NULL),
+            MOE_OK);
         for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
             char p1[700], p2[700], p3[700];
             snprintf(p1, sizeof p1, "%s/%s", d1, files[f]);
@@ -593,8 +593,9 @@ Test(gen_model, bad_flags)
     char *list[] = {(char *)"moe-gen-model", (char *)"--list-presets", NULL};
     cr_assert_eq(moe_gen_parse_args(2, list, &opt), MOE_OK);
     cr_assert(opt.list_presets);
-    char *eq[] = {(char *)"moe-gen-model", (char *)"--arch=olmoe", (char *)"--preset=small",
-                  (char *)"--out=/tmp/x", (char *)"--max-shard-size=2GiB", NULL};
+    char *eq[] = {(char *)"moe-gen-model",         (char *)"--arch=olmoe",
+                  (char *)"--preset=small",        (char *)"--out=/tmp/x",
+                  (char *)"--max-shard-size=2GiB", NULL};
     cr_assert_eq(moe_gen_parse_args(5, eq, &opt), MOE_OK, "%s", moe_error_message());
     cr_assert_eq(opt.arch, MOE_ARCH_OLMOE);
     cr_assert_str_eq(opt.preset->name, "small");
@@ -624,12 +625,21 @@ Test(gen_model, python_float_repr)
         double v;
         const char *want;
     } cases[] = {
-        {1e-05, "1e-05"},     {1e-06, "1e-06"},     {0.02, "0.02"},
-        {0.001, "0.001"},     {0.0001, "0.0001"},   {1000000.0, "1000000.0"},
-        {10000.0, "10000.0"}, {0.0, "0.0"},         {1e16, "1e+16"},
-        {1.5e-07, "1.5e-07"}, {123456789.125, "123456789.125"},
-        {-2.5, "-2.5"},       {0.1 + 0.2, "0.30000000000000004"},
-        {1e22, "1e+22"},      {9999999999999998.0, "9999999999999998.0"},
+        {1e-05, "1e-05"},
+        {1e-06, "1e-06"},
+        {0.02, "0.02"},
+        {0.001, "0.001"},
+        {0.0001, "0.0001"},
+        {1000000.0, "1000000.0"},
+        {10000.0, "10000.0"},
+        {0.0, "0.0"},
+        {1e16, "1e+16"},
+        {1.5e-07, "1.5e-07"},
+        {123456789.125, "123456789.125"},
+        {-2.5, "-2.5"},
+        {0.1 + 0.2, "0.30000000000000004"},
+        {1e22, "1e+22"},
+        {9999999999999998.0, "9999999999999998.0"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char buf[64];
@@ -649,8 +659,9 @@ Test(gen_model, json_escapes)
     moe_gen_json_arr_begin(&j);
     moe_gen_json_arr_end(&j);
     moe_gen_json_obj_end(&j);
-    cr_assert_str_eq(j.buf, "{\n  \"a\": \"q\\\"b\\\\n\\n\\t\\u0001\\u007f\\u00e9\\ud83d\\ude00\",\n"
-                            "  \"e\": []\n}");
+    cr_assert_str_eq(j.buf,
+                     "{\n  \"a\": \"q\\\"b\\\\n\\n\\t\\u0001\\u007f\\u00e9\\ud83d\\ude00\",\n"
+                     "  \"e\": []\n}");
     moe_gen_json_discard(&j);
     moe_gen_json_init(&j, false); /* serde style: UTF-8 kept, DEL kept */
     moe_gen_json_str(&j, "\x7f\xc3\xa9\n");
@@ -682,8 +693,8 @@ Test(gen_model, bpe_trainer)
     moe_gen_tokenizer *t = NULL;
     cr_assert_eq(moe_gen_tok_train(MOE_GEN_TOK_QWEN2, 512, &t), MOE_OK);
     cr_assert_eq(t->n_vocab, 509);
-    cr_assert_str_eq(t->vocab[0], "!");                   /* GPT-2 byte order */
-    cr_assert_str_eq(t->vocab[188], "\xc4\x80");          /* byte 0 -> U+0100 */
+    cr_assert_str_eq(t->vocab[0], "!");          /* GPT-2 byte order */
+    cr_assert_str_eq(t->vocab[188], "\xc4\x80"); /* byte 0 -> U+0100 */
     check_bpe(t);
     moe_gen_tok_free(t);
 
@@ -734,8 +745,8 @@ Test(gen_model, real_presets)
     p = moe_gen_spec_params(&s);
     cr_assert(p > 6800000000ull && p < 7000000000ull, "OLMoE-1B-7B has %llu params",
               (unsigned long long)p);
-    cr_assert_eq(moe_gen_spec_build(MOE_ARCH_QWEN2_MOE, moe_gen_preset_find("qwen1.5-moe-a2.7b"),
-                                    2, MOE_DT_BF16, 0, &s),
+    cr_assert_eq(moe_gen_spec_build(MOE_ARCH_QWEN2_MOE, moe_gen_preset_find("qwen1.5-moe-a2.7b"), 2,
+                                    MOE_DT_BF16, 0, &s),
                  MOE_OK);
     cr_assert_eq(s.n_layers, 2);
     cr_assert_eq(s.shared_ffn, 5632);
@@ -745,9 +756,9 @@ Test(gen_model, real_presets)
                                     MOE_DT_BF16, 0, &s),
                  MOE_OK);
     cr_assert_eq(s.head_dim, 64);
-    cr_assert_eq(moe_gen_spec_build(MOE_ARCH_MIXTRAL, moe_gen_preset_find("tiny"), 300,
-                                    MOE_DT_BF16, 0, &s),
-                 MOE_ERR_INVALID_ARG);
+    cr_assert_eq(
+        moe_gen_spec_build(MOE_ARCH_MIXTRAL, moe_gen_preset_find("tiny"), 300, MOE_DT_BF16, 0, &s),
+        MOE_ERR_INVALID_ARG);
 }
 
 /* Vocab rows no token uses are zero in embed_tokens and lm_head (their logit is always 0); the

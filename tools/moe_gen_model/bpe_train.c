@@ -26,7 +26,7 @@ static const char METASPACE[] = "\xe2\x96\x81"; /* U+2581 "▁" */
 typedef struct {
     char **keys; /* owned */
     int *vals;
-    size_t cap;  /* power of two */
+    size_t cap; /* power of two */
     size_t n;
 } strmap;
 
@@ -130,9 +130,9 @@ typedef struct {
     int n_words, cap_words;
     /* symbols: strings in the model's alphabet */
     strmap sym_ids;
-    char **sym_str;   /* owned copies */
+    char **sym_str; /* owned copies */
     int n_sym, cap_sym;
-    int n_alphabet;   /* symbols 0..n_alphabet-1 are single characters / bytes */
+    int n_alphabet; /* symbols 0..n_alphabet-1 are single characters / bytes */
     /* training words */
     bpe_word *words;
     int n_train;
@@ -297,8 +297,9 @@ static moe_status pretokenize_byte_level(bpe_state *b)
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP,
                                    &err, &eoff, NULL);
     if (!re)
-        return moe_error(MOE_ERR_INTERNAL, "tokenizer training: pattern does not compile (%d at %zu)",
-                         err, (size_t)eoff);
+        return moe_error(MOE_ERR_INTERNAL,
+                         "tokenizer training: pattern does not compile (%d at %zu)", err,
+                         (size_t)eoff);
     pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
     moe_status st = md ? MOE_OK : moe_error(MOE_ERR_NOMEM, "tokenizer training: out of memory");
     for (int d = 0; st == MOE_OK && d < moe_gen_corpus_count(); d++) {
@@ -712,8 +713,8 @@ moe_status moe_gen_tok_train(moe_gen_tok_family family, int config_vocab, moe_ge
         }
         int n_pieces = b.n_sym - b.n_alphabet;
         for (int s = 0; s < b.n_sym; s++)
-            final_id[s] = s >= b.n_alphabet ? n_fixed_sp + (s - b.n_alphabet)
-                                            : n_fixed_sp + n_pieces + s;
+            final_id[s] =
+                s >= b.n_alphabet ? n_fixed_sp + (s - b.n_alphabet) : n_fixed_sp + n_pieces + s;
     } else {
         for (int s = 0; s < b.n_sym; s++)
             final_id[s] = s;
@@ -734,11 +735,11 @@ moe_status moe_gen_tok_train(moe_gen_tok_family family, int config_vocab, moe_ge
 
     /* Special tokens (added_tokens). */
     int next = t->n_vocab;
-#define ADD_SPECIAL(str, idv)                                     \
-    do {                                                          \
-        t->special[t->n_special].content = (str);                 \
-        t->special[t->n_special].id = (idv);                      \
-        t->n_special++;                                           \
+#define ADD_SPECIAL(str, idv)                                                                      \
+    do {                                                                                           \
+        t->special[t->n_special].content = (str);                                                  \
+        t->special[t->n_special].id = (idv);                                                       \
+        t->n_special++;                                                                            \
     } while (0)
     switch (family) {
     case MOE_GEN_TOK_QWEN2: {

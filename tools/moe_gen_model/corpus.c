@@ -151,13 +151,18 @@ static const char *const g_corpus[] = {
     "line four after a blank line",
     "Windows line endings look like this.\r\n"
     "Each line ends with a carriage return.\r\n",
-    "机器学习是人工智能的一个分支。深度学习使用多层神经网络。专家混合模型把每个词元交给少数几个专家处理，所以计算量比参数量小得多。",
-    "今天天气很好，我们去公园散步吧。明天可能会下雨，记得带伞。这个周末我们打算去看电影，你要一起来吗？",
+    "机器学习是人工智能的一个分支。深度学习使用多层神经网络。专家混合模型把每个词元交给少数几个专家"
+    "处理，所以计算量比参数量小得多。",
+    "今天天气很好，我们去公园散步吧。明天可能会下雨，记得带伞。这个周末我们打算去看电影，你要一起来"
+    "吗？",
     "中文文本里也有数字：二〇二四年，第3章，共128页，价格是45.5元。",
-    "東京は日本の首都です。ひらがなとカタカナと漢字を使います。今日はいい天気ですね。私は毎朝コーヒーを飲みます。",
+    "東京は日本の首都です。ひらがなとカタカナと漢字を使います。今日はいい天気ですね。私は毎朝コーヒ"
+    "ーを飲みます。",
     "このモデルは専門家の混合を使っています。トークンごとに二人の専門家が選ばれます。",
-    "한국어 문장도 조금 넣어 봅니다. 안녕하세요, 반갑습니다! 오늘은 날씨가 좋네요. 저는 서울에 살고 있습니다.",
-    "Emoji: 😀 😃 😄 😁 🎉 🚀 ❤️ 👍 👍🏽 🇫🇷 🇯🇵 and more 🙂. Weather today: ☀️ then 🌧️, maybe ⛈️ tonight. "
+    "한국어 문장도 조금 넣어 봅니다. 안녕하세요, 반갑습니다! 오늘은 날씨가 좋네요. 저는 서울에 "
+    "살고 있습니다.",
+    "Emoji: 😀 😃 😄 😁 🎉 🚀 ❤️ 👍 👍🏽 🇫🇷 🇯🇵 and more 🙂. Weather today: ☀️ then 🌧️, maybe "
+    "⛈️ tonight. "
     "Food: 🍕🍣🍜☕.",
     "Café, naïve, résumé, jalapeño, São Paulo, Zürich, Kraków, Ångström, façade, coöperate, "
     "Smørrebrød, Øresund.",
@@ -332,15 +337,18 @@ static const char *const g_corpus[] = {
     "[2025-01-14 08:00:02] POST /api/v1/generate 200 412ms tokens=128\n"
     "[2025-01-14 08:00:05] POST /api/v1/generate 429 1ms \"queue full\"",
     "Temperature 0.7, top_p 0.9, top_k 40, max_tokens 256, repetition_penalty 1.1, seed 1234.",
-    "自然语言处理让计算机理解人类的语言。分词是第一步：把一句话切成更小的单位。常见的词变成一个词元，少见的词被拆成几个部分。",
+    "自然语言处理让计算机理解人类的语言。分词是第一步：把一句话切成更小的单位。常见的词变成一个词元"
+    "，少见的词被拆成几个部分。",
     "春天来了，花开了，鸟儿在树上唱歌。孩子们在草地上跑来跑去，老人们坐在长椅上聊天。",
     "北京、上海、广州和深圳是中国最大的城市。长江是中国最长的河流，全长约六千三百公里。",
-    "日本語の文章：明日は雨が降るそうです。図書館で本を三冊借りました。駅まで歩いて十分かかります。",
+    "日本語の文章：明日は雨が降るそうです。図書館で本を三冊借りました。駅まで歩いて十分かかります"
+    "。",
     "서울은 한국의 수도입니다. 한글은 세종대왕이 만들었습니다. 감사합니다!",
     "Deutsch: Die Straße ist nass, weil es geregnet hat. Français : Où est la gare ? Español: "
     "¿Dónde está la biblioteca? ¡Qué bien! Italiano: Perché no? Português: Não sei, obrigado. "
     "Türkçe: Günaydın, nasılsın? Tiếng Việt: Xin chào.",
-    "Smileys and symbols: ✅ ❌ ⚠️ ✨ 🔥 💡 📦 🧪 🐍 🦀 🐧 ↑ ↓ ← → ★ ☆ © ® ™ § ¶ € £ ¥ ° ± × ÷.",
+    "Smileys and symbols: ✅ ❌ ⚠️ ✨ 🔥 💡 📦 🧪 🐍 🦀 🐧 ↑ ↓ ← → ★ ☆ © ® ™ § ¶ € £ ¥ ° ± × "
+    "÷.",
     "Box drawing: ┌──┬──┐ │a │b │ ├──┼──┤ └──┴──┘ and arrows ⇒ ⇐ ⇔.",
     "1. First item\n"
     "2. Second item\n"

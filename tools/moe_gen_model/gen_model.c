@@ -118,7 +118,7 @@ moe_status moe_gen_parse_args(int argc, char **argv, moe_gen_options *opt)
             return moe_error(MOE_ERR_INVALID_ARG, "unknown flag %.40s...", a);
         memcpy(flag, a, fl);
         flag[fl] = '\0';
-        static const char *const with_value[] = {"--arch", "--preset", "--out", "--dtype",
+        static const char *const with_value[] = {"--arch", "--preset", "--out",           "--dtype",
                                                  "--seed", "--layers", "--max-shard-size"};
         bool known = false;
         for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++)
@@ -135,8 +135,8 @@ moe_status moe_gen_parse_args(int argc, char **argv, moe_gen_options *opt)
 
         if (strcmp(flag, "--arch") == 0) {
             if (!moe_gen_arch_parse(val, &opt->arch))
-                return moe_error(MOE_ERR_INVALID_ARG, "--arch: unknown architecture '%s' (one of %s)",
-                                 val, arch_list());
+                return moe_error(MOE_ERR_INVALID_ARG,
+                                 "--arch: unknown architecture '%s' (one of %s)", val, arch_list());
             have_arch = true;
         } else if (strcmp(flag, "--preset") == 0) {
             opt->preset = moe_gen_preset_find(val);
@@ -163,13 +163,14 @@ moe_status moe_gen_parse_args(int argc, char **argv, moe_gen_options *opt)
                                  val);
         } else if (strcmp(flag, "--seed") == 0) {
             if (!parse_u64(val, &opt->seed))
-                return moe_error(MOE_ERR_INVALID_ARG,
-                                 "--seed: '%s' is not a non-negative integer", val);
+                return moe_error(MOE_ERR_INVALID_ARG, "--seed: '%s' is not a non-negative integer",
+                                 val);
         } else if (strcmp(flag, "--layers") == 0) {
             uint64_t n;
             if (!parse_u64(val, &n) || n < 1 || n > MOE_MAX_LAYERS)
-                return moe_error(MOE_ERR_INVALID_ARG, "--layers: '%s' is not a layer count in 1..%d",
-                                 val, MOE_MAX_LAYERS);
+                return moe_error(MOE_ERR_INVALID_ARG,
+                                 "--layers: '%s' is not a layer count in 1..%d", val,
+                                 MOE_MAX_LAYERS);
             opt->layers = (int)n;
         } else if (strcmp(flag, "--max-shard-size") == 0) {
             if (!moe_gen_parse_size(val, &opt->max_shard_size))
@@ -223,8 +224,8 @@ static moe_status make_dirs(const char *dir)
 moe_status moe_gen_run(const moe_gen_options *opt)
 {
     moe_gen_spec spec;
-    moe_status st = moe_gen_spec_build(opt->arch, opt->preset, opt->layers, opt->dtype, opt->seed,
-                                       &spec);
+    moe_status st =
+        moe_gen_spec_build(opt->arch, opt->preset, opt->layers, opt->dtype, opt->seed, &spec);
     if (st != MOE_OK)
         return st;
     if ((st = make_dirs(opt->out_dir)) != MOE_OK)

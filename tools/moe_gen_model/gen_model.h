@@ -24,25 +24,25 @@
 /* Shape data, independent of the architecture; --arch decides the wiring. Fields marked "0 =
  * derived" are filled in by moe_gen_spec_build. */
 typedef struct {
-    const char *name;        /* "tiny" */
-    const char *about;       /* one line for --list-presets */
-    int native_arch;         /* moe_arch whose real model this copies; -1 for tiny/small */
-    int hidden;              /* d_model */
+    const char *name;  /* "tiny" */
+    const char *about; /* one line for --list-presets */
+    int native_arch;   /* moe_arch whose real model this copies; -1 for tiny/small */
+    int hidden;        /* d_model */
     int layers;
     int heads;
     int kv_heads;
-    int head_dim;            /* 0 = hidden / heads */
+    int head_dim; /* 0 = hidden / heads */
     int experts;
     int top_k;
-    int moe_ffn;             /* per-expert intermediate size */
-    int dense_ffn;           /* intermediate_size of dense-MLP layers (Qwen2/3-MoE) */
-    int shared_ffn;          /* Qwen2-MoE shared expert; 0 = 4 * moe_ffn when wired as Qwen2-MoE */
-    int vocab;               /* config vocab_size (the embedding; the tokenizer may be smaller) */
+    int moe_ffn;    /* per-expert intermediate size */
+    int dense_ffn;  /* intermediate_size of dense-MLP layers (Qwen2/3-MoE) */
+    int shared_ffn; /* Qwen2-MoE shared expert; 0 = 4 * moe_ffn when wired as Qwen2-MoE */
+    int vocab;      /* config vocab_size (the embedding; the tokenizer may be smaller) */
     int max_pos;
     double rope_theta;
     double rms_eps;
-    int norm_topk_prob;      /* -1 = the architecture's own default */
-    int qwen2_dense_layers;  /* Qwen2-MoE only: the first N layers are dense (mlp_only_layers) */
+    int norm_topk_prob;     /* -1 = the architecture's own default */
+    int qwen2_dense_layers; /* Qwen2-MoE only: the first N layers are dense (mlp_only_layers) */
 } moe_gen_preset;
 
 int moe_gen_preset_count(void);
@@ -66,17 +66,17 @@ typedef enum {
 typedef struct {
     moe_arch arch;
     const moe_gen_preset *preset;
-    moe_dtype dtype;         /* MOE_DT_BF16 or MOE_DT_F32 */
+    moe_dtype dtype; /* MOE_DT_BF16 or MOE_DT_F32 */
     uint64_t seed;
 
     int hidden, n_layers, heads, kv_heads, head_dim;
-    bool write_head_dim;     /* config.json carries "head_dim" */
+    bool write_head_dim; /* config.json carries "head_dim" */
     int experts, top_k, moe_ffn, dense_ffn, shared_ffn;
     int vocab, max_pos;
     double rope_theta, rms_eps;
     bool norm_topk_prob;
-    bool qkv_bias;           /* Qwen2-MoE */
-    int qk_norm;             /* 0 none, 1 whole projection (OLMoE), 2 per head (Qwen3-MoE) */
+    bool qkv_bias; /* Qwen2-MoE */
+    int qk_norm;   /* 0 none, 1 whole projection (OLMoE), 2 per head (Qwen3-MoE) */
     int decoder_sparse_step;
     int n_mlp_only;
     int mlp_only[MOE_MAX_LAYERS];
@@ -112,17 +112,17 @@ void moe_gen_list_presets(FILE *f);
 
 typedef struct moe_gen_tokenizer_s {
     moe_gen_tok_family family;
-    int n_vocab;             /* model vocab entries: ids 0..n_vocab-1 */
-    char **vocab;            /* token strings by id (UTF-8, already in the model's alphabet) */
+    int n_vocab;  /* model vocab entries: ids 0..n_vocab-1 */
+    char **vocab; /* token strings by id (UTF-8, already in the model's alphabet) */
     int n_merges;
-    int (*merges)[2];        /* left, right token ids, in priority order */
+    int (*merges)[2]; /* left, right token ids, in priority order */
     int n_special;
     struct {
         const char *content; /* static string */
         int id;
     } special[MOE_GEN_MAX_SPECIALS];
     int bos_id, eos_id, pad_id, unk_id; /* -1 = none */
-    int im_end_id;           /* Qwen family: <|im_end|>, else -1 */
+    int im_end_id;                      /* Qwen family: <|im_end|>, else -1 */
 } moe_gen_tokenizer;
 
 /* Trains a BPE tokenizer of `family` on the embedded corpus so that the model vocabulary plus
@@ -194,9 +194,9 @@ typedef struct {
     char name[128];
     int n_dims;
     int64_t shape[2];
-    int init;                /* MOE_GEN_INIT_* */
+    int init; /* MOE_GEN_INIT_* */
     float scale;
-    uint64_t key;            /* PRNG stream of this tensor (seed x name) */
+    uint64_t key; /* PRNG stream of this tensor (seed x name) */
     moe_dtype dtype;
     uint64_t n_bytes;
     const moe_gen_spec *rows_of; /* non-NULL: a vocab-row tensor, padding rows are zero */
@@ -214,8 +214,8 @@ void moe_gen_tensor_fill(void *fill_ctx, void *dst, size_t n_bytes, size_t offse
  * model.safetensors.index.json when the weights exceed max_shard_size bytes (HF's greedy
  * in-order split; a tensor larger than the limit gets a shard of its own). Removes stale
  * model*.safetensors / index files of an earlier run first. *n_shards_out may be NULL. */
-moe_status moe_gen_write_weights(const moe_gen_spec *spec, const char *dir,
-                                 uint64_t max_shard_size, int *n_shards_out);
+moe_status moe_gen_write_weights(const moe_gen_spec *spec, const char *dir, uint64_t max_shard_size,
+                                 int *n_shards_out);
 
 /* ---------------- the tool ---------------- */
 
@@ -225,7 +225,7 @@ typedef struct {
     const char *out_dir;
     moe_dtype dtype;
     uint64_t seed;
-    int layers;              /* 0 = preset's */
+    int layers; /* 0 = preset's */
     uint64_t max_shard_size;
     bool list_presets;
     bool help;

@@ -23,11 +23,16 @@ static void add_id(cJSON *o, const char *key, int id)
 static const char *arch_class(moe_arch a)
 {
     switch (a) {
-    case MOE_ARCH_MIXTRAL: return "MixtralForCausalLM";
-    case MOE_ARCH_QWEN2_MOE: return "Qwen2MoeForCausalLM";
-    case MOE_ARCH_OLMOE: return "OlmoeForCausalLM";
-    case MOE_ARCH_QWEN3_MOE: return "Qwen3MoeForCausalLM";
-    default: return "?";
+    case MOE_ARCH_MIXTRAL:
+        return "MixtralForCausalLM";
+    case MOE_ARCH_QWEN2_MOE:
+        return "Qwen2MoeForCausalLM";
+    case MOE_ARCH_OLMOE:
+        return "OlmoeForCausalLM";
+    case MOE_ARCH_QWEN3_MOE:
+        return "Qwen3MoeForCausalLM";
+    default:
+        return "?";
     }
 }
 
@@ -214,8 +219,7 @@ static cJSON *tokenizer_config_tree(const moe_gen_spec *s, const moe_gen_tokeniz
     return o;
 }
 
-moe_status moe_gen_write_configs(const moe_gen_spec *s, const moe_gen_tokenizer *t,
-                                 const char *dir)
+moe_status moe_gen_write_configs(const moe_gen_spec *s, const moe_gen_tokenizer *t, const char *dir)
 {
     cJSON *trees[3] = {moe_gen_config_tree(s, t), generation_tree(s, t),
                        tokenizer_config_tree(s, t)};

@@ -4,6 +4,7 @@
 #include "tools/moe_gen_model/gen_model.h"
 
 /* Real shapes are those of the published config.json files. */
+/* clang-format off */
 static const moe_gen_preset g_presets[] = {
     {.name = "tiny",
      .about = "a few hundred KB: the default model of the demo and the tests",
@@ -48,6 +49,7 @@ static const moe_gen_preset g_presets[] = {
      .vocab = 32000, .max_pos = 32768, .rope_theta = 1000000.0, .rms_eps = 1e-5,
      .norm_topk_prob = 1, .qwen2_dense_layers = 0},
 };
+/* clang-format on */
 
 int moe_gen_preset_count(void)
 {
@@ -90,8 +92,8 @@ const char *moe_gen_arch_flag(moe_arch a)
     return (int)a >= 0 && a < MOE_ARCH_COUNT ? g_arch_flags[a] : "?";
 }
 
-moe_status moe_gen_spec_build(moe_arch arch, const moe_gen_preset *p, int n_layers,
-                              moe_dtype dtype, uint64_t seed, moe_gen_spec *s)
+moe_status moe_gen_spec_build(moe_arch arch, const moe_gen_preset *p, int n_layers, moe_dtype dtype,
+                              uint64_t seed, moe_gen_spec *s)
 {
     if (!p)
         return moe_error(MOE_ERR_INVALID_ARG, "--preset: no preset given");
@@ -165,8 +167,8 @@ moe_status moe_gen_spec_build(moe_arch arch, const moe_gen_preset *p, int n_laye
         return moe_error(MOE_ERR_INVALID_ARG, "preset %s: heads %d not a multiple of kv_heads %d",
                          p->name, s->heads, s->kv_heads);
     if (s->top_k > s->experts)
-        return moe_error(MOE_ERR_INVALID_ARG, "preset %s: top_k %d > experts %d", p->name,
-                         s->top_k, s->experts);
+        return moe_error(MOE_ERR_INVALID_ARG, "preset %s: top_k %d > experts %d", p->name, s->top_k,
+                         s->experts);
     return MOE_OK;
 }
 
@@ -190,7 +192,7 @@ uint64_t moe_gen_spec_params(const moe_gen_spec *s)
              kv = (uint64_t)s->kv_heads * (uint64_t)s->head_dim;
     uint64_t total = 2 * (uint64_t)s->vocab * d + d; /* embed, lm_head, final norm */
     for (int l = 0; l < s->n_layers; l++) {
-        uint64_t n = 2 * d * q + 2 * d * kv + 2 * d;   /* q k v o, two norms */
+        uint64_t n = 2 * d * q + 2 * d * kv + 2 * d; /* q k v o, two norms */
         if (s->qkv_bias)
             n += q + 2 * kv;
         if (s->qk_norm == 1)
@@ -198,7 +200,8 @@ uint64_t moe_gen_spec_params(const moe_gen_spec *s)
         else if (s->qk_norm == 2)
             n += 2 * (uint64_t)s->head_dim;
         if (s->layer_is_moe[l]) {
-            n += (uint64_t)s->experts * d + (uint64_t)s->experts * mlp_params(d, (uint64_t)s->moe_ffn);
+            n += (uint64_t)s->experts * d +
+                 (uint64_t)s->experts * mlp_params(d, (uint64_t)s->moe_ffn);
             if (s->shared_ffn > 0)
                 n += mlp_params(d, (uint64_t)s->shared_ffn) + d;
         } else {
@@ -244,13 +247,14 @@ void moe_gen_list_presets(FILE *f)
         }
         fprintf(f, "\n%-18s %s\n", "", p->about);
     }
-    fprintf(f,
-            "\n* marks the architecture a real-model preset copies. Any preset works with any --arch:\n"
-            "  - mixtral: per-expert ffn = the moe ffn; no dense layers, no shared expert.\n"
-            "  - qwen2_moe: shared expert of the preset's size (4 x moe ffn if it has none), q/k/v\n"
-            "    biases; tiny makes layer 0 dense (mlp_only_layers=[0]).\n"
-            "  - olmoe: head_dim is forced to d/heads (its q_norm spans hidden_size).\n"
-            "  - qwen3_moe: per-head q_norm/k_norm; head_dim as the preset says.\n"
-            "  Special tokens take their real ids when the vocab is large enough for them (Qwen\n"
-            "  151643.., OLMoE 50279), else the ids right after the trained tokenizer vocabulary.\n");
+    fprintf(
+        f,
+        "\n* marks the architecture a real-model preset copies. Any preset works with any --arch:\n"
+        "  - mixtral: per-expert ffn = the moe ffn; no dense layers, no shared expert.\n"
+        "  - qwen2_moe: shared expert of the preset's size (4 x moe ffn if it has none), q/k/v\n"
+        "    biases; tiny makes layer 0 dense (mlp_only_layers=[0]).\n"
+        "  - olmoe: head_dim is forced to d/heads (its q_norm spans hidden_size).\n"
+        "  - qwen3_moe: per-head q_norm/k_norm; head_dim as the preset says.\n"
+        "  Special tokens take their real ids when the vocab is large enough for them (Qwen\n"
+        "  151643.., OLMoE 50279), else the ids right after the trained tokenizer vocabulary.\n");
 }

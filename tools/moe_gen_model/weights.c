@@ -43,7 +43,10 @@ static float element_value(const moe_gen_tensor *t, uint64_t i)
 static void encode(const moe_gen_tensor *t, float v, uint8_t out[4])
 {
     if (t->dtype == MOE_DT_F32) {
-        union { float f; uint32_t u; } c = {.f = v};
+        union {
+            float f;
+            uint32_t u;
+        } c = {.f = v};
         for (int b = 0; b < 4; b++)
             out[b] = (uint8_t)(c.u >> (8 * b));
     } else {
@@ -293,8 +296,8 @@ static moe_status write_index(const char *dir, const moe_gen_tensor *t, int n, c
     return moe_gen_json_finish(&j, path, true);
 }
 
-moe_status moe_gen_write_weights(const moe_gen_spec *spec, const char *dir,
-                                 uint64_t max_shard_size, int *n_shards_out)
+moe_status moe_gen_write_weights(const moe_gen_spec *spec, const char *dir, uint64_t max_shard_size,
+                                 int *n_shards_out)
 {
     moe_gen_tensor *t = NULL;
     int n = 0;
