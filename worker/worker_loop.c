@@ -1116,6 +1116,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         send_heartbeat(&w, TAG(BYE));
     }
     ob_flush(&w.ob, 5000);
+    free(w.ob.v);
     worker_free(&w);
     return st;
 }

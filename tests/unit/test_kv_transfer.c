@@ -1,0 +1,291 @@
+/* Tests of worker/kv_transfer: XXH64 against the reference implementation's values, and block
+ * transfers over an in-process mailbox comm (delivery, checksum failure and the corruption hook,
+ * retry, timeout, cancelled receives). */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "worker/kv_transfer.h"
+
+Test(kv_checksum, matches_reference_xxh64)
+{
+    /* Values from libxxhash 0.8.1 (XXH64, seed 0). */
+    cr_expect_eq(moe_kv_checksum("", 0), 0xef46db3751d8e999ULL);
+    cr_expect_eq(moe_kv_checksum("a", 1), 0xd24ec4f1a98c6e5bULL);
+    cr_expect_eq(moe_kv_checksum("abc", 3), 0x44bc2cf5ad770999ULL);
+    cr_expect_eq(moe_kv_checksum("Hello, World!", 13), 0xc49aacf8080fe47fULL);
+    static const struct {
+        size_t n;
+        uint64_t h;
+    } want[] = {{31, 0xa2aa5f33cc4a6119ULL},  {32, 0x23c3c17ef790fd97ULL},   {33, 0x50a7cfc7ba588784ULL},
+                {100, 0xa61f8d4c170fe531ULL}, {1000, 0x5f235fa033f1a3fbULL}, {4099, 0x6243e90ade852967ULL}};
+    unsigned char buf[4099];
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (unsigned char)((i * 7 + 3) & 255);
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++)
+        cr_expect_eq(moe_kv_checksum(buf, want[k].n), want[k].h, "length %zu", want[k].n);
+}
+
+Test(kv_checksum, every_single_bit_flip_is_detected)
+{
+    enum { N = 256 };
+    unsigned char buf[N];
+    for (int i = 0; i < N; i++)
+        buf[i] = (unsigned char)(i * 31);
+    uint64_t h = moe_kv_checksum(buf, N);
+    for (int bit = 0; bit < N * 8; bit++) {
+        buf[bit / 8] ^= (unsigned char)(1u << (bit % 8));
+        cr_assert_neq(moe_kv_checksum(buf, N), h, "bit %d", bit);
+        buf[bit / 8] ^= (unsigned char)(1u << (bit % 8));
+    }
+}
+
+Test(kv_transfer, data_tags_stay_in_mpi_range)
+{
+    for (uint32_t x = 0; x < 100000; x += 7) {
+        int t = moe_kv_data_tag(x);
+        cr_assert(t >= MOE_KV_TAG_BASE && t < MOE_KV_TAG_BASE + MOE_KV_TAG_SPAN && t <= 32767);
+    }
+    cr_expect_neq(moe_kv_data_tag(1), moe_kv_data_tag(2));
+}
+
+/* ---- an in-process mailbox comm: one process plays both ranks (0 sends, 1 receives) ---- */
+typedef struct mb_req {
+    bool is_send, done, cancelled;
+    void *buf;
+    int bytes, tag;
+    struct mb_req *next;
+} mb_req;
+
+typedef struct {
+    mb_req *sends; /* posted sends not matched yet, in order */
+    mb_req *recvs;
+    int n_live;    /* requests not yet released */
+} mailbox;
+
+static void mb_match(mailbox *m)
+{
+    for (mb_req *r = m->recvs; r; r = r->next) {
+        if (r->done || r->cancelled)
+            continue;
+        for (mb_req *s = m->sends; s; s = s->next) {
+            if (s->done || s->cancelled || s->tag != r->tag)
+                continue;
+            memcpy(r->buf, s->buf, (size_t)(s->bytes < r->bytes ? s->bytes : r->bytes));
+            s->done = r->done = true;
+            break;
+        }
+    }
+}
+
+static moe_status mb_post(void *ctx, bool send, void *buf, int bytes, int tag, moe_comm_req **out)
+{
+    mailbox *m = ctx;
+    mb_req *r = calloc(1, sizeof *r);
+    r->is_send = send;
+    r->buf = buf;
+    r->bytes = bytes;
+    r->tag = tag;
+    mb_req **list = send ? &m->sends : &m->recvs;
+    while (*list)
+        list = &(*list)->next;
+    *list = r;
+    m->n_live++;
+    *out = (moe_comm_req *)r;
+    return MOE_OK;
+}
+
+static moe_status mb_isend(void *ctx, const void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+{
+    (void)peer;
+    return mb_post(ctx, true, (void *)(uintptr_t)buf, bytes, tag, req);
+}
+
+static moe_status mb_irecv(void *ctx, void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+{
+    (void)peer;
+    return mb_post(ctx, false, buf, bytes, tag, req);
+}
+
+static moe_status mb_test(void *ctx, moe_comm_req *req, bool *done)
+{
+    mailbox *m = ctx;
+    mb_match(m);
+    mb_req *r = (mb_req *)req;
+    *done = r->done;
+    if (r->done) {
+        r->cancelled = true; /* released: stays in the list, ignored */
+        m->n_live--;
+    }
+    return MOE_OK;
+}
+
+static void mb_cancel(void *ctx, moe_comm_req *req)
+{
+    mailbox *m = ctx;
+    ((mb_req *)req)->cancelled = true;
+    m->n_live--;
+}
+
+static const moe_comm_ops mb_ops = {.name = "mailbox", .isend = mb_isend, .irecv = mb_irecv, .test = mb_test,
+                                    .cancel = mb_cancel};
+
+static void mb_free_list(mb_req *r)
+{
+    while (r) {
+        mb_req *n = r->next;
+        free(r);
+        r = n;
+    }
+}
+
+static void mb_free(mailbox *m)
+{
+    mb_free_list(m->sends);
+    mb_free_list(m->recvs);
+}
+
+enum { NB = 5, BB = 4096 };
+
+typedef struct {
+    mailbox mb;
+    moe_comm comm;
+    unsigned char src[NB][BB], dst[NB][BB];
+    void *sp[NB], *dp[NB];
+    uint64_t sums[NB];
+} rig;
+
+static void rig_init(rig *g)
+{
+    memset(g, 0, sizeof *g);
+    g->comm = (moe_comm){.ops = &mb_ops, .ctx = &g->mb};
+    for (int b = 0; b < NB; b++) {
+        for (int i = 0; i < BB; i++)
+            g->src[b][i] = (unsigned char)(b * 131 + i * 17);
+        g->sp[b] = g->src[b];
+        g->dp[b] = g->dst[b];
+    }
+}
+
+/* One attempt end to end; returns the receiver's verdict. */
+static moe_kv_xfer_result attempt(rig *g, int tag, int attempt_no, const moe_kv_test_hooks *hooks, int *bad)
+{
+    moe_kv_recv *r;
+    moe_kv_send *s;
+    memset(g->dst, 0, sizeof g->dst);
+    cr_assert_eq(moe_kv_recv_start(&g->comm, g->dp, NB, BB, 0, tag, moe_now_ns() + 2000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g->comm, g->sp, NB, BB, 1, tag, attempt_no, hooks, g->sums, &s), MOE_OK);
+    moe_kv_recv_set_checksums(r, g->sums, NB);
+    moe_kv_xfer_result res;
+    while ((res = moe_kv_recv_poll(r, moe_now_ns())) == MOE_KV_XFER_PENDING)
+        ;
+    bool done = false;
+    cr_assert_eq(moe_kv_send_poll(s, &done), MOE_OK);
+    cr_expect(done, "sends still pending after the receiver finished");
+    *bad = moe_kv_recv_bad_block(r);
+    moe_kv_send_free(s);
+    moe_kv_recv_free(r);
+    return res;
+}
+
+Test(kv_transfer, blocks_arrive_intact)
+{
+    static rig g;
+    rig_init(&g);
+    int bad;
+    cr_assert_eq(attempt(&g, 101, 1, NULL, &bad), MOE_KV_XFER_OK);
+    cr_expect_eq(bad, -1);
+    cr_expect_eq(memcmp(g.src, g.dst, sizeof g.src), 0);
+    for (int b = 0; b < NB; b++)
+        cr_expect_eq(g.sums[b], moe_kv_checksum(g.src[b], BB));
+    cr_expect_eq(g.mb.n_live, 0, "requests leaked: %d", g.mb.n_live);
+    mb_free(&g.mb);
+}
+
+Test(kv_transfer, corruption_hook_is_detected_then_retry_succeeds)
+{
+    static rig g;
+    rig_init(&g);
+    unsigned char before[NB][BB];
+    memcpy(before, g.src, sizeof before);
+    moe_kv_test_hooks h = {.corrupt_attempts = 1};
+    int bad;
+    cr_assert_eq(attempt(&g, 102, 1, &h, &bad), MOE_KV_XFER_CORRUPT);
+    cr_expect(bad >= 0 && bad < NB);
+    cr_expect_eq(memcmp(before, g.src, sizeof before), 0, "the sender's own KV was modified");
+    cr_assert_eq(attempt(&g, 103, 2, &h, &bad), MOE_KV_XFER_OK, "the retry must not be corrupted");
+    cr_expect_eq(memcmp(g.src, g.dst, sizeof g.src), 0);
+    h.corrupt_attempts = -1;
+    cr_expect_eq(attempt(&g, 104, 2, &h, &bad), MOE_KV_XFER_CORRUPT, "'all' corrupts every attempt");
+    cr_expect_eq(g.mb.n_live, 0);
+    mb_free(&g.mb);
+}
+
+Test(kv_transfer, wrong_checksum_count_is_corrupt)
+{
+    static rig g;
+    rig_init(&g);
+    moe_kv_recv *r;
+    moe_kv_send *s;
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 7, moe_now_ns() + 1000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g.comm, g.sp, NB, BB, 1, 7, 1, NULL, g.sums, &s), MOE_OK);
+    moe_kv_recv_set_checksums(r, g.sums, NB - 1);
+    moe_kv_xfer_result res;
+    while ((res = moe_kv_recv_poll(r, moe_now_ns())) == MOE_KV_XFER_PENDING)
+        ;
+    cr_expect_eq(res, MOE_KV_XFER_CORRUPT);
+    moe_kv_send_free(s);
+    moe_kv_recv_free(r);
+    mb_free(&g.mb);
+}
+
+Test(kv_transfer, missing_sender_times_out_and_receives_are_cancelled)
+{
+    static rig g;
+    rig_init(&g);
+    moe_kv_recv *r;
+    int64_t t0 = moe_now_ns();
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 9, t0 + 50000000LL, &r), MOE_OK);
+    moe_kv_xfer_result res;
+    while ((res = moe_kv_recv_poll(r, moe_now_ns())) == MOE_KV_XFER_PENDING)
+        ;
+    cr_expect_eq(res, MOE_KV_XFER_TIMEOUT);
+    cr_expect(moe_now_ns() - t0 >= 50000000LL);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_TIMEOUT, "a verdict is final");
+    moe_kv_recv_free(r);
+    cr_expect_eq(g.mb.n_live, 0, "receives left posted: %d", g.mb.n_live);
+    mb_free(&g.mb);
+}
+
+Test(kv_transfer, blocks_without_checksums_stay_pending)
+{
+    static rig g;
+    rig_init(&g);
+    moe_kv_recv *r;
+    moe_kv_send *s;
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 11, moe_now_ns() + 60000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g.comm, g.sp, NB, BB, 1, 11, 1, NULL, g.sums, &s), MOE_OK);
+    for (int i = 0; i < 10; i++)
+        cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_PENDING, "verified without the header");
+    moe_kv_recv_set_checksums(r, g.sums, NB);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_OK);
+    moe_kv_send_free(s);
+    moe_kv_recv_free(r);
+    mb_free(&g.mb);
+}
+
+Test(kv_transfer, hooks_from_environment)
+{
+    moe_kv_test_hooks h;
+    unsetenv("MOE_TEST_CORRUPT_KV");
+    moe_kv_test_hooks_from_env(&h);
+    cr_expect_eq(h.corrupt_attempts, 0);
+    setenv("MOE_TEST_CORRUPT_KV", "1", 1);
+    moe_kv_test_hooks_from_env(&h);
+    cr_expect_eq(h.corrupt_attempts, 1);
+    setenv("MOE_TEST_CORRUPT_KV", "all", 1);
+    moe_kv_test_hooks_from_env(&h);
+    cr_expect_eq(h.corrupt_attempts, -1);
+    unsetenv("MOE_TEST_CORRUPT_KV");
+}
