@@ -15,6 +15,7 @@
 #include "common/tokenizer.h"
 #include "worker/safetensors.h"
 
+/* Every tools/moe_gen_model/*.c file, compiled into this test (a new file must be listed here). */
 #include "../../tools/moe_gen_model/bpe_train.c"
 #include "../../tools/moe_gen_model/corpus.c"
 #include "../../tools/moe_gen_model/gen_model.c"
