@@ -15,7 +15,7 @@
 #include "common/tokenizer.h"
 #include "worker/safetensors.h"
 
-/* Every tools/moe_gen_model/*.c file, compiled into this test (a new file must be listed here). */
+/* Every .c file of tools/moe_gen_model, compiled into this test (list any new one here). */
 #include "../../tools/moe_gen_model/bpe_train.c"
 #include "../../tools/moe_gen_model/corpus.c"
 #include "../../tools/moe_gen_model/gen_model.c"
