@@ -1,7 +1,6 @@
 /* Scalar IEEE half <-> single conversions and whole-array conversion to f32. */
 #include <string.h>
 
-#include "common/log.h"
 #include "kernels/cpu/kernels_internal.h"
 
 static inline uint32_t f32_bits(float f)
@@ -67,6 +66,6 @@ void moe_convert_to_f32(float *dst, const void *src, moe_dtype dt, size_t n)
     }
     default:
         /* Quantized types need their scales (moe_quant.h); asking here is a programmer error. */
-        MOE_ASSERT(!"moe_convert_to_f32: dtype must be F32, BF16 or F16");
+        MOE_KASSERT(!"moe_convert_to_f32: dtype must be F32, BF16 or F16");
     }
 }

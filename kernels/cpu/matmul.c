@@ -1,5 +1,4 @@
 /* moe_matmul: the scalar reference kernel, and the row split across the thread pool. */
-#include "common/log.h"
 #include "kernels/cpu/kernels_internal.h"
 
 /* Weights are converted to f32 this many at a time into a stack buffer, then used for every
@@ -28,7 +27,7 @@ static void convert_chunk(float *dst, const void *w, moe_dtype wt, size_t off, i
         break;
     }
     default:
-        MOE_ASSERT(!"moe_matmul: weight dtype must be F32, BF16 or F16 (Q8/Q4 not implemented)");
+        MOE_KASSERT(!"moe_matmul: weight dtype must be F32, BF16 or F16 (Q8/Q4 not implemented)");
     }
 }
 
@@ -67,7 +66,7 @@ void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype w
 
 static void check_dtype(moe_dtype wt)
 {
-    MOE_ASSERT(wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16);
+    MOE_KASSERT(wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16);
 }
 
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,

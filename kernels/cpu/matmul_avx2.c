@@ -3,7 +3,6 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "common/log.h"
 #include "kernels/cpu/kernels_internal.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -389,7 +388,7 @@ void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt,
         rows_f16(y, x, w, n_tok, n_in, n_out, r0, r1);
         return;
     default:
-        MOE_ASSERT(!"moe_matmul (avx2): weight dtype must be F32, BF16 or F16");
+        MOE_KASSERT(!"moe_matmul (avx2): weight dtype must be F32, BF16 or F16");
     }
 }
 

@@ -3,7 +3,6 @@
  * machine has no AVX-512, so the unit tests exercise this path only on machines that do. */
 #include <immintrin.h>
 
-#include "common/log.h"
 #include "kernels/cpu/kernels_internal.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -108,7 +107,7 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
         dot_rows(y, x, w, MOE_DT_F16, n_tok, n_in, n_out, r0, r1);
         return;
     default:
-        MOE_ASSERT(!"moe_matmul (avx512): weight dtype must be F32, BF16 or F16");
+        MOE_KASSERT(!"moe_matmul (avx512): weight dtype must be F32, BF16 or F16");
     }
 }
 
