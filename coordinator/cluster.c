@@ -118,7 +118,7 @@ struct moe_cluster {
     bool wake;
     int n_active, n_queued;
     bool ready, draining, stopped;
-    int max_prompt_blocks;   /* the smallest instance cache, in tokens, a prompt + 1 must fit */
+    int cache_tokens;        /* the smallest instance KV cache in tokens: one sequence must fit */
     int usable;              /* every pool a request needs has a READY instance */
     _Atomic uint64_t next_id;
 
@@ -312,7 +312,7 @@ static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, i
         stop_id |= q->stop_token_ids[i] == token;
     bool eos = finish == MOESERVE__CLUSTER__V1__FINISH__FINISH_EOS;
     bool last = finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE || stop_id;
-    char piece[1024] = "";
+    char piece[4096] = "";
     size_t n = 0;
     if (!eos && !stop_id)
         n = moe_detok_push(r->dt, token, piece, sizeof piece);
@@ -436,7 +436,7 @@ static void update_usable(moe_cluster *c)
     }
     pthread_mutex_lock(&c->mu);
     c->usable = c->disagg ? pre && dec : mixed;
-    c->max_prompt_blocks = min_cache == INT_MAX ? 0 : min_cache;
+    c->cache_tokens = min_cache == INT_MAX ? 0 : min_cache;
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -706,10 +706,11 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
     protobuf_c_message_free_unpacked(m, NULL);
 }
 
+/* Receives up to 256 waiting messages (then the loop serves its inbox before taking more). */
 static int drain_mpi(moe_cluster *c, uint8_t **buf, size_t *cap)
 {
     int n = 0;
-    for (;;) {
+    while (n < 256) {
         int flag = 0;
         MPI_Status st;
         if (MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, c->ctrl, &flag, &st) != MPI_SUCCESS || !flag)
@@ -755,9 +756,11 @@ static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_
     else if (c->n_queued >= c->o.max_queue)
         st = moe_error(MOE_ERR_FULL, "%d requests are queued, the queue's limit (--max-queue %d)", c->n_queued,
                        c->o.max_queue);
-    else if (c->max_prompt_blocks > 0 && (int64_t)req->n_prompt + 1 > c->max_prompt_blocks)
-        st = moe_error(MOE_ERR_INVALID_ARG, "GenerateRequest.prompt: %u tokens do not fit the KV cache of an instance (%d tokens)",
-                       req->n_prompt, c->max_prompt_blocks);
+    else if (c->cache_tokens > 0 && (int64_t)req->n_prompt + req->max_new_tokens > c->cache_tokens)
+        st = moe_error(MOE_ERR_INVALID_ARG,
+                       "GenerateRequest.max_new_tokens: a prompt of %u tokens + %u new tokens do not fit the KV "
+                       "cache of an instance (%d tokens; see --kv-blocks / --kv-mb)",
+                       req->n_prompt, req->max_new_tokens, c->cache_tokens);
     if (st == MOE_OK && !grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
         st = moe_error(MOE_ERR_NOMEM, "out of memory for a request");
     if (st == MOE_OK) {
@@ -1128,13 +1131,18 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         drain_mpi(c, &buf, &cap);
         ob_progress(c);
         missing = 0;
-        for (int r = 1; r < c->o.world_size; r++)
-            missing += !c->rank_bye[r];
+        for (int r = 1; r < c->o.world_size; r++) {
+            inst_t *in = inst_of_rank(c, r);
+            missing += !c->rank_bye[r] && !(in && in->state == MOE_INSTANCE_UNREACHABLE && in->ready_seen);
+        }
         if (!missing || moe_now_ns() > deadline)
             break;
         nap(200000);
     }
     free(buf);
+    missing = 0; /* hung ranks count again: they would block MPI_Finalize */
+    for (int r = 1; r < c->o.world_size; r++)
+        missing += !c->rank_bye[r];
     if (missing) {
         char list[256] = "";
         size_t off = 0;

@@ -43,6 +43,24 @@ def build_dir():
     return os.environ["MOE_BUILD_DIR"]
 
 
+def small_model():
+    """The moe-gen-model 'small' preset (qwen3_moe, bf16, ~200 MB, ~10 ms per token on one core):
+    slow enough that a cancel or a deadline surely lands mid-stream. Generated once per run.sh
+    run into its temporary directory (MOE_IT_TMP)."""
+    import fcntl
+    root = os.environ.get("MOE_IT_TMP") or tempfile.gettempdir()
+    out = os.path.join(root, "small_qwen3_moe")
+    with open(os.path.join(root, "small_qwen3_moe.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            gen = os.path.join(build_dir(), "moe-gen-model")
+            check(os.access(gen, os.X_OK), "%s is missing (build it first)" % gen)
+            subprocess.run([gen, "--arch", "qwen3_moe", "--preset", "small", "--out", out + ".tmp", "--quiet"],
+                           check=True, timeout=120)
+            os.rename(out + ".tmp", out)
+    return out
+
+
 class Cluster:
     """One moe-serve job. Use as a context manager; stop() drains it with SIGTERM to rank 0."""
 

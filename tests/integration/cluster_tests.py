@@ -12,7 +12,7 @@ import grpc
 
 import health_pb2
 from cluster import (MODEL, Cluster, TestFailure, build_dir, check, gen_request, generate, mixed_workload,
-                     reference, run_parallel)
+                     reference, run_parallel, small_model)
 import moeserve_pb2 as pb
 
 TESTS = {}
@@ -103,9 +103,10 @@ def long_request(**kw):
 def cancel_disconnect_deadline_free_kv():
     """Cancel mid-stream, client disconnect and an expired deadline each free the KV on every rank;
     the other streams are unaffected."""
-    with Cluster(np=3, args=["--kv-blocks", "256"]) as c:
-        background = [gen_request(ids=[100 + i, 3, 4], max_new=40) for i in range(6)]
-        refs = [reference(ids=[100 + i, 3, 4], max_new=40) for i in range(6)]
+    model = small_model()
+    refs = [reference(ids=[100 + i, 3, 4], max_new=30, model=model) for i in range(6)]
+    with Cluster(np=3, model=model, args=["--kv-blocks", "256"]) as c:
+        background = [gen_request(ids=[100 + i, 3, 4], max_new=30) for i in range(6)]
         outcome = {}
 
         def cancel_after(n):
@@ -134,7 +135,7 @@ def cancel_disconnect_deadline_free_kv():
 
         def deadline():
             try:
-                for _ in c.stub.Generate(long_request(), timeout=0.15):
+                for _ in c.stub.Generate(long_request(), timeout=0.5):
                     pass
             except grpc.RpcError as e:
                 return e.code()
@@ -215,12 +216,12 @@ def bad_requests_are_invalid_argument():
 def queue_full_is_resource_exhausted():
     """With --max-requests 4 --max-queue 2, a burst of 16 gets RESOURCE_EXHAUSTED for the excess;
     the admitted ones finish exactly, and the server serves again afterwards."""
-    with Cluster(np=2, args=["--max-requests", "4", "--max-queue", "2"]) as c:
-        ref = reference(ids=[4, 5, 6], max_new=150)
-
+    model = small_model()  # slow enough that the admitted four are still running at the burst's end
+    ref = reference(ids=[4, 5, 6], max_new=60, model=model, extra=["--ignore-eos"])
+    with Cluster(np=2, model=model, args=["--max-requests", "4", "--max-queue", "2"]) as c:
         def one(_):
             try:
-                return generate(c.stub, gen_request(ids=[4, 5, 6], max_new=150))[0]
+                return generate(c.stub, gen_request(ids=[4, 5, 6], max_new=60, ignore_eos=True))[0]
             except grpc.RpcError as e:
                 return (e.code(), e.details())
         res = run_parallel(one, list(range(16)))
@@ -229,7 +230,8 @@ def queue_full_is_resource_exhausted():
         check(full and all(r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED for r in full), str(full[:3]))
         check(ok and all(r == ref for r in ok), "admitted outputs differ")
         check(len(ok) >= 4, "only %d admitted" % len(ok))
-        check(generate(c.stub, gen_request(ids=[4, 5, 6], max_new=150))[0] == ref, "not serving afterwards")
+        check(generate(c.stub, gen_request(ids=[4, 5, 6], max_new=60, ignore_eos=True))[0] == ref,
+              "not serving afterwards")
         c.wait_idle()
         print("%d admitted, %d RESOURCE_EXHAUSTED (e.g. %r)" % (len(ok), len(full), full[0][1]))
         stop_ok(c)
@@ -337,9 +339,12 @@ def hung_decode_rank_unavailable():
 
 
 def drain_test(**stop_kw):
-    reqs = [{"ids": [20 + i, 21, 22], "max_new": 300} for i in range(8)]
-    with Cluster(np=3) as c:
-        results = {}
+    model = small_model()  # ~10 ms per token: the streams are surely mid-way at the signal
+    prompts = [[20, 21, 22], [30, 31, 32, 33]]
+    reqs = [{"ids": prompts[i % 2], "max_new": 120} for i in range(8)]
+    refs = {tuple(p): reference(ids=p, max_new=120, model=model, extra=["--ignore-eos"]) for p in prompts}
+    with Cluster(np=3, model=model) as c:
+        results, finished_at = {}, {}
 
         def one(i):
             r = reqs[i]
@@ -347,20 +352,21 @@ def drain_test(**stop_kw):
                 results[i] = generate(c.stub, gen_request(ids=r["ids"], max_new=r["max_new"], ignore_eos=True))[0]
             except grpc.RpcError as e:
                 results[i] = (e.code(), e.details())
+            finished_at[i] = time.time()
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
         for t in threads:
             t.start()
-        deadline = time.time() + 10
+        deadline = time.time() + 20
         while time.time() < deadline:
             s = c.status()
-            if s.totals.active_streams == len(reqs) and s.counters.generated_tokens >= len(reqs):
+            if s.totals.active_streams == len(reqs) and s.counters.generated_tokens >= 2 * len(reqs):
                 break
             time.sleep(0.01)
-        refs = [reference(ids=r["ids"], max_new=r["max_new"], extra=["--ignore-eos"]) for r in reqs]
+        signalled = time.time()
         stopper = {}
         st = threading.Thread(target=lambda: stopper.setdefault("rc", c.stop(**stop_kw)))
         st.start()
-        time.sleep(0.05)
+        time.sleep(0.1)
         try:  # new requests are refused while draining
             ch = grpc.insecure_channel("127.0.0.1:%d" % c.port)
             from moeserve_pb2_grpc import MoeserveStub
@@ -372,10 +378,12 @@ def drain_test(**stop_kw):
             t.join()
         st.join()
         for i in range(len(reqs)):
-            check(results[i] == refs[i], "request %d after the drain signal: %s" % (i, results[i]))
+            check(results[i] == refs[tuple(reqs[i]["ids"])], "request %d after the drain signal: %s" % (i, results[i]))
+        check(min(finished_at.values()) > signalled, "a stream had finished before the signal: not a drain test")
         check(late in (grpc.StatusCode.UNAVAILABLE,), "a request during the drain: %s" % late)
         check(stopper.get("rc") == 0, "mpirun exited %s:\n%s" % (stopper.get("rc"), c.stderr()[-3000:]))
         check("draining" in c.stderr(), "no drain in the log")
+        print("8 streams finished %.2f s after the signal; mpirun exited 0" % (max(finished_at.values()) - signalled))
 
 
 @test

@@ -37,6 +37,7 @@ python3 -m grpc_tools.protoc -I "$src/proto" --python_out="$stubs" --grpc_python
   "$src/proto/moeserve.proto" "$src/proto/health.proto" || { echo "0 passed, 1 failed"; exit 1; }
 export PYTHONPATH="$stubs:$here${PYTHONPATH:+:$PYTHONPATH}"
 export MOE_BUILD_DIR="$build"
+export MOE_IT_TMP="$stubs" # scratch shared by the tests (e.g. a generated model)
 # ASan builds: full stacks so that the suppressions recognise Open MPI's and gRPC's own leaks.
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$here/lsan.supp:print_suppressions=0"
