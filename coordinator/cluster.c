@@ -21,6 +21,7 @@
 #define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
 #define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
 #define N_BUCKETS 4096
+#define LAT_RING 65536
 
 typedef Moeserve__Cluster__V1__Load pb_load;
 typedef Moeserve__Cluster__V1__Counters pb_counters;
@@ -121,6 +122,11 @@ struct moe_cluster {
     int cache_tokens;        /* the smallest instance KV cache in tokens: one sequence must fit */
     int usable;              /* every pool a request needs has a READY instance */
     _Atomic uint64_t next_id;
+
+    /* Token path latency (worker send -> pushed to the front end), last LAT_RING tokens, us. */
+    float *lat;
+    uint64_t n_lat;
+    int64_t next_lat_log;
 
     creq *buckets[N_BUCKETS];
     creq *queue;
@@ -630,12 +636,43 @@ static void on_tokens(moe_cluster *c, int src, const Moeserve__Cluster__V1__Toke
     inst_t *in = inst_of_rank(c, src);
     if (in)
         apply_load(c, in, m->load);
+    int delivered = 0;
     for (size_t i = 0; i < m->n_events; i++) {
         const Moeserve__Cluster__V1__TokenEvent *e = m->events[i];
         creq *r = find_req(c, e->seq_id);
-        if (r && r->state != RQ_QUEUED)
+        if (r && r->state != RQ_QUEUED) {
             deliver(c, r, e->index, e->token, e->finish);
+            delivered++;
+        }
     }
+    int64_t lat = moe_now_ns() - m->sent_ns;
+    if (c->lat && m->sent_ns > 0 && lat >= 0 && lat < 10 * (int64_t)1000000000) /* same host only */
+        for (int i = 0; i < delivered; i++)
+            c->lat[c->n_lat++ % LAT_RING] = (float)((double)lat * 1e-3);
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Logs the token path's added latency over the last tokens (the coordinator's overhead per
+ * streamed token: MPI hop, detokenization, stop strings, hand-over to the gRPC threads). */
+static void log_token_latency(moe_cluster *c, const char *when)
+{
+    size_t n = c->n_lat < LAT_RING ? (size_t)c->n_lat : LAT_RING;
+    if (!n)
+        return;
+    float *v = malloc(n * sizeof *v);
+    if (!v)
+        return;
+    memcpy(v, c->lat, n * sizeof *v);
+    qsort(v, n, sizeof *v, cmp_float);
+    MOE_LOG_I("%s: token path worker -> front end over the last %zu tokens: p50 %.0f us, p90 %.0f us, p99 %.0f us, "
+              "max %.0f us",
+              when, n, v[n / 2], v[n * 9 / 10], v[n * 99 / 100], v[n - 1]);
+    free(v);
 }
 
 static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__SeqEvent *m)
@@ -900,6 +937,7 @@ moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
         c->spares[i] = opts->spare_ranks[i];
     c->o.instances = NULL;
     c->o.spare_ranks = c->spares;
+    c->lat = calloc(LAT_RING, sizeof *c->lat); /* optional: NULL only skips the measurement */
     atomic_init(&c->next_id, 1);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv, NULL);
@@ -923,6 +961,7 @@ void moe_cluster_free(moe_cluster *c)
         MPI_Request_free(&c->ob[i].r); /* the buffer leaks on purpose: MPI may still read it */
     }
     free(c->ob);
+    free(c->lat);
     free(c->in_sub);
     free(c->in_cancel);
     free(c->inst);
@@ -1062,6 +1101,11 @@ moe_status moe_cluster_run(moe_cluster *c)
                     mark_unreachable(c, i, silent);
             }
         }
+        if (now >= c->next_lat_log) {
+            c->next_lat_log = now + 10 * (int64_t)1000000000;
+            if (moe_log_threshold >= MOE_LOG_DEBUG)
+                log_token_latency(c, "periodic");
+        }
         if (c->o.drain_flag && *c->o.drain_flag && !c->drain_started) {
             moe_cluster_drain(c);
         }
@@ -1077,6 +1121,7 @@ moe_status moe_cluster_run(moe_cluster *c)
             }
             bool late = (double)(now - c->drain_started) * 1e-9 > c->o.drain_timeout_s;
             if (active == 0 || late) {
+                log_token_latency(c, "at drain");
                 if (late)
                     MOE_LOG_W("drain timeout: ending %d request(s) with UNAVAILABLE", active);
                 for (int b = 0; b < N_BUCKETS; b++)

@@ -974,6 +974,7 @@ static moe_status step(worker *w)
     b.events = w->pevp;
     b.load = &load;
     b.step_ns = t1 - t0;
+    b.sent_ns = moe_now_ns();
     moe_status st = send_coord(w, TAG(TOKENS), &b.base);
     if (st != MOE_OK)
         return st;
