@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
-# Builds nothing: BUILD_DIR must hold moe-serve and moe-generate. Generates the Python gRPC stubs
+# Builds nothing: BUILD_DIR must hold moe-serve, moe-generate and moe-gen-model. Generates the Python gRPC stubs
 # from proto/ into a temporary directory, runs every test of cluster_tests.py (or the ones named)
 # in its own process with a time limit, then the grpcio client test against a live cluster, and
 # ends with one line "N passed, M failed" (exit status non-zero when M > 0).
@@ -18,7 +18,7 @@ per_test_timeout=${MOE_IT_TIMEOUT:-120}
 passed=0
 failed=0
 fail_names=()
-for bin in moe-serve moe-generate; do
+for bin in moe-serve moe-generate moe-gen-model; do
   if [ ! -x "$build/$bin" ]; then
     echo "run.sh: $build/$bin is missing (build it first)" >&2
     echo "0 passed, 1 failed"
