@@ -4,7 +4,6 @@
 
 #include <stdlib.h>
 
-#include "common/log.h"
 
 struct moe_comm_req {
     MPI_Request r;

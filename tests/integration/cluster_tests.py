@@ -338,6 +338,43 @@ def hung_decode_rank_unavailable():
         c.kill()
 
 
+@test
+def hung_prefill_rank_mid_transfer_is_recomputed():
+    """The prefill rank hangs while a request's KV waits to be pulled (the decode side delays its
+    pull): both pull attempts time out, the decode side recomputes and the request still finishes
+    exactly; the next request, which needs the hung prefill rank, fails UNAVAILABLE."""
+    env = {"MOE_TEST_HANG_RANK": "1", "MOE_TEST_HANG_AFTER": "2", "MOE_TEST_PULL_DELAY_MS": "800"}
+    ref = reference(ids=[7, 8, 9, 10], max_new=30)
+    with Cluster(np=3, args=["--heartbeat-timeout-ms", "1000", "--kv-timeout-ms", "300"], env=env) as c:
+        call = c.stub.Generate(gen_request(ids=[7, 8, 9, 10], max_new=30), timeout=30)
+        first = next(call)  # token 0 came from the prefill rank; its KV is parked there now
+        t0 = time.time()
+        try:
+            generate(c.stub, gen_request(ids=[1, 2, 3], max_new=5), timeout=30)
+            raise TestFailure("a request finished on the hung prefill rank")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.UNAVAILABLE and "rank 1" in e.details() and time.time() - t0 < 8,
+                  "%s %s" % (e.code(), e.details()))
+        ids = list(first.token_ids)
+        for r in call:
+            ids += list(r.token_ids)
+        check(ids == ref, "after the recompute: %s vs %s" % (ids, ref))
+        st = c.wait_counters(lambda k: k.kv_transfer_timeouts >= 2 and k.kv_transfer_recomputes >= 1)
+        check(st.counters.kv_transfers == 0, str(st.counters))
+        c.kill()
+
+
+@test
+def spare_rank_waits_and_exits_0():
+    """-np 4 with 1 prefill + 1 decode leaves rank 3 idle: it serves nothing and exits 0 at drain."""
+    with Cluster(np=4, args=["--prefill-instances", "1", "--decode-instances", "1"]) as c:
+        check(len(c.status().instances) == 2, "spare rank became an instance")
+        check("1 rank(s) beyond the layout stay idle" in c.stderr(), "no notice about the spare rank")
+        check(generate(c.stub, gen_request(ids=[3, 4], max_new=8))[0] == reference(ids=[3, 4], max_new=8),
+              "wrong output")
+        stop_ok(c)
+
+
 def drain_test(**stop_kw):
     model = small_model()  # ~10 ms per token: the streams are surely mid-way at the signal
     prompts = [[20, 21, 22], [30, 31, 32, 33]]
