@@ -421,7 +421,7 @@ static void apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
     in->kv_total = l->kv_blocks_total;
     in->kv_used = l->kv_blocks_used;
     in->running = l->running;
-    in->waiting = l->waiting;
+    in->waiting = l->waiting + l->pulls_waiting; /* offers waiting for room are queued for it */
     pthread_mutex_unlock(&c->mu);
 }
 

@@ -100,6 +100,43 @@ def long_request(**kw):
 
 
 @test
+def full_decode_pool_slows_prefill_instead_of_failing():
+    """A KV cache of 40 blocks per instance and 20 requests needing 7 blocks each: offers wait for
+    room on the decode rank (the prefill rank holds their KV meanwhile), nothing fails, outputs are
+    exact and the KV ends at zero."""
+    reqs = [{"ids": [(i * 37 + k) % 1000 for k in range(60)], "max_new": 40} for i in range(20)]
+    refs = [reference(ids=r["ids"], max_new=40, extra=["--ignore-eos"]) for r in reqs]
+    with Cluster(np=3, args=["--kv-blocks", "40"]) as c:
+        seen = {"waiting": 0, "parked": 0}
+        done = threading.Event()
+
+        def monitor():
+            while not done.is_set():
+                for i in c.status().instances:
+                    if i.pool == pb.POOL_KIND_DECODE:
+                        seen["waiting"] = max(seen["waiting"], i.waiting)
+                    else:
+                        seen["parked"] = max(seen["parked"], i.kv_blocks_used)
+                time.sleep(0.005)
+        mon = threading.Thread(target=monitor)
+        mon.start()
+        try:
+            got = run_parallel(lambda r: generate(c.stub, gen_request(ids=r["ids"], max_new=40, ignore_eos=True))[0],
+                               reqs)
+        finally:
+            done.set()
+            mon.join()
+        for i, (g, ref) in enumerate(zip(got, refs)):
+            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        check(seen["waiting"] > 0, "no offer ever waited for room on the decode rank: %s" % seen)
+        print("most offers waiting on the decode rank: %d, most blocks held by the prefill rank: %d"
+              % (seen["waiting"], seen["parked"]))
+        st = c.wait_idle()
+        check(st.counters.kv_transfers >= 20 and st.counters.kv_transfer_recomputes == 0, str(st.counters))
+        stop_ok(c)
+
+
+@test
 def cancel_disconnect_deadline_free_kv():
     """Cancel mid-stream, client disconnect and an expired deadline each free the KV on every rank;
     the other streams are unaffected."""
