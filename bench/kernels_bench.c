@@ -122,7 +122,11 @@ static double time_matmul(moe_threadpool_t *pool, float *y, const float *x, cons
 int main(int argc, char **argv)
 {
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
-    int quick = argc > 2 && strcmp(argv[2], "quick") == 0;
+    /* argv[2]: quick (fewer reps, n_tok <= 64), or one section only: matvec, batched. */
+    const char *mode = argc > 2 ? argv[2] : "";
+    int quick = strcmp(mode, "quick") == 0;
+    int matvec = !*mode || quick || strcmp(mode, "matvec") == 0;
+    int batched = !*mode || quick || strcmp(mode, "batched") == 0;
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2");
@@ -136,9 +140,10 @@ int main(int argc, char **argv)
     size_t max_elems = (size_t)8192 * 8192;
     float *wf = malloc(max_elems * sizeof(float));
     uint16_t *wh = malloc(max_elems * sizeof(uint16_t));
+    void *wqz = malloc(max_elems / MOE_QK * sizeof(moe_block_q8));
     float *x = malloc((size_t)256 * 8192 * sizeof(float));
     float *y = malloc((size_t)256 * 8192 * sizeof(float));
-    if (!wf || !wh || !x || !y) {
+    if (!wf || !wh || !wqz || !x || !y) {
         fprintf(stderr, "out of memory\n");
         return 1;
     }
@@ -150,29 +155,33 @@ int main(int argc, char **argv)
     for (int nt = 1; nt <= max_threads; nt++) {
         moe_threadpool_t *pool = moe_threadpool_create(nt);
         printf("\n== %d thread(s) ==\n", nt);
-        for (int s = 0; s < 2; s++) {
+        for (int s = 0; matvec && s < 2; s++) {
             int n_out = shapes[s][0], n_in = shapes[s][1];
             size_t n = (size_t)n_out * n_in;
             for (int isa = MOE_ISA_SCALAR; isa <= (int)best_isa; isa++) {
                 if (isa == MOE_ISA_SCALAR && s == 1)
                     continue; /* slow, and says nothing the 4096 case does not */
                 moe_kernels_force_isa((moe_isa)isa);
-                static const moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16};
-                for (int d = 0; d < 3; d++) {
+                static const moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16, MOE_DT_Q8,
+                                                MOE_DT_Q4};
+                for (int d = 0; d < 5; d++) {
                     moe_dtype dt = dts[d];
-                    if (dt != MOE_DT_F32)
+                    if (dt == MOE_DT_BF16 || dt == MOE_DT_F16)
                         for (size_t i = 0; i < n; i++)
                             wh[i] =
                                 dt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[i]) : moe_f32_to_f16(wf[i]);
-                    const void *w = dt == MOE_DT_F32 ? (const void *)wf : (const void *)wh;
-                    size_t bytes = n * (dt == MOE_DT_F32 ? 4 : 2);
+                    if (dt == MOE_DT_Q8 || dt == MOE_DT_Q4)
+                        moe_quantize(wqz, dt, wf, MOE_DT_F32, n);
+                    const void *w = dt == MOE_DT_F32                          ? (const void *)wf
+                                    : dt == MOE_DT_BF16 || dt == MOE_DT_F16 ? (const void *)wh
+                                                                              : wqz;
+                    size_t bytes = moe_dtype_row_bytes(dt, (size_t)n_in) * (size_t)n_out;
                     /* Interleave a read of the same number of bytes with each matvec and keep
                      * the best of each: on a shared machine both see the same quiet moments. */
                     int reps = isa == MOE_ISA_SCALAR ? 2 : (quick ? 4 : 12);
                     double best_mv = 1e30, best_bw = 0;
                     for (int r = 0; r < reps; r++) {
-                        double bw =
-                            read_bw(pool, dt == MOE_DT_F32 ? wf : (const float *)wh, bytes, 1);
+                        double bw = read_bw(pool, (const float *)w, bytes, 1);
                         best_bw = bw > best_bw ? bw : best_bw;
                         double t = time_matmul(pool, y, x, w, dt, 1, n_in, n_out, 1);
                         best_mv = t < best_mv ? t : best_mv;
@@ -188,19 +197,27 @@ int main(int argc, char **argv)
         /* Batched (prefill-like) matmul on the 4096x4096 bf16 matrix. */
         for (size_t i = 0; i < (size_t)4096 * 4096; i++)
             wh[i] = moe_f32_to_bf16(wf[i]);
-        static const int toks[] = {2, 4, 8, 16, 32, 64, 256};
+        static const int toks[] = {1, 2, 4, 8, 16, 32, 64, 256};
         for (int isa = MOE_ISA_AVX2 <= best_isa ? MOE_ISA_AVX2 : MOE_ISA_SCALAR;
-             isa <= (int)best_isa; isa++) {
+             batched && isa <= (int)best_isa; isa++) {
             moe_kernels_force_isa((moe_isa)isa);
-            for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
-                int n_tok = toks[k];
-                if (quick && n_tok > 64)
-                    continue;
-                double t = time_matmul(pool, y, x, wh, MOE_DT_BF16, n_tok, 4096, 4096, 3);
-                printf("matmul %-6s bf16 4096x4096 n_tok=%-3d: %8.3f ms  %6.1f GFLOP/s  %6.1f "
-                       "GB/s of weights\n",
-                       moe_isa_name((moe_isa)isa), n_tok, t * 1e3,
-                       2.0 * n_tok * 4096.0 * 4096.0 / t / 1e9, 4096.0 * 4096 * 2 / t / 1e9);
+            static const moe_dtype bdts[] = {MOE_DT_BF16, MOE_DT_Q8, MOE_DT_Q4};
+            for (int d = 0; d < 3; d++) {
+                moe_dtype dt = bdts[d];
+                const void *w = dt == MOE_DT_BF16 ? (const void *)wh : wqz;
+                if (dt != MOE_DT_BF16)
+                    moe_quantize(wqz, dt, wf, MOE_DT_F32, (size_t)4096 * 4096);
+                for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
+                    int n_tok = toks[k];
+                    if (quick && n_tok > 64)
+                        continue;
+                    double t = time_matmul(pool, y, x, w, dt, n_tok, 4096, 4096, 3);
+                    printf("matmul %-6s %-4s 4096x4096 n_tok=%-3d: %8.3f ms  %6.1f GFLOP/s  %6.1f "
+                           "GB/s of weights\n",
+                           moe_isa_name((moe_isa)isa), moe_dtype_name(dt), n_tok, t * 1e3,
+                           2.0 * n_tok * 4096.0 * 4096.0 / t / 1e9,
+                           (double)moe_dtype_row_bytes(dt, 4096) * 4096 / t / 1e9);
+                }
             }
         }
         moe_kernels_force_isa(best_isa);
@@ -208,6 +225,7 @@ int main(int argc, char **argv)
     }
     free(wf);
     free(wh);
+    free(wqz);
     free(x);
     free(y);
     return 0;

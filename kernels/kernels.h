@@ -12,8 +12,8 @@ typedef enum {
     MOE_DT_F32 = 0,
     MOE_DT_BF16, /* raw bf16 bits in uint16_t */
     MOE_DT_F16,  /* raw IEEE half bits in uint16_t */
-    MOE_DT_Q8,   /* group-wise 8-bit, see moe_quant.h (issue: CPU speed) */
-    MOE_DT_Q4,   /* group-wise 4-bit */
+    MOE_DT_Q8,   /* group-wise 8-bit: moe_block_q8 rows (see "quantized weights" below) */
+    MOE_DT_Q4,   /* group-wise 4-bit: moe_block_q4 rows */
     MOE_DT_COUNT
 } moe_dtype;
 
@@ -44,8 +44,39 @@ static inline uint16_t moe_f32_to_bf16(float f)
 }
 float moe_f16_to_f32(uint16_t h);
 uint16_t moe_f32_to_f16(float f);
-/* dst[i] = (float)src[i] for a whole array of dtype `dt` (F32, BF16 or F16). */
+/* dst[i] = (float)src[i] for a whole array of dtype `dt`. F32, BF16, F16; Q8 and Q4 dequantize
+ * n / MOE_QK consecutive blocks (n must be a multiple of MOE_QK). */
 void moe_convert_to_f32(float *dst, const void *src, moe_dtype dt, size_t n);
+
+/* ---- quantized weights (MOE_DT_Q8, MOE_DT_Q4) ----
+ * Group-wise symmetric quantization along the input dimension: every row of a weight matrix is
+ * cut into blocks of MOE_QK consecutive inputs, each stored as an f16 scale d and MOE_QK codes.
+ * Q8: q in [-127, 127], value d * q (34 bytes per 32 weights, the size of llama.cpp's Q8_0).
+ * Q4: 4-bit codes c in [0, 15], value d * (c - 8); byte j holds input j in its low nibble and
+ * input j + 16 in its high nibble (18 bytes per 32 weights, the size and layout of Q4_0).
+ * A matrix is its rows one after another (n_in / MOE_QK blocks each), so n_in must be a multiple
+ * of MOE_QK; callers keep other matrices in their original dtype. See docs/kernels.md. */
+#define MOE_QK 32
+typedef struct {
+    uint16_t d; /* scale, IEEE half bits */
+    int8_t q[MOE_QK];
+} moe_block_q8;
+typedef struct {
+    uint16_t d; /* scale, IEEE half bits */
+    uint8_t q[MOE_QK / 2];
+} moe_block_q4;
+
+/* Bytes of one row of n elements of dtype dt; 0 when dt is quantized and n is not a multiple of
+ * MOE_QK (such a row cannot be stored in that dtype). */
+size_t moe_dtype_row_bytes(moe_dtype dt, size_t n);
+/* Quantizes n elements of src (dtype st: F32, BF16 or F16) into n / MOE_QK blocks of dtype qt (Q8
+ * or Q4) at dst. n must be a multiple of MOE_QK. Per block: Q8 takes d = max|x| / 127 and
+ * q = round(x / d); Q4 takes d = -m / 8 where m is the entry of largest magnitude, and
+ * c = clamp(round(x / d), -8, 7) + 8 (so m is exact and 16 levels are used); d is rounded to f16
+ * first and the codes are computed against the rounded scale (round half away from zero).
+ * Returns 0, or -1 when src holds an inf or NaN (not representable; dst is then unspecified).
+ * Thread-safe, allocates nothing. */
+int moe_quantize(void *dst, moe_dtype qt, const void *src, moe_dtype st, size_t n);
 
 /* ---- thread pool ---- */
 typedef struct moe_threadpool moe_threadpool_t;
@@ -63,14 +94,26 @@ void moe_threadpool_run(moe_threadpool_t *pool, moe_task_fn fn, void *arg, int n
 
 /* ---- linear algebra ---- */
 /* y[t*n_out + r] = sum_c x[t*n_in + c] * W[r, c]   for t < n_tok, r < n_out.
- * W is row-major (n_out, n_in) of dtype wt (F32, BF16 or F16; Q8/Q4 once quantization lands).
- * x: (n_tok, n_in) f32, y: (n_tok, n_out) f32, no aliasing. Rows of W are split across the pool's
- * threads and each weight row is read once for all n_tok tokens. Accumulates in f32. */
+ * W is row-major (n_out, n_in) of dtype wt: F32, BF16 or F16 (exact products, f32 accumulation),
+ * or Q8 / Q4 (n_in a multiple of MOE_QK). Quantized, n_tok < 48: x is quantized once per call to
+ * int8 blocks of MOE_QK with an f32 scale each, block dot products are exact integers, scaled and
+ * accumulated in f32; n_tok >= 48: weights are dequantized on the fly and x stays f32 (see
+ * docs/kernels.md for the error of each). x: (n_tok, n_in) f32, y: (n_tok, n_out) f32, no
+ * aliasing. Rows of W are split across the pool's threads and each weight row is read once for
+ * all n_tok tokens. Allocation: none, except Q8/Q4 with n_tok < 48, which keep the quantized x
+ * in a scratch buffer of the calling thread (at most 47 x n_in x 1.125 bytes) that grows when a
+ * call needs more than any before it on that thread and is freed when the thread exits
+ * (moe_matmul_reserve sizes it up front). */
 void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
                 int n_tok, int n_in, int n_out);
 /* Single-threaded variant, for callers that already split work across threads (per expert). */
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
                        int n_out);
+/* Optional: sizes the calling thread's scratch for quantized (Q8/Q4) matmuls of up to n_tok x
+ * n_in (n_tok beyond 47 counts as 47), so later calls on this thread allocate nothing. Returns 0, or -1 when
+ * out of memory (matmul then still works: without scratch it quantizes x one token at a time on
+ * the stack, with identical results, when n_in <= 32768). */
+int moe_matmul_reserve(int n_tok, int n_in);
 
 /* ---- elementwise ---- */
 /* y = x / sqrt(mean(x^2) + eps) * w, over n elements; y may alias x. */

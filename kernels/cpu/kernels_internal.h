@@ -68,12 +68,26 @@ typedef void (*moe_attn_scores_fn)(float *s, int s_stride, const float *q, int n
 typedef void (*moe_attn_accum_fn)(float *o, const float *p, int p_stride, int ng,
                                   const float *const *v, int nc, int head_dim);
 
+/* Quantizes activations for Q8/Q4 matmuls: for each token t and block b of MOE_QK inputs,
+ * d[t * nb + b] = max|x| / 127 and q[t * n_in + b * MOE_QK + i] = round-half-even(x * (127 /
+ * max|x|)) (nb = n_in / MOE_QK). A block with an inf or NaN gets d = NaN (its outputs become NaN),
+ * an all-(near-)zero block d = 0. Every ISA produces the same bytes. */
+typedef void (*moe_quantize_x_fn)(int8_t *q, float *d, const float *x, int n_tok, int n_in);
+/* Rows [r0, r1) of y = x * W^T for Q8/Q4 weights and x quantized as above. Every output is
+ * computed as the AVX2 kernel does it, whatever the ISA: 8 lanes, lane j of block b adds the exact
+ * integer dot of inputs 4j..4j+3 times the f32 scale (d_w * d_x) with one FMA, lanes summed at the
+ * end in hsum8 order; so every ISA and tiling gives the same bits. */
+typedef void (*moe_matmul_rows_q_fn)(float *y, const int8_t *xq, const float *xd, const void *w,
+                                     moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
+
 typedef struct {
     moe_matmul_rows_fn matmul_rows;
     moe_dot_f32_fn dot_f32;
     moe_axpy_f32_fn axpy_f32;
     moe_attn_scores_fn attn_scores;
     moe_attn_accum_fn attn_accum;
+    moe_quantize_x_fn quantize_x;
+    moe_matmul_rows_q_fn matmul_rows_q;
     /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
     int row_block;
 } moe_kernel_ops;
@@ -90,10 +104,31 @@ void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, cons
 void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
                            int nc, int head_dim);
 
+void moe_quantize_x_scalar(int8_t *q, float *d, const float *x, int n_tok, int n_in);
+void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const void *w,
+                              moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
+/* quant.c: dequantizes n (a multiple of MOE_QK) values of Q8/Q4 blocks. */
+void moe_dequantize(float *dst, const void *src, moe_dtype qt, size_t n);
+/* From this many tokens on, Q8/Q4 matmuls do not quantize x: the weights are dequantized to f32
+ * as they are packed (the AVX2 panel path, or the scalar path's chunks) and the product is an
+ * f32 one like bf16's. Prefill is compute bound and on AVX2 the f32 FMA panel outruns int8
+ * maddubs (no VNNI); the activations also keep their full precision. */
+#define MOE_Q_F32_MIN_TOK 48
+/* Activation blocks below this max |x| quantize to zero (127 / max|x| must stay finite). */
+#define MOE_QX_MIN_AMAX 1e-30f
+
+/* Test hook (test_kernels): nonzero makes quantized matmuls behave as if the scratch buffer could
+ * not be allocated (the one-token-at-a-time stack path). */
+void moe_kernels_test_no_scratch(int on);
+
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx2(const float *a, const float *b, int n);
+/* quant_avx2.c; the AVX-512 table uses these too. */
+void moe_quantize_x_avx2(int8_t *q, float *d, const float *x, int n_tok, int n_in);
+void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const void *w,
+                            moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
 void moe_axpy_f32_avx2(float *y, float a, const float *x, int n);
 /* attention_avx2.c; the AVX-512 table uses these too. */
 void moe_attn_scores_avx2(float *s, int s_stride, const float *q, int ng, const float *const *k,

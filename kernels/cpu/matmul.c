@@ -1,4 +1,7 @@
-/* moe_matmul: the scalar reference kernel, and the row split across the thread pool. */
+/* moe_matmul: the scalar reference kernel, the row split across the thread pool, and the
+ * quantized path's activation scratch. */
+#include <pthread.h>
+
 #include "kernels/cpu/kernels_internal.h"
 
 /* Weights are converted to f32 this many at a time into a stack buffer, then used for every
@@ -26,8 +29,13 @@ static void convert_chunk(float *dst, const void *w, moe_dtype wt, size_t off, i
             dst[i] = moe_f16_to_f32_inline(s[i]);
         break;
     }
+    case MOE_DT_Q8:
+    case MOE_DT_Q4:
+        /* off and n are multiples of MOE_QK: n_in is, and so is SCALAR_KC. */
+        moe_dequantize(dst, (const char *)w + moe_dtype_row_bytes(wt, off), wt, (size_t)n);
+        break;
     default:
-        MOE_KASSERT(!"moe_matmul: weight dtype must be F32, BF16 or F16 (Q8/Q4 not implemented)");
+        MOE_KASSERT(!"moe_matmul: unknown weight dtype");
     }
 }
 
@@ -64,29 +72,39 @@ void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype w
     }
 }
 
-static void check_dtype(moe_dtype wt)
+static int is_quant(moe_dtype wt)
 {
-    MOE_KASSERT(wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16);
+    return wt == MOE_DT_Q8 || wt == MOE_DT_Q4;
 }
 
-void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
-                       int n_out)
+static void check_args(moe_dtype wt, int n_in)
 {
-    check_dtype(wt);
-    if (n_tok <= 0 || n_out <= 0)
-        return;
-    moe_kernels_ops()->matmul_rows(y, x, w, wt, n_tok, n_in, n_out, 0, n_out);
+    MOE_KASSERT(wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16 || is_quant(wt));
+    MOE_KASSERT(!is_quant(wt) || n_in % MOE_QK == 0);
 }
+
+/* ---- row split ---- */
 
 typedef struct {
     const moe_kernel_ops *ops;
     float *y;
     const float *x;
+    const int8_t *xq; /* quantized path: x as int8 blocks and their scales */
+    const float *xd;
     const void *w;
     moe_dtype wt;
     int n_tok, n_in, n_out;
     int rows_per_task;
 } matmul_job;
+
+static void run_rows(const matmul_job *j, int r0, int r1)
+{
+    if (j->xq)
+        j->ops->matmul_rows_q(j->y, j->xq, j->xd, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0,
+                              r1);
+    else
+        j->ops->matmul_rows(j->y, j->x, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
+}
 
 static void matmul_task(void *arg, int task, int thread)
 {
@@ -94,30 +112,133 @@ static void matmul_task(void *arg, int task, int thread)
     const matmul_job *j = arg;
     int r0 = task * j->rows_per_task;
     int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
-    j->ops->matmul_rows(j->y, j->x, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
+    run_rows(j, r0, r1);
+}
+
+static void split_rows(moe_threadpool_t *pool, matmul_job *j)
+{
+    int nt = moe_threadpool_size(pool);
+    if (nt <= 1 || j->n_out <= j->ops->row_block) {
+        run_rows(j, 0, j->n_out);
+        return;
+    }
+    /* About 4 tasks per thread so a slow thread (a busy core) is balanced by the others, in
+     * whole row blocks so the kernel's register tile is always full except at the very end. */
+    int rb = j->ops->row_block;
+    int blocks = (j->n_out + rb - 1) / rb;
+    int target = nt * 4;
+    int blocks_per_task = (blocks + target - 1) / target;
+    if (blocks_per_task < 1)
+        blocks_per_task = 1;
+    j->rows_per_task = blocks_per_task * rb;
+    int n_tasks = (j->n_out + j->rows_per_task - 1) / j->rows_per_task;
+    moe_threadpool_run(pool, matmul_task, j, n_tasks);
+}
+
+/* ---- quantized path: scratch for x as int8 blocks ----
+ * One buffer per thread (the thread that calls moe_matmul quantizes x into it before the pool
+ * reads it), grown only when a call needs more than any before on that thread, freed by a
+ * pthread key destructor when the thread exits. */
+static _Thread_local void *scratch;
+static _Thread_local size_t scratch_cap;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+static int test_no_scratch;
+
+static void scratch_key_init(void)
+{
+    scratch_key_ok = pthread_key_create(&scratch_key, free) == 0;
+}
+
+void moe_kernels_test_no_scratch(int on)
+{
+    test_no_scratch = on;
+}
+
+static size_t qx_bytes(int n_tok, int n_in)
+{
+    /* int8 codes, then one f32 scale per block (n_in % 32 == 0 keeps the scales aligned). */
+    return (size_t)n_tok * (size_t)n_in + (size_t)n_tok * (size_t)(n_in / MOE_QK) * sizeof(float);
+}
+
+static void *scratch_get(size_t need)
+{
+    if (test_no_scratch)
+        return NULL;
+    if (need <= scratch_cap)
+        return scratch;
+    size_t cap = (need + 4095) & ~(size_t)4095;
+    void *p = aligned_alloc(64, cap);
+    if (!p)
+        return NULL;
+    pthread_once(&scratch_once, scratch_key_init);
+    free(scratch);
+    scratch = p;
+    scratch_cap = cap;
+    if (scratch_key_ok)
+        pthread_setspecific(scratch_key, p);
+    return p;
+}
+
+int moe_matmul_reserve(int n_tok, int n_in)
+{
+    if (n_tok <= 0 || n_in <= 0)
+        return 0;
+    if (n_tok >= MOE_Q_F32_MIN_TOK)
+        n_tok = MOE_Q_F32_MIN_TOK - 1;
+    return scratch_get(qx_bytes(n_tok, (n_in + MOE_QK - 1) / MOE_QK * MOE_QK)) ? 0 : -1;
+}
+
+/* Without scratch: one token at a time through a stack buffer. The arithmetic of an output does
+ * not depend on how tokens are grouped, so the result is bit-identical. */
+#define QX_STACK_IN 32768
+
+static __attribute__((noinline)) void matmul_q_by_token(moe_threadpool_t *pool, matmul_job *j)
+{
+    _Alignas(64) int8_t q[QX_STACK_IN];
+    float d[QX_STACK_IN / MOE_QK];
+    MOE_KASSERT(j->n_in <= QX_STACK_IN && "quantized matmul: out of memory for the x scratch");
+    matmul_job one = *j;
+    one.n_tok = 1;
+    one.xq = q;
+    one.xd = d;
+    for (int t = 0; t < j->n_tok; t++) {
+        j->ops->quantize_x(q, d, j->x + (size_t)t * j->n_in, 1, j->n_in);
+        one.y = j->y + (size_t)t * j->n_out;
+        split_rows(pool, &one);
+    }
+}
+
+static void matmul_any(moe_threadpool_t *pool, float *y, const float *x, const void *w,
+                       moe_dtype wt, int n_tok, int n_in, int n_out)
+{
+    check_args(wt, n_in);
+    if (n_tok <= 0 || n_out <= 0)
+        return;
+    matmul_job j = {moe_kernels_ops(), y, x, NULL, NULL, w, wt, n_tok, n_in, n_out, n_out};
+    if (is_quant(wt) && n_tok < MOE_Q_F32_MIN_TOK) {
+        int8_t *q = scratch_get(qx_bytes(n_tok, n_in));
+        if (!q) {
+            matmul_q_by_token(pool, &j);
+            return;
+        }
+        float *d = (float *)(q + (size_t)n_tok * n_in);
+        j.ops->quantize_x(q, d, x, n_tok, n_in);
+        j.xq = q;
+        j.xd = d;
+    }
+    split_rows(pool, &j);
+}
+
+void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                       int n_out)
+{
+    matmul_any(NULL, y, x, w, wt, n_tok, n_in, n_out);
 }
 
 void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
                 int n_tok, int n_in, int n_out)
 {
-    check_dtype(wt);
-    if (n_tok <= 0 || n_out <= 0)
-        return;
-    const moe_kernel_ops *ops = moe_kernels_ops();
-    int nt = moe_threadpool_size(pool);
-    if (nt <= 1 || n_out <= ops->row_block) {
-        ops->matmul_rows(y, x, w, wt, n_tok, n_in, n_out, 0, n_out);
-        return;
-    }
-    /* About 4 tasks per thread so a slow thread (a busy core) is balanced by the others, in
-     * whole row blocks so the kernel's register tile is always full except at the very end. */
-    int rb = ops->row_block;
-    int blocks = (n_out + rb - 1) / rb;
-    int target = nt * 4;
-    int blocks_per_task = (blocks + target - 1) / target;
-    if (blocks_per_task < 1)
-        blocks_per_task = 1;
-    matmul_job j = {ops, y, x, w, wt, n_tok, n_in, n_out, blocks_per_task * rb};
-    int n_tasks = (n_out + j.rows_per_task - 1) / j.rows_per_task;
-    moe_threadpool_run(pool, matmul_task, &j, n_tasks);
+    matmul_any(pool, y, x, w, wt, n_tok, n_in, n_out);
 }

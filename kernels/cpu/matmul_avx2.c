@@ -17,9 +17,27 @@
  * depends only on (n_tok, n_in), never on which rows a thread got, so threaded == serial bit for
  * bit. */
 
-/* 8 weights at w[i..i+8) as f32. wt is a compile-time constant at every call site. */
+/* 8 weights at w[i..i+8) of a row starting at w, as f32. wt is a compile-time constant at every
+ * call site. Q8/Q4 (panel path only): i is a multiple of 8, the 8 values d * code exactly as
+ * moe_convert_to_f32 gives them (an int8 or nibble times the f16 scale is exact in f32). */
 AI __m256 load_w8(const void *w, size_t i, int wt)
 {
+    if (wt == MOE_DT_Q8) {
+        const moe_block_q8 *blk = (const moe_block_q8 *)w + i / MOE_QK;
+        __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk->q + i % MOE_QK)));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(_cvtsh_ss(blk->d)));
+    }
+    if (wt == MOE_DT_Q4) {
+        /* Inputs j < 16 are low nibbles of bytes j, inputs j >= 16 high nibbles of bytes j - 16. */
+        const moe_block_q4 *blk = (const moe_block_q4 *)w + i / MOE_QK;
+        int j = (int)(i % MOE_QK);
+        __m128i p = _mm_loadl_epi64((const __m128i *)(blk->q + (j & 15)));
+        if (j >= 16)
+            p = _mm_srli_epi16(p, 4);
+        p = _mm_sub_epi8(_mm_and_si128(p, _mm_set1_epi8(0x0f)), _mm_set1_epi8(8));
+        __m256i q = _mm256_cvtepi8_epi32(p);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(_cvtsh_ss(blk->d)));
+    }
     if (wt == MOE_DT_F32)
         return _mm256_loadu_ps((const float *)w + i);
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
@@ -31,6 +49,8 @@ AI __m256 load_w8(const void *w, size_t i, int wt)
 /* The last n_in % 8 weights of a row, zero-padded to 8. */
 AI __m256 load_w_tail(const void *w, size_t i, int n, int wt)
 {
+    if (wt == MOE_DT_Q8 || wt == MOE_DT_Q4) /* never: their n_in is a multiple of MOE_QK */
+        return _mm256_setzero_ps();
     if (wt == MOE_DT_F32) {
         float buf[8] = {0};
         memcpy(buf, (const float *)w + i, (size_t)n * sizeof(float));
@@ -60,6 +80,16 @@ AI float hsum8(__m256 v)
 AI size_t elem_size(int wt)
 {
     return wt == MOE_DT_F32 ? 4 : 2;
+}
+
+/* Bytes of one weight row (Q8/Q4: n_in is a multiple of MOE_QK). */
+AI size_t row_size(int wt, int n_in)
+{
+    if (wt == MOE_DT_Q8)
+        return (size_t)n_in / MOE_QK * sizeof(moe_block_q8);
+    if (wt == MOE_DT_Q4)
+        return (size_t)n_in / MOE_QK * sizeof(moe_block_q4);
+    return (size_t)n_in * elem_size(wt);
 }
 
 /* ---- dot path: NR rows x NT tokens of register accumulators ---- */
@@ -208,20 +238,20 @@ AI void transpose8(__m256 r[8])
 /* pack[k * 16 + i] = W[r + i][k0 + k] for i < nr (zero for nr <= i < 16), k < kc. */
 AI void pack16(float *pack, const void *w, int wt, int n_in, int r, int nr, int k0, int kc)
 {
-    size_t es = elem_size(wt);
+    size_t rs = row_size(wt, n_in);
     for (int half = 0; half < 2; half++) {
         const char *rows[8];
         int valid[8];
         for (int i = 0; i < 8; i++) {
             int ri = half * 8 + i;
             valid[i] = ri < nr;
-            rows[i] = (const char *)w + ((size_t)(r + (valid[i] ? ri : 0)) * n_in + k0) * es;
+            rows[i] = (const char *)w + (size_t)(r + (valid[i] ? ri : 0)) * rs;
         }
         int k = 0;
         for (; k + 8 <= kc; k += 8) {
             __m256 v[8];
             for (int i = 0; i < 8; i++)
-                v[i] = valid[i] ? load_w8(rows[i], (size_t)k, wt) : _mm256_setzero_ps();
+                v[i] = valid[i] ? load_w8(rows[i], (size_t)(k0 + k), wt) : _mm256_setzero_ps();
             transpose8(v);
             for (int j = 0; j < 8; j++)
                 _mm256_store_ps(pack + (size_t)(k + j) * 16 + half * 8, v[j]);
@@ -229,7 +259,8 @@ AI void pack16(float *pack, const void *w, int wt, int n_in, int r, int nr, int 
         if (k < kc) {
             __m256 v[8];
             for (int i = 0; i < 8; i++)
-                v[i] = valid[i] ? load_w_tail(rows[i], (size_t)k, kc - k, wt) : _mm256_setzero_ps();
+                v[i] = valid[i] ? load_w_tail(rows[i], (size_t)(k0 + k), kc - k, wt)
+                                : _mm256_setzero_ps();
             transpose8(v);
             for (int j = 0; k + j < kc; j++)
                 _mm256_store_ps(pack + (size_t)(k + j) * 16 + half * 8, v[j]);
@@ -374,10 +405,30 @@ static void rows_f16(float *y, const float *x, const void *w, int n_tok, int n_i
         dot_rows(y, x, w, MOE_DT_F16, n_tok, n_in, n_out, r0, r1);
 }
 
+/* Quantized weights with many tokens (matmul.c sends only n_tok >= MOE_Q_F32_MIN_TOK here):
+ * dequantized while packing; compute bound, so the same speed as bf16 and no x quantization. */
+static void rows_q8(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out,
+                    int r0, int r1)
+{
+    panel_rows(y, x, w, MOE_DT_Q8, n_tok, n_in, n_out, r0, r1);
+}
+
+static void rows_q4(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out,
+                    int r0, int r1)
+{
+    panel_rows(y, x, w, MOE_DT_Q4, n_tok, n_in, n_out, r0, r1);
+}
+
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1)
 {
     switch (wt) {
+    case MOE_DT_Q8:
+        rows_q8(y, x, w, n_tok, n_in, n_out, r0, r1);
+        return;
+    case MOE_DT_Q4:
+        rows_q4(y, x, w, n_tok, n_in, n_out, r0, r1);
+        return;
     case MOE_DT_F32:
         rows_f32(y, x, w, n_tok, n_in, n_out, r0, r1);
         return;
