@@ -1,8 +1,7 @@
-/* The coordinator's cluster backend: request table and queue, placement (prefill: least pending
- * prompt tokens; decode: most free KV blocks, then fewest running), control messages with the
- * workers over MPI, heartbeats, token delivery (in index order, detokenized, stop strings and stop
- * token ids), cancellation and drain. The front end's threads only fill an inbox; the loop on the
- * MPI thread does the rest. */
+/* The coordinator's cluster backend: the coordinator loop, control messages with the workers over
+ * MPI, heartbeats, the front end's slots (admission, cancel, status, health), start-up and drain.
+ * The front end's threads only fill an inbox; the loop on the MPI thread does the rest (request
+ * delivery: cluster_requests.c; instances and placement: cluster_sched.c). */
 #include "coordinator/cluster.h"
 
 #include <limits.h>
@@ -13,26 +12,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "cluster.pb-c.h"
 #include "common/clock.h"
 #include "common/log.h"
-#include "common/stop.h"
+#include "coordinator/cluster_internal.h"
 
-#define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
-#define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
-#define N_BUCKETS 4096
-#define LAT_RING 65536
-
-typedef Moeserve__Cluster__V1__Load pb_load;
-typedef Moeserve__Cluster__V1__Counters pb_counters;
-
-/* ---- control link: protobuf over MPI, non-blocking sends whose buffers live until done ---- */
-typedef struct {
-    MPI_Request r;
-    uint8_t *buf;
-} out_msg;
-
-static bool grow(void **p, int *cap, int need, size_t elem)
+bool moe_cluster_grow(void **p, int *cap, int need, size_t elem)
 {
     if (need <= *cap)
         return true;
@@ -53,98 +37,18 @@ static void nap(int64_t ns)
     nanosleep(&ts, NULL);
 }
 
-/* ---- requests ---- */
-typedef enum { RQ_QUEUED = 0, RQ_PREFILL, RQ_TRANSFER, RQ_DECODE } rq_state;
 
-typedef struct {
-    uint32_t index;
-    int32_t token;
-    int finish;
-} stash_t;
-
-typedef struct creq {
-    uint64_t id;
-    moe_frontend_req *stream;
-    const moe_gen_request *req;
-    rq_state state;
-    int pi, di;           /* prefill and decode instance (-1 none; mixed: pi == di) */
-    int reserved_blocks;  /* counted in inst[di].reserved_blocks until the hand-off */
-    bool counted_pending; /* n_prompt counted in inst[pi].pending_tokens until the first token */
-    uint32_t next_index;
-    stash_t *stash;
-    int n_stash, cap_stash;
-    moe_detok *dt;
-    moe_stopper *stop;
-    char *text; /* everything the detokenizer produced (to name the matched stop string) */
-    size_t text_len, text_cap, emitted;
-    struct creq *hnext;
-    struct creq *qnext;
-} creq;
-
-typedef struct {
-    moe_cluster_instance def;
-    int lead;
-    moe_instance_state state;
-    bool ready_seen;
-    int64_t last_seen;
-    uint32_t kv_total, kv_used, block_tokens, running, waiting;
-    uint64_t block_bytes;
-    int max_batch_tokens, max_seqs;
-    uint64_t pending_tokens; /* prompt tokens sent, first token not back (coordinator's count) */
-    int n_pending;
-    int reserved_blocks;     /* decode: blocks of requests assigned and not yet handed off */
-    pb_counters ctr;         /* latest cumulative counters of its lead */
-} inst_t;
-
-struct moe_cluster {
-    moe_cluster_opts o;
-    char model_name[128];
-    inst_t *inst;
-    int n_inst;
-    int *rank_inst;          /* [world] instance of a rank, -1 coordinator/spare */
-    bool *rank_ready, *rank_bye;
-    int *spares;
-    bool disagg;
-
-    MPI_Comm ctrl;
-    out_msg *ob;
-    int n_ob, cap_ob;
-
-    pthread_mutex_t mu;      /* inbox, admission counters, instance fields read by the front end */
-    pthread_cond_t cv;
-    creq **in_sub;
-    int n_in_sub, cap_in_sub;
-    uint64_t *in_cancel;
-    int n_in_cancel, cap_in_cancel;
-    bool wake;
-    int n_active, n_queued;
-    bool ready, draining, stopped;
-    int cache_tokens;        /* the smallest instance KV cache in tokens: one sequence must fit */
-    int usable;              /* every pool a request needs has a READY instance */
-    _Atomic uint64_t next_id;
-
-    /* Token path latency (worker send -> pushed to the front end), last LAT_RING tokens, us. */
-    float *lat;
-    uint64_t n_lat;
-    int64_t next_lat_log;
-
-    creq *buckets[N_BUCKETS];
-    creq *queue;
-    int64_t drain_started;
-    uint64_t transfers_logged;
-};
-
-static inst_t *inst_of_rank(moe_cluster *c, int rank)
+inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank)
 {
     return rank > 0 && rank < c->o.world_size && c->rank_inst[rank] >= 0 ? &c->inst[c->rank_inst[rank]] : NULL;
 }
 
-static moe_status ob_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m)
+moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m)
 {
     size_t len = protobuf_c_message_get_packed_size(m);
     if (len > INT_MAX)
         return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large", m->descriptor->name, len);
-    if (!grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
+    if (!moe_cluster_grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf)
@@ -175,7 +79,7 @@ static void ob_progress(moe_cluster *c)
     }
 }
 
-static void send_free(moe_cluster *c, int inst, uint64_t id)
+void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id)
 {
     if (inst < 0 || c->inst[inst].state == MOE_INSTANCE_UNREACHABLE)
         return;
@@ -183,406 +87,8 @@ static void send_free(moe_cluster *c, int inst, uint64_t id)
     moeserve__cluster__v1__free_seqs__init(&f);
     f.n_seq_ids = 1;
     f.seq_ids = &id;
-    if (ob_send(c, c->inst[inst].lead, TAG(FREE), &f.base) != MOE_OK)
+    if (moe_cluster_send(c, c->inst[inst].lead, TAG(FREE), &f.base) != MOE_OK)
         MOE_LOG_E("free seq %llu: %s", (unsigned long long)id, moe_error_message());
-}
-
-/* ---- request table ---- */
-
-static creq *find_req(moe_cluster *c, uint64_t id)
-{
-    for (creq *r = c->buckets[id % N_BUCKETS]; r; r = r->hnext)
-        if (r->id == id)
-            return r;
-    return NULL;
-}
-
-static void unlink_req(moe_cluster *c, creq *r)
-{
-    for (creq **pp = &c->buckets[r->id % N_BUCKETS]; *pp; pp = &(*pp)->hnext) {
-        if (*pp == r) {
-            *pp = r->hnext;
-            break;
-        }
-    }
-    if (r->state == RQ_QUEUED) {
-        for (creq **pp = &c->queue; *pp; pp = &(*pp)->qnext) {
-            if (*pp == r) {
-                *pp = r->qnext;
-                break;
-            }
-        }
-    }
-}
-
-/* Releases what the request counts against its instances (under mu: the front end reads them). */
-static void release_accounting(moe_cluster *c, creq *r)
-{
-    pthread_mutex_lock(&c->mu);
-    if (r->counted_pending && r->pi >= 0) {
-        c->inst[r->pi].pending_tokens -= r->req->n_prompt;
-        c->inst[r->pi].n_pending--;
-    }
-    r->counted_pending = false;
-    if (r->reserved_blocks && r->di >= 0)
-        c->inst[r->di].reserved_blocks -= r->reserved_blocks;
-    r->reserved_blocks = 0;
-    if (r->state == RQ_QUEUED)
-        c->n_queued--;
-    pthread_mutex_unlock(&c->mu);
-}
-
-static void destroy_req(moe_cluster *c, creq *r)
-{
-    pthread_mutex_lock(&c->mu);
-    c->n_active--;
-    pthread_mutex_unlock(&c->mu);
-    moe_detok_free(r->dt);
-    moe_stopper_free(r->stop);
-    free(r->stash);
-    free(r->text);
-    free(r);
-}
-
-/* Ends a request with an error: frees it on its workers, then the terminal call. */
-static void fail_req(moe_cluster *c, creq *r, moe_status code, const char *msg)
-{
-    unlink_req(c, r);
-    release_accounting(c, r);
-    if (r->state != RQ_QUEUED) {
-        send_free(c, r->pi, r->id);
-        if (r->di != r->pi)
-            send_free(c, r->di, r->id);
-    }
-    moe_frontend_error(r->stream, code, msg);
-    destroy_req(c, r);
-}
-
-static void finish_req(moe_cluster *c, creq *r, moe_finish_reason why, const char *matched, bool free_workers)
-{
-    unlink_req(c, r);
-    release_accounting(c, r);
-    if (free_workers) {
-        send_free(c, r->pi, r->id);
-        if (r->di != r->pi)
-            send_free(c, r->di, r->id);
-    }
-    moe_frontend_finish_info info = {.reason = why, .matched_stop = matched};
-    moe_frontend_finish(r->stream, &info);
-    destroy_req(c, r);
-}
-
-/* ---- token delivery ---- */
-
-static bool append_text(creq *r, const char *s, size_t n)
-{
-    if (r->text_len + n + 1 > r->text_cap) {
-        size_t cap = r->text_cap ? r->text_cap * 2 : 256;
-        while (cap < r->text_len + n + 1)
-            cap *= 2;
-        char *t = realloc(r->text, cap);
-        if (!t)
-            return false;
-        r->text = t;
-        r->text_cap = cap;
-    }
-    memcpy(r->text + r->text_len, s, n);
-    r->text_len += n;
-    r->text[r->text_len] = 0;
-    return true;
-}
-
-/* The stop string the stopper matched: the one the text continues with right after what was
- * emitted (the shortest, should several start there). */
-static const char *matched_stop(const creq *r)
-{
-    const char *best = NULL;
-    size_t best_len = 0;
-    for (uint32_t i = 0; i < r->req->n_stop; i++) {
-        const char *s = r->req->stop[i];
-        size_t n = strlen(s);
-        if (n && r->emitted + n <= r->text_len && !memcmp(r->text + r->emitted, s, n) && (!best || n < best_len)) {
-            best = s;
-            best_len = n;
-        }
-    }
-    return best;
-}
-
-/* One token, in index order. Returns true when the request ended (r is freed). */
-static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish)
-{
-    const moe_gen_request *q = r->req;
-    bool stop_id = false;
-    for (uint32_t i = 0; i < q->n_stop_token_ids; i++)
-        stop_id |= q->stop_token_ids[i] == token;
-    bool eos = finish == MOESERVE__CLUSTER__V1__FINISH__FINISH_EOS;
-    bool last = finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE || stop_id;
-    char piece[4096] = "";
-    size_t n = 0;
-    if (!eos && !stop_id)
-        n = moe_detok_push(r->dt, token, piece, sizeof piece);
-    if (last)
-        n += moe_detok_finish(r->dt, piece + n, sizeof piece - n);
-    if (q->n_stop && n)
-        append_text(r, piece, n);
-    char *out = NULL;
-    size_t out_len = 0;
-    bool hit = moe_stopper_push(r->stop, piece, n, &out, &out_len);
-    const char *stop_str = NULL;
-    if (hit) {
-        r->emitted += out_len;
-        stop_str = matched_stop(r);
-        if (q->include_stop_str_in_output && stop_str) {
-            size_t sl = strlen(stop_str);
-            char *o2 = realloc(out, out_len + sl + 1);
-            if (o2) {
-                out = o2;
-                memcpy(out + out_len, stop_str, sl);
-                out_len += sl;
-            }
-        }
-    } else {
-        if (last)
-            moe_stopper_flush(r->stop, &out, &out_len);
-        r->emitted += out_len;
-    }
-    moe_status st = moe_frontend_push_tokens(r->stream, &token, &index, 1, out ? out : "", out_len);
-    free(out);
-    if (st != MOE_OK) {
-        MOE_LOG_E("request %s: %s", q->request_id, moe_error_message());
-        fail_req(c, r, MOE_ERR_INTERNAL, "internal error: token stream out of order");
-        return true;
-    }
-    if (hit || stop_id) {
-        char id_text[16];
-        snprintf(id_text, sizeof id_text, "%d", token);
-        finish_req(c, r, MOE_FINISH_STOP, hit ? stop_str : id_text,
-                   finish == MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
-        return true;
-    }
-    if (finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE) {
-        finish_req(c, r, eos ? MOE_FINISH_EOS : MOE_FINISH_LENGTH, NULL, false);
-        return true;
-    }
-    return false;
-}
-
-static void first_token_seen(moe_cluster *c, creq *r, bool finished)
-{
-    pthread_mutex_lock(&c->mu);
-    if (r->counted_pending) {
-        c->inst[r->pi].pending_tokens -= r->req->n_prompt;
-        c->inst[r->pi].n_pending--;
-        r->counted_pending = false;
-    }
-    pthread_mutex_unlock(&c->mu);
-    if (r->state == RQ_PREFILL && !finished)
-        r->state = c->disagg ? RQ_TRANSFER : RQ_DECODE;
-}
-
-static void deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish)
-{
-    if (index == 0)
-        first_token_seen(c, r, finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
-    if (index < r->next_index)
-        return; /* a duplicate: never sent twice */
-    if (index > r->next_index) {
-        if (grow((void **)&r->stash, &r->cap_stash, r->n_stash + 1, sizeof *r->stash))
-            r->stash[r->n_stash++] = (stash_t){.index = index, .token = token, .finish = finish};
-        return;
-    }
-    r->next_index++;
-    if (emit_token(c, r, index, token, finish))
-        return;
-    for (bool again = true; again;) { /* tokens that arrived early */
-        again = false;
-        for (int i = 0; i < r->n_stash; i++) {
-            if (r->stash[i].index == r->next_index) {
-                stash_t s = r->stash[i];
-                r->stash[i] = r->stash[--r->n_stash];
-                r->next_index++;
-                if (emit_token(c, r, s.index, s.token, s.finish))
-                    return;
-                again = true;
-                break;
-            }
-        }
-    }
-}
-
-/* ---- instances ---- */
-
-static void apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
-{
-    if (!l)
-        return;
-    pthread_mutex_lock(&c->mu);
-    in->kv_total = l->kv_blocks_total;
-    in->kv_used = l->kv_blocks_used;
-    in->running = l->running;
-    in->waiting = l->waiting + l->pulls_waiting; /* offers waiting for room are queued for it */
-    pthread_mutex_unlock(&c->mu);
-}
-
-static void update_usable(moe_cluster *c)
-{
-    bool pre = false, dec = false, mixed = false;
-    int min_cache = INT_MAX;
-    for (int i = 0; i < c->n_inst; i++) {
-        inst_t *in = &c->inst[i];
-        if (in->state != MOE_INSTANCE_READY)
-            continue;
-        pre |= in->def.pool == MOE_POOL_PREFILL;
-        dec |= in->def.pool == MOE_POOL_DECODE;
-        mixed |= in->def.pool == MOE_POOL_MIXED;
-        int cache = (int)(in->kv_total * in->block_tokens);
-        if (cache < min_cache)
-            min_cache = cache;
-    }
-    pthread_mutex_lock(&c->mu);
-    c->usable = c->disagg ? pre && dec : mixed;
-    c->cache_tokens = min_cache == INT_MAX ? 0 : min_cache;
-    pthread_mutex_unlock(&c->mu);
-}
-
-static const char *pool_name(moe_pool_kind k)
-{
-    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
-}
-
-/* An instance missed its heartbeats: every request that depends on it fails with UNAVAILABLE. */
-static void mark_unreachable(moe_cluster *c, int idx, double silent_s)
-{
-    inst_t *in = &c->inst[idx];
-    pthread_mutex_lock(&c->mu);
-    in->state = MOE_INSTANCE_UNREACHABLE;
-    pthread_mutex_unlock(&c->mu);
-    char msg[256];
-    snprintf(msg, sizeof msg, "%s instance %d (rank %d) stopped answering: no heartbeat for %.1f s",
-             pool_name(in->def.pool), idx, in->lead, silent_s);
-    MOE_LOG_E("%s; failing its requests", msg);
-    for (int b = 0; b < N_BUCKETS; b++) {
-        for (creq *r = c->buckets[b], *next; r; r = next) {
-            next = r->hnext;
-            bool dep = r->state != RQ_QUEUED &&
-                       ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
-            if (dep)
-                fail_req(c, r, MOE_ERR_UNAVAILABLE, msg);
-        }
-    }
-    update_usable(c);
-}
-
-/* ---- placement and dispatch ---- */
-
-static int pick_prefill(moe_cluster *c, const creq *r, bool *gated)
-{
-    moe_pool_kind want = c->disagg ? MOE_POOL_PREFILL : MOE_POOL_MIXED;
-    int best = -1;
-    *gated = false;
-    for (int i = 0; i < c->n_inst; i++) {
-        inst_t *in = &c->inst[i];
-        if (in->def.pool != want || in->state != MOE_INSTANCE_READY)
-            continue;
-        /* Keep a few batches' worth queued on each instance, no more: the rest waits here, where
-         * priorities still apply. */
-        uint64_t gate = (uint64_t)(4 * in->max_batch_tokens);
-        if (in->n_pending > 0 && (in->pending_tokens + r->req->n_prompt > gate || in->n_pending >= 2 * in->max_seqs)) {
-            *gated = true;
-            continue;
-        }
-        if (best < 0 || in->pending_tokens < c->inst[best].pending_tokens ||
-            (in->pending_tokens == c->inst[best].pending_tokens && in->running < c->inst[best].running))
-            best = i;
-    }
-    return best;
-}
-
-static int pick_decode(moe_cluster *c)
-{
-    int best = -1;
-    long best_free = 0;
-    for (int i = 0; i < c->n_inst; i++) {
-        inst_t *in = &c->inst[i];
-        if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY)
-            continue;
-        long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks;
-        if (best < 0 || fr > best_free || (fr == best_free && in->running < c->inst[best].running)) {
-            best = i;
-            best_free = fr;
-        }
-    }
-    return best;
-}
-
-static void dispatch(moe_cluster *c)
-{
-    while (c->queue) {
-        creq *r = c->queue;
-        bool gated;
-        int pi = pick_prefill(c, r, &gated);
-        if (pi < 0) {
-            if (gated)
-                return; /* every instance has enough queued: wait for first tokens */
-            fail_req(c, r, MOE_ERR_UNAVAILABLE, c->disagg ? "no prefill instance is available" : "no instance is available");
-            continue;
-        }
-        int di = pi;
-        if (c->disagg && (di = pick_decode(c)) < 0) {
-            fail_req(c, r, MOE_ERR_UNAVAILABLE, "no decode instance is available");
-            continue;
-        }
-        const moe_gen_request *q = r->req;
-        Moeserve__Cluster__V1__Sampling sp;
-        moeserve__cluster__v1__sampling__init(&sp);
-        sp.temperature = q->temperature;
-        sp.top_p = q->top_p;
-        sp.top_k = q->top_k;
-        sp.seed = q->seed;
-        Moeserve__Cluster__V1__StartSeq m;
-        moeserve__cluster__v1__start_seq__init(&m);
-        m.seq_id = r->id;
-        m.n_prompt = q->n_prompt;
-        m.prompt = (int32_t *)(uintptr_t)q->prompt; /* only read by pack */
-        m.sampling = &sp;
-        m.max_new_tokens = q->max_new_tokens;
-        m.ignore_eos = q->ignore_eos;
-        m.prefill_only = c->disagg;
-        m.decode_rank = (uint32_t)c->inst[di].lead;
-        c->queue = r->qnext;
-        if (ob_send(c, c->inst[pi].lead, TAG(START), &m.base) != MOE_OK) {
-            r->state = RQ_PREFILL; /* it left the queue */
-            pthread_mutex_lock(&c->mu);
-            c->n_queued--;
-            pthread_mutex_unlock(&c->mu);
-            fail_req(c, r, MOE_ERR_INTERNAL, moe_error_message());
-            continue;
-        }
-        pthread_mutex_lock(&c->mu);
-        c->n_queued--;
-        r->state = RQ_PREFILL;
-        r->pi = pi;
-        r->di = di;
-        c->inst[pi].pending_tokens += q->n_prompt;
-        c->inst[pi].n_pending++;
-        r->counted_pending = true;
-        if (c->disagg) {
-            uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
-            r->reserved_blocks = (int)((q->n_prompt + 1 + bt - 1) / bt);
-            c->inst[di].reserved_blocks += r->reserved_blocks;
-        }
-        pthread_mutex_unlock(&c->mu);
-    }
-}
-
-static void enqueue(moe_cluster *c, creq *r)
-{
-    creq **pp = &c->queue;
-    while (*pp && ((*pp)->req->priority <= r->req->priority))
-        pp = &(*pp)->qnext;
-    r->qnext = *pp;
-    *pp = r;
 }
 
 /* ---- messages from workers ---- */
@@ -590,7 +96,7 @@ static void enqueue(moe_cluster *c, creq *r)
 static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__WorkerReady *m)
 {
     c->rank_ready[src] = true;
-    inst_t *in = inst_of_rank(c, src);
+    inst_t *in = moe_cluster_inst_of_rank(c, src);
     if (!m->ok) {
         MOE_LOG_E("rank %d failed to start: %s", src, m->error);
         if (in) {
@@ -613,17 +119,17 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     in->last_seen = moe_now_ns();
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("rank %d ready: %s instance %d, KV %u blocks x %u tokens, warm-up %.0f ms", src,
-              pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total, m->kv_block_tokens, m->warmup_ms);
+              moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total, m->kv_block_tokens, m->warmup_ms);
 }
 
 static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__Heartbeat *m, bool bye)
 {
     if (bye)
         c->rank_bye[src] = true;
-    inst_t *in = inst_of_rank(c, src);
+    inst_t *in = moe_cluster_inst_of_rank(c, src);
     if (!in)
         return;
-    apply_load(c, in, m->load);
+    moe_cluster_inst_apply_load(c, in, m->load);
     if (m->counters) {
         pthread_mutex_lock(&c->mu);
         in->ctr = *m->counters;
@@ -633,15 +139,15 @@ static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__H
 
 static void on_tokens(moe_cluster *c, int src, const Moeserve__Cluster__V1__TokenBatch *m)
 {
-    inst_t *in = inst_of_rank(c, src);
+    inst_t *in = moe_cluster_inst_of_rank(c, src);
     if (in)
-        apply_load(c, in, m->load);
+        moe_cluster_inst_apply_load(c, in, m->load);
     int delivered = 0;
     for (size_t i = 0; i < m->n_events; i++) {
         const Moeserve__Cluster__V1__TokenEvent *e = m->events[i];
-        creq *r = find_req(c, e->seq_id);
+        creq *r = moe_cluster_req_find(c, e->seq_id);
         if (r && r->state != RQ_QUEUED) {
-            deliver(c, r, e->index, e->token, e->finish);
+            moe_cluster_req_deliver(c, r, e->index, e->token, e->finish);
             delivered++;
         }
     }
@@ -677,14 +183,14 @@ static void log_token_latency(moe_cluster *c, const char *when)
 
 static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__SeqEvent *m)
 {
-    creq *r = find_req(c, m->seq_id);
+    creq *r = moe_cluster_req_find(c, m->seq_id);
     switch (m->kind) {
     case EVENT(FAILED):
         if (r) {
             moe_status code = m->status > 0 && m->status < MOE_STATUS_COUNT ? (moe_status)m->status : MOE_ERR_INTERNAL;
             char msg[512];
             snprintf(msg, sizeof msg, "rank %d: %s", src, m->message);
-            fail_req(c, r, code, msg);
+            moe_cluster_req_fail(c, r, code, msg);
         }
         break;
     case EVENT(HANDED_OFF):
@@ -712,7 +218,7 @@ static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__S
 
 static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, size_t len)
 {
-    inst_t *in = inst_of_rank(c, src);
+    inst_t *in = moe_cluster_inst_of_rank(c, src);
     if (in && in->state != MOE_INSTANCE_UNREACHABLE) {
         pthread_mutex_lock(&c->mu);
         in->last_seen = moe_now_ns();
@@ -798,7 +304,7 @@ static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_
                        "GenerateRequest.max_new_tokens: a prompt of %u tokens + %u new tokens do not fit the KV "
                        "cache of an instance (%d tokens; see --kv-blocks / --kv-mb)",
                        req->n_prompt, req->max_new_tokens, c->cache_tokens);
-    if (st == MOE_OK && !grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
+    if (st == MOE_OK && !moe_cluster_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
         st = moe_error(MOE_ERR_NOMEM, "out of memory for a request");
     if (st == MOE_OK) {
         r->id = atomic_fetch_add(&c->next_id, 1);
@@ -822,7 +328,7 @@ static void be_cancel(void *ctx, uint64_t handle)
 {
     moe_cluster *c = ctx;
     pthread_mutex_lock(&c->mu);
-    if (grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1, sizeof *c->in_cancel))
+    if (moe_cluster_grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1, sizeof *c->in_cancel))
         c->in_cancel[c->n_in_cancel++] = handle;
     else
         MOE_LOG_E("out of memory: cancel of request %llu lost", (unsigned long long)handle);
@@ -951,7 +457,7 @@ void moe_cluster_free(moe_cluster *c)
         return;
     for (int b = 0; b < N_BUCKETS; b++)
         while (c->buckets[b])
-            fail_req(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
+            moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
     for (int i = 0; i < c->n_in_sub; i++) {
         moe_frontend_error(c->in_sub[i]->stream, MOE_ERR_UNAVAILABLE, "the server is shutting down");
         free(c->in_sub[i]);
@@ -1011,16 +517,16 @@ static bool take_inbox(moe_cluster *c)
         r->hnext = c->buckets[r->id % N_BUCKETS];
         c->buckets[r->id % N_BUCKETS] = r;
         if (!r->dt || !r->stop) {
-            fail_req(c, r, MOE_ERR_NOMEM, "out of memory for the detokenizer");
+            moe_cluster_req_fail(c, r, MOE_ERR_NOMEM, "out of memory for the detokenizer");
             continue;
         }
-        enqueue(c, r);
+        moe_cluster_sched_enqueue(c, r);
     }
     for (int i = 0; i < nc; i++) {
-        creq *r = find_req(c, cancels[i]);
+        creq *r = moe_cluster_req_find(c, cancels[i]);
         if (r) {
             MOE_LOG_D("request %s cancelled by the client", r->req->request_id);
-            fail_req(c, r, MOE_ERR_CANCELLED, "cancelled");
+            moe_cluster_req_fail(c, r, MOE_ERR_CANCELLED, "cancelled");
         }
     }
     free(subs);
@@ -1054,7 +560,7 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
         for (int i = 0; i < c->n_inst; i++)
             if (c->rank_ready[c->inst[i].lead] && !c->inst[i].ready_seen)
                 return moe_error(MOE_ERR_UNAVAILABLE, "rank %d (%s instance %d) failed to start; see its log",
-                                 c->inst[i].lead, pool_name(c->inst[i].def.pool), i);
+                                 c->inst[i].lead, moe_cluster_pool_name(c->inst[i].def.pool), i);
         if (!missing)
             return MOE_OK;
         if (moe_now_ns() > deadline)
@@ -1078,7 +584,7 @@ moe_status moe_cluster_run(moe_cluster *c)
         free(buf);
         return st;
     }
-    update_usable(c);
+    moe_cluster_inst_update_usable(c);
     pthread_mutex_lock(&c->mu);
     c->ready = true;
     pthread_mutex_unlock(&c->mu);
@@ -1089,7 +595,7 @@ moe_status moe_cluster_run(moe_cluster *c)
     for (;;) {
         bool busy = take_inbox(c);
         busy |= drain_mpi(c, &buf, &cap) > 0;
-        dispatch(c);
+        moe_cluster_sched_dispatch(c);
         ob_progress(c);
         int64_t now = moe_now_ns();
         if (now >= next_check) {
@@ -1098,7 +604,7 @@ moe_status moe_cluster_run(moe_cluster *c)
                 inst_t *in = &c->inst[i];
                 double silent = (double)(now - in->last_seen) * 1e-9;
                 if (in->state == MOE_INSTANCE_READY && silent * 1000.0 > c->o.heartbeat_timeout_ms)
-                    mark_unreachable(c, i, silent);
+                    moe_cluster_inst_unreachable(c, i, silent);
             }
         }
         if (now >= c->next_lat_log) {
@@ -1126,7 +632,7 @@ moe_status moe_cluster_run(moe_cluster *c)
                     MOE_LOG_W("drain timeout: ending %d request(s) with UNAVAILABLE", active);
                 for (int b = 0; b < N_BUCKETS; b++)
                     while (c->buckets[b])
-                        fail_req(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
+                        moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
                 pthread_mutex_lock(&c->mu);
                 c->stopped = true;
                 pthread_mutex_unlock(&c->mu);
@@ -1162,10 +668,10 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
     moeserve__cluster__v1__shutdown__init(&m);
     m.reason = (char *)"coordinator shutdown";
     for (int r = 1; r < c->o.world_size; r++) {
-        inst_t *in = inst_of_rank(c, r);
+        inst_t *in = moe_cluster_inst_of_rank(c, r);
         if (in && in->state == MOE_INSTANCE_UNREACHABLE && in->ready_seen)
             continue; /* hung: it would never answer */
-        if (ob_send(c, r, TAG(SHUTDOWN), &m.base) != MOE_OK)
+        if (moe_cluster_send(c, r, TAG(SHUTDOWN), &m.base) != MOE_OK)
             MOE_LOG_E("shutdown of rank %d: %s", r, moe_error_message());
     }
     uint8_t *buf = NULL;
@@ -1177,7 +683,7 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         ob_progress(c);
         missing = 0;
         for (int r = 1; r < c->o.world_size; r++) {
-            inst_t *in = inst_of_rank(c, r);
+            inst_t *in = moe_cluster_inst_of_rank(c, r);
             missing += !c->rank_bye[r] && !(in && in->state == MOE_INSTANCE_UNREACHABLE && in->ready_seen);
         }
         if (!missing || moe_now_ns() > deadline)

@@ -1,0 +1,138 @@
+/* Internal to the cluster backend (coordinator/cluster.c: loop, MPI, front-end slots;
+ * cluster_requests.c: request table and token delivery; cluster_sched.c: instances and
+ * placement). Nobody else includes this. Everything here runs on the coordinator loop's thread
+ * unless it says otherwise; fields the front end's threads read are written under mu. */
+#ifndef MOE_COORDINATOR_CLUSTER_INTERNAL_H
+#define MOE_COORDINATOR_CLUSTER_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "cluster.pb-c.h"
+#include "common/stop.h"
+#include "coordinator/cluster.h"
+
+#define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
+#define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
+#define N_BUCKETS 4096
+#define LAT_RING 65536
+
+typedef Moeserve__Cluster__V1__Load pb_load;
+typedef Moeserve__Cluster__V1__Counters pb_counters;
+
+/* A control message in flight (MPI_Isend); its buffer lives until the send completes. */
+typedef struct {
+    MPI_Request r;
+    uint8_t *buf;
+} out_msg;
+
+typedef enum { RQ_QUEUED = 0, RQ_PREFILL, RQ_TRANSFER, RQ_DECODE } rq_state;
+
+typedef struct {
+    uint32_t index;
+    int32_t token;
+    int finish;
+} stash_t;
+
+typedef struct creq {
+    uint64_t id;
+    moe_frontend_req *stream;
+    const moe_gen_request *req;
+    rq_state state;
+    int pi, di;           /* prefill and decode instance (-1 none; mixed: pi == di) */
+    int reserved_blocks;  /* counted in inst[di].reserved_blocks until the hand-off */
+    bool counted_pending; /* n_prompt counted in inst[pi].pending_tokens until the first token */
+    uint32_t next_index;
+    stash_t *stash;
+    int n_stash, cap_stash;
+    moe_detok *dt;
+    moe_stopper *stop;
+    char *text; /* everything the detokenizer produced (to name the matched stop string) */
+    size_t text_len, text_cap, emitted;
+    struct creq *hnext;
+    struct creq *qnext;
+} creq;
+
+typedef struct {
+    moe_cluster_instance def;
+    int lead;
+    moe_instance_state state;
+    bool ready_seen;
+    int64_t last_seen;
+    uint32_t kv_total, kv_used, block_tokens, running, waiting;
+    uint64_t block_bytes;
+    int max_batch_tokens, max_seqs;
+    uint64_t pending_tokens; /* prompt tokens sent, first token not back (coordinator's count) */
+    int n_pending;
+    int reserved_blocks;     /* decode: blocks of requests assigned and not yet handed off */
+    pb_counters ctr;         /* latest cumulative counters of its lead */
+} inst_t;
+
+struct moe_cluster {
+    moe_cluster_opts o;
+    char model_name[128];
+    inst_t *inst;
+    int n_inst;
+    int *rank_inst;          /* [world] instance of a rank, -1 coordinator/spare */
+    bool *rank_ready, *rank_bye;
+    int *spares;
+    bool disagg;
+
+    MPI_Comm ctrl;
+    out_msg *ob;
+    int n_ob, cap_ob;
+
+    pthread_mutex_t mu;      /* inbox, admission counters, instance fields read by the front end */
+    pthread_cond_t cv;
+    creq **in_sub;
+    int n_in_sub, cap_in_sub;
+    uint64_t *in_cancel;
+    int n_in_cancel, cap_in_cancel;
+    bool wake;
+    int n_active, n_queued;
+    bool ready, draining, stopped;
+    int cache_tokens;        /* the smallest instance KV cache in tokens: one sequence must fit */
+    int usable;              /* every pool a request needs has a READY instance */
+    _Atomic uint64_t next_id;
+
+    /* Token path latency (worker send -> pushed to the front end), last LAT_RING tokens, us. */
+    float *lat;
+    uint64_t n_lat;
+    int64_t next_lat_log;
+
+    creq *buckets[N_BUCKETS];
+    creq *queue;
+    int64_t drain_started;
+    uint64_t transfers_logged;
+};
+
+/* ---- cluster.c ---- */
+/* Grows *p (elements of elem bytes) to hold need; false when out of memory (unchanged). */
+bool moe_cluster_grow(void **p, int *cap, int need, size_t elem);
+/* Queues a control message to a worker rank (non-blocking). */
+moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m);
+/* Tells an instance to free a sequence (no-op for inst < 0 or an unreachable instance). */
+void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id);
+inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank);
+
+/* ---- cluster_requests.c ---- */
+creq *moe_cluster_req_find(moe_cluster *c, uint64_t id);
+/* Ends a request with an error: frees it on its workers, makes the terminal call, frees r. */
+void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *msg);
+/* One sampled token from a worker: put in index order, detokenized, checked against stop strings
+ * and stop ids, pushed to the front end; the request may end (and r be freed) here. */
+void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish);
+
+/* ---- cluster_sched.c ---- */
+void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);
+/* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
+void moe_cluster_inst_update_usable(moe_cluster *c);
+const char *moe_cluster_pool_name(moe_pool_kind k);
+/* An instance missed its heartbeats: it becomes UNREACHABLE and its requests fail UNAVAILABLE. */
+void moe_cluster_inst_unreachable(moe_cluster *c, int idx, double silent_s);
+/* Queues an admitted request by priority, then arrival. */
+void moe_cluster_sched_enqueue(moe_cluster *c, creq *r);
+/* Sends queued requests to instances while they have room for more prompt tokens. */
+void moe_cluster_sched_dispatch(moe_cluster *c);
+
+#endif

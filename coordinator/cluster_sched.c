@@ -1,0 +1,184 @@
+/* The coordinator's view of its instances (load, reachability) and placement: the prefill (or
+ * mixed) instance with the fewest pending prompt tokens, the decode instance with the most free KV
+ * blocks, then the fewest running; requests wait at the coordinator, by priority, while every
+ * instance has a few batches of prompt tokens pending. */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "common/log.h"
+#include "coordinator/cluster_internal.h"
+
+/* ---- instances ---- */
+
+void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
+{
+    if (!l)
+        return;
+    pthread_mutex_lock(&c->mu);
+    in->kv_total = l->kv_blocks_total;
+    in->kv_used = l->kv_blocks_used;
+    in->running = l->running;
+    in->waiting = l->waiting + l->pulls_waiting; /* offers waiting for room are queued for it */
+    pthread_mutex_unlock(&c->mu);
+}
+
+void moe_cluster_inst_update_usable(moe_cluster *c)
+{
+    bool pre = false, dec = false, mixed = false;
+    int min_cache = INT_MAX;
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (in->state != MOE_INSTANCE_READY)
+            continue;
+        pre |= in->def.pool == MOE_POOL_PREFILL;
+        dec |= in->def.pool == MOE_POOL_DECODE;
+        mixed |= in->def.pool == MOE_POOL_MIXED;
+        int cache = (int)(in->kv_total * in->block_tokens);
+        if (cache < min_cache)
+            min_cache = cache;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->usable = c->disagg ? pre && dec : mixed;
+    c->cache_tokens = min_cache == INT_MAX ? 0 : min_cache;
+    pthread_mutex_unlock(&c->mu);
+}
+
+const char *moe_cluster_pool_name(moe_pool_kind k)
+{
+    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
+}
+
+/* An instance missed its heartbeats: every request that depends on it fails with UNAVAILABLE. */
+void moe_cluster_inst_unreachable(moe_cluster *c, int idx, double silent_s)
+{
+    inst_t *in = &c->inst[idx];
+    pthread_mutex_lock(&c->mu);
+    in->state = MOE_INSTANCE_UNREACHABLE;
+    pthread_mutex_unlock(&c->mu);
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s instance %d (rank %d) stopped answering: no heartbeat for %.1f s",
+             moe_cluster_pool_name(in->def.pool), idx, in->lead, silent_s);
+    MOE_LOG_E("%s; failing its requests", msg);
+    for (int b = 0; b < N_BUCKETS; b++) {
+        for (creq *r = c->buckets[b], *next; r; r = next) {
+            next = r->hnext;
+            bool dep = r->state != RQ_QUEUED &&
+                       ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
+            if (dep)
+                moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, msg);
+        }
+    }
+    moe_cluster_inst_update_usable(c);
+}
+
+/* ---- placement and dispatch ---- */
+
+static int pick_prefill(moe_cluster *c, const creq *r, bool *gated)
+{
+    moe_pool_kind want = c->disagg ? MOE_POOL_PREFILL : MOE_POOL_MIXED;
+    int best = -1;
+    *gated = false;
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (in->def.pool != want || in->state != MOE_INSTANCE_READY)
+            continue;
+        /* Keep a few batches' worth queued on each instance, no more: the rest waits here, where
+         * priorities still apply. */
+        uint64_t gate = (uint64_t)(4 * in->max_batch_tokens);
+        if (in->n_pending > 0 && (in->pending_tokens + r->req->n_prompt > gate || in->n_pending >= 2 * in->max_seqs)) {
+            *gated = true;
+            continue;
+        }
+        if (best < 0 || in->pending_tokens < c->inst[best].pending_tokens ||
+            (in->pending_tokens == c->inst[best].pending_tokens && in->running < c->inst[best].running))
+            best = i;
+    }
+    return best;
+}
+
+static int pick_decode(moe_cluster *c)
+{
+    int best = -1;
+    long best_free = 0;
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY)
+            continue;
+        long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks;
+        if (best < 0 || fr > best_free || (fr == best_free && in->running < c->inst[best].running)) {
+            best = i;
+            best_free = fr;
+        }
+    }
+    return best;
+}
+
+void moe_cluster_sched_dispatch(moe_cluster *c)
+{
+    while (c->queue) {
+        creq *r = c->queue;
+        bool gated;
+        int pi = pick_prefill(c, r, &gated);
+        if (pi < 0) {
+            if (gated)
+                return; /* every instance has enough queued: wait for first tokens */
+            moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, c->disagg ? "no prefill instance is available" : "no instance is available");
+            continue;
+        }
+        int di = pi;
+        if (c->disagg && (di = pick_decode(c)) < 0) {
+            moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, "no decode instance is available");
+            continue;
+        }
+        const moe_gen_request *q = r->req;
+        Moeserve__Cluster__V1__Sampling sp;
+        moeserve__cluster__v1__sampling__init(&sp);
+        sp.temperature = q->temperature;
+        sp.top_p = q->top_p;
+        sp.top_k = q->top_k;
+        sp.seed = q->seed;
+        Moeserve__Cluster__V1__StartSeq m;
+        moeserve__cluster__v1__start_seq__init(&m);
+        m.seq_id = r->id;
+        m.n_prompt = q->n_prompt;
+        m.prompt = (int32_t *)(uintptr_t)q->prompt; /* only read by pack */
+        m.sampling = &sp;
+        m.max_new_tokens = q->max_new_tokens;
+        m.ignore_eos = q->ignore_eos;
+        m.prefill_only = c->disagg;
+        m.decode_rank = (uint32_t)c->inst[di].lead;
+        c->queue = r->qnext;
+        if (moe_cluster_send(c, c->inst[pi].lead, TAG(START), &m.base) != MOE_OK) {
+            r->state = RQ_PREFILL; /* it left the queue */
+            pthread_mutex_lock(&c->mu);
+            c->n_queued--;
+            pthread_mutex_unlock(&c->mu);
+            moe_cluster_req_fail(c, r, MOE_ERR_INTERNAL, moe_error_message());
+            continue;
+        }
+        pthread_mutex_lock(&c->mu);
+        c->n_queued--;
+        r->state = RQ_PREFILL;
+        r->pi = pi;
+        r->di = di;
+        c->inst[pi].pending_tokens += q->n_prompt;
+        c->inst[pi].n_pending++;
+        r->counted_pending = true;
+        if (c->disagg) {
+            uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
+            r->reserved_blocks = (int)((q->n_prompt + 1 + bt - 1) / bt);
+            c->inst[di].reserved_blocks += r->reserved_blocks;
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+void moe_cluster_sched_enqueue(moe_cluster *c, creq *r)
+{
+    creq **pp = &c->queue;
+    while (*pp && ((*pp)->req->priority <= r->req->priority))
+        pp = &(*pp)->qnext;
+    r->qnext = *pp;
+    *pp = r;
+}

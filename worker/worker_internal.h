@@ -1,0 +1,150 @@
+/* Internal to the worker loop (worker/worker_loop.c) and its KV pull protocol (worker/kv_pull.c):
+ * the worker's state and the helpers they share. Nobody else includes this. */
+#ifndef MOE_WORKER_WORKER_INTERNAL_H
+#define MOE_WORKER_WORKER_INTERNAL_H
+
+#include <mpi.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cluster.pb-c.h"
+#include "worker/comm.h"
+#include "worker/engine.h"
+#include "worker/kv_transfer.h"
+#include "worker/model.h"
+#include "worker/worker_loop.h"
+
+typedef Moeserve__Cluster__V1__StartSeq pb_start;
+typedef Moeserve__Cluster__V1__FreeSeqs pb_free;
+typedef Moeserve__Cluster__V1__KvOffer pb_offer;
+typedef Moeserve__Cluster__V1__KvPull pb_pull;
+typedef Moeserve__Cluster__V1__KvHeader pb_header;
+typedef Moeserve__Cluster__V1__KvDone pb_done;
+typedef Moeserve__Cluster__V1__KvGone pb_gone;
+typedef Moeserve__Cluster__V1__SeqState pb_state;
+typedef Moeserve__Cluster__V1__Load pb_load;
+typedef Moeserve__Cluster__V1__Counters pb_counters;
+typedef Moeserve__Cluster__V1__SeqEvent pb_seq_event;
+
+#define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
+#define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
+
+/* Control messages queued with MPI_Isend; each buffer lives until its send completes. */
+typedef struct {
+    MPI_Request r;
+    uint8_t *buf;
+} out_msg;
+
+typedef struct {
+    MPI_Comm comm;
+    out_msg *v;
+    int n, cap;
+} outbox;
+
+
+/* Prefill side: a prefill-only sequence from StartSeq until its KV is freed. */
+typedef struct {
+    uint64_t seq_id;
+    int decode_rank;
+    bool parked;            /* first token sampled, offer sent */
+    bool freed;             /* coordinator freed it while blocks were in flight */
+    int64_t lease_deadline; /* parked, no send in flight: freed at this time */
+    moe_kv_send *send;
+    int64_t send_deadline;
+} park_t;
+
+/* Decode side: an offered sequence until it is imported and resumed (or dropped). */
+typedef enum { PULL_WAIT_ROOM = 0, PULL_RECEIVING } pull_phase;
+
+typedef struct {
+    uint64_t seq_id;
+    int src;
+    pb_offer *offer; /* owned (unpacked) */
+    pull_phase phase;
+    int attempt;
+    uint32_t xfer_id;
+    moe_kv_recv *recv;
+    int64_t t0;          /* first pull sent */
+    int64_t next_renew;
+    int64_t not_before;  /* test hook: pull delay */
+    bool cancelled;      /* freed while receiving: dropped once the receive ends */
+    bool imported;
+} pull_t;
+
+/* Decode side: a seq freed before its offer arrived (the offer must then be refused). */
+typedef struct {
+    uint64_t seq_id;
+    int64_t until;
+} tomb_t;
+
+typedef struct {
+    const moe_worker_opts *o;
+    int rank;
+    moe_model *model;
+    moe_engine *eng;
+    char load_error[512];
+    moe_comm data;
+    bool have_data;
+    outbox ob;
+    size_t block_bytes;
+    int block_tokens;
+    int kv_total;
+
+    park_t *parks;
+    int n_parks, cap_parks;
+    pull_t *pulls;
+    int n_pulls, cap_pulls;
+    tomb_t *tombs;
+    int n_tombs, cap_tombs;
+
+    moe_token_event *events;
+    int cap_events;
+    Moeserve__Cluster__V1__TokenEvent *pev;
+    Moeserve__Cluster__V1__TokenEvent **pevp;
+
+    pb_counters ctr;
+    uint64_t hb_seq;
+    int64_t next_hb;
+    int64_t last_hb;
+    bool load_dirty;
+    int last_free_blocks;
+    uint32_t next_xfer;
+    moe_kv_test_hooks hooks;
+    int hang_rank, hang_after, n_starts;
+    int pull_delay_ms;
+    bool shutdown;
+} worker;
+
+static inline int64_t moe_worker_ms_ns(int ms) { return (int64_t)ms * 1000000; }
+
+/* ---- worker_loop.c ---- */
+/* Grows *p (elements of elem bytes) to hold need; false when out of memory (unchanged). */
+bool moe_worker_grow(void **p, int *cap, int need, size_t elem);
+moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m);
+/* Queues m for a peer worker; a failure is logged (the peer's timeouts cover a lost message). */
+void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *m);
+void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind, moe_status code,
+                          const char *msg);
+/* Frees a sequence in the engine if it is there. */
+void moe_worker_engine_drop(worker *w, uint64_t id);
+
+/* ---- kv_pull.c: both sides of the pull ---- */
+park_t *moe_kv_pull_find_park(worker *w, uint64_t id);
+void moe_kv_pull_remove_park(worker *w, park_t *p);
+void moe_kv_pull_remove_pull(worker *w, pull_t *q);
+/* The coordinator freed a sequence: engine, parked KV (after its sends), pending offer. */
+void moe_kv_pull_free_seq(worker *w, uint64_t id);
+/* Decode side. on_offer takes ownership of m. */
+void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m);
+void moe_kv_pull_on_header(worker *w, const pb_header *m);
+void moe_kv_pull_on_gone(worker *w, const pb_gone *m);
+/* Advances one pull; true when something changed. May remove q. */
+bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now);
+/* Prefill side: offer a parked sequence to its decode rank; answer pulls and acks. */
+void moe_kv_pull_offer(worker *w, park_t *p);
+void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m);
+void moe_kv_pull_on_done(worker *w, const pb_done *m);
+/* Advances one parked sequence (sends, lease); true when something changed. May remove p. */
+bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now);
+
+#endif
