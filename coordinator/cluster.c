@@ -37,17 +37,19 @@ static void nap(int64_t ns)
     nanosleep(&ts, NULL);
 }
 
-
 inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank)
 {
-    return rank > 0 && rank < c->o.world_size && c->rank_inst[rank] >= 0 ? &c->inst[c->rank_inst[rank]] : NULL;
+    return rank > 0 && rank < c->o.world_size && c->rank_inst[rank] >= 0
+               ? &c->inst[c->rank_inst[rank]]
+               : NULL;
 }
 
 moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m)
 {
     size_t len = protobuf_c_message_get_packed_size(m);
     if (len > INT_MAX)
-        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large", m->descriptor->name, len);
+        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
+                         m->descriptor->name, len);
     if (!moe_cluster_grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
@@ -58,7 +60,8 @@ moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMe
     int rc = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, c->ctrl, &om->r);
     if (rc != MPI_SUCCESS) {
         free(buf);
-        return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %s to rank %d failed (%d)", m->descriptor->name, dest, rc);
+        return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %s to rank %d failed (%d)",
+                         m->descriptor->name, dest, rc);
     }
     om->buf = buf;
     c->n_ob++;
@@ -119,10 +122,12 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     in->last_seen = moe_now_ns();
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("rank %d ready: %s instance %d, KV %u blocks x %u tokens, warm-up %.0f ms", src,
-              moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total, m->kv_block_tokens, m->warmup_ms);
+              moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total,
+              m->kv_block_tokens, m->warmup_ms);
 }
 
-static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__Heartbeat *m, bool bye)
+static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__Heartbeat *m,
+                         bool bye)
 {
     if (bye)
         c->rank_bye[src] = true;
@@ -175,7 +180,8 @@ static void log_token_latency(moe_cluster *c, const char *when)
         return;
     memcpy(v, c->lat, n * sizeof *v);
     qsort(v, n, sizeof *v, cmp_float);
-    MOE_LOG_I("%s: token path worker -> front end over the last %zu tokens: p50 %.0f us, p90 %.0f us, p99 %.0f us, "
+    MOE_LOG_I("%s: token path worker -> front end over the last %zu tokens: p50 %.0f us, p90 %.0f "
+              "us, p99 %.0f us, "
               "max %.0f us",
               when, n, v[n / 2], v[n * 9 / 10], v[n * 99 / 100], v[n - 1]);
     free(v);
@@ -187,7 +193,8 @@ static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__S
     switch (m->kind) {
     case EVENT(FAILED):
         if (r) {
-            moe_status code = m->status > 0 && m->status < MOE_STATUS_COUNT ? (moe_status)m->status : MOE_ERR_INTERNAL;
+            moe_status code = m->status > 0 && m->status < MOE_STATUS_COUNT ? (moe_status)m->status
+                                                                            : MOE_ERR_INTERNAL;
             char msg[512];
             snprintf(msg, sizeof msg, "rank %d: %s", src, m->message);
             moe_cluster_req_fail(c, r, code, msg);
@@ -204,7 +211,8 @@ static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__S
                 r->state = RQ_DECODE;
             MOE_LOG_D("request %s: KV %s: %llu bytes in %.3f ms, %u attempt(s)", r->req->request_id,
                       m->recomputed ? "recomputed on the decode side" : "pulled",
-                      (unsigned long long)m->transfer_bytes, (double)m->transfer_ns * 1e-6, m->attempts);
+                      (unsigned long long)m->transfer_bytes, (double)m->transfer_ns * 1e-6,
+                      m->attempts);
         }
         break;
     case EVENT(LEASE_EXPIRED):
@@ -226,12 +234,22 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
     }
     const ProtobufCMessageDescriptor *d;
     switch (tag) {
-    case TAG(WORKER_READY): d = &moeserve__cluster__v1__worker_ready__descriptor; break;
+    case TAG(WORKER_READY):
+        d = &moeserve__cluster__v1__worker_ready__descriptor;
+        break;
     case TAG(HEARTBEAT):
-    case TAG(BYE): d = &moeserve__cluster__v1__heartbeat__descriptor; break;
-    case TAG(TOKENS): d = &moeserve__cluster__v1__token_batch__descriptor; break;
-    case TAG(SEQ_EVENT): d = &moeserve__cluster__v1__seq_event__descriptor; break;
-    default: MOE_LOG_W("unexpected control tag %d from rank %d", tag, src); return;
+    case TAG(BYE):
+        d = &moeserve__cluster__v1__heartbeat__descriptor;
+        break;
+    case TAG(TOKENS):
+        d = &moeserve__cluster__v1__token_batch__descriptor;
+        break;
+    case TAG(SEQ_EVENT):
+        d = &moeserve__cluster__v1__seq_event__descriptor;
+        break;
+    default:
+        MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
+        return;
     }
     ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, buf);
     if (!m) {
@@ -239,12 +257,21 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
         return;
     }
     switch (tag) {
-    case TAG(WORKER_READY): on_ready_msg(c, src, (const Moeserve__Cluster__V1__WorkerReady *)m); break;
+    case TAG(WORKER_READY):
+        on_ready_msg(c, src, (const Moeserve__Cluster__V1__WorkerReady *)m);
+        break;
     case TAG(HEARTBEAT):
-    case TAG(BYE): on_heartbeat(c, src, (const Moeserve__Cluster__V1__Heartbeat *)m, tag == TAG(BYE)); break;
-    case TAG(TOKENS): on_tokens(c, src, (const Moeserve__Cluster__V1__TokenBatch *)m); break;
-    case TAG(SEQ_EVENT): on_seq_event(c, src, (const Moeserve__Cluster__V1__SeqEvent *)m); break;
-    default: break;
+    case TAG(BYE):
+        on_heartbeat(c, src, (const Moeserve__Cluster__V1__Heartbeat *)m, tag == TAG(BYE));
+        break;
+    case TAG(TOKENS):
+        on_tokens(c, src, (const Moeserve__Cluster__V1__TokenBatch *)m);
+        break;
+    case TAG(SEQ_EVENT):
+        on_seq_event(c, src, (const Moeserve__Cluster__V1__SeqEvent *)m);
+        break;
+    default:
+        break;
     }
     protobuf_c_message_free_unpacked(m, NULL);
 }
@@ -269,7 +296,8 @@ static int drain_mpi(moe_cluster *c, uint8_t **buf, size_t *cap)
             *buf = nb;
             *cap = (size_t)count;
         }
-        if (MPI_Recv(*buf, count, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, c->ctrl, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        if (MPI_Recv(*buf, count, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, c->ctrl,
+                     MPI_STATUS_IGNORE) != MPI_SUCCESS)
             break;
         handle_msg(c, st.MPI_SOURCE, st.MPI_TAG, *buf, (size_t)count);
         n++;
@@ -279,7 +307,8 @@ static int drain_mpi(moe_cluster *c, uint8_t **buf, size_t *cap)
 
 /* ---- front end slots ---- */
 
-static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_req *stream, uint64_t *handle)
+static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_req *stream,
+                            uint64_t *handle)
 {
     moe_cluster *c = ctx;
     creq *r = calloc(1, sizeof *r);
@@ -288,23 +317,29 @@ static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_
     moe_status st = MOE_OK;
     pthread_mutex_lock(&c->mu);
     if (c->draining || c->stopped)
-        st = moe_error(MOE_ERR_UNAVAILABLE, "the server is shutting down and takes no new requests");
+        st =
+            moe_error(MOE_ERR_UNAVAILABLE, "the server is shutting down and takes no new requests");
     else if (!c->ready)
-        st = moe_error(MOE_ERR_UNAVAILABLE, "the cluster is still starting (workers are loading the model)");
+        st = moe_error(MOE_ERR_UNAVAILABLE,
+                       "the cluster is still starting (workers are loading the model)");
     else if (!c->usable)
-        st = moe_error(MOE_ERR_UNAVAILABLE, "no %s instance is reachable", c->disagg ? "prefill or decode" : "worker");
+        st = moe_error(MOE_ERR_UNAVAILABLE, "no %s instance is reachable",
+                       c->disagg ? "prefill or decode" : "worker");
     else if (c->n_active >= c->o.max_requests)
-        st = moe_error(MOE_ERR_FULL, "%d requests are in flight, the server's limit (--max-requests %d)",
+        st = moe_error(MOE_ERR_FULL,
+                       "%d requests are in flight, the server's limit (--max-requests %d)",
                        c->n_active, c->o.max_requests);
     else if (c->n_queued >= c->o.max_queue)
-        st = moe_error(MOE_ERR_FULL, "%d requests are queued, the queue's limit (--max-queue %d)", c->n_queued,
-                       c->o.max_queue);
+        st = moe_error(MOE_ERR_FULL, "%d requests are queued, the queue's limit (--max-queue %d)",
+                       c->n_queued, c->o.max_queue);
     else if (c->cache_tokens > 0 && (int64_t)req->n_prompt + req->max_new_tokens > c->cache_tokens)
         st = moe_error(MOE_ERR_INVALID_ARG,
-                       "GenerateRequest.max_new_tokens: a prompt of %u tokens + %u new tokens do not fit the KV "
+                       "GenerateRequest.max_new_tokens: a prompt of %u tokens + %u new tokens do "
+                       "not fit the KV "
                        "cache of an instance (%d tokens; see --kv-blocks / --kv-mb)",
                        req->n_prompt, req->max_new_tokens, c->cache_tokens);
-    if (st == MOE_OK && !moe_cluster_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
+    if (st == MOE_OK &&
+        !moe_cluster_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
         st = moe_error(MOE_ERR_NOMEM, "out of memory for a request");
     if (st == MOE_OK) {
         r->id = atomic_fetch_add(&c->next_id, 1);
@@ -328,7 +363,8 @@ static void be_cancel(void *ctx, uint64_t handle)
 {
     moe_cluster *c = ctx;
     pthread_mutex_lock(&c->mu);
-    if (moe_cluster_grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1, sizeof *c->in_cancel))
+    if (moe_cluster_grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1,
+                         sizeof *c->in_cancel))
         c->in_cancel[c->n_in_cancel++] = handle;
     else
         MOE_LOG_E("out of memory: cancel of request %llu lost", (unsigned long long)handle);
@@ -337,8 +373,8 @@ static void be_cancel(void *ctx, uint64_t handle)
     pthread_mutex_unlock(&c->mu);
 }
 
-static moe_status be_tokenize(void *ctx, const char *text, size_t len, bool add_special, int32_t *ids, size_t cap,
-                              size_t *n_out)
+static moe_status be_tokenize(void *ctx, const char *text, size_t len, bool add_special,
+                              int32_t *ids, size_t cap, size_t *n_out)
 {
     moe_cluster *c = ctx;
     return moe_tokenizer_encode(c->o.tok, text, len, add_special, ids, cap, n_out);
@@ -350,14 +386,16 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
     pthread_mutex_lock(&c->mu);
     snprintf(out->model, sizeof out->model, "%s", c->model_name);
     out->world_size = (uint32_t)c->o.world_size;
-    out->n_instances = (uint32_t)(c->n_inst < MOE_FRONTEND_MAX_INSTANCES ? c->n_inst : MOE_FRONTEND_MAX_INSTANCES);
+    out->n_instances =
+        (uint32_t)(c->n_inst < MOE_FRONTEND_MAX_INSTANCES ? c->n_inst : MOE_FRONTEND_MAX_INSTANCES);
     moe_cluster_counters *k = &out->counters;
     for (uint32_t i = 0; i < out->n_instances; i++) {
         const inst_t *in = &c->inst[i];
         moe_instance_status *s = &out->instances[i];
         s->id = i;
         s->pool = in->def.pool;
-        s->state = (c->draining && in->state == MOE_INSTANCE_READY) ? MOE_INSTANCE_DRAINING : in->state;
+        s->state =
+            (c->draining && in->state == MOE_INSTANCE_READY) ? MOE_INSTANCE_DRAINING : in->state;
         s->ep_size = (uint32_t)in->def.ep_size;
         for (int j = 0; j < in->def.ep_size && j < MOE_FRONTEND_MAX_EP; j++)
             s->ranks[j] = in->def.ranks[j];
@@ -399,17 +437,22 @@ static bool be_healthy(void *ctx)
 
 void moe_cluster_backend(moe_cluster *c, moe_frontend_backend *out)
 {
-    *out = (moe_frontend_backend){.ctx = c, .submit = be_submit, .cancel = be_cancel, .tokenize = be_tokenize,
-                                  .cluster_status = be_cluster_status, .healthy = be_healthy};
+    *out = (moe_frontend_backend){.ctx = c,
+                                  .submit = be_submit,
+                                  .cancel = be_cancel,
+                                  .tokenize = be_tokenize,
+                                  .cluster_status = be_cluster_status,
+                                  .healthy = be_healthy};
 }
 
 /* ---- life cycle ---- */
 
 moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
 {
-    if (opts->n_instances <= 0 || opts->world_size < 2 || opts->max_requests <= 0 || opts->max_queue < 0 ||
-        opts->heartbeat_timeout_ms <= 0 || opts->startup_timeout_ms <= 0)
-        return moe_error(MOE_ERR_INVALID_ARG, "cluster: %d instances over %d ranks, limits %d/%d, timeouts %d/%d ms",
+    if (opts->n_instances <= 0 || opts->world_size < 2 || opts->max_requests <= 0 ||
+        opts->max_queue < 0 || opts->heartbeat_timeout_ms <= 0 || opts->startup_timeout_ms <= 0)
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "cluster: %d instances over %d ranks, limits %d/%d, timeouts %d/%d ms",
                          opts->n_instances, opts->world_size, opts->max_requests, opts->max_queue,
                          opts->heartbeat_timeout_ms, opts->startup_timeout_ms);
     moe_cluster *c = calloc(1, sizeof *c);
@@ -457,9 +500,11 @@ void moe_cluster_free(moe_cluster *c)
         return;
     for (int b = 0; b < N_BUCKETS; b++)
         while (c->buckets[b])
-            moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
+            moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE,
+                                 "the server is shutting down");
     for (int i = 0; i < c->n_in_sub; i++) {
-        moe_frontend_error(c->in_sub[i]->stream, MOE_ERR_UNAVAILABLE, "the server is shutting down");
+        moe_frontend_error(c->in_sub[i]->stream, MOE_ERR_UNAVAILABLE,
+                           "the server is shutting down");
         free(c->in_sub[i]);
     }
     for (int i = 0; i < c->n_ob; i++) {
@@ -559,12 +604,14 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
         }
         for (int i = 0; i < c->n_inst; i++)
             if (c->rank_ready[c->inst[i].lead] && !c->inst[i].ready_seen)
-                return moe_error(MOE_ERR_UNAVAILABLE, "rank %d (%s instance %d) failed to start; see its log",
+                return moe_error(MOE_ERR_UNAVAILABLE,
+                                 "rank %d (%s instance %d) failed to start; see its log",
                                  c->inst[i].lead, moe_cluster_pool_name(c->inst[i].def.pool), i);
         if (!missing)
             return MOE_OK;
         if (moe_now_ns() > deadline)
-            return moe_error(MOE_ERR_UNAVAILABLE, "%d worker rank(s) not ready after %d ms (first: rank %d)", missing,
+            return moe_error(MOE_ERR_UNAVAILABLE,
+                             "%d worker rank(s) not ready after %d ms (first: rank %d)", missing,
                              c->o.startup_timeout_ms, first_missing);
         if (c->o.drain_flag && *c->o.drain_flag)
             return moe_error(MOE_ERR_CANCELLED, "interrupted while the workers were starting");
@@ -632,7 +679,8 @@ moe_status moe_cluster_run(moe_cluster *c)
                     MOE_LOG_W("drain timeout: ending %d request(s) with UNAVAILABLE", active);
                 for (int b = 0; b < N_BUCKETS; b++)
                     while (c->buckets[b])
-                        moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE, "the server is shutting down");
+                        moe_cluster_req_fail(c, c->buckets[b], MOE_ERR_UNAVAILABLE,
+                                             "the server is shutting down");
                 pthread_mutex_lock(&c->mu);
                 c->stopped = true;
                 pthread_mutex_unlock(&c->mu);
@@ -684,7 +732,8 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         missing = 0;
         for (int r = 1; r < c->o.world_size; r++) {
             inst_t *in = moe_cluster_inst_of_rank(c, r);
-            missing += !c->rank_bye[r] && !(in && in->state == MOE_INSTANCE_UNREACHABLE && in->ready_seen);
+            missing +=
+                !c->rank_bye[r] && !(in && in->state == MOE_INSTANCE_UNREACHABLE && in->ready_seen);
         }
         if (!missing || moe_now_ns() > deadline)
             break;
@@ -700,7 +749,8 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         for (int r = 1; r < c->o.world_size && off < sizeof list - 8; r++)
             if (!c->rank_bye[r])
                 off += (size_t)snprintf(list + off, sizeof list - off, "%s%d", off ? "," : "", r);
-        return moe_error(MOE_ERR_UNAVAILABLE, "rank(s) %s did not acknowledge the shutdown within %d ms", list,
+        return moe_error(MOE_ERR_UNAVAILABLE,
+                         "rank(s) %s did not acknowledge the shutdown within %d ms", list,
                          timeout_ms);
     }
     return MOE_OK;

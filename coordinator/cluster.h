@@ -26,18 +26,18 @@ typedef struct {
 } moe_cluster_instance;
 
 typedef struct {
-    const char *model_name;          /* for ClusterStatus and logs */
-    const moe_model_config *cfg;     /* borrowed: EOS ids, vocabulary, context */
-    const moe_tokenizer *tok;        /* borrowed: tokenize, detokenize */
-    MPI_Comm ctrl;                   /* control communicator (cluster.proto); the coordinator is 0 */
+    const char *model_name;      /* for ClusterStatus and logs */
+    const moe_model_config *cfg; /* borrowed: EOS ids, vocabulary, context */
+    const moe_tokenizer *tok;    /* borrowed: tokenize, detokenize */
+    MPI_Comm ctrl;               /* control communicator (cluster.proto); the coordinator is 0 */
     int world_size;
     int n_instances;
     const moe_cluster_instance *instances; /* [n_instances], copied */
-    const int *spare_ranks;          /* ranks outside every instance (they only wait for Shutdown) */
+    const int *spare_ranks; /* ranks outside every instance (they only wait for Shutdown) */
     int n_spare;
 
-    int max_requests;         /* admitted and unfinished; more -> RESOURCE_EXHAUSTED. > 0 */
-    int max_queue;            /* admitted, not yet sent to a worker; more -> RESOURCE_EXHAUSTED. >= 0 */
+    int max_requests; /* admitted and unfinished; more -> RESOURCE_EXHAUSTED. > 0 */
+    int max_queue;    /* admitted, not yet sent to a worker; more -> RESOURCE_EXHAUSTED. >= 0 */
     int heartbeat_timeout_ms; /* silence after which an instance is UNREACHABLE. > 0 */
     int startup_timeout_ms;   /* for every worker's WorkerReady. > 0 */
     double drain_timeout_s;   /* running requests may finish for this long after a drain starts */

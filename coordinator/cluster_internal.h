@@ -64,8 +64,8 @@ typedef struct {
     int max_batch_tokens, max_seqs;
     uint64_t pending_tokens; /* prompt tokens sent, first token not back (coordinator's count) */
     int n_pending;
-    int reserved_blocks;     /* decode: blocks of requests assigned and not yet handed off */
-    pb_counters ctr;         /* latest cumulative counters of its lead */
+    int reserved_blocks; /* decode: blocks of requests assigned and not yet handed off */
+    pb_counters ctr;     /* latest cumulative counters of its lead */
 } inst_t;
 
 struct moe_cluster {
@@ -73,7 +73,7 @@ struct moe_cluster {
     char model_name[128];
     inst_t *inst;
     int n_inst;
-    int *rank_inst;          /* [world] instance of a rank, -1 coordinator/spare */
+    int *rank_inst; /* [world] instance of a rank, -1 coordinator/spare */
     bool *rank_ready, *rank_bye;
     int *spares;
     bool disagg;
@@ -82,7 +82,7 @@ struct moe_cluster {
     out_msg *ob;
     int n_ob, cap_ob;
 
-    pthread_mutex_t mu;      /* inbox, admission counters, instance fields read by the front end */
+    pthread_mutex_t mu; /* inbox, admission counters, instance fields read by the front end */
     pthread_cond_t cv;
     creq **in_sub;
     int n_in_sub, cap_in_sub;
@@ -91,8 +91,8 @@ struct moe_cluster {
     bool wake;
     int n_active, n_queued;
     bool ready, draining, stopped;
-    int cache_tokens;        /* the smallest instance KV cache in tokens: one sequence must fit */
-    int usable;              /* every pool a request needs has a READY instance */
+    int cache_tokens; /* the smallest instance KV cache in tokens: one sequence must fit */
+    int usable;       /* every pool a request needs has a READY instance */
     _Atomic uint64_t next_id;
 
     /* Token path latency (worker send -> pushed to the front end), last LAT_RING tokens, us. */

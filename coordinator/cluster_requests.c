@@ -79,7 +79,8 @@ void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *
     destroy_req(c, r);
 }
 
-static void finish_req(moe_cluster *c, creq *r, moe_finish_reason why, const char *matched, bool free_workers)
+static void finish_req(moe_cluster *c, creq *r, moe_finish_reason why, const char *matched,
+                       bool free_workers)
 {
     unlink_req(c, r);
     release_accounting(c, r);
@@ -122,7 +123,8 @@ static const char *matched_stop(const creq *r)
     for (uint32_t i = 0; i < r->req->n_stop; i++) {
         const char *s = r->req->stop[i];
         size_t n = strlen(s);
-        if (n && r->emitted + n <= r->text_len && !memcmp(r->text + r->emitted, s, n) && (!best || n < best_len)) {
+        if (n && r->emitted + n <= r->text_len && !memcmp(r->text + r->emitted, s, n) &&
+            (!best || n < best_len)) {
             best = s;
             best_len = n;
         }

@@ -63,8 +63,8 @@ void moe_cluster_inst_unreachable(moe_cluster *c, int idx, double silent_s)
     for (int b = 0; b < N_BUCKETS; b++) {
         for (creq *r = c->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            bool dep = r->state != RQ_QUEUED &&
-                       ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
+            bool dep =
+                r->state != RQ_QUEUED && ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
             if (dep)
                 moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, msg);
         }
@@ -86,12 +86,14 @@ static int pick_prefill(moe_cluster *c, const creq *r, bool *gated)
         /* Keep a few batches' worth queued on each instance, no more: the rest waits here, where
          * priorities still apply. */
         uint64_t gate = (uint64_t)(4 * in->max_batch_tokens);
-        if (in->n_pending > 0 && (in->pending_tokens + r->req->n_prompt > gate || in->n_pending >= 2 * in->max_seqs)) {
+        if (in->n_pending > 0 &&
+            (in->pending_tokens + r->req->n_prompt > gate || in->n_pending >= 2 * in->max_seqs)) {
             *gated = true;
             continue;
         }
         if (best < 0 || in->pending_tokens < c->inst[best].pending_tokens ||
-            (in->pending_tokens == c->inst[best].pending_tokens && in->running < c->inst[best].running))
+            (in->pending_tokens == c->inst[best].pending_tokens &&
+             in->running < c->inst[best].running))
             best = i;
     }
     return best;
@@ -106,7 +108,8 @@ static int pick_decode(moe_cluster *c)
         if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY)
             continue;
         long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks;
-        if (best < 0 || fr > best_free || (fr == best_free && in->running < c->inst[best].running)) {
+        if (best < 0 || fr > best_free ||
+            (fr == best_free && in->running < c->inst[best].running)) {
             best = i;
             best_free = fr;
         }
@@ -123,7 +126,9 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         if (pi < 0) {
             if (gated)
                 return; /* every instance has enough queued: wait for first tokens */
-            moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, c->disagg ? "no prefill instance is available" : "no instance is available");
+            moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE,
+                                 c->disagg ? "no prefill instance is available"
+                                           : "no instance is available");
             continue;
         }
         int di = pi;

@@ -97,7 +97,10 @@ static uint64_t rng_next(uint64_t *s)
     return *s * 2685821657736338717ULL;
 }
 
-static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_unit(uint64_t *s)
+{
+    return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
+}
 
 static int draw(const dist *d, uint64_t *s)
 {
@@ -138,7 +141,8 @@ static void *run_one(void *arg)
     req.max_new_tokens = (uint32_t)r->max_new;
     req.ignore_eos = b->o->ignore_eos;
     r->t_sent = moe_now_ns();
-    moe_rpc_stream *s = moe_rpc_stream_open(b->cli, "/moeserve.v1.Moeserve/Generate", &req.base, b->o->timeout_ms);
+    moe_rpc_stream *s =
+        moe_rpc_stream_open(b->cli, "/moeserve.v1.Moeserve/Generate", &req.base, b->o->timeout_ms);
     if (!s) {
         r->code = GRPC_STATUS_INTERNAL;
         snprintf(r->details, sizeof r->details, "could not start the call");
@@ -191,7 +195,8 @@ static int server_vocab(moe_rpc_client *cli)
     ProtobufCMessage *resp = NULL;
     char det[256];
     if (moe_rpc_unary(cli, "/moeserve.v1.Moeserve/ClusterStatus", &req.base, 10000,
-                      &moeserve__v1__cluster_status_response__descriptor, &resp, det, sizeof det) != GRPC_STATUS_OK) {
+                      &moeserve__v1__cluster_status_response__descriptor, &resp, det,
+                      sizeof det) != GRPC_STATUS_OK) {
         fprintf(stderr, "moe-bench: ClusterStatus: %s\n", det);
         return -1;
     }
@@ -203,9 +208,14 @@ static int server_vocab(moe_rpc_client *cli)
 static int parse_args(int argc, char **argv, bench_opts *o)
 {
     const char *env = getenv("MOE_SERVER_ADDR");
-    *o = (bench_opts){.addr = env && *env ? env : "127.0.0.1:50051", .requests = 200, .concurrency = 256,
-                      .prompt_len = {DIST_FIXED, 128, 0}, .output_len = {DIST_FIXED, 128, 0}, .seed = 1,
-                      .ignore_eos = true, .timeout_ms = 600000};
+    *o = (bench_opts){.addr = env && *env ? env : "127.0.0.1:50051",
+                      .requests = 200,
+                      .concurrency = 256,
+                      .prompt_len = {DIST_FIXED, 128, 0},
+                      .output_len = {DIST_FIXED, 128, 0},
+                      .seed = 1,
+                      .ignore_eos = true,
+                      .timeout_ms = 600000};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -268,11 +278,11 @@ static void summary(const char *name, double *v, int n, bool json, bool last)
         mean += v[i];
     mean = n ? mean / n : NAN;
     if (json)
-        printf("\"%s_ms\": {\"mean\": %.3f, \"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}%s", name, mean,
-               pct(v, n, 50), pct(v, n, 90), pct(v, n, 99), last ? "" : ", ");
+        printf("\"%s_ms\": {\"mean\": %.3f, \"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}%s", name,
+               mean, pct(v, n, 50), pct(v, n, 90), pct(v, n, 99), last ? "" : ", ");
     else
-        printf("%-6s ms   mean %9.2f   p50 %9.2f   p90 %9.2f   p99 %9.2f\n", name, mean, pct(v, n, 50),
-               pct(v, n, 90), pct(v, n, 99));
+        printf("%-6s ms   mean %9.2f   p50 %9.2f   p90 %9.2f   p99 %9.2f\n", name, mean,
+               pct(v, n, 50), pct(v, n, 90), pct(v, n, 99));
 }
 
 int main(int argc, char **argv)
@@ -313,7 +323,8 @@ int main(int argc, char **argv)
         *j = (job){.b = &b, .idx = i, .prompt = p};
         int64_t now = moe_now_ns();
         if (next > now) {
-            struct timespec ts = {.tv_sec = (next - now) / 1000000000, .tv_nsec = (next - now) % 1000000000};
+            struct timespec ts = {.tv_sec = (next - now) / 1000000000,
+                                  .tv_nsec = (next - now) % 1000000000};
             nanosleep(&ts, NULL);
         }
         r->t_arrival = next > now ? next : now;
@@ -339,8 +350,10 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&b.mu);
     int64_t t_end = moe_now_ns();
 
-    double *ttft = calloc((size_t)o.requests, sizeof(double)), *tpot = calloc((size_t)o.requests, sizeof(double));
-    double *e2e = calloc((size_t)o.requests, sizeof(double)), *sttft = calloc((size_t)o.requests, sizeof(double));
+    double *ttft = calloc((size_t)o.requests, sizeof(double)),
+           *tpot = calloc((size_t)o.requests, sizeof(double));
+    double *e2e = calloc((size_t)o.requests, sizeof(double)),
+           *sttft = calloc((size_t)o.requests, sizeof(double));
     int n_ok = 0, n_tpot = 0;
     long long out_tokens = 0, in_tokens = 0;
     const char *first_err = NULL;
@@ -365,19 +378,25 @@ int main(int argc, char **argv)
     }
     double wall = (double)(t_end - t0) * 1e-9;
     if (o.json) {
-        printf("{\"requests\": %d, \"ok\": %d, \"failed\": %d, \"wall_s\": %.3f, \"req_per_s\": %.3f, "
-               "\"output_tok_per_s\": %.2f, \"total_tok_per_s\": %.2f, ",
-               o.requests, n_ok, n_err, wall, n_ok / wall, out_tokens / wall, (out_tokens + in_tokens) / wall);
+        printf(
+            "{\"requests\": %d, \"ok\": %d, \"failed\": %d, \"wall_s\": %.3f, \"req_per_s\": %.3f, "
+            "\"output_tok_per_s\": %.2f, \"total_tok_per_s\": %.2f, ",
+            o.requests, n_ok, n_err, wall, n_ok / wall, out_tokens / wall,
+            (out_tokens + in_tokens) / wall);
         summary("ttft", ttft, n_ok, true, false);
         summary("server_ttft", sttft, n_ok, true, false);
         summary("tpot", tpot, n_tpot, true, false);
         summary("e2e", e2e, n_ok, true, true);
         printf("}\n");
     } else {
-        printf("moe-bench: %d requests (%d ok, %d failed) in %.2f s at %s, rate %s%.2f/s, concurrency <= %d\n",
-               o.requests, n_ok, n_err, wall, o.addr, o.rate > 0 ? "" : "all at once ", o.rate, o.concurrency);
-        printf("throughput: %.2f req/s, %.1f output tok/s, %.1f total tok/s (%lld prompt + %lld output tokens)\n",
-               n_ok / wall, out_tokens / wall, (out_tokens + in_tokens) / wall, in_tokens, out_tokens);
+        printf("moe-bench: %d requests (%d ok, %d failed) in %.2f s at %s, rate %s%.2f/s, "
+               "concurrency <= %d\n",
+               o.requests, n_ok, n_err, wall, o.addr, o.rate > 0 ? "" : "all at once ", o.rate,
+               o.concurrency);
+        printf("throughput: %.2f req/s, %.1f output tok/s, %.1f total tok/s (%lld prompt + %lld "
+               "output tokens)\n",
+               n_ok / wall, out_tokens / wall, (out_tokens + in_tokens) / wall, in_tokens,
+               out_tokens);
         summary("TTFT", ttft, n_ok, false, false);
         summary("sTTFT", sttft, n_ok, false, false);
         summary("TPOT", tpot, n_tpot, false, false);

@@ -63,7 +63,8 @@ int main(int argc, char **argv)
     MPI_Comm_dup(MPI_COMM_WORLD, &data);
     int idx = l.rank_instance[rank];
     MPI_Comm_split(MPI_COMM_WORLD, idx >= 0 ? idx : MPI_UNDEFINED, rank, &inst);
-    MPI_Comm_split(MPI_COMM_WORLD, idx >= 0 ? (int)l.instances[idx].pool : MPI_UNDEFINED, rank, &pool);
+    MPI_Comm_split(MPI_COMM_WORLD, idx >= 0 ? (int)l.instances[idx].pool : MPI_UNDEFINED, rank,
+                   &pool);
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
     int local = 1;
     MPI_Comm_size(node, &local);

@@ -4,7 +4,6 @@
 
 #include <stdlib.h>
 
-
 struct moe_comm_req {
     MPI_Request r;
 };
@@ -24,8 +23,14 @@ moe_status moe_mpi_check_(int rc, const char *call, const char *file, int line)
     return moe_error(MOE_ERR_INTERNAL, "%s:%d: %s failed: %s", file, line, call, msg);
 }
 
-static int m_rank(void *ctx) { return ((mpi_ctx *)ctx)->rank; }
-static int m_size(void *ctx) { return ((mpi_ctx *)ctx)->size; }
+static int m_rank(void *ctx)
+{
+    return ((mpi_ctx *)ctx)->rank;
+}
+static int m_size(void *ctx)
+{
+    return ((mpi_ctx *)ctx)->size;
+}
 
 static moe_status m_alltoall_int(void *ctx, const int *send, int *recv)
 {
@@ -33,12 +38,13 @@ static moe_status m_alltoall_int(void *ctx, const int *send, int *recv)
     return MOE_MPI_CHECK(MPI_Alltoall(send, 1, MPI_INT, recv, 1, MPI_INT, c->comm));
 }
 
-static moe_status m_alltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
-                              void *recv, const int *recv_bytes, const int *recv_off)
+static moe_status m_alltoallv(void *ctx, const void *send, const int *send_bytes,
+                              const int *send_off, void *recv, const int *recv_bytes,
+                              const int *recv_off)
 {
     mpi_ctx *c = ctx;
-    return MOE_MPI_CHECK(MPI_Alltoallv(send, send_bytes, send_off, MPI_BYTE, recv, recv_bytes, recv_off,
-                                       MPI_BYTE, c->comm));
+    return MOE_MPI_CHECK(MPI_Alltoallv(send, send_bytes, send_off, MPI_BYTE, recv, recv_bytes,
+                                       recv_off, MPI_BYTE, c->comm));
 }
 
 static moe_status m_allreduce_sum_int(void *ctx, int *value)
@@ -56,13 +62,15 @@ static moe_status new_req(moe_comm_req **req)
     return MOE_OK;
 }
 
-static moe_status m_isend(void *ctx, const void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+static moe_status m_isend(void *ctx, const void *buf, int bytes, int peer, int tag,
+                          moe_comm_req **req)
 {
     mpi_ctx *c = ctx;
     moe_status st = new_req(req);
     if (st != MOE_OK)
         return st;
-    if ((st = MOE_MPI_CHECK(MPI_Isend(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) != MOE_OK) {
+    if ((st = MOE_MPI_CHECK(MPI_Isend(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) !=
+        MOE_OK) {
         free(*req);
         *req = NULL;
     }
@@ -75,7 +83,8 @@ static moe_status m_irecv(void *ctx, void *buf, int bytes, int peer, int tag, mo
     moe_status st = new_req(req);
     if (st != MOE_OK)
         return st;
-    if ((st = MOE_MPI_CHECK(MPI_Irecv(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) != MOE_OK) {
+    if ((st = MOE_MPI_CHECK(MPI_Irecv(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) !=
+        MOE_OK) {
         free(*req);
         *req = NULL;
     }
@@ -113,9 +122,15 @@ static void m_cancel(void *ctx, moe_comm_req *req)
     free(req);
 }
 
-static moe_status m_barrier(void *ctx) { return MOE_MPI_CHECK(MPI_Barrier(((mpi_ctx *)ctx)->comm)); }
+static moe_status m_barrier(void *ctx)
+{
+    return MOE_MPI_CHECK(MPI_Barrier(((mpi_ctx *)ctx)->comm));
+}
 
-static void m_destroy(void *ctx) { free(ctx); }
+static void m_destroy(void *ctx)
+{
+    free(ctx);
+}
 
 static const moe_comm_ops mpi_ops = {
     .name = "mpi",

@@ -120,13 +120,19 @@ void moe_kv_pull_free_seq(worker *w, uint64_t id)
 static void offer_state(const pb_offer *of, moe_seq_state *st, bool recompute)
 {
     const pb_state *s = of->state;
-    *st = (moe_seq_state){.seq_id = s->seq_id, .tokens = s->tokens, .n_tokens = (int)s->n_tokens,
-                          .n_prompt = (int)s->n_prompt, .n_generated = (int)s->n_generated,
+    *st = (moe_seq_state){.seq_id = s->seq_id,
+                          .tokens = s->tokens,
+                          .n_tokens = (int)s->n_tokens,
+                          .n_prompt = (int)s->n_prompt,
+                          .n_generated = (int)s->n_generated,
                           .n_computed = recompute ? 0 : (int)s->n_computed,
-                          .max_new_tokens = (int)s->max_new_tokens, .ignore_eos = s->ignore_eos};
+                          .max_new_tokens = (int)s->max_new_tokens,
+                          .ignore_eos = s->ignore_eos};
     if (s->sampling)
-        st->sp = (moe_sampling_params){.temperature = s->sampling->temperature, .top_k = s->sampling->top_k,
-                                       .top_p = s->sampling->top_p, .seed = s->sampling->seed};
+        st->sp = (moe_sampling_params){.temperature = s->sampling->temperature,
+                                       .top_k = s->sampling->top_k,
+                                       .top_p = s->sampling->top_p,
+                                       .seed = s->sampling->seed};
     for (size_t i = 0; i < 4 && i < s->n_rng; i++)
         st->rng.s[i] = s->rng[i];
 }
@@ -194,8 +200,9 @@ static void start_attempt(worker *w, pull_t *q, int attempt)
         ptrs[i] = moe_engine_kv_block(w->eng, blocks[i]);
     uint32_t xfer = ++w->next_xfer;
     int64_t now = moe_now_ns();
-    moe_status s = moe_kv_recv_start(&w->data, ptrs, nb, w->block_bytes, q->src, moe_kv_data_tag(xfer),
-                                     now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
+    moe_status s =
+        moe_kv_recv_start(&w->data, ptrs, nb, w->block_bytes, q->src, moe_kv_data_tag(xfer),
+                          now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
     free(ptrs);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
@@ -231,7 +238,8 @@ static bool try_import(worker *w, pull_t *q)
             return false; /* wait for room: DistServe's pull slows prefill instead of failing */
     }
     if (s != MOE_OK) {
-        MOE_LOG_W("seq %llu: cannot import: %s", (unsigned long long)q->seq_id, moe_error_message());
+        MOE_LOG_W("seq %llu: cannot import: %s", (unsigned long long)q->seq_id,
+                  moe_error_message());
         moe_worker_seq_event(w, q->seq_id, EVENT(FAILED), s, moe_error_message());
         send_kv_done(w, q->src, q->seq_id, false);
         moe_kv_pull_remove_pull(w, q);
@@ -241,8 +249,8 @@ static bool try_import(worker *w, pull_t *q)
     w->load_dirty = true;
     if ((uint32_t)nb != q->offer->n_blocks || q->offer->block_bytes != w->block_bytes) {
         MOE_LOG_E("seq %llu: offer of %u blocks x %llu bytes does not match %d x %zu here",
-                  (unsigned long long)q->seq_id, q->offer->n_blocks, (unsigned long long)q->offer->block_bytes,
-                  nb, w->block_bytes);
+                  (unsigned long long)q->seq_id, q->offer->n_blocks,
+                  (unsigned long long)q->offer->block_bytes, nb, w->block_bytes);
         send_kv_done(w, q->src, q->seq_id, false);
         recompute(w, q);
         return true;
@@ -267,9 +275,13 @@ void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m)
     }
     int64_t now = moe_now_ns();
     pull_t *q = &w->pulls[w->n_pulls++];
-    *q = (pull_t){.seq_id = id, .src = src, .offer = m, .phase = PULL_WAIT_ROOM,
-                  .next_renew = now + moe_worker_ms_ns((int)(m->lease_ms / 3 ? m->lease_ms / 3 : 1)),
-                  .not_before = now + moe_worker_ms_ns(w->pull_delay_ms)};
+    *q =
+        (pull_t){.seq_id = id,
+                 .src = src,
+                 .offer = m,
+                 .phase = PULL_WAIT_ROOM,
+                 .next_renew = now + moe_worker_ms_ns((int)(m->lease_ms / 3 ? m->lease_ms / 3 : 1)),
+                 .not_before = now + moe_worker_ms_ns(w->pull_delay_ms)};
     if (w->pull_delay_ms == 0)
         try_import(w, q);
 }
@@ -286,7 +298,8 @@ void moe_kv_pull_on_gone(worker *w, const pb_gone *m)
     pull_t *q = find_pull(w, m->seq_id);
     if (!q)
         return;
-    MOE_LOG_W("seq %llu: rank %d no longer holds its KV (%s)", (unsigned long long)m->seq_id, q->src, m->reason);
+    MOE_LOG_W("seq %llu: rank %d no longer holds its KV (%s)", (unsigned long long)m->seq_id,
+              q->src, m->reason);
     moe_kv_recv_free(q->recv); /* it will never send: cancel the receives */
     q->recv = NULL;
     if (q->cancelled) {
@@ -314,11 +327,12 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
             return true;
         if (now >= q->next_renew && w->pull_delay_ms == 0) {
             pb_pull m;
-    moeserve__cluster__v1__kv_pull__init(&m);
+            moeserve__cluster__v1__kv_pull__init(&m);
             m.seq_id = q->seq_id;
             m.renew_only = true;
             moe_worker_send_peer(w, q->src, TAG(KV_PULL), &m.base);
-            q->next_renew = now + moe_worker_ms_ns((int)(q->offer->lease_ms / 3 ? q->offer->lease_ms / 3 : 1));
+            q->next_renew =
+                now + moe_worker_ms_ns((int)(q->offer->lease_ms / 3 ? q->offer->lease_ms / 3 : 1));
         }
         return false;
     }
@@ -353,12 +367,12 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
     }
     if (r == MOE_KV_XFER_CORRUPT) {
         w->ctr.kv_checksum_failures++;
-        MOE_LOG_W("seq %llu: block %d from rank %d failed its checksum (attempt %d)", (unsigned long long)id,
-                  moe_kv_recv_bad_block(q->recv), q->src, q->attempt);
+        MOE_LOG_W("seq %llu: block %d from rank %d failed its checksum (attempt %d)",
+                  (unsigned long long)id, moe_kv_recv_bad_block(q->recv), q->src, q->attempt);
     } else if (r == MOE_KV_XFER_TIMEOUT) {
         w->ctr.kv_transfer_timeouts++;
-        MOE_LOG_W("seq %llu: KV from rank %d timed out after %d ms (attempt %d)", (unsigned long long)id, q->src,
-                  w->o->kv_timeout_ms, q->attempt);
+        MOE_LOG_W("seq %llu: KV from rank %d timed out after %d ms (attempt %d)",
+                  (unsigned long long)id, q->src, w->o->kv_timeout_ms, q->attempt);
     } else {
         MOE_LOG_E("seq %llu: KV transfer from rank %d failed: %s", (unsigned long long)id, q->src,
                   moe_error_message());
@@ -435,7 +449,9 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
 {
     park_t *p = moe_kv_pull_find_park(w, m->seq_id);
     if (!p || !p->parked || p->freed || src != p->decode_rank) {
-        send_kv_gone(w, src, m->seq_id, !p || p->freed ? "freed (cancelled, or its lease expired)" : "not offered to you");
+        send_kv_gone(w, src, m->seq_id,
+                     !p || p->freed ? "freed (cancelled, or its lease expired)"
+                                    : "not offered to you");
         return;
     }
     int64_t now = moe_now_ns();
@@ -453,8 +469,8 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
     if (sums) {
         for (int i = 0; i < nb; i++)
             ptrs[i] = moe_engine_kv_block(w->eng, blocks[i]);
-        s = moe_kv_send_start(&w->data, ptrs, nb, w->block_bytes, src, moe_kv_data_tag(m->xfer_id), (int)m->attempt,
-                              &w->hooks, sums, &p->send);
+        s = moe_kv_send_start(&w->data, ptrs, nb, w->block_bytes, src, moe_kv_data_tag(m->xfer_id),
+                              (int)m->attempt, &w->hooks, sums, &p->send);
     }
     if (!sums || s != MOE_OK) {
         MOE_LOG_E("seq %llu: cannot send its KV: %s", (unsigned long long)m->seq_id,
@@ -464,7 +480,7 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
         moe_kv_pull_remove_park(w, p);
     } else {
         pb_header h;
-    moeserve__cluster__v1__kv_header__init(&h);
+        moeserve__cluster__v1__kv_header__init(&h);
         h.seq_id = m->seq_id;
         h.xfer_id = m->xfer_id;
         h.n_checksums = (size_t)nb;
@@ -482,7 +498,8 @@ void moe_kv_pull_on_done(worker *w, const pb_done *m)
     if (!p)
         return;
     moe_worker_engine_drop(w, p->seq_id);
-    moe_kv_pull_remove_park(w, p); /* detaches sends still in flight; the receiver has what it wants */
+    moe_kv_pull_remove_park(w,
+                            p); /* detaches sends still in flight; the receiver has what it wants */
 }
 
 /* Advances one parked sequence; returns true when it changed something. May remove p. */
@@ -497,8 +514,9 @@ bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now)
         if (!done && now < p->send_deadline)
             return false;
         if (!done)
-            MOE_LOG_W("seq %llu: blocks to rank %d still not taken after %d ms; abandoning the sends",
-                      (unsigned long long)p->seq_id, p->decode_rank, 2 * w->o->kv_timeout_ms);
+            MOE_LOG_W(
+                "seq %llu: blocks to rank %d still not taken after %d ms; abandoning the sends",
+                (unsigned long long)p->seq_id, p->decode_rank, 2 * w->o->kv_timeout_ms);
         moe_kv_send_free(p->send);
         p->send = NULL;
         p->lease_deadline = now + moe_worker_ms_ns(w->o->lease_ms); /* now waiting for the ack */
@@ -514,7 +532,8 @@ bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now)
         MOE_LOG_W("seq %llu: lease expired, no pull from rank %d in %d ms; freeing its KV",
                   (unsigned long long)p->seq_id, p->decode_rank, w->o->lease_ms);
         w->ctr.kv_lease_expirations++;
-        moe_worker_seq_event(w, p->seq_id, EVENT(LEASE_EXPIRED), MOE_ERR_TIMEOUT, "KV lease expired");
+        moe_worker_seq_event(w, p->seq_id, EVENT(LEASE_EXPIRED), MOE_ERR_TIMEOUT,
+                             "KV lease expired");
         moe_worker_engine_drop(w, p->seq_id);
         moe_kv_pull_remove_park(w, p);
         return true;

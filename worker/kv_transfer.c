@@ -14,7 +14,10 @@
 #define P4 0x85EBCA77C2B2AE63ULL
 #define P5 0x27D4EB2F165667C5ULL
 
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t rotl64(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
 
 static inline uint64_t rd64(const unsigned char *p)
 {
@@ -36,9 +39,15 @@ static inline uint32_t rd32(const unsigned char *p)
     return v;
 }
 
-static inline uint64_t xround(uint64_t acc, uint64_t in) { return rotl64(acc + in * P2, 31) * P1; }
+static inline uint64_t xround(uint64_t acc, uint64_t in)
+{
+    return rotl64(acc + in * P2, 31) * P1;
+}
 
-static inline uint64_t xmerge(uint64_t acc, uint64_t v) { return (acc ^ xround(0, v)) * P1 + P4; }
+static inline uint64_t xmerge(uint64_t acc, uint64_t v)
+{
+    return (acc ^ xround(0, v)) * P1 + P4;
+}
 
 uint64_t moe_kv_checksum(const void *data, size_t len)
 {
@@ -79,7 +88,10 @@ uint64_t moe_kv_checksum(const void *data, size_t len)
     return h;
 }
 
-int moe_kv_data_tag(uint32_t xfer_id) { return MOE_KV_TAG_BASE + (int)(xfer_id % MOE_KV_TAG_SPAN); }
+int moe_kv_data_tag(uint32_t xfer_id)
+{
+    return MOE_KV_TAG_BASE + (int)(xfer_id % MOE_KV_TAG_SPAN);
+}
 
 void moe_kv_test_hooks_from_env(moe_kv_test_hooks *h)
 {
@@ -94,7 +106,8 @@ void moe_kv_test_hooks_from_env(moe_kv_test_hooks *h)
 
 const char *moe_kv_xfer_result_name(moe_kv_xfer_result r)
 {
-    static const char *const names[] = {"pending", "ok", "checksum mismatch", "timeout", "comm error"};
+    static const char *const names[] = {"pending", "ok", "checksum mismatch", "timeout",
+                                        "comm error"};
     return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "unknown";
 }
 
@@ -118,12 +131,13 @@ void moe_kv_send_free(moe_kv_send *s)
     free(s);
 }
 
-moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes, int peer,
-                             int tag, int attempt, const moe_kv_test_hooks *hooks, uint64_t *checksums,
-                             moe_kv_send **out)
+moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes,
+                             int peer, int tag, int attempt, const moe_kv_test_hooks *hooks,
+                             uint64_t *checksums, moe_kv_send **out)
 {
     if (n_blocks < 0 || block_bytes == 0 || block_bytes > (size_t)INT32_MAX)
-        return moe_error(MOE_ERR_INVALID_ARG, "kv send: %d blocks of %zu bytes", n_blocks, block_bytes);
+        return moe_error(MOE_ERR_INVALID_ARG, "kv send: %d blocks of %zu bytes", n_blocks,
+                         block_bytes);
     moe_kv_send *s = calloc(1, sizeof *s);
     if (!s || !(s->reqs = calloc((size_t)(n_blocks ? n_blocks : 1), sizeof *s->reqs))) {
         free(s);
@@ -134,7 +148,8 @@ moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, 
         checksums[i] = moe_kv_checksum(blocks[i], block_bytes);
     int bad = -1;
     if (hooks && n_blocks > 0 &&
-        (hooks->corrupt_attempts < 0 || (hooks->corrupt_attempts > 0 && attempt <= hooks->corrupt_attempts))) {
+        (hooks->corrupt_attempts < 0 ||
+         (hooks->corrupt_attempts > 0 && attempt <= hooks->corrupt_attempts))) {
         bad = n_blocks / 2;
         if (!(s->scratch = malloc(block_bytes))) {
             moe_kv_send_free(s);
@@ -142,8 +157,8 @@ moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, 
         }
         memcpy(s->scratch, blocks[bad], block_bytes);
         ((unsigned char *)s->scratch)[block_bytes / 3] ^= 0x10;
-        MOE_LOG_W("test hook: corrupting block %d of %d (attempt %d) on its way to rank %d", bad, n_blocks,
-                  attempt, peer);
+        MOE_LOG_W("test hook: corrupting block %d of %d (attempt %d) on its way to rank %d", bad,
+                  n_blocks, attempt, peer);
     }
     for (int i = 0; i < n_blocks; i++) {
         const void *src = i == bad ? s->scratch : blocks[i];
@@ -207,15 +222,16 @@ void moe_kv_recv_free(moe_kv_recv *r)
     free(r);
 }
 
-moe_status moe_kv_recv_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes, int peer,
-                             int tag, int64_t deadline_ns, moe_kv_recv **out)
+moe_status moe_kv_recv_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes,
+                             int peer, int tag, int64_t deadline_ns, moe_kv_recv **out)
 {
     if (n_blocks < 0 || block_bytes == 0 || block_bytes > (size_t)INT32_MAX)
-        return moe_error(MOE_ERR_INVALID_ARG, "kv recv: %d blocks of %zu bytes", n_blocks, block_bytes);
+        return moe_error(MOE_ERR_INVALID_ARG, "kv recv: %d blocks of %zu bytes", n_blocks,
+                         block_bytes);
     size_t nb = (size_t)(n_blocks ? n_blocks : 1);
     moe_kv_recv *r = calloc(1, sizeof *r);
-    if (!r || !(r->reqs = calloc(nb, sizeof *r->reqs)) || !(r->blocks = calloc(nb, sizeof *r->blocks)) ||
-        !(r->sums = calloc(nb, sizeof *r->sums))) {
+    if (!r || !(r->reqs = calloc(nb, sizeof *r->reqs)) ||
+        !(r->blocks = calloc(nb, sizeof *r->blocks)) || !(r->sums = calloc(nb, sizeof *r->sums))) {
         if (r) {
             free(r->reqs);
             free(r->blocks);
@@ -229,7 +245,8 @@ moe_status moe_kv_recv_start(moe_comm *comm, void *const *blocks, int n_blocks, 
     r->bad_block = -1;
     for (int i = 0; i < n_blocks; i++) {
         r->blocks[i] = blocks[i];
-        moe_status st = comm->ops->irecv(comm->ctx, blocks[i], (int)block_bytes, peer, tag, &r->reqs[i]);
+        moe_status st =
+            comm->ops->irecv(comm->ctx, blocks[i], (int)block_bytes, peer, tag, &r->reqs[i]);
         r->n = i + 1;
         if (st != MOE_OK) {
             r->reqs[i] = NULL;
@@ -286,4 +303,7 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
     return MOE_KV_XFER_PENDING;
 }
 
-int moe_kv_recv_bad_block(const moe_kv_recv *r) { return r->bad_block; }
+int moe_kv_recv_bad_block(const moe_kv_recv *r)
+{
+    return r->bad_block;
+}

@@ -58,9 +58,9 @@ typedef struct moe_kv_send moe_kv_send;
  * posts one isend per block to `peer` with `tag`. The blocks must stay unchanged and mapped until
  * moe_kv_send_poll says done or the send is freed. `attempt` (1-based) and `hooks` (may be NULL)
  * drive the corruption hook. On failure nothing is left posted. */
-moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes, int peer,
-                             int tag, int attempt, const moe_kv_test_hooks *hooks, uint64_t *checksums,
-                             moe_kv_send **out);
+moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes,
+                             int peer, int tag, int attempt, const moe_kv_test_hooks *hooks,
+                             uint64_t *checksums, moe_kv_send **out);
 /* Advances the sends; *done once every block has left (the receiver may still be verifying). */
 moe_status moe_kv_send_poll(moe_kv_send *s, bool *done);
 /* Frees the sender; outstanding sends are abandoned (see moe_comm cancel). NULL is a no-op. */
@@ -72,8 +72,8 @@ typedef struct moe_kv_recv moe_kv_recv;
 /* Posts one irecv per block into blocks[i] from `peer` with `tag`; the transfer times out at
  * deadline_ns (moe_now_ns clock). Post receives before telling the sender to go, so that its
  * sends always find a match. */
-moe_status moe_kv_recv_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes, int peer,
-                             int tag, int64_t deadline_ns, moe_kv_recv **out);
+moe_status moe_kv_recv_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes,
+                             int peer, int tag, int64_t deadline_ns, moe_kv_recv **out);
 /* The sender's checksums (n must equal n_blocks, else the transfer is CORRUPT). Copied. */
 void moe_kv_recv_set_checksums(moe_kv_recv *r, const uint64_t *checksums, int n);
 /* Advances the receives; once every block and the checksums are in, verifies each block and

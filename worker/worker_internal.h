@@ -41,7 +41,6 @@ typedef struct {
     int n, cap;
 } outbox;
 
-
 /* Prefill side: a prefill-only sequence from StartSeq until its KV is freed. */
 typedef struct {
     uint64_t seq_id;
@@ -64,10 +63,10 @@ typedef struct {
     int attempt;
     uint32_t xfer_id;
     moe_kv_recv *recv;
-    int64_t t0;          /* first pull sent */
+    int64_t t0; /* first pull sent */
     int64_t next_renew;
-    int64_t not_before;  /* test hook: pull delay */
-    bool cancelled;      /* freed while receiving: dropped once the receive ends */
+    int64_t not_before; /* test hook: pull delay */
+    bool cancelled;     /* freed while receiving: dropped once the receive ends */
     bool imported;
 } pull_t;
 
@@ -115,7 +114,10 @@ typedef struct {
     bool shutdown;
 } worker;
 
-static inline int64_t moe_worker_ms_ns(int ms) { return (int64_t)ms * 1000000; }
+static inline int64_t moe_worker_ms_ns(int ms)
+{
+    return (int64_t)ms * 1000000;
+}
 
 /* ---- worker_loop.c ---- */
 /* Grows *p (elements of elem bytes) to hold need; false when out of memory (unchanged). */
@@ -123,8 +125,8 @@ bool moe_worker_grow(void **p, int *cap, int need, size_t elem);
 moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m);
 /* Queues m for a peer worker; a failure is logged (the peer's timeouts cover a lost message). */
 void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *m);
-void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind, moe_status code,
-                          const char *msg);
+void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind,
+                          moe_status code, const char *msg);
 /* Frees a sequence in the engine if it is there. */
 void moe_worker_engine_drop(worker *w, uint64_t id);
 

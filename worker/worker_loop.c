@@ -36,7 +36,8 @@ static moe_status ob_send(outbox *ob, int dest, int tag, const ProtobufCMessage 
 {
     size_t len = protobuf_c_message_get_packed_size(m);
     if (len > INT_MAX)
-        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large", m->descriptor->name, len);
+        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
+                         m->descriptor->name, len);
     if (!moe_worker_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
@@ -146,8 +147,8 @@ static void send_heartbeat(worker *w, int tag)
     w->load_dirty = false;
 }
 
-void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind, moe_status code,
-                           const char *msg)
+void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind,
+                          moe_status code, const char *msg)
 {
     pb_seq_event ev;
     moeserve__cluster__v1__seq_event__init(&ev);
@@ -221,23 +222,27 @@ static void on_start(worker *w, const pb_start *m)
     w->n_starts++;
     maybe_hang(w);
     if (!w->eng) {
-        moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), MOE_ERR_UNAVAILABLE, "worker has no model loaded");
+        moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), MOE_ERR_UNAVAILABLE,
+                             "worker has no model loaded");
         return;
     }
     moe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
     if (m->sampling)
-        sp = (moe_sampling_params){.temperature = m->sampling->temperature, .top_k = m->sampling->top_k,
-                                   .top_p = m->sampling->top_p, .seed = m->sampling->seed};
+        sp = (moe_sampling_params){.temperature = m->sampling->temperature,
+                                   .top_k = m->sampling->top_k,
+                                   .top_p = m->sampling->top_p,
+                                   .seed = m->sampling->seed};
     bool prefill_only = m->prefill_only && w->o->role == MOE_WORKER_PREFILL;
-    if (prefill_only && !moe_worker_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
+    if (prefill_only &&
+        !moe_worker_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
         moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
         return;
     }
-    moe_status st = prefill_only
-                        ? moe_engine_add_prefill_only(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, &sp,
-                                                      (int)m->max_new_tokens, m->ignore_eos)
-                        : moe_engine_add(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, &sp,
-                                         (int)m->max_new_tokens, m->ignore_eos);
+    moe_status st =
+        prefill_only ? moe_engine_add_prefill_only(w->eng, m->seq_id, m->prompt, (int)m->n_prompt,
+                                                   &sp, (int)m->max_new_tokens, m->ignore_eos)
+                     : moe_engine_add(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, &sp,
+                                      (int)m->max_new_tokens, m->ignore_eos);
     if (st != MOE_OK) {
         MOE_LOG_W("seq %llu refused: %s", (unsigned long long)m->seq_id, moe_error_message());
         moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), st, moe_error_message());
@@ -254,14 +259,30 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
 {
     const ProtobufCMessageDescriptor *d = NULL;
     switch (tag) {
-    case TAG(START): d = &moeserve__cluster__v1__start_seq__descriptor; break;
-    case TAG(FREE): d = &moeserve__cluster__v1__free_seqs__descriptor; break;
-    case TAG(SHUTDOWN): w->shutdown = true; return true;
-    case TAG(KV_OFFER): d = &moeserve__cluster__v1__kv_offer__descriptor; break;
-    case TAG(KV_PULL): d = &moeserve__cluster__v1__kv_pull__descriptor; break;
-    case TAG(KV_HEADER): d = &moeserve__cluster__v1__kv_header__descriptor; break;
-    case TAG(KV_DONE): d = &moeserve__cluster__v1__kv_done__descriptor; break;
-    case TAG(KV_GONE): d = &moeserve__cluster__v1__kv_gone__descriptor; break;
+    case TAG(START):
+        d = &moeserve__cluster__v1__start_seq__descriptor;
+        break;
+    case TAG(FREE):
+        d = &moeserve__cluster__v1__free_seqs__descriptor;
+        break;
+    case TAG(SHUTDOWN):
+        w->shutdown = true;
+        return true;
+    case TAG(KV_OFFER):
+        d = &moeserve__cluster__v1__kv_offer__descriptor;
+        break;
+    case TAG(KV_PULL):
+        d = &moeserve__cluster__v1__kv_pull__descriptor;
+        break;
+    case TAG(KV_HEADER):
+        d = &moeserve__cluster__v1__kv_header__descriptor;
+        break;
+    case TAG(KV_DONE):
+        d = &moeserve__cluster__v1__kv_done__descriptor;
+        break;
+    case TAG(KV_GONE):
+        d = &moeserve__cluster__v1__kv_gone__descriptor;
+        break;
     default:
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
         return false;
@@ -272,7 +293,9 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
         return false;
     }
     switch (tag) {
-    case TAG(START): on_start(w, (const pb_start *)m); break;
+    case TAG(START):
+        on_start(w, (const pb_start *)m);
+        break;
     case TAG(FREE): {
         const pb_free *f = (const pb_free *)m;
         for (size_t i = 0; i < f->n_seq_ids; i++)
@@ -284,11 +307,20 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
         maybe_hang(w);
         moe_kv_pull_on_offer(w, src, (pb_offer *)m);
         return true; /* it keeps m */
-    case TAG(KV_PULL): moe_kv_pull_on_pull(w, src, (const pb_pull *)m); break;
-    case TAG(KV_HEADER): moe_kv_pull_on_header(w, (const pb_header *)m); break;
-    case TAG(KV_DONE): moe_kv_pull_on_done(w, (const pb_done *)m); break;
-    case TAG(KV_GONE): moe_kv_pull_on_gone(w, (const pb_gone *)m); break;
-    default: break;
+    case TAG(KV_PULL):
+        moe_kv_pull_on_pull(w, src, (const pb_pull *)m);
+        break;
+    case TAG(KV_HEADER):
+        moe_kv_pull_on_header(w, (const pb_header *)m);
+        break;
+    case TAG(KV_DONE):
+        moe_kv_pull_on_done(w, (const pb_done *)m);
+        break;
+    case TAG(KV_GONE):
+        moe_kv_pull_on_gone(w, (const pb_gone *)m);
+        break;
+    default:
+        break;
     }
     protobuf_c_message_free_unpacked(m, NULL);
     return true;
@@ -303,7 +335,8 @@ static int drain_control(worker *w)
     while (!w->shutdown) {
         int flag = 0;
         MPI_Status stt;
-        if (MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, w->o->ctrl, &flag, &stt) != MPI_SUCCESS || !flag)
+        if (MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, w->o->ctrl, &flag, &stt) != MPI_SUCCESS ||
+            !flag)
             break;
         int count = 0;
         MPI_Get_count(&stt, MPI_BYTE, &count);
@@ -316,8 +349,8 @@ static int drain_control(worker *w)
             buf = nb;
             cap = (size_t)count;
         }
-        if (MPI_Recv(buf, count, MPI_BYTE, stt.MPI_SOURCE, stt.MPI_TAG, w->o->ctrl, MPI_STATUS_IGNORE) !=
-            MPI_SUCCESS)
+        if (MPI_Recv(buf, count, MPI_BYTE, stt.MPI_SOURCE, stt.MPI_TAG, w->o->ctrl,
+                     MPI_STATUS_IGNORE) != MPI_SUCCESS)
             break;
         handle(w, stt.MPI_SOURCE, stt.MPI_TAG, buf, (size_t)count);
         n++;
@@ -344,7 +377,7 @@ static moe_status step(worker *w)
         p->seq_id = e->seq_id;
         p->token = e->token;
         p->index = (uint32_t)e->index;
-        p->finish = e->finish == MOE_FINISH_EOS      ? MOESERVE__CLUSTER__V1__FINISH__FINISH_EOS
+        p->finish = e->finish == MOE_FINISH_EOS    ? MOESERVE__CLUSTER__V1__FINISH__FINISH_EOS
                     : e->finish == MOE_FINISH_NONE ? MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE
                                                    : MOESERVE__CLUSTER__V1__FINISH__FINISH_LENGTH;
         p->parked = e->parked;
@@ -505,4 +538,3 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     worker_free(&w);
     return st;
 }
-

@@ -14,7 +14,7 @@ typedef enum {
     MOE_WORKER_PREFILL = 1, /* values match moeserve.cluster.v1.Role */
     MOE_WORKER_DECODE = 2,
     MOE_WORKER_MIXED = 3,
-    MOE_WORKER_SPARE = 4,   /* beyond the layout: loads nothing, waits for Shutdown */
+    MOE_WORKER_SPARE = 4, /* beyond the layout: loads nothing, waits for Shutdown */
 } moe_worker_role;
 
 typedef struct {
@@ -26,9 +26,9 @@ typedef struct {
     MPI_Comm data;          /* raw KV blocks; borrowed */
     MPI_Comm instance_comm; /* the ranks of this instance (ep_size of them; 1 today); borrowed */
     moe_engine_opts engine;
-    int heartbeat_ms;       /* > 0 */
-    int kv_timeout_ms;      /* one KV transfer attempt, > 0 */
-    int lease_ms;           /* an offered KV is freed after this long without a pull or renewal */
+    int heartbeat_ms;  /* > 0 */
+    int kv_timeout_ms; /* one KV transfer attempt, > 0 */
+    int lease_ms;      /* an offered KV is freed after this long without a pull or renewal */
 } moe_worker_opts;
 
 /* Runs the worker until the coordinator sends Shutdown (or the control link fails). Failures to
@@ -37,8 +37,8 @@ typedef struct {
  * shutdown; otherwise the error (moe_error_message says what).
  * Test hooks (environment): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
  * MOE_TEST_HANG_RANK=R with MOE_TEST_HANG_AFTER=K: world rank R stops answering anything once it
- * has received K StartSeq or KvOffer messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode rank waits N
- * ms after each offer before pulling and renews no lease meanwhile (lease expiry). */
+ * has received K StartSeq or KvOffer messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode
+ * rank waits N ms after each offer before pulling and renews no lease meanwhile (lease expiry). */
 moe_status moe_worker_run(const moe_worker_opts *o);
 
 #endif

@@ -18,8 +18,9 @@ Test(kv_checksum, matches_reference_xxh64)
     static const struct {
         size_t n;
         uint64_t h;
-    } want[] = {{31, 0xa2aa5f33cc4a6119ULL},  {32, 0x23c3c17ef790fd97ULL},   {33, 0x50a7cfc7ba588784ULL},
-                {100, 0xa61f8d4c170fe531ULL}, {1000, 0x5f235fa033f1a3fbULL}, {4099, 0x6243e90ade852967ULL}};
+    } want[] = {{31, 0xa2aa5f33cc4a6119ULL},   {32, 0x23c3c17ef790fd97ULL},
+                {33, 0x50a7cfc7ba588784ULL},   {100, 0xa61f8d4c170fe531ULL},
+                {1000, 0x5f235fa033f1a3fbULL}, {4099, 0x6243e90ade852967ULL}};
     unsigned char buf[4099];
     for (size_t i = 0; i < sizeof buf; i++)
         buf[i] = (unsigned char)((i * 7 + 3) & 255);
@@ -61,7 +62,7 @@ typedef struct mb_req {
 typedef struct {
     mb_req *sends; /* posted sends not matched yet, in order */
     mb_req *recvs;
-    int n_live;    /* requests not yet released */
+    int n_live; /* requests not yet released */
 } mailbox;
 
 static void mb_match(mailbox *m)
@@ -96,7 +97,8 @@ static moe_status mb_post(void *ctx, bool send, void *buf, int bytes, int tag, m
     return MOE_OK;
 }
 
-static moe_status mb_isend(void *ctx, const void *buf, int bytes, int peer, int tag, moe_comm_req **req)
+static moe_status mb_isend(void *ctx, const void *buf, int bytes, int peer, int tag,
+                           moe_comm_req **req)
 {
     (void)peer;
     return mb_post(ctx, true, (void *)(uintptr_t)buf, bytes, tag, req);
@@ -128,8 +130,8 @@ static void mb_cancel(void *ctx, moe_comm_req *req)
     m->n_live--;
 }
 
-static const moe_comm_ops mb_ops = {.name = "mailbox", .isend = mb_isend, .irecv = mb_irecv, .test = mb_test,
-                                    .cancel = mb_cancel};
+static const moe_comm_ops mb_ops = {
+    .name = "mailbox", .isend = mb_isend, .irecv = mb_irecv, .test = mb_test, .cancel = mb_cancel};
 
 static void mb_free_list(mb_req *r)
 {
@@ -169,13 +171,17 @@ static void rig_init(rig *g)
 }
 
 /* One attempt end to end; returns the receiver's verdict. */
-static moe_kv_xfer_result attempt(rig *g, int tag, int attempt_no, const moe_kv_test_hooks *hooks, int *bad)
+static moe_kv_xfer_result attempt(rig *g, int tag, int attempt_no, const moe_kv_test_hooks *hooks,
+                                  int *bad)
 {
     moe_kv_recv *r;
     moe_kv_send *s;
     memset(g->dst, 0, sizeof g->dst);
-    cr_assert_eq(moe_kv_recv_start(&g->comm, g->dp, NB, BB, 0, tag, moe_now_ns() + 2000000000LL, &r), MOE_OK);
-    cr_assert_eq(moe_kv_send_start(&g->comm, g->sp, NB, BB, 1, tag, attempt_no, hooks, g->sums, &s), MOE_OK);
+    cr_assert_eq(
+        moe_kv_recv_start(&g->comm, g->dp, NB, BB, 0, tag, moe_now_ns() + 2000000000LL, &r),
+        MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g->comm, g->sp, NB, BB, 1, tag, attempt_no, hooks, g->sums, &s),
+                 MOE_OK);
     moe_kv_recv_set_checksums(r, g->sums, NB);
     moe_kv_xfer_result res;
     while ((res = moe_kv_recv_poll(r, moe_now_ns())) == MOE_KV_XFER_PENDING)
@@ -217,7 +223,8 @@ Test(kv_transfer, corruption_hook_is_detected_then_retry_succeeds)
     cr_assert_eq(attempt(&g, 103, 2, &h, &bad), MOE_KV_XFER_OK, "the retry must not be corrupted");
     cr_expect_eq(memcmp(g.src, g.dst, sizeof g.src), 0);
     h.corrupt_attempts = -1;
-    cr_expect_eq(attempt(&g, 104, 2, &h, &bad), MOE_KV_XFER_CORRUPT, "'all' corrupts every attempt");
+    cr_expect_eq(attempt(&g, 104, 2, &h, &bad), MOE_KV_XFER_CORRUPT,
+                 "'all' corrupts every attempt");
     cr_expect_eq(g.mb.n_live, 0);
     mb_free(&g.mb);
 }
@@ -228,7 +235,8 @@ Test(kv_transfer, wrong_checksum_count_is_corrupt)
     rig_init(&g);
     moe_kv_recv *r;
     moe_kv_send *s;
-    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 7, moe_now_ns() + 1000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 7, moe_now_ns() + 1000000000LL, &r),
+                 MOE_OK);
     cr_assert_eq(moe_kv_send_start(&g.comm, g.sp, NB, BB, 1, 7, 1, NULL, g.sums, &s), MOE_OK);
     moe_kv_recv_set_checksums(r, g.sums, NB - 1);
     moe_kv_xfer_result res;
@@ -264,10 +272,12 @@ Test(kv_transfer, blocks_without_checksums_stay_pending)
     rig_init(&g);
     moe_kv_recv *r;
     moe_kv_send *s;
-    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 11, moe_now_ns() + 60000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 11, moe_now_ns() + 60000000000LL, &r),
+                 MOE_OK);
     cr_assert_eq(moe_kv_send_start(&g.comm, g.sp, NB, BB, 1, 11, 1, NULL, g.sums, &s), MOE_OK);
     for (int i = 0; i < 10; i++)
-        cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_PENDING, "verified without the header");
+        cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_PENDING,
+                     "verified without the header");
     moe_kv_recv_set_checksums(r, g.sums, NB);
     cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_OK);
     moe_kv_send_free(s);

@@ -12,35 +12,37 @@
 
 static void usage(FILE *f)
 {
-    fputs("usage: mpirun -np N moe-serve --model DIR [options]\n"
-          "  rank 0 is the coordinator (gRPC, tokenizer, scheduler); ranks 1..N-1 are workers\n"
-          "layout:\n"
-          "  --prefill-instances P   prefill instances (default 1, or N-1 minus --decode-instances)\n"
-          "  --decode-instances D    decode instances (default: the remaining workers)\n"
-          "  --colocated             every worker is a mixed prefill+decode instance (vLLM-style)\n"
-          "  --ep-size E             ranks per instance (expert parallelism; only 1 for now)\n"
-          "serving:\n"
-          "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
-          "  --grpc-threads N        completion-queue threads (default 2)\n"
-          "  --max-requests N        requests in flight before RESOURCE_EXHAUSTED (default 1024)\n"
-          "  --max-queue N           requests waiting for a prefill slot before RESOURCE_EXHAUSTED\n"
-          "                          (default: --max-requests)\n"
-          "  --max-new-tokens N      largest max_new_tokens a request may ask (default: the context)\n"
-          "  --drain-timeout-s S     on SIGTERM, running requests may finish for S s (default 30)\n"
-          "engine (per worker):\n"
-          "  --threads T             kernel threads (default: cores / ranks on the node)\n"
-          "  --kv-blocks N           KV cache blocks per instance\n"
-          "  --kv-mb MB              KV cache size per instance, when --kv-blocks is not given\n"
-          "  --kv-block-size N       tokens per KV block (default 16)\n"
-          "  --batch-tokens N        tokens per engine step, prefill chunks included (default 512)\n"
-          "  --max-seqs N            sequences per engine step (default 64)\n"
-          "failure handling:\n"
-          "  --heartbeat-ms N        worker heartbeat interval (default 200)\n"
-          "  --heartbeat-timeout-ms N  silence before an instance is UNREACHABLE (default 5000)\n"
-          "  --kv-timeout-ms N       one KV transfer attempt (default 5000)\n"
-          "  --kv-lease-ms N         prefill frees KV nobody pulled for this long (default 10000)\n"
-          "  --startup-timeout-s S   for every worker to load the model (default 600)\n",
-          f);
+    fputs(
+        "usage: mpirun -np N moe-serve --model DIR [options]\n"
+        "  rank 0 is the coordinator (gRPC, tokenizer, scheduler); ranks 1..N-1 are workers\n"
+        "layout:\n"
+        "  --prefill-instances P   prefill instances (default 1, or N-1 minus --decode-instances)\n"
+        "  --decode-instances D    decode instances (default: the remaining workers)\n"
+        "  --colocated             every worker is a mixed prefill+decode instance (vLLM-style)\n"
+        "  --ep-size E             ranks per instance (expert parallelism; only 1 for now)\n"
+        "serving:\n"
+        "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
+        "  --grpc-threads N        completion-queue threads (default 2)\n"
+        "  --max-requests N        requests in flight before RESOURCE_EXHAUSTED (default 1024)\n"
+        "  --max-queue N           requests waiting for a prefill slot before RESOURCE_EXHAUSTED\n"
+        "                          (default: --max-requests)\n"
+        "  --max-new-tokens N      largest max_new_tokens a request may ask (default: the "
+        "context)\n"
+        "  --drain-timeout-s S     on SIGTERM, running requests may finish for S s (default 30)\n"
+        "engine (per worker):\n"
+        "  --threads T             kernel threads (default: cores / ranks on the node)\n"
+        "  --kv-blocks N           KV cache blocks per instance\n"
+        "  --kv-mb MB              KV cache size per instance, when --kv-blocks is not given\n"
+        "  --kv-block-size N       tokens per KV block (default 16)\n"
+        "  --batch-tokens N        tokens per engine step, prefill chunks included (default 512)\n"
+        "  --max-seqs N            sequences per engine step (default 64)\n"
+        "failure handling:\n"
+        "  --heartbeat-ms N        worker heartbeat interval (default 200)\n"
+        "  --heartbeat-timeout-ms N  silence before an instance is UNREACHABLE (default 5000)\n"
+        "  --kv-timeout-ms N       one KV transfer attempt (default 5000)\n"
+        "  --kv-lease-ms N         prefill frees KV nobody pulled for this long (default 10000)\n"
+        "  --startup-timeout-s S   for every worker to load the model (default 600)\n",
+        f);
 }
 
 static int perr(bool print, const char *fmt, ...)
@@ -69,65 +71,144 @@ static int parse_int(const char *flag, const char *v, long lo, long hi, int *out
 
 int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
 {
-    enum { O_MODEL = 1, O_P, O_D, O_COLO, O_EP, O_LISTEN, O_GRPC, O_MAXREQ, O_MAXQ, O_MAXNEW, O_DRAIN, O_THREADS,
-           O_KVB, O_KVMB, O_BS, O_BATCH, O_SEQS, O_HB, O_HBT, O_KVT, O_LEASE, O_START, O_HELP };
-    static const struct option opts[] = {
-        {"model", required_argument, 0, O_MODEL},
-        {"prefill-instances", required_argument, 0, O_P},
-        {"decode-instances", required_argument, 0, O_D},
-        {"colocated", no_argument, 0, O_COLO},
-        {"ep-size", required_argument, 0, O_EP},
-        {"listen", required_argument, 0, O_LISTEN},
-        {"grpc-threads", required_argument, 0, O_GRPC},
-        {"max-requests", required_argument, 0, O_MAXREQ},
-        {"max-queue", required_argument, 0, O_MAXQ},
-        {"max-new-tokens", required_argument, 0, O_MAXNEW},
-        {"drain-timeout-s", required_argument, 0, O_DRAIN},
-        {"threads", required_argument, 0, O_THREADS},
-        {"kv-blocks", required_argument, 0, O_KVB},
-        {"kv-mb", required_argument, 0, O_KVMB},
-        {"kv-block-size", required_argument, 0, O_BS},
-        {"batch-tokens", required_argument, 0, O_BATCH},
-        {"max-seqs", required_argument, 0, O_SEQS},
-        {"heartbeat-ms", required_argument, 0, O_HB},
-        {"heartbeat-timeout-ms", required_argument, 0, O_HBT},
-        {"kv-timeout-ms", required_argument, 0, O_KVT},
-        {"kv-lease-ms", required_argument, 0, O_LEASE},
-        {"startup-timeout-s", required_argument, 0, O_START},
-        {"help", no_argument, 0, O_HELP},
-        {0, 0, 0, 0}};
-    *a = (serve_args){.prefill = -1, .decode = -1, .ep_size = 1, .listen = "0.0.0.0:50051", .block_size = 16,
-                      .batch_tokens = 512, .max_seqs = 64, .max_requests = 1024, .max_queue = -1,
-                      .heartbeat_ms = 200, .heartbeat_timeout_ms = 5000, .kv_timeout_ms = 5000,
-                      .lease_ms = 10000, .drain_timeout_s = 30.0, .startup_timeout_s = 600, .grpc_threads = 2};
+    enum {
+        O_MODEL = 1,
+        O_P,
+        O_D,
+        O_COLO,
+        O_EP,
+        O_LISTEN,
+        O_GRPC,
+        O_MAXREQ,
+        O_MAXQ,
+        O_MAXNEW,
+        O_DRAIN,
+        O_THREADS,
+        O_KVB,
+        O_KVMB,
+        O_BS,
+        O_BATCH,
+        O_SEQS,
+        O_HB,
+        O_HBT,
+        O_KVT,
+        O_LEASE,
+        O_START,
+        O_HELP
+    };
+    static const struct option opts[] = {{"model", required_argument, 0, O_MODEL},
+                                         {"prefill-instances", required_argument, 0, O_P},
+                                         {"decode-instances", required_argument, 0, O_D},
+                                         {"colocated", no_argument, 0, O_COLO},
+                                         {"ep-size", required_argument, 0, O_EP},
+                                         {"listen", required_argument, 0, O_LISTEN},
+                                         {"grpc-threads", required_argument, 0, O_GRPC},
+                                         {"max-requests", required_argument, 0, O_MAXREQ},
+                                         {"max-queue", required_argument, 0, O_MAXQ},
+                                         {"max-new-tokens", required_argument, 0, O_MAXNEW},
+                                         {"drain-timeout-s", required_argument, 0, O_DRAIN},
+                                         {"threads", required_argument, 0, O_THREADS},
+                                         {"kv-blocks", required_argument, 0, O_KVB},
+                                         {"kv-mb", required_argument, 0, O_KVMB},
+                                         {"kv-block-size", required_argument, 0, O_BS},
+                                         {"batch-tokens", required_argument, 0, O_BATCH},
+                                         {"max-seqs", required_argument, 0, O_SEQS},
+                                         {"heartbeat-ms", required_argument, 0, O_HB},
+                                         {"heartbeat-timeout-ms", required_argument, 0, O_HBT},
+                                         {"kv-timeout-ms", required_argument, 0, O_KVT},
+                                         {"kv-lease-ms", required_argument, 0, O_LEASE},
+                                         {"startup-timeout-s", required_argument, 0, O_START},
+                                         {"help", no_argument, 0, O_HELP},
+                                         {0, 0, 0, 0}};
+    *a = (serve_args){.prefill = -1,
+                      .decode = -1,
+                      .ep_size = 1,
+                      .listen = "0.0.0.0:50051",
+                      .block_size = 16,
+                      .batch_tokens = 512,
+                      .max_seqs = 64,
+                      .max_requests = 1024,
+                      .max_queue = -1,
+                      .heartbeat_ms = 200,
+                      .heartbeat_timeout_ms = 5000,
+                      .kv_timeout_ms = 5000,
+                      .lease_ms = 10000,
+                      .drain_timeout_s = 30.0,
+                      .startup_timeout_s = 600,
+                      .grpc_threads = 2};
     opterr = print;
     optind = 1;
     int c, drain = 30;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         int rc = 0;
         switch (c) {
-        case O_MODEL: a->model_dir = optarg; break;
-        case O_P: rc = parse_int("--prefill-instances", optarg, 1, 4096, &a->prefill, print); break;
-        case O_D: rc = parse_int("--decode-instances", optarg, 1, 4096, &a->decode, print); break;
-        case O_COLO: a->colocated = true; break;
-        case O_EP: rc = parse_int("--ep-size", optarg, 1, SERVE_MAX_EP, &a->ep_size, print); break;
-        case O_LISTEN: a->listen = optarg; break;
-        case O_GRPC: rc = parse_int("--grpc-threads", optarg, 1, 64, &a->grpc_threads, print); break;
-        case O_MAXREQ: rc = parse_int("--max-requests", optarg, 1, 1 << 20, &a->max_requests, print); break;
-        case O_MAXQ: rc = parse_int("--max-queue", optarg, 0, 1 << 20, &a->max_queue, print); break;
-        case O_MAXNEW: rc = parse_int("--max-new-tokens", optarg, 1, INT_MAX / 2, &a->max_new_tokens, print); break;
-        case O_DRAIN: rc = parse_int("--drain-timeout-s", optarg, 0, 86400, &drain, print); break;
-        case O_THREADS: rc = parse_int("--threads", optarg, 1, 1024, &a->threads, print); break;
-        case O_KVB: rc = parse_int("--kv-blocks", optarg, 1, INT_MAX / 2, &a->kv_blocks, print); break;
-        case O_KVMB: rc = parse_int("--kv-mb", optarg, 1, 1 << 24, &a->kv_mb, print); break;
-        case O_BS: rc = parse_int("--kv-block-size", optarg, 1, 4096, &a->block_size, print); break;
-        case O_BATCH: rc = parse_int("--batch-tokens", optarg, 1, 1 << 20, &a->batch_tokens, print); break;
-        case O_SEQS: rc = parse_int("--max-seqs", optarg, 1, 1 << 16, &a->max_seqs, print); break;
-        case O_HB: rc = parse_int("--heartbeat-ms", optarg, 10, 60000, &a->heartbeat_ms, print); break;
-        case O_HBT: rc = parse_int("--heartbeat-timeout-ms", optarg, 50, 3600000, &a->heartbeat_timeout_ms, print); break;
-        case O_KVT: rc = parse_int("--kv-timeout-ms", optarg, 10, 3600000, &a->kv_timeout_ms, print); break;
-        case O_LEASE: rc = parse_int("--kv-lease-ms", optarg, 10, 3600000, &a->lease_ms, print); break;
-        case O_START: rc = parse_int("--startup-timeout-s", optarg, 1, 86400, &a->startup_timeout_s, print); break;
+        case O_MODEL:
+            a->model_dir = optarg;
+            break;
+        case O_P:
+            rc = parse_int("--prefill-instances", optarg, 1, 4096, &a->prefill, print);
+            break;
+        case O_D:
+            rc = parse_int("--decode-instances", optarg, 1, 4096, &a->decode, print);
+            break;
+        case O_COLO:
+            a->colocated = true;
+            break;
+        case O_EP:
+            rc = parse_int("--ep-size", optarg, 1, SERVE_MAX_EP, &a->ep_size, print);
+            break;
+        case O_LISTEN:
+            a->listen = optarg;
+            break;
+        case O_GRPC:
+            rc = parse_int("--grpc-threads", optarg, 1, 64, &a->grpc_threads, print);
+            break;
+        case O_MAXREQ:
+            rc = parse_int("--max-requests", optarg, 1, 1 << 20, &a->max_requests, print);
+            break;
+        case O_MAXQ:
+            rc = parse_int("--max-queue", optarg, 0, 1 << 20, &a->max_queue, print);
+            break;
+        case O_MAXNEW:
+            rc = parse_int("--max-new-tokens", optarg, 1, INT_MAX / 2, &a->max_new_tokens, print);
+            break;
+        case O_DRAIN:
+            rc = parse_int("--drain-timeout-s", optarg, 0, 86400, &drain, print);
+            break;
+        case O_THREADS:
+            rc = parse_int("--threads", optarg, 1, 1024, &a->threads, print);
+            break;
+        case O_KVB:
+            rc = parse_int("--kv-blocks", optarg, 1, INT_MAX / 2, &a->kv_blocks, print);
+            break;
+        case O_KVMB:
+            rc = parse_int("--kv-mb", optarg, 1, 1 << 24, &a->kv_mb, print);
+            break;
+        case O_BS:
+            rc = parse_int("--kv-block-size", optarg, 1, 4096, &a->block_size, print);
+            break;
+        case O_BATCH:
+            rc = parse_int("--batch-tokens", optarg, 1, 1 << 20, &a->batch_tokens, print);
+            break;
+        case O_SEQS:
+            rc = parse_int("--max-seqs", optarg, 1, 1 << 16, &a->max_seqs, print);
+            break;
+        case O_HB:
+            rc = parse_int("--heartbeat-ms", optarg, 10, 60000, &a->heartbeat_ms, print);
+            break;
+        case O_HBT:
+            rc = parse_int("--heartbeat-timeout-ms", optarg, 50, 3600000, &a->heartbeat_timeout_ms,
+                           print);
+            break;
+        case O_KVT:
+            rc = parse_int("--kv-timeout-ms", optarg, 10, 3600000, &a->kv_timeout_ms, print);
+            break;
+        case O_LEASE:
+            rc = parse_int("--kv-lease-ms", optarg, 10, 3600000, &a->lease_ms, print);
+            break;
+        case O_START:
+            rc = parse_int("--startup-timeout-s", optarg, 1, 86400, &a->startup_timeout_s, print);
+            break;
         case O_HELP:
             if (print)
                 usage(stdout);
@@ -148,10 +229,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
     if (a->max_queue < 0)
         a->max_queue = a->max_requests;
     if (a->heartbeat_timeout_ms < 3 * a->heartbeat_ms)
-        return perr(print, "--heartbeat-timeout-ms %d must be at least 3 x --heartbeat-ms %d", a->heartbeat_timeout_ms,
-                    a->heartbeat_ms);
+        return perr(print, "--heartbeat-timeout-ms %d must be at least 3 x --heartbeat-ms %d",
+                    a->heartbeat_timeout_ms, a->heartbeat_ms);
     if (a->ep_size != 1)
-        return perr(print, "--ep-size %d: expert parallelism across ranks is not implemented yet; use 1", a->ep_size);
+        return perr(print,
+                    "--ep-size %d: expert parallelism across ranks is not implemented yet; use 1",
+                    a->ep_size);
     return 0;
 }
 
@@ -165,13 +248,15 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
     *l = (serve_layout){.world = world};
     int workers = world - 1, ep = a->ep_size;
     if (workers < 1) {
-        snprintf(err, err_cap, "needs at least 2 ranks (a coordinator and a worker): run mpirun -np 2 or more");
+        snprintf(err, err_cap,
+                 "needs at least 2 ranks (a coordinator and a worker): run mpirun -np 2 or more");
         return -1;
     }
     bool colocated = a->colocated;
     if (colocated && (a->prefill > 0 || a->decode > 0)) {
-        snprintf(err, err_cap, "--colocated makes every worker a mixed instance; drop --prefill-instances and "
-                               "--decode-instances");
+        snprintf(err, err_cap,
+                 "--colocated makes every worker a mixed instance; drop --prefill-instances and "
+                 "--decode-instances");
         return -1;
     }
     int P = a->prefill, D = a->decode, M = 0;
@@ -182,8 +267,9 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
     if (colocated) {
         M = workers / ep;
         if (M < 1) {
-            snprintf(err, err_cap, "--ep-size %d needs %d worker ranks per instance, mpirun -np %d gives %d", ep, ep,
-                     world, workers);
+            snprintf(err, err_cap,
+                     "--ep-size %d needs %d worker ranks per instance, mpirun -np %d gives %d", ep,
+                     ep, world, workers);
             return -1;
         }
         P = D = 0;
@@ -197,7 +283,8 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
         if (P < 1 || D < 1 || (P + D) * ep > workers) {
             int p = P < 1 ? 1 : P, d = D < 1 ? 1 : D;
             snprintf(err, err_cap,
-                     "%d prefill + %d decode instance(s) of %d rank(s) need %d worker ranks plus the coordinator: "
+                     "%d prefill + %d decode instance(s) of %d rank(s) need %d worker ranks plus "
+                     "the coordinator: "
                      "run mpirun -np %d (got -np %d), or use --colocated",
                      p, d, ep, (p + d) * ep, (p + d) * ep + 1, world);
             return -1;

@@ -38,7 +38,8 @@ static void print_ranks(char *buf, size_t cap, const serve_layout *l, serve_pool
         if (l->instances[i].pool != pool)
             continue;
         for (int j = 0; j < l->instances[i].ep_size && off < cap; j++)
-            off += (size_t)snprintf(buf + off, cap - off, "%s%d", off ? "," : "", l->instances[i].ranks[j]);
+            off += (size_t)snprintf(buf + off, cap - off, "%s%d", off ? "," : "",
+                                    l->instances[i].ranks[j]);
     }
 }
 
@@ -59,8 +60,9 @@ static void on_ready(void *vctx, const moe_cluster *cc)
         if (!n)
             continue;
         print_ranks(ranks, sizeof ranks, l, (serve_pool)p);
-        off += (size_t)snprintf(pools + off, sizeof pools - off, "%s%s %d x ep%d [rank %s]", off ? ", " : "",
-                                serve_pool_name((serve_pool)p), n, rc->a->ep_size, ranks);
+        off += (size_t)snprintf(pools + off, sizeof pools - off, "%s%s %d x ep%d [rank %s]",
+                                off ? ", " : "", serve_pool_name((serve_pool)p), n, rc->a->ep_size,
+                                ranks);
     }
     uint32_t kv_min = UINT32_MAX, bt = 16;
     for (uint32_t i = 0; i < st->n_instances; i++) {
@@ -68,12 +70,14 @@ static void on_ready(void *vctx, const moe_cluster *cc)
             kv_min = st->instances[i].kv_blocks_total;
         bt = st->instances[i].kv_block_tokens;
     }
-    double block_mib = (double)cfg->n_layers * 2.0 * cfg->n_kv_heads * cfg->head_dim * bt * 4.0 / 1048576.0;
-    printf("moe-serve: model %s (%s, %d layers, %d experts), %d ranks: coordinator 0, %s%s%s; KV per instance "
+    double block_mib =
+        (double)cfg->n_layers * 2.0 * cfg->n_kv_heads * cfg->head_dim * bt * 4.0 / 1048576.0;
+    printf("moe-serve: model %s (%s, %d layers, %d experts), %d ranks: coordinator 0, %s%s%s; KV "
+           "per instance "
            "%u blocks x %u tokens (%.1f MiB); listening on %s (port %d); coordinator pid %d\n",
            st->model, cfg->arch_name, cfg->n_layers, cfg->n_experts, l->world, pools,
-           l->n_spare ? ", spare ranks " : "", l->n_spare ? "(idle)" : "", kv_min, bt, kv_min * block_mib,
-           rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid());
+           l->n_spare ? ", spare ranks " : "", l->n_spare ? "(idle)" : "", kv_min, bt,
+           kv_min * block_mib, rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid());
     fflush(stdout);
     free(st);
 }
@@ -115,19 +119,30 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
         dirbuf[--dl] = 0;
     snprintf(name, sizeof name, "%s", basename(dirbuf));
     for (int i = 0; i < l->n_instances; i++) {
-        inst[i].pool = l->instances[i].pool == SERVE_PREFILL ? MOE_POOL_PREFILL
+        inst[i].pool = l->instances[i].pool == SERVE_PREFILL  ? MOE_POOL_PREFILL
                        : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
                                                               : MOE_POOL_MIXED;
         inst[i].ep_size = l->instances[i].ep_size;
         memcpy(inst[i].ranks, l->instances[i].ranks, sizeof(int) * (size_t)inst[i].ep_size);
     }
     ready_ctx rctx = {.a = a, .l = l, .cfg = &cfg};
-    moe_cluster_opts co = {.model_name = name, .cfg = &cfg, .tok = tok, .ctrl = ctrl, .world_size = l->world,
-                           .n_instances = l->n_instances, .instances = inst, .spare_ranks = l->spare,
-                           .n_spare = l->n_spare, .max_requests = a->max_requests, .max_queue = a->max_queue,
+    moe_cluster_opts co = {.model_name = name,
+                           .cfg = &cfg,
+                           .tok = tok,
+                           .ctrl = ctrl,
+                           .world_size = l->world,
+                           .n_instances = l->n_instances,
+                           .instances = inst,
+                           .spare_ranks = l->spare,
+                           .n_spare = l->n_spare,
+                           .max_requests = a->max_requests,
+                           .max_queue = a->max_queue,
                            .heartbeat_timeout_ms = a->heartbeat_timeout_ms,
-                           .startup_timeout_ms = a->startup_timeout_s * 1000, .drain_timeout_s = a->drain_timeout_s,
-                           .on_ready = on_ready, .on_ready_ctx = &rctx, .drain_flag = &drain_flag};
+                           .startup_timeout_ms = a->startup_timeout_s * 1000,
+                           .drain_timeout_s = a->drain_timeout_s,
+                           .on_ready = on_ready,
+                           .on_ready_ctx = &rctx,
+                           .drain_flag = &drain_flag};
     if (moe_cluster_create(&co, &cl) != MOE_OK) {
         fprintf(stderr, "moe-serve: %s\n", moe_error_message());
         goto out;
@@ -165,8 +180,13 @@ out:
         /* Every worker waits for Shutdown, whatever happened here. */
         if (!cl) {
             moe_cluster_instance one = {.pool = MOE_POOL_MIXED, .ep_size = 1, .ranks = {1}};
-            moe_cluster_opts mini = {.ctrl = ctrl, .world_size = l->world, .n_instances = 1, .instances = &one,
-                                     .max_requests = 1, .heartbeat_timeout_ms = 1, .startup_timeout_ms = 1};
+            moe_cluster_opts mini = {.ctrl = ctrl,
+                                     .world_size = l->world,
+                                     .n_instances = 1,
+                                     .instances = &one,
+                                     .max_requests = 1,
+                                     .heartbeat_timeout_ms = 1,
+                                     .startup_timeout_ms = 1};
             moe_cluster_create(&mini, &cl);
         }
         if (cl && moe_cluster_shutdown_workers(cl, 15000) != MOE_OK) {

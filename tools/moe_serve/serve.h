@@ -11,20 +11,20 @@
 
 typedef struct {
     const char *model_dir;
-    int prefill, decode;   /* instances asked for; -1 = not given */
+    int prefill, decode; /* instances asked for; -1 = not given */
     bool colocated;
     int ep_size;
     const char *listen;
-    int threads;           /* kernel threads per worker; 0 = cores / ranks on the node */
-    int kv_blocks;         /* per instance; 0 = from kv_mb */
-    int kv_mb;             /* per instance; 0 = engine default */
+    int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
+    int kv_blocks; /* per instance; 0 = from kv_mb */
+    int kv_mb;     /* per instance; 0 = engine default */
     int block_size, batch_tokens, max_seqs;
     int max_requests, max_queue;
     int heartbeat_ms, heartbeat_timeout_ms, kv_timeout_ms, lease_ms;
     double drain_timeout_s;
     int startup_timeout_s;
     int grpc_threads;
-    int max_new_tokens;    /* server limit; 0 = the context */
+    int max_new_tokens; /* server limit; 0 = the context */
 } serve_args;
 
 typedef enum { SERVE_PREFILL = 1, SERVE_DECODE = 2, SERVE_MIXED = 3 } serve_pool;
@@ -40,10 +40,10 @@ typedef struct {
     int n_instances;
     serve_instance *instances; /* prefill instances first, then decode (or all mixed) */
     int n_prefill, n_decode, n_mixed;
-    int *rank_instance;        /* [world]: -1 for the coordinator and spare ranks */
+    int *rank_instance; /* [world]: -1 for the coordinator and spare ranks */
     int n_spare;
-    int *spare;                /* [n_spare] */
-    bool auto_colocated;       /* -np 2 without pool flags: one mixed instance */
+    int *spare;          /* [n_spare] */
+    bool auto_colocated; /* -np 2 without pool flags: one mixed instance */
 } serve_layout;
 
 /* Parses argv; 0 ok, 1 --help printed, -1 error printed (print = false: stay silent). */

@@ -10,7 +10,10 @@
 
 static volatile sig_atomic_t signalled = 0;
 
-static void on_signal(int sig) { signalled = sig; }
+static void on_signal(int sig)
+{
+    signalled = sig;
+}
 
 int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
                       MPI_Comm instance_comm, int local_ranks)
@@ -39,13 +42,22 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
         if (threads < 1)
             threads = 1;
     }
-    moe_worker_opts o = {
-        .model_dir = a->model_dir, .role = role, .instance_id = idx, .coordinator_rank = 0, .ctrl = ctrl,
-        .data = data, .instance_comm = instance_comm,
-        .engine = {.n_threads = threads, .block_size = a->block_size, .n_kv_blocks = a->kv_blocks,
-                   .kv_budget_bytes = (size_t)a->kv_mb << 20, .max_batch_tokens = a->batch_tokens,
-                   .max_seqs = a->max_seqs},
-        .heartbeat_ms = a->heartbeat_ms, .kv_timeout_ms = a->kv_timeout_ms, .lease_ms = a->lease_ms};
+    moe_worker_opts o = {.model_dir = a->model_dir,
+                         .role = role,
+                         .instance_id = idx,
+                         .coordinator_rank = 0,
+                         .ctrl = ctrl,
+                         .data = data,
+                         .instance_comm = instance_comm,
+                         .engine = {.n_threads = threads,
+                                    .block_size = a->block_size,
+                                    .n_kv_blocks = a->kv_blocks,
+                                    .kv_budget_bytes = (size_t)a->kv_mb << 20,
+                                    .max_batch_tokens = a->batch_tokens,
+                                    .max_seqs = a->max_seqs},
+                         .heartbeat_ms = a->heartbeat_ms,
+                         .kv_timeout_ms = a->kv_timeout_ms,
+                         .lease_ms = a->lease_ms};
     moe_status st = moe_worker_run(&o);
     if (st != MOE_OK) {
         fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
