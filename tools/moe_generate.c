@@ -29,6 +29,7 @@ typedef struct {
     bool print_ids;
     const char *stops[MAX_STOPS];
     int n_stops;
+    moe_model_load_opts load;
 } gen_args;
 
 static void usage(FILE *f)
@@ -45,7 +46,9 @@ static void usage(FILE *f)
           "  --threads N          kernel threads (default: all cores)\n"
           "  --kv-block-size N    KV cache block size in tokens (default 16)\n"
           "  --batch-tokens N     prefill chunk / step token budget (default 512)\n"
-          "  --print-ids          print the generated token ids after the text\n",
+          "  --print-ids          print the generated token ids after the text\n"
+          "  --quantize SPEC      experts=q8 or experts=q4: quantize the routed experts at load\n"
+          "                       (group-wise, 32 per f16 scale; see docs/kernels.md)\n",
           f);
 }
 
@@ -78,7 +81,7 @@ static int parse_float(const char *flag, const char *v, double lo, double hi, fl
 static int parse_args(int argc, char **argv, gen_args *a)
 {
     enum { O_MODEL = 1, O_PROMPT, O_IDS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK, O_SEED, O_STOP, O_IGNORE,
-           O_NOSPECIAL, O_THREADS, O_BLOCK, O_BATCH, O_PRINTIDS, O_HELP };
+           O_NOSPECIAL, O_THREADS, O_BLOCK, O_BATCH, O_PRINTIDS, O_QUANT, O_HELP };
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL},       {"prompt", required_argument, 0, O_PROMPT},
         {"prompt-ids", required_argument, 0, O_IDS},    {"max-new-tokens", required_argument, 0, O_MAXNEW},
@@ -87,7 +90,8 @@ static int parse_args(int argc, char **argv, gen_args *a)
         {"stop", required_argument, 0, O_STOP},         {"ignore-eos", no_argument, 0, O_IGNORE},
         {"no-special", no_argument, 0, O_NOSPECIAL},    {"threads", required_argument, 0, O_THREADS},
         {"kv-block-size", required_argument, 0, O_BLOCK}, {"batch-tokens", required_argument, 0, O_BATCH},
-        {"print-ids", no_argument, 0, O_PRINTIDS},      {"help", no_argument, 0, O_HELP},
+        {"print-ids", no_argument, 0, O_PRINTIDS},      {"quantize", required_argument, 0, O_QUANT},
+        {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0}};
     *a = (gen_args){.max_new_tokens = 64, .sp = {.temperature = 0.0f, .top_p = 1.0f}};
     int c, seed = 0;
@@ -121,6 +125,12 @@ static int parse_args(int argc, char **argv, gen_args *a)
         case O_BLOCK: rc = parse_int("--kv-block-size", optarg, 1, 4096, &a->block_size); break;
         case O_BATCH: rc = parse_int("--batch-tokens", optarg, 1, 1 << 20, &a->batch_tokens); break;
         case O_PRINTIDS: a->print_ids = true; break;
+        case O_QUANT:
+            if (moe_model_parse_quantize(optarg, &a->load) != MOE_OK) {
+                fprintf(stderr, "moe-generate: %s\n", moe_error_message());
+                rc = -1;
+            }
+            break;
         case O_HELP: usage(stdout); exit(0);
         default: usage(stderr); return -1;
         }
@@ -216,7 +226,7 @@ static int run(const gen_args *a)
     int32_t *prompt = NULL, *gen = NULL;
     char tok_path[4200];
 
-    moe_status st = moe_model_load(a->model_dir, NULL, &model);
+    moe_status st = moe_model_load(a->model_dir, &a->load, &model);
     if (st != MOE_OK) {
         fprintf(stderr, "moe-generate: %s\n", moe_error_message());
         goto out;

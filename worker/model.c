@@ -1,17 +1,22 @@
 /* Model loading: binds every weight of the config's architecture by its Hugging Face name and
- * checks presence, shape and dtype before anything runs. Matrices stay zero-copy in the mmaps. */
+ * checks presence, shape and dtype before anything runs. Matrices stay zero-copy in the mmaps,
+ * except routed experts quantized at load (quantize_experts). */
 #include "worker/model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
 
-/* Behind moe_model.owned: the f32 copies of vectors, and what this rank binds. */
+/* Behind moe_model.owned: the f32 copies of vectors, the quantized experts, and what this rank
+ * binds. */
 typedef struct {
     float **bufs;
     int n, cap;
+    void **qbufs; /* quantized expert matrices */
+    int n_q;
     size_t weight_bytes;
 } model_owned;
 
@@ -250,6 +255,143 @@ static moe_status bind_all(binder *b)
     return MOE_OK;
 }
 
+/* ---- load-time quantization of routed experts ---- */
+
+typedef struct {
+    moe_weight *w;
+    void *q;    /* quantized copy, NULL when the matrix keeps its dtype */
+    int failed; /* inf/NaN in the weights */
+    int layer, expert;
+    const char *proj;
+} quant_item;
+
+typedef struct {
+    quant_item *items;
+    moe_dtype qt;
+} quant_job;
+
+static void quant_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const quant_job *j = arg;
+    quant_item *it = &j->items[task];
+    if (!it->q)
+        return;
+    size_t n = (size_t)it->w->rows * (size_t)it->w->cols;
+    it->failed = moe_quantize(it->q, j->qt, it->w->data, it->w->dtype, n) != 0;
+}
+
+/* Replaces every bound routed expert's gate/up/down with an owned Q8/Q4 copy: the one place the
+ * weights are copied out of the mmap (reading them once, on all online CPUs). */
+static moe_status quantize_experts(moe_model *m, model_owned *own, moe_quant_mode mode)
+{
+    const moe_model_config *c = &m->cfg;
+    moe_dtype qt = mode == MOE_QUANT_Q8 ? MOE_DT_Q8 : MOE_DT_Q4;
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (m->layers[l].is_moe)
+            for (int e = 0; e < c->n_experts; e++)
+                n += m->expert_bound[e] ? 3 : 0;
+    if (n == 0)
+        return MOE_OK;
+    quant_item *items = calloc((size_t)n, sizeof *items);
+    void **qbufs = calloc((size_t)n, sizeof *qbufs);
+    if (!items || !qbufs) {
+        free(items);
+        free(qbufs);
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory quantizing experts", m->dir);
+    }
+    own->qbufs = qbufs;
+    static const char *const proj[3] = {"gate", "up", "down"};
+    size_t before = 0, after = 0, kept_bytes = 0;
+    int k = 0, n_shape = 0, shape_cols = 0;
+    moe_status s = MOE_OK;
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
+        moe_layer_weights *lw = &m->layers[l];
+        if (!lw->is_moe)
+            continue;
+        for (int e = 0; e < c->n_experts && s == MOE_OK; e++) {
+            if (!m->expert_bound[e])
+                continue;
+            moe_weight *ws[3] = {&lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]};
+            for (int i = 0; i < 3; i++, k++) {
+                quant_item *it = &items[k];
+                *it = (quant_item){.w = ws[i], .layer = l, .expert = e, .proj = proj[i]};
+                size_t src = moe_dtype_row_bytes(ws[i]->dtype, (size_t)ws[i]->cols) *
+                             (size_t)ws[i]->rows;
+                size_t dst = moe_dtype_row_bytes(qt, (size_t)ws[i]->cols) * (size_t)ws[i]->rows;
+                before += src;
+                if (dst == 0) { /* n_in not a multiple of MOE_QK */
+                    n_shape++;
+                    shape_cols = ws[i]->cols;
+                    kept_bytes += src;
+                    continue;
+                }
+                if (!(it->q = malloc(dst)))
+                    s = moe_error(MOE_ERR_NOMEM,
+                                  "%s: out of memory quantizing layer %d expert %d %s (%zu bytes)",
+                                  m->dir, l, e, proj[i], dst);
+            }
+        }
+    }
+    if (s == MOE_OK) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        moe_threadpool_t *pool = moe_threadpool_create(ncpu > 1 ? (int)(ncpu < 64 ? ncpu : 64) : 1);
+        quant_job job = {items, qt};
+        moe_threadpool_run(pool, quant_task, &job, n); /* a NULL pool runs on the caller */
+        moe_threadpool_free(pool);
+        for (int i = 0; i < n; i++) {
+            quant_item *it = &items[i];
+            if (!it->q)
+                continue;
+            size_t src = moe_dtype_row_bytes(it->w->dtype, (size_t)it->w->cols) * (size_t)it->w->rows;
+            if (it->failed) {
+                MOE_LOG_W("%s: layer %d expert %d %s holds inf or NaN: kept in %s, not quantized",
+                          m->dir, it->layer, it->expert, it->proj, moe_dtype_name(it->w->dtype));
+                free(it->q);
+                kept_bytes += src;
+                continue;
+            }
+            own->weight_bytes -= src;
+            it->w->data = it->q;
+            it->w->dtype = qt;
+            own->weight_bytes += moe_dtype_row_bytes(qt, (size_t)it->w->cols) * (size_t)it->w->rows;
+            qbufs[own->n_q++] = it->q;
+        }
+        after = kept_bytes;
+        for (int i = 0; i < n; i++)
+            if (items[i].w->dtype == qt)
+                after += moe_dtype_row_bytes(qt, (size_t)items[i].w->cols) * (size_t)items[i].w->rows;
+        MOE_LOG_I("%s: routed experts quantized to %s: %d of %d matrices, %.1f MiB -> %.1f MiB",
+                  m->dir, moe_dtype_name(qt), own->n_q, n, (double)before / (1 << 20),
+                  (double)after / (1 << 20));
+        if (n_shape)
+            MOE_LOG_I("%s: %d expert matrices with input size %d (not a multiple of %d) kept in "
+                      "their file dtype",
+                      m->dir, n_shape, shape_cols, MOE_QK);
+    } else {
+        for (int i = 0; i < n; i++)
+            free(items[i].q);
+    }
+    free(items);
+    return s;
+}
+
+moe_status moe_model_parse_quantize(const char *spec, moe_model_load_opts *opts)
+{
+    if (spec && strcmp(spec, "experts=q8") == 0)
+        opts->quantize_experts = MOE_QUANT_Q8;
+    else if (spec && strcmp(spec, "experts=q4") == 0)
+        opts->quantize_experts = MOE_QUANT_Q4;
+    else if (spec && strcmp(spec, "none") == 0)
+        opts->quantize_experts = MOE_QUANT_NONE;
+    else
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "--quantize '%s': expected experts=q8, experts=q4 or none",
+                         spec ? spec : "(null)");
+    return MOE_OK;
+}
+
 moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_model **out)
 {
     if (!dir || !out)
@@ -304,6 +446,13 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
         binder b = {.m = m, .own = own, .dir = m->dir};
         s = bind_all(&b);
     }
+    if (s == MOE_OK && opts && opts->quantize_experts != MOE_QUANT_NONE) {
+        if (opts->quantize_experts != MOE_QUANT_Q8 && opts->quantize_experts != MOE_QUANT_Q4)
+            s = moe_error(MOE_ERR_INVALID_ARG, "%s: quantize_experts %d is not a moe_quant_mode",
+                          dir, (int)opts->quantize_experts);
+        else
+            s = quantize_experts(m, own, opts->quantize_experts);
+    }
     if (s != MOE_OK) {
         moe_model_free(m);
         return s;
@@ -329,6 +478,9 @@ void moe_model_free(moe_model *m)
         for (int i = 0; i < own->n; i++)
             free(own->bufs[i]);
         free(own->bufs);
+        for (int i = 0; i < own->n_q; i++)
+            free(own->qbufs[i]);
+        free(own->qbufs);
         free(own);
     }
     moe_st_close(m->st);

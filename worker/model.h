@@ -1,6 +1,7 @@
 /* A loaded model: its config and pointers to every weight, bound by name and checked by shape and
  * dtype against the config before anything runs. Weights point into the safetensors mmaps
- * (zero-copy); only tiny vectors (norms, biases) and F16 matrices are converted into owned f32. */
+ * (zero-copy); only tiny vectors (norms, biases) are converted into owned f32, and routed experts
+ * into owned Q8/Q4 when moe_model_load_opts.quantize_experts asks for it. */
 #ifndef MOE_WORKER_MODEL_H
 #define MOE_WORKER_MODEL_H
 
@@ -38,6 +39,13 @@ typedef struct {
     moe_weight mlp_down;             /* (d, dense_ffn) */
 } moe_layer_weights;
 
+/* Load-time quantization of the routed experts' matrices (moe_model_load_opts.quantize_experts). */
+typedef enum {
+    MOE_QUANT_NONE = 0, /* keep the file's dtype (zero-copy) */
+    MOE_QUANT_Q8,       /* MOE_DT_Q8: 34 bytes per 32 weights */
+    MOE_QUANT_Q4,       /* MOE_DT_Q4: 18 bytes per 32 weights */
+} moe_quant_mode;
+
 typedef struct {
     /* Experts [expert_begin, expert_end) are bound; others stay NULL and are not touched (so
      * their pages are never faulted in). Default (0, 0) means all. */
@@ -45,7 +53,16 @@ typedef struct {
     /* When non-NULL, [n_experts] flags: bind exactly the flagged experts (a rank's primary range
      * plus its EPLB replicas); overrides the range. */
     const bool *expert_mask;
+    /* Quantize every bound routed expert's gate/up/down (not attention, router, shared expert,
+     * dense MLPs, embeddings) into owned memory at load, on all online CPUs; matrices whose
+     * input size is not a multiple of MOE_QK, or that hold inf/NaN, keep their dtype (logged).
+     * Default MOE_QUANT_NONE. */
+    moe_quant_mode quantize_experts;
 } moe_model_load_opts;
+
+/* Parses a --quantize value: "experts=q8", "experts=q4" or "none" into opts->quantize_experts.
+ * MOE_ERR_INVALID_ARG (message names the value) otherwise; opts untouched then. */
+moe_status moe_model_parse_quantize(const char *spec, moe_model_load_opts *opts);
 
 typedef struct {
     moe_model_config cfg;
