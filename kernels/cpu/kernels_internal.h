@@ -74,9 +74,11 @@ typedef void (*moe_attn_accum_fn)(float *o, const float *p, int p_stride, int ng
  * an all-(near-)zero block d = 0. Every ISA produces the same bytes. */
 typedef void (*moe_quantize_x_fn)(int8_t *q, float *d, const float *x, int n_tok, int n_in);
 /* Rows [r0, r1) of y = x * W^T for Q8/Q4 weights and x quantized as above. Every output is
- * computed as the AVX2 kernel does it, whatever the ISA: 8 lanes, lane j of block b adds the exact
- * integer dot of inputs 4j..4j+3 times the f32 scale (d_w * d_x) with one FMA, lanes summed at the
- * end in hsum8 order; so every ISA and tiling gives the same bits. */
+ * computed as the AVX2 kernel does it, whatever the ISA: per block, each f32 lane adds the exact
+ * integer dot of its inputs times the f32 scale (d_w * d_x) with one FMA; lanes are summed at the
+ * end in a fixed order (Q8: 8 lanes of inputs 4j..4j+3, hsum8 order; Q4: 4 lanes of inputs
+ * 4j..4j+3 and 16+4j..16+4j+3, (l0 + l2) + (l1 + l3)); so every ISA and tiling gives the same
+ * bits. */
 typedef void (*moe_matmul_rows_q_fn)(float *y, const int8_t *xq, const float *xd, const void *w,
                                      moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
 

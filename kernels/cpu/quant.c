@@ -60,9 +60,15 @@ static uint16_t block_scale(float top, float lim)
     return h;
 }
 
-static float clampf_(float v, float lo, float hi)
+/* round(clamp(v, -lim, lim)), half away from zero, as roundf would (clamping first is the same
+ * thing for integer limits) but inline, so the block loops vectorize: |v| <= lim < 2^23 makes
+ * the truncation and the fraction exact. */
+static int round_clamp(float v, float lim)
 {
-    return v < lo ? lo : v > hi ? hi : v;
+    v = v < -lim ? -lim : v > lim ? lim : v;
+    int i = (int)v;
+    float f = v - (float)i;
+    return i + (f >= 0.5f) - (f <= -0.5f);
 }
 
 int moe_quantize(void *dst, moe_dtype qt, const void *src, moe_dtype st, size_t n)
@@ -86,7 +92,7 @@ int moe_quantize(void *dst, moe_dtype qt, const void *src, moe_dtype st, size_t 
             blk->d = block_scale(amax, 127.0f);
             float d = moe_f16_to_f32_inline(blk->d);
             for (int i = 0; i < MOE_QK; i++)
-                blk->q[i] = (int8_t)(d == 0.0f ? 0.0f : clampf_(roundf(v[i] / d), -127.f, 127.f));
+                blk->q[i] = (int8_t)(d == 0.0f ? 0 : round_clamp(v[i] / d, 127.f));
         } else {
             /* d = m / -8: the largest-magnitude entry maps to code 0 (value -8 d) exactly, its
              * opposite side gets 7 steps (as llama.cpp's Q4_0). */
@@ -94,8 +100,11 @@ int moe_quantize(void *dst, moe_dtype qt, const void *src, moe_dtype st, size_t 
             blk->d = block_scale(-m, 8.0f);
             float d = moe_f16_to_f32_inline(blk->d);
             uint8_t c[MOE_QK];
-            for (int i = 0; i < MOE_QK; i++)
-                c[i] = (uint8_t)(d == 0.0f ? 8.0f : clampf_(roundf(v[i] / d), -8.f, 7.f) + 8.0f);
+            /* codes -8..7: clamp to [-8, 8] then 8 -> 7 (x / d = 8 exactly is the one case) */
+            for (int i = 0; i < MOE_QK; i++) {
+                int k = d == 0.0f ? 0 : round_clamp(v[i] / d, 8.f);
+                c[i] = (uint8_t)((k > 7 ? 7 : k) + 8);
+            }
             for (int j = 0; j < MOE_QK / 2; j++)
                 blk->q[j] = (uint8_t)(c[j] | c[j + MOE_QK / 2] << 4);
         }
@@ -151,7 +160,7 @@ void moe_quantize_x_scalar(int8_t *q, float *d, const float *x, int n_tok, int n
         }
 }
 
-/* Block b of a Q8/Q4 row as 32 signed codes and its scale. */
+/* Block b of a Q8/Q4 row as 32 signed codes (inputs in order) and its scale. */
 static float load_wblock(int8_t *c, const void *row, moe_dtype wt, int b)
 {
     if (wt == MOE_DT_Q8) {
@@ -170,6 +179,8 @@ static float load_wblock(int8_t *c, const void *row, moe_dtype wt, int b)
 void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const void *w,
                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
+    /* The lanes of quant_avx2.c. Q8: 8 lanes, lane j = inputs 4j..4j+3, summed in hsum8 order.
+     * Q4: 4 lanes, lane j = inputs 4j..4j+3 and 16+4j..16+4j+3, summed as (l0 + l2) + (l1 + l3). */
     int nb = n_in / MOE_QK;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     int8_t c[MOE_QK];
@@ -181,16 +192,27 @@ void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const
             for (int b = 0; b < nb; b++) {
                 float s = load_wblock(c, row, wt, b) * xd[(size_t)t * nb + b];
                 const int8_t *xb = xt + (size_t)b * MOE_QK;
-                for (int j = 0; j < 8; j++) {
-                    int32_t dot = 0;
-                    for (int i = 4 * j; i < 4 * j + 4; i++)
-                        dot += (int32_t)c[i] * (int32_t)xb[i];
-                    acc[j] = fmaf((float)dot, s, acc[j]);
+                if (wt == MOE_DT_Q8) {
+                    for (int j = 0; j < 8; j++) {
+                        int32_t dot = 0;
+                        for (int i = 4 * j; i < 4 * j + 4; i++)
+                            dot += (int32_t)c[i] * (int32_t)xb[i];
+                        acc[j] = fmaf((float)dot, s, acc[j]);
+                    }
+                } else {
+                    for (int j = 0; j < 4; j++) {
+                        int32_t dot = 0;
+                        for (int i = 4 * j; i < 4 * j + 4; i++)
+                            dot += (int32_t)c[i] * (int32_t)xb[i] +
+                                   (int32_t)c[i + 16] * (int32_t)xb[i + 16];
+                        acc[j] = fmaf((float)dot, s, acc[j]);
+                    }
                 }
             }
-            /* hsum8's order (matmul_avx2.c). */
             y[(size_t)t * n_out + r] =
-                ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+                wt == MOE_DT_Q8
+                    ? ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+                    : (acc[0] + acc[2]) + (acc[1] + acc[3]);
         }
     }
 }

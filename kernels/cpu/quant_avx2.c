@@ -60,28 +60,32 @@ AI float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* ---- the tile: NR rows x NT tokens, one 8-lane f32 accumulator per output ----
+/* (a0 + a2) + (a1 + a3) */
+AI float hsum4(__m128 v)
+{
+    __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- Q8 tile: NR rows x NT tokens, one 8-lane f32 accumulator per output ----
  * vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16; vpmaddwd by ones then
  * adds pairs of those, so lane j of a block holds the exact integer dot of inputs 4j..4j+3.
- * Q8 (both operands signed): |x| * (w * sign(x)) = w * x, |x| computed once per token and block
- * and shared by the NR rows (pairs stay below 2 * 127 * 127, no int16 saturation).
- * Q4: the codes c = w + 8 are already unsigned: c * x - 8 * x, with 8 * x (as pair sums) once per
- * token and block (pairs below 2 * 15 * 127). Either way the lane sums are the same integers, and
- * one FMA per block adds lane * (d_w * d_x): the scalar kernel's arithmetic, bit for bit. */
-AI void q_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
-               int wt, int n_in, int n_out, int r, int t0, int NR, int NT)
+ * Both operands are signed: |x| * (w * sign(x)) = w * x, |x| once per token and block, shared by
+ * the NR rows (pairs stay below 2 * 127 * 127: no int16 saturation). One FMA per block adds
+ * lane * (d_w * d_x): the scalar kernel's arithmetic, bit for bit. */
+AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                int n_in, int n_out, int r, int t0, int NR, int NT)
 {
     int nb = n_in / MOE_QK;
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
-    const __m256i eight = _mm256_set1_epi8(8);
     __m256 acc[4][4];
-    const char *wr[4];
+    const moe_block_q8 *wr[4];
     const int8_t *xr[4];
     const float *dr[4];
 #pragma GCC unroll 4
     for (int i = 0; i < NR; i++) {
-        wr[i] = w + (size_t)(r + i) * row_bytes;
+        wr[i] = (const moe_block_q8 *)(w + (size_t)(r + i) * row_bytes);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
@@ -96,31 +100,17 @@ AI void q_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_
         __m256 dw[4];
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
-            if (wt == MOE_DT_Q8) {
-                const moe_block_q8 *blk = (const moe_block_q8 *)wr[i] + b;
-                dw[i] = _mm256_set1_ps(_cvtsh_ss(blk->d));
-                wv[i] = _mm256_loadu_si256((const __m256i *)blk->q);
-            } else {
-                const moe_block_q4 *blk = (const moe_block_q4 *)wr[i] + b;
-                dw[i] = _mm256_set1_ps(_cvtsh_ss(blk->d));
-                __m128i p = _mm_loadu_si128((const __m128i *)blk->q);
-                __m256i both = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);
-                wv[i] = _mm256_and_si256(both, _mm256_set_m128i(lo4, lo4)); /* codes 0..15 */
-            }
+            dw[i] = _mm256_set1_ps(_cvtsh_ss(wr[i][b].d));
+            wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
             __m256 dx = _mm256_broadcast_ss(dr[t] + b);
-            __m256i ax = wt == MOE_DT_Q8 ? _mm256_sign_epi8(xv, xv) : _mm256_setzero_si256();
-            __m256i x8 = wt == MOE_DT_Q4 ? _mm256_maddubs_epi16(eight, xv) : _mm256_setzero_si256();
+            __m256i ax = _mm256_sign_epi8(xv, xv);
 #pragma GCC unroll 4
             for (int i = 0; i < NR; i++) {
-                __m256i p;
-                if (wt == MOE_DT_Q8)
-                    p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[i], xv));
-                else
-                    p = _mm256_sub_epi16(_mm256_maddubs_epi16(wv[i], xv), x8);
+                __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[i], xv));
                 __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
                 acc[i][t] = _mm256_fmadd_ps(l, _mm256_mul_ps(dw[i], dx), acc[i][t]);
             }
@@ -133,43 +123,125 @@ AI void q_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_
             y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
 }
 
+/* ---- Q4 tile: NP row pairs x NT tokens ----
+ * A pair of rows shares one register: the 16 code bytes of row A in the low 128 bits, of row B in
+ * the high ones, so one AND and one shift+AND unpack both rows: "lo" holds codes of inputs 0..15,
+ * "hi" of inputs 16..31, of each row in its half. x is laid out to match ([x0..15 | x0..15] and
+ * [x16..31 | x16..31]). The codes c = w + 8 are unsigned, so c * x needs no sign trick; 8 * x is
+ * subtracted in int16 (pairs of c * x below 2 * 15 * 127; the int16 sum below 2^14). vpmaddwd then
+ * leaves per row 4 int32 lanes, lane j = the exact integer dot over inputs 4j..4j+3 and
+ * 16+4j..16+4j+3, and one FMA per block adds lane * (d_w * d_x); the result is hsum4 of the
+ * lanes. The scalar kernel does exactly this (bit for bit). */
+AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                int n_in, int n_out, int r, int t0, int NP, int NT, int single)
+{
+    int nb = n_in / MOE_QK;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i eight = _mm256_set1_epi8(8);
+    const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[2][4];
+    const moe_block_q4 *wa[2], *wb[2];
+    const int8_t *xr[4];
+    const float *dr[4];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; p++) {
+        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
+        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            acc[p][t] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        xr[t] = xq + (size_t)(t0 + t) * n_in;
+        dr[t] = xd + (size_t)(t0 + t) * nb;
+    }
+    for (int b = 0; b < nb; b++) {
+        __m256i lo[2], hi[2];
+        __m256 dw[2];
+#pragma GCC unroll 2
+        for (int p = 0; p < NP; p++) {
+            __m256i v = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
+                _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+            lo[p] = _mm256_and_si256(v, m4);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(wa[p][b].d), wb[p][b].d, 1);
+            dw[p] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), dup);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
+            __m256i xl = _mm256_permute2x128_si256(xv, xv, 0x00);
+            __m256i xh = _mm256_permute2x128_si256(xv, xv, 0x11);
+            __m256i c = _mm256_maddubs_epi16(eight, xv); /* 8 * (x_2k + x_2k+1) */
+            __m256i cc = _mm256_add_epi16(c, _mm256_permute2x128_si256(c, c, 0x01));
+            __m256 dx = _mm256_broadcast_ss(dr[t] + b);
+#pragma GCC unroll 2
+            for (int p = 0; p < NP; p++) {
+                __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], xl),
+                                               _mm256_maddubs_epi16(hi[p], xh));
+                __m256i l = _mm256_madd_epi16(_mm256_sub_epi16(s16, cc), ones);
+                acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), _mm256_mul_ps(dw[p], dx),
+                                            acc[p][t]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            float *yt = y + (size_t)(t0 + t) * n_out + r + 2 * p;
+            yt[0] = hsum4(_mm256_castps256_ps128(acc[p][t]));
+            if (!single)
+                yt[1] = hsum4(_mm256_extractf128_ps(acc[p][t], 1));
+        }
+}
+
 typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
                           size_t row_bytes, int n_in, int n_out, int r, int t0);
 
-/* One out-of-line function per (dtype, rows, tokens): readable code and a small binary. */
-#define Q_TILE(WT, NR, NT)                                                                     \
-    static void q_tile_##WT##_##NR##x##NT(float *y, const int8_t *xq, const float *xd,         \
-                                          const char *w, size_t row_bytes, int n_in, int n_out, \
-                                          int r, int t0)                                       \
+/* One out-of-line function per shape: readable code and a small binary. */
+#define Q8_TILE(NR, NT)                                                                        \
+    static void q8_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w, \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0)      \
     {                                                                                          \
-        q_tile(y, xq, xd, w, row_bytes, MOE_DT_##WT, n_in, n_out, r, t0, NR, NT);              \
+        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT);                          \
     }
-#define Q_TILES(WT)                                                                            \
-    Q_TILE(WT, 4, 1)                                                                           \
-    Q_TILE(WT, 2, 4)                                                                           \
-    Q_TILE(WT, 2, 3)                                                                           \
-    Q_TILE(WT, 2, 2)                                                                           \
-    Q_TILE(WT, 2, 1)                                                                           \
-    Q_TILE(WT, 1, 4)                                                                           \
-    Q_TILE(WT, 1, 3)                                                                           \
-    Q_TILE(WT, 1, 2)                                                                           \
-    Q_TILE(WT, 1, 1)
-Q_TILES(Q8)
-Q_TILES(Q4)
+/* Q4: NR rows = NP pairs, or one row alone (NR = 1). */
+#define Q4_TILE(NR, NT)                                                                        \
+    static void q4_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w, \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0)      \
+    {                                                                                          \
+        q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT,         \
+                NR == 1);                                                                      \
+    }
+#define Q_TILES(T)                                                                             \
+    T(4, 1)                                                                                    \
+    T(2, 4)                                                                                    \
+    T(2, 3)                                                                                    \
+    T(2, 2)                                                                                    \
+    T(2, 1)                                                                                    \
+    T(1, 4)                                                                                    \
+    T(1, 3)                                                                                    \
+    T(1, 2)                                                                                    \
+    T(1, 1)
+Q_TILES(Q8_TILE)
+Q_TILES(Q4_TILE)
 
 /* [rows: 0 = 1, 1 = 2, 2 = 4][tokens - 1] */
 static const q_tile_fn tiles_q8[3][4] = {
-    {q_tile_Q8_1x1, q_tile_Q8_1x2, q_tile_Q8_1x3, q_tile_Q8_1x4},
-    {q_tile_Q8_2x1, q_tile_Q8_2x2, q_tile_Q8_2x3, q_tile_Q8_2x4},
-    {q_tile_Q8_4x1, NULL, NULL, NULL}};
+    {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
+    {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
+    {q8_tile_4x1, NULL, NULL, NULL}};
 static const q_tile_fn tiles_q4[3][4] = {
-    {q_tile_Q4_1x1, q_tile_Q4_1x2, q_tile_Q4_1x3, q_tile_Q4_1x4},
-    {q_tile_Q4_2x1, q_tile_Q4_2x2, q_tile_Q4_2x3, q_tile_Q4_2x4},
-    {q_tile_Q4_4x1, NULL, NULL, NULL}};
+    {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
+    {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
+    {q4_tile_4x1, NULL, NULL, NULL}};
 
-/* Tokens in chunks of Q_TOKC so a chunk's quantized x (Q_TOKC x n_in bytes) stays in L2 while
- * the rows pass; each weight row is read from memory once per chunk. */
-#define Q_TOKC 64
+/* Tokens in chunks of Q_TOKC so a chunk's quantized x (Q_TOKC x n_in bytes) stays in L1/L2 while
+ * the rows pass (only up to MOE_Q_F32_MIN_TOK - 1 tokens come here). */
+#define Q_TOKC 32
 
 void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const void *w,
                             moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
@@ -178,15 +250,25 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
     /* Decode (one token): 4 rows stream side by side; more tokens: 2 rows x 4 tokens (8
-     * accumulators; x and its |x| or 8x shared by 2 rows). Measured on Zen 3 (kernels_bench). */
+     * accumulators for Q8; x and its |x| or 8x shared by 2 rows). Measured on Zen 3. */
     int nr = n_tok == 1 ? 4 : 2, nr_idx = n_tok == 1 ? 2 : 1, nt = n_tok == 1 ? 1 : 4;
     for (int tc = 0; tc < n_tok; tc += Q_TOKC) {
         int te = tc + Q_TOKC < n_tok ? tc + Q_TOKC : n_tok;
         for (int r = r0; r < r1;) {
-            int ri = r + nr <= r1 ? nr_idx : 0, rn = r + nr <= r1 ? nr : 1;
+            int ri = 0, rn = 1;
+            if (r + nr <= r1) {
+                ri = nr_idx;
+                rn = nr;
+            } else if (r + 2 <= r1) {
+                ri = 1;
+                rn = 2;
+            }
             for (int t = tc; t < te; t += nt) {
                 int tn = te - t < nt ? te - t : nt;
-                tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
+                if (rn == 4) /* only n_tok == 1 */
+                    tiles[2][0](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
+                else
+                    tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
             }
             r += rn;
         }
