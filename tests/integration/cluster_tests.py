@@ -415,9 +415,10 @@ def spare_rank_waits_and_exits_0():
 def drain_test(**stop_kw):
     model = small_model()  # ~10 ms per token: the streams are surely mid-way at the signal
     prompts = [[20, 21, 22], [30, 31, 32, 33]]
-    reqs = [{"ids": prompts[i % 2], "max_new": 120} for i in range(8)]
-    refs = {tuple(p): reference(ids=p, max_new=120, model=model, extra=["--ignore-eos"]) for p in prompts}
-    with Cluster(np=3, model=model) as c:
+    reqs = [{"ids": prompts[i % 2], "max_new": 60} for i in range(8)]
+    refs = {tuple(p): reference(ids=p, max_new=60, model=model, extra=["--ignore-eos"]) for p in prompts}
+    # a generous drain timeout: sanitizer builds run this model ~10x slower
+    with Cluster(np=3, model=model, args=["--drain-timeout-s", "100"]) as c:
         results, finished_at = {}, {}
 
         def one(i):
@@ -438,7 +439,7 @@ def drain_test(**stop_kw):
             time.sleep(0.01)
         signalled = time.time()
         stopper = {}
-        st = threading.Thread(target=lambda: stopper.setdefault("rc", c.stop(**stop_kw)))
+        st = threading.Thread(target=lambda: stopper.setdefault("rc", c.stop(timeout=110, **stop_kw)))
         st.start()
         time.sleep(0.1)
         try:  # new requests are refused while draining
