@@ -11,6 +11,7 @@
 #include "worker/comm.h"
 #include "worker/engine.h"
 #include "worker/kv_transfer.h"
+#include "worker/migrate.h"
 #include "worker/model.h"
 #include "worker/worker_loop.h"
 
@@ -109,6 +110,7 @@ typedef struct {
     int last_free_blocks;
     uint32_t next_xfer;
     moe_kv_test_hooks hooks;
+    moe_mig *mig; /* live migration, both roles (worker/migrate.c); NULL without an engine */
     int hang_rank, hang_after, n_starts;
     int pull_delay_ms;
     bool shutdown;

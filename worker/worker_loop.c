@@ -123,7 +123,7 @@ static void fill_load(worker *w, pb_load *l)
     }
     l->parked = parked;
     l->pulls_waiting = waiting;
-    l->transfers_active = active;
+    l->transfers_active = active + (uint32_t)moe_mig_active(w->mig);
 }
 
 moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m)
@@ -164,6 +164,34 @@ void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *
 {
     if (ob_send(&w->ob, peer, tag, m) != MOE_OK)
         MOE_LOG_E("to rank %d: %s", peer, moe_error_message());
+}
+
+/* ---- live migration's links to this loop (worker/migrate.c) ---- */
+
+static void mig_send(void *ctx, int peer, int tag, const ProtobufCMessage *m)
+{
+    moe_worker_send_peer(ctx, peer, tag, m);
+}
+
+/* A sequence still in a KV pull (either side) cannot move yet. */
+static bool mig_seq_busy(void *ctx, uint64_t id)
+{
+    worker *w = ctx;
+    for (int i = 0; i < w->n_pulls; i++)
+        if (w->pulls[i].seq_id == id)
+            return true;
+    return moe_kv_pull_find_park(w, id) != NULL;
+}
+
+static moe_status mig_start(worker *w)
+{
+    moe_mig_io io = {.ctx = w, .send = mig_send, .seq_busy = mig_seq_busy};
+    moe_mig_opts mo = {.self_rank = w->rank,
+                       .coordinator_rank = w->o->coordinator_rank,
+                       .kv_timeout_ms = w->o->kv_timeout_ms,
+                       .next_xfer = &w->next_xfer};
+    moe_mig_test_hooks_from_env(&mo.hooks);
+    return moe_mig_create(w->eng, &w->data, &io, &mo, &w->mig);
 }
 
 /* ---- model, engine, warm-up ---- */
@@ -284,6 +312,10 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
         d = &moeserve__cluster__v1__kv_gone__descriptor;
         break;
     default:
+        if (w->mig && moe_mig_handle(w->mig, src, tag, buf, len)) {
+            w->load_dirty = true;
+            return true;
+        }
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
         return false;
     }
@@ -299,7 +331,8 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
     case TAG(FREE): {
         const pb_free *f = (const pb_free *)m;
         for (size_t i = 0; i < f->n_seq_ids; i++)
-            moe_kv_pull_free_seq(w, f->seq_ids[i]);
+            if (!w->mig || !moe_mig_on_free(w->mig, f->seq_ids[i]))
+                moe_kv_pull_free_seq(w, f->seq_ids[i]);
         break;
     }
     case TAG(KV_OFFER):
@@ -367,6 +400,8 @@ static moe_status step(worker *w)
     int n = moe_engine_step(w->eng, w->events, w->cap_events);
     if (n < 0)
         return moe_error_context(MOE_ERR_INTERNAL, "engine step: ");
+    if (w->mig)
+        moe_mig_after_step(w->mig, w->events, n); /* finished or preempted: their moves abort */
     if (n == 0)
         return MOE_OK;
     int64_t t1 = moe_now_ns();
@@ -423,6 +458,8 @@ static void worker_free(worker *w)
     free(w->events);
     free(w->pev);
     free(w->pevp);
+    moe_mig_free(w->mig);
+    w->mig = NULL;
     moe_engine_free(w->eng);
     moe_model_free(w->model);
     if (w->have_data)
@@ -468,6 +505,12 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             ready.error = w.load_error;
         } else {
             ready.warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
+            if (o->role == MOE_WORKER_DECODE || o->role == MOE_WORKER_MIXED) {
+                if ((st = mig_start(&w)) != MOE_OK) {
+                    worker_free(&w);
+                    return st;
+                }
+            }
             ready.kv_blocks_total = (uint32_t)w.kv_total;
             ready.kv_block_tokens = (uint32_t)w.block_tokens;
             ready.kv_block_bytes = w.block_bytes;
@@ -501,6 +544,10 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             if (w.n_pulls == before)
                 i++;
         }
+        if (w.mig && moe_mig_progress(w.mig, now)) {
+            busy = true;
+            w.load_dirty = true;
+        }
         if (w.eng && moe_engine_has_work(w.eng)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
@@ -518,6 +565,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             transfers = w.parks[i].send != NULL;
         for (int i = 0; i < w.n_pulls && !transfers; i++)
             transfers = w.pulls[i].phase == PULL_RECEIVING;
+        transfers |= moe_mig_transferring(w.mig);
         if (busy) {
             idle_ns = 0;
         } else {
@@ -533,6 +581,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         MOE_LOG_D("rank %d: shutting down", w.rank);
         send_heartbeat(&w, TAG(BYE));
     }
+    moe_mig_free(w.mig); /* aborts moves in flight: the peers are told before the flush */
+    w.mig = NULL;
     ob_flush(&w.ob, 5000);
     free(w.ob.v);
     worker_free(&w);
