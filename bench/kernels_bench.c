@@ -1,5 +1,8 @@
 /* Kernel throughput against the machine's own read bandwidth, measured in the same run:
- * matvec (n_tok = 1, memory bound) in GB/s of weights, matmul (n_tok > 1) in GFLOP/s. */
+ * matvec (n_tok = 1, memory bound) in GB/s of weights, matmul (n_tok > 1) in GFLOP/s, and the
+ * prefill shapes against BLAS sgemm (OpenBLAS, BLIS: loaded with dlopen when installed). */
+#include <dlfcn.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,12 +122,161 @@ static double time_matmul(moe_threadpool_t *pool, float *y, const float *x, cons
     return best;
 }
 
+/* ---- prefill shapes: our bf16 matmul against a BLAS sgemm on f32 weights ----
+ * BLAS has no bf16 GEMM, so its path converts the weight matrix to f32 first (on the pool's
+ * threads) and that time is counted; "sgemm alone" is what it would cost with f32 weights kept
+ * in memory (twice the bytes of the model). */
+typedef void (*cblas_sgemm_fn)(int order, int ta, int tb, int m, int n, int k, float alpha,
+                               const float *a, int lda, const float *b, int ldb, float beta,
+                               float *c, int ldc);
+typedef void (*set_threads_fn)(int n);
+
+typedef struct {
+    const char *name;
+    const char *const *libs;
+    const char *set_threads;
+    cblas_sgemm_fn sgemm;
+    set_threads_fn threads;
+} blas_lib;
+
+static const char *const openblas_libs[] = {"libopenblas.so.0", "libopenblas.so", NULL};
+static const char *const blis_libs[] = {"libblis.so.4", "libblis.so", NULL};
+
+static void blas_open(blas_lib *b)
+{
+    for (int i = 0; b->libs[i] && !b->sgemm; i++) {
+        void *h = dlopen(b->libs[i], RTLD_NOW | RTLD_LOCAL);
+        if (!h)
+            continue;
+        void *f = dlsym(h, "cblas_sgemm"), *t = dlsym(h, b->set_threads);
+        memcpy(&b->sgemm, &f, sizeof f); /* object pointer to function pointer, as POSIX allows */
+        memcpy(&b->threads, &t, sizeof t);
+    }
+}
+
+typedef struct {
+    float *dst;
+    const uint16_t *src;
+    int rows, cols, n_tasks;
+} convert_job;
+
+static void convert_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    convert_job *j = arg;
+    int per = (j->rows + j->n_tasks - 1) / j->n_tasks;
+    int r0 = task * per, r1 = r0 + per < j->rows ? r0 + per : j->rows;
+    if (r0 < r1)
+        moe_convert_to_f32(j->dst + (size_t)r0 * j->cols, j->src + (size_t)r0 * j->cols,
+                           MOE_DT_BF16, (size_t)(r1 - r0) * j->cols);
+}
+
+static void prefill_vs_blas(int max_threads, int quick)
+{
+    blas_lib libs[2] = {{"openblas", openblas_libs, "openblas_set_num_threads", NULL, NULL},
+                        {"blis", blis_libs, "bli_thread_set_num_threads", NULL, NULL}};
+    for (int i = 0; i < 2; i++) {
+        blas_open(&libs[i]);
+        printf("%s: %s\n", libs[i].name, libs[i].sgemm ? "loaded" : "not installed (skipped)");
+    }
+    /* (n_out, n_in): `small` preset (d 768, experts 384, kv 4 x 64) and OLMoE-1B-7B (d 2048,
+     * experts 1024, attention 2048 x 2048). */
+    static const struct {
+        const char *what;
+        int n_out, n_in;
+    } shapes[] = {{"small attn q/o", 768, 768},   {"small attn k/v", 256, 768},
+                  {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
+                  {"olmoe attn", 2048, 2048},     {"olmoe expert gate/up", 1024, 2048},
+                  {"olmoe expert down", 2048, 1024}};
+    static const int toks[] = {64, 128, 256, 512};
+    size_t max_w = (size_t)2048 * 2048, max_x = (size_t)512 * 2048;
+    uint16_t *w = malloc(max_w * sizeof *w);
+    float *wf = malloc(max_w * sizeof *wf), *x = malloc(max_x * sizeof *x);
+    float *y0 = malloc(max_x * sizeof *y0), *y1 = malloc(max_x * sizeof *y1);
+    if (!w || !wf || !x || !y0 || !y1) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < max_w; i++)
+        w[i] = moe_f32_to_bf16(frand() * 0.05f);
+    for (size_t i = 0; i < max_x; i++)
+        x[i] = frand();
+    int reps = quick ? 2 : 5;
+    for (int nt = 1; nt <= max_threads; nt++) {
+        moe_threadpool_t *pool = moe_threadpool_create(nt);
+        for (int i = 0; i < 2; i++)
+            if (libs[i].threads)
+                libs[i].threads(nt);
+        printf("\n== prefill, %d thread(s): ms (GFLOP/s); BLAS = convert bf16->f32 + sgemm ==\n",
+               nt);
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            int n_out = shapes[s].n_out, n_in = shapes[s].n_in;
+            for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
+                int n_tok = toks[k];
+                double flop = 2.0 * n_tok * n_in * n_out;
+                double t_ours = 1e30, t_conv = 1e30, t_gemm[2] = {1e30, 1e30};
+                for (int r = 0; r < reps; r++) { /* interleaved: the same quiet moments */
+                    double t0 = now_s();
+                    moe_matmul(pool, y0, x, w, MOE_DT_BF16, n_tok, n_in, n_out);
+                    double t1 = now_s();
+                    convert_job cj = {wf, w, n_out, n_in, 4 * nt};
+                    moe_threadpool_run(pool, convert_task, &cj, cj.n_tasks);
+                    double t2 = now_s();
+                    t_ours = fmin(t_ours, t1 - t0);
+                    t_conv = fmin(t_conv, t2 - t1);
+                    for (int i = 0; i < 2; i++) {
+                        if (!libs[i].sgemm)
+                            continue;
+                        double t3 = now_s();
+                        /* y (n_tok, n_out) = x (n_tok, n_in) * W^T, W (n_out, n_in) row-major */
+                        libs[i].sgemm(101, 111, 112, n_tok, n_out, n_in, 1.0f, x, n_in, wf, n_in,
+                                      0.0f, y1, n_out);
+                        t_gemm[i] = fmin(t_gemm[i], now_s() - t3);
+                    }
+                }
+                printf("%-21s %4dx%-4d n_tok=%-3d ours %7.3f (%5.1f)", shapes[s].what, n_out, n_in,
+                       n_tok, t_ours * 1e3, flop / t_ours / 1e9);
+                const char *best = "ours";
+                double t_best = t_ours;
+                for (int i = 0; i < 2; i++) {
+                    if (!libs[i].sgemm)
+                        continue;
+                    double t = t_conv + t_gemm[i];
+                    printf(" | %s %7.3f (%5.1f) [sgemm %7.3f]", libs[i].name, t * 1e3,
+                           flop / t / 1e9, t_gemm[i] * 1e3);
+                    if (t < t_best) {
+                        t_best = t;
+                        best = libs[i].name;
+                    }
+                }
+                /* Sanity: the last BLAS result agrees with ours (both f32 accumulation). */
+                double md = 0, mm = 1e-30;
+                for (size_t i = 0; i < (size_t)n_tok * n_out; i++) {
+                    md = fmax(md, fabs((double)y0[i] - (double)y1[i]));
+                    mm = fmax(mm, fabs((double)y0[i]));
+                }
+                printf(" | convert %6.3f | best %s%s\n", t_conv * 1e3, best,
+                       libs[0].sgemm || libs[1].sgemm ? (md / mm < 1e-5 ? "" : " (RESULTS DIFFER)")
+                                                      : "");
+            }
+        }
+        moe_threadpool_free(pool);
+    }
+    free(w);
+    free(wf);
+    free(x);
+    free(y0);
+    free(y1);
+}
+
 int main(int argc, char **argv)
 {
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
-    /* argv[2]: quick (fewer reps, n_tok <= 64), or one section only: matvec, batched. */
+    /* argv[2]: quick (fewer reps, n_tok <= 64, no prefill), or one section only: matvec,
+     * batched, prefill. */
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
+    int prefill = !*mode || strcmp(mode, "prefill") == 0;
     int matvec = !*mode || quick || strcmp(mode, "matvec") == 0;
     int batched = !*mode || quick || strcmp(mode, "batched") == 0;
 #if defined(__x86_64__)
@@ -223,6 +375,8 @@ int main(int argc, char **argv)
         moe_kernels_force_isa(best_isa);
         moe_threadpool_free(pool);
     }
+    if (prefill)
+        prefill_vs_blas(max_threads, quick);
     free(wf);
     free(wh);
     free(wqz);

@@ -345,29 +345,39 @@ static void panel_tile_n(float *y, const float *x, const float *pack, int n_in, 
     }
 }
 
+/* Tokens in chunks of PANEL_TOKC: the chunk's x slice (PANEL_TOKC x PANEL_KC floats, 192 KB)
+ * stays in L2 while every row panel of this thread meets it (the order of a Goto/BLIS GEMM);
+ * without chunks, 512 tokens made it 512 KB and x came from L3 for every panel. Each panel is
+ * packed again per chunk (weights read n_tok / PANEL_TOKC times, small against the FMAs). The
+ * chunks do not change any output's arithmetic. */
+#define PANEL_TOKC 192
+
 AI void panel_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
                    int r0, int r1)
 {
     _Alignas(32) float pack[PANEL_ROWS / 16][PANEL_KC * 16];
-    for (int rp = r0; rp < r1; rp += PANEL_ROWS) {
-        int nr = r1 - rp < PANEL_ROWS ? r1 - rp : PANEL_ROWS;
-        int n_sub = (nr + 15) / 16;
-        if (n_in == 0) { /* empty sums: y = 0 */
-            for (int t = 0; t < n_tok; t++)
-                memset(y + (size_t)t * n_out + rp, 0, (size_t)nr * sizeof(float));
-            continue;
-        }
+    if (n_in == 0) { /* empty sums: y = 0 */
+        for (int t = 0; t < n_tok; t++)
+            memset(y + (size_t)t * n_out + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+        return;
+    }
+    for (int tc = 0; tc < n_tok; tc += PANEL_TOKC) {
+        int te = n_tok - tc < PANEL_TOKC ? n_tok : tc + PANEL_TOKC;
         for (int k0 = 0; k0 < n_in; k0 += PANEL_KC) {
             int kc = n_in - k0 < PANEL_KC ? n_in - k0 : PANEL_KC;
-            for (int s = 0; s < n_sub; s++) {
-                int sr = nr - s * 16 < 16 ? nr - s * 16 : 16;
-                pack16(pack[s], w, wt, n_in, rp + s * 16, sr, k0, kc);
-            }
-            for (int t0 = 0; t0 < n_tok; t0 += PANEL_TOK) {
-                int nt = n_tok - t0 < PANEL_TOK ? n_tok - t0 : PANEL_TOK;
+            for (int rp = r0; rp < r1; rp += PANEL_ROWS) {
+                int nr = r1 - rp < PANEL_ROWS ? r1 - rp : PANEL_ROWS;
+                int n_sub = (nr + 15) / 16;
                 for (int s = 0; s < n_sub; s++) {
                     int sr = nr - s * 16 < 16 ? nr - s * 16 : 16;
-                    panel_tile_n(y, x, pack[s], n_in, n_out, rp + s * 16, sr, t0, k0, kc, nt);
+                    pack16(pack[s], w, wt, n_in, rp + s * 16, sr, k0, kc);
+                }
+                for (int t0 = tc; t0 < te; t0 += PANEL_TOK) {
+                    int nt = te - t0 < PANEL_TOK ? te - t0 : PANEL_TOK;
+                    for (int s = 0; s < n_sub; s++) {
+                        int sr = nr - s * 16 < 16 ? nr - s * 16 : 16;
+                        panel_tile_n(y, x, pack[s], n_in, n_out, rp + s * 16, sr, t0, k0, kc, nt);
+                    }
                 }
             }
         }

@@ -412,6 +412,8 @@ static void matmul_sweep(moe_dtype dt)
     }
     matmul_case(dt, 1, 300, 1111, isas, n_isa, pools);
     matmul_case(dt, 70, 130, 90, isas, n_isa, pools);
+    /* Panel path across its token chunk (192) and k chunk (256) boundaries. */
+    matmul_case(dt, 200, 300, 40, isas, n_isa, pools);
     for (int p = 1; p < 4; p++)
         moe_threadpool_free(pools[p]);
 }
