@@ -331,7 +331,9 @@ static mig_reason src_check(moe_mig *m, const src_mig *s, moe_seq_state *st, con
 {
     if (moe_engine_export(m->eng, s->seq_id, st, blocks, nb) != MOE_OK)
         return REASON(SEQ_GONE);
-    if (*nb < s->n_sent || st->n_computed < s->n_sent * m->bs)
+    /* Preemption by recompute drops the table and n_computed (the last block sent may be the
+     * partial one of the final stage). */
+    if (*nb < s->n_sent || (st->n_computed + m->bs - 1) / m->bs < s->n_sent)
         return REASON(PREEMPTED);
     for (int i = 0; i < s->n_sent; i++)
         if ((*blocks)[i] != s->sent[i])
