@@ -79,7 +79,7 @@ void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *
     destroy_req(c, r);
 }
 
-static void finish_req(moe_cluster *c, creq *r, moe_finish_reason why, const char *matched,
+static void finish_req(moe_cluster *c, creq *r, moe_api_finish why, const char *matched,
                        bool free_workers)
 {
     unlink_req(c, r);
@@ -180,12 +180,12 @@ static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, i
     if (hit || stop_id) {
         char id_text[16];
         snprintf(id_text, sizeof id_text, "%d", token);
-        finish_req(c, r, MOE_FINISH_STOP, hit ? stop_str : id_text,
+        finish_req(c, r, MOE_API_FINISH_STOP, hit ? stop_str : id_text,
                    finish == MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
         return true;
     }
     if (finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE) {
-        finish_req(c, r, eos ? MOE_FINISH_EOS : MOE_FINISH_LENGTH, NULL, false);
+        finish_req(c, r, eos ? MOE_API_FINISH_EOS : MOE_API_FINISH_LENGTH, NULL, false);
         return true;
     }
     return false;

@@ -39,14 +39,14 @@ typedef struct {
 
 /* Why a generation ended normally (values match moeserve.v1.FinishReason). */
 typedef enum {
-    MOE_FINISH_LENGTH = 1, /* max_new_tokens reached */
-    MOE_FINISH_EOS = 2,    /* an EOS id of the model */
-    MOE_FINISH_STOP = 3,   /* a stop string or stop token id */
-} moe_finish_reason;
+    MOE_API_FINISH_LENGTH = 1, /* max_new_tokens reached */
+    MOE_API_FINISH_EOS = 2,    /* an EOS id of the model */
+    MOE_API_FINISH_STOP = 3,   /* a stop string or stop token id */
+} moe_api_finish;
 
 typedef struct {
-    moe_finish_reason reason;
-    const char *matched_stop;    /* MOE_FINISH_STOP: the stop string, or the token id in decimal;
+    moe_api_finish reason;
+    const char *matched_stop;    /* MOE_API_FINISH_STOP: the stop string, or the token id in decimal;
                                     NULL otherwise. Copied. */
     uint32_t completion_tokens;  /* 0: the front end uses the number of tokens pushed */
 } moe_frontend_finish_info;

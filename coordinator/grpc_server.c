@@ -118,7 +118,7 @@ struct moe_frontend_req {
     size_t p_text_len, p_text_cap;
     uint32_t next_index; /* index the next pushed token must have */
     bool have_finish, have_error;
-    moe_finish_reason finish_reason;
+    moe_api_finish finish_reason;
     char *matched_stop;
     uint32_t completion_tokens; /* from the finish info, 0 = count */
     grpc_status_code err_code;
@@ -989,7 +989,7 @@ void moe_frontend_finish(moe_frontend_req *c, const moe_frontend_finish_info *in
     c->t_finish_ns = moe_now_ns();
     if (!c->closed && !c->final_started) {
         c->have_finish = true;
-        c->finish_reason = info ? info->reason : MOE_FINISH_LENGTH;
+        c->finish_reason = info ? info->reason : MOE_API_FINISH_LENGTH;
         if (info && info->matched_stop)
             c->matched_stop = strdup(info->matched_stop);
         c->completion_tokens = info ? info->completion_tokens : 0;
