@@ -184,9 +184,9 @@ static void prefill_vs_blas(int max_threads, int quick)
     static const struct {
         const char *what;
         int n_out, n_in;
-    } shapes[] = {{"small attn q/o", 768, 768},   {"small attn k/v", 256, 768},
+    } shapes[] = {{"small attn q/o", 768, 768},       {"small attn k/v", 256, 768},
                   {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
-                  {"olmoe attn", 2048, 2048},     {"olmoe expert gate/up", 1024, 2048},
+                  {"olmoe attn", 2048, 2048},         {"olmoe expert gate/up", 1024, 2048},
                   {"olmoe expert down", 2048, 1024}};
     static const int toks[] = {64, 128, 256, 512};
     size_t max_w = (size_t)2048 * 2048, max_x = (size_t)512 * 2048;
@@ -324,9 +324,9 @@ int main(int argc, char **argv)
                                 dt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[i]) : moe_f32_to_f16(wf[i]);
                     if (dt == MOE_DT_Q8 || dt == MOE_DT_Q4)
                         moe_quantize(wqz, dt, wf, MOE_DT_F32, n);
-                    const void *w = dt == MOE_DT_F32                          ? (const void *)wf
+                    const void *w = dt == MOE_DT_F32                        ? (const void *)wf
                                     : dt == MOE_DT_BF16 || dt == MOE_DT_F16 ? (const void *)wh
-                                                                              : wqz;
+                                                                            : wqz;
                     size_t bytes = moe_dtype_row_bytes(dt, (size_t)n_in) * (size_t)n_out;
                     /* Interleave a read of the same number of bytes with each matvec and keep
                      * the best of each: on a shared machine both see the same quiet moments. */

@@ -31,13 +31,19 @@ moe_isa moe_kernels_force_isa(moe_isa isa);
 /* ---- conversions ---- */
 static inline float moe_bf16_to_f32(uint16_t h)
 {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    union {
+        uint32_t u;
+        float f;
+    } v = {.u = (uint32_t)h << 16};
     return v.f;
 }
 /* Round-to-nearest-even, NaN kept quiet. */
 static inline uint16_t moe_f32_to_bf16(float f)
 {
-    union { float f; uint32_t u; } v = {.f = f};
+    union {
+        float f;
+        uint32_t u;
+    } v = {.f = f};
     if ((v.u & 0x7fffffffu) > 0x7f800000u)
         return (uint16_t)((v.u >> 16) | 0x40);
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
@@ -110,9 +116,9 @@ void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w,
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
                        int n_out);
 /* Optional: sizes the calling thread's scratch for quantized (Q8/Q4) matmuls of up to n_tok x
- * n_in (n_tok beyond 47 counts as 47), so later calls on this thread allocate nothing. Returns 0, or -1 when
- * out of memory (matmul then still works: without scratch it quantizes x one token at a time on
- * the stack, with identical results, when n_in <= 32768). */
+ * n_in (n_tok beyond 47 counts as 47), so later calls on this thread allocate nothing. Returns 0,
+ * or -1 when out of memory (matmul then still works: without scratch it quantizes x one token at a
+ * time on the stack, with identical results, when n_in <= 32768). */
 int moe_matmul_reserve(int n_tok, int n_in);
 
 /* ---- elementwise ---- */

@@ -11,13 +11,13 @@
 /* Programmer errors only (a dtype a kernel does not take, a bad shape): always on, prints the
  * condition and place, aborts. kernels/ depends on nothing of ours, so not common/log.h's
  * MOE_ASSERT (same behaviour). */
-#define MOE_KASSERT(cond)                                                                  \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: %s: assertion failed: %s\n", __FILE__, __LINE__,       \
-                    __func__, #cond);                                                      \
-            abort();                                                                       \
-        }                                                                                  \
+#define MOE_KASSERT(cond)                                                                          \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: %s: assertion failed: %s\n", __FILE__, __LINE__, __func__,     \
+                    #cond);                                                                        \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 static inline float moe_bits_f32_(uint32_t u)

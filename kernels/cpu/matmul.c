@@ -100,8 +100,7 @@ typedef struct {
 static void run_rows(const matmul_job *j, int r0, int r1)
 {
     if (j->xq)
-        j->ops->matmul_rows_q(j->y, j->xq, j->xd, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0,
-                              r1);
+        j->ops->matmul_rows_q(j->y, j->xq, j->xd, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
     else
         j->ops->matmul_rows(j->y, j->x, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
 }

@@ -417,14 +417,14 @@ static void rows_f16(float *y, const float *x, const void *w, int n_tok, int n_i
 
 /* Quantized weights with many tokens (matmul.c sends only n_tok >= MOE_Q_F32_MIN_TOK here):
  * dequantized while packing; compute bound, so the same speed as bf16 and no x quantization. */
-static void rows_q8(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out,
-                    int r0, int r1)
+static void rows_q8(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out, int r0,
+                    int r1)
 {
     panel_rows(y, x, w, MOE_DT_Q8, n_tok, n_in, n_out, r0, r1);
 }
 
-static void rows_q4(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out,
-                    int r0, int r1)
+static void rows_q4(float *y, const float *x, const void *w, int n_tok, int n_in, int n_out, int r0,
+                    int r1)
 {
     panel_rows(y, x, w, MOE_DT_Q4, n_tok, n_in, n_out, r0, r1);
 }

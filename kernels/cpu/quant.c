@@ -209,10 +209,9 @@ void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const
                     }
                 }
             }
-            y[(size_t)t * n_out + r] =
-                wt == MOE_DT_Q8
-                    ? ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-                    : (acc[0] + acc[2]) + (acc[1] + acc[3]);
+            y[(size_t)t * n_out + r] = wt == MOE_DT_Q8 ? ((acc[0] + acc[4]) + (acc[2] + acc[6])) +
+                                                             ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+                                                       : (acc[0] + acc[2]) + (acc[1] + acc[3]);
         }
     }
 }

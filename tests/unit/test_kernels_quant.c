@@ -227,7 +227,8 @@ static void q_matmul_case(moe_dtype qt, int n_tok, int n_in, int n_out, const mo
     float *wf = xmalloc(nw * sizeof *wf), *wd = xmalloc(nw * sizeof *wd);
     void *w = xmalloc(nw / MOE_QK * sizeof(moe_block_q8));
     float *x = xmalloc((size_t)n_tok * n_in * sizeof *x);
-    float *y = xmalloc(ny * sizeof *y), *y0 = xmalloc(ny * sizeof *y0), *ys = xmalloc(ny * sizeof *ys);
+    float *y = xmalloc(ny * sizeof *y), *y0 = xmalloc(ny * sizeof *y0),
+          *ys = xmalloc(ny * sizeof *ys);
     double *ref = xmalloc(ny * sizeof *ref), *tol = xmalloc(ny * sizeof *tol);
     for (size_t b = 0; b < nw / MOE_QK; b++)
         fill_block(wf + b * MOE_QK, (int)(rng_next() % 7));
@@ -259,8 +260,9 @@ static void q_matmul_case(moe_dtype qt, int n_tok, int n_in, int n_out, const mo
             ys[k] = NAN;
         moe_matmul_serial(ys, x, w, qt, n_tok, n_in, n_out);
         for (size_t k = 0; k < ny; k++)
-            cr_assert(fabs((double)ys[k] - ref[k]) <= tol[k], "%s: y[%zu] = %.9g, exact %.9g (tol %.3g)",
-                      what, k, (double)ys[k], ref[k], tol[k]);
+            cr_assert(fabs((double)ys[k] - ref[k]) <= tol[k],
+                      "%s: y[%zu] = %.9g, exact %.9g (tol %.3g)", what, k, (double)ys[k], ref[k],
+                      tol[k]);
         /* Every ISA does the scalar path's arithmetic: the same bits (the f32 path: each near
          * the exact value, so near each other). */
         if (i == 0)
@@ -313,7 +315,7 @@ static void q_matmul_sweep(moe_dtype qt)
      * into many tasks, random shapes. */
     q_matmul_case(qt, 47, 96, 37, isas, n_isa, pools);
     q_matmul_case(qt, 48, 96, 37, isas, n_isa, pools);
-    q_matmul_case(qt, 67, 288, 37, isas, n_isa, pools); /* f32 panel: k chunks of 256 + 32 */
+    q_matmul_case(qt, 67, 288, 37, isas, n_isa, pools);  /* f32 panel: k chunks of 256 + 32 */
     q_matmul_case(qt, 200, 544, 50, isas, n_isa, pools); /* and a token chunk (192) */
     q_matmul_case(qt, 1, 2048, 600, isas, n_isa, pools);
     for (int i = 0; i < 6; i++)

@@ -29,10 +29,10 @@ static const double Q4_MAX_MEDIAN_REL = 0.25;  /* measured 0.10 .. 0.17 */
 /* Top-1 agreement over all prompt positions (teacher forced), and the length of the greedy prefix
  * (of 32 tokens) equal to the unquantized model's: its mean over the cases of a fixture and its
  * minimum. */
-static const double Q8_MIN_TOP1 = 0.90;       /* measured 0.95 .. 0.98 */
-static const double Q4_MIN_TOP1 = 0.65;       /* measured 0.71 .. 0.86 */
-static const double Q8_MIN_MEAN_PREFIX = 12;  /* measured 17.5 .. 27.5 */
-static const int Q8_MIN_GREEDY_PREFIX = 3;    /* measured 5 .. 18 */
+static const double Q8_MIN_TOP1 = 0.90;      /* measured 0.95 .. 0.98 */
+static const double Q4_MIN_TOP1 = 0.65;      /* measured 0.71 .. 0.86 */
+static const double Q8_MIN_MEAN_PREFIX = 12; /* measured 17.5 .. 27.5 */
+static const int Q8_MIN_GREEDY_PREFIX = 3;   /* measured 5 .. 18 */
 
 typedef struct {
     int n;
@@ -179,8 +179,8 @@ static quant_err measure(const char *dir, const moe_model *ref, const moe_model 
             rel[j] = rel[j - 1];
             rel[j - 1] = t;
         }
-    r.median_rel = positions % 2 ? rel[positions / 2]
-                                 : 0.5 * (rel[positions / 2 - 1] + rel[positions / 2]);
+    r.median_rel =
+        positions % 2 ? rel[positions / 2] : 0.5 * (rel[positions / 2 - 1] + rel[positions / 2]);
     r.top1 = (double)agree / positions;
     r.n_cases = n_cases;
     moe_engine_free(er);
@@ -208,16 +208,16 @@ static void check_fixture(const char *name)
                 name, mn, e.max_abs, e.median_rel, e.max_rel, e.top1, e.min_prefix,
                 (double)e.sum_prefix / e.n_cases, N_GREEDY);
         if (mode == MOE_QUANT_Q8) {
-            cr_expect_leq(e.median_rel, Q8_MAX_MEDIAN_REL, "%s q8: median relative logit error %.4f",
-                          name, e.median_rel);
+            cr_expect_leq(e.median_rel, Q8_MAX_MEDIAN_REL,
+                          "%s q8: median relative logit error %.4f", name, e.median_rel);
             cr_expect_geq(e.top1, Q8_MIN_TOP1, "%s q8: top-1 agreement %.3f", name, e.top1);
             cr_expect_geq(e.min_prefix, Q8_MIN_GREEDY_PREFIX, "%s q8: greedy prefix %d", name,
                           e.min_prefix);
             cr_expect_geq((double)e.sum_prefix / e.n_cases, Q8_MIN_MEAN_PREFIX,
                           "%s q8: mean greedy prefix %.1f", name, (double)e.sum_prefix / e.n_cases);
         } else {
-            cr_expect_leq(e.median_rel, Q4_MAX_MEDIAN_REL, "%s q4: median relative logit error %.4f",
-                          name, e.median_rel);
+            cr_expect_leq(e.median_rel, Q4_MAX_MEDIAN_REL,
+                          "%s q4: median relative logit error %.4f", name, e.median_rel);
             cr_expect_geq(e.top1, Q4_MIN_TOP1, "%s q4: top-1 agreement %.3f", name, e.top1);
         }
         /* Something was quantized: errors are not zero. */
@@ -229,11 +229,26 @@ static void check_fixture(const char *name)
         free(ps[i].ids);
 }
 
-Test(quant_model, mixtral_f32, .timeout = 60) { check_fixture("mixtral_f32"); }
-Test(quant_model, qwen2_moe_f32, .timeout = 60) { check_fixture("qwen2_moe_f32"); }
-Test(quant_model, olmoe_f32, .timeout = 60) { check_fixture("olmoe_f32"); }
-Test(quant_model, qwen3_moe_f32, .timeout = 60) { check_fixture("qwen3_moe_f32"); }
-Test(quant_model, qwen3_moe_bf16, .timeout = 60) { check_fixture("qwen3_moe_bf16"); }
+Test(quant_model, mixtral_f32, .timeout = 60)
+{
+    check_fixture("mixtral_f32");
+}
+Test(quant_model, qwen2_moe_f32, .timeout = 60)
+{
+    check_fixture("qwen2_moe_f32");
+}
+Test(quant_model, olmoe_f32, .timeout = 60)
+{
+    check_fixture("olmoe_f32");
+}
+Test(quant_model, qwen3_moe_f32, .timeout = 60)
+{
+    check_fixture("qwen3_moe_f32");
+}
+Test(quant_model, qwen3_moe_bf16, .timeout = 60)
+{
+    check_fixture("qwen3_moe_bf16");
+}
 
 /* What gets quantized: every bound routed expert whose input size is a multiple of 32, nothing
  * else; the byte count follows; the rest of the model is untouched. */
@@ -266,7 +281,8 @@ Test(quant_model, what_is_quantized)
             const float *orig = g0->data;
             for (size_t i = 0; i < nel; i++) {
                 float d = fabsf(moe_f16_to_f32(((const moe_block_q4 *)g->data)[i / MOE_QK].d));
-                cr_assert_leq(fabsf(deq[i] - orig[i]), d * 1.0001f, "layer %d expert %d at %zu", l, e, i);
+                cr_assert_leq(fabsf(deq[i] - orig[i]), d * 1.0001f, "layer %d expert %d at %zu", l,
+                              e, i);
             }
             free(deq);
             saved += 2 * (nel * 4 - nel / MOE_QK * sizeof(moe_block_q4));
@@ -291,7 +307,8 @@ Test(quant_model, what_is_quantized)
 
     /* Only bound experts are quantized (and the others stay unbound). */
     moe_model_load_opts o = {.expert_begin = 2, .expert_end = 4, .quantize_experts = MOE_QUANT_Q8};
-    cr_assert_eq(moe_model_load(FIXTURE_ROOT "/olmoe_f32", &o, &m), MOE_OK, "%s", moe_error_message());
+    cr_assert_eq(moe_model_load(FIXTURE_ROOT "/olmoe_f32", &o, &m), MOE_OK, "%s",
+                 moe_error_message());
     for (int e = 0; e < m->cfg.n_experts; e++) {
         bool bound = e >= 2 && e < 4;
         cr_assert_eq(m->layers[0].exp_up[e].data != NULL, bound);
