@@ -10,6 +10,7 @@
 #include "cluster.pb-c.h"
 #include "worker/comm.h"
 #include "worker/engine.h"
+#include "worker/ep_placement.h"
 #include "worker/kv_transfer.h"
 #include "worker/migrate.h"
 #include "worker/model.h"
@@ -85,6 +86,11 @@ typedef struct {
     char load_error[512];
     moe_comm data;
     bool have_data;
+    /* Expert parallelism: the instance's ranks (ep_size > 1) split the experts and step together. */
+    int ep_size, ep_rank;
+    moe_comm ep_comm;
+    bool have_ep;
+    moe_ep_placement place;
     outbox ob;
     size_t block_bytes;
     int block_tokens;

@@ -196,13 +196,45 @@ static moe_status mig_start(worker *w)
 
 /* ---- model, engine, warm-up ---- */
 
+/* Expert parallelism: this rank maps only its share of the experts (contiguous ranges, see
+ * worker/ep_placement.h) and exchanges tokens with the instance's other ranks in every MoE layer. */
+static moe_status load_model_ep(worker *w, moe_engine_opts *eo)
+{
+    const moe_worker_opts *o = w->o;
+    moe_model_config cfg;
+    moe_status st = moe_model_config_load(o->model_dir, &cfg);
+    if (st != MOE_OK)
+        return st;
+    if ((st = moe_ep_placement_contiguous(cfg.n_experts, w->ep_size, &w->place)) != MOE_OK)
+        return st;
+    bool *mask = calloc((size_t)cfg.n_experts, sizeof *mask);
+    if (!mask)
+        return moe_error(MOE_ERR_NOMEM, "worker: out of memory");
+    for (int e = 0; e < cfg.n_experts; e++)
+        mask[e] = moe_ep_placement_holds(&w->place, w->ep_rank, e);
+    moe_model_load_opts lo = {.expert_mask = mask};
+    st = moe_model_load(o->model_dir, &lo, &w->model);
+    free(mask);
+    if (st != MOE_OK)
+        return st;
+    if ((st = moe_comm_mpi_create(o->instance_comm, &w->ep_comm)) != MOE_OK)
+        return st;
+    w->have_ep = true;
+    eo->ep_comm = &w->ep_comm;
+    eo->ep_placement = &w->place;
+    MOE_LOG_I("rank %d: expert parallel %d/%d, experts [%d, %d)", w->rank, w->ep_rank, w->ep_size,
+              w->place.range_begin[w->ep_rank], w->place.range_end[w->ep_rank]);
+    return MOE_OK;
+}
+
 static moe_status load(worker *w)
 {
     const moe_worker_opts *o = w->o;
-    moe_status st = moe_model_load(o->model_dir, NULL, &w->model);
+    moe_engine_opts eo = o->engine;
+    moe_status st = w->ep_size > 1 ? load_model_ep(w, &eo) : moe_model_load(o->model_dir, NULL, &w->model);
     if (st != MOE_OK)
         return st;
-    if ((st = moe_engine_create(w->model, &o->engine, &w->eng)) != MOE_OK)
+    if ((st = moe_engine_create(w->model, &eo, &w->eng)) != MOE_OK)
         return st;
     moe_engine_stats es;
     moe_engine_get_stats(w->eng, &es);
@@ -464,6 +496,20 @@ static void worker_free(worker *w)
     moe_model_free(w->model);
     if (w->have_data)
         w->data.ops->destroy(w->data.ctx);
+    if (w->have_ep)
+        w->ep_comm.ops->destroy(w->ep_comm.ctx);
+    moe_ep_placement_free(&w->place);
+}
+
+/* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
+ * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
+ * rank with nothing still serves its experts to the others). */
+static bool should_step(worker *w)
+{
+    int any = w->eng && moe_engine_has_work(w->eng) ? 1 : 0;
+    if (w->ep_size > 1 && w->ep_comm.ops->allreduce_sum_int(w->ep_comm.ctx, &any) != MOE_OK)
+        MOE_LOG_E("rank %d: expert-parallel all-reduce: %s", w->rank, moe_error_message());
+    return w->eng && any > 0;
 }
 
 static int env_int(const char *name, int dflt)
@@ -477,6 +523,11 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     worker w = {.o = o, .ob = {.comm = o->ctrl}};
     moeserve__cluster__v1__counters__init(&w.ctr);
     MPI_Comm_rank(o->ctrl, &w.rank);
+    w.ep_size = 1;
+    if (o->instance_comm != MPI_COMM_NULL && o->role != MOE_WORKER_SPARE) {
+        MPI_Comm_size(o->instance_comm, &w.ep_size);
+        MPI_Comm_rank(o->instance_comm, &w.ep_rank);
+    }
     moe_kv_test_hooks_from_env(&w.hooks);
     w.hang_rank = env_int("MOE_TEST_HANG_RANK", -1);
     w.hang_after = env_int("MOE_TEST_HANG_AFTER", 1);
@@ -548,7 +599,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             busy = true;
             w.load_dirty = true;
         }
-        if (w.eng && moe_engine_has_work(w.eng)) {
+        if (should_step(&w)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;

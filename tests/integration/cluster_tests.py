@@ -95,6 +95,25 @@ def two_prefill_two_decode():
         stop_ok(c)
 
 
+@test
+def expert_parallel_pools_match_moe_generate():
+    """Expert parallelism: a prefill instance of 2 ranks and a decode instance of 2 ranks (each
+    rank maps half of the experts, tokens cross ranks in every MoE layer, attention stays per
+    rank), 24 concurrent streams: outputs equal single-process moe-generate's."""
+    reqs = mixed_workload(24, seed=11)
+    refs = references(reqs)
+    with Cluster(np=5, args=["--prefill-ep", "2", "--decode-ep", "2", "--batch-tokens", "64"]) as c:
+        got = run_workload(c, reqs)
+        compare(reqs, got, refs)
+        st = c.wait_idle()
+        check(len(st.instances) == 4, "every rank schedules its own sequences: %s" % st.instances)
+        log = c.stderr()
+        for r, pos, rng in ((1, 0, "[0, 4)"), (2, 1, "[4, 8)"), (3, 0, "[0, 4)"), (4, 1, "[4, 8)")):
+            line = "rank %d: expert parallel %d/2, experts %s" % (r, pos, rng)
+            check(line in log, "missing from the log: %s" % line)
+        stop_ok(c)
+
+
 def long_request(**kw):
     return gen_request(ids=[5, 6, 7, 8, 9, 10, 11, 12], max_new=480, ignore_eos=True, **kw)
 
@@ -505,7 +524,8 @@ def impossible_layouts_are_refused():
     env.update(MPI_ENV)
     cases = [(["--prefill-instances", "2", "--decode-instances", "2"], "run mpirun -np 5 (got -np 3)"),
              (["--colocated", "--prefill-instances", "1"], "--colocated"),
-             (["--ep-size", "2"], "--ep-size")]
+             (["--ep-size", "4"], "--ep-size 4 needs 4 worker ranks"),
+             (["--prefill-ep", "2", "--decode-ep", "2"], "run mpirun -np 5 (got -np 3)")]
     for args, want in cases:
         p = subprocess.run(["mpirun", "--oversubscribe", "-np", "3", os.path.join(build_dir(), "moe-serve"), "--model",
                             MODEL] + args, capture_output=True, text=True, env=env, timeout=60)

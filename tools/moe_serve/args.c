@@ -19,7 +19,9 @@ static void usage(FILE *f)
         "  --prefill-instances P   prefill instances (default 1, or N-1 minus --decode-instances)\n"
         "  --decode-instances D    decode instances (default: the remaining workers)\n"
         "  --colocated             every worker is a mixed prefill+decode instance (vLLM-style)\n"
-        "  --ep-size E             ranks per instance (expert parallelism; only 1 for now)\n"
+        "  --ep-size E             ranks per instance: they split the experts (default 1)\n"
+        "  --prefill-ep E          ranks per prefill instance (default --ep-size)\n"
+        "  --decode-ep E           ranks per decode instance (default --ep-size)\n"
         "serving:\n"
         "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
         "  --grpc-threads N        completion-queue threads (default 2)\n"
@@ -77,6 +79,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_D,
         O_COLO,
         O_EP,
+        O_PEP,
+        O_DEP,
         O_LISTEN,
         O_GRPC,
         O_MAXREQ,
@@ -101,6 +105,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"decode-instances", required_argument, 0, O_D},
                                          {"colocated", no_argument, 0, O_COLO},
                                          {"ep-size", required_argument, 0, O_EP},
+                                         {"prefill-ep", required_argument, 0, O_PEP},
+                                         {"decode-ep", required_argument, 0, O_DEP},
                                          {"listen", required_argument, 0, O_LISTEN},
                                          {"grpc-threads", required_argument, 0, O_GRPC},
                                          {"max-requests", required_argument, 0, O_MAXREQ},
@@ -156,6 +162,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             break;
         case O_EP:
             rc = parse_int("--ep-size", optarg, 1, SERVE_MAX_EP, &a->ep_size, print);
+            break;
+        case O_PEP:
+            rc = parse_int("--prefill-ep", optarg, 1, SERVE_MAX_EP, &a->prefill_ep, print);
+            break;
+        case O_DEP:
+            rc = parse_int("--decode-ep", optarg, 1, SERVE_MAX_EP, &a->decode_ep, print);
             break;
         case O_LISTEN:
             a->listen = optarg;
@@ -231,10 +243,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
     if (a->heartbeat_timeout_ms < 3 * a->heartbeat_ms)
         return perr(print, "--heartbeat-timeout-ms %d must be at least 3 x --heartbeat-ms %d",
                     a->heartbeat_timeout_ms, a->heartbeat_ms);
-    if (a->ep_size != 1)
-        return perr(print,
-                    "--ep-size %d: expert parallelism across ranks is not implemented yet; use 1",
-                    a->ep_size);
+    if (a->prefill_ep <= 0)
+        a->prefill_ep = a->ep_size;
+    if (a->decode_ep <= 0)
+        a->decode_ep = a->ep_size;
+    if (a->colocated && (a->prefill_ep != a->ep_size || a->decode_ep != a->ep_size))
+        return perr(print, "--colocated has one pool: use --ep-size, not --prefill-ep/--decode-ep");
     return 0;
 }
 
@@ -246,7 +260,11 @@ const char *serve_pool_name(serve_pool p)
 int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err, size_t err_cap)
 {
     *l = (serve_layout){.world = world};
-    int workers = world - 1, ep = a->ep_size;
+    int workers = world - 1, ep = a->ep_size, pe = a->prefill_ep, de = a->decode_ep;
+    if (pe <= 0)
+        pe = ep;
+    if (de <= 0)
+        de = ep;
     if (workers < 1) {
         snprintf(err, err_cap,
                  "needs at least 2 ranks (a coordinator and a worker): run mpirun -np 2 or more");
@@ -260,8 +278,8 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
         return -1;
     }
     int P = a->prefill, D = a->decode, M = 0;
-    if (!colocated && P < 0 && D < 0 && workers / ep < 2) {
-        colocated = true; /* one worker cannot be two pools */
+    if (!colocated && P < 0 && D < 0 && workers < pe + de && pe == ep && de == ep) {
+        colocated = true; /* too few workers for two pools (and no per-pool EP size asked) */
         l->auto_colocated = true;
     }
     if (colocated) {
@@ -277,16 +295,16 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
         if (P < 0 && D < 0)
             P = 1;
         if (P < 0)
-            P = workers / ep - D;
+            P = (workers - D * de) / pe;
         if (D < 0)
-            D = workers / ep - P;
-        if (P < 1 || D < 1 || (P + D) * ep > workers) {
+            D = (workers - P * pe) / de;
+        if (P < 1 || D < 1 || P * pe + D * de > workers) {
             int p = P < 1 ? 1 : P, d = D < 1 ? 1 : D;
             snprintf(err, err_cap,
-                     "%d prefill + %d decode instance(s) of %d rank(s) need %d worker ranks plus "
-                     "the coordinator: "
-                     "run mpirun -np %d (got -np %d), or use --colocated",
-                     p, d, ep, (p + d) * ep, (p + d) * ep + 1, world);
+                     "%d prefill instance(s) of %d rank(s) + %d decode instance(s) of %d rank(s) "
+                     "need %d worker ranks plus the coordinator: run mpirun -np %d (got -np %d), "
+                     "or use --colocated",
+                     p, pe, d, de, p * pe + d * de, p * pe + d * de + 1, world);
             return -1;
         }
     }
@@ -308,8 +326,8 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
     for (int i = 0; i < l->n_instances; i++) {
         serve_instance *in = &l->instances[i];
         in->pool = i < P ? SERVE_PREFILL : i < P + D ? SERVE_DECODE : SERVE_MIXED;
-        in->ep_size = ep;
-        for (int j = 0; j < ep; j++) {
+        in->ep_size = in->pool == SERVE_PREFILL ? pe : in->pool == SERVE_DECODE ? de : ep;
+        for (int j = 0; j < in->ep_size; j++) {
             in->ranks[j] = rank;
             l->rank_instance[rank++] = i;
         }

@@ -60,9 +60,9 @@ static void on_ready(void *vctx, const moe_cluster *cc)
         if (!n)
             continue;
         print_ranks(ranks, sizeof ranks, l, (serve_pool)p);
+        int ep = p == SERVE_PREFILL ? rc->a->prefill_ep : p == SERVE_DECODE ? rc->a->decode_ep : rc->a->ep_size;
         off += (size_t)snprintf(pools + off, sizeof pools - off, "%s%s %d x ep%d [rank %s]",
-                                off ? ", " : "", serve_pool_name((serve_pool)p), n, rc->a->ep_size,
-                                ranks);
+                                off ? ", " : "", serve_pool_name((serve_pool)p), n, ep, ranks);
     }
     uint32_t kv_min = UINT32_MAX, bt = 16;
     for (uint32_t i = 0; i < st->n_instances; i++) {
@@ -89,7 +89,13 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
     moe_tokenizer *tok = NULL;
     moe_cluster *cl = NULL;
     moe_grpc_server *srv = NULL;
-    moe_cluster_instance *inst = calloc((size_t)l->n_instances, sizeof *inst);
+    /* Attention is data-parallel inside an expert-parallel instance: each of its ranks runs its own
+     * sequences and KV, so the scheduler sees every rank as a placement target of its own; the
+     * ranks of the instance step together and share the experts (worker side). */
+    int n_targets = 0;
+    for (int i = 0; i < l->n_instances; i++)
+        n_targets += l->instances[i].ep_size;
+    moe_cluster_instance *inst = calloc((size_t)n_targets, sizeof *inst);
     char tok_path[4200], dirbuf[4096], name[128];
     bool started = false;
 
@@ -118,20 +124,21 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
     while (dl > 1 && dirbuf[dl - 1] == '/')
         dirbuf[--dl] = 0;
     snprintf(name, sizeof name, "%s", basename(dirbuf));
-    for (int i = 0; i < l->n_instances; i++) {
-        inst[i].pool = l->instances[i].pool == SERVE_PREFILL  ? MOE_POOL_PREFILL
-                       : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
-                                                              : MOE_POOL_MIXED;
-        inst[i].ep_size = l->instances[i].ep_size;
-        memcpy(inst[i].ranks, l->instances[i].ranks, sizeof(int) * (size_t)inst[i].ep_size);
-    }
+    for (int i = 0, t = 0; i < l->n_instances; i++)
+        for (int j = 0; j < l->instances[i].ep_size; j++, t++) {
+            inst[t].pool = l->instances[i].pool == SERVE_PREFILL  ? MOE_POOL_PREFILL
+                           : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
+                                                                  : MOE_POOL_MIXED;
+            inst[t].ep_size = 1;
+            inst[t].ranks[0] = l->instances[i].ranks[j];
+        }
     ready_ctx rctx = {.a = a, .l = l, .cfg = &cfg};
     moe_cluster_opts co = {.model_name = name,
                            .cfg = &cfg,
                            .tok = tok,
                            .ctrl = ctrl,
                            .world_size = l->world,
-                           .n_instances = l->n_instances,
+                           .n_instances = n_targets,
                            .instances = inst,
                            .spare_ranks = l->spare,
                            .n_spare = l->n_spare,

@@ -13,7 +13,9 @@ typedef struct {
     const char *model_dir;
     int prefill, decode; /* instances asked for; -1 = not given */
     bool colocated;
-    int ep_size;
+    int ep_size;    /* --ep-size: ranks per instance, every pool */
+    int prefill_ep; /* --prefill-ep, default ep_size */
+    int decode_ep;  /* --decode-ep, default ep_size */
     const char *listen;
     int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
     int kv_blocks; /* per instance; 0 = from kv_mb */

@@ -15,6 +15,17 @@ static void on_signal(int sig)
     signalled = sig;
 }
 
+/* The coordinator schedules each rank of an expert-parallel instance as its own target (attention
+ * is data-parallel): this rank's index among them, in layout order. */
+static int target_index(const serve_layout *l, int rank)
+{
+    for (int i = 0, t = 0; i < l->n_instances; i++)
+        for (int j = 0; j < l->instances[i].ep_size; j++, t++)
+            if (l->instances[i].ranks[j] == rank)
+                return t;
+    return -1;
+}
+
 int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
                       MPI_Comm instance_comm, int local_ranks)
 {
@@ -44,7 +55,7 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
     }
     moe_worker_opts o = {.model_dir = a->model_dir,
                          .role = role,
-                         .instance_id = idx,
+                         .instance_id = target_index(l, rank),
                          .coordinator_rank = 0,
                          .ctrl = ctrl,
                          .data = data,
