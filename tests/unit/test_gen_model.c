@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tests/unit/test_util.h"
 #include "common/model_config.h"
 #include "common/tokenizer.h"
 #include "worker/safetensors.h"
@@ -33,24 +34,6 @@ static char *mut(const char *s)
     return (char *)(uintptr_t)s;
 }
 
-static void rm_rf(const char *path)
-{
-    DIR *d = opendir(path);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d))) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-                continue;
-            char p[1024];
-            snprintf(p, sizeof p, "%s/%s", path, e->d_name);
-            rm_rf(p);
-        }
-        closedir(d);
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
 
 static void setup(void)
 {
@@ -63,7 +46,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    rm_rf(g_root);
+    moe_test_rm_rf(g_root);
 }
 
 TestSuite(gen_model, .init = setup, .fini = teardown, .timeout = 60);

@@ -7,30 +7,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "tests/unit/test_util.h"
 #include "worker/model.h"
 
 enum { V = 64, D = 32, L = 3, H = 4, KV = 2, E = 4, K = 2, FFN = 16, DENSE = 48, SHARED = 24 };
 
 static char dir[256];
 
-static void rm_rf(const char *path)
-{
-    DIR *d = opendir(path);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d))) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-                continue;
-            char p[1024];
-            snprintf(p, sizeof p, "%s/%s", path, e->d_name);
-            rm_rf(p);
-        }
-        closedir(d);
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
 
 static void setup(void)
 {
@@ -40,7 +23,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    rm_rf(dir);
+    moe_test_rm_rf(dir);
 }
 
 TestSuite(model_load, .init = setup, .fini = teardown, .timeout = 60);
@@ -682,7 +665,7 @@ Test(model_load, refuses_broken_shard_index)
 
 Test(model_load, no_model_dir)
 {
-    rm_rf(dir);
+    moe_test_rm_rf(dir);
     cr_assert_not_null(mkdtemp(strcpy(dir, "/tmp/moe-model-XXXXXX")));
     expect_load_error(MOE_ERR_NOT_FOUND, dir, "config.json");
 }

@@ -8,28 +8,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tests/unit/test_util.h"
 #include "worker/safetensors.h"
 
 static char tmpdir[256];
 
-static void rm_rf(const char *path)
-{
-    DIR *d = opendir(path);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d))) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-                continue;
-            char p[1024];
-            snprintf(p, sizeof p, "%s/%s", path, e->d_name);
-            rm_rf(p);
-        }
-        closedir(d);
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
 
 static void setup(void)
 {
@@ -39,7 +22,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    rm_rf(tmpdir);
+    moe_test_rm_rf(tmpdir);
 }
 
 TestSuite(safetensors, .init = setup, .fini = teardown, .timeout = 30);
