@@ -247,6 +247,9 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
     case TAG(SEQ_EVENT):
         d = &moeserve__cluster__v1__seq_event__descriptor;
         break;
+    case TAG(MIGRATE_END):
+        d = &moeserve__cluster__v1__migrate_end__descriptor;
+        break;
     default:
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
         return;
@@ -269,6 +272,9 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
         break;
     case TAG(SEQ_EVENT):
         on_seq_event(c, src, (const Moeserve__Cluster__V1__SeqEvent *)m);
+        break;
+    case TAG(MIGRATE_END):
+        moe_cluster_mig_on_end(c, src, (const Moeserve__Cluster__V1__MigrateEnd *)m);
         break;
     default:
         break;
@@ -394,8 +400,9 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         moe_instance_status *s = &out->instances[i];
         s->id = i;
         s->pool = in->def.pool;
-        s->state =
-            (c->draining && in->state == MOE_INSTANCE_READY) ? MOE_INSTANCE_DRAINING : in->state;
+        s->state = ((c->draining || atomic_load(&in->mig.drain)) && in->state == MOE_INSTANCE_READY)
+                       ? MOE_INSTANCE_DRAINING
+                       : in->state;
         s->ep_size = (uint32_t)in->def.ep_size;
         for (int j = 0; j < in->def.ep_size && j < MOE_FRONTEND_MAX_EP; j++)
             s->ranks[j] = in->def.ranks[j];
@@ -415,6 +422,7 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         k->kv_transfer_timeouts += in->ctr.kv_transfer_timeouts;
         k->kv_lease_expirations += in->ctr.kv_lease_expirations;
     }
+    moe_cluster_mig_snapshot(c, out);
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -422,6 +430,12 @@ static moe_status be_cluster_status(void *ctx, moe_cluster_status *out)
 {
     moe_cluster_snapshot(ctx, out);
     return MOE_OK;
+}
+
+static moe_status be_drain_instance(void *ctx, uint32_t instance, bool undo,
+                                    moe_instance_status *out)
+{
+    return moe_cluster_drain_instance(ctx, instance, undo, out);
 }
 
 static bool be_healthy(void *ctx)
@@ -442,7 +456,8 @@ void moe_cluster_backend(moe_cluster *c, moe_frontend_backend *out)
                                   .cancel = be_cancel,
                                   .tokenize = be_tokenize,
                                   .cluster_status = be_cluster_status,
-                                  .healthy = be_healthy};
+                                  .healthy = be_healthy,
+                                  .drain_instance = be_drain_instance};
 }
 
 /* ---- life cycle ---- */
@@ -476,6 +491,7 @@ moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
     for (int i = 0; i < c->n_inst; i++) {
         inst_t *in = &c->inst[i];
         in->def = opts->instances[i];
+        atomic_init(&in->mig.drain, false);
         in->lead = in->def.ranks[0];
         in->state = MOE_INSTANCE_STARTING;
         c->disagg |= in->def.pool != MOE_POOL_MIXED;
@@ -487,6 +503,7 @@ moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
     c->o.instances = NULL;
     c->o.spare_ranks = c->spares;
     c->lat = calloc(LAT_RING, sizeof *c->lat); /* optional: NULL only skips the measurement */
+    moe_cluster_mig_init(c);
     atomic_init(&c->next_id, 1);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv, NULL);
@@ -512,6 +529,7 @@ void moe_cluster_free(moe_cluster *c)
         MPI_Request_free(&c->ob[i].r); /* the buffer leaks on purpose: MPI may still read it */
     }
     free(c->ob);
+    moe_cluster_mig_free(c);
     free(c->lat);
     free(c->in_sub);
     free(c->in_cancel);
@@ -643,8 +661,9 @@ moe_status moe_cluster_run(moe_cluster *c)
         bool busy = take_inbox(c);
         busy |= drain_mpi(c, &buf, &cap) > 0;
         moe_cluster_sched_dispatch(c);
-        ob_progress(c);
         int64_t now = moe_now_ns();
+        busy |= moe_cluster_mig_tick(c, now);
+        ob_progress(c);
         if (now >= next_check) {
             next_check = now + 20000000;
             for (int i = 0; i < c->n_inst; i++) {

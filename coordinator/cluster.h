@@ -25,6 +25,30 @@ typedef struct {
     int ranks[MOE_FRONTEND_MAX_EP]; /* world ranks, ranks[0] leads (talks to the coordinator) */
 } moe_cluster_instance;
 
+/* The live-migration policy (coordinator/cluster_migrate.c; docs/migration.md explains each
+ * knob). Fields <= 0 take the default in brackets. */
+typedef struct {
+    bool no_policy;           /* true: no balance, de-fragmentation or priority moves (drain
+                                 and the forced hook work either way) */
+    double high_water;        /* [0.85] virtual KV usage above which an instance sheds requests */
+    double low_water;         /* [0.60] ... to instances below this */
+    double priority_headroom; /* [0.30] added to the virtual usage of an instance running a
+                                 request with priority < 0 */
+    int interval_ms;          /* [50] policy period */
+    int max_inflight;         /* [4] migrations in flight in the cluster */
+    int final_blocks;         /* [2] unsent blocks at most when the source pauses */
+    int max_stages;           /* [32] stages before the final one is forced */
+    int stage_blocks;         /* [128] blocks per non-final stage */
+    int min_remaining;        /* [16] requests this close to their max_new_tokens stay put
+                                 (not when draining) */
+    int retry_ms;             /* [1000] after an abort, a request waits this long to move again */
+    int waiting_ticks;        /* [3] policy periods an instance must keep requests waiting for KV
+                                 before de-fragmentation moves requests off it */
+    int every_tokens;         /* test/bench hook: move every decoding request to the next
+                                 instance of its pool each time it has generated this many
+                                 tokens (0 = off; $MOE_TEST_MIGRATE_EVERY when 0) */
+} moe_cluster_migrate_opts;
+
 typedef struct {
     const char *model_name;      /* for ClusterStatus and logs */
     const moe_model_config *cfg; /* borrowed: EOS ids, vocabulary, context */
@@ -47,6 +71,7 @@ typedef struct {
     void *on_ready_ctx;
     /* Set asynchronously (a signal handler) to start the drain. May be NULL. */
     volatile sig_atomic_t *drain_flag;
+    moe_cluster_migrate_opts migrate;
 } moe_cluster_opts;
 
 /* Copies what it needs from opts (the borrowed pointers must outlive the cluster). */
@@ -70,6 +95,10 @@ void moe_cluster_drain(moe_cluster *c);
  * UNAVAILABLE when some rank did not answer (hung): the caller should MPI_Abort rather than
  * MPI_Finalize, which would wait for it forever. */
 moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms);
+
+/* Drains one instance, or undoes it (thread-safe; the drain_instance backend slot). */
+moe_status moe_cluster_drain_instance(moe_cluster *c, uint32_t instance, bool undo,
+                                      moe_instance_status *out);
 
 /* A snapshot like the ClusterStatus backend slot (for the start-up line and tests). */
 void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out);

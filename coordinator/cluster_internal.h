@@ -1,6 +1,6 @@
 /* Internal to the cluster backend (coordinator/cluster.c: loop, MPI, front-end slots;
  * cluster_requests.c: request table and token delivery; cluster_sched.c: instances and
- * placement). Nobody else includes this. Everything here runs on the coordinator loop's thread
+ * placement; cluster_migrate.c: live-migration policy and drain). Nobody else includes this. Everything here runs on the coordinator loop's thread
  * unless it says otherwise; fields the front end's threads read are written under mu. */
 #ifndef MOE_COORDINATOR_CLUSTER_INTERNAL_H
 #define MOE_COORDINATOR_CLUSTER_INTERNAL_H
@@ -11,6 +11,7 @@
 #include "cluster.pb-c.h"
 #include "common/stop.h"
 #include "coordinator/cluster.h"
+#include "coordinator/cluster_migrate.h"
 
 #define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
 #define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
@@ -49,6 +50,7 @@ typedef struct creq {
     moe_stopper *stop;
     char *text; /* everything the detokenizer produced (to name the matched stop string) */
     size_t text_len, text_cap, emitted;
+    creq_mig mig; /* live migration (cluster_migrate.c) */
     struct creq *hnext;
     struct creq *qnext;
 } creq;
@@ -66,6 +68,7 @@ typedef struct {
     int n_pending;
     int reserved_blocks; /* decode: blocks of requests assigned and not yet handed off */
     pb_counters ctr;     /* latest cumulative counters of its lead */
+    inst_mig mig;        /* live migration: drain, flights (cluster_migrate.c) */
 } inst_t;
 
 struct moe_cluster {
@@ -104,6 +107,7 @@ struct moe_cluster {
     creq *queue;
     int64_t drain_started;
     uint64_t transfers_logged;
+    cluster_mig mig; /* live migration policy (cluster_migrate.c) */
 };
 
 /* ---- cluster.c ---- */

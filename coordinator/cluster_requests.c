@@ -70,6 +70,7 @@ void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *
 {
     unlink_req(c, r);
     release_accounting(c, r);
+    moe_cluster_mig_on_request_end(c, r);
     if (r->state != RQ_QUEUED) {
         moe_cluster_send_free(c, r->pi, r->id);
         if (r->di != r->pi)
@@ -84,6 +85,7 @@ static void finish_req(moe_cluster *c, creq *r, moe_api_finish why, const char *
 {
     unlink_req(c, r);
     release_accounting(c, r);
+    moe_cluster_mig_on_request_end(c, r);
     if (free_workers) {
         moe_cluster_send_free(c, r->pi, r->id);
         if (r->di != r->pi)

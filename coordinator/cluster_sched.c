@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
 
@@ -16,6 +17,7 @@ void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
     if (!l)
         return;
     pthread_mutex_lock(&c->mu);
+    in->mig.load_ns = moe_now_ns();
     in->kv_total = l->kv_blocks_total;
     in->kv_used = l->kv_blocks_used;
     in->running = l->running;
@@ -81,7 +83,8 @@ static int pick_prefill(moe_cluster *c, const creq *r, bool *gated)
     *gated = false;
     for (int i = 0; i < c->n_inst; i++) {
         inst_t *in = &c->inst[i];
-        if (in->def.pool != want || in->state != MOE_INSTANCE_READY)
+        if (in->def.pool != want || in->state != MOE_INSTANCE_READY ||
+            atomic_load(&in->mig.drain))
             continue;
         /* Keep a few batches' worth queued on each instance, no more: the rest waits here, where
          * priorities still apply. */
@@ -105,9 +108,11 @@ static int pick_decode(moe_cluster *c)
     long best_free = 0;
     for (int i = 0; i < c->n_inst; i++) {
         inst_t *in = &c->inst[i];
-        if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY)
+        if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY ||
+            atomic_load(&in->mig.drain))
             continue;
-        long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks;
+        long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks -
+                  (long)in->mig.in_blocks;
         if (best < 0 || fr > best_free ||
             (fr == best_free && in->running < c->inst[best].running)) {
             best = i;

@@ -90,12 +90,31 @@ typedef struct {
     uint64_t migrations, migrations_aborted, preemptions;
 } moe_cluster_counters;
 
+/* Live migrations (docs/migration.md): outcomes, costs and what triggered them. */
+typedef struct {
+    uint64_t started, completed, aborted;
+    /* aborted, by reason: destination out of blocks; the request finished or was cancelled on
+     * the source meanwhile; preempted on the source; a transfer failed (checksum, comm); a peer
+     * did not answer in time; anything else (not migratable, shutdown, test hooks) */
+    uint64_t aborted_dest_full, aborted_seq_gone, aborted_preempted, aborted_transfer;
+    uint64_t aborted_timeout, aborted_other;
+    uint64_t bytes, blocks, stages; /* of completed migrations */
+    /* pause (sequence paused on the source -> resumed on the destination), completed ones;
+     * p50/p99 over the last 1024 */
+    double pause_ms_total, pause_ms_max, pause_ms_p50, pause_ms_p99;
+    /* started, by trigger: load balance, de-fragmentation (queued demand), priority headroom,
+     * drain, the forced test/bench hook */
+    uint64_t by_balance, by_defrag, by_priority, by_drain, by_forced;
+    uint32_t in_flight;
+} moe_migration_counters;
+
 typedef struct {
     char model[128];          /* model name (directory base name or config name) */
     uint32_t world_size;      /* MPI ranks, coordinator included */
     uint32_t n_instances;     /* <= MOE_FRONTEND_MAX_INSTANCES */
     moe_instance_status instances[MOE_FRONTEND_MAX_INSTANCES];
     moe_cluster_counters counters;
+    moe_migration_counters migration;
 } moe_cluster_status;
 
 /* ---------------------------------------------------------------------------------------------
@@ -141,6 +160,15 @@ typedef struct {
      * while loading, after a rank is lost, or while draining. Health/Check answers SERVING only
      * when this is true. Required. */
     bool (*healthy)(void *ctx);
+
+    /* Drains one instance (the Drain RPC, `moe-client drain`): it takes no new requests and its
+     * running ones move to other instances (live migration), until it holds no KV; undo = true
+     * makes it take requests again. Returns at once (the drain goes on in the background) with
+     * the instance's current row in *out. MOE_ERR_NOT_FOUND: no such instance;
+     * MOE_ERR_INVALID_ARG: it cannot be drained (the last one of its pool taking requests).
+     * NULL: the RPC answers UNIMPLEMENTED. */
+    moe_status (*drain_instance)(void *ctx, uint32_t instance, bool undo,
+                                 moe_instance_status *out);
 } moe_frontend_backend;
 
 /* ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 /* The gRPC front end: completion-queue threads, one state machine per call, the streaming of
- * backend events to Generate calls, and the unary RPCs (Tokenize, ClusterStatus, Health/Check).
+ * backend events to Generate calls, and the unary RPCs (Tokenize, ClusterStatus, Drain,
+ * Health/Check).
  *
  * How a Generate call lives (all of it driven by completions on one shared queue):
  *   new call -> RECV_CLOSE_ON_SERVER started (its completion = the end of the call: finished,
@@ -35,13 +36,14 @@
 #include "health.pb-c.h"
 #include "moeserve.pb-c.h"
 
-enum call_kind { K_GENERATE, K_TOKENIZE, K_STATUS, K_HEALTH, K_UNKNOWN, K_COUNT };
+enum call_kind { K_GENERATE, K_TOKENIZE, K_STATUS, K_HEALTH, K_DRAIN, K_UNKNOWN, K_COUNT };
 
 static const char *const METHOD_PATH[K_UNKNOWN] = {
     [K_GENERATE] = "/moeserve.v1.Moeserve/Generate",
     [K_TOKENIZE] = "/moeserve.v1.Moeserve/Tokenize",
     [K_STATUS] = "/moeserve.v1.Moeserve/ClusterStatus",
     [K_HEALTH] = "/grpc.health.v1.Health/Check",
+    [K_DRAIN] = "/moeserve.v1.Moeserve/Drain",
 };
 
 enum tag_kind { T_NEW, T_CLOSE, T_SEND, T_WAKE, T_UNARY, T_SHUTDOWN };
@@ -590,6 +592,31 @@ static void handle_status(struct moe_frontend_req *c)
     ctr.migrations = bc->migrations;
     ctr.migrations_aborted = bc->migrations_aborted;
     ctr.preemptions = bc->preemptions;
+    const moe_migration_counters *mc = &st->migration;
+    Moeserve__V1__Migration mig;
+    moeserve__v1__migration__init(&mig);
+    mig.started = mc->started;
+    mig.completed = mc->completed;
+    mig.aborted = mc->aborted;
+    mig.aborted_dest_full = mc->aborted_dest_full;
+    mig.aborted_seq_gone = mc->aborted_seq_gone;
+    mig.aborted_preempted = mc->aborted_preempted;
+    mig.aborted_transfer = mc->aborted_transfer;
+    mig.aborted_timeout = mc->aborted_timeout;
+    mig.aborted_other = mc->aborted_other;
+    mig.bytes = mc->bytes;
+    mig.blocks = mc->blocks;
+    mig.stages = mc->stages;
+    mig.pause_ms_total = mc->pause_ms_total;
+    mig.pause_ms_max = mc->pause_ms_max;
+    mig.pause_ms_p50 = mc->pause_ms_p50;
+    mig.pause_ms_p99 = mc->pause_ms_p99;
+    mig.by_balance = mc->by_balance;
+    mig.by_defrag = mc->by_defrag;
+    mig.by_priority = mc->by_priority;
+    mig.by_drain = mc->by_drain;
+    mig.by_forced = mc->by_forced;
+    mig.in_flight = mc->in_flight;
 
     char version[] = MOE_SERVER_VERSION;
     resp.model = st->model;
@@ -605,11 +632,70 @@ static void handle_status(struct moe_frontend_req *c)
     resp.instances = inst_p;
     resp.totals = &totals;
     resp.counters = &ctr;
+    resp.migration = &mig;
     unary_reply(c, GRPC_STATUS_OK, NULL, &resp.base);
     free(inst);
     free(inst_p);
     free(ranks);
     free(st);
+}
+
+/* Drain: hands one instance's drain (or its undoing) to the backend, answers with its row. */
+static void handle_drain(struct moe_frontend_req *c)
+{
+    moe_grpc_server *s = c->srv;
+    if (!check_size(c, "DrainRequest"))
+        return;
+    if (!s->be.drain_instance) {
+        unary_reply(c, GRPC_STATUS_UNIMPLEMENTED, "Drain: this backend cannot drain instances",
+                    NULL);
+        return;
+    }
+    grpc_slice slice;
+    Moeserve__V1__DrainRequest *req = NULL;
+    if (read_payload(c->payload, &slice)) {
+        req = moeserve__v1__drain_request__unpack(NULL, GRPC_SLICE_LENGTH(slice),
+                                                  GRPC_SLICE_START_PTR(slice));
+        grpc_slice_unref(slice);
+    }
+    if (!req) {
+        unary_reply(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed DrainRequest", NULL);
+        return;
+    }
+    moe_instance_status is;
+    memset(&is, 0, sizeof(is));
+    moe_status rc = s->be.drain_instance(s->be.ctx, req->instance, req->undo, &is);
+    moeserve__v1__drain_request__free_unpacked(req, NULL);
+    if (rc != MOE_OK) {
+        char msg[320];
+        snprintf(msg, sizeof(msg), "%s", moe_error_message());
+        unary_reply(c, moe_grpc_status_from_moe(rc), msg, NULL);
+        return;
+    }
+    uint32_t ranks[MOE_FRONTEND_MAX_EP];
+    uint32_t ep = is.ep_size <= MOE_FRONTEND_MAX_EP ? is.ep_size : MOE_FRONTEND_MAX_EP;
+    Moeserve__V1__Instance o;
+    moeserve__v1__instance__init(&o);
+    o.id = is.id;
+    o.pool = (Moeserve__V1__PoolKind)is.pool;
+    o.state = (Moeserve__V1__InstanceState)is.state;
+    o.ep_size = ep;
+    o.n_ranks = ep;
+    o.ranks = ranks;
+    for (uint32_t r = 0; r < ep; r++)
+        ranks[r] = (uint32_t)is.ranks[r];
+    o.kv_blocks_total = is.kv_blocks_total;
+    o.kv_blocks_used = is.kv_blocks_used;
+    o.kv_blocks_free = is.kv_blocks_free;
+    o.kv_block_tokens = is.kv_block_tokens;
+    o.running = is.running;
+    o.waiting = is.waiting;
+    o.pending_prompt_tokens = is.pending_prompt_tokens;
+    o.heartbeat_age_ms = is.heartbeat_age_ms;
+    Moeserve__V1__DrainResponse resp;
+    moeserve__v1__drain_response__init(&resp);
+    resp.instance = &o;
+    unary_reply(c, GRPC_STATUS_OK, NULL, &resp.base);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1040,6 +1126,7 @@ static void on_new_call(struct moe_frontend_req *c, bool ok)
     case K_TOKENIZE: handle_tokenize(c); break;
     case K_STATUS: handle_status(c); break;
     case K_HEALTH: handle_health(c); break;
+    case K_DRAIN: handle_drain(c); break;
     default: {
         char msg[320];
         snprintf(msg, sizeof(msg), "method %.*s is not implemented by this server",

@@ -11,6 +11,7 @@
 #include "health.pb-c.h"
 #include "moeserve.pb-c.h"
 #include "tools/moe_client/client.h"
+#include "tools/moe_client/drain.h"
 
 #define MAX_STOPS 64
 #define MAX_PROMPT_IDS 65536
@@ -23,6 +24,9 @@ static void usage(FILE *f)
             "  moe-client [--addr HOST:PORT] status                    cluster table\n"
             "  moe-client [--addr HOST:PORT] tokenize TEXT [--no-special-tokens]\n"
             "  moe-client [--addr HOST:PORT] health [--service NAME]\n"
+            "  moe-client [--addr HOST:PORT] drain INSTANCE [--undo] [--no-wait]\n"
+            "                         move every request off an instance (live migration) and\n"
+            "                         wait until it holds no KV; --undo: take requests again\n"
             "\n"
             "  --addr HOST:PORT       server (default $MOE_SERVER_ADDR, else 127.0.0.1:50051)\n"
             "generate options:\n"
@@ -41,7 +45,9 @@ static void usage(FILE *f)
 
 typedef struct {
     const char *addr;
-    const char *cmd; /* "generate", "status", "tokenize", "health" */
+    const char *cmd; /* "generate", "status", "tokenize", "health", "drain" */
+    uint32_t drain_instance;
+    bool undo, no_wait;
     const char *prompt, *prompt_ids, *text, *service, *request_id;
     bool stream, ignore_eos, no_special, show_ids;
     uint32_t max_new;
@@ -174,6 +180,10 @@ static int parse_args(int argc, char **argv, opts *o)
             if (!parse_i64(v, 1, INT64_MAX / 1000000, &n))
                 BAD_VALUE();
             o->timeout_ms = n;
+        } else if (!strcmp(a, "--undo")) {
+            o->undo = true;
+        } else if (!strcmp(a, "--no-wait")) {
+            o->no_wait = true;
         } else if (!strcmp(a, "--service")) {
             NEED_VALUE;
             o->service = v;
@@ -182,6 +192,14 @@ static int parse_args(int argc, char **argv, opts *o)
             return 2;
         } else if (!o->cmd && (!strcmp(a, "status") || !strcmp(a, "health"))) {
             o->cmd = a;
+        } else if (!o->cmd && !strcmp(a, "drain")) {
+            o->cmd = a;
+            if (!v || !parse_i64(v, 0, UINT32_MAX, &n)) {
+                fprintf(stderr, "moe-client: drain needs an instance id (see moe-client status)\n");
+                return 2;
+            }
+            o->drain_instance = (uint32_t)n;
+            i++;
         } else if (!o->cmd && !strcmp(a, "tokenize")) {
             o->cmd = a;
             if (!v) {
@@ -483,6 +501,21 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
         printf("sched:    %" PRIu64 " migrations (%" PRIu64 " aborted), %" PRIu64 " preemptions\n",
                k->migrations, k->migrations_aborted, k->preemptions);
     }
+    const Moeserve__V1__Migration *g = r->migration;
+    if (g && g->started) {
+        printf("migrate:  %" PRIu64 " started, %" PRIu64 " completed, %" PRIu32 " in flight, %" PRIu64
+               " aborted (dest full %" PRIu64 ", gone %" PRIu64 ", preempted %" PRIu64
+               ", transfer %" PRIu64 ", timeout %" PRIu64 ", other %" PRIu64 ")\n",
+               g->started, g->completed, g->in_flight, g->aborted, g->aborted_dest_full,
+               g->aborted_seq_gone, g->aborted_preempted, g->aborted_transfer, g->aborted_timeout,
+               g->aborted_other);
+        printf("          %.1f MiB in %" PRIu64 " stages; pause p50 %.2f ms, p99 %.2f ms, max %.2f "
+               "ms; by balance %" PRIu64 ", defrag %" PRIu64 ", priority %" PRIu64 ", drain %" PRIu64
+               ", forced %" PRIu64 "\n",
+               (double)g->bytes / (1024.0 * 1024.0), g->stages, g->pause_ms_p50, g->pause_ms_p99,
+               g->pause_ms_max, g->by_balance, g->by_defrag, g->by_priority, g->by_drain,
+               g->by_forced);
+    }
     protobuf_c_message_free_unpacked(m, NULL);
     return 0;
 }
@@ -555,6 +588,8 @@ int main(int argc, char **argv)
         rc = cmd_tokenize(c, &o);
     else if (!strcmp(o.cmd, "health"))
         rc = cmd_health(c, &o);
+    else if (!strcmp(o.cmd, "drain"))
+        rc = moe_client_drain(c, o.addr, o.drain_instance, o.undo, o.no_wait, o.timeout_ms);
     else
         rc = cmd_generate(c, &o);
     moe_rpc_close(c);
