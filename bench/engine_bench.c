@@ -189,10 +189,11 @@ static int drain(moe_engine *e, moe_token_event *ev, int cap)
     return 0;
 }
 
-/* Decode at batch B: B sequences with prompt_len-token prompts are prefilled (untimed), then
- * `warmup` untimed and `n_steps` timed decode steps. */
-static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc, const bench_args *a,
-                        int B, int n_steps)
+/* One decode round at batch B: B sequences with prompt_len-token prompts are prefilled (untimed),
+ * then `warmup` untimed and `n_steps` timed decode steps. Writes the timed seconds and the number
+ * of (layer, expert) matrices the timed steps read. */
+static int decode_round(moe_engine *e, const moe_model *m, const bench_args *a, int B, int n_steps,
+                        double *secs_out, double *expert_reads_out)
 {
     const moe_model_config *c = &m->cfg;
     int L = c->n_layers, E = c->n_experts;
@@ -260,21 +261,9 @@ static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc,
     }
     if (a->callgrind)
         BENCH_TOGGLE_COLLECT();
-    double secs = (double)t_total * 1e-9;
-    double ctx_mean = a->prompt_len + a->warmup + 1 + (n_steps - 1) / 2.0;
-    double w_bytes_step = mc->dense_bytes + expert_reads / n_steps * mc->expert_bytes + B * mc->embed_row_bytes;
-    double kv_bytes_step = B * ctx_mean * mc->kv_bytes_per_pos;
-    double flops_tok = 2 * (mc->dense_params + mc->lm_head_params +
-                            (double)c->n_experts_per_tok * n_moe_layers(m) * mc->expert_params) +
-                       ctx_mean * mc->attn_flops_per_ctx;
-    printf("decode_b%d_steps=%d\n", B, n_steps);
-    printf("decode_b%d_seconds=%.4f\n", B, secs);
-    printf("decode_b%d_tok_s=%.3f\n", B, (double)tokens / secs);
-    printf("decode_b%d_ms_per_step=%.3f\n", B, secs * 1e3 / n_steps);
-    printf("decode_b%d_experts_per_step=%.2f\n", B, expert_reads / n_steps);
-    printf("decode_b%d_weight_bytes_per_step=%.0f\n", B, w_bytes_step);
-    printf("decode_b%d_kv_bytes_per_step=%.0f\n", B, kv_bytes_step);
-    printf("decode_b%d_flops_per_token=%.0f\n", B, flops_tok);
+    *secs_out = (double)t_total * 1e-9;
+    *expert_reads_out = expert_reads;
+    (void)tokens;
     rc = 0;
     goto out;
 step_err:
@@ -286,6 +275,40 @@ out:
     (void)drain(e, ev, B);
     free(prompt), free(ev), free(before), free(started);
     return rc;
+}
+
+/* Decode at batch B, best of `rounds` rounds (fresh sequences each), with the bytes and FLOPs of
+ * a step. */
+static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc, const bench_args *a,
+                        int B, int n_steps, int rounds)
+{
+    const moe_model_config *c = &m->cfg;
+    double secs = 0, expert_reads = 0;
+    for (int r = 0; r < rounds; r++) {
+        double s, x;
+        if (decode_round(e, m, a, B, n_steps, &s, &x) != 0)
+            return -1;
+        if (r == 0 || s < secs) {
+            secs = s;
+            expert_reads = x;
+        }
+    }
+    double ctx_mean = a->prompt_len + a->warmup + 1 + (n_steps - 1) / 2.0;
+    double w_bytes_step = mc->dense_bytes + expert_reads / n_steps * mc->expert_bytes + B * mc->embed_row_bytes;
+    double kv_bytes_step = B * ctx_mean * mc->kv_bytes_per_pos;
+    double flops_tok = 2 * (mc->dense_params + mc->lm_head_params +
+                            (double)c->n_experts_per_tok * n_moe_layers(m) * mc->expert_params) +
+                       ctx_mean * mc->attn_flops_per_ctx;
+    printf("decode_b%d_steps=%d\n", B, n_steps);
+    printf("decode_b%d_rounds=%d\n", B, rounds);
+    printf("decode_b%d_seconds=%.4f\n", B, secs);
+    printf("decode_b%d_tok_s=%.3f\n", B, (double)B * n_steps / secs);
+    printf("decode_b%d_ms_per_step=%.3f\n", B, secs * 1e3 / n_steps);
+    printf("decode_b%d_experts_per_step=%.2f\n", B, expert_reads / n_steps);
+    printf("decode_b%d_weight_bytes_per_step=%.0f\n", B, w_bytes_step);
+    printf("decode_b%d_kv_bytes_per_step=%.0f\n", B, kv_bytes_step);
+    printf("decode_b%d_flops_per_token=%.0f\n", B, flops_tok);
+    return 0;
 }
 
 /* Prefill of one prompt_len-token prompt: time from add to its first sampled token (one step when
@@ -353,6 +376,7 @@ static void usage(FILE *f, const char *prog)
             "  --warmup N          untimed decode steps before them (default 2)\n"
             "  --prefill N         prompt length of the prefill run (default 512; 0 = skip)\n"
             "  --prefill-reps N    prefill repetitions, best kept (default 1)\n"
+            "  --rounds N          decode rounds per batch size, best kept (default 1)\n"
             "  --no-touch          do not pre-fault the weights before timing\n"
             "  --callgrind-decode  toggle callgrind collection around the timed decode steps\n",
             prog);
@@ -379,15 +403,15 @@ int main(int argc, char **argv)
 {
     bench_args a = {.threads = 0, .prompt_len = 32, .warmup = 2, .prefill_len = 512, .touch = 1,
                     .batches = {1, 16}, .n_batches = 2, .steps = {32}, .n_steps = 1};
-    int prefill_reps = 1;
-    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_HELP };
+    int prefill_reps = 1, rounds = 1;
+    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_ROUNDS, O_HELP };
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL},        {"threads", required_argument, 0, O_THREADS},
         {"batch", required_argument, 0, O_BATCH},        {"prompt", required_argument, 0, O_PROMPT},
         {"decode-tokens", required_argument, 0, O_DECODE}, {"warmup", required_argument, 0, O_WARMUP},
         {"prefill", required_argument, 0, O_PREFILL},    {"prefill-reps", required_argument, 0, O_REPS},
         {"no-touch", no_argument, 0, O_NOTOUCH},         {"help", no_argument, 0, O_HELP},
-        {"callgrind-decode", no_argument, 0, O_CALLGRIND},
+        {"callgrind-decode", no_argument, 0, O_CALLGRIND}, {"rounds", required_argument, 0, O_ROUNDS},
         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -410,6 +434,7 @@ int main(int argc, char **argv)
         case O_WARMUP: a.warmup = atoi(optarg); break;
         case O_PREFILL: a.prefill_len = atoi(optarg); break;
         case O_REPS: prefill_reps = atoi(optarg); break;
+        case O_ROUNDS: rounds = atoi(optarg); break;
         case O_NOTOUCH: a.touch = 0; break;
         case O_CALLGRIND: a.callgrind = 1; break;
         case O_HELP: usage(stdout, argv[0]); return 0;
@@ -417,7 +442,7 @@ int main(int argc, char **argv)
         }
     }
     if (!a.model_dir || a.prompt_len < 1 || a.warmup < 0 || a.prefill_len < 0 ||
-        prefill_reps < 1) {
+        prefill_reps < 1 || rounds < 1) {
         usage(stderr, argv[0]);
         return 2;
     }
@@ -480,7 +505,7 @@ int main(int argc, char **argv)
 
     int rc = 0;
     for (int i = 0; i < a.n_batches && rc == 0; i++) {
-        rc = bench_decode(e, m, &mc, &a, a.batches[i], a.steps[i < a.n_steps ? i : a.n_steps - 1]);
+        rc = bench_decode(e, m, &mc, &a, a.batches[i], a.steps[i < a.n_steps ? i : a.n_steps - 1], rounds);
         fflush(stdout);
     }
     if (rc == 0 && a.prefill_len > 0)

@@ -82,6 +82,49 @@ static int team_run(team *t, team_fn fn)
 
 /* ---- bandwidth ---- */
 static double g_best_triad_s, g_best_read_s;
+static int g_has_avx2;
+
+/* Sum of a, b and c over [lo, hi), the three streams read side by side (as decode reads a row
+ * of gate, up and several rows at once), in independent vector sums so the loop is bound by the
+ * loads, not by add latency. */
+__attribute__((target("avx2"))) static double read_sum_avx2(const double *a, const double *b, const double *c,
+                                                            size_t lo, size_t hi)
+{
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0;
+    size_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        s0 = _mm256_add_pd(s0, _mm256_loadu_pd(a + i));
+        s1 = _mm256_add_pd(s1, _mm256_loadu_pd(a + i + 4));
+        s2 = _mm256_add_pd(s2, _mm256_loadu_pd(b + i));
+        s3 = _mm256_add_pd(s3, _mm256_loadu_pd(b + i + 4));
+        s4 = _mm256_add_pd(s4, _mm256_loadu_pd(c + i));
+        s5 = _mm256_add_pd(s5, _mm256_loadu_pd(c + i + 4));
+    }
+    double out[4];
+    __m256d t = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(_mm256_add_pd(s2, s3), _mm256_add_pd(s4, s5)));
+    _mm256_storeu_pd(out, t);
+    double s = out[0] + out[1] + out[2] + out[3];
+    for (; i < hi; i++)
+        s += a[i] + b[i] + c[i];
+    return s;
+}
+
+static double read_sum(const double *a, const double *b, const double *c, size_t lo, size_t hi)
+{
+    if (g_has_avx2)
+        return read_sum_avx2(a, b, c, lo, hi);
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0; /* independent sums: no -ffast-math here */
+    size_t i = lo;
+    for (; i + 2 <= hi; i += 2) {
+        s0 += a[i] + b[i];
+        s1 += c[i];
+        s2 += a[i + 1] + b[i + 1];
+        s3 += c[i + 1];
+    }
+    for (; i < hi; i++)
+        s0 += a[i] + b[i] + c[i];
+    return s0 + s1 + s2 + s3;
+}
 
 static void bw_body(team *t, int id)
 {
@@ -111,22 +154,7 @@ static void bw_body(team *t, int id)
     for (int r = 0; r < t->reps; r++) {
         pthread_barrier_wait(&t->bar);
         int64_t t0 = moe_now_ns();
-        /* Eight independent sums so the adds are not one latency chain (no -ffast-math here). */
-        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-        size_t i = lo;
-        for (; i + 8 <= hi; i += 8) {
-            s0 += a[i] + b[i] + c[i];
-            s1 += a[i + 1] + b[i + 1] + c[i + 1];
-            s2 += a[i + 2] + b[i + 2] + c[i + 2];
-            s3 += a[i + 3] + b[i + 3] + c[i + 3];
-            s4 += a[i + 4] + b[i + 4] + c[i + 4];
-            s5 += a[i + 5] + b[i + 5] + c[i + 5];
-            s6 += a[i + 6] + b[i + 6] + c[i + 6];
-            s7 += a[i + 7] + b[i + 7] + c[i + 7];
-        }
-        for (; i < hi; i++)
-            s0 += a[i] + b[i] + c[i];
-        acc += s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
+        acc += read_sum(a, b, c, lo, hi);
         pthread_barrier_wait(&t->bar);
         if (id == 0) {
             double dt = (double)(moe_now_ns() - t0) * 1e-9;
@@ -315,6 +343,7 @@ int main(int argc, char **argv)
 
     __builtin_cpu_init();
     int has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    g_has_avx2 = has_avx2;
     int has_avx512 = __builtin_cpu_supports("avx512f");
     int has_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
     printf("# roofline: %d threads, kernels ISA %s, CPU avx2+fma=%d avx512f=%d avx512bf16=%d\n",
@@ -323,7 +352,7 @@ int main(int argc, char **argv)
     printf("kernels_isa=%s\n", moe_isa_name(moe_kernels_isa()));
 
     /* Triad: three arrays of `mib` MiB each (STREAM asks for 4x the last-level cache). */
-    team bw = {.n = threads, .reps = 10};
+    team bw = {.n = threads, .reps = 20};
     bw.len = (size_t)mib * 1048576 / sizeof(double);
     bw.a = aligned_alloc(64, bw.len * sizeof(double));
     bw.b = aligned_alloc(64, bw.len * sizeof(double));
@@ -337,8 +366,12 @@ int main(int argc, char **argv)
     /* STREAM convention: the triad moves 2 reads + 1 write = 24 bytes per element (the write-
      * allocate read of a[] is real traffic but not counted). */
     printf("# triad a=b+s*c over 3 x %ld MiB, best of %d; read = sum of the same arrays\n", mib, bw.reps);
+    /* Decode only reads weights; the triad's counted 24 bytes hide the write-allocate traffic of
+     * a[], so a pure read sweep can beat it. The decode roofline takes the better of the two. */
     printf("triad_gbs=%.2f\n", bytes / g_best_triad_s * 1e-9);
-    printf("read_gbs=%.2f\n", bytes / g_best_read_s * 1e-9);
+    double triad = bytes / g_best_triad_s * 1e-9, read = bytes / g_best_read_s * 1e-9;
+    printf("read_gbs=%.2f\n", read);
+    printf("bandwidth_gbs=%.2f\n", read > triad ? read : triad);
     free(bw.a);
     free(bw.b);
     free(bw.c);
