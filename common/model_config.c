@@ -1,5 +1,6 @@
 /* Hugging Face config.json / generation_config.json -> moe_model_config, for the four MoE
  * architectures we serve; defaults follow transformers' configuration_*.py for each. */
+#include "common/file.h"
 #include "common/model_config.h"
 
 #include <cjson/cJSON.h>
@@ -541,44 +542,13 @@ moe_status moe_model_config_parse(const char *config_json, const char *generatio
     return s;
 }
 
-/* Whole small text file; NULL with *st = NOT_FOUND when absent. */
+/* Whole small text file; NULL with *st = NOT_FOUND when absent. Configs are kilobytes: 64 MB
+ * means something else was put there. */
 static char *slurp(const char *path, moe_status *st)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        *st = moe_error(errno == ENOENT ? MOE_ERR_NOT_FOUND : MOE_ERR_IO, "%s: cannot open: %s",
-                        path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (len + 1 >= cap) {
-            /* configs are kilobytes; 64 MB means something else was put there */
-            char *nb = cap < ((size_t)64 << 20) ? realloc(buf, cap * 2) : NULL;
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-        if (got == 0)
-            break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (!buf || err) {
-        free(buf);
-        *st = moe_error(MOE_ERR_IO, "%s: cannot read (error or larger than 64 MB)", path);
-        return NULL;
-    }
-    buf[len] = '\0';
-    *st = MOE_OK;
-    return buf;
+    char *buf;
+    *st = moe_read_file(path, (size_t)64 << 20, &buf, NULL);
+    return *st == MOE_OK ? buf : NULL;
 }
 
 moe_status moe_model_config_load(const char *dir, moe_model_config *cfg)

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/file.h"
 #include "common/tokenizer_internal.h"
 
 moe_status tok_unsupported(const tok_loader *L, const char *path, const char *what)
@@ -383,26 +384,13 @@ done:
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return moe_error(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    tok_buf b = {0};
-    char chunk[65536];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        if (!tok_buf_put(&b, chunk, n)) {
-            fclose(f);
-            tok_buf_free(&b);
-            return moe_error(MOE_ERR_NOMEM, "%s: out of memory reading the file", path);
-        }
-    bool err = ferror(f);
-    fclose(f);
-    if (err) {
-        tok_buf_free(&b);
-        return moe_error(MOE_ERR_IO, "%s: read error", path);
-    }
-    moe_status st = moe_tokenizer_parse(b.p ? b.p : "", b.len, path, out);
-    tok_buf_free(&b);
+    char *text;
+    size_t len;
+    moe_status st = moe_read_file(path, (size_t)1 << 30, &text, &len);
+    if (st != MOE_OK)
+        return st;
+    st = moe_tokenizer_parse(text, len, path, out);
+    free(text);
     return st;
 }
 

@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/file.h"
+
 /* The reference implementation refuses headers above 100 MB; so do we (bounds the copy below). */
 #define ST_MAX_HEADER ((uint64_t)100 * 1000 * 1000)
 
@@ -474,44 +476,9 @@ moe_status moe_st_open_file(const char *path, moe_st_set **out)
 
 static char *read_text(const char *path, moe_status *st)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        *st = moe_error(errno == ENOENT ? MOE_ERR_NOT_FOUND : MOE_ERR_IO, "%s: cannot open: %s",
-                        path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (len + 1 >= cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-        if (got == 0)
-            break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (!buf) {
-        *st = moe_error(MOE_ERR_NOMEM, "%s: out of memory", path);
-        return NULL;
-    }
-    if (err) {
-        free(buf);
-        *st = moe_error(MOE_ERR_IO, "%s: read error", path);
-        return NULL;
-    }
-    buf[len] = '\0';
-    *st = MOE_OK;
-    return buf;
+    char *buf;
+    *st = moe_read_file(path, (size_t)1 << 30, &buf, NULL);
+    return *st == MOE_OK ? buf : NULL;
 }
 
 /* Opens the shards named by DIR/model.safetensors.index.json and checks the index against them:

@@ -615,7 +615,7 @@ Test(tokenizer_bad, broken_regex_and_merges)
 Test(tokenizer_bad, missing_file)
 {
     moe_tokenizer *tok = NULL;
-    cr_assert_eq(moe_tokenizer_load(FIXTURES "/does-not-exist.json", &tok), MOE_ERR_IO);
+    cr_assert_eq(moe_tokenizer_load(FIXTURES "/does-not-exist.json", &tok), MOE_ERR_NOT_FOUND);
     cr_assert_null(tok);
     cr_assert(strstr(moe_error_message(), "does-not-exist.json"));
 }
