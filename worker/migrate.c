@@ -110,6 +110,7 @@ typedef struct {
     dst_phase phase;
     bool imported;
     bool hooked;
+    mig_reason aborted; /* why, once aborted (logged when the reservation is freed) */
     moe_kv_recv *recv;
     uint32_t xfer;
     int64_t deadline;
@@ -567,11 +568,18 @@ static void remove_dst(moe_mig *m, dst_mig *d)
     free(d);
 }
 
-/* Frees what the destination reserved, now. */
+/* Frees what the destination reserved, now. The log line is what the tests check: the
+ * destination's KV usage after an abort. */
 static void dst_drop(moe_mig *m, dst_mig *d)
 {
     if (d->imported)
         moe_engine_finish(m->eng, d->seq_id);
+    moe_engine_stats es;
+    moe_engine_get_stats(m->eng, &es);
+    MOE_LOG_I("seq %llu: incoming migration %u from rank %d aborted at stage %d (%s); reservation "
+              "freed, %d KV blocks in use here",
+              (unsigned long long)d->seq_id, d->mig_id, d->src, d->stage, reason_name(d->aborted),
+              es.kv_blocks_used);
     remove_dst(m, d);
 }
 
@@ -582,9 +590,10 @@ static void dst_abort(moe_mig *m, dst_mig *d, mig_reason why, const char *detail
 {
     if (tell_src)
         send_abort(m, d->src, d->mig_id, d->seq_id, why, detail, false);
-    MOE_LOG_I("seq %llu: incoming migration %u from rank %d aborted at stage %d (%s%s%s)",
+    MOE_LOG_D("seq %llu: incoming migration %u from rank %d: abort at stage %d (%s%s%s)",
               (unsigned long long)d->seq_id, d->mig_id, d->src, d->stage, reason_name(why),
               detail && *detail ? ": " : "", detail ? detail : "");
+    d->aborted = why;
     m->st.in_aborted++;
     if (d->phase == DST_RECEIVING && d->recv && data_posted) {
         d->phase = DST_DRAINING;
@@ -879,6 +888,19 @@ int moe_mig_active(const moe_mig *m)
     return m ? m->n_src + m->n_dst : 0;
 }
 
+bool moe_mig_hold(const moe_mig *m)
+{
+    if (!m)
+        return false;
+    for (int i = 0; i < m->n_src; i++)
+        if (m->src[i]->final && m->src[i]->phase != SRC_WAIT)
+            return true;
+    for (int i = 0; i < m->n_dst; i++)
+        if (m->dst[i]->final && m->dst[i]->phase == DST_RECEIVING)
+            return true;
+    return false;
+}
+
 bool moe_mig_transferring(const moe_mig *m)
 {
     if (!m)
@@ -904,6 +926,7 @@ void moe_mig_free(moe_mig *m)
         dst_mig *d = m->dst[0];
         send_abort(m, d->src, d->mig_id, d->seq_id, REASON(SHUTDOWN),
                    "the worker is shutting down", false);
+        d->aborted = REASON(SHUTDOWN);
         dst_drop(m, d);
     }
     free(m->src);

@@ -114,6 +114,11 @@ void moe_mig_after_step(moe_mig *m, const moe_token_event *events, int n);
  * its blocks are freed: it frees it itself); false when the caller should free it as usual. */
 bool moe_mig_on_free(moe_mig *m, uint64_t seq_id);
 
+/* True while a final stage is in flight here (either role): the sequence is paused, so the worker
+ * loop may hold its engine steps and poll instead, keeping the pause to a few loop turns rather
+ * than a few of the peers' engine steps (the issue allows a stall in the last stage only).
+ * Bounded: a final stage ends within its deadlines. */
+bool moe_mig_hold(const moe_mig *m);
 /* Migrations in flight here (either role), and whether any moves bytes right now. */
 int moe_mig_active(const moe_mig *m);
 bool moe_mig_transferring(const moe_mig *m);

@@ -1,0 +1,351 @@
+"""Live-migration tests under mpirun (docs/migration.md): `migration_tests.py --list` names them,
+`migration_tests.py NAME` runs one (exit 0 = pass); run.sh runs each in its own process.
+
+Layout: one prefill and two decode instances (mpirun -np 4). The forced hook
+(MOE_TEST_MIGRATE_EVERY=N) moves every decoding request to the other decode instance each time it
+has generated N more tokens, so a request moves there and back many times; the abort hooks
+(MOE_TEST_MIGRATE_ABORT, worker/migrate.h) abort migrations at a chosen stage."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+from cluster import (MODEL, Cluster, TestFailure, build_dir, check, gen_request, generate, reference,
+                     run_parallel, small_model)
+import moeserve_pb2 as pb
+
+TESTS = {}
+LAYOUT = ["--prefill-instances", "1", "--decode-instances", "2"]
+
+
+def test(fn):
+    TESTS[fn.__name__] = fn
+    return fn
+
+
+def stop_ok(c):
+    rc = c.stop()
+    check(rc == 0, "mpirun exited %s after the drain:\n%s" % (rc, c.stderr()[-3000:]))
+
+
+def workload(n, max_new, seeded_every=2):
+    """n requests (token-id prompts of different lengths), every other one with seeded sampling."""
+    reqs = []
+    for i in range(n):
+        ids = [(37 * i + 11 * k + 5) % 900 for k in range(3 + 7 * i)]
+        r = {"ids": ids, "max_new": max_new + 13 * i}
+        if i % seeded_every == 1:
+            r.update(temperature=0.8, top_p=0.9, seed=1000 + i)
+        reqs.append(r)
+    return reqs
+
+
+def ref_of(r, model=MODEL):
+    extra = ["--ignore-eos"]
+    if "seed" in r:
+        extra += ["--temperature", str(r["temperature"]), "--top-p", str(r["top_p"]), "--seed", str(r["seed"])]
+    return reference(ids=r["ids"], max_new=r["max_new"], model=model, extra=extra)
+
+
+def request_of(r, **kw):
+    extra = {k: r[k] for k in ("top_p", "seed") if k in r}
+    return gen_request(ids=r["ids"], max_new=r["max_new"], temperature=r.get("temperature", 0.0), ignore_eos=True,
+                       **extra, **kw)
+
+
+def run_and_compare(c, reqs, refs):
+    got = run_parallel(lambda r: generate(c.stub, request_of(r), timeout=120), reqs)
+    for i, ((ids, _, last), ref) in enumerate(zip(got, refs)):
+        check(ids == ref, "request %d (%s): migrated %s != unmigrated %s" % (i, reqs[i], ids, ref))
+        check(last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == len(ids),
+              "request %d: %s %s" % (i, last.finish_reason, last.usage))
+    return got
+
+
+MIG_LINE = re.compile(r"migration (\d+) \((\w+)\): request (\S+) instance (\d+) -> (\d+)(: | aborted)")
+
+
+def migrations(log):
+    """[(id, why, request, src, dst, completed)] from the coordinator's log lines."""
+    return [(int(m.group(1)), m.group(2), m.group(3), int(m.group(4)), int(m.group(5)), m.group(6) == ": ")
+            for m in MIG_LINE.finditer(log)]
+
+
+@test
+def forced_migrations_keep_outputs_exact():
+    """Every decoding request moves to the other decode instance every 4 tokens (there and back,
+    many times), 8 concurrent streams, greedy and seeded sampling: the token streams equal the
+    unmigrated outputs, indices contiguous (no gap, no duplicate), KV back to zero."""
+    reqs = workload(8, 90)
+    refs = [ref_of(r) for r in reqs]
+    with Cluster(np=4, args=LAYOUT, env={"MOE_TEST_MIGRATE_EVERY": "4"}) as c:
+        run_and_compare(c, reqs, refs)
+        st = c.wait_idle()
+        g = st.migration
+        check(g.completed >= 16 and g.by_forced == g.started, "migration counters: %s" % g)
+        check(g.bytes > 0 and g.stages >= g.completed and g.pause_ms_max > 0, str(g))
+        check(st.counters.migrations == g.completed, str(st.counters))
+        moves = migrations(c.stderr())
+        done = {}
+        for _, why, rid, src, dst, ok in moves:
+            check(why == "forced", "unexpected trigger %s" % why)
+            if ok:
+                done.setdefault(rid, []).append((src, dst))
+        check(len(done) == len(reqs), "requests that moved: %d of %d" % (len(done), len(reqs)))
+        for rid, path in done.items():
+            check(len(path) >= 2 and path[1] == (path[0][1], path[0][0]),
+                  "request %s did not move there and back: %s" % (rid, path))
+            for a, b in zip(path, path[1:]):
+                check(a[1] == b[0], "request %s: moves do not chain: %s" % (rid, path))
+        print("%d migrations completed, %d aborted, %.1f MiB, pause p50 %.2f ms p99 %.2f ms max %.2f ms"
+              % (g.completed, g.aborted, g.bytes / 2**20, g.pause_ms_p50, g.pause_ms_p99, g.pause_ms_max))
+        stop_ok(c)
+
+
+DEST_LINE = re.compile(r"incoming migration \d+ from rank \d+ aborted at stage (-?\d+) \((\w+)\); "
+                       r"reservation freed, (\d+) KV blocks in use here")
+
+
+def abort_cases(cases):
+    """One cluster per hook: every migration aborts there; the request stays on its source, its
+    output is exact, and the destination (which runs nothing else) holds no KV after each abort."""
+    reqs = [{"ids": [5, 6, 7, 8, 9, 10, 11], "max_new": 90},
+            {"ids": [300, 301, 302], "max_new": 80, "temperature": 0.8, "top_p": 0.9, "seed": 4242}]
+    refs = [ref_of(r) for r in reqs]
+    for hook, bucket in cases:
+        env = {"MOE_TEST_MIGRATE_EVERY": "3", "MOE_TEST_MIGRATE_ABORT": hook + ":all",
+               "MOE_TEST_MIGRATE_MIN_STAGES": "2"}
+        with Cluster(np=4, args=LAYOUT, env=env) as c:
+            for r, ref in zip(reqs, refs):  # one at a time: the other decode instance holds nothing
+                run_and_compare(c, [r], [ref])
+            st = c.wait_idle()
+            g = st.migration
+            check(g.completed == 0 and g.aborted >= 2, "%s: %s" % (hook, g))
+            check(getattr(g, bucket) >= 1, "%s: no abort counted as %s: %s" % (hook, bucket, g))
+            log = c.stderr()
+            for _, _, _, _, _, ok in migrations(log):
+                check(not ok, "%s: a migration completed" % hook)
+            stage = hook.split(":")[1]
+            fired = [ln for ln in log.splitlines() if "test hook MOE_TEST_MIGRATE_ABORT: aborting" in ln
+                     and (ln.endswith(" (final)") if stage == "final" else
+                          ln.endswith("aborting at stage %s" % stage))]
+            check(fired, "%s: the hook never fired:\n%s" % (hook, log[-3000:]))
+            freed = DEST_LINE.findall(log)
+            check(freed, "%s: the destination logged no freed reservation" % hook)
+            for st_, reason, used in freed:
+                check(used == "0", "%s: destination holds %s blocks after an abort (%s)" % (hook, used, reason))
+            print("%-14s %d aborted (%s %d), hook fired %d times, destination freed %d reservations (%s)" %
+                  (hook, g.aborted, bucket, getattr(g, bucket), len(fired), len(freed),
+                   ",".join(sorted(set(r for _, r, _ in freed)))))
+            stop_ok(c)
+
+
+@test
+def aborts_on_the_destination_side():
+    """The destination refuses stage 0, stage 1 or the final stage, or a block arrives corrupted
+    (stage 0, final stage)."""
+    abort_cases([("dest:0", "aborted_other"), ("dest:1", "aborted_other"), ("dest:final", "aborted_other"),
+                 ("corrupt:0", "aborted_transfer"), ("corrupt:final", "aborted_transfer")])
+
+
+@test
+def aborts_on_the_source_side():
+    """The source aborts before sending stage 0, stage 1, or the final stage (the request is
+    paused then), or with stage 0's or stage 1's data in flight."""
+    abort_cases([("src:0", "aborted_other"), ("src:1", "aborted_other"), ("src:final", "aborted_other"),
+                 ("sent:0", "aborted_other"), ("sent:1", "aborted_other")])
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise TestFailure("timed out waiting for " + what)
+
+
+def decode_rows(st):
+    return {i.id: i for i in st.instances if i.pool == pb.POOL_KIND_DECODE}
+
+
+@test
+def drain_moves_every_request_off():
+    """moe-client drain 1 with requests decoding on both decode instances: they migrate to
+    instance 2 and finish there exactly; instance 1 reports no KV in use while streams are still
+    open, takes no new request, and takes requests again after --undo."""
+    model = small_model()
+    reqs = [{"ids": [(7 * i + k) % 8000 for k in range(20 + 9 * i)], "max_new": 70} for i in range(6)]
+    refs = [ref_of(r, model) for r in reqs]
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "256"]) as c:
+        results = [None] * len(reqs)
+
+        def client(i):
+            results[i] = generate(c.stub, request_of(reqs[i]), timeout=120)[0]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: all(r.running > 0 for r in decode_rows(c.status()).values()), 60,
+                   "both decode instances to run requests")
+        addr = "127.0.0.1:%d" % c.port
+        p = subprocess.run([os.path.join(build_dir(), "moe-client"), "--addr", addr, "drain", "1",
+                            "--timeout-ms", "60000"], capture_output=True, text=True, timeout=90)
+        check(p.returncode == 0 and "drained" in p.stdout, "moe-client drain: rc %d\n%s%s" %
+              (p.returncode, p.stdout, p.stderr))
+        st = c.status()
+        row = decode_rows(st)[1]
+        check(row.state == pb.INSTANCE_STATE_DRAINING and row.kv_blocks_used == 0 and row.running == 0,
+              "instance 1 after the drain: %s" % row)
+        open_streams = sum(1 for t in threads if t.is_alive())
+        # New requests all go to instance 2 while instance 1 stays empty.
+        extra = [{"ids": [1, 2, 3, 4], "max_new": 30}, {"ids": [9, 8, 7], "max_new": 30}]
+        extra_refs = [ref_of(r, model) for r in extra]
+        seen = {"max_used": 0}
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen["max_used"] = max(seen["max_used"], decode_rows(c.status())[1].kv_blocks_used)
+                time.sleep(0.01)
+        w = threading.Thread(target=watch)
+        w.start()
+        try:
+            got = run_parallel(lambda r: generate(c.stub, request_of(r), timeout=120)[0], extra)
+        finally:
+            done.set()
+            w.join()
+        check(got == extra_refs, "requests during the drain: %s vs %s" % (got, extra_refs))
+        check(seen["max_used"] == 0, "the drained instance took KV: %s" % seen)
+        for t in threads:
+            t.join(timeout=120)
+        for i, (g, ref) in enumerate(zip(results, refs)):
+            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        st = c.wait_idle()
+        g = st.migration
+        check(g.by_drain >= 1 and g.completed >= 1, "migration counters: %s" % g)
+        p = subprocess.run([os.path.join(build_dir(), "moe-client"), "--addr", addr, "drain", "1", "--undo"],
+                           capture_output=True, text=True, timeout=30)
+        check(p.returncode == 0, "drain --undo: %s %s" % (p.stdout, p.stderr))
+        check(decode_rows(c.status())[1].state == pb.INSTANCE_STATE_READY, "instance 1 not ready after --undo")
+        print("drained instance 1 with %d streams still open: %d migrations (%d by drain), pause max %.2f ms"
+              % (open_streams, g.completed, g.by_drain, g.pause_ms_max))
+        stop_ok(c)
+
+
+@test
+def drain_refusals():
+    """Drain answers NOT_FOUND for an unknown instance and INVALID_ARGUMENT for the last decode
+    instance taking requests; moe-client drain exits 1 with the reason."""
+    import grpc
+    with Cluster(np=4, args=LAYOUT) as c:
+        try:
+            c.stub.Drain(pb.DrainRequest(instance=7), timeout=5)
+            raise TestFailure("draining instance 7 succeeded")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.NOT_FOUND, "instance 7: %s" % e.code())
+        r = c.stub.Drain(pb.DrainRequest(instance=2), timeout=5)
+        check(r.instance.id == 2 and r.instance.state == pb.INSTANCE_STATE_DRAINING, str(r))
+        try:
+            c.stub.Drain(pb.DrainRequest(instance=1), timeout=5)
+            raise TestFailure("draining the last decode instance succeeded")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "last decode instance" in e.details(),
+                  "%s %s" % (e.code(), e.details()))
+        p = subprocess.run([os.path.join(build_dir(), "moe-client"), "--addr", "127.0.0.1:%d" % c.port, "drain",
+                            "1"], capture_output=True, text=True, timeout=30)
+        check(p.returncode == 1 and "last decode instance" in p.stderr, "moe-client: %d %s" % (p.returncode, p.stderr))
+        # Everything still runs on instance 1.
+        ids, _, _ = generate(c.stub, gen_request(ids=[5, 6, 7], max_new=10, ignore_eos=True))
+        check(ids == reference(ids=[5, 6, 7], max_new=10, extra=["--ignore-eos"]), "output while drained")
+        c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
+        check(decode_rows(c.status())[2].state == pb.INSTANCE_STATE_READY, "undo")
+        stop_ok(c)
+
+
+def skewed_start(c, reqs, drained):
+    """Starts reqs (streams on threads) while instance `drained` takes nothing, so they all land on
+    the other decode instance; returns (threads, results)."""
+    c.stub.Drain(pb.DrainRequest(instance=drained), timeout=5)
+    results = [None] * len(reqs)
+
+    def client(i):
+        results[i] = generate(c.stub, request_of(reqs[i], **reqs[i].get("kw", {})), timeout=120)[0]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+@test
+def balance_moves_requests_to_the_cold_instance():
+    """Four long requests all start on decode instance 1 (instance 2 drained meanwhile), filling it
+    above the high-water mark; once instance 2 takes requests again the policy moves requests to
+    it (trigger: balance); outputs stay exact."""
+    model = small_model()
+    reqs = [{"ids": [(13 * i + k) % 8000 for k in range(190)], "max_new": 80} for i in range(4)]
+    refs = [ref_of(r, model) for r in reqs]
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+        threads, results = skewed_start(c, reqs, drained=2)
+        wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 56, 60, "instance 1 above high water")
+        check(c.status().migration.started == 0, "moves before instance 2 was back")
+        c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
+        for t in threads:
+            t.join(timeout=120)
+        for i, (g, ref) in enumerate(zip(results, refs)):
+            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        st = c.wait_idle()
+        g = st.migration
+        check(g.by_balance >= 1 and g.completed >= 1, "no balance migration: %s" % g)
+        for _, why, _, src, dst, _ in migrations(c.stderr()):
+            check(why == "balance" and (src, dst) == (1, 2), "unexpected move %s %d -> %d" % (why, src, dst))
+        print("balance: %d migrations, pause max %.2f ms" % (g.completed, g.pause_ms_max))
+        stop_ok(c)
+
+
+@test
+def priority_requests_get_headroom():
+    """Instance 1 runs one priority request and three normal ones at ~50-65% KV use, below the
+    high-water mark: the priority headroom moves normal requests to instance 2, never the
+    priority one; outputs stay exact."""
+    model = small_model()
+    reqs = [{"ids": [(17 * i + k) % 8000 for k in range(150)], "max_new": 80} for i in range(4)]
+    reqs[0]["kw"] = {"priority": -1, "request_id": "vip"}
+    refs = [ref_of(r, model) for r in reqs]
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+        threads, results = skewed_start(c, reqs, drained=2)
+        wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 40, 60, "instance 1 to hold the requests")
+        c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
+        for t in threads:
+            t.join(timeout=120)
+        for i, (g, ref) in enumerate(zip(results, refs)):
+            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        st = c.wait_idle()
+        g = st.migration
+        check(g.by_priority >= 1, "no priority migration: %s" % g)
+        for _, why, rid, _, _, _ in migrations(c.stderr()):
+            check(rid != "vip", "the priority request moved (%s)" % why)
+        print("priority: %d migrations (%d by priority)" % (g.completed, g.by_priority))
+        stop_ok(c)
+
+
+def main():
+    if len(sys.argv) == 2 and sys.argv[1] == "--list":
+        print("\n".join(TESTS))
+        return 0
+    if len(sys.argv) != 2 or sys.argv[1] not in TESTS:
+        print("usage: migration_tests.py --list | NAME", file=sys.stderr)
+        return 2
+    try:
+        TESTS[sys.argv[1]]()
+    except TestFailure as e:
+        print("FAIL: %s" % e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
