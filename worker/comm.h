@@ -1,7 +1,8 @@
 /* The communication backend of a group of ranks (an instance's EP group, or a pool): a vtable
  * plus a context, so the engine never calls MPI or NCCL directly. Backends: MPI (worker/comm_mpi.c,
  * always), NCCL (with CUDA), loopback (threads of one process; tests). Byte counts and offsets are
- * int because MPI 3.1 counts are int (2 GiB per peer per call is far beyond one step's traffic). */
+ * int because MPI 3.1 counts are int (2 GiB per peer per call is far beyond one step's traffic).
+ * Slots added after `destroy` may be NULL in older or test backends: check before calling. */
 #ifndef MOE_WORKER_COMM_H
 #define MOE_WORKER_COMM_H
 
@@ -33,6 +34,18 @@ typedef struct {
     moe_status (*barrier)(void *ctx);
     /* Frees ctx (not the underlying communicator, which the creator owns). */
     void (*destroy)(void *ctx);
+    /* Collective, non-blocking all-to-all-v: the arguments of alltoallv, but it returns at once
+     * with *req, which test() (done) or wait() completes and releases; cancel() waits for it (a
+     * collective cannot be abandoned). Until then the caller leaves the send and receive buffers
+     * and the four count/offset arrays alone (MPI reads the arrays late). Every rank posts its
+     * collectives, blocking or not, in the same order. No backend progresses on its own (Open MPI
+     * has no progress thread; loopback copies inside test): call test() while computing, or the
+     * transfer only happens in wait(). Backends keep at most 8 outstanding per rank. NULL where a
+     * backend has none: callers fall back to alltoallv. */
+    moe_status (*ialltoallv)(void *ctx, const void *send, const int *send_bytes, const int *send_off,
+                             void *recv, const int *recv_bytes, const int *recv_off, moe_comm_req **req);
+    /* Blocks until req completes and releases it. NULL where a backend has none: loop on test(). */
+    moe_status (*wait)(void *ctx, moe_comm_req *req);
 } moe_comm_ops;
 
 typedef struct {

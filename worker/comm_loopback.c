@@ -1,10 +1,39 @@
-/* Loopback comm backend: n threads of one process exchange through shared memory with a barrier.
- * Used by tests to run an expert-parallel group without MPI. */
+/* Loopback comm backend: n threads of one process exchange through shared memory, with a barrier
+ * for the blocking collectives and published slots for the non-blocking all-to-all-v (each
+ * receiver copies its part inside its own test/wait, as soon as the sender has posted; a send is
+ * complete once every peer has copied it). Used by tests to run an expert-parallel group without
+ * MPI: the non-blocking path really is asynchronous, so a caller touching buffers or count arrays
+ * before completion shows up in the results. No time is saved by overlap here: the copies run on
+ * the threads that wait for them. */
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "worker/comm.h"
+
+#define LB_SLOTS 8 /* outstanding non-blocking all-to-alls per rank (comm.h promises 8) */
+
+/* One rank's posting of one non-blocking all-to-all-v; rank r's op k lives in slot k % LB_SLOTS. */
+typedef struct {
+    atomic_long seq; /* op number posted here (-1: none); published last, with release */
+    const void *send;
+    const int *send_bytes, *send_off;
+    atomic_int consumed; /* ranks (self included) that have copied their part */
+} lb_slot;
+
+/* The receive side of one outstanding op of this rank: preallocated, so posting allocates nothing. */
+struct moe_comm_req {
+    long seq;
+    int slot;
+    void *recv;
+    const int *recv_bytes, *recv_off;
+    unsigned char *copied; /* [n] part from peer p copied */
+    int n_copied;
+    moe_status err;
+    bool active;
+};
 
 typedef struct {
     int n;
@@ -13,6 +42,7 @@ typedef struct {
     const void **send;
     const int **send_bytes, **send_off;
     int *ints; /* n x n for alltoall_int / n for allreduce */
+    lb_slot *slots; /* (n, LB_SLOTS) */
     int refs;
     pthread_mutex_t lock;
 } loop_group;
@@ -20,6 +50,8 @@ typedef struct {
 typedef struct {
     loop_group *g;
     int rank;
+    long next_seq;
+    struct moe_comm_req reqs[LB_SLOTS];
 } loop_ctx;
 
 static int lb_rank(void *ctx) { return ((loop_ctx *)ctx)->rank; }
@@ -86,14 +118,88 @@ static moe_status lb_irecv(void *ctx, void *buf, int bytes, int peer, int tag, m
     return lb_p2p(ctx, buf, bytes, peer, tag, req);
 }
 
-static moe_status lb_test(void *ctx, moe_comm_req *req, bool *done)
+static moe_status lb_ialltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
+                                void *recv, const int *recv_bytes, const int *recv_off, moe_comm_req **req)
 {
-    (void)ctx, (void)req;
-    *done = true;
+    loop_ctx *c = ctx;
+    long k = c->next_seq;
+    int s = (int)(k % LB_SLOTS);
+    moe_comm_req *r = &c->reqs[s];
+    if (r->active)
+        return moe_error(MOE_ERR_FULL, "loopback: more than %d non-blocking all-to-alls outstanding", LB_SLOTS);
+    c->next_seq++;
+    lb_slot *sl = &c->g->slots[(size_t)c->rank * LB_SLOTS + s];
+    /* Every peer finished with this slot's previous op: our completion of it waited for that. */
+    sl->send = send;
+    sl->send_bytes = send_bytes;
+    sl->send_off = send_off;
+    atomic_store_explicit(&sl->consumed, 0, memory_order_relaxed);
+    atomic_store_explicit(&sl->seq, k, memory_order_release);
+    r->seq = k;
+    r->slot = s;
+    r->recv = recv;
+    r->recv_bytes = recv_bytes;
+    r->recv_off = recv_off;
+    memset(r->copied, 0, (size_t)c->g->n);
+    r->n_copied = 0;
+    r->err = MOE_OK;
+    r->active = true;
+    *req = r;
     return MOE_OK;
 }
 
-static void lb_cancel(void *ctx, moe_comm_req *req) { (void)ctx, (void)req; }
+/* Copies every part whose sender has posted; true when the op is complete on this rank. */
+static bool lb_advance(loop_ctx *c, moe_comm_req *r)
+{
+    loop_group *g = c->g;
+    for (int p = 0; p < g->n && r->n_copied < g->n; p++) {
+        if (r->copied[p])
+            continue;
+        lb_slot *ps = &g->slots[(size_t)p * LB_SLOTS + r->slot];
+        if (atomic_load_explicit(&ps->seq, memory_order_acquire) != r->seq)
+            continue;
+        int n = ps->send_bytes[c->rank];
+        if (n != r->recv_bytes[p]) {
+            if (r->err == MOE_OK)
+                r->err = moe_error(MOE_ERR_INTERNAL, "loopback ialltoallv: rank %d sends %d bytes to %d, which "
+                                   "expects %d", p, n, c->rank, r->recv_bytes[p]);
+        } else if (n) {
+            memcpy((char *)r->recv + r->recv_off[p], (const char *)ps->send + ps->send_off[c->rank], (size_t)n);
+        }
+        r->copied[p] = 1;
+        r->n_copied++;
+        atomic_fetch_add_explicit(&ps->consumed, 1, memory_order_release);
+    }
+    lb_slot *mine = &g->slots[(size_t)c->rank * LB_SLOTS + r->slot];
+    return r->n_copied == g->n && atomic_load_explicit(&mine->consumed, memory_order_acquire) == g->n;
+}
+
+static moe_status lb_test(void *ctx, moe_comm_req *req, bool *done)
+{
+    *done = true;
+    if (!req) /* point to point is unsupported: nothing was ever posted */
+        return MOE_OK;
+    *done = lb_advance(ctx, req);
+    if (!*done)
+        return MOE_OK;
+    req->active = false;
+    return req->err;
+}
+
+static moe_status lb_wait(void *ctx, moe_comm_req *req)
+{
+    bool done = false;
+    moe_status st;
+    while ((st = lb_test(ctx, req, &done)) == MOE_OK && !done)
+        sched_yield();
+    return st;
+}
+
+static void lb_cancel(void *ctx, moe_comm_req *req)
+{
+    if (req) /* a collective cannot be abandoned: the peers read our buffers */
+        lb_wait(ctx, req);
+}
 
 static moe_status lb_barrier(void *ctx)
 {
@@ -114,14 +220,22 @@ static void group_unref(loop_group *g)
     free(g->send_bytes);
     free(g->send_off);
     free(g->ints);
+    free(g->slots);
     free(g);
+}
+
+static void ctx_free(loop_ctx *c)
+{
+    for (int i = 0; i < LB_SLOTS; i++)
+        free(c->reqs[i].copied);
+    free(c);
 }
 
 static void lb_destroy(void *ctx)
 {
     loop_ctx *c = ctx;
     group_unref(c->g);
-    free(c);
+    ctx_free(c);
 }
 
 static const moe_comm_ops loopback_ops = {
@@ -137,6 +251,8 @@ static const moe_comm_ops loopback_ops = {
     .cancel = lb_cancel,
     .barrier = lb_barrier,
     .destroy = lb_destroy,
+    .ialltoallv = lb_ialltoallv,
+    .wait = lb_wait,
 };
 
 moe_status moe_comm_loopback_create(int n, moe_comm **comms)
@@ -153,14 +269,25 @@ moe_status moe_comm_loopback_create(int n, moe_comm **comms)
     g->send_bytes = calloc((size_t)n, sizeof *g->send_bytes);
     g->send_off = calloc((size_t)n, sizeof *g->send_off);
     g->ints = calloc((size_t)n * n, sizeof *g->ints);
-    if (!g->send || !g->send_bytes || !g->send_off || !g->ints)
+    g->slots = calloc((size_t)n * LB_SLOTS, sizeof *g->slots);
+    if (!g->send || !g->send_bytes || !g->send_off || !g->ints || !g->slots)
         goto nomem;
+    for (size_t i = 0; i < (size_t)n * LB_SLOTS; i++) {
+        atomic_init(&g->slots[i].seq, -1);
+        atomic_init(&g->slots[i].consumed, 0);
+    }
     pthread_barrier_init(&g->barrier, NULL, (unsigned)n);
     pthread_mutex_init(&g->lock, NULL);
     for (int i = 0; i < n; i++) {
         loop_ctx *c = calloc(1, sizeof *c);
-        if (!c)
+        bool ok = c != NULL;
+        for (int k = 0; ok && k < LB_SLOTS; k++)
+            ok = (c->reqs[k].copied = calloc((size_t)n, 1)) != NULL;
+        if (!ok) {
+            if (c)
+                ctx_free(c);
             return moe_error(MOE_ERR_NOMEM, "loopback comm: out of memory"); /* test-only path */
+        }
         c->g = g;
         c->rank = i;
         cs[i] = (moe_comm){.ops = &loopback_ops, .ctx = c};
@@ -173,6 +300,7 @@ nomem:
         free(g->send_bytes);
         free(g->send_off);
         free(g->ints);
+        free(g->slots);
     }
     free(g);
     free(cs);

@@ -1,16 +1,23 @@
-/* MPI backend of the comm vtable: collectives and non-blocking point-to-point over one borrowed
- * communicator, with heap request handles that test() / cancel() release. */
+/* MPI backend of the comm vtable: collectives (blocking, and a non-blocking all-to-all-v) and
+ * non-blocking point-to-point over one borrowed communicator, with request handles that test() /
+ * wait() / cancel() release: heap ones for point to point, a per-communicator pool for the
+ * all-to-all-v so the forward pass allocates nothing. */
 #include "worker/comm_mpi.h"
 
 #include <stdlib.h>
 
 struct moe_comm_req {
     MPI_Request r;
+    bool pooled;     /* a slot of mpi_ctx.pool (non-blocking collective), not heap */
+    bool in_use;
 };
+
+#define MPI_POOL 8 /* outstanding non-blocking all-to-alls per rank (comm.h promises 8) */
 
 typedef struct {
     MPI_Comm comm;
     int rank, size;
+    struct moe_comm_req pool[MPI_POOL];
 } mpi_ctx;
 
 moe_status moe_mpi_check_(int rc, const char *call, const char *file, int line)
@@ -91,6 +98,14 @@ static moe_status m_irecv(void *ctx, void *buf, int bytes, int peer, int tag, mo
     return st;
 }
 
+static void release(moe_comm_req *req)
+{
+    if (req->pooled)
+        req->in_use = false;
+    else
+        free(req);
+}
+
 static moe_status m_test(void *ctx, moe_comm_req *req, bool *done)
 {
     (void)ctx;
@@ -99,15 +114,48 @@ static moe_status m_test(void *ctx, moe_comm_req *req, bool *done)
     moe_status st = MOE_MPI_CHECK(MPI_Test(&req->r, &flag, &status));
     *done = st == MOE_OK && flag;
     if (*done)
-        free(req);
+        release(req);
     return st;
+}
+
+static moe_status m_wait(void *ctx, moe_comm_req *req)
+{
+    (void)ctx;
+    MPI_Status status;
+    moe_status st = MOE_MPI_CHECK(MPI_Wait(&req->r, &status));
+    release(req);
+    return st;
+}
+
+static moe_status m_ialltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
+                               void *recv, const int *recv_bytes, const int *recv_off, moe_comm_req **req)
+{
+    mpi_ctx *c = ctx;
+    moe_comm_req *r = NULL;
+    for (int i = 0; i < MPI_POOL && !r; i++)
+        if (!c->pool[i].in_use)
+            r = &c->pool[i];
+    if (!r)
+        return moe_error(MOE_ERR_FULL, "comm mpi: more than %d non-blocking all-to-alls outstanding", MPI_POOL);
+    *r = (moe_comm_req){.r = MPI_REQUEST_NULL, .pooled = true, .in_use = true};
+    moe_status st = MOE_MPI_CHECK(MPI_Ialltoallv(send, send_bytes, send_off, MPI_BYTE, recv, recv_bytes,
+                                                 recv_off, MPI_BYTE, c->comm, &r->r));
+    if (st != MOE_OK) {
+        r->in_use = false;
+        return st;
+    }
+    *req = r;
+    return MOE_OK;
 }
 
 static void m_cancel(void *ctx, moe_comm_req *req)
 {
-    (void)ctx;
     if (!req)
         return;
+    if (req->pooled) { /* MPI forbids cancelling a collective: complete it */
+        m_wait(ctx, req);
+        return;
+    }
     if (req->r != MPI_REQUEST_NULL) {
         /* A receive cancels cleanly; a send may already be matched, so it is detached instead:
          * MPI completes (or drops) it on its own and frees the request. */
@@ -145,6 +193,8 @@ static const moe_comm_ops mpi_ops = {
     .cancel = m_cancel,
     .barrier = m_barrier,
     .destroy = m_destroy,
+    .ialltoallv = m_ialltoallv,
+    .wait = m_wait,
 };
 
 moe_status moe_comm_mpi_create(MPI_Comm comm, moe_comm *out)

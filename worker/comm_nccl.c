@@ -1,6 +1,7 @@
-/* NCCL comm backend: all-to-all-v as grouped ncclSend/ncclRecv per peer, all-reduce, and
- * non-blocking point to point tracked with CUDA events. Host buffers are staged through device
- * memory so the same engine code runs over either backend. */
+/* NCCL comm backend: all-to-all-v as grouped ncclSend/ncclRecv per peer (blocking, or posted on the
+ * stream and tracked with a CUDA event), all-reduce, and non-blocking point to point tracked with
+ * CUDA events. Host buffers are staged through device memory so the same engine code runs over
+ * either backend. */
 #include "worker/comm_nccl.h"
 
 #include <cuda_runtime.h>
@@ -10,20 +11,27 @@
 
 #include "common/log.h"
 
+struct moe_comm_req {
+    cudaEvent_t done;
+    void *dev;          /* staging buffer of this request, or NULL */
+    void *host_dst;     /* receive into host memory: copy from dev (+ dev_off) when done */
+    size_t bytes;
+    size_t dev_off;
+    /* Pooled requests (non-blocking all-to-all-v) keep their event and staging buffer. */
+    bool pooled, in_use;
+    size_t dev_cap;
+};
+
+#define NCCL_POOL 8 /* outstanding non-blocking all-to-alls per rank (comm.h promises 8) */
+
 typedef struct {
     ncclComm_t comm;
     cudaStream_t stream;
     int rank, size, device;
     void *stage;        /* device staging buffer for host memory */
     size_t stage_bytes;
+    struct moe_comm_req pool[NCCL_POOL];
 } nccl_ctx;
-
-struct moe_comm_req {
-    cudaEvent_t done;
-    void *dev;          /* staging buffer of this request, or NULL */
-    void *host_dst;     /* receive into host memory: copy from dev when done */
-    int bytes;
-};
 
 moe_status moe_cuda_check_(int rc, const char *call, const char *file, int line)
 {
@@ -143,7 +151,7 @@ static moe_status p2p(nccl_ctx *c, const void *sbuf, void *rbuf, int bytes, int 
     moe_comm_req *r = calloc(1, sizeof *r);
     if (!r)
         return moe_error(MOE_ERR_NOMEM, "nccl: out of memory");
-    r->bytes = bytes;
+    r->bytes = (size_t)bytes;
     moe_status st = MOE_CUDA_CHECK(cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming));
     const void *dsend = sbuf;
     void *drecv = rbuf;
@@ -188,10 +196,25 @@ static moe_status n_irecv(void *ctx, void *buf, int bytes, int peer, int tag, mo
 
 static void release(moe_comm_req *r)
 {
+    if (r->pooled) {
+        r->in_use = false;
+        return;
+    }
     cudaEventDestroy(r->done);
     if (r->dev)
         cudaFree(r->dev);
     free(r);
+}
+
+/* The event has fired: land a staged host receive (a non-blocking all-to-all-v's; point-to-point
+ * receives copy on the stream). */
+static moe_status finish(moe_comm_req *r)
+{
+    moe_status st = MOE_OK;
+    if (r->pooled && r->host_dst && r->bytes)
+        st = MOE_CUDA_CHECK(cudaMemcpy(r->host_dst, (char *)r->dev + r->dev_off, r->bytes, cudaMemcpyDeviceToHost));
+    release(r);
+    return st;
 }
 
 static moe_status n_test(void *ctx, moe_comm_req *req, bool *done)
@@ -201,17 +224,87 @@ static moe_status n_test(void *ctx, moe_comm_req *req, bool *done)
     *done = rc == cudaSuccess;
     if (rc != cudaSuccess && rc != cudaErrorNotReady)
         return MOE_CUDA_CHECK(rc);
-    if (*done)
-        release(req);
-    return MOE_OK;
+    return *done ? finish(req) : MOE_OK;
+}
+
+static moe_status n_wait(void *ctx, moe_comm_req *req)
+{
+    (void)ctx;
+    moe_status st = MOE_CUDA_CHECK(cudaEventSynchronize(req->done));
+    moe_status fst = finish(req);
+    return st != MOE_OK ? st : fst;
 }
 
 static void n_cancel(void *ctx, moe_comm_req *req)
 {
     /* NCCL cannot cancel a posted operation: wait for it (the peer posts its side too). */
-    (void)ctx;
-    cudaEventSynchronize(req->done);
-    release(req);
+    n_wait(ctx, req);
+}
+
+/* Posts the grouped sends/receives on the stream and records the request's event; host buffers go
+ * through the request's own staging buffer (kept between calls), the receive lands in test/wait. */
+static moe_status n_ialltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
+                               void *recv, const int *recv_bytes, const int *recv_off, moe_comm_req **req)
+{
+    nccl_ctx *c = ctx;
+    moe_comm_req *r = NULL;
+    for (int i = 0; i < NCCL_POOL && !r; i++)
+        if (!c->pool[i].in_use)
+            r = &c->pool[i];
+    if (!r)
+        return moe_error(MOE_ERR_FULL, "nccl: more than %d non-blocking all-to-alls outstanding", NCCL_POOL);
+    size_t s_total = 0, r_total = 0;
+    for (int p = 0; p < c->size; p++) {
+        if ((size_t)send_off[p] + (size_t)send_bytes[p] > s_total)
+            s_total = (size_t)send_off[p] + (size_t)send_bytes[p];
+        if ((size_t)recv_off[p] + (size_t)recv_bytes[p] > r_total)
+            r_total = (size_t)recv_off[p] + (size_t)recv_bytes[p];
+    }
+    bool dev_s = is_device_ptr(send), dev_r = is_device_ptr(recv);
+    size_t need = (dev_s ? 0 : s_total) + (dev_r ? 0 : r_total) + 1;
+    moe_status st = MOE_OK;
+    if (!r->done)
+        st = MOE_CUDA_CHECK(cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming));
+    if (st == MOE_OK && need > r->dev_cap) {
+        if (r->dev)
+            cudaFree(r->dev);
+        r->dev = NULL;
+        r->dev_cap = 0;
+        if ((st = MOE_CUDA_CHECK(cudaMalloc(&r->dev, need))) == MOE_OK)
+            r->dev_cap = need;
+    }
+    if (st != MOE_OK)
+        return st;
+    r->pooled = true;
+    r->host_dst = dev_r ? NULL : recv;
+    r->bytes = dev_r ? 0 : r_total;
+    r->dev_off = dev_s ? 0 : s_total;
+    const char *sbuf = send;
+    char *rbuf = dev_r ? recv : (char *)r->dev + r->dev_off;
+    if (!dev_s) {
+        /* From pageable memory the copy has read `send` when it returns: the caller may reuse it. */
+        if ((st = MOE_CUDA_CHECK(cudaMemcpyAsync(r->dev, send, s_total, cudaMemcpyHostToDevice, c->stream))))
+            return st;
+        sbuf = r->dev;
+    }
+    if ((st = NCCL_CHECK(ncclGroupStart())))
+        return st;
+    for (int p = 0; p < c->size && st == MOE_OK; p++) {
+        if (send_bytes[p])
+            st = NCCL_CHECK(ncclSend(sbuf + send_off[p], (size_t)send_bytes[p], ncclChar, p, c->comm, c->stream));
+        if (st == MOE_OK && recv_bytes[p])
+            st = NCCL_CHECK(ncclRecv(rbuf + recv_off[p], (size_t)recv_bytes[p], ncclChar, p, c->comm, c->stream));
+    }
+    moe_status end = NCCL_CHECK(ncclGroupEnd());
+    if (st == MOE_OK)
+        st = end;
+    if (st == MOE_OK)
+        st = MOE_CUDA_CHECK(cudaEventRecord(r->done, c->stream));
+    if (st != MOE_OK)
+        return st;
+    r->in_use = true;
+    *req = r;
+    return MOE_OK;
 }
 
 static moe_status n_barrier(void *ctx)
@@ -225,6 +318,12 @@ static void n_destroy(void *ctx)
     nccl_ctx *c = ctx;
     ncclCommDestroy(c->comm);
     cudaStreamDestroy(c->stream);
+    for (int i = 0; i < NCCL_POOL; i++) {
+        if (c->pool[i].done)
+            cudaEventDestroy(c->pool[i].done);
+        if (c->pool[i].dev)
+            cudaFree(c->pool[i].dev);
+    }
     if (c->stage)
         cudaFree(c->stage);
     free(c);
@@ -243,6 +342,8 @@ static const moe_comm_ops nccl_ops = {
     .cancel = n_cancel,
     .barrier = n_barrier,
     .destroy = n_destroy,
+    .ialltoallv = n_ialltoallv,
+    .wait = n_wait,
 };
 
 moe_status moe_comm_nccl_create(MPI_Comm mpi_comm, int device, moe_comm *out)
