@@ -120,6 +120,13 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     in->max_batch_tokens = (int)m->max_batch_tokens;
     in->max_seqs = (int)m->max_seqs;
     in->last_seen = moe_now_ns();
+    in->expert_begin = m->expert_begin;
+    in->expert_end = m->expert_end;
+    in->ep_group_size = 0;
+    for (size_t j = 0; j < m->n_ep_group_ranks && j < MOE_FRONTEND_MAX_EP; j++)
+        in->ep_group_ranks[in->ep_group_size++] = (int32_t)m->ep_group_ranks[j];
+    c->moe_layers = m->n_layers;
+    c->moe_experts = m->n_experts;
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("rank %d ready: %s instance %d, KV %u blocks x %u tokens, warm-up %.0f ms", src,
               moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total,
@@ -138,6 +145,19 @@ static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__H
     if (m->counters) {
         pthread_mutex_lock(&c->mu);
         in->ctr = *m->counters;
+        pthread_mutex_unlock(&c->mu);
+    }
+    if (m->n_expert_tokens) {
+        pthread_mutex_lock(&c->mu);
+        if (in->n_expert_tokens != m->n_expert_tokens) {
+            uint64_t *grown = realloc(in->expert_tokens, m->n_expert_tokens * sizeof *grown);
+            if (grown) {
+                in->expert_tokens = grown;
+                in->n_expert_tokens = (uint32_t)m->n_expert_tokens;
+            }
+        }
+        if (in->n_expert_tokens == m->n_expert_tokens)
+            memcpy(in->expert_tokens, m->expert_tokens, m->n_expert_tokens * sizeof *in->expert_tokens);
         pthread_mutex_unlock(&c->mu);
     }
 }
@@ -391,6 +411,8 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
     int64_t now = moe_now_ns();
     pthread_mutex_lock(&c->mu);
     snprintf(out->model, sizeof out->model, "%s", c->model_name);
+    out->moe_layers = c->moe_layers;
+    out->moe_experts = c->moe_experts;
     out->world_size = (uint32_t)c->o.world_size;
     out->n_instances =
         (uint32_t)(c->n_inst < MOE_FRONTEND_MAX_INSTANCES ? c->n_inst : MOE_FRONTEND_MAX_INSTANCES);
@@ -414,6 +436,17 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         s->waiting = in->waiting;
         s->pending_prompt_tokens = in->pending_tokens;
         s->heartbeat_age_ms = in->last_seen ? (double)(now - in->last_seen) * 1e-6 : -1.0;
+        s->expert_begin = in->expert_begin;
+        s->expert_end = in->expert_end;
+        s->ep_group_size = in->ep_group_size;
+        memcpy(s->ep_group_ranks, in->ep_group_ranks, sizeof s->ep_group_ranks);
+        s->expert_tokens = NULL;
+        s->n_expert_tokens = 0;
+        if (in->n_expert_tokens &&
+            (s->expert_tokens = malloc(in->n_expert_tokens * sizeof *s->expert_tokens))) {
+            memcpy(s->expert_tokens, in->expert_tokens, in->n_expert_tokens * sizeof *s->expert_tokens);
+            s->n_expert_tokens = in->n_expert_tokens;
+        }
         k->kv_transfers += in->ctr.kv_transfers;
         k->kv_transfer_bytes += in->ctr.kv_transfer_bytes;
         k->kv_transfer_retries += in->ctr.kv_transfer_retries;
@@ -533,6 +566,8 @@ void moe_cluster_free(moe_cluster *c)
     free(c->lat);
     free(c->in_sub);
     free(c->in_cancel);
+    for (int i = 0; c->inst && i < c->n_inst; i++)
+        free(c->inst[i].expert_tokens);
     free(c->inst);
     free(c->rank_inst);
     free(c->rank_ready);

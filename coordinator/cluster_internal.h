@@ -68,6 +68,11 @@ typedef struct {
     int n_pending;
     int reserved_blocks; /* decode: blocks of requests assigned and not yet handed off */
     pb_counters ctr;     /* latest cumulative counters of its lead */
+    uint32_t expert_begin, expert_end;          /* placement reported by WorkerReady */
+    uint32_t ep_group_size;
+    int32_t ep_group_ranks[MOE_FRONTEND_MAX_EP];
+    uint64_t *expert_tokens;                    /* latest heartbeat's (layers x experts) */
+    uint32_t n_expert_tokens;
     inst_mig mig;        /* live migration: drain, flights (cluster_migrate.c) */
 } inst_t;
 
@@ -95,6 +100,7 @@ struct moe_cluster {
     int n_active, n_queued;
     bool ready, draining, stopped;
     int cache_tokens; /* the smallest instance KV cache in tokens: one sequence must fit */
+    uint32_t moe_layers, moe_experts; /* from WorkerReady: shape of expert_tokens */
     int usable;       /* every pool a request needs has a READY instance */
     _Atomic uint64_t next_id;
 

@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "common/status.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -82,6 +83,16 @@ typedef struct {
     uint32_t running, waiting;
     uint64_t pending_prompt_tokens;
     double heartbeat_age_ms;
+    /* Expert parallelism: the experts this rank maps, [expert_begin, expert_end), and the ranks of
+     * its expert-parallel group (ep_group_ranks[0..ep_group_size); itself alone without EP). */
+    uint32_t expert_begin, expert_end;
+    uint32_t ep_group_size;
+    int32_t ep_group_ranks[MOE_FRONTEND_MAX_EP];
+    /* Routed rows per (layer, expert) computed on this rank, layer-major (moe_layers x moe_experts
+     * of the status). malloc'd by the backend, released by moe_cluster_status_release; NULL when
+     * none reported yet. */
+    uint64_t *expert_tokens;
+    uint32_t n_expert_tokens;
 } moe_instance_status;
 
 typedef struct {
@@ -115,7 +126,18 @@ typedef struct {
     moe_instance_status instances[MOE_FRONTEND_MAX_INSTANCES];
     moe_cluster_counters counters;
     moe_migration_counters migration;
+    uint32_t moe_layers, moe_experts; /* shape of each instance's expert_tokens */
 } moe_cluster_status;
+
+/* Frees what the backend allocated inside a status (not the status itself). */
+static inline void moe_cluster_status_release(moe_cluster_status *st)
+{
+    for (uint32_t i = 0; i < st->n_instances && i < MOE_FRONTEND_MAX_INSTANCES; i++) {
+        free(st->instances[i].expert_tokens);
+        st->instances[i].expert_tokens = NULL;
+        st->instances[i].n_expert_tokens = 0;
+    }
+}
 
 /* ---------------------------------------------------------------------------------------------
  * The backend vtable. Every slot is called from a gRPC completion-queue thread, possibly from

@@ -491,6 +491,7 @@ static void handle_status(struct moe_frontend_req *c)
         if (rc != MOE_OK) {
             char msg[256];
             snprintf(msg, sizeof(msg), "ClusterStatus: %s", moe_error_message());
+            moe_cluster_status_release(st);
             free(st);
             unary_reply(c, moe_grpc_status_from_moe(rc), msg, NULL);
             return;
@@ -508,8 +509,10 @@ static void handle_status(struct moe_frontend_req *c)
     Moeserve__V1__Totals totals;
     Moeserve__V1__Counters ctr;
     Moeserve__V1__ClusterStatusResponse resp;
-    if (!inst || !inst_p || !ranks) {
-        free(inst), free(inst_p), free(ranks), free(st);
+    uint32_t *group = calloc((size_t)(ni ? ni : 1) * MOE_FRONTEND_MAX_EP, sizeof(uint32_t));
+    if (!inst || !inst_p || !ranks || !group) {
+        moe_cluster_status_release(st);
+        free(inst), free(inst_p), free(ranks), free(group), free(st);
         unary_reply(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "ClusterStatus: out of memory", NULL);
         return;
     }
@@ -530,6 +533,8 @@ static void handle_status(struct moe_frontend_req *c)
             p->ranks += ep;
             if (ep > p->ep_size)
                 p->ep_size = ep;
+            if (is->ep_group_size > p->ep_size) /* data-parallel attention ranks of an EP group */
+                p->ep_size = is->ep_group_size;
             p->running += is->running;
             p->waiting += is->waiting;
             p->kv_blocks_total += is->kv_blocks_total;
@@ -569,6 +574,15 @@ static void handle_status(struct moe_frontend_req *c)
         o->waiting = is->waiting;
         o->pending_prompt_tokens = is->pending_prompt_tokens;
         o->heartbeat_age_ms = is->heartbeat_age_ms;
+        o->expert_begin = is->expert_begin;
+        o->expert_end = is->expert_end;
+        uint32_t g = is->ep_group_size <= MOE_FRONTEND_MAX_EP ? is->ep_group_size : MOE_FRONTEND_MAX_EP;
+        o->n_ep_group_ranks = g;
+        o->ep_group_ranks = &group[(size_t)i * MOE_FRONTEND_MAX_EP];
+        for (uint32_t r = 0; r < g; r++)
+            o->ep_group_ranks[r] = (uint32_t)is->ep_group_ranks[r];
+        o->n_expert_tokens = is->n_expert_tokens;
+        o->expert_tokens = is->expert_tokens;
         inst_p[i] = o;
     }
     totals.active_streams = (uint32_t)atomic_load(&s->ctr.active_streams);
@@ -633,10 +647,14 @@ static void handle_status(struct moe_frontend_req *c)
     resp.totals = &totals;
     resp.counters = &ctr;
     resp.migration = &mig;
+    resp.moe_layers = st->moe_layers;
+    resp.moe_experts = st->moe_experts;
     unary_reply(c, GRPC_STATUS_OK, NULL, &resp.base);
+    moe_cluster_status_release(st);
     free(inst);
     free(inst_p);
     free(ranks);
+    free(group);
     free(st);
 }
 

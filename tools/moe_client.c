@@ -436,6 +436,46 @@ static const char *state_name(Moeserve__V1__InstanceState s)
     }
 }
 
+/* Expert placement and load: each rank's experts, its EP group, the rows its experts computed
+ * (summed over layers) and how uneven they are (max / mean over the experts it holds). */
+static void print_experts(const Moeserve__V1__ClusterStatusResponse *r)
+{
+    uint32_t L = r->moe_layers, E = r->moe_experts;
+    if (!L || !E)
+        return;
+    printf("\n%-4s %-12s %-10s %12s %-18s %9s\n", "INST", "EP GROUP", "EXPERTS", "ROWS", "HOTTEST (ROWS)",
+           "MAX/MEAN");
+    for (size_t i = 0; i < r->n_instances; i++) {
+        const Moeserve__V1__Instance *in = r->instances[i];
+        char group[64] = "";
+        size_t len = 0;
+        for (size_t k = 0; k < in->n_ep_group_ranks && len < sizeof(group) - 12; k++)
+            len += (size_t)snprintf(group + len, sizeof(group) - len, "%s%" PRIu32, k ? "," : "",
+                                    in->ep_group_ranks[k]);
+        char experts[32];
+        snprintf(experts, sizeof(experts), "[%" PRIu32 ", %" PRIu32 ")", in->expert_begin, in->expert_end);
+        uint64_t total = 0, best = 0;
+        uint32_t hot = 0, held = 0;
+        for (uint32_t e = in->expert_begin; e < in->expert_end && e < E; e++) {
+            uint64_t sum = 0;
+            for (uint32_t l = 0; l < L && (size_t)l * E + e < in->n_expert_tokens; l++)
+                sum += in->expert_tokens[(size_t)l * E + e];
+            total += sum;
+            held++;
+            if (sum > best) {
+                best = sum;
+                hot = e;
+            }
+        }
+        char hottest[40] = "-";
+        if (best)
+            snprintf(hottest, sizeof(hottest), "%" PRIu32 " (%" PRIu64 ")", hot, best);
+        double ratio = total && held ? (double)best / ((double)total / held) : 0.0;
+        printf("%-4" PRIu32 " %-12s %-10s %12" PRIu64 " %-18s %9.2f\n", in->id, group, experts, total, hottest,
+               ratio);
+    }
+}
+
 static int cmd_status(moe_rpc_client *c, const opts *o)
 {
     Moeserve__V1__ClusterStatusRequest req;
@@ -484,6 +524,7 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
                " %9" PRIu64 "    streams open: %" PRIu32 "\n",
                "ALL", "", "", t->worker_ranks, t->running, t->waiting, t->kv_blocks_used,
                t->kv_blocks_free, t->kv_blocks_total, t->active_streams);
+    print_experts(r);
     const Moeserve__V1__Counters *k = r->counters;
     if (k) {
         printf("\nrequests: %" PRIu64 " received, %" PRIu64 " finished, %" PRIu64 " cancelled, %" PRIu64

@@ -78,6 +78,8 @@ typedef struct {
     int64_t until;
 } tomb_t;
 
+#define MOE_WORKER_MAX_EP 64 /* ranks in one expert-parallel group */
+
 typedef struct {
     const moe_worker_opts *o;
     int rank;

@@ -140,7 +140,22 @@ static void send_heartbeat(worker *w, int tag)
     hb.seq = ++w->hb_seq;
     hb.load = &load;
     hb.counters = &w->ctr;
-    if (moe_worker_send_coord(w, tag, &hb.base) != MOE_OK)
+    /* Expert load statistics: int64 counters sent as uint64 (they only grow from zero). */
+    uint64_t *expert_tokens = NULL;
+    if (w->eng) {
+        const moe_model_config *c = &w->model->cfg;
+        size_t n = (size_t)c->n_layers * (size_t)c->n_experts;
+        const int64_t *load_tab = moe_engine_expert_load(w->eng);
+        if (n && (expert_tokens = malloc(n * sizeof *expert_tokens))) {
+            for (size_t i = 0; i < n; i++)
+                expert_tokens[i] = (uint64_t)load_tab[i];
+            hb.n_expert_tokens = n;
+            hb.expert_tokens = expert_tokens;
+        }
+    }
+    moe_status sent = moe_worker_send_coord(w, tag, &hb.base);
+    free(expert_tokens);
+    if (sent != MOE_OK)
         MOE_LOG_E("heartbeat: %s", moe_error_message());
     w->last_hb = moe_now_ns();
     w->next_hb = w->last_hb + moe_worker_ms_ns(w->o->heartbeat_ms);
@@ -501,6 +516,33 @@ static void worker_free(worker *w)
     moe_ep_placement_free(&w->place);
 }
 
+/* World ranks (in ctrl) of this rank's expert-parallel group, in group order. */
+static moe_status group_ranks(worker *w, uint32_t *out, size_t *n)
+{
+    *n = 1;
+    out[0] = (uint32_t)w->rank;
+    if (w->ep_size <= 1)
+        return MOE_OK;
+    if (w->ep_size > MOE_WORKER_MAX_EP)
+        return moe_error(MOE_ERR_RANGE, "ep group of %d ranks", w->ep_size);
+    int ranks[MOE_WORKER_MAX_EP];
+    MPI_Group g_inst, g_ctrl;
+    MPI_Comm_group(w->o->instance_comm, &g_inst);
+    MPI_Comm_group(w->o->ctrl, &g_ctrl);
+    int idx[MOE_WORKER_MAX_EP];
+    for (int i = 0; i < w->ep_size; i++)
+        idx[i] = i;
+    int rc = MPI_Group_translate_ranks(g_inst, w->ep_size, idx, g_ctrl, ranks);
+    MPI_Group_free(&g_inst);
+    MPI_Group_free(&g_ctrl);
+    if (rc != MPI_SUCCESS)
+        return moe_error(MOE_ERR_INTERNAL, "MPI_Group_translate_ranks failed");
+    for (int i = 0; i < w->ep_size; i++)
+        out[i] = (uint32_t)ranks[i];
+    *n = (size_t)w->ep_size;
+    return MOE_OK;
+}
+
 /* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
  * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
  * rank with nothing still serves its experts to the others). */
@@ -539,6 +581,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
 
     Moeserve__Cluster__V1__WorkerReady ready;
     moeserve__cluster__v1__worker_ready__init(&ready);
+    uint32_t ep_group[MOE_WORKER_MAX_EP];
     ready.rank = (uint32_t)w.rank;
     ready.instance = (uint32_t)o->instance_id;
     ready.role = (Moeserve__Cluster__V1__Role)o->role;
@@ -568,6 +611,12 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             ready.weight_bytes = moe_model_weight_bytes(w.model);
             ready.max_batch_tokens = (uint32_t)o->engine.max_batch_tokens;
             ready.max_seqs = (uint32_t)o->engine.max_seqs;
+            ready.n_layers = (uint32_t)w.model->cfg.n_layers;
+            ready.n_experts = (uint32_t)w.model->cfg.n_experts;
+            ready.expert_begin = (uint32_t)w.model->expert_begin;
+            ready.expert_end = (uint32_t)w.model->expert_end;
+            if (group_ranks(&w, ep_group, &ready.n_ep_group_ranks) == MOE_OK)
+                ready.ep_group_ranks = ep_group;
         }
     }
     if ((st = moe_worker_send_coord(&w, TAG(WORKER_READY), &ready.base)) != MOE_OK) {

@@ -107,6 +107,25 @@ def expert_parallel_pools_match_moe_generate():
         compare(reqs, got, refs)
         st = c.wait_idle()
         check(len(st.instances) == 4, "every rank schedules its own sequences: %s" % st.instances)
+        check(st.moe_layers > 0 and st.moe_experts == 8, "expert stats shape %d x %d" % (st.moe_layers, st.moe_experts))
+        want = {1: ([1, 2], 0, 4), 2: ([1, 2], 4, 8), 3: ([3, 4], 0, 4), 4: ([3, 4], 4, 8)}
+        for inst in st.instances:
+            group, lo, hi = want[inst.ranks[0]]
+            check(list(inst.ep_group_ranks) == group and (inst.expert_begin, inst.expert_end) == (lo, hi),
+                  "placement of rank %d: %s" % (inst.ranks[0], inst))
+        # Expert load statistics arrive with the heartbeats: every rank computed rows, only for its experts.
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            st = c.status()
+            if all(sum(i.expert_tokens) > 0 for i in st.instances):
+                break
+            time.sleep(0.2)
+        for inst in st.instances:
+            E = st.moe_experts
+            rows = [sum(inst.expert_tokens[l * E + e] for l in range(st.moe_layers)) for e in range(E)]
+            check(sum(rows) > 0, "rank %d reported no expert rows: %s" % (inst.ranks[0], rows))
+            check(all(rows[e] == 0 for e in range(E) if not inst.expert_begin <= e < inst.expert_end),
+                  "rank %d computed experts it does not hold: %s" % (inst.ranks[0], rows))
         log = c.stderr()
         for r, pos, rng in ((1, 0, "[0, 4)"), (2, 1, "[4, 8)"), (3, 0, "[0, 4)"), (4, 1, "[4, 8)")):
             line = "rank %d: expert parallel %d/2, experts %s" % (r, pos, rng)

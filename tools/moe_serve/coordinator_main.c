@@ -79,6 +79,7 @@ static void on_ready(void *vctx, const moe_cluster *cc)
            l->n_spare ? ", spare ranks " : "", l->n_spare ? "(idle)" : "", kv_min, bt,
            kv_min * block_mib, rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid());
     fflush(stdout);
+    moe_cluster_status_release(st);
     free(st);
 }
 
