@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
-# Builds nothing: BUILD_DIR must hold moe-serve, moe-generate and moe-gen-model. Generates the Python gRPC stubs
-# from proto/ into a temporary directory, runs every test of cluster_tests.py (or the ones named)
-# in its own process with a time limit, then the grpcio client test against a live cluster, and
+# Builds nothing: BUILD_DIR must hold moe-serve, moe-generate, moe-gen-model and moe-client. Generates the
+# Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py and
+# migration_tests.py (or the ones named) in its own process with a time limit, then the grpcio
+# client test against a live cluster, and
 # ends with one line "N passed, M failed" (exit status non-zero when M > 0).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +19,7 @@ per_test_timeout=${MOE_IT_TIMEOUT:-120}
 passed=0
 failed=0
 fail_names=()
-for bin in moe-serve moe-generate moe-gen-model; do
+for bin in moe-serve moe-generate moe-gen-model moe-client; do
   if [ ! -x "$build/$bin" ]; then
     echo "run.sh: $build/$bin is missing (build it first)" >&2
     echo "0 passed, 1 failed"
@@ -42,10 +43,15 @@ export MOE_IT_TMP="$stubs" # scratch shared by the tests (e.g. a generated model
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$here/lsan.supp:print_suppressions=0"
 
+mig_tests=()
+if [ -f "$here/migration_tests.py" ]; then
+  mapfile -t mig_tests < <(python3 "$here/migration_tests.py" --list)
+fi
 if [ $# -gt 0 ]; then
   tests=("$@")
 else
   mapfile -t tests < <(python3 "$here/cluster_tests.py" --list)
+  tests+=("${mig_tests[@]}")
   if [ -f "$here/grpc_client_test.py" ]; then
     tests+=(grpc_client_test)
   fi
@@ -55,6 +61,8 @@ for t in "${tests[@]}"; do
   start=$(date +%s%N)
   if [ "$t" = grpc_client_test ]; then
     cmd=(python3 "$here/live_cluster.py" python3 "$here/grpc_client_test.py")
+  elif [[ " ${mig_tests[*]} " == *" $t "* ]]; then
+    cmd=(python3 "$here/migration_tests.py" "$t")
   else
     cmd=(python3 "$here/cluster_tests.py" "$t")
   fi
