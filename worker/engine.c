@@ -116,6 +116,7 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
         moe_engine_free(e);
         return st;
     }
+    moe_forward_set_ep_overlap(e->fw, o.ep_overlap);
     size_t T = (size_t)o.max_batch_tokens, S = (size_t)o.max_seqs;
     e->btok = calloc(T, sizeof *e->btok);
     e->segs = calloc(S, sizeof *e->segs);
@@ -265,6 +266,14 @@ moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id)
 }
 
 const int64_t *moe_engine_expert_load(const moe_engine *e) { return moe_forward_expert_tokens(e->fw); }
+
+moe_status moe_engine_set_placement(moe_engine *e, const moe_ep_placement *place)
+{
+    const moe_comm *comm = moe_forward_ep_comm(e->fw);
+    if (!comm)
+        return moe_error(MOE_ERR_INVALID_ARG, "engine: not expert parallel, no placement to change");
+    return moe_forward_set_ep(e->fw, comm, place);
+}
 
 bool moe_engine_has_work(const moe_engine *e)
 {

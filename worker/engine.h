@@ -25,6 +25,10 @@ typedef struct {
      * the placement; every rank of the group steps together (see moe_engine_step). */
     const moe_comm *ep_comm;
     const moe_ep_placement *ep_placement;
+    /* Two-batch overlap of the MoE exchange with expert compute (moe_forward_set_ep_overlap);
+     * same on every rank of the group. Off by default: on this CPU build it is not faster
+     * (docs/expert-parallel.md, bench/RESULTS.md). */
+    bool ep_overlap;
 } moe_engine_opts;
 
 typedef enum {
@@ -73,6 +77,9 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap);
 /* True while some sequence can take a step (parked/paused ones do not count). */
 bool moe_engine_has_work(const moe_engine *e);
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st);
+/* Replaces the expert placement of an expert-parallel engine (every rank of the group, between
+ * the same two steps): the model must already hold this rank's experts of the new placement. */
+moe_status moe_engine_set_placement(moe_engine *e, const moe_ep_placement *place);
 /* Rows computed by each expert held here: (n_layers, n_experts), cumulative. */
 const int64_t *moe_engine_expert_load(const moe_engine *e);
 

@@ -120,12 +120,8 @@ moe_status moe_fwd_ep_alloc(moe_forward *f)
     f->ep_order = xcalloc_count(recv, sizeof(int), &failed);
     f->cnt_send = xcalloc_count(S, sizeof(int), &failed);
     f->cnt_recv = xcalloc_count(S, sizeof(int), &failed);
-    f->bytes_send = xcalloc_count(S, sizeof(int), &failed);
-    f->bytes_recv = xcalloc_count(S, sizeof(int), &failed);
-    f->off_send = xcalloc_count(S, sizeof(int), &failed);
-    f->off_recv = xcalloc_count(S, sizeof(int), &failed);
     f->ep_cap_recv = (int)recv;
-    if (failed)
+    if (failed || moe_fwd_tbo_alloc(f) != MOE_OK)
         return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate expert buffers for %zu rows", recv);
     return MOE_OK;
 }
@@ -133,13 +129,13 @@ moe_status moe_fwd_ep_alloc(moe_forward *f)
 void moe_fwd_ep_free(moe_forward *f)
 {
     void *bufs[] = {f->eh, f->eo, f->eg, f->eu, f->ep_send, f->ep_send_tok, f->ep_send_w, f->ep_back,
-                    f->ep_recv, f->ep_out, f->exp_tok, f->ep_order, f->cnt_send, f->cnt_recv,
-                    f->bytes_send, f->bytes_recv, f->off_send, f->off_recv};
+                    f->ep_recv, f->ep_out, f->exp_tok, f->ep_order, f->cnt_send, f->cnt_recv};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
+    moe_fwd_tbo_free(f);
     f->eh = f->eo = f->eg = f->eu = f->ep_send = f->ep_send_w = f->ep_back = f->ep_recv = f->ep_out = NULL;
     f->ep_send_tok = f->exp_tok = f->ep_order = NULL;
-    f->cnt_send = f->cnt_recv = f->bytes_send = f->bytes_recv = f->off_send = f->off_recv = NULL;
+    f->cnt_send = f->cnt_recv = NULL;
 }
 
 moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep_placement *place)
@@ -165,7 +161,11 @@ moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep
     return moe_fwd_ep_alloc(f);
 }
 
+void moe_forward_set_ep_overlap(moe_forward *f, bool on) { f->ep_overlap = on; }
+
 const int64_t *moe_forward_expert_tokens(const moe_forward *f) { return f->expert_tokens; }
+
+const moe_comm *moe_forward_ep_comm(const moe_forward *f) { return f->ep; }
 
 static void add_bias(float *y, const float *bias, int n_tok, int n)
 {

@@ -4,6 +4,7 @@
 #ifndef MOE_WORKER_FORWARD_H
 #define MOE_WORKER_FORWARD_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include "common/status.h"
 #include "kernels/kernels.h"
@@ -45,6 +46,14 @@ void moe_forward_free(moe_forward *f);
  * the group must then call moe_forward_run for every step, with n_tokens == 0 when it has nothing
  * (it still serves its experts to the others). comm must outlive f. */
 moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep_placement *place);
+/* Two-batch overlap of the expert-parallel exchange with expert compute (off by default): each MoE
+ * layer's tokens go in two micro-batches, one's all-to-all in flight while the other's experts
+ * run. Results equal the plain exchange's. Only where the comm has ialltoallv (else ignored); only
+ * MPI and NCCL move data while computing (loopback copies inside the waits). Every rank of the
+ * group must use the same setting. */
+void moe_forward_set_ep_overlap(moe_forward *f, bool on);
+/* The expert-parallel group's comm, NULL when not expert parallel. */
+const moe_comm *moe_forward_ep_comm(const moe_forward *f);
 /* Rows each expert computed on this rank so far: (n_layers, n_experts), for load statistics. */
 const int64_t *moe_forward_expert_tokens(const moe_forward *f);
 

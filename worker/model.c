@@ -176,12 +176,24 @@ static moe_status bind_swiglu(binder *b, const char *pre, const char *const leaf
     return bind_matrix(b, d, ffn, down);
 }
 
+static moe_status bind_expert(binder *b, int l, int e)
+{
+    static const char *const hf_leaf[3] = {"gate_proj", "up_proj", "down_proj"};
+    static const char *const mixtral_leaf[3] = {"w1", "w3", "w2"}; /* w1 gate, w3 up, w2 down */
+    const moe_model_config *c = &b->m->cfg;
+    const bool mixtral = c->arch == MOE_ARCH_MIXTRAL;
+    moe_layer_weights *lw = &b->m->layers[l];
+    char pre[128];
+    snprintf(pre, sizeof pre, "model.layers.%d.%s.experts.%d", l, mixtral ? "block_sparse_moe" : "mlp", e);
+    return bind_swiglu(b, pre, mixtral ? mixtral_leaf : hf_leaf, c->moe_ffn, &lw->exp_gate[e], &lw->exp_up[e],
+                       &lw->exp_down[e]);
+}
+
 static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
 {
     const moe_model_config *c = &b->m->cfg;
     const int d = c->hidden_size;
     static const char *const hf_leaf[3] = {"gate_proj", "up_proj", "down_proj"};
-    static const char *const mixtral_leaf[3] = {"w1", "w3", "w2"}; /* w1 gate, w3 up, w2 down */
     char pre[128];
     moe_status s;
     lw->is_moe = c->layer_is_moe[l];
@@ -203,15 +215,9 @@ static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory for %d experts", b->dir, c->n_experts);
     lw->exp_up = lw->exp_gate + n;
     lw->exp_down = lw->exp_gate + 2 * n;
-    for (int e = b->m->expert_begin; e < b->m->expert_end; e++) {
-        if (!b->m->expert_bound[e])
-            continue;
-        snprintf(pre, sizeof pre, "model.layers.%d.%s.experts.%d", l, block, e);
-        s = bind_swiglu(b, pre, mixtral ? mixtral_leaf : hf_leaf, c->moe_ffn, &lw->exp_gate[e],
-                        &lw->exp_up[e], &lw->exp_down[e]);
-        if (s != MOE_OK)
+    for (int e = b->m->expert_begin; e < b->m->expert_end; e++)
+        if (b->m->expert_bound[e] && (s = bind_expert(b, l, e)) != MOE_OK)
             return s;
-    }
     if (c->shared_expert_ffn > 0) {
         snprintf(pre, sizeof pre, "model.layers.%d.mlp.shared_expert", l);
         s = bind_swiglu(b, pre, hf_leaf, c->shared_expert_ffn, &lw->sh_gate, &lw->sh_up,
@@ -461,6 +467,31 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
               m->cfg.arch_name, m->cfg.n_layers, m->cfg.n_experts, m->expert_begin, m->expert_end,
               (double)own->weight_bytes / (1 << 20));
     *out = m;
+    return MOE_OK;
+}
+
+moe_status moe_model_bind_experts(moe_model *m, const bool *mask)
+{
+    model_owned *own = m->owned;
+    if (own->n_q > 0)
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: binding more experts (redundant experts) is not supported with quantized experts",
+                         m->dir);
+    binder b = {.m = m, .own = own, .dir = m->dir};
+    for (int e = 0; e < m->cfg.n_experts; e++) {
+        if (!mask[e] || m->expert_bound[e])
+            continue;
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            moe_status s = m->layers[l].is_moe ? bind_expert(&b, l, e) : MOE_OK;
+            if (s != MOE_OK)
+                return s;
+        }
+        m->expert_bound[e] = true;
+        if (e < m->expert_begin)
+            m->expert_begin = e;
+        if (e + 1 > m->expert_end)
+            m->expert_end = e + 1;
+    }
     return MOE_OK;
 }
 

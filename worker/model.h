@@ -82,6 +82,11 @@ typedef struct {
 moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_model **out);
 void moe_model_free(moe_model *m);
 
+/* Binds, in addition, every expert flagged in mask[n_experts] (zero-copy, from the same mmaps):
+ * the replicas an EPLB plan gives this rank. Experts already bound are kept. UNSUPPORTED with
+ * quantized experts. On failure the experts bound so far stay bound (harmless: unused). */
+moe_status moe_model_bind_experts(moe_model *m, const bool *mask);
+
 /* Bytes of weights this rank maps and will read (for logs and the KV budget). */
 size_t moe_model_weight_bytes(const moe_model *m);
 

@@ -93,6 +93,7 @@ typedef struct {
     moe_comm ep_comm;
     bool have_ep;
     moe_ep_placement place;
+    int64_t ep_steps; /* steps taken in lock-step with the group (EPLB re-plans on a multiple) */
     outbox ob;
     size_t block_bytes;
     int block_tokens;

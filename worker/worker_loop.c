@@ -14,6 +14,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "worker/comm_mpi.h"
+#include "worker/eplb.h"
 #include "worker/worker_internal.h"
 
 /* ---- control link: protobuf messages over MPI, sent non-blocking, buffers kept until done ---- */
@@ -543,6 +544,59 @@ static moe_status group_ranks(worker *w, uint32_t *out, size_t *n)
     return MOE_OK;
 }
 
+/* EPLB, run by every rank of an expert-parallel group after the same step: the group's summed
+ * expert loads (all layers) give every rank the same plan; each binds the replicas it gets
+ * (zero-copy, from the mmaps) and switches its engine to the new placement. */
+static moe_status eplb_replan(worker *w)
+{
+    const moe_model_config *c = &w->model->cfg;
+    int E = c->n_experts;
+    const int64_t *tab = moe_engine_expert_load(w->eng);
+    int64_t *load = calloc((size_t)E, sizeof *load);
+    bool *mask = calloc((size_t)E, sizeof *mask);
+    moe_ep_placement plan = {0};
+    moe_status st = MOE_OK;
+    if (!load || !mask)
+        st = moe_error(MOE_ERR_NOMEM, "eplb: out of memory");
+    for (int l = 0; st == MOE_OK && l < c->n_layers; l++)
+        for (int e = 0; e < E; e++)
+            load[e] += tab[(size_t)l * E + e];
+    if (st == MOE_OK)
+        st = MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, load, E, MPI_INT64_T, MPI_SUM, w->o->instance_comm));
+    if (st == MOE_OK)
+        st = moe_ep_placement_contiguous(E, w->ep_size, &plan);
+    double rank_load[MOE_WORKER_MAX_EP];
+    double before = 0, after = 0;
+    if (st == MOE_OK) {
+        before = moe_eplb_rank_load(&w->place, load, rank_load);
+        st = moe_eplb_plan(&plan, load, w->o->redundant_experts);
+    }
+    if (st == MOE_OK) {
+        after = moe_eplb_rank_load(&plan, load, rank_load);
+        for (int e = 0; e < E; e++)
+            mask[e] = moe_ep_placement_holds(&plan, w->ep_rank, e);
+        st = moe_model_bind_experts(w->model, mask);
+    }
+    if (st == MOE_OK)
+        st = moe_engine_set_placement(w->eng, &plan);
+    if (st == MOE_OK) {
+        char held[256] = "";
+        size_t n = 0;
+        for (int e = 0; e < E && n < sizeof held - 8; e++)
+            if (mask[e] && !(e >= plan.range_begin[w->ep_rank] && e < plan.range_end[w->ep_rank]))
+                n += (size_t)snprintf(held + n, sizeof held - n, "%s%d", n ? "," : "", e);
+        MOE_LOG_I("rank %d: EPLB: %d replicas placed; projected max/mean rank load %.2f -> %.2f; "
+                  "replicas here: %s", w->rank, w->o->redundant_experts, before, after, n ? held : "none");
+        moe_ep_placement_free(&w->place);
+        w->place = plan;
+        plan = (moe_ep_placement){0};
+    }
+    moe_ep_placement_free(&plan);
+    free(load);
+    free(mask);
+    return st;
+}
+
 /* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
  * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
  * rank with nothing still serves its experts to the others). */
@@ -650,6 +704,13 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         }
         if (should_step(&w)) {
             if ((st = step(&w)) != MOE_OK) {
+                MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
+                break;
+            }
+            /* Steps run in lock-step inside an expert-parallel group, so every rank reaches the
+             * same step count here and re-plans together. */
+            if (w.ep_size > 1 && o->redundant_experts > 0 && o->eplb_interval > 0 &&
+                ++w.ep_steps % o->eplb_interval == 0 && (st = eplb_replan(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;
             }

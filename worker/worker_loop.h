@@ -29,6 +29,10 @@ typedef struct {
     int heartbeat_ms;  /* > 0 */
     int kv_timeout_ms; /* one KV transfer attempt, > 0 */
     int lease_ms;      /* an offered KV is freed after this long without a pull or renewal */
+    /* EPLB (expert-parallel instances): every eplb_interval steps the group sums its expert loads
+     * and places redundant_experts replicas of the hottest experts (worker/eplb.h). 0: off. */
+    int redundant_experts;
+    int eplb_interval;
 } moe_worker_opts;
 
 /* Runs the worker until the coordinator sends Shutdown (or the control link fails). Failures to

@@ -133,6 +133,23 @@ def expert_parallel_pools_match_moe_generate():
         stop_ok(c)
 
 
+@test
+def eplb_replicas_keep_outputs_exact():
+    """EPLB in a running cluster: one colocated instance of 2 ranks re-plans every 4 steps, placing
+    2 replicas of the hottest experts from the routed loads (each rank binds its replicas from the
+    mmaps and tokens go to the least loaded holder); outputs stay equal to moe-generate's."""
+    reqs = mixed_workload(16, seed=21)
+    refs = references(reqs)
+    with Cluster(np=3, args=["--colocated", "--ep-size", "2", "--redundant-experts", "2", "--eplb-interval", "4",
+                             "--batch-tokens", "64"]) as c:
+        got = run_workload(c, reqs)
+        compare(reqs, got, refs)
+        c.wait_idle()
+        log = c.stderr()
+        check("EPLB: 2 replicas placed" in log, "no EPLB re-plan in the log:\n%s" % log[-2000:])
+        stop_ok(c)
+
+
 def long_request(**kw):
     return gen_request(ids=[5, 6, 7, 8, 9, 10, 11, 12], max_new=480, ignore_eos=True, **kw)
 

@@ -22,6 +22,9 @@ static void usage(FILE *f)
         "  --ep-size E             ranks per instance: they split the experts (default 1)\n"
         "  --prefill-ep E          ranks per prefill instance (default --ep-size)\n"
         "  --decode-ep E           ranks per decode instance (default --ep-size)\n"
+        "  --redundant-experts R   EPLB: replicas of the hottest experts per expert-parallel\n"
+        "                          instance, re-planned from the routed loads (default 0: off)\n"
+        "  --eplb-interval N       engine steps between EPLB re-plans (default 256)\n"
         "serving:\n"
         "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
         "  --grpc-threads N        completion-queue threads (default 2)\n"
@@ -81,6 +84,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_EP,
         O_PEP,
         O_DEP,
+        O_REDUNDANT,
+        O_EPLB_INTERVAL,
         O_LISTEN,
         O_GRPC,
         O_MAXREQ,
@@ -107,6 +112,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"ep-size", required_argument, 0, O_EP},
                                          {"prefill-ep", required_argument, 0, O_PEP},
                                          {"decode-ep", required_argument, 0, O_DEP},
+                                         {"redundant-experts", required_argument, 0, O_REDUNDANT},
+                                         {"eplb-interval", required_argument, 0, O_EPLB_INTERVAL},
                                          {"listen", required_argument, 0, O_LISTEN},
                                          {"grpc-threads", required_argument, 0, O_GRPC},
                                          {"max-requests", required_argument, 0, O_MAXREQ},
@@ -129,6 +136,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
     *a = (serve_args){.prefill = -1,
                       .decode = -1,
                       .ep_size = 1,
+                      .eplb_interval = 256,
                       .listen = "0.0.0.0:50051",
                       .block_size = 16,
                       .batch_tokens = 512,
@@ -168,6 +176,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             break;
         case O_DEP:
             rc = parse_int("--decode-ep", optarg, 1, SERVE_MAX_EP, &a->decode_ep, print);
+            break;
+        case O_REDUNDANT:
+            rc = parse_int("--redundant-experts", optarg, 0, 4096, &a->redundant_experts, print);
+            break;
+        case O_EPLB_INTERVAL:
+            rc = parse_int("--eplb-interval", optarg, 1, 1 << 30, &a->eplb_interval, print);
             break;
         case O_LISTEN:
             a->listen = optarg;

@@ -16,6 +16,8 @@ typedef struct {
     int ep_size;    /* --ep-size: ranks per instance, every pool */
     int prefill_ep; /* --prefill-ep, default ep_size */
     int decode_ep;  /* --decode-ep, default ep_size */
+    int redundant_experts; /* --redundant-experts: EPLB replica slots per expert-parallel instance */
+    int eplb_interval;     /* --eplb-interval: steps between EPLB re-plans */
     const char *listen;
     int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
     int kv_blocks; /* per instance; 0 = from kv_mb */

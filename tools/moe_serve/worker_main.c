@@ -68,7 +68,9 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
                                     .max_seqs = a->max_seqs},
                          .heartbeat_ms = a->heartbeat_ms,
                          .kv_timeout_ms = a->kv_timeout_ms,
-                         .lease_ms = a->lease_ms};
+                         .lease_ms = a->lease_ms,
+                         .redundant_experts = a->redundant_experts,
+                         .eplb_interval = a->eplb_interval};
     moe_status st = moe_worker_run(&o);
     if (st != MOE_OK) {
         fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
