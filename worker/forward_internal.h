@@ -7,6 +7,18 @@
 #include "worker/ep_placement.h"
 #include "worker/forward.h"
 
+/* Exchange statistics, cumulative over the expert-parallel MoE layers run (benchmarks read them
+ * through this header). bytes_*: payload rows (hidden states + expert id out, outputs back), the
+ * rank's own share included in bytes_sent, excluded from bytes_remote; the row counts exchanged
+ * first (one or two ints per peer) are not counted. */
+typedef struct {
+    int64_t layers;
+    int64_t ns;        /* whole MoE block, routing and shared expert included */
+    int64_t wait_ns;   /* blocked in exchange calls (blocking collectives, wait()) */
+    int64_t expert_ns; /* routed-expert compute */
+    int64_t bytes_sent, bytes_remote;
+} moe_fwd_ep_stat;
+
 struct moe_forward {
     const moe_model *m;
     const moe_model_config *c;
@@ -51,9 +63,20 @@ struct moe_forward {
     int *ep_send_tok;  /* [T*topk] token of each sent row */
     float *ep_send_w;  /* [T*topk] its routing weight */
     int *ep_order;     /* [ep_cap_recv] received rows sorted by expert */
-    int *cnt_send, *cnt_recv;          /* [ep_size] rows */
-    int *bytes_send, *bytes_recv;      /* [ep_size] */
-    int *off_send, *off_recv;          /* [ep_size] */
+    int *cnt_send, *cnt_recv;          /* [ep_size] rows of the plain (not overlapped) exchange */
+
+    /* Two-batch overlap (moe_forward_set_ep_overlap): the layer's tokens split in two micro-batches
+     * A and B whose exchanges run while the other's experts compute. Every exchange in flight
+     * keeps its own count/offset arrays: MPI reads them until the operation completes. */
+    bool ep_overlap;
+    int *tbo_cnt;            /* (4, ep_size) rows: A sent, B sent, A received, B received */
+    int *tbo_cnt2;           /* (2, ep_size, 2) the counts exchange: sent, received, A/B per peer */
+    int *tbo_xfer;           /* (4 exchanges, 4 arrays, ep_size): bytes/offsets, send then receive;
+                              * the plain path uses the first (dispatch) and third (combine) */
+    moe_comm_req *tbo_req[4]; /* in flight: dispatch A, dispatch B, combine A, combine B */
+    moe_status tbo_err;      /* first failure seen while progressing tbo_req */
+
+    moe_fwd_ep_stat ep_stat;
 };
 
 /* y(n_tok, w->rows) = x(n_tok, w->cols) * W^T, threaded. */
@@ -65,5 +88,8 @@ void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const mo
 moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int layer, int T);
 moe_status moe_fwd_ep_alloc(moe_forward *f);
 void moe_fwd_ep_free(moe_forward *f);
+/* The two-batch-overlap arrays for f->ep_size ranks (moe_layer.c); moe_fwd_ep_alloc/free call them. */
+moe_status moe_fwd_tbo_alloc(moe_forward *f);
+void moe_fwd_tbo_free(moe_forward *f);
 
 #endif

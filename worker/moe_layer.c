@@ -1,11 +1,13 @@
 /* The MoE block: softmax router and top-k, experts computed per expert over the tokens routed to
  * it, Qwen2-MoE's gated shared expert; locally, or expert-parallel across an instance's ranks with
  * a dispatch all-to-all (token rows to the ranks holding their experts) and a combine all-to-all
- * (expert outputs back, weighted and summed in the source's order). */
+ * (expert outputs back, weighted and summed in the source's order), plain or as two overlapped
+ * micro-batches (two-batch overlap). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "worker/forward_internal.h"
 
@@ -49,12 +51,116 @@ static void route(moe_forward *f, const moe_layer_weights *lw, int T)
     }
 }
 
+/* ---- expert parallel ---- */
+
+moe_status moe_fwd_tbo_alloc(moe_forward *f)
+{
+    moe_fwd_tbo_free(f);
+    size_t S = (size_t)f->ep_size;
+    f->tbo_cnt = calloc(4 * S, sizeof(int));
+    f->tbo_cnt2 = calloc(4 * S, sizeof(int));
+    f->tbo_xfer = calloc(16 * S, sizeof(int));
+    if (!f->tbo_cnt || !f->tbo_cnt2 || !f->tbo_xfer)
+        return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate overlap arrays for %zu ranks", S);
+    return MOE_OK;
+}
+
+void moe_fwd_tbo_free(moe_forward *f)
+{
+    free(f->tbo_cnt);
+    free(f->tbo_cnt2);
+    free(f->tbo_xfer);
+    f->tbo_cnt = f->tbo_cnt2 = f->tbo_xfer = NULL;
+}
+
+enum { X_DISPATCH_A, X_DISPATCH_B, X_COMBINE_A, X_COMBINE_B };
+
+/* One exchange's arrays in f->tbo_xfer: send bytes, send offsets, receive bytes, receive offsets. */
+typedef struct {
+    int *bs, *os, *br, *orr;
+} xfer_t;
+
+/* Fills exchange x's byte counts and offsets from row counts, and adds its payload to the
+ * statistics. */
+static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row, const int *cnt_recv,
+                     size_t recv_row)
+{
+    int S = f->ep_size, so = 0, ro = 0;
+    int *base = f->tbo_xfer + (size_t)x * 4 * S;
+    xfer_t t = {base, base + S, base + 2 * S, base + 3 * S};
+    for (int p = 0; p < S; p++) {
+        t.bs[p] = (int)((size_t)cnt_send[p] * send_row);
+        t.br[p] = (int)((size_t)cnt_recv[p] * recv_row);
+        t.os[p] = so;
+        t.orr[p] = ro;
+        so += t.bs[p];
+        ro += t.br[p];
+        f->ep_stat.bytes_sent += t.bs[p];
+        if (p != f->ep_rank)
+            f->ep_stat.bytes_remote += t.bs[p];
+    }
+    return t;
+}
+
+static moe_status exchange(moe_forward *f, int x, const void *send, const int *cnt_send, size_t send_row,
+                           void *recv, const int *cnt_recv, size_t recv_row)
+{
+    xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    int64_t t0 = moe_now_ns();
+    moe_status st = f->ep->ops->alltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr);
+    f->ep_stat.wait_ns += moe_now_ns() - t0;
+    return st;
+}
+
+/* Posts exchange x without waiting; f->tbo_req[x] holds it until it completes. */
+static moe_status post(moe_forward *f, int x, const void *send, const int *cnt_send, size_t send_row, void *recv,
+                       const int *cnt_recv, size_t recv_row)
+{
+    xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    return f->ep->ops->ialltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr, &f->tbo_req[x]);
+}
+
+static moe_status await(moe_forward *f, int x)
+{
+    if (!f->tbo_req[x])
+        return MOE_OK; /* completed while progressing */
+    int64_t t0 = moe_now_ns();
+    moe_status st;
+    if (f->ep->ops->wait) {
+        st = f->ep->ops->wait(f->ep->ctx, f->tbo_req[x]);
+    } else {
+        bool done = false;
+        while ((st = f->ep->ops->test(f->ep->ctx, f->tbo_req[x], &done)) == MOE_OK && !done) {
+        }
+    }
+    f->tbo_req[x] = NULL;
+    f->ep_stat.wait_ns += moe_now_ns() - t0;
+    return st;
+}
+
+/* Advances the exchanges in flight: Open MPI moves the data of a non-blocking collective only
+ * inside MPI calls (no progress thread), so the expert loop calls this between matmuls. */
+static void progress(moe_forward *f)
+{
+    for (int x = 0; x < 4; x++) {
+        if (!f->tbo_req[x])
+            continue;
+        bool done = false;
+        moe_status st = f->ep->ops->test(f->ep->ctx, f->tbo_req[x], &done);
+        if (st != MOE_OK && f->tbo_err == MOE_OK)
+            f->tbo_err = st;
+        if (done || st != MOE_OK)
+            f->tbo_req[x] = NULL; /* test released it */
+    }
+}
+
 /* Runs every expert over its rows. rows: (n, stride) with row i for expert expert_of[i] (its first
  * d floats are the input); out: (n, d) in the same order. Grouped so each expert's weights are read
- * once for all its rows. */
+ * once for all its rows. Progresses the exchanges in flight between matmuls. */
 static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, const float *rows,
                         size_t stride, const int *expert_of, int n, float *out)
 {
+    int64_t t0 = moe_now_ns();
     int E = f->n_exp, d = f->d;
     memset(f->exp_count, 0, sizeof(int) * (size_t)E);
     for (int i = 0; i < n; i++)
@@ -76,10 +182,20 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, 
         const int *idx = order + f->exp_off[e];
         for (int i = 0; i < cnt; i++)
             memcpy(f->eh + (size_t)i * d, rows + (size_t)idx[i] * stride, sizeof(float) * d);
-        moe_fwd_swiglu(f, f->eo, f->eh, cnt, &lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]);
+        /* moe_fwd_swiglu, with progress between its matmuls */
+        int ffn = lw->exp_gate[e].rows;
+        moe_fwd_linear(f, f->eg, f->eh, &lw->exp_gate[e], cnt);
+        progress(f);
+        moe_fwd_linear(f, f->eu, f->eh, &lw->exp_up[e], cnt);
+        progress(f);
+        for (int i = 0; i < cnt; i++)
+            moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
+        moe_fwd_linear(f, f->eo, f->eg, &lw->exp_down[e], cnt);
+        progress(f);
         for (int i = 0; i < cnt; i++)
             memcpy(out + (size_t)idx[i] * d, f->eo + (size_t)i * d, sizeof(float) * d);
     }
+    f->ep_stat.expert_ns += moe_now_ns() - t0;
 }
 
 /* ---- local: every expert on this rank ---- */
@@ -87,8 +203,8 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, 
 static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer, int T)
 {
     int d = f->d, K = f->topk, n = T * K;
-    /* One row per (token, choice); rows and outputs use ep-free scratch: exp_w as weights,
-     * sh_gate... no: the outputs of all n assignments need n x d floats, which f->ep_back holds. */
+    /* One row per (token, choice); rows and outputs use the expert-parallel send side as scratch:
+     * ep_send for the inputs, ep_back (T*K x d) for the outputs. */
     int *expert_of = f->ep_send_tok; /* reused as scratch: [T*K] */
     for (int i = 0; i < n; i++)
         expert_of[i] = f->top_idx[i];
@@ -100,33 +216,152 @@ static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer
         moe_axpy(f->moe_out + (size_t)(i / K) * d, f->top_w[i], f->ep_back + (size_t)i * d, d);
 }
 
-/* ---- expert parallel ---- */
-
-static moe_status exchange(moe_forward *f, const void *send, const int *cnt_send, size_t send_row,
-                           void *recv, const int *cnt_recv, size_t recv_row)
+/* Packs assignments [i0, i1) into send slots from `slot` on, grouped by destination rank (dest[i]);
+ * cnt[S] gets the rows per destination. */
+static void pack(moe_forward *f, const int *dest, int i0, int i1, int slot, int *cnt)
 {
-    int S = f->ep_size, so = 0, ro = 0;
-    for (int p = 0; p < S; p++) {
-        f->bytes_send[p] = (int)((size_t)cnt_send[p] * send_row);
-        f->bytes_recv[p] = (int)((size_t)cnt_recv[p] * recv_row);
-        f->off_send[p] = so;
-        f->off_recv[p] = ro;
-        so += f->bytes_send[p];
-        ro += f->bytes_recv[p];
+    int S = f->ep_size, d = f->d, K = f->topk;
+    size_t row = (size_t)d + 1;
+    memset(cnt, 0, sizeof(int) * (size_t)S);
+    for (int i = i0; i < i1; i++)
+        cnt[dest[i]]++;
+    int fill[S];
+    for (int p = 0, o = slot; p < S; p++) {
+        fill[p] = o;
+        o += cnt[p];
     }
-    return f->ep->ops->alltoallv(f->ep->ctx, send, f->bytes_send, f->off_send, recv, f->bytes_recv,
-                                 f->off_recv);
+    for (int i = i0; i < i1; i++) {
+        int sl = fill[dest[i]]++;
+        float *r = f->ep_send + (size_t)sl * row;
+        memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
+        int32_t e = f->top_idx[i];
+        memcpy(r + d, &e, sizeof e);
+        f->ep_send_tok[sl] = i / K;
+        f->ep_send_w[sl] = f->top_w[i];
+    }
+}
+
+/* Reads the expert ids back from n received rows starting at row r0 into expert_of[r0..]. */
+static moe_status read_experts(moe_forward *f, const moe_layer_weights *lw, int r0, int n, int *expert_of)
+{
+    size_t row = (size_t)f->d + 1;
+    for (int i = r0; i < r0 + n; i++) {
+        int32_t e;
+        memcpy(&e, f->ep_recv + (size_t)i * row + f->d, sizeof e);
+        if (e < 0 || e >= f->n_exp || !lw->exp_gate[e].data)
+            return moe_error(MOE_ERR_INTERNAL, "expert parallel: rank %d got a row for expert %d it does not hold",
+                             f->ep_rank, e);
+        expert_of[i] = e;
+    }
+    return MOE_OK;
+}
+
+static int sum(const int *v, int n)
+{
+    int s = 0;
+    for (int i = 0; i < n; i++)
+        s += v[i];
+    return s;
+}
+
+/* Dispatch, compute and combine in one go: every exchange blocks. */
+static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int layer, const int *dest, int n)
+{
+    int d = f->d, S = f->ep_size;
+    size_t row = (size_t)d + 1;
+    pack(f, dest, 0, n, 0, f->cnt_send);
+    int64_t t0 = moe_now_ns();
+    moe_status st = f->ep->ops->alltoall_int(f->ep->ctx, f->cnt_send, f->cnt_recv);
+    f->ep_stat.wait_ns += moe_now_ns() - t0;
+    if (st != MOE_OK)
+        return st;
+    int n_recv = sum(f->cnt_recv, S);
+    if (n_recv > f->ep_cap_recv)
+        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", n_recv, f->ep_cap_recv);
+    if ((st = exchange(f, X_DISPATCH_A, f->ep_send, f->cnt_send, row * sizeof(float), f->ep_recv, f->cnt_recv,
+                       row * sizeof(float))) != MOE_OK ||
+        (st = read_experts(f, lw, 0, n_recv, f->exp_tok)) != MOE_OK)
+        return st;
+    run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, n_recv, f->ep_out);
+    /* Combine: outputs go back the way they came. */
+    return exchange(f, X_COMBINE_A, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back, f->cnt_send,
+                    (size_t)d * sizeof(float));
+}
+
+/* Waits for every exchange still in flight (after a failure: the peers read and write our buffers
+ * until then). */
+static void drain(moe_forward *f)
+{
+    for (int x = 0; x < 4; x++)
+        if (f->tbo_req[x])
+            (void)await(f, x);
+}
+
+/* Two-batch overlap: micro-batch A is the first half of the tokens, B the rest. Both dispatches are
+ * posted at once; A computes while B's rows travel, then B computes while A's outputs travel back.
+ * Each token's rows stay in one micro-batch, in the same relative order as ep_plain's, so the
+ * weighted sums (done by the caller over all slots) are the same floats. */
+static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int layer, const int *dest, int T)
+{
+    int d = f->d, S = f->ep_size, K = f->topk, n = T * K, nA = (T + 1) / 2 * K;
+    size_t row = (size_t)d + 1, rowb = row * sizeof(float), outb = (size_t)d * sizeof(float);
+    int *sA = f->tbo_cnt, *sB = sA + S, *rA = sB + S, *rB = rA + S;
+    pack(f, dest, 0, nA, 0, sA);
+    pack(f, dest, nA, n, nA, sB);
+
+    /* Both micro-batches' counts in one exchange: two ints per peer. */
+    int *c2s = f->tbo_cnt2, *c2r = c2s + 2 * S, *cb = f->tbo_xfer, *co = cb + S;
+    for (int p = 0; p < S; p++) {
+        c2s[2 * p] = sA[p];
+        c2s[2 * p + 1] = sB[p];
+        cb[p] = 2 * (int)sizeof(int);
+        co[p] = p * 2 * (int)sizeof(int);
+    }
+    int64_t t0 = moe_now_ns();
+    moe_status st = f->ep->ops->alltoallv(f->ep->ctx, c2s, cb, co, c2r, cb, co);
+    f->ep_stat.wait_ns += moe_now_ns() - t0;
+    if (st != MOE_OK)
+        return st;
+    for (int p = 0; p < S; p++) {
+        rA[p] = c2r[2 * p];
+        rB[p] = c2r[2 * p + 1];
+    }
+    int nrA = sum(rA, S), nrB = sum(rB, S);
+    if (nrA + nrB > f->ep_cap_recv)
+        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", nrA + nrB,
+                         f->ep_cap_recv);
+
+    f->tbo_err = MOE_OK;
+    float *recvB = f->ep_recv + (size_t)nrA * row, *outB = f->ep_out + (size_t)nrA * d;
+    if ((st = post(f, X_DISPATCH_A, f->ep_send, sA, rowb, f->ep_recv, rA, rowb)) != MOE_OK ||
+        (st = post(f, X_DISPATCH_B, f->ep_send + (size_t)nA * row, sB, rowb, recvB, rB, rowb)) != MOE_OK ||
+        (st = await(f, X_DISPATCH_A)) != MOE_OK || (st = read_experts(f, lw, 0, nrA, f->exp_tok)) != MOE_OK)
+        goto fail;
+    run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, nrA, f->ep_out);
+    if ((st = f->tbo_err) != MOE_OK ||
+        (st = post(f, X_COMBINE_A, f->ep_out, rA, outb, f->ep_back, sA, outb)) != MOE_OK ||
+        (st = await(f, X_DISPATCH_B)) != MOE_OK || (st = read_experts(f, lw, nrA, nrB, f->exp_tok)) != MOE_OK)
+        goto fail;
+    run_experts(f, lw, layer, recvB, row, f->exp_tok + nrA, nrB, outB);
+    if ((st = f->tbo_err) != MOE_OK ||
+        (st = post(f, X_COMBINE_B, outB, rB, outb, f->ep_back + (size_t)nA * d, sB, outb)) != MOE_OK ||
+        (st = await(f, X_COMBINE_A)) != MOE_OK || (st = await(f, X_COMBINE_B)) != MOE_OK)
+        goto fail;
+    return f->tbo_err;
+fail:
+    drain(f);
+    return st;
 }
 
 static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int layer, int T)
 {
-    int d = f->d, K = f->topk, S = f->ep_size, n = T * K;
-    size_t row = (size_t)d + 1; /* hidden state + expert id (int bits in the last float) */
+    int d = f->d, n = T * f->topk;
     const moe_ep_placement *pl = &f->place;
 
-    /* Destination of each assignment: the least loaded holder of its expert in this step. */
-    int *dest = f->ep_order; /* scratch [n] before it serves the receive side */
-    memset(f->cnt_send, 0, sizeof(int) * (size_t)S);
+    /* Destination of each assignment: the least loaded holder of its expert in this step (counted
+     * over the whole step, so the overlapped path routes exactly like the plain one). */
+    int *dest = f->ep_order; /* scratch [n]; run_experts reuses it after packing */
+    memset(f->cnt_send, 0, sizeof(int) * (size_t)f->ep_size);
     for (int i = 0; i < n; i++) {
         int e = f->top_idx[i], best = pl->holders[e * MOE_EP_MAX_HOLDERS];
         for (int h = 1; h < pl->n_holders[e]; h++) {
@@ -137,50 +372,11 @@ static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int la
         dest[i] = best;
         f->cnt_send[best]++;
     }
-    int off[S + 1];
-    off[0] = 0;
-    for (int p = 0; p < S; p++)
-        off[p + 1] = off[p] + f->cnt_send[p];
-    int fill[S];
-    memcpy(fill, off, sizeof(int) * (size_t)S);
-    for (int i = 0; i < n; i++) {
-        int slot = fill[dest[i]]++;
-        float *r = f->ep_send + (size_t)slot * row;
-        memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
-        int32_t e = f->top_idx[i];
-        memcpy(r + d, &e, sizeof e);
-        f->ep_send_tok[slot] = i / K;
-        f->ep_send_w[slot] = f->top_w[i];
-    }
-
-    moe_status st = f->ep->ops->alltoall_int(f->ep->ctx, f->cnt_send, f->cnt_recv);
+    moe_status st = f->ep_overlap && f->ep->ops->ialltoallv ? ep_overlapped(f, lw, layer, dest, T)
+                                                            : ep_plain(f, lw, layer, dest, n);
     if (st != MOE_OK)
         return st;
-    int n_recv = 0;
-    for (int p = 0; p < S; p++)
-        n_recv += f->cnt_recv[p];
-    if (n_recv > f->ep_cap_recv)
-        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", n_recv, f->ep_cap_recv);
-    if ((st = exchange(f, f->ep_send, f->cnt_send, row * sizeof(float), f->ep_recv, f->cnt_recv,
-                       row * sizeof(float))) != MOE_OK)
-        return st;
-
-    /* Compute the received rows with local experts. Expert ids are read back from the rows. */
-    int *expert_of = f->exp_tok; /* scratch [>= n_recv]: sized for the receive capacity */
-    for (int i = 0; i < n_recv; i++) {
-        int32_t e;
-        memcpy(&e, f->ep_recv + (size_t)i * row + d, sizeof e);
-        if (e < 0 || e >= f->n_exp || !lw->exp_gate[e].data)
-            return moe_error(MOE_ERR_INTERNAL, "expert parallel: rank %d got a row for expert %d it does not hold",
-                             f->ep_rank, e);
-        expert_of[i] = e;
-    }
-    run_experts(f, lw, layer, f->ep_recv, row, expert_of, n_recv, f->ep_out);
-
-    /* Combine: outputs go back the way they came; each source adds them in its send order. */
-    if ((st = exchange(f, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back, f->cnt_send,
-                       (size_t)d * sizeof(float))) != MOE_OK)
-        return st;
+    /* Each source adds the returned outputs, weighted, in its send order. */
     for (int s = 0; s < n; s++)
         moe_axpy(f->moe_out + (size_t)f->ep_send_tok[s] * d, f->ep_send_w[s], f->ep_back + (size_t)s * d, d);
     return MOE_OK;
@@ -189,12 +385,14 @@ static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int la
 moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int layer, int T)
 {
     int d = f->d;
+    int64_t t0 = moe_now_ns();
     route(f, lw, T);
     memset(f->moe_out, 0, sizeof(float) * (size_t)T * d);
     if (f->ep) {
         moe_status st = ep_experts(f, lw, layer, T);
         if (st != MOE_OK)
             return st;
+        f->ep_stat.layers++;
     } else {
         local_experts(f, lw, layer, T);
     }
@@ -208,5 +406,7 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
     }
     for (int t = 0; t < T; t++)
         moe_axpy(f->x + (size_t)t * d, 1.0f, f->moe_out + (size_t)t * d, d);
+    if (f->ep)
+        f->ep_stat.ns += moe_now_ns() - t0;
     return MOE_OK;
 }
