@@ -75,6 +75,8 @@ struct moe_forward {
                               * the plain path uses the first (dispatch) and third (combine) */
     moe_comm_req *tbo_req[4]; /* in flight: dispatch A, dispatch B, combine A, combine B */
     moe_status tbo_err;      /* first failure seen while progressing tbo_req */
+    bool tbo_no_progress;    /* benchmarks only: skip the test() calls between matmuls, to measure
+                              * what they buy (data then moves only inside the waits) */
 
     moe_fwd_ep_stat ep_stat;
 };

@@ -142,6 +142,8 @@ static moe_status await(moe_forward *f, int x)
  * inside MPI calls (no progress thread), so the expert loop calls this between matmuls. */
 static void progress(moe_forward *f)
 {
+    if (f->tbo_no_progress)
+        return;
     for (int x = 0; x < 4; x++) {
         if (!f->tbo_req[x])
             continue;
