@@ -417,8 +417,11 @@ static bool policy(moe_cluster *c, int64_t now)
         view_t *s = &v[src];
         inst_t *in = &c->inst[src];
         double phys = usage(in);
-        mig_why why = s->drain    ? MIG_WHY_DRAIN
-                      : s->queued ? MIG_WHY_DEFRAG
+        /* Promised more blocks than it has (hand-offs waiting for room), or kept requests
+         * waiting: moving running requests away makes room for them. */
+        bool short_of_room = s->queued || (long)in->kv_used + in->reserved_blocks > (long)in->kv_total;
+        mig_why why = s->drain        ? MIG_WHY_DRAIN
+                      : short_of_room ? MIG_WHY_DEFRAG
                       : in->mig.has_priority && phys <= o->high_water ? MIG_WHY_PRIORITY
                                                                       : MIG_WHY_BALANCE;
         /* Priority headroom moves normal requests only; so does balance when it can. */

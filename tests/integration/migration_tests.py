@@ -332,6 +332,53 @@ def priority_requests_get_headroom():
         stop_ok(c)
 
 
+@test
+def defrag_makes_room_for_a_waiting_request():
+    """Both decode instances about half full (3 requests of 11 blocks each); a request needing 36
+    blocks fits neither until the policy moves a running request off the instance it was given
+    (trigger: defrag); every output stays exact."""
+    model = small_model()
+    small = [{"ids": [(29 * i + k) % 8000 for k in range(160)], "max_new": 90} for i in range(6)]
+    big = {"ids": [(k * 7 + 3) % 8000 for k in range(560)], "max_new": 12}
+    refs = run_parallel(lambda r: ref_of(r, model), small + [big], workers=2)
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+        results = [None] * 7
+
+        def client(i, r):
+            results[i] = generate(c.stub, request_of(r), timeout=120)[0]
+        threads = [threading.Thread(target=client, args=(i, r)) for i, r in enumerate(small)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: all(r.running == 3 for r in decode_rows(c.status()).values()), 60,
+                   "3 requests decoding on each decode instance")
+        check(c.status().migration.started == 0, "moves before the big request: %s" % c.status().migration)
+        tb = threading.Thread(target=client, args=(6, big))
+        tb.start()
+        threads.append(tb)
+        for t in threads:
+            t.join(timeout=120)
+        for i, (g, ref) in enumerate(zip(results, refs)):
+            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        st = c.wait_idle()
+        g = st.migration
+        check(g.by_defrag >= 1 and g.completed >= 1, "no defrag migration: %s" % g)
+        print("defrag: %d migrations (%d defrag, %d balance)" % (g.completed, g.by_defrag, g.by_balance))
+        stop_ok(c)
+
+
+@test
+def colocated_forced_migrations():
+    """--colocated, two mixed instances: requests move between them every 5 tokens; outputs
+    exact."""
+    reqs = workload(6, 70)
+    refs = [ref_of(r) for r in reqs]
+    with Cluster(np=3, args=["--colocated"], env={"MOE_TEST_MIGRATE_EVERY": "5"}) as c:
+        run_and_compare(c, reqs, refs)
+        g = c.wait_idle().migration
+        check(g.completed >= 6, "migration counters: %s" % g)
+        stop_ok(c)
+
+
 def main():
     if len(sys.argv) == 2 and sys.argv[1] == "--list":
         print("\n".join(TESTS))
