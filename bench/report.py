@@ -58,6 +58,14 @@ class Roof:
         return self.peak / flops_per_token
 
 
+def busy_of(o, l):
+    """CPU busy fraction (others' work) just before ours / llama.cpp ran."""
+    def one(d):
+        v = d.get("busy_before") if d else None
+        return f"{v:.2f}" if isinstance(v, float) else "-"
+    return f"{one(o)} / {one(l)}"
+
+
 def preset_rows(name, d: Path, roof: Roof, targets):
     rows = []
     ours = {f: kv(d / f"ours_{f}.txt") for f in ("bf16", "q8", "q4")}
@@ -84,7 +92,7 @@ def preset_rows(name, d: Path, roof: Roof, targets):
                 lroof, _ = roof.decode(l["active_bytes_per_token"] + kv_f16, b["decode_b1_flops_per_token"], 1)
             if ol is None and ll is None:
                 continue
-            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound))
+            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound, busy_of(o if ol else None, l)))
             if B == 1 and ol is not None:
                 targets.append((f"{name} decode b=1 {lf} >= 80% of roofline", ol / oroof >= 0.8,
                                 f"{pct(ol / oroof)} of {fmt_rate(oroof)} tok/s"))
@@ -102,7 +110,7 @@ def preset_rows(name, d: Path, roof: Roof, targets):
         if ol is None and ll is None:
             continue
         rows.append((name, f"prefill {int(b['prefill_tokens'])}", lf, ol, roofp if ol else None, ll,
-                     roofp if ll else None, "compute"))
+                     roofp if ll else None, "compute", busy_of(o if ol else None, l)))
         if ol is not None:
             targets.append((f"{name} prefill {lf} >= 50% of bf16 peak", ol / roofp >= 0.5,
                             f"{pct(ol / roofp)} ({o['prefill_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s)"))
@@ -194,8 +202,8 @@ def build(run: Path):
              "read per step, peak / FLOPs per step) x batch; prefill roofline = bf16 peak / FLOPs per "
              "prompt token. llama.cpp's decode roofline uses the bytes its GGUF format reads per token.")
     L.append("")
-    L.append("| preset | figure | weights | ours | ours % roof | llama.cpp | llama % roof | ours / llama | roofline (ours) | bound |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| preset | figure | weights | ours | ours % roof | llama.cpp | llama % roof | ours / llama | roofline (ours) | bound | CPU busy before (ours / llama) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     targets = []
     presets = []
     for d in sorted(p for p in run.iterdir() if p.is_dir() and (p / "ours_bf16.txt").exists()):
@@ -203,10 +211,10 @@ def build(run: Path):
     order = {"small": 0}
     presets.sort(key=lambda p: order.get(p.name, 1))
     for d in presets:
-        for (name, fig, f, ol, oroof, ll, lroof, bound) in preset_rows(d.name, d, roof, targets):
+        for (name, fig, f, ol, oroof, ll, lroof, bound, busy) in preset_rows(d.name, d, roof, targets):
             L.append(f"| {name} | {fig} | {f} | {fmt_rate(ol)} | {pct(ol / oroof) if ol else 'n/a'} | "
                      f"{fmt_rate(ll)} | {pct(ll / lroof) if ll else 'n/a'} | {ratio(ol, ll)} | "
-                     f"{fmt_rate(oroof if oroof else lroof)} | {bound} |")
+                     f"{fmt_rate(oroof if oroof else lroof)} | {bound} | {busy} |")
     L.append("")
     L.append("Per preset (ours, bf16): bytes and FLOPs behind the rooflines")
     L.append("")

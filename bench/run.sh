@@ -12,6 +12,10 @@
 #   MOE_BENCH_BUILD     [build-bench]
 #   MOE_BENCH_NICE      [-10]                    niceness of the timed processes (shields them from
 #                                                other work on a shared machine; 0 = unchanged)
+#   MOE_BENCH_QUIET_BUSY [0.25]                  before each timed run, wait until the CPUs are at most
+#   MOE_BENCH_QUIET_WAIT [900]                   this busy (fraction, over 3 s), spending at most this
+#                                                many seconds waiting in the whole run; each timed
+#                                                run's busy figure is recorded in the results
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t_start=$(date +%s)
@@ -24,12 +28,14 @@ OLMOE_LAYERS=${MOE_BENCH_OLMOE_LAYERS:-}
 PROFILE=${MOE_BENCH_PROFILE:-1}
 BUILD=${MOE_BENCH_BUILD:-build-bench}
 NICE=${MOE_BENCH_NICE:--10}
+QUIET_BUSY=${MOE_BENCH_QUIET_BUSY:-0.25}
+QUIET_WAIT=${MOE_BENCH_QUIET_WAIT:-900}
 OUT=bench/out
 RUN=$OUT/run
 
 cmd="bench/run.sh"
 for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OLMOE_LAYERS \
-         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE; do
+         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT; do
   if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
 done
 
@@ -38,6 +44,34 @@ load1() { cut -d' ' -f1 /proc/loadavg; }
 # Timed commands run at niceness $NICE when allowed (negative needs root), else as they are.
 timed=()
 if [ "$NICE" != 0 ] && nice -n "$NICE" true 2>/dev/null; then timed=(nice -n "$NICE"); fi
+# Fraction of all CPU time spent busy over 3 s (from /proc/stat; we are idle while sampling).
+busy() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 3; b=($(head -1 /proc/stat))
+  awk -v u1="${a[1]}" -v n1="${a[2]}" -v s1="${a[3]}" -v i1="${a[4]}" -v w1="${a[5]}" -v q1="${a[6]}" -v r1="${a[7]}" -v t1="${a[8]}" \
+      -v u2="${b[1]}" -v n2="${b[2]}" -v s2="${b[3]}" -v i2="${b[4]}" -v w2="${b[5]}" -v q2="${b[6]}" -v r2="${b[7]}" -v t2="${b[8]}" \
+      'BEGIN { tot = (u2+n2+s2+i2+w2+q2+r2+t2) - (u1+n1+s1+i1+w1+q1+r1+t1); idle = (i2+w2) - (i1+w1);
+               printf "%.2f\n", (tot > 0 ? 1 - idle / tot : 0) }'
+}
+# Waits until other work leaves the CPUs mostly idle (QUIET_WAIT s of waiting in all, for the whole
+# run); appends busy_before=... to $1.
+waited=0
+wait_quiet() {
+  local t0 b
+  while :; do
+    t0=$(date +%s)
+    b=$(busy)
+    if awk -v b="$b" -v m="$QUIET_BUSY" 'BEGIN { exit !(b <= m) }'; then break; fi
+    if [ "$waited" -ge "$QUIET_WAIT" ]; then
+      say "machine ${b} busy and the ${QUIET_WAIT} s waiting budget is spent: measuring anyway (recorded)"
+      break
+    fi
+    say "machine ${b} busy (others' work): waiting for <= ${QUIET_BUSY}"
+    sleep 17
+    waited=$((waited + $(date +%s) - t0))
+  done
+  echo "busy_before=$b" >>"$1"
+}
 # Drops files from the page cache: the machine cannot cache OLMoE's safetensors and its GGUFs
 # together, and a run under reclaim pressure measures the disk, not the engine.
 evict() {
@@ -87,6 +121,7 @@ done
 n_probe=0
 probe() {
   n_probe=$((n_probe + 1))
+  wait_quiet "$RUN/roofline_$n_probe.busy"
   say "roofline probe $n_probe ($THREADS threads)"
   "${timed[@]}" "$BUILD/bench/roofline" --threads "$THREADS" | tee "$RUN/roofline_$n_probe.txt"
 }
@@ -108,19 +143,29 @@ for p in $PRESETS; do
   shopt -u nullglob
   if [ ${#others[@]} -gt 0 ]; then evict "${others[@]}"; fi
   probe
+  wait_quiet "$RUN/$p/ours_bf16.busy"
   say "engine_bench $p bf16 (${eb[*]})"
   "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" "${eb[@]}" | tee "$RUN/$p/ours_bf16.txt"
+  cat "$RUN/$p/ours_bf16.busy" >>"$RUN/$p/ours_bf16.txt"
   # Our 8/4-bit expert formats: measured here once the engine can load them (see README).
   if [ "$LLAMA" = 1 ]; then
-    say "llama.cpp $p ($LLAMA_FORMATS)"
+    say "llama.cpp $p: GGUF conversion ($LLAMA_FORMATS; cached after the first run)"
     python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
-      --formats "$LLAMA_FORMATS" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
+      --formats "$LLAMA_FORMATS" --prepare-only
+    for f in ${LLAMA_FORMATS//,/ }; do
+      wait_quiet "$RUN/$p/llama_$f.busy"
+      say "llama.cpp $p $f"
+      python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
+        --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
+      cat "$RUN/$p/llama_$f.busy" >>"$RUN/$p/llama_$f.txt"
+    done
   fi
 done
 
 # ---- decode profiles (small preset) ----
 if [ "$PROFILE" = 1 ] && [[ " $PRESETS " == *" small "* ]]; then
   say "decode profile: callgrind (1 thread) and perf cpu-clock ($THREADS threads), small preset"
+  wait_quiet "$RUN/profile/perf.busy"
   if command -v valgrind >/dev/null; then
     valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$RUN/profile/callgrind.out" \
       "$BUILD/bench/engine_bench" --model "$OUT/models/small" --threads 1 --batch 1 --prompt 16 \
