@@ -42,6 +42,12 @@ void moe_cluster_mig_init(moe_cluster *c)
         o->retry_ms = 1000;
     if (o->waiting_ticks <= 0)
         o->waiting_ticks = 3;
+    if (o->low_water >= o->high_water) {
+        MOE_LOG_W("migration: low-water mark %.2f is not below the high-water mark %.2f; using "
+                  "%.2f",
+                  o->low_water, o->high_water, 0.7 * o->high_water);
+        o->low_water = 0.7 * o->high_water;
+    }
     if (o->every_tokens <= 0) {
         const char *v = getenv("MOE_TEST_MIGRATE_EVERY");
         o->every_tokens = v && *v ? atoi(v) : 0;

@@ -702,7 +702,11 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             busy = true;
             w.load_dirty = true;
         }
-        if (should_step(&w)) {
+        /* A final migration stage in flight: the sequence is paused; hold the engine steps and
+         * poll so that the pause lasts loop turns, not engine steps (expert-parallel ranks must
+         * step together and cannot hold). */
+        bool hold = w.ep_size == 1 && moe_mig_hold(w.mig);
+        if (!hold && should_step(&w)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;
@@ -729,6 +733,9 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         transfers |= moe_mig_transferring(w.mig);
         if (busy) {
             idle_ns = 0;
+        } else if (hold) {
+            idle_ns = 0;
+            nap(20000); /* poll often, but leave the core to the peer (ranks may share cores) */
         } else {
             /* Nothing to do: nap, growing from 20 us to 2 ms (0.5 ms while bytes are moving). */
             int64_t cap = transfers ? 500000 : 2000000;

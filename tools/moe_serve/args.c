@@ -46,7 +46,22 @@ static void usage(FILE *f)
         "  --heartbeat-timeout-ms N  silence before an instance is UNREACHABLE (default 5000)\n"
         "  --kv-timeout-ms N       one KV transfer attempt (default 5000)\n"
         "  --kv-lease-ms N         prefill frees KV nobody pulled for this long (default 10000)\n"
-        "  --startup-timeout-s S   for every worker to load the model (default 600)\n",
+        "  --startup-timeout-s S   for every worker to load the model (default 600)\n"
+        "live migration (docs/migration.md):\n"
+        "  --migration on|off      balance / de-fragmentation / priority moves (default on;\n"
+        "                          drain works either way)\n"
+        "  --migrate-high F        virtual KV usage above which an instance sheds (default 0.85)\n"
+        "  --migrate-low F         destinations must be below this (default 0.60)\n"
+        "  --migrate-priority-headroom F  added for a priority request (default 0.30)\n"
+        "  --migrate-interval-ms N policy period (default 50)\n"
+        "  --migrate-max-inflight N  migrations in flight in the cluster (default 4)\n"
+        "  --migrate-final-blocks N  unsent blocks at most when the source pauses (default 2)\n"
+        "  --migrate-max-stages N  stages before the final one is forced (default 32)\n"
+        "  --migrate-stage-blocks N  blocks per non-final stage (default 128)\n"
+        "  --migrate-min-remaining N  requests this close to their end stay (default 16)\n"
+        "  --migrate-retry-ms N    a request waits this long after an aborted move (default 1000)\n"
+        "  --migrate-waiting-ticks N  periods of queued demand before defrag (default 3)\n"
+        "  --migrate-every N       test/bench: move every decoding request every N tokens (0 off)\n",
         f);
 }
 
@@ -71,6 +86,18 @@ static int parse_int(const char *flag, const char *v, long lo, long hi, int *out
     if (errno || *end || end == v || x < lo || x > hi)
         return perr(print, "%s: '%s' is not an integer in [%ld, %ld]", flag, v, lo, hi);
     *out = (int)x;
+    return 0;
+}
+
+/* A fraction in (0, 10] (virtual usage may exceed 1). */
+static int parse_frac(const char *flag, const char *v, double *out, bool print)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || *end || end == v || !(x > 0.0 && x <= 10.0))
+        return perr(print, "%s: '%s' is not a number in (0, 10]", flag, v);
+    *out = x;
     return 0;
 }
 
@@ -103,6 +130,19 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_KVT,
         O_LEASE,
         O_START,
+        O_MIG,
+        O_MIG_HIGH,
+        O_MIG_LOW,
+        O_MIG_HEAD,
+        O_MIG_INT,
+        O_MIG_INFL,
+        O_MIG_FINAL,
+        O_MIG_STAGES,
+        O_MIG_SBLK,
+        O_MIG_MINREM,
+        O_MIG_RETRY,
+        O_MIG_WAIT,
+        O_MIG_EVERY,
         O_HELP
     };
     static const struct option opts[] = {{"model", required_argument, 0, O_MODEL},
@@ -131,6 +171,26 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"kv-timeout-ms", required_argument, 0, O_KVT},
                                          {"kv-lease-ms", required_argument, 0, O_LEASE},
                                          {"startup-timeout-s", required_argument, 0, O_START},
+                                         {"migration", required_argument, 0, O_MIG},
+                                         {"migrate-high", required_argument, 0, O_MIG_HIGH},
+                                         {"migrate-low", required_argument, 0, O_MIG_LOW},
+                                         {"migrate-priority-headroom", required_argument, 0,
+                                          O_MIG_HEAD},
+                                         {"migrate-interval-ms", required_argument, 0, O_MIG_INT},
+                                         {"migrate-max-inflight", required_argument, 0,
+                                          O_MIG_INFL},
+                                         {"migrate-final-blocks", required_argument, 0,
+                                          O_MIG_FINAL},
+                                         {"migrate-max-stages", required_argument, 0,
+                                          O_MIG_STAGES},
+                                         {"migrate-stage-blocks", required_argument, 0,
+                                          O_MIG_SBLK},
+                                         {"migrate-min-remaining", required_argument, 0,
+                                          O_MIG_MINREM},
+                                         {"migrate-retry-ms", required_argument, 0, O_MIG_RETRY},
+                                         {"migrate-waiting-ticks", required_argument, 0,
+                                          O_MIG_WAIT},
+                                         {"migrate-every", required_argument, 0, O_MIG_EVERY},
                                          {"help", no_argument, 0, O_HELP},
                                          {0, 0, 0, 0}};
     *a = (serve_args){.prefill = -1,
@@ -235,6 +295,51 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         case O_START:
             rc = parse_int("--startup-timeout-s", optarg, 1, 86400, &a->startup_timeout_s, print);
             break;
+        case O_MIG:
+            if (!strcmp(optarg, "on") || !strcmp(optarg, "off"))
+                a->migration_off = !strcmp(optarg, "off");
+            else
+                rc = perr(print, "--migration: '%s' is not on or off", optarg);
+            break;
+        case O_MIG_HIGH:
+            rc = parse_frac("--migrate-high", optarg, &a->mig_high, print);
+            break;
+        case O_MIG_LOW:
+            rc = parse_frac("--migrate-low", optarg, &a->mig_low, print);
+            break;
+        case O_MIG_HEAD:
+            rc = parse_frac("--migrate-priority-headroom", optarg, &a->mig_headroom, print);
+            break;
+        case O_MIG_INT:
+            rc = parse_int("--migrate-interval-ms", optarg, 1, 60000, &a->mig_interval_ms, print);
+            break;
+        case O_MIG_INFL:
+            rc = parse_int("--migrate-max-inflight", optarg, 1, 4096, &a->mig_max_inflight, print);
+            break;
+        case O_MIG_FINAL:
+            rc = parse_int("--migrate-final-blocks", optarg, 1, 4096, &a->mig_final_blocks, print);
+            break;
+        case O_MIG_STAGES:
+            rc = parse_int("--migrate-max-stages", optarg, 1, 4096, &a->mig_max_stages, print);
+            break;
+        case O_MIG_SBLK:
+            rc = parse_int("--migrate-stage-blocks", optarg, 1, 1 << 20, &a->mig_stage_blocks,
+                           print);
+            break;
+        case O_MIG_MINREM:
+            rc = parse_int("--migrate-min-remaining", optarg, 1, 1 << 30, &a->mig_min_remaining,
+                           print);
+            break;
+        case O_MIG_RETRY:
+            rc = parse_int("--migrate-retry-ms", optarg, 1, 3600000, &a->mig_retry_ms, print);
+            break;
+        case O_MIG_WAIT:
+            rc = parse_int("--migrate-waiting-ticks", optarg, 1, 1000, &a->mig_waiting_ticks,
+                           print);
+            break;
+        case O_MIG_EVERY:
+            rc = parse_int("--migrate-every", optarg, 0, 1 << 30, &a->mig_every, print);
+            break;
         case O_HELP:
             if (print)
                 usage(stdout);
@@ -248,6 +353,9 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             return -1;
     }
     a->drain_timeout_s = drain;
+    if (a->mig_high > 0 && a->mig_low > 0 && a->mig_low >= a->mig_high)
+        return perr(print, "--migrate-low %g must be below --migrate-high %g", a->mig_low,
+                    a->mig_high);
     if (optind < argc)
         return perr(print, "unexpected argument '%s'", argv[optind]);
     if (!a->model_dir)

@@ -150,7 +150,20 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
                            .drain_timeout_s = a->drain_timeout_s,
                            .on_ready = on_ready,
                            .on_ready_ctx = &rctx,
-                           .drain_flag = &drain_flag};
+                           .drain_flag = &drain_flag,
+                           .migrate = {.no_policy = a->migration_off,
+                                       .high_water = a->mig_high,
+                                       .low_water = a->mig_low,
+                                       .priority_headroom = a->mig_headroom,
+                                       .interval_ms = a->mig_interval_ms,
+                                       .max_inflight = a->mig_max_inflight,
+                                       .final_blocks = a->mig_final_blocks,
+                                       .max_stages = a->mig_max_stages,
+                                       .stage_blocks = a->mig_stage_blocks,
+                                       .min_remaining = a->mig_min_remaining,
+                                       .retry_ms = a->mig_retry_ms,
+                                       .waiting_ticks = a->mig_waiting_ticks,
+                                       .every_tokens = a->mig_every}};
     if (moe_cluster_create(&co, &cl) != MOE_OK) {
         fprintf(stderr, "moe-serve: %s\n", moe_error_message());
         goto out;

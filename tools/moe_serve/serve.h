@@ -29,6 +29,11 @@ typedef struct {
     int startup_timeout_s;
     int grpc_threads;
     int max_new_tokens; /* server limit; 0 = the context */
+    /* live migration policy (docs/migration.md); 0 / false = the default */
+    bool migration_off;
+    double mig_high, mig_low, mig_headroom;
+    int mig_interval_ms, mig_max_inflight, mig_final_blocks, mig_max_stages, mig_stage_blocks;
+    int mig_min_remaining, mig_retry_ms, mig_waiting_ticks, mig_every;
 } serve_args;
 
 typedef enum { SERVE_PREFILL = 1, SERVE_DECODE = 2, SERVE_MIXED = 3 } serve_pool;
