@@ -371,7 +371,7 @@ static void run_migrations(harness *h, const moe_sampling_params *sp, const int 
     cr_assert_eq(used_blocks(h->eng[2]), h->base2, "KV left behind on rank 2");
 }
 
-Test(migrate, greedy_once_several_times_and_back, .timeout = 60)
+Test(migrate, greedy_once_several_times_and_back)
 {
     harness h;
     harness_init(&h, NULL, 0);
@@ -387,7 +387,7 @@ Test(migrate, greedy_once_several_times_and_back, .timeout = 60)
     harness_free(&h);
 }
 
-Test(migrate, seeded_sampling_continues_exactly, .timeout = 60)
+Test(migrate, seeded_sampling_continues_exactly)
 {
     harness h;
     harness_init(&h, NULL, 0);
@@ -398,7 +398,7 @@ Test(migrate, seeded_sampling_continues_exactly, .timeout = 60)
     harness_free(&h);
 }
 
-Test(migrate, every_block_is_sent_once, .timeout = 60)
+Test(migrate, every_block_is_sent_once)
 {
     moe_mig_test_hooks hooks = {.min_stages = 4};
     harness h;
@@ -443,47 +443,47 @@ static void abort_case(moe_mig_hook_kind kind, int stage, Moeserve__Cluster__V1_
     harness_free(&h);
 }
 
-Test(migrate, abort_dest_refuses_first_stage, .timeout = 60)
+Test(migrate, abort_dest_refuses_first_stage)
 {
     abort_case(MOE_MIG_HOOK_DEST, 0, REASON(TEST_HOOK));
 }
 
-Test(migrate, abort_dest_refuses_later_stage, .timeout = 60)
+Test(migrate, abort_dest_refuses_later_stage)
 {
     abort_case(MOE_MIG_HOOK_DEST, 1, REASON(TEST_HOOK));
 }
 
-Test(migrate, abort_dest_refuses_final_stage, .timeout = 60)
+Test(migrate, abort_dest_refuses_final_stage)
 {
     abort_case(MOE_MIG_HOOK_DEST, MOE_MIG_FINAL_STAGE, REASON(TEST_HOOK));
 }
 
-Test(migrate, abort_source_before_sending, .timeout = 60)
+Test(migrate, abort_source_before_sending)
 {
     abort_case(MOE_MIG_HOOK_SRC, 1, REASON(TEST_HOOK));
 }
 
-Test(migrate, abort_source_after_pausing, .timeout = 60)
+Test(migrate, abort_source_after_pausing)
 {
     abort_case(MOE_MIG_HOOK_SRC, MOE_MIG_FINAL_STAGE, REASON(TEST_HOOK));
 }
 
-Test(migrate, abort_source_with_data_in_flight, .timeout = 60)
+Test(migrate, abort_source_with_data_in_flight)
 {
     abort_case(MOE_MIG_HOOK_SENT, 0, REASON(TEST_HOOK));
 }
 
-Test(migrate, corrupt_block_aborts_stage, .timeout = 60)
+Test(migrate, corrupt_block_aborts_stage)
 {
     abort_case(MOE_MIG_HOOK_CORRUPT, 0, REASON(TRANSFER));
 }
 
-Test(migrate, corrupt_block_aborts_final_stage, .timeout = 60)
+Test(migrate, corrupt_block_aborts_final_stage)
 {
     abort_case(MOE_MIG_HOOK_CORRUPT, MOE_MIG_FINAL_STAGE, REASON(TRANSFER));
 }
 
-Test(migrate, destination_full, .timeout = 60)
+Test(migrate, destination_full)
 {
     harness h;
     harness_init(&h, NULL, 16);
@@ -505,7 +505,7 @@ Test(migrate, destination_full, .timeout = 60)
     harness_free(&h);
 }
 
-Test(migrate, source_finishes_mid_migration, .timeout = 60)
+Test(migrate, source_finishes_mid_migration)
 {
     moe_mig_test_hooks hooks = {.stall_ms = 300};
     harness h;
@@ -519,7 +519,7 @@ Test(migrate, source_finishes_mid_migration, .timeout = 60)
     harness_free(&h);
 }
 
-Test(migrate, freed_on_both_sides_mid_migration, .timeout = 60)
+Test(migrate, freed_on_both_sides_mid_migration)
 {
     harness h;
     harness_init(&h, NULL, 0);
@@ -544,7 +544,7 @@ Test(migrate, freed_on_both_sides_mid_migration, .timeout = 60)
     harness_free(&h);
 }
 
-Test(migrate, refuses_what_cannot_move, .timeout = 30)
+Test(migrate, refuses_what_cannot_move)
 {
     harness h;
     harness_init(&h, NULL, 0);
