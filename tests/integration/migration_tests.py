@@ -112,8 +112,9 @@ DEST_LINE = re.compile(r"incoming migration \d+ from rank \d+ aborted at stage (
 def abort_cases(cases):
     """One cluster per hook: every migration aborts there; the request stays on its source, its
     output is exact, and the destination (which runs nothing else) holds no KV after each abort."""
-    reqs = [{"ids": [5, 6, 7, 8, 9, 10, 11], "max_new": 90},
-            {"ids": [300, 301, 302], "max_new": 80, "temperature": 0.8, "top_p": 0.9, "seed": 4242}]
+    # Long enough (~0.1 s each) that stages 0, 1 and the final one happen before they end.
+    reqs = [{"ids": [5, 6, 7, 8, 9, 10, 11], "max_new": 300},
+            {"ids": [300, 301, 302], "max_new": 260, "temperature": 0.8, "top_p": 0.9, "seed": 4242}]
     refs = [ref_of(r) for r in reqs]
     for hook, bucket in cases:
         env = {"MOE_TEST_MIGRATE_EVERY": "3", "MOE_TEST_MIGRATE_ABORT": hook + ":all",
