@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh || { echo "install-deps failed"; exit 1; }
+scripts/install-py-deps.sh || { echo "install-py-deps failed"; exit 1; }
 
 passed=0
 failed=0

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Python packages the TESTS need (never the product): grpcio + grpcio-tools for the independent
+# gRPC client and the mpirun cluster tests. Installed from PyPI when missing; idempotent.
+# (torch/transformers for regenerating reference fixtures and llama-cpp-python for benchmarks are
+# installed by those scripts' own instructions: tests/reference/README.md, bench/README.md.)
+set -euo pipefail
+py=${PYTHON:-python3}
+if ! "$py" -c "import grpc, grpc_tools" 2>/dev/null; then
+  echo "install-py-deps: installing grpcio grpcio-tools" >&2
+  "$py" -m pip install -q grpcio grpcio-tools
+fi
