@@ -13,7 +13,8 @@
  *
  *   mpirun --oversubscribe -np E build/bench/ep_bench --model DIR [--parts layer,decode,skew]
  *          [--threads N] [--batches 1,16,64] [--iters 10] [--repeat 3] [--decode-batch 1,16]
- *          [--decode-steps 32] [--prompt 16] [--zipf 1.2] [--skew-seqs 8] [--skew-steps 32] [--redundant R]
+ *          [--decode-steps 32] [--prompt 16] [--zipf 1.2] [--skew-seqs 8] [--skew-steps 32]
+ * [--redundant R]
  *
  * --threads: kernel threads per rank (default: online cores / E, at least 1). Results are
  * `name=value` lines (one per figure) so a script can collect them. */
@@ -80,10 +81,14 @@ static uint64_t rng_next(uint64_t *s)
     return *s;
 }
 
-static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_unit(uint64_t *s)
+{
+    return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
+}
 
 /* Loads the model with the experts `place` gives this rank. */
-static moe_status load_for(const bench_args *a, const group_t *g, const moe_ep_placement *place, moe_model **m)
+static moe_status load_for(const bench_args *a, const group_t *g, const moe_ep_placement *place,
+                           moe_model **m)
 {
     bool *mask = calloc((size_t)place->n_experts, sizeof *mask);
     if (!mask)
@@ -145,36 +150,48 @@ static moe_status bench_layer(const bench_args *a, const group_t *g, const moe_m
     for (int t = 0; t < max_t; t++) {
         int tok = (int)(rng_next(&seed) % (uint64_t)c->vocab_size);
         float *xb = f->xb + (size_t)t * c->hidden_size;
-        moe_convert_to_f32(xb, (const char *)m->embed.data + (size_t)tok * row_bytes, m->embed.dtype,
-                           (size_t)c->hidden_size);
+        moe_convert_to_f32(xb, (const char *)m->embed.data + (size_t)tok * row_bytes,
+                           m->embed.dtype, (size_t)c->hidden_size);
         moe_rmsnorm(xb, xb, m->layers[first_moe].ffn_norm, c->hidden_size, c->rms_eps);
     }
     if (g->rank == 0)
-        printf("# layer: MoE layer calls, %d MoE layers x %d iterations, best of %d interleaved repeats; time = "
-               "slowest rank's mean per layer call (wait: blocked in the exchange; expert: routed-expert compute); "
-               "bytes = per rank per layer call (payload rows, dispatch + combine, own share included / remote "
+        printf("# layer: MoE layer calls, %d MoE layers x %d iterations, best of %d interleaved "
+               "repeats; time = "
+               "slowest rank's mean per layer call (wait: blocked in the exchange; expert: "
+               "routed-expert compute); "
+               "bytes = per rank per layer call (payload rows, dispatch + combine, own share "
+               "included / remote "
                "only), mean over ranks\n",
                n_moe, a->iters, a->repeat);
-    static const char *const mode_name[3] = {"off", "on", "on-no-progress"};
+    /* off; overlap split by experts; split by tokens (DeepSeek's); split by experts
+     * without the progress calls between matmuls */
+    enum { N_MODES = 4 };
+    static const char *const mode_name[N_MODES] = {"off", "experts", "tokens",
+                                                   "experts-no-progress"};
+    static const int mode_ov[N_MODES] = {MOE_FWD_OVERLAP_OFF, MOE_FWD_OVERLAP_EXPERTS,
+                                         MOE_FWD_OVERLAP_TOKENS, MOE_FWD_OVERLAP_EXPERTS};
     for (int bi = 0; bi < a->n_batches; bi++) {
         int T = a->batches[bi];
-        double best[3][5];
-        for (int md = 0; md < 3; md++)
+        double best[N_MODES][5];
+        for (int md = 0; md < N_MODES; md++)
             best[md][0] = 1e300;
         /* Modes interleaved and repeated, the best of each kept: the machine is shared. */
         for (int rep = 0; rep < a->repeat; rep++)
-            for (int md = 0; md < 3; md++) {
-                moe_forward_set_ep_overlap(f, md > 0);
-                f->tbo_no_progress = md == 2;
-                for (int l = 0; l < c->n_layers; l++) /* warm-up: page in the experts, settle the exchange */
-                    if (m->layers[l].is_moe && (st = moe_fwd_moe_layer(f, &m->layers[l], l, T)) != MOE_OK)
+            for (int md = 0; md < N_MODES; md++) {
+                moe_forward_set_ep_overlap(f, mode_ov[md]);
+                f->tbo_no_progress = md == 3;
+                for (int l = 0; l < c->n_layers;
+                     l++) /* warm-up: page in the experts, settle the exchange */
+                    if (m->layers[l].is_moe &&
+                        (st = moe_fwd_moe_layer(f, &m->layers[l], l, T)) != MOE_OK)
                         goto out;
                 MPI_Barrier(g->world);
                 moe_fwd_ep_stat s0 = f->ep_stat;
                 int64_t t0 = moe_now_ns();
                 for (int it = 0; it < a->iters; it++)
                     for (int l = 0; l < c->n_layers; l++)
-                        if (m->layers[l].is_moe && (st = moe_fwd_moe_layer(f, &m->layers[l], l, T)) != MOE_OK)
+                        if (m->layers[l].is_moe &&
+                            (st = moe_fwd_moe_layer(f, &m->layers[l], l, T)) != MOE_OK)
                             goto out;
                 double wall = (double)(moe_now_ns() - t0);
                 double calls = (double)(f->ep_stat.layers - s0.layers);
@@ -182,16 +199,20 @@ static moe_status bench_layer(const bench_args *a, const group_t *g, const moe_m
                     max_over_ranks(g, wall / calls) / 1e3,
                     max_over_ranks(g, (double)(f->ep_stat.wait_ns - s0.wait_ns) / calls) / 1e3,
                     max_over_ranks(g, (double)(f->ep_stat.expert_ns - s0.expert_ns) / calls) / 1e3,
-                    sum_over_ranks(g, (double)(f->ep_stat.bytes_sent - s0.bytes_sent) / calls) / g->size,
-                    sum_over_ranks(g, (double)(f->ep_stat.bytes_remote - s0.bytes_remote) / calls) / g->size};
+                    sum_over_ranks(g, (double)(f->ep_stat.bytes_sent - s0.bytes_sent) / calls) /
+                        g->size,
+                    sum_over_ranks(g, (double)(f->ep_stat.bytes_remote - s0.bytes_remote) / calls) /
+                        g->size};
                 if (v[0] < best[md][0])
                     memcpy(best[md], v, sizeof v);
             }
-        for (int md = 0; md < 3; md++)
+        for (int md = 0; md < N_MODES; md++)
             if (g->rank == 0)
-                printf("layer E=%d T=%d overlap=%s: layer_us=%.1f wait_us=%.1f expert_us=%.1f bytes_sent=%.0f "
+                printf("layer E=%d T=%d overlap=%s: layer_us=%.1f wait_us=%.1f expert_us=%.1f "
+                       "bytes_sent=%.0f "
                        "bytes_remote=%.0f\n",
-                       g->size, T, mode_name[md], best[md][0], best[md][1], best[md][2], best[md][3], best[md][4]);
+                       g->size, T, mode_name[md], best[md][0], best[md][1], best[md][2],
+                       best[md][3], best[md][4]);
     }
 out:
     moe_forward_free(f);
@@ -202,7 +223,8 @@ out:
 
 /* One lock-step round: every rank steps while anyone has work (force: step even if nobody has).
  * Returns events produced here (-1 on error), *any = whether anyone had work. */
-static int lockstep(const group_t *g, moe_engine *e, moe_token_event *ev, int cap, bool force, int *any)
+static int lockstep(const group_t *g, moe_engine *e, moe_token_event *ev, int cap, bool force,
+                    int *any)
 {
     *any = moe_engine_has_work(e) ? 1 : 0;
     g->comm.ops->allreduce_sum_int(g->comm.ctx, any);
@@ -211,7 +233,8 @@ static int lockstep(const group_t *g, moe_engine *e, moe_token_event *ev, int ca
     return moe_engine_step(e, ev, cap);
 }
 
-static void make_prompt(uint64_t *seed, int vocab, const int *perm, double zipf, int n, int32_t *ids)
+static void make_prompt(uint64_t *seed, int vocab, const int *perm, double zipf, int n,
+                        int32_t *ids)
 {
     for (int i = 0; i < n; i++) {
         if (zipf <= 0) {
@@ -236,8 +259,8 @@ typedef struct {
 
 /* Runs the workload on this rank's engine: prompts, prefill until every rank's sequences decode,
  * then `steps` timed decode steps. *tok_s: the instance's decode tokens/s (all ranks). */
-static moe_status run_workload(const group_t *g, moe_engine *e, const moe_model *m, const workload *w,
-                               double *tok_s)
+static moe_status run_workload(const group_t *g, moe_engine *e, const moe_model *m,
+                               const workload *w, double *tok_s)
 {
     int vocab = m->cfg.vocab_size;
     uint64_t seed = 0x2545f4914f6cdd1dull * (uint64_t)(g->rank + 7);
@@ -287,10 +310,14 @@ static moe_status run_workload(const group_t *g, moe_engine *e, const moe_model 
 }
 
 static moe_status make_engine(const bench_args *a, const group_t *g, const moe_model *m,
-                              const moe_ep_placement *place, int seqs, int prompt, bool overlap, moe_engine **e)
+                              const moe_ep_placement *place, int seqs, int prompt, int overlap,
+                              moe_engine **e)
 {
-    moe_engine_opts eo = {.n_threads = a->threads, .max_seqs = seqs > 0 ? seqs : 1,
-                          .max_batch_tokens = 256, .ep_comm = &g->comm, .ep_placement = place,
+    moe_engine_opts eo = {.n_threads = a->threads,
+                          .max_seqs = seqs > 0 ? seqs : 1,
+                          .max_batch_tokens = 256,
+                          .ep_comm = &g->comm,
+                          .ep_placement = place,
                           .ep_overlap = overlap,
                           .kv_budget_bytes = (size_t)64 << 20};
     (void)prompt;
@@ -301,16 +328,19 @@ static moe_status bench_decode(const bench_args *a, const group_t *g, const moe_
                                const moe_ep_placement *place)
 {
     if (g->rank == 0)
-        printf("# decode: every rank decodes its own B sequences (prompt %d random tokens), %d timed decode "
-               "steps in lock-step; tok/s = all ranks' tokens / slowest rank's time, best of %d repeats\n",
+        printf("# decode: every rank decodes its own B sequences (prompt %d random tokens), %d "
+               "timed decode "
+               "steps in lock-step; tok/s = all ranks' tokens / slowest rank's time, best of %d "
+               "repeats\n",
                a->prompt, a->decode_steps, a->repeat);
+    static const char *const ov_name[3] = {"off", "experts", "tokens"};
     for (int bi = 0; bi < a->n_dbatches; bi++) {
         int B = a->dbatches[bi];
-        double best[2] = {0, 0};
+        double best[3] = {0, 0, 0};
         for (int rep = 0; rep < a->repeat; rep++)
-            for (int ov = 0; ov < 2; ov++) {
+            for (int ov = 0; ov < 3; ov++) { /* moe_ep_overlap_mode */
                 moe_engine *e;
-                moe_status st = make_engine(a, g, m, place, B, a->prompt, ov == 1, &e);
+                moe_status st = make_engine(a, g, m, place, B, a->prompt, ov, &e);
                 if (st != MOE_OK)
                     return st;
                 workload w = {.seqs = B, .prompt = a->prompt, .steps = a->decode_steps, .zipf = 0};
@@ -321,10 +351,11 @@ static moe_status bench_decode(const bench_args *a, const group_t *g, const moe_
                     return st;
                 best[ov] = tok_s > best[ov] ? tok_s : best[ov];
             }
-        for (int ov = 0; ov < 2; ov++)
+        for (int ov = 0; ov < 3; ov++)
             if (g->rank == 0)
-                printf("decode E=%d batch_per_rank=%d instance_batch=%d overlap=%s threads=%d: tok_s=%.1f\n", g->size,
-                       B, B * g->size, ov ? "on" : "off", a->threads, best[ov]);
+                printf("decode E=%d batch_per_rank=%d instance_batch=%d overlap=%s threads=%d: "
+                       "tok_s=%.1f\n",
+                       g->size, B, B * g->size, ov_name[ov], a->threads, best[ov]);
     }
     return MOE_OK;
 }
@@ -348,8 +379,8 @@ static void loads(const group_t *g, const moe_model *m, const int64_t *before, c
     MPI_Allreduce(MPI_IN_PLACE, global, L * X, MPI_DOUBLE, MPI_SUM, g->world);
 }
 
-/* max/mean over ranks of the rows computed: over the whole run, and the mean over MoE layers of each
- * layer's max/mean (each layer's exchange waits for its slowest rank). */
+/* max/mean over ranks of the rows computed: over the whole run, and the mean over MoE layers of
+ * each layer's max/mean (each layer's exchange waits for its slowest rank). */
 static void imbalance(const group_t *g, const moe_model *m, const double *mine_layer, double *whole,
                       double *per_layer)
 {
@@ -359,7 +390,8 @@ static void imbalance(const group_t *g, const moe_model *m, const double *mine_l
         mine += mine_layer[l];
         if (!m->layers[l].is_moe)
             continue;
-        double mx = max_over_ranks(g, mine_layer[l]), mean = sum_over_ranks(g, mine_layer[l]) / g->size;
+        double mx = max_over_ranks(g, mine_layer[l]),
+               mean = sum_over_ranks(g, mine_layer[l]) / g->size;
         acc += mean > 0 ? mx / mean : 1.0;
         n_moe++;
     }
@@ -368,15 +400,16 @@ static void imbalance(const group_t *g, const moe_model *m, const double *mine_l
     *per_layer = n_moe ? acc / n_moe : 1.0;
 }
 
-static moe_status skew_run(const bench_args *a, const group_t *g, const moe_ep_placement *place, const workload *w,
-                           moe_model **m_out, double *global, double *mine_layer, double *tok_s)
+static moe_status skew_run(const bench_args *a, const group_t *g, const moe_ep_placement *place,
+                           const workload *w, moe_model **m_out, double *global, double *mine_layer,
+                           double *tok_s)
 {
     moe_model *m;
     moe_status st = load_for(a, g, place, &m);
     if (st != MOE_OK)
         return st;
     moe_engine *e;
-    if ((st = make_engine(a, g, m, place, w->seqs, w->prompt, false, &e)) != MOE_OK) {
+    if ((st = make_engine(a, g, m, place, w->seqs, w->prompt, MOE_EP_OVERLAP_OFF, &e)) != MOE_OK) {
         moe_model_free(m);
         return st;
     }
@@ -402,7 +435,8 @@ static moe_status bench_skew(const bench_args *a, const group_t *g, const moe_ep
 {
     int V = c->vocab_size, X = c->n_experts, L = c->n_layers;
     int *perm = malloc(sizeof(int) * (size_t)V);
-    double *global = calloc((size_t)L * X, sizeof(double)), *mine = calloc((size_t)L, sizeof(double));
+    double *global = calloc((size_t)L * X, sizeof(double)),
+           *mine = calloc((size_t)L, sizeof(double));
     int64_t *per_expert = calloc((size_t)X, sizeof(int64_t));
     if (!perm || !global || !mine || !per_expert) {
         free(perm);
@@ -419,11 +453,17 @@ static moe_status bench_skew(const bench_args *a, const group_t *g, const moe_ep
         perm[i] = perm[j];
         perm[j] = t;
     }
-    workload w = {.seqs = a->skew_seqs, .prompt = a->prompt, .steps = a->skew_steps, .zipf = a->zipf, .perm = perm};
+    workload w = {.seqs = a->skew_seqs,
+                  .prompt = a->prompt,
+                  .steps = a->skew_steps,
+                  .zipf = a->zipf,
+                  .perm = perm};
     int R = a->redundant >= 0 ? a->redundant : g->size;
     if (g->rank == 0)
-        printf("# skew: %d sequences per rank, prompt %d tokens from Zipf(s=%.2f) over the vocabulary, %d decode "
-               "steps; load = rows each rank's experts computed (moe_engine_expert_load), max/mean over ranks; "
+        printf("# skew: %d sequences per rank, prompt %d tokens from Zipf(s=%.2f) over the "
+               "vocabulary, %d decode "
+               "steps; load = rows each rank's experts computed (moe_engine_expert_load), max/mean "
+               "over ranks; "
                "replicas: moe_eplb_plan(R=%d) from the first run's loads summed over layers\n",
                w.seqs, w.prompt, w.zipf, w.steps, R);
 
@@ -446,10 +486,12 @@ static moe_status bench_skew(const bench_args *a, const group_t *g, const moe_ep
                 printf("skew E=%d expert_load:", g->size);
                 for (int x = 0; x < X; x++)
                     printf(" %lld", (long long)per_expert[x]);
-                printf("\nskew E=%d replicas=%d: projected_max_mean=%.3f holders:", g->size, R, projected);
+                printf("\nskew E=%d replicas=%d: projected_max_mean=%.3f holders:", g->size, R,
+                       projected);
                 for (int x = 0; x < X; x++)
                     if (place.n_holders[x] > 1)
-                        printf(" e%d@%d", x, place.holders[x * MOE_EP_MAX_HOLDERS + place.n_holders[x] - 1]);
+                        printf(" e%d@%d", x,
+                               place.holders[x * MOE_EP_MAX_HOLDERS + place.n_holders[x] - 1]);
                 printf("\n");
             }
         }
@@ -461,7 +503,8 @@ static moe_status bench_skew(const bench_args *a, const group_t *g, const moe_ep
         moe_model_free(m);
         m = NULL;
         if (g->rank == 0)
-            printf("skew E=%d replicas=%d: max_mean=%.3f per_layer_max_mean=%.3f tok_s=%.1f max_rank_weight_mib=%.1f\n",
+            printf("skew E=%d replicas=%d: max_mean=%.3f per_layer_max_mean=%.3f tok_s=%.1f "
+                   "max_rank_weight_mib=%.1f\n",
                    g->size, pass ? R : 0, whole, per_layer, tok_s, wb_max / 1048576.0);
     }
     moe_ep_placement_free(&place);
@@ -476,53 +519,111 @@ static moe_status bench_skew(const bench_args *a, const group_t *g, const moe_ep
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: mpirun -np E ep_bench --model DIR [--parts layer,decode,skew] [--threads N]\n"
-                    "       [--batches 1,16,64] [--iters N] [--repeat N] [--decode-batch 1,16] [--decode-steps N]\n"
-                    "       [--prompt N]"
-                    " [--zipf S] [--skew-seqs N] [--skew-steps N] [--redundant R]\n");
+    fprintf(stderr,
+            "usage: mpirun -np E ep_bench --model DIR [--parts layer,decode,skew] [--threads N]\n"
+            "       [--batches 1,16,64] [--iters N] [--repeat N] [--decode-batch 1,16] "
+            "[--decode-steps N]\n"
+            "       [--prompt N]"
+            " [--zipf S] [--skew-seqs N] [--skew-steps N] [--redundant R]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_args *a)
 {
-    *a = (bench_args){.batches = {1, 16, 64}, .n_batches = 3, .iters = 10, .repeat = 3, .dbatches = {1, 16}, .n_dbatches = 2,
-                      .decode_steps = 32, .prompt = 16, .zipf = 1.2, .skew_seqs = 8, .skew_steps = 32,
-                      .redundant = -1, .part_layer = true, .part_decode = true, .part_skew = true};
-    enum { O_MODEL = 1, O_PARTS, O_THREADS, O_BATCHES, O_ITERS, O_DBATCH, O_DSTEPS, O_PROMPT, O_ZIPF, O_SSEQS,
-           O_SSTEPS, O_RED, O_REPEAT };
-    static const struct option opts[] = {
-        {"model", required_argument, 0, O_MODEL},        {"parts", required_argument, 0, O_PARTS},
-        {"threads", required_argument, 0, O_THREADS},    {"batches", required_argument, 0, O_BATCHES},
-        {"iters", required_argument, 0, O_ITERS},        {"decode-batch", required_argument, 0, O_DBATCH},
-        {"decode-steps", required_argument, 0, O_DSTEPS}, {"prompt", required_argument, 0, O_PROMPT},
-        {"zipf", required_argument, 0, O_ZIPF},          {"skew-seqs", required_argument, 0, O_SSEQS},
-        {"skew-steps", required_argument, 0, O_SSTEPS},  {"redundant", required_argument, 0, O_RED},
-        {"repeat", required_argument, 0, O_REPEAT},
-        {0, 0, 0, 0}};
+    *a = (bench_args){.batches = {1, 16, 64},
+                      .n_batches = 3,
+                      .iters = 10,
+                      .repeat = 3,
+                      .dbatches = {1, 16},
+                      .n_dbatches = 2,
+                      .decode_steps = 32,
+                      .prompt = 16,
+                      .zipf = 1.2,
+                      .skew_seqs = 8,
+                      .skew_steps = 32,
+                      .redundant = -1,
+                      .part_layer = true,
+                      .part_decode = true,
+                      .part_skew = true};
+    enum {
+        O_MODEL = 1,
+        O_PARTS,
+        O_THREADS,
+        O_BATCHES,
+        O_ITERS,
+        O_DBATCH,
+        O_DSTEPS,
+        O_PROMPT,
+        O_ZIPF,
+        O_SSEQS,
+        O_SSTEPS,
+        O_RED,
+        O_REPEAT
+    };
+    static const struct option opts[] = {{"model", required_argument, 0, O_MODEL},
+                                         {"parts", required_argument, 0, O_PARTS},
+                                         {"threads", required_argument, 0, O_THREADS},
+                                         {"batches", required_argument, 0, O_BATCHES},
+                                         {"iters", required_argument, 0, O_ITERS},
+                                         {"decode-batch", required_argument, 0, O_DBATCH},
+                                         {"decode-steps", required_argument, 0, O_DSTEPS},
+                                         {"prompt", required_argument, 0, O_PROMPT},
+                                         {"zipf", required_argument, 0, O_ZIPF},
+                                         {"skew-seqs", required_argument, 0, O_SSEQS},
+                                         {"skew-steps", required_argument, 0, O_SSTEPS},
+                                         {"redundant", required_argument, 0, O_RED},
+                                         {"repeat", required_argument, 0, O_REPEAT},
+                                         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
-        case O_MODEL: a->model_dir = optarg; break;
+        case O_MODEL:
+            a->model_dir = optarg;
+            break;
         case O_PARTS:
             a->part_layer = strstr(optarg, "layer") != NULL;
             a->part_decode = strstr(optarg, "decode") != NULL;
             a->part_skew = strstr(optarg, "skew") != NULL;
             break;
-        case O_THREADS: a->threads = atoi(optarg); break;
-        case O_BATCHES: a->n_batches = parse_list(optarg, a->batches, MAX_LIST); break;
-        case O_ITERS: a->iters = atoi(optarg); break;
-        case O_DBATCH: a->n_dbatches = parse_list(optarg, a->dbatches, MAX_LIST); break;
-        case O_DSTEPS: a->decode_steps = atoi(optarg); break;
-        case O_PROMPT: a->prompt = atoi(optarg); break;
-        case O_ZIPF: a->zipf = atof(optarg); break;
-        case O_SSEQS: a->skew_seqs = atoi(optarg); break;
-        case O_SSTEPS: a->skew_steps = atoi(optarg); break;
-        case O_RED: a->redundant = atoi(optarg); break;
-        case O_REPEAT: a->repeat = atoi(optarg); break;
-        default: return -1;
+        case O_THREADS:
+            a->threads = atoi(optarg);
+            break;
+        case O_BATCHES:
+            a->n_batches = parse_list(optarg, a->batches, MAX_LIST);
+            break;
+        case O_ITERS:
+            a->iters = atoi(optarg);
+            break;
+        case O_DBATCH:
+            a->n_dbatches = parse_list(optarg, a->dbatches, MAX_LIST);
+            break;
+        case O_DSTEPS:
+            a->decode_steps = atoi(optarg);
+            break;
+        case O_PROMPT:
+            a->prompt = atoi(optarg);
+            break;
+        case O_ZIPF:
+            a->zipf = atof(optarg);
+            break;
+        case O_SSEQS:
+            a->skew_seqs = atoi(optarg);
+            break;
+        case O_SSTEPS:
+            a->skew_steps = atoi(optarg);
+            break;
+        case O_RED:
+            a->redundant = atoi(optarg);
+            break;
+        case O_REPEAT:
+            a->repeat = atoi(optarg);
+            break;
+        default:
+            return -1;
         }
     }
-    if (!a->model_dir || a->n_batches <= 0 || a->n_dbatches <= 0 || a->iters <= 0 || a->repeat <= 0 || a->prompt <= 0 ||
-        a->decode_steps <= 0 || a->skew_seqs < 0 || a->skew_steps <= 0)
+    if (!a->model_dir || a->n_batches <= 0 || a->n_dbatches <= 0 || a->iters <= 0 ||
+        a->repeat <= 0 || a->prompt <= 0 || a->decode_steps <= 0 || a->skew_seqs < 0 ||
+        a->skew_steps <= 0)
         return -1;
     return 0;
 }
@@ -566,9 +667,11 @@ int main(int argc, char **argv)
             load[strcspn(load, "\n")] = 0;
             fclose(fl);
         }
-        printf("# ep_bench: %s, E=%d ranks, %d kernel threads per rank, %ld online cores%s, load average %s\n",
+        printf("# ep_bench: %s, E=%d ranks, %d kernel threads per rank, %ld online cores%s, load "
+               "average %s\n",
                a.model_dir, g.size, a.threads, sysconf(_SC_NPROCESSORS_ONLN),
-               (long)g.size * a.threads > sysconf(_SC_NPROCESSORS_ONLN) ? " (oversubscribed)" : "", load);
+               (long)g.size * a.threads > sysconf(_SC_NPROCESSORS_ONLN) ? " (oversubscribed)" : "",
+               load);
     }
     if (st == MOE_OK && a.part_layer) {
         if (!(pool = moe_threadpool_create(a.threads)))

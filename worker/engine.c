@@ -116,6 +116,9 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
         moe_engine_free(e);
         return st;
     }
+    _Static_assert((int)MOE_EP_OVERLAP_EXPERTS == (int)MOE_FWD_OVERLAP_EXPERTS &&
+                       (int)MOE_EP_OVERLAP_TOKENS == (int)MOE_FWD_OVERLAP_TOKENS,
+                   "engine and forward overlap modes differ");
     moe_forward_set_ep_overlap(e->fw, o.ep_overlap);
     size_t T = (size_t)o.max_batch_tokens, S = (size_t)o.max_seqs;
     e->btok = calloc(T, sizeof *e->btok);

@@ -14,6 +14,15 @@
 
 typedef struct moe_engine moe_engine;
 
+/* Two-batch overlap of the expert-parallel exchange (moe_engine_opts.ep_overlap): each MoE layer's
+ * routed rows go in two micro-batches, one's all-to-all in flight while the other's experts run;
+ * results are the same floats as without. Data moves during compute on MPI and NCCL only. */
+typedef enum {
+    MOE_EP_OVERLAP_OFF = 0,
+    MOE_EP_OVERLAP_EXPERTS = 1, /* halves of each rank's experts: every expert's weights read once */
+    MOE_EP_OVERLAP_TOKENS = 2,  /* halves of the tokens (DeepSeek's): experts hit by both read twice */
+} moe_ep_overlap_mode;
+
 typedef struct {
     int n_threads;          /* kernel threads (incl. caller); 0 = all cores */
     int block_size;         /* KV tokens per block; 0 = 16 */
@@ -25,10 +34,10 @@ typedef struct {
      * the placement; every rank of the group steps together (see moe_engine_step). */
     const moe_comm *ep_comm;
     const moe_ep_placement *ep_placement;
-    /* Two-batch overlap of the MoE exchange with expert compute (moe_forward_set_ep_overlap);
-     * same on every rank of the group. Off by default: on this CPU build it is not faster
-     * (docs/expert-parallel.md, bench/RESULTS.md). */
-    bool ep_overlap;
+    /* Two-batch overlap of the MoE exchange with expert compute: a moe_ep_overlap_mode (true
+     * means MOE_EP_OVERLAP_EXPERTS); the same on every rank of the group. Off by default until it
+     * measures faster (docs/expert-parallel.md, bench/RESULTS.md). */
+    int ep_overlap;
 } moe_engine_opts;
 
 typedef enum {

@@ -161,7 +161,11 @@ moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep
     return moe_fwd_ep_alloc(f);
 }
 
-void moe_forward_set_ep_overlap(moe_forward *f, bool on) { f->ep_overlap = on; }
+void moe_forward_set_ep_overlap(moe_forward *f, int mode)
+{
+    bool known = mode == MOE_FWD_OVERLAP_EXPERTS || mode == MOE_FWD_OVERLAP_TOKENS;
+    f->ep_overlap = known ? mode : MOE_FWD_OVERLAP_OFF;
+}
 
 const int64_t *moe_forward_expert_tokens(const moe_forward *f) { return f->expert_tokens; }
 

@@ -46,12 +46,19 @@ void moe_forward_free(moe_forward *f);
  * the group must then call moe_forward_run for every step, with n_tokens == 0 when it has nothing
  * (it still serves its experts to the others). comm must outlive f. */
 moe_status moe_forward_set_ep(moe_forward *f, const moe_comm *comm, const moe_ep_placement *place);
-/* Two-batch overlap of the expert-parallel exchange with expert compute (off by default): each MoE
- * layer's tokens go in two micro-batches, one's all-to-all in flight while the other's experts
- * run. Results equal the plain exchange's. Only where the comm has ialltoallv (else ignored); only
- * MPI and NCCL move data while computing (loopback copies inside the waits). Every rank of the
- * group must use the same setting. */
-void moe_forward_set_ep_overlap(moe_forward *f, bool on);
+/* Two-batch overlap of the expert-parallel exchange with expert compute: each MoE layer's routed
+ * rows go in two micro-batches, one's all-to-all in flight while the other's experts run. Results
+ * equal the plain exchange's (same floats). Only where the comm has ialltoallv (else ignored);
+ * only MPI and NCCL move data while computing (loopback copies inside the waits). Every rank of
+ * the group must use the same mode. The values are moe_engine_opts.ep_overlap's. */
+enum {
+    MOE_FWD_OVERLAP_OFF = 0,     /* default */
+    MOE_FWD_OVERLAP_EXPERTS = 1, /* split by experts: the first half of each rank's experts, then the
+                                  * rest; every expert's weights are read once per layer */
+    MOE_FWD_OVERLAP_TOKENS = 2,  /* split by tokens (DeepSeek's): the first half of the tokens, then
+                                  * the rest; an expert hit by both halves is read twice */
+};
+void moe_forward_set_ep_overlap(moe_forward *f, int mode);
 /* The expert-parallel group's comm, NULL when not expert parallel. */
 const moe_comm *moe_forward_ep_comm(const moe_forward *f);
 /* Rows each expert computed on this rank so far: (n_layers, n_experts), for load statistics. */

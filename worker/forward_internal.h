@@ -65,16 +65,17 @@ struct moe_forward {
     int *ep_order;     /* [ep_cap_recv] received rows sorted by expert */
     int *cnt_send, *cnt_recv;          /* [ep_size] rows of the plain (not overlapped) exchange */
 
-    /* Two-batch overlap (moe_forward_set_ep_overlap): the layer's tokens split in two micro-batches
-     * A and B whose exchanges run while the other's experts compute. Every exchange in flight
-     * keeps its own count/offset arrays: MPI reads them until the operation completes. */
-    bool ep_overlap;
+    /* Two-batch overlap (moe_forward_set_ep_overlap): the layer's routed rows split in two
+     * micro-batches A and B whose exchanges run while the other's experts compute. Every exchange
+     * in flight keeps its own count/offset arrays: MPI reads them until the operation completes. */
+    int ep_overlap;          /* MOE_FWD_OVERLAP_* */
     int *tbo_cnt;            /* (4, ep_size) rows: A sent, B sent, A received, B received */
     int *tbo_cnt2;           /* (2, ep_size, 2) the counts exchange: sent, received, A/B per peer */
     int *tbo_xfer;           /* (4 exchanges, 4 arrays, ep_size): bytes/offsets, send then receive;
                               * the plain path uses the first (dispatch) and third (combine) */
     moe_comm_req *tbo_req[4]; /* in flight: dispatch A, dispatch B, combine A, combine B */
     moe_status tbo_err;      /* first failure seen while progressing tbo_req */
+    int *tbo_where;          /* [T*topk] place in the A|B send order of each plain send slot */
     bool tbo_no_progress;    /* benchmarks only: skip the test() calls between matmuls, to measure
                               * what they buy (data then moves only inside the waits) */
 

@@ -60,7 +60,8 @@ moe_status moe_fwd_tbo_alloc(moe_forward *f)
     f->tbo_cnt = calloc(4 * S, sizeof(int));
     f->tbo_cnt2 = calloc(4 * S, sizeof(int));
     f->tbo_xfer = calloc(16 * S, sizeof(int));
-    if (!f->tbo_cnt || !f->tbo_cnt2 || !f->tbo_xfer)
+    f->tbo_where = calloc((size_t)f->max_tokens * (size_t)f->topk, sizeof(int));
+    if (!f->tbo_cnt || !f->tbo_cnt2 || !f->tbo_xfer || !f->tbo_where)
         return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate overlap arrays for %zu ranks", S);
     return MOE_OK;
 }
@@ -70,20 +71,22 @@ void moe_fwd_tbo_free(moe_forward *f)
     free(f->tbo_cnt);
     free(f->tbo_cnt2);
     free(f->tbo_xfer);
-    f->tbo_cnt = f->tbo_cnt2 = f->tbo_xfer = NULL;
+    free(f->tbo_where);
+    f->tbo_cnt = f->tbo_cnt2 = f->tbo_xfer = f->tbo_where = NULL;
 }
 
 enum { X_DISPATCH_A, X_DISPATCH_B, X_COMBINE_A, X_COMBINE_B };
 
-/* One exchange's arrays in f->tbo_xfer: send bytes, send offsets, receive bytes, receive offsets. */
+/* One exchange's arrays in f->tbo_xfer: send bytes, send offsets, receive bytes, receive offsets.
+ */
 typedef struct {
     int *bs, *os, *br, *orr;
 } xfer_t;
 
 /* Fills exchange x's byte counts and offsets from row counts, and adds its payload to the
  * statistics. */
-static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row, const int *cnt_recv,
-                     size_t recv_row)
+static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row,
+                     const int *cnt_recv, size_t recv_row)
 {
     int S = f->ep_size, so = 0, ro = 0;
     int *base = f->tbo_xfer + (size_t)x * 4 * S;
@@ -102,8 +105,8 @@ static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row
     return t;
 }
 
-static moe_status exchange(moe_forward *f, int x, const void *send, const int *cnt_send, size_t send_row,
-                           void *recv, const int *cnt_recv, size_t recv_row)
+static moe_status exchange(moe_forward *f, int x, const void *send, const int *cnt_send,
+                           size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
     int64_t t0 = moe_now_ns();
@@ -113,8 +116,8 @@ static moe_status exchange(moe_forward *f, int x, const void *send, const int *c
 }
 
 /* Posts exchange x without waiting; f->tbo_req[x] holds it until it completes. */
-static moe_status post(moe_forward *f, int x, const void *send, const int *cnt_send, size_t send_row, void *recv,
-                       const int *cnt_recv, size_t recv_row)
+static moe_status post(moe_forward *f, int x, const void *send, const int *cnt_send,
+                       size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
     return f->ep->ops->ialltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr, &f->tbo_req[x]);
@@ -218,21 +221,22 @@ static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer
         moe_axpy(f->moe_out + (size_t)(i / K) * d, f->top_w[i], f->ep_back + (size_t)i * d, d);
 }
 
-/* Packs assignments [i0, i1) into send slots from `slot` on, grouped by destination rank (dest[i]);
- * cnt[S] gets the rows per destination. */
-static void pack(moe_forward *f, const int *dest, int i0, int i1, int slot, int *cnt)
+/* Packs the n assignments into send slots grouped by destination rank (dest[i]), in assignment
+ * order within a rank; cnt[S] gets the rows per destination. The plain exchange's layout; its slot
+ * order is also the order in which every path adds the outputs up (ep_experts). */
+static void pack(moe_forward *f, const int *dest, int n, int *cnt)
 {
     int S = f->ep_size, d = f->d, K = f->topk;
     size_t row = (size_t)d + 1;
     memset(cnt, 0, sizeof(int) * (size_t)S);
-    for (int i = i0; i < i1; i++)
+    for (int i = 0; i < n; i++)
         cnt[dest[i]]++;
     int fill[S];
-    for (int p = 0, o = slot; p < S; p++) {
+    for (int p = 0, o = 0; p < S; p++) {
         fill[p] = o;
         o += cnt[p];
     }
-    for (int i = i0; i < i1; i++) {
+    for (int i = 0; i < n; i++) {
         int sl = fill[dest[i]]++;
         float *r = f->ep_send + (size_t)sl * row;
         memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
@@ -243,15 +247,68 @@ static void pack(moe_forward *f, const int *dest, int i0, int i1, int slot, int 
     }
 }
 
+/* Micro-batch (0: A, 1: B) of assignment i sent to rank r. By token: the first half of the tokens
+ * is A. By expert: the first half of r's primary experts is A (replicas: by parity), so each
+ * expert's weights are read once per layer, not once per micro-batch. */
+static int half_of(const moe_forward *f, int i, int r, int nA)
+{
+    if (f->ep_overlap == MOE_FWD_OVERLAP_TOKENS)
+        return i >= nA;
+    int e = f->top_idx[i], b = f->place.range_begin[r], end = f->place.range_end[r];
+    if (e >= b && e < end)
+        return e >= b + (end - b + 1) / 2;
+    return e & 1;
+}
+
+/* Packs for the overlapped exchange: micro-batch A's rows first, then B's, each grouped by
+ * destination rank; sA/sB[S] get their rows per destination. ep_send_tok / ep_send_w stay in the
+ * plain layout's slot order and tbo_where[plain slot] names the row's place in A|B order, so the
+ * outputs are added up in exactly the plain exchange's order. */
+static void pack_halves(moe_forward *f, const int *dest, int n, int nA, int *sA, int *sB)
+{
+    int S = f->ep_size, d = f->d, K = f->topk;
+    size_t row = (size_t)d + 1;
+    int *half = f->exp_tok; /* scratch [n] until the receive side needs it */
+    memset(sA, 0, sizeof(int) * (size_t)S);
+    memset(sB, 0, sizeof(int) * (size_t)S);
+    for (int i = 0; i < n; i++) {
+        half[i] = half_of(f, i, dest[i], nA);
+        (half[i] ? sB : sA)[dest[i]]++;
+    }
+    int fillA[S], fillB[S], fillP[S], totA = 0;
+    for (int p = 0; p < S; p++)
+        totA += sA[p];
+    for (int p = 0, oa = 0, ob = totA, op = 0; p < S; p++) {
+        fillA[p] = oa;
+        fillB[p] = ob;
+        fillP[p] = op;
+        oa += sA[p];
+        ob += sB[p];
+        op += sA[p] + sB[p];
+    }
+    for (int i = 0; i < n; i++) {
+        int p = dest[i], sl = half[i] ? fillB[p]++ : fillA[p]++, plain = fillP[p]++;
+        float *r = f->ep_send + (size_t)sl * row;
+        memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
+        int32_t e = f->top_idx[i];
+        memcpy(r + d, &e, sizeof e);
+        f->ep_send_tok[plain] = i / K;
+        f->ep_send_w[plain] = f->top_w[i];
+        f->tbo_where[plain] = sl;
+    }
+}
+
 /* Reads the expert ids back from n received rows starting at row r0 into expert_of[r0..]. */
-static moe_status read_experts(moe_forward *f, const moe_layer_weights *lw, int r0, int n, int *expert_of)
+static moe_status read_experts(moe_forward *f, const moe_layer_weights *lw, int r0, int n,
+                               int *expert_of)
 {
     size_t row = (size_t)f->d + 1;
     for (int i = r0; i < r0 + n; i++) {
         int32_t e;
         memcpy(&e, f->ep_recv + (size_t)i * row + f->d, sizeof e);
         if (e < 0 || e >= f->n_exp || !lw->exp_gate[e].data)
-            return moe_error(MOE_ERR_INTERNAL, "expert parallel: rank %d got a row for expert %d it does not hold",
+            return moe_error(MOE_ERR_INTERNAL,
+                             "expert parallel: rank %d got a row for expert %d it does not hold",
                              f->ep_rank, e);
         expert_of[i] = e;
     }
@@ -267,11 +324,12 @@ static int sum(const int *v, int n)
 }
 
 /* Dispatch, compute and combine in one go: every exchange blocks. */
-static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int layer, const int *dest, int n)
+static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int layer, const int *dest,
+                           int n)
 {
     int d = f->d, S = f->ep_size;
     size_t row = (size_t)d + 1;
-    pack(f, dest, 0, n, 0, f->cnt_send);
+    pack(f, dest, n, f->cnt_send);
     int64_t t0 = moe_now_ns();
     moe_status st = f->ep->ops->alltoall_int(f->ep->ctx, f->cnt_send, f->cnt_recv);
     f->ep_stat.wait_ns += moe_now_ns() - t0;
@@ -279,15 +337,16 @@ static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int laye
         return st;
     int n_recv = sum(f->cnt_recv, S);
     if (n_recv > f->ep_cap_recv)
-        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", n_recv, f->ep_cap_recv);
-    if ((st = exchange(f, X_DISPATCH_A, f->ep_send, f->cnt_send, row * sizeof(float), f->ep_recv, f->cnt_recv,
-                       row * sizeof(float))) != MOE_OK ||
+        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", n_recv,
+                         f->ep_cap_recv);
+    if ((st = exchange(f, X_DISPATCH_A, f->ep_send, f->cnt_send, row * sizeof(float), f->ep_recv,
+                       f->cnt_recv, row * sizeof(float))) != MOE_OK ||
         (st = read_experts(f, lw, 0, n_recv, f->exp_tok)) != MOE_OK)
         return st;
     run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, n_recv, f->ep_out);
     /* Combine: outputs go back the way they came. */
-    return exchange(f, X_COMBINE_A, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back, f->cnt_send,
-                    (size_t)d * sizeof(float));
+    return exchange(f, X_COMBINE_A, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back,
+                    f->cnt_send, (size_t)d * sizeof(float));
 }
 
 /* Waits for every exchange still in flight (after a failure: the peers read and write our buffers
@@ -299,17 +358,18 @@ static void drain(moe_forward *f)
             (void)await(f, x);
 }
 
-/* Two-batch overlap: micro-batch A is the first half of the tokens, B the rest. Both dispatches are
+/* Two-batch overlap: the routed rows split in micro-batches A and B (half_of). Both dispatches are
  * posted at once; A computes while B's rows travel, then B computes while A's outputs travel back.
- * Each token's rows stay in one micro-batch, in the same relative order as ep_plain's, so the
- * weighted sums (done by the caller over all slots) are the same floats. */
-static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int layer, const int *dest, int T)
+ * The caller adds the outputs up in the plain exchange's order (tbo_where), so the results are the
+ * same floats as ep_plain's. */
+static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int layer,
+                                const int *dest, int T)
 {
-    int d = f->d, S = f->ep_size, K = f->topk, n = T * K, nA = (T + 1) / 2 * K;
+    int d = f->d, S = f->ep_size, K = f->topk, n = T * K;
     size_t row = (size_t)d + 1, rowb = row * sizeof(float), outb = (size_t)d * sizeof(float);
     int *sA = f->tbo_cnt, *sB = sA + S, *rA = sB + S, *rB = rA + S;
-    pack(f, dest, 0, nA, 0, sA);
-    pack(f, dest, nA, n, nA, sB);
+    pack_halves(f, dest, n, (T + 1) / 2 * K, sA, sB);
+    int nA = sum(sA, S); /* rows of A sent: B's start in ep_send and ep_back */
 
     /* Both micro-batches' counts in one exchange: two ints per peer. */
     int *c2s = f->tbo_cnt2, *c2r = c2s + 2 * S, *cb = f->tbo_xfer, *co = cb + S;
@@ -330,23 +390,27 @@ static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int
     }
     int nrA = sum(rA, S), nrB = sum(rB, S);
     if (nrA + nrB > f->ep_cap_recv)
-        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d", nrA + nrB,
-                         f->ep_cap_recv);
+        return moe_error(MOE_ERR_INTERNAL, "expert parallel: %d rows received, room for %d",
+                         nrA + nrB, f->ep_cap_recv);
 
     f->tbo_err = MOE_OK;
     float *recvB = f->ep_recv + (size_t)nrA * row, *outB = f->ep_out + (size_t)nrA * d;
     if ((st = post(f, X_DISPATCH_A, f->ep_send, sA, rowb, f->ep_recv, rA, rowb)) != MOE_OK ||
-        (st = post(f, X_DISPATCH_B, f->ep_send + (size_t)nA * row, sB, rowb, recvB, rB, rowb)) != MOE_OK ||
-        (st = await(f, X_DISPATCH_A)) != MOE_OK || (st = read_experts(f, lw, 0, nrA, f->exp_tok)) != MOE_OK)
+        (st = post(f, X_DISPATCH_B, f->ep_send + (size_t)nA * row, sB, rowb, recvB, rB, rowb)) !=
+            MOE_OK ||
+        (st = await(f, X_DISPATCH_A)) != MOE_OK ||
+        (st = read_experts(f, lw, 0, nrA, f->exp_tok)) != MOE_OK)
         goto fail;
     run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, nrA, f->ep_out);
     if ((st = f->tbo_err) != MOE_OK ||
         (st = post(f, X_COMBINE_A, f->ep_out, rA, outb, f->ep_back, sA, outb)) != MOE_OK ||
-        (st = await(f, X_DISPATCH_B)) != MOE_OK || (st = read_experts(f, lw, nrA, nrB, f->exp_tok)) != MOE_OK)
+        (st = await(f, X_DISPATCH_B)) != MOE_OK ||
+        (st = read_experts(f, lw, nrA, nrB, f->exp_tok)) != MOE_OK)
         goto fail;
     run_experts(f, lw, layer, recvB, row, f->exp_tok + nrA, nrB, outB);
     if ((st = f->tbo_err) != MOE_OK ||
-        (st = post(f, X_COMBINE_B, outB, rB, outb, f->ep_back + (size_t)nA * d, sB, outb)) != MOE_OK ||
+        (st = post(f, X_COMBINE_B, outB, rB, outb, f->ep_back + (size_t)nA * d, sB, outb)) !=
+            MOE_OK ||
         (st = await(f, X_COMBINE_A)) != MOE_OK || (st = await(f, X_COMBINE_B)) != MOE_OK)
         goto fail;
     return f->tbo_err;
@@ -374,13 +438,17 @@ static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int la
         dest[i] = best;
         f->cnt_send[best]++;
     }
-    moe_status st = f->ep_overlap && f->ep->ops->ialltoallv ? ep_overlapped(f, lw, layer, dest, T)
-                                                            : ep_plain(f, lw, layer, dest, n);
+    bool overlap = f->ep_overlap != MOE_FWD_OVERLAP_OFF && f->ep->ops->ialltoallv;
+    moe_status st =
+        overlap ? ep_overlapped(f, lw, layer, dest, T) : ep_plain(f, lw, layer, dest, n);
     if (st != MOE_OK)
         return st;
-    /* Each source adds the returned outputs, weighted, in its send order. */
-    for (int s = 0; s < n; s++)
-        moe_axpy(f->moe_out + (size_t)f->ep_send_tok[s] * d, f->ep_send_w[s], f->ep_back + (size_t)s * d, d);
+    /* Each source adds the returned outputs, weighted, in the plain exchange's send order. */
+    for (int s = 0; s < n; s++) {
+        int at = overlap ? f->tbo_where[s] : s;
+        moe_axpy(f->moe_out + (size_t)f->ep_send_tok[s] * d, f->ep_send_w[s],
+                 f->ep_back + (size_t)at * d, d);
+    }
     return MOE_OK;
 }
 
@@ -398,7 +466,8 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
     } else {
         local_experts(f, lw, layer, T);
     }
-    if (lw->sh_gate.data && T > 0) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
+    if (lw->sh_gate.data &&
+        T > 0) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
         moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
         moe_fwd_linear(f, f->sh_gate, f->xb, &lw->sh_expert_gate, T);
         for (int t = 0; t < T; t++) {

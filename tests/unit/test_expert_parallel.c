@@ -1,7 +1,8 @@
 /* Expert parallelism: E threads with a loopback comm, each loading only its experts, give the same
  * logits (f32: max abs diff <= 1e-5) and greedy tokens as one rank holding every expert, including
- * steps where some ranks have no tokens at all; with two-batch overlap on, the very same floats as
- * the plain exchange. Also the loopback backend's non-blocking all-to-all-v on its own. */
+ * steps where some ranks have no tokens at all; with two-batch overlap on (split by experts or by
+ * tokens), the very same floats as the plain exchange. Also the loopback backend's non-blocking
+ * all-to-all-v on its own. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <pthread.h>
@@ -25,8 +26,8 @@ static void prompt_for(int rank, int vocab, int32_t *ids)
     }
 }
 
-static const moe_engine_opts base_opts = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64,
-                                          .max_batch_tokens = 32, .max_seqs = 4};
+static const moe_engine_opts base_opts = {
+    .n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_batch_tokens = 32, .max_seqs = 4};
 
 /* Single-rank reference: logits of every prompt position and the greedy continuation. */
 static void reference(const char *dir, int rank, float *logits, int32_t *greedy)
@@ -58,9 +59,9 @@ typedef struct {
     moe_comm *comm;
     moe_ep_placement *place;
     int rank;
-    bool generate;      /* this rank runs a sequence in phase 2 (others only serve experts) */
-    bool overlap;       /* two-batch overlap of the exchange */
-    float *logits;      /* out: (N_PROMPT, vocab) */
+    bool generate; /* this rank runs a sequence in phase 2 (others only serve experts) */
+    int overlap;   /* moe_ep_overlap_mode of the exchange */
+    float *logits; /* out: (N_PROMPT, vocab) */
     int32_t greedy[N_NEW];
     int n_greedy;
     size_t weight_bytes;
@@ -114,16 +115,20 @@ static void *rank_main(void *arg)
 }
 
 /* Runs the group: one thread per rank over a loopback comm; jobs[r].logits must be allocated. */
-static void run_group(const char *dir, int ep, moe_ep_placement *place, bool overlap, rank_job *jobs)
+static void run_group(const char *dir, int ep, moe_ep_placement *place, int overlap, rank_job *jobs)
 {
     moe_comm *comms;
     cr_assert_eq(moe_comm_loopback_create(ep, &comms), MOE_OK);
     pthread_t th[MAX_RANKS];
     for (int r = 0; r < ep; r++) {
         float *logits = jobs[r].logits;
-        jobs[r] = (rank_job){.dir = dir, .comm = &comms[r], .place = place, .rank = r,
+        jobs[r] = (rank_job){.dir = dir,
+                             .comm = &comms[r],
+                             .place = place,
+                             .rank = r,
                              .generate = r % 2 == 0, /* odd ranks idle: they only serve experts */
-                             .overlap = overlap, .logits = logits};
+                             .overlap = overlap,
+                             .logits = logits};
         pthread_create(&th[r], NULL, rank_main, &jobs[r]);
     }
     for (int r = 0; r < ep; r++)
@@ -131,7 +136,7 @@ static void run_group(const char *dir, int ep, moe_ep_placement *place, bool ove
     moe_comm_loopback_free(comms, ep);
 }
 
-static void check_model_opts(const char *name, int ep, int n_redundant, bool overlap)
+static void check_model_opts(const char *name, int ep, int n_redundant, int overlap)
 {
     char dir[1024];
     snprintf(dir, sizeof dir, FIXTURES "%s", name);
@@ -153,9 +158,11 @@ static void check_model_opts(const char *name, int ep, int n_redundant, bool ove
     }
     run_group(dir, ep, &place, overlap, jobs);
     if (overlap) /* the same group without overlap: the results must be the same floats */
-        run_group(dir, ep, &place, false, plain);
+        run_group(dir, ep, &place, MOE_EP_OVERLAP_OFF, plain);
     float *ref = malloc(sizeof(float) * nl);
-    const char *mode = overlap ? "overlap" : "plain";
+    const char *mode = overlap == MOE_EP_OVERLAP_EXPERTS  ? "overlap/experts"
+                       : overlap == MOE_EP_OVERLAP_TOKENS ? "overlap/tokens"
+                                                          : "plain";
     for (int r = 0; r < ep; r++) {
         cr_assert_str_empty(jobs[r].error, "%s ep=%d %s: %s", name, ep, mode, jobs[r].error);
         int32_t greedy[N_NEW];
@@ -166,20 +173,23 @@ static void check_model_opts(const char *name, int ep, int n_redundant, bool ove
         cr_assert_leq(md, 1e-5, "%s ep=%d %s rank %d: logits differ by %g", name, ep, mode, r, md);
         if (jobs[r].generate) {
             cr_assert_eq(jobs[r].n_greedy, N_NEW);
-            cr_assert_arr_eq(jobs[r].greedy, greedy, sizeof greedy, "%s ep=%d %s rank %d: greedy differs", name,
-                             ep, mode, r);
+            cr_assert_arr_eq(jobs[r].greedy, greedy, sizeof greedy,
+                             "%s ep=%d %s rank %d: greedy differs", name, ep, mode, r);
         } else {
             cr_assert_eq(jobs[r].n_greedy, 0);
         }
         if (overlap) {
             cr_assert_str_empty(plain[r].error, "%s ep=%d plain: %s", name, ep, plain[r].error);
             cr_assert_arr_eq(jobs[r].logits, plain[r].logits, sizeof(float) * nl,
-                             "%s ep=%d rank %d: overlapped logits are not the plain exchange's", name, ep, r);
+                             "%s ep=%d rank %d: overlapped logits are not the plain exchange's",
+                             name, ep, r);
             cr_assert_eq(jobs[r].n_greedy, plain[r].n_greedy);
-            cr_assert_arr_eq(jobs[r].greedy, plain[r].greedy, sizeof(int32_t) * (size_t)jobs[r].n_greedy);
+            cr_assert_arr_eq(jobs[r].greedy, plain[r].greedy,
+                             sizeof(int32_t) * (size_t)jobs[r].n_greedy);
         }
         if (ep > 1)
-            cr_assert_lt(jobs[r].weight_bytes, full_bytes, "%s ep=%d rank %d maps all weights", name, ep, r);
+            cr_assert_lt(jobs[r].weight_bytes, full_bytes, "%s ep=%d rank %d maps all weights",
+                         name, ep, r);
         free(jobs[r].logits);
         free(plain[r].logits);
     }
@@ -187,22 +197,28 @@ static void check_model_opts(const char *name, int ep, int n_redundant, bool ove
     moe_ep_placement_free(&place);
 }
 
-static void check_model(const char *name, int ep) { check_model_opts(name, ep, 0, false); }
+static void check_model(const char *name, int ep)
+{
+    check_model_opts(name, ep, 0, MOE_EP_OVERLAP_OFF);
+}
 
-#define EP_TEST(model)                                   \
-    Test(expert_parallel, model, .timeout = 120)         \
-    {                                                    \
-        check_model(#model, 1);                          \
-        check_model(#model, 2);                          \
-        check_model(#model, 4);                          \
-        check_model_opts(#model, 2, 2, false);           \
-    }                                                    \
-    Test(expert_parallel_overlap, model, .timeout = 120) \
-    {                                                    \
-        check_model_opts(#model, 1, 0, true);            \
-        check_model_opts(#model, 2, 0, true);            \
-        check_model_opts(#model, 4, 0, true);            \
-        check_model_opts(#model, 2, 2, true);            \
+#define EP_TEST(model)                                                                             \
+    Test(expert_parallel, model, .timeout = 120)                                                   \
+    {                                                                                              \
+        check_model(#model, 1);                                                                    \
+        check_model(#model, 2);                                                                    \
+        check_model(#model, 4);                                                                    \
+        check_model_opts(#model, 2, 2, MOE_EP_OVERLAP_OFF);                                        \
+    }                                                                                              \
+    Test(expert_parallel_overlap, model, .timeout = 120)                                           \
+    {                                                                                              \
+        check_model_opts(#model, 1, 0, MOE_EP_OVERLAP_EXPERTS);                                    \
+        check_model_opts(#model, 2, 0, MOE_EP_OVERLAP_EXPERTS);                                    \
+        check_model_opts(#model, 4, 0, MOE_EP_OVERLAP_EXPERTS);                                    \
+        check_model_opts(#model, 2, 2, MOE_EP_OVERLAP_EXPERTS);                                    \
+        check_model_opts(#model, 2, 0, MOE_EP_OVERLAP_TOKENS);                                     \
+        check_model_opts(#model, 4, 0, MOE_EP_OVERLAP_TOKENS);                                     \
+        check_model_opts(#model, 4, 3, MOE_EP_OVERLAP_TOKENS);                                     \
     }
 
 EP_TEST(mixtral_f32)
@@ -223,7 +239,10 @@ typedef struct {
 
 /* Op k sends, from rank r to peer p, (r + p + k) % 3 + 1 ints of value 1000k + 100r + 10p + i
  * (some peers get more than others; none is empty, the count arrays of each op are its own). */
-static int nb_count(int k, int r, int p) { return (r + p + k) % 3 + 1; }
+static int nb_count(int k, int r, int p)
+{
+    return (r + p + k) % 3 + 1;
+}
 
 static void *nb_main(void *arg)
 {
@@ -246,8 +265,10 @@ static void *nb_main(void *arg)
             r_at += nr;
         }
         memset(recv[k], 0xff, sizeof recv[k]);
-        if (ops->ialltoallv(j->comm->ctx, send[k], sb[k], so[k], recv[k], rb[k], ro[k], &req[k]) != MOE_OK) {
-            snprintf(j->error, sizeof j->error, "rank %d post %d: %s", j->rank, k, moe_error_message());
+        if (ops->ialltoallv(j->comm->ctx, send[k], sb[k], so[k], recv[k], rb[k], ro[k], &req[k]) !=
+            MOE_OK) {
+            snprintf(j->error, sizeof j->error, "rank %d post %d: %s", j->rank, k,
+                     moe_error_message());
             return NULL;
         }
     }
@@ -260,15 +281,16 @@ static void *nb_main(void *arg)
         }
     for (int k = NB_OPS - 2; k >= 0; k--)
         if (ops->wait(j->comm->ctx, req[k]) != MOE_OK) {
-            snprintf(j->error, sizeof j->error, "rank %d wait %d: %s", j->rank, k, moe_error_message());
+            snprintf(j->error, sizeof j->error, "rank %d wait %d: %s", j->rank, k,
+                     moe_error_message());
             return NULL;
         }
     for (int k = 0; k < NB_OPS; k++)
         for (int p = 0, at = 0; p < NB_RANKS; p++)
             for (int i = 0; i < nb_count(k, p, j->rank); i++, at++)
                 if (recv[k][at] != 1000 * k + 100 * p + 10 * j->rank + i) {
-                    snprintf(j->error, sizeof j->error, "rank %d op %d: int %d from %d is %d", j->rank, k, i, p,
-                             recv[k][at]);
+                    snprintf(j->error, sizeof j->error, "rank %d op %d: int %d from %d is %d",
+                             j->rank, k, i, p, recv[k][at]);
                     return NULL;
                 }
     return NULL;
@@ -297,7 +319,8 @@ Test(comm_loopback, nonblocking_alltoallv_out_of_order, .timeout = 30)
     moe_comm_req *rq[9];
     for (int k = 0; k < 8; k++)
         cr_assert_eq(one->ops->ialltoallv(one->ctx, &x[k], &b, &o, &y[k], &b, &o, &rq[k]), MOE_OK);
-    cr_assert_eq(one->ops->ialltoallv(one->ctx, &x[8], &b, &o, &y[8], &b, &o, &rq[8]), MOE_ERR_FULL);
+    cr_assert_eq(one->ops->ialltoallv(one->ctx, &x[8], &b, &o, &y[8], &b, &o, &rq[8]),
+                 MOE_ERR_FULL);
     for (int k = 0; k < 8; k++)
         cr_assert_eq(one->ops->wait(one->ctx, rq[k]), MOE_OK);
     moe_comm_loopback_free(one, 1);
