@@ -43,17 +43,18 @@ ids() { # N: N prompt ids
 
 if [ "$what" = pause ] || [ "$what" = all ]; then
   echo "## pause vs sequence length"
-  start_server --kv-blocks 1100 --batch-tokens 2048 --migrate-every 16 --migrate-min-remaining 1 \
-    --migration off
+  start_server --kv-blocks 1100 --batch-tokens 512 --heartbeat-timeout-ms 60000 --migrate-every 16 \
+    --migrate-min-remaining 1 --migration off
   printf "%8s %8s %10s %10s %10s %10s %12s %12s\n" "tokens" "moves" "pause p50" "pause max" \
     "blocks" "stages" "total ms" "recompute ms"
-  for len in 128 256 512 1024 2048 4096 8000; do
+  for len in ${MOE_BENCH_LENS:-128 256 512 1024 2048 4096 8000}; do
     p=$(ids "$len")
     "$build/moe-client" --addr "127.0.0.1:$port" --prompt-ids "$p" --max-new-tokens 80 \
-      --temperature 0 --ignore-eos --request-id "len-$len" > /dev/null 2> "$tmp/client"
+      --temperature 0 --ignore-eos --request-id "len-$len" > /dev/null 2> "$tmp/client" ||
+      { echo "moe-client failed for $len tokens:"; cat "$tmp/client"; }
     rec=$("$build/moe-generate" --model "$model" --prompt-ids "$p" --max-new-tokens 1 --threads 1 \
-      2>&1 | grep -o 'prompt: [0-9]* tokens in [0-9.]* s' | awk '{print $5 * 1000}')
-    grep "request len-$len instance" "$tmp/err" | grep -v aborted |
+      2>&1 | grep -o 'prompt: [0-9]* tokens in [0-9.]* s' | awk '{print $5 * 1000}') || rec=0
+    { grep "request len-$len instance" "$tmp/err" || true; } | { grep -v aborted || true; } |
       sed -E 's/.*: ([0-9]+) tokens, ([0-9]+) stages, ([0-9]+) blocks .*pause ([0-9.]+) ms, total ([0-9.]+) ms/\1 \2 \3 \4 \5/' |
       python3 -c "
 import sys, statistics as s
@@ -69,9 +70,9 @@ fi
 
 if [ "$what" = skew ] || [ "$what" = all ]; then
   echo "## skewed load, migration off vs on"
-  bench_args=${MOE_BENCH_ARGS:-"--requests 48 --rate 1.5 --concurrency 64 --prompt-len exp:300 --output-len exp:160 --seed 3"}
-  for mode in off on; do
-    start_server --kv-blocks "${MOE_KV_BLOCKS:-96}" --migration "$mode"
+  bench_args=${MOE_BENCH_ARGS:-"--requests 32 --rate 0.25 --concurrency 64 --prompt-len exp:192 --output-len exp:128 --seed 3"}
+  for mode in ${MOE_BENCH_MODES:-off on}; do
+    start_server --kv-blocks "${MOE_KV_BLOCKS:-48}" --heartbeat-timeout-ms 60000 --migration "$mode"
     echo "=== migration $mode: moe-bench $bench_args"
     # shellcheck disable=SC2086
     "$build/moe-bench" --addr "127.0.0.1:$port" $bench_args || true

@@ -380,6 +380,22 @@ def colocated_forced_migrations():
         stop_ok(c)
 
 
+@test
+def expert_parallel_ranks_migrate():
+    """One decode instance of two expert-parallel ranks (each rank owns its sequences and KV, the
+    two step together): requests move between the two ranks every 4 tokens; outputs exact."""
+    reqs = workload(6, 60)
+    refs = [ref_of(r) for r in reqs]
+    args = ["--prefill-instances", "1", "--decode-instances", "1", "--decode-ep", "2"]
+    with Cluster(np=4, args=args, env={"MOE_TEST_MIGRATE_EVERY": "4"}) as c:
+        rows = decode_rows(c.status())
+        check(len(rows) == 2, "expected the two EP ranks as two targets: %s" % rows)
+        run_and_compare(c, reqs, refs)
+        g = c.wait_idle().migration
+        check(g.completed >= 6, "migration counters: %s" % g)
+        stop_ok(c)
+
+
 def main():
     if len(sys.argv) == 2 and sys.argv[1] == "--list":
         print("\n".join(TESTS))
