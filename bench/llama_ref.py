@@ -352,6 +352,9 @@ def main():
                 pass
         res = measure(Path(path), int(threads), int(pp), int(pp_reps), int(prompt), int(n_predict), int(warmup),
                       int(rounds), int(load_mode))
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        res["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 3)  # see run.sh: others' share of the CPUs
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -58,11 +58,28 @@ class Roof:
         return self.peak / flops_per_token
 
 
+NOISY = 0.25
+
+
+def others_share(d):
+    """Share of the machine's CPU time that other work took while this figure was measured: the
+    CPUs' busy time over the run (from /proc/stat) minus the measuring process's own CPU time,
+    over the run's total CPU time. None when not recorded."""
+    if not d or not all(isinstance(d.get(k), float) for k in ("stat_busy_jiffies", "stat_total_jiffies", "cpu_seconds")):
+        return None
+    tot = d["stat_total_jiffies"]
+    if tot <= 0:
+        return None
+    return max(0.0, (d["stat_busy_jiffies"] - d["cpu_seconds"] * d.get("clk_tck", 100.0)) / tot)
+
+
 def busy_of(o, l):
-    """CPU busy fraction (others' work) just before ours / llama.cpp ran."""
+    """Others' CPU share while ours / llama.cpp ran; '!' marks a figure taken under contention."""
     def one(d):
-        v = d.get("busy_before") if d else None
-        return f"{v:.2f}" if isinstance(v, float) else "-"
+        v = others_share(d)
+        if v is None:
+            return "-"
+        return f"{v:.2f}{'!' if v > NOISY else ''}"
     return f"{one(o)} / {one(l)}"
 
 
@@ -202,7 +219,12 @@ def build(run: Path):
              "read per step, peak / FLOPs per step) x batch; prefill roofline = bf16 peak / FLOPs per "
              "prompt token. llama.cpp's decode roofline uses the bytes its GGUF format reads per token.")
     L.append("")
-    L.append("| preset | figure | weights | ours | ours % roof | llama.cpp | llama % roof | ours / llama | roofline (ours) | bound | CPU busy before (ours / llama) |")
+    L.append(f"Last column: the share of the machine's CPU time other work took while the figure was "
+             f"measured (/proc/stat busy time minus the benchmark's own CPU time, whole process "
+             f"including load and pre-fault); `!` marks more than {NOISY:.2f}: that figure is "
+             f"probably low for reasons outside the engine.")
+    L.append("")
+    L.append("| preset | figure | weights | ours | ours % roof | llama.cpp | llama % roof | ours / llama | roofline (ours) | bound | others' CPU share (ours / llama) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     targets = []
     presets = []

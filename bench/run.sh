@@ -53,6 +53,20 @@ busy() {
       'BEGIN { tot = (u2+n2+s2+i2+w2+q2+r2+t2) - (u1+n1+s1+i1+w1+q1+r1+t1); idle = (i2+w2) - (i1+w1);
                printf "%.2f\n", (tot > 0 ? 1 - idle / tot : 0) }'
 }
+# "busy total" jiffies of all CPUs since boot.
+jiffies() { head -1 /proc/stat | awk '{ b = $2 + $3 + $4 + $7 + $8 + $9; t = b + $5 + $6; print b, t }'; }
+# Runs a timed command (stdout to $1) and appends the machine's busy and total jiffies over it, so
+# the report can tell how much of the CPUs other work took while we measured (the command prints
+# its own cpu_seconds).
+measured() {
+  local out=$1 j0 j1
+  shift
+  j0=($(jiffies))
+  "$@" | tee "$out"
+  j1=($(jiffies))
+  printf 'stat_busy_jiffies=%s\nstat_total_jiffies=%s\nclk_tck=%s\n' $((j1[0] - j0[0])) $((j1[1] - j0[1])) \
+    "$(getconf CLK_TCK)" >>"$out"
+}
 # Waits until other work leaves the CPUs mostly idle (QUIET_WAIT s of waiting in all, for the whole
 # run); appends busy_before=... to $1.
 waited=0
@@ -131,10 +145,11 @@ probe
 for p in $PRESETS; do
   mkdir -p "$RUN/$p"
   case $p in
-    small) eb=(--batch 1,16 --decode-tokens 64,32 --rounds 3 --prefill 512 --prefill-reps 3)
-           lr=(--pp-reps 2 --n-predict 64 --rounds 3) ;;
-    *)     eb=(--batch 1,16 --decode-tokens 16,4 --rounds 2 --prefill 512 --prefill-reps 1)
-           lr=(--pp-reps 1 --n-predict 32 --rounds 2) ;;
+    # decode: several short rounds, best kept (a quiet moment in one of them is enough)
+    small) eb=(--batch 1,16 --decode-tokens 32,16 --rounds 5 --prefill 512 --prefill-reps 3)
+           lr=(--pp-reps 3 --n-predict 32 --rounds 5) ;;
+    *)     eb=(--batch 1,16 --decode-tokens 8,3 --rounds 4 --prefill 512 --prefill-reps 1)
+           lr=(--pp-reps 1 --n-predict 8 --rounds 4) ;;
   esac
   # only this model's safetensors in the page cache
   shopt -s nullglob
@@ -145,7 +160,8 @@ for p in $PRESETS; do
   probe
   wait_quiet "$RUN/$p/ours_bf16.busy"
   say "engine_bench $p bf16 (${eb[*]})"
-  "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" "${eb[@]}" | tee "$RUN/$p/ours_bf16.txt"
+  measured "$RUN/$p/ours_bf16.txt" "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" \
+    --threads "$THREADS" "${eb[@]}"
   cat "$RUN/$p/ours_bf16.busy" >>"$RUN/$p/ours_bf16.txt"
   # Our 8/4-bit expert formats: measured here once the engine can load them (see README).
   if [ "$LLAMA" = 1 ]; then
@@ -155,8 +171,9 @@ for p in $PRESETS; do
     for f in ${LLAMA_FORMATS//,/ }; do
       wait_quiet "$RUN/$p/llama_$f.busy"
       say "llama.cpp $p $f"
-      python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
-        --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
+      measured "$RUN/$p/llama_$f.log" python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" \
+        --threads "$THREADS" --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
+      grep '^stat_\|^clk_tck' "$RUN/$p/llama_$f.log" >>"$RUN/$p/llama_$f.txt"
       cat "$RUN/$p/llama_$f.busy" >>"$RUN/$p/llama_$f.txt"
     done
   fi
