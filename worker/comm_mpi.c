@@ -65,7 +65,8 @@ static moe_status new_req(moe_comm_req **req)
     *req = malloc(sizeof **req);
     if (!*req)
         return moe_error(MOE_ERR_NOMEM, "comm mpi: out of memory for a request");
-    (*req)->r = MPI_REQUEST_NULL;
+    /* Every field set: a stale `pooled` would make cancel wait on a receive that never comes. */
+    **req = (moe_comm_req){.r = MPI_REQUEST_NULL, .pooled = false, .in_use = false};
     return MOE_OK;
 }
 

@@ -600,12 +600,22 @@ static moe_status eplb_replan(worker *w)
 /* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
  * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
  * rank with nothing still serves its experts to the others). */
-static bool should_step(worker *w)
+static bool should_step(worker *w, bool *leave)
 {
-    int any = w->eng && moe_engine_has_work(w->eng) ? 1 : 0;
-    if (w->ep_size > 1 && w->ep_comm.ops->allreduce_sum_int(w->ep_comm.ctx, &any) != MOE_OK)
+    int has = w->eng && moe_engine_has_work(w->eng) ? 1 : 0;
+    *leave = w->shutdown;
+    if (w->ep_size <= 1)
+        return has;
+    /* The group also agrees on leaving: a rank told to shut down keeps taking part in this
+     * all-reduce until every rank of the group has been told, so nobody is left waiting in it. */
+    int v[2] = {has, w->shutdown ? 1 : 0};
+    if (MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_INT, MPI_SUM, w->o->instance_comm)) != MOE_OK) {
         MOE_LOG_E("rank %d: expert-parallel all-reduce: %s", w->rank, moe_error_message());
-    return w->eng && any > 0;
+        *leave = true;
+        return false;
+    }
+    *leave = v[1] == w->ep_size;
+    return w->eng && v[0] > 0 && !*leave;
 }
 
 static int env_int(const char *name, int dflt)
@@ -681,9 +691,9 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     int64_t idle_ns = 0;
     w.next_hb = moe_now_ns();
     st = MOE_OK;
-    while (!w.shutdown) {
+    for (;;) {
         bool busy = drain_control(&w) > 0;
-        if (w.shutdown)
+        if (w.shutdown && w.ep_size <= 1)
             break;
         int64_t now = moe_now_ns();
         for (int i = 0; i < w.n_parks;) {
@@ -706,7 +716,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
          * poll so that the pause lasts loop turns, not engine steps (expert-parallel ranks must
          * step together and cannot hold). */
         bool hold = w.ep_size == 1 && moe_mig_hold(w.mig);
-        if (!hold && should_step(&w)) {
+        bool leave = false;
+        if (!hold && should_step(&w, &leave)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;
@@ -720,6 +731,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             }
             busy = true;
         }
+        if (leave)
+            break;
         now = moe_now_ns();
         /* Load changes (frees) are reported promptly, but at most every 10 ms. */
         if (now >= w.next_hb || (w.load_dirty && now - w.last_hb >= 10000000))
