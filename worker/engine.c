@@ -300,8 +300,9 @@ void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *st)
     }
 }
 
-static void preempt(seq_t *s, moe_kv_cache *kv)
+static void preempt(moe_engine *e, seq_t *s, moe_kv_cache *kv)
 {
+    e->st.preemptions++;
     MOE_LOG_D("preempting seq %llu (%d tokens)", (unsigned long long)s->id, s->n_tokens);
     moe_kv_seq_release(kv, &s->kv);
     s->n_computed = 0;
@@ -315,7 +316,7 @@ static bool preempt_later(moe_engine *e, int after)
     for (int i = e->n_seqs - 1; i > after; i--) {
         seq_t *s = e->seqs[i];
         if (s->kv.n_blocks > 0 && !s->paused) {
-            preempt(s, e->kv);
+            preempt(e, s, e->kv);
             return true;
         }
     }
@@ -353,7 +354,7 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
                 ;
             if (st != MOE_OK) {
                 if (pass == 0) {
-                    preempt(s, e->kv); /* no later sequence to take from: it yields and waits */
+                    preempt(e, s, e->kv); /* no later sequence to take from: it yields and waits */
                     continue;
                 }
                 break; /* no room: later arrivals wait too (FCFS) */

@@ -63,6 +63,7 @@ typedef struct {
     int kv_blocks_total, kv_blocks_used;
     int n_waiting, n_running;
     int64_t steps, prefill_tokens, decode_tokens;
+    int64_t preemptions; /* sequences whose KV was taken back (recomputed later) */
 } moe_engine_stats;
 
 /* model must outlive the engine. */

@@ -1,0 +1,114 @@
+/* Engine behaviour beyond the HF reference: refused inputs name the field, KV usage returns to zero
+ * after finishing and cancelling, and preemption under a tiny KV cache keeps greedy outputs exact. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "worker/engine.h"
+
+#define MODEL MOE_SOURCE_DIR "/tests/reference/fixtures/models/qwen3_moe_f32"
+
+static moe_model *model;
+
+static void setup(void)
+{
+    cr_assert_eq(moe_model_load(MODEL, NULL, &model), MOE_OK, "%s", moe_error_message());
+}
+
+static void teardown(void)
+{
+    moe_model_free(model);
+}
+
+TestSuite(engine, .init = setup, .fini = teardown);
+
+static const moe_sampling_params greedy = {.temperature = 0, .top_p = 1};
+
+Test(engine, bad_prompts_are_refused_naming_the_field)
+{
+    moe_engine_opts o = {.n_threads = 1, .max_seqs = 4};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK);
+    int32_t ok[3] = {1, 2, 3};
+    cr_assert_eq(moe_engine_add(e, 1, ok, 0, &greedy, 4, false), MOE_ERR_INVALID_ARG);
+    cr_assert(strstr(moe_error_message(), "prompt"), "%s", moe_error_message());
+    int32_t bad[2] = {1, model->cfg.vocab_size};
+    cr_assert_eq(moe_engine_add(e, 2, bad, 2, &greedy, 4, false), MOE_ERR_INVALID_ARG);
+    cr_assert(strstr(moe_error_message(), "outside the vocabulary"), "%s", moe_error_message());
+    int n_long = model->cfg.max_position;
+    int32_t *lng = calloc((size_t)n_long, sizeof *lng);
+    cr_assert_eq(moe_engine_add(e, 3, lng, n_long, &greedy, 4, false), MOE_ERR_INVALID_ARG);
+    cr_assert(strstr(moe_error_message(), "context"), "%s", moe_error_message());
+    free(lng);
+    cr_assert_eq(moe_engine_add(e, 4, ok, 3, &greedy, 0, false), MOE_ERR_INVALID_ARG);
+    cr_assert(strstr(moe_error_message(), "max_new_tokens"), "%s", moe_error_message());
+    cr_assert_eq(moe_engine_add(e, 5, ok, 3, &greedy, 4, false), MOE_OK);
+    cr_assert_eq(moe_engine_add(e, 5, ok, 3, &greedy, 4, false), MOE_ERR_INVALID_ARG, "duplicate id");
+    cr_assert_eq(moe_engine_finish(e, 99), MOE_ERR_NOT_FOUND);
+    moe_engine_free(e);
+}
+
+static int used_blocks(const moe_engine *e)
+{
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    return st.kv_blocks_used;
+}
+
+Test(engine, kv_usage_returns_to_zero_after_finish_and_cancel)
+{
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 8};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK);
+    int32_t p[9] = {5, 6, 7, 8, 9, 10, 11, 12, 13};
+    for (uint64_t id = 1; id <= 4; id++)
+        cr_assert_eq(moe_engine_add(e, id, p, 9, &greedy, 8 + (int)id, true), MOE_OK);
+    moe_token_event ev[8];
+    for (int i = 0; i < 3; i++)
+        cr_assert_geq(moe_engine_step(e, ev, 8), 0);
+    cr_assert_gt(used_blocks(e), 0);
+    cr_assert_eq(moe_engine_finish(e, 2), MOE_OK); /* a cancel mid-stream */
+    while (moe_engine_has_work(e))
+        cr_assert_geq(moe_engine_step(e, ev, 8), 0);
+    cr_assert_eq(used_blocks(e), 0, "KV blocks still held after every sequence ended");
+    moe_engine_free(e);
+}
+
+/* Greedy tokens of one sequence alone, then with a cache so small that sequences preempt each
+ * other (recompute): the tokens must not change. */
+static int64_t run(const moe_engine_opts *o, int n_seqs, int32_t out[][24])
+{
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, o, &e), MOE_OK, "%s", moe_error_message());
+    for (int s = 0; s < n_seqs; s++) {
+        int32_t p[6] = {10 + s, 20 + s, 30, 40, 50, 60 + s};
+        cr_assert_eq(moe_engine_add(e, (uint64_t)s, p, 6, &greedy, 24, true), MOE_OK, "%s", moe_error_message());
+    }
+    int n[8] = {0};
+    moe_token_event ev[8];
+    while (moe_engine_has_work(e)) {
+        int k = moe_engine_step(e, ev, 8);
+        cr_assert_geq(k, 0, "%s", moe_error_message());
+        for (int i = 0; i < k; i++) {
+            cr_assert_eq(ev[i].index, n[ev[i].seq_id], "token index must count up without gaps");
+            out[ev[i].seq_id][n[ev[i].seq_id]++] = ev[i].token;
+        }
+    }
+    for (int s = 0; s < n_seqs; s++)
+        cr_assert_eq(n[s], 24);
+    cr_assert_eq(used_blocks(e), 0);
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    moe_engine_free(e);
+    return st.preemptions;
+}
+
+Test(engine, preemption_by_recompute_keeps_outputs_exact)
+{
+    int32_t roomy[4][24], tight[4][24];
+    moe_engine_opts big = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 256, .max_seqs = 4};
+    moe_engine_opts small = big;
+    small.n_kv_blocks = 10; /* 4 sequences of 30 positions need 32 blocks: they must take turns */
+    cr_assert_eq(run(&big, 4, roomy), 0);
+    cr_assert_gt(run(&small, 4, tight), 0, "the small cache must force preemptions");
+    cr_assert_arr_eq(roomy, tight, sizeof roomy);
+}
