@@ -183,7 +183,8 @@ static const char *reason_name(Moeserve__Cluster__V1__MigReason r)
     return v ? v->name : "?";
 }
 
-void moe_cluster_mig_on_end(moe_cluster *c, int src_rank, const Moeserve__Cluster__V1__MigrateEnd *m)
+void moe_cluster_mig_on_end(moe_cluster *c, int src_rank,
+                            const Moeserve__Cluster__V1__MigrateEnd *m)
 {
     cluster_mig *g = &c->mig;
     int i = 0;
@@ -230,10 +231,11 @@ void moe_cluster_mig_on_end(moe_cluster *c, int src_rank, const Moeserve__Cluste
     pthread_mutex_unlock(&c->mu);
     const char *rid = r ? r->req->request_id : "(ended)";
     if (ok)
-        MOE_LOG_I("migration %u (%s): request %s instance %d -> %d: %u tokens, %u stages, %u blocks "
-                  "(%.2f MiB), pause %.3f ms, total %.2f ms",
-                  f.id, WHY_NAME[f.why], rid, f.src, f.dst, m->n_tokens, m->stages, m->blocks,
-                  (double)m->bytes / 1048576.0, pause_ms, (double)m->total_ns * 1e-6);
+        MOE_LOG_I(
+            "migration %u (%s): request %s instance %d -> %d: %u tokens, %u stages, %u blocks "
+            "(%.2f MiB), pause %.3f ms, total %.2f ms",
+            f.id, WHY_NAME[f.why], rid, f.src, f.dst, m->n_tokens, m->stages, m->blocks,
+            (double)m->bytes / 1048576.0, pause_ms, (double)m->total_ns * 1e-6);
     else
         MOE_LOG_I("migration %u (%s): request %s instance %d -> %d aborted: %s%s%s (%u stages "
                   "done); it stays on instance %d",
@@ -425,9 +427,10 @@ static bool policy(moe_cluster *c, int64_t now)
         double phys = usage(in);
         /* Promised more blocks than it has (hand-offs waiting for room), or kept requests
          * waiting: moving running requests away makes room for them. */
-        bool short_of_room = s->queued || (long)in->kv_used + in->reserved_blocks > (long)in->kv_total;
-        mig_why why = s->drain        ? MIG_WHY_DRAIN
-                      : short_of_room ? MIG_WHY_DEFRAG
+        bool short_of_room =
+            s->queued || (long)in->kv_used + in->reserved_blocks > (long)in->kv_total;
+        mig_why why = s->drain                                        ? MIG_WHY_DRAIN
+                      : short_of_room                                 ? MIG_WHY_DEFRAG
                       : in->mig.has_priority && phys <= o->high_water ? MIG_WHY_PRIORITY
                                                                       : MIG_WHY_BALANCE;
         /* Priority headroom moves normal requests only; so does balance when it can. */

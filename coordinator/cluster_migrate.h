@@ -14,7 +14,13 @@
 
 #define MIG_PAUSE_RING 1024
 
-typedef enum { MIG_WHY_BALANCE = 0, MIG_WHY_DEFRAG, MIG_WHY_PRIORITY, MIG_WHY_DRAIN, MIG_WHY_FORCED } mig_why;
+typedef enum {
+    MIG_WHY_BALANCE = 0,
+    MIG_WHY_DEFRAG,
+    MIG_WHY_PRIORITY,
+    MIG_WHY_DRAIN,
+    MIG_WHY_FORCED
+} mig_why;
 
 /* A request's migration state. */
 typedef struct {

@@ -83,7 +83,7 @@ typedef struct {
     int stage;  /* the current stage */
     bool final; /* the current stage is the final one: the sequence is paused */
     src_phase phase;
-    int *sent;  /* block ids whose data was posted, in position order */
+    int *sent; /* block ids whose data was posted, in position order */
     int n_sent, cap_sent;
     int first, n; /* the current stage's block range */
     moe_kv_send *send;
@@ -310,7 +310,8 @@ static void remove_src(moe_mig *m, src_mig *s)
 }
 
 /* Ends a migration on the source without handing the sequence over: tells the destination (unless
- * it is the one that aborted), resumes the sequence if it was paused, reports to the coordinator. */
+ * it is the one that aborted), resumes the sequence if it was paused, reports to the coordinator.
+ */
 static void src_abort(moe_mig *m, src_mig *s, mig_reason why, const char *detail, bool tell_dest)
 {
     if (tell_dest)
@@ -362,8 +363,8 @@ static void src_next_stage(moe_mig *m, src_mig *s, int64_t now)
     int full = st.n_computed / m->bs;
     int needed = (st.n_computed + m->bs - 1) / m->bs;
     int left = needed - s->n_sent;
-    bool final = (left <= s->final_blocks && s->stage >= m->o.hooks.min_stages) ||
-                 s->stage >= s->max_stages;
+    bool final =
+        (left <= s->final_blocks && s->stage >= m->o.hooks.min_stages) || s->stage >= s->max_stages;
     if (!final && full == s->n_sent) {
         s->phase = SRC_WAIT; /* min_stages hook: wait for the next full block */
         s->not_before = now + ms_ns(1);
@@ -469,8 +470,8 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
     }
     void **ptrs = malloc((size_t)(s->n ? s->n : 1) * sizeof *ptrs);
     uint64_t *sums = malloc((size_t)(s->n ? s->n : 1) * sizeof *sums);
-    bool ok = ptrs && sums &&
-              grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
+    bool ok =
+        ptrs && sums && grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
     moe_status rc = MOE_ERR_NOMEM;
     if (ok) {
         for (int i = 0; i < s->n; i++)
@@ -685,8 +686,8 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
 static void on_data(moe_mig *m, int from, const Moeserve__Cluster__V1__MigData *q)
 {
     dst_mig *d = find_dst(m, q->mig_id, from);
-    if (d && d->recv && d->xfer == q->xfer_id && (d->phase == DST_RECEIVING ||
-                                                  d->phase == DST_DRAINING))
+    if (d && d->recv && d->xfer == q->xfer_id &&
+        (d->phase == DST_RECEIVING || d->phase == DST_DRAINING))
         moe_kv_recv_set_checksums(d->recv, q->checksums, (int)q->n_checksums);
 }
 
@@ -924,8 +925,8 @@ void moe_mig_free(moe_mig *m)
         src_abort(m, m->src[0], REASON(SHUTDOWN), "the worker is shutting down", true);
     while (m->n_dst) {
         dst_mig *d = m->dst[0];
-        send_abort(m, d->src, d->mig_id, d->seq_id, REASON(SHUTDOWN),
-                   "the worker is shutting down", false);
+        send_abort(m, d->src, d->mig_id, d->seq_id, REASON(SHUTDOWN), "the worker is shutting down",
+                   false);
         d->aborted = REASON(SHUTDOWN);
         dst_drop(m, d);
     }

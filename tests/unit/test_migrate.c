@@ -58,8 +58,12 @@ static moe_status dpost(dctx *c, bool send, void *buf, int bytes, int peer, int 
                         moe_comm_req **out)
 {
     dreq *r = calloc(1, sizeof *r);
-    *r = (dreq){.send = send, .src = send ? c->rank : peer, .dst = send ? peer : c->rank,
-                .tag = tag, .bytes = bytes, .buf = buf};
+    *r = (dreq){.send = send,
+                .src = send ? c->rank : peer,
+                .dst = send ? peer : c->rank,
+                .tag = tag,
+                .bytes = bytes,
+                .buf = buf};
     *c->net->tail = r;
     c->net->tail = &r->next;
     *out = (moe_comm_req *)r;
@@ -174,8 +178,11 @@ static void io_send(void *ctx, int peer, int tag, const ProtobufCMessage *m)
 
 static moe_engine *new_engine(moe_model *model, int n_blocks)
 {
-    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = n_blocks,
-                         .max_batch_tokens = 64, .max_seqs = 8};
+    moe_engine_opts o = {.n_threads = 1,
+                         .block_size = 4,
+                         .n_kv_blocks = n_blocks,
+                         .max_batch_tokens = 64,
+                         .max_seqs = 8};
     moe_engine *e = NULL;
     cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
     return e;
@@ -194,8 +201,8 @@ static void harness_init(harness *h, const moe_mig_test_hooks *hooks, int dest_b
         h->comm[r] = (moe_comm){.ops = &dops, .ctx = &h->dc[r]};
         h->io[r] = (ioctx){.h = h, .rank = r};
         moe_mig_io io = {.ctx = &h->io[r], .send = io_send};
-        moe_mig_opts o = {.self_rank = r, .coordinator_rank = 0, .kv_timeout_ms = 2000,
-                          .next_xfer = &h->xfer[r]};
+        moe_mig_opts o = {
+            .self_rank = r, .coordinator_rank = 0, .kv_timeout_ms = 2000, .next_xfer = &h->xfer[r]};
         if (hooks)
             o.hooks = *hooks;
         cr_assert_eq(moe_mig_create(h->eng[r], &h->comm[r], &io, &o, &h->mig[r]), MOE_OK);
@@ -234,13 +241,16 @@ static bool deliver(harness *h)
         any = true;
         if (x->dst == 0) {
             cr_assert_eq(x->tag, TAG(MIGRATE_END));
-            Moeserve__Cluster__V1__MigrateEnd *e = moeserve__cluster__v1__migrate_end__unpack(
-                NULL, x->len, x->buf);
+            Moeserve__Cluster__V1__MigrateEnd *e =
+                moeserve__cluster__v1__migrate_end__unpack(NULL, x->len, x->buf);
             cr_assert_not_null(e);
             cr_assert_lt(h->n_ends, 64);
-            h->ends[h->n_ends++] = (end_t){.reason = e->reason, .stages = e->stages,
-                                           .blocks = e->blocks, .mig_id = e->mig_id,
-                                           .pause_ns = e->pause_ns, .bytes = e->bytes};
+            h->ends[h->n_ends++] = (end_t){.reason = e->reason,
+                                           .stages = e->stages,
+                                           .blocks = e->blocks,
+                                           .mig_id = e->mig_id,
+                                           .pause_ns = e->pause_ns,
+                                           .bytes = e->bytes};
             moeserve__cluster__v1__migrate_end__free_unpacked(e, NULL);
         } else {
             cr_assert(moe_mig_handle(h->mig[x->dst], x->src, x->tag, x->buf, x->len),

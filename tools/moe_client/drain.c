@@ -48,17 +48,15 @@ int moe_client_drain(moe_rpc_client *c, const char *addr, uint32_t instance, boo
     req.undo = undo;
     ProtobufCMessage *m = NULL;
     char details[1024] = "";
-    grpc_status_code code = moe_rpc_unary(c, "/moeserve.v1.Moeserve/Drain", &req.base,
-                                          timeout_ms < 30000 ? timeout_ms : 30000,
-                                          &moeserve__v1__drain_response__descriptor, &m, details,
-                                          sizeof details);
+    grpc_status_code code = moe_rpc_unary(
+        c, "/moeserve.v1.Moeserve/Drain", &req.base, timeout_ms < 30000 ? timeout_ms : 30000,
+        &moeserve__v1__drain_response__descriptor, &m, details, sizeof details);
     if (code != GRPC_STATUS_OK)
         return failed("Drain", addr, code, details);
     const Moeserve__V1__Instance *in = ((const Moeserve__V1__DrainResponse *)m)->instance;
     if (in)
         printf("instance %" PRIu32 ": %s, %" PRIu32 " running, %" PRIu32 " KV blocks in use\n",
-               in->id, undo ? "takes requests again" : "draining", in->running,
-               in->kv_blocks_used);
+               in->id, undo ? "takes requests again" : "draining", in->running, in->kv_blocks_used);
     protobuf_c_message_free_unpacked(m, NULL);
     if (undo || no_wait)
         return 0;
