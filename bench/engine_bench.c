@@ -23,7 +23,6 @@
 #include "common/log.h"
 #include "worker/engine.h"
 #include "worker/model.h"
-#include "worker/safetensors.h"
 
 /* --callgrind-decode: collect only the timed decode steps (run under valgrind --tool=callgrind
  * --collect-atstart=no). Without valgrind the client requests are a few no-op instructions. */
@@ -47,25 +46,18 @@ typedef struct {
     int prompt_len, warmup, prefill_len;
     int touch;
     int callgrind;
+    moe_model_load_opts load;
+    const char *quantize;
 } bench_args;
 
 /* ---- bytes and FLOPs from the model ---- */
 
-/* Bytes a matrix occupies (and a step streams). Quantized formats: the packed weights only (scales
- * add a few percent), so a lower bound until their layout is fixed. */
+/* Bytes a matrix occupies (and a step streams), scales of quantized blocks included. */
 static double weight_bytes(const moe_weight *w)
 {
     if (!w->data)
         return 0;
-    double n = (double)w->rows * (double)w->cols;
-    switch (w->dtype) {
-    case MOE_DT_F32: return 4 * n;
-    case MOE_DT_BF16:
-    case MOE_DT_F16: return 2 * n;
-    case MOE_DT_Q8: return n;
-    case MOE_DT_Q4: return 0.5 * n;
-    default: return 2 * n;
-    }
+    return (double)w->rows * (double)moe_dtype_row_bytes(w->dtype, (size_t)w->cols);
 }
 
 static double weight_params(const moe_weight *w)
@@ -139,23 +131,40 @@ static int n_moe_layers(const moe_model *m)
     return n;
 }
 
-/* Reads one byte per page of every tensor, so the timed runs neither fault pages in from disk
- * nor take minor faults on the mmap. Returns the bytes walked. */
+/* Reads one byte per page of a matrix. */
+static size_t touch_one(const moe_weight *w, size_t page, volatile unsigned char *sink)
+{
+    size_t n = (size_t)weight_bytes(w);
+    const unsigned char *p = w->data;
+    for (size_t off = 0; off < n; off += page)
+        *sink ^= p[off];
+    return n;
+}
+
+/* Reads one byte per page of every matrix the forward pass uses (the bound ones, quantized copies
+ * where the experts were quantized at load, not the file's bf16 originals), so the timed runs
+ * neither fault pages in from disk nor take minor faults on the mmap. Returns the bytes walked. */
 static size_t touch_weights(const moe_model *m)
 {
-    long page = sysconf(_SC_PAGESIZE);
-    if (page <= 0)
-        page = 4096;
-    size_t total = 0;
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t page = pg > 0 ? (size_t)pg : 4096, total = 0;
     volatile unsigned char sink = 0;
-    for (int i = 0; i < moe_st_count(m->st); i++) {
-        const moe_st_tensor *t = moe_st_at(m->st, i);
-        const unsigned char *p = t->data;
-        for (size_t off = 0; off < t->n_bytes; off += (size_t)page)
-            sink ^= p[off];
-        total += t->n_bytes;
+    total += touch_one(&m->embed, page, &sink);
+    total += touch_one(&m->lm_head, page, &sink);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const moe_layer_weights *L = &m->layers[l];
+        const moe_weight *dense[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->router, &L->sh_gate, &L->sh_up,
+                                     &L->sh_down, &L->sh_expert_gate, &L->mlp_gate, &L->mlp_up, &L->mlp_down};
+        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
+            total += touch_one(dense[i], page, &sink);
+        if (!L->is_moe)
+            continue;
+        for (int e = 0; e < m->cfg.n_experts; e++) {
+            total += touch_one(&L->exp_gate[e], page, &sink);
+            total += touch_one(&L->exp_up[e], page, &sink);
+            total += touch_one(&L->exp_down[e], page, &sink);
+        }
     }
-    (void)sink;
     return total;
 }
 
@@ -181,6 +190,44 @@ static void fill_prompt(int32_t *p, int n, const moe_model_config *c)
     }
 }
 
+/* ---- how much of the machine other work took while we timed ----
+ * The CPUs' busy time (from /proc/stat) minus our own CPU time, over the CPUs' total time, for
+ * one timed window. On a shared machine this says which figures were measured under contention. */
+typedef struct {
+    double busy, total; /* jiffies of all CPUs */
+    double own;         /* our CPU seconds */
+} cpu_snap;
+
+static void cpu_snap_take(cpu_snap *c)
+{
+    memset(c, 0, sizeof *c);
+    FILE *f = fopen("/proc/stat", "r");
+    if (f) {
+        unsigned long long v[8] = {0};
+        if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                   &v[5], &v[6], &v[7]) == 8) {
+            c->busy = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]);
+            c->total = c->busy + (double)(v[3] + v[4]);
+        }
+        fclose(f);
+    }
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0)
+        c->own = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + (double)ru.ru_stime.tv_sec +
+                 ru.ru_stime.tv_usec * 1e-6;
+}
+
+/* Others' share of the CPUs between a and b (0 when /proc/stat is unreadable). */
+static double cpu_others_share(const cpu_snap *a, const cpu_snap *b)
+{
+    double tot = b->total - a->total;
+    if (tot <= 0)
+        return 0;
+    long hz = sysconf(_SC_CLK_TCK);
+    double v = ((b->busy - a->busy) - (b->own - a->own) * (double)(hz > 0 ? hz : 100)) / tot;
+    return v < 0 ? 0 : v > 1 ? 1 : v;
+}
+
 /* Steps until no sequence can step (or an error); returns 0 or -1. */
 static int drain(moe_engine *e, moe_token_event *ev, int cap)
 {
@@ -194,7 +241,7 @@ static int drain(moe_engine *e, moe_token_event *ev, int cap)
  * then `warmup` untimed and `n_steps` timed decode steps. Writes the timed seconds and the number
  * of (layer, expert) matrices the timed steps read. */
 static int decode_round(moe_engine *e, const moe_model *m, const bench_args *a, int B, int n_steps,
-                        double *secs_out, double *expert_reads_out)
+                        double *secs_out, double *expert_reads_out, double *others_out)
 {
     const moe_model_config *c = &m->cfg;
     int L = c->n_layers, E = c->n_experts;
@@ -242,6 +289,8 @@ static int decode_round(moe_engine *e, const moe_model *m, const bench_args *a, 
     double expert_reads = 0;
     long tokens = 0;
     int64_t t_total = 0;
+    cpu_snap c0, c1;
+    cpu_snap_take(&c0);
     if (a->callgrind)
         BENCH_TOGGLE_COLLECT();
     for (int i = 0; i < n_steps; i++) {
@@ -262,6 +311,8 @@ static int decode_round(moe_engine *e, const moe_model *m, const bench_args *a, 
     }
     if (a->callgrind)
         BENCH_TOGGLE_COLLECT();
+    cpu_snap_take(&c1);
+    *others_out = cpu_others_share(&c0, &c1);
     *secs_out = (double)t_total * 1e-9;
     *expert_reads_out = expert_reads;
     (void)tokens;
@@ -284,14 +335,15 @@ static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc,
                         int B, int n_steps, int rounds)
 {
     const moe_model_config *c = &m->cfg;
-    double secs = 0, expert_reads = 0;
+    double secs = 0, expert_reads = 0, others = 0;
     for (int r = 0; r < rounds; r++) {
-        double s, x;
-        if (decode_round(e, m, a, B, n_steps, &s, &x) != 0)
+        double s, x, o;
+        if (decode_round(e, m, a, B, n_steps, &s, &x, &o) != 0)
             return -1;
         if (r == 0 || s < secs) {
             secs = s;
             expert_reads = x;
+            others = o;
         }
     }
     double ctx_mean = a->prompt_len + a->warmup + 1 + (n_steps - 1) / 2.0;
@@ -309,6 +361,7 @@ static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc,
     printf("decode_b%d_weight_bytes_per_step=%.0f\n", B, w_bytes_step);
     printf("decode_b%d_kv_bytes_per_step=%.0f\n", B, kv_bytes_step);
     printf("decode_b%d_flops_per_token=%.0f\n", B, flops_tok);
+    printf("decode_b%d_others_cpu=%.3f\n", B, others);
     return 0;
 }
 
@@ -322,9 +375,11 @@ static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc
         return -1;
     fill_prompt(prompt, n, c);
     moe_sampling_params sp = {.temperature = 0, .top_k = 0, .top_p = 1, .seed = 1};
-    double best = 0;
+    double best = 0, others = 0;
     int steps = 0;
     for (int r = 0; r < reps; r++) {
+        cpu_snap c0, c1;
+        cpu_snap_take(&c0);
         uint64_t id = 1000 + (uint64_t)r;
         moe_token_event ev;
         int64_t t0 = moe_now_ns();
@@ -346,8 +401,11 @@ static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc
             got = k > 0;
         }
         double s = (double)(moe_now_ns() - t0) * 1e-9;
-        if (r == 0 || s < best)
+        cpu_snap_take(&c1);
+        if (r == 0 || s < best) {
             best = s;
+            others = cpu_others_share(&c0, &c1);
+        }
         (void)moe_engine_finish(e, id);
     }
     /* Every prompt token runs the dense parts and top-k experts; attention over a causal context
@@ -361,6 +419,7 @@ static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc
     printf("prefill_tok_s=%.3f\n", n / best);
     printf("prefill_flops_per_token=%.0f\n", flops / n);
     printf("prefill_gflops=%.2f\n", flops / best * 1e-9);
+    printf("prefill_others_cpu=%.3f\n", others);
     free(prompt);
     return 0;
 }
@@ -379,7 +438,8 @@ static void usage(FILE *f, const char *prog)
             "  --prefill-reps N    prefill repetitions, best kept (default 1)\n"
             "  --rounds N          decode rounds per batch size, best kept (default 1)\n"
             "  --no-touch          do not pre-fault the weights before timing\n"
-            "  --callgrind-decode  toggle callgrind collection around the timed decode steps\n",
+            "  --callgrind-decode  toggle callgrind collection around the timed decode steps\n"
+            "  --quantize SPEC     experts=q8 | experts=q4 | none: quantize the routed experts at load\n",
             prog);
 }
 
@@ -405,7 +465,7 @@ int main(int argc, char **argv)
     bench_args a = {.threads = 0, .prompt_len = 32, .warmup = 2, .prefill_len = 512, .touch = 1,
                     .batches = {1, 16}, .n_batches = 2, .steps = {32}, .n_steps = 1};
     int prefill_reps = 1, rounds = 1;
-    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_ROUNDS, O_HELP };
+    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_ROUNDS, O_QUANT, O_HELP };
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL},        {"threads", required_argument, 0, O_THREADS},
         {"batch", required_argument, 0, O_BATCH},        {"prompt", required_argument, 0, O_PROMPT},
@@ -413,6 +473,7 @@ int main(int argc, char **argv)
         {"prefill", required_argument, 0, O_PREFILL},    {"prefill-reps", required_argument, 0, O_REPS},
         {"no-touch", no_argument, 0, O_NOTOUCH},         {"help", no_argument, 0, O_HELP},
         {"callgrind-decode", no_argument, 0, O_CALLGRIND}, {"rounds", required_argument, 0, O_ROUNDS},
+        {"quantize", required_argument, 0, O_QUANT},
         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -436,6 +497,13 @@ int main(int argc, char **argv)
         case O_PREFILL: a.prefill_len = atoi(optarg); break;
         case O_REPS: prefill_reps = atoi(optarg); break;
         case O_ROUNDS: rounds = atoi(optarg); break;
+        case O_QUANT:
+            if (moe_model_parse_quantize(optarg, &a.load) != MOE_OK) {
+                fprintf(stderr, "engine_bench: --quantize: %s\n", moe_error_message());
+                return 2;
+            }
+            a.quantize = optarg;
+            break;
         case O_NOTOUCH: a.touch = 0; break;
         case O_CALLGRIND: a.callgrind = 1; break;
         case O_HELP: usage(stdout, argv[0]); return 0;
@@ -451,7 +519,7 @@ int main(int argc, char **argv)
 
     moe_model *m = NULL;
     int64_t t0 = moe_now_ns();
-    if (moe_model_load(a.model_dir, NULL, &m) != MOE_OK) {
+    if (moe_model_load(a.model_dir, &a.load, &m) != MOE_OK) {
         fprintf(stderr, "engine_bench: %s\n", moe_error_message());
         return 1;
     }
@@ -496,6 +564,18 @@ int main(int argc, char **argv)
     printf("threads=%d\n", threads);
     printf("kernels_isa=%s\n", moe_isa_name(moe_kernels_isa()));
     printf("weight_dtype=%s\n", moe_dtype_name(m->layers[0].wq.dtype));
+    printf("quantize=%s\n", a.quantize ? a.quantize : "none");
+    for (int l = 0; l < c->n_layers; l++) {
+        if (m->layers[l].is_moe) {
+            for (int x = m->expert_begin; x < m->expert_end; x++) {
+                if (m->layers[l].exp_gate[x].data) {
+                    printf("expert_dtype=%s\n", moe_dtype_name(m->layers[l].exp_gate[x].dtype));
+                    break;
+                }
+            }
+            break;
+        }
+    }
     printf("weights_bytes_total=%zu\n", moe_model_weight_bytes(m));
     printf("load_seconds=%.3f\n", load_s);
     printf("touch_bytes=%zu\n", touched);

@@ -61,26 +61,15 @@ class Roof:
 NOISY = 0.25
 
 
-def others_share(d):
-    """Share of the machine's CPU time that other work took while this figure was measured: the
-    CPUs' busy time over the run (from /proc/stat) minus the measuring process's own CPU time,
-    over the run's total CPU time. None when not recorded."""
-    if not d or not all(isinstance(d.get(k), float) for k in ("stat_busy_jiffies", "stat_total_jiffies", "cpu_seconds")):
-        return None
-    tot = d["stat_total_jiffies"]
-    if tot <= 0:
-        return None
-    return max(0.0, (d["stat_busy_jiffies"] - d["cpu_seconds"] * d.get("clk_tck", 100.0)) / tot)
-
-
-def busy_of(o, l):
-    """Others' CPU share while ours / llama.cpp ran; '!' marks a figure taken under contention."""
-    def one(d):
-        v = others_share(d)
-        if v is None:
+def busy_of(o, l, ko, kl):
+    """Others' CPU share during the timed window of ours (key ko) / llama.cpp (key kl); '!' marks a
+    figure taken under contention."""
+    def one(d, k):
+        v = d.get(k) if d else None
+        if not isinstance(v, float):
             return "-"
         return f"{v:.2f}{'!' if v > NOISY else ''}"
-    return f"{one(o)} / {one(l)}"
+    return f"{one(o, ko)} / {one(l, kl)}"
 
 
 def preset_rows(name, d: Path, roof: Roof, targets):
@@ -104,12 +93,12 @@ def preset_rows(name, d: Path, roof: Roof, targets):
             ll = l.get("decode_tok_s") if l else None
             lroof = None
             if ll is not None:
-                ctx = 32 + 2 + l["decode_tokens"] / 2  # prompt + warmup + half the run
+                ctx = l.get("decode_prompt", 32) + 2 + l["decode_tokens"] / 2  # prompt + warmup + half the run
                 kv_f16 = b["kv_bytes_per_position"] / 2 * ctx
                 lroof, _ = roof.decode(l["active_bytes_per_token"] + kv_f16, b["decode_b1_flops_per_token"], 1)
             if ol is None and ll is None:
                 continue
-            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound, busy_of(o if ol else None, l)))
+            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound, busy_of(o if ol else None, l, f"decode_b{B}_others_cpu", "decode_others_cpu")))
             if B == 1 and ol is not None:
                 targets.append((f"{name} decode b=1 {lf} >= 80% of roofline", ol / oroof >= 0.8,
                                 f"{pct(ol / oroof)} of {fmt_rate(oroof)} tok/s"))
@@ -127,7 +116,7 @@ def preset_rows(name, d: Path, roof: Roof, targets):
         if ol is None and ll is None:
             continue
         rows.append((name, f"prefill {int(b['prefill_tokens'])}", lf, ol, roofp if ol else None, ll,
-                     roofp if ll else None, "compute", busy_of(o if ol else None, l)))
+                     roofp if ll else None, "compute", busy_of(o if ol else None, l, "prefill_others_cpu", "pp_others_cpu")))
         if ol is not None:
             targets.append((f"{name} prefill {lf} >= 50% of bf16 peak", ol / roofp >= 0.5,
                             f"{pct(ol / roofp)} ({o['prefill_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s)"))
@@ -217,12 +206,13 @@ def build(run: Path):
     L.append("")
     L.append("tok/s; *% roof* = the figure over its own roofline. Decode roofline = min(bandwidth / bytes "
              "read per step, peak / FLOPs per step) x batch; prefill roofline = bf16 peak / FLOPs per "
-             "prompt token. llama.cpp's decode roofline uses the bytes its GGUF format reads per token.")
+             "prompt token. Each engine's decode roofline uses the bytes its own weights occupy: ours "
+             "q8/q4 quantize the routed experts only (attention, router, lm_head stay bf16), llama.cpp's "
+             "Q8_0/Q4_0 quantize every matrix, so at the same row label llama.cpp reads fewer bytes.")
     L.append("")
-    L.append(f"Last column: the share of the machine's CPU time other work took while the figure was "
-             f"measured (/proc/stat busy time minus the benchmark's own CPU time, whole process "
-             f"including load and pre-fault); `!` marks more than {NOISY:.2f}: that figure is "
-             f"probably low for reasons outside the engine.")
+    L.append(f"Last column: the share of the machine's CPU time other work took during the timed window "
+             f"of that figure (/proc/stat busy time minus the benchmark's own CPU time); `!` marks more "
+             f"than {NOISY:.2f}: that figure is probably low for reasons outside the engine.")
     L.append("")
     L.append("| preset | figure | weights | ours | ours % roof | llama.cpp | llama % roof | ours / llama | roofline (ours) | bound | others' CPU share (ours / llama) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -238,19 +228,22 @@ def build(run: Path):
                      f"{fmt_rate(ll)} | {pct(ll / lroof) if ll else 'n/a'} | {ratio(ol, ll)} | "
                      f"{fmt_rate(oroof if oroof else lroof)} | {bound} | {busy} |")
     L.append("")
-    L.append("Per preset (ours, bf16): bytes and FLOPs behind the rooflines")
+    L.append("Ours: bytes and FLOPs behind the rooflines")
     L.append("")
-    L.append("| preset | weights | active bytes/token (config) | b=1 bytes/step | b=16 bytes/step (experts read) | "
-             "FLOPs/prefill token | touch (pre-fault) |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| preset | experts | weights held | active bytes/token (config) | b=1 bytes/step | b=16 bytes/step (experts read) | "
+             "FLOPs/prefill token | load (incl. quantize) + pre-fault |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for d in presets:
-        o = kv(d / "ours_bf16.txt")
-        L.append(f"| {d.name} | {o['weights_bytes_total'] / 1e9:.2f} GB | "
-                 f"{o['active_weight_bytes_per_token'] / 1e6:.1f} MB | "
-                 f"{(o['decode_b1_weight_bytes_per_step'] + o['decode_b1_kv_bytes_per_step']) / 1e6:.1f} MB | "
-                 f"{(o.get('decode_b16_weight_bytes_per_step', 0) + o.get('decode_b16_kv_bytes_per_step', 0)) / 1e6:.1f} MB "
-                 f"({o.get('decode_b16_experts_per_step', 0):.0f}) | "
-                 f"{o['prefill_flops_per_token'] / 1e6:.1f} M | {o['touch_seconds']:.1f} s |")
+        for f in ("bf16", "q8", "q4"):
+            o = kv(d / f"ours_{f}.txt")
+            if not o:
+                continue
+            L.append(f"| {d.name} | {o.get('expert_dtype', f)} | {o['touch_bytes'] / 1e9:.2f} GB | "
+                     f"{o['active_weight_bytes_per_token'] / 1e6:.1f} MB | "
+                     f"{(o['decode_b1_weight_bytes_per_step'] + o['decode_b1_kv_bytes_per_step']) / 1e6:.1f} MB | "
+                     f"{(o.get('decode_b16_weight_bytes_per_step', 0) + o.get('decode_b16_kv_bytes_per_step', 0)) / 1e6:.1f} MB "
+                     f"({o.get('decode_b16_experts_per_step', 0):.0f}) | "
+                     f"{o['prefill_flops_per_token'] / 1e6:.1f} M | {o['load_seconds']:.1f} + {o['touch_seconds']:.1f} s |")
     L.append("")
     llama_any = next((kv(p) for d in presets for p in sorted(d.glob("llama_*.txt"))), None)
     if llama_any:

@@ -7,13 +7,14 @@
 #   MOE_BENCH_PRESETS   ["small olmoe-1b-7b"]
 #   MOE_BENCH_LLAMA     [1]                      0 skips llama.cpp
 #   MOE_BENCH_LLAMA_FORMATS [bf16,q8_0,q4_0]
+#   MOE_BENCH_OURS_FORMATS  ["bf16 q8 q4"]       ours: q8/q4 quantize the routed experts at load
 #   MOE_BENCH_OLMOE_LAYERS  []                   shorten OLMoE (disk/time); empty = full 16 layers
 #   MOE_BENCH_PROFILE   [1]                      0 skips the callgrind/perf decode profiles
 #   MOE_BENCH_BUILD     [build-bench]
 #   MOE_BENCH_NICE      [-10]                    niceness of the timed processes (shields them from
 #                                                other work on a shared machine; 0 = unchanged)
 #   MOE_BENCH_QUIET_BUSY [0.25]                  before each timed run, wait until the CPUs are at most
-#   MOE_BENCH_QUIET_WAIT [900]                   this busy (fraction, over 3 s), spending at most this
+#   MOE_BENCH_QUIET_WAIT [600]                   this busy (fraction, over 3 s), spending at most this
 #                                                many seconds waiting in the whole run; each timed
 #                                                run's busy figure is recorded in the results
 set -euo pipefail
@@ -24,17 +25,18 @@ THREADS=${MOE_BENCH_THREADS:-$(nproc)}
 PRESETS=${MOE_BENCH_PRESETS:-small olmoe-1b-7b}
 LLAMA=${MOE_BENCH_LLAMA:-1}
 LLAMA_FORMATS=${MOE_BENCH_LLAMA_FORMATS:-bf16,q8_0,q4_0}
+OURS_FORMATS=${MOE_BENCH_OURS_FORMATS:-bf16 q8 q4}
 OLMOE_LAYERS=${MOE_BENCH_OLMOE_LAYERS:-}
 PROFILE=${MOE_BENCH_PROFILE:-1}
 BUILD=${MOE_BENCH_BUILD:-build-bench}
 NICE=${MOE_BENCH_NICE:--10}
 QUIET_BUSY=${MOE_BENCH_QUIET_BUSY:-0.25}
-QUIET_WAIT=${MOE_BENCH_QUIET_WAIT:-900}
+QUIET_WAIT=${MOE_BENCH_QUIET_WAIT:-600}
 OUT=bench/out
 RUN=$OUT/run
 
 cmd="bench/run.sh"
-for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OLMOE_LAYERS \
+for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OURS_FORMATS MOE_BENCH_OLMOE_LAYERS \
          MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT; do
   if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
 done
@@ -52,20 +54,6 @@ busy() {
       -v u2="${b[1]}" -v n2="${b[2]}" -v s2="${b[3]}" -v i2="${b[4]}" -v w2="${b[5]}" -v q2="${b[6]}" -v r2="${b[7]}" -v t2="${b[8]}" \
       'BEGIN { tot = (u2+n2+s2+i2+w2+q2+r2+t2) - (u1+n1+s1+i1+w1+q1+r1+t1); idle = (i2+w2) - (i1+w1);
                printf "%.2f\n", (tot > 0 ? 1 - idle / tot : 0) }'
-}
-# "busy total" jiffies of all CPUs since boot.
-jiffies() { head -1 /proc/stat | awk '{ b = $2 + $3 + $4 + $7 + $8 + $9; t = b + $5 + $6; print b, t }'; }
-# Runs a timed command (stdout to $1) and appends the machine's busy and total jiffies over it, so
-# the report can tell how much of the CPUs other work took while we measured (the command prints
-# its own cpu_seconds).
-measured() {
-  local out=$1 j0 j1
-  shift
-  j0=($(jiffies))
-  "$@" | tee "$out"
-  j1=($(jiffies))
-  printf 'stat_busy_jiffies=%s\nstat_total_jiffies=%s\nclk_tck=%s\n' $((j1[0] - j0[0])) $((j1[1] - j0[1])) \
-    "$(getconf CLK_TCK)" >>"$out"
 }
 # Waits until other work leaves the CPUs mostly idle (QUIET_WAIT s of waiting in all, for the whole
 # run); appends busy_before=... to $1.
@@ -148,8 +136,9 @@ for p in $PRESETS; do
     # decode: several short rounds, best kept (a quiet moment in one of them is enough)
     small) eb=(--batch 1,16 --decode-tokens 32,16 --rounds 5 --prefill 512 --prefill-reps 3)
            lr=(--pp-reps 3 --n-predict 32 --rounds 5) ;;
-    *)     eb=(--batch 1,16 --decode-tokens 8,3 --rounds 4 --prefill 512 --prefill-reps 1)
-           lr=(--pp-reps 1 --n-predict 8 --rounds 4) ;;
+    # (16-token prompts: every b=16 round first prefills 16 of them, untimed)
+    *)     eb=(--batch 1,16 --prompt 16 --decode-tokens 8,2 --rounds 3 --prefill 512 --prefill-reps 1)
+           lr=(--pp-reps 1 --prompt 16 --n-predict 8 --rounds 3) ;;
   esac
   # only this model's safetensors in the page cache
   shopt -s nullglob
@@ -158,12 +147,14 @@ for p in $PRESETS; do
   shopt -u nullglob
   if [ ${#others[@]} -gt 0 ]; then evict "${others[@]}"; fi
   probe
-  wait_quiet "$RUN/$p/ours_bf16.busy"
-  say "engine_bench $p bf16 (${eb[*]})"
-  measured "$RUN/$p/ours_bf16.txt" "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" \
-    --threads "$THREADS" "${eb[@]}"
-  cat "$RUN/$p/ours_bf16.busy" >>"$RUN/$p/ours_bf16.txt"
-  # Our 8/4-bit expert formats: measured here once the engine can load them (see README).
+  for f in $OURS_FORMATS; do
+    case $f in bf16) q=none ;; *) q=experts=$f ;; esac
+    wait_quiet "$RUN/$p/ours_$f.busy"
+    say "engine_bench $p $f (--quantize $q ${eb[*]})"
+    "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
+      "${eb[@]}" | tee "$RUN/$p/ours_$f.txt"
+    cat "$RUN/$p/ours_$f.busy" >>"$RUN/$p/ours_$f.txt"
+  done
   if [ "$LLAMA" = 1 ]; then
     say "llama.cpp $p: GGUF conversion ($LLAMA_FORMATS; cached after the first run)"
     python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
@@ -171,9 +162,8 @@ for p in $PRESETS; do
     for f in ${LLAMA_FORMATS//,/ }; do
       wait_quiet "$RUN/$p/llama_$f.busy"
       say "llama.cpp $p $f"
-      measured "$RUN/$p/llama_$f.log" python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" \
-        --threads "$THREADS" --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
-      grep '^stat_\|^clk_tck' "$RUN/$p/llama_$f.log" >>"$RUN/$p/llama_$f.txt"
+      python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
+        --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
       cat "$RUN/$p/llama_$f.busy" >>"$RUN/$p/llama_$f.txt"
     done
   fi
