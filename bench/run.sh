@@ -15,8 +15,9 @@
 #                                                other work on a shared machine; 0 = unchanged)
 #   MOE_BENCH_QUIET_BUSY [0.25]                  before each timed run, wait until the CPUs are at most
 #   MOE_BENCH_QUIET_WAIT [600]                   this busy (fraction, over 3 s), spending at most this
-#                                                many seconds waiting in the whole run; each timed
-#                                                run's busy figure is recorded in the results
+#                                                many seconds waiting in the whole run
+#   MOE_BENCH_ATTEMPTS  [3]                      reruns of a measurement while other work took more
+#                                                than QUIET_BUSY of the CPUs inside its timed windows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t_start=$(date +%s)
@@ -32,12 +33,13 @@ BUILD=${MOE_BENCH_BUILD:-build-bench}
 NICE=${MOE_BENCH_NICE:--10}
 QUIET_BUSY=${MOE_BENCH_QUIET_BUSY:-0.25}
 QUIET_WAIT=${MOE_BENCH_QUIET_WAIT:-600}
+ATTEMPTS=${MOE_BENCH_ATTEMPTS:-3}
 OUT=bench/out
 RUN=$OUT/run
 
 cmd="bench/run.sh"
 for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OURS_FORMATS MOE_BENCH_OLMOE_LAYERS \
-         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT; do
+         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT MOE_BENCH_ATTEMPTS; do
   if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
 done
 
@@ -73,6 +75,25 @@ wait_quiet() {
     waited=$((waited + $(date +%s) - t0))
   done
   echo "busy_before=$b" >>"$1"
+}
+# Largest "others' CPU share" of the timed windows recorded in a result file (*_others_cpu keys).
+max_others() { awk -F= '$1 ~ /_others_cpu$/ && $2 > m { m = $2 } END { printf "%.3f\n", m + 0 }' "$1"; }
+# attempts OUT LABEL CMD...: runs a timed command (after wait_quiet) up to ATTEMPTS times while other
+# work took more than QUIET_BUSY of the CPUs during any of its timed windows, and keeps in OUT the
+# attempt that saw the least contention (every figure in a file comes from one attempt).
+attempts() {
+  local out=$1 label=$2 i m best=2
+  shift 2
+  for ((i = 1; i <= ATTEMPTS; i++)); do
+    wait_quiet "$out.try$i"
+    say "$label (attempt $i)"
+    "$@" | tee -a "$out.try$i"
+    m=$(max_others "$out.try$i")
+    echo "attempt=$i" >>"$out.try$i"
+    if awk -v m="$m" -v b="$best" 'BEGIN { exit !(m < b) }'; then best=$m; cp "$out.try$i" "$out"; fi
+    if awk -v m="$m" -v q="$QUIET_BUSY" 'BEGIN { exit !(m <= q) }'; then break; fi
+    say "others took up to $m of the CPUs while $label ran"
+  done
 }
 # Drops files from the page cache: the machine cannot cache OLMoE's safetensors and its GGUFs
 # together, and a run under reclaim pressure measures the disk, not the engine.
@@ -149,22 +170,18 @@ for p in $PRESETS; do
   probe
   for f in $OURS_FORMATS; do
     case $f in bf16) q=none ;; *) q=experts=$f ;; esac
-    wait_quiet "$RUN/$p/ours_$f.busy"
-    say "engine_bench $p $f (--quantize $q ${eb[*]})"
-    "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
-      "${eb[@]}" | tee "$RUN/$p/ours_$f.txt"
-    cat "$RUN/$p/ours_$f.busy" >>"$RUN/$p/ours_$f.txt"
+    attempts "$RUN/$p/ours_$f.txt" "engine_bench $p $f (--quantize $q ${eb[*]})" \
+      "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
+      "${eb[@]}"
   done
   if [ "$LLAMA" = 1 ]; then
     say "llama.cpp $p: GGUF conversion ($LLAMA_FORMATS; cached after the first run)"
     python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
       --formats "$LLAMA_FORMATS" --prepare-only
     for f in ${LLAMA_FORMATS//,/ }; do
-      wait_quiet "$RUN/$p/llama_$f.busy"
-      say "llama.cpp $p $f"
-      python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
-        --formats "$f" --out "$RUN/$p" --nice "$NICE" "${lr[@]}"
-      cat "$RUN/$p/llama_$f.busy" >>"$RUN/$p/llama_$f.txt"
+      attempts "$RUN/$p/llama_$f.txt" "llama.cpp $p $f" \
+        python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
+        --formats "$f" --nice "$NICE" "${lr[@]}"
     done
   fi
 done
