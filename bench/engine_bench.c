@@ -561,6 +561,8 @@ int main(int argc, char **argv)
            moe_isa_name(moe_kernels_isa()));
     printf("model=%s\n", a.model_dir);
     printf("arch=%s\n", c->arch_name);
+    printf("n_layers=%d\nn_moe_layers=%d\nn_experts=%d\ntop_k=%d\n", c->n_layers, n_moe_layers(m), c->n_experts,
+           c->n_experts_per_tok);
     printf("threads=%d\n", threads);
     printf("kernels_isa=%s\n", moe_isa_name(moe_kernels_isa()));
     printf("weight_dtype=%s\n", moe_dtype_name(m->layers[0].wq.dtype));

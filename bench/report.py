@@ -125,7 +125,16 @@ def preset_rows(name, d: Path, roof: Roof, targets):
                         else f"ours/llama.cpp = {ratio(ol, ll)}"))
     if name == "small" and b.get("decode_b16_tok_s") and b.get("decode_b1_tok_s"):
         x = b["decode_b16_tok_s"] / b["decode_b1_tok_s"]
-        targets.append(("small decode b=16 >= 8x b=1", x >= 8, f"{x:.1f}x"))
+        r = []
+        for B in (1, 16):
+            by = b[f"decode_b{B}_weight_bytes_per_step"] + b[f"decode_b{B}_kv_bytes_per_step"]
+            r.append(roof.decode(by, B * b[f"decode_b{B}_flops_per_token"], B)[0])
+        targets.append(("small decode b=16 >= 8x b=1 (bf16)", x >= 8,
+                        f"{x:.1f}x; the rooflines allow {r[1] / r[0]:.1f}x: a b=16 step reads "
+                        f"{b['decode_b16_experts_per_step']:.0f} of the "
+                        f"{int(b.get('n_moe_layers', 0) * b.get('n_experts', 0))} expert matrices "
+                        f"(layer x expert), {b['decode_b16_weight_bytes_per_step'] / b['decode_b1_weight_bytes_per_step']:.1f}x "
+                        f"the bytes of a b=1 step"))
     return rows
 
 
@@ -273,18 +282,20 @@ def build(run: Path):
         for f, s in cg:
             L.append(f"| `{f}` | {100 * s:.1f}% |")
         L.append("")
-    pf = profile_perf(run / "profile" / "perf.txt")
-    if pf:
-        meta = kv(run / "profile" / "perf.meta")
-        L.append(f"### Decode profile: `perf record -e cpu-clock` (time), small preset, batch 1, "
-                 f"{int(meta.get('threads', 0))} threads, whole engine_bench run dominated by "
+    for B in (1, 16):
+        pf = profile_perf(run / "profile" / f"perf_b{B}.txt")
+        if not pf:
+            continue
+        meta = kv(run / "profile" / f"perf_b{B}.meta")
+        L.append(f"### Decode profile: `perf record -e cpu-clock` (time), small preset, batch {B}, "
+                 f"{int(meta.get('threads', 0))} threads, engine_bench run dominated by "
                  f"{int(meta.get('steps', 0))} decode steps (hardware counters are not exposed in this VM, "
                  f"so `perf stat` cycles/instructions are unavailable)")
         L.append("")
         L.append("| symbol | object | % of samples |")
         L.append("|---|---|---|")
-        for sym, s, obj in pf:
-            L.append(f"| `{sym}` | {obj} | {100 * s:.1f}% |")
+        for sym, sh, obj in pf:
+            L.append(f"| `{sym}` | {obj} | {100 * sh:.1f}% |")
         L.append("")
     return "\n".join(L)
 

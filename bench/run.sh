@@ -198,13 +198,18 @@ if [ "$PROFILE" = 1 ] && [[ " $PRESETS " == *" small "* ]]; then
     printf 'threads=1\nsteps=8\n' >"$RUN/profile/callgrind.meta"
   fi
   if command -v perf >/dev/null; then
-    if "${timed[@]}" perf record -e cpu-clock -F 2000 -o "$RUN/profile/perf.data" -- \
-        "$BUILD/bench/engine_bench" --model "$OUT/models/small" --threads "$THREADS" --batch 1 \
-        --decode-tokens 128 --prefill 0 >/dev/null 2>"$RUN/profile/perf.log"; then
-      perf report -i "$RUN/profile/perf.data" --stdio --no-children --sort comm,dso,sym 2>/dev/null \
-        | grep -v '^#' | grep '%' >"$RUN/profile/perf.txt" || true
-      printf 'threads=%s\nsteps=128\n' "$THREADS" >"$RUN/profile/perf.meta"
-    fi
+    # batch 1 (the decode roofline target) and batch 16 (the batching target), small preset
+    for B in 1 16; do
+      steps=$((B == 1 ? 128 : 32))
+      if "${timed[@]}" perf record -e cpu-clock -F 2000 -o "$RUN/profile/perf_b$B.data" -- \
+          "$BUILD/bench/engine_bench" --model "$OUT/models/small" --threads "$THREADS" --batch "$B" \
+          --decode-tokens "$steps" --prefill 0 >/dev/null 2>"$RUN/profile/perf_b$B.log"; then
+        perf report -i "$RUN/profile/perf_b$B.data" --stdio --no-children --sort comm,dso,sym 2>/dev/null \
+          | grep -v '^#' | grep '%' >"$RUN/profile/perf_b$B.txt" || true
+        printf 'threads=%s\nsteps=%s\nbatch=%s\n' "$THREADS" "$steps" "$B" >"$RUN/profile/perf_b$B.meta"
+      fi
+      rm -f "$RUN/profile/perf_b$B.data"
+    done
   fi
 fi
 
