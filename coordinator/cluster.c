@@ -16,26 +16,7 @@
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
 
-bool moe_cluster_grow(void **p, int *cap, int need, size_t elem)
-{
-    if (need <= *cap)
-        return true;
-    int nc = *cap ? *cap * 2 : 16;
-    while (nc < need)
-        nc *= 2;
-    void *np = realloc(*p, (size_t)nc * elem);
-    if (!np)
-        return false;
-    *p = np;
-    *cap = nc;
-    return true;
-}
 
-static void nap(int64_t ns)
-{
-    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
-    nanosleep(&ts, NULL);
-}
 
 inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank)
 {
@@ -50,7 +31,7 @@ moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMe
     if (len > INT_MAX)
         return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
                          m->descriptor->name, len);
-    if (!moe_cluster_grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
+    if (!moe_grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf)
@@ -365,7 +346,7 @@ static moe_status be_submit(void *ctx, const moe_gen_request *req, moe_frontend_
                        "cache of an instance (%d tokens; see --kv-blocks / --kv-mb)",
                        req->n_prompt, req->max_new_tokens, c->cache_tokens);
     if (st == MOE_OK &&
-        !moe_cluster_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
+        !moe_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub))
         st = moe_error(MOE_ERR_NOMEM, "out of memory for a request");
     if (st == MOE_OK) {
         r->id = atomic_fetch_add(&c->next_id, 1);
@@ -389,7 +370,7 @@ static void be_cancel(void *ctx, uint64_t handle)
 {
     moe_cluster *c = ctx;
     pthread_mutex_lock(&c->mu);
-    if (moe_cluster_grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1,
+    if (moe_grow((void **)&c->in_cancel, &c->cap_in_cancel, c->n_in_cancel + 1,
                          sizeof *c->in_cancel))
         c->in_cancel[c->n_in_cancel++] = handle;
     else
@@ -671,7 +652,7 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
         ob_progress(c);
         idle = busy ? 0 : idle ? (idle * 2 > 20000000 ? 20000000 : idle * 2) : 100000;
         if (idle)
-            nap(idle);
+            moe_sleep_ns(idle);
     }
 }
 
@@ -791,7 +772,7 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         }
         if (!missing || moe_now_ns() > deadline)
             break;
-        nap(200000);
+        moe_sleep_ns(200000);
     }
     free(buf);
     missing = 0; /* hung ranks count again: they would block MPI_Finalize */

@@ -10,6 +10,7 @@
 
 #include "cluster.pb-c.h"
 #include "common/stop.h"
+#include "common/grow.h"
 #include "coordinator/cluster.h"
 #include "coordinator/cluster_migrate.h"
 
@@ -117,8 +118,6 @@ struct moe_cluster {
 };
 
 /* ---- cluster.c ---- */
-/* Grows *p (elements of elem bytes) to hold need; false when out of memory (unchanged). */
-bool moe_cluster_grow(void **p, int *cap, int need, size_t elem);
 /* Queues a control message to a worker rank (non-blocking). */
 moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m);
 /* Tells an instance to free a sequence (no-op for inst < 0 or an unreachable instance). */

@@ -95,7 +95,7 @@ static long free_blocks(const inst_t *in)
 static bool start(moe_cluster *c, creq *r, int src, int dst, mig_why why, int64_t now)
 {
     cluster_mig *g = &c->mig;
-    if (!moe_cluster_grow((void **)&g->flights, &g->cap_flights, g->n_flights + 1,
+    if (!moe_grow((void **)&g->flights, &g->cap_flights, g->n_flights + 1,
                           sizeof *g->flights))
         return false;
     uint32_t id = ++g->next_id ? g->next_id : ++g->next_id;

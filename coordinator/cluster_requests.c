@@ -213,7 +213,7 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
     if (index < r->next_index)
         return; /* a duplicate: never sent twice */
     if (index > r->next_index) {
-        if (moe_cluster_grow((void **)&r->stash, &r->cap_stash, r->n_stash + 1, sizeof *r->stash))
+        if (moe_grow((void **)&r->stash, &r->cap_stash, r->n_stash + 1, sizeof *r->stash))
             r->stash[r->n_stash++] = (stash_t){.index = index, .token = token, .finish = finish};
         return;
     }

@@ -67,7 +67,7 @@ static void add_tomb(worker *w, uint64_t id)
         else
             i++;
     }
-    if (moe_worker_grow((void **)&w->tombs, &w->cap_tombs, w->n_tombs + 1, sizeof *w->tombs))
+    if (moe_grow((void **)&w->tombs, &w->cap_tombs, w->n_tombs + 1, sizeof *w->tombs))
         w->tombs[w->n_tombs++] = (tomb_t){.seq_id = id, .until = now + 60 * (int64_t)1000000000};
 }
 
@@ -267,7 +267,7 @@ void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m)
         protobuf_c_message_free_unpacked(&m->base, NULL);
         return;
     }
-    if (!moe_worker_grow((void **)&w->pulls, &w->cap_pulls, w->n_pulls + 1, sizeof *w->pulls)) {
+    if (!moe_grow((void **)&w->pulls, &w->cap_pulls, w->n_pulls + 1, sizeof *w->pulls)) {
         moe_worker_seq_event(w, id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
         send_kv_done(w, src, id, false);
         protobuf_c_message_free_unpacked(&m->base, NULL);

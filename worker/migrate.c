@@ -7,6 +7,7 @@
 
 #include "cluster.pb-c.h"
 #include "common/clock.h"
+#include "common/grow.h"
 #include "common/log.h"
 #include "worker/kv_transfer.h"
 
@@ -131,20 +132,6 @@ struct moe_mig {
     moe_mig_stats st;
 };
 
-static bool grow(void **p, int *cap, int need, size_t elem)
-{
-    if (need <= *cap)
-        return true;
-    int nc = *cap ? 2 * *cap : 8;
-    while (nc < need)
-        nc *= 2;
-    void *np = realloc(*p, (size_t)nc * elem);
-    if (!np)
-        return false;
-    *p = np;
-    *cap = nc;
-    return true;
-}
 
 static int64_t ms_ns(int ms)
 {
@@ -423,7 +410,7 @@ static void on_migrate(moe_mig *m, const Moeserve__Cluster__V1__MigrateSeq *q)
         why = "not running here (finished or freed)";
     } else if (st.n_generated < 1 || st.n_computed != st.n_tokens - 1)
         why = "not decoding (prefilling or recomputing)";
-    else if (!grow((void **)&m->src, &m->cap_src, m->n_src + 1, sizeof *m->src))
+    else if (!moe_grow((void **)&m->src, &m->cap_src, m->n_src + 1, sizeof *m->src))
         why = "out of memory";
     src_mig *s = why ? NULL : calloc(1, sizeof *s);
     if (!s) {
@@ -471,7 +458,7 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
     void **ptrs = malloc((size_t)(s->n ? s->n : 1) * sizeof *ptrs);
     uint64_t *sums = malloc((size_t)(s->n ? s->n : 1) * sizeof *sums);
     bool ok =
-        ptrs && sums && grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
+        ptrs && sums && moe_grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
     moe_status rc = MOE_ERR_NOMEM;
     if (ok) {
         for (int i = 0; i < s->n; i++)
@@ -616,7 +603,7 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
         why = "stage out of order";
     else if (!d && q->stage != 0)
         why = "unknown migration";
-    else if (!d && !grow((void **)&m->dst, &m->cap_dst, m->n_dst + 1, sizeof *m->dst))
+    else if (!d && !moe_grow((void **)&m->dst, &m->cap_dst, m->n_dst + 1, sizeof *m->dst))
         why = "out of memory";
     if (why) {
         if (d)

@@ -9,6 +9,7 @@
 
 #include "cluster.pb-c.h"
 #include "worker/comm.h"
+#include "common/grow.h"
 #include "worker/engine.h"
 #include "worker/ep_placement.h"
 #include "worker/kv_transfer.h"
@@ -131,8 +132,6 @@ static inline int64_t moe_worker_ms_ns(int ms)
 }
 
 /* ---- worker_loop.c ---- */
-/* Grows *p (elements of elem bytes) to hold need; false when out of memory (unchanged). */
-bool moe_worker_grow(void **p, int *cap, int need, size_t elem);
 moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m);
 /* Queues m for a peer worker; a failure is logged (the peer's timeouts cover a lost message). */
 void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *m);

@@ -18,20 +18,6 @@
 #include "worker/worker_internal.h"
 
 /* ---- control link: protobuf messages over MPI, sent non-blocking, buffers kept until done ---- */
-bool moe_worker_grow(void **p, int *cap, int need, size_t elem)
-{
-    if (need <= *cap)
-        return true;
-    int nc = *cap ? *cap * 2 : 16;
-    while (nc < need)
-        nc *= 2;
-    void *np = realloc(*p, (size_t)nc * elem);
-    if (!np)
-        return false;
-    *p = np;
-    *cap = nc;
-    return true;
-}
 
 static moe_status ob_send(outbox *ob, int dest, int tag, const ProtobufCMessage *m)
 {
@@ -39,7 +25,7 @@ static moe_status ob_send(outbox *ob, int dest, int tag, const ProtobufCMessage 
     if (len > INT_MAX)
         return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
                          m->descriptor->name, len);
-    if (!moe_worker_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
+    if (!moe_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf)
@@ -70,11 +56,6 @@ static void ob_progress(outbox *ob)
     }
 }
 
-static void nap(int64_t ns)
-{
-    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
-    nanosleep(&ts, NULL);
-}
 
 /* Waits (polling) for every queued message to leave, up to timeout_ms. */
 static void ob_flush(outbox *ob, int timeout_ms)
@@ -83,7 +64,7 @@ static void ob_flush(outbox *ob, int timeout_ms)
     while (ob->n > 0 && moe_now_ns() < end) {
         ob_progress(ob);
         if (ob->n)
-            nap(100000);
+            moe_sleep_ns(100000);
     }
     for (int i = 0; i < ob->n; i++) {
         MPI_Cancel(&ob->v[i].r);
@@ -310,7 +291,7 @@ static void on_start(worker *w, const pb_start *m)
                                    .seed = m->sampling->seed};
     bool prefill_only = m->prefill_only && w->o->role == MOE_WORKER_PREFILL;
     if (prefill_only &&
-        !moe_worker_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
+        !moe_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
         moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
         return;
     }
@@ -748,14 +729,14 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             idle_ns = 0;
         } else if (hold) {
             idle_ns = 0;
-            nap(20000); /* poll often, but leave the core to the peer (ranks may share cores) */
+            moe_sleep_ns(20000); /* poll often, but leave the core to the peer (ranks may share cores) */
         } else {
             /* Nothing to do: nap, growing from 20 us to 2 ms (0.5 ms while bytes are moving). */
             int64_t cap = transfers ? 500000 : 2000000;
             idle_ns = idle_ns ? idle_ns * 2 : 20000;
             if (idle_ns > cap)
                 idle_ns = cap;
-            nap(idle_ns);
+            moe_sleep_ns(idle_ns);
         }
     }
     if (w.shutdown) {
