@@ -49,6 +49,13 @@ struct moe_engine {
 
     bool ep; /* expert parallel: steps run even when empty */
     moe_engine_stats st;
+
+    /* Layer-by-layer hand-off (moe_engine_set_layer_hook); hook_ids: this step's prefill-only
+     * sequences whose prompt completes in it. */
+    moe_engine_layer_hook layer_fn;
+    void *layer_ctx;
+    uint64_t *hook_ids; /* [max_seqs] */
+    int n_hook_ids;
 };
 
 const char *moe_finish_name(moe_finish_reason r)
@@ -124,12 +131,13 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
     e->btok = calloc(T, sizeof *e->btok);
     e->segs = calloc(S, sizeof *e->segs);
     e->seg_seq = calloc(S, sizeof *e->seg_seq);
+    e->hook_ids = calloc(S, sizeof *e->hook_ids);
     e->logit_rows = calloc(S, sizeof *e->logit_rows);
     e->logit_seg = calloc(S, sizeof *e->logit_seg);
     e->logits = calloc(S * (size_t)e->vocab, sizeof *e->logits);
     e->sample_idx = calloc((size_t)e->vocab, sizeof *e->sample_idx);
     e->sample_prob = calloc((size_t)e->vocab, sizeof *e->sample_prob);
-    if (!e->btok || !e->segs || !e->seg_seq || !e->logit_rows || !e->logit_seg || !e->logits ||
+    if (!e->btok || !e->segs || !e->seg_seq || !e->hook_ids || !e->logit_rows || !e->logit_seg || !e->logits ||
         !e->sample_idx || !e->sample_prob) {
         moe_engine_free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: out of memory for step buffers");
@@ -161,6 +169,7 @@ void moe_engine_free(moe_engine *e)
     free(e->btok);
     free(e->segs);
     free(e->seg_seq);
+    free(e->hook_ids);
     free(e->logit_rows);
     free(e->logit_seg);
     free(e->logits);
@@ -334,6 +343,7 @@ static bool is_eos(const moe_model_config *c, int32_t tok)
 int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
 {
     int budget = e->max_batch_tokens, n_segs = 0, n_tok = 0, n_rows = 0;
+    e->n_hook_ids = 0;
     /* Pass 1 schedules sequences that already hold KV (decodes and started prefills), pass 2 the
      * waiting ones, each in arrival order. */
     for (int pass = 0; pass < 2 && budget > 0; pass++) {
@@ -368,6 +378,8 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
             if (s->n_computed + chunk == s->n_tokens) {
                 e->logit_rows[n_rows] = n_tok + chunk - 1;
                 e->logit_seg[n_rows++] = n_segs;
+                if (s->prefill_only && s->n_generated == 0)
+                    e->hook_ids[e->n_hook_ids++] = s->id;
             }
             e->seg_seq[n_segs++] = s;
             n_tok += chunk;
@@ -474,6 +486,28 @@ moe_status moe_engine_resume(moe_engine *e, uint64_t seq_id)
     s->prefill_only = false;
     return MOE_OK;
 }
+
+static void layer_tramp(void *ctx, int layer)
+{
+    moe_engine *e = ctx;
+    e->layer_fn(e->layer_ctx, layer, e->hook_ids, e->n_hook_ids);
+}
+
+void moe_engine_set_layer_hook(moe_engine *e, moe_engine_layer_hook fn, void *ctx)
+{
+    e->layer_fn = fn;
+    e->layer_ctx = ctx;
+    moe_forward_set_layer_hook(e->fw, fn ? layer_tramp : NULL, e);
+}
+
+float *moe_engine_kv_layer(moe_engine *e, int block, int layer) { return moe_kv_block_k(e->kv, block, layer); }
+
+size_t moe_engine_kv_layer_bytes(const moe_engine *e)
+{
+    return moe_engine_kv_block_bytes(e) / (size_t)moe_kv_get_layout(e->kv)->n_layers;
+}
+
+int moe_engine_kv_layers(const moe_engine *e) { return moe_kv_get_layout(e->kv)->n_layers; }
 
 moe_status moe_engine_export(const moe_engine *e, uint64_t seq_id, moe_seq_state *st, const int **blocks,
                              int *n_blocks)

@@ -131,6 +131,22 @@ float *moe_engine_kv_block(moe_engine *e, int block);
 size_t moe_engine_kv_block_bytes(const moe_engine *e);
 int moe_engine_kv_block_size(const moe_engine *e);
 
+/* ---- layer-by-layer KV hand-off (disaggregated prefill, docs/serving.md) ----
+ * fn(ctx, layer, seq_ids, n) is called inside moe_engine_step once per layer of every non-empty
+ * step, right after that layer's attention wrote its K/V. seq_ids are the step's prefill-only
+ * sequences whose prompt completes in this step (n may be 0: the call can still advance transfers
+ * in flight). From that call on, layer `layer` of every block of those sequences (their
+ * moe_engine_export block table, already reserved) holds its final K/V and stays unchanged while
+ * they are parked, so it may leave while later layers compute. fn may only call moe_engine_export,
+ * moe_engine_kv_layer and the size getters. NULL fn disables. */
+typedef void (*moe_engine_layer_hook)(void *ctx, int layer, const uint64_t *seq_ids, int n_seqs);
+void moe_engine_set_layer_hook(moe_engine *e, moe_engine_layer_hook fn, void *ctx);
+/* One layer's K and V inside a block: moe_engine_kv_layer_bytes contiguous bytes (the block is
+ * layer-major, see worker/kv_cache.h). */
+float *moe_engine_kv_layer(moe_engine *e, int block, int layer);
+size_t moe_engine_kv_layer_bytes(const moe_engine *e);
+int moe_engine_kv_layers(const moe_engine *e);
+
 /* Test and tool helper: runs `tokens` through a fresh sequence in chunks of `chunk` tokens
  * (0 = all at once) and writes the logits of every position (n x vocab) into logits. Frees the
  * sequence afterwards. */

@@ -171,6 +171,12 @@ const int64_t *moe_forward_expert_tokens(const moe_forward *f) { return f->exper
 
 const moe_comm *moe_forward_ep_comm(const moe_forward *f) { return f->ep; }
 
+void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer), void *ctx)
+{
+    f->layer_hook = fn;
+    f->layer_hook_ctx = ctx;
+}
+
 static void add_bias(float *y, const float *bias, int n_tok, int n)
 {
     if (!bias)
@@ -346,6 +352,8 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
         for (int t = 0; t < T; t++)
             moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->attn_norm, d, c->rms_eps);
         attention_layer(f, kv, b, l);
+        if (f->layer_hook)
+            f->layer_hook(f->layer_hook_ctx, l);
         for (int t = 0; t < T; t++)
             moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->ffn_norm, d, c->rms_eps);
         if (lw->is_moe) {

@@ -64,6 +64,11 @@ const moe_comm *moe_forward_ep_comm(const moe_forward *f);
 /* Rows each expert computed on this rank so far: (n_layers, n_experts), for load statistics. */
 const int64_t *moe_forward_expert_tokens(const moe_forward *f);
 
+/* Calls fn(ctx, layer) inside moe_forward_run once per layer, right after that layer's attention
+ * wrote its K/V into the cache (before the layer's MLP/MoE part), so that a layer's KV can leave
+ * while later layers compute. Not called for empty batches. NULL fn disables. */
+void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer), void *ctx);
+
 /* Runs the batch. Requires n_tokens <= max_tokens, n_segs <= max_segs, positions < max_ctx. */
 moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b);
 

@@ -51,6 +51,10 @@ struct moe_forward {
 
     int64_t *expert_tokens; /* (n_layers, n_exp) assignments computed here, for load statistics */
 
+    /* Called after each layer's attention has written that layer's K/V (moe_forward_set_layer_hook). */
+    void (*layer_hook)(void *ctx, int layer);
+    void *layer_hook_ctx;
+
     /* Expert parallelism (NULL ep: every expert is local). Buffers sized by moe_forward_set_ep. */
     const moe_comm *ep;
     moe_ep_placement place;

@@ -1,6 +1,7 @@
 /* Engine behaviour beyond the HF reference: refused inputs name the field, KV usage returns to zero
  * after finishing and cancelling, and preemption under a tiny KV cache keeps greedy outputs exact. */
 #include <criterion/criterion.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "worker/engine.h"
@@ -111,4 +112,75 @@ Test(engine, preemption_by_recompute_keeps_outputs_exact)
     cr_assert_eq(run(&big, 4, roomy), 0);
     cr_assert_gt(run(&small, 4, tight), 0, "the small cache must force preemptions");
     cr_assert_arr_eq(roomy, tight, sizeof roomy);
+}
+
+/* The layer hook: called once per layer of a step; the prefill-only sequence is named only in the
+ * step that completes its prompt, and each layer's slice of its blocks is final when named (a copy
+ * taken inside the hook equals the cache after the step). */
+typedef struct {
+    moe_engine *e;
+    uint64_t want;
+    int calls, named_calls, layers_named;
+    unsigned char *snap; /* [layers][blocks][layer bytes] */
+    int n_blocks;
+} hook_rec;
+
+static void record_layer(void *ctx, int layer, const uint64_t *ids, int n)
+{
+    hook_rec *h = ctx;
+    h->calls++;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] != h->want)
+            continue;
+        h->named_calls++;
+        cr_assert_eq(layer, h->layers_named, "layers are named in order");
+        h->layers_named++;
+        moe_seq_state st;
+        const int *blocks;
+        cr_assert_eq(moe_engine_export(h->e, ids[i], &st, &blocks, &h->n_blocks), MOE_OK);
+        size_t lb = moe_engine_kv_layer_bytes(h->e);
+        if (!h->snap)
+            h->snap = calloc((size_t)moe_engine_kv_layers(h->e) * (size_t)h->n_blocks, lb);
+        for (int b = 0; b < h->n_blocks; b++)
+            memcpy(h->snap + ((size_t)layer * (size_t)h->n_blocks + (size_t)b) * lb,
+                   moe_engine_kv_layer(h->e, blocks[b], layer), lb);
+    }
+}
+
+Test(engine, layer_hook_names_completing_prompts_with_final_kv)
+{
+    moe_engine *e;
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_batch_tokens = 8};
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+    hook_rec h = {.e = e, .want = 7};
+    moe_engine_set_layer_hook(e, record_layer, &h);
+    int32_t prompt[19];
+    for (int i = 0; i < 19; i++)
+        prompt[i] = 3 + i * 5;
+    cr_assert_eq(moe_engine_add_prefill_only(e, 7, prompt, 19, &greedy, 8, false), MOE_OK);
+    moe_token_event ev[4];
+    int layers = moe_engine_kv_layers(e), steps = 0, n = 0;
+    while (n == 0) { /* 19 tokens in chunks of 8: three steps, the last one completes the prompt */
+        n = moe_engine_step(e, ev, 4);
+        cr_assert_geq(n, 0, "%s", moe_error_message());
+        steps++;
+    }
+    cr_assert_eq(steps, 3);
+    cr_assert(ev[0].parked);
+    cr_assert_eq(h.calls, 3 * layers, "one call per layer per step");
+    cr_assert_eq(h.named_calls, layers, "named only in the completing step");
+    moe_seq_state st;
+    const int *blocks;
+    int nb;
+    cr_assert_eq(moe_engine_export(e, 7, &st, &blocks, &nb), MOE_OK);
+    cr_assert_eq(nb, h.n_blocks);
+    size_t lb = moe_engine_kv_layer_bytes(e);
+    cr_assert_eq(lb * (size_t)layers, moe_engine_kv_block_bytes(e));
+    for (int l = 0; l < layers; l++)
+        for (int b = 0; b < nb; b++)
+            cr_assert(!memcmp(h.snap + ((size_t)l * (size_t)nb + (size_t)b) * lb,
+                              moe_engine_kv_layer(e, blocks[b], l), lb),
+                      "layer %d block %d changed after the hook named it", l, b);
+    free(h.snap);
+    moe_engine_free(e);
 }
