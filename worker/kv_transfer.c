@@ -112,9 +112,13 @@ const char *moe_kv_xfer_result_name(moe_kv_xfer_result r)
 }
 
 /* ---- sender ---- */
+
 struct moe_kv_send {
     moe_comm *comm;
-    int n;
+    int peer, tag;
+    size_t block_bytes;
+    bool corrupt;        /* test hook: corrupt one buffer of the next non-empty batch */
+    int n, cap;
     moe_comm_req **reqs; /* [n]; NULL once complete */
     void *scratch;       /* the corrupted copy in flight (test hook) */
 };
@@ -139,39 +143,59 @@ moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, 
         return moe_error(MOE_ERR_INVALID_ARG, "kv send: %d blocks of %zu bytes", n_blocks,
                          block_bytes);
     moe_kv_send *s = calloc(1, sizeof *s);
-    if (!s || !(s->reqs = calloc((size_t)(n_blocks ? n_blocks : 1), sizeof *s->reqs))) {
-        free(s);
+    if (!s)
         return moe_error(MOE_ERR_NOMEM, "kv send: out of memory");
+    *s = (moe_kv_send){.comm = comm, .peer = peer, .tag = tag, .block_bytes = block_bytes};
+    s->corrupt = hooks && (hooks->corrupt_attempts < 0 ||
+                           (hooks->corrupt_attempts > 0 && attempt <= hooks->corrupt_attempts));
+    moe_status st = moe_kv_send_append(s, blocks, n_blocks, checksums);
+    if (st != MOE_OK) {
+        moe_kv_send_free(s);
+        return st;
     }
-    s->comm = comm;
-    for (int i = 0; i < n_blocks; i++)
-        checksums[i] = moe_kv_checksum(blocks[i], block_bytes);
-    int bad = -1;
-    if (hooks && n_blocks > 0 &&
-        (hooks->corrupt_attempts < 0 ||
-         (hooks->corrupt_attempts > 0 && attempt <= hooks->corrupt_attempts))) {
-        bad = n_blocks / 2;
-        if (!(s->scratch = malloc(block_bytes))) {
-            moe_kv_send_free(s);
+    *out = s;
+    return MOE_OK;
+}
+
+moe_status moe_kv_send_append(moe_kv_send *s, void *const *blocks, int n_blocks,
+                              uint64_t *checksums)
+{
+    if (n_blocks <= 0)
+        return MOE_OK;
+    if (s->n + n_blocks > s->cap) {
+        int cap = s->cap ? s->cap : 16;
+        while (cap < s->n + n_blocks)
+            cap *= 2;
+        moe_comm_req **r = realloc(s->reqs, (size_t)cap * sizeof *r);
+        if (!r)
             return moe_error(MOE_ERR_NOMEM, "kv send: out of memory");
-        }
-        memcpy(s->scratch, blocks[bad], block_bytes);
-        ((unsigned char *)s->scratch)[block_bytes / 3] ^= 0x10;
-        MOE_LOG_W("test hook: corrupting block %d of %d (attempt %d) on its way to rank %d", bad,
-                  n_blocks, attempt, peer);
+        s->reqs = r;
+        s->cap = cap;
+    }
+    for (int i = 0; i < n_blocks; i++)
+        checksums[i] = moe_kv_checksum(blocks[i], s->block_bytes);
+    int bad = -1;
+    if (s->corrupt) {
+        s->corrupt = false;
+        bad = n_blocks / 2;
+        if (!(s->scratch = malloc(s->block_bytes)))
+            return moe_error(MOE_ERR_NOMEM, "kv send: out of memory");
+        memcpy(s->scratch, blocks[bad], s->block_bytes);
+        ((unsigned char *)s->scratch)[s->block_bytes / 3] ^= 0x10;
+        MOE_LOG_W("test hook: corrupting buffer %d of %d on its way to rank %d", s->n + bad,
+                  s->n + n_blocks, s->peer);
     }
     for (int i = 0; i < n_blocks; i++) {
         const void *src = i == bad ? s->scratch : blocks[i];
-        moe_status st = comm->ops->isend(comm->ctx, src, (int)block_bytes, peer, tag, &s->reqs[i]);
-        s->n = i + 1;
+        s->reqs[s->n] = NULL;
+        moe_status st = s->comm->ops->isend(s->comm->ctx, src, (int)s->block_bytes, s->peer,
+                                            s->tag, &s->reqs[s->n]);
         if (st != MOE_OK) {
-            s->reqs[i] = NULL;
-            moe_kv_send_free(s);
+            s->reqs[s->n] = NULL;
             return st;
         }
+        s->n++;
     }
-    s->n = n_blocks;
-    *out = s;
     return MOE_OK;
 }
 
@@ -207,6 +231,7 @@ struct moe_kv_recv {
     int64_t deadline;
     moe_kv_xfer_result result;
     int bad_block;
+    int first_pending; /* receives before it are done (they complete in order, mostly) */
 };
 
 void moe_kv_recv_free(moe_kv_recv *r)
@@ -272,7 +297,9 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
 {
     if (r->result != MOE_KV_XFER_PENDING)
         return r->result;
-    for (int i = 0; i < r->n && r->n_pending > 0; i++) {
+    while (r->first_pending < r->n && !r->reqs[r->first_pending])
+        r->first_pending++;
+    for (int i = r->first_pending; i < r->n && r->n_pending > 0; i++) {
         if (!r->reqs[i])
             continue;
         bool d = false;
@@ -301,6 +328,11 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
     if (now_ns >= r->deadline)
         return r->result = MOE_KV_XFER_TIMEOUT;
     return MOE_KV_XFER_PENDING;
+}
+
+void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns)
+{
+    r->deadline = deadline_ns;
 }
 
 int moe_kv_recv_bad_block(const moe_kv_recv *r)

@@ -61,6 +61,12 @@ typedef struct moe_kv_send moe_kv_send;
 moe_status moe_kv_send_start(moe_comm *comm, void *const *blocks, int n_blocks, size_t block_bytes,
                              int peer, int tag, int attempt, const moe_kv_test_hooks *hooks,
                              uint64_t *checksums, moe_kv_send **out);
+/* Posts n_blocks more sends of the same size to the same peer and tag (layer-by-layer transfer:
+ * a layer's slices leave as soon as they are final), their checksums into checksums[]. Created
+ * with n_blocks 0, a send is a batch to append to; the corruption hook hits the first non-empty
+ * batch. On failure the sends already posted stay (free the sender). */
+moe_status moe_kv_send_append(moe_kv_send *s, void *const *blocks, int n_blocks,
+                              uint64_t *checksums);
 /* Advances the sends; *done once every block has left (the receiver may still be verifying). */
 moe_status moe_kv_send_poll(moe_kv_send *s, bool *done);
 /* Frees the sender; outstanding sends are abandoned (see moe_comm cancel). NULL is a no-op. */
@@ -80,6 +86,8 @@ void moe_kv_recv_set_checksums(moe_kv_recv *r, const uint64_t *checksums, int n)
  * returns OK or CORRUPT (final: later polls return the same). TIMEOUT once now_ns passes the
  * deadline with something missing. */
 moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns);
+/* Moves the deadline (a layer-by-layer receive has none until the sender's prompt is done). */
+void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns);
 /* The first block that failed verification, -1 if none. */
 int moe_kv_recv_bad_block(const moe_kv_recv *r);
 /* Frees the receiver, cancelling receives still outstanding. NULL is a no-op. */

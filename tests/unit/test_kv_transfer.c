@@ -299,3 +299,50 @@ Test(kv_transfer, hooks_from_environment)
     cr_expect_eq(h.corrupt_attempts, -1);
     unsetenv("MOE_TEST_CORRUPT_KV");
 }
+
+/* Layer by layer: a send created empty and appended to batch by batch (one batch per layer) fills
+ * receives posted all at once, in order; the receive has no deadline until the sender is done,
+ * then a moved deadline times out what never came. */
+Test(kv_transfer, appended_batches_fill_receives_in_order)
+{
+    static rig g;
+    rig_init(&g);
+    moe_kv_recv *r;
+    moe_kv_send *s;
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 105, INT64_MAX, &r), MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g.comm, NULL, 0, BB, 1, 105, 1, NULL, g.sums, &s), MOE_OK);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_PENDING);
+    cr_assert_eq(moe_kv_send_append(s, g.sp, 2, g.sums), MOE_OK);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_PENDING);
+    cr_expect_eq(memcmp(g.src, g.dst, 2 * BB), 0, "the first batch landed");
+    cr_assert_eq(moe_kv_send_append(s, g.sp + 2, NB - 2, g.sums + 2), MOE_OK);
+    moe_kv_recv_set_checksums(r, g.sums, NB);
+    cr_assert_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_OK);
+    cr_expect_eq(memcmp(g.src, g.dst, sizeof g.src), 0);
+    bool done = false;
+    cr_assert_eq(moe_kv_send_poll(s, &done), MOE_OK);
+    cr_expect(done);
+    moe_kv_send_free(s);
+    moe_kv_recv_free(r);
+
+    /* the corruption hook hits the first non-empty batch only */
+    moe_kv_test_hooks h = {.corrupt_attempts = 1};
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 106, INT64_MAX, &r), MOE_OK);
+    cr_assert_eq(moe_kv_send_start(&g.comm, NULL, 0, BB, 1, 106, 1, &h, g.sums, &s), MOE_OK);
+    cr_assert_eq(moe_kv_send_append(s, g.sp, 3, g.sums), MOE_OK);
+    cr_assert_eq(moe_kv_send_append(s, g.sp + 3, NB - 3, g.sums + 3), MOE_OK);
+    moe_kv_recv_set_checksums(r, g.sums, NB);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns()), MOE_KV_XFER_CORRUPT);
+    cr_expect_eq(moe_kv_recv_bad_block(r), 1);
+    moe_kv_send_free(s);
+    moe_kv_recv_free(r);
+
+    /* nothing sent: pending forever until the deadline is set */
+    cr_assert_eq(moe_kv_recv_start(&g.comm, g.dp, NB, BB, 0, 107, INT64_MAX, &r), MOE_OK);
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns() + 3600 * 1000000000LL), MOE_KV_XFER_PENDING);
+    moe_kv_recv_set_deadline(r, moe_now_ns());
+    cr_expect_eq(moe_kv_recv_poll(r, moe_now_ns() + 1), MOE_KV_XFER_TIMEOUT);
+    moe_kv_recv_free(r);
+    cr_expect_eq(g.mb.n_live, 0, "requests leaked: %d", g.mb.n_live);
+    mb_free(&g.mb);
+}
