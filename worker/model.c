@@ -1,6 +1,6 @@
 /* Model loading: binds every weight of the config's architecture by its Hugging Face name and
  * checks presence, shape and dtype before anything runs. Matrices stay zero-copy in the mmaps,
- * except routed experts quantized at load (quantize_experts). */
+ * except those quantized at load (quantize_experts, quantize_dense). */
 #include "worker/model.h"
 
 #include <stdio.h>
@@ -15,8 +15,9 @@
 typedef struct {
     float **bufs;
     int n, cap;
-    void **qbufs; /* quantized expert matrices */
+    void **qbufs; /* quantized matrices (experts and dense) */
     int n_q;
+    bool experts_quantized; /* some routed expert is held quantized */
     size_t weight_bytes;
 } model_owned;
 
@@ -261,43 +262,107 @@ static moe_status bind_all(binder *b)
     return MOE_OK;
 }
 
-/* ---- load-time quantization of routed experts ---- */
+/* ---- load-time quantization (routed experts, dense matrices) ---- */
 
 typedef struct {
     moe_weight *w;
-    void *q;    /* quantized copy, NULL when the matrix keeps its dtype */
-    int failed; /* inf/NaN in the weights */
-    int layer, expert;
-    const char *proj;
+    moe_dtype qt;
+    void *q;     /* quantized copy, NULL when the matrix keeps its dtype */
+    int failed;  /* inf/NaN in the weights */
+    bool expert; /* a routed expert's matrix (else a dense one) */
+    bool shared; /* its source bytes stay in use (tied lm_head: the embedding keeps them) */
+    char what[48];
 } quant_item;
 
 typedef struct {
-    quant_item *items;
-    moe_dtype qt;
-} quant_job;
+    quant_item *items; /* NULL in the counting pass */
+    int n;
+} quant_list;
 
 static void quant_task(void *arg, int task, int thread)
 {
     (void)thread;
-    const quant_job *j = arg;
-    quant_item *it = &j->items[task];
+    quant_item *it = &((quant_item *)arg)[task];
     if (!it->q)
         return;
     size_t n = (size_t)it->w->rows * (size_t)it->w->cols;
-    it->failed = moe_quantize(it->q, j->qt, it->w->data, it->w->dtype, n) != 0;
+    it->failed = moe_quantize(it->q, it->qt, it->w->data, it->w->dtype, n) != 0;
 }
 
-/* Replaces every bound routed expert's gate/up/down with an owned Q8/Q4 copy: the one place the
- * weights are copied out of the mmap (reading them once, on all online CPUs). */
-static moe_status quantize_experts(moe_model *m, model_owned *own, moe_quant_mode mode)
+static size_t matrix_bytes(moe_dtype dt, const moe_weight *w)
+{
+    return moe_dtype_row_bytes(dt, (size_t)w->cols) * (size_t)w->rows;
+}
+
+/* Appends w when it is bound (absent shared experts / dense MLPs have data NULL). */
+static void quant_add(quant_list *ql, moe_weight *w, moe_dtype qt, bool expert, bool shared,
+                      const char *what)
+{
+    if (!w->data)
+        return;
+    if (ql->items) {
+        quant_item *it = &ql->items[ql->n];
+        *it = (quant_item){.w = w, .qt = qt, .expert = expert, .shared = shared};
+        snprintf(it->what, sizeof it->what, "%s", what);
+    }
+    ql->n++;
+}
+
+static moe_dtype quant_dtype(moe_quant_mode q)
+{
+    return q == MOE_QUANT_Q8 ? MOE_DT_Q8 : MOE_DT_Q4;
+}
+
+/* The matrices the two modes select, in a fixed order. */
+static void quant_collect(moe_model *m, moe_quant_mode me, moe_quant_mode md, quant_list *ql)
 {
     const moe_model_config *c = &m->cfg;
-    moe_dtype qt = mode == MOE_QUANT_Q8 ? MOE_DT_Q8 : MOE_DT_Q4;
-    int n = 0;
-    for (int l = 0; l < c->n_layers; l++)
-        if (m->layers[l].is_moe)
-            for (int e = 0; e < c->n_experts; e++)
-                n += m->expert_bound[e] ? 3 : 0;
+    static const char *const eproj[3] = {"gate", "up", "down"};
+    static const char *const dname[10] = {"q_proj",      "k_proj",        "v_proj",
+                                          "o_proj",      "shared_expert gate", "shared_expert up",
+                                          "shared_expert down", "mlp gate", "mlp up",
+                                          "mlp down"};
+    char what[48];
+    for (int l = 0; l < c->n_layers; l++) {
+        moe_layer_weights *lw = &m->layers[l];
+        if (me != MOE_QUANT_NONE && lw->is_moe)
+            for (int e = 0; e < c->n_experts; e++) {
+                if (!m->expert_bound[e])
+                    continue;
+                moe_weight *ws[3] = {&lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]};
+                for (int i = 0; i < 3; i++) {
+                    snprintf(what, sizeof what, "layer %d expert %d %s", l, e, eproj[i]);
+                    quant_add(ql, ws[i], quant_dtype(me), true, false, what);
+                }
+            }
+        if (md == MOE_QUANT_NONE)
+            continue;
+        /* Not the router nor the shared-expert gate: they choose and weigh experts, are a tiny
+         * share of the bytes, and a flipped expert choice costs far more than they would save. */
+        moe_weight *ws[10] = {&lw->wq,    &lw->wk,      &lw->wv,       &lw->wo,     &lw->sh_gate,
+                              &lw->sh_up, &lw->sh_down, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down};
+        for (int i = 0; i < 10; i++) {
+            snprintf(what, sizeof what, "layer %d %s", l, dname[i]);
+            quant_add(ql, ws[i], quant_dtype(md), false, false, what);
+        }
+    }
+    if (md != MOE_QUANT_NONE) {
+        /* Tied: lm_head is its own moe_weight (a copy of the embedding's), so pointing it at a
+         * quantized copy leaves the embedding's row lookups on the original bytes. */
+        bool tied = m->lm_head.data == m->embed.data;
+        quant_add(ql, &m->lm_head, quant_dtype(md), false, tied,
+                  tied ? "lm_head (tied: a separate copy)" : "lm_head");
+    }
+}
+
+/* Replaces the selected matrices with owned Q8/Q4 copies: the one place weights are copied out of
+ * the mmap (reading them once, on all online CPUs). */
+static moe_status quantize_matrices(moe_model *m, model_owned *own, moe_quant_mode me,
+                                    moe_quant_mode md)
+{
+    quant_list ql = {0};
+    quant_collect(m, me, md, &ql);
+    int n = ql.n;
     if (n == 0)
         return MOE_OK;
     quant_item *items = calloc((size_t)n, sizeof *items);
@@ -305,96 +370,131 @@ static moe_status quantize_experts(moe_model *m, model_owned *own, moe_quant_mod
     if (!items || !qbufs) {
         free(items);
         free(qbufs);
-        return moe_error(MOE_ERR_NOMEM, "%s: out of memory quantizing experts", m->dir);
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory quantizing %d matrices", m->dir, n);
     }
     own->qbufs = qbufs;
-    static const char *const proj[3] = {"gate", "up", "down"};
-    size_t before = 0, after = 0, kept_bytes = 0;
-    int k = 0, n_shape = 0, shape_cols = 0;
+    ql = (quant_list){.items = items};
+    quant_collect(m, me, md, &ql);
+    /* Per group (0 experts, 1 dense): matrices, quantized, bytes before/after, shape misfits. */
+    int total[2] = {0}, done[2] = {0}, n_shape[2] = {0}, shape_cols[2] = {0};
+    size_t before[2] = {0}, after[2] = {0};
     moe_status s = MOE_OK;
-    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
-        moe_layer_weights *lw = &m->layers[l];
-        if (!lw->is_moe)
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        quant_item *it = &items[i];
+        int g = it->expert ? 0 : 1;
+        total[g]++;
+        size_t dst = matrix_bytes(it->qt, it->w);
+        if (dst == 0) { /* n_in not a multiple of MOE_QK */
+            n_shape[g]++;
+            shape_cols[g] = it->w->cols;
             continue;
-        for (int e = 0; e < c->n_experts && s == MOE_OK; e++) {
-            if (!m->expert_bound[e])
-                continue;
-            moe_weight *ws[3] = {&lw->exp_gate[e], &lw->exp_up[e], &lw->exp_down[e]};
-            for (int i = 0; i < 3; i++, k++) {
-                quant_item *it = &items[k];
-                *it = (quant_item){.w = ws[i], .layer = l, .expert = e, .proj = proj[i]};
-                size_t src = moe_dtype_row_bytes(ws[i]->dtype, (size_t)ws[i]->cols) *
-                             (size_t)ws[i]->rows;
-                size_t dst = moe_dtype_row_bytes(qt, (size_t)ws[i]->cols) * (size_t)ws[i]->rows;
-                before += src;
-                if (dst == 0) { /* n_in not a multiple of MOE_QK */
-                    n_shape++;
-                    shape_cols = ws[i]->cols;
-                    kept_bytes += src;
-                    continue;
-                }
-                if (!(it->q = malloc(dst)))
-                    s = moe_error(MOE_ERR_NOMEM,
-                                  "%s: out of memory quantizing layer %d expert %d %s (%zu bytes)",
-                                  m->dir, l, e, proj[i], dst);
-            }
         }
+        if (!(it->q = malloc(dst)))
+            s = moe_error(MOE_ERR_NOMEM, "%s: out of memory quantizing %s (%zu bytes)", m->dir,
+                          it->what, dst);
     }
-    if (s == MOE_OK) {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        moe_threadpool_t *pool = moe_threadpool_create(ncpu > 1 ? (int)(ncpu < 64 ? ncpu : 64) : 1);
-        quant_job job = {items, qt};
-        moe_threadpool_run(pool, quant_task, &job, n); /* a NULL pool runs on the caller */
-        moe_threadpool_free(pool);
-        for (int i = 0; i < n; i++) {
-            quant_item *it = &items[i];
-            if (!it->q)
-                continue;
-            size_t src = moe_dtype_row_bytes(it->w->dtype, (size_t)it->w->cols) * (size_t)it->w->rows;
-            if (it->failed) {
-                MOE_LOG_W("%s: layer %d expert %d %s holds inf or NaN: kept in %s, not quantized",
-                          m->dir, it->layer, it->expert, it->proj, moe_dtype_name(it->w->dtype));
-                free(it->q);
-                kept_bytes += src;
-                continue;
-            }
-            own->weight_bytes -= src;
-            it->w->data = it->q;
-            it->w->dtype = qt;
-            own->weight_bytes += moe_dtype_row_bytes(qt, (size_t)it->w->cols) * (size_t)it->w->rows;
-            qbufs[own->n_q++] = it->q;
-        }
-        after = kept_bytes;
-        for (int i = 0; i < n; i++)
-            if (items[i].w->dtype == qt)
-                after += moe_dtype_row_bytes(qt, (size_t)items[i].w->cols) * (size_t)items[i].w->rows;
-        MOE_LOG_I("%s: routed experts quantized to %s: %d of %d matrices, %.1f MiB -> %.1f MiB",
-                  m->dir, moe_dtype_name(qt), own->n_q, n, (double)before / (1 << 20),
-                  (double)after / (1 << 20));
-        if (n_shape)
-            MOE_LOG_I("%s: %d expert matrices with input size %d (not a multiple of %d) kept in "
-                      "their file dtype",
-                      m->dir, n_shape, shape_cols, MOE_QK);
-    } else {
+    if (s != MOE_OK) {
         for (int i = 0; i < n; i++)
             free(items[i].q);
+        free(items);
+        return s;
+    }
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    moe_threadpool_t *pool = moe_threadpool_create(ncpu > 1 ? (int)(ncpu < 64 ? ncpu : 64) : 1);
+    moe_threadpool_run(pool, quant_task, items, n); /* a NULL pool runs on the caller */
+    moe_threadpool_free(pool);
+    for (int i = 0; i < n; i++) {
+        quant_item *it = &items[i];
+        int g = it->expert ? 0 : 1;
+        size_t src = matrix_bytes(it->w->dtype, it->w);
+        before[g] += src;
+        if (it->q && it->failed) {
+            MOE_LOG_W("%s: %s holds inf or NaN: kept in %s, not quantized", m->dir, it->what,
+                      moe_dtype_name(it->w->dtype));
+            free(it->q);
+            it->q = NULL;
+        }
+        if (!it->q) {
+            after[g] += src;
+            continue;
+        }
+        size_t dst = matrix_bytes(it->qt, it->w);
+        if (!it->shared) /* a tied lm_head's source stays mapped and read by the embedding */
+            own->weight_bytes -= src;
+        own->weight_bytes += dst;
+        after[g] += dst;
+        it->w->data = it->q;
+        it->w->dtype = it->qt;
+        qbufs[own->n_q++] = it->q;
+        done[g]++;
+        own->experts_quantized |= it->expert;
+    }
+    static const char *const group[2] = {"routed experts", "dense matrices"};
+    const moe_quant_mode mode[2] = {me, md};
+    for (int g = 0; g < 2; g++) {
+        if (total[g] == 0)
+            continue;
+        MOE_LOG_I("%s: %s quantized to %s: %d of %d matrices, %.1f MiB -> %.1f MiB", m->dir,
+                  group[g], moe_dtype_name(quant_dtype(mode[g])), done[g], total[g],
+                  (double)before[g] / (1 << 20), (double)after[g] / (1 << 20));
+        if (n_shape[g])
+            MOE_LOG_I("%s: %d %s with an input size not a multiple of %d (e.g. %d) kept in their "
+                      "file dtype",
+                      m->dir, n_shape[g], group[g], MOE_QK, shape_cols[g]);
     }
     free(items);
-    return s;
+    return MOE_OK;
+}
+
+static moe_status parse_mode(const char *v, size_t len, moe_quant_mode *out)
+{
+    if (len == 2 && strncmp(v, "q8", 2) == 0)
+        *out = MOE_QUANT_Q8;
+    else if (len == 2 && strncmp(v, "q4", 2) == 0)
+        *out = MOE_QUANT_Q4;
+    else if (len == 4 && strncmp(v, "none", 4) == 0)
+        *out = MOE_QUANT_NONE;
+    else
+        return MOE_ERR_INVALID_ARG;
+    return MOE_OK;
 }
 
 moe_status moe_model_parse_quantize(const char *spec, moe_model_load_opts *opts)
 {
-    if (spec && strcmp(spec, "experts=q8") == 0)
-        opts->quantize_experts = MOE_QUANT_Q8;
-    else if (spec && strcmp(spec, "experts=q4") == 0)
-        opts->quantize_experts = MOE_QUANT_Q4;
-    else if (spec && strcmp(spec, "none") == 0)
-        opts->quantize_experts = MOE_QUANT_NONE;
-    else
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "--quantize '%s': expected experts=q8, experts=q4 or none",
-                         spec ? spec : "(null)");
+    static const char *const expect =
+        "expected a comma list of experts|dense|all=q8|q4|none (e.g. experts=q4,dense=q8 or "
+        "all=q8), or none";
+    if (!spec || !*spec)
+        return moe_error(MOE_ERR_INVALID_ARG, "--quantize '%s': %s", spec ? spec : "(null)",
+                         expect);
+    moe_quant_mode e = MOE_QUANT_NONE, d = MOE_QUANT_NONE;
+    if (strcmp(spec, "none") != 0) {
+        for (const char *p = spec;;) {
+            const char *end = strchr(p, ',');
+            size_t len = end ? (size_t)(end - p) : strlen(p);
+            const char *eq = memchr(p, '=', len);
+            moe_quant_mode q;
+            size_t klen = eq ? (size_t)(eq - p) : 0;
+            if (!eq || parse_mode(eq + 1, len - klen - 1, &q) != MOE_OK)
+                return moe_error(MOE_ERR_INVALID_ARG, "--quantize '%s': item '%.*s': %s", spec,
+                                 (int)len, p, expect);
+            if (klen == 7 && strncmp(p, "experts", 7) == 0)
+                e = q;
+            else if (klen == 5 && strncmp(p, "dense", 5) == 0)
+                d = q;
+            else if (klen == 3 && strncmp(p, "all", 3) == 0)
+                e = d = q;
+            else
+                return moe_error(MOE_ERR_INVALID_ARG,
+                                 "--quantize '%s': item '%.*s': unknown group '%.*s'; %s", spec,
+                                 (int)len, p, (int)klen, p, expect);
+            if (!end)
+                break;
+            p = end + 1;
+        }
+    }
+    opts->quantize_experts = e;
+    opts->quantize_dense = d;
     return MOE_OK;
 }
 
@@ -452,12 +552,15 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
         binder b = {.m = m, .own = own, .dir = m->dir};
         s = bind_all(&b);
     }
-    if (s == MOE_OK && opts && opts->quantize_experts != MOE_QUANT_NONE) {
-        if (opts->quantize_experts != MOE_QUANT_Q8 && opts->quantize_experts != MOE_QUANT_Q4)
-            s = moe_error(MOE_ERR_INVALID_ARG, "%s: quantize_experts %d is not a moe_quant_mode",
-                          dir, (int)opts->quantize_experts);
-        else
-            s = quantize_experts(m, own, opts->quantize_experts);
+    if (s == MOE_OK && opts) {
+        const moe_quant_mode qm[2] = {opts->quantize_experts, opts->quantize_dense};
+        static const char *const field[2] = {"quantize_experts", "quantize_dense"};
+        for (int i = 0; i < 2 && s == MOE_OK; i++)
+            if (qm[i] != MOE_QUANT_NONE && qm[i] != MOE_QUANT_Q8 && qm[i] != MOE_QUANT_Q4)
+                s = moe_error(MOE_ERR_INVALID_ARG, "%s: %s %d is not a moe_quant_mode", dir,
+                              field[i], (int)qm[i]);
+        if (s == MOE_OK && (qm[0] != MOE_QUANT_NONE || qm[1] != MOE_QUANT_NONE))
+            s = quantize_matrices(m, own, qm[0], qm[1]);
     }
     if (s != MOE_OK) {
         moe_model_free(m);
@@ -473,7 +576,7 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
 moe_status moe_model_bind_experts(moe_model *m, const bool *mask)
 {
     model_owned *own = m->owned;
-    if (own->n_q > 0)
+    if (own->experts_quantized)
         return moe_error(MOE_ERR_UNSUPPORTED,
                          "%s: binding more experts (redundant experts) is not supported with quantized experts",
                          m->dir);

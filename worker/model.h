@@ -1,7 +1,7 @@
 /* A loaded model: its config and pointers to every weight, bound by name and checked by shape and
  * dtype against the config before anything runs. Weights point into the safetensors mmaps
- * (zero-copy); only tiny vectors (norms, biases) are converted into owned f32, and routed experts
- * into owned Q8/Q4 when moe_model_load_opts.quantize_experts asks for it. */
+ * (zero-copy); only tiny vectors (norms, biases) are converted into owned f32, and matrices into
+ * owned Q8/Q4 when moe_model_load_opts.quantize_experts / quantize_dense ask for it. */
 #ifndef MOE_WORKER_MODEL_H
 #define MOE_WORKER_MODEL_H
 
@@ -39,7 +39,7 @@ typedef struct {
     moe_weight mlp_down;             /* (d, dense_ffn) */
 } moe_layer_weights;
 
-/* Load-time quantization of the routed experts' matrices (moe_model_load_opts.quantize_experts). */
+/* Load-time quantization of matrices (moe_model_load_opts.quantize_experts / quantize_dense). */
 typedef enum {
     MOE_QUANT_NONE = 0, /* keep the file's dtype (zero-copy) */
     MOE_QUANT_Q8,       /* MOE_DT_Q8: 34 bytes per 32 weights */
@@ -58,10 +58,21 @@ typedef struct {
      * input size is not a multiple of MOE_QK, or that hold inf/NaN, keep their dtype (logged).
      * Default MOE_QUANT_NONE. */
     moe_quant_mode quantize_experts;
+    /* Quantize the dense matrices the same way: attention q/k/v/o, the shared expert's
+     * gate/up/down, dense MLP layers and lm_head. Never the embedding table (only rows are
+     * gathered from it; with tied embeddings lm_head becomes a separate quantized copy and the
+     * lookup keeps the original), the router or the shared-expert gate (tiny, and they pick
+     * experts: precision-sensitive), nor norms/biases. Same fallbacks as quantize_experts.
+     * Default MOE_QUANT_NONE (zero-initialised opts keep the old behaviour). */
+    moe_quant_mode quantize_dense;
 } moe_model_load_opts;
 
-/* Parses a --quantize value: "experts=q8", "experts=q4" or "none" into opts->quantize_experts.
- * MOE_ERR_INVALID_ARG (message names the value) otherwise; opts untouched then. */
+/* Parses a --quantize value into opts->quantize_experts and opts->quantize_dense: a comma list
+ * of GROUP=FORMAT with GROUP experts|dense|all and FORMAT q8|q4|none (later items override
+ * earlier ones: "all=q4,dense=q8"), or "none". Groups the spec does not name are set to none, so
+ * "experts=q8" means exactly what it meant before dense quantization existed. Whitespace is not
+ * allowed. MOE_ERR_INVALID_ARG (message names the spec and the item at fault) otherwise; opts
+ * untouched then. */
 moe_status moe_model_parse_quantize(const char *spec, moe_model_load_opts *opts);
 
 typedef struct {
