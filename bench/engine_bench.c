@@ -439,7 +439,8 @@ static void usage(FILE *f, const char *prog)
             "  --rounds N          decode rounds per batch size, best kept (default 1)\n"
             "  --no-touch          do not pre-fault the weights before timing\n"
             "  --callgrind-decode  toggle callgrind collection around the timed decode steps\n"
-            "  --quantize SPEC     experts=q8 | experts=q4 | none: quantize the routed experts at load\n",
+            "  --quantize SPEC     quantize at load: comma list of experts|dense|all=q8|q4|none\n"
+            "                      (e.g. all=q8, experts=q4,dense=q8; see docs/kernels.md)\n",
             prog);
 }
 

@@ -213,11 +213,21 @@ def build(run: Path):
     L.append("")
     L.append("### Engine vs roofline vs llama.cpp")
     L.append("")
+    # What our q8/q4 rows quantized: the --quantize spec engine_bench printed.
+    specs = sorted({kv(f).get("quantize", "none") for f in run.glob("*/ours_q[48].txt")})
+    if specs and all(sp.startswith("all=") for sp in specs):
+        what = (f"ours q8/q4 (`--quantize {' / '.join(specs)}`) quantize every matrix llama.cpp's "
+                "Q8_0/Q4_0 do except the embedding table (only one row per token is read from it) "
+                "and keep the router bf16 (llama.cpp: f32); llama.cpp's Q4_0 keeps `output.weight` "
+                "(lm_head) in Q6_K where ours is Q4, so its q4 rows read a little more per token")
+    else:
+        what = (f"ours q8/q4 (`--quantize {' / '.join(specs) or 'experts=...'}`) quantize the routed "
+                "experts only (attention, router, lm_head stay bf16), llama.cpp's Q8_0/Q4_0 quantize "
+                "every matrix, so at the same row label llama.cpp reads fewer bytes")
     L.append("tok/s; *% roof* = the figure over its own roofline. Decode roofline = min(bandwidth / bytes "
              "read per step, peak / FLOPs per step) x batch; prefill roofline = bf16 peak / FLOPs per "
-             "prompt token. Each engine's decode roofline uses the bytes its own weights occupy: ours "
-             "q8/q4 quantize the routed experts only (attention, router, lm_head stay bf16), llama.cpp's "
-             "Q8_0/Q4_0 quantize every matrix, so at the same row label llama.cpp reads fewer bytes.")
+             "prompt token. Each engine's decode roofline uses the bytes its own weights occupy: "
+             f"{what}.")
     L.append("")
     L.append(f"Last column: the share of the machine's CPU time other work took during the timed window "
              f"of that figure (/proc/stat busy time minus the benchmark's own CPU time); `!` marks more "
@@ -239,7 +249,7 @@ def build(run: Path):
     L.append("")
     L.append("Ours: bytes and FLOPs behind the rooflines")
     L.append("")
-    L.append("| preset | experts | weights held | active bytes/token (config) | b=1 bytes/step | b=16 bytes/step (experts read) | "
+    L.append("| preset | weights | weights held | active bytes/token (config) | b=1 bytes/step | b=16 bytes/step (experts read) | "
              "FLOPs/prefill token | load (incl. quantize) + pre-fault |")
     L.append("|---|---|---|---|---|---|---|---|")
     for d in presets:

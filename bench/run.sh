@@ -7,7 +7,7 @@
 #   MOE_BENCH_PRESETS   ["small olmoe-1b-7b"]
 #   MOE_BENCH_LLAMA     [1]                      0 skips llama.cpp
 #   MOE_BENCH_LLAMA_FORMATS [bf16,q8_0,q4_0]
-#   MOE_BENCH_OURS_FORMATS  ["bf16 q8 q4"]       ours: q8/q4 quantize the routed experts at load
+#   MOE_BENCH_OURS_FORMATS  ["bf16 q8 q4"]       ours: q8/q4 = --quantize all=q8 / all=q4 at load
 #   MOE_BENCH_OLMOE_LAYERS  []                   shorten OLMoE (disk/time); empty = full 16 layers
 #   MOE_BENCH_PROFILE   [1]                      0 skips the callgrind/perf decode profiles
 #   MOE_BENCH_BUILD     [build-bench]
@@ -169,7 +169,8 @@ for p in $PRESETS; do
   if [ ${#others[@]} -gt 0 ]; then evict "${others[@]}"; fi
   probe
   for f in $OURS_FORMATS; do
-    case $f in bf16) q=none ;; *) q=experts=$f ;; esac
+    # every matrix llama.cpp's Q8_0/Q4_0 GGUFs quantize (the embedding table aside: see README)
+    case $f in bf16) q=none ;; *) q=all=$f ;; esac
     attempts "$RUN/$p/ours_$f.txt" "engine_bench $p $f (--quantize $q ${eb[*]})" \
       "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
       "${eb[@]}"

@@ -47,8 +47,10 @@ static void usage(FILE *f)
           "  --kv-block-size N    KV cache block size in tokens (default 16)\n"
           "  --batch-tokens N     prefill chunk / step token budget (default 512)\n"
           "  --print-ids          print the generated token ids after the text\n"
-          "  --quantize SPEC      experts=q8 or experts=q4: quantize the routed experts at load\n"
-          "                       (group-wise, 32 per f16 scale; see docs/kernels.md)\n",
+          "  --quantize SPEC      quantize matrices at load (group-wise, 32 per f16 scale): a\n"
+          "                       comma list of GROUP=q8|q4|none, GROUP experts (routed experts),\n"
+          "                       dense (attention, shared expert, dense MLPs, lm_head) or all;\n"
+          "                       e.g. experts=q4,dense=q8, all=q8 (see docs/kernels.md)\n",
           f);
 }
 
