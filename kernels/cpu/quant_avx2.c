@@ -69,6 +69,20 @@ AI float hsum4(__m128 v)
     return _mm_cvtss_f32(s);
 }
 
+/* Decode prefetch. The rows of a decode tile are one contiguous block of memory and so are the
+ * next tile's; with short rows (768 inputs: 816 bytes of Q8) each tile is 8 streams of a dozen
+ * cache lines, too short for the hardware prefetcher to ramp up on. So each block step of a tile
+ * consumes `step` bytes of weights and prefetches as many of the next tile (from byte `off` of
+ * it): the next tile is in cache when it starts, and the prefetches run one tile ahead of the
+ * loads, never more (a whole tile of 16 KB; see DECODE_PF_MAX_TILE). */
+AI void prefetch_step(const char *pf, size_t off, size_t step)
+{
+    /* Lines already requested by the previous step are requested again when a step does not end on
+     * a line boundary: harmless (the line is in flight or in L1). */
+    for (size_t c = off & ~(size_t)63; c < off + step; c += 64)
+        _mm_prefetch(pf + c, _MM_HINT_T0);
+}
+
 /* ---- Q8 tile: NR rows x NT tokens, one 8-lane f32 accumulator per output ----
  * vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16; vpmaddwd by ones then
  * adds pairs of those, so lane j of a block holds the exact integer dot of inputs 4j..4j+3.
@@ -76,7 +90,7 @@ AI float hsum4(__m128 v)
  * the NR rows (pairs stay below 2 * 127 * 127: no int16 saturation). One FMA per block adds
  * lane * (d_w * d_x): the scalar kernel's arithmetic, bit for bit. */
 AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
-                int n_in, int n_out, int r, int t0, int NR, int NT)
+                int n_in, int n_out, int r, int t0, int NR, int NT, const char *pf)
 {
     int nb = n_in / MOE_QK;
     const __m256i ones = _mm256_set1_epi16(1);
@@ -99,6 +113,9 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b = 0; b < nb; b++) {
         __m256i wv[8];
         __m256 dw[8];
+        if (pf) /* see prefetch_step */
+            prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
+                          (size_t)NR * sizeof(moe_block_q8));
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++) {
             dw[i] = _mm256_set1_ps(_cvtsh_ss(wr[i][b].d));
@@ -134,7 +151,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
  * 16+4j..16+4j+3, and one FMA per block adds lane * (d_w * d_x); the result is hsum4 of the
  * lanes. The scalar kernel does exactly this (bit for bit). */
 AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
-                int n_in, int n_out, int r, int t0, int NP, int NT, int single)
+                int n_in, int n_out, int r, int t0, int NP, int NT, int single, const char *pf)
 {
     int nb = n_in / MOE_QK;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
@@ -160,6 +177,9 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b = 0; b < nb; b++) {
         __m256i lo[4], hi[4];
         __m256 dw[4];
+        if (pf) /* see prefetch_step */
+            prefetch_step(pf, (size_t)b * (size_t)(2 * NP) * sizeof(moe_block_q4),
+                          (size_t)(2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
         for (int p = 0; p < NP; p++) {
             __m256i v = _mm256_inserti128_si256(
@@ -207,14 +227,15 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
     static void q8_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
                                     size_t row_bytes, int n_in, int n_out, int r, int t0)          \
     {                                                                                              \
-        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT);                              \
+        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, NULL);                        \
     }
 /* Q4: NR rows = NP pairs, or one row alone (NR = 1). */
 #define Q4_TILE(NR, NT)                                                                            \
     static void q4_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
                                     size_t row_bytes, int n_in, int n_out, int r, int t0)          \
     {                                                                                              \
-        q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1);   \
+        q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1,    \
+                NULL);                                                                             \
     }
 #define Q_TILES(T)                                                                                 \
     T(2, 4)                                                                                        \
@@ -227,16 +248,42 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
     T(1, 1)
 Q_TILES(Q8_TILE)
 Q_TILES(Q4_TILE)
-Q8_TILE(8, 1)
-Q4_TILE(8, 1)
 
-/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1] */
+/* The decode tiles (8 rows, one token), with the next tile (at pf, or NULL) prefetched. */
+static void q8_tile_8x1(float *y, const int8_t *xq, const float *xd, const char *w,
+                        size_t row_bytes, int n_in, int n_out, int r, int t0)
+{
+    q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 8, 1, NULL);
+}
+static void q4_tile_8x1(float *y, const int8_t *xq, const float *xd, const char *w,
+                        size_t row_bytes, int n_in, int n_out, int r, int t0)
+{
+    q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 4, 1, 0, NULL);
+}
+static void q8_tile_8x1_pf(float *y, const int8_t *xq, const float *xd, const char *w,
+                           size_t row_bytes, int n_in, int n_out, int r, int t0)
+{
+    q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 8, 1, w + (size_t)(r + 8) * row_bytes);
+}
+static void q4_tile_8x1_pf(float *y, const int8_t *xq, const float *xd, const char *w,
+                           size_t row_bytes, int n_in, int n_out, int r, int t0)
+{
+    q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 4, 1, 0, w + (size_t)(r + 8) * row_bytes);
+}
+
+/* Decode tiles up to this size prefetch the next one (prefetch_step); bigger ones (rows of more
+ * than ~3800 Q8 / ~7200 Q4 inputs) stream well on their own, and a whole tile ahead would push
+ * the current one out of L1. */
+#define DECODE_PF_MAX_TILE 32768
+
+/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1; for the decode tile: 0 plain, 1
+ * prefetching the next tile] */
 static const q_tile_fn tiles_q8[3][4] = {{q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
                                          {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
-                                         {q8_tile_8x1, NULL, NULL, NULL}};
+                                         {q8_tile_8x1, q8_tile_8x1_pf, NULL, NULL}};
 static const q_tile_fn tiles_q4[3][4] = {{q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
                                          {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
-                                         {q4_tile_8x1, NULL, NULL, NULL}};
+                                         {q4_tile_8x1, q4_tile_8x1_pf, NULL, NULL}};
 
 /* Tokens in chunks of Q_TOKC so a chunk's quantized x (Q_TOKC x n_in bytes) stays in L1/L2 while
  * the rows pass (only up to MOE_Q_F32_MIN_TOK - 1 tokens come here). */
@@ -264,8 +311,9 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
             }
             for (int t = tc; t < te; t += nt) {
                 int tn = te - t < nt ? te - t : nt;
-                if (rn > 2) /* only n_tok == 1 */
-                    tiles[2][0](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
+                if (rn > 2) /* only n_tok == 1: prefetch the next tile when it is ours too */
+                    tiles[2][r + 2 * nr <= r1 && (size_t)nr * row_bytes <= DECODE_PF_MAX_TILE](
+                        y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
                 else
                     tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
             }

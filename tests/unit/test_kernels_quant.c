@@ -317,7 +317,11 @@ static void q_matmul_sweep(moe_dtype qt)
     q_matmul_case(qt, 48, 96, 37, isas, n_isa, pools);
     q_matmul_case(qt, 67, 288, 37, isas, n_isa, pools);  /* f32 panel: k chunks of 256 + 32 */
     q_matmul_case(qt, 200, 544, 50, isas, n_isa, pools); /* and a token chunk (192) */
-    q_matmul_case(qt, 1, 2048, 600, isas, n_isa, pools);
+    q_matmul_case(qt, 1, 2048, 600, isas, n_isa, pools); /* decode tiles prefetching the next */
+    /* Decode tiles too big to prefetch the next one (Q8: 8 x 4352 bytes), and the last tile of a
+     * task (never prefetches), with odd row counts: both decode tile variants against scalar. */
+    q_matmul_case(qt, 1, 4096, 41, isas, n_isa, pools);
+    q_matmul_case(qt, 1, 768, 27, isas, n_isa, pools);
     for (int i = 0; i < 6; i++)
         q_matmul_case(qt, (int)(rng_next() % 70) + 1, ((int)(rng_next() % 20) + 1) * MOE_QK,
                       (int)(rng_next() % 100) + 1, isas, n_isa, pools);
