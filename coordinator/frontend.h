@@ -99,6 +99,7 @@ typedef struct {
     uint64_t kv_transfers, kv_transfer_bytes, kv_transfer_retries, kv_transfer_recomputes;
     uint64_t kv_checksum_failures, kv_transfer_timeouts, kv_lease_expirations;
     uint64_t migrations, migrations_aborted, preemptions;
+    uint64_t kv_transfers_layerwise; /* of kv_transfers: pushed layer by layer */
 } moe_cluster_counters;
 
 /* Live migrations (docs/migration.md): outcomes, costs and what triggered them. */

@@ -606,6 +606,7 @@ static void handle_status(struct moe_frontend_req *c)
     ctr.migrations = bc->migrations;
     ctr.migrations_aborted = bc->migrations_aborted;
     ctr.preemptions = bc->preemptions;
+    ctr.kv_transfers_layerwise = bc->kv_transfers_layerwise;
     const moe_migration_counters *mc = &st->migration;
     Moeserve__V1__Migration mig;
     moeserve__v1__migration__init(&mig);

@@ -36,7 +36,7 @@ typedef struct {
 
 typedef struct {
     int prompt_len, max_new;
-    int64_t t_arrival, t_sent, t_first, t_last; /* ns, moe_now_ns clock */
+    int64_t t_arrival, t_sent, t_first, t_second, t_last; /* ns, moe_now_ns clock */
     int n_tokens;
     grpc_status_code code;
     char details[160];
@@ -154,6 +154,8 @@ static void *run_one(void *arg)
             if (g->n_token_ids) {
                 if (!r->n_tokens)
                     r->t_first = now;
+                if (r->n_tokens < 2 && r->n_tokens + (int)g->n_token_ids >= 2)
+                    r->t_second = now;
                 r->t_last = now;
                 r->n_tokens += (int)g->n_token_ids;
             }
@@ -353,7 +355,8 @@ int main(int argc, char **argv)
     double *ttft = calloc((size_t)o.requests, sizeof(double)),
            *tpot = calloc((size_t)o.requests, sizeof(double));
     double *e2e = calloc((size_t)o.requests, sizeof(double)),
-           *sttft = calloc((size_t)o.requests, sizeof(double));
+           *sttft = calloc((size_t)o.requests, sizeof(double)),
+           *gap2 = calloc((size_t)o.requests, sizeof(double));
     int n_ok = 0, n_tpot = 0;
     long long out_tokens = 0, in_tokens = 0;
     const char *first_err = NULL;
@@ -371,8 +374,11 @@ int main(int argc, char **argv)
         e2e[n_ok] = (double)(r->t_last - r->t_arrival) * 1e-6;
         sttft[n_ok] = r->server_ttft_ms;
         n_ok++;
-        if (r->n_tokens > 1)
+        if (r->n_tokens > 1) {
+            /* The first-to-second token gap: in a disaggregated cluster, the KV hand-off. */
+            gap2[n_tpot] = (double)(r->t_second - r->t_first) * 1e-6;
             tpot[n_tpot++] = (double)(r->t_last - r->t_first) * 1e-6 / (r->n_tokens - 1);
+        }
         out_tokens += r->n_tokens;
         in_tokens += r->prompt_len;
     }
@@ -386,6 +392,7 @@ int main(int argc, char **argv)
         summary("ttft", ttft, n_ok, true, false);
         summary("server_ttft", sttft, n_ok, true, false);
         summary("tpot", tpot, n_tpot, true, false);
+        summary("second_token_gap", gap2, n_tpot, true, false);
         summary("e2e", e2e, n_ok, true, true);
         printf("}\n");
     } else {
@@ -400,6 +407,7 @@ int main(int argc, char **argv)
         summary("TTFT", ttft, n_ok, false, false);
         summary("sTTFT", sttft, n_ok, false, false);
         summary("TPOT", tpot, n_tpot, false, false);
+        summary("T1-T2", gap2, n_tpot, false, false);
         summary("E2E", e2e, n_ok, false, true);
         if (n_err)
             printf("first error: %s\n", first_err);
@@ -408,6 +416,7 @@ int main(int argc, char **argv)
     free(tpot);
     free(e2e);
     free(sttft);
+    free(gap2);
     free(b.rec);
     moe_rpc_close(b.cli);
     return n_err ? 1 : 0;

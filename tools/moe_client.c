@@ -533,10 +533,10 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
                k->requests_rejected_invalid, k->requests_rejected_busy);
         printf("tokens:   %" PRIu64 " prompt, %" PRIu64 " generated\n", k->prompt_tokens,
                k->generated_tokens);
-        printf("kv:       %" PRIu64 " transfers (%.1f MiB), %" PRIu64 " retries, %" PRIu64
+        printf("kv:       %" PRIu64 " transfers (%" PRIu64 " layer by layer, %.1f MiB), %" PRIu64 " retries, %" PRIu64
                " recomputes, %" PRIu64 " checksum failures, %" PRIu64 " timeouts, %" PRIu64
                " lease expirations\n",
-               k->kv_transfers, (double)k->kv_transfer_bytes / (1024.0 * 1024.0),
+               k->kv_transfers, k->kv_transfers_layerwise, (double)k->kv_transfer_bytes / (1024.0 * 1024.0),
                k->kv_transfer_retries, k->kv_transfer_recomputes, k->kv_checksum_failures,
                k->kv_transfer_timeouts, k->kv_lease_expirations);
         printf("sched:    %" PRIu64 " migrations (%" PRIu64 " aborted), %" PRIu64 " preemptions\n",

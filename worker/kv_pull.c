@@ -2,12 +2,14 @@
  * parks a sequence, offers it, sends its blocks when the decode side pulls and frees them on the
  * ack or when the lease expires; the decode side reserves blocks (or waits for room, renewing the
  * lease), posts its receives, pulls, verifies the checksums, retries once and recomputes as the
- * last resort. Driven by the worker loop (worker/worker_loop.c). */
+ * last resort. A layer-by-layer push (worker/kv_push.c) is attempt 1 of the same state machine.
+ * Driven by the worker loop (worker/worker_loop.c). */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/clock.h"
 #include "common/log.h"
+#include "worker/seq_state_pb.h"
 #include "worker/worker_internal.h"
 
 park_t *moe_kv_pull_find_park(worker *w, uint64_t id)
@@ -21,6 +23,7 @@ park_t *moe_kv_pull_find_park(worker *w, uint64_t id)
 void moe_kv_pull_remove_park(worker *w, park_t *p)
 {
     moe_kv_send_free(p->send);
+    free(p->push_sums);
     *p = w->parks[--w->n_parks];
 }
 
@@ -40,7 +43,7 @@ void moe_kv_pull_remove_pull(worker *w, pull_t *q)
     *q = w->pulls[--w->n_pulls];
 }
 
-static void send_kv_done(worker *w, int peer, uint64_t id, bool received)
+void moe_kv_pull_send_done(worker *w, int peer, uint64_t id, bool received)
 {
     pb_done d;
     moeserve__cluster__v1__kv_done__init(&d);
@@ -49,7 +52,7 @@ static void send_kv_done(worker *w, int peer, uint64_t id, bool received)
     moe_worker_send_peer(w, peer, TAG(KV_DONE), &d.base);
 }
 
-static void send_kv_gone(worker *w, int peer, uint64_t id, const char *why)
+void moe_kv_pull_send_gone(worker *w, int peer, uint64_t id, const char *why)
 {
     pb_gone g;
     moeserve__cluster__v1__kv_gone__init(&g);
@@ -71,6 +74,14 @@ static void add_tomb(worker *w, uint64_t id)
         w->tombs[w->n_tombs++] = (tomb_t){.seq_id = id, .until = now + 60 * (int64_t)1000000000};
 }
 
+bool moe_kv_pull_has_tomb(const worker *w, uint64_t id)
+{
+    for (int i = 0; i < w->n_tombs; i++)
+        if (w->tombs[i].seq_id == id)
+            return true;
+    return false;
+}
+
 static bool take_tomb(worker *w, uint64_t id)
 {
     for (int i = 0; i < w->n_tombs; i++) {
@@ -86,21 +97,24 @@ void moe_kv_pull_free_seq(worker *w, uint64_t id)
 {
     park_t *p = moe_kv_pull_find_park(w, id);
     if (p) {
-        if (p->send) {
-            p->freed = true; /* blocks in flight: freed when the sends end */
-        } else {
-            moe_worker_engine_drop(w, id);
-            moe_kv_pull_remove_park(w, p);
-        }
+        /* Sends still in flight are detached, not waited for: the KV pool stays mapped for the
+         * process's life, so they can only carry stale bytes, to a receiver the coordinator tells
+         * to drop the sequence too (and whose checksums would reject them). Waiting would pin
+         * the KV for as long as a hung receiver stays silent. */
+        moe_worker_engine_drop(w, id);
+        moe_kv_pull_remove_park(w, p);
         return;
     }
     pull_t *q = find_pull(w, id);
     if (q) {
         if (q->phase == PULL_RECEIVING) {
             q->cancelled = true; /* the prefill side is sending: let the receives end first */
+            if (q->push && !q->offer) /* a push has no deadline before its offer: give it one */
+                moe_kv_recv_set_deadline(q->recv, moe_now_ns() +
+                                                      moe_worker_ms_ns(w->o->kv_timeout_ms));
             return;
         }
-        send_kv_done(w, q->src, id, false);
+        moe_kv_pull_send_done(w, q->src, id, false);
         if (q->imported)
             moe_worker_engine_drop(w, id);
         moe_kv_pull_remove_pull(w, q);
@@ -119,22 +133,9 @@ void moe_kv_pull_free_seq(worker *w, uint64_t id)
 
 static void offer_state(const pb_offer *of, moe_seq_state *st, bool recompute)
 {
-    const pb_state *s = of->state;
-    *st = (moe_seq_state){.seq_id = s->seq_id,
-                          .tokens = s->tokens,
-                          .n_tokens = (int)s->n_tokens,
-                          .n_prompt = (int)s->n_prompt,
-                          .n_generated = (int)s->n_generated,
-                          .n_computed = recompute ? 0 : (int)s->n_computed,
-                          .max_new_tokens = (int)s->max_new_tokens,
-                          .ignore_eos = s->ignore_eos};
-    if (s->sampling)
-        st->sp = (moe_sampling_params){.temperature = s->sampling->temperature,
-                                       .top_k = s->sampling->top_k,
-                                       .top_p = s->sampling->top_p,
-                                       .seed = s->sampling->seed};
-    for (size_t i = 0; i < 4 && i < s->n_rng; i++)
-        st->rng.s[i] = s->rng[i];
+    moe_seq_state_from_pb(of->state, st);
+    if (recompute)
+        st->n_computed = 0;
 }
 
 static void handed_off(worker *w, pull_t *q, bool recomputed, uint64_t bytes)
@@ -206,7 +207,7 @@ static void start_attempt(worker *w, pull_t *q, int attempt)
     free(ptrs);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
-        send_kv_done(w, q->src, q->seq_id, false);
+        moe_kv_pull_send_done(w, q->src, q->seq_id, false);
         recompute(w, q);
         return;
     }
@@ -241,7 +242,7 @@ static bool try_import(worker *w, pull_t *q)
         MOE_LOG_W("seq %llu: cannot import: %s", (unsigned long long)q->seq_id,
                   moe_error_message());
         moe_worker_seq_event(w, q->seq_id, EVENT(FAILED), s, moe_error_message());
-        send_kv_done(w, q->src, q->seq_id, false);
+        moe_kv_pull_send_done(w, q->src, q->seq_id, false);
         moe_kv_pull_remove_pull(w, q);
         return true;
     }
@@ -251,7 +252,7 @@ static bool try_import(worker *w, pull_t *q)
         MOE_LOG_E("seq %llu: offer of %u blocks x %llu bytes does not match %d x %zu here",
                   (unsigned long long)q->seq_id, q->offer->n_blocks,
                   (unsigned long long)q->offer->block_bytes, nb, w->block_bytes);
-        send_kv_done(w, q->src, q->seq_id, false);
+        moe_kv_pull_send_done(w, q->src, q->seq_id, false);
         recompute(w, q);
         return true;
     }
@@ -259,17 +260,47 @@ static bool try_import(worker *w, pull_t *q)
     return true;
 }
 
+/* The offer of a pushed sequence: its final state; the push (or its retry) may finish now. */
+static void push_offer(worker *w, pull_t *q, pb_offer *m)
+{
+    q->offer = m;
+    q->t0 = moe_now_ns(); /* the hand-off time counts from the end of the prefill */
+    moe_seq_state st;
+    const int *blocks;
+    int nb;
+    if (moe_engine_export(w->eng, q->seq_id, &st, &blocks, &nb) != MOE_OK ||
+        (uint32_t)nb != m->n_blocks || m->block_bytes != w->block_bytes) {
+        MOE_LOG_E("seq %llu: offer of %u blocks x %llu bytes does not match the %d reserved here",
+                  (unsigned long long)q->seq_id, m->n_blocks, (unsigned long long)m->block_bytes, nb);
+        moe_kv_pull_send_done(w, q->src, q->seq_id, false);
+        if (q->recv)
+            q->cancelled = true; /* it ends by its deadline, then is dropped */
+        else
+            recompute(w, q);
+        return;
+    }
+    if (q->phase == PULL_WAIT_OFFER)
+        start_attempt(w, q, q->attempt + 1);
+    else
+        moe_kv_recv_set_deadline(q->recv, q->t0 + moe_worker_ms_ns(w->o->kv_timeout_ms));
+}
+
 void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m)
 {
     uint64_t id = m->state ? m->state->seq_id : 0;
+    pull_t *pq = m->state ? find_pull(w, id) : NULL;
+    if (pq && pq->push && !pq->offer && pq->src == src) {
+        push_offer(w, pq, m);
+        return;
+    }
     if (!m->state || take_tomb(w, id) || !w->eng) {
-        send_kv_done(w, src, id, false);
+        moe_kv_pull_send_done(w, src, id, false);
         protobuf_c_message_free_unpacked(&m->base, NULL);
         return;
     }
     if (!moe_grow((void **)&w->pulls, &w->cap_pulls, w->n_pulls + 1, sizeof *w->pulls)) {
         moe_worker_seq_event(w, id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
-        send_kv_done(w, src, id, false);
+        moe_kv_pull_send_done(w, src, id, false);
         protobuf_c_message_free_unpacked(&m->base, NULL);
         return;
     }
@@ -302,7 +333,8 @@ void moe_kv_pull_on_gone(worker *w, const pb_gone *m)
               q->src, m->reason);
     moe_kv_recv_free(q->recv); /* it will never send: cancel the receives */
     q->recv = NULL;
-    if (q->cancelled) {
+    if (q->cancelled || (q->push && !q->offer)) { /* a push gone before its offer: the request
+                                                   * ended at the prefill side */
         if (q->imported)
             moe_worker_engine_drop(w, q->seq_id);
         moe_kv_pull_remove_pull(w, q);
@@ -336,21 +368,36 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
         }
         return false;
     }
-    moe_kv_xfer_result r = moe_kv_recv_poll(q->recv, now);
-    if (r == MOE_KV_XFER_PENDING)
+    if (q->phase == PULL_WAIT_OFFER)
         return false;
+    moe_kv_xfer_result r = moe_kv_recv_poll(q->recv, now);
+    if (r == MOE_KV_XFER_PENDING || (r == MOE_KV_XFER_OK && q->push && !q->offer))
+        return false; /* a push that landed waits for its offer (the final state) */
     uint64_t id = q->seq_id;
+    if (r == MOE_KV_XFER_OK && q->push) {
+        moe_seq_state st;
+        const int *blocks;
+        int nb;
+        offer_state(q->offer, &st, false);
+        if (moe_engine_import_extend(w->eng, id, &st, &blocks, &nb) != MOE_OK) {
+            MOE_LOG_E("seq %llu: pushed state refused: %s", (unsigned long long)id,
+                      moe_error_message());
+            r = MOE_KV_XFER_ERROR;
+        }
+    }
     if (r == MOE_KV_XFER_OK) {
         uint64_t bytes = (uint64_t)q->offer->n_blocks * w->block_bytes;
         moe_kv_recv_free(q->recv);
         q->recv = NULL;
-        send_kv_done(w, q->src, id, true);
+        moe_kv_pull_send_done(w, q->src, id, true);
         if (q->cancelled) {
             moe_worker_engine_drop(w, id);
             moe_kv_pull_remove_pull(w, q);
             return true;
         }
         w->ctr.kv_transfers++;
+        if (q->push && q->attempt == 1)
+            w->ctr.kv_transfers_layerwise++;
         w->ctr.kv_transfer_bytes += bytes;
         w->ctr.kv_transfer_ns += (uint64_t)(now - q->t0);
         if (moe_engine_resume(w->eng, id) != MOE_OK) {
@@ -380,16 +427,21 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
     moe_kv_recv_free(q->recv);
     q->recv = NULL;
     if (q->cancelled) {
-        send_kv_done(w, q->src, id, false);
+        moe_kv_pull_send_done(w, q->src, id, false);
         moe_worker_engine_drop(w, id);
         moe_kv_pull_remove_pull(w, q);
+        return true;
+    }
+    if (q->push && !q->offer) {
+        q->phase = PULL_WAIT_OFFER; /* retry as a pull once the prefill side offers */
+        w->ctr.kv_transfer_retries++;
         return true;
     }
     if (q->attempt < MOE_KV_MAX_ATTEMPTS) {
         w->ctr.kv_transfer_retries++;
         start_attempt(w, q, q->attempt + 1);
     } else {
-        send_kv_done(w, q->src, id, false);
+        moe_kv_pull_send_done(w, q->src, id, false);
         recompute(w, q);
     }
     return true;
@@ -404,62 +456,41 @@ void moe_kv_pull_offer(worker *w, park_t *p)
     int nb;
     if (moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK)
         return;
-    int32_t *tokens = malloc((size_t)st.n_tokens * sizeof *tokens);
-    if (!tokens) {
-        moe_worker_seq_event(w, p->seq_id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
-        moe_worker_engine_drop(w, p->seq_id);
-        moe_kv_pull_remove_park(w, p);
-        return;
-    }
-    memcpy(tokens, st.tokens, (size_t)st.n_tokens * sizeof *tokens);
-    uint64_t rng[4];
-    memcpy(rng, st.rng.s, sizeof rng);
-    Moeserve__Cluster__V1__Sampling sp;
-    moeserve__cluster__v1__sampling__init(&sp);
-    sp.temperature = st.sp.temperature;
-    sp.top_p = st.sp.top_p;
-    sp.top_k = st.sp.top_k;
-    sp.seed = st.sp.seed;
-    pb_state s;
-    moeserve__cluster__v1__seq_state__init(&s);
-    s.seq_id = st.seq_id;
-    s.n_tokens = (size_t)st.n_tokens;
-    s.tokens = tokens;
-    s.n_prompt = (uint32_t)st.n_prompt;
-    s.n_generated = (uint32_t)st.n_generated;
-    s.n_computed = (uint32_t)st.n_computed;
-    s.max_new_tokens = (uint32_t)st.max_new_tokens;
-    s.ignore_eos = st.ignore_eos;
-    s.sampling = &sp;
-    s.n_rng = 4;
-    s.rng = rng;
+    moe_seq_state_pb s;
+    moe_seq_state_to_pb(&st, &s);
     pb_offer m;
     moeserve__cluster__v1__kv_offer__init(&m);
-    m.state = &s;
+    m.state = &s.s;
     m.n_blocks = (uint32_t)nb;
     m.block_bytes = w->block_bytes;
     m.lease_ms = (uint32_t)w->o->lease_ms;
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_OFFER), &m.base);
-    free(tokens);
     p->parked = true;
     p->lease_deadline = moe_now_ns() + moe_worker_ms_ns(w->o->lease_ms);
+    moe_kv_push_after_park(w, p);
 }
 
 void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
 {
+    if (m->layerwise) {
+        moe_kv_push_on_accept(w, src, m);
+        return;
+    }
     park_t *p = moe_kv_pull_find_park(w, m->seq_id);
-    if (!p || !p->parked || p->freed || src != p->decode_rank) {
-        send_kv_gone(w, src, m->seq_id,
-                     !p || p->freed ? "freed (cancelled, or its lease expired)"
-                                    : "not offered to you");
+    if (!p || !p->parked || src != p->decode_rank) {
+        moe_kv_pull_send_gone(w, src, m->seq_id,
+                              !p ? "freed (cancelled, or its lease expired)" : "not offered to you");
         return;
     }
     int64_t now = moe_now_ns();
     p->lease_deadline = now + moe_worker_ms_ns(w->o->lease_ms);
     if (m->renew_only)
         return;
-    moe_kv_send_free(p->send); /* a retry replaces an attempt still in flight */
+    moe_kv_send_free(p->send); /* a retry replaces an attempt still in flight (or the push) */
     p->send = NULL;
+    free(p->push_sums);
+    p->push_sums = NULL;
+    p->push_xfer = 0;
     moe_seq_state st;
     const int *blocks;
     int nb;
@@ -475,7 +506,7 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
     if (!sums || s != MOE_OK) {
         MOE_LOG_E("seq %llu: cannot send its KV: %s", (unsigned long long)m->seq_id,
                   sums ? moe_error_message() : "out of memory");
-        send_kv_gone(w, src, m->seq_id, "the prefill side failed to send");
+        moe_kv_pull_send_gone(w, src, m->seq_id, "the prefill side failed to send");
         moe_worker_engine_drop(w, p->seq_id);
         moe_kv_pull_remove_park(w, p);
     } else {
@@ -511,6 +542,8 @@ bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now)
             MOE_LOG_E("seq %llu: %s", (unsigned long long)p->seq_id, moe_error_message());
             done = true;
         }
+        if (p->push_xfer && !p->parked)
+            return false; /* a push during the prefill: more layers to come */
         if (!done && now < p->send_deadline)
             return false;
         if (!done)
@@ -520,12 +553,6 @@ bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now)
         moe_kv_send_free(p->send);
         p->send = NULL;
         p->lease_deadline = now + moe_worker_ms_ns(w->o->lease_ms); /* now waiting for the ack */
-        if (!p->freed)
-            return true;
-    }
-    if (p->freed) {
-        moe_worker_engine_drop(w, p->seq_id);
-        moe_kv_pull_remove_park(w, p);
         return true;
     }
     if (p->parked && now >= p->lease_deadline) {

@@ -10,6 +10,7 @@
 #include "common/grow.h"
 #include "common/log.h"
 #include "worker/kv_transfer.h"
+#include "worker/seq_state_pb.h"
 
 #define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
 #define REASON(x) MOESERVE__CLUSTER__V1__MIG_REASON__MIG_##x
@@ -188,49 +189,6 @@ moe_status moe_mig_create(moe_engine *eng, moe_comm *data, const moe_mig_io *io,
 
 /* ---- messages ---- */
 
-static void state_to_pb(const moe_seq_state *st, pb_state *s, Moeserve__Cluster__V1__Sampling *sp,
-                        uint64_t rng[4])
-{
-    moeserve__cluster__v1__sampling__init(sp);
-    sp->temperature = st->sp.temperature;
-    sp->top_p = st->sp.top_p;
-    sp->top_k = st->sp.top_k;
-    sp->seed = st->sp.seed;
-    memcpy(rng, st->rng.s, 4 * sizeof *rng);
-    moeserve__cluster__v1__seq_state__init(s);
-    s->seq_id = st->seq_id;
-    s->n_tokens = (size_t)st->n_tokens;
-    s->tokens = (int32_t *)(uintptr_t)st->tokens; /* only read by pack */
-    s->n_prompt = (uint32_t)st->n_prompt;
-    s->n_generated = (uint32_t)st->n_generated;
-    s->n_computed = (uint32_t)st->n_computed;
-    s->max_new_tokens = (uint32_t)st->max_new_tokens;
-    s->ignore_eos = st->ignore_eos;
-    s->sampling = sp;
-    s->n_rng = 4;
-    s->rng = rng;
-}
-
-static void state_from_pb(const pb_state *s, moe_seq_state *st)
-{
-    *st = (moe_seq_state){.seq_id = s->seq_id,
-                          .tokens = s->tokens,
-                          .n_tokens = (int)s->n_tokens,
-                          .n_prompt = (int)s->n_prompt,
-                          .n_generated = (int)s->n_generated,
-                          .n_computed = (int)s->n_computed,
-                          .max_new_tokens = (int)s->max_new_tokens,
-                          .ignore_eos = s->ignore_eos,
-                          .sp = {.temperature = 0.0f, .top_p = 1.0f}};
-    if (s->sampling)
-        st->sp = (moe_sampling_params){.temperature = s->sampling->temperature,
-                                       .top_k = s->sampling->top_k,
-                                       .top_p = s->sampling->top_p,
-                                       .seed = s->sampling->seed};
-    for (size_t i = 0; i < 4 && i < s->n_rng; i++)
-        st->rng.s[i] = s->rng[i];
-}
-
 static void send_abort(moe_mig *m, int peer, uint32_t mig_id, uint64_t seq_id, mig_reason why,
                        const char *detail, bool data_posted)
 {
@@ -374,17 +332,15 @@ static void src_next_stage(moe_mig *m, src_mig *s, int64_t now)
     s->deadline = now + answer_ns(m);
     s->stalled = false;
 
-    Moeserve__Cluster__V1__Sampling sp;
-    uint64_t rng[4];
-    pb_state ps;
-    state_to_pb(&st, &ps, &sp, rng);
+    moe_seq_state_pb ps;
+    moe_seq_state_to_pb(&st, &ps);
     Moeserve__Cluster__V1__MigPrepare p;
     moeserve__cluster__v1__mig_prepare__init(&p);
     p.mig_id = s->mig_id;
     p.seq_id = s->seq_id;
     p.stage = (uint32_t)s->stage;
     p.final = final;
-    p.state = &ps;
+    p.state = &ps.s;
     p.first_block = (uint32_t)first;
     p.n_blocks = (uint32_t)n;
     p.block_bytes = m->block_bytes;
@@ -627,7 +583,7 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
         return;
     }
     moe_seq_state st;
-    state_from_pb(q->state, &st);
+    moe_seq_state_from_pb(q->state, &st);
     const int *blocks;
     int nb;
     moe_status rc = d->imported ? moe_engine_import_extend(m->eng, d->seq_id, &st, &blocks, &nb)

@@ -24,6 +24,7 @@ typedef Moeserve__Cluster__V1__KvPull pb_pull;
 typedef Moeserve__Cluster__V1__KvHeader pb_header;
 typedef Moeserve__Cluster__V1__KvDone pb_done;
 typedef Moeserve__Cluster__V1__KvGone pb_gone;
+typedef Moeserve__Cluster__V1__KvReserve pb_reserve;
 typedef Moeserve__Cluster__V1__SeqState pb_state;
 typedef Moeserve__Cluster__V1__Load pb_load;
 typedef Moeserve__Cluster__V1__Counters pb_counters;
@@ -49,14 +50,22 @@ typedef struct {
     uint64_t seq_id;
     int decode_rank;
     bool parked;            /* first token sampled, offer sent */
-    bool freed;             /* coordinator freed it while blocks were in flight */
     int64_t lease_deadline; /* parked, no send in flight: freed at this time */
     moe_kv_send *send;
     int64_t send_deadline;
+    /* Layer-by-layer push (worker/kv_push.c), once the decode side accepted with push_xfer: */
+    uint32_t push_xfer;  /* 0: none accepted */
+    int push_layers;     /* layers whose slices are posted (all: push_sums complete) */
+    int push_blocks;     /* blocks per layer */
+    uint64_t *push_sums; /* [n_layers * push_blocks] checksums, layer-major */
 } park_t;
 
 /* Decode side: an offered sequence until it is imported and resumed (or dropped). */
-typedef enum { PULL_WAIT_ROOM = 0, PULL_RECEIVING } pull_phase;
+typedef enum {
+    PULL_WAIT_ROOM = 0,
+    PULL_RECEIVING,
+    PULL_WAIT_OFFER, /* a push failed before its offer came: the pull (attempt 2) waits for it */
+} pull_phase;
 
 typedef struct {
     uint64_t seq_id;
@@ -71,6 +80,10 @@ typedef struct {
     int64_t not_before; /* test hook: pull delay */
     bool cancelled;     /* freed while receiving: dropped once the receive ends */
     bool imported;
+    /* Layer-by-layer push (worker/kv_push.c): receives posted when the prefill started; offer stays
+     * NULL until the KvOffer after the prefill brings the final state. */
+    bool push;
+    bool push_failed; /* the push failed before the offer came: pull (attempt 2) once it does */
 } pull_t;
 
 /* Decode side: a seq freed before its offer arrived (the offer must then be refused). */
@@ -144,7 +157,7 @@ void moe_worker_engine_drop(worker *w, uint64_t id);
 park_t *moe_kv_pull_find_park(worker *w, uint64_t id);
 void moe_kv_pull_remove_park(worker *w, park_t *p);
 void moe_kv_pull_remove_pull(worker *w, pull_t *q);
-/* The coordinator freed a sequence: engine, parked KV (after its sends), pending offer. */
+/* The coordinator freed a sequence: engine, parked KV (sends in flight detached), pending offer. */
 void moe_kv_pull_free_seq(worker *w, uint64_t id);
 /* Decode side. on_offer takes ownership of m. */
 void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m);
@@ -158,5 +171,22 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m);
 void moe_kv_pull_on_done(worker *w, const pb_done *m);
 /* Advances one parked sequence (sends, lease); true when something changed. May remove p. */
 bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now);
+/* Shared with the push: the ack to the prefill side, "gone" to the decode side, and whether the
+ * coordinator freed a sequence whose KV had not arrived yet (its offer must be refused). */
+void moe_kv_pull_send_done(worker *w, int peer, uint64_t id, bool received);
+void moe_kv_pull_send_gone(worker *w, int peer, uint64_t id, const char *why);
+bool moe_kv_pull_has_tomb(const worker *w, uint64_t id);
+
+/* ---- kv_push.c: layer-by-layer hand-off (moe_worker_opts.kv_layerwise) ---- */
+/* Prefill side. reserve: after StartSeq, ask the decode rank to reserve (KvReserve). */
+void moe_kv_push_reserve(worker *w, park_t *p);
+/* The decode side accepted (KvPull with layerwise): remember the transfer; push what is final. */
+void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m);
+/* The engine's layer hook (moe_engine_set_layer_hook; ctx is the worker). */
+void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n);
+/* After the sequence parked: post the layers not sent yet, then the checksums (KvHeader). */
+void moe_kv_push_after_park(worker *w, park_t *p);
+/* Decode side. on_reserve takes ownership of m. */
+void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m);
 
 #endif

@@ -305,8 +305,12 @@ static void on_start(worker *w, const pb_start *m)
         moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), st, moe_error_message());
         return;
     }
-    if (prefill_only)
-        w->parks[w->n_parks++] = (park_t){.seq_id = m->seq_id, .decode_rank = (int)m->decode_rank};
+    if (prefill_only) {
+        park_t *p = &w->parks[w->n_parks++];
+        *p = (park_t){.seq_id = m->seq_id, .decode_rank = (int)m->decode_rank};
+        if (w->o->kv_layerwise && m->max_new_tokens > 1)
+            moe_kv_push_reserve(w, p);
+    }
     w->load_dirty = true;
 }
 
@@ -339,6 +343,9 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
         break;
     case TAG(KV_GONE):
         d = &moeserve__cluster__v1__kv_gone__descriptor;
+        break;
+    case TAG(KV_RESERVE):
+        d = &moeserve__cluster__v1__kv_reserve__descriptor;
         break;
     default:
         if (w->mig && moe_mig_handle(w->mig, src, tag, buf, len)) {
@@ -381,6 +388,9 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
     case TAG(KV_GONE):
         moe_kv_pull_on_gone(w, (const pb_gone *)m);
         break;
+    case TAG(KV_RESERVE):
+        moe_kv_push_on_reserve(w, src, (pb_reserve *)m);
+        return true; /* it keeps m */
     default:
         break;
     }
@@ -467,8 +477,11 @@ static moe_status step(worker *w)
             continue;
         if (e->parked)
             moe_kv_pull_offer(w, p);
-        else if (e->finish != MOE_FINISH_NONE)
-            moe_kv_pull_remove_park(w, p); /* finished on its first token: nothing to move */
+        else if (e->finish != MOE_FINISH_NONE) { /* finished on its first token: nothing to move */
+            if (p->push_xfer) /* the decode side reserved for a push: let it go */
+                moe_kv_pull_send_gone(w, p->decode_rank, p->seq_id, "finished on its first token");
+            moe_kv_pull_remove_park(w, p);
+        }
     }
     return MOE_OK;
 }
@@ -644,6 +657,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             ready.error = w.load_error;
         } else {
             ready.warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
+            if (o->role == MOE_WORKER_PREFILL && o->kv_layerwise)
+                moe_engine_set_layer_hook(w.eng, moe_kv_push_layer_hook, &w);
             if (o->role == MOE_WORKER_DECODE || o->role == MOE_WORKER_MIXED) {
                 if ((st = mig_start(&w)) != MOE_OK) {
                     worker_free(&w);

@@ -29,6 +29,10 @@ typedef struct {
     int heartbeat_ms;  /* > 0 */
     int kv_timeout_ms; /* one KV transfer attempt, > 0 */
     int lease_ms;      /* an offered KV is freed after this long without a pull or renewal */
+    /* Layer-by-layer KV hand-off: the prefill side asks its decode rank to reserve at admission
+     * (KvReserve) and, once accepted, sends each layer's KV as soon as its attention wrote it;
+     * otherwise (or when the decode side has no room) whole blocks are pulled after the prefill. */
+    bool kv_layerwise;
     /* EPLB (expert-parallel instances): every eplb_interval steps the group sums its expert loads
      * and places redundant_experts replicas of the hottest experts (worker/eplb.h). 0: off. */
     int redundant_experts;

@@ -61,10 +61,51 @@ def disaggregated_greedy_matches_moe_generate():
         pulled = sum(1 for ids, last in got if len(ids) > 1)
         st = c.wait_counters(lambda k: k.kv_transfers >= pulled)
         check(st.counters.kv_transfer_bytes > 0 and st.counters.kv_checksum_failures == 0, str(st.counters))
+        # the default --kv-transfer layer: with room on the decode side, KV leaves layer by layer
+        check(st.counters.kv_transfers_layerwise > 0 and st.counters.kv_transfer_recomputes == 0, str(st.counters))
         c.wait_idle()
-        print("36 streams in %.2f s, %d KV pulls, %d bytes" % (dt, st.counters.kv_transfers,
-                                                             st.counters.kv_transfer_bytes))
+        print("36 streams in %.2f s, %d KV transfers (%d layer by layer), %d bytes" % (
+            dt, st.counters.kv_transfers, st.counters.kv_transfers_layerwise, st.counters.kv_transfer_bytes))
         stop_ok(c)
+
+
+@test
+def block_transfer_greedy_matches_moe_generate():
+    """--kv-transfer block (whole blocks pulled after the prefill, no layer push): the same outputs,
+    no layer-by-layer transfer, KV back to zero."""
+    reqs = mixed_workload(24, seed=99)
+    refs = references(reqs)
+    with Cluster(np=3, args=["--batch-tokens", "64", "--kv-transfer", "block"]) as c:
+        got = run_workload(c, reqs)
+        compare(reqs, got, refs)
+        pulled = sum(1 for ids, last in got if len(ids) > 1)
+        st = c.wait_counters(lambda k: k.kv_transfers >= pulled)
+        check(st.counters.kv_transfers_layerwise == 0 and st.counters.kv_transfer_recomputes == 0, str(st.counters))
+        c.wait_idle()
+        stop_ok(c)
+
+
+@test
+def seeded_sampling_matches_moe_generate():
+    """Seeded sampling (temperature 0.8, top-p 0.9) through the disaggregated cluster, with the KV
+    pushed layer by layer and pulled as whole blocks: the sampler state moves with the KV, so the
+    tokens equal moe-generate's with the same seed."""
+    reqs = [{"ids": [7 + i, 100 + 3 * i, 42, 5 * i + 1] * (1 + i % 5), "max_new": 12 + 7 * (i % 4),
+             "seed": 1000 + i} for i in range(12)]
+    refs = [reference(ids=r["ids"], max_new=r["max_new"],
+                      extra=["--temperature", "0.8", "--top-p", "0.9", "--seed", str(r["seed"])]) for r in reqs]
+    for mode in ("layer", "block"):
+        with Cluster(np=3, args=["--batch-tokens", "32", "--kv-transfer", mode]) as c:
+            def one(r):
+                return generate(c.stub, gen_request(ids=r["ids"], max_new=r["max_new"], temperature=0.8,
+                                                    top_p=0.9, seed=r["seed"]))[0]
+            got = run_parallel(one, reqs)
+            for i, (ids, ref) in enumerate(zip(got, refs)):
+                check(ids == ref, "%s: request %d: cluster %s != moe-generate %s" % (mode, i, ids, ref))
+            st = c.wait_counters(lambda k: k.kv_transfers >= len(reqs))
+            check((st.counters.kv_transfers_layerwise > 0) == (mode == "layer"), "%s: %s" % (mode, st.counters))
+            c.wait_idle()
+            stop_ok(c)
 
 
 @test

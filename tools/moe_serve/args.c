@@ -46,6 +46,9 @@ static void usage(FILE *f)
         "  --heartbeat-timeout-ms N  silence before an instance is UNREACHABLE (default 5000)\n"
         "  --kv-timeout-ms N       one KV transfer attempt (default 5000)\n"
         "  --kv-lease-ms N         prefill frees KV nobody pulled for this long (default 10000)\n"
+        "  --kv-transfer MODE      layer: the decode side reserves at admission and each layer's KV\n"
+        "                          leaves while later layers compute (default); block: whole\n"
+        "                          blocks are pulled after the prefill\n"
         "  --startup-timeout-s S   for every worker to load the model (default 600)\n"
         "live migration (docs/migration.md):\n"
         "  --migration on|off      balance / de-fragmentation / priority moves (default on;\n"
@@ -129,6 +132,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_HBT,
         O_KVT,
         O_LEASE,
+        O_KVX,
         O_START,
         O_MIG,
         O_MIG_HIGH,
@@ -170,6 +174,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"heartbeat-timeout-ms", required_argument, 0, O_HBT},
                                          {"kv-timeout-ms", required_argument, 0, O_KVT},
                                          {"kv-lease-ms", required_argument, 0, O_LEASE},
+                                         {"kv-transfer", required_argument, 0, O_KVX},
                                          {"startup-timeout-s", required_argument, 0, O_START},
                                          {"migration", required_argument, 0, O_MIG},
                                          {"migrate-high", required_argument, 0, O_MIG_HIGH},
@@ -291,6 +296,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             break;
         case O_LEASE:
             rc = parse_int("--kv-lease-ms", optarg, 10, 3600000, &a->lease_ms, print);
+            break;
+        case O_KVX:
+            if (!strcmp(optarg, "layer") || !strcmp(optarg, "block"))
+                a->kv_block_transfer = !strcmp(optarg, "block");
+            else
+                rc = perr(print, "--kv-transfer: '%s' is not layer or block", optarg);
             break;
         case O_START:
             rc = parse_int("--startup-timeout-s", optarg, 1, 86400, &a->startup_timeout_s, print);

@@ -25,6 +25,7 @@ typedef struct {
     int block_size, batch_tokens, max_seqs;
     int max_requests, max_queue;
     int heartbeat_ms, heartbeat_timeout_ms, kv_timeout_ms, lease_ms;
+    bool kv_block_transfer; /* --kv-transfer block: whole blocks after the prefill (no layer push) */
     double drain_timeout_s;
     int startup_timeout_s;
     int grpc_threads;

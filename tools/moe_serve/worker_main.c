@@ -69,6 +69,7 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
                          .heartbeat_ms = a->heartbeat_ms,
                          .kv_timeout_ms = a->kv_timeout_ms,
                          .lease_ms = a->lease_ms,
+                         .kv_layerwise = !a->kv_block_transfer,
                          .redundant_experts = a->redundant_experts,
                          .eplb_interval = a->eplb_interval};
     moe_status st = moe_worker_run(&o);

@@ -1,0 +1,223 @@
+/* Layer-by-layer KV hand-off between a prefill and a decode worker (DistServe's "a layer's KV can
+ * leave while later layers compute"): when a prefill starts, the prefill side asks its decode rank
+ * to reserve (KvReserve); a decode rank with room reserves the blocks, posts one receive per
+ * (layer, block) slice, layer-major, and accepts (KvPull with layerwise). From then on the
+ * prefill side posts each layer's slices from inside the engine step, right after that layer's
+ * attention wrote them (moe_engine_set_layer_hook), so that when the first token is sampled only
+ * the last layer is still on its way. The KvOffer after the prefill carries the final state
+ * (first token, sampler), the KvHeader the slices' checksums. Anything that goes wrong falls back
+ * to the pull of worker/kv_pull.c: no room -> no accept -> the offer is pulled as usual; a failed
+ * push -> attempt 2 is a whole-block pull; then the decode side recomputes. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "worker/seq_state_pb.h"
+#include "worker/worker_internal.h"
+
+/* ---- prefill side ---- */
+
+void moe_kv_push_reserve(worker *w, park_t *p)
+{
+    moe_seq_state st;
+    const int *blocks;
+    int nb;
+    if (!w->eng || moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK)
+        return;
+    st.n_tokens = st.n_prompt; /* before its first token */
+    st.n_generated = 0;
+    st.n_computed = st.n_prompt; /* what the decode side will hold once the push landed */
+    moe_seq_state_pb s;
+    moe_seq_state_to_pb(&st, &s);
+    pb_reserve m;
+    moeserve__cluster__v1__kv_reserve__init(&m);
+    m.state = &s.s;
+    m.n_blocks = (uint32_t)((st.n_prompt + w->block_tokens - 1) / w->block_tokens);
+    m.block_bytes = w->block_bytes;
+    m.n_layers = (uint32_t)moe_engine_kv_layers(w->eng);
+    moe_worker_send_peer(w, p->decode_rank, TAG(KV_RESERVE), &m.base);
+}
+
+/* Posts layer `layer`'s slices of every block of p's sequence. False when the push cannot go on
+ * (the decode side's receives then time out and it pulls or recomputes). */
+static bool push_layer(worker *w, park_t *p, int layer)
+{
+    moe_seq_state st;
+    const int *blocks;
+    int nb;
+    if (moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK || nb != p->push_blocks)
+        return false;
+    void **ptrs = malloc((size_t)(nb ? nb : 1) * sizeof *ptrs);
+    if (!ptrs)
+        return false;
+    for (int b = 0; b < nb; b++)
+        ptrs[b] = moe_engine_kv_layer(w->eng, blocks[b], layer);
+    moe_status s = moe_kv_send_append(p->send, ptrs, nb, p->push_sums + (size_t)layer * (size_t)nb);
+    free(ptrs);
+    if (s != MOE_OK) {
+        MOE_LOG_E("seq %llu: layer %d: %s", (unsigned long long)p->seq_id, layer,
+                  moe_error_message());
+        return false;
+    }
+    p->push_layers = layer + 1;
+    return true;
+}
+
+static void stop_push(worker *w, park_t *p)
+{
+    moe_kv_send_free(p->send); /* the receiver times out, then pulls (attempt 2) */
+    p->send = NULL;
+    free(p->push_sums);
+    p->push_sums = NULL;
+    p->push_xfer = 0;
+    (void)w;
+}
+
+void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m)
+{
+    park_t *p = moe_kv_pull_find_park(w, m->seq_id);
+    if (!p || src != p->decode_rank || p->push_xfer || !w->eng) {
+        moe_kv_pull_send_gone(w, src, m->seq_id,
+                              !p ? "freed (finished, cancelled or failed)" : "no push expected from you");
+        return;
+    }
+    moe_seq_state st;
+    const int *blocks;
+    int nb;
+    if (moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK) {
+        moe_kv_pull_send_gone(w, src, m->seq_id, "not in the engine");
+        return;
+    }
+    int layers = moe_engine_kv_layers(w->eng);
+    p->push_blocks = (st.n_prompt + w->block_tokens - 1) / w->block_tokens;
+    p->push_sums = calloc((size_t)layers * (size_t)(p->push_blocks ? p->push_blocks : 1),
+                          sizeof *p->push_sums);
+    moe_status s = p->push_sums ? moe_kv_send_start(&w->data, NULL, 0, moe_engine_kv_layer_bytes(w->eng),
+                                                    src, moe_kv_data_tag(m->xfer_id), 1, &w->hooks,
+                                                    NULL, &p->send)
+                                : MOE_ERR_NOMEM;
+    if (s != MOE_OK) {
+        free(p->push_sums);
+        p->push_sums = NULL;
+        p->send = NULL;
+        return; /* the decode side's receives time out after the offer; it pulls then */
+    }
+    p->push_xfer = m->xfer_id;
+    p->push_layers = 0;
+    p->send_deadline = INT64_MAX; /* until parked: the prefill may take a while */
+    if (p->parked)
+        moe_kv_push_after_park(w, p); /* the accept came after the prefill: push it all now */
+}
+
+void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
+{
+    worker *w = ctx;
+    for (int i = 0; i < n; i++) {
+        park_t *p = moe_kv_pull_find_park(w, ids[i]);
+        if (p && p->push_xfer && p->push_layers == layer && !push_layer(w, p, layer))
+            stop_push(w, p);
+    }
+    /* Open MPI moves bytes only inside MPI calls: advance every push in flight once per layer. */
+    for (int i = 0; i < w->n_parks; i++) {
+        park_t *p = &w->parks[i];
+        bool done;
+        if (p->push_xfer && p->send && moe_kv_send_poll(p->send, &done) != MOE_OK)
+            stop_push(w, p);
+    }
+}
+
+void moe_kv_push_after_park(worker *w, park_t *p)
+{
+    if (!p->push_xfer || !p->send)
+        return;
+    int layers = moe_engine_kv_layers(w->eng);
+    while (p->push_layers < layers)
+        if (!push_layer(w, p, p->push_layers)) {
+            stop_push(w, p);
+            return;
+        }
+    pb_header h;
+    moeserve__cluster__v1__kv_header__init(&h);
+    h.seq_id = p->seq_id;
+    h.xfer_id = p->push_xfer;
+    h.n_checksums = (size_t)layers * (size_t)p->push_blocks;
+    h.checksums = p->push_sums;
+    moe_worker_send_peer(w, p->decode_rank, TAG(KV_HEADER), &h.base);
+    p->send_deadline = moe_now_ns() + moe_worker_ms_ns(w->o->kv_timeout_ms) * 2;
+}
+
+/* ---- decode side ---- */
+
+void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
+{
+    const pb_state *s = m->state;
+    uint64_t id = s ? s->seq_id : 0;
+    bool ok = s && w->eng && w->pull_delay_ms == 0 && !moe_kv_pull_has_tomb(w, id) &&
+              m->block_bytes == w->block_bytes && m->n_layers > 0 &&
+              (int)m->n_layers == moe_engine_kv_layers(w->eng) &&
+              m->block_bytes % m->n_layers == 0;
+    moe_engine_stats es;
+    if (ok) {
+        moe_engine_get_stats(w->eng, &es);
+        /* Room now, and not the last of it: running sequences must still be able to grow. */
+        ok = (int64_t)es.kv_blocks_total - es.kv_blocks_used >= (int64_t)m->n_blocks + es.n_running;
+    }
+    if (ok)
+        for (int i = 0; i < w->n_pulls && ok; i++)
+            ok = w->pulls[i].seq_id != id;
+    if (ok && !moe_grow((void **)&w->pulls, &w->cap_pulls, w->n_pulls + 1, sizeof *w->pulls))
+        ok = false;
+    moe_seq_state st = {0};
+    const int *blocks = NULL;
+    int nb = 0;
+    if (ok) {
+        moe_seq_state_from_pb(s, &st);
+        ok = moe_engine_import(w->eng, &st, &blocks, &nb) == MOE_OK;
+        if (ok && (uint32_t)nb != m->n_blocks) {
+            moe_worker_engine_drop(w, id);
+            ok = false;
+        }
+    }
+    /* Declined: no answer; the offer after the prefill is pulled as usual. */
+    if (!ok) {
+        protobuf_c_message_free_unpacked(&m->base, NULL);
+        return;
+    }
+    int layers = (int)m->n_layers;
+    size_t slice = (size_t)(m->block_bytes / m->n_layers);
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+    void **ptrs = malloc((size_t)layers * (size_t)(nb ? nb : 1) * sizeof *ptrs);
+    uint32_t xfer = ++w->next_xfer;
+    moe_kv_recv *recv = NULL;
+    moe_status rs = MOE_ERR_NOMEM;
+    if (ptrs) {
+        for (int l = 0; l < layers; l++)
+            for (int b = 0; b < nb; b++)
+                ptrs[(size_t)l * (size_t)nb + (size_t)b] = moe_engine_kv_layer(w->eng, blocks[b], l);
+        /* No deadline until the offer says the prefill is done. */
+        rs = moe_kv_recv_start(&w->data, ptrs, layers * nb, slice, src, moe_kv_data_tag(xfer),
+                               INT64_MAX, &recv);
+        free(ptrs);
+    }
+    if (rs != MOE_OK) {
+        moe_worker_engine_drop(w, id);
+        return;
+    }
+    w->pulls[w->n_pulls++] = (pull_t){.seq_id = id,
+                                      .src = src,
+                                      .phase = PULL_RECEIVING,
+                                      .attempt = 1,
+                                      .xfer_id = xfer,
+                                      .recv = recv,
+                                      .imported = true,
+                                      .push = true};
+    w->load_dirty = true;
+    pb_pull a;
+    moeserve__cluster__v1__kv_pull__init(&a);
+    a.seq_id = id;
+    a.xfer_id = xfer;
+    a.attempt = 1;
+    a.layerwise = true;
+    moe_worker_send_peer(w, src, TAG(KV_PULL), &a.base);
+}
