@@ -112,6 +112,24 @@ void moe_threadpool_run(moe_threadpool_t *pool, moe_task_fn fn, void *arg, int n
  * (moe_matmul_reserve sizes it up front). */
 void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
                 int n_tok, int n_in, int n_out);
+/* One matmul of a moe_matmul_batch: y(n_tok, n_out) = x(n_tok, n_in) * W^T, as moe_matmul. */
+typedef struct {
+    float *y;
+    const float *x;
+    const void *w;
+    moe_dtype wt;
+    int n_tok, n_in, n_out;
+} moe_matmul_desc;
+#define MOE_MATMUL_BATCH_MAX 64
+/* Runs n independent matmuls (e.g. gate and up of every expert a step routed tokens to) in one
+ * pool run, their rows split into tasks together: one synchronisation instead of n, no thread idle
+ * at the tail of each small matrix. Every y is bit-identical to what moe_matmul gives for its desc
+ * alone (an output's arithmetic never depends on the row split). Descs may share an x (it is
+ * quantized once for Q8/Q4); no y may overlap another y or any x. More than MOE_MATMUL_BATCH_MAX
+ * descs run in several pool runs. Allocation as moe_matmul: the calling thread's Q8/Q4 scratch
+ * holds every distinct quantized x of the batch at once (if it cannot grow, each desc runs alone
+ * through moe_matmul's fallback, same results). */
+void moe_matmul_batch(moe_threadpool_t *pool, const moe_matmul_desc *descs, int n);
 /* Single-threaded variant, for callers that already split work across threads (per expert). */
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
                        int n_out);

@@ -223,9 +223,11 @@ static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b
     const moe_layer_weights *lw = &f->m->layers[layer];
     int T = b->n_tokens;
 
-    moe_fwd_linear(f, f->q, f->xb, &lw->wq, T);
-    moe_fwd_linear(f, f->k, f->xb, &lw->wk, T);
-    moe_fwd_linear(f, f->v, f->xb, &lw->wv, T);
+    /* q, k and v in one pool run: one synchronisation, x quantized once for Q8/Q4 */
+    const moe_matmul_desc qkv[3] = {moe_fwd_desc(f->q, f->xb, &lw->wq, T),
+                                    moe_fwd_desc(f->k, f->xb, &lw->wk, T),
+                                    moe_fwd_desc(f->v, f->xb, &lw->wv, T)};
+    moe_matmul_batch(f->pool, qkv, 3);
     add_bias(f->q, lw->bq, T, f->qdim);
     add_bias(f->k, lw->bk, T, f->kvdim);
     add_bias(f->v, lw->bv, T, f->kvdim);

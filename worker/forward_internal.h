@@ -86,6 +86,8 @@ struct moe_forward {
     moe_fwd_ep_stat ep_stat;
 };
 
+/* The moe_matmul_batch entry for y(n_tok, w->rows) = x(n_tok, w->cols) * W^T. */
+moe_matmul_desc moe_fwd_desc(float *y, const float *x, const moe_weight *w, int n_tok);
 /* y(n_tok, w->rows) = x(n_tok, w->cols) * W^T, threaded. */
 void moe_fwd_linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok);
 /* out(n, d) = down(silu(gate(in)) * up(in)); uses f->eg / f->eu as scratch. */

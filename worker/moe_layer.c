@@ -16,12 +16,18 @@ void moe_fwd_linear(moe_forward *f, float *y, const float *x, const moe_weight *
     moe_matmul(f->pool, y, x, w->data, w->dtype, n_tok, w->cols, w->rows);
 }
 
+moe_matmul_desc moe_fwd_desc(float *y, const float *x, const moe_weight *w, int n_tok)
+{
+    return (moe_matmul_desc){y, x, w->data, w->dtype, n_tok, w->cols, w->rows};
+}
+
 void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const moe_weight *gate,
                     const moe_weight *up, const moe_weight *down)
 {
     int ffn = gate->rows;
-    moe_fwd_linear(f, f->eg, in, gate, n);
-    moe_fwd_linear(f, f->eu, in, up, n);
+    /* gate and up in one pool run (one synchronisation, x quantized once) */
+    const moe_matmul_desc gu[2] = {moe_fwd_desc(f->eg, in, gate, n), moe_fwd_desc(f->eu, in, up, n)};
+    moe_matmul_batch(f->pool, gu, 2);
     for (int i = 0; i < n; i++)
         moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
     moe_fwd_linear(f, out, f->eg, down, n);
@@ -162,8 +168,8 @@ static void progress(moe_forward *f)
 /* Runs every expert over its rows. rows: (n, stride) with row i for expert expert_of[i] (its first
  * d floats are the input); out: (n, d) in the same order. Grouped so each expert's weights are read
  * once for all its rows. Progresses the exchanges in flight between matmuls. */
-static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, const float *rows,
-                        size_t stride, const int *expert_of, int n, float *out)
+static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
+                        const float *rows_in, size_t stride, const int *expert_of, int n, float *out)
 {
     int64_t t0 = moe_now_ns();
     int E = f->n_exp, d = f->d;
@@ -179,26 +185,50 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, 
         int e = expert_of[i];
         order[f->exp_off[e] + f->exp_count[e]++] = i;
     }
-    for (int e = 0; e < E; e++) {
-        int cnt = f->exp_off[e + 1] - f->exp_off[e];
-        if (cnt == 0)
-            continue;
-        f->expert_tokens[(size_t)layer * E + e] += cnt;
-        const int *idx = order + f->exp_off[e];
-        for (int i = 0; i < cnt; i++)
-            memcpy(f->eh + (size_t)i * d, rows + (size_t)idx[i] * stride, sizeof(float) * d);
-        /* moe_fwd_swiglu, with progress between its matmuls */
-        int ffn = lw->exp_gate[e].rows;
-        moe_fwd_linear(f, f->eg, f->eh, &lw->exp_gate[e], cnt);
+    /* Experts go in groups, each in two pool runs: gate and up of every expert of the group,
+     * then every down. At decode a step has a handful of rows per expert and each matrix is a few
+     * tens of microseconds of work, so one run per matrix would spend much of the step in pool
+     * synchronisation and idle tails. A group is as many experts as eh/eg/eu/eo hold rows for
+     * (S*T: all of them unless every token chose this rank's experts top_k times over) and one
+     * batch takes. Each matrix's outputs are bit-identical to running it alone. */
+    enum { GMAX = MOE_MATMUL_BATCH_MAX / 2 };
+    const int cap = f->ep_size * f->max_tokens, fm = f->ffn_max;
+    for (int e = 0; e < E;) {
+        moe_matmul_desc gu[2 * GMAX], dn[GMAX];
+        int ge[GMAX], goff[GMAX], ng = 0, rows = 0;
+        for (; e < E && ng < GMAX; e++) {
+            int cnt = f->exp_off[e + 1] - f->exp_off[e];
+            if (cnt == 0)
+                continue;
+            if (rows + cnt > cap) /* cnt <= cap: at most one row per token of each source */
+                break;
+            f->expert_tokens[(size_t)layer * E + e] += cnt;
+            const int *idx = order + f->exp_off[e];
+            for (int i = 0; i < cnt; i++)
+                memcpy(f->eh + (size_t)(rows + i) * d, rows_in + (size_t)idx[i] * stride,
+                       sizeof(float) * d);
+            const float *xin = f->eh + (size_t)rows * d;
+            gu[2 * ng] = moe_fwd_desc(f->eg + (size_t)rows * fm, xin, &lw->exp_gate[e], cnt);
+            gu[2 * ng + 1] = moe_fwd_desc(f->eu + (size_t)rows * fm, xin, &lw->exp_up[e], cnt);
+            dn[ng] = moe_fwd_desc(f->eo + (size_t)rows * d, f->eg + (size_t)rows * fm, &lw->exp_down[e],
+                             cnt);
+            ge[ng] = e;
+            goff[ng++] = rows;
+            rows += cnt;
+        }
+        moe_matmul_batch(f->pool, gu, 2 * ng);
         progress(f);
-        moe_fwd_linear(f, f->eu, f->eh, &lw->exp_up[e], cnt);
+        for (int g = 0; g < ng; g++) /* each expert's (cnt, ffn) block is contiguous */
+            moe_silu_mul(f->eg + (size_t)goff[g] * fm, f->eu + (size_t)goff[g] * fm,
+                         gu[2 * g].n_tok * gu[2 * g].n_out);
+        moe_matmul_batch(f->pool, dn, ng);
         progress(f);
-        for (int i = 0; i < cnt; i++)
-            moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
-        moe_fwd_linear(f, f->eo, f->eg, &lw->exp_down[e], cnt);
-        progress(f);
-        for (int i = 0; i < cnt; i++)
-            memcpy(out + (size_t)idx[i] * d, f->eo + (size_t)i * d, sizeof(float) * d);
+        for (int g = 0; g < ng; g++) {
+            const int *idx = order + f->exp_off[ge[g]];
+            for (int i = 0; i < dn[g].n_tok; i++)
+                memcpy(out + (size_t)idx[i] * d, f->eo + (size_t)(goff[g] + i) * d,
+                       sizeof(float) * d);
+        }
     }
     f->ep_stat.expert_ns += moe_now_ns() - t0;
 }

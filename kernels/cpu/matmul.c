@@ -1,5 +1,5 @@
-/* moe_matmul: the scalar reference kernel, the row split across the thread pool, and the
- * quantized path's activation scratch. */
+/* moe_matmul and moe_matmul_batch: the scalar reference kernel, the row split across the thread
+ * pool, and the quantized path's activation scratch. */
 #include <pthread.h>
 
 #include "kernels/cpu/kernels_internal.h"
@@ -240,4 +240,103 @@ void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w,
                 int n_tok, int n_in, int n_out)
 {
     matmul_any(pool, y, x, w, wt, n_tok, n_in, n_out);
+}
+
+/* ---- several matmuls in one pool run ---- */
+
+typedef struct {
+    const moe_kernel_ops *ops;
+    const moe_matmul_desc *d;
+    int n;
+    int rows_per_task;
+    const int8_t *xq[MOE_MATMUL_BATCH_MAX]; /* NULL: the f32 path */
+    const float *xd[MOE_MATMUL_BATCH_MAX];
+    int task_off[MOE_MATMUL_BATCH_MAX + 1]; /* first task of each desc */
+} batch_job;
+
+static void batch_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const batch_job *b = arg;
+    int i = 0;
+    while (task >= b->task_off[i + 1])
+        i++;
+    const moe_matmul_desc *d = &b->d[i];
+    int r0 = (task - b->task_off[i]) * b->rows_per_task;
+    int r1 = r0 + b->rows_per_task < d->n_out ? r0 + b->rows_per_task : d->n_out;
+    if (b->xq[i])
+        b->ops->matmul_rows_q(d->y, b->xq[i], b->xd[i], d->w, d->wt, d->n_tok, d->n_in, d->n_out,
+                              r0, r1);
+    else
+        b->ops->matmul_rows(d->y, d->x, d->w, d->wt, d->n_tok, d->n_in, d->n_out, r0, r1);
+}
+
+static int needs_qx(const moe_matmul_desc *d)
+{
+    return is_quant(d->wt) && d->n_tok < MOE_Q_F32_MIN_TOK;
+}
+
+/* The desc before i whose x this one can reuse once quantized, or -1. */
+static int same_x(const moe_matmul_desc *d, int i)
+{
+    for (int k = 0; k < i; k++)
+        if (needs_qx(&d[k]) && d[k].x == d[i].x && d[k].n_tok == d[i].n_tok &&
+            d[k].n_in == d[i].n_in)
+            return k;
+    return -1;
+}
+
+static void batch_run(moe_threadpool_t *pool, const moe_matmul_desc *d, int n)
+{
+    batch_job *b = &(batch_job){.ops = moe_kernels_ops(), .d = d, .n = n};
+    size_t need = 0;
+    int blocks = 0, rb = b->ops->row_block;
+    for (int i = 0; i < n; i++) {
+        check_args(d[i].wt, d[i].n_in);
+        if (needs_qx(&d[i]) && d[i].n_out > 0 && same_x(d, i) < 0)
+            need += qx_bytes(d[i].n_tok, d[i].n_in);
+        if (d[i].n_tok > 0)
+            blocks += (d[i].n_out + rb - 1) / rb;
+    }
+    int8_t *q = need ? scratch_get(need) : NULL;
+    if (need && !q) {
+        for (int i = 0; i < n; i++)
+            matmul_any(pool, d[i].y, d[i].x, d[i].w, d[i].wt, d[i].n_tok, d[i].n_in, d[i].n_out);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        if (!needs_qx(&d[i]) || d[i].n_out <= 0)
+            continue;
+        int k = same_x(d, i);
+        if (k >= 0) {
+            b->xq[i] = b->xq[k];
+            b->xd[i] = b->xd[k];
+            continue;
+        }
+        float *xd = (float *)(q + (size_t)d[i].n_tok * d[i].n_in);
+        b->ops->quantize_x(q, xd, d[i].x, d[i].n_tok, d[i].n_in);
+        b->xq[i] = q;
+        b->xd[i] = xd;
+        q += qx_bytes(d[i].n_tok, d[i].n_in);
+    }
+    /* As split_rows: about 4 tasks per thread over all the rows, in whole row blocks. */
+    int nt = moe_threadpool_size(pool);
+    int target = nt * 4;
+    int blocks_per_task = nt <= 1 ? blocks : (blocks + target - 1) / target;
+    b->rows_per_task = (blocks_per_task > 0 ? blocks_per_task : 1) * rb;
+    b->task_off[0] = 0;
+    for (int i = 0; i < n; i++) {
+        int tasks = d[i].n_tok > 0 && d[i].n_out > 0
+                        ? (d[i].n_out + b->rows_per_task - 1) / b->rows_per_task
+                        : 0;
+        b->task_off[i + 1] = b->task_off[i] + tasks;
+    }
+    if (b->task_off[n] > 0)
+        moe_threadpool_run(nt > 1 ? pool : NULL, batch_task, b, b->task_off[n]);
+}
+
+void moe_matmul_batch(moe_threadpool_t *pool, const moe_matmul_desc *descs, int n)
+{
+    for (int i = 0; i < n; i += MOE_MATMUL_BATCH_MAX)
+        batch_run(pool, descs + i, n - i < MOE_MATMUL_BATCH_MAX ? n - i : MOE_MATMUL_BATCH_MAX);
 }

@@ -5,6 +5,7 @@
 #include <criterion/criterion.h>
 #include <float.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -369,4 +370,117 @@ Test(quant, reserve)
 {
     cr_assert_eq(moe_matmul_reserve(16, 4096), 0);
     cr_assert_eq(moe_matmul_reserve(0, 0), 0);
+}
+
+/* moe_matmul_batch: every desc's y bit-identical to moe_matmul on it alone, for every dtype (Q8/Q4
+ * on both sides of the int8 / f32-panel switch), shared and distinct x, odd shapes, empty descs,
+ * more descs than one run takes, every ISA, 1-4 threads, and without scratch. */
+typedef struct {
+    moe_matmul_desc d;
+    float *yref;
+    void *w; /* owned copy of d.w */
+} batch_case;
+
+static void batch_check(batch_case *bc, int n, moe_threadpool_t *pool, const char *what)
+{
+    moe_matmul_desc descs[80];
+    cr_assert_leq(n, 80);
+    for (int i = 0; i < n; i++) {
+        descs[i] = bc[i].d;
+        for (size_t k = 0; k < (size_t)bc[i].d.n_tok * bc[i].d.n_out; k++)
+            bc[i].d.y[k] = NAN;
+    }
+    moe_matmul_batch(pool, descs, n);
+    for (int i = 0; i < n; i++)
+        cr_assert_arr_eq(bc[i].d.y, bc[i].yref, (size_t)bc[i].d.n_tok * bc[i].d.n_out * sizeof(float),
+                         "%s: desc %d (%s n_tok=%d n_in=%d n_out=%d), %d threads", what, i,
+                         moe_dtype_name(bc[i].d.wt), bc[i].d.n_tok, bc[i].d.n_in, bc[i].d.n_out,
+                         moe_threadpool_size(pool));
+}
+
+Test(quant, matmul_batch, .timeout = 120)
+{
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
+                                  moe_threadpool_create(4)};
+    static const moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16, MOE_DT_Q8, MOE_DT_Q4};
+    static const int toks[] = {1, 1, 2, 3, 5, 16, 47, 48, 53};
+    enum { N = 72 }; /* > MOE_MATMUL_BATCH_MAX: two runs */
+    cr_assert_gt(N, MOE_MATMUL_BATCH_MAX);
+    batch_case bc[N];
+    float *xs[N];
+    for (int i = 0; i < N; i++) {
+        moe_dtype wt = dts[rng_next() % 5];
+        bool q = wt == MOE_DT_Q8 || wt == MOE_DT_Q4;
+        int n_in = q ? ((int)(rng_next() % 6) + 1) * MOE_QK : (int)(rng_next() % 90) + 1;
+        int n_out = i % 11 == 5 ? 0 : (int)(rng_next() % 70) + 1; /* some empty */
+        int n_tok = i < 40 ? 1 : toks[rng_next() % 9];
+        /* Every third desc shares the previous one's x when the shapes allow (gate and up). */
+        bool share = i > 0 && i % 3 == 2 && bc[i - 1].d.n_in == n_in && bc[i - 1].d.n_tok == n_tok;
+        if (i > 0 && i % 3 == 2 && !share) { /* force a shareable shape */
+            n_in = bc[i - 1].d.n_in;
+            n_tok = bc[i - 1].d.n_tok;
+            if (q && n_in % MOE_QK) {
+                wt = MOE_DT_BF16;
+                q = false;
+            }
+            share = true;
+        }
+        float *x;
+        if (share) {
+            x = xs[i - 1];
+            xs[i] = NULL; /* not owned */
+        } else {
+            x = xmalloc(sizeof(float) * (size_t)(n_tok > 0 ? n_tok : 1) * n_in);
+            for (int k = 0; k < n_tok * n_in; k++)
+                x[k] = rng_uniform(-2.0f, 2.0f);
+            xs[i] = x;
+        }
+        size_t nw = (size_t)n_out * n_in;
+        float *wf = xmalloc(sizeof(float) * (nw ? nw : 1));
+        for (size_t k = 0; k < nw; k++)
+            wf[k] = rng_uniform(-1.0f, 1.0f);
+        void *w = xmalloc(nw * 4 + 64);
+        if (q) {
+            cr_assert_eq(moe_quantize(w, wt, wf, MOE_DT_F32, nw), 0);
+        } else if (wt == MOE_DT_F32) {
+            memcpy(w, wf, nw * 4);
+        } else {
+            uint16_t *h = w;
+            for (size_t k = 0; k < nw; k++)
+                h[k] = wt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[k]) : moe_f32_to_f16(wf[k]);
+        }
+        free(wf);
+        size_t ny = (size_t)n_tok * n_out;
+        bc[i].d = (moe_matmul_desc){xmalloc(sizeof(float) * (ny ? ny : 1)), x, w, wt, n_tok,
+                                    n_in, n_out};
+        bc[i].yref = xmalloc(sizeof(float) * (ny ? ny : 1));
+        bc[i].w = w;
+    }
+    char what[64];
+    for (int s = 0; s < n_isa; s++) {
+        cr_assert_eq(moe_kernels_force_isa(isas[s]), isas[s]);
+        for (int i = 0; i < N; i++)
+            moe_matmul(pools[1], bc[i].yref, bc[i].d.x, bc[i].d.w, bc[i].d.wt, bc[i].d.n_tok,
+                       bc[i].d.n_in, bc[i].d.n_out);
+        snprintf(what, sizeof what, "%s", moe_isa_name(isas[s]));
+        for (int p = 0; p < 4; p++) {
+            batch_check(bc, N, pools[p], what);
+            batch_check(bc + 50, 7, pools[p], what); /* a short batch */
+        }
+        moe_kernels_test_no_scratch(1);
+        snprintf(what, sizeof what, "%s without scratch", moe_isa_name(isas[s]));
+        batch_check(bc, N, pools[2], what);
+        moe_kernels_test_no_scratch(0);
+    }
+    moe_matmul_batch(pools[1], NULL, 0); /* nothing to do */
+    for (int i = 0; i < N; i++) {
+        free(xs[i]);
+        free(bc[i].d.y);
+        free(bc[i].w);
+        free(bc[i].yref);
+    }
+    for (int p = 1; p < 4; p++)
+        moe_threadpool_free(pools[p]);
 }
