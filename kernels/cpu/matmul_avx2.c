@@ -156,36 +156,37 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
             y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
 }
 
-/* Rows [r0, r1) in tiles of NR rows x 4 tokens (the last token tile 1-3 wide). */
+/* Rows [r0, r1) in tiles of NR rows x 4 tokens (the last token tile 1-3 wide).
+ * Prefetch: with rows of n_in <= 1024 bf16 a tile's NR rows are NR short streams (24 cache lines
+ * each for n_in = 768) that the hardware prefetcher barely ramps up on: 384x768 bf16 matvecs ran
+ * at 55-65% of a long stream's speed on Zen 3. So the first token tile of each row tile (the one
+ * that reads the weights from memory; the others re-read them from L1) prefetches the next row
+ * tile of this task (its rows are one contiguous block). This matters for decode (n_tok = 1) and
+ * for the few tokens per expert of a batched decode step (MoE: batch x top_k / n_experts). Bigger
+ * tiles stream well without it, and a whole tile ahead (>= 32 KB) would evict L1: 4096x4096 lost
+ * 20% with it. */
 AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
                     int r0, int r1, int NR)
 {
     int r = r0;
+    const size_t tile_bytes = (size_t)NR * n_in * elem_size(wt);
     for (; r + NR <= r1; r += NR) {
+        const char *pf = r + 2 * NR <= r1 && tile_bytes <= PF_MAX_TILE_BYTES
+                             ? (const char *)w + (size_t)(r + NR) * n_in * elem_size(wt)
+                             : NULL;
         int t = 0;
         for (; t + 4 <= n_tok; t += 4)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 4, NULL);
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 4, t == 0 ? pf : NULL);
         switch (n_tok - t) {
         case 3:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3, NULL);
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL);
             break;
         case 2:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2, NULL);
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2, t == 0 ? pf : NULL);
             break;
-        case 1: {
-            /* Decode matvec (n_tok == 1). With rows of n_in <= 1024 bf16 the tile's 8 rows are 8
-             * short streams (24 cache lines each for n_in = 768) that the hardware prefetcher
-             * barely ramps up on: 384x768 bf16 matvecs ran at 55-65% of a long stream's speed on
-             * Zen 3. So while computing this tile, prefetch the next one of this task (its rows
-             * are one contiguous block). Bigger tiles stream well without it, and a whole tile
-             * ahead (>= 32 KB) would evict L1: 4096x4096 lost 20% with it. */
-            size_t tile_bytes = (size_t)NR * n_in * elem_size(wt);
-            const char *pf = r + 2 * NR <= r1 && tile_bytes <= PF_MAX_TILE_BYTES
-                                 ? (const char *)w + (size_t)(r + NR) * n_in * elem_size(wt)
-                                 : NULL;
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1, pf);
+        case 1:
+            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1, t == 0 ? pf : NULL);
             break;
-        }
         default:
             break;
         }

@@ -74,7 +74,7 @@ AI float hsum4(__m128 v)
  * cache lines, too short for the hardware prefetcher to ramp up on. So each block step of a tile
  * consumes `step` bytes of weights and prefetches as many of the next tile (from byte `off` of
  * it): the next tile is in cache when it starts, and the prefetches run one tile ahead of the
- * loads, never more (a whole tile of 16 KB; see DECODE_PF_MAX_TILE). */
+ * loads, never more (a whole tile of at most PF_MAX_TILE bytes). */
 AI void prefetch_step(const char *pf, size_t off, size_t step)
 {
     /* Lines already requested by the previous step are requested again when a step does not end on
@@ -178,8 +178,8 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         __m256i lo[4], hi[4];
         __m256 dw[4];
         if (pf) /* see prefetch_step */
-            prefetch_step(pf, (size_t)b * (size_t)(2 * NP) * sizeof(moe_block_q4),
-                          (size_t)(2 * NP) * sizeof(moe_block_q4));
+            prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
+                          (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
         for (int p = 0; p < NP; p++) {
             __m256i v = _mm256_inserti128_si256(
@@ -219,23 +219,26 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         }
 }
 
+/* pf: the next row tile to prefetch (prefetch_step), or NULL. */
 typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
-                          size_t row_bytes, int n_in, int n_out, int r, int t0);
+                          size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
 
 /* One out-of-line function per shape: readable code and a small binary. */
 #define Q8_TILE(NR, NT)                                                                            \
     static void q8_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
-                                    size_t row_bytes, int n_in, int n_out, int r, int t0)          \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
+                                    const char *pf)                                                \
     {                                                                                              \
-        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, NULL);                        \
+        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                          \
     }
 /* Q4: NR rows = NP pairs, or one row alone (NR = 1). */
 #define Q4_TILE(NR, NT)                                                                            \
     static void q4_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
-                                    size_t row_bytes, int n_in, int n_out, int r, int t0)          \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
+                                    const char *pf)                                                \
     {                                                                                              \
         q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1,    \
-                NULL);                                                                             \
+                pf);                                                                               \
     }
 #define Q_TILES(T)                                                                                 \
     T(2, 4)                                                                                        \
@@ -248,42 +251,22 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
     T(1, 1)
 Q_TILES(Q8_TILE)
 Q_TILES(Q4_TILE)
+Q8_TILE(8, 1) /* the decode tile: 8 rows, one token (Q4: 4 row pairs) */
+Q4_TILE(8, 1)
 
-/* The decode tiles (8 rows, one token), with the next tile (at pf, or NULL) prefetched. */
-static void q8_tile_8x1(float *y, const int8_t *xq, const float *xd, const char *w,
-                        size_t row_bytes, int n_in, int n_out, int r, int t0)
-{
-    q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 8, 1, NULL);
-}
-static void q4_tile_8x1(float *y, const int8_t *xq, const float *xd, const char *w,
-                        size_t row_bytes, int n_in, int n_out, int r, int t0)
-{
-    q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 4, 1, 0, NULL);
-}
-static void q8_tile_8x1_pf(float *y, const int8_t *xq, const float *xd, const char *w,
-                           size_t row_bytes, int n_in, int n_out, int r, int t0)
-{
-    q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 8, 1, w + (size_t)(r + 8) * row_bytes);
-}
-static void q4_tile_8x1_pf(float *y, const int8_t *xq, const float *xd, const char *w,
-                           size_t row_bytes, int n_in, int n_out, int r, int t0)
-{
-    q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, 4, 1, 0, w + (size_t)(r + 8) * row_bytes);
-}
+/* Row tiles up to this size prefetch the next one (prefetch_step) in their first token tile (the
+ * one that reads them from memory); bigger ones (8-row decode tiles of more than ~3800 Q8 / ~7200
+ * Q4 inputs) stream well on their own, and a whole tile ahead would push the current one out of
+ * L1. */
+#define PF_MAX_TILE 32768
 
-/* Decode tiles up to this size prefetch the next one (prefetch_step); bigger ones (rows of more
- * than ~3800 Q8 / ~7200 Q4 inputs) stream well on their own, and a whole tile ahead would push
- * the current one out of L1. */
-#define DECODE_PF_MAX_TILE 32768
-
-/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1; for the decode tile: 0 plain, 1
- * prefetching the next tile] */
+/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1] */
 static const q_tile_fn tiles_q8[3][4] = {{q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
                                          {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
-                                         {q8_tile_8x1, q8_tile_8x1_pf, NULL, NULL}};
+                                         {q8_tile_8x1, NULL, NULL, NULL}};
 static const q_tile_fn tiles_q4[3][4] = {{q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
                                          {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
-                                         {q4_tile_8x1, q4_tile_8x1_pf, NULL, NULL}};
+                                         {q4_tile_8x1, NULL, NULL, NULL}};
 
 /* Tokens in chunks of Q_TOKC so a chunk's quantized x (Q_TOKC x n_in bytes) stays in L1/L2 while
  * the rows pass (only up to MOE_Q_F32_MIN_TOK - 1 tokens come here). */
@@ -309,13 +292,17 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
                 ri = 1;
                 rn = 2;
             }
+            /* The next row tile of this task, prefetched by the first token tile of this one */
+            const char *pf = r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
+                                 ? wc + (size_t)(r + rn) * row_bytes
+                                 : NULL;
             for (int t = tc; t < te; t += nt) {
                 int tn = te - t < nt ? te - t : nt;
-                if (rn > 2) /* only n_tok == 1: prefetch the next tile when it is ours too */
-                    tiles[2][r + 2 * nr <= r1 && (size_t)nr * row_bytes <= DECODE_PF_MAX_TILE](
-                        y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
+                const char *p = t == tc ? pf : NULL;
+                if (rn > 2) /* only n_tok == 1 */
+                    tiles[2][0](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
                 else
-                    tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t);
+                    tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
             }
             r += rn;
         }
