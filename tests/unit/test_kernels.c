@@ -411,6 +411,10 @@ static void matmul_sweep(moe_dtype dt)
         matmul_case(dt, n_tok, n_in, n_out, isas, n_isa, pools);
     }
     matmul_case(dt, 1, 300, 1111, isas, n_isa, pools);
+    /* An expert's few tokens of a batched decode step (small preset shape): row tiles that
+     * prefetch the next one in their first token tile, and tails. */
+    matmul_case(dt, 4, 768, 100, isas, n_isa, pools);
+    matmul_case(dt, 6, 384, 47, isas, n_isa, pools);
     matmul_case(dt, 70, 130, 90, isas, n_isa, pools);
     /* Panel path across its token chunk (192) and k chunk (256) boundaries. */
     matmul_case(dt, 200, 300, 40, isas, n_isa, pools);
