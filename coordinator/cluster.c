@@ -4,7 +4,6 @@
  * delivery: cluster_requests.c; instances and placement: cluster_sched.c). */
 #include "coordinator/cluster.h"
 
-#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,40 +26,7 @@ inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank)
 
 moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m)
 {
-    size_t len = protobuf_c_message_get_packed_size(m);
-    if (len > INT_MAX)
-        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
-                         m->descriptor->name, len);
-    if (!moe_grow((void **)&c->ob, &c->cap_ob, c->n_ob + 1, sizeof *c->ob))
-        return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
-    uint8_t *buf = malloc(len ? len : 1);
-    if (!buf)
-        return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
-    protobuf_c_message_pack(m, buf);
-    out_msg *om = &c->ob[c->n_ob];
-    int rc = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, c->ctrl, &om->r);
-    if (rc != MPI_SUCCESS) {
-        free(buf);
-        return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %s to rank %d failed (%d)",
-                         m->descriptor->name, dest, rc);
-    }
-    om->buf = buf;
-    c->n_ob++;
-    return MOE_OK;
-}
-
-static void ob_progress(moe_cluster *c)
-{
-    for (int i = 0; i < c->n_ob;) {
-        int flag = 0;
-        MPI_Test(&c->ob[i].r, &flag, MPI_STATUS_IGNORE);
-        if (flag) {
-            free(c->ob[i].buf);
-            c->ob[i] = c->ob[--c->n_ob];
-        } else {
-            i++;
-        }
-    }
+    return moe_outbox_send(&c->ob, dest, tag, m);
 }
 
 void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id)
@@ -490,6 +456,7 @@ moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
         return moe_error(MOE_ERR_NOMEM, "cluster: out of memory");
     c->o = *opts;
     c->ctrl = opts->ctrl;
+    c->ob.comm = opts->ctrl;
     snprintf(c->model_name, sizeof c->model_name, "%s", opts->model_name ? opts->model_name : "");
     c->n_inst = opts->n_instances;
     c->inst = calloc((size_t)c->n_inst, sizeof *c->inst);
@@ -539,11 +506,7 @@ void moe_cluster_free(moe_cluster *c)
                            "the server is shutting down");
         free(c->in_sub[i]);
     }
-    for (int i = 0; i < c->n_ob; i++) {
-        MPI_Cancel(&c->ob[i].r);
-        MPI_Request_free(&c->ob[i].r); /* the buffer leaks on purpose: MPI may still read it */
-    }
-    free(c->ob);
+    moe_outbox_free(&c->ob);
     moe_cluster_mig_free(c);
     free(c->lat);
     free(c->in_sub);
@@ -650,7 +613,7 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
                              c->o.startup_timeout_ms, first_missing);
         if (c->o.drain_flag && *c->o.drain_flag)
             return moe_error(MOE_ERR_CANCELLED, "interrupted while the workers were starting");
-        ob_progress(c);
+        moe_outbox_progress(&c->ob);
         idle = busy ? 0 : idle ? (idle * 2 > 20000000 ? 20000000 : idle * 2) : 100000;
         if (idle)
             moe_sleep_ns(idle);
@@ -680,7 +643,7 @@ moe_status moe_cluster_run(moe_cluster *c)
         moe_cluster_sched_dispatch(c);
         int64_t now = moe_now_ns();
         busy |= moe_cluster_mig_tick(c, now);
-        ob_progress(c);
+        moe_outbox_progress(&c->ob);
         if (now >= next_check) {
             next_check = now + 20000000;
             for (int i = 0; i < c->n_inst; i++) {
@@ -764,7 +727,7 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
     int missing;
     for (;;) {
         drain_mpi(c, &buf, &cap);
-        ob_progress(c);
+        moe_outbox_progress(&c->ob);
         missing = 0;
         for (int r = 1; r < c->o.world_size; r++) {
             inst_t *in = moe_cluster_inst_of_rank(c, r);

@@ -11,6 +11,7 @@
 #include "cluster.pb-c.h"
 #include "common/stop.h"
 #include "common/grow.h"
+#include "ctrl/outbox.h"
 #include "coordinator/cluster.h"
 #include "coordinator/cluster_migrate.h"
 
@@ -21,12 +22,6 @@
 
 typedef Moeserve__Cluster__V1__Load pb_load;
 typedef Moeserve__Cluster__V1__Counters pb_counters;
-
-/* A control message in flight (MPI_Isend); its buffer lives until the send completes. */
-typedef struct {
-    MPI_Request r;
-    uint8_t *buf;
-} out_msg;
 
 typedef enum { RQ_QUEUED = 0, RQ_PREFILL, RQ_TRANSFER, RQ_DECODE } rq_state;
 
@@ -88,8 +83,7 @@ struct moe_cluster {
     bool disagg;
 
     MPI_Comm ctrl;
-    out_msg *ob;
-    int n_ob, cap_ob;
+    moe_outbox ob; /* control messages to the workers */
 
     pthread_mutex_t mu; /* inbox, admission counters, instance fields read by the front end */
     pthread_cond_t cv;

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "cluster.pb-c.h"
+#include "ctrl/outbox.h"
 #include "worker/comm.h"
 #include "common/grow.h"
 #include "worker/engine.h"
@@ -33,17 +34,6 @@ typedef Moeserve__Cluster__V1__SeqEvent pb_seq_event;
 #define TAG(x) MOESERVE__CLUSTER__V1__TAG__TAG_##x
 #define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
 
-/* Control messages queued with MPI_Isend; each buffer lives until its send completes. */
-typedef struct {
-    MPI_Request r;
-    uint8_t *buf;
-} out_msg;
-
-typedef struct {
-    MPI_Comm comm;
-    out_msg *v;
-    int n, cap;
-} outbox;
 
 /* Prefill side: a prefill-only sequence from StartSeq until its KV is freed. */
 typedef struct {
@@ -108,7 +98,7 @@ typedef struct {
     bool have_ep;
     moe_ep_placement place;
     int64_t ep_steps; /* steps taken in lock-step with the group (EPLB re-plans on a multiple) */
-    outbox ob;
+    moe_outbox ob; /* control messages to the coordinator and peers */
     size_t block_bytes;
     int block_tokens;
     int kv_total;

@@ -5,7 +5,6 @@
  * spinning a core. */
 #include "worker/worker_loop.h"
 
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -16,63 +15,6 @@
 #include "worker/comm_mpi.h"
 #include "worker/eplb.h"
 #include "worker/worker_internal.h"
-
-/* ---- control link: protobuf messages over MPI, sent non-blocking, buffers kept until done ---- */
-
-static moe_status ob_send(outbox *ob, int dest, int tag, const ProtobufCMessage *m)
-{
-    size_t len = protobuf_c_message_get_packed_size(m);
-    if (len > INT_MAX)
-        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
-                         m->descriptor->name, len);
-    if (!moe_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
-        return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
-    uint8_t *buf = malloc(len ? len : 1);
-    if (!buf)
-        return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
-    protobuf_c_message_pack(m, buf);
-    out_msg *o = &ob->v[ob->n];
-    moe_status st = MOE_MPI_CHECK(MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, ob->comm, &o->r));
-    if (st != MOE_OK) {
-        free(buf);
-        return st;
-    }
-    o->buf = buf;
-    ob->n++;
-    return MOE_OK;
-}
-
-static void ob_progress(outbox *ob)
-{
-    for (int i = 0; i < ob->n;) {
-        int flag = 0;
-        MPI_Test(&ob->v[i].r, &flag, MPI_STATUS_IGNORE);
-        if (flag) {
-            free(ob->v[i].buf);
-            ob->v[i] = ob->v[--ob->n];
-        } else {
-            i++;
-        }
-    }
-}
-
-
-/* Waits (polling) for every queued message to leave, up to timeout_ms. */
-static void ob_flush(outbox *ob, int timeout_ms)
-{
-    int64_t end = moe_now_ns() + (int64_t)timeout_ms * 1000000;
-    while (ob->n > 0 && moe_now_ns() < end) {
-        ob_progress(ob);
-        if (ob->n)
-            moe_sleep_ns(100000);
-    }
-    for (int i = 0; i < ob->n; i++) {
-        MPI_Cancel(&ob->v[i].r);
-        MPI_Request_free(&ob->v[i].r);
-        /* the buffer leaks on purpose: MPI may still read it */
-    }
-    ob->n = 0;
-}
 
 void moe_worker_engine_drop(worker *w, uint64_t id)
 {
@@ -110,7 +52,7 @@ static void fill_load(worker *w, pb_load *l)
 
 moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m)
 {
-    return ob_send(&w->ob, w->o->coordinator_rank, tag, m);
+    return moe_outbox_send(&w->ob, w->o->coordinator_rank, tag, m);
 }
 
 static void send_heartbeat(worker *w, int tag)
@@ -159,7 +101,7 @@ void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEven
 
 void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *m)
 {
-    if (ob_send(&w->ob, peer, tag, m) != MOE_OK)
+    if (moe_outbox_send(&w->ob, peer, tag, m) != MOE_OK)
         MOE_LOG_E("to rank %d: %s", peer, moe_error_message());
 }
 
@@ -733,7 +675,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         /* Load changes (frees) are reported promptly, but at most every 10 ms. */
         if (now >= w.next_hb || (w.load_dirty && now - w.last_hb >= 10000000))
             send_heartbeat(&w, TAG(HEARTBEAT));
-        ob_progress(&w.ob);
+        moe_outbox_progress(&w.ob);
         bool transfers = false;
         for (int i = 0; i < w.n_parks && !transfers; i++)
             transfers = w.parks[i].send != NULL;
@@ -760,8 +702,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     }
     moe_mig_free(w.mig); /* aborts moves in flight: the peers are told before the flush */
     w.mig = NULL;
-    ob_flush(&w.ob, 5000);
-    free(w.ob.v);
+    moe_outbox_flush(&w.ob, 5000);
+    moe_outbox_free(&w.ob);
     worker_free(&w);
     return st;
 }
