@@ -402,6 +402,7 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         k->kv_transfer_timeouts += in->ctr.kv_transfer_timeouts;
         k->kv_lease_expirations += in->ctr.kv_lease_expirations;
         k->kv_transfers_layerwise += in->ctr.kv_transfers_layerwise;
+        k->preemptions += in->ctr.preemptions;
     }
     moe_cluster_mig_snapshot(c, out);
     pthread_mutex_unlock(&c->mu);

@@ -35,6 +35,7 @@ static void fill_load(worker *w, pb_load *l)
         w->ctr.engine_steps = (uint64_t)st.steps;
         w->ctr.prefill_tokens = (uint64_t)st.prefill_tokens;
         w->ctr.decode_tokens = (uint64_t)st.decode_tokens;
+        w->ctr.preemptions = (uint64_t)st.preemptions;
     }
     uint32_t parked = 0, active = 0, waiting = 0;
     for (int i = 0; i < w->n_parks; i++) {

@@ -196,6 +196,23 @@ def long_request(**kw):
 
 
 @test
+def preemptions_are_counted_and_outputs_exact():
+    """Colocated instances with 12 KV blocks each and requests that each fit but together outgrow
+    it: the engines preempt (recompute), ClusterStatus counts it, outputs stay exact, KV ends at 0."""
+    reqs = [{"ids": [(i * 53 + k) % 1000 for k in range(8)], "max_new": 100} for i in range(8)]
+    refs = [reference(ids=r["ids"], max_new=100, extra=["--ignore-eos"]) for r in reqs]
+    with Cluster(np=3, args=["--colocated", "--kv-blocks", "12", "--migration", "off"]) as c:
+        got = run_parallel(lambda r: generate(c.stub, gen_request(ids=r["ids"], max_new=100, ignore_eos=True))[0],
+                           reqs)
+        for i, (ids, ref) in enumerate(zip(got, refs)):
+            check(ids == ref, "request %d: cluster %s != moe-generate %s" % (i, ids, ref))
+        st = c.wait_counters(lambda k: k.preemptions > 0)
+        check(st.counters.preemptions > 0, "no preemption counted: %s" % st.counters)
+        c.wait_idle()
+        stop_ok(c)
+
+
+@test
 def full_decode_pool_slows_prefill_instead_of_failing():
     """A KV cache of 40 blocks per instance and 20 requests needing 7 blocks each: offers wait for
     room on the decode rank (the prefill rank holds their KV meanwhile), nothing fails, outputs are
