@@ -269,13 +269,79 @@ static void prefill_vs_blas(int max_threads, int quick)
     free(y1);
 }
 
+/* ---- prefill shapes over bf16 / Q8 / Q4 weights: our moe_matmul only, GFLOP/s ----
+ * Q8/Q4 prefill runs int8 block products, or with MOE_QPREFILL=f32 in the environment the
+ * dequantizing f32 panel: run the mode twice (alternating) to compare. */
+static void qprefill(int max_threads)
+{
+    static const struct {
+        const char *what;
+        int n_out, n_in;
+    } shapes[] = {{"small attn q/o", 768, 768},       {"small attn k/v", 256, 768},
+                  {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
+                  {"olmoe attn", 2048, 2048},         {"olmoe expert gate/up", 1024, 2048},
+                  {"olmoe expert down", 2048, 1024}};
+    static const int toks[] = {64, 512};
+    static const moe_dtype dts[] = {MOE_DT_BF16, MOE_DT_Q8, MOE_DT_Q4};
+    size_t max_w = (size_t)2048 * 2048, max_x = (size_t)512 * 2048;
+    float *wf = malloc(max_w * sizeof *wf), *x = malloc(max_x * sizeof *x);
+    float *y = malloc(max_x * sizeof *y);
+    void *wd[3] = {malloc(max_w * 2), malloc(max_w / MOE_QK * sizeof(moe_block_q8)),
+                   malloc(max_w / MOE_QK * sizeof(moe_block_q4))};
+    if (!wf || !x || !y || !wd[0] || !wd[1] || !wd[2]) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < max_w; i++)
+        wf[i] = frand() * 0.05f;
+    for (size_t i = 0; i < max_x; i++)
+        x[i] = frand();
+    const char *env = getenv("MOE_QPREFILL");
+    for (int nt = 1; nt <= max_threads; nt++) {
+        moe_threadpool_t *pool = moe_threadpool_create(nt);
+        printf("\n== prefill shapes, %d thread(s), q8/q4 %s: ms (GFLOP/s), best of 5 ==\n", nt,
+               env && strcmp(env, "f32") == 0 ? "f32 panel" : "int8");
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            int n_out = shapes[s].n_out, n_in = shapes[s].n_in;
+            size_t n = (size_t)n_out * n_in;
+            for (size_t i = 0; i < n; i++)
+                ((uint16_t *)wd[0])[i] = moe_f32_to_bf16(wf[i]);
+            moe_quantize(wd[1], MOE_DT_Q8, wf, MOE_DT_F32, n);
+            moe_quantize(wd[2], MOE_DT_Q4, wf, MOE_DT_F32, n);
+            for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
+                int n_tok = toks[k];
+                double flop = 2.0 * n_tok * n_in * n_out, best[3] = {1e30, 1e30, 1e30};
+                for (int r = 0; r < 5; r++) /* interleaved: the same quiet moments */
+                    for (int d = 0; d < 3; d++)
+                        best[d] = fmin(best[d], time_matmul(pool, y, x, wd[d], dts[d], n_tok, n_in,
+                                                            n_out, 1));
+                printf("%-21s %4dx%-4d n_tok=%-3d", shapes[s].what, n_out, n_in, n_tok);
+                for (int d = 0; d < 3; d++)
+                    printf(" | %s %7.3f (%5.1f)", moe_dtype_name(dts[d]), best[d] * 1e3,
+                           flop / best[d] / 1e9);
+                printf("\n");
+            }
+        }
+        moe_threadpool_free(pool);
+    }
+    free(wf);
+    free(x);
+    free(y);
+    for (int d = 0; d < 3; d++)
+        free(wd[d]);
+}
+
 int main(int argc, char **argv)
 {
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
     /* argv[2]: quick (fewer reps, n_tok <= 64, no prefill), or one section only: matvec,
-     * batched, prefill. */
+     * batched, prefill, qprefill (bf16/Q8/Q4 prefill shapes, ours only). */
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
+    if (strcmp(mode, "qprefill") == 0) {
+        qprefill(max_threads);
+        return 0;
+    }
     int prefill = !*mode || strcmp(mode, "prefill") == 0;
     int matvec = !*mode || quick || strcmp(mode, "matvec") == 0;
     int batched = !*mode || quick || strcmp(mode, "batched") == 0;

@@ -221,6 +221,10 @@ static void q_reference(const float *wd, const float *x, int n_tok, int n_in, in
         }
 }
 
+/* Set by the int8-prefill tests (moe_kernels_test_q_prefill_int8(1)): n_tok >= 48 then runs the
+ * int8 path too, whose bound and bits are those of the few-token path. */
+static int int8_prefill;
+
 static void q_matmul_case(moe_dtype qt, int n_tok, int n_in, int n_out, const moe_isa *isas,
                           int n_isa, moe_threadpool_t **pools)
 {
@@ -243,7 +247,7 @@ static void q_matmul_case(moe_dtype qt, int n_tok, int n_in, int n_out, const mo
     q_reference(wd, x, n_tok, n_in, n_out, ref, tol);
     /* Many tokens: weights dequantized into the f32 panel, x not quantized: the f32 bound of
      * test_kernels (any summation order) against the dequantized weights. */
-    int f32_path = n_tok >= 48;
+    int f32_path = n_tok >= 48 && !int8_prefill;
     if (f32_path)
         for (int t = 0; t < n_tok; t++)
             for (int r = 0; r < n_out; r++) {
@@ -338,6 +342,40 @@ Test(quant, matmul_q8, .timeout = 120)
 Test(quant, matmul_q4, .timeout = 120)
 {
     q_matmul_sweep(MOE_DT_Q4);
+}
+
+/* MOE_QPREFILL=int8: prefill (n_tok >= 48) through the AVX2 prefill tiles (4 rows x 3 tokens,
+ * tokens in chunks of 96): bit-identical to the scalar kernel, to every thread count and to the
+ * one-token-at-a-time path (the decode tiles), on shapes that leave row tails (1, 2, 3 rows past
+ * the 4-row tiles), token tails (1, 2 past the 3-token tiles) and chunk tails. */
+static void q_prefill_int8_sweep(moe_dtype qt)
+{
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
+                                  moe_threadpool_create(4)};
+    int8_prefill = 1;
+    moe_kernels_test_q_prefill_int8(1);
+    static const int n_toks[] = {48, 49, 50, 97, 197};
+    static const int n_outs[] = {1, 2, 3, 5, 6, 7, 37};
+    for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
+        for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++)
+            q_matmul_case(qt, n_toks[b], b % 2 ? 96 : 160, n_outs[c], isas, n_isa, pools);
+    q_matmul_case(qt, 100, 544, 61, isas, n_isa, pools);
+    moe_kernels_test_q_prefill_int8(-1);
+    int8_prefill = 0;
+    for (int p = 1; p < 4; p++)
+        moe_threadpool_free(pools[p]);
+}
+
+Test(quant, matmul_q8_int8_prefill, .timeout = 120)
+{
+    q_prefill_int8_sweep(MOE_DT_Q8);
+}
+
+Test(quant, matmul_q4_int8_prefill, .timeout = 120)
+{
+    q_prefill_int8_sweep(MOE_DT_Q4);
 }
 
 Test(quant, matmul_special_activations)
