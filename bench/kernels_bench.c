@@ -331,13 +331,87 @@ static void qprefill(int max_threads)
         free(wd[d]);
 }
 
+/* ---- prefill attention: every query of a 512-token prompt against its causal prefix ----
+ * One thread, `small`-like heads (4 KV heads x 3 query heads, head_dim 64, blocks of 16): one
+ * moe_attention call per (token, KV head) as the forward pass did, against moe_attention_multi
+ * over tiles of 1..16 consecutive tokens. Best of 5, interleaved. */
+static void attn_prefill(void)
+{
+    enum { T = 512, NKV = 4, G = 3, HD = 64, BS = 16 };
+    int nb = T / BS;
+    size_t hs = (size_t)BS * HD, bf = hs * NKV, qdim = (size_t)NKV * G * HD;
+    float *k = malloc(bf * nb * sizeof *k), *v = malloc(bf * nb * sizeof *v);
+    float *q = malloc(qdim * T * sizeof *q), *o = malloc(qdim * T * sizeof *o);
+    float *scratch = malloc(T * sizeof *scratch);
+    const float **kp = malloc(NKV * nb * sizeof *kp), **vp = malloc(NKV * nb * sizeof *vp);
+    if (!k || !v || !q || !o || !scratch || !kp || !vp) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < bf * nb; i++) {
+        k[i] = frand();
+        v[i] = frand();
+    }
+    for (size_t i = 0; i < qdim * T; i++)
+        q[i] = frand();
+    for (int h = 0; h < NKV; h++)
+        for (int b = 0; b < nb; b++) {
+            kp[h * nb + b] = k + bf * b + hs * h;
+            vp[h * nb + b] = v + bf * b + hs * h;
+        }
+    float scale = 0.125f;
+    static const int tiles[] = {1, 4, 8, 16};
+    double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30};
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_s();
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < NKV; h++) {
+                moe_kv_view kv = {kp + h * nb, vp + h * nb, BS, hs};
+                size_t off = (size_t)t * qdim + (size_t)h * G * HD;
+                moe_attention(o + off, q + off, &kv, t + 1, G, 1, HD, scale, scratch);
+            }
+        best[0] = fmin(best[0], now_s() - t0);
+        for (int m = 0; m < 4; m++) {
+            t0 = now_s();
+            for (int t = 0; t < T; t += tiles[m])
+                for (int h = 0; h < NKV; h++) {
+                    moe_kv_view kv = {kp + h * nb, vp + h * nb, BS, hs};
+                    size_t off = (size_t)t * qdim + (size_t)h * G * HD;
+                    int n = T - t < tiles[m] ? T - t : tiles[m];
+                    moe_attention_multi(o + off, qdim, q + off, qdim, &kv, n, t + 1, G, 1, HD,
+                                        scale);
+                }
+            best[m + 1] = fmin(best[m + 1], now_s() - t0);
+        }
+    }
+    double flop = 4.0 * HD * NKV * G * (double)T * (T + 1) / 2;
+    printf("attention prefill, %d tokens, %d kv x %d heads, head_dim %d, 1 thread: "
+           "moe_attention per token %.3f ms (%.1f GFLOP/s)",
+           T, NKV, G, HD, best[0] * 1e3, flop / best[0] / 1e9);
+    for (int m = 0; m < 4; m++)
+        printf(" | multi x%d %.3f ms (%.1f)", tiles[m], best[m + 1] * 1e3, flop / best[m + 1] / 1e9);
+    printf("\n");
+    free(k);
+    free(v);
+    free(q);
+    free(o);
+    free(scratch);
+    free(kp);
+    free(vp);
+}
+
 int main(int argc, char **argv)
 {
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
     /* argv[2]: quick (fewer reps, n_tok <= 64, no prefill), or one section only: matvec,
-     * batched, prefill, qprefill (bf16/Q8/Q4 prefill shapes, ours only). */
+     * batched, prefill, qprefill (bf16/Q8/Q4 prefill shapes, ours only), attn (prefill
+     * attention, per token against multi-query tiles). */
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
+    if (strcmp(mode, "attn") == 0) {
+        attn_prefill();
+        return 0;
+    }
     if (strcmp(mode, "qprefill") == 0) {
         qprefill(max_threads);
         return 0;

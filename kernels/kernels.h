@@ -178,5 +178,15 @@ typedef struct {
 
 void moe_attention(float *out, const float *q, const moe_kv_view *kv, int n_ctx, int n_head,
                    int n_kv_head, int head_dim, float scale, float *scratch);
+/* Several consecutive query tokens of one sequence (prefill): query i < n_q reads q + i * q_stride
+ * and writes out + i * out_stride (strides in floats; each (n_head, head_dim) as above) and attends
+ * to context tokens [0, n_ctx0 + i) (its causal length: positions n_ctx0 - 1 + i). Every query's
+ * output is bit-identical to moe_attention's for it alone; the queries share the walk over the
+ * context, so each K/V row is loaded once for all of them. 0 <= n_q <= MOE_ATTN_MAX_Q. Allocates
+ * nothing; no scratch. */
+#define MOE_ATTN_MAX_Q 16
+void moe_attention_multi(float *out, size_t out_stride, const float *q, size_t q_stride,
+                         const moe_kv_view *kv, int n_q, int n_ctx0, int n_head, int n_kv_head,
+                         int head_dim, float scale);
 
 #endif

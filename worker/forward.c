@@ -193,18 +193,34 @@ static void clamp_all(float *x, size_t n, float lim)
 
 /* ---- attention ---- */
 
+/* Query tokens of one sequence per attention task: moe_attention_multi reads each K/V chunk once
+ * for all of them (prefill: 8 queries share what 8 tasks re-read from L2/L3 before). A decode
+ * sequence (one token) is a task of its own, as before. */
+#define ATTN_TILE 8
+
 typedef struct {
     moe_forward *f;
+    const moe_batch *b;
     float scale;
     int group; /* query heads per kv head */
 } attn_job;
 
 static void attn_task(void *arg, int task, int thread)
 {
+    (void)thread;
     const attn_job *j = arg;
     moe_forward *f = j->f;
-    int t = task / f->nkv, h = task % f->nkv;
-    int seg = f->tok_seg[t];
+    int tile = task / f->nkv, h = task % f->nkv;
+    int seg = 0;
+    for (;; seg++) { /* the segment holding this tile: segments are few, tasks short */
+        int n_tiles = (j->b->segs[seg].n + ATTN_TILE - 1) / ATTN_TILE;
+        if (tile < n_tiles)
+            break;
+        tile -= n_tiles;
+    }
+    const moe_batch_seg *sg = &j->b->segs[seg];
+    int i0 = tile * ATTN_TILE, n = sg->n - i0 < ATTN_TILE ? sg->n - i0 : ATTN_TILE;
+    int t = sg->tok_begin + i0;
     size_t base = ((size_t)seg * f->nkv + h) * f->max_blocks;
     moe_kv_view view = {
         .k_base = f->kptr + base,
@@ -213,8 +229,8 @@ static void attn_task(void *arg, int task, int thread)
         .head_stride = (size_t)f->block_size * f->hd,
     };
     size_t qoff = (size_t)t * f->qdim + (size_t)h * j->group * f->hd;
-    moe_attention(f->att + qoff, f->q + qoff, &view, f->tok_pos[t] + 1, j->group, 1, f->hd, j->scale,
-                  f->scratch + (size_t)thread * f->max_ctx);
+    moe_attention_multi(f->att + qoff, (size_t)f->qdim, f->q + qoff, (size_t)f->qdim, &view, n,
+                        f->tok_pos[t] + 1, j->group, 1, f->hd, j->scale);
 }
 
 static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b, int layer)
@@ -279,8 +295,11 @@ static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b
             }
         }
     }
-    attn_job job = {.f = f, .scale = 1.0f / sqrtf((float)f->hd), .group = f->nh / f->nkv};
-    moe_threadpool_run(f->pool, attn_task, &job, T * f->nkv);
+    attn_job job = {.f = f, .b = b, .scale = 1.0f / sqrtf((float)f->hd), .group = f->nh / f->nkv};
+    int n_tiles = 0;
+    for (int s = 0; s < b->n_segs; s++)
+        n_tiles += (b->segs[s].n + ATTN_TILE - 1) / ATTN_TILE;
+    moe_threadpool_run(f->pool, attn_task, &job, n_tiles * f->nkv);
 
     moe_fwd_linear(f, f->eo, f->att, &lw->wo, T);
     for (int t = 0; t < T; t++)

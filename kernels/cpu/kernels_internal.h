@@ -68,6 +68,11 @@ typedef void (*moe_attn_scores_fn)(float *s, int s_stride, const float *q, int n
 typedef void (*moe_attn_accum_fn)(float *o, const float *p, int p_stride, int ng,
                                   const float *const *v, int nc, int head_dim);
 
+/* Attention chunk, softmax numerators: s[c] = exp(s[c] - mx) for c < nc (mx >= every s[c], so
+ * each is in [0, 1]; NaN stays NaN); returns their sum. Scalar: expf and a running double sum;
+ * AVX2: a polynomial exp within 2 ulp of expf (0 below -87) and an f32 vector sum (not the same
+ * bits). */
+typedef double (*moe_attn_exp_fn)(float *s, int nc, float mx);
 /* Quantizes activations for Q8/Q4 matmuls: for each token t and block b of MOE_QK inputs,
  * d[t * nb + b] = max|x| / 127 and q[t * n_in + b * MOE_QK + i] = round-half-even(x * (127 /
  * max|x|)) (nb = n_in / MOE_QK). A block with an inf or NaN gets d = NaN (its outputs become NaN),
@@ -92,6 +97,7 @@ typedef struct {
     moe_matmul_rows_q_fn matmul_rows_q;
     /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
     int row_block;
+    moe_attn_exp_fn attn_exp;
 } moe_kernel_ops;
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
@@ -105,6 +111,7 @@ void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, cons
                             int nc, int head_dim, float scale);
 void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
                            int nc, int head_dim);
+double moe_attn_exp_scalar(float *s, int nc, float mx);
 
 void moe_quantize_x_scalar(int8_t *q, float *d, const float *x, int n_tok, int n_in);
 void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const void *w,
@@ -143,6 +150,7 @@ void moe_attn_scores_avx2(float *s, int s_stride, const float *q, int ng, const 
                           int nc, int head_dim, float scale);
 void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const float *const *v,
                          int nc, int head_dim);
+double moe_attn_exp_avx2(float *s, int nc, float mx);
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);

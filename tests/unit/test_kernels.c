@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "kernels/cpu/kernels_internal.h" /* moe_attn_exp_*: the softmax numerators */
 #include "kernels/kernels.h"
 
 /* ---- helpers ---- */
@@ -714,6 +715,107 @@ Test(kernels, attention_paged_gqa, .timeout = 60)
     attention_case(5, 1, 2, 32, 300, 30.f);
     attention_case(16, 1, 16, 16, 129, 3.f);
     attention_case(1, 3, 12, 8, 70, 1.f);
+}
+
+/* moe_attention_multi: n_q consecutive queries sharing the walk over the context; each must give
+ * exactly moe_attention's bits for it alone (strided q and out, contexts that start empty, end
+ * mid-chunk or mid-block, more heads than one pass of 64). */
+static void attention_multi_case(int block_size, int n_kv_head, int group, int head_dim, int n_q,
+                                 int n_ctx0, float spread)
+{
+    int n_head = n_kv_head * group, n_ctx = n_ctx0 + n_q - 1;
+    int n_blocks = n_ctx / block_size + 1;
+    size_t head_stride = (size_t)block_size * head_dim, block_floats = head_stride * n_kv_head;
+    float *karena = xmalloc(block_floats * n_blocks * sizeof(float));
+    float *varena = xmalloc(block_floats * n_blocks * sizeof(float));
+    fill(karena, block_floats * n_blocks, -spread, spread);
+    fill(varena, block_floats * n_blocks, -1.f, 1.f);
+    const float **kb = xmalloc(n_blocks * sizeof *kb), **vb = xmalloc(n_blocks * sizeof *vb);
+    for (int b = 0; b < n_blocks; b++) { /* blocks in reverse order: not one contiguous run */
+        kb[b] = karena + block_floats * (size_t)(n_blocks - 1 - b);
+        vb[b] = varena + block_floats * (size_t)(n_blocks - 1 - b);
+    }
+    moe_kv_view kv = {kb, vb, block_size, head_stride};
+    size_t hq = (size_t)n_head * head_dim, qs = hq + 3, os = hq + 5;
+    float *q = xmalloc(qs * n_q * sizeof *q), *out = xmalloc(os * n_q * sizeof *out);
+    float *one = xmalloc(hq * sizeof *one), *scratch = xmalloc((size_t)(n_ctx + 1) * sizeof(float));
+    fill(q, qs * n_q, -1.f, 1.f);
+    float scale = 1.0f / sqrtf((float)head_dim);
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    for (int ii = 0; ii < n_isa; ii++) {
+        moe_kernels_force_isa(isas[ii]);
+        fill(out, os * n_q, -9.f, 9.f);
+        moe_attention_multi(out, os, q, qs, &kv, n_q, n_ctx0, n_head, n_kv_head, head_dim, scale);
+        for (int i = 0; i < n_q; i++) {
+            moe_attention(one, q + qs * i, &kv, n_ctx0 + i, n_head, n_kv_head, head_dim, scale,
+                          scratch);
+            cr_assert_arr_eq(out + os * i, one, hq * sizeof *one,
+                             "%s bs=%d kv=%d group=%d d=%d n_q=%d ctx0=%d: query %d differs",
+                             moe_isa_name(isas[ii]), block_size, n_kv_head, group, head_dim, n_q,
+                             n_ctx0, i);
+        }
+    }
+    free(karena);
+    free(varena);
+    free(kb);
+    free(vb);
+    free(q);
+    free(out);
+    free(one);
+    free(scratch);
+}
+
+Test(kernels, attention_multi_query, .timeout = 60)
+{
+    static const int nqs[] = {1, 2, 5, 8, 16};
+    static const int ctx0s[] = {0, 1, 30, 33, 70};
+    for (size_t a = 0; a < 5; a++)
+        for (size_t b = 0; b < 5; b++) {
+            attention_multi_case(16, 2, 3, 64, nqs[a], ctx0s[b], 1.f);
+            attention_multi_case(5, 1, 2, 17, nqs[a], ctx0s[b], 3.f);
+        }
+    attention_multi_case(3, 1, 2, 64, 7, 40, 30.f); /* large scores */
+    attention_multi_case(1, 8, 9, 8, 4, 20, 1.f);   /* 72 heads: two passes */
+    attention_multi_case(16, 1, 16, 16, 9, 120, 3.f);
+    moe_attention_multi(NULL, 0, NULL, 0, NULL, 0, 5, 2, 1, 8, 0.3f); /* n_q = 0: nothing */
+}
+
+/* The attention chunk's softmax numerators: the AVX2 polynomial exp against exp (2 ulp, absolute
+ * 2e-38: 0 below -87), the returned sum against a double sum, every chunk length 1..32,
+ * NaN propagation; the scalar kernel is expf itself. */
+Test(kernels, attention_exp)
+{
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    for (int ii = 0; ii < n_isa; ii++) {
+        moe_kernels_force_isa(isas[ii]);
+        moe_attn_exp_fn ex = moe_kernels_ops()->attn_exp;
+        float s[32], in[32];
+        for (int it = 0; it < 400; it++) {
+            int nc = it % 32 + 1;
+            float range = it < 200 ? 100.f : 2.f;
+            for (int c = 0; c < nc; c++)
+                in[c] = s[c] = rng_uniform(-range, 0.f) + (c == 7 ? 1e-3f : 0.f);
+            float mx = 1e-3f; /* >= every s */
+            double sum = ex(s, nc, mx), want_sum = 0;
+            for (int c = 0; c < nc; c++) {
+                double w = exp((double)(in[c] - mx)); /* the kernels subtract in f32 */
+                want_sum += w;
+                cr_assert(fabs(s[c] - w) <= 2.5e-7 * w + 2e-38, "%s: exp(%.9g) = %.9g, want %.9g",
+                          moe_isa_name(isas[ii]), (double)(in[c] - mx), (double)s[c], w);
+            }
+            cr_assert(fabs(sum - want_sum) <= 1e-6 * want_sum + 1e-30, "%s: sum %.9g, want %.9g",
+                      moe_isa_name(isas[ii]), sum, want_sum);
+        }
+        /* Exact points and NaN. */
+        float e[9] = {0.f, -1.f, -88.f, -1e30f, NAN, -0.5f, -20.f, 0.f, -3.f};
+        double sum = ex(e, 9, 0.f);
+        cr_assert_eq(e[0], 1.0f, "%s: exp(0) = %.9g", moe_isa_name(isas[ii]), (double)e[0]);
+        cr_assert(fabs(e[1] - 0.36787944117) <= 1e-7);
+        cr_assert(e[2] >= 0.f && e[2] <= 2e-38f && e[3] == 0.f);
+        cr_assert(isnan(e[4]) && isnan(sum), "%s: NaN must propagate", moe_isa_name(isas[ii]));
+    }
 }
 
 Test(kernels, attention_empty_context)
