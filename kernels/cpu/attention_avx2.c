@@ -6,6 +6,7 @@
 #include "kernels/cpu/kernels_internal.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
+#include "kernels/cpu/exp_avx2.h"
 
 static inline __m256 load_tail(const float *x, int n)
 {
@@ -88,29 +89,6 @@ void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const f
     }
 }
 
-/* exp(x) for x <= 0 (Cephes expf: n = round(x / ln 2), r = x - n ln 2 in two steps, a degree-6
- * polynomial, times 2^n built in the exponent bits): within 2 ulp of expf. Below -87 it returns 0
- * (exp(-87) = 1.6e-38: the true value is smaller than that, invisible in a sum holding exp(0) =
- * 1; -inf gives 0 as expf does), so 2^n stays a normal float. NaN propagates. */
-static inline __m256 exp_nonpos(__m256 x)
-{
-    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ); /* x >= -87 or NaN */
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* second operand returned for NaN */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    return _mm256_and_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)), keep);
-}
-
 double moe_attn_exp_avx2(float *s, int nc, float mx)
 {
     /* The softmax numerators of a chunk: 32 scalar expf calls cost more than the chunk's score and
@@ -119,14 +97,14 @@ double moe_attn_exp_avx2(float *s, int nc, float mx)
     __m256 m = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
     int c = 0;
     for (; c + 8 <= nc; c += 8) {
-        __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + c), m));
+        __m256 e = moe_exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + c), m));
         _mm256_storeu_ps(s + c, e);
         acc = _mm256_add_ps(acc, e);
     }
     if (c < nc) {
         float buf[8];
         int n = nc - c;
-        __m256 e = exp_nonpos(_mm256_sub_ps(load_tail(s + c, n), m));
+        __m256 e = moe_exp_nonpos_avx2(_mm256_sub_ps(load_tail(s + c, n), m));
         _mm256_storeu_ps(buf, e);
         memcpy(s + c, buf, (size_t)n * sizeof(float));
         /* lanes past n held 0 - mx: mask them out of the sum */

@@ -11,17 +11,17 @@
 static const moe_kernel_ops ops_scalar = {
     moe_matmul_rows_scalar, moe_dot_f32_scalar,    moe_axpy_f32_scalar,      moe_attn_scores_scalar,
     moe_attn_accum_scalar,  moe_quantize_x_scalar, moe_matmul_rows_q_scalar, 4,
-    moe_attn_exp_scalar};
+    moe_attn_exp_scalar, moe_silu_mul_scalar};
 static const moe_kernel_ops ops_avx2 = {
     moe_matmul_rows_avx2, moe_dot_f32_avx2,    moe_axpy_f32_avx2,      moe_attn_scores_avx2,
     moe_attn_accum_avx2,  moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
-    moe_attn_exp_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
 /* Attention is memory bound: the AVX2 chunk kernels serve AVX-512 CPUs as well, and so do the
  * int8 kernels of the quantized matmul (no VNNI path yet: no machine here to test one on). */
 static const moe_kernel_ops ops_avx512 = {
     moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
     moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
-    moe_attn_exp_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
 
 /* -1 until first use. Selection is idempotent, so a race between two first callers is harmless:
  * both compute the same value. */

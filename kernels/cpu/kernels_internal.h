@@ -98,6 +98,8 @@ typedef struct {
     /* Preferred granularity of rows handed to matmul_rows (its register/panel block). */
     int row_block;
     moe_attn_exp_fn attn_exp;
+    /* moe_silu_mul */
+    void (*silu_mul)(float *gate, const float *up, int n);
 } moe_kernel_ops;
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
@@ -112,6 +114,7 @@ void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, cons
 void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
                            int nc, int head_dim);
 double moe_attn_exp_scalar(float *s, int nc, float mx);
+void moe_silu_mul_scalar(float *gate, const float *up, int n);
 
 void moe_quantize_x_scalar(int8_t *q, float *d, const float *x, int n_tok, int n_in);
 void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const void *w,
@@ -151,6 +154,8 @@ void moe_attn_scores_avx2(float *s, int s_stride, const float *q, int ng, const 
 void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const float *const *v,
                          int nc, int head_dim);
 double moe_attn_exp_avx2(float *s, int nc, float mx);
+/* elementwise_avx2.c; the AVX-512 table uses it too. */
+void moe_silu_mul_avx2(float *gate, const float *up, int n);
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);

@@ -513,17 +513,29 @@ Test(kernels, silu_mul_and_axpy)
 {
     enum { N = 133 };
     float g[N], u[N], g0[N], y[N], y0[N];
-    fill(g, N, -10.f, 10.f);
-    fill(u, N, -2.f, 2.f);
-    memcpy(g0, g, sizeof g);
-    moe_silu_mul(g, u, N);
-    for (int i = 0; i < N; i++) {
-        double r = (double)g0[i] / (1.0 + exp(-(double)g0[i])) * u[i];
-        cr_assert(fabs(g[i] - r) <= 1e-6 * (1 + fabs(r)), "i=%d", i);
-    }
-    /* axpy dispatches by ISA: every ISA, every length's tail, the same rounding (mul, add). */
     moe_isa isas[3];
     int n_isa = supported_isas(isas);
+    /* silu dispatches by ISA (AVX2: the vector exp): every ISA, lengths with every tail, large
+     * |g| (exp far out of range), the specials of the scalar formula. */
+    for (int ii = 0; ii < n_isa; ii++) {
+        moe_kernels_force_isa(isas[ii]);
+        for (int n = 1; n <= N; n += (n < 20 ? 1 : 19)) {
+            fill(g, N, n % 2 ? -10.f : -120.f, n % 2 ? 10.f : 120.f);
+            fill(u, N, -2.f, 2.f);
+            memcpy(g0, g, sizeof g);
+            moe_silu_mul(g, u, n);
+            for (int i = 0; i < N; i++) {
+                double r = i < n ? (double)g0[i] / (1.0 + exp(-(double)g0[i])) * u[i] : g0[i];
+                cr_assert(fabs(g[i] - r) <= 1e-6 * (1 + fabs(r)), "%s n=%d i=%d: %.9g want %.9g",
+                          moe_isa_name(isas[ii]), n, i, (double)g[i], r);
+            }
+        }
+        float s[4] = {INFINITY, -INFINITY, NAN, 0.f}, one[4] = {1.f, 1.f, 1.f, 1.f};
+        moe_silu_mul(s, one, 4);
+        cr_assert(s[0] == INFINITY && isnan(s[1]) && isnan(s[2]) && s[3] == 0.f, "%s specials",
+                  moe_isa_name(isas[ii]));
+    }
+    /* axpy dispatches by ISA: every ISA, every length's tail, the same rounding (mul, add). */
     fill(y0, N, -1.f, 1.f);
     for (int ii = 0; ii < n_isa; ii++) {
         moe_kernels_force_isa(isas[ii]);
