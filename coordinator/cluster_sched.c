@@ -175,7 +175,7 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         c->inst[pi].pending_tokens += q->n_prompt;
         c->inst[pi].n_pending++;
         r->counted_pending = true;
-        if (c->disagg) {
+        if (c->disagg && q->max_new_tokens > 1) { /* one token: it ends on the prefill side */
             uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
             r->reserved_blocks = (int)((q->n_prompt + 1 + bt - 1) / bt);
             c->inst[di].reserved_blocks += r->reserved_blocks;

@@ -43,8 +43,13 @@ static void fill_load(worker *w, pb_load *l)
         active += w->parks[i].send != NULL;
     }
     for (int i = 0; i < w->n_pulls; i++) {
-        waiting += w->pulls[i].phase == PULL_WAIT_ROOM;
+        /* Reserved for a layer-by-layer push while the prefill side still computes the prompt:
+         * waiting to start here, not running (its blocks count as used). */
+        bool prefilling = w->pulls[i].push && !w->pulls[i].offer;
+        waiting += w->pulls[i].phase == PULL_WAIT_ROOM || prefilling;
         active += w->pulls[i].phase == PULL_RECEIVING;
+        if (prefilling && l->running > 0)
+            l->running--;
     }
     l->parked = parked;
     l->pulls_waiting = waiting;

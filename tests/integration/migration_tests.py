@@ -19,6 +19,23 @@ import moeserve_pb2 as pb
 
 TESTS = {}
 LAYOUT = ["--prefill-instances", "1", "--decode-instances", "2"]
+# The policy tests need their requests decoding together: prefilled in one engine step (else the
+# first ones finish decoding before the last ones are handed over). A larger step budget, and a
+# blocker (occupy_prefill) that keeps the prefill rank busy while they all arrive.
+ONE_PREFILL_STEP = ["--batch-tokens", "1024"]
+
+
+def occupy_prefill(c):
+    """Starts a 900-token prompt with one output token (it ends on the prefill rank: ~1 s of work
+    holding 57 of its 64 KV blocks) and returns its thread, so that requests sent right after it
+    queue and are then prefilled together."""
+    t = threading.Thread(target=lambda: generate(c.stub, gen_request(ids=[(k * 11 + 5) % 8000 for k in range(900)],
+                                                                      max_new=1), timeout=120))
+    t.start()
+    # The prefill rank reports its load between engine steps only, so the blocker's step cannot be
+    # observed from outside while it runs: give it a moment to arrive (it then computes for ~1 s).
+    time.sleep(0.2)
+    return t
 
 
 def test(fn):
@@ -272,13 +289,14 @@ def skewed_start(c, reqs, drained):
     the other decode instance; returns (threads, results)."""
     c.stub.Drain(pb.DrainRequest(instance=drained), timeout=5)
     results = [None] * len(reqs)
+    blocker = occupy_prefill(c)
 
     def client(i):
         results[i] = generate(c.stub, request_of(reqs[i], **reqs[i].get("kw", {})), timeout=120)[0]
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
     for t in threads:
         t.start()
-    return threads, results
+    return threads + [blocker], results
 
 
 @test
@@ -287,9 +305,10 @@ def balance_moves_requests_to_the_cold_instance():
     above the high-water mark; once instance 2 takes requests again the policy moves requests to
     it (trigger: balance); outputs stay exact."""
     model = small_model()
-    reqs = [{"ids": [(13 * i + k) % 8000 for k in range(190)], "max_new": 80} for i in range(4)]
+    # 200 new tokens: the first request must still be decoding when the last one is handed over
+    reqs = [{"ids": [(13 * i + k) % 8000 for k in range(190)], "max_new": 200} for i in range(4)]
     refs = [ref_of(r, model) for r in reqs]
-    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"] + ONE_PREFILL_STEP) as c:
         threads, results = skewed_start(c, reqs, drained=2)
         wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 56, 60, "instance 1 above high water")
         check(c.status().migration.started == 0, "moves before instance 2 was back")
@@ -316,7 +335,7 @@ def priority_requests_get_headroom():
     reqs = [{"ids": [(17 * i + k) % 8000 for k in range(150)], "max_new": 80} for i in range(4)]
     reqs[0]["kw"] = {"priority": -1, "request_id": "vip"}
     refs = [ref_of(r, model) for r in reqs]
-    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"] + ONE_PREFILL_STEP) as c:
         threads, results = skewed_start(c, reqs, drained=2)
         wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 40, 60, "instance 1 to hold the requests")
         c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
@@ -335,20 +354,23 @@ def priority_requests_get_headroom():
 
 @test
 def defrag_makes_room_for_a_waiting_request():
-    """Both decode instances about half full (3 requests of 11 blocks each); a request needing 36
+    """Both decode instances about half full (3 requests of 11-15 blocks each); a request needing 33
     blocks fits neither until the policy moves a running request off the instance it was given
     (trigger: defrag); every output stays exact."""
     model = small_model()
     small = [{"ids": [(29 * i + k) % 8000 for k in range(160)], "max_new": 90} for i in range(6)]
-    big = {"ids": [(k * 7 + 3) % 8000 for k in range(560)], "max_new": 12}
+    # 33 blocks: more than either instance has free while its 3 requests hold 11-15 blocks each,
+    # no more than it has once one of them moved away (64 - 2 x 15 = 34)
+    big = {"ids": [(k * 7 + 3) % 8000 for k in range(512)], "max_new": 12}
     refs = run_parallel(lambda r: ref_of(r, model), small + [big], workers=2)
-    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"]) as c:
+    with Cluster(np=4, model=model, args=LAYOUT + ["--kv-blocks", "64"] + ONE_PREFILL_STEP) as c:
         results = [None] * 7
 
         def client(i, r):
             results[i] = generate(c.stub, request_of(r), timeout=120)[0]
         threads = [threading.Thread(target=client, args=(i, r)) for i, r in enumerate(small)]
-        for t in threads:
+        threads.append(occupy_prefill(c))
+        for t in threads[:-1]:
             t.start()
         wait_until(lambda: all(r.running == 3 for r in decode_rows(c.status()).values()), 60,
                    "3 requests decoding on each decode instance")
