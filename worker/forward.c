@@ -70,7 +70,6 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
     f->tok_pos = xcalloc_count(T, sizeof(int), &failed);
     f->tok_seg = xcalloc_count(T, sizeof(int), &failed);
     f->rope = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
-    f->scratch = xcalloc_count((size_t)f->n_threads * max_ctx, sizeof(float), &failed);
     size_t nptr = (size_t)max_segs * f->nkv * f->max_blocks;
     f->kptr = xcalloc_count(nptr, sizeof(float *), &failed);
     f->vptr = xcalloc_count(nptr, sizeof(float *), &failed);
@@ -90,7 +89,7 @@ void moe_forward_free(moe_forward *f)
         return;
     void *bufs[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
                     f->moe_out, f->sh_gate, f->exp_count, f->exp_off, f->expert_tokens,
-                    f->tok_pos, f->tok_seg, f->rope, f->scratch, (void *)f->kptr, (void *)f->vptr};
+                    f->tok_pos, f->tok_seg, f->rope, (void *)f->kptr, (void *)f->vptr};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     moe_fwd_ep_free(f);

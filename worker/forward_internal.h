@@ -46,7 +46,6 @@ struct moe_forward {
     int *tok_pos;   /* [T] position of each token */
     int *tok_seg;   /* [T] segment of each token */
     float *rope;    /* (max_ctx, hd): cos then sin halves */
-    float *scratch; /* (n_threads, max_ctx) attention scores */
     const float **kptr, **vptr; /* (max_segs, nkv, max_blocks) per-head block bases of one layer */
 
     int64_t *expert_tokens; /* (n_layers, n_exp) assignments computed here, for load statistics */
