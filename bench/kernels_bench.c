@@ -122,6 +122,16 @@ static double time_matmul(moe_threadpool_t *pool, float *y, const float *x, cons
     return best;
 }
 
+/* Prefill GEMM shapes (n_out, n_in): the `small` preset (d 768, experts 384, kv 4 x 64) and
+ * OLMoE-1B-7B (d 2048, experts 1024, attention 2048 x 2048). */
+static const struct {
+    const char *what;
+    int n_out, n_in;
+} gemm_shapes[] = {{"small attn q/o", 768, 768},       {"small attn k/v", 256, 768},
+                   {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
+                   {"olmoe attn", 2048, 2048},         {"olmoe expert gate/up", 1024, 2048},
+                   {"olmoe expert down", 2048, 1024}};
+
 /* ---- prefill shapes: our bf16 matmul against a BLAS sgemm on f32 weights ----
  * BLAS has no bf16 GEMM, so its path converts the weight matrix to f32 first (on the pool's
  * threads) and that time is counted; "sgemm alone" is what it would cost with f32 weights kept
@@ -179,15 +189,6 @@ static void prefill_vs_blas(int max_threads, int quick)
         blas_open(&libs[i]);
         printf("%s: %s\n", libs[i].name, libs[i].sgemm ? "loaded" : "not installed (skipped)");
     }
-    /* (n_out, n_in): `small` preset (d 768, experts 384, kv 4 x 64) and OLMoE-1B-7B (d 2048,
-     * experts 1024, attention 2048 x 2048). */
-    static const struct {
-        const char *what;
-        int n_out, n_in;
-    } shapes[] = {{"small attn q/o", 768, 768},       {"small attn k/v", 256, 768},
-                  {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
-                  {"olmoe attn", 2048, 2048},         {"olmoe expert gate/up", 1024, 2048},
-                  {"olmoe expert down", 2048, 1024}};
     static const int toks[] = {64, 128, 256, 512};
     size_t max_w = (size_t)2048 * 2048, max_x = (size_t)512 * 2048;
     uint16_t *w = malloc(max_w * sizeof *w);
@@ -209,8 +210,8 @@ static void prefill_vs_blas(int max_threads, int quick)
                 libs[i].threads(nt);
         printf("\n== prefill, %d thread(s): ms (GFLOP/s); BLAS = convert bf16->f32 + sgemm ==\n",
                nt);
-        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-            int n_out = shapes[s].n_out, n_in = shapes[s].n_in;
+        for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++) {
+            int n_out = gemm_shapes[s].n_out, n_in = gemm_shapes[s].n_in;
             for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
                 int n_tok = toks[k];
                 double flop = 2.0 * n_tok * n_in * n_out;
@@ -234,7 +235,7 @@ static void prefill_vs_blas(int max_threads, int quick)
                         t_gemm[i] = fmin(t_gemm[i], now_s() - t3);
                     }
                 }
-                printf("%-21s %4dx%-4d n_tok=%-3d ours %7.3f (%5.1f)", shapes[s].what, n_out, n_in,
+                printf("%-21s %4dx%-4d n_tok=%-3d ours %7.3f (%5.1f)", gemm_shapes[s].what, n_out, n_in,
                        n_tok, t_ours * 1e3, flop / t_ours / 1e9);
                 const char *best = "ours";
                 double t_best = t_ours;
@@ -274,13 +275,6 @@ static void prefill_vs_blas(int max_threads, int quick)
  * dequantizing f32 panel: run the mode twice (alternating) to compare. */
 static void qprefill(int max_threads)
 {
-    static const struct {
-        const char *what;
-        int n_out, n_in;
-    } shapes[] = {{"small attn q/o", 768, 768},       {"small attn k/v", 256, 768},
-                  {"small expert gate/up", 384, 768}, {"small expert down", 768, 384},
-                  {"olmoe attn", 2048, 2048},         {"olmoe expert gate/up", 1024, 2048},
-                  {"olmoe expert down", 2048, 1024}};
     static const int toks[] = {64, 512};
     static const moe_dtype dts[] = {MOE_DT_BF16, MOE_DT_Q8, MOE_DT_Q4};
     size_t max_w = (size_t)2048 * 2048, max_x = (size_t)512 * 2048;
@@ -301,8 +295,8 @@ static void qprefill(int max_threads)
         moe_threadpool_t *pool = moe_threadpool_create(nt);
         printf("\n== prefill shapes, %d thread(s), q8/q4 %s: ms (GFLOP/s), best of 5 ==\n", nt,
                env && strcmp(env, "f32") == 0 ? "f32 panel" : "int8");
-        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-            int n_out = shapes[s].n_out, n_in = shapes[s].n_in;
+        for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++) {
+            int n_out = gemm_shapes[s].n_out, n_in = gemm_shapes[s].n_in;
             size_t n = (size_t)n_out * n_in;
             for (size_t i = 0; i < n; i++)
                 ((uint16_t *)wd[0])[i] = moe_f32_to_bf16(wf[i]);
@@ -315,7 +309,7 @@ static void qprefill(int max_threads)
                     for (int d = 0; d < 3; d++)
                         best[d] = fmin(best[d], time_matmul(pool, y, x, wd[d], dts[d], n_tok, n_in,
                                                             n_out, 1));
-                printf("%-21s %4dx%-4d n_tok=%-3d", shapes[s].what, n_out, n_in, n_tok);
+                printf("%-21s %4dx%-4d n_tok=%-3d", gemm_shapes[s].what, n_out, n_in, n_tok);
                 for (int d = 0; d < 3; d++)
                     printf(" | %s %7.3f (%5.1f)", moe_dtype_name(dts[d]), best[d] * 1e3,
                            flop / best[d] / 1e9);
@@ -448,7 +442,7 @@ int main(int argc, char **argv)
         moe_threadpool_t *pool = moe_threadpool_create(nt);
         printf("\n== %d thread(s) ==\n", nt);
         for (int s = 0; matvec && s < 2; s++) {
-            int n_out = shapes[s][0], n_in = shapes[s][1];
+            int n_out = gemm_shapes[s][0], n_in = gemm_shapes[s][1];
             size_t n = (size_t)n_out * n_in;
             for (int isa = MOE_ISA_SCALAR; isa <= (int)best_isa; isa++) {
                 if (isa == MOE_ISA_SCALAR && s == 1)
