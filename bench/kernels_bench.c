@@ -442,7 +442,7 @@ int main(int argc, char **argv)
         moe_threadpool_t *pool = moe_threadpool_create(nt);
         printf("\n== %d thread(s) ==\n", nt);
         for (int s = 0; matvec && s < 2; s++) {
-            int n_out = gemm_shapes[s][0], n_in = gemm_shapes[s][1];
+            int n_out = shapes[s][0], n_in = shapes[s][1];
             size_t n = (size_t)n_out * n_in;
             for (int isa = MOE_ISA_SCALAR; isa <= (int)best_isa; isa++) {
                 if (isa == MOE_ISA_SCALAR && s == 1)
