@@ -44,9 +44,10 @@ static void fill_load(worker *w, pb_load *l)
     }
     for (int i = 0; i < w->n_pulls; i++) {
         /* Reserved for a layer-by-layer push while the prefill side still computes the prompt:
-         * waiting to start here, not running (its blocks count as used). */
+         * not running here yet, and not waiting for room either (that would make the migration
+         * policy de-fragment for it); its blocks count as used. */
         bool prefilling = w->pulls[i].push && !w->pulls[i].offer;
-        waiting += w->pulls[i].phase == PULL_WAIT_ROOM || prefilling;
+        waiting += w->pulls[i].phase == PULL_WAIT_ROOM;
         active += w->pulls[i].phase == PULL_RECEIVING;
         if (prefilling && l->running > 0)
             l->running--;
