@@ -262,3 +262,28 @@ def run_parallel(fn, items, workers=40):
         i, e = errors[0]
         raise TestFailure("item %d: %s: %s" % (i, type(e).__name__, e))
     return results
+
+
+def registrar(tests):
+    """A decorator that records a test function in `tests` under its name."""
+    def test(fn):
+        tests[fn.__name__] = fn
+        return fn
+    return test
+
+
+def test_main(tests, prog):
+    """`prog --list` names the tests, `prog NAME` runs one (exit 0 = pass)."""
+    import sys
+    if len(sys.argv) == 2 and sys.argv[1] == "--list":
+        print("\n".join(tests))
+        return 0
+    if len(sys.argv) != 2 or sys.argv[1] not in tests:
+        print("usage: %s --list | NAME" % prog, file=sys.stderr)
+        return 2
+    try:
+        tests[sys.argv[1]]()
+    except TestFailure as e:
+        print("FAIL: %s" % e)
+        return 1
+    return 0

@@ -12,15 +12,13 @@ import grpc
 
 import health_pb2
 from cluster import (MODEL, Cluster, TestFailure, build_dir, check, gen_request, generate, mixed_workload,
-                     reference, run_parallel, small_model)
+                     reference, registrar, run_parallel, small_model, test_main)
 import moeserve_pb2 as pb
 
 TESTS = {}
 
 
-def test(fn):
-    TESTS[fn.__name__] = fn
-    return fn
+test = registrar(TESTS)
 
 
 def references(reqs):
@@ -626,20 +624,5 @@ def impossible_layouts_are_refused():
         check(p.returncode != 0 and want in p.stderr, "%s: rc %d, stderr %r" % (args, p.returncode, p.stderr[-500:]))
 
 
-def main():
-    if len(sys.argv) == 2 and sys.argv[1] == "--list":
-        print("\n".join(TESTS))
-        return 0
-    if len(sys.argv) != 2 or sys.argv[1] not in TESTS:
-        print("usage: cluster_tests.py --list | NAME", file=sys.stderr)
-        return 2
-    try:
-        TESTS[sys.argv[1]]()
-    except TestFailure as e:
-        print("FAIL: %s" % e)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(test_main(TESTS, "cluster_tests.py"))

@@ -14,7 +14,7 @@ import threading
 import time
 
 from cluster import (MODEL, Cluster, TestFailure, build_dir, check, gen_request, generate, reference,
-                     run_parallel, small_model)
+                     registrar, run_parallel, small_model, test_main)
 import moeserve_pb2 as pb
 
 TESTS = {}
@@ -38,9 +38,7 @@ def occupy_prefill(c):
     return t
 
 
-def test(fn):
-    TESTS[fn.__name__] = fn
-    return fn
+test = registrar(TESTS)
 
 
 def stop_ok(c):
@@ -177,6 +175,14 @@ def aborts_on_the_source_side():
                  ("sent:0", "aborted_other"), ("sent:1", "aborted_other")])
 
 
+def join_and_compare(threads, results, refs):
+    """Waits for the client threads, then checks each request's tokens against its reference."""
+    for t in threads:
+        t.join(timeout=120)
+    for i, (g, ref) in enumerate(zip(results, refs)):
+        check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+
+
 def wait_until(pred, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -238,10 +244,7 @@ def drain_moves_every_request_off():
             w.join()
         check(got == extra_refs, "requests during the drain: %s vs %s" % (got, extra_refs))
         check(seen["max_used"] == 0, "the drained instance took KV: %s" % seen)
-        for t in threads:
-            t.join(timeout=120)
-        for i, (g, ref) in enumerate(zip(results, refs)):
-            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        join_and_compare(threads, results, refs)
         st = c.wait_idle()
         g = st.migration
         check(g.by_drain >= 1 and g.completed >= 1, "migration counters: %s" % g)
@@ -313,10 +316,7 @@ def balance_moves_requests_to_the_cold_instance():
         wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 56, 60, "instance 1 above high water")
         check(c.status().migration.started == 0, "moves before instance 2 was back")
         c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
-        for t in threads:
-            t.join(timeout=120)
-        for i, (g, ref) in enumerate(zip(results, refs)):
-            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        join_and_compare(threads, results, refs)
         st = c.wait_idle()
         g = st.migration
         check(g.by_balance >= 1 and g.completed >= 1, "no balance migration: %s" % g)
@@ -339,10 +339,7 @@ def priority_requests_get_headroom():
         threads, results = skewed_start(c, reqs, drained=2)
         wait_until(lambda: decode_rows(c.status())[1].kv_blocks_used >= 40, 60, "instance 1 to hold the requests")
         c.stub.Drain(pb.DrainRequest(instance=2, undo=True), timeout=5)
-        for t in threads:
-            t.join(timeout=120)
-        for i, (g, ref) in enumerate(zip(results, refs)):
-            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        join_and_compare(threads, results, refs)
         st = c.wait_idle()
         g = st.migration
         check(g.by_priority >= 1, "no priority migration: %s" % g)
@@ -378,10 +375,7 @@ def defrag_makes_room_for_a_waiting_request():
         tb = threading.Thread(target=client, args=(6, big))
         tb.start()
         threads.append(tb)
-        for t in threads:
-            t.join(timeout=120)
-        for i, (g, ref) in enumerate(zip(results, refs)):
-            check(g == ref, "request %d: %s vs %s" % (i, g, ref))
+        join_and_compare(threads, results, refs)
         st = c.wait_idle()
         g = st.migration
         check(g.by_defrag >= 1 and g.completed >= 1, "no defrag migration: %s" % g)
@@ -418,20 +412,5 @@ def expert_parallel_ranks_migrate():
         stop_ok(c)
 
 
-def main():
-    if len(sys.argv) == 2 and sys.argv[1] == "--list":
-        print("\n".join(TESTS))
-        return 0
-    if len(sys.argv) != 2 or sys.argv[1] not in TESTS:
-        print("usage: migration_tests.py --list | NAME", file=sys.stderr)
-        return 2
-    try:
-        TESTS[sys.argv[1]]()
-    except TestFailure as e:
-        print("FAIL: %s" % e)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(test_main(TESTS, "migration_tests.py"))
