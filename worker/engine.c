@@ -378,7 +378,7 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
             if (s->n_computed + chunk == s->n_tokens) {
                 e->logit_rows[n_rows] = n_tok + chunk - 1;
                 e->logit_seg[n_rows++] = n_segs;
-                if (s->prefill_only && s->n_generated == 0)
+                if (e->layer_fn && s->prefill_only && s->n_generated == 0)
                     e->hook_ids[e->n_hook_ids++] = s->id;
             }
             e->seg_seq[n_segs++] = s;

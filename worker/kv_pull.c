@@ -74,23 +74,25 @@ static void add_tomb(worker *w, uint64_t id)
         w->tombs[w->n_tombs++] = (tomb_t){.seq_id = id, .until = now + 60 * (int64_t)1000000000};
 }
 
-bool moe_kv_pull_has_tomb(const worker *w, uint64_t id)
+static int find_tomb(const worker *w, uint64_t id)
 {
     for (int i = 0; i < w->n_tombs; i++)
         if (w->tombs[i].seq_id == id)
-            return true;
-    return false;
+            return i;
+    return -1;
+}
+
+bool moe_kv_pull_has_tomb(const worker *w, uint64_t id)
+{
+    return find_tomb(w, id) >= 0;
 }
 
 static bool take_tomb(worker *w, uint64_t id)
 {
-    for (int i = 0; i < w->n_tombs; i++) {
-        if (w->tombs[i].seq_id == id) {
-            w->tombs[i] = w->tombs[--w->n_tombs];
-            return true;
-        }
-    }
-    return false;
+    int i = find_tomb(w, id);
+    if (i >= 0)
+        w->tombs[i] = w->tombs[--w->n_tombs];
+    return i >= 0;
 }
 
 void moe_kv_pull_free_seq(worker *w, uint64_t id)
@@ -486,11 +488,7 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
     p->lease_deadline = now + moe_worker_ms_ns(w->o->lease_ms);
     if (m->renew_only)
         return;
-    moe_kv_send_free(p->send); /* a retry replaces an attempt still in flight (or the push) */
-    p->send = NULL;
-    free(p->push_sums);
-    p->push_sums = NULL;
-    p->push_xfer = 0;
+    moe_kv_push_stop(p); /* a retry replaces an attempt still in flight (or the push) */
     moe_seq_state st;
     const int *blocks;
     int nb;

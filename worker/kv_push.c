@@ -18,6 +18,12 @@
 
 /* ---- prefill side ---- */
 
+/* Blocks that hold a prompt's K/V (what the decode side reserves and the push sends per layer). */
+static int prompt_blocks(const worker *w, int n_prompt)
+{
+    return (n_prompt + w->block_tokens - 1) / w->block_tokens;
+}
+
 void moe_kv_push_reserve(worker *w, park_t *p)
 {
     moe_seq_state st;
@@ -33,7 +39,7 @@ void moe_kv_push_reserve(worker *w, park_t *p)
     pb_reserve m;
     moeserve__cluster__v1__kv_reserve__init(&m);
     m.state = &s.s;
-    m.n_blocks = (uint32_t)((st.n_prompt + w->block_tokens - 1) / w->block_tokens);
+    m.n_blocks = (uint32_t)prompt_blocks(w, st.n_prompt);
     m.block_bytes = w->block_bytes;
     m.n_layers = (uint32_t)moe_engine_kv_layers(w->eng);
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_RESERVE), &m.base);
@@ -48,13 +54,14 @@ static bool push_layer(worker *w, park_t *p, int layer)
     int nb;
     if (moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK || nb != p->push_blocks)
         return false;
-    void **ptrs = malloc((size_t)(nb ? nb : 1) * sizeof *ptrs);
-    if (!ptrs)
+    /* Runs inside the engine step: the pointer array is the worker's, grown once, not allocated
+     * per layer. */
+    if (!moe_grow((void **)&w->push_ptrs, &w->cap_push_ptrs, nb ? nb : 1, sizeof *w->push_ptrs))
         return false;
+    void **ptrs = w->push_ptrs;
     for (int b = 0; b < nb; b++)
         ptrs[b] = moe_engine_kv_layer(w->eng, blocks[b], layer);
     moe_status s = moe_kv_send_append(p->send, ptrs, nb, p->push_sums + (size_t)layer * (size_t)nb);
-    free(ptrs);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: layer %d: %s", (unsigned long long)p->seq_id, layer,
                   moe_error_message());
@@ -64,14 +71,13 @@ static bool push_layer(worker *w, park_t *p, int layer)
     return true;
 }
 
-static void stop_push(worker *w, park_t *p)
+void moe_kv_push_stop(park_t *p)
 {
-    moe_kv_send_free(p->send); /* the receiver times out, then pulls (attempt 2) */
+    moe_kv_send_free(p->send); /* detached: a receiver still waiting times out, then pulls */
     p->send = NULL;
     free(p->push_sums);
     p->push_sums = NULL;
     p->push_xfer = 0;
-    (void)w;
 }
 
 void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m)
@@ -90,7 +96,7 @@ void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m)
         return;
     }
     int layers = moe_engine_kv_layers(w->eng);
-    p->push_blocks = (st.n_prompt + w->block_tokens - 1) / w->block_tokens;
+    p->push_blocks = prompt_blocks(w, st.n_prompt);
     p->push_sums = calloc((size_t)layers * (size_t)(p->push_blocks ? p->push_blocks : 1),
                           sizeof *p->push_sums);
     moe_status s = p->push_sums ? moe_kv_send_start(&w->data, NULL, 0, moe_engine_kv_layer_bytes(w->eng),
@@ -116,14 +122,14 @@ void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
     for (int i = 0; i < n; i++) {
         park_t *p = moe_kv_pull_find_park(w, ids[i]);
         if (p && p->push_xfer && p->push_layers == layer && !push_layer(w, p, layer))
-            stop_push(w, p);
+            moe_kv_push_stop(p);
     }
     /* Open MPI moves bytes only inside MPI calls: advance every push in flight once per layer. */
     for (int i = 0; i < w->n_parks; i++) {
         park_t *p = &w->parks[i];
         bool done;
         if (p->push_xfer && p->send && moe_kv_send_poll(p->send, &done) != MOE_OK)
-            stop_push(w, p);
+            moe_kv_push_stop(p);
     }
 }
 
@@ -134,7 +140,7 @@ void moe_kv_push_after_park(worker *w, park_t *p)
     int layers = moe_engine_kv_layers(w->eng);
     while (p->push_layers < layers)
         if (!push_layer(w, p, p->push_layers)) {
-            stop_push(w, p);
+            moe_kv_push_stop(p);
             return;
         }
     pb_header h;

@@ -1,7 +1,17 @@
-/* moe_seq_state <-> cluster.proto SeqState (see worker/seq_state_pb.h). */
+/* moe_seq_state and its sampling parameters <-> cluster.proto SeqState (worker/seq_state_pb.h). */
 #include "worker/seq_state_pb.h"
 
 #include <string.h>
+
+moe_sampling_params moe_sampling_from_pb(const Moeserve__Cluster__V1__Sampling *sp)
+{
+    if (!sp)
+        return (moe_sampling_params){.temperature = 0.0f, .top_p = 1.0f};
+    return (moe_sampling_params){.temperature = sp->temperature,
+                                 .top_k = sp->top_k,
+                                 .top_p = sp->top_p,
+                                 .seed = sp->seed};
+}
 
 void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b)
 {
@@ -36,12 +46,7 @@ void moe_seq_state_from_pb(const Moeserve__Cluster__V1__SeqState *s, moe_seq_sta
                           .n_computed = (int)s->n_computed,
                           .max_new_tokens = (int)s->max_new_tokens,
                           .ignore_eos = s->ignore_eos,
-                          .sp = {.temperature = 0.0f, .top_p = 1.0f}};
-    if (s->sampling)
-        st->sp = (moe_sampling_params){.temperature = s->sampling->temperature,
-                                       .top_k = s->sampling->top_k,
-                                       .top_p = s->sampling->top_p,
-                                       .seed = s->sampling->seed};
+                          .sp = moe_sampling_from_pb(s->sampling)};
     for (size_t i = 0; i < 4 && i < s->n_rng; i++)
         st->rng.s[i] = s->rng[i];
 }

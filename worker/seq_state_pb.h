@@ -15,6 +15,9 @@ typedef struct {
     uint64_t rng[4];
 } moe_seq_state_pb;
 
+/* The engine's sampling parameters from their wire form; NULL means greedy. */
+moe_sampling_params moe_sampling_from_pb(const Moeserve__Cluster__V1__Sampling *sp);
+
 /* Fills b from st; b->s borrows st->tokens (read only, by pack) and must not outlive them. */
 void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b);
 /* Fills st from s; st->tokens borrows s->tokens. A missing sampling means greedy. */

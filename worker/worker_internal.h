@@ -109,6 +109,8 @@ typedef struct {
     int n_pulls, cap_pulls;
     tomb_t *tombs;
     int n_tombs, cap_tombs;
+    void **push_ptrs; /* scratch of the layer push: one layer's slice addresses */
+    int cap_push_ptrs;
 
     moe_token_event *events;
     int cap_events;
@@ -174,6 +176,8 @@ void moe_kv_push_reserve(worker *w, park_t *p);
 void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m);
 /* The engine's layer hook (moe_engine_set_layer_hook; ctx is the worker). */
 void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n);
+/* Ends p's push (or pull attempt) on the prefill side: sends detached, push state dropped. */
+void moe_kv_push_stop(park_t *p);
 /* After the sequence parked: post the layers not sent yet, then the checksums (KvHeader). */
 void moe_kv_push_after_park(worker *w, park_t *p);
 /* Decode side. on_reserve takes ownership of m. */

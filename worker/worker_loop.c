@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "worker/comm_mpi.h"
 #include "worker/eplb.h"
+#include "worker/seq_state_pb.h"
 #include "worker/worker_internal.h"
 
 void moe_worker_engine_drop(worker *w, uint64_t id)
@@ -232,12 +233,7 @@ static void on_start(worker *w, const pb_start *m)
                              "worker has no model loaded");
         return;
     }
-    moe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
-    if (m->sampling)
-        sp = (moe_sampling_params){.temperature = m->sampling->temperature,
-                                   .top_k = m->sampling->top_k,
-                                   .top_p = m->sampling->top_p,
-                                   .seed = m->sampling->seed};
+    moe_sampling_params sp = moe_sampling_from_pb(m->sampling);
     bool prefill_only = m->prefill_only && w->o->role == MOE_WORKER_PREFILL;
     if (prefill_only &&
         !moe_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
@@ -446,6 +442,7 @@ static void worker_free(worker *w)
     free(w->parks);
     free(w->pulls);
     free(w->tombs);
+    free(w->push_ptrs);
     free(w->events);
     free(w->pev);
     free(w->pevp);
