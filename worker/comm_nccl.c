@@ -77,17 +77,38 @@ static moe_status ensure_stage(nccl_ctx *c, size_t bytes)
 static int n_rank(void *ctx) { return ((nccl_ctx *)ctx)->rank; }
 static int n_size(void *ctx) { return ((nccl_ctx *)ctx)->size; }
 
+/* Bytes spanned by per-peer (bytes, offset) pairs: the staging size of one side. */
+static size_t extent(const int *bytes, const int *off, int n)
+{
+    size_t end = 0;
+    for (int p = 0; p < n; p++)
+        if ((size_t)off[p] + (size_t)bytes[p] > end)
+            end = (size_t)off[p] + (size_t)bytes[p];
+    return end;
+}
+
+/* Posts every peer's send and receive as one NCCL group on c->stream (device buffers). */
+static moe_status group_exchange(nccl_ctx *c, const char *sbuf, const int *send_bytes, const int *send_off,
+                                 char *rbuf, const int *recv_bytes, const int *recv_off)
+{
+    moe_status st = NCCL_CHECK(ncclGroupStart());
+    if (st != MOE_OK)
+        return st;
+    for (int p = 0; p < c->size && st == MOE_OK; p++) {
+        if (send_bytes[p])
+            st = NCCL_CHECK(ncclSend(sbuf + send_off[p], (size_t)send_bytes[p], ncclChar, p, c->comm, c->stream));
+        if (st == MOE_OK && recv_bytes[p])
+            st = NCCL_CHECK(ncclRecv(rbuf + recv_off[p], (size_t)recv_bytes[p], ncclChar, p, c->comm, c->stream));
+    }
+    moe_status end = NCCL_CHECK(ncclGroupEnd());
+    return st != MOE_OK ? st : end;
+}
+
 static moe_status n_alltoallv(void *ctx, const void *send, const int *send_bytes, const int *send_off,
                               void *recv, const int *recv_bytes, const int *recv_off)
 {
     nccl_ctx *c = ctx;
-    size_t s_total = 0, r_total = 0;
-    for (int p = 0; p < c->size; p++) {
-        if ((size_t)send_off[p] + (size_t)send_bytes[p] > s_total)
-            s_total = (size_t)send_off[p] + (size_t)send_bytes[p];
-        if ((size_t)recv_off[p] + (size_t)recv_bytes[p] > r_total)
-            r_total = (size_t)recv_off[p] + (size_t)recv_bytes[p];
-    }
+    size_t s_total = extent(send_bytes, send_off, c->size), r_total = extent(recv_bytes, recv_off, c->size);
     bool dev_s = is_device_ptr(send), dev_r = is_device_ptr(recv);
     const char *sbuf = send;
     char *rbuf = recv;
@@ -101,17 +122,8 @@ static moe_status n_alltoallv(void *ctx, const void *send, const int *send_bytes
     }
     if (!dev_r)
         rbuf = (char *)c->stage + (dev_s ? 0 : s_total);
-    if ((st = NCCL_CHECK(ncclGroupStart())))
+    if ((st = group_exchange(c, sbuf, send_bytes, send_off, rbuf, recv_bytes, recv_off)))
         return st;
-    for (int p = 0; p < c->size && st == MOE_OK; p++) {
-        if (send_bytes[p])
-            st = NCCL_CHECK(ncclSend(sbuf + send_off[p], (size_t)send_bytes[p], ncclChar, p, c->comm, c->stream));
-        if (st == MOE_OK && recv_bytes[p])
-            st = NCCL_CHECK(ncclRecv(rbuf + recv_off[p], (size_t)recv_bytes[p], ncclChar, p, c->comm, c->stream));
-    }
-    moe_status end = NCCL_CHECK(ncclGroupEnd());
-    if (st != MOE_OK || end != MOE_OK)
-        return st != MOE_OK ? st : end;
     if (!dev_r && (st = MOE_CUDA_CHECK(cudaMemcpyAsync(recv, rbuf, r_total, cudaMemcpyDeviceToHost, c->stream))))
         return st;
     return MOE_CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -253,13 +265,7 @@ static moe_status n_ialltoallv(void *ctx, const void *send, const int *send_byte
             r = &c->pool[i];
     if (!r)
         return moe_error(MOE_ERR_FULL, "nccl: more than %d non-blocking all-to-alls outstanding", NCCL_POOL);
-    size_t s_total = 0, r_total = 0;
-    for (int p = 0; p < c->size; p++) {
-        if ((size_t)send_off[p] + (size_t)send_bytes[p] > s_total)
-            s_total = (size_t)send_off[p] + (size_t)send_bytes[p];
-        if ((size_t)recv_off[p] + (size_t)recv_bytes[p] > r_total)
-            r_total = (size_t)recv_off[p] + (size_t)recv_bytes[p];
-    }
+    size_t s_total = extent(send_bytes, send_off, c->size), r_total = extent(recv_bytes, recv_off, c->size);
     bool dev_s = is_device_ptr(send), dev_r = is_device_ptr(recv);
     size_t need = (dev_s ? 0 : s_total) + (dev_r ? 0 : r_total) + 1;
     moe_status st = MOE_OK;
@@ -287,17 +293,7 @@ static moe_status n_ialltoallv(void *ctx, const void *send, const int *send_byte
             return st;
         sbuf = r->dev;
     }
-    if ((st = NCCL_CHECK(ncclGroupStart())))
-        return st;
-    for (int p = 0; p < c->size && st == MOE_OK; p++) {
-        if (send_bytes[p])
-            st = NCCL_CHECK(ncclSend(sbuf + send_off[p], (size_t)send_bytes[p], ncclChar, p, c->comm, c->stream));
-        if (st == MOE_OK && recv_bytes[p])
-            st = NCCL_CHECK(ncclRecv(rbuf + recv_off[p], (size_t)recv_bytes[p], ncclChar, p, c->comm, c->stream));
-    }
-    moe_status end = NCCL_CHECK(ncclGroupEnd());
-    if (st == MOE_OK)
-        st = end;
+    st = group_exchange(c, sbuf, send_bytes, send_off, rbuf, recv_bytes, recv_off);
     if (st == MOE_OK)
         st = MOE_CUDA_CHECK(cudaEventRecord(r->done, c->stream));
     if (st != MOE_OK)
