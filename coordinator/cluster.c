@@ -1,6 +1,7 @@
-/* The coordinator's cluster backend: the coordinator loop, control messages with the workers over
- * MPI, heartbeats, the front end's slots (admission, cancel, status, health), start-up and drain.
- * The front end's threads only fill an inbox; the loop on the MPI thread does the rest (request
+/* The coordinator's cluster backend: the coordinator loop, control messages with the members over
+ * the cluster link (ctrl/link.h: MPI, or UCX for instances that join over the network), membership
+ * (joins, losses, leaves), heartbeats, the front end's slots (admission, cancel, status, health),
+ * start-up and drain. The front end's threads only fill an inbox; the loop does the rest (request
  * delivery: cluster_requests.c; instances and placement: cluster_sched.c). */
 #include "coordinator/cluster.h"
 
@@ -19,14 +20,41 @@
 
 inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank)
 {
-    return rank > 0 && rank < c->o.world_size && c->rank_inst[rank] >= 0
+    return rank > 0 && rank < c->n_members && c->rank_inst[rank] >= 0
                ? &c->inst[c->rank_inst[rank]]
                : NULL;
 }
 
+/* Grows the per-member arrays to hold member m (joins bring new ids). */
+static bool ensure_member(moe_cluster *c, int m)
+{
+    if (m < c->n_members)
+        return true;
+    int n = c->n_members ? c->n_members : 16;
+    while (n <= m)
+        n *= 2;
+    int *ri = realloc(c->rank_inst, (size_t)n * sizeof *ri);
+    if (ri)
+        c->rank_inst = ri;
+    bool *rr = realloc(c->rank_ready, (size_t)n * sizeof *rr);
+    if (rr)
+        c->rank_ready = rr;
+    bool *rb = realloc(c->rank_bye, (size_t)n * sizeof *rb);
+    if (rb)
+        c->rank_bye = rb;
+    if (!ri || !rr || !rb)
+        return false;
+    for (int i = c->n_members; i < n; i++) {
+        c->rank_inst[i] = -1;
+        c->rank_ready[i] = c->rank_bye[i] = false;
+    }
+    c->n_members = n;
+    return true;
+}
+
 moe_status moe_cluster_send(moe_cluster *c, int dest, int tag, const ProtobufCMessage *m)
 {
-    return moe_outbox_send(&c->ob, dest, tag, m);
+    return moe_link_send(c->link, dest, tag, m);
 }
 
 void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id)
@@ -41,6 +69,8 @@ void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id)
         MOE_LOG_E("free seq %llu: %s", (unsigned long long)id, moe_error_message());
 }
 
+static void lose_instance(moe_cluster *c, int idx, const char *why);
+
 /* ---- messages from workers ---- */
 
 static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__WorkerReady *m)
@@ -49,7 +79,9 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     inst_t *in = moe_cluster_inst_of_rank(c, src);
     if (!m->ok) {
         MOE_LOG_E("rank %d failed to start: %s", src, m->error);
-        if (in) {
+        if (in && c->elastic)
+            lose_instance(c, (int)(in - c->inst), "failed to start");
+        else if (in) {
             pthread_mutex_lock(&c->mu);
             in->state = MOE_INSTANCE_UNREACHABLE;
             pthread_mutex_unlock(&c->mu);
@@ -78,6 +110,8 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     MOE_LOG_I("rank %d ready: %s instance %d, KV %u blocks x %u tokens, warm-up %.0f ms", src,
               moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total,
               m->kv_block_tokens, m->warmup_ms);
+    if (c->elastic)
+        moe_cluster_inst_update_usable(c); /* it takes requests from now on */
 }
 
 static void on_heartbeat(moe_cluster *c, int src, const Moeserve__Cluster__V1__Heartbeat *m,
@@ -118,7 +152,12 @@ static void on_tokens(moe_cluster *c, int src, const Moeserve__Cluster__V1__Toke
     for (size_t i = 0; i < m->n_events; i++) {
         const Moeserve__Cluster__V1__TokenEvent *e = m->events[i];
         creq *r = moe_cluster_req_find(c, e->seq_id);
-        if (r && r->state != RQ_QUEUED) {
+        /* Only the request's current placement speaks for it: a late token of a placement it
+         * left (resumed elsewhere) is dropped; a migration's destination may speak before its
+         * source's MigrateEnd arrives. */
+        int from = in ? (int)(in - c->inst) : -1;
+        bool placed = r && (from == r->pi || from == r->di || (r->mig.id && from == r->mig.dst));
+        if (r && r->state != RQ_QUEUED && placed) {
             moe_cluster_req_deliver(c, r, e->index, e->token, e->finish);
             delivered++;
         }
@@ -136,7 +175,7 @@ static int cmp_float(const void *a, const void *b)
 }
 
 /* Logs the token path's added latency over the last tokens (the coordinator's overhead per
- * streamed token: MPI hop, detokenization, stop strings, hand-over to the gRPC threads). */
+ * streamed token: link hop, detokenization, stop strings, hand-over to the gRPC threads). */
 static void log_token_latency(moe_cluster *c, const char *when)
 {
     size_t n = c->n_lat < LAT_RING ? (size_t)c->n_lat : LAT_RING;
@@ -191,6 +230,154 @@ static void on_seq_event(moe_cluster *c, int src, const Moeserve__Cluster__V1__S
     }
 }
 
+/* ---- membership (elastic clusters: ctrl/link_ucx.h) ---- */
+
+static moe_pool_kind pool_of_role(Moeserve__Cluster__V1__Role r)
+{
+    return r == MOESERVE__CLUSTER__V1__ROLE__ROLE_PREFILL  ? MOE_POOL_PREFILL
+           : r == MOESERVE__CLUSTER__V1__ROLE__ROLE_DECODE ? MOE_POOL_DECODE
+                                                           : MOE_POOL_MIXED;
+}
+
+/* A rank passed the token check: it becomes a placement target (STARTING until WorkerReady). */
+static void on_joined(moe_cluster *c, int m, const uint8_t *buf, size_t len)
+{
+    Moeserve__Cluster__V1__Join *j = moeserve__cluster__v1__join__unpack(NULL, len, buf);
+    const char *refuse = NULL;
+    char why[160];
+    if (!j)
+        refuse = "its Join message is malformed";
+    else if (j->role < MOESERVE__CLUSTER__V1__ROLE__ROLE_PREFILL ||
+             j->role > MOESERVE__CLUSTER__V1__ROLE__ROLE_MIXED)
+        refuse = "its Join names no pool";
+    else if (c->n_inst >= MOE_FRONTEND_MAX_INSTANCES)
+        refuse = "the cluster has no room for more instances";
+    else if (!ensure_member(c, m))
+        refuse = "out of memory";
+    else {
+        moe_pool_kind pool = pool_of_role(j->role);
+        bool live_disagg = false, live_mixed = false;
+        for (int i = 0; i < c->n_inst; i++) {
+            if (c->inst[i].state == MOE_INSTANCE_UNREACHABLE)
+                continue;
+            live_mixed |= c->inst[i].def.pool == MOE_POOL_MIXED;
+            live_disagg |= c->inst[i].def.pool != MOE_POOL_MIXED;
+        }
+        if ((pool == MOE_POOL_MIXED && live_disagg) || (pool != MOE_POOL_MIXED && live_mixed)) {
+            snprintf(why, sizeof why, "a %s instance cannot join a %s cluster",
+                     moe_cluster_pool_name(pool), live_mixed ? "colocated" : "disaggregated");
+            refuse = why;
+        }
+    }
+    if (refuse) {
+        MOE_LOG_W("member %d (%s) refused: %s", m, moe_link_host(c->link, m), refuse);
+        moe_link_fence(c->link, m);
+        if (j)
+            moeserve__cluster__v1__join__free_unpacked(j, NULL);
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    int idx = c->n_inst;
+    inst_t *in = &c->inst[idx];
+    memset(in, 0, sizeof *in);
+    in->def.pool = pool_of_role(j->role);
+    in->def.ep_size = 1;
+    in->def.ranks[0] = m;
+    in->lead = m;
+    in->state = MOE_INSTANCE_STARTING;
+    in->last_seen = moe_now_ns();
+    atomic_init(&in->mig.drain, false);
+    snprintf(in->uuid, sizeof in->uuid, "%s", j->instance_uuid);
+    snprintf(in->host, sizeof in->host, "%s", *j->host ? j->host : moe_link_host(c->link, m));
+    c->rank_inst[m] = idx;
+    c->n_inst++;
+    c->disagg = in->def.pool != MOE_POOL_MIXED;
+    pthread_mutex_unlock(&c->mu);
+    MOE_LOG_I("member %d joined from %s: %s instance %d (rank %u of %u of %s)", m, in->host,
+              moe_cluster_pool_name(in->def.pool), idx, j->ep_rank, j->ep_size, in->uuid);
+    moeserve__cluster__v1__join__free_unpacked(j, NULL);
+}
+
+/* Fences every target of the instance (mpirun job) that target idx belongs to: an
+ * expert-parallel instance is lost whole, since its ranks step together. */
+static void lose_instance(moe_cluster *c, int idx, const char *why)
+{
+    char uuid[64];
+    snprintf(uuid, sizeof uuid, "%s", c->inst[idx].uuid);
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (in->state == MOE_INSTANCE_UNREACHABLE || (i != idx && (!*uuid || strcmp(in->uuid, uuid))))
+            continue;
+        if (c->elastic)
+            moe_link_fence(c->link, in->lead); /* its late messages are dropped from here on */
+        moe_cluster_inst_lost(c, i, why);
+    }
+}
+
+static void on_member_lost(moe_cluster *c, int m)
+{
+    inst_t *in = moe_cluster_inst_of_rank(c, m);
+    if (!in || in->state == MOE_INSTANCE_UNREACHABLE)
+        return;
+    lose_instance(c, (int)(in - c->inst), in->leaving ? "left" : "is gone: its connection failed");
+}
+
+/* The instance asked to leave (SIGTERM): no new requests, its running ones migrate away (the
+ * migration policy drains it); check_leaving sends Shutdown once nothing depends on it. */
+static void on_leave(moe_cluster *c, int src, const Moeserve__Cluster__V1__Leave *m)
+{
+    inst_t *from = moe_cluster_inst_of_rank(c, src);
+    if (!from)
+        return;
+    int64_t now = moe_now_ns();
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (in->state == MOE_INSTANCE_UNREACHABLE || in->leaving ||
+            (in != from && (!*from->uuid || strcmp(in->uuid, from->uuid))))
+            continue;
+        in->leaving = true;
+        in->leave_ns = now;
+        atomic_store(&in->mig.drain, true);
+        MOE_LOG_I("%s instance %d (member %d) leaves (%s): draining it", moe_cluster_pool_name(in->def.pool),
+                  i, in->lead, m->reason);
+    }
+    c->wake = true;
+}
+
+/* Requests that still need target idx. */
+static int dependents(moe_cluster *c, int idx)
+{
+    int n = 0;
+    for (int b = 0; b < N_BUCKETS; b++)
+        for (const creq *r = c->buckets[b]; r; r = r->hnext)
+            n += r->state != RQ_QUEUED &&
+                 ((r->pi == idx && (r->state == RQ_PREFILL || r->state == RQ_TRANSFER)) ||
+                  r->di == idx || (r->mig.id && r->mig.dst == idx));
+    return n;
+}
+
+/* Leaving instances whose last request moved or finished (or whose drain timed out: what is left
+ * goes on elsewhere) are told to shut down. */
+static void check_leaving(moe_cluster *c, int64_t now)
+{
+    for (int i = 0; i < c->n_inst; i++) {
+        inst_t *in = &c->inst[i];
+        if (!in->leaving || in->state == MOE_INSTANCE_UNREACHABLE)
+            continue;
+        bool late = (double)(now - in->leave_ns) * 1e-9 > c->o.drain_timeout_s;
+        if (!late && (dependents(c, i) > 0 || in->mig.out > 0 || in->mig.in > 0))
+            continue;
+        Moeserve__Cluster__V1__Shutdown m;
+        moeserve__cluster__v1__shutdown__init(&m);
+        m.reason = (char *)"left the cluster";
+        if (moe_cluster_send(c, in->lead, TAG(SHUTDOWN), &m.base) != MOE_OK)
+            MOE_LOG_W("shutdown of member %d: %s", in->lead, moe_error_message());
+        MOE_LOG_I("%s instance %d (member %d) %s: shutting it down", moe_cluster_pool_name(in->def.pool),
+                  i, in->lead, late ? "did not drain in time" : "is drained");
+        moe_cluster_inst_lost(c, i, "left the cluster");
+    }
+}
+
 static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, size_t len)
 {
     inst_t *in = moe_cluster_inst_of_rank(c, src);
@@ -216,6 +403,9 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
         break;
     case TAG(MIGRATE_END):
         d = &moeserve__cluster__v1__migrate_end__descriptor;
+        break;
+    case TAG(LEAVE):
+        d = &moeserve__cluster__v1__leave__descriptor;
         break;
     default:
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
@@ -243,37 +433,34 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
     case TAG(MIGRATE_END):
         moe_cluster_mig_on_end(c, src, (const Moeserve__Cluster__V1__MigrateEnd *)m);
         break;
+    case TAG(LEAVE):
+        on_leave(c, src, (const Moeserve__Cluster__V1__Leave *)m);
+        break;
     default:
         break;
     }
     protobuf_c_message_free_unpacked(m, NULL);
 }
 
-/* Receives up to 256 waiting messages (then the loop serves its inbox before taking more). */
-static int drain_mpi(moe_cluster *c, uint8_t **buf, size_t *cap)
+/* Takes up to 256 waiting events (then the loop serves its inbox before taking more). */
+static int drain_link(moe_cluster *c)
 {
     int n = 0;
-    while (n < 256) {
-        int flag = 0;
-        MPI_Status st;
-        if (MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, c->ctrl, &flag, &st) != MPI_SUCCESS || !flag)
-            break;
-        int count = 0;
-        MPI_Get_count(&st, MPI_BYTE, &count);
-        if ((size_t)count > *cap) {
-            uint8_t *nb = realloc(*buf, (size_t)count);
-            if (!nb) {
-                MOE_LOG_E("out of memory for a %d-byte control message", count);
-                break;
-            }
-            *buf = nb;
-            *cap = (size_t)count;
-        }
-        if (MPI_Recv(*buf, count, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, c->ctrl,
-                     MPI_STATUS_IGNORE) != MPI_SUCCESS)
-            break;
-        handle_msg(c, st.MPI_SOURCE, st.MPI_TAG, *buf, (size_t)count);
+    moe_link_event ev;
+    while (n < 256 && moe_link_poll(c->link, &ev)) {
         n++;
+        switch (ev.kind) {
+        case MOE_LINK_MSG:
+            if (ensure_member(c, ev.src))
+                handle_msg(c, ev.src, ev.tag, ev.buf, ev.len);
+            break;
+        case MOE_LINK_JOINED:
+            on_joined(c, ev.src, ev.buf, ev.len);
+            break;
+        case MOE_LINK_LOST:
+            on_member_lost(c, ev.src);
+            break;
+        }
     }
     return n;
 }
@@ -425,7 +612,9 @@ static bool be_healthy(void *ctx)
     moe_cluster *c = ctx;
     pthread_mutex_lock(&c->mu);
     bool ok = c->ready && c->usable && !c->draining && !c->stopped;
-    for (int i = 0; ok && i < c->n_inst; i++)
+    /* mpirun: one failure domain, so any unreachable rank means trouble. Elastic: lost instances
+     * are gone for good and the rest serve. */
+    for (int i = 0; ok && !c->elastic && i < c->n_inst; i++)
         ok = c->inst[i].state == MOE_INSTANCE_READY;
     pthread_mutex_unlock(&c->mu);
     return ok;
@@ -446,7 +635,8 @@ void moe_cluster_backend(moe_cluster *c, moe_frontend_backend *out)
 
 moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
 {
-    if (opts->n_instances <= 0 || opts->world_size < 2 || opts->max_requests <= 0 ||
+    if ((!opts->elastic && (opts->n_instances <= 0 || opts->world_size < 2)) || !opts->link ||
+        opts->max_requests <= 0 ||
         opts->max_queue < 0 || opts->heartbeat_timeout_ms <= 0 || opts->startup_timeout_ms <= 0)
         return moe_error(MOE_ERR_INVALID_ARG,
                          "cluster: %d instances over %d ranks, limits %d/%d, timeouts %d/%d ms",
@@ -456,21 +646,18 @@ moe_status moe_cluster_create(const moe_cluster_opts *opts, moe_cluster **out)
     if (!c)
         return moe_error(MOE_ERR_NOMEM, "cluster: out of memory");
     c->o = *opts;
-    c->ctrl = opts->ctrl;
-    c->ob.comm = opts->ctrl;
+    c->link = opts->link;
+    c->elastic = opts->elastic;
     snprintf(c->model_name, sizeof c->model_name, "%s", opts->model_name ? opts->model_name : "");
-    c->n_inst = opts->n_instances;
-    c->inst = calloc((size_t)c->n_inst, sizeof *c->inst);
-    c->rank_inst = malloc((size_t)opts->world_size * sizeof *c->rank_inst);
-    c->rank_ready = calloc((size_t)opts->world_size, sizeof *c->rank_ready);
-    c->rank_bye = calloc((size_t)opts->world_size, sizeof *c->rank_bye);
+    c->n_inst = opts->elastic ? 0 : opts->n_instances;
+    /* Elastic: room for every instance that may join (targets are never moved: the front end
+     * reads them under mu, requests name them by index). */
+    c->inst = calloc((size_t)(opts->elastic ? MOE_FRONTEND_MAX_INSTANCES : c->n_inst), sizeof *c->inst);
     c->spares = calloc((size_t)(opts->n_spare ? opts->n_spare : 1), sizeof *c->spares);
-    if (!c->inst || !c->rank_inst || !c->rank_ready || !c->rank_bye || !c->spares) {
+    if (!c->inst || !c->spares || !ensure_member(c, opts->elastic ? 16 : opts->world_size - 1)) {
         moe_cluster_free(c);
         return moe_error(MOE_ERR_NOMEM, "cluster: out of memory");
     }
-    for (int r = 0; r < opts->world_size; r++)
-        c->rank_inst[r] = -1;
     for (int i = 0; i < c->n_inst; i++) {
         inst_t *in = &c->inst[i];
         in->def = opts->instances[i];
@@ -507,7 +694,6 @@ void moe_cluster_free(moe_cluster *c)
                            "the server is shutting down");
         free(c->in_sub[i]);
     }
-    moe_outbox_free(&c->ob);
     moe_cluster_mig_free(c);
     free(c->lat);
     free(c->in_sub);
@@ -587,12 +773,12 @@ static bool any_requests(moe_cluster *c)
 }
 
 /* Waits for every worker's WorkerReady. */
-static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
+static moe_status await_workers(moe_cluster *c)
 {
     int64_t deadline = moe_now_ns() + (int64_t)c->o.startup_timeout_ms * 1000000;
     int64_t idle = 0;
     for (;;) {
-        bool busy = drain_mpi(c, buf, cap) > 0;
+        bool busy = drain_link(c) > 0;
         int missing = 0, first_missing = -1;
         for (int r = 1; r < c->o.world_size; r++) {
             if (!c->rank_ready[r]) {
@@ -614,7 +800,7 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
                              c->o.startup_timeout_ms, first_missing);
         if (c->o.drain_flag && *c->o.drain_flag)
             return moe_error(MOE_ERR_CANCELLED, "interrupted while the workers were starting");
-        moe_outbox_progress(&c->ob);
+        moe_link_progress(c->link);
         idle = busy ? 0 : idle ? (idle * 2 > 20000000 ? 20000000 : idle * 2) : 100000;
         if (idle)
             moe_sleep_ns(idle);
@@ -623,13 +809,9 @@ static moe_status await_workers(moe_cluster *c, uint8_t **buf, size_t *cap)
 
 moe_status moe_cluster_run(moe_cluster *c)
 {
-    uint8_t *buf = NULL;
-    size_t cap = 0;
-    moe_status st = await_workers(c, &buf, &cap);
-    if (st != MOE_OK) {
-        free(buf);
+    moe_status st = c->elastic ? MOE_OK : await_workers(c); /* elastic: instances come later */
+    if (st != MOE_OK)
         return st;
-    }
     moe_cluster_inst_update_usable(c);
     pthread_mutex_lock(&c->mu);
     c->ready = true;
@@ -640,19 +822,37 @@ moe_status moe_cluster_run(moe_cluster *c)
     int64_t idle = 0, next_check = 0;
     for (;;) {
         bool busy = take_inbox(c);
-        busy |= drain_mpi(c, &buf, &cap) > 0;
+        busy |= drain_link(c) > 0;
         moe_cluster_sched_dispatch(c);
         int64_t now = moe_now_ns();
         busy |= moe_cluster_mig_tick(c, now);
-        moe_outbox_progress(&c->ob);
+        moe_link_progress(c->link);
+        /* Liveness is judged from what each member last said, over time this loop ran: after a
+         * stall of the coordinator itself (CPU starvation, SIGSTOP, a VM pause) every member gets
+         * a fresh window to speak before anyone is fenced. */
+        if (c->last_turn && now - c->last_turn > 1000000000) {
+            MOE_LOG_W("the coordinator loop stalled for %.1f s: members get a fresh heartbeat window",
+                      (double)(now - c->last_turn) * 1e-9);
+            for (int i = 0; i < c->n_inst; i++)
+                if (c->inst[i].last_seen)
+                    c->inst[i].last_seen = now;
+        }
+        c->last_turn = now;
         if (now >= next_check) {
             next_check = now + 20000000;
             for (int i = 0; i < c->n_inst; i++) {
                 inst_t *in = &c->inst[i];
                 double silent = (double)(now - in->last_seen) * 1e-9;
-                if (in->state == MOE_INSTANCE_READY && silent * 1000.0 > c->o.heartbeat_timeout_ms)
-                    moe_cluster_inst_unreachable(c, i, silent);
+                bool watched = in->state == MOE_INSTANCE_READY ||
+                               (c->elastic && in->state == MOE_INSTANCE_STARTING && in->ready_seen);
+                if (watched && silent * 1000.0 > c->o.heartbeat_timeout_ms) {
+                    char why[96];
+                    snprintf(why, sizeof why, "stopped answering: no heartbeat for %.1f s", silent);
+                    lose_instance(c, i, why);
+                }
             }
+            if (c->elastic)
+                check_leaving(c, now);
         }
         if (now >= c->next_lat_log) {
             c->next_lat_log = now + 10 * (int64_t)1000000000;
@@ -692,7 +892,7 @@ moe_status moe_cluster_run(moe_cluster *c)
             continue;
         }
         /* Idle: block on the inbox's condition variable (the front end signals it) for a nap that
-         * grows to 250 us while requests are in flight (tokens arrive by MPI, which has no
+         * grows to 250 us while requests are in flight (tokens arrive by the link, which has no
          * wake-up) and to 20 ms otherwise. */
         int64_t cap_ns = any_requests(c) ? 250000 : 20000000;
         idle = idle ? (idle * 2 > cap_ns ? cap_ns : idle * 2) : 20000;
@@ -706,12 +906,17 @@ moe_status moe_cluster_run(moe_cluster *c)
             pthread_cond_timedwait(&c->cv, &c->mu, &ts);
         pthread_mutex_unlock(&c->mu);
     }
-    free(buf);
     return MOE_OK;
 }
 
 moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
 {
+    if (c->elastic) {
+        /* Instances are failure domains of their own: they outlive this coordinator and rejoin
+         * the next one. Only what is queued for them is flushed. */
+        moe_link_flush(c->link, timeout_ms < 2000 ? timeout_ms : 2000);
+        return MOE_OK;
+    }
     Moeserve__Cluster__V1__Shutdown m;
     moeserve__cluster__v1__shutdown__init(&m);
     m.reason = (char *)"coordinator shutdown";
@@ -722,13 +927,11 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
         if (moe_cluster_send(c, r, TAG(SHUTDOWN), &m.base) != MOE_OK)
             MOE_LOG_E("shutdown of rank %d: %s", r, moe_error_message());
     }
-    uint8_t *buf = NULL;
-    size_t cap = 0;
     int64_t deadline = moe_now_ns() + (int64_t)timeout_ms * 1000000;
     int missing;
     for (;;) {
-        drain_mpi(c, &buf, &cap);
-        moe_outbox_progress(&c->ob);
+        drain_link(c);
+        moe_link_progress(c->link);
         missing = 0;
         for (int r = 1; r < c->o.world_size; r++) {
             inst_t *in = moe_cluster_inst_of_rank(c, r);
@@ -739,7 +942,6 @@ moe_status moe_cluster_shutdown_workers(moe_cluster *c, int timeout_ms)
             break;
         moe_sleep_ns(200000);
     }
-    free(buf);
     missing = 0; /* hung ranks count again: they would block MPI_Finalize */
     for (int r = 1; r < c->o.world_size; r++)
         missing += !c->rank_bye[r];

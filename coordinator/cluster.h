@@ -1,13 +1,12 @@
-/* The coordinator's cluster backend (rank 0): the request table, placement of each request on a
- * prefill and a decode instance (or one mixed instance), the MPI side of the coordinator
- * (control messages with the workers, heartbeats), detokenization and stop strings, and drain.
- * It implements the front end's backend vtable (coordinator/frontend.h): the gRPC threads only
- * queue work for it; everything else, MPI included, runs in moe_cluster_run on the thread that
- * initialised MPI. */
+/* The coordinator's cluster backend (member 0): the request table, placement of each request on a
+ * prefill and a decode instance (or one mixed instance), membership and control messages with the
+ * workers over the cluster link (heartbeats, joins, losses), detokenization and stop strings, and
+ * drain. It implements the front end's backend vtable (coordinator/frontend.h): the gRPC threads
+ * only queue work for it; everything else runs in moe_cluster_run on the thread that owns the
+ * link. */
 #ifndef MOE_COORDINATOR_CLUSTER_H
 #define MOE_COORDINATOR_CLUSTER_H
 
-#include <mpi.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -15,6 +14,7 @@
 #include "common/status.h"
 #include "common/tokenizer.h"
 #include "coordinator/frontend.h"
+#include "ctrl/link.h"
 
 typedef struct moe_cluster moe_cluster;
 
@@ -53,7 +53,11 @@ typedef struct {
     const char *model_name;      /* for ClusterStatus and logs */
     const moe_model_config *cfg; /* borrowed: EOS ids, vocabulary, context */
     const moe_tokenizer *tok;    /* borrowed: tokenize, detokenize */
-    MPI_Comm ctrl;               /* control communicator (cluster.proto); the coordinator is 0 */
+    moe_link *link;              /* control messages with the members (borrowed); we are member 0 */
+    /* Elastic (moe-serve coordinator): no instance is known at start; ranks join over the link,
+     * each its own placement target, and instances come and go (a lost one's requests go on
+     * elsewhere). Otherwise (mpirun): the layout below is fixed, one failure domain. */
+    bool elastic;
     int world_size;
     int n_instances;
     const moe_cluster_instance *instances; /* [n_instances], copied */
@@ -86,7 +90,7 @@ void moe_cluster_backend(moe_cluster *c, moe_frontend_backend *out);
  * the rank and its error, or UNAVAILABLE after startup_timeout_ms), then serves until a drain
  * (drain_flag or moe_cluster_drain) has finished: no new requests, running ones finish within
  * drain_timeout_s, the rest end with UNAVAILABLE. Never sleeps a fixed time while tokens are in
- * flight; idle, it blocks on a condition variable the front end signals, polling MPI in short
+ * flight; idle, it blocks on a condition variable the front end signals, polling the link in short
  * naps. Must be called on the thread that initialised MPI. */
 moe_status moe_cluster_run(moe_cluster *c);
 /* Starts the drain (thread-safe, not async-signal-safe: signal handlers use drain_flag). */

@@ -11,7 +11,7 @@
 #include "cluster.pb-c.h"
 #include "common/stop.h"
 #include "common/grow.h"
-#include "ctrl/outbox.h"
+#include "ctrl/link.h"
 #include "coordinator/cluster.h"
 #include "coordinator/cluster_migrate.h"
 
@@ -37,6 +37,10 @@ typedef struct creq {
     const moe_gen_request *req;
     rq_state state;
     int pi, di;           /* prefill and decode instance (-1 none; mixed: pi == di) */
+    uint32_t first_index; /* the first token index its current placement produces (resumed: > 0) */
+    int32_t *gen;         /* the tokens streamed so far, in index order (a resume re-sends them) */
+    int n_gen, cap_gen;
+    uint32_t resumes;     /* times it went on elsewhere after losing an instance */
     int reserved_blocks;  /* counted in inst[di].reserved_blocks until the hand-off */
     bool counted_pending; /* n_prompt counted in inst[pi].pending_tokens until the first token */
     uint32_t next_index;
@@ -53,7 +57,11 @@ typedef struct creq {
 
 typedef struct {
     moe_cluster_instance def;
-    int lead;
+    int lead;           /* its member id on the link */
+    char uuid[64];      /* joined: the instance (mpirun job) this target is a rank of */
+    char host[64];
+    bool leaving;       /* joined: asked to leave (Leave); Shutdown once nothing depends on it */
+    int64_t leave_ns;
     moe_instance_state state;
     bool ready_seen;
     int64_t last_seen;
@@ -77,13 +85,16 @@ struct moe_cluster {
     char model_name[128];
     inst_t *inst;
     int n_inst;
-    int *rank_inst; /* [world] instance of a rank, -1 coordinator/spare */
+    /* Per member id (MPI: world rank): its target, -1 coordinator/spare/unknown. Grown on joins. */
+    int *rank_inst;
     bool *rank_ready, *rank_bye;
+    int n_members;
+    bool elastic; /* instances join and leave over the network (opts.elastic) */
+    int64_t last_turn; /* the loop's last turn: a stalled coordinator does not judge others by it */
     int *spares;
     bool disagg;
 
-    MPI_Comm ctrl;
-    moe_outbox ob; /* control messages to the workers */
+    moe_link *link; /* control messages with the members (borrowed) */
 
     pthread_mutex_t mu; /* inbox, admission counters, instance fields read by the front end */
     pthread_cond_t cv;
@@ -131,8 +142,14 @@ void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Clu
 /* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
 void moe_cluster_inst_update_usable(moe_cluster *c);
 const char *moe_cluster_pool_name(moe_pool_kind k);
-/* An instance missed its heartbeats: it becomes UNREACHABLE and its requests fail UNAVAILABLE. */
-void moe_cluster_inst_unreachable(moe_cluster *c, int idx, double silent_s);
+/* An instance is gone (missed its heartbeats, its connection failed, it left): it becomes
+ * UNREACHABLE. Elastic clusters resume each of its requests elsewhere from prompt + the tokens
+ * already streamed; an mpirun cluster (one failure domain) fails them UNAVAILABLE with why. */
+void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why);
+/* ---- cluster_requests.c: resume after a lost instance ---- */
+/* Takes r off its instances (freeing it on those still alive) and queues it again: the next
+ * placement computes prompt + the streamed tokens and goes on from the next index. */
+void moe_cluster_req_resume(moe_cluster *c, creq *r, const char *why);
 /* Queues an admitted request by priority, then arrival. */
 void moe_cluster_sched_enqueue(moe_cluster *c, creq *r);
 /* Sends queued requests to instances while they have room for more prompt tokens. */

@@ -61,6 +61,7 @@ static void destroy_req(moe_cluster *c, creq *r)
     moe_detok_free(r->dt);
     moe_stopper_free(r->stop);
     free(r->stash);
+    free(r->gen);
     free(r->text);
     free(r);
 }
@@ -94,6 +95,29 @@ static void finish_req(moe_cluster *c, creq *r, moe_api_finish why, const char *
     moe_frontend_finish_info info = {.reason = why, .matched_stop = matched};
     moe_frontend_finish(r->stream, &info);
     destroy_req(c, r);
+}
+
+void moe_cluster_req_resume(moe_cluster *c, creq *r, const char *why)
+{
+    release_accounting(c, r); /* it was not queued: n_queued is untouched */
+    moe_cluster_mig_on_request_end(c, r);
+    r->mig.id = 0;
+    /* Whichever of its instances is still alive drops its copy (parked KV, a prefill in flight). */
+    for (int k = 0; k < 2; k++) {
+        int i = k ? r->di : r->pi;
+        if (i >= 0 && (k == 0 || r->di != r->pi) && c->inst[i].state != MOE_INSTANCE_UNREACHABLE)
+            moe_cluster_send_free(c, i, r->id);
+    }
+    r->n_stash = 0; /* early tokens of the lost placement: the next one recomputes them */
+    r->resumes++;
+    MOE_LOG_I("request %s goes on elsewhere from token %u: %s", r->req->request_id, r->next_index,
+              why);
+    pthread_mutex_lock(&c->mu);
+    r->state = RQ_QUEUED;
+    r->pi = r->di = -1;
+    c->n_queued++;
+    pthread_mutex_unlock(&c->mu);
+    moe_cluster_sched_enqueue(c, r);
 }
 
 /* ---- token delivery ---- */
@@ -172,6 +196,10 @@ static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, i
             moe_stopper_flush(r->stop, &out, &out_len);
         r->emitted += out_len;
     }
+    if (moe_grow((void **)&r->gen, &r->cap_gen, r->n_gen + 1, sizeof *r->gen))
+        r->gen[r->n_gen++] = token;
+    else
+        MOE_LOG_E("request %s: out of memory for its token record (it cannot resume)", q->request_id);
     moe_status st = moe_frontend_push_tokens(r->stream, &token, &index, 1, out ? out : "", out_len);
     free(out);
     if (st != MOE_OK) {
@@ -208,7 +236,7 @@ static void first_token_seen(moe_cluster *c, creq *r, bool finished)
 
 void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish)
 {
-    if (index == 0)
+    if (index == r->first_index)
         first_token_seen(c, r, finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
     if (index < r->next_index)
         return; /* a duplicate: never sent twice */

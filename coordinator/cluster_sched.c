@@ -51,26 +51,37 @@ const char *moe_cluster_pool_name(moe_pool_kind k)
     return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
 }
 
-/* An instance missed its heartbeats: every request that depends on it fails with UNAVAILABLE. */
-void moe_cluster_inst_unreachable(moe_cluster *c, int idx, double silent_s)
+void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
 {
     inst_t *in = &c->inst[idx];
     pthread_mutex_lock(&c->mu);
     in->state = MOE_INSTANCE_UNREACHABLE;
     pthread_mutex_unlock(&c->mu);
-    char msg[256];
-    snprintf(msg, sizeof msg, "%s instance %d (rank %d) stopped answering: no heartbeat for %.1f s",
-             moe_cluster_pool_name(in->def.pool), idx, in->lead, silent_s);
-    MOE_LOG_E("%s; failing its requests", msg);
+    char msg[384];
+    snprintf(msg, sizeof msg, "%s instance %d (member %d%s%s) %s",
+             moe_cluster_pool_name(in->def.pool), idx, in->lead, *in->host ? " on " : "", in->host,
+             why);
+    int moved = 0, failed = 0;
     for (int b = 0; b < N_BUCKETS; b++) {
         for (creq *r = c->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            bool dep =
-                r->state != RQ_QUEUED && ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
-            if (dep)
+            bool dep = r->state != RQ_QUEUED &&
+                       ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
+            if (!dep)
+                continue;
+            if (c->elastic) {
+                moe_cluster_req_resume(c, r, msg);
+                moved++;
+            } else {
                 moe_cluster_req_fail(c, r, MOE_ERR_UNAVAILABLE, msg);
+                failed++;
+            }
         }
     }
+    if (c->elastic)
+        MOE_LOG_W("%s: %d request(s) go on elsewhere", msg, moved);
+    else
+        MOE_LOG_E("%s: failing its %d request(s)", msg, failed);
     moe_cluster_inst_update_usable(c);
 }
 
@@ -156,6 +167,8 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         m.sampling = &sp;
         m.max_new_tokens = q->max_new_tokens;
         m.ignore_eos = q->ignore_eos;
+        m.n_generated = (size_t)r->n_gen; /* resumed: the tokens already streamed */
+        m.generated = r->gen;
         m.prefill_only = c->disagg;
         m.decode_rank = (uint32_t)c->inst[di].lead;
         c->queue = r->qnext;
@@ -172,12 +185,13 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         r->state = RQ_PREFILL;
         r->pi = pi;
         r->di = di;
+        r->first_index = (uint32_t)r->n_gen;
         c->inst[pi].pending_tokens += q->n_prompt;
         c->inst[pi].n_pending++;
         r->counted_pending = true;
-        if (c->disagg && q->max_new_tokens > 1) { /* one token: it ends on the prefill side */
+        if (c->disagg && q->max_new_tokens > (uint32_t)r->n_gen + 1) { /* one token: it ends on the prefill side */
             uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
-            r->reserved_blocks = (int)((q->n_prompt + 1 + bt - 1) / bt);
+            r->reserved_blocks = (int)((q->n_prompt + (uint32_t)r->n_gen + 1 + bt - 1) / bt);
             c->inst[di].reserved_blocks += r->reserved_blocks;
         }
         pthread_mutex_unlock(&c->mu);

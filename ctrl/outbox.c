@@ -3,28 +3,28 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/clock.h"
 #include "common/grow.h"
 
-moe_status moe_outbox_send(moe_outbox *ob, int dest, int tag, const ProtobufCMessage *m)
+moe_status moe_outbox_send_bytes(moe_outbox *ob, int dest, int tag, const void *data, size_t len)
 {
-    size_t len = protobuf_c_message_get_packed_size(m);
     if (len > INT_MAX)
-        return moe_error(MOE_ERR_RANGE, "control message %s of %zu bytes is too large",
-                         m->descriptor->name, len);
+        return moe_error(MOE_ERR_RANGE, "control message of %zu bytes is too large", len);
     if (!moe_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf)
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
-    protobuf_c_message_pack(m, buf);
+    if (len)
+        memcpy(buf, data, len);
     moe_outbox_msg *o = &ob->v[ob->n];
     int rc = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, ob->comm, &o->r);
     if (rc != MPI_SUCCESS) {
         free(buf);
-        return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %s (%zu bytes) to rank %d failed (error %d)",
-                         m->descriptor->name, len, dest, rc);
+        return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %zu bytes (tag %d) to rank %d failed (error %d)",
+                         len, tag, dest, rc);
     }
     o->buf = buf;
     ob->n++;

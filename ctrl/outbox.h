@@ -7,7 +7,7 @@
 #define MOE_CTRL_OUTBOX_H
 
 #include <mpi.h>
-#include <protobuf-c/protobuf-c.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common/status.h"
@@ -24,9 +24,9 @@ typedef struct {
     int n, cap;
 } moe_outbox;
 
-/* Packs m and posts it to dest with tag (the message kind). RANGE for a message over 2 GiB,
- * NOMEM, or the MPI error; nothing stays queued on failure. */
-moe_status moe_outbox_send(moe_outbox *ob, int dest, int tag, const ProtobufCMessage *m);
+/* Copies len bytes and posts them to dest with tag (the message kind). RANGE over 2 GiB, NOMEM,
+ * or the MPI error; nothing stays queued on failure. */
+moe_status moe_outbox_send_bytes(moe_outbox *ob, int dest, int tag, const void *buf, size_t len);
 /* Frees the buffers of the sends that completed; call from every loop turn (it also gives Open
  * MPI the chance to move bytes). */
 void moe_outbox_progress(moe_outbox *ob);

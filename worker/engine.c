@@ -21,6 +21,7 @@ typedef struct {
     int max_new;
     bool ignore_eos;
     bool prefill_only; /* park after the first sampled token */
+    int n_gen0;        /* generated tokens it was added with (resumed after a lost instance) */
     bool paused;       /* parked, paused, or being imported: takes no steps */
     moe_kv_seq kv;
     moe_sampling_params sp;
@@ -261,11 +262,51 @@ moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int
     return st;
 }
 
+moe_status moe_engine_add_resumed(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                                  const int32_t *generated, int n_generated,
+                                  const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos,
+                                  bool prefill_only)
+{
+    if (n_generated < 0 || n_generated >= max_new_tokens)
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "generated: %d tokens already generated of max_new_tokens %d", n_generated,
+                         max_new_tokens);
+    if (n_prompt + n_generated >= e->max_ctx)
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "generated: %d prompt + %d generated tokens fill the context (%d)", n_prompt,
+                         n_generated, e->max_ctx);
+    for (int i = 0; i < n_generated; i++)
+        if (generated[i] < 0 || generated[i] >= e->vocab)
+            return moe_error(MOE_ERR_INVALID_ARG,
+                             "generated: token id %d at %d outside the vocabulary (%d)", generated[i],
+                             i, e->vocab);
+    seq_t *s;
+    moe_status st = add_seq(e, seq_id, prompt, n_prompt, sp, max_new_tokens, ignore_eos, &s);
+    if (st != MOE_OK)
+        return st;
+    if (n_prompt + n_generated >= s->cap) { /* the cache cannot hold one more token */
+        moe_engine_finish(e, seq_id);
+        return moe_error(MOE_ERR_FULL, "generated: %d + %d tokens fill the KV cache", n_prompt,
+                         n_generated);
+    }
+    memcpy(s->tokens + n_prompt, generated, (size_t)n_generated * sizeof(int32_t));
+    s->n_tokens = n_prompt + n_generated;
+    s->n_generated = s->n_gen0 = n_generated;
+    s->prefill_only = prefill_only;
+    return MOE_OK;
+}
+
 static void remove_at(moe_engine *e, int i)
 {
     seq_free(e, e->seqs[i]);
     memmove(e->seqs + i, e->seqs + i + 1, (size_t)(e->n_seqs - i - 1) * sizeof *e->seqs);
     e->n_seqs--;
+}
+
+void moe_engine_finish_all(moe_engine *e)
+{
+    while (e->n_seqs)
+        remove_at(e, e->n_seqs - 1);
 }
 
 moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id)
@@ -378,7 +419,7 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
             if (s->n_computed + chunk == s->n_tokens) {
                 e->logit_rows[n_rows] = n_tok + chunk - 1;
                 e->logit_seg[n_rows++] = n_segs;
-                if (e->layer_fn && s->prefill_only && s->n_generated == 0)
+                if (e->layer_fn && s->prefill_only && s->n_generated == s->n_gen0)
                     e->hook_ids[e->n_hook_ids++] = s->id;
             }
             e->seg_seq[n_segs++] = s;

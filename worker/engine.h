@@ -77,6 +77,8 @@ moe_status moe_engine_add(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
                           const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos);
 /* Ends a sequence now (cancel, stop string): frees its KV. NOT_FOUND if unknown. */
 moe_status moe_engine_finish(moe_engine *e, uint64_t seq_id);
+/* Ends every sequence (the coordinator that owned them is gone): the KV is all free again. */
+void moe_engine_finish_all(moe_engine *e);
 
 /* Runs one step. Writes up to cap events (one per sequence that produced a token). Returns the
  * number of events, or -1 with moe_error_message() set. Finished sequences are freed inside.
@@ -111,6 +113,15 @@ typedef struct {
 moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
                                        int n_prompt, const moe_sampling_params *sp, int max_new_tokens,
                                        bool ignore_eos);
+/* Resumes a sequence whose first n_generated tokens were already generated and streamed on an
+ * instance that was lost: prompt + generated are computed from scratch and the next token drawn
+ * has index n_generated (sampling draws depend only on (seed, index), so a seeded sequence goes on
+ * as it would have). prefill_only as moe_engine_add_prefill_only. INVALID_ARG as moe_engine_add,
+ * and when n_generated is not below max_new_tokens or ids fall outside the vocabulary. */
+moe_status moe_engine_add_resumed(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
+                                  const int32_t *generated, int n_generated,
+                                  const moe_sampling_params *sp, int max_new_tokens, bool ignore_eos,
+                                  bool prefill_only);
 /* Stops / restarts stepping a running sequence (KV kept). NOT_FOUND if unknown. */
 moe_status moe_engine_pause(moe_engine *e, uint64_t seq_id);
 moe_status moe_engine_resume(moe_engine *e, uint64_t seq_id);

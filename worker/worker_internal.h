@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #include "cluster.pb-c.h"
-#include "ctrl/outbox.h"
+#include "ctrl/link.h"
 #include "worker/comm.h"
 #include "common/grow.h"
 #include "worker/engine.h"
@@ -90,15 +90,13 @@ typedef struct {
     moe_model *model;
     moe_engine *eng;
     char load_error[512];
-    moe_comm data;
-    bool have_data;
+    moe_comm data; /* borrowed from moe_worker_opts */
     /* Expert parallelism: the instance's ranks (ep_size > 1) split the experts and step together. */
     int ep_size, ep_rank;
     moe_comm ep_comm;
     bool have_ep;
     moe_ep_placement place;
     int64_t ep_steps; /* steps taken in lock-step with the group (EPLB re-plans on a multiple) */
-    moe_outbox ob; /* control messages to the coordinator and peers */
     size_t block_bytes;
     int block_tokens;
     int kv_total;
@@ -129,6 +127,8 @@ typedef struct {
     int hang_rank, hang_after, n_starts;
     int pull_delay_ms;
     bool shutdown;
+    bool coord_lost; /* the link lost the coordinator: rejoin once the whole group agrees */
+    bool leave_sent; /* Leave sent after the leave flag (SIGTERM) */
 } worker;
 
 static inline int64_t moe_worker_ms_ns(int ms)

@@ -60,7 +60,7 @@ static void fill_load(worker *w, pb_load *l)
 
 moe_status moe_worker_send_coord(worker *w, int tag, const ProtobufCMessage *m)
 {
-    return moe_outbox_send(&w->ob, w->o->coordinator_rank, tag, m);
+    return moe_link_send(w->o->link, MOE_LINK_COORDINATOR, tag, m);
 }
 
 static void send_heartbeat(worker *w, int tag)
@@ -109,8 +109,8 @@ void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEven
 
 void moe_worker_send_peer(worker *w, int peer, int tag, const ProtobufCMessage *m)
 {
-    if (moe_outbox_send(&w->ob, peer, tag, m) != MOE_OK)
-        MOE_LOG_E("to rank %d: %s", peer, moe_error_message());
+    if (moe_link_send(w->o->link, peer, tag, m) != MOE_OK)
+        MOE_LOG_E("to member %d: %s", peer, moe_error_message());
 }
 
 /* ---- live migration's links to this loop (worker/migrate.c) ---- */
@@ -134,11 +134,11 @@ static moe_status mig_start(worker *w)
 {
     moe_mig_io io = {.ctx = w, .send = mig_send, .seq_busy = mig_seq_busy};
     moe_mig_opts mo = {.self_rank = w->rank,
-                       .coordinator_rank = w->o->coordinator_rank,
+                       .coordinator_rank = MOE_LINK_COORDINATOR,
                        .kv_timeout_ms = w->o->kv_timeout_ms,
                        .next_xfer = &w->next_xfer};
     moe_mig_test_hooks_from_env(&mo.hooks);
-    return moe_mig_create(w->eng, &w->data, &io, &mo, &w->mig);
+    return moe_mig_create(w->eng, w->o->data, &io, &mo, &w->mig);
 }
 
 /* ---- model, engine, warm-up ---- */
@@ -241,10 +241,14 @@ static void on_start(worker *w, const pb_start *m)
         return;
     }
     moe_status st =
-        prefill_only ? moe_engine_add_prefill_only(w->eng, m->seq_id, m->prompt, (int)m->n_prompt,
-                                                   &sp, (int)m->max_new_tokens, m->ignore_eos)
-                     : moe_engine_add(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, &sp,
-                                      (int)m->max_new_tokens, m->ignore_eos);
+        m->n_generated
+            ? moe_engine_add_resumed(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, m->generated,
+                                     (int)m->n_generated, &sp, (int)m->max_new_tokens,
+                                     m->ignore_eos, prefill_only)
+        : prefill_only ? moe_engine_add_prefill_only(w->eng, m->seq_id, m->prompt, (int)m->n_prompt,
+                                                     &sp, (int)m->max_new_tokens, m->ignore_eos)
+                       : moe_engine_add(w->eng, m->seq_id, m->prompt, (int)m->n_prompt, &sp,
+                                        (int)m->max_new_tokens, m->ignore_eos);
     if (st != MOE_OK) {
         MOE_LOG_W("seq %llu refused: %s", (unsigned long long)m->seq_id, moe_error_message());
         moe_worker_seq_event(w, m->seq_id, EVENT(FAILED), st, moe_error_message());
@@ -343,36 +347,38 @@ static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
     return true;
 }
 
+/* The coordinator is gone (its connection failed): everything this rank held was for requests
+ * the coordinator owned, so it is all dropped; the rank rejoins under a new member id. */
+static void drop_everything(worker *w)
+{
+    while (w->n_parks)
+        moe_kv_pull_remove_park(w, &w->parks[0]);
+    while (w->n_pulls)
+        moe_kv_pull_remove_pull(w, &w->pulls[0]);
+    w->n_tombs = 0;
+    if (w->eng)
+        moe_engine_finish_all(w->eng);
+    w->load_dirty = true;
+}
+
 /* Receives every control message waiting; returns how many. */
 static int drain_control(worker *w)
 {
     int n = 0;
-    uint8_t *buf = NULL;
-    size_t cap = 0;
-    while (!w->shutdown) {
-        int flag = 0;
-        MPI_Status stt;
-        if (MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, w->o->ctrl, &flag, &stt) != MPI_SUCCESS ||
-            !flag)
-            break;
-        int count = 0;
-        MPI_Get_count(&stt, MPI_BYTE, &count);
-        if ((size_t)count > cap) {
-            uint8_t *nb = realloc(buf, (size_t)count);
-            if (!nb) {
-                MOE_LOG_E("out of memory for a %d-byte control message", count);
-                break;
-            }
-            buf = nb;
-            cap = (size_t)count;
-        }
-        if (MPI_Recv(buf, count, MPI_BYTE, stt.MPI_SOURCE, stt.MPI_TAG, w->o->ctrl,
-                     MPI_STATUS_IGNORE) != MPI_SUCCESS)
-            break;
-        handle(w, stt.MPI_SOURCE, stt.MPI_TAG, buf, (size_t)count);
+    moe_link_event ev;
+    while (!w->shutdown && !w->coord_lost && moe_link_poll(w->o->link, &ev)) {
         n++;
+        if (ev.kind == MOE_LINK_MSG) {
+            handle(w, ev.src, ev.tag, ev.buf, ev.len);
+        } else if (ev.kind == MOE_LINK_LOST && ev.src == MOE_LINK_COORDINATOR) {
+            MOE_LOG_W("rank %d: lost the coordinator; dropping every sequence, rejoining", w->rank);
+            w->coord_lost = true;
+        } else if (ev.kind == MOE_LINK_LOST) {
+            /* Transfers with it fail through the data comm (its requests end in errors); the
+             * coordinator reassigns its sequences. */
+            MOE_LOG_I("rank %d: member %d is gone", w->rank, ev.src);
+        }
     }
-    free(buf);
     return n;
 }
 
@@ -450,14 +456,12 @@ static void worker_free(worker *w)
     w->mig = NULL;
     moe_engine_free(w->eng);
     moe_model_free(w->model);
-    if (w->have_data)
-        w->data.ops->destroy(w->data.ctx);
     if (w->have_ep)
         w->ep_comm.ops->destroy(w->ep_comm.ctx);
     moe_ep_placement_free(&w->place);
 }
 
-/* World ranks (in ctrl) of this rank's expert-parallel group, in group order. */
+/* Member ids of this rank's expert-parallel group, in group order (collective over the group). */
 static moe_status group_ranks(worker *w, uint32_t *out, size_t *n)
 {
     *n = 1;
@@ -466,18 +470,10 @@ static moe_status group_ranks(worker *w, uint32_t *out, size_t *n)
         return MOE_OK;
     if (w->ep_size > MOE_WORKER_MAX_EP)
         return moe_error(MOE_ERR_RANGE, "ep group of %d ranks", w->ep_size);
-    int ranks[MOE_WORKER_MAX_EP];
-    MPI_Group g_inst, g_ctrl;
-    MPI_Comm_group(w->o->instance_comm, &g_inst);
-    MPI_Comm_group(w->o->ctrl, &g_ctrl);
-    int idx[MOE_WORKER_MAX_EP];
-    for (int i = 0; i < w->ep_size; i++)
-        idx[i] = i;
-    int rc = MPI_Group_translate_ranks(g_inst, w->ep_size, idx, g_ctrl, ranks);
-    MPI_Group_free(&g_inst);
-    MPI_Group_free(&g_ctrl);
-    if (rc != MPI_SUCCESS)
-        return moe_error(MOE_ERR_INTERNAL, "MPI_Group_translate_ranks failed");
+    int self = w->rank, ranks[MOE_WORKER_MAX_EP];
+    moe_status st = MOE_MPI_CHECK(MPI_Allgather(&self, 1, MPI_INT, ranks, 1, MPI_INT, w->o->instance_comm));
+    if (st != MOE_OK)
+        return st;
     for (int i = 0; i < w->ep_size; i++)
         out[i] = (uint32_t)ranks[i];
     *n = (size_t)w->ep_size;
@@ -539,22 +535,25 @@ static moe_status eplb_replan(worker *w)
 
 /* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
  * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
- * rank with nothing still serves its experts to the others). */
-static bool should_step(worker *w, bool *leave)
+ * rank with nothing still serves its experts to the others). The same all-reduce agrees on leaving
+ * and on rejoining a lost coordinator (*rejoin: every rank of the group has lost it). */
+static bool should_step(worker *w, bool *leave, bool *rejoin)
 {
     int has = w->eng && moe_engine_has_work(w->eng) ? 1 : 0;
     *leave = w->shutdown;
+    *rejoin = w->coord_lost;
     if (w->ep_size <= 1)
         return has;
-    /* The group also agrees on leaving: a rank told to shut down keeps taking part in this
-     * all-reduce until every rank of the group has been told, so nobody is left waiting in it. */
-    int v[2] = {has, w->shutdown ? 1 : 0};
-    if (MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_INT, MPI_SUM, w->o->instance_comm)) != MOE_OK) {
+    /* A rank told to shut down keeps taking part in this all-reduce until every rank of the group
+     * has been told, so nobody is left waiting in it. */
+    int v[3] = {has, w->shutdown ? 1 : 0, w->coord_lost ? 1 : 0};
+    if (MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT, MPI_SUM, w->o->instance_comm)) != MOE_OK) {
         MOE_LOG_E("rank %d: expert-parallel all-reduce: %s", w->rank, moe_error_message());
         *leave = true;
         return false;
     }
     *leave = v[1] == w->ep_size;
+    *rejoin = v[2] == w->ep_size;
     return w->eng && v[0] > 0 && !*leave;
 }
 
@@ -564,11 +563,73 @@ static int env_int(const char *name, int dflt)
     return v && *v ? atoi(v) : dflt;
 }
 
+/* WorkerReady: what the coordinator needs to place requests here (sent after the load, and again
+ * after every rejoin). Collective over an expert-parallel group (its member ids). */
+static moe_status send_ready(worker *w, double warmup_ms)
+{
+    const moe_worker_opts *o = w->o;
+    Moeserve__Cluster__V1__WorkerReady ready;
+    moeserve__cluster__v1__worker_ready__init(&ready);
+    uint32_t ep_group[MOE_WORKER_MAX_EP];
+    ready.rank = (uint32_t)w->rank;
+    ready.instance = (uint32_t)o->instance_id;
+    ready.role = (Moeserve__Cluster__V1__Role)o->role;
+    ready.ok = w->eng != NULL || o->role == MOE_WORKER_SPARE;
+    ready.error = w->load_error;
+    ready.warmup_ms = warmup_ms;
+    if (w->eng) {
+        ready.kv_blocks_total = (uint32_t)w->kv_total;
+        ready.kv_block_tokens = (uint32_t)w->block_tokens;
+        ready.kv_block_bytes = w->block_bytes;
+        ready.weight_bytes = moe_model_weight_bytes(w->model);
+        ready.max_batch_tokens = (uint32_t)o->engine.max_batch_tokens;
+        ready.max_seqs = (uint32_t)o->engine.max_seqs;
+        ready.n_layers = (uint32_t)w->model->cfg.n_layers;
+        ready.n_experts = (uint32_t)w->model->cfg.n_experts;
+        ready.expert_begin = (uint32_t)w->model->expert_begin;
+        ready.expert_end = (uint32_t)w->model->expert_end;
+    }
+    if (o->role != MOE_WORKER_SPARE && group_ranks(w, ep_group, &ready.n_ep_group_ranks) == MOE_OK)
+        ready.ep_group_ranks = ep_group;
+    return moe_worker_send_coord(w, TAG(WORKER_READY), &ready.base);
+}
+
+/* Every rank of the group lost the coordinator: drop what it owned and join again (a new member
+ * id), retrying once a second until a coordinator answers or the rank is told to leave. */
+static moe_status rejoin(worker *w, double warmup_ms)
+{
+    drop_everything(w);
+    if (w->mig) { /* its state names members of the old membership */
+        moe_mig_free(w->mig);
+        w->mig = NULL;
+        moe_status st = mig_start(w);
+        if (st != MOE_OK)
+            return st;
+    }
+    for (;;) {
+        moe_status st = w->o->rejoin(w->o->link);
+        if (st == MOE_OK)
+            break;
+        if (w->o->leave_flag && *w->o->leave_flag) { /* nothing left to drain: leave now */
+            MOE_LOG_I("rank %d: told to leave while the coordinator is away: leaving", w->rank);
+            w->shutdown = true;
+            return MOE_OK;
+        }
+        MOE_LOG_W("rank %d: rejoin: %s (retrying)", w->rank, moe_error_message());
+        moe_sleep_ns(1000000000);
+    }
+    w->rank = moe_link_self(w->o->link);
+    w->coord_lost = false;
+    w->leave_sent = false;
+    MOE_LOG_I("rejoined as member %d", w->rank);
+    return send_ready(w, warmup_ms);
+}
+
 moe_status moe_worker_run(const moe_worker_opts *o)
 {
-    worker w = {.o = o, .ob = {.comm = o->ctrl}};
+    worker w = {.o = o};
     moeserve__cluster__v1__counters__init(&w.ctr);
-    MPI_Comm_rank(o->ctrl, &w.rank);
+    w.rank = moe_link_self(o->link);
     w.ep_size = 1;
     if (o->instance_comm != MPI_COMM_NULL && o->role != MOE_WORKER_SPARE) {
         MPI_Comm_size(o->instance_comm, &w.ep_size);
@@ -578,19 +639,10 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     w.hang_rank = env_int("MOE_TEST_HANG_RANK", -1);
     w.hang_after = env_int("MOE_TEST_HANG_AFTER", 1);
     w.pull_delay_ms = o->role == MOE_WORKER_DECODE ? env_int("MOE_TEST_PULL_DELAY_MS", 0) : 0;
-    moe_status st = moe_comm_mpi_create(o->data, &w.data);
-    if (st != MOE_OK)
-        return st;
-    w.have_data = true;
+    w.data = *o->data;
 
-    Moeserve__Cluster__V1__WorkerReady ready;
-    moeserve__cluster__v1__worker_ready__init(&ready);
-    uint32_t ep_group[MOE_WORKER_MAX_EP];
-    ready.rank = (uint32_t)w.rank;
-    ready.instance = (uint32_t)o->instance_id;
-    ready.role = (Moeserve__Cluster__V1__Role)o->role;
-    ready.ok = true;
-    ready.error = (char *)"";
+    moe_status st = MOE_OK;
+    double warmup_ms = 0;
     if (o->role != MOE_WORKER_SPARE) {
         int64_t t0 = moe_now_ns();
         st = load(&w);
@@ -599,10 +651,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             MOE_LOG_E("rank %d: %s", w.rank, w.load_error);
             moe_engine_free(w.eng);
             w.eng = NULL;
-            ready.ok = false;
-            ready.error = w.load_error;
         } else {
-            ready.warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
+            warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
             if (o->role == MOE_WORKER_PREFILL && o->kv_layerwise)
                 moe_engine_set_layer_hook(w.eng, moe_kv_push_layer_hook, &w);
             if (o->role == MOE_WORKER_DECODE || o->role == MOE_WORKER_MIXED) {
@@ -611,21 +661,9 @@ moe_status moe_worker_run(const moe_worker_opts *o)
                     return st;
                 }
             }
-            ready.kv_blocks_total = (uint32_t)w.kv_total;
-            ready.kv_block_tokens = (uint32_t)w.block_tokens;
-            ready.kv_block_bytes = w.block_bytes;
-            ready.weight_bytes = moe_model_weight_bytes(w.model);
-            ready.max_batch_tokens = (uint32_t)o->engine.max_batch_tokens;
-            ready.max_seqs = (uint32_t)o->engine.max_seqs;
-            ready.n_layers = (uint32_t)w.model->cfg.n_layers;
-            ready.n_experts = (uint32_t)w.model->cfg.n_experts;
-            ready.expert_begin = (uint32_t)w.model->expert_begin;
-            ready.expert_end = (uint32_t)w.model->expert_end;
-            if (group_ranks(&w, ep_group, &ready.n_ep_group_ranks) == MOE_OK)
-                ready.ep_group_ranks = ep_group;
         }
     }
-    if ((st = moe_worker_send_coord(&w, TAG(WORKER_READY), &ready.base)) != MOE_OK) {
+    if ((st = send_ready(&w, warmup_ms)) != MOE_OK) {
         worker_free(&w);
         return st;
     }
@@ -637,6 +675,15 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         bool busy = drain_control(&w) > 0;
         if (w.shutdown && w.ep_size <= 1)
             break;
+        if (o->leave_flag && *o->leave_flag && !w.leave_sent && !w.coord_lost) {
+            Moeserve__Cluster__V1__Leave lv;
+            moeserve__cluster__v1__leave__init(&lv);
+            lv.reason = (char *)"signalled";
+            if (moe_worker_send_coord(&w, TAG(LEAVE), &lv.base) == MOE_OK) {
+                MOE_LOG_I("rank %d: leaving: asked the coordinator to drain this instance", w.rank);
+                w.leave_sent = true;
+            }
+        }
         int64_t now = moe_now_ns();
         for (int i = 0; i < w.n_parks;) {
             int before = w.n_parks;
@@ -658,8 +705,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
          * poll so that the pause lasts loop turns, not engine steps (expert-parallel ranks must
          * step together and cannot hold). */
         bool hold = w.ep_size == 1 && moe_mig_hold(w.mig);
-        bool leave = false;
-        if (!hold && should_step(&w, &leave)) {
+        bool leave = false, lost = false;
+        if (!hold && should_step(&w, &leave, &lost)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;
@@ -675,11 +722,20 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         }
         if (leave)
             break;
+        if (lost) {
+            if (!o->rejoin) {
+                st = moe_error(MOE_ERR_UNAVAILABLE, "rank %d: the coordinator is gone", w.rank);
+                break;
+            }
+            if ((st = rejoin(&w, warmup_ms)) != MOE_OK || w.shutdown)
+                break;
+            continue;
+        }
         now = moe_now_ns();
         /* Load changes (frees) are reported promptly, but at most every 10 ms. */
-        if (now >= w.next_hb || (w.load_dirty && now - w.last_hb >= 10000000))
+        if (!w.coord_lost && (now >= w.next_hb || (w.load_dirty && now - w.last_hb >= 10000000)))
             send_heartbeat(&w, TAG(HEARTBEAT));
-        moe_outbox_progress(&w.ob);
+        moe_link_progress(o->link);
         bool transfers = false;
         for (int i = 0; i < w.n_parks && !transfers; i++)
             transfers = w.parks[i].send != NULL;
@@ -706,8 +762,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     }
     moe_mig_free(w.mig); /* aborts moves in flight: the peers are told before the flush */
     w.mig = NULL;
-    moe_outbox_flush(&w.ob, 5000);
-    moe_outbox_free(&w.ob);
+    moe_link_flush(o->link, 5000);
     worker_free(&w);
     return st;
 }

@@ -7,7 +7,11 @@
 #define MOE_WORKER_WORKER_LOOP_H
 
 #include <mpi.h>
+#include <signal.h>
+
 #include "common/status.h"
+#include "ctrl/link.h"
+#include "worker/comm.h"
 #include "worker/engine.h"
 
 typedef enum {
@@ -20,11 +24,16 @@ typedef enum {
 typedef struct {
     const char *model_dir;
     moe_worker_role role;
-    int instance_id;
-    int coordinator_rank;   /* in ctrl */
-    MPI_Comm ctrl;          /* control messages (cluster.proto, tag = kind); borrowed */
-    MPI_Comm data;          /* raw KV blocks; borrowed */
-    MPI_Comm instance_comm; /* the ranks of this instance (ep_size of them; 1 today); borrowed */
+    int instance_id;        /* the layout's target index (mpirun launch); -1 when joined */
+    moe_link *link;         /* control messages (cluster.proto, tag = kind); borrowed */
+    moe_comm *data;         /* raw KV blocks to and from other members (by member id); borrowed */
+    MPI_Comm instance_comm; /* the ranks of this instance (ep_size of them), or MPI_COMM_NULL */
+    /* Joined over the network (moe-serve instance): the coordinator may be lost and come back,
+     * so the loop calls rejoin (moe_link_ucx_rejoin) instead of ending; and the instance may leave on
+     * its own: when *leave_flag becomes non-zero (SIGTERM) it asks the coordinator to drain it
+     * and exits once told to shut down. NULL leave_flag: only Shutdown ends the loop. */
+    moe_status (*rejoin)(moe_link *link); /* NULL: a lost coordinator ends the loop */
+    const volatile sig_atomic_t *leave_flag;
     moe_engine_opts engine;
     int heartbeat_ms;  /* > 0 */
     int kv_timeout_ms; /* one KV transfer attempt, > 0 */

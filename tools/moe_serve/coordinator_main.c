@@ -13,6 +13,7 @@
 #include "common/tokenizer.h"
 #include "coordinator/cluster.h"
 #include "coordinator/grpc_server.h"
+#include "ctrl/link_mpi.h"
 #include "serve.h"
 
 static volatile sig_atomic_t drain_flag = 0;
@@ -99,6 +100,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
     moe_cluster_instance *inst = calloc((size_t)n_targets, sizeof *inst);
     char tok_path[4200], dirbuf[4096], name[128];
     bool started = false;
+    moe_link *link = NULL;
 
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
@@ -109,6 +111,10 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
 
     if (!inst) {
         fprintf(stderr, "moe-serve: out of memory\n");
+        goto out;
+    }
+    if (moe_link_mpi_create(ctrl, &link) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
         goto out;
     }
     if (moe_model_config_load(a->model_dir, &cfg) != MOE_OK) {
@@ -137,7 +143,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
     moe_cluster_opts co = {.model_name = name,
                            .cfg = &cfg,
                            .tok = tok,
-                           .ctrl = ctrl,
+                           .link = link,
                            .world_size = l->world,
                            .n_instances = n_targets,
                            .instances = inst,
@@ -201,7 +207,7 @@ out:
         /* Every worker waits for Shutdown, whatever happened here. */
         if (!cl) {
             moe_cluster_instance one = {.pool = MOE_POOL_MIXED, .ep_size = 1, .ranks = {1}};
-            moe_cluster_opts mini = {.ctrl = ctrl,
+            moe_cluster_opts mini = {.link = link,
                                      .world_size = l->world,
                                      .n_instances = 1,
                                      .instances = &one,
@@ -217,6 +223,7 @@ out:
         }
     }
     moe_cluster_free(cl);
+    moe_link_free(link);
     moe_tokenizer_free(tok);
     free(inst);
     return rc;

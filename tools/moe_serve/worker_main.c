@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "ctrl/link_mpi.h"
 #include "serve.h"
+#include "worker/comm_mpi.h"
 #include "worker/worker_loop.h"
 
 static volatile sig_atomic_t signalled = 0;
@@ -53,12 +55,22 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
         if (threads < 1)
             threads = 1;
     }
+    moe_link *link = NULL;
+    moe_comm dc;
+    moe_status st = moe_link_mpi_create(ctrl, &link);
+    if (st == MOE_OK && (st = moe_comm_mpi_create(data, &dc)) != MOE_OK) {
+        moe_link_free(link);
+        link = NULL;
+    }
+    if (st != MOE_OK) {
+        fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
+        return 1;
+    }
     moe_worker_opts o = {.model_dir = a->model_dir,
                          .role = role,
                          .instance_id = target_index(l, rank),
-                         .coordinator_rank = 0,
-                         .ctrl = ctrl,
-                         .data = data,
+                         .link = link,
+                         .data = &dc,
                          .instance_comm = instance_comm,
                          .engine = {.n_threads = threads,
                                     .block_size = a->block_size,
@@ -72,7 +84,9 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
                          .kv_layerwise = !a->kv_block_transfer,
                          .redundant_experts = a->redundant_experts,
                          .eplb_interval = a->eplb_interval};
-    moe_status st = moe_worker_run(&o);
+    st = moe_worker_run(&o);
+    dc.ops->destroy(dc.ctx);
+    moe_link_free(link);
     if (st != MOE_OK) {
         fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
         return 1;
