@@ -291,6 +291,7 @@ static void on_joined(moe_cluster *c, int m, const uint8_t *buf, size_t len)
     snprintf(in->host, sizeof in->host, "%s", *j->host ? j->host : moe_link_host(c->link, m));
     c->rank_inst[m] = idx;
     c->n_inst++;
+    c->n_joins++;
     c->disagg = in->def.pool != MOE_POOL_MIXED;
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("member %d joined from %s: %s instance %d (rank %u of %u of %s)", m, in->host,
@@ -590,7 +591,11 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         k->kv_lease_expirations += in->ctr.kv_lease_expirations;
         k->kv_transfers_layerwise += in->ctr.kv_transfers_layerwise;
         k->preemptions += in->ctr.preemptions;
+        snprintf(s->host, sizeof s->host, "%s", in->host);
     }
+    k->instance_joins = c->n_joins;
+    k->instance_losses = c->n_losses;
+    k->requests_resumed = c->n_resumed;
     moe_cluster_mig_snapshot(c, out);
     pthread_mutex_unlock(&c->mu);
 }

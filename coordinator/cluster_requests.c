@@ -116,6 +116,7 @@ void moe_cluster_req_resume(moe_cluster *c, creq *r, const char *why)
     r->state = RQ_QUEUED;
     r->pi = r->di = -1;
     c->n_queued++;
+    c->n_resumed++;
     pthread_mutex_unlock(&c->mu);
     moe_cluster_sched_enqueue(c, r);
 }

@@ -56,6 +56,7 @@ void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
     inst_t *in = &c->inst[idx];
     pthread_mutex_lock(&c->mu);
     in->state = MOE_INSTANCE_UNREACHABLE;
+    c->n_losses++;
     pthread_mutex_unlock(&c->mu);
     char msg[384];
     snprintf(msg, sizeof msg, "%s instance %d (member %d%s%s) %s",

@@ -93,6 +93,7 @@ typedef struct {
      * none reported yet. */
     uint64_t *expert_tokens;
     uint32_t n_expert_tokens;
+    char host[64]; /* where it runs ("" when unknown) */
 } moe_instance_status;
 
 typedef struct {
@@ -100,6 +101,7 @@ typedef struct {
     uint64_t kv_checksum_failures, kv_transfer_timeouts, kv_lease_expirations;
     uint64_t migrations, migrations_aborted, preemptions;
     uint64_t kv_transfers_layerwise; /* of kv_transfers: pushed layer by layer */
+    uint64_t instance_joins, instance_losses, requests_resumed; /* elastic clusters */
 } moe_cluster_counters;
 
 /* Live migrations (docs/migration.md): outcomes, costs and what triggered them. */

@@ -584,6 +584,7 @@ static void handle_status(struct moe_frontend_req *c)
             o->ep_group_ranks[r] = (uint32_t)is->ep_group_ranks[r];
         o->n_expert_tokens = is->n_expert_tokens;
         o->expert_tokens = is->expert_tokens;
+        o->host = (char *)(uintptr_t)is->host;
         inst_p[i] = o;
     }
     totals.active_streams = (uint32_t)atomic_load(&s->ctr.active_streams);
@@ -608,6 +609,9 @@ static void handle_status(struct moe_frontend_req *c)
     ctr.migrations_aborted = bc->migrations_aborted;
     ctr.preemptions = bc->preemptions;
     ctr.kv_transfers_layerwise = bc->kv_transfers_layerwise;
+    ctr.instance_joins = bc->instance_joins;
+    ctr.instance_losses = bc->instance_losses;
+    ctr.requests_resumed = bc->requests_resumed;
     const moe_migration_counters *mc = &st->migration;
     Moeserve__V1__Migration mig;
     moeserve__v1__migration__init(&mig);

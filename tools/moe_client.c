@@ -502,9 +502,9 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
         printf("%-8s %9" PRIu32 " %5" PRIu32 " %3" PRIu32 " %7" PRIu32 " %7" PRIu32 " %21s\n",
                pool_name(p->kind), p->instances, p->ranks, p->ep_size, p->running, p->waiting, kv);
     }
-    printf("\n%-4s %-8s %-11s %-12s %7s %7s %8s %8s %9s %10s %9s\n", "INST", "POOL", "STATE",
+    printf("\n%-4s %-8s %-11s %-12s %7s %7s %8s %8s %9s %10s %9s  %s\n", "INST", "POOL", "STATE",
            "RANKS", "RUNNING", "WAITING", "KV USED", "KV FREE", "KV TOTAL", "PEND.PROMPT",
-           "HEARTBEAT");
+           "HEARTBEAT", "HOST");
     for (size_t i = 0; i < r->n_instances; i++) {
         const Moeserve__V1__Instance *in = r->instances[i];
         char ranks[64] = "";
@@ -513,10 +513,10 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
             len += (size_t)snprintf(ranks + len, sizeof(ranks) - len, "%s%" PRIu32, k ? "," : "",
                                     in->ranks[k]);
         printf("%-4" PRIu32 " %-8s %-11s %-12s %7" PRIu32 " %7" PRIu32 " %8" PRIu32 " %8" PRIu32
-               " %9" PRIu32 " %10" PRIu64 " %7.0f ms\n",
+               " %9" PRIu32 " %10" PRIu64 " %7.0f ms  %s\n",
                in->id, pool_name(in->pool), state_name(in->state), ranks, in->running, in->waiting,
                in->kv_blocks_used, in->kv_blocks_free, in->kv_blocks_total, in->pending_prompt_tokens,
-               in->heartbeat_age_ms);
+               in->heartbeat_age_ms, in->host);
     }
     const Moeserve__V1__Totals *t = r->totals;
     if (t)
@@ -541,6 +541,10 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
                k->kv_transfer_timeouts, k->kv_lease_expirations);
         printf("sched:    %" PRIu64 " migrations (%" PRIu64 " aborted), %" PRIu64 " preemptions\n",
                k->migrations, k->migrations_aborted, k->preemptions);
+        if (k->instance_joins)
+            printf("members:  %" PRIu64 " joined, %" PRIu64 " lost; %" PRIu64
+                   " request resumes after a loss\n",
+                   k->instance_joins, k->instance_losses, k->requests_resumed);
     }
     const Moeserve__V1__Migration *g = r->migration;
     if (g && g->started) {

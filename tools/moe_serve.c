@@ -1,9 +1,14 @@
-/* moe-serve: the cluster binary. Under mpirun, rank 0 is the coordinator (gRPC front end,
- * tokenizer, scheduler) and every other rank a worker of a prefill, decode or mixed instance.
- * Every rank parses the same argv and computes the same layout; communicators: one for control
- * messages, one for KV data, one per instance (its expert-parallel group) and one per pool. */
+/* moe-serve: the cluster binary. `moe-serve coordinator` and `moe-serve instance` run one failure
+ * domain each of an elastic cluster (tools/moe_serve/elastic_main.c). Otherwise, under mpirun,
+ * rank 0 is the coordinator (gRPC front end, tokenizer, scheduler) and every other rank a worker
+ * of a prefill, decode or mixed instance: every rank parses the same argv and computes the same
+ * layout; communicators: one for control messages, one for KV data, one per instance (its
+ * expert-parallel group) and one per pool. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include "ctrl/link_mpi.h"
 
 #include "common/log.h"
 #include "moe_serve/serve.h"
@@ -21,6 +26,15 @@
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && (!strcmp(argv[1], "coordinator") || !strcmp(argv[1], "instance"))) {
+        serve_args ea;
+        moe_log_init(0);
+        int prc = serve_parse_args(argc, argv, &ea, true);
+        if (prc != 0)
+            return prc > 0 ? 0 : 2;
+        return ea.mode == SERVE_MODE_COORDINATOR ? serve_elastic_coordinator(&ea)
+                                                 : serve_instance_main(&ea);
+    }
     int provided = 0;
     LSAN_OFF();
     /* FUNNELED: only this thread calls MPI; gRPC's threads never do. */
@@ -72,8 +86,17 @@ int main(int argc, char **argv)
     MPI_Comm_set_errhandler(data, MPI_ERRORS_RETURN);
     LSAN_ON();
 
-    int rc = rank == 0 ? serve_coordinator_main(&a, &l, ctrl)
-                       : serve_worker_main(&a, &l, ctrl, data, inst, local);
+    int rc = 1;
+    if (rank == 0) {
+        moe_link *link = NULL;
+        if (moe_link_mpi_create(ctrl, &link) != MOE_OK)
+            fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        else
+            rc = serve_coordinator_main(&a, &l, link);
+        moe_link_free(link);
+    } else {
+        rc = serve_worker_main(&a, &l, ctrl, data, inst, local);
+    }
 
     LSAN_OFF();
     if (inst != MPI_COMM_NULL)

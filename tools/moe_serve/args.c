@@ -13,8 +13,19 @@
 static void usage(FILE *f)
 {
     fputs(
-        "usage: mpirun -np N moe-serve --model DIR [options]\n"
-        "  rank 0 is the coordinator (gRPC, tokenizer, scheduler); ranks 1..N-1 are workers\n"
+        "usage: mpirun -np N moe-serve --model DIR [options]          (one job, one failure domain)\n"
+        "       moe-serve coordinator --model DIR --cluster-listen ADDR:PORT [options]\n"
+        "       [mpirun -np E] moe-serve instance --join HOST:PORT --pool P --model DIR [options]\n"
+        "  under mpirun, rank 0 is the coordinator (gRPC, tokenizer, scheduler) and ranks 1..N-1\n"
+        "  are workers; `coordinator` and `instance` run an elastic cluster whose instances (E ranks\n"
+        "  each, splitting the experts) join over the network and may come and go (docs/cluster.md)\n"
+        "elastic cluster:\n"
+        "  --cluster-listen ADDR:PORT  coordinator: where instances join (UCX; port 0 picks one)\n"
+        "  --join HOST:PORT        instance: the coordinator's --cluster-listen\n"
+        "  --pool prefill|decode|mixed  instance: its pool\n"
+        "  --cluster-token-file F  the shared cluster token (default: $MOESERVE_CLUSTER_TOKEN);\n"
+        "                          joins without it are refused\n"
+        "  --host-label NAME       instance: its host in status tables (default: its address)\n"
         "layout:\n"
         "  --prefill-instances P   prefill instances (default 1, or N-1 minus --decode-instances)\n"
         "  --decode-instances D    decode instances (default: the remaining workers)\n"
@@ -147,7 +158,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_MIG_RETRY,
         O_MIG_WAIT,
         O_MIG_EVERY,
-        O_HELP
+        O_HELP,
+        O_CLUSTER_LISTEN,
+        O_JOIN,
+        O_POOL,
+        O_TOKEN_FILE,
+        O_HOST_LABEL
     };
     static const struct option opts[] = {{"model", required_argument, 0, O_MODEL},
                                          {"prefill-instances", required_argument, 0, O_P},
@@ -197,6 +213,11 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                           O_MIG_WAIT},
                                          {"migrate-every", required_argument, 0, O_MIG_EVERY},
                                          {"help", no_argument, 0, O_HELP},
+                                         {"cluster-listen", required_argument, 0, O_CLUSTER_LISTEN},
+                                         {"join", required_argument, 0, O_JOIN},
+                                         {"pool", required_argument, 0, O_POOL},
+                                         {"cluster-token-file", required_argument, 0, O_TOKEN_FILE},
+                                         {"host-label", required_argument, 0, O_HOST_LABEL},
                                          {0, 0, 0, 0}};
     *a = (serve_args){.prefill = -1,
                       .decode = -1,
@@ -215,6 +236,17 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                       .drain_timeout_s = 30.0,
                       .startup_timeout_s = 600,
                       .grpc_threads = 2};
+    /* The launch mode is the first word, if any: `moe-serve coordinator ...`, `moe-serve instance`. */
+    if (argc > 1 && !strcmp(argv[1], "coordinator"))
+        a->mode = SERVE_MODE_COORDINATOR;
+    else if (argc > 1 && !strcmp(argv[1], "instance"))
+        a->mode = SERVE_MODE_INSTANCE;
+    if (a->mode != SERVE_MODE_MPIRUN) {
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+        a->heartbeat_timeout_ms = 3000; /* a lost instance costs its requests a resume: be quick */
+    }
     opterr = print;
     optind = 1;
     int c, drain = 30;
@@ -250,6 +282,29 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             break;
         case O_LISTEN:
             a->listen = optarg;
+            break;
+        case O_CLUSTER_LISTEN:
+            a->cluster_listen = optarg;
+            break;
+        case O_JOIN:
+            a->join = optarg;
+            break;
+        case O_TOKEN_FILE:
+            a->token_file = optarg;
+            break;
+        case O_HOST_LABEL:
+            a->host_label = optarg;
+            break;
+        case O_POOL:
+            a->pool = !strcmp(optarg, "prefill")  ? SERVE_PREFILL
+                      : !strcmp(optarg, "decode") ? SERVE_DECODE
+                      : !strcmp(optarg, "mixed")  ? SERVE_MIXED
+                                                  : 0;
+            if (!a->pool) {
+                if (print)
+                    fprintf(stderr, "moe-serve: --pool: '%s', want prefill, decode or mixed\n", optarg);
+                rc = -1;
+            }
             break;
         case O_GRPC:
             rc = parse_int("--grpc-threads", optarg, 1, 64, &a->grpc_threads, print);
@@ -371,6 +426,13 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         return perr(print, "unexpected argument '%s'", argv[optind]);
     if (!a->model_dir)
         return perr(print, "--model DIR is required (see --help)");
+    if (a->mode == SERVE_MODE_COORDINATOR && !a->cluster_listen)
+        return perr(print, "moe-serve coordinator: --cluster-listen ADDR:PORT is required");
+    if (a->mode == SERVE_MODE_INSTANCE && (!a->join || !a->pool))
+        return perr(print, "moe-serve instance: --join HOST:PORT and --pool are required");
+    if (a->mode == SERVE_MODE_MPIRUN && (a->cluster_listen || a->join || a->pool))
+        return perr(print, "--cluster-listen, --join and --pool belong to `moe-serve coordinator` "
+                           "and `moe-serve instance`");
     if (a->max_queue < 0)
         a->max_queue = a->max_requests;
     if (a->heartbeat_timeout_ms < 3 * a->heartbeat_ms)

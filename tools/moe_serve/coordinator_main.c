@@ -13,7 +13,7 @@
 #include "common/tokenizer.h"
 #include "coordinator/cluster.h"
 #include "coordinator/grpc_server.h"
-#include "ctrl/link_mpi.h"
+#include "ctrl/link_ucx.h"
 #include "serve.h"
 
 static volatile sig_atomic_t drain_flag = 0;
@@ -29,6 +29,7 @@ typedef struct {
     const serve_layout *l;
     const moe_model_config *cfg;
     moe_grpc_server *srv;
+    int cluster_port;
 } ready_ctx;
 
 static void print_ranks(char *buf, size_t cap, const serve_layout *l, serve_pool pool)
@@ -53,6 +54,16 @@ static void on_ready(void *vctx, const moe_cluster *cc)
         return;
     moe_cluster_snapshot((moe_cluster *)(uintptr_t)cc, st);
     const serve_layout *l = rc->l;
+    if (!l) { /* elastic: nothing has joined yet */
+        printf("moe-serve: coordinator for model %s (%s, %d layers, %d experts); listening on %s "
+               "(port %d); instances join at %s (port %d); coordinator pid %d\n",
+               st->model, rc->cfg->arch_name, rc->cfg->n_layers, rc->cfg->n_experts, rc->a->listen,
+               moe_grpc_server_port(rc->srv), rc->a->cluster_listen, rc->cluster_port, (int)getpid());
+        fflush(stdout);
+        moe_cluster_status_release(st);
+        free(st);
+        return;
+    }
     const moe_model_config *cfg = rc->cfg;
     char pools[512] = "", ranks[256];
     size_t off = 0;
@@ -84,8 +95,14 @@ static void on_ready(void *vctx, const moe_cluster *cc)
     free(st);
 }
 
-int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl)
+static int rc_cluster_port(moe_link *link, bool elastic)
 {
+    return elastic ? moe_link_ucx_port(link) : 0;
+}
+
+int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link *link)
+{
+    bool elastic = l == NULL;
     int rc = 1;
     moe_model_config cfg;
     moe_tokenizer *tok = NULL;
@@ -95,12 +112,11 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
      * sequences and KV, so the scheduler sees every rank as a placement target of its own; the
      * ranks of the instance step together and share the experts (worker side). */
     int n_targets = 0;
-    for (int i = 0; i < l->n_instances; i++)
+    for (int i = 0; l && i < l->n_instances; i++)
         n_targets += l->instances[i].ep_size;
-    moe_cluster_instance *inst = calloc((size_t)n_targets, sizeof *inst);
+    moe_cluster_instance *inst = calloc((size_t)(n_targets ? n_targets : 1), sizeof *inst);
     char tok_path[4200], dirbuf[4096], name[128];
     bool started = false;
-    moe_link *link = NULL;
 
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
@@ -113,10 +129,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
         fprintf(stderr, "moe-serve: out of memory\n");
         goto out;
     }
-    if (moe_link_mpi_create(ctrl, &link) != MOE_OK) {
-        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
-        goto out;
-    }
+
     if (moe_model_config_load(a->model_dir, &cfg) != MOE_OK) {
         fprintf(stderr, "moe-serve: %s\n", moe_error_message());
         goto out;
@@ -131,7 +144,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
     while (dl > 1 && dirbuf[dl - 1] == '/')
         dirbuf[--dl] = 0;
     snprintf(name, sizeof name, "%s", basename(dirbuf));
-    for (int i = 0, t = 0; i < l->n_instances; i++)
+    for (int i = 0, t = 0; l && i < l->n_instances; i++)
         for (int j = 0; j < l->instances[i].ep_size; j++, t++) {
             inst[t].pool = l->instances[i].pool == SERVE_PREFILL  ? MOE_POOL_PREFILL
                            : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
@@ -139,16 +152,17 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm 
             inst[t].ep_size = 1;
             inst[t].ranks[0] = l->instances[i].ranks[j];
         }
-    ready_ctx rctx = {.a = a, .l = l, .cfg = &cfg};
+    ready_ctx rctx = {.a = a, .l = l, .cfg = &cfg, .cluster_port = rc_cluster_port(link, elastic)};
     moe_cluster_opts co = {.model_name = name,
                            .cfg = &cfg,
                            .tok = tok,
                            .link = link,
-                           .world_size = l->world,
+                           .elastic = elastic,
+                           .world_size = l ? l->world : 0,
                            .n_instances = n_targets,
                            .instances = inst,
-                           .spare_ranks = l->spare,
-                           .n_spare = l->n_spare,
+                           .spare_ranks = l ? l->spare : NULL,
+                           .n_spare = l ? l->n_spare : 0,
                            .max_requests = a->max_requests,
                            .max_queue = a->max_queue,
                            .heartbeat_timeout_ms = a->heartbeat_timeout_ms,
@@ -203,7 +217,7 @@ out:
         moe_grpc_server_shutdown(srv, 2.0);
         moe_grpc_server_free(srv);
     }
-    if (cl || !started) {
+    if (cl || (!started && !elastic)) {
         /* Every worker waits for Shutdown, whatever happened here. */
         if (!cl) {
             moe_cluster_instance one = {.pool = MOE_POOL_MIXED, .ep_size = 1, .ranks = {1}};
@@ -219,11 +233,11 @@ out:
         if (cl && moe_cluster_shutdown_workers(cl, 15000) != MOE_OK) {
             fprintf(stderr, "moe-serve: %s; aborting the job\n", moe_error_message());
             moe_cluster_free(cl);
-            MPI_Abort(MPI_COMM_WORLD, 1);
+            if (!elastic)
+                MPI_Abort(MPI_COMM_WORLD, 1);
         }
     }
     moe_cluster_free(cl);
-    moe_link_free(link);
     moe_tokenizer_free(tok);
     free(inst);
     return rc;

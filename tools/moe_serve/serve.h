@@ -4,12 +4,29 @@
 #define MOE_TOOLS_MOE_SERVE_SERVE_H
 
 #include <mpi.h>
+
+#include "ctrl/link.h"
+#include "worker/worker_loop.h"
 #include <stdbool.h>
 #include <stddef.h>
 
 #define SERVE_MAX_EP 64
 
+/* How this process was started: one mpirun job holding the whole cluster, or one failure domain
+ * of an elastic cluster (docs/cluster.md). */
+typedef enum {
+    SERVE_MODE_MPIRUN = 0, /* mpirun -np N moe-serve ...: rank 0 coordinates */
+    SERVE_MODE_COORDINATOR, /* moe-serve coordinator ...: the coordinator alone */
+    SERVE_MODE_INSTANCE,    /* [mpirun -np E] moe-serve instance --join ...: one instance */
+} serve_mode;
+
 typedef struct {
+    serve_mode mode;
+    const char *cluster_listen; /* coordinator: where instances join */
+    const char *join;           /* instance: the coordinator's --cluster-listen */
+    const char *token_file;     /* --cluster-token-file (else $MOESERVE_CLUSTER_TOKEN) */
+    const char *host_label;     /* instance: host name for status tables */
+    int pool;                   /* instance: serve_pool */
     const char *model_dir;
     int prefill, decode; /* instances asked for; -1 = not given */
     bool colocated;
@@ -66,7 +83,14 @@ const char *serve_pool_name(serve_pool p);
 
 /* Rank 0 and worker ranks; each returns the process exit status. MPI is initialised and is
  * finalised by the caller. */
-int serve_coordinator_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl);
+/* The coordinator: l is the mpirun layout, or NULL for an elastic cluster (link is UCX). */
+int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link *link);
+/* moe-serve coordinator / moe-serve instance (elastic_main.c). */
+int serve_elastic_coordinator(const serve_args *a);
+int serve_instance_main(const serve_args *a);
+/* The worker options every launch shares (engine sizes, timeouts), from the command line. */
+void serve_fill_worker_opts(const serve_args *a, moe_worker_role role, int local_ranks,
+                            moe_worker_opts *o);
 int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
                       MPI_Comm instance_comm, int local_ranks);
 

@@ -28,6 +28,34 @@ static int target_index(const serve_layout *l, int rank)
     return -1;
 }
 
+void serve_fill_worker_opts(const serve_args *a, moe_worker_role role, int local_ranks,
+                            moe_worker_opts *o)
+{
+    int threads = a->threads;
+    if (threads <= 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = (int)(cores > 0 ? cores : 1) / (local_ranks > 0 ? local_ranks : 1);
+        if (threads < 1)
+            threads = 1;
+    }
+    *o = (moe_worker_opts){.model_dir = a->model_dir,
+                           .role = role,
+                           .instance_id = -1,
+                           .instance_comm = MPI_COMM_NULL,
+                           .engine = {.n_threads = threads,
+                                      .block_size = a->block_size,
+                                      .n_kv_blocks = a->kv_blocks,
+                                      .kv_budget_bytes = (size_t)a->kv_mb << 20,
+                                      .max_batch_tokens = a->batch_tokens,
+                                      .max_seqs = a->max_seqs},
+                           .heartbeat_ms = a->heartbeat_ms,
+                           .kv_timeout_ms = a->kv_timeout_ms,
+                           .lease_ms = a->lease_ms,
+                           .kv_layerwise = !a->kv_block_transfer,
+                           .redundant_experts = a->redundant_experts,
+                           .eplb_interval = a->eplb_interval};
+}
+
 int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl, MPI_Comm data,
                       MPI_Comm instance_comm, int local_ranks)
 {
@@ -48,13 +76,6 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
         role = l->instances[idx].pool == SERVE_PREFILL  ? MOE_WORKER_PREFILL
                : l->instances[idx].pool == SERVE_DECODE ? MOE_WORKER_DECODE
                                                         : MOE_WORKER_MIXED;
-    int threads = a->threads;
-    if (threads <= 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = (int)(cores > 0 ? cores : 1) / (local_ranks > 0 ? local_ranks : 1);
-        if (threads < 1)
-            threads = 1;
-    }
     moe_link *link = NULL;
     moe_comm dc;
     moe_status st = moe_link_mpi_create(ctrl, &link);
@@ -66,24 +87,12 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
         fprintf(stderr, "moe-serve: rank %d: %s\n", rank, moe_error_message());
         return 1;
     }
-    moe_worker_opts o = {.model_dir = a->model_dir,
-                         .role = role,
-                         .instance_id = target_index(l, rank),
-                         .link = link,
-                         .data = &dc,
-                         .instance_comm = instance_comm,
-                         .engine = {.n_threads = threads,
-                                    .block_size = a->block_size,
-                                    .n_kv_blocks = a->kv_blocks,
-                                    .kv_budget_bytes = (size_t)a->kv_mb << 20,
-                                    .max_batch_tokens = a->batch_tokens,
-                                    .max_seqs = a->max_seqs},
-                         .heartbeat_ms = a->heartbeat_ms,
-                         .kv_timeout_ms = a->kv_timeout_ms,
-                         .lease_ms = a->lease_ms,
-                         .kv_layerwise = !a->kv_block_transfer,
-                         .redundant_experts = a->redundant_experts,
-                         .eplb_interval = a->eplb_interval};
+    moe_worker_opts o;
+    serve_fill_worker_opts(a, role, local_ranks, &o);
+    o.instance_id = target_index(l, rank);
+    o.link = link;
+    o.data = &dc;
+    o.instance_comm = instance_comm;
     st = moe_worker_run(&o);
     dc.ops->destroy(dc.ctx);
     moe_link_free(link);
