@@ -145,6 +145,7 @@ grpc_status_code moe_grpc_status_from_moe(moe_status s)
     case MOE_ERR_CANCELLED: return GRPC_STATUS_CANCELLED;
     case MOE_ERR_UNSUPPORTED: return GRPC_STATUS_UNIMPLEMENTED;
     case MOE_ERR_NOT_FOUND: return GRPC_STATUS_NOT_FOUND;
+    case MOE_ERR_PERMISSION: return GRPC_STATUS_PERMISSION_DENIED;
     default: return GRPC_STATUS_INTERNAL;
     }
 }
