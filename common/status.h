@@ -18,7 +18,8 @@
     X(MOE_ERR_TIMEOUT, "timed out")                 \
     X(MOE_ERR_CANCELLED, "cancelled")               \
     X(MOE_ERR_UNAVAILABLE, "unavailable")           \
-    X(MOE_ERR_INTERNAL, "internal error")          \
+    X(MOE_ERR_INTERNAL, "internal error")           \
+    /* appended, not inserted: the numbers travel in cluster messages */ \
     X(MOE_ERR_PERMISSION, "permission denied")
 
 typedef enum {

@@ -10,6 +10,7 @@ PKGS=(
   libgrpc-dev protobuf-c-compiler libprotobuf-c-dev protobuf-compiler libprotobuf-dev
   libcjson-dev libpcre2-dev libutf8proc-dev
   libcriterion-dev
+  libucx-dev libssl-dev
   clang libclang-rt-14-dev
 )
 
