@@ -18,10 +18,11 @@
 
 /* ---- prefill side ---- */
 
-/* Blocks that hold a prompt's K/V (what the decode side reserves and the push sends per layer). */
-static int prompt_blocks(const worker *w, int n_prompt)
+/* Blocks that hold the prefilled positions' K/V (what the decode side reserves and the push sends
+ * per layer): the prompt, and for a resumed sequence the tokens it had already generated. */
+static int prefill_blocks(const worker *w, const park_t *p)
 {
-    return (n_prompt + w->block_tokens - 1) / w->block_tokens;
+    return (p->prefill_tokens + w->block_tokens - 1) / w->block_tokens;
 }
 
 void moe_kv_push_reserve(worker *w, park_t *p)
@@ -31,15 +32,15 @@ void moe_kv_push_reserve(worker *w, park_t *p)
     int nb;
     if (!w->eng || moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK)
         return;
-    st.n_tokens = st.n_prompt; /* before its first token */
-    st.n_generated = 0;
-    st.n_computed = st.n_prompt; /* what the decode side will hold once the push landed */
+    st.n_tokens = p->prefill_tokens; /* before the token this prefill samples */
+    st.n_generated = p->prefill_tokens - st.n_prompt;
+    st.n_computed = p->prefill_tokens; /* what the decode side will hold once the push landed */
     moe_seq_state_pb s;
     moe_seq_state_to_pb(&st, &s);
     pb_reserve m;
     moeserve__cluster__v1__kv_reserve__init(&m);
     m.state = &s.s;
-    m.n_blocks = (uint32_t)prompt_blocks(w, st.n_prompt);
+    m.n_blocks = (uint32_t)prefill_blocks(w, p);
     m.block_bytes = w->block_bytes;
     m.n_layers = (uint32_t)moe_engine_kv_layers(w->eng);
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_RESERVE), &m.base);
@@ -96,7 +97,7 @@ void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m)
         return;
     }
     int layers = moe_engine_kv_layers(w->eng);
-    p->push_blocks = prompt_blocks(w, st.n_prompt);
+    p->push_blocks = prefill_blocks(w, p);
     p->push_sums = calloc((size_t)layers * (size_t)(p->push_blocks ? p->push_blocks : 1),
                           sizeof *p->push_sums);
     moe_status s = p->push_sums ? moe_kv_send_start(&w->data, NULL, 0, moe_engine_kv_layer_bytes(w->eng),

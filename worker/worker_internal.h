@@ -39,6 +39,7 @@ typedef Moeserve__Cluster__V1__SeqEvent pb_seq_event;
 typedef struct {
     uint64_t seq_id;
     int decode_rank;
+    int prefill_tokens;     /* positions the prefill computes: prompt + tokens of a resumed one */
     bool parked;            /* first token sampled, offer sent */
     int64_t lease_deadline; /* parked, no send in flight: freed at this time */
     moe_kv_send *send;

@@ -256,7 +256,9 @@ static void on_start(worker *w, const pb_start *m)
     }
     if (prefill_only) {
         park_t *p = &w->parks[w->n_parks++];
-        *p = (park_t){.seq_id = m->seq_id, .decode_rank = (int)m->decode_rank};
+        *p = (park_t){.seq_id = m->seq_id,
+                      .decode_rank = (int)m->decode_rank,
+                      .prefill_tokens = (int)(m->n_prompt + m->n_generated)};
         if (w->o->kv_layerwise && m->max_new_tokens > 1)
             moe_kv_push_reserve(w, p);
     }
@@ -418,6 +420,10 @@ static moe_status step(worker *w)
     b.step_ns = t1 - t0;
     b.sent_ns = moe_now_ns();
     moe_status st = moe_worker_send_coord(w, TAG(TOKENS), &b.base);
+    if (st == MOE_ERR_UNAVAILABLE) { /* the coordinator is gone: the LOST event follows */
+        MOE_LOG_W("rank %d: tokens of this step: %s", w->rank, moe_error_message());
+        return MOE_OK;
+    }
     if (st != MOE_OK)
         return st;
     /* Offers after the token report: the first token reaches the client as early as possible. */
@@ -539,7 +545,8 @@ static moe_status eplb_replan(worker *w)
  * and on rejoining a lost coordinator (*rejoin: every rank of the group has lost it). */
 static bool should_step(worker *w, bool *leave, bool *rejoin)
 {
-    int has = w->eng && moe_engine_has_work(w->eng) ? 1 : 0;
+    /* Without a coordinator nobody would hear the tokens: the lost one's sequences are dropped. */
+    int has = w->eng && !w->coord_lost && moe_engine_has_work(w->eng) ? 1 : 0;
     *leave = w->shutdown;
     *rejoin = w->coord_lost;
     if (w->ep_size <= 1)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
 # Builds nothing: BUILD_DIR must hold moe-serve, moe-generate, moe-gen-model and moe-client. Generates the
-# Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py and
-# migration_tests.py (or the ones named) in its own process with a time limit, then the grpcio
+# Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py,
+# migration_tests.py and elastic_tests.py (or the ones named) in its own process with a time limit, then the grpcio
 # client test against a live cluster, and
 # ends with one line "N passed, M failed" (exit status non-zero when M > 0).
 set -uo pipefail
@@ -43,15 +43,22 @@ export MOE_IT_TMP="$stubs" # scratch shared by the tests (e.g. a generated model
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$here/lsan.supp:print_suppressions=0"
 
-mig_tests=()
-if [ -f "$here/migration_tests.py" ]; then
-  mapfile -t mig_tests < <(python3 "$here/migration_tests.py" --list)
-fi
+# Every test module answers --list; a test runs as `python3 MODULE NAME`.
+modules=(cluster_tests.py migration_tests.py elastic_tests.py)
+declare -A module_of=()
+all_tests=()
+for m in "${modules[@]}"; do
+  [ -f "$here/$m" ] || continue
+  while read -r name; do
+    [ -n "$name" ] || continue
+    module_of[$name]=$m
+    all_tests+=("$name")
+  done < <(python3 "$here/$m" --list)
+done
 if [ $# -gt 0 ]; then
   tests=("$@")
 else
-  mapfile -t tests < <(python3 "$here/cluster_tests.py" --list)
-  tests+=("${mig_tests[@]}")
+  tests=("${all_tests[@]}")
   if [ -f "$here/grpc_client_test.py" ]; then
     tests+=(grpc_client_test)
   fi
@@ -61,10 +68,8 @@ for t in "${tests[@]}"; do
   start=$(date +%s%N)
   if [ "$t" = grpc_client_test ]; then
     cmd=(python3 "$here/live_cluster.py" python3 "$here/grpc_client_test.py")
-  elif [[ " ${mig_tests[*]} " == *" $t "* ]]; then
-    cmd=(python3 "$here/migration_tests.py" "$t")
   else
-    cmd=(python3 "$here/cluster_tests.py" "$t")
+    cmd=(python3 "$here/${module_of[$t]:-cluster_tests.py}" "$t")
   fi
   out=$(timeout -k 5 "$per_test_timeout" "${cmd[@]}" 2>&1)
   rc=$?

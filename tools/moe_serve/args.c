@@ -25,7 +25,9 @@ static void usage(FILE *f)
         "  --pool prefill|decode|mixed  instance: its pool\n"
         "  --cluster-token-file F  the shared cluster token (default: $MOESERVE_CLUSTER_TOKEN);\n"
         "                          joins without it are refused\n"
-        "  --host-label NAME       instance: its host in status tables (default: its address)\n"
+        "  --host-label NAME       instance: its host in status tables (default: its address)\n",
+        f);
+    fputs(
         "layout:\n"
         "  --prefill-instances P   prefill instances (default 1, or N-1 minus --decode-instances)\n"
         "  --decode-instances D    decode instances (default: the remaining workers)\n"

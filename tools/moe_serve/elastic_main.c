@@ -32,6 +32,9 @@ int serve_elastic_coordinator(const serve_args *a)
         fprintf(stderr, "moe-serve coordinator: %s\n", moe_error_message());
         return 2;
     }
+    /* A restarted coordinator must rebind its port while the old one's connections still sit in
+     * TIME_WAIT; the instances come back to that address. An explicit setting wins. */
+    setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
     moe_link_ucx_opts lo = {.addr = a->cluster_listen, .token = token};
     moe_link *link = NULL;
     if (moe_link_ucx_listen(&lo, &link) != MOE_OK) {

@@ -1,0 +1,343 @@
+"""Elastic-cluster tests (docs/cluster.md): a coordinator and instances as separate processes that
+join over the network, and the faults the issue names, each during live streams whose full
+outputs must equal moe-generate's, with KV back to zero everywhere afterwards.
+`elastic_tests.py --list` names the tests; `elastic_tests.py NAME` runs one."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import moeserve_pb2 as pb
+from cluster import (MODEL, TestFailure, build_dir, check, gen_request, generate, reference, registrar,
+                     run_parallel, test_main)
+from elastic import ElasticCluster, Proc
+
+TESTS = {}
+test = registrar(TESTS)
+
+
+def workload(n, max_new=240, seed=7):
+    """n prompts (text and token ids) with long outputs, so that faults land mid-stream."""
+    import random
+    rnd = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "Hello", "world", "serving", "experts", "über", "日本"]
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append({"ids": [rnd.randrange(1000) for _ in range(rnd.choice([3, 17, 40]))], "max_new": max_new})
+        else:
+            out.append({"prompt": " ".join(rnd.choice(words) for _ in range(rnd.choice([2, 6, 15]))),
+                        "max_new": max_new})
+    return out
+
+
+def ref_of(w):
+    return reference(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], extra=("--ignore-eos",))
+
+
+class Streams:
+    """Runs every request of a workload at once on its own thread; counts tokens as they arrive so
+    a test can strike mid-stream; join() returns each stream's token ids."""
+
+    def __init__(self, cl, work):
+        self.cl = cl
+        self.work = work
+        self.tokens = 0
+        self.lock = threading.Lock()
+        self.results = [None] * len(work)
+        self.errors = []
+        self.threads = [threading.Thread(target=self._one, args=(i,)) for i in range(len(work))]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i):
+        w = self.work[i]
+        try:
+            req = gen_request(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], ignore_eos=True)
+            ids = []
+            for r in self.cl.stub.Generate(req, timeout=120):
+                check(list(r.token_indices) == list(range(len(ids), len(ids) + len(r.token_ids))),
+                      "stream %d: token indices %s after %d tokens" % (i, list(r.token_indices), len(ids)))
+                ids += list(r.token_ids)
+                with self.lock:
+                    self.tokens += len(r.token_ids)
+            self.results[i] = ids
+        except BaseException as e:  # noqa: BLE001 - reported by join
+            self.errors.append((i, e))
+
+    def wait_tokens(self, n, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if self.tokens >= n:
+                    return
+            if self.errors:
+                break
+            time.sleep(0.005)
+        raise TestFailure("only %d tokens streamed (wanted %d); errors: %s" % (self.tokens, n, self.errors[:2]))
+
+    def join(self):
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            i, e = self.errors[0]
+            raise TestFailure("stream %d: %s: %s" % (i, type(e).__name__, e))
+        return self.results
+
+
+def check_outputs(work, results):
+    refs = run_parallel(ref_of, work, workers=4)
+    for i, (w, got, want) in enumerate(zip(work, results, refs)):
+        check(got == want, "stream %d (%s): %d tokens differ from moe-generate's %d from index %s" % (
+            i, w.get("prompt", "ids"), len(got), len(want),
+            next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))))
+
+
+def busiest(cl, st, pool):
+    """The instance Proc whose target runs the most requests in pool."""
+    best = None
+    for i in st.instances:
+        if i.pool == pool and i.state == pb.INSTANCE_STATE_READY and (best is None or i.running > best.running):
+            best = i
+    check(best is not None, "no ready instance of pool %s" % pool)
+    return best
+
+
+def proc_of(cl, inst):
+    """The Proc whose host label names this target (tests label every instance)."""
+    for p in cl.instances:
+        if p.name == inst.host:
+            return p
+    raise TestFailure("no process for instance %d (host %r)" % (inst.id, inst.host))
+
+
+def add(cl, pool, **kw):
+    name = "%s%d" % (pool, len(cl.instances))
+    return cl.add_instance(pool, host_label=name, **kw)
+
+
+@test
+def elastic_greedy_matches_moe_generate():
+    """1 prefill + 2 decode instances as separate processes; 32 concurrent streams == moe-generate;
+    status names each instance's host; stopping drains every process to exit 0."""
+    with ElasticCluster() as cl:
+        add(cl, "prefill")
+        add(cl, "decode")
+        add(cl, "decode")
+        st = cl.wait_ready(3)
+        check(sorted(i.host for i in st.instances) == ["decode1", "decode2", "prefill0"],
+              "hosts in status: %s" % [i.host for i in st.instances])
+        check(st.counters.instance_joins == 3, "joins: %d" % st.counters.instance_joins)
+        work = workload(32, max_new=24)
+        s = Streams(cl, work)
+        check_outputs(work, s.join())
+        cl.wait_idle()
+        cl.stop()
+
+
+@test
+def kill9_decode_instance_loses_no_request():
+    with ElasticCluster() as cl:
+        for p in ("prefill", "decode", "decode"):
+            add(cl, p)
+        cl.wait_ready(3)
+        work = workload(16)
+        s = Streams(cl, work)
+        s.wait_tokens(16 * 8)
+        victim = proc_of(cl, busiest(cl, cl.status(), pb.POOL_KIND_DECODE))
+        victim.kill()
+        victim.killed = True
+        check_outputs(work, s.join())
+        st = cl.wait_idle()
+        check(st.counters.instance_losses == 1 and st.counters.requests_resumed >= 1,
+              "losses %d, resumes %d" % (st.counters.instance_losses, st.counters.requests_resumed))
+        check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
+        cl.stop()
+
+
+@test
+def kill9_prefill_instance_loses_no_request():
+    with ElasticCluster() as cl:
+        for p in ("prefill", "prefill", "decode"):
+            add(cl, p)
+        cl.wait_ready(3)
+        work = workload(24, max_new=16)
+        s = Streams(cl, work)
+        s.wait_tokens(4)
+        victim = proc_of(cl, busiest(cl, cl.status(), pb.POOL_KIND_PREFILL))
+        victim.kill()
+        victim.killed = True
+        check_outputs(work, s.join())
+        st = cl.wait_idle()
+        check(st.counters.instance_losses == 1, "losses %d" % st.counters.instance_losses)
+        check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
+        cl.stop()
+
+
+@test
+def sigstop_decode_is_fenced_then_rejoins():
+    """A decode instance stopped past the heartbeat timeout is fenced (its requests go on
+    elsewhere); continued, it drops its stale KV, rejoins under a new member id and serves."""
+    with ElasticCluster(heartbeat_timeout_ms=1000) as cl:
+        for p in ("prefill", "decode", "decode"):
+            add(cl, p)
+        cl.wait_ready(3)
+        work = workload(16)
+        s = Streams(cl, work)
+        s.wait_tokens(16 * 8)
+        victim = proc_of(cl, busiest(cl, cl.status(), pb.POOL_KIND_DECODE))
+        victim.signal(signal.SIGSTOP)
+        check_outputs(work, s.join())
+        victim.signal(signal.SIGCONT)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            st = cl.status()
+            mine = [i for i in st.instances if i.host == victim.name]
+            if sum(1 for i in mine if i.state == pb.INSTANCE_STATE_READY) == 1 and \
+                    sum(1 for i in mine if i.state == pb.INSTANCE_STATE_UNREACHABLE) == 1:
+                break
+            time.sleep(0.1)
+        else:
+            raise TestFailure("the continued instance did not rejoin:\n%s" % st)
+        check(st.counters.instance_losses == 1, "losses %d" % st.counters.instance_losses)
+        # It serves again: with the other decode instance drained, new requests must go to it.
+        other = [i for i in st.instances if i.pool == pb.POOL_KIND_DECODE and i.host != victim.name
+                 and i.state == pb.INSTANCE_STATE_READY][0]
+        cl.stub.Drain(pb.DrainRequest(instance=other.id), timeout=5)
+        work2 = workload(4, max_new=16, seed=9)
+        check_outputs(work2, Streams(cl, work2).join())
+        cl.wait_idle()
+        cl.stop()
+
+
+@test
+def stalled_coordinator_loses_nothing():
+    """SIGSTOP of the coordinator for 12 s (longer than the heartbeat timeout), then SIGCONT:
+    no instance is fenced, every stream completes exactly."""
+    with ElasticCluster(heartbeat_timeout_ms=1500) as cl:
+        for p in ("prefill", "decode"):
+            add(cl, p)
+        cl.wait_ready(2)
+        work = workload(8, max_new=200)
+        s = Streams(cl, work)
+        s.wait_tokens(8 * 4)
+        cl.coord.signal(signal.SIGSTOP)
+        time.sleep(12)
+        cl.coord.signal(signal.SIGCONT)
+        check_outputs(work, s.join())
+        st = cl.wait_idle()
+        check(st.counters.instance_losses == 0, "instances lost: %d" % st.counters.instance_losses)
+        cl.stop()
+
+
+@test
+def sigterm_instance_drains_by_migration_and_exits_0():
+    with ElasticCluster() as cl:
+        for p in ("prefill", "decode", "decode"):
+            add(cl, p)
+        cl.wait_ready(3)
+        work = workload(12)
+        s = Streams(cl, work)
+        s.wait_tokens(12 * 8)
+        victim = proc_of(cl, busiest(cl, cl.status(), pb.POOL_KIND_DECODE))
+        victim.signal(signal.SIGTERM)
+        check(victim.wait(60) == 0, "the leaving instance exited %s" % victim.proc.returncode)
+        check_outputs(work, s.join())
+        st = cl.wait_idle()
+        check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
+        check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s" % st.counters)
+        cl.stop()
+
+
+@test
+def decode_instance_joined_under_load_takes_requests():
+    with ElasticCluster() as cl:
+        for p in ("prefill", "decode"):
+            add(cl, p)
+        cl.wait_ready(2)
+        work = workload(16, max_new=120)
+        s = Streams(cl, work)
+        s.wait_tokens(16)
+        t0 = time.time()
+        late = add(cl, "decode")
+        cl.wait_ready(3)
+        joined_s = time.time() - t0
+        work2 = workload(8, max_new=24, seed=11)
+        s2 = Streams(cl, work2)
+        check_outputs(work, s.join())
+        check_outputs(work2, s2.join())
+        st = cl.wait_idle()
+        mine = [i for i in st.instances if i.host == late.name][0]
+        check(mine.kv_blocks_total > 0, "the late instance reports no KV")
+        print("joined and ready in %.2f s" % joined_s)
+        # It took requests: its expert load counters moved.
+        check(sum(mine.expert_tokens) > 0, "the late instance computed nothing")
+        cl.stop()
+
+
+@test
+def join_without_token_is_refused():
+    with ElasticCluster() as cl:
+        add(cl, "mixed")
+        cl.wait_ready(1)
+        bad = add(cl, "mixed", env={"MOESERVE_CLUSTER_TOKEN": "not-the-cluster-token-at-all"})
+        rc = bad.wait(30)
+        bad.killed = True  # its exit is the point: stop() must not hold it against the cluster
+        check(rc not in (0, None), "a wrong token was accepted (exit %s)" % rc)
+        check("refused" in bad.stderr() or "permission" in bad.stderr().lower(),
+              "the refused instance does not say why:\n" + bad.stderr()[-2000:])
+        check("refused" in cl.coord.stderr(), "the coordinator did not log the refusal")
+        st = cl.status()
+        check(len(st.instances) == 1, "the refused instance is listed: %s" % st)
+        cl.stop()
+
+
+@test
+def coordinator_restart_instances_rejoin():
+    """The coordinator dies; a new one on the same address takes the instances back (they rejoin
+    by themselves) and serves."""
+    with ElasticCluster() as cl:
+        for p in ("prefill", "decode"):
+            add(cl, p)
+        cl.wait_ready(2)
+        old = cl.coord
+        port = cl.cluster_port
+        old.kill()
+        old.close(False)
+        cl.start_coordinator(cluster_port=port)
+        cl.wait_ready(2, timeout=30)
+        work = workload(6, max_new=16, seed=5)
+        check_outputs(work, Streams(cl, work).join())
+        cl.wait_idle()
+        cl.stop()
+
+
+@test
+def kill9_one_rank_of_ep2_instance():
+    """An expert-parallel decode instance (mpirun -np 2) loses one rank: the whole instance is
+    lost, its requests go on on the other decode instance."""
+    with ElasticCluster() as cl:
+        add(cl, "prefill")
+        ep = add(cl, "decode", ep=2)
+        add(cl, "decode")
+        cl.wait_ready(4)
+        work = workload(16)
+        s = Streams(cl, work)
+        s.wait_tokens(16 * 8)
+        import subprocess
+        ranks = subprocess.run(["pgrep", "-P", str(ep.proc.pid)], capture_output=True, text=True).stdout.split()
+        check(len(ranks) >= 1, "no rank processes under mpirun %d" % ep.proc.pid)
+        os.kill(int(ranks[0]), signal.SIGKILL)
+        ep.killed = True
+        check_outputs(work, s.join())
+        st = cl.wait_idle()
+        lost = [i for i in st.instances if i.host == ep.name and i.state == pb.INSTANCE_STATE_UNREACHABLE]
+        check(len(lost) == 2, "both ranks of the EP instance should be lost: %s" % st)
+        ep.wait(30)
+        cl.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(test_main(TESTS, "elastic_tests.py"))
