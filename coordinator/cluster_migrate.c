@@ -10,6 +10,7 @@
 
 #include "common/clock.h"
 #include "common/log.h"
+#include "common/test_hook.h"
 #include "coordinator/cluster_internal.h"
 
 #define REASON(x) MOESERVE__CLUSTER__V1__MIG_REASON__MIG_##x
@@ -49,7 +50,7 @@ void moe_cluster_mig_init(moe_cluster *c)
         o->low_water = 0.7 * o->high_water;
     }
     if (o->every_tokens <= 0) {
-        const char *v = getenv("MOE_TEST_MIGRATE_EVERY");
+        const char *v = moe_test_hook("MOE_TEST_MIGRATE_EVERY");
         o->every_tokens = v && *v ? atoi(v) : 0;
         if (o->every_tokens > 0)
             MOE_LOG_W("test hook MOE_TEST_MIGRATE_EVERY=%d: every decoding request moves every "

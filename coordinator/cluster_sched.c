@@ -59,9 +59,9 @@ void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
     c->n_losses++;
     pthread_mutex_unlock(&c->mu);
     char msg[384];
-    snprintf(msg, sizeof msg, "%s instance %d (member %d%s%s) %s",
-             moe_cluster_pool_name(in->def.pool), idx, in->lead, *in->host ? " on " : "", in->host,
-             why);
+    snprintf(msg, sizeof msg, "%s instance %d (%s %d%s%s) %s",
+             moe_cluster_pool_name(in->def.pool), idx, c->elastic ? "member" : "rank", in->lead,
+             *in->host ? " on " : "", in->host, why);
     int moved = 0, failed = 0;
     for (int b = 0; b < N_BUCKETS; b++) {
         for (creq *r = c->buckets[b], *next; r; r = next) {

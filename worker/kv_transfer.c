@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "common/test_hook.h"
 
 /* ---- XXH64 (public algorithm by Yann Collet), little-endian reads ---- */
 #define P1 0x9E3779B185EBCA87ULL
@@ -96,7 +97,7 @@ int moe_kv_data_tag(uint32_t xfer_id)
 void moe_kv_test_hooks_from_env(moe_kv_test_hooks *h)
 {
     *h = (moe_kv_test_hooks){0};
-    const char *v = getenv("MOE_TEST_CORRUPT_KV");
+    const char *v = moe_test_hook("MOE_TEST_CORRUPT_KV");
     if (!v || !*v || !strcmp(v, "0"))
         return;
     h->corrupt_attempts = !strcmp(v, "all") ? -1 : atoi(v);

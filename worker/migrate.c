@@ -9,6 +9,7 @@
 #include "common/clock.h"
 #include "common/grow.h"
 #include "common/log.h"
+#include "common/test_hook.h"
 #include "worker/kv_transfer.h"
 #include "worker/seq_state_pb.h"
 
@@ -32,7 +33,7 @@ static int parse_stage(const char *s)
 void moe_mig_test_hooks_from_env(moe_mig_test_hooks *h)
 {
     *h = (moe_mig_test_hooks){0};
-    const char *v = getenv("MOE_TEST_MIGRATE_ABORT");
+    const char *v = moe_test_hook("MOE_TEST_MIGRATE_ABORT");
     if (v && *v) {
         char buf[64];
         snprintf(buf, sizeof buf, "%s", v);
@@ -61,10 +62,10 @@ void moe_mig_test_hooks_from_env(moe_mig_test_hooks *h)
             MOE_LOG_W("test hook MOE_TEST_MIGRATE_ABORT=%s: migrations will be aborted", v);
         }
     }
-    const char *s = getenv("MOE_TEST_MIGRATE_STALL_MS");
+    const char *s = moe_test_hook("MOE_TEST_MIGRATE_STALL_MS");
     if (s && *s)
         h->stall_ms = atoi(s);
-    s = getenv("MOE_TEST_MIGRATE_MIN_STAGES");
+    s = moe_test_hook("MOE_TEST_MIGRATE_MIN_STAGES");
     if (s && *s)
         h->min_stages = atoi(s);
 }

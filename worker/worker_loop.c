@@ -12,6 +12,7 @@
 
 #include "common/clock.h"
 #include "common/log.h"
+#include "common/test_hook.h"
 #include "worker/comm_mpi.h"
 #include "worker/eplb.h"
 #include "worker/seq_state_pb.h"
@@ -564,12 +565,6 @@ static bool should_step(worker *w, bool *leave, bool *rejoin)
     return w->eng && v[0] > 0 && !*leave;
 }
 
-static int env_int(const char *name, int dflt)
-{
-    const char *v = getenv(name);
-    return v && *v ? atoi(v) : dflt;
-}
-
 /* WorkerReady: what the coordinator needs to place requests here (sent after the load, and again
  * after every rejoin). Collective over an expert-parallel group (its member ids). */
 static moe_status send_ready(worker *w, double warmup_ms)
@@ -643,9 +638,9 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         MPI_Comm_rank(o->instance_comm, &w.ep_rank);
     }
     moe_kv_test_hooks_from_env(&w.hooks);
-    w.hang_rank = env_int("MOE_TEST_HANG_RANK", -1);
-    w.hang_after = env_int("MOE_TEST_HANG_AFTER", 1);
-    w.pull_delay_ms = o->role == MOE_WORKER_DECODE ? env_int("MOE_TEST_PULL_DELAY_MS", 0) : 0;
+    w.hang_rank = moe_test_hook_int("MOE_TEST_HANG_RANK", -1);
+    w.hang_after = moe_test_hook_int("MOE_TEST_HANG_AFTER", 1);
+    w.pull_delay_ms = o->role == MOE_WORKER_DECODE ? moe_test_hook_int("MOE_TEST_PULL_DELAY_MS", 0) : 0;
     w.data = *o->data;
 
     moe_status st = MOE_OK;

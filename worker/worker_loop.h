@@ -52,7 +52,7 @@ typedef struct {
  * load are reported to the coordinator (WorkerReady.ok = false) and the worker still waits for
  * Shutdown, so that every rank exits through the same path. Returns MOE_OK after a clean
  * shutdown; otherwise the error (moe_error_message says what).
- * Test hooks (environment): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
+ * Test hooks (environment, active only with MOE_TEST_HOOKS=1: common/test_hook.h): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
  * MOE_TEST_HANG_RANK=R with MOE_TEST_HANG_AFTER=K: world rank R stops answering anything once it
  * has received K StartSeq or KvOffer messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode
  * rank waits N ms after each offer before pulling and renews no lease meanwhile (lease expiry). */

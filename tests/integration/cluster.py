@@ -74,6 +74,8 @@ class Cluster:
         e.setdefault("MOE_LOG_LEVEL", "info")
         if env:
             e.update(env)
+        if any(k.startswith("MOE_TEST_") for k in e):
+            e["MOE_TEST_HOOKS"] = "1"  # the hooks' gate (common/test_hook.h)
         cmd = ["mpirun", "--oversubscribe", "-np", str(np), os.path.join(build_dir(), "moe-serve"),
                "--model", model, "--listen", "127.0.0.1:0", "--threads", "1", "--kv-blocks", "512",
                "--heartbeat-ms", "100"] + list(args)

@@ -291,6 +291,7 @@ Test(kv_transfer, hooks_from_environment)
     unsetenv("MOE_TEST_CORRUPT_KV");
     moe_kv_test_hooks_from_env(&h);
     cr_expect_eq(h.corrupt_attempts, 0);
+    setenv("MOE_TEST_HOOKS", "1", 1);
     setenv("MOE_TEST_CORRUPT_KV", "1", 1);
     moe_kv_test_hooks_from_env(&h);
     cr_expect_eq(h.corrupt_attempts, 1);

@@ -577,6 +577,7 @@ Test(migrate, refuses_what_cannot_move)
 Test(migrate, test_hooks_from_env)
 {
     moe_mig_test_hooks hk;
+    setenv("MOE_TEST_HOOKS", "1", 1);
     setenv("MOE_TEST_MIGRATE_ABORT", "dest:final:all", 1);
     setenv("MOE_TEST_MIGRATE_STALL_MS", "25", 1);
     moe_mig_test_hooks_from_env(&hk);
