@@ -128,7 +128,10 @@ class ElasticCluster:
         serve = [os.path.join(build_dir(), "moe-serve"), "instance", "--join", self.join_addr(),
                  "--pool", pool, "--model", self.model, "--threads", "1", "--kv-blocks", "512",
                  "--heartbeat-ms", "100"] + (["--host-label", host_label] if host_label else []) + list(args)
-        cmd = (["mpirun", "--oversubscribe", "-np", str(ep)] + serve) if ep > 1 else serve
+        # mpirun answers SIGTERM with SIGCONT to the ranks, SIGTERM odls_base_sigkill_timeout
+        # seconds later and SIGKILL as many after that (1 by default): time to drain.
+        mpirun = ["mpirun", "--oversubscribe", "--mca", "odls_base_sigkill_timeout", "4", "-np", str(ep)]
+        cmd = (mpirun + serve) if ep > 1 else serve
         e = dict(self.env)
         if env:
             e.update(env)

@@ -339,5 +339,45 @@ def kill9_one_rank_of_ep2_instance():
         cl.stop()
 
 
+def signal_mpirun_of_ep2_instance(sig, work):
+    """Signals the mpirun of an EP-2 decode instance (not its process group: what a supervisor
+    does) while streams run; both ranks ask to leave, their requests migrate to the other decode
+    instance and every rank exits 0. Returns mpirun's exit status and its output."""
+    with ElasticCluster() as cl:
+        add(cl, "prefill")
+        ep = add(cl, "decode", ep=2)
+        add(cl, "decode")
+        cl.wait_ready(4)
+        s = Streams(cl, work)
+        s.wait_tokens(len(work) * 8)
+        os.kill(ep.proc.pid, sig)
+        rc = ep.wait(60)
+        ep.killed = True  # its status is checked by the caller
+        check_outputs(work, s.join())
+        log = ep.stderr() + ep.stdout()
+        check(log.count("leaving: asked the coordinator to drain") == 2, "both ranks should leave:\n" + log[-3000:])
+        check("signal 9" not in log and "Killed" not in log, "a rank was killed:\n" + log[-3000:])
+        st = cl.wait_idle()
+        check(st.counters.requests_resumed == 0 and st.counters.requests_failed == 0, str(st.counters))
+        check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
+        cl.stop()
+        return rc
+
+
+@test
+def sigusr1_to_mpirun_drains_ep2_instance():
+    """mpirun forwards SIGUSR1 to its ranks at once: the instance drains and mpirun exits 0."""
+    rc = signal_mpirun_of_ep2_instance(signal.SIGUSR1, workload(12))
+    check(rc == 0, "mpirun exited %s" % rc)
+
+
+@test
+def sigterm_to_mpirun_drains_ep2_instance():
+    """SIGTERM to mpirun reaches the ranks odls_base_sigkill_timeout (4 s here) later, with as long
+    again before SIGKILL: they drain in that window and exit 0 (mpirun itself reports 1, as Open
+    MPI does for any job it was told to terminate)."""
+    signal_mpirun_of_ep2_instance(signal.SIGTERM, workload(12, max_new=400))
+
+
 if __name__ == "__main__":
     sys.exit(test_main(TESTS, "elastic_tests.py"))

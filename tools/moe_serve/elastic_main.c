@@ -75,12 +75,6 @@ static bool under_mpirun(void)
 
 int serve_instance_main(const serve_args *a)
 {
-    struct sigaction sa = {.sa_handler = on_leave_signal};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
     /* Expert parallelism inside the instance: its ranks are this mpirun job's. One rank alone
      * needs no MPI at all. */
     bool mpi = under_mpirun();
@@ -99,6 +93,16 @@ int serve_instance_main(const serve_args *a)
         const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
         local = ls ? atoi(ls) : 1;
     }
+    /* After MPI_Init, which may install handlers of its own: SIGTERM, SIGINT and SIGUSR1 mean
+     * "leave". mpirun forwards SIGUSR1 to every rank at once; a SIGTERM to mpirun reaches the
+     * ranks only odls_base_sigkill_timeout seconds later, and SIGKILL as many after that
+     * (docs/cluster.md). */
+    struct sigaction sa = {.sa_handler = on_leave_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
     moe_log_init(ep_rank);
     char uuid[64] = "";
     if (ep_rank == 0)
