@@ -478,10 +478,10 @@ static const char *l_host(void *ctx, int member)
     return m && m->host ? m->host : "";
 }
 
-void ul_close_all(ul_link *L)
+void ul_close_all(ul_link *L, bool force)
 {
     for (ul_peer *p = L->peers; p; p = p->next)
-        ul_peer_close(p);
+        peer_close_mode(p, force);
     for (int i = 0; i < L->n_m; i++) {
         free(L->m[i].addr);
         free(L->m[i].host);
@@ -500,9 +500,11 @@ void ul_destroy(void *ctx)
     if (!L)
         return;
     if (L->worker) {
-        ul_close_all(L);
-        /* Forced closes complete the sends and rendezvous receives (with errors): wait for them
-         * briefly so that no UCX callback outlives the buffers it writes. */
+        /* Flushing closes: what flush() saw leave UCX's queue still has to leave its socket
+         * buffers (a forced close drops it). Then wait, briefly, for the closes and the sends,
+         * so that no UCX callback outlives the buffers it writes; a dead peer's close fails at
+         * once. */
+        ul_close_all(L, false);
         int64_t end = moe_now_ns() + 500 * 1000000LL;
         bool pending = true;
         while (pending && moe_now_ns() < end) {
@@ -658,7 +660,7 @@ moe_status moe_link_ucx_rejoin(moe_link *l)
     ul_link *L = ul_of(l);
     if (!L || L->coordinator)
         return moe_error(MOE_ERR_INVALID_ARG, "ucx link: rejoin is for a rank's link");
-    ul_close_all(L);
+    ul_close_all(L, true);
     L->self = -1;
     return ul_join_run(L);
 }

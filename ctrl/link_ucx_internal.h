@@ -118,7 +118,7 @@ moe_status ul_push_event(ul_link *L, moe_link_event_kind kind, int src, int tag,
                          size_t len);
 ul_member *ul_member_at(ul_link *L, int id, bool grow);
 void ul_member_lost(ul_link *L, int id, bool fenced);
-void ul_close_all(ul_link *L);
+void ul_close_all(ul_link *L, bool force); /* every endpoint; clears the directory */
 
 /* link_ucx_join.c */
 void ul_on_join_msg(ul_link *L, ul_peer *p, const ul_hdr *h, const uint8_t *buf, size_t len);
