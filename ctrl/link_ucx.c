@@ -103,6 +103,14 @@ void ul_peer_close_flush(ul_peer *p)
     peer_close_mode(p, false);
 }
 
+static void peer_free(ul_peer *p)
+{
+    free(p->addr);
+    free(p->host);
+    free(p->hello);
+    free(p);
+}
+
 /* Frees the peers whose close has completed. */
 static void reap(ul_link *L)
 {
@@ -114,10 +122,7 @@ static void reap(ul_link *L)
         }
         if (p->closed && !p->close_req) {
             *pp = p->next;
-            free(p->addr);
-            free(p->host);
-            free(p->hello);
-            free(p);
+            peer_free(p);
         } else {
             pp = &p->next;
         }
@@ -604,6 +609,14 @@ void ul_destroy(void *ctx)
                       "shutdown (a peer not progressing?)",
                       L->n_sends, closes);
         }
+        /* UCX releases a freed request when it completes (or with the worker). */
+        for (ul_peer *p = L->peers, *n; p; p = n) {
+            n = p->next;
+            if (p->close_req)
+                ucp_request_free(p->close_req);
+            peer_free(p);
+        }
+        L->peers = NULL;
     }
     for (int q = 0; q < 2; q++)
         for (ul_event *e = q ? L->held : L->head; e;) {
