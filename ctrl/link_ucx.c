@@ -4,6 +4,7 @@
  * handshake and the directory live in link_ucx_join.c. */
 #include "ctrl/link_ucx_internal.h"
 
+#include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -102,6 +103,14 @@ void ul_peer_close_flush(ul_peer *p)
     peer_close_mode(p, false);
 }
 
+static void peer_free(ul_peer *p)
+{
+    free(p->addr);
+    free(p->host);
+    free(p->hello);
+    free(p);
+}
+
 /* Frees the peers whose close has completed. */
 static void reap(ul_link *L)
 {
@@ -113,10 +122,7 @@ static void reap(ul_link *L)
         }
         if (p->closed && !p->close_req) {
             *pp = p->next;
-            free(p->addr);
-            free(p->host);
-            free(p->hello);
-            free(p);
+            peer_free(p);
         } else {
             pp = &p->next;
         }
@@ -167,7 +173,19 @@ static ul_peer *member_peer(ul_link *L, int id)
 
 /* ---- the receive queue ---- */
 
-static ul_event *event_new(ul_link *L, moe_link_event_kind kind, int src, int tag, size_t len)
+static void append(ul_event **head, ul_event **tail, ul_event *e)
+{
+    e->next = NULL;
+    if (*tail)
+        (*tail)->next = e;
+    else
+        *head = e;
+    *tail = e;
+}
+
+/* A new event at the end of the queue, or (hold) of the held list. */
+static ul_event *event_new_in(ul_link *L, moe_link_event_kind kind, int src, int tag, size_t len,
+                              bool hold)
 {
     ul_event *e = calloc(1, sizeof *e);
     if (!e || !(e->owned = malloc(len ? len : 1))) {
@@ -177,12 +195,19 @@ static ul_event *event_new(ul_link *L, moe_link_event_kind kind, int src, int ta
         return NULL;
     }
     e->ev = (moe_link_event){.kind = kind, .src = src, .tag = tag, .buf = e->owned, .len = len};
-    if (L->tail)
-        L->tail->next = e;
-    else
-        L->head = e;
-    L->tail = e;
+    if (hold) {
+        e->hold_until_ns = moe_now_ns() + (int64_t)UL_HOLD_MS * 1000000;
+        append(&L->held, &L->held_tail, e);
+        L->n_held++;
+    } else {
+        append(&L->head, &L->tail, e);
+    }
     return e;
+}
+
+static ul_event *event_new(ul_link *L, moe_link_event_kind kind, int src, int tag, size_t len)
+{
+    return event_new_in(L, kind, src, tag, len, false);
 }
 
 static void event_free(ul_event *e)
@@ -217,20 +242,67 @@ static void rndv_done(void *request, ucs_status_t status, size_t length, void *u
     ucp_request_free(request);
 }
 
-/* Who sent a control message, or -1 to drop it. The coordinator knows each rank by the endpoint
- * it accepted; a rank knows the coordinator by its own endpoint and other ranks from the
- * directory the coordinator gave it. */
+#define UL_HOLD -2
+
+/* Who sent a control message, -1 to drop it, or UL_HOLD to keep it until its sender is
+ * announced. The coordinator knows each rank by the endpoint it accepted; a rank knows the
+ * coordinator by its own endpoint and other ranks from the directory the coordinator gave it. */
 static int sender_of(ul_link *L, const ul_peer *p, const ul_hdr *h)
 {
-    if (h->dest != L->self)
-        return -1; /* addressed to an earlier epoch of ours (before a rejoin) */
     if (L->coordinator)
         return p && p->member > 0 && active(L, p->member) && h->src == p->member ? p->member : -1;
     if (p && p == L->coord)
         return h->src == MOE_LINK_COORDINATOR && active(L, 0) ? 0 : -1;
-    if (h->src == MOE_LINK_COORDINATOR || h->src == L->self || !active(L, h->src))
+    if (h->src <= MOE_LINK_COORDINATOR || h->src == L->self || (p && p->member != h->src))
         return -1;
-    return p && p->member != h->src ? -1 : h->src;
+    ul_member *m = ul_member_at(L, h->src, false);
+    if (!m || m->state == UL_M_NONE)
+        return L->n_held < UL_HOLD_MAX ? UL_HOLD : -1;
+    return m->state == UL_M_ACTIVE && !CRYPTO_memcmp(h->key, m->key, UL_KEY) ? h->src : -1;
+}
+
+void ul_release_held(ul_link *L, int member)
+{
+    ul_event *keep = NULL, *keep_tail = NULL;
+    ul_member *m = ul_member_at(L, member, false);
+    for (ul_event *e = L->held, *n; e; e = n) {
+        n = e->next;
+        if (e->ev.src == member) {
+            L->n_held--;
+            if (!m || CRYPTO_memcmp(e->key, m->key, UL_KEY)) {
+                MOE_LOG_W("ucx link: dropped a message (tag %d) claiming member %d: wrong key",
+                          e->ev.tag, member);
+                e->drop = true;
+            }
+            append(&L->head, &L->tail, e);
+        } else {
+            append(&keep, &keep_tail, e);
+        }
+    }
+    L->held = keep;
+    L->held_tail = keep_tail;
+}
+
+/* Drops the held messages whose sender was never announced in time (their receive done). */
+static void expire_held(ul_link *L)
+{
+    int64_t now = moe_now_ns();
+    ul_event *keep = NULL, *keep_tail = NULL;
+    for (ul_event *e = L->held, *n; e; e = n) {
+        n = e->next;
+        if (e->ready && (e->drop || now > e->hold_until_ns)) {
+            if (!e->drop)
+                MOE_LOG_W("ucx link: dropped a message (tag %d, %zu bytes) from member %d: the "
+                      "coordinator never announced it",
+                      e->ev.tag, e->ev.len, e->ev.src);
+            L->n_held--;
+            event_free(e);
+        } else {
+            append(&keep, &keep_tail, e);
+        }
+    }
+    L->held = keep;
+    L->held_tail = keep_tail;
 }
 
 static ucs_status_t am_recv(void *arg, const void *header, size_t header_length, void *data,
@@ -254,21 +326,30 @@ static ucs_status_t am_recv(void *arg, const void *header, size_t header_length,
             ul_on_join_msg(L, p, &h, data, length);
         return UCS_OK;
     }
+    if (h.dest != L->self) {
+        MOE_LOG_D("ucx link: dropped a message (tag %d) to member %d: we are %d now", h.tag,
+                  h.dest, L->self);
+        return UCS_OK;
+    }
     int src = sender_of(L, p, &h);
-    if (src < 0) {
+    if (src == -1) {
         /* Expected after a fence (the peer has not heard yet); anything else is worth a line. */
         ul_member *m = ul_member_at(L, h.src, false);
         if (m && m->state == UL_M_LOST)
             MOE_LOG_D("ucx link: dropped a message (tag %d) from lost member %d", h.tag, h.src);
         else
-            MOE_LOG_W("ucx link: dropped a message (tag %d, %zu bytes) claiming member %d to %d: "
-                      "not an announced member",
-                      h.tag, length, h.src, h.dest);
+            MOE_LOG_W("ucx link: dropped a message (tag %d, %zu bytes) claiming member %d: %s",
+                      h.tag, length, h.src,
+                      m && m->state == UL_M_ACTIVE && !L->coordinator && p != L->coord
+                          ? "wrong member key"
+                          : "not from that member's endpoint, or not announced");
         return UCS_OK;
     }
-    ul_event *e = event_new(L, MOE_LINK_MSG, src, h.tag, length);
+    ul_event *e = event_new_in(L, MOE_LINK_MSG, src == UL_HOLD ? h.src : src, h.tag, length,
+                               src == UL_HOLD);
     if (!e)
         return UCS_OK;
+    memcpy(e->key, h.key, UL_KEY);
     if (!rndv) {
         memcpy(e->owned, data, length);
         e->ready = true;
@@ -321,6 +402,7 @@ moe_status ul_send_raw(ul_link *L, ul_peer *p, uint32_t kind, int dest, int tag,
                          dest);
     s->L = L;
     s->h = (ul_hdr){.magic = UL_MAGIC, .kind = kind, .src = L->self, .dest = dest, .tag = tag};
+    memcpy(s->h.key, L->key, UL_KEY);
     if (len)
         memcpy(s->data, buf, len);
     ucp_request_param_t prm = {
@@ -418,6 +500,8 @@ void ul_progress(void *ctx)
         ;
     if (L->any_failed)
         handle_failures(L);
+    if (L->held)
+        expire_held(L);
     ul_join_tick(L);
     reap(L);
 }
@@ -478,10 +562,10 @@ static const char *l_host(void *ctx, int member)
     return m && m->host ? m->host : "";
 }
 
-void ul_close_all(ul_link *L)
+void ul_close_all(ul_link *L, bool force)
 {
     for (ul_peer *p = L->peers; p; p = p->next)
-        ul_peer_close(p);
+        peer_close_mode(p, force);
     for (int i = 0; i < L->n_m; i++) {
         free(L->m[i].addr);
         free(L->m[i].host);
@@ -492,6 +576,8 @@ void ul_close_all(ul_link *L)
     L->coord = NULL;
     for (ul_event *e = L->head; e; e = e->next)
         e->drop = true;
+    for (ul_event *e = L->held; e; e = e->next)
+        e->drop = true;
 }
 
 void ul_destroy(void *ctx)
@@ -500,26 +586,44 @@ void ul_destroy(void *ctx)
     if (!L)
         return;
     if (L->worker) {
-        ul_close_all(L);
-        /* Forced closes complete the sends and rendezvous receives (with errors): wait for them
-         * briefly so that no UCX callback outlives the buffers it writes. */
+        /* Flushing closes: what flush() saw leave UCX's queue still has to leave its socket
+         * buffers (a forced close drops it). Then wait, briefly, for the closes and the sends,
+         * so that no UCX callback outlives the buffers it writes; a dead peer's close fails at
+         * once. */
+        ul_close_all(L, false);
         int64_t end = moe_now_ns() + 500 * 1000000LL;
         bool pending = true;
         while (pending && moe_now_ns() < end) {
             ucp_worker_progress(L->worker);
             reap(L);
             pending = L->n_sends > 0 || L->peers;
-            for (ul_event *e = L->head; e && !pending; e = e->next)
-                pending = !e->ready;
+            for (int q = 0; q < 2; q++)
+                for (ul_event *e = q ? L->held : L->head; e && !pending; e = e->next)
+                    pending = !e->ready;
         }
-        if (pending)
-            MOE_LOG_W("ucx link: %d sends or closes still pending at shutdown", L->n_sends);
+        if (pending) {
+            int closes = 0;
+            for (ul_peer *p = L->peers; p; p = p->next)
+                closes++;
+            MOE_LOG_W("ucx link: after 500 ms, %d sends and %d endpoint closes still pending at "
+                      "shutdown (a peer not progressing?)",
+                      L->n_sends, closes);
+        }
+        /* UCX releases a freed request when it completes (or with the worker). */
+        for (ul_peer *p = L->peers, *n; p; p = n) {
+            n = p->next;
+            if (p->close_req)
+                ucp_request_free(p->close_req);
+            peer_free(p);
+        }
+        L->peers = NULL;
     }
-    for (ul_event *e = L->head; e;) {
-        ul_event *n = e->next;
-        event_free(e);
-        e = n;
-    }
+    for (int q = 0; q < 2; q++)
+        for (ul_event *e = q ? L->held : L->head; e;) {
+            ul_event *n = e->next;
+            event_free(e);
+            e = n;
+        }
     event_free(L->given);
     if (L->listener)
         ucp_listener_destroy(L->listener);
@@ -658,7 +762,7 @@ moe_status moe_link_ucx_rejoin(moe_link *l)
     ul_link *L = ul_of(l);
     if (!L || L->coordinator)
         return moe_error(MOE_ERR_INVALID_ARG, "ucx link: rejoin is for a rank's link");
-    ul_close_all(L);
+    ul_close_all(L, true);
     L->self = -1;
     return ul_join_run(L);
 }

@@ -15,6 +15,8 @@
 #define UL_MAGIC 0x4d4f454cu    /* "MOEL": drops stray traffic of another program */
 #define UL_NONCE 32             /* bytes of each join nonce */
 #define UL_MAC 32               /* HMAC-SHA256 */
+#define UL_HOLD_MS 5000         /* how long a message may wait for its sender's announcement */
+#define UL_HOLD_MAX 256         /* and how many may wait */
 
 /* What an Active Message carries (ul_hdr.kind). Everything but UL_MSG is the link's own. */
 enum {
@@ -28,10 +30,15 @@ enum {
     UL_GONE,        /* coordinator -> members: member (int32) is lost or fenced */
 };
 
+#define UL_KEY 16 /* a member's key: random, chosen at its join, known to members only */
+
 typedef struct {
     uint32_t magic;
     uint32_t kind;
     int32_t src, dest, tag;
+    /* The sender's member key: a rank believes a message from another rank only if it carries
+     * the key the coordinator announced for that rank (its endpoint does not tell who sent). */
+    uint8_t key[UL_KEY];
 } ul_hdr;
 
 typedef struct ul_link ul_link;
@@ -48,6 +55,7 @@ typedef struct ul_peer {
     int hs;                /* 0 waiting for Join, 1 challenge sent */
     int64_t hs_deadline_ns;
     uint8_t cnonce[UL_NONCE], snonce[UL_NONCE];
+    uint8_t key[UL_KEY];   /* the joining rank's member key */
     uint8_t *addr;         /* the joining rank's worker address */
     size_t addr_len;
     char *host;            /* its host label, or the address it connected from */
@@ -64,6 +72,7 @@ typedef struct {
     uint8_t *addr; /* worker address (ranks; the coordinator is reached by its listener) */
     size_t addr_len;
     char *host;
+    uint8_t key[UL_KEY];
     ul_peer *peer; /* endpoint to it: NULL until first use (rank to rank) */
 } ul_member;
 
@@ -72,6 +81,8 @@ typedef struct ul_event {
     uint8_t *owned;
     bool ready; /* false while a rendezvous payload is still arriving */
     bool drop;  /* fenced sender, failed receive, or an old epoch: skipped by poll */
+    int64_t hold_until_ns; /* held (sender not announced yet): dropped after this */
+    uint8_t key[UL_KEY];   /* the key a held message came with, checked at the announcement */
     struct ul_event *next;
 } ul_event;
 
@@ -87,6 +98,7 @@ struct ul_link {
     moe_link_ucx_opts opts; /* what rejoin needs; its strings and hello point at own_* */
     char *own_addr, *own_host;
     uint8_t *own_hello;
+    uint8_t key[UL_KEY];    /* our member key (new at every join) */
     uint8_t *waddr;         /* our worker address */
     size_t waddr_len;
     ul_member *m;           /* [n_m] indexed by member id */
@@ -95,6 +107,10 @@ struct ul_link {
     ul_peer *peers;         /* every endpoint, live or closing */
     bool any_failed;
     ul_event *head, *tail, *given; /* queue; given = handed out by the last poll */
+    /* Rank: messages from a member the coordinator has not announced yet (its announcement can
+     * trail its first message), held until it is announced or UL_HOLD_MS passed. */
+    ul_event *held, *held_tail;
+    int n_held;
     int n_sends;            /* sends not yet completed */
     /* Rank, during a join: */
     ul_peer *coord;
@@ -118,7 +134,8 @@ moe_status ul_push_event(ul_link *L, moe_link_event_kind kind, int src, int tag,
                          size_t len);
 ul_member *ul_member_at(ul_link *L, int id, bool grow);
 void ul_member_lost(ul_link *L, int id, bool fenced);
-void ul_close_all(ul_link *L);
+void ul_release_held(ul_link *L, int member); /* it was announced: check and queue its messages */
+void ul_close_all(ul_link *L, bool force); /* every endpoint; clears the directory */
 
 /* link_ucx_join.c */
 void ul_on_join_msg(ul_link *L, ul_peer *p, const ul_hdr *h, const uint8_t *buf, size_t len);

@@ -117,6 +117,7 @@ static uint8_t *dup_mem(const void *p, size_t n)
 static void put_entry(wbuf *w, int id, const ul_member *m)
 {
     put_u32(w, (uint32_t)id);
+    put(w, m->key, UL_KEY);
     put_bytes(w, m->addr, m->addr_len);
     put_bytes(w, m->host, m->host ? strlen(m->host) : 0);
 }
@@ -124,6 +125,7 @@ static void put_entry(wbuf *w, int id, const ul_member *m)
 static bool get_entry(ul_link *L, rbuf *r)
 {
     int id = (int)get_u32(r);
+    const uint8_t *key = get(r, UL_KEY);
     size_t al, hl;
     const uint8_t *a = get_bytes(r, &al);
     const uint8_t *h = get_bytes(r, &hl);
@@ -135,7 +137,9 @@ static bool get_entry(ul_link *L, rbuf *r)
     m->addr = dup_mem(a, al);
     m->addr_len = al;
     m->host = dup_str(h, hl);
+    memcpy(m->key, key, UL_KEY);
     m->state = UL_M_ACTIVE;
+    ul_release_held(L, id); /* what it sent before we heard of it */
     return true;
 }
 
@@ -172,6 +176,7 @@ static void admit(ul_link *L, ul_peer *p)
     L->next_id++;
     *m = (ul_member){.state = UL_M_ACTIVE, .addr = p->addr, .addr_len = p->addr_len,
                      .host = p->host, .peer = p};
+    memcpy(m->key, p->key, UL_KEY);
     p->addr = NULL;
     p->host = NULL;
     p->member = id;
@@ -209,6 +214,7 @@ static void coordinator_msg(ul_link *L, ul_peer *p, const ul_hdr *h, const uint8
     rbuf r = {buf, len, false};
     if (h->kind == UL_JOIN && p->hs == 0) {
         const uint8_t *cn = get(&r, UL_NONCE);
+        const uint8_t *key = get(&r, UL_KEY);
         size_t al, hl, hel;
         const uint8_t *a = get_bytes(&r, &al);
         const uint8_t *host = get_bytes(&r, &hl);
@@ -218,6 +224,7 @@ static void coordinator_msg(ul_link *L, ul_peer *p, const ul_hdr *h, const uint8
             return;
         }
         memcpy(p->cnonce, cn, UL_NONCE);
+        memcpy(p->key, key, UL_KEY);
         p->addr = dup_mem(a, al);
         p->addr_len = al;
         p->host = hl ? dup_str(host, hl) : strdup(p->from);
@@ -453,9 +460,10 @@ moe_status ul_join_run(ul_link *L)
                          addr, ucs_status_string(s));
     }
     wbuf w = {0};
-    if (RAND_bytes(L->cnonce, UL_NONCE) != 1)
+    if (RAND_bytes(L->cnonce, UL_NONCE) != 1 || RAND_bytes(L->key, UL_KEY) != 1)
         w.oom = true;
     put(&w, L->cnonce, UL_NONCE);
+    put(&w, L->key, UL_KEY);
     put_bytes(&w, L->waddr, L->waddr_len);
     put_bytes(&w, L->opts.host, L->opts.host ? strlen(L->opts.host) : 0);
     put_bytes(&w, L->opts.hello, L->opts.hello_len);

@@ -12,6 +12,7 @@
 
 #include "common/clock.h"
 #include "ctrl/link_ucx.h"
+#include "ctrl/link_ucx_internal.h" /* the wire header, to forge messages */
 #include "worker/comm_ucx.h"
 
 #define TOKEN "0123456789abcdef-test-token"
@@ -587,6 +588,90 @@ Test(comm_ucx, cancel_of_a_posted_receive, .timeout = 30)
     }
     free(dst);
     free(src);
+    cluster_down(&cl);
+}
+
+typedef struct {
+    uint8_t *addr;
+    size_t len;
+} waddr;
+
+static void cmd_addr(node *n, void *arg)
+{
+    waddr *a = arg;
+    ucp_address_t *ad;
+    cr_assert_eq(ucp_worker_get_address(moe_link_ucx_worker(n->link), &ad, &a->len), UCS_OK);
+    a->addr = malloc(a->len);
+    memcpy(a->addr, ad, a->len);
+    ucp_worker_release_address(moe_link_ucx_worker(n->link), ad);
+}
+
+/* A process that is not a member but knows a rank's worker address sends it link messages, one
+ * claiming to be a real member (without its key), one from a member id nobody announced: the
+ * rank delivers neither, and still delivers the real member's message. */
+Test(link_ucx, forged_messages_are_dropped, .timeout = 30)
+{
+    cluster cl;
+    cluster_up(&cl, 2);
+    int a = cl.id[0], b = cl.id[1];
+    waddr wa = {0};
+    run_on(&cl.r[0], cmd_addr, &wa);
+    ucp_config_t *cfg;
+    cr_assert_eq(ucp_config_read(NULL, NULL, &cfg), UCS_OK);
+    ucp_config_modify(cfg, "TLS", "tcp");
+    ucp_params_t prm = {.field_mask = UCP_PARAM_FIELD_FEATURES, .features = UCP_FEATURE_AM};
+    ucp_context_h ctx;
+    cr_assert_eq(ucp_init(&prm, cfg, &ctx), UCS_OK);
+    ucp_config_release(cfg);
+    ucp_worker_params_t wp = {.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE,
+                              .thread_mode = UCS_THREAD_MODE_SINGLE};
+    ucp_worker_h w;
+    cr_assert_eq(ucp_worker_create(ctx, &wp, &w), UCS_OK);
+    ucp_ep_params_t ep = {.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS,
+                          .address = (const ucp_address_t *)wa.addr};
+    ucp_ep_h e;
+    cr_assert_eq(ucp_ep_create(w, &ep, &e), UCS_OK);
+    ul_hdr h[2] = {{.magic = UL_MAGIC, .kind = UL_MSG, .src = b, .dest = a, .tag = 66},
+                   {.magic = UL_MAGIC, .kind = UL_MSG, .src = 77, .dest = a, .tag = 67}};
+    memset(h[0].key, 0x5a, UL_KEY);
+    void *req[2];
+    for (int i = 0; i < 2; i++) {
+        ucp_request_param_t sp = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+                                  .flags = UCP_AM_SEND_FLAG_REPLY};
+        req[i] = ucp_am_send_nbx(e, UL_AM_ID, &h[i], sizeof h[i], "spoof", 5, &sp);
+        cr_assert(!UCS_PTR_IS_ERR(req[i]));
+    }
+    int64_t end = moe_now_ns() + 3000000000LL;
+    for (int i = 0; i < 2; i++)
+        while (UCS_PTR_IS_PTR(req[i]) && ucp_request_check_status(req[i]) == UCS_INPROGRESS &&
+               moe_now_ns() < end)
+            ucp_worker_progress(w);
+    for (int i = 0; i < 2; i++)
+        if (UCS_PTR_IS_PTR(req[i]))
+            ucp_request_free(req[i]);
+    for (int i = 0; i < 100; i++) { /* give them time to arrive */
+        ucp_worker_progress(w);
+        moe_sleep_ns(2000000);
+    }
+    cr_assert_eq(send_when_known(&cl.r[1], a, 68, "real", 4), MOE_OK);
+    int from = 0;
+    cr_assert_geq(wait_ev(&cl.r[0], &from, MOE_LINK_MSG, b, 5000), 0);
+    pthread_mutex_lock(&cl.r[0].mu);
+    for (int i = 0; i < cl.r[0].n_ev; i++)
+        cr_assert(cl.r[0].ev[i].tag != 66 && cl.r[0].ev[i].tag != 67,
+                  "forged message (tag %d) delivered", cl.r[0].ev[i].tag);
+    pthread_mutex_unlock(&cl.r[0].mu);
+    ucp_request_param_t cp = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+                              .flags = UCP_EP_CLOSE_FLAG_FORCE};
+    void *cr = ucp_ep_close_nbx(e, &cp);
+    if (UCS_PTR_IS_PTR(cr)) {
+        while (ucp_request_check_status(cr) == UCS_INPROGRESS)
+            ucp_worker_progress(w);
+        ucp_request_free(cr);
+    }
+    ucp_worker_destroy(w);
+    ucp_cleanup(ctx);
+    free(wa.addr);
     cluster_down(&cl);
 }
 
