@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
 # Builds nothing: BUILD_DIR must hold moe-serve, moe-generate, moe-gen-model and moe-client. Generates the
-# Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py and
-# migration_tests.py (or the ones named) in its own process with a time limit, then the grpcio
-# client test against a live cluster, and
-# ends with one line "N passed, M failed" (exit status non-zero when M > 0).
+# Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py,
+# migration_tests.py and netns_tests.py (or the ones named) in its own process with a time limit,
+# then the grpcio client test against a live cluster, and
+# ends with one line "N passed, M failed" (exit status non-zero when M > 0), ", K skipped" added
+# when a test exited 77 (it could not run here, e.g. the namespace tests when not root: the
+# reason is printed).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$here/../.." && pwd)
@@ -18,6 +20,7 @@ per_test_timeout=${MOE_IT_TIMEOUT:-120}
 
 passed=0
 failed=0
+skipped=0
 fail_names=()
 for bin in moe-serve moe-generate moe-gen-model moe-client; do
   if [ ! -x "$build/$bin" ]; then
@@ -47,11 +50,15 @@ mig_tests=()
 if [ -f "$here/migration_tests.py" ]; then
   mapfile -t mig_tests < <(python3 "$here/migration_tests.py" --list)
 fi
+netns_tests=()
+if [ -f "$here/netns_tests.py" ]; then
+  mapfile -t netns_tests < <(python3 "$here/netns_tests.py" --list)
+fi
 if [ $# -gt 0 ]; then
   tests=("$@")
 else
   mapfile -t tests < <(python3 "$here/cluster_tests.py" --list)
-  tests+=("${mig_tests[@]}")
+  tests+=("${mig_tests[@]}" "${netns_tests[@]}")
   if [ -f "$here/grpc_client_test.py" ]; then
     tests+=(grpc_client_test)
   fi
@@ -63,6 +70,8 @@ for t in "${tests[@]}"; do
     cmd=(python3 "$here/live_cluster.py" python3 "$here/grpc_client_test.py")
   elif [[ " ${mig_tests[*]} " == *" $t "* ]]; then
     cmd=(python3 "$here/migration_tests.py" "$t")
+  elif [[ " ${netns_tests[*]} " == *" $t "* ]]; then
+    cmd=(python3 "$here/netns_tests.py" "$t")
   else
     cmd=(python3 "$here/cluster_tests.py" "$t")
   fi
@@ -73,6 +82,9 @@ for t in "${tests[@]}"; do
   if [ $rc -eq 0 ]; then
     passed=$((passed + 1))
     echo "PASS $t (${secs} s)"
+  elif [ $rc -eq 77 ]; then
+    skipped=$((skipped + 1))
+    echo "SKIP $t ($(echo "$out" | sed -n 's/^SKIP: //p' | tail -1))"
   else
     failed=$((failed + 1))
     fail_names+=("$t")
@@ -85,5 +97,7 @@ done
 if [ $failed -gt 0 ]; then
   echo "failed: ${fail_names[*]}"
 fi
-echo "$passed passed, $failed failed"
+summary="$passed passed, $failed failed"
+[ $skipped -gt 0 ] && summary+=", $skipped skipped"
+echo "$summary"
 [ $failed -eq 0 ]
