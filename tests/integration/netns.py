@@ -156,6 +156,7 @@ class Hosts:
         self.shaping = None
         self._procs = []
         self._forwarders = []
+        self._files = []
         self._closed = False
         self._old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -298,8 +299,11 @@ class Hosts:
     # ---- Open MPI ----
     def hostfile(self, slots, path=None):
         """Writes an Open MPI hostfile, {host: slots} in mapping order (ranks fill the first host's
-        slots, then the next one's); returns its path (in the run's state directory by default)."""
-        path = path or os.path.join(STATE_DIR, "%s-%s.hosts" % (self.prefix, self.run))
+        slots, then the next one's); returns its path (a new file of the run's state directory by
+        default, removed at cleanup: one per mpirun job)."""
+        if not path:
+            path = os.path.join(STATE_DIR, "%s-%s.%d.hosts" % (self.prefix, self.run, len(self._files)))
+            self._files.append(path)
         with open(path, "w") as f:
             for h, n in slots.items():
                 f.write("%s slots=%d\n" % (h, n))
@@ -406,7 +410,7 @@ class Hosts:
                     pass
         for h in self.names + [self.switch]:
             _delete_netns(h)
-        for path in (self._lock_path, os.path.join(STATE_DIR, "%s-%s.hosts" % (self.prefix, self.run))):
+        for path in self._files + [self._lock_path]:
             try:
                 os.unlink(path)
             except FileNotFoundError:
