@@ -267,7 +267,7 @@ class Hosts:
         """The host whose network namespace process pid is in (None: not one of ours)."""
         try:
             ino = os.stat("/proc/%d/ns/net" % pid).st_ino
-        except FileNotFoundError:
+        except OSError:  # gone, or not ours to see
             return None
         for h in self.names:
             if os.stat("/run/netns/" + h).st_ino == ino:
@@ -278,23 +278,47 @@ class Hosts:
         return [int(p) for p in _run("ip", "netns", "pids", host).stdout.split()]
 
     @staticmethod
-    def mpi_ranks(exe):
-        """{MPI rank: pid} of the running processes of program exe (a path), from their environment."""
-        ranks = {}
+    def descendants(pid):
+        """The pids of every process below pid (children, their children...)."""
+        children = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open("/proc/%s/stat" % d) as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+        out, todo = [], [pid]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def mpi_ranks(self, exe, root=None):
+        """{MPI rank: pid} of the running processes of program exe (a path) in this run's hosts,
+        from their environment; with root (an mpirun's pid), only that job's ranks: those below
+        it and, on the far hosts (under orteds that are not its children), those of its job id."""
         exe = os.path.realpath(exe)
+        found = []  # (pid, rank, job id)
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
             try:
-                if os.path.realpath("/proc/%s/exe" % d) != exe:
+                if os.path.realpath("/proc/%s/exe" % d) != exe or self.host_of(int(d)) is None:
                     continue
                 with open("/proc/%s/environ" % d, "rb") as f:
                     env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
             except OSError:
                 continue
             if b"OMPI_COMM_WORLD_RANK" in env:
-                ranks[int(env[b"OMPI_COMM_WORLD_RANK"])] = int(d)
-        return ranks
+                found.append((int(d), int(env[b"OMPI_COMM_WORLD_RANK"]), env.get(b"OMPI_MCA_ess_base_jobid")))
+        if root:
+            below = set(self.descendants(root))
+            jobs = {job for pid, _, job in found if pid in below}
+            found = [f for f in found if f[2] in jobs]
+        return {rank: pid for pid, rank, _ in found}
 
     # ---- Open MPI ----
     def hostfile(self, slots, path=None):

@@ -3,14 +3,22 @@
 not root or no `ip netns`, the reason printed). run.sh runs each in its own process."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-from cluster import Cluster, TestFailure, build_dir, check, mixed_workload, registrar, test_main
+import grpc
+
+from cluster import (MODEL, MPI_ENV, Cluster, TestFailure, build_dir, check, gen_request, generate, mixed_workload,
+                     reference, registrar, run_parallel, test_main)
 from cluster_tests import compare, references, run_workload, stop_ok
+import health_pb2_grpc
 import moeserve_pb2 as pb
+import moeserve_pb2_grpc as pbg
 import netns
 
 TESTS = {}
@@ -163,6 +171,170 @@ def netns_three_hosts_ep2_decode_greedy_matches_moe_generate():
             print("32 streams in %.2f s over %s; KV %d bytes in %d transfers; received h2 %d, h3 %d bytes" % (
                 dt, hosts.shaping, st.counters.kv_transfer_bytes, st.counters.kv_transfers, rx[h2], rx[h3]))
             stop_ok(c)
+
+
+class ElasticOnHosts:
+    """The elastic launch on namespace hosts: `moe-serve coordinator` alone on one host, then
+    instances (`moe-serve instance`, one process or one `mpirun -np E` job over a hostfile) started
+    with add_instance on any hosts; the test's client reaches the coordinator through a forwarder.
+    status / wait_idle / wait_counters as Cluster's."""
+
+    TOKEN = "netns-test-token-0123456789abcdef"
+
+    def __init__(self, hosts, host, args=(), model=MODEL, startup_s=60):
+        self.hosts, self.model, self.args = hosts, model, list(args)
+        self.env = dict(os.environ, MOESERVE_CLUSTER_TOKEN=self.TOKEN, MOE_LOG_LEVEL="info", **MPI_ENV)
+        self.env.update(hosts.env())
+        self.procs = {}  # name -> (Popen, log path)
+        self.logdir = tempfile.mkdtemp(prefix="moe-elastic-")
+        self.coord = self._start("coordinator", host, [
+            os.path.join(build_dir(), "moe-serve"), "coordinator", "--model", model, "--listen", "127.0.0.1:0",
+            "--cluster-listen", hosts.addr[host] + ":0", "--threads", "1", "--heartbeat-ms", "100"] + self.args)
+        deadline = time.time() + startup_s
+        m = None
+        while time.time() < deadline and not m:
+            m = re.search(r"\(port (\d+)\); instances join at \S+ \(port (\d+)\); coordinator pid (\d+)",
+                          self.log("coordinator"))
+            check(self.coord.poll() is None, "the coordinator exited %s:\n%s" % (self.coord.returncode,
+                                                                                  self.log("coordinator")))
+            time.sleep(0.05)
+        check(m is not None, "no start-up line from the coordinator:\n" + self.log("coordinator"))
+        self.port, self.cluster_port, self.pid = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        self.join = "%s:%d" % (host, self.cluster_port)
+        self.channel = grpc.insecure_channel("127.0.0.1:%d" % hosts.forward(host, self.port))
+        self.stub = pbg.MoeserveStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _start(self, name, host, argv):
+        path = os.path.join(self.logdir, name + ".log")
+        with open(path, "w") as f:
+            p = self.hosts.popen(host, argv, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+        self.procs[name] = (p, path)
+        return p
+
+    def log(self, name):
+        with open(self.procs[name][1], errors="replace") as f:
+            return f.read()
+
+    def logs(self):
+        return "\n".join("== %s\n%s" % (n, self.log(n)[-3000:]) for n in self.procs)
+
+    def add_instance(self, name, pool, hosts, args=()):
+        """An instance of len(hosts) ranks, one per host (mpirun over a hostfile when more than
+        one), started from hosts[0]."""
+        argv = [os.path.join(build_dir(), "moe-serve"), "instance", "--join", self.join, "--pool", pool,
+                "--model", self.model, "--threads", "1", "--kv-blocks", "512"] + list(args)
+        if len(hosts) > 1:
+            hf = self.hosts.hostfile({h: 1 for h in hosts})
+            argv = ["mpirun", "--oversubscribe", "-np", str(len(hosts))] + self.hosts.mpirun_args(hf) + argv
+        return self._start(name, hosts[0], argv)
+
+    def status(self):
+        return self.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+
+    wait_idle = Cluster.wait_idle
+    wait_counters = Cluster.wait_counters
+
+    def wait_ready(self, n, timeout=60):
+        deadline = time.time() + timeout
+        st = None
+        while time.time() < deadline:
+            st = self.status()
+            if len(st.instances) == n and all(i.state == pb.INSTANCE_STATE_READY for i in st.instances):
+                return st
+            for name, (p, _) in self.procs.items():
+                check(p.poll() is None, "%s exited %s:\n%s" % (name, p.returncode, self.logs()))
+            time.sleep(0.1)
+        raise TestFailure("%d instances not ready in %d s: %s\n%s" % (n, timeout, st, self.logs()))
+
+    def ranks(self, name):
+        """{rank: pid} of an instance started under mpirun (its ranks on every host)."""
+        return self.hosts.mpi_ranks(os.path.join(build_dir(), "moe-serve"), root=self.procs[name][0].pid)
+
+    def stop(self, timeout=30, to_mpirun=False):
+        """SIGTERM to every instance process (each rank of an mpirun job, or mpirun itself with
+        to_mpirun), then to the coordinator; returns {name: exit status}."""
+        rcs = {}
+        for name, (p, _) in self.procs.items():
+            if name == "coordinator" or p.poll() is not None:
+                continue
+            ranks = {} if to_mpirun else self.ranks(name)
+            for pid in ranks.values() or [p.pid]:
+                os.kill(pid, signal.SIGTERM)
+        for name, (p, _) in self.procs.items():
+            if name != "coordinator":
+                rcs[name] = self._wait(p, timeout)
+        self.coord.send_signal(signal.SIGTERM)
+        rcs["coordinator"] = self._wait(self.coord, timeout)
+        self.channel.close()
+        return rcs
+
+    def close(self, ok):
+        """Removes the logs when the test passed, else says where they are."""
+        if ok:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+        else:
+            sys.stderr.write("logs kept in %s\n" % self.logdir)
+
+    @staticmethod
+    def _wait(p, timeout):
+        try:
+            return p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "hung"
+
+
+@test
+def netns_elastic_instances_on_three_hosts_match_moe_generate():
+    """The elastic launch over three hosts: `moe-serve coordinator` and a prefill instance on host
+    1, an EP-2 decode instance (`mpirun -np 2 moe-serve instance`, one rank on host 2, one on host
+    3) joining over the network; ClusterStatus names each instance's host; 32 concurrent streams
+    (greedy, every fourth seeded) equal moe-generate's; all KV crossed the links; KV back to
+    zero; SIGTERM to the instances, then to the coordinator: every process exits 0."""
+    reqs = mixed_workload(32, seed=13)
+    for i, r in enumerate(reqs):
+        if i % 4 == 3:
+            r["seed"] = 5000 + i
+    seeded = ["--temperature", "0.8", "--top-p", "0.9", "--seed"]
+    refs = [reference(prompt=r.get("prompt"), ids=r.get("ids"), max_new=r["max_new"],
+                      extra=seeded + [str(r["seed"])] if "seed" in r else ()) for r in reqs]
+    with make_hosts(3, delay="200us", rate="1gbit") as hosts:
+        print("links: %s" % hosts.shaping)
+        h1, h2, h3 = hosts.names
+        c = ElasticOnHosts(hosts, h1, args=["--batch-tokens", "64"])
+        ok = False
+        try:
+            c.add_instance("prefill", "prefill", [h1])
+            c.add_instance("decode", "decode", [h2, h3])
+            st = c.wait_ready(3)
+            where = {r: hosts.host_of(pid) for r, pid in c.ranks("decode").items()}
+            check(where == {0: h2, 1: h3}, "decode ranks placed %s" % where)
+            where = sorted((i.pool, i.host) for i in st.instances)
+            check(where == sorted([(pb.POOL_KIND_PREFILL, h1), (pb.POOL_KIND_DECODE, h2), (pb.POOL_KIND_DECODE, h3)]),
+                  "instance hosts: %s" % where)
+            rx0 = {h: hosts.link_bytes(h)[0] for h in (h2, h3)}
+
+            def one(r):
+                kw = dict(temperature=0.8, top_p=0.9, seed=r["seed"]) if "seed" in r else {}
+                ids, _, last = generate(c.stub, gen_request(prompt=r.get("prompt"), ids=r.get("ids"),
+                                                            max_new=r["max_new"], **kw))
+                return ids, last
+
+            got = run_parallel(one, reqs)
+            compare(reqs, got, refs)
+            pulled = sum(1 for ids, last in got if len(ids) > 1)
+            st = c.wait_counters(lambda k: k.kv_transfers >= pulled)
+            rx = {h: hosts.link_bytes(h)[0] - rx0[h] for h in (h2, h3)}
+            check(rx[h2] + rx[h3] >= st.counters.kv_transfer_bytes > 0,
+                  "KV %d bytes, links received %s" % (st.counters.kv_transfer_bytes, rx))
+            c.wait_idle()
+            print("KV %d bytes in %d transfers; received h2 %d, h3 %d bytes" % (
+                st.counters.kv_transfer_bytes, st.counters.kv_transfers, rx[h2], rx[h3]))
+            rcs = c.stop()
+            check(all(v == 0 for v in rcs.values()), "exit statuses %s:\n%s" % (rcs, c.logs()))
+            ok = True
+        finally:
+            c.close(ok)
 
 
 def main():
