@@ -119,6 +119,9 @@ def remove_leftovers(prefix):
         for ns in names:
             _delete_netns(ns)
             removed.append(ns)
+        for f in os.listdir(STATE_DIR):
+            if f.startswith("%s-%s." % (prefix, run)) and f.endswith(".hosts"):
+                os.unlink(os.path.join(STATE_DIR, f))
         os.unlink(lock)
         os.close(fd)
     return removed
