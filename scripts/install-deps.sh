@@ -11,6 +11,8 @@ PKGS=(
   libcjson-dev libpcre2-dev libutf8proc-dev
   libcriterion-dev
   libucx-dev libssl-dev
+  librandom123-dev
+  iproute2
   clang libclang-rt-14-dev
 )
 

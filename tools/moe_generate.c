@@ -39,7 +39,8 @@ static void usage(FILE *f)
           "  --temperature T      0 = greedy (default 0)\n"
           "  --top-p P            nucleus sampling, in (0, 1] (default 1)\n"
           "  --top-k K            0 = off (default 0)\n"
-          "  --seed S             sampling seed (default 0)\n"
+          "  --seed S             sampling seed, 0 to 2^64-1 (default 0); token i's draw depends only on\n"
+          "                       (S, i), as in the cluster\n"
           "  --stop STR           stop string (repeatable, up to 16)\n"
           "  --ignore-eos         keep going past end-of-sequence tokens\n"
           "  --no-special         do not add the tokenizer's special tokens (BOS) to the prompt\n"
@@ -64,6 +65,21 @@ static int parse_int(const char *flag, const char *v, long lo, long hi, int *out
         return -1;
     }
     *out = (int)x;
+    return 0;
+}
+
+/* The whole 64-bit range: a seed the server drew for an unseeded request can be replayed here. */
+static int parse_u64(const char *flag, const char *v, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (errno || *end || end == v || v[0] == '-') {
+        fprintf(stderr, "moe-generate: %s: '%s' is not an integer in [0, %llu]\n", flag, v,
+                (unsigned long long)UINT64_MAX);
+        return -1;
+    }
+    *out = (uint64_t)x;
     return 0;
 }
 
@@ -96,7 +112,7 @@ static int parse_args(int argc, char **argv, gen_args *a)
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0}};
     *a = (gen_args){.max_new_tokens = 64, .sp = {.temperature = 0.0f, .top_p = 1.0f}};
-    int c, seed = 0;
+    int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         int rc = 0;
         switch (c) {
@@ -113,7 +129,7 @@ static int parse_args(int argc, char **argv, gen_args *a)
             }
             break;
         case O_TOPK: rc = parse_int("--top-k", optarg, 0, INT_MAX, &a->sp.top_k); break;
-        case O_SEED: rc = parse_int("--seed", optarg, 0, INT_MAX, &seed); a->sp.seed = (uint64_t)seed; break;
+        case O_SEED: rc = parse_u64("--seed", optarg, &a->sp.seed); break;
         case O_STOP:
             if (a->n_stops == MAX_STOPS) {
                 fprintf(stderr, "moe-generate: --stop: at most %d stop strings\n", MAX_STOPS);

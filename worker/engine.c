@@ -25,7 +25,6 @@ typedef struct {
     bool paused;       /* parked, paused, or being imported: takes no steps */
     moe_kv_seq kv;
     moe_sampling_params sp;
-    moe_rng rng;
 } seq_t;
 
 struct moe_engine {
@@ -238,7 +237,6 @@ static moe_status add_seq(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
     s->max_new = max_new_tokens;
     s->ignore_eos = ignore_eos;
     s->sp = sp ? *sp : (moe_sampling_params){.temperature = 0.0f, .top_p = 1.0f};
-    moe_rng_seed(&s->rng, s->sp.seed);
     e->seqs[e->n_seqs++] = s;
     if (out)
         *out = s;
@@ -452,7 +450,9 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
     const moe_model_config *c = &e->m->cfg;
     for (int r = 0; r < n_rows; r++) {
         seq_t *s = e->seg_seq[e->logit_seg[r]];
-        int32_t tok = moe_sample(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp, &s->rng,
+        /* The draw depends only on (seed, index), so a recomputed, migrated or re-prefilled
+         * sequence draws what it would have drawn here. */
+        int32_t tok = moe_sample(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp, (uint64_t)s->n_generated,
                                  e->sample_idx, e->sample_prob);
         s->tokens[s->n_tokens++] = tok;
         moe_finish_reason fin = MOE_FINISH_NONE;
@@ -559,7 +559,7 @@ moe_status moe_engine_export(const moe_engine *e, uint64_t seq_id, moe_seq_state
     *st = (moe_seq_state){.seq_id = s->id, .tokens = s->tokens, .n_tokens = s->n_tokens,
                           .n_prompt = s->n_prompt, .n_generated = s->n_generated,
                           .n_computed = s->n_computed, .max_new_tokens = s->max_new,
-                          .ignore_eos = s->ignore_eos, .sp = s->sp, .rng = s->rng};
+                          .ignore_eos = s->ignore_eos, .sp = s->sp};
     *blocks = s->kv.blocks;
     *n_blocks = s->kv.n_blocks;
     return MOE_OK;
@@ -573,7 +573,6 @@ static void apply_state(seq_t *s, const moe_seq_state *st)
     s->n_prompt = st->n_prompt;
     s->n_generated = st->n_generated;
     s->n_computed = st->n_computed;
-    s->rng = st->rng;
 }
 
 moe_status moe_engine_import(moe_engine *e, const moe_seq_state *st, const int **blocks, int *n_blocks)

@@ -97,7 +97,8 @@ const int64_t *moe_engine_expert_load(const moe_engine *e);
 
 /* ---- moving sequences between engines (disaggregated prefill -> decode, live migration) ----
  * A sequence's state is its tokens (prompt + generated), how many positions have K/V in the cache
- * (n_computed; the last sampled token has none yet), the sampler state, and its KV blocks. */
+ * (n_computed; the last sampled token has none yet), the sampling parameters (the seed and
+ * n_generated fix every later draw), and its KV blocks. */
 typedef struct {
     uint64_t seq_id;
     const int32_t *tokens; /* borrowed from the engine on export; copied on import */
@@ -105,7 +106,6 @@ typedef struct {
     int max_new_tokens;
     bool ignore_eos;
     moe_sampling_params sp;
-    moe_rng rng;
 } moe_seq_state;
 
 /* Like moe_engine_add, but the sequence stops after its first sampled token and is parked: it keeps

@@ -1,43 +1,28 @@
-/* Token sampling (greedy, temperature, top-k, top-p) and the seeded per-sequence RNG. */
+/* Token sampling (greedy, temperature, top-k, top-p) and its counter-based random draw. */
 #include "worker/sampler.h"
 
 #include <math.h>
 #include <stdlib.h>
 
+#include <Random123/philox.h>
+
 #include "kernels/kernels.h"
 
-static uint64_t splitmix64(uint64_t *x)
+/* Why a counter-based generator: the draw for token i must not depend on how many draws came
+ * before it on this engine (a sequence may be re-prefilled on another instance after a crash,
+ * migrated or recomputed), so there is no state to carry, only (seed, i). Why Philox2x64-10 from
+ * Random123 (Debian librandom123-dev, header only) rather than a hand-written hash: it is built
+ * for exactly this (Salmon et al., SC'11: counter-based, passes TestU01's BigCrush for any key),
+ * is the generator of cuRAND, PyTorch and JAX (a GPU sampler can compute the same function with
+ * the same header under nvcc), and its known-answer vectors ship with the package. The second
+ * counter word (0 here) is free for other per-token draws should they come. */
+double moe_sample_uniform(uint64_t seed, uint64_t index)
 {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    philox2x64_ctr_t ctr = {{index, 0}};
+    philox2x64_key_t key = {{seed}};
+    philox2x64_ctr_t r = philox2x64(ctr, key);
+    return (double)(r.v[0] >> 11) * 0x1.0p-53;
 }
-
-void moe_rng_seed(moe_rng *r, uint64_t seed)
-{
-    uint64_t x = seed;
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
-}
-
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t xoshiro_next(moe_rng *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-double moe_rng_uniform(moe_rng *r) { return (double)(xoshiro_next(r) >> 11) * 0x1.0p-53; }
 
 static int32_t argmax(const float *x, int n)
 {
@@ -59,7 +44,7 @@ static int cmp_desc(const void *a, const void *b)
     return ia - ib;
 }
 
-int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, moe_rng *rng, int *idx,
+int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t index, int *idx,
                    float *prob)
 {
     if (sp->temperature <= 0.0f)
@@ -103,7 +88,7 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, moe_rng 
         m = keep;
         sum = cum;
     }
-    double u = moe_rng_uniform(rng) * sum, acc = 0.0;
+    double u = moe_sample_uniform(sp->seed, index) * sum, acc = 0.0;
     for (int i = 0; i < m; i++) {
         acc += prob[i];
         if (u < acc)

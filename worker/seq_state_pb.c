@@ -1,8 +1,6 @@
 /* moe_seq_state and its sampling parameters <-> cluster.proto SeqState (worker/seq_state_pb.h). */
 #include "worker/seq_state_pb.h"
 
-#include <string.h>
-
 moe_sampling_params moe_sampling_from_pb(const Moeserve__Cluster__V1__Sampling *sp)
 {
     if (!sp)
@@ -20,7 +18,6 @@ void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b)
     b->sp.top_p = st->sp.top_p;
     b->sp.top_k = st->sp.top_k;
     b->sp.seed = st->sp.seed;
-    memcpy(b->rng, st->rng.s, sizeof b->rng);
     Moeserve__Cluster__V1__SeqState *s = &b->s;
     moeserve__cluster__v1__seq_state__init(s);
     s->seq_id = st->seq_id;
@@ -32,8 +29,6 @@ void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b)
     s->max_new_tokens = (uint32_t)st->max_new_tokens;
     s->ignore_eos = st->ignore_eos;
     s->sampling = &b->sp;
-    s->n_rng = 4;
-    s->rng = b->rng;
 }
 
 void moe_seq_state_from_pb(const Moeserve__Cluster__V1__SeqState *s, moe_seq_state *st)
@@ -47,6 +42,4 @@ void moe_seq_state_from_pb(const Moeserve__Cluster__V1__SeqState *s, moe_seq_sta
                           .max_new_tokens = (int)s->max_new_tokens,
                           .ignore_eos = s->ignore_eos,
                           .sp = moe_sampling_from_pb(s->sampling)};
-    for (size_t i = 0; i < 4 && i < s->n_rng; i++)
-        st->rng.s[i] = s->rng[i];
 }

@@ -12,7 +12,6 @@
 typedef struct {
     Moeserve__Cluster__V1__SeqState s;
     Moeserve__Cluster__V1__Sampling sp;
-    uint64_t rng[4];
 } moe_seq_state_pb;
 
 /* The engine's sampling parameters from their wire form; NULL means greedy. */

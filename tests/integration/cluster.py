@@ -62,9 +62,13 @@ def small_model():
 
 
 class Cluster:
-    """One moe-serve job. Use as a context manager; stop() drains it with SIGTERM to rank 0."""
+    """One moe-serve job. Use as a context manager; stop() drains it with SIGTERM to rank 0.
+    mpirun_args go to mpirun; wrap(cmd) returns the command line that runs cmd (e.g. in a
+    namespace host, netns.Hosts.command); connect(port) returns the address the test's gRPC
+    client dials for the coordinator's port (default 127.0.0.1:port)."""
 
-    def __init__(self, np=3, args=(), env=None, model=MODEL, startup_s=60):
+    def __init__(self, np=3, args=(), env=None, model=MODEL, startup_s=60, mpirun_args=(), wrap=None,
+                 connect=None):
         self.np = np
         self.model = model
         self.log = tempfile.NamedTemporaryFile(prefix="moe-serve-", suffix=".log", delete=False)
@@ -76,11 +80,12 @@ class Cluster:
             e.update(env)
         if any(k.startswith("MOE_TEST_") for k in e):
             e["MOE_TEST_HOOKS"] = "1"  # the hooks' gate (common/test_hook.h)
-        cmd = ["mpirun", "--oversubscribe", "-np", str(np), os.path.join(build_dir(), "moe-serve"),
+        cmd = ["mpirun", "--oversubscribe", "-np", str(np)] + list(mpirun_args) + [os.path.join(build_dir(), "moe-serve"),
                "--model", model, "--listen", "127.0.0.1:0", "--threads", "1", "--kv-blocks", "512",
                "--heartbeat-ms", "100"] + list(args)
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.log, env=e, start_new_session=True)
+        self.connect = connect or (lambda port: "127.0.0.1:%d" % port)
+        self.proc = subprocess.Popen(wrap(cmd) if wrap else cmd, stdout=self.out, stderr=self.log, env=e, start_new_session=True)
         try:
             self._start(startup_s)
         except BaseException:
@@ -102,7 +107,7 @@ class Cluster:
             time.sleep(0.05)
         if not self.port:
             raise TestFailure("moe-serve did not print its start-up line in %d s:\n%s" % (startup_s, self.stderr()))
-        self.channel = grpc.insecure_channel("127.0.0.1:%d" % self.port)
+        self.channel = grpc.insecure_channel(self.connect(self.port))
         self.stub = pbg.MoeserveStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.time() + 10

@@ -2,9 +2,11 @@
 # The mpirun cluster tests. Usage: tests/integration/run.sh BUILD_DIR [TEST...]
 # Builds nothing: BUILD_DIR must hold moe-serve, moe-generate, moe-gen-model and moe-client. Generates the
 # Python gRPC stubs from proto/ into a temporary directory, runs every test of cluster_tests.py,
-# migration_tests.py and elastic_tests.py (or the ones named) in its own process with a time limit, then the grpcio
-# client test against a live cluster, and
-# ends with one line "N passed, M failed" (exit status non-zero when M > 0).
+# migration_tests.py, elastic_tests.py and netns_tests.py (or the ones named) in its own process with
+# a time limit, then the grpcio client test against a live cluster, and
+# ends with one line "N passed, M failed" (exit status non-zero when M > 0), ", K skipped" added
+# when a test exited 77 (it could not run here, e.g. the namespace tests when not root: the
+# reason is printed).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$here/../.." && pwd)
@@ -18,6 +20,7 @@ per_test_timeout=${MOE_IT_TIMEOUT:-120}
 
 passed=0
 failed=0
+skipped=0
 fail_names=()
 for bin in moe-serve moe-generate moe-gen-model moe-client; do
   if [ ! -x "$build/$bin" ]; then
@@ -44,7 +47,7 @@ export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$here/lsan.supp:print_suppressions=0"
 
 # Every test module answers --list; a test runs as `python3 MODULE NAME`.
-modules=(cluster_tests.py migration_tests.py elastic_tests.py)
+modules=(cluster_tests.py migration_tests.py elastic_tests.py netns_tests.py)
 declare -A module_of=()
 all_tests=()
 for m in "${modules[@]}"; do
@@ -78,6 +81,9 @@ for t in "${tests[@]}"; do
   if [ $rc -eq 0 ]; then
     passed=$((passed + 1))
     echo "PASS $t (${secs} s)"
+  elif [ $rc -eq 77 ]; then
+    skipped=$((skipped + 1))
+    echo "SKIP $t ($(echo "$out" | sed -n 's/^SKIP: //p' | tail -1))"
   else
     failed=$((failed + 1))
     fail_names+=("$t")
@@ -90,5 +96,7 @@ done
 if [ $failed -gt 0 ]; then
   echo "failed: ${fail_names[*]}"
 fi
-echo "$passed passed, $failed failed"
+summary="$passed passed, $failed failed"
+[ $skipped -gt 0 ] && summary+=", $skipped skipped"
+echo "$summary"
 [ $failed -eq 0 ]

@@ -1,5 +1,6 @@
 /* Engine behaviour beyond the HF reference: refused inputs name the field, KV usage returns to zero
- * after finishing and cancelling, and preemption under a tiny KV cache keeps greedy outputs exact. */
+ * after finishing and cancelling, preemption under a tiny KV cache keeps greedy and seeded outputs
+ * exact, and a seeded token depends only on (seed, index), also in a restarted engine. */
 #include <criterion/criterion.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,15 +75,15 @@ Test(engine, kv_usage_returns_to_zero_after_finish_and_cancel)
     moe_engine_free(e);
 }
 
-/* Greedy tokens of one sequence alone, then with a cache so small that sequences preempt each
+/* Tokens of sequences with a roomy cache, then with a cache so small that sequences preempt each
  * other (recompute): the tokens must not change. */
-static int64_t run(const moe_engine_opts *o, int n_seqs, int32_t out[][24])
+static int64_t run(const moe_engine_opts *o, const moe_sampling_params *sp, int n_seqs, int32_t out[][24])
 {
     moe_engine *e;
     cr_assert_eq(moe_engine_create(model, o, &e), MOE_OK, "%s", moe_error_message());
     for (int s = 0; s < n_seqs; s++) {
         int32_t p[6] = {10 + s, 20 + s, 30, 40, 50, 60 + s};
-        cr_assert_eq(moe_engine_add(e, (uint64_t)s, p, 6, &greedy, 24, true), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(moe_engine_add(e, (uint64_t)s, p, 6, sp, 24, true), MOE_OK, "%s", moe_error_message());
     }
     int n[8] = {0};
     moe_token_event ev[8];
@@ -109,9 +110,13 @@ Test(engine, preemption_by_recompute_keeps_outputs_exact)
     moe_engine_opts big = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 256, .max_seqs = 4};
     moe_engine_opts small = big;
     small.n_kv_blocks = 10; /* 4 sequences of 30 positions need 32 blocks: they must take turns */
-    cr_assert_eq(run(&big, 4, roomy), 0);
-    cr_assert_gt(run(&small, 4, tight), 0, "the small cache must force preemptions");
-    cr_assert_arr_eq(roomy, tight, sizeof roomy);
+    const moe_sampling_params seeded = {.temperature = 0.9f, .top_p = 0.95f, .seed = 77};
+    const moe_sampling_params *modes[2] = {&greedy, &seeded};
+    for (int m = 0; m < 2; m++) {
+        cr_assert_eq(run(&big, modes[m], 4, roomy), 0);
+        cr_assert_gt(run(&small, modes[m], 4, tight), 0, "the small cache must force preemptions");
+        cr_assert_arr_eq(roomy, tight, sizeof roomy, "%s outputs changed by preemption", m ? "seeded" : "greedy");
+    }
 }
 
 /* The layer hook: called once per layer of a step; the prefill-only sequence is named only in the
@@ -183,4 +188,79 @@ Test(engine, layer_hook_names_completing_prompts_with_final_kv)
                       "layer %d block %d changed after the hook named it", l, b);
     free(h.snap);
     moe_engine_free(e);
+}
+
+/* Seeded sampling is a function of (seed, token index) only: a fresh engine (a restart, another
+ * instance re-prefilling after a crash) given a sequence's state at token k, with no KV at all,
+ * and sharing its steps with an unrelated sequence, samples tokens k.. exactly as the engine
+ * that ran the sequence from its prompt. */
+#define SEEDED_NEW 20
+static void run_seeded(const moe_sampling_params *sp, int32_t out[SEEDED_NEW])
+{
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+    int32_t p[7] = {11, 23, 35, 47, 59, 61, 73};
+    cr_assert_eq(moe_engine_add(e, 1, p, 7, sp, SEEDED_NEW, true), MOE_OK, "%s", moe_error_message());
+    moe_token_event ev[4];
+    int n = 0;
+    while (moe_engine_has_work(e)) {
+        int k = moe_engine_step(e, ev, 4);
+        cr_assert_geq(k, 0, "%s", moe_error_message());
+        for (int i = 0; i < k; i++)
+            out[n++] = ev[i].token;
+    }
+    cr_assert_eq(n, SEEDED_NEW);
+    moe_engine_free(e);
+}
+
+Test(engine, seeded_token_depends_only_on_seed_and_index_after_restart)
+{
+    const moe_sampling_params sp = {.temperature = 1.5f, .top_p = 0.95f, .seed = 20261203};
+    moe_sampling_params other = sp;
+    other.seed++;
+    int32_t ref[SEEDED_NEW], g[SEEDED_NEW], o2[SEEDED_NEW];
+    run_seeded(&sp, ref);
+    run_seeded(&greedy, g);
+    run_seeded(&other, o2);
+    /* the test means something only if the draws choose the tokens */
+    cr_assert(memcmp(ref, g, sizeof ref), "seeded output equals greedy: the draws decide nothing");
+    cr_assert(memcmp(ref, o2, sizeof ref), "another seed gave the same tokens");
+
+    const int32_t p[7] = {11, 23, 35, 47, 59, 61, 73};
+    const int ks[] = {1, 2, 7, 13, SEEDED_NEW - 1};
+    for (size_t t = 0; t < sizeof ks / sizeof ks[0]; t++) {
+        int k = ks[t];
+        moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+        moe_engine *e;
+        cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+        int32_t toks[7 + SEEDED_NEW], noise[5] = {3, 1, 4, 1, 5};
+        memcpy(toks, p, sizeof p);
+        memcpy(toks + 7, ref, (size_t)k * sizeof(int32_t));
+        moe_sampling_params noise_sp = {.temperature = 1.0f, .top_p = 1.0f, .seed = 5};
+        cr_assert_eq(moe_engine_add(e, 9, noise, 5, &noise_sp, 30, true), MOE_OK); /* other draws in between */
+        moe_seq_state st = {.seq_id = 1, .tokens = toks, .n_tokens = 7 + k, .n_prompt = 7, .n_generated = k,
+                            .n_computed = 0, .max_new_tokens = SEEDED_NEW, .ignore_eos = true, .sp = sp};
+        const int *blocks;
+        int nb;
+        cr_assert_eq(moe_engine_import(e, &st, &blocks, &nb), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(nb, 0, "nothing computed: no KV to fill");
+        cr_assert_eq(moe_engine_resume(e, 1), MOE_OK);
+        moe_token_event ev[4];
+        int next = k;
+        while (moe_engine_has_work(e)) {
+            int n = moe_engine_step(e, ev, 4);
+            cr_assert_geq(n, 0, "%s", moe_error_message());
+            for (int i = 0; i < n; i++) {
+                if (ev[i].seq_id != 1)
+                    continue;
+                cr_assert_eq(ev[i].index, next, "restart at %d: index %d", k, ev[i].index);
+                cr_assert_eq(ev[i].token, ref[next], "restart at %d: token %d is %d, %d from the start", k, next,
+                             ev[i].token, ref[next]);
+                next++;
+            }
+        }
+        cr_assert_eq(next, SEEDED_NEW, "restart at %d ended at %d", k, next);
+        moe_engine_free(e);
+    }
 }

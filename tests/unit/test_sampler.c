@@ -1,76 +1,149 @@
-/* Sampler: greedy ties, determinism per seed, top-k / top-p support sets, distribution. */
+/* Sampler: greedy ties, the counter-based draw (Random123's known answers, a pure function of
+ * (seed, index), chi-square uniform along the index, across seeds and in successive pairs),
+ * top-k / top-p support sets, the distribution of sampled tokens. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <string.h>
+
+#include <Random123/philox.h>
 
 #include "worker/sampler.h"
 
 #define N 8
 
-static int32_t draw(const float *logits, const moe_sampling_params *sp, moe_rng *rng)
+static int32_t draw(const float *logits, const moe_sampling_params *sp, uint64_t index)
 {
     float l[N];
     int idx[N];
     float prob[N];
     memcpy(l, logits, sizeof l);
-    return moe_sample(l, N, sp, rng, idx, prob);
+    return moe_sample(l, N, sp, index, idx, prob);
 }
 
 Test(sampler, greedy_takes_argmax_and_lowest_id_on_ties)
 {
     const float l[N] = {0, 3, 1, 3, -1, 2, 0, 0};
-    moe_sampling_params sp = {.temperature = 0, .top_p = 1};
-    moe_rng rng;
-    moe_rng_seed(&rng, 1);
-    cr_assert_eq(draw(l, &sp, &rng), 1);
+    moe_sampling_params sp = {.temperature = 0, .top_p = 1, .seed = 1};
+    cr_assert_eq(draw(l, &sp, 0), 1);
+    cr_assert_eq(draw(l, &sp, 17), 1);
 }
 
-Test(sampler, same_seed_same_sequence_other_seed_differs)
+/* Known answers from Random123's own test vectors (/usr/share/doc/librandom123-dev/tests/
+ * kat_vectors.gz, "philox2x64 10" lines): the header works on this compiler, and our draw is its
+ * first output word's top 53 bits for counter (index, 0) and key seed. */
+Test(sampler, draw_is_philox2x64_with_random123s_known_answers)
 {
-    const float l[N] = {0, 0.5f, 1, 0.2f, 0.1f, 0.3f, 0.9f, 0.4f};
-    moe_sampling_params sp = {.temperature = 1.0f, .top_p = 1.0f};
-    moe_rng a, b, c;
-    moe_rng_seed(&a, 42);
-    moe_rng_seed(&b, 42);
-    moe_rng_seed(&c, 43);
-    int same = 1, diff = 0;
-    for (int i = 0; i < 64; i++) {
-        int x = draw(l, &sp, &a), y = draw(l, &sp, &b), z = draw(l, &sp, &c);
-        same &= x == y;
-        diff += x != z;
+    philox2x64_ctr_t c0 = {{0, 0}}, c1 = {{~0ull, ~0ull}}, c2 = {{0x243f6a8885a308d3ull, 0x13198a2e03707344ull}};
+    philox2x64_key_t k0 = {{0}}, k1 = {{~0ull}}, k2 = {{0xa4093822299f31d0ull}};
+    philox2x64_ctr_t r0 = philox2x64(c0, k0), r1 = philox2x64(c1, k1), r2 = philox2x64(c2, k2);
+    cr_assert_eq(r0.v[0], 0xca00a0459843d731ull);
+    cr_assert_eq(r0.v[1], 0x66c24222c9a845b5ull);
+    cr_assert_eq(r1.v[0], 0x65b021d60cd8310full);
+    cr_assert_eq(r1.v[1], 0x4d02f3222f86df20ull);
+    cr_assert_eq(r2.v[0], 0x0a5e742c2997341cull);
+    cr_assert_eq(r2.v[1], 0xb0f883d38000de5dull);
+    cr_assert_eq(moe_sample_uniform(0, 0), (double)(0xca00a0459843d731ull >> 11) * 0x1.0p-53);
+}
+
+/* A pure function of (seed, index): the same numbers whatever order they are asked in and
+ * whatever other sequences drew in between (what an engine restart, a migration or a recompute
+ * relies on). */
+Test(sampler, draw_depends_only_on_seed_and_index)
+{
+    enum { K = 256 };
+    double fwd[K];
+    for (int i = 0; i < K; i++)
+        fwd[i] = moe_sample_uniform(42, (uint64_t)i);
+    for (int i = K - 1; i >= 0; i--) {
+        (void)moe_sample_uniform(43, (uint64_t)i); /* another sequence's draws in between */
+        cr_assert_eq(moe_sample_uniform(42, (uint64_t)i), fwd[i], "index %d", i);
     }
-    cr_assert(same);
-    cr_assert_gt(diff, 0);
+    int diff = 0;
+    for (int i = 0; i < K; i++) {
+        double u = moe_sample_uniform(43, (uint64_t)i);
+        cr_assert(u >= 0.0 && u < 1.0);
+        diff += u != fwd[i];
+    }
+    cr_assert_eq(diff, K, "another seed must give other draws");
+
+    const float l[N] = {0, 0.5f, 1, 0.2f, 0.1f, 0.3f, 0.9f, 0.4f};
+    moe_sampling_params a = {.temperature = 1.0f, .top_p = 1.0f, .seed = 42}, b = a;
+    b.seed = 43;
+    int32_t ta[64];
+    int tokens_differ = 0;
+    for (int i = 0; i < 64; i++) {
+        ta[i] = draw(l, &a, (uint64_t)i);
+        tokens_differ += ta[i] != draw(l, &b, (uint64_t)i);
+    }
+    for (int i = 63; i >= 0; i -= 3)
+        cr_assert_eq(draw(l, &a, (uint64_t)i), ta[i], "token %d", i);
+    cr_assert_gt(tokens_differ, 0);
+}
+
+/* Pearson's chi-square over equal bins, two-sided at p = 0.001 per side (Wilson-Hilferty
+ * quantiles): too large means non-uniform, too small means too regular to be random (a Weyl
+ * sequence or a stratified counter would pass the upper bound and fail this one). */
+static void chi_square_check(const int *count, int bins, int n, const char *what)
+{
+    double expect = (double)n / bins, chi = 0.0;
+    for (int b = 0; b < bins; b++)
+        chi += (count[b] - expect) * (count[b] - expect) / expect;
+    double k = bins - 1, z = 3.0902, h = 2.0 / (9.0 * k);
+    double lo = k * pow(1.0 - h - z * sqrt(h), 3), hi = k * pow(1.0 - h + z * sqrt(h), 3);
+    cr_assert(chi > lo && chi < hi, "%s: chi-square %.1f outside (%.1f, %.1f) for %d bins", what, chi, lo, hi);
+}
+
+Test(sampler, draws_are_uniform_by_chi_square)
+{
+    enum { BINS = 64, PAIR_BINS = 16, NDRAW = 1 << 16 };
+    static int count[PAIR_BINS * PAIR_BINS];
+
+    /* along the token index of one sequence */
+    memset(count, 0, sizeof count);
+    for (int i = 0; i < NDRAW; i++)
+        count[(int)(moe_sample_uniform(0x5eed, (uint64_t)i) * BINS)]++;
+    chi_square_check(count, BINS, NDRAW, "index 0..65535, seed 0x5eed");
+
+    /* across consecutive seeds at one index (clients often pick 1, 2, 3...) */
+    memset(count, 0, sizeof count);
+    for (int s = 0; s < NDRAW; s++)
+        count[(int)(moe_sample_uniform((uint64_t)s, 3) * BINS)]++;
+    chi_square_check(count, BINS, NDRAW, "seeds 0..65535, index 3");
+
+    /* successive pairs (u_i, u_i+1): no serial correlation */
+    memset(count, 0, sizeof count);
+    for (int i = 0; i < NDRAW; i++) {
+        int x = (int)(moe_sample_uniform(7, 2 * (uint64_t)i) * PAIR_BINS);
+        int y = (int)(moe_sample_uniform(7, 2 * (uint64_t)i + 1) * PAIR_BINS);
+        count[x * PAIR_BINS + y]++;
+    }
+    chi_square_check(count, PAIR_BINS * PAIR_BINS, NDRAW, "pairs of successive indices, seed 7");
 }
 
 Test(sampler, top_k_and_top_p_restrict_the_support)
 {
     const float l[N] = {5, 4, 3, 0, 0, 0, 0, 0};
-    moe_rng rng;
-    moe_rng_seed(&rng, 7);
-    moe_sampling_params k2 = {.temperature = 1.0f, .top_k = 2, .top_p = 1.0f};
+    moe_sampling_params k2 = {.temperature = 1.0f, .top_k = 2, .top_p = 1.0f, .seed = 7};
     int seen[N] = {0};
     for (int i = 0; i < 2000; i++)
-        seen[draw(l, &k2, &rng)]++;
+        seen[draw(l, &k2, (uint64_t)i)]++;
     cr_assert_gt(seen[0], 0);
     cr_assert_gt(seen[1], 0);
     for (int i = 2; i < N; i++)
         cr_assert_eq(seen[i], 0, "top-k 2 drew id %d", i);
     /* p(0) = e^5 / sum ~ 0.66, p(1) ~ 0.24: top_p 0.5 keeps only id 0. */
-    moe_sampling_params p5 = {.temperature = 1.0f, .top_p = 0.5f};
+    moe_sampling_params p5 = {.temperature = 1.0f, .top_p = 0.5f, .seed = 7};
     for (int i = 0; i < 200; i++)
-        cr_assert_eq(draw(l, &p5, &rng), 0);
+        cr_assert_eq(draw(l, &p5, (uint64_t)i), 0);
 }
 
 Test(sampler, frequencies_follow_softmax_with_temperature)
 {
     const float l[N] = {1, 0, 0, 0, 0, 0, 0, 0};
-    moe_sampling_params sp = {.temperature = 0.5f, .top_p = 1.0f};
-    moe_rng rng;
-    moe_rng_seed(&rng, 3);
+    moe_sampling_params sp = {.temperature = 0.5f, .top_p = 1.0f, .seed = 3};
     int hits = 0, n = 20000;
     for (int i = 0; i < n; i++)
-        hits += draw(l, &sp, &rng) == 0;
+        hits += draw(l, &sp, (uint64_t)i) == 0;
     double p = exp(2.0) / (exp(2.0) + 7.0); /* logits / T = 2 for id 0 */
     cr_assert_lt(fabs((double)hits / n - p), 0.02, "got %f want %f", (double)hits / n, p);
 }
