@@ -1,6 +1,6 @@
 """Elastic-cluster tests (docs/cluster.md): a coordinator and instances as separate processes that
-join over the network, and the faults the issue names, each during live streams whose full
-outputs must equal moe-generate's, with KV back to zero everywhere afterwards.
+join over the network, and the faults the issue names, each during live streams (greedy and
+seeded) whose full outputs must equal moe-generate's, with KV back to zero everywhere afterwards.
 `elastic_tests.py --list` names the tests; `elastic_tests.py NAME` runs one."""
 
 import os
@@ -30,11 +30,16 @@ def workload(n, max_new=240, seed=7):
         else:
             out.append({"prompt": " ".join(rnd.choice(words) for _ in range(rnd.choice([2, 6, 15]))),
                         "max_new": max_new})
+        if i % 3 == 1:  # seeded sampling: draws depend on (seed, index) only, wherever they happen
+            out[-1].update(temperature=0.9, seed=1000 + i)
     return out
 
 
 def ref_of(w):
-    return reference(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], extra=("--ignore-eos",))
+    extra = ["--ignore-eos"]
+    if "seed" in w:
+        extra += ["--temperature", str(w["temperature"]), "--seed", str(w["seed"])]
+    return reference(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], extra=extra)
 
 
 class Streams:
@@ -55,7 +60,8 @@ class Streams:
     def _one(self, i):
         w = self.work[i]
         try:
-            req = gen_request(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], ignore_eos=True)
+            kw = {"temperature": w["temperature"], "seed": w["seed"]} if "seed" in w else {}
+            req = gen_request(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"], ignore_eos=True, **kw)
             ids = []
             for r in self.cl.stub.Generate(req, timeout=120):
                 check(list(r.token_indices) == list(range(len(ids), len(ids) + len(r.token_ids))),
