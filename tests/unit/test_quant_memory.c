@@ -141,7 +141,7 @@ Test(quant_memory, q4_load_rss_below_quantized_bytes)
         cr_assert_leq(rel.peak, peak_bound, "peak RSS grew by %zu bytes, bound %zu", rel.peak,
                       peak_bound);
     } else {
-        cr_log_warn("VmHWM cannot be reset here (/proc/self/clear_refs): peak not asserted");
+        cr_log_info("SKIPPED: VmHWM cannot be reset here (/proc/self/clear_refs): peak not asserted");
     }
 }
 
