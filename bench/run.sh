@@ -20,6 +20,7 @@
 #                                                than QUIET_BUSY of the CPUs inside its timed windows
 #   MOE_BENCH_BATCHES   [1,4,16,64]              decode batch sizes, both engines
 #   MOE_BENCH_PREFILL   [128,512,2048]           prefill prompt lengths, both engines
+#   MOE_BENCH_RESULTS   [bench/RESULTS.md]       the file whose generated block the report rewrites
 #   MOE_BENCH_AB_ROUNDS [3]                      interleaved rounds per preset: ours f, llama.cpp f, for
 #                                                every format, then again; the report keeps each figure's
 #                                                best round (a slow minute hits both engines)
@@ -42,13 +43,14 @@ ATTEMPTS=${MOE_BENCH_ATTEMPTS:-3}
 BATCHES=${MOE_BENCH_BATCHES:-1,4,16,64}
 PREFILL=${MOE_BENCH_PREFILL:-128,512,2048}
 AB_ROUNDS=${MOE_BENCH_AB_ROUNDS:-3}
+RESULTS=${MOE_BENCH_RESULTS:-bench/RESULTS.md}
 OUT=bench/out
 RUN=$OUT/run
 
 cmd="bench/run.sh"
 for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OURS_FORMATS MOE_BENCH_OLMOE_LAYERS \
          MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT MOE_BENCH_ATTEMPTS \
-         MOE_BENCH_BATCHES MOE_BENCH_PREFILL MOE_BENCH_AB_ROUNDS; do
+         MOE_BENCH_BATCHES MOE_BENCH_PREFILL MOE_BENCH_AB_ROUNDS MOE_BENCH_RESULTS; do
   if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
 done
 
@@ -248,6 +250,6 @@ probe
 echo "load_after=$(load1)" >>"$RUN/machine.txt"
 echo "wall_minutes=$(( ($(date +%s) - t_start + 30) / 60 ))" >>"$RUN/machine.txt"
 say "results"
-python3 bench/report.py "$RUN" bench/RESULTS.md
+python3 bench/report.py "$RUN" "$RESULTS"
 echo >&2
-echo "bench/RESULTS.md updated; raw outputs in $RUN" >&2
+echo "$RESULTS updated; raw outputs in $RUN" >&2
