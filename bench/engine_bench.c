@@ -43,7 +43,8 @@ typedef struct {
     int threads;
     int batches[MAX_BATCHES], n_batches;
     int steps[MAX_BATCHES], n_steps; /* timed decode steps per batch size (last one repeats) */
-    int prompt_len, warmup, prefill_len;
+    int prompt_len, warmup, prefill_len; /* prefill_len: the longest of prefill_lens */
+    int prefill_lens[MAX_BATCHES], n_prefill;
     int touch;
     int callgrind;
     moe_model_load_opts load;
@@ -367,7 +368,8 @@ static int bench_decode(moe_engine *e, const moe_model *m, const model_cost *mc,
 
 /* Prefill of one prompt_len-token prompt: time from add to its first sampled token (one step when
  * the batch budget holds the whole prompt). Best of `reps`. */
-static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc, int n, int reps)
+static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc, int n, int reps,
+                         bool legacy)
 {
     const moe_model_config *c = &m->cfg;
     int32_t *prompt = malloc((size_t)n * sizeof *prompt);
@@ -413,13 +415,21 @@ static int bench_prefill(moe_engine *e, const moe_model *m, const model_cost *mc
     double flops = 2 * (double)n *
                        (mc->dense_params + (double)c->n_experts_per_tok * n_moe_layers(m) * mc->expert_params) +
                    mc->attn_flops_per_ctx * (double)n * (n + 1) / 2.0 + 2 * mc->lm_head_params;
-    printf("prefill_tokens=%d\n", n);
-    printf("prefill_steps=%d\n", steps);
-    printf("prefill_seconds=%.4f\n", best);
-    printf("prefill_tok_s=%.3f\n", n / best);
-    printf("prefill_flops_per_token=%.0f\n", flops / n);
-    printf("prefill_gflops=%.2f\n", flops / best * 1e-9);
-    printf("prefill_others_cpu=%.3f\n", others);
+    /* prefill_p<N>_*: one set per prompt length; the first length also as plain prefill_* */
+    for (int k = legacy ? 0 : 1; k < 2; k++) {
+        char pre[32];
+        if (k == 0)
+            snprintf(pre, sizeof pre, "prefill");
+        else
+            snprintf(pre, sizeof pre, "prefill_p%d", n);
+        printf("%s_tokens=%d\n", pre, n);
+        printf("%s_steps=%d\n", pre, steps);
+        printf("%s_seconds=%.4f\n", pre, best);
+        printf("%s_tok_s=%.3f\n", pre, n / best);
+        printf("%s_flops_per_token=%.0f\n", pre, flops / n);
+        printf("%s_gflops=%.2f\n", pre, flops / best * 1e-9);
+        printf("%s_others_cpu=%.3f\n", pre, others);
+    }
     free(prompt);
     return 0;
 }
@@ -434,14 +444,31 @@ static void usage(FILE *f, const char *prog)
             "  --decode-tokens LIST timed decode steps, one per batch size (default 32; the last\n"
             "                      value repeats for the remaining batch sizes)\n"
             "  --warmup N          untimed decode steps before them (default 2)\n"
-            "  --prefill N         prompt length of the prefill run (default 512; 0 = skip)\n"
+            "  --prefill LIST      prompt lengths of the prefill runs, comma separated (default\n"
+            "                      512; 0 = skip)\n"
             "  --prefill-reps N    prefill repetitions, best kept (default 1)\n"
             "  --rounds N          decode rounds per batch size, best kept (default 1)\n"
             "  --no-touch          do not pre-fault the weights before timing\n"
+            "  --keep-source-pages keep the bf16 pages of quantized matrices resident (the old\n"
+            "                      load; for RSS A/B)\n"
             "  --callgrind-decode  toggle callgrind collection around the timed decode steps\n"
             "  --quantize SPEC     quantize at load: comma list of experts|dense|all=q8|q4|none\n"
             "                      (e.g. all=q8, experts=q4,dense=q8; see docs/kernels.md)\n",
             prog);
+}
+
+/* VmRSS of this process in bytes (0 when /proc is unreadable). */
+static size_t rss_now(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            kb = strtoull(line + 6, NULL, 10);
+    if (f)
+        fclose(f);
+    return kb * 1024;
 }
 
 /* "1,16" -> {1, 16}; values in [1, max]. */
@@ -464,9 +491,10 @@ static int parse_list(const char *s, int *out, int *n, int max)
 int main(int argc, char **argv)
 {
     bench_args a = {.threads = 0, .prompt_len = 32, .warmup = 2, .prefill_len = 512, .touch = 1,
+                    .prefill_lens = {512}, .n_prefill = 1,
                     .batches = {1, 16}, .n_batches = 2, .steps = {32}, .n_steps = 1};
     int prefill_reps = 1, rounds = 1;
-    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_ROUNDS, O_QUANT, O_HELP };
+    enum { O_MODEL = 1, O_THREADS, O_BATCH, O_PROMPT, O_DECODE, O_WARMUP, O_PREFILL, O_REPS, O_NOTOUCH, O_CALLGRIND, O_ROUNDS, O_QUANT, O_KEEP, O_HELP };
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL},        {"threads", required_argument, 0, O_THREADS},
         {"batch", required_argument, 0, O_BATCH},        {"prompt", required_argument, 0, O_PROMPT},
@@ -475,6 +503,7 @@ int main(int argc, char **argv)
         {"no-touch", no_argument, 0, O_NOTOUCH},         {"help", no_argument, 0, O_HELP},
         {"callgrind-decode", no_argument, 0, O_CALLGRIND}, {"rounds", required_argument, 0, O_ROUNDS},
         {"quantize", required_argument, 0, O_QUANT},
+        {"keep-source-pages", no_argument, 0, O_KEEP},
         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -495,7 +524,18 @@ int main(int argc, char **argv)
             }
             break;
         case O_WARMUP: a.warmup = atoi(optarg); break;
-        case O_PREFILL: a.prefill_len = atoi(optarg); break;
+        case O_PREFILL:
+            a.n_prefill = 0;
+            if (strcmp(optarg, "0") != 0 &&
+                parse_list(optarg, a.prefill_lens, &a.n_prefill, 1 << 20) != 0) {
+                fprintf(stderr, "engine_bench: --prefill: bad list '%s'\n", optarg);
+                return 2;
+            }
+            a.prefill_len = 0;
+            for (int i = 0; i < a.n_prefill; i++)
+                a.prefill_len = a.prefill_lens[i] > a.prefill_len ? a.prefill_lens[i] : a.prefill_len;
+            break;
+        case O_KEEP: a.load.keep_source_pages = true; break;
         case O_REPS: prefill_reps = atoi(optarg); break;
         case O_ROUNDS: rounds = atoi(optarg); break;
         case O_QUANT:
@@ -519,6 +559,7 @@ int main(int argc, char **argv)
     moe_log_init(-1);
 
     moe_model *m = NULL;
+    size_t rss_start = rss_now();
     int64_t t0 = moe_now_ns();
     if (moe_model_load(a.model_dir, &a.load, &m) != MOE_OK) {
         fprintf(stderr, "engine_bench: %s\n", moe_error_message());
@@ -526,9 +567,11 @@ int main(int argc, char **argv)
     }
     const moe_model_config *c = &m->cfg;
     double load_s = (double)(moe_now_ns() - t0) * 1e-9;
+    size_t rss_load = rss_now();
     t0 = moe_now_ns();
     size_t touched = a.touch ? touch_weights(m) : 0;
     double touch_s = (double)(moe_now_ns() - t0) * 1e-9;
+    size_t rss_touch = rss_now();
 
     model_cost mc;
     model_cost_compute(m, &mc);
@@ -583,6 +626,9 @@ int main(int argc, char **argv)
     printf("load_seconds=%.3f\n", load_s);
     printf("touch_bytes=%zu\n", touched);
     printf("touch_seconds=%.3f\n", touch_s);
+    printf("rss_start_bytes=%zu\n", rss_start);
+    printf("rss_after_load_bytes=%zu\n", rss_load);
+    printf("rss_after_touch_bytes=%zu\n", rss_touch);
     printf("active_weight_bytes_per_token=%.0f\n", active);
     printf("kv_bytes_per_position=%.0f\n", mc.kv_bytes_per_pos);
     fflush(stdout);
@@ -592,13 +638,17 @@ int main(int argc, char **argv)
         rc = bench_decode(e, m, &mc, &a, a.batches[i], a.steps[i < a.n_steps ? i : a.n_steps - 1], rounds);
         fflush(stdout);
     }
-    if (rc == 0 && a.prefill_len > 0)
-        rc = bench_prefill(e, m, &mc, a.prefill_len, prefill_reps);
+    for (int i = 0; rc == 0 && i < a.n_prefill; i++) {
+        rc = bench_prefill(e, m, &mc, a.prefill_lens[i], prefill_reps, i == 0);
+        fflush(stdout);
+    }
     moe_engine_free(e);
     moe_model_free(m);
     /* Our own CPU time: the driver subtracts it from the machine's busy time over the run to tell
      * how much other work competed with the timing. */
     struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0)
+        printf("peak_rss_bytes=%lld\n", (long long)ru.ru_maxrss * 1024); /* the whole run's peak */
     if (getrusage(RUSAGE_SELF, &ru) == 0)
         printf("cpu_seconds=%.3f\n", (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 +
                                          (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6);

@@ -394,12 +394,84 @@ static void attn_prefill(void)
     free(vp);
 }
 
+/* ---- the grouped expert product of a batched decode step ----
+ * 64 experts of the OLMoE gate/up shape (1024 x 2048), every one touched with n_tok tokens (the
+ * tokens a step routes to it), all run in moe_matmul_batch pool runs as the MoE layer runs them.
+ * Their weights (bf16 512 MiB, Q8 272, Q4 144) are far beyond the caches, so each step reads them
+ * from DRAM: the time against a read of the same bytes, interleaved round by round (best of each),
+ * says how many times the weights are streamed (about once whatever n_tok while the step stays
+ * memory bound) and how far the product is from its memory roofline. */
+static void experts_bench(int n_threads)
+{
+    enum { E = 64, ROWS = 1024, COLS = 2048, MAXT = 47 };
+    const size_t n = (size_t)ROWS * COLS;
+    moe_threadpool_t *pool = moe_threadpool_create(n_threads);
+    float *wf = malloc(n * sizeof(float));
+    float *x = malloc((size_t)E * MAXT * COLS * sizeof(float));
+    float *y = malloc((size_t)2 * E * MAXT * ROWS * sizeof(float));
+    void *w = malloc((size_t)2 * E * n * sizeof(uint16_t)); /* the largest: bf16 */
+    if (!pool || !wf || !x || !y || !w) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < n; i++)
+        wf[i] = frand() * 0.05f;
+    for (size_t i = 0; i < (size_t)E * MAXT * COLS; i++)
+        x[i] = frand();
+    printf("experts: %d x 2 matrices %dx%d, %d threads, ISA %s, best of 5 rounds (each round: a "
+           "read of the same bytes, then the product)\n",
+           E, ROWS, COLS, n_threads, moe_isa_name(moe_kernels_isa()));
+    static const moe_dtype dts[] = {MOE_DT_BF16, MOE_DT_Q8, MOE_DT_Q4};
+    static const int toks[] = {1, 2, 4, 8, 16, 32, 40, 47};
+    for (int d = 0; d < 3; d++) {
+        moe_dtype dt = dts[d];
+        size_t mb = moe_dtype_row_bytes(dt, COLS) * ROWS, bytes = 2 * E * mb;
+        for (int m = 0; m < 2 * E; m++) {
+            char *dst = (char *)w + (size_t)m * mb;
+            if (dt == MOE_DT_BF16)
+                for (size_t i = 0; i < n; i++)
+                    ((uint16_t *)(void *)dst)[i] = moe_f32_to_bf16(wf[i] * (1.0f + 0.01f * m));
+            else
+                moe_quantize(dst, dt, wf, MOE_DT_F32, n);
+        }
+        for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
+            int nt = toks[k];
+            moe_matmul_desc ds[2 * E];
+            for (int e = 0; e < E; e++)
+                for (int g = 0; g < 2; g++)
+                    ds[2 * e + g] = (moe_matmul_desc){
+                        y + ((size_t)(2 * e + g) * MAXT) * ROWS, x + (size_t)e * MAXT * COLS,
+                        (const char *)w + (size_t)(2 * e + g) * mb, dt, nt, COLS, ROWS};
+            double best = 1e30, best_bw = 0;
+            for (int r = 0; r < 5; r++) {
+                double bw = read_bw(pool, w, bytes, 1);
+                best_bw = bw > best_bw ? bw : best_bw;
+                double t0 = now_s();
+                moe_matmul_batch(pool, ds, 2 * E);
+                double t = now_s() - t0;
+                best = t < best ? t : best;
+            }
+            double gbs = (double)bytes / best / 1e9;
+            printf("experts %-4s n_tok=%-2d: %8.2f ms  %6.1f GB/s of weights | read %5.1f GB/s | "
+                   "%3.0f%% of the read | %6.1f GFLOP/s\n",
+                   moe_dtype_name(dt), nt, best * 1e3, gbs, best_bw, 100.0 * gbs / best_bw,
+                   2.0 * nt * (double)n * 2 * E / best / 1e9);
+        }
+    }
+    moe_threadpool_free(pool);
+    free(wf);
+    free(x);
+    free(y);
+    free(w);
+}
+
 int main(int argc, char **argv)
 {
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
     /* argv[2]: quick (fewer reps, n_tok <= 64, no prefill), or one section only: matvec,
      * batched, prefill, qprefill (bf16/Q8/Q4 prefill shapes, ours only), attn (prefill
-     * attention, per token against multi-query tiles). */
+     * attention, per token against multi-query tiles), experts (the grouped expert product of a
+     * batched decode step, against a read of its bytes). */
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
     if (strcmp(mode, "attn") == 0) {
@@ -408,6 +480,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "qprefill") == 0) {
         qprefill(max_threads);
+        return 0;
+    }
+    if (strcmp(mode, "experts") == 0) {
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        have_avx2 = __builtin_cpu_supports("avx2");
+#endif
+        experts_bench(max_threads);
         return 0;
     }
     int prefill = !*mode || strcmp(mode, "prefill") == 0;

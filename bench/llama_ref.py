@@ -2,8 +2,9 @@
 """bench/llama_ref.py: the llama.cpp reference for bench/run.sh. Converts a generated Hugging Face
 model to GGUF with llama.cpp's own converter (bf16, q8_0), quantizes Q4_0 with llama.cpp's
 quantizer, and measures llama.cpp (through llama-cpp-python) with the same thread count: prompt
-processing tokens/s for one long prompt and decode tokens/s at batch 1, both from llama.cpp's own
-perf counters. Prints `name=value` lines (one block per format) and writes them to --out.
+processing tokens/s for long prompts (--pp, a list) and decode tokens/s at batch 1 from llama.cpp's
+own perf counters, decode at other batch sizes (--batches: one token per sequence per step, wall
+time), and the peak RSS of the measuring process. Prints `name=value` lines (one block per format) and writes them to --out.
 
   llama_ref.py --model HF_DIR --name small --threads 2 [--formats bf16,q8_0,q4_0]
 
@@ -211,7 +212,8 @@ def quiet_llama_log():
 
 
 class Llama:
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int, load_mode: int = 1):
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int, load_mode: int = 1,
+                 n_seq: int = 1):
         import llama_cpp as L
         self.L = L
         quiet_llama_log()
@@ -231,7 +233,9 @@ class Llama:
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
         cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = n_seq
+        if n_seq > 1 and hasattr(cp, "kv_unified"):
+            cp.kv_unified = True  # one KV buffer of n_ctx cells shared by the sequences
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = False
@@ -239,6 +243,58 @@ class Llama:
         if not self.ctx:
             raise SystemExit("llama_ref: llama_init_from_model failed")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.threads, self.n_batch = threads, n_batch
+
+    def new_context(self, n_ctx: int, n_batch: int, n_seq: int):
+        """Replaces the context (same mapped model): another batch size needs other n_seq_max."""
+        L = self.L
+        L.llama_free(self.ctx)
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        if n_seq > 1 and hasattr(cp, "kv_unified"):
+            cp.kv_unified = True
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.no_perf = False
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise SystemExit("llama_ref: llama_init_from_model failed")
+
+    def decode_seqs(self, toks, pos):
+        """One step of len(toks) sequences: token toks[i] at position pos[i] of sequence i."""
+        L, n = self.L, len(toks)
+        b = L.llama_batch_init(n, 0, 1)
+        try:
+            b.n_tokens = n
+            for i in range(n):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = toks[i], pos[i], 1, True
+                b.seq_id[i][0] = i
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise SystemExit(f"llama_ref: llama_decode returned {rc}")
+            L.llama_synchronize(self.ctx)
+        finally:
+            L.llama_batch_free(b)
+
+    def decode_prompt(self, seq, toks):
+        """A whole prompt of sequence seq (positions 0..), logits of the last token only."""
+        L, n = self.L, len(toks)
+        b = L.llama_batch_init(n, 0, 1)
+        try:
+            b.n_tokens = n
+            for i in range(n):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = toks[i], i, 1, i == n - 1
+                b.seq_id[i][0] = seq
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise SystemExit(f"llama_ref: llama_decode returned {rc}")
+            L.llama_synchronize(self.ctx)
+        finally:
+            L.llama_batch_free(b)
+
+    def argmax_ith(self, i):
+        import numpy as np
+        p = self.L.llama_get_logits_ith(self.ctx, i)
+        return int(np.ctypeslib.as_array(p, shape=(self.n_vocab,)).argmax())
 
     def clear(self):
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
@@ -311,16 +367,27 @@ def others_share(a, b):
     return round(min(1.0, max(0.0, v)), 3)
 
 
-def measure(path: Path, threads: int, pp: int, pp_reps: int, prompt: int, n_predict: int, warmup: int,
-            rounds: int = 1, load_mode: int = 1):
+def rss_bytes(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(path: Path, threads: int, pps, pp_reps: int, prompt: int, n_predict: int, warmup: int,
+            rounds: int = 1, load_mode: int = 1, batches=(1,)):
     import random
     rng = random.Random(1234)
     res = {"preread_seconds": round(preread(path), 3)}
-    llm = Llama(path, threads, n_ctx=max(pp, prompt + warmup + n_predict) + 16, n_batch=max(pp, prompt),
-                load_mode=load_mode)
+    res["rss_baseline_bytes"] = rss_bytes()  # Python, numpy and llama.cpp loaded, no model yet
+    max_pp = max(pps) if pps else 0
+    llm = Llama(path, threads, n_ctx=max(max_pp, prompt + warmup + n_predict) + 16,
+                n_batch=max(max_pp, prompt, 1), load_mode=load_mode)
     res["load_seconds"] = round(llm.load_s, 3)
-    toks = [rng.randrange(llm.n_vocab) for _ in range(max(pp, prompt))]
-    if pp > 0:
+    res["rss_after_load_bytes"] = rss_bytes()
+    toks = [rng.randrange(llm.n_vocab) for _ in range(max(max_pp, prompt))]
+    for i, pp in enumerate(pps):
         best = None
         for _ in range(pp_reps):
             llm.clear()
@@ -334,8 +401,11 @@ def measure(path: Path, threads: int, pp: int, pp_reps: int, prompt: int, n_pred
             rate = p.n_p_eval / (p.t_p_eval_ms * 1e-3) if p.t_p_eval_ms > 0 else 0
             if best is None or rate > best[0]:
                 best = (rate, p.t_p_eval_ms * 1e-3, p.n_p_eval, wall, others_share(c0, c1))
-        res.update({"pp_tokens": best[2], "pp_seconds": round(best[1], 4), "pp_tok_s": round(best[0], 3),
-                    "pp_wall_seconds": round(best[3], 4), "pp_others_cpu": best[4]})
+        keys = [f"pp_p{pp}"] + (["pp"] if i == 0 else [])  # the first length also as plain pp_*
+        for k in keys:
+            res.update({f"{k}_tokens": best[2], f"{k}_seconds": round(best[1], 4),
+                        f"{k}_tok_s": round(best[0], 3), f"{k}_wall_seconds": round(best[3], 4),
+                        f"{k}_others_cpu": best[4]})
     # decode at batch 1: a short prompt, `warmup` untimed tokens, then n_predict timed greedy tokens;
     # best of `rounds` (the pp run above, or the first round, faults the mapped weights in)
     best = None
@@ -358,7 +428,43 @@ def measure(path: Path, threads: int, pp: int, pp_reps: int, prompt: int, n_pred
     res.update({"decode_prompt": prompt, "decode_tokens": n_eval, "decode_rounds": rounds, "decode_seconds": round(t_ms * 1e-3, 4),
                 "decode_tok_s": round(n_eval / (t_ms * 1e-3), 3) if t_ms > 0 else 0,
                 "decode_wall_seconds": round(wall, 4), "decode_others_cpu": others})
+    res["decode_b1_tok_s"] = res["decode_tok_s"]
+    res["decode_b1_others_cpu"] = others
+    # batched decode: B sequences, each its own prompt, then steps of one token per sequence (as
+    # our engine's batched decode); wall time of the timed steps, best of `rounds`
+    for B in batches:
+        if B == 1:
+            continue
+        per_seq = prompt + warmup + n_predict + 8
+        llm.new_context(n_ctx=B * per_seq, n_batch=max(B, prompt), n_seq=B)
+        steps = max(2, n_predict * 4 // B)
+        best = None
+        for _ in range(rounds):
+            llm.clear()
+            cur = []
+            for i in range(B):
+                llm.decode_prompt(i, toks[(i * 7) % len(toks):][:prompt] or toks[:prompt])
+                cur.append(llm.argmax_ith(-1))
+            pos = [prompt] * B
+            for _ in range(warmup):
+                llm.decode_seqs(cur, pos)
+                cur = [llm.argmax_ith(i) for i in range(B)]
+                pos = [q + 1 for q in pos]
+            c0 = cpu_snap()
+            t0 = time.time()
+            for _ in range(steps):
+                llm.decode_seqs(cur, pos)
+                cur = [llm.argmax_ith(i) for i in range(B)]
+                pos = [q + 1 for q in pos]
+            wall = time.time() - t0
+            c1 = cpu_snap()
+            if best is None or wall < best[0]:
+                best = (wall, others_share(c0, c1))
+        res.update({f"decode_b{B}_steps": steps, f"decode_b{B}_seconds": round(best[0], 4),
+                    f"decode_b{B}_tok_s": round(B * steps / best[0], 3),
+                    f"decode_b{B}_others_cpu": best[1]})
     llm.close()
+    res["peak_rss_bytes"] = rss_bytes("VmHWM")
     return res
 
 
@@ -367,14 +473,15 @@ def main():
         run_converter(Path(sys.argv[2]), sys.argv[3], sys.argv[5:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":  # internal: one GGUF in a fresh process
-        path, threads, pp, pp_reps, prompt, n_predict, warmup, rounds, load_mode, nice = sys.argv[2:12]
+        path, threads, pp, pp_reps, prompt, n_predict, warmup, rounds, load_mode, nice, batches = sys.argv[2:13]
         if int(nice):
             try:
                 os.nice(int(nice))  # negative needs root; the driver asks for it to shield the timing
             except OSError:
                 pass
-        res = measure(Path(path), int(threads), int(pp), int(pp_reps), int(prompt), int(n_predict), int(warmup),
-                      int(rounds), int(load_mode))
+        res = measure(Path(path), int(threads), [int(v) for v in pp.split(",") if int(v) > 0], int(pp_reps),
+                      int(prompt), int(n_predict), int(warmup), int(rounds), int(load_mode),
+                      [int(v) for v in batches.split(",") if v])
         import resource
         ru = resource.getrusage(resource.RUSAGE_SELF)
         res["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 3)  # see run.sh: others' share of the CPUs
@@ -386,7 +493,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--formats", default="bf16,q8_0,q4_0")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "out" / "llama")
-    ap.add_argument("--pp", type=int, default=512, help="prompt-processing length (0 = skip)")
+    ap.add_argument("--pp", default="512", help="prompt-processing lengths, comma separated (0 = skip)")
+    ap.add_argument("--batches", default="1", help="decode batch sizes, comma separated (1 = the plain run)")
     ap.add_argument("--pp-reps", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32, help="prompt before the decode run")
     ap.add_argument("--n-predict", type=int, default=64)
@@ -430,7 +538,7 @@ def main():
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(a.threads))
         out = subprocess.run([sys.executable, __file__, "_measure", str(paths[fmt]), str(a.threads), str(a.pp),
                               str(a.pp_reps), str(a.prompt), str(a.n_predict), str(a.warmup), str(a.rounds),
-                              str(a.load_mode), str(a.nice)],
+                              str(a.load_mode), str(a.nice), a.batches],
                              check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
         res.update(json.loads(out.strip().splitlines()[-1]))
         text = "".join(f"{k}={v}\n" for k, v in res.items())

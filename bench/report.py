@@ -30,6 +30,42 @@ def kv(path: Path):
     return d
 
 
+GROUP = re.compile(r"^(decode_b\d+|prefill_p\d+|pp_p\d+|decode|pp|prefill)_")
+
+
+def rate_of(d, g):
+    v = d.get(f"{g}_tok_s")
+    return v if isinstance(v, float) else -1.0
+
+
+def load_runs(d: Path, stem: str):
+    """One engine/format's figures over the interleaved rounds (STEM.rN.txt, or STEM.txt from an
+    older run): every figure group (decode_bB_*, prefill_pN_*, ...) from its best round (highest
+    tok/s), peak RSS the largest any round saw; rounds = how many there were."""
+    files = sorted(d.glob(f"{stem}.r*.txt")) or [d / f"{stem}.txt"]
+    runs = [kv(f) for f in files]
+    runs = [r for r in runs if r]
+    if not runs:
+        return {}
+    out = dict(runs[0])
+    groups = {m.group(1) for r in runs for k in r for m in [GROUP.match(k)] if m}
+    for g in groups:
+        best = max(runs, key=lambda r: rate_of(r, g))
+        for k in list(out):
+            if k.startswith(g + "_") and GROUP.match(k).group(1) == g:
+                del out[k]
+        for k, v in best.items():
+            m = GROUP.match(k)
+            if m and m.group(1) == g:
+                out[k] = v
+    for k in ("peak_rss_bytes", "rss_after_load_bytes", "rss_after_touch_bytes"):
+        vals = [r[k] for r in runs if isinstance(r.get(k), float)]
+        if vals:
+            out[k] = max(vals)
+    out["rounds"] = len(runs)
+    return out
+
+
 def fmt_rate(x):
     if x is None:
         return "n/a"
@@ -45,9 +81,24 @@ def ratio(a, b):
 
 
 class Roof:
-    def __init__(self, r):
-        self.bw = r.get("bandwidth_gbs", r["triad_gbs"]) * 1e9
+    def __init__(self, r, bw=None):
+        self.bw = (bw if bw else r.get("bandwidth_gbs", r["triad_gbs"])) * 1e9
         self.peak = r["bf16_peak_gflops"] * 1e9
+        self.at_size = bw is not None
+
+    def sized(self, bw_file: Path):
+        """The same peaks with the bandwidth measured at one model's own size (bw_<fmt>.txt)."""
+        b = kv(bw_file).get("bandwidth_gbs")
+        if not isinstance(b, float):
+            return self
+        r = Roof({"bandwidth_gbs": b, "triad_gbs": b, "bf16_peak_gflops": self.peak * 1e-9}, b)
+        r.mib = kv(bw_file).get("bandwidth_mib")
+        return r
+
+    def mem_only(self, bytes_step, batch):
+        """The issue's decode roofline: bytes the step reads over the bandwidth (at the model's
+        size), FLOPs not counted."""
+        return batch / (bytes_step / self.bw)
 
     def decode(self, bytes_step, flops_step, batch):
         """tokens/s when a step is bound by whichever of bytes or FLOPs takes longer."""
@@ -74,67 +125,94 @@ def busy_of(o, l, ko, kl):
 
 def preset_rows(name, d: Path, roof: Roof, targets):
     rows = []
-    ours = {f: kv(d / f"ours_{f}.txt") for f in ("bf16", "q8", "q4")}
-    llama = {f: kv(d / f"llama_{f}.txt") for f in FORMATS}
+    ours = {f: load_runs(d, f"ours_{f}") for f in ("bf16", "q8", "q4")}
+    llama = {f: load_runs(d, f"llama_{f}") for f in FORMATS}
     b = ours["bf16"]
     if not b:
         return rows
-    # decode at batch 1 and 16 (ours), batch 1 (llama.cpp)
-    for B in (1, 16):
+    batches = sorted({int(m.group(1)) for o in ours.values() for k in o
+                      for m in [re.match(r"decode_b(\d+)_tok_s$", k)] if m})
+    for B in batches:
         for lf in FORMATS:
             o = ours[OUR_FORMAT[lf]]
+            rf = roof.sized(d / f"bw_{OUR_FORMAT[lf]}.txt")
             ol = o.get(f"decode_b{B}_tok_s") if o else None
-            oroof = None
+            oroof = mroof = None
             bound = ""
             if ol is not None:
                 bytes_step = o[f"decode_b{B}_weight_bytes_per_step"] + o[f"decode_b{B}_kv_bytes_per_step"]
-                oroof, bound = roof.decode(bytes_step, B * o[f"decode_b{B}_flops_per_token"], B)
-            l = llama[lf] if B == 1 else {}
-            ll = l.get("decode_tok_s") if l else None
+                oroof, bound = rf.decode(bytes_step, B * o[f"decode_b{B}_flops_per_token"], B)
+                mroof = rf.mem_only(bytes_step, B)
+            l = llama[lf]
+            ll = l.get(f"decode_b{B}_tok_s") if l else None
             lroof = None
-            if ll is not None:
+            if ll is not None and B == 1:
                 ctx = l.get("decode_prompt", 32) + 2 + l["decode_tokens"] / 2  # prompt + warmup + half the run
                 kv_f16 = b["kv_bytes_per_position"] / 2 * ctx
-                lroof, _ = roof.decode(l["active_bytes_per_token"] + kv_f16, b["decode_b1_flops_per_token"], 1)
+                lroof, _ = rf.decode(l["active_bytes_per_token"] + kv_f16, b["decode_b1_flops_per_token"], 1)
             if ol is None and ll is None:
                 continue
-            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound, busy_of(o if ol else None, l, f"decode_b{B}_others_cpu", "decode_others_cpu")))
+            rows.append((name, f"decode b={B}", lf, ol, oroof, ll, lroof, bound,
+                         busy_of(o if ol else None, l, f"decode_b{B}_others_cpu", f"decode_b{B}_others_cpu")))
+            if B in (16, 64) and ol is not None:
+                targets.append((f"{name} decode b={B} {lf} >= 70% of its memory roofline (issue 16)",
+                                ol / mroof >= 0.7,
+                                f"{pct(ol / mroof)} of {fmt_rate(mroof)} tok/s (bytes / {rf.bw * 1e-9:.1f} GB/s"
+                                f"{' at the model size' if rf.at_size else ''}); with FLOPs the step is "
+                                f"{bound}-bound, roofline {fmt_rate(oroof)} tok/s ({pct(ol / oroof)})"))
+            if B == 16:
+                targets.append((f"{name} decode b=16 {lf} >= 1.5x llama.cpp (issue 16)",
+                                ol is not None and ll is not None and ol >= 1.5 * ll,
+                                "n/a (llama.cpp not measured)" if ll is None or ol is None
+                                else f"ours/llama.cpp = {ratio(ol, ll)}"))
             if B == 1 and ol is not None:
                 targets.append((f"{name} decode b=1 {lf} >= 80% of roofline", ol / oroof >= 0.8,
                                 f"{pct(ol / oroof)} of {fmt_rate(oroof)} tok/s"))
-            if B == 1:
                 targets.append((f"{name} decode b=1 {lf} faster than llama.cpp",
-                                ol is not None and ll is not None and ol > ll,
-                                "ours n/a (no such weight format in our engine yet)" if ol is None
-                                else f"ours/llama.cpp = {ratio(ol, ll)}"))
-    for lf in FORMATS:
-        o = ours[OUR_FORMAT[lf]]
-        ol = o.get("prefill_tok_s") if o else None
-        roofp = roof.prefill(b["prefill_flops_per_token"])
-        l = llama[lf]
-        ll = l.get("pp_tok_s") if l else None
-        if ol is None and ll is None:
+                                ll is not None and ol > ll,
+                                "n/a (llama.cpp not measured)" if ll is None else f"ours/llama.cpp = {ratio(ol, ll)}"))
+    lens = sorted({int(m.group(1)) for k in b for m in [re.match(r"prefill_p(\d+)_tok_s$", k)] if m})
+    if not lens and "prefill_tok_s" in b:
+        lens = [None]
+    for n in lens:
+        ko = f"prefill_p{n}" if n else "prefill"
+        kl = f"pp_p{n}" if n else "pp"
+        for lf in FORMATS:
+            o = ours[OUR_FORMAT[lf]]
+            ol = o.get(f"{ko}_tok_s") if o else None
+            roofp = roof.prefill(b[f"{ko}_flops_per_token"])
+            l = llama[lf]
+            ll = l.get(f"{kl}_tok_s") if l else None
+            if ol is None and ll is None:
+                continue
+            rows.append((name, f"prefill {int(b[f'{ko}_tokens'])}", lf, ol, roofp if ol else None, ll,
+                         roofp if ll else None, "compute", busy_of(o if ol else None, l, f"{ko}_others_cpu", f"{kl}_others_cpu")))
+            if ol is not None:
+                targets.append((f"{name} prefill {int(b[f'{ko}_tokens'])} {lf} >= 50% of the matrix peak (issue 16)",
+                                ol / roofp >= 0.5,
+                                f"{pct(ol / roofp)} ({o[f'{ko}_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s)"))
+    return rows
+
+
+def rss_rows(name, d: Path, targets):
+    """Peak RSS of each engine's process over its whole run (load, pre-fault, decode, prefill)."""
+    rows = []
+    for f, lf in (("bf16", "bf16"), ("q8", "q8_0"), ("q4", "q4_0")):
+        o, l = load_runs(d, f"ours_{f}"), load_runs(d, f"llama_{lf}")
+        op, lp = o.get("peak_rss_bytes"), l.get("peak_rss_bytes")
+        if op is None and lp is None:
             continue
-        rows.append((name, f"prefill {int(b['prefill_tokens'])}", lf, ol, roofp if ol else None, ll,
-                     roofp if ll else None, "compute", busy_of(o if ol else None, l, "prefill_others_cpu", "pp_others_cpu")))
-        if ol is not None:
-            targets.append((f"{name} prefill {lf} >= 50% of bf16 peak", ol / roofp >= 0.5,
-                            f"{pct(ol / roofp)} ({o['prefill_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s)"))
-        targets.append((f"{name} prefill {lf} faster than llama.cpp", ol is not None and ll is not None and ol > ll,
-                        "ours n/a (no such weight format in our engine yet)" if ol is None
-                        else f"ours/llama.cpp = {ratio(ol, ll)}"))
-    if name == "small" and b.get("decode_b16_tok_s") and b.get("decode_b1_tok_s"):
-        x = b["decode_b16_tok_s"] / b["decode_b1_tok_s"]
-        r = []
-        for B in (1, 16):
-            by = b[f"decode_b{B}_weight_bytes_per_step"] + b[f"decode_b{B}_kv_bytes_per_step"]
-            r.append(roof.decode(by, B * b[f"decode_b{B}_flops_per_token"], B)[0])
-        targets.append(("small decode b=16 >= 8x b=1 (bf16)", x >= 8,
-                        f"{x:.1f}x; the rooflines allow {r[1] / r[0]:.1f}x: a b=16 step reads "
-                        f"{b['decode_b16_experts_per_step']:.0f} of the "
-                        f"{int(b.get('n_moe_layers', 0) * b.get('n_experts', 0))} expert matrices "
-                        f"(layer x expert), {b['decode_b16_weight_bytes_per_step'] / b['decode_b1_weight_bytes_per_step']:.1f}x "
-                        f"the bytes of a b=1 step"))
+        lbase = l.get("rss_baseline_bytes")
+        rows.append((name, f, op, o.get("rss_after_touch_bytes"), o.get("weights_bytes_total"), lp, lbase,
+                     l.get("gguf_bytes"), l.get("rss_after_load_bytes")))
+        if f == "q4" and op is not None:
+            # llama.cpp's process carries Python + numpy (its baseline); ours a C binary
+            lnet = lp - (lbase or 0) if lp is not None else None
+            targets.append((f"{name} q4 peak RSS <= llama.cpp Q4_0's (issue 16)",
+                            lnet is not None and op <= lp,
+                            "n/a (llama.cpp not measured)" if lp is None else
+                            f"ours {op / 2**20:.0f} MiB, llama.cpp {lp / 2**20:.0f} MiB "
+                            f"({lnet / 2**20:.0f} MiB above its Python baseline)"))
     return rows
 
 
@@ -214,7 +292,7 @@ def build(run: Path):
     L.append("### Engine vs roofline vs llama.cpp")
     L.append("")
     # What our q8/q4 rows quantized: the --quantize spec engine_bench printed.
-    specs = sorted({kv(f).get("quantize", "none") for f in run.glob("*/ours_q[48].txt")})
+    specs = sorted({kv(f).get("quantize", "none") for f in run.glob("*/ours_q[48]*.txt")})
     if specs and all(sp.startswith("all=") for sp in specs):
         what = (f"ours q8/q4 (`--quantize {' / '.join(specs)}`) quantize every matrix llama.cpp's "
                 "Q8_0/Q4_0 do except the embedding table (only one row per token is read from it) "
@@ -237,7 +315,7 @@ def build(run: Path):
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     targets = []
     presets = []
-    for d in sorted(p for p in run.iterdir() if p.is_dir() and (p / "ours_bf16.txt").exists()):
+    for d in sorted(p for p in run.iterdir() if p.is_dir() and load_runs(p, "ours_bf16")):
         presets.append(d)
     order = {"small": 0}
     presets.sort(key=lambda p: order.get(p.name, 1))
@@ -247,6 +325,30 @@ def build(run: Path):
                      f"{fmt_rate(ll)} | {pct(ll / lroof) if ll else 'n/a'} | {ratio(ol, ll)} | "
                      f"{fmt_rate(oroof if oroof else lroof)} | {bound} | {busy} |")
     L.append("")
+    L.append("Peak RSS (MiB) of each engine's measuring process over its whole run: load (ours: quantizing "
+             "at load, the bf16 source pages released as each matrix is done), pre-fault, decode at every "
+             "batch size, prefill. llama.cpp's process is Python with llama-cpp-python; its baseline (before "
+             "the model loads) is shown, ours is a C binary (a few MiB).")
+    L.append("")
+    L.append("Ours after load + pre-fault: every weight resident (the bf16 embedding included), before "
+             "the KV cache and activations of the batched runs; llama.cpp after load: its mapped GGUF "
+             "(populated at load) and Python, before its contexts.")
+    L.append("")
+    L.append("| preset | weights | ours peak | ours after load + pre-fault | ours weight bytes | llama.cpp peak | llama.cpp after load | llama.cpp baseline | GGUF bytes | ours / llama.cpp (peak) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    mib = lambda v: "n/a" if not isinstance(v, float) else f"{v / 2**20:.0f}"
+    for d in presets:
+        for (name, f, op, oload, ow, lp, lb, gb, lload) in rss_rows(d.name, d, targets):
+            L.append(f"| {name} | {f} | {mib(op)} | {mib(oload)} | {mib(ow)} | {mib(lp)} | {mib(lload)} | {mib(lb)} | {mib(gb)} | {ratio(op, lp)} |")
+    bws = [(d.name, f, kv(d / f"bw_{f}.txt")) for d in presets for f in ("bf16", "q8", "q4")]
+    bws = [(n, f, b) for n, f, b in bws if b]
+    if bws:
+        L.append("")
+        L.append("Bandwidth at each model's own size (`roofline --bw-only --mib <weight bytes / 3>`), the "
+                 "decode rooflines of that preset and format: " + ", ".join(
+                     f"{n} {f} {b.get('bandwidth_gbs', 0):.1f} GB/s over {b.get('bandwidth_mib', 0):.0f} MiB"
+                     for n, f, b in bws) + ".")
+    L.append("")
     L.append("Ours: bytes and FLOPs behind the rooflines")
     L.append("")
     L.append("| preset | weights | weights held | active bytes/token (config) | b=1 bytes/step | b=16 bytes/step (experts read) | "
@@ -254,7 +356,7 @@ def build(run: Path):
     L.append("|---|---|---|---|---|---|---|---|")
     for d in presets:
         for f in ("bf16", "q8", "q4"):
-            o = kv(d / f"ours_{f}.txt")
+            o = load_runs(d, f"ours_{f}")
             if not o:
                 continue
             L.append(f"| {d.name} | {o.get('expert_dtype', f)} | {o['touch_bytes'] / 1e9:.2f} GB | "
@@ -262,15 +364,20 @@ def build(run: Path):
                      f"{(o['decode_b1_weight_bytes_per_step'] + o['decode_b1_kv_bytes_per_step']) / 1e6:.1f} MB | "
                      f"{(o.get('decode_b16_weight_bytes_per_step', 0) + o.get('decode_b16_kv_bytes_per_step', 0)) / 1e6:.1f} MB "
                      f"({o.get('decode_b16_experts_per_step', 0):.0f}) | "
-                     f"{o['prefill_flops_per_token'] / 1e6:.1f} M | {o['load_seconds']:.1f} + {o['touch_seconds']:.1f} s |")
+                     f"{o.get('prefill_flops_per_token', 0) / 1e6:.1f} M | {o['load_seconds']:.1f} + {o['touch_seconds']:.1f} s |")
     L.append("")
     llama_any = next((kv(p) for d in presets for p in sorted(d.glob("llama_*.txt"))), None)
+    ab = next((load_runs(d, "ours_bf16").get("rounds") for d in presets), None)
+    if ab:
+        L.append(f"Each figure: the best of {int(ab)} interleaved rounds (ours f, llama.cpp f, every format, "
+                 f"then again), so a slow minute of the shared machine hits both engines.")
+        L.append("")
     if llama_any:
         L.append(f"llama.cpp: llama-cpp-python {llama_any.get('llama_cpp_python')} "
                  f"(converter from its sdist, `{llama_any.get('converter')}`); system info: "
                  f"`{llama_any.get('system_info')}`")
         L.append("")
-    L.append("### Targets (issue 3)")
+    L.append("### Targets (issues 3 and 16)")
     L.append("")
     L.append("| target | met | figure |")
     L.append("|---|---|---|")

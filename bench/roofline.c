@@ -2,7 +2,11 @@
  * triad, plus a read-only sweep, with all threads) and the register-only multiply-add peak in f32
  * and on the bf16 path the kernels run. Prints `name=value` lines that bench/run.sh parses.
  *
- *   roofline [--threads N] [--mib M]   (N: 0 = all cores; M: MiB per triad array, default 128)
+ *   roofline [--threads N] [--mib M] [--bw-only]
+ *   (N: 0 = all cores; M: MiB per triad array, default 128; --bw-only: bandwidth only, no peaks)
+ *
+ * bench/run.sh also runs it with --mib set to a third of each model's weight bytes (--bw-only): a
+ * model that fits the caches is then held against the bandwidth at its own size, not DRAM's.
  *
  * Why these kernels: decode streams every active weight once per token, so its ceiling is
  * bytes/s; prefill reuses each weight over hundreds of tokens, so its ceiling is multiply-adds/s.
@@ -324,22 +328,24 @@ static int cpu_count(void)
 
 int main(int argc, char **argv)
 {
-    int threads = 0;
+    int threads = 0, bw_only = 0;
     long mib = 128;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
             threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
             mib = atol(argv[++i]);
+        else if (strcmp(argv[i], "--bw-only") == 0)
+            bw_only = 1;
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--mib MiB per array]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--threads N] [--mib MiB per array] [--bw-only]\n", argv[0]);
             return 2;
         }
     }
     if (threads <= 0)
         threads = cpu_count();
-    if (mib < 8)
-        mib = 8;
+    if (mib < 1)
+        mib = 1;
 
     __builtin_cpu_init();
     int has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -354,6 +360,9 @@ int main(int argc, char **argv)
     /* Triad: three arrays of `mib` MiB each (STREAM asks for 4x the last-level cache). */
     team bw = {.n = threads, .reps = 20};
     bw.len = (size_t)mib * 1048576 / sizeof(double);
+    /* small (cache-sized) arrays: more repetitions, so each best-of time is not a few microseconds */
+    if (mib < 128)
+        bw.reps = (int)(20 * 128 / mib < 2000 ? 20 * 128 / mib : 2000);
     bw.a = aligned_alloc(64, bw.len * sizeof(double));
     bw.b = aligned_alloc(64, bw.len * sizeof(double));
     bw.c = aligned_alloc(64, bw.len * sizeof(double));
@@ -372,9 +381,12 @@ int main(int argc, char **argv)
     double triad = bytes / g_best_triad_s * 1e-9, read = bytes / g_best_read_s * 1e-9;
     printf("read_gbs=%.2f\n", read);
     printf("bandwidth_gbs=%.2f\n", read > triad ? read : triad);
+    printf("bandwidth_mib=%.0f\n", bytes / 1048576.0);
     free(bw.a);
     free(bw.b);
     free(bw.c);
+    if (bw_only)
+        return 0;
 
     double f32 = 0, bf16_cvt = 0, bf16_dp = 0;
     if (has_avx512)

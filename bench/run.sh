@@ -18,6 +18,12 @@
 #                                                many seconds waiting in the whole run
 #   MOE_BENCH_ATTEMPTS  [3]                      reruns of a measurement while other work took more
 #                                                than QUIET_BUSY of the CPUs inside its timed windows
+#   MOE_BENCH_BATCHES   [1,4,16,64]              decode batch sizes, both engines
+#   MOE_BENCH_PREFILL   [128,512,2048]           prefill prompt lengths, both engines
+#   MOE_BENCH_RESULTS   [bench/RESULTS.md]       the file whose generated block the report rewrites
+#   MOE_BENCH_AB_ROUNDS [3]                      interleaved rounds per preset: ours f, llama.cpp f, for
+#                                                every format, then again; the report keeps each figure's
+#                                                best round (a slow minute hits both engines)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t_start=$(date +%s)
@@ -34,12 +40,17 @@ NICE=${MOE_BENCH_NICE:--10}
 QUIET_BUSY=${MOE_BENCH_QUIET_BUSY:-0.25}
 QUIET_WAIT=${MOE_BENCH_QUIET_WAIT:-600}
 ATTEMPTS=${MOE_BENCH_ATTEMPTS:-3}
+BATCHES=${MOE_BENCH_BATCHES:-1,4,16,64}
+PREFILL=${MOE_BENCH_PREFILL:-128,512,2048}
+AB_ROUNDS=${MOE_BENCH_AB_ROUNDS:-3}
+RESULTS=${MOE_BENCH_RESULTS:-bench/RESULTS.md}
 OUT=bench/out
 RUN=$OUT/run
 
 cmd="bench/run.sh"
 for v in MOE_BENCH_THREADS MOE_BENCH_PRESETS MOE_BENCH_LLAMA MOE_BENCH_LLAMA_FORMATS MOE_BENCH_OURS_FORMATS MOE_BENCH_OLMOE_LAYERS \
-         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT MOE_BENCH_ATTEMPTS; do
+         MOE_BENCH_PROFILE MOE_BENCH_BUILD MOE_BENCH_NICE MOE_BENCH_QUIET_BUSY MOE_BENCH_QUIET_WAIT MOE_BENCH_ATTEMPTS \
+         MOE_BENCH_BATCHES MOE_BENCH_PREFILL MOE_BENCH_AB_ROUNDS MOE_BENCH_RESULTS; do
   if [ -n "${!v:-}" ]; then cmd="$v='${!v}' $cmd"; fi
 done
 
@@ -150,16 +161,18 @@ probe() {
 }
 probe
 
-# ---- per preset: our engine, then llama.cpp on the same model ----
+# ---- per preset: our engine and llama.cpp interleaved (ours f, llama.cpp f, for every format,
+# AB_ROUNDS times): a slow minute of the shared machine hits both engines, and the report keeps
+# each figure's best round. Every run is a fresh process (its peak RSS is the load's too). ----
+llama_fmt() { case $1 in bf16) echo bf16 ;; q8) echo q8_0 ;; q4) echo q4_0 ;; *) echo "" ;; esac; }
 for p in $PRESETS; do
   mkdir -p "$RUN/$p"
   case $p in
-    # decode: several short rounds, best kept (a quiet moment in one of them is enough)
-    small) eb=(--batch 1,16 --decode-tokens 32,16 --rounds 5 --prefill 512 --prefill-reps 3)
-           lr=(--pp-reps 3 --n-predict 32 --rounds 5) ;;
-    # (16-token prompts: every b=16 round first prefills 16 of them, untimed)
-    *)     eb=(--batch 1,16 --prompt 16 --decode-tokens 8,2 --rounds 3 --prefill 512 --prefill-reps 1)
-           lr=(--pp-reps 1 --prompt 16 --n-predict 8 --rounds 3) ;;
+    # decode: every batch size a few short rounds inside each run, best kept
+    small) steps=32,16,8,4; eb=(--prompt 32 --rounds 2 --prefill-reps 2)
+           lr=(--pp-reps 2 --prompt 32 --n-predict 32 --rounds 2) ;;
+    *)     steps=8,4,2,2;   eb=(--prompt 16 --rounds 1 --prefill-reps 1)
+           lr=(--pp-reps 1 --prompt 16 --n-predict 8 --rounds 1) ;;
   esac
   # only this model's safetensors in the page cache
   shopt -s nullglob
@@ -167,24 +180,43 @@ for p in $PRESETS; do
   for q in $PRESETS; do [ "$q" = "$p" ] || others+=($OUT/models/$q/*.safetensors); done
   shopt -u nullglob
   if [ ${#others[@]} -gt 0 ]; then evict "${others[@]}"; fi
-  probe
+  lfmts=""
   for f in $OURS_FORMATS; do
-    # every matrix llama.cpp's Q8_0/Q4_0 GGUFs quantize (the embedding table aside: see README)
-    case $f in bf16) q=none ;; *) q=all=$f ;; esac
-    attempts "$RUN/$p/ours_$f.txt" "engine_bench $p $f (--quantize $q ${eb[*]})" \
-      "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
-      "${eb[@]}"
+    lf=$(llama_fmt "$f")
+    case ",$LLAMA_FORMATS," in *",$lf,"*) lfmts="$lfmts${lfmts:+,}$lf" ;; esac
   done
-  if [ "$LLAMA" = 1 ]; then
-    say "llama.cpp $p: GGUF conversion ($LLAMA_FORMATS; cached after the first run)"
+  if [ "$LLAMA" = 1 ] && [ -n "$lfmts" ]; then
+    say "llama.cpp $p: GGUF conversion ($lfmts; cached after the first run)"
     python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
-      --formats "$LLAMA_FORMATS" --prepare-only
-    for f in ${LLAMA_FORMATS//,/ }; do
-      attempts "$RUN/$p/llama_$f.txt" "llama.cpp $p $f" \
-        python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
-        --formats "$f" --nice "$NICE" "${lr[@]}"
-    done
+      --formats "$lfmts" --prepare-only
   fi
+  probe
+  for ((r = 1; r <= AB_ROUNDS; r++)); do
+    for f in $OURS_FORMATS; do
+      # every matrix llama.cpp's Q8_0/Q4_0 GGUFs quantize (the embedding table aside: see README)
+      case $f in bf16) q=none ;; *) q=all=$f ;; esac
+      wait_quiet "$RUN/$p/ours_$f.r$r.busy"
+      say "round $r/$AB_ROUNDS: engine_bench $p $f (--quantize $q)"
+      "${timed[@]}" "$BUILD/bench/engine_bench" --model "$OUT/models/$p" --threads "$THREADS" --quantize "$q" \
+        --batch "$BATCHES" --decode-tokens "$steps" --prefill "$PREFILL" "${eb[@]}" | tee "$RUN/$p/ours_$f.r$r.txt"
+      lf=$(llama_fmt "$f")
+      if [ "$LLAMA" = 1 ] && [ -n "$lf" ] && [[ ",$lfmts," == *",$lf,"* ]]; then
+        wait_quiet "$RUN/$p/llama_$lf.r$r.busy"
+        say "round $r/$AB_ROUNDS: llama.cpp $p $lf"
+        python3 bench/llama_ref.py --model "$OUT/models/$p" --name "$p" --threads "$THREADS" \
+          --formats "$lf" --nice "$NICE" --pp "$PREFILL" --batches "$BATCHES" "${lr[@]}" | tee "$RUN/$p/llama_$lf.r$r.txt"
+      fi
+    done
+  done
+  # the bandwidth at each model's own size (a third of its weight bytes per triad array): a model
+  # that fits the caches is held against the caches' bandwidth, not DRAM's
+  for f in $OURS_FORMATS; do
+    wb=$(sed -n 's/^weights_bytes_total=//p' "$RUN/$p/ours_$f.r1.txt" | head -1)
+    [ -n "$wb" ] || continue
+    mib=$(( (wb / 3 + 1048575) / 1048576 ))
+    say "bandwidth at the size of $p $f ($((wb / 1048576)) MiB of weights)"
+    "${timed[@]}" "$BUILD/bench/roofline" --threads "$THREADS" --mib "$mib" --bw-only | tee "$RUN/$p/bw_$f.txt"
+  done
 done
 
 # ---- decode profiles (small preset) ----
@@ -218,6 +250,6 @@ probe
 echo "load_after=$(load1)" >>"$RUN/machine.txt"
 echo "wall_minutes=$(( ($(date +%s) - t_start + 30) / 60 ))" >>"$RUN/machine.txt"
 say "results"
-python3 bench/report.py "$RUN" bench/RESULTS.md
+python3 bench/report.py "$RUN" "$RESULTS"
 echo >&2
-echo "bench/RESULTS.md updated; raw outputs in $RUN" >&2
+echo "$RESULTS updated; raw outputs in $RUN" >&2

@@ -27,6 +27,10 @@ moe_isa moe_kernels_isa(void);
 const char *moe_isa_name(moe_isa isa);
 /* Test hook: force an ISA (must be supported by the CPU, else returns the active one). */
 moe_isa moe_kernels_force_isa(moe_isa isa);
+/* Which code each kernel runs under the active ISA, one line for logs (a static string): the
+ * choice is per kernel, never a path measured slower than another this CPU has (on AVX-512 CPUs
+ * the float matmul runs the AVX2 rows; docs/kernels.md, ISA dispatch). */
+const char *moe_kernels_describe(void);
 
 /* ---- conversions ---- */
 static inline float moe_bf16_to_f32(uint16_t h)

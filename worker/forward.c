@@ -3,6 +3,7 @@
 #include "worker/forward.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +28,10 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
     moe_forward *f = calloc(1, sizeof *f);
     if (!f)
         return moe_error(MOE_ERR_NOMEM, "forward: out of memory");
+    /* Which code each kernel runs (the choice is per kernel and per process): once per process. */
+    static _Atomic int kernels_logged;
+    if (!atomic_exchange(&kernels_logged, 1))
+        MOE_LOG_I("kernels: %s", moe_kernels_describe());
     f->m = m;
     f->c = c;
     f->pool = pool;

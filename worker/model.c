@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "worker/kv_transfer.h" /* moe_kv_checksum: the checksum of pre-quantized tensors */
 
 /* Behind moe_model.owned: the f32 copies of vectors, the quantized experts, and what this rank
  * binds. */
@@ -17,8 +18,15 @@ typedef struct {
     int n, cap;
     void **qbufs; /* quantized matrices (experts and dense) */
     int n_q;
-    bool experts_quantized; /* some routed expert is held quantized */
+    bool experts_quantized; /* some routed expert was quantized at load */
+    bool keep_source;       /* opts.keep_source_pages: never release mmap pages */
     size_t weight_bytes;
+    /* Every bound matrix by tensor name (moe_model_matrix), in bind order. */
+    const char **mat_name;
+    moe_weight **mat;
+    int n_mat, cap_mat, cap_mat2;
+    const moe_st_tensor **pre_q; /* tensors the files hold in Q8/Q4, checked by verify_prequant */
+    int n_pre_q, cap_pre_q;
 } model_owned;
 
 typedef struct {
@@ -26,11 +34,29 @@ typedef struct {
     model_owned *own;
     const char *dir;
     char name[256]; /* the tensor name being bound */
+    bool name_is_router; /* the matrix being bound must stay in a float dtype */
 } binder;
 
 static const char *dtype_str(moe_dtype dt)
 {
-    return dt == MOE_DT_F32 ? "F32" : dt == MOE_DT_BF16 ? "BF16" : dt == MOE_DT_F16 ? "F16" : "?";
+    const char *tag = moe_st_dtype_tag(dt);
+    return tag ? tag : "?";
+}
+
+/* Appends to one of model_owned's pointer arrays. Returns 0, or -1 when out of memory. */
+static int grow_ptrs(void *pp, int *cap, int need)
+{
+    if (need <= *cap)
+        return 0;
+    int c = *cap ? *cap * 2 : 64;
+    void **old;
+    memcpy(&old, pp, sizeof old);
+    void **q = realloc(old, (size_t)c * sizeof *q);
+    if (!q)
+        return -1;
+    memcpy(pp, &q, sizeof q);
+    *cap = c;
+    return 0;
 }
 
 static void shape_str(const moe_st_tensor *t, char *buf, size_t n)
@@ -44,7 +70,7 @@ static void shape_str(const moe_st_tensor *t, char *buf, size_t n)
 
 /* Looks the tensor up and checks its shape: dims[0..n_dims). */
 static moe_status find_checked(binder *b, int n_dims, const int64_t *dims,
-                               const moe_st_tensor **out)
+                               const moe_st_tensor **out, bool matrix)
 {
     const moe_st_tensor *t = moe_st_find(b->m->st, b->name);
     char want[96];
@@ -65,11 +91,23 @@ static moe_status find_checked(binder *b, int n_dims, const int64_t *dims,
         return moe_error(MOE_ERR_FORMAT, "%s: tensor %s has shape %s, expected %s", t->file,
                          b->name, got, want);
     }
-    /* The reader admits only these; a future reader dtype must be taught to the kernels first. */
-    if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_BF16 && t->dtype != MOE_DT_F16)
+    /* Q8/Q4 only for matrices of a pre-quantized model (checked in verify_prequant); vectors
+     * are converted to f32 and the kernels take only float sources for them. */
+    bool q = t->dtype == MOE_DT_Q8 || t->dtype == MOE_DT_Q4;
+    if (q && !matrix)
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: tensor %s has dtype %s, expected F32, BF16 or F16 (only matrices "
+                         "can be quantized)",
+                         t->file, b->name, dtype_str(t->dtype));
+    if (!q && t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_BF16 && t->dtype != MOE_DT_F16)
         return moe_error(MOE_ERR_UNSUPPORTED,
                          "%s: tensor %s has dtype %s, expected F32, BF16 or F16", t->file, b->name,
                          dtype_str(t->dtype));
+    if (q && b->name_is_router)
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "%s: tensor %s has dtype %s: the embedding, the router and the shared "
+                         "expert gate are never quantized (moe-quantize keeps them)",
+                         t->file, b->name, dtype_str(t->dtype));
     *out = t;
     return MOE_OK;
 }
@@ -79,15 +117,35 @@ static moe_status bind_matrix(binder *b, int rows, int cols, moe_weight *w)
 {
     const int64_t dims[2] = {rows, cols};
     const moe_st_tensor *t;
-    moe_status s = find_checked(b, 2, dims, &t);
+    moe_status s = find_checked(b, 2, dims, &t, true);
     if (s != MOE_OK)
         return s;
+    model_owned *o = b->own;
+    bool q = t->dtype == MOE_DT_Q8 || t->dtype == MOE_DT_Q4;
+    if (grow_ptrs(&o->mat_name, &o->cap_mat, o->n_mat + 1) ||
+        grow_ptrs(&o->mat, &o->cap_mat2, o->n_mat + 1) ||
+        (q && grow_ptrs(&o->pre_q, &o->cap_pre_q, o->n_pre_q + 1)))
+        return moe_error(MOE_ERR_NOMEM, "%s: out of memory binding tensor %s", t->file, b->name);
+    o->mat_name[o->n_mat] = t->name;
+    o->mat[o->n_mat++] = w;
+    if (q)
+        o->pre_q[o->n_pre_q++] = t;
     w->data = t->data;
     w->dtype = t->dtype;
     w->rows = rows;
     w->cols = cols;
-    b->own->weight_bytes += t->n_bytes;
+    o->weight_bytes += t->n_bytes;
     return MOE_OK;
+}
+
+/* A matrix that must stay in a float dtype: the embedding (rows are gathered), the router and the
+ * shared-expert gate (they choose and weigh experts). */
+static moe_status bind_float_matrix(binder *b, int rows, int cols, moe_weight *w)
+{
+    b->name_is_router = true;
+    moe_status s = bind_matrix(b, rows, cols, w);
+    b->name_is_router = false;
+    return s;
 }
 
 /* A 1-D vector (norm weight, bias), converted into an owned f32 buffer: they are tiny and the
@@ -96,7 +154,7 @@ static moe_status bind_vector(binder *b, int n, const float **out)
 {
     const int64_t dims[1] = {n};
     const moe_st_tensor *t;
-    moe_status s = find_checked(b, 1, dims, &t);
+    moe_status s = find_checked(b, 1, dims, &t, false);
     if (s != MOE_OK)
         return s;
     model_owned *o = b->own;
@@ -113,6 +171,8 @@ static moe_status bind_vector(binder *b, int n, const float **out)
     if (!v)
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory converting tensor %s", t->file, b->name);
     moe_convert_to_f32(v, t->data, t->dtype, (size_t)n);
+    if (!o->keep_source) /* copied: the file's pages of it are not read again */
+        moe_st_release(b->m->st, t->data, t->n_bytes);
     o->bufs[o->n++] = v;
     o->weight_bytes += t->n_bytes;
     *out = v;
@@ -206,7 +266,7 @@ static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
     const bool mixtral = c->arch == MOE_ARCH_MIXTRAL;
     const char *block = mixtral ? "block_sparse_moe" : "mlp";
     NAME(b, "model.layers.%d.%s.gate.weight", l, block);
-    if ((s = bind_matrix(b, c->n_experts, d, &lw->router)) != MOE_OK)
+    if ((s = bind_float_matrix(b, c->n_experts, d, &lw->router)) != MOE_OK)
         return s;
     /* Arrays span all experts so the engine indexes them by global id; only this rank's range is
      * bound, the rest stay NULL and their tensors are never looked at. */
@@ -226,7 +286,7 @@ static moe_status bind_ffn(binder *b, int l, moe_layer_weights *lw)
         if (s != MOE_OK)
             return s;
         NAME(b, "model.layers.%d.mlp.shared_expert_gate.weight", l);
-        if ((s = bind_matrix(b, 1, d, &lw->sh_expert_gate)) != MOE_OK)
+        if ((s = bind_float_matrix(b, 1, d, &lw->sh_expert_gate)) != MOE_OK)
             return s;
     }
     return MOE_OK;
@@ -238,14 +298,21 @@ static moe_status bind_all(binder *b)
     const moe_model_config *c = &m->cfg;
     moe_status s;
     NAME(b, "model.embed_tokens.weight");
-    if ((s = bind_matrix(b, c->vocab_size, c->hidden_size, &m->embed)) != MOE_OK)
+    if ((s = bind_float_matrix(b, c->vocab_size, c->hidden_size, &m->embed)) != MOE_OK)
         return s;
     NAME(b, "model.norm.weight");
     if ((s = bind_vector(b, c->hidden_size, &m->final_norm)) != MOE_OK)
         return s;
-    if (c->tie_embeddings) {
+    const moe_st_tensor *lm = moe_st_find(m->st, "lm_head.weight");
+    if (c->tie_embeddings && lm && (lm->dtype == MOE_DT_Q8 || lm->dtype == MOE_DT_Q4)) {
+        /* A pre-quantized tied model: moe-quantize wrote lm_head's own quantized copy (as the
+         * load-time quantizer makes one); the embedding keeps the float rows for lookups. */
+        NAME(b, "lm_head.weight");
+        if ((s = bind_matrix(b, c->vocab_size, c->hidden_size, &m->lm_head)) != MOE_OK)
+            return s;
+    } else if (c->tie_embeddings) {
         m->lm_head = m->embed; /* same bytes: counted once */
-        if (moe_st_find(m->st, "lm_head.weight"))
+        if (lm)
             MOE_LOG_W("%s: lm_head.weight is present but tie_word_embeddings is true; using "
                       "model.embed_tokens.weight as transformers does",
                       b->dir);
@@ -277,21 +344,42 @@ typedef struct {
 typedef struct {
     quant_item *items; /* NULL in the counting pass */
     int n;
+    const moe_weight *conflict; /* a matrix the file holds in another Q dtype than asked */
 } quant_list;
 
-static void quant_task(void *arg, int task, int thread)
-{
-    (void)thread;
-    quant_item *it = &((quant_item *)arg)[task];
-    if (!it->q)
-        return;
-    size_t n = (size_t)it->w->rows * (size_t)it->w->cols;
-    it->failed = moe_quantize(it->q, it->qt, it->w->data, it->w->dtype, n) != 0;
-}
+typedef struct {
+    quant_item *items;
+    const moe_st_set *release; /* NULL: keep the source pages (keep_source_pages) */
+} quant_job;
 
 static size_t matrix_bytes(moe_dtype dt, const moe_weight *w)
 {
     return moe_dtype_row_bytes(dt, (size_t)w->cols) * (size_t)w->rows;
+}
+
+static void quant_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const quant_job *job = arg;
+    quant_item *it = &job->items[task];
+    if (!it->q)
+        return;
+    size_t n = (size_t)it->w->rows * (size_t)it->w->cols;
+    it->failed = moe_quantize(it->q, it->qt, it->w->data, it->w->dtype, n) != 0;
+    /* Right after its own copy, so the load's peak RSS holds about one source matrix per
+     * thread, not the whole bf16 model. A tied lm_head's source is the embedding: its rows
+     * fault in again when looked up. A failed matrix keeps being read: its pages stay. */
+    if (!it->failed && job->release)
+        moe_st_release(job->release, it->w->data, matrix_bytes(it->w->dtype, it->w));
+}
+
+/* The tensor name w was bound from ("?" if none). */
+static const char *matrix_name(const model_owned *own, const moe_weight *w)
+{
+    for (int i = 0; i < own->n_mat; i++)
+        if (own->mat[i] == w)
+            return own->mat_name[i];
+    return "?";
 }
 
 /* Appends w when it is bound (absent shared experts / dense MLPs have data NULL). */
@@ -300,6 +388,11 @@ static void quant_add(quant_list *ql, moe_weight *w, moe_dtype qt, bool expert, 
 {
     if (!w->data)
         return;
+    if (w->dtype == MOE_DT_Q8 || w->dtype == MOE_DT_Q4) { /* pre-quantized in the file */
+        if (w->dtype != qt && !ql->conflict)
+            ql->conflict = w;
+        return;
+    }
     if (ql->items) {
         quant_item *it = &ql->items[ql->n];
         *it = (quant_item){.w = w, .qt = qt, .expert = expert, .shared = shared};
@@ -362,6 +455,15 @@ static moe_status quantize_matrices(moe_model *m, model_owned *own, moe_quant_mo
 {
     quant_list ql = {0};
     quant_collect(m, me, md, &ql);
+    if (ql.conflict) {
+        const moe_st_tensor *t = moe_st_find(m->st, matrix_name(own, ql.conflict));
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "%s: tensor %s is stored as %s; asked for %s: a pre-quantized model "
+                         "cannot be quantized again (quantize the float model instead, or ask for "
+                         "none)",
+                         t ? t->file : m->dir, t ? t->name : "?", moe_dtype_name(ql.conflict->dtype),
+                         moe_dtype_name(ql.conflict->dtype == MOE_DT_Q8 ? MOE_DT_Q4 : MOE_DT_Q8));
+    }
     int n = ql.n;
     if (n == 0)
         return MOE_OK;
@@ -401,7 +503,8 @@ static moe_status quantize_matrices(moe_model *m, model_owned *own, moe_quant_mo
     }
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     moe_threadpool_t *pool = moe_threadpool_create(ncpu > 1 ? (int)(ncpu < 64 ? ncpu : 64) : 1);
-    moe_threadpool_run(pool, quant_task, items, n); /* a NULL pool runs on the caller */
+    quant_job job = {items, own->keep_source ? NULL : m->st};
+    moe_threadpool_run(pool, quant_task, &job, n); /* a NULL pool runs on the caller */
     moe_threadpool_free(pool);
     for (int i = 0; i < n; i++) {
         quant_item *it = &items[i];
@@ -444,6 +547,83 @@ static moe_status quantize_matrices(moe_model *m, model_owned *own, moe_quant_mo
     }
     free(items);
     return MOE_OK;
+}
+
+/* ---- pre-quantized models (written by moe-quantize, see moe_model_save) ---- */
+
+typedef struct {
+    const moe_st_tensor *const *t;
+    const char *const *want; /* the checksum each file's metadata gives */
+    uint64_t *got;
+} csum_job;
+
+static void csum_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    csum_job *j = arg;
+    j->got[task] = moe_kv_checksum(j->t[task]->data, j->t[task]->n_bytes);
+}
+
+/* Every Q8/Q4 tensor the model binds must come from a file whose metadata says how it was made
+ * (format version, group size) and gives its checksum; the checksums are computed on all online
+ * CPUs (reading the bytes once, which serving would do anyway). Errors name the file and the
+ * tensor. */
+static moe_status verify_prequant(moe_model *m, model_owned *own, int first)
+{
+    int n = own->n_pre_q - first;
+    if (n <= 0)
+        return MOE_OK;
+    char key[512], grp[16];
+    snprintf(grp, sizeof grp, "%d", MOE_QK);
+    const char **want = calloc((size_t)n, sizeof *want);
+    uint64_t *got = calloc((size_t)n, sizeof *got);
+    moe_status s = want && got ? MOE_OK : moe_error(MOE_ERR_NOMEM, "%s: out of memory", m->dir);
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        const moe_st_tensor *t = own->pre_q[first + i];
+        const char *ver = moe_st_meta(m->st, t->file, MOE_QMETA_VERSION);
+        const char *gs = moe_st_meta(m->st, t->file, MOE_QMETA_GROUP);
+        snprintf(key, sizeof key, "%s%s", MOE_QMETA_CHECKSUM, t->name);
+        want[i] = moe_st_meta(m->st, t->file, key);
+        if (!ver)
+            s = moe_error(MOE_ERR_FORMAT,
+                          "%s: tensor %s is %s but the file has no %s metadata: not written by "
+                          "moe-quantize",
+                          t->file, t->name, dtype_str(t->dtype), MOE_QMETA_VERSION);
+        else if (strcmp(ver, MOE_QMETA_VERSION_NOW) != 0)
+            s = moe_error(MOE_ERR_UNSUPPORTED,
+                          "%s: tensor %s: quantized format version \"%s\"; this build reads "
+                          "version %s",
+                          t->file, t->name, ver, MOE_QMETA_VERSION_NOW);
+        else if (!gs || strcmp(gs, grp) != 0)
+            s = moe_error(MOE_ERR_UNSUPPORTED,
+                          "%s: tensor %s: group size %s, this build's kernels use %d", t->file,
+                          t->name, gs ? gs : "(missing)", MOE_QK);
+        else if (!want[i])
+            s = moe_error(MOE_ERR_FORMAT, "%s: tensor %s: no checksum (%s) in the metadata",
+                          t->file, t->name, key);
+    }
+    if (s == MOE_OK) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        moe_threadpool_t *pool =
+            moe_threadpool_create(ncpu > 1 ? (int)(ncpu < 64 ? ncpu : 64) : 1);
+        csum_job job = {own->pre_q + first, want, got};
+        moe_threadpool_run(pool, csum_task, &job, n);
+        moe_threadpool_free(pool);
+        for (int i = 0; i < n && s == MOE_OK; i++) {
+            char hex[17];
+            snprintf(hex, sizeof hex, "%016llx", (unsigned long long)got[i]);
+            if (strcmp(hex, want[i]) != 0)
+                s = moe_error(MOE_ERR_FORMAT,
+                              "%s: tensor %s is corrupt: checksum %s, the metadata says %s",
+                              own->pre_q[first + i]->file, own->pre_q[first + i]->name, hex,
+                              want[i]);
+        }
+    }
+    if (s == MOE_OK)
+        MOE_LOG_I("%s: %d pre-quantized matrices, checksums match", m->dir, n);
+    free(want);
+    free(got);
+    return s;
 }
 
 static moe_status parse_mode(const char *v, size_t len, moe_quant_mode *out)
@@ -510,6 +690,7 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory", dir);
     }
     m->owned = own;
+    own->keep_source = opts && opts->keep_source_pages;
     moe_status s = MOE_OK;
     if (strlen(dir) >= sizeof m->dir)
         s = moe_error(MOE_ERR_INVALID_ARG, "%s: path longer than %zu bytes", dir,
@@ -552,6 +733,8 @@ moe_status moe_model_load(const char *dir, const moe_model_load_opts *opts, moe_
         binder b = {.m = m, .own = own, .dir = m->dir};
         s = bind_all(&b);
     }
+    if (s == MOE_OK)
+        s = verify_prequant(m, own, 0);
     if (s == MOE_OK && opts) {
         const moe_quant_mode qm[2] = {opts->quantize_experts, opts->quantize_dense};
         static const char *const field[2] = {"quantize_experts", "quantize_dense"};
@@ -581,6 +764,7 @@ moe_status moe_model_bind_experts(moe_model *m, const bool *mask)
                          "%s: binding more experts (redundant experts) is not supported with quantized experts",
                          m->dir);
     binder b = {.m = m, .own = own, .dir = m->dir};
+    const int first_q = own->n_pre_q; /* pre-quantized experts bound below are checked too */
     for (int e = 0; e < m->cfg.n_experts; e++) {
         if (!mask[e] || m->expert_bound[e])
             continue;
@@ -595,7 +779,7 @@ moe_status moe_model_bind_experts(moe_model *m, const bool *mask)
         if (e + 1 > m->expert_end)
             m->expert_end = e + 1;
     }
-    return MOE_OK;
+    return verify_prequant(m, own, first_q);
 }
 
 void moe_model_free(moe_model *m)
@@ -615,6 +799,9 @@ void moe_model_free(moe_model *m)
         for (int i = 0; i < own->n_q; i++)
             free(own->qbufs[i]);
         free(own->qbufs);
+        free(own->mat_name);
+        free(own->mat);
+        free(own->pre_q);
         free(own);
     }
     moe_st_close(m->st);
@@ -625,4 +812,17 @@ void moe_model_free(moe_model *m)
 size_t moe_model_weight_bytes(const moe_model *m)
 {
     return m && m->owned ? ((const model_owned *)m->owned)->weight_bytes : 0;
+}
+
+const moe_weight *moe_model_matrix(const moe_model *m, const char *name)
+{
+    const model_owned *own = m ? m->owned : NULL;
+    if (!own || !name)
+        return NULL;
+    if (strcmp(name, "lm_head.weight") == 0 && m->cfg.tie_embeddings)
+        return m->lm_head.data != m->embed.data ? &m->lm_head : NULL;
+    for (int i = 0; i < own->n_mat; i++)
+        if (strcmp(own->mat_name[i], name) == 0)
+            return own->mat[i];
+    return NULL;
 }

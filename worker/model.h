@@ -65,7 +65,27 @@ typedef struct {
      * experts: precision-sensitive), nor norms/biases. Same fallbacks as quantize_experts.
      * Default MOE_QUANT_NONE (zero-initialised opts keep the old behaviour). */
     moe_quant_mode quantize_dense;
+    /* Keep the file pages of quantized/converted tensors mapped and resident (the behaviour
+     * before they were released). Default false: after a matrix is quantized, and a vector
+     * converted to f32, their pages are dropped (moe_st_release), so a quantized model's RSS is
+     * its quantized bytes, not those plus the bf16 source. For tests and A/B measurements. */
+    bool keep_source_pages;
 } moe_model_load_opts;
+
+/* Pre-quantized model directories (written by moe_model_save / moe-quantize): their safetensors
+ * hold Q8/Q4 matrices ("MOE_Q8"/"MOE_Q4" tensors) and, in __metadata__, these string keys. A
+ * model whose files hold a Q8/Q4 tensor loads only when its file says VERSION ==
+ * MOE_QMETA_VERSION_NOW and GROUP == MOE_QK, and CHECKSUM<tensor name> gives the 16-hex-digit
+ * moe_kv_checksum (XXH64) of the tensor's bytes; it loads with no float copy of those
+ * matrices. Asking such a model for another Q format than it holds is refused (naming the file
+ * and tensor); quantize_* equal to what it holds, or NONE, keeps what it holds. */
+#define MOE_QMETA_VERSION "moe.quant.version"
+#define MOE_QMETA_VERSION_NOW "1"
+#define MOE_QMETA_GROUP "moe.quant.group_size"
+#define MOE_QMETA_EXPERTS "moe.quant.experts" /* "q8", "q4" or "none" (informative) */
+#define MOE_QMETA_DENSE "moe.quant.dense"     /* likewise */
+#define MOE_QMETA_SOURCE "moe.quant.source_dtype" /* "BF16", "F16", "F32" (informative) */
+#define MOE_QMETA_CHECKSUM "moe.quant.xxh64."
 
 /* Parses a --quantize value into opts->quantize_experts and opts->quantize_dense: a comma list
  * of GROUP=FORMAT with GROUP experts|dense|all and FORMAT q8|q4|none (later items override
@@ -97,6 +117,21 @@ void moe_model_free(moe_model *m);
  * the replicas an EPLB plan gives this rank. Experts already bound are kept. UNSUPPORTED with
  * quantized experts. On failure the experts bound so far stay bound (harmless: unused). */
 moe_status moe_model_bind_experts(moe_model *m, const bool *mask);
+
+/* The matrix the model serves tensor `name` from (its moe_weight, with the dtype and bytes the
+ * kernels read: a load-time quantized copy, a pre-quantized tensor, or the file's bytes), or NULL
+ * when the model binds no matrix of that name (vectors, unbound experts). "lm_head.weight" of a
+ * tied model is its separately quantized copy, or NULL while it is the embedding. */
+const moe_weight *moe_model_matrix(const moe_model *m, const char *name);
+
+/* Writes a pre-quantized copy of m's model to out_dir (created if missing; files of the same
+ * names there are replaced): one model.safetensors holding every tensor of m's files, each
+ * matrix in the dtype m serves it in (so a model loaded with quantize_* becomes a file that
+ * loads with no float copy of those matrices), plus lm_head.weight when a tied lm_head was
+ * quantized; the metadata keys above; and every other regular file of m's directory that is not
+ * a safetensors file or index (config.json, tokenizer, ...) copied. m must bind every expert.
+ * Errors name the file or tensor. */
+moe_status moe_model_save(const moe_model *m, const char *out_dir);
 
 /* Bytes of weights this rank maps and will read (for logs and the KV budget). */
 size_t moe_model_weight_bytes(const moe_model *m);

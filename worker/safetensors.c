@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,11 @@ typedef struct {
     size_t len;
 } st_map;
 
+typedef struct {
+    const char *file; /* the set's own path string: compared by pointer */
+    char *key, *val;
+} st_meta;
+
 struct moe_st_set {
     moe_st_tensor *t;
     int n, cap;
@@ -33,6 +39,8 @@ struct moe_st_set {
     int n_maps, cap_maps;
     int *slots; /* open-addressing name index: tensor index or -1; size n_slots (power of 2) */
     size_t n_slots;
+    st_meta *meta; /* every file's __metadata__ strings, sorted by (file, key) in set_index */
+    int n_meta, cap_meta;
 };
 
 /* Makes room for `need` elements of `elem` bytes in *p (capacity *cap, doubled as needed).
@@ -82,6 +90,11 @@ void moe_st_close(moe_st_set *set)
         munmap(set->maps[i].addr, set->maps[i].len);
     free(set->maps);
     free(set->slots);
+    for (int i = 0; i < set->n_meta; i++) {
+        free(set->meta[i].key);
+        free(set->meta[i].val);
+    }
+    free(set->meta);
     free(set);
 }
 
@@ -98,8 +111,18 @@ static const char *set_add_file(moe_st_set *set, const char *path)
 
 /* Builds (or rebuilds) the name index; refuses a name present twice (in two shards, or
  * twice in one header: cJSON keeps duplicate keys). */
+static int cmp_meta(const void *a, const void *b)
+{
+    const st_meta *x = a, *y = b;
+    if (x->file != y->file)
+        return (uintptr_t)x->file < (uintptr_t)y->file ? -1 : 1;
+    return strcmp(x->key, y->key);
+}
+
 static moe_status set_index(moe_st_set *set)
 {
+    if (set->n_meta > 1)
+        qsort(set->meta, (size_t)set->n_meta, sizeof *set->meta, cmp_meta);
     size_t ns = 16;
     while (ns < (size_t)set->n * 2)
         ns *= 2;
@@ -143,6 +166,42 @@ const moe_st_tensor *moe_st_find(const moe_st_set *set, const char *name)
     return NULL;
 }
 
+const char *moe_st_meta(const moe_st_set *set, const char *file, const char *key)
+{
+    if (!set || !file || !key || !set->n_meta)
+        return NULL;
+    const char *own = NULL; /* the set's copy of the path: meta entries hold that pointer */
+    for (int i = 0; i < set->n_files && !own; i++)
+        if (set->files[i] == file || strcmp(set->files[i], file) == 0)
+            own = set->files[i];
+    if (!own)
+        return NULL;
+    st_meta k = {.file = own, .key = (char *)(uintptr_t)key};
+    const st_meta *e = bsearch(&k, set->meta, (size_t)set->n_meta, sizeof k, cmp_meta);
+    return e ? e->val : NULL;
+}
+
+size_t moe_st_release(const moe_st_set *set, const void *p, size_t n)
+{
+    if (!set || !p || !n)
+        return 0;
+    const uintptr_t a = (uintptr_t)p;
+    for (int i = 0; i < set->n_maps; i++) {
+        const uintptr_t m0 = (uintptr_t)set->maps[i].addr, m1 = m0 + set->maps[i].len;
+        if (a < m0 || a >= m1)
+            continue;
+        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+        uintptr_t b = a - (a - m0) % pg; /* maps start on a page */
+        uintptr_t e = n < m1 - a ? a + n : m1; /* madvise rounds the length up to a page */
+        /* MAP_PRIVATE, PROT_READ and never written: dropping the pages loses nothing, a later
+         * read faults them in again from the file. */
+        if (madvise((void *)b, e - b, MADV_DONTNEED) != 0)
+            return 0;
+        return e - b;
+    }
+    return 0; /* not in a map (moe_st_parse's caller-owned buffer): never touched */
+}
+
 int moe_st_count(const moe_st_set *set)
 {
     return set ? set->n : 0;
@@ -165,19 +224,62 @@ static int json_u53(const cJSON *j, uint64_t *out)
     return 1;
 }
 
+const char *moe_st_dtype_tag(moe_dtype dt)
+{
+    switch (dt) {
+    case MOE_DT_F32:
+        return "F32";
+    case MOE_DT_BF16:
+        return "BF16";
+    case MOE_DT_F16:
+        return "F16";
+    case MOE_DT_Q8:
+        return "MOE_Q8";
+    case MOE_DT_Q4:
+        return "MOE_Q4";
+    default:
+        return NULL;
+    }
+}
+
+size_t moe_st_dtype_align(moe_dtype dt)
+{
+    return dt == MOE_DT_F32 ? 4 : 2; /* Q8/Q4 blocks start with a 2-byte f16 scale */
+}
+
+int moe_st_tensor_bytes(moe_dtype dt, int n_dims, const int64_t *shape, uint64_t *bytes)
+{
+    const bool q = dt == MOE_DT_Q8 || dt == MOE_DT_Q4;
+    if (q && n_dims != 2)
+        return -1;
+    uint64_t total = q ? 1 : dt == MOE_DT_F32 ? 4 : 2;
+    for (int d = 0; d < n_dims; d++) {
+        if (shape[d] < 0)
+            return -1;
+        uint64_t v = (uint64_t)shape[d];
+        if (q && d == 1) { /* a row of blocks: the last dimension counts weights */
+            if (v % MOE_QK)
+                return -1;
+            v = v / MOE_QK * (dt == MOE_DT_Q8 ? sizeof(moe_block_q8) : sizeof(moe_block_q4));
+        }
+        if (v && total > UINT64_MAX / v)
+            return -1;
+        total *= v;
+    }
+    *bytes = total;
+    return 0;
+}
+
 /* dtype tag -> our dtype; returns 0 for a dtype safetensors knows but we do not serve, -1 for an
  * unknown tag. */
-static int parse_dtype(const char *s, moe_dtype *dt, size_t *size)
+static int parse_dtype(const char *s, moe_dtype *dt)
 {
-    if (strcmp(s, "F32") == 0) {
-        *dt = MOE_DT_F32;
-        *size = 4;
-        return 1;
-    }
-    if (strcmp(s, "BF16") == 0 || strcmp(s, "F16") == 0) {
-        *dt = s[0] == 'B' ? MOE_DT_BF16 : MOE_DT_F16;
-        *size = 2;
-        return 1;
+    for (int d = 0; d < MOE_DT_COUNT; d++) {
+        const char *tag = moe_st_dtype_tag((moe_dtype)d);
+        if (tag && strcmp(s, tag) == 0) {
+            *dt = (moe_dtype)d;
+            return 1;
+        }
     }
     static const char *const known[] = {
         "F64",  "I64",     "U64",     "I32",     "U32",     "I16",     "U16", "I8", "U8",
@@ -220,12 +322,12 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
                          file, name);
 
     moe_dtype dt;
-    size_t esize;
-    int k = parse_dtype(jdt->valuestring, &dt, &esize);
+    int k = parse_dtype(jdt->valuestring, &dt);
     if (k == 0)
         return moe_error(MOE_ERR_UNSUPPORTED,
-                         "%s: tensor %s: dtype %s is not supported (F32, BF16, F16 only)", file,
-                         name, jdt->valuestring);
+                         "%s: tensor %s: dtype %s is not supported (F32, BF16, F16, MOE_Q8, "
+                         "MOE_Q4 only)",
+                         file, name, jdt->valuestring);
     if (k < 0)
         return moe_error(MOE_ERR_FORMAT, "%s: tensor %s: unknown dtype \"%s\"", file, name,
                          jdt->valuestring);
@@ -235,8 +337,6 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
         return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor %s: %d dimensions (at most %d)", file,
                          name, nd, MOE_ST_MAX_DIMS);
     int64_t shape[MOE_ST_MAX_DIMS] = {0};
-    uint64_t numel = 1;
-    int overflow = 0;
     int d = 0;
     for (const cJSON *j = jshape->child; j; j = j->next, d++) {
         uint64_t v;
@@ -245,12 +345,17 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
                              "%s: tensor %s: shape[%d] is not a non-negative integer", file, name,
                              d);
         shape[d] = (int64_t)v;
-        if (v && numel > UINT64_MAX / v)
-            overflow = 1;
-        numel *= v;
     }
-    if (overflow || numel > UINT64_MAX / esize)
+    uint64_t need;
+    if (moe_st_tensor_bytes(dt, nd, shape, &need) != 0) {
+        if (dt == MOE_DT_Q8 || dt == MOE_DT_Q4)
+            return moe_error(MOE_ERR_FORMAT,
+                             "%s: tensor %s: a %s tensor must be 2-D with a last dimension that "
+                             "is a multiple of %d",
+                             file, name, jdt->valuestring, MOE_QK);
         return moe_error(MOE_ERR_FORMAT, "%s: tensor %s: shape is too large", file, name);
+    }
+    size_t esize = moe_st_dtype_align(dt);
 
     uint64_t b, en;
     if (!json_u53(joff->child, &b) || !json_u53(joff->child->next, &en))
@@ -265,11 +370,11 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
             MOE_ERR_FORMAT,
             "%s: tensor %s: data_offsets [%llu, %llu] outside the data section (%llu bytes)", file,
             name, (unsigned long long)b, (unsigned long long)en, (unsigned long long)data_len);
-    if (en - b != numel * esize)
+    if (en - b != need)
         return moe_error(MOE_ERR_FORMAT,
                          "%s: tensor %s: data_offsets cover %llu bytes but shape x %s needs %llu",
                          file, name, (unsigned long long)(en - b), jdt->valuestring,
-                         (unsigned long long)(numel * esize));
+                         (unsigned long long)need);
     /* Reading a misaligned float is undefined behaviour; the reference writer pads the header and
      * orders tensors so this never happens in real files. */
     if (((uintptr_t)(data + b)) % esize)
@@ -295,6 +400,31 @@ static moe_status add_entry(moe_st_set *set, const cJSON *e, const char *file, c
     range->end = en;
     range->idx = set->n;
     set->n++;
+    return MOE_OK;
+}
+
+/* Keeps the string entries of a __metadata__ object (the format allows only strings; other values
+ * are ignored, as before this reader looked at metadata at all). */
+static moe_status add_meta(moe_st_set *set, const cJSON *meta, const char *file)
+{
+    if (!cJSON_IsObject(meta))
+        return MOE_OK;
+    for (const cJSON *e = meta->child; e; e = e->next) {
+        if (!cJSON_IsString(e))
+            continue;
+        if (ST_GROW(set->meta, set->cap_meta, set->n_meta + 1))
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory for __metadata__", file);
+        st_meta *m = &set->meta[set->n_meta];
+        m->file = file;
+        m->key = strdup(e->string);
+        m->val = strdup(e->valuestring);
+        if (!m->key || !m->val) {
+            free(m->key);
+            free(m->val);
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory for __metadata__", file);
+        }
+        set->n_meta++;
+    }
     return MOE_OK;
 }
 
@@ -359,8 +489,10 @@ static moe_status set_add_image(moe_st_set *set, const uint8_t *buf, size_t len,
     int n_ranges = 0;
     moe_status s = MOE_OK;
     for (const cJSON *e = root->child; e && s == MOE_OK; e = e->next) {
-        if (strcmp(e->string, "__metadata__") == 0)
+        if (strcmp(e->string, "__metadata__") == 0) {
+            s = add_meta(set, e, file);
             continue;
+        }
         if (!cJSON_IsObject(e)) {
             s = moe_error(MOE_ERR_FORMAT, "%s: tensor %s: header entry is not an object", file,
                           e->string);
@@ -455,7 +587,14 @@ static moe_status set_add_path(moe_st_set *set, const char *path)
     set->maps[set->n_maps].addr = addr;
     set->maps[set->n_maps].len = len;
     set->n_maps++;
-    return set_add_image(set, addr, len, file);
+    moe_status s = set_add_image(set, addr, len, file);
+    /* The header was copied and parsed: its pages are not needed again. */
+    uint64_t hlen = 0;
+    for (int i = 0; i < 8; i++)
+        hlen |= (uint64_t)((const uint8_t *)addr)[i] << (8 * i);
+    if (s == MOE_OK)
+        moe_st_release(set, addr, (size_t)(8 + hlen));
+    return s;
 }
 
 moe_status moe_st_open_file(const char *path, moe_st_set **out)

@@ -71,25 +71,6 @@ static void sb_json_string(sbuf *b, const char *s)
     sb_put(b, "\"", 1);
 }
 
-static const char *st_dtype_tag(moe_dtype dt)
-{
-    switch (dt) {
-    case MOE_DT_F32:
-        return "F32";
-    case MOE_DT_BF16:
-        return "BF16";
-    case MOE_DT_F16:
-        return "F16";
-    default:
-        return NULL;
-    }
-}
-
-static size_t st_dtype_size(moe_dtype dt)
-{
-    return dt == MOE_DT_F32 ? 4 : 2;
-}
-
 static int cmp_name_ptr(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
@@ -102,7 +83,7 @@ static moe_status st_write_check(const char *path, const moe_st_write_tensor *t,
     for (int i = 0; i < n; i++) {
         if (!t[i].name || !t[i].name[0])
             return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor #%d has no name", path, i);
-        if (!st_dtype_tag(t[i].dtype))
+        if (!moe_st_dtype_tag(t[i].dtype))
             return moe_error(MOE_ERR_UNSUPPORTED,
                              "%s: tensor %s: dtype %d cannot be stored in safetensors", path,
                              t[i].name, (int)t[i].dtype);
@@ -112,16 +93,19 @@ static moe_status st_write_check(const char *path, const moe_st_write_tensor *t,
         if (!t[i].data && !t[i].fill)
             return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: neither data nor fill given",
                              path, t[i].name);
-        size_t bytes = st_dtype_size(t[i].dtype);
-        for (int d = 0; d < t[i].n_dims; d++) {
-            int64_t dim = t[i].shape[d];
-            if (dim < 0)
+        for (int d = 0; d < t[i].n_dims; d++)
+            if (t[i].shape[d] < 0)
                 return moe_error(MOE_ERR_INVALID_ARG, "%s: tensor %s: negative dimension %lld",
-                                 path, t[i].name, (long long)dim);
-            if (dim > 0 && bytes > SIZE_MAX / (size_t)dim)
-                return moe_error(MOE_ERR_RANGE, "%s: tensor %s: size overflows", path, t[i].name);
-            bytes *= (size_t)dim;
-        }
+                                 path, t[i].name, (long long)t[i].shape[d]);
+        uint64_t bytes;
+        if (moe_st_tensor_bytes(t[i].dtype, t[i].n_dims, t[i].shape, &bytes) != 0 ||
+            bytes > SIZE_MAX)
+            return moe_error(t[i].dtype == MOE_DT_Q8 || t[i].dtype == MOE_DT_Q4 ? MOE_ERR_INVALID_ARG
+                                                                            : MOE_ERR_RANGE,
+                             "%s: tensor %s: %s", path, t[i].name,
+                             t[i].dtype == MOE_DT_Q8 || t[i].dtype == MOE_DT_Q4
+                                 ? "a quantized tensor must be [rows, k * 32]"
+                                 : "size overflows");
         sizes[i] = bytes;
     }
     /* Duplicate names would make the header ambiguous (JSON object keys). */
@@ -154,7 +138,7 @@ static int *st_write_order(const moe_st_write_tensor *t, int n, const size_t *si
     size_t pos = 0;
     int aligned = 1;
     for (int i = 0; i < n; i++) {
-        if (pos % st_dtype_size(t[i].dtype))
+        if (pos % moe_st_dtype_align(t[i].dtype))
             aligned = 0;
         pos += sizes[i];
         order[i] = i;
@@ -162,10 +146,10 @@ static int *st_write_order(const moe_st_write_tensor *t, int n, const size_t *si
     if (!aligned) {
         int k = 0;
         for (int i = 0; i < n; i++)
-            if (st_dtype_size(t[i].dtype) == 4)
+            if (moe_st_dtype_align(t[i].dtype) == 4)
                 order[k++] = i;
         for (int i = 0; i < n; i++)
-            if (st_dtype_size(t[i].dtype) != 4)
+            if (moe_st_dtype_align(t[i].dtype) != 4)
                 order[k++] = i;
     }
     return order;
@@ -280,7 +264,7 @@ moe_status moe_st_write_file(const char *path, const moe_st_write_tensor *tensor
         first = 0;
         sb_json_string(&h, tensors[i].name);
         sb_str(&h, ":{\"dtype\":\"");
-        sb_str(&h, st_dtype_tag(tensors[i].dtype));
+        sb_str(&h, moe_st_dtype_tag(tensors[i].dtype));
         sb_str(&h, "\",\"shape\":[");
         for (int d = 0; d < tensors[i].n_dims; d++) {
             if (d)

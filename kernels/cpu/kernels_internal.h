@@ -104,6 +104,9 @@ typedef struct {
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
 const moe_kernel_ops *moe_kernels_ops(void);
+/* Test hook: 1 makes the AVX-512 table run the AVX-512 float matmul rows (as MOE_MATMUL_AVX512=1
+ * does), 0 the AVX2 rows (the default on AVX-512 CPUs). No effect under other ISAs. */
+void moe_kernels_test_avx512_matmul(int on);
 
 void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);

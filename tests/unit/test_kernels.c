@@ -423,6 +423,21 @@ static void matmul_sweep(moe_dtype dt)
         moe_threadpool_free(pools[p]);
 }
 
+/* The AVX-512 float matmul rows are not the default on AVX-512 CPUs (AVX2's measured faster) but
+ * stay selectable (MOE_MATMUL_AVX512=1): the same sweep through them, where the CPU has them. */
+static void matmul_sweep_avx512_rows(moe_dtype dt)
+{
+    if (moe_kernels_force_isa(MOE_ISA_AVX512) != MOE_ISA_AVX512) {
+        /* (not cr_skip_test nor cr_log_warn: with either Criterion 2.4.1 exits non-zero) */
+        cr_log_info("SKIPPED: this CPU has no AVX-512 (F/BW/VL/DQ/BF16/VNNI): the AVX-512 matmul "
+                    "rows cannot run here");
+        return;
+    }
+    moe_kernels_test_avx512_matmul(1);
+    cr_log_info("%s", moe_kernels_describe());
+    matmul_sweep(dt);
+}
+
 Test(kernels, matmul_f32, .timeout = 120)
 {
     matmul_sweep(MOE_DT_F32);
@@ -436,6 +451,44 @@ Test(kernels, matmul_bf16, .timeout = 120)
 Test(kernels, matmul_f16, .timeout = 120)
 {
     matmul_sweep(MOE_DT_F16);
+}
+
+Test(kernels, matmul_avx512_rows_f32, .timeout = 120)
+{
+    matmul_sweep_avx512_rows(MOE_DT_F32);
+}
+
+Test(kernels, matmul_avx512_rows_bf16, .timeout = 120)
+{
+    matmul_sweep_avx512_rows(MOE_DT_BF16);
+}
+
+Test(kernels, matmul_avx512_rows_f16, .timeout = 120)
+{
+    matmul_sweep_avx512_rows(MOE_DT_F16);
+}
+
+/* The per-kernel choice is stated, and names the ISA of every kernel. */
+Test(kernels, describe_names_each_kernel)
+{
+    moe_isa isas[3];
+    int n = supported_isas(isas);
+    for (int i = 0; i < n; i++) {
+        moe_kernels_force_isa(isas[i]);
+        const char *d = moe_kernels_describe();
+        cr_log_info("%s", d);
+        char want[32];
+        snprintf(want, sizeof want, "isa=%s", moe_isa_name(isas[i]));
+        cr_assert(strstr(d, want), "%s", d);
+        if (isas[i] != MOE_ISA_SCALAR)
+            cr_assert(strstr(d, "matmul float=") && strstr(d, "attention="), "%s", d);
+        if (isas[i] == MOE_ISA_AVX512) {
+            moe_kernels_test_avx512_matmul(0);
+            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx2);
+            moe_kernels_test_avx512_matmul(1);
+            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx512);
+        }
+    }
 }
 
 Test(kernels, matmul_special_values)

@@ -177,9 +177,14 @@ Test(safetensors, writer_refuses_bad_input)
     };
     cr_assert_eq(moe_st_write_file(path, dup, 2, NULL), MOE_ERR_INVALID_ARG);
     cr_assert(strstr(moe_error_message(), "tensor x"), "%s", moe_error_message());
+    /* Q8/Q4 are stored ("MOE_Q8"/"MOE_Q4", pre-quantized models) but only as [rows, k * 32] */
     moe_st_write_tensor q = {.name = "q", .dtype = MOE_DT_Q8, .n_dims = 1, .shape = {1}, .data = a};
-    cr_assert_eq(moe_st_write_file(path, &q, 1, NULL), MOE_ERR_UNSUPPORTED);
-    cr_assert(strstr(moe_error_message(), "tensor q"), "%s", moe_error_message());
+    cr_assert_eq(moe_st_write_file(path, &q, 1, NULL), MOE_ERR_INVALID_ARG);
+    cr_assert(strstr(moe_error_message(), "tensor q") && strstr(moe_error_message(), "k * 32"),
+              "%s", moe_error_message());
+    moe_st_write_tensor bad = {.name = "b", .dtype = MOE_DT_COUNT, .n_dims = 1, .shape = {1}, .data = a};
+    cr_assert_eq(moe_st_write_file(path, &bad, 1, NULL), MOE_ERR_UNSUPPORTED);
+    cr_assert(strstr(moe_error_message(), "tensor b"), "%s", moe_error_message());
     moe_st_write_tensor nodata = {.name = "n", .dtype = MOE_DT_F32, .n_dims = 1, .shape = {1}};
     cr_assert_eq(moe_st_write_file(path, &nodata, 1, NULL), MOE_ERR_INVALID_ARG);
     moe_st_write_tensor ok = {
