@@ -8,7 +8,10 @@ configured exactly as transformers' apply_chat_template configures it
 (transformers/utils/chat_template_utils.py: ImmutableSandboxedEnvironment with trim_blocks,
 lstrip_blocks and loopcontrols, a tojson keeping non-ASCII and key order, raise_exception).
 
-Usage: chat_template_test.py PATH/TO/moe-chat-template   (exit status 0 when all agree)
+Usage: chat_template_test.py PATH/TO/moe-chat-template [PATH/TO/moe-gen-model]
+With moe-gen-model it also checks that a generated model of each architecture carries exactly
+its family's template, and renders through the model directory (its bos/eos) with both engines.
+Exit status 0 when all agree.
 """
 import itertools
 import json
@@ -164,8 +167,42 @@ def render_py(env, src, ctx):
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
+def check_generated_models(env, tool, gen_model):
+    """moe-gen-model's tokenizer_config.json: the family's template, rendered through the model."""
+    total = failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe"):
+            d = os.path.join(tmp, arch)
+            subprocess.run([gen_model, "--arch", arch, "--preset", "tiny", "--seed", "1", "--out", d],
+                           check=True, capture_output=True)
+            with open(os.path.join(d, "tokenizer_config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            with open(os.path.join(TEMPLATES, arch + ".jinja"), encoding="utf-8") as f:
+                want_src = f.read()
+            total += 1
+            if cfg.get("chat_template") != want_src:
+                failed += 1
+                print(f"FAIL moe-gen-model --arch {arch}: chat_template differs from {arch}.jinja")
+                continue
+            tokens = {k: cfg[k] for k in ("bos_token", "eos_token") if isinstance(cfg.get(k), str)}
+            msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Bye"}]
+            mpath = os.path.join(tmp, "m.json")
+            with open(mpath, "w", encoding="utf-8") as f:
+                json.dump(msgs, f)
+            got = subprocess.run([tool, "--model", d, mpath], capture_output=True, check=False)
+            want = env.from_string(want_src).render(messages=msgs, add_generation_prompt=True, **tokens)
+            total += 1
+            if got.returncode != 0 or got.stdout.decode() != want:
+                failed += 1
+                print(f"FAIL --model {arch}: jinja2 {want!r} ours {got.stdout!r} {got.stderr!r}")
+            else:
+                print(f"ok   moe-gen-model --arch {arch}: its template, rendered through the model")
+    return total, failed
+
+
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
     tool = sys.argv[1]
@@ -225,6 +262,10 @@ def main():
                               f"  ours:   {got!r:.600}")
             failed += bad
             print(f"{'ok  ' if bad == 0 else 'FAIL'} {name}: {len(cases) - bad}/{len(cases)} agree")
+    if len(sys.argv) == 3:
+        t, f = check_generated_models(env, tool, sys.argv[2])
+        total += t
+        failed += f
     print(f"{total - failed} passed, {failed} failed (jinja2 {jinja2.__version__})")
     return 0 if failed == 0 and total > 0 else 1
 
