@@ -189,7 +189,9 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         goto out;
     }
     moe_grpc_server_config gc;
-    moe_grpc_server_config_default(&gc, cfg.vocab_size, (uint32_t)cfg.max_position);
+    /* the context both front ends admit: max_position, or a smaller sliding_window */
+    moe_grpc_server_config_default(&gc, cfg.vocab_size,
+                                   (uint32_t)moe_model_config_context_len(&cfg));
     gc.listen_addr = a->listen;
     gc.n_threads = a->grpc_threads;
     if (a->max_new_tokens > 0 && (uint32_t)a->max_new_tokens < gc.limits.max_new_tokens)
