@@ -443,11 +443,15 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     snprintf(param, sizeof(param), "%s", g.param);
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
+        /* validation names the field first, in moe_api_names_http's terms: that is the param */
         const char *m = moe_error_message();
-        return reply_error(conn, moe_http_status_from_moe(st), m,
-                           strncmp(m, "max_tokens", 10) == 0 ? "max_tokens"
-                           : strncmp(m, "prompt", 6) == 0    ? (chat ? "messages" : "prompt")
-                                                             : param);
+        size_t n = strspn(m, "abcdefghijklmnopqrstuvwxyz_");
+        if (n > 0 && n < sizeof(param)) {
+            snprintf(param, sizeof(param), "%.*s", (int)n, m);
+            if (chat && strcmp(param, "prompt") == 0)
+                snprintf(param, sizeof(param), "messages");
+        }
+        return reply_error(conn, moe_http_status_from_moe(st), m, param);
     }
     h->v.req.arrival_ns = moe_now_ns();
     h->stream = stream;
