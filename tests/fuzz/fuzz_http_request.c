@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/file.h"
+
 #include "../../coordinator/frontend.c"
 #include "../../coordinator/http_openai.c"
 #include "../../coordinator/validate.c"
