@@ -213,4 +213,25 @@ bool ja_call_method(jctx *c, jv obj, const char *name, size_t len, const jargs *
 int ja_global_func(const char *name, size_t len);
 bool ja_call_global(jctx *c, int fn, const jargs *args, jv *out);
 
+/* Shared by the builtins (common/jinja_strings.c): each fails through jx_fail like them. */
+bool ja_oom(jctx *c);
+bool ja_is_int(jv v);       /* int or bool */
+int64_t ja_as_int(jv v);
+bool ja_mkstr(jctx *c, const char *s, size_t n, jv *out);
+bool ja_buf_done(jctx *c, jbuf *b, jv *out); /* the buffer as a string value; frees it */
+bool ja_to_str(jctx *c, jv v, jv *out);      /* str(v) */
+bool ja_need_str(jctx *c, jv v, const char *what);
+uint32_t ja_utf8_next(const char *s, size_t n, size_t *i); /* U+FFFD on bad bytes */
+void ja_put_cp(jbuf *b, uint32_t cp);
+/* str.strip/lstrip/rstrip(chars): chars NULL or None = Unicode whitespace */
+bool ja_strip(jctx *c, jv v, const jv *chars, bool left, bool right, jv *out);
+bool ja_case(jctx *c, jv v, int mode, jv *out); /* 0 lower, 1 upper, 2 capitalize, 3 title */
+bool ja_replace(jctx *c, jv v, jv old, jv new_, const jv *count, jv *out);
+bool ja_list_of(jctx *c, jv v, jlist **out);    /* what iterating v yields */
+jv ja_wrap_list(jlist *l);
+bool ja_items(jctx *c, jv v, jv *out);          /* dict.items() as (key, value) tuples */
+jv ja_attr_path(jv v, const jstr *path);        /* "a.b.0" as jinja2's attrgetter */
+int ja_find_name(const char *const *names, size_t n_names, const char *s, size_t len);
+bool ja_name_is(const char *name, size_t len, const char *want);
+
 #endif
