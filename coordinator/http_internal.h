@@ -4,10 +4,41 @@
 #define MOE_COORDINATOR_HTTP_INTERNAL_H
 
 #include <stdbool.h>
+#include <pthread.h>
 #include <cjson/cJSON.h>
+#include <microhttpd.h>
 #include "coordinator/http_server.h"
 
 extern const moe_api_names moe_api_names_http;
+
+typedef struct hstream hstream;
+
+struct moe_http_server {
+    moe_http_server_config cfg;
+    char model[256];
+    moe_frontend_backend be;
+    struct MHD_Daemon *d;
+    int port;
+    long long started;
+    pthread_mutex_t mu; /* guards the list and the flags below */
+    pthread_cond_t cv;
+    hstream *streams; /* alive, for shutdown */
+    int n_streams;
+    bool stopping;
+};
+
+/* Responses (application/json); the helpers copy what they send. */
+enum MHD_Result moe_http_reply(struct MHD_Connection *conn, int status, const char *json);
+enum MHD_Result moe_http_reply_error(struct MHD_Connection *conn, int status, const char *msg,
+                                     const char *param);
+enum MHD_Result moe_http_reply_json(struct MHD_Connection *conn, int status, cJSON *o); /* frees o */
+
+/* GET /v1/models, POST /tokenize, POST /detokenize (coordinator/http_endpoints.c) */
+enum MHD_Result moe_http_handle_models(moe_http_server *s, struct MHD_Connection *conn);
+enum MHD_Result moe_http_handle_tokenize(moe_http_server *s, struct MHD_Connection *conn,
+                                         const cJSON *body);
+enum MHD_Result moe_http_handle_detokenize(moe_http_server *s, struct MHD_Connection *conn,
+                                           const cJSON *body);
 
 /* A parsed /v1/completions or /v1/chat/completions body. `api` borrows from the cJSON tree and
  * the buffers below. */

@@ -34,22 +34,6 @@
 #include "common/log.h"
 #include "coordinator/http_internal.h"
 
-typedef struct hstream hstream;
-
-struct moe_http_server {
-    moe_http_server_config cfg;
-    char model[256];
-    moe_frontend_backend be;
-    struct MHD_Daemon *d;
-    int port;
-    long long started;
-    pthread_mutex_t mu; /* guards the list and the flags below */
-    pthread_cond_t cv;
-    hstream *streams; /* alive, for shutdown */
-    int n_streams;
-    bool stopping;
-};
-
 struct hstream {
     moe_frontend_req base; /* first: what the backend holds */
     moe_http_server *srv;
@@ -260,7 +244,7 @@ static bool wait_event(hstream *h)
 /* ---------------------------------------------------------------------------------------------
  * Responses */
 
-static enum MHD_Result reply(struct MHD_Connection *conn, int status, const char *json)
+enum MHD_Result moe_http_reply(struct MHD_Connection *conn, int status, const char *json)
 {
     const char *body = json ? json : "{}";
     struct MHD_Response *r =
@@ -273,20 +257,20 @@ static enum MHD_Result reply(struct MHD_Connection *conn, int status, const char
     return ret;
 }
 
-static enum MHD_Result reply_error(struct MHD_Connection *conn, int status, const char *msg,
+enum MHD_Result moe_http_reply_error(struct MHD_Connection *conn, int status, const char *msg,
                                    const char *param)
 {
     char *j = moe_http_error_json(status, msg, param);
-    enum MHD_Result r = reply(conn, status, j);
+    enum MHD_Result r = moe_http_reply(conn, status, j);
     free(j);
     return r;
 }
 
-static enum MHD_Result reply_json(struct MHD_Connection *conn, int status, cJSON *o)
+enum MHD_Result moe_http_reply_json(struct MHD_Connection *conn, int status, cJSON *o)
 {
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
-    enum MHD_Result r = s ? reply(conn, status, s) : MHD_NO;
+    enum MHD_Result r = s ? moe_http_reply(conn, status, s) : MHD_NO;
     free(s);
     return r;
 }
@@ -414,7 +398,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
                                        &g);
     if (st != MOE_OK) {
         enum MHD_Result r =
-            reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), g.param);
+            moe_http_reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), g.param);
         moe_http_gen_free(&g);
         return r;
     }
@@ -423,12 +407,12 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         snprintf(m, sizeof(m), "The model `%.200s` does not exist (this server serves `%.200s`)",
                  g.model, s->model);
         moe_http_gen_free(&g);
-        return reply_error(conn, 404, m, "model");
+        return moe_http_reply_error(conn, 404, m, "model");
     }
     hstream *h = stream_new(s, conn);
     if (!h) {
         moe_http_gen_free(&g);
-        return reply_error(conn, 500, "out of memory", NULL);
+        return moe_http_reply_error(conn, 500, "out of memory", NULL);
     }
     rq->h = h;
     const char *hdr_id = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
@@ -451,7 +435,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
             if (chat && strcmp(param, "prompt") == 0)
                 snprintf(param, sizeof(param), "messages");
         }
-        return reply_error(conn, moe_http_status_from_moe(st), m, param);
+        return moe_http_reply_error(conn, moe_http_status_from_moe(st), m, param);
     }
     h->v.req.arrival_ns = moe_now_ns();
     h->stream = stream;
@@ -472,7 +456,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         h->refs--;
         pthread_mutex_unlock(&h->mu);
         const char *em = moe_error_message();
-        return reply_error(conn, moe_http_status_from_moe(st), em[0] ? em : moe_status_text(st),
+        return moe_http_reply_error(conn, moe_http_status_from_moe(st), em[0] ? em : moe_status_text(st),
                            NULL);
     }
     h->submitted = true;
@@ -520,116 +504,9 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
                                       moe_http_finish_name(h->reason));
     }
     pthread_mutex_unlock(&h->mu);
-    enum MHD_Result r = json ? reply(conn, status, json) : MHD_NO;
+    enum MHD_Result r = json ? moe_http_reply(conn, status, json) : MHD_NO;
     free(json);
     return r;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Other endpoints */
-
-static enum MHD_Result handle_models(moe_http_server *s, struct MHD_Connection *conn)
-{
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "object", "list");
-    cJSON *data = cJSON_AddArrayToObject(o, "data"), *m = cJSON_CreateObject();
-    cJSON_AddItemToArray(data, m);
-    cJSON_AddStringToObject(m, "id", s->model);
-    cJSON_AddStringToObject(m, "object", "model");
-    cJSON_AddNumberToObject(m, "created", (double)s->started);
-    cJSON_AddStringToObject(m, "owned_by", "moeserve");
-    cJSON_AddNumberToObject(m, "max_model_len", s->cfg.limits.context_len);
-    return reply_json(conn, 200, o);
-}
-
-static enum MHD_Result handle_tokenize(moe_http_server *s, struct MHD_Connection *conn,
-                                       const cJSON *body)
-{
-    /* {"prompt": "..."} or {"messages": [...]} (through the chat template), as vLLM's */
-    moe_http_gen g;
-    const bool chat = cJSON_GetObjectItemCaseSensitive(body, "messages") != NULL;
-    moe_status st = moe_http_parse_gen(body, chat, s->cfg.chat_template,
-                                       s->cfg.chat_template_error, &g);
-    if (st == MOE_OK && !g.api.has_text)
-        st = moe_error(MOE_ERR_INVALID_ARG, "prompt: expected a string");
-    if (st != MOE_OK) {
-        enum MHD_Result r = reply_error(conn, moe_http_status_from_moe(st), moe_error_message(),
-                                        g.param[0] ? g.param : "prompt");
-        moe_http_gen_free(&g);
-        return r;
-    }
-    if (g.api.text.len > s->cfg.limits.max_prompt_bytes || memchr(g.api.text.s, 0, g.api.text.len)) {
-        moe_http_gen_free(&g);
-        return reply_error(conn, 400, "prompt: too long or holds a NUL byte", "prompt");
-    }
-    size_t cap = g.api.text.len + 16, n = 0;
-    int32_t *ids = malloc(cap * sizeof(int32_t));
-    st = ids ? s->be.tokenize(s->be.ctx, g.api.text.s, g.api.text.len, g.api.add_special_tokens,
-                              ids, cap, &n)
-             : MOE_ERR_NOMEM;
-    if (st == MOE_OK && n > cap) {
-        free(ids);
-        cap = n;
-        ids = malloc(cap * sizeof(int32_t));
-        st = ids ? s->be.tokenize(s->be.ctx, g.api.text.s, g.api.text.len,
-                                  g.api.add_special_tokens, ids, cap, &n)
-                 : MOE_ERR_NOMEM;
-    }
-    moe_http_gen_free(&g);
-    if (st != MOE_OK) {
-        free(ids);
-        return reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), "prompt");
-    }
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "count", (double)n);
-    cJSON_AddNumberToObject(o, "max_model_len", s->cfg.limits.context_len);
-    cJSON *t = cJSON_AddArrayToObject(o, "tokens");
-    for (size_t i = 0; i < n; i++)
-        cJSON_AddItemToArray(t, cJSON_CreateNumber(ids[i]));
-    free(ids);
-    return reply_json(conn, 200, o);
-}
-
-static enum MHD_Result handle_detokenize(moe_http_server *s, struct MHD_Connection *conn,
-                                         const cJSON *body)
-{
-    if (!s->cfg.tokenizer)
-        return reply_error(conn, 501, "detokenize: no tokenizer configured", NULL);
-    const cJSON *toks = cJSON_GetObjectItemCaseSensitive(body, "tokens");
-    if (!cJSON_IsArray(toks))
-        return reply_error(conn, 400, "tokens: expected an array of token ids", "tokens");
-    int n = cJSON_GetArraySize(toks), i = 0;
-    int32_t *ids = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
-    if (!ids)
-        return reply_error(conn, 500, "out of memory", NULL);
-    const cJSON *e;
-    cJSON_ArrayForEach(e, toks)
-    {
-        if (!cJSON_IsNumber(e) || e->valuedouble != (double)(int32_t)e->valuedouble ||
-            e->valuedouble < 0 || e->valuedouble >= s->cfg.limits.vocab_size) {
-            free(ids);
-            char m[160];
-            snprintf(m, sizeof(m), "tokens[%d]: not a token id (vocabulary size %" PRId32 ")", i,
-                     s->cfg.limits.vocab_size);
-            return reply_error(conn, 400, m, "tokens");
-        }
-        ids[i++] = (int32_t)e->valuedouble;
-    }
-    size_t need = 0;
-    moe_status st = moe_tokenizer_decode(s->cfg.tokenizer, ids, (size_t)n, false, NULL, 0, &need);
-    char *text = st == MOE_OK ? malloc(need + 1) : NULL;
-    if (text)
-        st = moe_tokenizer_decode(s->cfg.tokenizer, ids, (size_t)n, false, text, need + 1, &need);
-    free(ids);
-    if (st != MOE_OK || !text) {
-        free(text);
-        return reply_error(conn, st == MOE_OK ? 500 : moe_http_status_from_moe(st),
-                           st == MOE_OK ? "out of memory" : moe_error_message(), "tokens");
-    }
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "prompt", text);
-    free(text);
-    return reply_json(conn, 200, o);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -652,7 +529,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             char m[160];
             snprintf(m, sizeof(m), "request body: %s bytes, over the limit of %zu bytes", cl,
                      s->cfg.max_body_bytes);
-            return reply_error(conn, 413, m, NULL);
+            return moe_http_reply_error(conn, 413, m, NULL);
         }
         return MHD_YES;
     }
@@ -667,17 +544,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (rq->too_big) {
         char m[160];
         snprintf(m, sizeof(m), "request body: over the limit of %zu bytes", s->cfg.max_body_bytes);
-        return reply_error(conn, 413, m, NULL);
+        return moe_http_reply_error(conn, 413, m, NULL);
     }
     const bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
     if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/models") == 0) {
         if (!get)
-            return reply_error(conn, 405, "use GET for this path", NULL);
+            return moe_http_reply_error(conn, 405, "use GET for this path", NULL);
         if (url[1] == 'h')
-            return s->be.healthy(s->be.ctx) ? reply(conn, 200, "{}")
-                                            : reply_error(conn, 503, "not serving yet (loading, "
+            return s->be.healthy(s->be.ctx) ? moe_http_reply(conn, 200, "{}")
+                                            : moe_http_reply_error(conn, 503, "not serving yet (loading, "
                                                           "a worker is lost, or draining)", NULL);
-        return handle_models(s, conn);
+        return moe_http_handle_models(s, conn);
     }
     const bool is_gen = strcmp(url, "/v1/completions") == 0 ||
                         strcmp(url, "/v1/chat/completions") == 0;
@@ -685,15 +562,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (!is_gen && !is_tok && !is_detok) {
         char m[300];
         snprintf(m, sizeof(m), "no such path: %s %.200s", method, url);
-        return reply_error(conn, 404, m, NULL);
+        return moe_http_reply_error(conn, 404, m, NULL);
     }
     if (!post)
-        return reply_error(conn, 405, "use POST for this path", NULL);
+        return moe_http_reply_error(conn, 405, "use POST for this path", NULL);
     pthread_mutex_lock(&s->mu);
     bool stopping = s->stopping;
     pthread_mutex_unlock(&s->mu);
     if (stopping)
-        return reply_error(conn, 503, "the server is shutting down", NULL);
+        return moe_http_reply_error(conn, 503, "the server is shutting down", NULL);
     cJSON *body = NULL;
     bool marks = false;
     char param[64] = "";
@@ -704,11 +581,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         st = moe_error(MOE_ERR_INVALID_ARG, "request body: expected a JSON object");
     enum MHD_Result r;
     if (st != MOE_OK)
-        r = reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), param);
+        r = moe_http_reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), param);
     else if (is_tok)
-        r = handle_tokenize(s, conn, body);
+        r = moe_http_handle_tokenize(s, conn, body);
     else if (is_detok)
-        r = handle_detokenize(s, conn, body);
+        r = moe_http_handle_detokenize(s, conn, body);
     else
         r = handle_generate(s, conn, rq, body, strcmp(url, "/v1/chat/completions") == 0);
     cJSON_Delete(body);
