@@ -46,7 +46,7 @@ bool jx_fail(jctx *c, const char *fmt, ...)
     return false;
 }
 
-static bool oom(jctx *c)
+bool jx_oom(jctx *c)
 {
     if (!c->failed) {
         snprintf(c->err, sizeof(c->err),
@@ -123,7 +123,7 @@ static bool eval_args(jctx *c, frame *f, const jnode *n, jargs *a)
     a->pos = ja_alloc(c->a, (size_t)(n->n + 1) * sizeof(jv));
     a->kw = ja_alloc(c->a, (size_t)(n->n2 + 1) * sizeof(jv));
     if (!a->pos || !a->kw)
-        return oom(c);
+        return jx_oom(c);
     for (int i = 0; i < n->n; i++)
         if (!ev(c, f, n->list[i], &a->pos[i]))
             return false;
@@ -137,7 +137,7 @@ static bool new_frame(jctx *c, frame *parent, frame **out)
 {
     frame *f = ja_alloc(c->a, sizeof(*f));
     if (!f || !(f->vars = jv_dict_new(c->a, 8)))
-        return oom(c);
+        return jx_oom(c);
     f->parent = parent;
     *out = f;
     return true;
@@ -147,11 +147,11 @@ static bool buf_to_str(jctx *c, jbuf *b, jv *out)
 {
     if (b->failed) {
         free(b->p);
-        return oom(c);
+        return jx_oom(c);
     }
     *out = jv_str(c->a, b->p ? b->p : "", b->len);
     free(b->p);
-    return out->k == JV_STR || oom(c);
+    return out->k == JV_STR || jx_oom(c);
 }
 
 static bool call_macro(jctx *c, const jnode *m, const jargs *a, jv *out)
@@ -174,7 +174,7 @@ static bool call_macro(jctx *c, const jnode *m, const jargs *a, jv *out)
         else if (m->list2[i] && !ev(c, f, m->list2[i], &v))
             return false;
         if (!jv_dict_set(c->a, f->vars, m->names[i], strlen(m->names[i]), v))
-            return oom(c);
+            return jx_oom(c);
     }
     for (int i = 0; i < a->nkw; i++) {
         bool known = false;
@@ -280,11 +280,11 @@ static bool ev_slice(jctx *c, frame *f, const jnode *n, jv *out)
             return false;
         jlist *l = jv_list_new(c->a, 8);
         if (!l)
-            return oom(c);
+            return jx_oom(c);
         l->tuple = obj.l->tuple;
         for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step)
             if (!jv_list_push(c->a, l, obj.l->items[i]))
-                return oom(c);
+                return jx_oom(c);
         *out = (jv){.k = JV_LIST, .l = l};
         return true;
     }
@@ -299,7 +299,7 @@ static bool ev_slice(jctx *c, frame *f, const jnode *n, jv *out)
                 stop = start;
             size_t b0 = ja_utf8_offset(s, bl, start), b1 = ja_utf8_offset(s, bl, stop);
             *out = jv_str(c->a, s + b0, b1 - b0);
-            return out->k == JV_STR || oom(c);
+            return out->k == JV_STR || jx_oom(c);
         }
         jbuf b = {.limit = c->a->limit};
         for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
@@ -311,160 +311,8 @@ static bool ev_slice(jctx *c, frame *f, const jnode *n, jv *out)
     return jx_fail(c, "'%s' object cannot be sliced", jv_type_name(obj));
 }
 
-static bool ev_item(jctx *c, jv obj, jv key, jv *out)
-{
-    *out = jv_undef();
-    if (obj.k == JV_LIST && (key.k == JV_INT || key.k == JV_BOOL)) {
-        int64_t i = key.k == JV_INT ? key.i : key.b;
-        if (i < 0)
-            i += obj.l->n;
-        if (i >= 0 && i < obj.l->n)
-            *out = obj.l->items[i];
-    } else if (obj.k == JV_DICT && key.k == JV_STR) {
-        jv *p = jv_dict_get(obj.d, key.s->s, key.s->len);
-        if (p)
-            *out = *p;
-    } else if (obj.k == JV_STR && (key.k == JV_INT || key.k == JV_BOOL)) {
-        int64_t i = key.k == JV_INT ? key.i : key.b;
-        int64_t len = (int64_t)ja_utf8_count(obj.s->s, obj.s->len);
-        if (i < 0)
-            i += len;
-        if (i >= 0 && i < len) {
-            size_t b0 = ja_utf8_offset(obj.s->s, obj.s->len, i);
-            size_t b1 = b0 + ja_utf8_offset(obj.s->s + b0, obj.s->len - b0, 1);
-            *out = jv_str(c->a, obj.s->s + b0, b1 - b0);
-            if (out->k != JV_STR)
-                return oom(c);
-        }
-    }
-    return true;
-}
 
-static bool arith(jctx *c, int op, jv x, jv y, jv *out)
-{
-    const bool nx = x.k == JV_INT || x.k == JV_BOOL || x.k == JV_FLOAT;
-    const bool ny = y.k == JV_INT || y.k == JV_BOOL || y.k == JV_FLOAT;
-    if (op == '+' && x.k == JV_STR && y.k == JV_STR) {
-        jstr *s = ja_alloc(c->a, sizeof(jstr) + x.s->len + y.s->len + 1);
-        if (!s)
-            return oom(c);
-        memcpy(s->s, x.s->s, x.s->len);
-        memcpy(s->s + x.s->len, y.s->s, y.s->len);
-        s->len = x.s->len + y.s->len;
-        *out = (jv){.k = JV_STR, .s = s};
-        return true;
-    }
-    if (op == '+' && x.k == JV_LIST && y.k == JV_LIST && x.l->tuple == y.l->tuple) {
-        jlist *l = jv_list_new(c->a, x.l->n + y.l->n);
-        if (!l)
-            return oom(c);
-        l->tuple = x.l->tuple;
-        memcpy(l->items, x.l->items, (size_t)x.l->n * sizeof(jv));
-        memcpy(l->items + x.l->n, y.l->items, (size_t)y.l->n * sizeof(jv));
-        l->n = x.l->n + y.l->n;
-        *out = (jv){.k = JV_LIST, .l = l};
-        return true;
-    }
-    if (op == '*' && ((x.k == JV_STR && (y.k == JV_INT || y.k == JV_BOOL)) ||
-                      (y.k == JV_STR && (x.k == JV_INT || x.k == JV_BOOL)))) {
-        const jstr *s = x.k == JV_STR ? x.s : y.s;
-        int64_t k = x.k == JV_STR ? (y.k == JV_INT ? y.i : y.b) : (x.k == JV_INT ? x.i : x.b);
-        if (k < 0)
-            k = 0;
-        if (s->len && (uint64_t)k > (c->a->limit ? c->a->limit : DEFAULT_MAX_BYTES) / s->len)
-            return oom(c);
-        jstr *r = ja_alloc(c->a, sizeof(jstr) + s->len * (size_t)k + 1);
-        if (!r)
-            return oom(c);
-        for (int64_t i = 0; i < k; i++)
-            memcpy(r->s + (size_t)i * s->len, s->s, s->len);
-        r->len = s->len * (size_t)k;
-        *out = (jv){.k = JV_STR, .s = r};
-        return true;
-    }
-    if (!nx || !ny) {
-        static const char *const names[] = {['+'] = "+", ['-'] = "-", ['*'] = "*", ['/'] = "/",
-                                            ['%'] = "%"};
-        const char *on = op == OP_POW ? "**" : op == OP_FLOORDIV ? "//" : names[op];
-        return jx_fail(c, "unsupported operand type(s) for %s: '%s' and '%s'", on,
-                       jv_type_name(x), jv_type_name(y));
-    }
-    if (x.k != JV_FLOAT && y.k != JV_FLOAT && op != '/') {
-        int64_t a = x.k == JV_INT ? x.i : x.b, b = y.k == JV_INT ? y.i : y.b, r = 0;
-        bool ovf = false;
-        switch (op) {
-        case '+': ovf = __builtin_add_overflow(a, b, &r); break;
-        case '-': ovf = __builtin_sub_overflow(a, b, &r); break;
-        case '*': ovf = __builtin_mul_overflow(a, b, &r); break;
-        case OP_FLOORDIV:
-        case '%':
-            if (b == 0)
-                return jx_fail(c, "integer division or modulo by zero");
-            if (a == INT64_MIN && b == -1) {
-                ovf = true;
-                break;
-            }
-            r = op == '%' ? a % b : a / b;
-            if (op == '%' && r != 0 && ((r < 0) != (b < 0)))
-                r += b;
-            if (op == OP_FLOORDIV && (a % b != 0) && ((a < 0) != (b < 0)))
-                r--;
-            break;
-        case OP_POW:
-            if (b < 0) {
-                *out = jv_float(pow((double)a, (double)b));
-                return true;
-            }
-            r = 1;
-            for (int64_t i = 0; i < b && !ovf; i++)
-                ovf = __builtin_mul_overflow(r, a, &r);
-            break;
-        }
-        if (ovf)
-            return jx_fail(c, "integer overflow (beyond 64 bits)");
-        *out = jv_int(r);
-        return true;
-    }
-    double a = x.k == JV_FLOAT ? x.f : (double)(x.k == JV_INT ? x.i : x.b);
-    double b = y.k == JV_FLOAT ? y.f : (double)(y.k == JV_INT ? y.i : y.b);
-    if ((op == '/' || op == OP_FLOORDIV || op == '%') && b == 0.0)
-        return jx_fail(c, "division by zero");
-    double r = 0;
-    switch (op) {
-    case '+': r = a + b; break;
-    case '-': r = a - b; break;
-    case '*': r = a * b; break;
-    case '/': r = a / b; break;
-    case OP_FLOORDIV: r = floor(a / b); break;
-    case '%': r = fmod(a, b); if (r != 0 && ((r < 0) != (b < 0))) r += b; break;
-    case OP_POW: r = pow(a, b); break;
-    }
-    *out = jv_float(r);
-    return true;
-}
 
-static bool ev_in(jctx *c, jv x, jv y, bool *out)
-{
-    *out = false;
-    switch (y.k) {
-    case JV_UNDEF: return true;
-    case JV_STR:
-        if (x.k != JV_STR)
-            return jx_fail(c, "'in <string>' requires string as left operand, not %s",
-                           jv_type_name(x));
-        *out = x.s->len == 0 || (x.s->len <= y.s->len &&
-                                 memmem(y.s->s, y.s->len, x.s->s, x.s->len) != NULL);
-        return true;
-    case JV_LIST:
-        for (int i = 0; i < y.l->n && !*out; i++)
-            *out = jv_eq(x, y.l->items[i]);
-        return true;
-    case JV_DICT:
-        *out = x.k == JV_STR && jv_dict_get(y.d, x.s->s, x.s->len) != NULL;
-        return true;
-    default: return jx_fail(c, "argument of type '%s' is not iterable", jv_type_name(y));
-    }
-}
 
 static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
 {
@@ -488,7 +336,7 @@ static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
     case N_ITEM:
         if (!ev(c, f, n->a, &x) || !need_defined(c, n->a, x) || !ev(c, f, n->b, &y))
             return false;
-        return ev_item(c, x, y, out);
+        return ja_item(c, x, y, out);
     case N_SLICE: return ev_slice(c, f, n, out);
     case N_CALL: return ev_call(c, f, n, out);
     case N_FILTER: {
@@ -554,7 +402,7 @@ static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
             !need_defined(c, n->b, y))
             return false;
         c->line = n->line;
-        return arith(c, n->op, x, y, out);
+        return ja_arith(c, n->op, x, y, out);
     case N_CONCAT: {
         if (!ev(c, f, n->a, &x) || !ev(c, f, n->b, &y))
             return false;
@@ -583,7 +431,7 @@ static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
     }
     case N_IN: {
         bool r;
-        if (!ev(c, f, n->a, &x) || !ev(c, f, n->b, &y) || !ev_in(c, x, y, &r))
+        if (!ev(c, f, n->a, &x) || !ev(c, f, n->b, &y) || !ja_in(c, x, y, &r))
             return false;
         *out = jv_bool(n->op ? !r : r);
         return true;
@@ -592,13 +440,13 @@ static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
     case N_TUPLE: {
         jlist *l = jv_list_new(c->a, n->n);
         if (!l)
-            return oom(c);
+            return jx_oom(c);
         l->tuple = n->kind == N_TUPLE;
         for (int i = 0; i < n->n; i++) {
             if (!ev(c, f, n->list[i], &x))
                 return false;
             if (!jv_list_push(c->a, l, x))
-                return oom(c);
+                return jx_oom(c);
         }
         *out = (jv){.k = JV_LIST, .l = l};
         return true;
@@ -606,14 +454,14 @@ static bool ev(jctx *c, frame *f, const jnode *n, jv *out)
     case N_DICT: {
         jdict *d = jv_dict_new(c->a, n->n);
         if (!d)
-            return oom(c);
+            return jx_oom(c);
         for (int i = 0; i < n->n; i++) {
             if (!ev(c, f, n->list[i], &x) || !ev(c, f, n->list2[i], &y))
                 return false;
             if (x.k != JV_STR)
                 return jx_fail(c, "dict literal keys must be strings here, not %s", jv_type_name(x));
             if (!jv_dict_set(c->a, d, x.s->s, x.s->len, y))
-                return oom(c);
+                return jx_oom(c);
         }
         *out = (jv){.k = JV_DICT, .d = d};
         return true;
@@ -631,14 +479,14 @@ static bool iter_items(jctx *c, jv v, jlist **out)
     }
     jlist *l = jv_list_new(c->a, 8);
     if (!l)
-        return oom(c);
+        return jx_oom(c);
     *out = l;
     if (v.k == JV_UNDEF)
         return true;
     if (v.k == JV_DICT) {
         for (int i = 0; i < v.d->n; i++)
             if (!jv_list_push(c->a, l, (jv){.k = JV_STR, .s = v.d->keys[i]}))
-                return oom(c);
+                return jx_oom(c);
         return true;
     }
     if (v.k == JV_STR) {
@@ -647,7 +495,7 @@ static bool iter_items(jctx *c, jv v, jlist **out)
             size_t k = i + ja_utf8_offset(v.s->s + i, v.s->len - i, 1);
             jv ch = jv_str(c->a, v.s->s + i, k - i);
             if (ch.k != JV_STR || !jv_list_push(c->a, l, ch))
-                return oom(c);
+                return jx_oom(c);
             i = k;
         }
         return true;
@@ -658,7 +506,7 @@ static bool iter_items(jctx *c, jv v, jlist **out)
 static bool bind_targets(jctx *c, frame *f, const jnode *n, jv v)
 {
     if (n->nnames == 1)
-        return jv_dict_set(c->a, f->vars, n->names[0], strlen(n->names[0]), v) || oom(c);
+        return jv_dict_set(c->a, f->vars, n->names[0], strlen(n->names[0]), v) || jx_oom(c);
     jlist *items;
     if (v.k == JV_LIST)
         items = v.l;
@@ -668,7 +516,7 @@ static bool bind_targets(jctx *c, frame *f, const jnode *n, jv v)
         return jx_fail(c, "cannot unpack %d values into %d names", items->n, n->nnames);
     for (int i = 0; i < n->nnames; i++)
         if (!jv_dict_set(c->a, f->vars, n->names[i], strlen(n->names[i]), items->items[i]))
-            return oom(c);
+            return jx_oom(c);
     return true;
 }
 
@@ -676,7 +524,7 @@ static bool set_loop(jctx *c, frame *f, jlist *items, int i)
 {
     jdict *d = jv_dict_new(c->a, 10);
     if (!d)
-        return oom(c);
+        return jx_oom(c);
     const int len = items->n;
     struct {
         const char *k;
@@ -691,8 +539,8 @@ static bool set_loop(jctx *c, frame *f, jlist *items, int i)
     };
     for (size_t k = 0; k < sizeof(kv) / sizeof(kv[0]); k++)
         if (kv[k].v.k != JV_UNDEF && !jv_dict_set(c->a, d, kv[k].k, strlen(kv[k].k), kv[k].v))
-            return oom(c);
-    return jv_dict_set(c->a, f->vars, "loop", 4, (jv){.k = JV_DICT, .d = d}) || oom(c);
+            return jx_oom(c);
+    return jv_dict_set(c->a, f->vars, "loop", 4, (jv){.k = JV_DICT, .d = d}) || jx_oom(c);
 }
 
 static bool ex_for(jctx *c, frame *f, const jnode *n, jbuf *out)
@@ -704,7 +552,7 @@ static bool ex_for(jctx *c, frame *f, const jnode *n, jbuf *out)
     jlist *items = all;
     if (n->b) { /* for x in xs if cond: the loop sees only the items that pass */
         if (!(items = jv_list_new(c->a, all->n)))
-            return oom(c);
+            return jx_oom(c);
         for (int i = 0; i < all->n; i++) {
             frame *g;
             jv ok;
@@ -713,7 +561,7 @@ static bool ex_for(jctx *c, frame *f, const jnode *n, jbuf *out)
             if (!new_frame(c, f, &g) || !bind_targets(c, g, n, all->items[i]) || !ev(c, g, n->b, &ok))
                 return false;
             if (jv_truthy(ok) && !jv_list_push(c->a, items, all->items[i]))
-                return oom(c);
+                return jx_oom(c);
         }
     }
     for (int i = 0; i < items->n; i++) {
@@ -745,7 +593,7 @@ static bool ex_set(jctx *c, frame *f, const jnode *n, jbuf *out)
         }
         if (!buf_to_str(c, &b, &v))
             return false;
-        return jv_dict_set(c->a, f->vars, n->names[0], strlen(n->names[0]), v) || oom(c);
+        return jv_dict_set(c->a, f->vars, n->names[0], strlen(n->names[0]), v) || jx_oom(c);
     }
     if (!ev(c, f, n->a, &v))
         return false;
@@ -755,7 +603,7 @@ static bool ex_set(jctx *c, frame *f, const jnode *n, jbuf *out)
         if (ns.k != JV_DICT || !ns.d->is_ns)
             return jx_fail(c, "cannot assign attribute on non-namespace object '%.*s'",
                            (int)n->len, n->str);
-        return jv_dict_set(c->a, ns.d, n->names[0], strlen(n->names[0]), v) || oom(c);
+        return jv_dict_set(c->a, ns.d, n->names[0], strlen(n->names[0]), v) || jx_oom(c);
     }
     return bind_targets(c, f, n, v);
 }
@@ -791,7 +639,7 @@ static bool ex_body(jctx *c, frame *f, jnode *const *body, int nb, jbuf *out)
             break;
         case S_MACRO:
             if (!jv_dict_set(c->a, f->vars, s->str, s->len, (jv){.k = JV_MACRO, .m = s}))
-                return oom(c);
+                return jx_oom(c);
             break;
         case S_BREAK: c->loop_ctl = 1; break;
         case S_CONTINUE: c->loop_ctl = 2; break;
@@ -802,7 +650,7 @@ static bool ex_body(jctx *c, frame *f, jnode *const *body, int nb, jbuf *out)
         default: return jx_fail(c, "internal: not a statement");
         }
         if (out->failed)
-            return oom(c);
+            return jx_oom(c);
     }
     return !c->failed;
 }

@@ -196,6 +196,12 @@ typedef struct {
 /* Sets the render's error (with the current line) and returns false: the builtins' way to fail. */
 bool jx_fail(jctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 ja_arena *jx_arena(jctx *c);
+bool jx_oom(jctx *c); /* the render's memory limit was hit: MOE_ERR_RANGE */
+/* common/jinja_ops.c: Python's binary operators (op: '+', '-', '*', '/', '%', OP_POW,
+ * OP_FLOORDIV), `x in y`, and obj[key] (undefined when absent). */
+bool ja_arith(jctx *c, int op, jv x, jv y, jv *out);
+bool ja_in(jctx *c, jv x, jv y, bool *out);
+bool ja_item(jctx *c, jv obj, jv key, jv *out);
 /* A keyword argument, else positional `pos`, else NULL. */
 const jv *jx_arg(const jargs *a, int pos, const char *name);
 /* Calls a filter/test by name on v (used by select/map). */
