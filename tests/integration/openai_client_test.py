@@ -3,7 +3,7 @@
 Starts a cluster (1 prefill + 1 decode) on the built-in tiny model (build/models/tiny, which carries
 Qwen3-MoE's real chat template) with --http-listen, then: completions and chat, streamed and not,
 greedy text equal to moe-generate's (chat: on the prompt moe-chat-template renders), usage, stop,
-seed, errors raised as the SDK's own exception classes, a client that disconnects mid-stream
+seed, errors raised as the SDK's own exception classes, NUL bytes refused on both APIs, a client that disconnects mid-stream
 (its KV must come back), and bad HTTP (malformed JSON, wrong types, a huge body, HTTP/1.0,
 pipelining, NUL escapes, unknown paths) each with its status while the server keeps serving.
 Usage: MOE_BUILD_DIR=build python3 openai_client_test.py   (run.sh sets PYTHONPATH and the dir)
@@ -236,6 +236,22 @@ def main():
             r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
             check(r.choices[0].text == state["text"], "after bad HTTP: %r" % r.choices[0].text)
 
+        def grpc_nul_refused():
+            # the same NUL rule on the gRPC API, through grpcio (Python strings keep the NUL)
+            import grpc
+            import moeserve_pb2 as pb
+            for kw, field in ((dict(text="hi", stop=["ok", "w\0never"]), "GenerateRequest.stop[1]"),
+                              (dict(text="a\0b"), "GenerateRequest.text"),
+                              (dict(text="hi", request_id="id\0x"), "GenerateRequest.request_id")):
+                try:
+                    for _ in c.stub.Generate(pb.GenerateRequest(max_new_tokens=2, **kw), timeout=30):
+                        pass
+                    raise TestFailure("gRPC admitted a NUL in %s" % field)
+                except grpc.RpcError as e:
+                    check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and
+                          e.details().startswith(field + ": holds a NUL byte"), "%s: %s %s" %
+                          (field, e.code(), e.details()))
+
         def detokenize():
             t = json.loads(raw_post(port, "/tokenize", {"prompt": PROMPT})[1])
             d = json.loads(raw_post(port, "/detokenize", {"tokens": t["tokens"]})[1])
@@ -245,7 +261,7 @@ def main():
                           ("completion_stream", completion_stream), ("chat_greedy", chat_greedy),
                           ("stop_string", stop_string), ("seeded", seeded), ("sdk_errors", sdk_errors),
                           ("disconnect_cancels", disconnect_cancels), ("bad_http", bad_http),
-                          ("detokenize", detokenize)]:
+                          ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
             run(tname, fn)
         rc = c.stop()
         if rc != 0:
