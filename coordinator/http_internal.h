@@ -42,8 +42,11 @@ enum MHD_Result moe_http_handle_detokenize(moe_http_server *s, struct MHD_Connec
 
 /* A parsed /v1/completions or /v1/chat/completions body. `api` borrows from the cJSON tree and
  * the buffers below. */
+#define MOE_HTTP_MAX_N 16 /* choices per request (n) */
+
 typedef struct {
     moe_api_request api;
+    int n;                   /* choices: that many independent generations of the prompt */
     bool chat, stream, include_usage;
     const char *model;       /* as requested (NULL: not given) */
     moe_api_str *stops;      /* owned */
@@ -84,11 +87,17 @@ typedef struct {
     uint32_t prompt_tokens, completion_tokens;
 } moe_http_resp_info;
 
-char *moe_http_full_response(const moe_http_resp_info *ri, const char *text, size_t len,
-                             const char *finish);
-/* One SSE chunk's JSON: text delta (len may be 0), role (chat's first chunk), finish reason. */
-char *moe_http_chunk(const moe_http_resp_info *ri, const char *text, size_t len, bool role,
-                     const char *finish);
+typedef struct {
+    const char *text;
+    size_t len;
+    const char *finish;
+} moe_http_choice;
+
+char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice *choices, int n);
+/* One SSE chunk's JSON for choice `index`: text delta (len may be 0), role (chat's first chunk
+ * of a choice), finish reason. */
+char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, size_t len,
+                     bool role, const char *finish);
 /* The final usage chunk (stream_options.include_usage): choices [] and usage. */
 char *moe_http_usage_chunk(const moe_http_resp_info *ri);
 const char *moe_http_finish_name(moe_api_finish f);

@@ -340,8 +340,9 @@ static moe_status refuse_unsupported(const cJSON *body, moe_http_gen *g)
     moe_status st;
     if ((st = get_int(body, "n", g, &has, &iv)) != MOE_OK)
         return st;
-    if (has && iv != 1)
-        return bad(g, "n", "n = %" PRId64 ": only n = 1 is supported", iv);
+    if (has && (iv < 1 || iv > MOE_HTTP_MAX_N))
+        return bad(g, "n", "n = %" PRId64 ": must be in [1, %d]", iv, MOE_HTTP_MAX_N);
+    g->n = has ? (int)iv : 1;
     if ((st = get_int(body, "best_of", g, &has, &iv)) != MOE_OK)
         return st;
     if (has && iv != 1)
@@ -642,33 +643,35 @@ static char *finish_print(cJSON *o)
     return s;
 }
 
-char *moe_http_full_response(const moe_http_resp_info *ri, const char *text, size_t len,
-                             const char *finish)
+char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice *ch, int n)
 {
     cJSON *o = envelope(ri, ri->chat ? "chat.completion" : "text_completion");
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, c);
-    cJSON_AddNumberToObject(c, "index", 0);
-    if (ri->chat) {
-        cJSON *m = cJSON_AddObjectToObject(c, "message");
-        cJSON_AddStringToObject(m, "role", "assistant");
-        cJSON_AddItemToObject(m, "content", text_item(text, len));
-    } else {
-        cJSON_AddItemToObject(c, "text", text_item(text, len));
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    for (int i = 0; i < n; i++) {
+        cJSON *c = cJSON_CreateObject();
+        cJSON_AddItemToArray(choices, c);
+        cJSON_AddNumberToObject(c, "index", i);
+        if (ri->chat) {
+            cJSON *m = cJSON_AddObjectToObject(c, "message");
+            cJSON_AddStringToObject(m, "role", "assistant");
+            cJSON_AddItemToObject(m, "content", text_item(ch[i].text, ch[i].len));
+        } else {
+            cJSON_AddItemToObject(c, "text", text_item(ch[i].text, ch[i].len));
+        }
+        cJSON_AddNullToObject(c, "logprobs");
+        cJSON_AddStringToObject(c, "finish_reason", ch[i].finish);
     }
-    cJSON_AddNullToObject(c, "logprobs");
-    cJSON_AddStringToObject(c, "finish_reason", finish);
     add_usage(o, ri);
     return finish_print(o);
 }
 
-char *moe_http_chunk(const moe_http_resp_info *ri, const char *text, size_t len, bool role,
-                     const char *finish)
+char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, size_t len,
+                     bool role, const char *finish)
 {
     cJSON *o = envelope(ri, ri->chat ? "chat.completion.chunk" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, c);
-    cJSON_AddNumberToObject(c, "index", 0);
+    cJSON_AddNumberToObject(c, "index", index);
     if (ri->chat) {
         cJSON *d = cJSON_AddObjectToObject(c, "delta");
         if (role)

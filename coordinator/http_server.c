@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <time.h>
@@ -38,10 +39,8 @@ struct hstream {
     moe_frontend_req base; /* first: what the backend holds */
     moe_http_server *srv;
     moe_validated v;
-    moe_http_resp_info ri;
-    char id[64];
-    bool stream, include_usage;
-    int efd, client_fd;
+    char id[80];
+    int efd, client_fd; /* efd: a dup of the group's first stream's, so one poll sees all */
 
     pthread_mutex_t mu; /* guards everything below */
     int refs;
@@ -54,18 +53,30 @@ struct hstream {
     uint32_t completion_tokens;
     int err_status;
     char *err_msg;
-    char *out; /* SSE bytes built and not yet handed to libmicrohttpd */
-    size_t out_len, out_cap, out_off;
-    bool sent_role, sent_end;
+    bool sent_role, sent_finish; /* streamed: this choice's role and finish chunks went out */
     hstream *prev, *next;
 };
+
+/* The n generations of one request (n = 1 mostly) and the SSE writer. Held by the request and,
+ * when streamed, by the response; it holds the connection's reference of each stream. */
+typedef struct {
+    atomic_int refs;
+    int n;
+    hstream *h[MOE_HTTP_MAX_N];
+    moe_http_resp_info ri;
+    bool include_usage;
+    pthread_mutex_t mu; /* the writer state below */
+    char *out;          /* SSE bytes built and not yet handed to libmicrohttpd */
+    size_t out_len, out_cap, out_off;
+    bool sent_end;
+} hgroup;
 
 /* One HTTP request's state (libmicrohttpd's per-request pointer). */
 typedef struct {
     char *body;
     size_t len, cap;
     bool too_big;
-    hstream *h; /* a generation's stream (the connection's reference) */
+    hgroup *g; /* a generation's streams */
 } hreq;
 
 /* ---------------------------------------------------------------------------------------------
@@ -89,7 +100,6 @@ static void stream_free(hstream *h)
     moe_validated_free(&h->v);
     free(h->text);
     free(h->err_msg);
-    free(h->out);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }
@@ -214,6 +224,40 @@ static void stream_cancel(hstream *h)
     }
 }
 
+static void group_cancel(hgroup *g)
+{
+    for (int i = 0; i < g->n; i++)
+        stream_cancel(g->h[i]);
+}
+
+static void group_release(hgroup *g)
+{
+    if (atomic_fetch_sub(&g->refs, 1) != 1)
+        return;
+    for (int i = 0; i < g->n; i++) {
+        pthread_mutex_lock(&g->h[i]->mu);
+        unlock_release(g->h[i]);
+    }
+    free(g->out);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
+
+/* True when every choice finished (or one failed); *failed: the first failed stream. */
+static bool group_done(hgroup *g, hstream **failed)
+{
+    bool all = true;
+    *failed = NULL;
+    for (int i = 0; i < g->n; i++) {
+        pthread_mutex_lock(&g->h[i]->mu);
+        all &= g->h[i]->done;
+        if (g->h[i]->failed && !*failed)
+            *failed = g->h[i];
+        pthread_mutex_unlock(&g->h[i]->mu);
+    }
+    return all || *failed;
+}
+
 /* Waits for the backend's next push, or the client hanging up / shutdown (false). */
 static bool wait_event(hstream *h)
 {
@@ -275,81 +319,94 @@ enum MHD_Result moe_http_reply_json(struct MHD_Connection *conn, int status, cJS
     return r;
 }
 
-/* Appends one SSE event ("data: X\n\n"), with h->mu held. */
-static void sse_event(hstream *h, char *json)
+/* Appends one SSE event ("data: X\n\n"), with g->mu held. */
+static void sse_event(hgroup *g, char *json)
 {
     if (!json)
         return;
-    append(&h->out, &h->out_len, &h->out_cap, "data: ", 6);
-    append(&h->out, &h->out_len, &h->out_cap, json, strlen(json));
-    append(&h->out, &h->out_len, &h->out_cap, "\n\n", 2);
+    append(&g->out, &g->out_len, &g->out_cap, "data: ", 6);
+    append(&g->out, &g->out_len, &g->out_cap, json, strlen(json));
+    append(&g->out, &g->out_len, &g->out_cap, "\n\n", 2);
     free(json);
 }
 
-/* Turns what the backend pushed into SSE events, with h->mu held; false when nothing new. */
-static bool sse_build(hstream *h)
+/* Turns what the backend pushed into SSE events, with g->mu held; false when nothing new.
+ * Choices are interleaved as their tokens come, each chunk naming its index. */
+static bool sse_build(hgroup *g)
 {
-    if (h->sent_end)
+    if (g->sent_end)
         return false;
-    h->ri.completion_tokens = h->done ? h->completion_tokens : h->next_index;
-    if (h->ri.chat && !h->sent_role) {
-        sse_event(h, moe_http_chunk(&h->ri, "", 0, true, NULL));
-        h->sent_role = true;
-        return true;
+    bool more = false, all_done = true;
+    hstream *failed = NULL;
+    uint32_t tokens = 0;
+    for (int i = 0; i < g->n; i++) {
+        hstream *h = g->h[i];
+        pthread_mutex_lock(&h->mu);
+        if (g->ri.chat && !h->sent_role) {
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, true, NULL));
+            h->sent_role = more = true;
+        }
+        if (h->text_len > 0) {
+            sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL));
+            h->text_len = 0;
+            more = true;
+        }
+        if (h->done && !h->failed && !h->sent_finish) {
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, false, moe_http_finish_name(h->reason)));
+            h->sent_finish = more = true;
+        }
+        if (h->failed && !failed)
+            failed = h;
+        all_done &= h->done;
+        tokens += h->done ? h->completion_tokens : h->next_index;
+        pthread_mutex_unlock(&h->mu);
     }
-    if (h->text_len > 0) {
-        sse_event(h, moe_http_chunk(&h->ri, h->text, h->text_len, false, NULL));
-        h->text_len = 0;
-        return true;
-    }
-    if (!h->done)
-        return false;
-    if (h->failed) {
-        sse_event(h, moe_http_error_json(h->err_status, h->err_msg, NULL));
+    if (failed) {
+        pthread_mutex_lock(&failed->mu);
+        sse_event(g, moe_http_error_json(failed->err_status, failed->err_msg, NULL));
+        pthread_mutex_unlock(&failed->mu);
+        group_cancel(g); /* the other choices are of no use now */
+    } else if (all_done) {
+        g->ri.completion_tokens = tokens;
+        if (g->include_usage)
+            sse_event(g, moe_http_usage_chunk(&g->ri));
     } else {
-        sse_event(h, moe_http_chunk(&h->ri, "", 0, false, moe_http_finish_name(h->reason)));
-        if (h->include_usage)
-            sse_event(h, moe_http_usage_chunk(&h->ri));
+        return more;
     }
-    append(&h->out, &h->out_len, &h->out_cap, "data: [DONE]\n\n", 14);
-    h->sent_end = true;
+    append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14);
+    g->sent_end = true;
     return true;
 }
 
 static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
-    hstream *h = cls;
+    hgroup *g = cls;
     (void)pos;
     for (;;) {
-        pthread_mutex_lock(&h->mu);
-        if (h->out_off < h->out_len) {
-            size_t n = h->out_len - h->out_off < max ? h->out_len - h->out_off : max;
-            memcpy(buf, h->out + h->out_off, n);
-            h->out_off += n;
-            if (h->out_off == h->out_len)
-                h->out_off = h->out_len = 0;
-            pthread_mutex_unlock(&h->mu);
+        pthread_mutex_lock(&g->mu);
+        if (g->out_off < g->out_len) {
+            size_t n = g->out_len - g->out_off < max ? g->out_len - g->out_off : max;
+            memcpy(buf, g->out + g->out_off, n);
+            g->out_off += n;
+            if (g->out_off == g->out_len)
+                g->out_off = g->out_len = 0;
+            pthread_mutex_unlock(&g->mu);
             return (ssize_t)n;
         }
-        if (h->sent_end) {
-            pthread_mutex_unlock(&h->mu);
+        if (g->sent_end) {
+            pthread_mutex_unlock(&g->mu);
             return MHD_CONTENT_READER_END_OF_STREAM;
         }
-        bool more = sse_build(h);
-        pthread_mutex_unlock(&h->mu);
-        if (!more && !wait_event(h)) {
-            stream_cancel(h);
+        bool more = sse_build(g);
+        pthread_mutex_unlock(&g->mu);
+        if (!more && !wait_event(g->h[0])) {
+            group_cancel(g);
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
     }
 }
 
-static void sse_free(void *cls)
-{
-    hstream *h = cls;
-    pthread_mutex_lock(&h->mu);
-    unlock_release(h);
-}
+static void sse_free(void *cls) { group_release(cls); }
 
 /* ---------------------------------------------------------------------------------------------
  * Generation requests */
@@ -362,14 +419,15 @@ static void random_hex(char *out, size_t cap)
     snprintf(out, cap, "%016" PRIx64, v);
 }
 
-static hstream *stream_new(moe_http_server *s, struct MHD_Connection *conn)
+/* share_efd: the group's first stream's eventfd (dup'd), or -1 for a new one */
+static hstream *stream_new(moe_http_server *s, struct MHD_Connection *conn, int share_efd)
 {
     hstream *h = calloc(1, sizeof(*h));
     if (!h)
         return NULL;
     h->base.ops = &HTTP_STREAM_OPS;
     h->srv = s;
-    h->efd = eventfd(0, EFD_CLOEXEC);
+    h->efd = share_efd >= 0 ? fcntl(share_efd, F_DUPFD_CLOEXEC, 0) : eventfd(0, EFD_CLOEXEC);
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     h->client_fd = ci ? ci->connect_fd : -1;
@@ -409,22 +467,42 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         moe_http_gen_free(&g);
         return moe_http_reply_error(conn, 404, m, "model");
     }
-    hstream *h = stream_new(s, conn);
-    if (!h) {
+    hgroup *grp = calloc(1, sizeof(*grp));
+    if (!grp) {
         moe_http_gen_free(&g);
         return moe_http_reply_error(conn, 500, "out of memory", NULL);
     }
-    rq->h = h;
+    atomic_init(&grp->refs, 1); /* the request's */
+    pthread_mutex_init(&grp->mu, NULL);
+    rq->g = grp;
     const char *hdr_id = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
-    char hex[24];
+    char hex[24], base_id[64];
     random_hex(hex, sizeof(hex));
-    snprintf(h->id, sizeof(h->id), "%s-%s", chat ? "chatcmpl" : "cmpl", hex);
-    g.api.request_id = hdr_id ? (moe_api_str){hdr_id, strlen(hdr_id)}
-                              : (moe_api_str){h->id, strlen(h->id)};
-    st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
-    bool stream = g.stream, usage = g.include_usage;
+    snprintf(base_id, sizeof(base_id), "%s-%s", chat ? "chatcmpl" : "cmpl", hex);
+    const bool stream = g.stream;
+    const uint64_t seed0 = g.api.seed;
+    const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
+    /* n choices: n independent generations of the prompt (choice i: seed + i when seeded) */
+    st = MOE_OK;
+    for (int i = 0; i < g.n && st == MOE_OK; i++) {
+        hstream *h = stream_new(s, conn, i ? grp->h[0]->efd : -1);
+        if (!h) {
+            st = moe_error(MOE_ERR_NOMEM, "out of memory");
+            break;
+        }
+        grp->h[grp->n++] = h;
+        snprintf(h->id, sizeof(h->id), "%.70s", hdr_id ? hdr_id : base_id);
+        if (i > 0)
+            snprintf(h->id + strlen(h->id), sizeof(h->id) - strlen(h->id), "-%d", i);
+        g.api.request_id = (moe_api_str){h->id, strlen(h->id)};
+        g.api.seed = seed0 + (uint64_t)i;
+        g.api.has_seed = has_seed;
+        st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
+        h->v.req.arrival_ns = moe_now_ns();
+    }
+    grp->include_usage = g.include_usage;
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
         /* validation names the field first, in moe_api_names_http's terms: that is the param */
@@ -437,73 +515,77 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         }
         return moe_http_reply_error(conn, moe_http_status_from_moe(st), m, param);
     }
-    h->v.req.arrival_ns = moe_now_ns();
-    h->stream = stream;
-    h->include_usage = usage;
-    h->ri = (moe_http_resp_info){.id = h->id, .model = s->model, .created = (long long)time(NULL),
-                                 .chat = chat, .prompt_tokens = h->v.req.n_prompt};
-
-    pthread_mutex_lock(&h->mu);
-    h->backend_holds = true;
-    h->refs++;
-    pthread_mutex_unlock(&h->mu);
-    uint64_t handle = 0;
-    moe_error_clear();
-    st = s->be.submit(s->be.ctx, &h->v.req, &h->base, &handle);
-    pthread_mutex_lock(&h->mu);
-    if (st != MOE_OK) {
-        h->backend_holds = false;
-        h->refs--;
+    grp->ri = (moe_http_resp_info){.id = grp->h[0]->id, .model = s->model,
+                                   .created = (long long)time(NULL), .chat = chat,
+                                   .prompt_tokens = grp->h[0]->v.req.n_prompt};
+    for (int i = 0; i < grp->n; i++) {
+        hstream *h = grp->h[i];
+        pthread_mutex_lock(&h->mu);
+        h->backend_holds = true;
+        h->refs++;
         pthread_mutex_unlock(&h->mu);
-        const char *em = moe_error_message();
-        return moe_http_reply_error(conn, moe_http_status_from_moe(st), em[0] ? em : moe_status_text(st),
-                           NULL);
+        uint64_t handle = 0;
+        moe_error_clear();
+        st = s->be.submit(s->be.ctx, &h->v.req, &h->base, &handle);
+        pthread_mutex_lock(&h->mu);
+        if (st != MOE_OK) {
+            h->backend_holds = false;
+            h->refs--;
+            pthread_mutex_unlock(&h->mu);
+            char em[512];
+            snprintf(em, sizeof(em), "%s", moe_error_message()[0] ? moe_error_message()
+                                                                  : moe_status_text(st));
+            group_cancel(grp); /* the choices admitted before this one */
+            return moe_http_reply_error(conn, moe_http_status_from_moe(st), em, NULL);
+        }
+        h->submitted = true;
+        h->handle = handle;
+        pthread_mutex_unlock(&h->mu);
+        MOE_LOG_D("HTTP %s: admitted, %" PRIu32 " prompt tokens, max %" PRIu32, h->id,
+                  h->v.req.n_prompt, h->v.req.max_new_tokens);
     }
-    h->submitted = true;
-    h->handle = handle;
-    pthread_mutex_unlock(&h->mu);
-    MOE_LOG_D("HTTP %s: admitted, %" PRIu32 " prompt tokens, max %" PRIu32, h->id,
-              h->v.req.n_prompt, h->v.req.max_new_tokens);
 
     if (stream) {
         struct MHD_Response *r =
-            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, sse_reader, h, sse_free);
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, sse_reader, grp, sse_free);
         if (!r) {
-            stream_cancel(h);
+            group_cancel(grp);
             return MHD_NO;
         }
-        pthread_mutex_lock(&h->mu);
-        h->refs++; /* the response's */
-        pthread_mutex_unlock(&h->mu);
+        atomic_fetch_add(&grp->refs, 1); /* the response's */
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
         MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
         enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, r);
         MHD_destroy_response(r);
         return ret;
     }
-    for (;;) {
-        pthread_mutex_lock(&h->mu);
-        bool done = h->done;
-        pthread_mutex_unlock(&h->mu);
-        if (done)
-            break;
-        if (!wait_event(h)) {
-            stream_cancel(h);
+    hstream *failed;
+    while (!group_done(grp, &failed)) {
+        if (!wait_event(grp->h[0])) {
+            group_cancel(grp);
             return MHD_NO; /* the client is gone: close */
         }
     }
-    pthread_mutex_lock(&h->mu);
     char *json = NULL;
     int status = 200;
-    if (h->failed) {
-        status = h->err_status;
-        json = moe_http_error_json(status, h->err_msg, NULL);
+    if (failed) {
+        group_cancel(grp);
+        pthread_mutex_lock(&failed->mu);
+        status = failed->err_status;
+        json = moe_http_error_json(status, failed->err_msg, NULL);
+        pthread_mutex_unlock(&failed->mu);
     } else {
-        h->ri.completion_tokens = h->completion_tokens;
-        json = moe_http_full_response(&h->ri, h->text ? h->text : "", h->text_len,
-                                      moe_http_finish_name(h->reason));
+        /* every stream is done: the backend writes none of them any more */
+        moe_http_choice ch[MOE_HTTP_MAX_N];
+        grp->ri.completion_tokens = 0;
+        for (int i = 0; i < grp->n; i++) {
+            hstream *h = grp->h[i];
+            ch[i] = (moe_http_choice){h->text ? h->text : "", h->text_len,
+                                      moe_http_finish_name(h->reason)};
+            grp->ri.completion_tokens += h->completion_tokens;
+        }
+        json = moe_http_full_response(&grp->ri, ch, grp->n);
     }
-    pthread_mutex_unlock(&h->mu);
     enum MHD_Result r = json ? moe_http_reply(conn, status, json) : MHD_NO;
     free(json);
     return r;
@@ -600,11 +682,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     hreq *rq = *con_cls;
     if (!rq)
         return;
-    if (rq->h) {
+    if (rq->g) {
         if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
-            stream_cancel(rq->h);
-        pthread_mutex_lock(&rq->h->mu);
-        unlock_release(rq->h);
+            group_cancel(rq->g);
+        group_release(rq->g);
     }
     free(rq->body);
     free(rq);

@@ -60,8 +60,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                         abort();
                 moe_validated_free(&v);
             }
-            char *j = moe_http_full_response(&(moe_http_resp_info){.id = "x", .model = "m"}, "t",
-                                             1, "stop");
+            moe_http_choice ch = {"t", 1, "stop"};
+            char *j = moe_http_full_response(&(moe_http_resp_info){.id = "x", .model = "m"}, &ch,
+                                             1);
             free(j);
         }
         moe_http_gen_free(&g);

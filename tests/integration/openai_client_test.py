@@ -3,6 +3,7 @@
 Starts a cluster (1 prefill + 1 decode) on the built-in tiny model (build/models/tiny, which carries
 Qwen3-MoE's real chat template) with --http-listen, then: completions and chat, streamed and not,
 greedy text equal to moe-generate's (chat: on the prompt moe-chat-template renders), usage, stop,
+n > 1 (streamed and not, seeded choices as single requests with seed + i),
 seed, errors raised as the SDK's own exception classes, NUL bytes refused on both APIs, a client that disconnects mid-stream
 (its KV must come back), and bad HTTP (malformed JSON, wrong types, a huge body, HTTP/1.0,
 pipelining, NUL escapes, unknown paths) each with its status while the server keeps serving.
@@ -171,7 +172,8 @@ def main():
                 (openai.BadRequestError, dict(model=name, prompt="x", max_tokens=-1), "max_tokens"),
                 (openai.BadRequestError, dict(model=name, prompt="x", temperature=-1), "temperature"),
                 (openai.BadRequestError, dict(model=name, prompt="x " * 5000), "prompt"),
-                (openai.BadRequestError, dict(model=name, prompt="x", n=2), "n"),
+                (openai.BadRequestError, dict(model=name, prompt="x", n=0), "n"),
+                (openai.BadRequestError, dict(model=name, prompt="x", n=17), "n"),
                 (openai.BadRequestError, dict(model=name, prompt="x", stop=["w\0never"]), "stop"),
                 (openai.BadRequestError, dict(model=name, prompt=[1, 2, 10 ** 7]), "prompt"),
             ]
@@ -236,6 +238,30 @@ def main():
             r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
             check(r.choices[0].text == state["text"], "after bad HTTP: %r" % r.choices[0].text)
 
+        def n_choices():
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0, n=3)
+            check([c_.index for c_ in r.choices] == [0, 1, 2], "indices %r" % [c_.index for c_ in r.choices])
+            check(all(c_.text == state["text"] for c_ in r.choices), "greedy choices differ: %r" % r.choices)
+            single = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+            check(r.usage.completion_tokens == 3 * single.usage.completion_tokens, "usage %r" % r.usage)
+            check(r.usage.prompt_tokens == single.usage.prompt_tokens, "prompt counted once")
+            # seeded: choice i samples like a single request with seed + i
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=16, temperature=1.0,
+                                          seed=77, n=2)
+            for i in range(2):
+                one = client.completions.create(model=name, prompt=PROMPT, max_tokens=16,
+                                                temperature=1.0, seed=77 + i).choices[0].text
+                check(r.choices[i].text == one, "choice %d %r vs seed %d %r" % (i, r.choices[i].text, 77 + i, one))
+            parts = {}
+            for ch in client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8,
+                                                     temperature=0, n=2, stream=True):
+                for c_ in ch.choices:
+                    parts.setdefault(c_.index, []).append(c_.delta.content or "")
+            whole = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8,
+                                                   temperature=0).choices[0].message.content
+            check(sorted(parts) == [0, 1] and all("".join(v) == whole for v in parts.values()),
+                  "streamed n=2 chat %r vs %r" % (parts, whole))
+
         def grpc_nul_refused():
             # the same NUL rule on the gRPC API, through grpcio (Python strings keep the NUL)
             import grpc
@@ -261,7 +287,7 @@ def main():
                           ("completion_stream", completion_stream), ("chat_greedy", chat_greedy),
                           ("stop_string", stop_string), ("seeded", seeded), ("sdk_errors", sdk_errors),
                           ("disconnect_cancels", disconnect_cancels), ("bad_http", bad_http),
-                          ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
+                          ("n_choices", n_choices), ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
             run(tname, fn)
         rc = c.stop()
         if rc != 0:
