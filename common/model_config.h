@@ -50,6 +50,15 @@ typedef struct {
     int n_eos;
 } moe_model_config;
 
+/* Tokens one request may hold, prompt and generated together: max_position_embeddings, or
+ * sliding_window when smaller (sliding-window attention is not implemented, so a sequence must
+ * fit in the window). The cluster's admission and moe-generate both refuse requests past it. */
+static inline int moe_model_config_context_len(const moe_model_config *c)
+{
+    return (c->sliding_window > 0 && c->sliding_window < c->max_position) ? c->sliding_window
+                                                                          : c->max_position;
+}
+
 /* Parses DIR/config.json and, if present, DIR/generation_config.json. Refuses unknown
  * architectures and unsupported features (rope_scaling, ...) with a message naming the file and
  * field. Returns MOE_OK and fills *cfg. */

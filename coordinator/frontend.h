@@ -1,7 +1,9 @@
-/* The contract between the gRPC front end (coordinator/grpc_server.c) and the backend behind it
- * (the scheduler that drives the MPI cluster, or a test double): the backend vtable the server
- * calls, and the functions the backend calls, from any thread, to stream events to a request.
- * Plain C: no gRPC or protobuf type crosses this interface. */
+/* The contract between the front ends (gRPC: coordinator/grpc_server.c; HTTP/OpenAI:
+ * coordinator/http_server.c) and the backend behind them (the scheduler that drives the cluster,
+ * or a test double): the request as a front end decoded it (moe_api_request, validated once by
+ * coordinator/validate.c for both), the backend vtable the servers call, and the functions the
+ * backend calls, from any thread, to stream events to a request (dispatched to the front end
+ * that owns the request). Plain C: no gRPC, protobuf or HTTP type crosses this interface. */
 #ifndef MOE_COORDINATOR_FRONTEND_H
 #define MOE_COORDINATOR_FRONTEND_H
 
@@ -10,6 +12,46 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include "common/status.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Requests as a front end decoded them, before validation: protocol-neutral. Strings carry their
+ * length (a NUL inside is refused by validation, naming the field); numbers are wide enough to
+ * hold what a client sent, so that validation (not a cast) refuses out-of-range values. */
+
+typedef struct {
+    const char *s;
+    size_t len;
+} moe_api_str;
+
+/* The field names errors name, per protocol ("GenerateRequest.sampling.top_p" / "top_p"). */
+typedef struct {
+    const char *request_id, *text, *token_ids, *token_ids_item /* + "[i]" */, *prompt,
+        *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids;
+} moe_api_names;
+
+extern const moe_api_names moe_api_names_grpc;
+
+typedef struct {
+    const moe_api_names *names; /* NULL: moe_api_names_grpc */
+    moe_api_str request_id;     /* len 0: the server makes one */
+    bool has_text;              /* a text prompt, else token ids (has_token_ids) */
+    bool has_token_ids;
+    moe_api_str text;
+    bool add_special_tokens;    /* text prompts: apply the tokenizer's BOS template */
+    const int64_t *token_ids;   /* (n_token_ids) */
+    size_t n_token_ids;
+    int64_t max_new_tokens;     /* 0: the server default */
+    bool has_temperature, has_top_p, has_seed;
+    double temperature, top_p;
+    int64_t top_k;              /* 0: off */
+    uint64_t seed;
+    const moe_api_str *stop;    /* (n_stop) */
+    size_t n_stop;
+    const int64_t *stop_token_ids; /* (n_stop_token_ids) */
+    size_t n_stop_token_ids;
+    bool ignore_eos, include_stop_str_in_output;
+    int32_t priority;
+} moe_api_request;
 
 /* ---------------------------------------------------------------------------------------------
  * Requests as the backend sees them: validated, tokenized, defaults resolved. */
@@ -148,7 +190,7 @@ static inline void moe_cluster_status_release(moe_cluster_status *st)
  * functions below (even for the request it is being asked about). Slots must not block for long
  * (no waiting on the cluster): they stall every stream served by that thread. */
 
-typedef struct moe_frontend_req moe_frontend_req; /* one Generate stream, owned by the front end */
+typedef struct moe_frontend_req moe_frontend_req; /* one generation stream, owned by a front end */
 
 typedef struct {
     void *ctx; /* passed to every slot */
@@ -227,5 +269,21 @@ void moe_frontend_error(moe_frontend_req *r, moe_status code, const char *messag
 /* The request this stream carries (the one given to submit); valid until the terminal call.
  * Handy for backends that keep only the stream pointer. */
 const moe_gen_request *moe_frontend_request(const moe_frontend_req *r);
+
+/* ---------------------------------------------------------------------------------------------
+ * For the front ends only: each one's stream object starts with a moe_frontend_req whose ops
+ * implement the four calls above for that protocol (coordinator/frontend.c dispatches). */
+
+typedef struct {
+    moe_status (*push_tokens)(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
+                              size_t n, const char *text, size_t text_len);
+    void (*finish)(moe_frontend_req *r, const moe_frontend_finish_info *info);
+    void (*error)(moe_frontend_req *r, moe_status code, const char *message);
+    const moe_gen_request *(*request)(const moe_frontend_req *r);
+} moe_frontend_ops;
+
+struct moe_frontend_req {
+    const moe_frontend_ops *ops;
+};
 
 #endif

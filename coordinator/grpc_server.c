@@ -34,6 +34,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "health.pb-c.h"
+#include "coordinator/grpc_request.h"
 #include "moeserve.pb-c.h"
 
 enum call_kind { K_GENERATE, K_TOKENIZE, K_STATUS, K_HEALTH, K_DRAIN, K_UNKNOWN, K_COUNT };
@@ -49,7 +50,7 @@ static const char *const METHOD_PATH[K_UNKNOWN] = {
 enum tag_kind { T_NEW, T_CLOSE, T_SEND, T_WAKE, T_UNARY, T_SHUTDOWN };
 
 typedef struct {
-    struct moe_frontend_req *c; /* NULL for T_SHUTDOWN */
+    struct gcall *c; /* NULL for T_SHUTDOWN */
     enum tag_kind kind;
 } cq_tag;
 
@@ -80,7 +81,8 @@ struct moe_grpc_server {
     cq_tag shutdown_tag;
 };
 
-struct moe_frontend_req {
+struct gcall {
+    moe_frontend_req base; /* first: what the backend holds (frontend.h dispatches through it) */
     moe_grpc_server *srv;
     enum call_kind kind;
     cq_tag t_new, t_close, t_send, t_wake, t_unary;
@@ -184,11 +186,14 @@ void moe_grpc_server_config_default(moe_grpc_server_config *cfg, int32_t vocab_s
 /* ---------------------------------------------------------------------------------------------
  * Call objects */
 
-static struct moe_frontend_req *call_new(moe_grpc_server *s, enum call_kind kind)
+static const moe_frontend_ops GRPC_STREAM_OPS;
+
+static struct gcall *call_new(moe_grpc_server *s, enum call_kind kind)
 {
-    struct moe_frontend_req *c = calloc(1, sizeof(*c));
+    struct gcall *c = calloc(1, sizeof(*c));
     if (!c)
         return NULL;
+    c->base.ops = &GRPC_STREAM_OPS;
     c->srv = s;
     c->kind = kind;
     c->t_new = (cq_tag){c, T_NEW};
@@ -205,7 +210,7 @@ static struct moe_frontend_req *call_new(moe_grpc_server *s, enum call_kind kind
     return c;
 }
 
-static void call_free(struct moe_frontend_req *c)
+static void call_free(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     grpc_metadata_array_destroy(&c->req_md);
@@ -237,7 +242,7 @@ static void call_free(struct moe_frontend_req *c)
  * calls flowing while others are being set up. */
 static void request_call(moe_grpc_server *s, enum call_kind kind)
 {
-    struct moe_frontend_req *c = call_new(s, kind);
+    struct gcall *c = call_new(s, kind);
     if (!c) {
         MOE_LOG_E("out of memory: no new %s calls will be taken",
                   kind < K_UNKNOWN ? METHOD_PATH[kind] : "unregistered");
@@ -259,7 +264,7 @@ static void request_call(moe_grpc_server *s, enum call_kind kind)
 /* Ends a critical section on c->mu: drops `drop` references (a handler's own), lets the gRPC
  * side go once the call is closed and no batch is outstanding, and frees the object when nobody
  * holds it. Every decision is taken under the lock, so c must not be touched after this. */
-static void unlock_and_release(struct moe_frontend_req *c, int drop)
+static void unlock_and_release(struct gcall *c, int drop)
 {
     grpc_call *to_unref = NULL;
     c->refs -= drop;
@@ -307,7 +312,7 @@ static bool read_payload(grpc_byte_buffer *payload, grpc_slice *out)
 /* ---------------------------------------------------------------------------------------------
  * Unary replies: one batch with everything, then the object goes. */
 
-static void unary_reply(struct moe_frontend_req *c, grpc_status_code code, const char *details,
+static void unary_reply(struct gcall *c, grpc_status_code code, const char *details,
                         const ProtobufCMessage *resp)
 {
     grpc_op ops[4];
@@ -339,7 +344,7 @@ static void unary_reply(struct moe_frontend_req *c, grpc_status_code code, const
     }
 }
 
-static void on_unary_done(struct moe_frontend_req *c)
+static void on_unary_done(struct gcall *c)
 {
     grpc_call_unref(c->call);
     c->call = NULL;
@@ -347,7 +352,7 @@ static void on_unary_done(struct moe_frontend_req *c)
 }
 
 /* Checks the size limit; on failure replies and returns false. */
-static bool check_size(struct moe_frontend_req *c, const char *what)
+static bool check_size(struct gcall *c, const char *what)
 {
     size_t len = c->payload ? grpc_byte_buffer_length(c->payload) : 0;
     if (len <= c->srv->cfg.max_request_bytes)
@@ -362,7 +367,7 @@ static bool check_size(struct moe_frontend_req *c, const char *what)
     return false;
 }
 
-static void handle_health(struct moe_frontend_req *c)
+static void handle_health(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     if (!check_size(c, "HealthCheckRequest"))
@@ -398,7 +403,7 @@ static void handle_health(struct moe_frontend_req *c)
     unary_reply(c, GRPC_STATUS_OK, NULL, &resp.base);
 }
 
-static void handle_tokenize(struct moe_frontend_req *c)
+static void handle_tokenize(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     if (!check_size(c, "TokenizeRequest"))
@@ -406,9 +411,17 @@ static void handle_tokenize(struct moe_frontend_req *c)
     grpc_slice slice;
     Moeserve__V1__TokenizeRequest *req = NULL;
     if (read_payload(c->payload, &slice)) {
-        req = moeserve__v1__tokenize_request__unpack(NULL, GRPC_SLICE_LENGTH(slice),
-                                                     GRPC_SLICE_START_PTR(slice));
+        moe_status st = moe_grpc_check_strings(&moeserve__v1__tokenize_request__descriptor,
+                                               GRPC_SLICE_START_PTR(slice),
+                                               GRPC_SLICE_LENGTH(slice));
+        if (st == MOE_OK)
+            req = moeserve__v1__tokenize_request__unpack(NULL, GRPC_SLICE_LENGTH(slice),
+                                                         GRPC_SLICE_START_PTR(slice));
         grpc_slice_unref(slice);
+        if (st != MOE_OK) {
+            unary_reply(c, GRPC_STATUS_INVALID_ARGUMENT, moe_error_message(), NULL);
+            return;
+        }
     }
     if (!req) {
         unary_reply(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed TokenizeRequest", NULL);
@@ -477,7 +490,7 @@ static void handle_tokenize(struct moe_frontend_req *c)
     free(uids);
 }
 
-static void handle_status(struct moe_frontend_req *c)
+static void handle_status(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     if (!check_size(c, "ClusterStatusRequest"))
@@ -665,7 +678,7 @@ static void handle_status(struct moe_frontend_req *c)
 }
 
 /* Drain: hands one instance's drain (or its undoing) to the backend, answers with its row. */
-static void handle_drain(struct moe_frontend_req *c)
+static void handle_drain(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     if (!check_size(c, "DrainRequest"))
@@ -726,7 +739,7 @@ static void handle_drain(struct moe_frontend_req *c)
  * Generate */
 
 /* Sends whatever is pending, if the call can send now. Called with c->mu held. */
-static void gen_flush(struct moe_frontend_req *c)
+static void gen_flush(struct gcall *c)
 {
     if (!c->call || c->closed || c->final_started || c->send_inflight)
         return;
@@ -806,7 +819,7 @@ static void gen_flush(struct moe_frontend_req *c)
 }
 
 /* Wakes a queue thread to send the pending events. Called with c->mu held. */
-static void gen_kick(struct moe_frontend_req *c)
+static void gen_kick(struct gcall *c)
 {
     if (!c->call || c->closed || c->final_started || c->send_inflight || c->wake_pending)
         return;
@@ -819,7 +832,7 @@ static void gen_kick(struct moe_frontend_req *c)
 }
 
 /* Ends the call with an error status before or instead of admission. Called with c->mu held. */
-static void gen_fail_locked(struct moe_frontend_req *c, grpc_status_code code, const char *msg)
+static void gen_fail_locked(struct gcall *c, grpc_status_code code, const char *msg)
 {
     free(c->err_msg);
     c->err_msg = strdup(msg ? msg : "");
@@ -830,7 +843,7 @@ static void gen_fail_locked(struct moe_frontend_req *c, grpc_status_code code, c
     gen_flush(c);
 }
 
-static void gen_start(struct moe_frontend_req *c)
+static void gen_start(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     atomic_fetch_add(&s->ctr.received, 1);
@@ -868,21 +881,29 @@ static void gen_start(struct moe_frontend_req *c)
         snprintf(msg, sizeof(msg), "GenerateRequest: no request message");
         code = GRPC_STATUS_INVALID_ARGUMENT;
     } else {
-        c->msg = moeserve__v1__generate_request__unpack(NULL, GRPC_SLICE_LENGTH(slice),
-                                                        GRPC_SLICE_START_PTR(slice));
+        moe_status st = moe_grpc_check_strings(&moeserve__v1__generate_request__descriptor,
+                                               GRPC_SLICE_START_PTR(slice),
+                                               GRPC_SLICE_LENGTH(slice));
+        if (st == MOE_OK)
+            c->msg = moeserve__v1__generate_request__unpack(NULL, GRPC_SLICE_LENGTH(slice),
+                                                            GRPC_SLICE_START_PTR(slice));
         grpc_slice_unref(slice);
-        if (!c->msg) {
+        moe_grpc_generate dec;
+        memset(&dec, 0, sizeof(dec));
+        if (st != MOE_OK) {
+            snprintf(msg, sizeof(msg), "%s", moe_error_message());
+            code = moe_grpc_status_from_moe(st);
+        } else if (!c->msg) {
             snprintf(msg, sizeof(msg), "GenerateRequest: malformed message (protobuf decoding "
                                        "failed)");
             code = GRPC_STATUS_INVALID_ARGUMENT;
-        } else {
-            moe_status st = moe_validate_generate(&s->cfg.limits, c->msg, s->be.tokenize,
-                                                  s->be.ctx, &c->v);
-            if (st != MOE_OK) {
-                snprintf(msg, sizeof(msg), "%s", moe_error_message());
-                code = moe_grpc_status_from_moe(st);
-            }
+        } else if ((st = moe_grpc_generate_decode(c->msg, &dec)) != MOE_OK ||
+                   (st = moe_validate_request(&s->cfg.limits, &dec.req, s->be.tokenize,
+                                              s->be.ctx, &c->v)) != MOE_OK) {
+            snprintf(msg, sizeof(msg), "%s", moe_error_message());
+            code = moe_grpc_status_from_moe(st);
         }
+        moe_grpc_generate_free(&dec);
     }
     if (c->payload) {
         grpc_byte_buffer_destroy(c->payload);
@@ -912,7 +933,7 @@ static void gen_start(struct moe_frontend_req *c)
 
     uint64_t handle = 0;
     moe_error_clear();
-    moe_status st = s->be.submit(s->be.ctx, &c->v.req, c, &handle);
+    moe_status st = s->be.submit(s->be.ctx, &c->v.req, &c->base, &handle);
 
     bool do_cancel = false;
     pthread_mutex_lock(&c->mu);
@@ -942,7 +963,7 @@ static void gen_start(struct moe_frontend_req *c)
         s->be.cancel(s->be.ctx, handle);
 }
 
-static void gen_on_close(struct moe_frontend_req *c)
+static void gen_on_close(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
     bool do_cancel = false;
@@ -972,7 +993,7 @@ static void gen_on_close(struct moe_frontend_req *c)
         s->be.cancel(s->be.ctx, handle);
 }
 
-static void gen_on_wake(struct moe_frontend_req *c)
+static void gen_on_wake(struct gcall *c)
 {
     pthread_mutex_lock(&c->mu);
     c->grpc_ops--;
@@ -981,7 +1002,7 @@ static void gen_on_wake(struct moe_frontend_req *c)
     unlock_and_release(c, 0);
 }
 
-static void gen_on_send(struct moe_frontend_req *c, bool ok)
+static void gen_on_send(struct gcall *c, bool ok)
 {
     pthread_mutex_lock(&c->mu);
     c->grpc_ops--;
@@ -1003,7 +1024,7 @@ static void gen_on_send(struct moe_frontend_req *c, bool ok)
  * Backend pushes */
 
 /* Room for n_tok pending tokens and text_bytes of text. Called with c->mu held. */
-static bool ensure_pending(struct moe_frontend_req *c, size_t n_tok, size_t text_bytes)
+static bool ensure_pending(struct gcall *c, size_t n_tok, size_t text_bytes)
 {
     if (n_tok > c->p_cap) {
         size_t cap = c->p_cap ? c->p_cap * 2 : 16;
@@ -1035,10 +1056,10 @@ static bool ensure_pending(struct moe_frontend_req *c, size_t n_tok, size_t text
     return true;
 }
 
-moe_status moe_frontend_push_tokens(moe_frontend_req *c, const int32_t *ids,
-                                    const uint32_t *indices, size_t n, const char *text,
-                                    size_t text_len)
+static moe_status gc_push_tokens(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
+                                 size_t n, const char *text, size_t text_len)
 {
+    struct gcall *c = (struct gcall *)r;
     const int64_t now = moe_now_ns();
     moe_status st = MOE_OK;
     pthread_mutex_lock(&c->mu);
@@ -1085,15 +1106,16 @@ out:
 }
 
 /* Drops the backend's reference; frees the object if the gRPC side is gone too. */
-static void backend_release_locked_then_unlock(struct moe_frontend_req *c)
+static void backend_release_locked_then_unlock(struct gcall *c)
 {
     c->backend_done = true;
     c->backend_holds = false;
     unlock_and_release(c, 1);
 }
 
-void moe_frontend_finish(moe_frontend_req *c, const moe_frontend_finish_info *info)
+static void gc_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)
 {
+    struct gcall *c = (struct gcall *)r;
     pthread_mutex_lock(&c->mu);
     MOE_ASSERT(!c->backend_done);
     c->t_finish_ns = moe_now_ns();
@@ -1111,8 +1133,9 @@ void moe_frontend_finish(moe_frontend_req *c, const moe_frontend_finish_info *in
     backend_release_locked_then_unlock(c);
 }
 
-void moe_frontend_error(moe_frontend_req *c, moe_status code, const char *message)
+static void gc_error(moe_frontend_req *r, moe_status code, const char *message)
 {
+    struct gcall *c = (struct gcall *)r;
     pthread_mutex_lock(&c->mu);
     MOE_ASSERT(!c->backend_done);
     if (!c->closed && !c->final_started) {
@@ -1130,12 +1153,22 @@ void moe_frontend_error(moe_frontend_req *c, moe_status code, const char *messag
     backend_release_locked_then_unlock(c);
 }
 
-const moe_gen_request *moe_frontend_request(const moe_frontend_req *r) { return &r->v.req; }
+static const moe_gen_request *gc_request(const moe_frontend_req *r)
+{
+    return &((const struct gcall *)r)->v.req;
+}
+
+static const moe_frontend_ops GRPC_STREAM_OPS = {
+    .push_tokens = gc_push_tokens,
+    .finish = gc_finish,
+    .error = gc_error,
+    .request = gc_request,
+};
 
 /* ---------------------------------------------------------------------------------------------
  * Completion-queue threads */
 
-static void on_new_call(struct moe_frontend_req *c, bool ok)
+static void on_new_call(struct gcall *c, bool ok)
 {
     moe_grpc_server *s = c->srv;
     if (!ok) { /* the server is shutting down: this request will never get a call */

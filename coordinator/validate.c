@@ -1,4 +1,5 @@
-/* Request validation for the public API: every limit check and default of a GenerateRequest. */
+/* Request validation for the public APIs: every limit check and default of a generation request,
+ * whichever front end decoded it. */
 #include "coordinator/validate.h"
 
 #include <inttypes.h>
@@ -72,234 +73,253 @@ static uint64_t random_u64(void)
     return v;
 }
 
-static moe_status check_sampling(const Moeserve__V1__SamplingParams *sp, moe_gen_request *r)
+#define NAMES(in) ((in)->names ? (in)->names : &moe_api_names_grpc)
+
+/* A NUL inside a string would silently cut it where C code reads it: refuse it instead. */
+static moe_status check_no_nul(const char *field, const moe_api_str *v)
 {
+    const char *z = v->len ? memchr(v->s, '\0', v->len) : NULL;
+    if (z)
+        return moe_error(MOE_ERR_INVALID_ARG,
+                         "%s: holds a NUL byte at offset %zu (NUL is not allowed in strings)",
+                         field, (size_t)(z - v->s));
+    return MOE_OK;
+}
+
+static moe_status check_sampling(const moe_api_request *in, moe_gen_request *r)
+{
+    const moe_api_names *nm = NAMES(in);
     r->temperature = 1.0f;
     r->top_p = 1.0f;
     r->top_k = 0;
-    r->seed = random_u64();
-    if (!sp)
-        return MOE_OK;
-    if (sp->temperature_opt_case == MOESERVE__V1__SAMPLING_PARAMS__TEMPERATURE_OPT_TEMPERATURE) {
-        if (!isfinite(sp->temperature) || sp->temperature < 0.0f)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.sampling.temperature = %g: must be >= 0 (0 = greedy)",
-                             (double)sp->temperature);
-        r->temperature = sp->temperature;
+    r->seed = in->has_seed ? in->seed : random_u64();
+    if (in->has_temperature) {
+        if (!isfinite(in->temperature) || in->temperature < 0.0 || in->temperature > 1e6)
+            return moe_error(MOE_ERR_INVALID_ARG, "%s = %g: must be >= 0 (0 = greedy)",
+                             nm->temperature, in->temperature);
+        r->temperature = (float)in->temperature;
     }
-    if (sp->top_p_opt_case == MOESERVE__V1__SAMPLING_PARAMS__TOP_P_OPT_TOP_P) {
+    if (in->has_top_p) {
         /* NaN fails both comparisons, hence the negated form. */
-        if (!(sp->top_p > 0.0f && sp->top_p <= 1.0f))
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.sampling.top_p = %g: must be in (0, 1]",
-                             (double)sp->top_p);
-        r->top_p = sp->top_p;
+        if (!(in->top_p > 0.0 && in->top_p <= 1.0))
+            return moe_error(MOE_ERR_INVALID_ARG, "%s = %g: must be in (0, 1]", nm->top_p,
+                             in->top_p);
+        r->top_p = (float)in->top_p;
     }
-    if (sp->top_k < 0)
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.sampling.top_k = %" PRId32 ": must be >= 0 (0 = off)",
-                         sp->top_k);
-    r->top_k = sp->top_k;
-    if (sp->seed_opt_case == MOESERVE__V1__SAMPLING_PARAMS__SEED_OPT_SEED)
-        r->seed = sp->seed;
+    if (in->top_k < 0 || in->top_k > INT32_MAX)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be >= 0 (0 = off)",
+                         nm->top_k, in->top_k);
+    r->top_k = (int32_t)in->top_k;
     return MOE_OK;
 }
 
-static moe_status check_request_id(const char *id, moe_gen_request *r)
+static moe_status check_request_id(const moe_api_request *in, moe_gen_request *r)
 {
-    size_t len = id ? strlen(id) : 0;
-    if (len == 0) {
+    const char *field = NAMES(in)->request_id;
+    const moe_api_str *id = &in->request_id;
+    if (id->len == 0) {
         snprintf(r->request_id, sizeof(r->request_id), "req-%016" PRIx64, random_u64());
         return MOE_OK;
     }
-    if (len > MOE_REQUEST_ID_MAX)
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.request_id: %zu bytes, over the limit of %d bytes", len,
-                         MOE_REQUEST_ID_MAX);
+    if (id->len > MOE_REQUEST_ID_MAX)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s: %zu bytes, over the limit of %d bytes", field,
+                         id->len, MOE_REQUEST_ID_MAX);
     /* Ids go into log lines and status messages: keep them one printable line. */
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)id[i];
+    for (size_t i = 0; i < id->len; i++) {
+        unsigned char c = (unsigned char)id->s[i];
         if (c < 0x20 || c > 0x7E)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.request_id: byte %zu (0x%02x) is not printable ASCII",
-                             i, c);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: byte %zu (0x%02x) is not printable ASCII",
+                             field, i, c);
     }
-    memcpy(r->request_id, id, len + 1);
+    memcpy(r->request_id, id->s, id->len);
+    r->request_id[id->len] = '\0';
     return MOE_OK;
 }
 
-static moe_status check_stops(const moe_validate_limits *lim,
-                              const Moeserve__V1__GenerateRequest *msg, moe_validated *v)
+static moe_status check_stops(const moe_validate_limits *lim, const moe_api_request *in,
+                              moe_validated *v)
 {
-    if (msg->n_stop > lim->max_stop)
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.stop: %zu stop strings, over the limit of %" PRIu32,
-                         msg->n_stop, lim->max_stop);
-    for (size_t i = 0; i < msg->n_stop; i++) {
-        size_t len = strlen(msg->stop[i]);
-        if (len == 0)
-            return moe_error(MOE_ERR_INVALID_ARG, "GenerateRequest.stop[%zu] is empty", i);
-        if (len > lim->max_stop_bytes)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.stop[%zu]: %zu bytes, over the limit of %" PRIu32
-                             " bytes",
-                             i, len, lim->max_stop_bytes);
-        long bad = moe_validate_utf8(msg->stop[i], len);
+    const moe_api_names *nm = NAMES(in);
+    if (in->n_stop > lim->max_stop)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s: %zu stop strings, over the limit of %" PRIu32,
+                         nm->stop, in->n_stop, lim->max_stop);
+    size_t total = 0;
+    for (size_t i = 0; i < in->n_stop; i++) {
+        const moe_api_str *st = &in->stop[i];
+        char field[160];
+        snprintf(field, sizeof(field), "%s[%zu]", nm->stop, i);
+        if (st->len == 0)
+            return moe_error(MOE_ERR_INVALID_ARG, "%s is empty", field);
+        if (st->len > lim->max_stop_bytes)
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: %zu bytes, over the limit of %" PRIu32 " bytes",
+                             field, st->len, lim->max_stop_bytes);
+        moe_status s = check_no_nul(field, st);
+        if (s != MOE_OK)
+            return s;
+        long bad = moe_validate_utf8(st->s, st->len);
         if (bad >= 0)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.stop[%zu]: invalid UTF-8 at byte %ld", i, bad);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: invalid UTF-8 at byte %ld", field, bad);
+        total += st->len + 1;
     }
-    v->req.stop = (const char *const *)msg->stop;
-    v->req.n_stop = (uint32_t)msg->n_stop;
+    if (in->n_stop > 0) {
+        /* one block: the pointer table, then the strings */
+        v->stop_buf = malloc(in->n_stop * sizeof(char *) + total);
+        if (!v->stop_buf)
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory", nm->stop);
+        char *p = (char *)(v->stop_buf + in->n_stop);
+        for (size_t i = 0; i < in->n_stop; i++) {
+            memcpy(p, in->stop[i].s, in->stop[i].len);
+            p[in->stop[i].len] = '\0';
+            v->stop_buf[i] = p;
+            p += in->stop[i].len + 1;
+        }
+    }
+    v->req.stop = (const char *const *)v->stop_buf;
+    v->req.n_stop = (uint32_t)in->n_stop;
 
-    if (msg->n_stop_token_ids > lim->max_stop_token_ids)
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.stop_token_ids: %zu ids, over the limit of %" PRIu32,
-                         msg->n_stop_token_ids, lim->max_stop_token_ids);
-    if (msg->n_stop_token_ids > 0) {
-        v->stop_ids_buf = malloc(msg->n_stop_token_ids * sizeof(int32_t));
+    if (in->n_stop_token_ids > lim->max_stop_token_ids)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s: %zu ids, over the limit of %" PRIu32,
+                         nm->stop_token_ids, in->n_stop_token_ids, lim->max_stop_token_ids);
+    if (in->n_stop_token_ids > 0) {
+        v->stop_ids_buf = malloc(in->n_stop_token_ids * sizeof(int32_t));
         if (!v->stop_ids_buf)
-            return moe_error(MOE_ERR_NOMEM, "GenerateRequest.stop_token_ids: out of memory");
-        for (size_t i = 0; i < msg->n_stop_token_ids; i++) {
-            uint32_t id = msg->stop_token_ids[i];
-            if (id >= (uint32_t)lim->vocab_size)
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory", nm->stop_token_ids);
+        for (size_t i = 0; i < in->n_stop_token_ids; i++) {
+            int64_t id = in->stop_token_ids[i];
+            if (id < 0 || id >= lim->vocab_size)
                 return moe_error(MOE_ERR_INVALID_ARG,
-                                 "GenerateRequest.stop_token_ids[%zu] = %" PRIu32
-                                 ": not a token id (vocabulary size %" PRId32 ")",
-                                 i, id, lim->vocab_size);
+                                 "%s[%zu] = %" PRId64 ": not a token id (vocabulary size %" PRId32 ")",
+                                 nm->stop_token_ids, i, id, lim->vocab_size);
             v->stop_ids_buf[i] = (int32_t)id;
         }
     }
     v->req.stop_token_ids = v->stop_ids_buf;
-    v->req.n_stop_token_ids = (uint32_t)msg->n_stop_token_ids;
+    v->req.n_stop_token_ids = (uint32_t)in->n_stop_token_ids;
     return MOE_OK;
 }
 
-static moe_status check_prompt(const moe_validate_limits *lim,
-                               const Moeserve__V1__GenerateRequest *msg,
+static moe_status check_prompt(const moe_validate_limits *lim, const moe_api_request *in,
                                moe_validate_tokenize_fn tokenize, void *tok_ctx, moe_validated *v)
 {
+    const moe_api_names *nm = NAMES(in);
     /* A prompt must leave room for at least one generated token. */
     const size_t max_prompt = lim->context_len > 0 ? lim->context_len - 1 : 0;
     size_t n = 0;
 
-    if (msg->prompt_case == MOESERVE__V1__GENERATE_REQUEST__PROMPT_TOKEN_IDS) {
-        const Moeserve__V1__TokenIds *t = msg->token_ids;
-        n = t ? t->n_ids : 0;
+    if (in->has_token_ids) {
+        n = in->n_token_ids;
         if (n == 0)
-            return moe_error(MOE_ERR_INVALID_ARG, "GenerateRequest.token_ids: empty prompt");
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: empty prompt", nm->token_ids);
         if (n > max_prompt)
             return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.token_ids: prompt is %zu tokens, over the limit of "
-                             "%zu (context length %" PRIu32 " minus 1 token to generate)",
-                             n, max_prompt, lim->context_len);
+                             "%s: prompt is %zu tokens, over the limit of %zu (context length "
+                             "%" PRIu32 " minus 1 token to generate)",
+                             nm->token_ids, n, max_prompt, lim->context_len);
         v->prompt_buf = malloc(n * sizeof(int32_t));
         if (!v->prompt_buf)
-            return moe_error(MOE_ERR_NOMEM, "GenerateRequest.token_ids: out of memory");
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory", nm->token_ids);
         for (size_t i = 0; i < n; i++) {
-            if (t->ids[i] >= (uint32_t)lim->vocab_size)
+            if (in->token_ids[i] < 0 || in->token_ids[i] >= lim->vocab_size)
                 return moe_error(MOE_ERR_INVALID_ARG,
-                                 "GenerateRequest.token_ids.ids[%zu] = %" PRIu32
-                                 ": not a token id (vocabulary size %" PRId32 ")",
-                                 i, t->ids[i], lim->vocab_size);
-            v->prompt_buf[i] = (int32_t)t->ids[i];
+                                 "%s[%zu] = %" PRId64 ": not a token id (vocabulary size %" PRId32 ")",
+                                 nm->token_ids_item, i, in->token_ids[i], lim->vocab_size);
+            v->prompt_buf[i] = (int32_t)in->token_ids[i];
         }
-    } else if (msg->prompt_case == MOESERVE__V1__GENERATE_REQUEST__PROMPT_TEXT) {
-        const char *text = msg->text ? msg->text : "";
-        size_t len = strlen(text);
+    } else if (in->has_text) {
+        const char *text = in->text.s ? in->text.s : "";
+        size_t len = in->text.len;
         if (len == 0)
-            return moe_error(MOE_ERR_INVALID_ARG, "GenerateRequest.text: empty prompt");
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: empty prompt", nm->text);
         if (len > lim->max_prompt_bytes)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.text: %zu bytes, over the limit of %" PRIu32 " bytes",
-                             len, lim->max_prompt_bytes);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: %zu bytes, over the limit of %" PRIu32 " bytes",
+                             nm->text, len, lim->max_prompt_bytes);
+        moe_status st = check_no_nul(nm->text, &in->text);
+        if (st != MOE_OK)
+            return st;
         long bad = moe_validate_utf8(text, len);
         if (bad >= 0)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.text: invalid UTF-8 at byte %ld", bad);
-        bool add_special = msg->add_special_tokens_opt_case !=
-                               MOESERVE__V1__GENERATE_REQUEST__ADD_SPECIAL_TOKENS_OPT_ADD_SPECIAL_TOKENS ||
-                           msg->add_special_tokens;
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: invalid UTF-8 at byte %ld", nm->text, bad);
         /* One more than allowed is enough to tell "too long" from "fits"; *n_out gives the real
          * count for the message. */
         size_t cap = max_prompt + 1;
         v->prompt_buf = malloc(cap * sizeof(int32_t));
         if (!v->prompt_buf)
-            return moe_error(MOE_ERR_NOMEM, "GenerateRequest.text: out of memory");
-        moe_status st = tokenize(tok_ctx, text, len, add_special, v->prompt_buf, cap, &n);
+            return moe_error(MOE_ERR_NOMEM, "%s: out of memory", nm->text);
+        st = tokenize(tok_ctx, text, len, in->add_special_tokens, v->prompt_buf, cap, &n);
         if (st != MOE_OK)
-            return moe_error_context(st, "GenerateRequest.text: tokenizing: ");
+            return moe_error_context(st, "%s: tokenizing: ", nm->text);
         if (n == 0)
-            return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.text: prompt tokenizes to 0 tokens");
+            return moe_error(MOE_ERR_INVALID_ARG, "%s: prompt tokenizes to 0 tokens", nm->text);
         if (n > max_prompt)
             return moe_error(MOE_ERR_INVALID_ARG,
-                             "GenerateRequest.text: prompt is %zu tokens, over the limit of %zu "
-                             "(context length %" PRIu32 " minus 1 token to generate)",
-                             n, max_prompt, lim->context_len);
+                             "%s: prompt is %zu tokens, over the limit of %zu (context length "
+                             "%" PRIu32 " minus 1 token to generate)",
+                             nm->text, n, max_prompt, lim->context_len);
         for (size_t i = 0; i < n; i++) {
             /* A tokenizer bigger than the model's embedding would be a deployment error; refuse
              * the request rather than index past the embedding table. */
             if (v->prompt_buf[i] < 0 || v->prompt_buf[i] >= lim->vocab_size)
                 return moe_error(MOE_ERR_INVALID_ARG,
-                                 "GenerateRequest.text: token %zu of the prompt has id %" PRId32
+                                 "%s: token %zu of the prompt has id %" PRId32
                                  ", outside the model's vocabulary of %" PRId32,
-                                 i, v->prompt_buf[i], lim->vocab_size);
+                                 nm->text, i, v->prompt_buf[i], lim->vocab_size);
         }
     } else {
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.prompt: empty prompt (set text or token_ids)");
+        return moe_error(MOE_ERR_INVALID_ARG, "%s: empty prompt (set text or token_ids)",
+                         nm->prompt);
     }
     v->req.prompt = v->prompt_buf;
     v->req.n_prompt = (uint32_t)n;
     return MOE_OK;
 }
 
-static moe_status check_max_new(const moe_validate_limits *lim,
-                                const Moeserve__V1__GenerateRequest *msg, moe_gen_request *r)
+/* With n_prompt 0 (before tokenizing) only the limits that do not need the prompt are checked. */
+static moe_status check_max_new(const moe_validate_limits *lim, const moe_api_request *in,
+                                moe_gen_request *r)
 {
-    const uint32_t room = lim->context_len - r->n_prompt; /* >= 1 after check_prompt */
-    uint32_t m = msg->max_new_tokens;
+    const char *field = NAMES(in)->max_new_tokens;
+    const uint32_t room = lim->context_len - r->n_prompt;
+    int64_t m = in->max_new_tokens;
+    if (m < 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be >= 1 (0 = the default)",
+                         field, m);
     if (m == 0) {
         m = lim->default_max_new_tokens < room ? lim->default_max_new_tokens : room;
         if (m == 0)
             m = 1;
     } else if (m > lim->max_new_tokens) {
-        return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.max_new_tokens = %" PRIu32 ": over the limit of %" PRIu32,
+        return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": over the limit of %" PRIu32, field,
                          m, lim->max_new_tokens);
-    } else if (m > room) {
+    } else if (r->n_prompt > 0 && m > room) {
         return moe_error(MOE_ERR_INVALID_ARG,
-                         "GenerateRequest.max_new_tokens = %" PRIu32 ": prompt (%" PRIu32
-                         " tokens) + max_new_tokens = %" PRIu64 ", over the context length of %" PRIu32,
-                         m, r->n_prompt, (uint64_t)r->n_prompt + m, lim->context_len);
+                         "%s = %" PRId64 ": prompt (%" PRIu32 " tokens) + %s = %" PRIu64
+                         ", over the context length of %" PRIu32,
+                         field, m, r->n_prompt, field, (uint64_t)r->n_prompt + (uint64_t)m,
+                         lim->context_len);
     }
-    r->max_new_tokens = m;
+    r->max_new_tokens = (uint32_t)m;
     return MOE_OK;
 }
 
-moe_status moe_validate_generate(const moe_validate_limits *lim,
-                                 const Moeserve__V1__GenerateRequest *msg,
-                                 moe_validate_tokenize_fn tokenize, void *tok_ctx,
-                                 moe_validated *out)
+moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_request *in,
+                                moe_validate_tokenize_fn tokenize, void *tok_ctx,
+                                moe_validated *out)
 {
     memset(out, 0, sizeof(*out));
     moe_gen_request *r = &out->req;
     moe_status st;
     /* Cheap checks first: a request that fails them costs no tokenization. */
-    if ((st = check_request_id(msg->request_id, r)) != MOE_OK ||
-        (st = check_sampling(msg->sampling, r)) != MOE_OK ||
-        (st = check_stops(lim, msg, out)) != MOE_OK ||
-        (msg->max_new_tokens > lim->max_new_tokens &&
-         (st = check_max_new(lim, msg, r)) != MOE_OK) ||
-        (st = check_prompt(lim, msg, tokenize, tok_ctx, out)) != MOE_OK ||
-        (st = check_max_new(lim, msg, r)) != MOE_OK) {
+    if ((st = check_no_nul(NAMES(in)->request_id, &in->request_id)) != MOE_OK ||
+        (st = check_request_id(in, r)) != MOE_OK || (st = check_sampling(in, r)) != MOE_OK ||
+        (st = check_stops(lim, in, out)) != MOE_OK || (st = check_max_new(lim, in, r)) != MOE_OK ||
+        (st = check_prompt(lim, in, tokenize, tok_ctx, out)) != MOE_OK ||
+        (st = check_max_new(lim, in, r)) != MOE_OK) {
         moe_validated_free(out);
         return st;
     }
-    r->ignore_eos = msg->ignore_eos;
-    r->include_stop_str_in_output = msg->include_stop_str_in_output;
-    r->priority = msg->priority;
+    r->ignore_eos = in->ignore_eos;
+    r->include_stop_str_in_output = in->include_stop_str_in_output;
+    r->priority = in->priority;
     return MOE_OK;
 }
 
@@ -309,5 +329,6 @@ void moe_validated_free(moe_validated *v)
         return;
     free(v->prompt_buf);
     free(v->stop_ids_buf);
+    free(v->stop_buf);
     memset(v, 0, sizeof(*v));
 }

@@ -1,13 +1,13 @@
-/* Validation of public API requests against the served model's limits: turns a decoded
- * moeserve.v1.GenerateRequest into a moe_gen_request (tokenized, defaults resolved) or an
- * MOE_ERR_INVALID_ARG whose message names the field, the value and the limit. */
+/* Validation of public API requests against the served model's limits, once for both front ends:
+ * turns a decoded moe_api_request (coordinator/frontend.h) into a moe_gen_request (tokenized,
+ * defaults resolved) or an MOE_ERR_INVALID_ARG whose message names the field (in the request's
+ * protocol), the value and the limit. */
 #ifndef MOE_COORDINATOR_VALIDATE_H
 #define MOE_COORDINATOR_VALIDATE_H
 
 #include <stdint.h>
 #include "common/status.h"
 #include "coordinator/frontend.h"
-#include "moeserve.pb-c.h"
 
 typedef struct {
     int32_t vocab_size;              /* token ids must be in [0, vocab_size) */
@@ -26,11 +26,13 @@ typedef struct {
 void moe_validate_limits_default(moe_validate_limits *lim, int32_t vocab_size,
                                  uint32_t context_len);
 
-/* A validated request: `req` points into the buffers below and into the message it came from. */
+/* A validated request: `req` points into the buffers below, which it owns (nothing of the
+ * moe_api_request it came from). */
 typedef struct {
     moe_gen_request req;
     int32_t *prompt_buf;   /* owned */
     int32_t *stop_ids_buf; /* owned */
+    char **stop_buf;       /* owned: n_stop NUL-terminated copies, in one allocation */
 } moe_validated;
 
 /* Typed like moe_frontend_backend.tokenize. */
@@ -38,21 +40,20 @@ typedef moe_status (*moe_validate_tokenize_fn)(void *ctx, const char *text, size
                                                bool add_special, int32_t *ids, size_t cap,
                                                size_t *n_out);
 
-/* Checks `msg` against `lim`, tokenizes a text prompt with `tokenize(tok_ctx, ...)` and fills
+/* Checks `in` against `lim`, tokenizes a text prompt with `tokenize(tok_ctx, ...)` and fills
  * *out (req.arrival_ns and req.deadline_ns are left 0 for the caller). Defaults: temperature 1,
  * top_p 1, random seed, request id "req-<16 hex digits>" when empty, max_new_tokens
  * min(default_max_new_tokens, context room) when 0. Checks, each failing with MOE_ERR_INVALID_ARG
- * and a message that starts with the field's name ("GenerateRequest.sampling.top_p"): no or empty
- * prompt, text over max_prompt_bytes or not UTF-8, token id >= vocab_size, prompt that leaves no
- * room in the context, max_new_tokens over the limit or past the context, temperature < 0 or not
- * finite, top_p outside (0, 1], top_k < 0, too many / empty / too long / non-UTF-8 stop strings,
- * too many or out-of-vocabulary stop token ids, request_id too long or not printable ASCII.
- * A tokenizer failure is returned as is. On success *out borrows msg's stop strings: keep msg
- * alive until moe_validated_free. On failure *out holds nothing to free. Thread-safe. */
-moe_status moe_validate_generate(const moe_validate_limits *lim,
-                                 const Moeserve__V1__GenerateRequest *msg,
-                                 moe_validate_tokenize_fn tokenize, void *tok_ctx,
-                                 moe_validated *out);
+ * and a message that starts with the field's name (in->names): no or empty prompt, a NUL byte in
+ * any string, text over max_prompt_bytes or not UTF-8, token id outside [0, vocab_size), prompt
+ * that leaves no room in the context, max_new_tokens < 0, over the limit or past the context,
+ * temperature < 0 or not finite, top_p outside (0, 1], top_k < 0 or over 2^31, too many / empty
+ * / too long / non-UTF-8 stop strings, too many or out-of-vocabulary stop token ids, request_id
+ * too long or not printable ASCII. A tokenizer failure is returned as is. *out owns copies of
+ * everything it needs. On failure *out holds nothing to free. Thread-safe. */
+moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_request *in,
+                                moe_validate_tokenize_fn tokenize, void *tok_ctx,
+                                moe_validated *out);
 void moe_validated_free(moe_validated *v);
 
 /* Returns the byte offset of the first invalid UTF-8 sequence in s[0..len), or -1 if valid

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Python packages the TESTS need (never the product): grpcio + grpcio-tools for the independent
-# gRPC client and the mpirun cluster tests. Installed from PyPI when missing; idempotent.
+# gRPC client and the mpirun cluster tests, jinja2 as the reference for our chat-template engine,
+# openai (the official SDK) as the independent HTTP client. Installed from PyPI when missing; idempotent.
 # (torch/transformers for regenerating reference fixtures and llama-cpp-python for benchmarks are
 # installed by those scripts' own instructions: tests/reference/README.md, bench/README.md.)
 set -euo pipefail
@@ -8,4 +9,12 @@ py=${PYTHON:-python3}
 if ! "$py" -c "import grpc, grpc_tools" 2>/dev/null; then
   echo "install-py-deps: installing grpcio grpcio-tools" >&2
   "$py" -m pip install -q grpcio grpcio-tools
+fi
+if ! "$py" -c "import jinja2" 2>/dev/null; then
+  echo "install-py-deps: installing jinja2" >&2
+  "$py" -m pip install -q jinja2
+fi
+if ! "$py" -c "import openai" 2>/dev/null; then
+  echo "install-py-deps: installing openai" >&2
+  "$py" -m pip install -q openai
 fi

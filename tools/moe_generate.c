@@ -20,6 +20,7 @@ typedef struct {
     const char *prompt;
     const char *prompt_ids;
     int max_new_tokens;
+    bool max_new_given; /* --max-new-tokens on the command line (else the default, clamped) */
     moe_sampling_params sp;
     int threads;
     int block_size;
@@ -119,7 +120,10 @@ static int parse_args(int argc, char **argv, gen_args *a)
         case O_MODEL: a->model_dir = optarg; break;
         case O_PROMPT: a->prompt = optarg; break;
         case O_IDS: a->prompt_ids = optarg; break;
-        case O_MAXNEW: rc = parse_int("--max-new-tokens", optarg, 1, INT_MAX / 2, &a->max_new_tokens); break;
+        case O_MAXNEW:
+            rc = parse_int("--max-new-tokens", optarg, 1, INT_MAX / 2, &a->max_new_tokens);
+            a->max_new_given = true;
+            break;
         case O_TEMP: rc = parse_float("--temperature", optarg, 0.0, 100.0, &a->sp.temperature); break;
         case O_TOPP:
             rc = parse_float("--top-p", optarg, 0.0, 1.0, &a->sp.top_p);
@@ -257,16 +261,30 @@ static int run(const gen_args *a)
     int n_prompt = encode_prompt(tok, a, &prompt);
     if (n_prompt < 0)
         goto out;
+    /* The same limit the cluster's admission applies (coordinator/validate.c): refuse rather
+     * than stop early at the context's end. */
+    const int ctx = moe_model_config_context_len(&model->cfg);
+    int max_new = a->max_new_tokens;
+    if (!a->max_new_given && n_prompt < ctx && n_prompt + max_new > ctx)
+        max_new = ctx - n_prompt; /* the default, clamped to the room, as the cluster's */
+    if (n_prompt >= ctx || (long long)n_prompt + max_new > ctx) {
+        fprintf(stderr,
+                "moe-generate: prompt (%d tokens) + --max-new-tokens %d = %lld, over the context "
+                "length of %d%s\n",
+                n_prompt, max_new, (long long)n_prompt + max_new, ctx,
+                ctx < model->cfg.max_position ? " (sliding_window)" : "");
+        goto out;
+    }
     moe_engine_opts eo = {.n_threads = a->threads, .block_size = a->block_size,
                           .max_batch_tokens = a->batch_tokens, .max_seqs = 1};
     if ((st = moe_engine_create(model, &eo, &eng)) != MOE_OK ||
-        (st = moe_engine_add(eng, 1, prompt, n_prompt, &a->sp, a->max_new_tokens, a->ignore_eos)) != MOE_OK) {
+        (st = moe_engine_add(eng, 1, prompt, n_prompt, &a->sp, max_new, a->ignore_eos)) != MOE_OK) {
         fprintf(stderr, "moe-generate: %s\n", moe_error_message());
         goto out;
     }
     dt = moe_detok_create(tok, true);
     stop = moe_stopper_create(a->stops, a->n_stops);
-    gen = malloc((size_t)a->max_new_tokens * sizeof *gen);
+    gen = malloc((size_t)max_new * sizeof *gen);
     if (!dt || !stop || !gen) {
         fprintf(stderr, "moe-generate: out of memory\n");
         goto out;

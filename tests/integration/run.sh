@@ -22,7 +22,7 @@ passed=0
 failed=0
 skipped=0
 fail_names=()
-for bin in moe-serve moe-generate moe-gen-model moe-client; do
+for bin in moe-serve moe-generate moe-gen-model moe-client moe-chat-template; do
   if [ ! -x "$build/$bin" ]; then
     echo "run.sh: $build/$bin is missing (build it first)" >&2
     echo "0 passed, 1 failed"
@@ -65,12 +65,17 @@ else
   if [ -f "$here/grpc_client_test.py" ]; then
     tests+=(grpc_client_test)
   fi
+  if [ -f "$here/openai_client_test.py" ]; then
+    tests+=(openai_client_test)
+  fi
 fi
 
 for t in "${tests[@]}"; do
   start=$(date +%s%N)
   if [ "$t" = grpc_client_test ]; then
     cmd=(python3 "$here/live_cluster.py" python3 "$here/grpc_client_test.py")
+  elif [ "$t" = openai_client_test ]; then
+    cmd=(python3 "$here/openai_client_test.py") # the official openai SDK; starts its own clusters
   else
     cmd=(python3 "$here/${module_of[$t]:-cluster_tests.py}" "$t")
   fi

@@ -18,6 +18,7 @@
 
 /* Every .c file of tools/moe_gen_model, compiled into this test (list any new one here). */
 #include "../../tools/moe_gen_model/bpe_train.c"
+#include "../../tools/moe_gen_model/chat_templates.c"
 #include "../../tools/moe_gen_model/corpus.c"
 #include "../../tools/moe_gen_model/gen_model.c"
 #include "../../tools/moe_gen_model/hf_config.c"

@@ -182,6 +182,10 @@ void moe_gen_format_double(double v, char *buf, size_t cap);
 
 /* ---------------- HF JSON files ---------------- */
 
+/* The chat template tokenizer_config.json carries for arch (tools/moe_gen_model/chat_templates.c:
+ * the family's real one), malloc'd (caller frees); NULL for none or out of memory. */
+char *moe_gen_chat_template(moe_arch arch);
+
 /* config.json, generation_config.json and tokenizer_config.json for spec + tok into dir. */
 moe_status moe_gen_write_configs(const moe_gen_spec *spec, const moe_gen_tokenizer *tok,
                                  const char *dir);

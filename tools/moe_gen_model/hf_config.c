@@ -2,6 +2,7 @@
  * formatting transformers' configuration classes save (json.dumps(indent=2, sort_keys=True)). */
 #include <cjson/cJSON.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "tools/moe_gen_model/gen_model.h"
 
@@ -187,15 +188,6 @@ static void add_token(cJSON *o, const char *key, const moe_gen_tokenizer *t, int
         cJSON_AddNullToObject(o, key);
 }
 
-static const char CHATML_TEMPLATE[] =
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}";
-static const char INST_TEMPLATE[] =
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + "
-    "eos_token }}{% endif %}{% endfor %}";
-
 static cJSON *tokenizer_config_tree(const moe_gen_spec *s, const moe_gen_tokenizer *t)
 {
     cJSON *o = cJSON_CreateObject();
@@ -208,10 +200,10 @@ static cJSON *tokenizer_config_tree(const moe_gen_spec *s, const moe_gen_tokeniz
     add_token(o, "eos_token", t, config_eos(s, t));
     add_token(o, "pad_token", t, t->pad_id);
     add_token(o, "unk_token", t, t->unk_id);
-    if (t->family == MOE_GEN_TOK_QWEN2)
-        cJSON_AddStringToObject(o, "chat_template", CHATML_TEMPLATE);
-    else if (sp)
-        cJSON_AddStringToObject(o, "chat_template", INST_TEMPLATE);
+    char *tpl = moe_gen_chat_template(s->arch);
+    if (tpl)
+        cJSON_AddStringToObject(o, "chat_template", tpl);
+    free(tpl);
     cJSON_AddBoolToObject(o, "clean_up_tokenization_spaces", false);
     cJSON_AddNumberToObject(o, "model_max_length", s->max_pos);
     /* The generic fast tokenizer loads tokenizer.json as is, whatever the model family. */

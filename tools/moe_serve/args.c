@@ -40,6 +40,8 @@ static void usage(FILE *f)
         "  --eplb-interval N       engine steps between EPLB re-plans (default 256)\n"
         "serving:\n"
         "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
+        "  --http-listen ADDR:PORT also serve the OpenAI HTTP API there (off by default)\n"
+        "  --chat-template FILE    Jinja chat template (default: tokenizer_config.json's)\n"
         "  --grpc-threads N        completion-queue threads (default 2)\n"
         "  --max-requests N        requests in flight before RESOURCE_EXHAUSTED (default 1024)\n"
         "  --max-queue N           requests waiting for a prefill slot before RESOURCE_EXHAUSTED\n"
@@ -130,6 +132,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_REDUNDANT,
         O_EPLB_INTERVAL,
         O_LISTEN,
+        O_HTTP_LISTEN,
+        O_CHAT_TEMPLATE,
         O_GRPC,
         O_MAXREQ,
         O_MAXQ,
@@ -177,6 +181,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"redundant-experts", required_argument, 0, O_REDUNDANT},
                                          {"eplb-interval", required_argument, 0, O_EPLB_INTERVAL},
                                          {"listen", required_argument, 0, O_LISTEN},
+                                         {"http-listen", required_argument, 0, O_HTTP_LISTEN},
+                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
                                          {"grpc-threads", required_argument, 0, O_GRPC},
                                          {"max-requests", required_argument, 0, O_MAXREQ},
                                          {"max-queue", required_argument, 0, O_MAXQ},
@@ -282,6 +288,8 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         case O_EPLB_INTERVAL:
             rc = parse_int("--eplb-interval", optarg, 1, 1 << 30, &a->eplb_interval, print);
             break;
+        case O_HTTP_LISTEN: a->http_listen = optarg; break;
+        case O_CHAT_TEMPLATE: a->chat_template = optarg; break;
         case O_LISTEN:
             a->listen = optarg;
             break;

@@ -13,6 +13,7 @@
 #include "common/tokenizer.h"
 #include "coordinator/cluster.h"
 #include "coordinator/grpc_server.h"
+#include "coordinator/http_server.h"
 #include "ctrl/link_ucx.h"
 #include "serve.h"
 
@@ -108,6 +109,9 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
     moe_tokenizer *tok = NULL;
     moe_cluster *cl = NULL;
     moe_grpc_server *srv = NULL;
+    moe_http_server *http = NULL;
+    moe_chat_template *chat_tpl = NULL;
+    char tpl_err[512] = ""; /* why chat is off; the HTTP server shows it, so it lives as long */
     /* Attention is data-parallel inside an expert-parallel instance: each of its ranks runs its own
      * sequences and KV, so the scheduler sees every rank as a placement target of its own; the
      * ranks of the instance step together and share the experts (worker side). */
@@ -189,7 +193,9 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         goto out;
     }
     moe_grpc_server_config gc;
-    moe_grpc_server_config_default(&gc, cfg.vocab_size, (uint32_t)cfg.max_position);
+    /* the context both front ends admit: max_position, or a smaller sliding_window */
+    moe_grpc_server_config_default(&gc, cfg.vocab_size,
+                                   (uint32_t)moe_model_config_context_len(&cfg));
     gc.listen_addr = a->listen;
     gc.n_threads = a->grpc_threads;
     if (a->max_new_tokens > 0 && (uint32_t)a->max_new_tokens < gc.limits.max_new_tokens)
@@ -203,6 +209,31 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         fprintf(stderr, "moe-serve: --listen %s: %s\n", a->listen, moe_error_message());
         goto out;
     }
+    if (a->http_listen) {
+        /* Chat needs the model's template; without one the HTTP API still serves completions
+         * and answers chat requests with a 400 that says why. */
+        if (moe_chat_template_load(a->model_dir, a->chat_template, &chat_tpl) != MOE_OK) {
+            snprintf(tpl_err, sizeof tpl_err, "%s", moe_error_message());
+            if (a->chat_template) {
+                fprintf(stderr, "moe-serve: --chat-template: %s\n", tpl_err);
+                goto out;
+            }
+            MOE_LOG_W("chat completions disabled: %s", tpl_err);
+        }
+        moe_http_server_config hc;
+        moe_http_server_config_default(&hc, cfg.vocab_size,
+                                       (uint32_t)moe_model_config_context_len(&cfg));
+        hc.limits = gc.limits;
+        hc.listen_addr = a->http_listen;
+        hc.model_name = name;
+        hc.chat_template = chat_tpl;
+        hc.chat_template_error = tpl_err[0] ? tpl_err : NULL;
+        hc.tokenizer = tok;
+        if (moe_http_server_start(&hc, &be, &http) != MOE_OK) {
+            fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+            goto out;
+        }
+    }
     rctx.srv = srv;
     started = true;
     moe_status st = moe_cluster_run(cl);
@@ -213,6 +244,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         rc = 0;
     }
 out:
+    moe_http_server_free(http, 2.0);
     if (srv) {
         moe_grpc_server_shutdown(srv, 2.0);
         moe_grpc_server_free(srv);
@@ -239,6 +271,7 @@ out:
     }
     moe_cluster_free(cl);
     moe_tokenizer_free(tok);
+    moe_chat_template_free(chat_tpl);
     free(inst);
     return rc;
 }

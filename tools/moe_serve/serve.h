@@ -36,6 +36,8 @@ typedef struct {
     int redundant_experts; /* --redundant-experts: EPLB replica slots per expert-parallel instance */
     int eplb_interval;     /* --eplb-interval: steps between EPLB re-plans */
     const char *listen;
+    const char *http_listen;   /* --http-listen ADDR:PORT: the OpenAI HTTP API; NULL = off */
+    const char *chat_template; /* --chat-template FILE: instead of tokenizer_config.json's */
     int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
     int kv_blocks; /* per instance; 0 = from kv_mb */
     int kv_mb;     /* per instance; 0 = engine default */
