@@ -33,24 +33,9 @@ typedef struct {
 
 static void usage(FILE *f)
 {
-    fputs("usage: moe-bench [--addr HOST:PORT] [options]\n"
-          "workload:\n"
-          "  --requests N         requests to send (default 200; with --trace: its first N rows)\n"
-          "  --rate R             mean arrivals per second (default 0: all at once; with --trace:\n"
-          "                       its timestamps rescaled to this mean rate)\n"
-          "  --cv C               coefficient of variation of the inter-arrival times: 1 Poisson\n"
-          "                       (default), > 1 bursty (gamma), < 1 smoother\n"
-          "  --prompt-len D       prompt tokens: N | A-B (uniform) | exp:MEAN | lognorm:MEAN:CV\n"
-          "                       (default 128)\n"
-          "  --output-len D       output tokens (max_new_tokens, EOS ignored), same forms (default 128)\n"
-          "  --trace FILE         replay FILE: Mooncake JSONL ({\"timestamp\": ms, \"input_length\",\n"
-          "                       \"output_length\", \"hash_ids\"}) or CSV timestamp_ms,input,output\n"
-          "  --time-scale X       multiply the trace's timestamps (default 1; ignored with --rate)\n"
-          "  --len-scale X        multiply the trace's lengths (and its hash block size) by X\n"
-          "  --max-input N, --max-output N   clip lengths (after --len-scale)\n"
-          "  --hash-block N       trace tokens per hash id (default 512, Mooncake's)\n"
-          "  --seed S             arrivals, lengths and prompt ids (default 1)\n"
-          "SLOs and sweep:\n"
+    fputs("usage: moe-bench [--addr HOST:PORT] [options]\n", f);
+    wl_usage(f);
+    fputs("SLOs and sweep:\n"
           "  --slo-ttft-ms MS     time-to-first-token SLO (default: none)\n"
           "  --slo-tpot-ms MS     time-per-output-token SLO (default: none)\n"
           "  --sweep R1,R2,...    run the workload at each rate (increasing) and report the highest\n"
@@ -72,23 +57,6 @@ static void usage(FILE *f)
           "                       0 off; needs --jsonl)\n"
           "  --no-progress        no progress line on stderr\n",
           f);
-}
-
-static int parse_rates(const char *v, bench_opts *o)
-{
-    char *end;
-    o->n_sweep = 0;
-    for (const char *p = v; *p;) {
-        double r = strtod(p, &end);
-        if (end == p || !(r > 0) || o->n_sweep == MAX_SWEEP ||
-            (o->n_sweep && r <= o->sweep[o->n_sweep - 1]))
-            return -1;
-        o->sweep[o->n_sweep++] = r;
-        p = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',')
-            return -1;
-    }
-    return o->n_sweep ? 0 : -1;
 }
 
 static int parse_args(int argc, char **argv, bench_opts *o)
@@ -120,49 +88,22 @@ static int parse_args(int argc, char **argv, bench_opts *o)
             fprintf(stderr, "moe-bench: %s needs a value\n", a);
             return -1;
         }
+        int w = wl_parse_arg(a, v, &o->wl), r = w ? 0 : rp_parse_arg(a, v, &o->slo, &o->target);
         errno = 0;
-        if (!strcmp(a, "--addr"))
+        if (w || r)
+            ok = w > 0 || r > 0;
+        else if (!strcmp(a, "--addr"))
             o->addr = v;
-        else if (!strcmp(a, "--requests"))
-            ok = (o->wl.requests = (int)strtol(v, &end, 10)) > 0 && !*end;
-        else if (!strcmp(a, "--rate"))
-            ok = (o->wl.rate = strtod(v, &end)) >= 0 && !*end;
-        else if (!strcmp(a, "--cv"))
-            ok = (o->wl.cv = strtod(v, &end)) > 0 && !*end;
         else if (!strcmp(a, "--concurrency"))
             ok = (o->cfg.concurrency = (int)strtol(v, &end, 10)) > 0 && !*end;
-        else if (!strcmp(a, "--prompt-len"))
-            ok = wl_parse_dist(v, &o->wl.in_len);
-        else if (!strcmp(a, "--output-len"))
-            ok = wl_parse_dist(v, &o->wl.out_len);
-        else if (!strcmp(a, "--trace"))
-            o->wl.trace_path = v;
-        else if (!strcmp(a, "--time-scale"))
-            ok = (o->wl.time_scale = strtod(v, &end)) > 0 && !*end;
-        else if (!strcmp(a, "--len-scale"))
-            ok = (o->wl.len_scale = strtod(v, &end)) > 0 && !*end;
-        else if (!strcmp(a, "--max-input"))
-            ok = (o->wl.max_in = (int)strtol(v, &end, 10)) > 0 && !*end;
-        else if (!strcmp(a, "--max-output"))
-            ok = (o->wl.max_out = (int)strtol(v, &end, 10)) > 0 && !*end;
-        else if (!strcmp(a, "--hash-block"))
-            ok = (o->wl.hash_block = (int)strtol(v, &end, 10)) > 0 && !*end;
         else if (!strcmp(a, "--vocab"))
             ok = (o->cfg.vocab = (int)strtol(v, &end, 10)) > 0 && !*end;
         else if (!strcmp(a, "--temperature"))
             ok = (o->cfg.temperature = strtof(v, &end)) >= 0 && !*end;
-        else if (!strcmp(a, "--seed"))
-            o->wl.seed = strtoull(v, &end, 10), ok = !*end;
         else if (!strcmp(a, "--timeout-ms"))
             ok = (o->cfg.timeout_ms = strtoll(v, &end, 10)) > 0 && !*end;
-        else if (!strcmp(a, "--slo-ttft-ms"))
-            ok = (o->slo.slo_ttft_ms = strtod(v, &end)) > 0 && !*end;
-        else if (!strcmp(a, "--slo-tpot-ms"))
-            ok = (o->slo.slo_tpot_ms = strtod(v, &end)) > 0 && !*end;
         else if (!strcmp(a, "--sweep"))
-            ok = parse_rates(v, o) == 0;
-        else if (!strcmp(a, "--target"))
-            ok = (o->target = strtod(v, &end)) > 0 && o->target <= 1 && !*end;
+            ok = (o->n_sweep = rp_parse_rates(v, o->sweep, MAX_SWEEP)) > 0;
         else if (!strcmp(a, "--pause-s"))
             ok = (o->pause_s = strtod(v, &end)) >= 0 && !*end;
         else if (!strcmp(a, "--jsonl"))

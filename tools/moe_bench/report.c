@@ -226,6 +226,36 @@ void rp_print_requests_jsonl(FILE *f, const rp_record *r, int n, const char *ext
     }
 }
 
+int rp_parse_arg(const char *a, const char *v, rp_slo *slo, double *target)
+{
+    char *end;
+    double x = strtod(v, &end);
+    bool num = end != v && !*end;
+    if (!strcmp(a, "--slo-ttft-ms"))
+        slo->slo_ttft_ms = x;
+    else if (!strcmp(a, "--slo-tpot-ms"))
+        slo->slo_tpot_ms = x;
+    else if (!strcmp(a, "--target"))
+        *target = x;
+    else
+        return 0;
+    return num && x > 0 && (strcmp(a, "--target") || x <= 1) ? 1 : -1;
+}
+
+int rp_parse_rates(const char *v, double *out, int cap)
+{
+    char *end;
+    int n = 0;
+    for (const char *p = v; *p;) {
+        double r = strtod(p, &end);
+        if (end == p || !(r > 0) || n == cap || (n && r <= out[n - 1]) || (*end && *end != ','))
+            return -1;
+        out[n++] = r;
+        p = *end ? end + 1 : end;
+    }
+    return n ? n : -1;
+}
+
 double rp_sweep_goodput(const double *rates, const double *attain, int n, double target)
 {
     for (int i = 0; i < n; i++) {

@@ -54,6 +54,12 @@ void rp_print_json(FILE *f, const char *type, const char *extra, const rp_summar
 /* One JSON line per request: {"type": "request", "i": ..., "arrival_s": ..., "ttft_ms": ...}. */
 void rp_print_requests_jsonl(FILE *f, const rp_record *r, int n, const char *extra);
 
+/* Shared options: --slo-ttft-ms, --slo-tpot-ms, --target (attainment goal, (0, 1]). Returns 1 when
+ * the flag was one of them and its value parsed, 0 when not one of them, -1 for a bad value. */
+int rp_parse_arg(const char *flag, const char *v, rp_slo *slo, double *target);
+/* "R1,R2,..." increasing positive rates into out[cap]; their count, or -1. */
+int rp_parse_rates(const char *v, double *out, int cap);
+
 /* The sweep's answer: the highest rate whose attainment is at least target, interpolated linearly
  * between the highest passing rate and the next rate (which fails) when there is one. rates must
  * be increasing. Returns 0 when even the lowest rate fails. */

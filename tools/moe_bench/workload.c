@@ -2,6 +2,7 @@
 #include "tools/moe_bench/workload.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,6 +89,61 @@ bool wl_parse_dist(const char *s, wl_dist *d)
     }
     *d = r;
     return true;
+}
+
+int wl_parse_arg(const char *a, const char *v, wl_opts *o)
+{
+    char *end = NULL;
+    bool ok;
+    errno = 0;
+    if (!strcmp(a, "--requests"))
+        ok = (o->requests = (int)strtol(v, &end, 10)) > 0 && !*end;
+    else if (!strcmp(a, "--rate"))
+        ok = (o->rate = strtod(v, &end)) >= 0 && !*end;
+    else if (!strcmp(a, "--cv"))
+        ok = (o->cv = strtod(v, &end)) > 0 && !*end;
+    else if (!strcmp(a, "--prompt-len"))
+        ok = wl_parse_dist(v, &o->in_len);
+    else if (!strcmp(a, "--output-len"))
+        ok = wl_parse_dist(v, &o->out_len);
+    else if (!strcmp(a, "--trace"))
+        ok = (o->trace_path = v) != NULL;
+    else if (!strcmp(a, "--time-scale"))
+        ok = (o->time_scale = strtod(v, &end)) > 0 && !*end;
+    else if (!strcmp(a, "--len-scale"))
+        ok = (o->len_scale = strtod(v, &end)) > 0 && !*end;
+    else if (!strcmp(a, "--max-input"))
+        ok = (o->max_in = (int)strtol(v, &end, 10)) > 0 && !*end;
+    else if (!strcmp(a, "--max-output"))
+        ok = (o->max_out = (int)strtol(v, &end, 10)) > 0 && !*end;
+    else if (!strcmp(a, "--hash-block"))
+        ok = (o->hash_block = (int)strtol(v, &end, 10)) > 0 && !*end;
+    else if (!strcmp(a, "--seed"))
+        o->seed = strtoull(v, &end, 10), ok = !*end;
+    else
+        return 0;
+    return ok && !errno ? 1 : -1;
+}
+
+void wl_usage(FILE *f)
+{
+    fputs("workload:\n"
+          "  --requests N         requests (default 200; with --trace: its first N rows)\n"
+          "  --rate R             mean arrivals per second (default 0: all at once; with --trace:\n"
+          "                       its timestamps rescaled to this mean rate)\n"
+          "  --cv C               coefficient of variation of the inter-arrival times: 1 Poisson\n"
+          "                       (default), > 1 bursty (gamma), < 1 smoother\n"
+          "  --prompt-len D       prompt tokens: N | A-B (uniform) | exp:MEAN | lognorm:MEAN:CV\n"
+          "                       (default 128)\n"
+          "  --output-len D       output tokens (max_new_tokens, EOS ignored), same forms (default 128)\n"
+          "  --trace FILE         replay FILE: Mooncake JSONL ({\"timestamp\": ms, \"input_length\",\n"
+          "                       \"output_length\", \"hash_ids\"}) or CSV timestamp_ms,input,output\n"
+          "  --time-scale X       multiply the trace's timestamps (default 1; ignored with --rate)\n"
+          "  --len-scale X        multiply the trace's lengths (and its hash block size) by X\n"
+          "  --max-input N, --max-output N   clip lengths (after --len-scale)\n"
+          "  --hash-block N       trace tokens per hash id (default 512, Mooncake's)\n"
+          "  --seed S             arrivals, lengths and prompt ids (default 1)\n",
+          f);
 }
 
 static int draw(const wl_dist *d, uint64_t *s)

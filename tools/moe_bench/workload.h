@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include "common/status.h"
 
 /* A length distribution: "N" fixed, "A-B" uniform integers, "exp:MEAN", "lognorm:MEAN:CV". */
@@ -46,6 +47,12 @@ typedef struct {
 void wl_opts_default(wl_opts *o);
 /* Parses a wl_dist; false (nothing set) when s is not one of the forms. */
 bool wl_parse_dist(const char *s, wl_dist *d);
+
+/* Command-line options shared by moe-bench and moe-plan: a (flag, value) pair. Returns 1 when it
+ * was a workload option and its value parsed, 0 when the flag is not a workload option, -1 when
+ * the value is bad. wl_usage prints their help lines. */
+int wl_parse_arg(const char *flag, const char *v, wl_opts *o);
+void wl_usage(FILE *f);
 
 /* Builds the workload. Fails with IO / NOT_FOUND (trace unreadable), FORMAT (a trace line that is
  * neither JSON with timestamp/input_length/output_length nor a CSV timestamp,input,output row; the
