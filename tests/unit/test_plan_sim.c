@@ -9,7 +9,10 @@
 
 #include "tools/moe_bench/report.h"
 #include "tools/moe_bench/workload.h"
+#include "common/clock.h"
 #include "tools/moe_plan/sim.h"
+#include "worker/engine.h"
+#include "worker/model.h"
 
 /* T(n) = A + B n exactly (two points, linear between), attention k per position, fixed overheads. */
 #define A_MS 2.0
@@ -271,4 +274,128 @@ Test(plan_report, attainment_goodput_and_sweep)
     cr_assert_float_eq(rp_sweep_goodput(rates, att, 2, 0.9), 2, EPS);
     double low[] = {0.5};
     cr_assert_float_eq(rp_sweep_goodput(rates, low, 1, 0.9), 0, EPS);
+}
+
+/* ---- the simulator against the real engine: replay of measured step durations ----
+ * The real engine (tiny model) serves a bursty workload in virtual time: requests join at the
+ * first step boundary after they arrive, the clock advances by each step's measured duration.
+ * The simulator, given the same durations step by step (its step_ms_fn), must schedule the same
+ * steps (token counts) and deliver every token at the same time: batching, chunking under the
+ * budget, the sequence limit and preemption by recompute (a small KV cache) are then the engine's
+ * own, whatever the machine's load does to the durations. */
+
+#define RP_MAX_STEPS 8192
+
+typedef struct {
+    int n_tok[RP_MAX_STEPS];
+    double ms[RP_MAX_STEPS];
+    int n, next, mismatches;
+} replay;
+
+static double replay_step(void *ctx, int group, int n_tokens, double attn)
+{
+    (void)group;
+    (void)attn;
+    replay *r = ctx;
+    if (r->next >= r->n)
+        return r->mismatches++, 1.0;
+    if (r->n_tok[r->next] != n_tokens)
+        r->mismatches++;
+    return r->ms[r->next++];
+}
+
+Test(plan_sim, replay_of_the_real_engine_is_exact, .timeout = 120)
+{
+    moe_model *m;
+    cr_assert_eq(moe_model_load(MOE_BINARY_DIR "/models/tiny", NULL, &m), MOE_OK, "%s", moe_error_message());
+    const int mbt = 32, max_seqs = 6, kv_blocks = 24, bs = 16;
+    moe_engine_opts eo = {.n_threads = 1, .max_batch_tokens = mbt, .max_seqs = max_seqs,
+                          .n_kv_blocks = kv_blocks, .block_size = bs};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(m, &eo, &e), MOE_OK, "%s", moe_error_message());
+    wl_opts o;
+    wl_opts_default(&o);
+    o.requests = 60;
+    o.rate = 2000; /* per virtual second: tiny-model steps take ~0.1-1 ms */
+    o.cv = 2;
+    wl_parse_dist("4-100", &o.in_len);
+    wl_parse_dist("1-24", &o.out_len);
+    o.seed = 3;
+    wl_workload w;
+    cr_assert_eq(wl_build(&o, &w), MOE_OK);
+    rp_record *real = calloc((size_t)w.n, sizeof *real);
+    replay *rp = calloc(1, sizeof *rp);
+    moe_token_event ev[64];
+    uint32_t ids[128];
+    int32_t prompt[128];
+    double vt = 0;
+    int next = 0, done = 0;
+    moe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
+    while (done < w.n) {
+        while (next < w.n && w.req[next].t_s <= vt) {
+            wl_prompt(&w, &o, next, m->cfg.vocab_size, ids);
+            for (int k = 0; k < w.req[next].n_in; k++)
+                prompt[k] = (int32_t)ids[k];
+            cr_assert_eq(moe_engine_add(e, (uint64_t)next, prompt, w.req[next].n_in, &sp, w.req[next].n_out, true),
+                         MOE_OK, "%s", moe_error_message());
+            next++;
+        }
+        if (!moe_engine_has_work(e)) {
+            cr_assert_lt(next, w.n);
+            vt = w.req[next].t_s;
+            continue;
+        }
+        moe_engine_stats a, b;
+        moe_engine_get_stats(e, &a);
+        int64_t t0 = moe_now_ns();
+        int n_ev = moe_engine_step(e, ev, 64);
+        double ms = (double)(moe_now_ns() - t0) * 1e-6;
+        cr_assert_geq(n_ev, 0);
+        moe_engine_get_stats(e, &b);
+        cr_assert_lt(rp->n, RP_MAX_STEPS);
+        rp->n_tok[rp->n] = (int)(b.prefill_tokens + b.decode_tokens - a.prefill_tokens - a.decode_tokens);
+        rp->ms[rp->n++] = ms;
+        vt += ms * 1e-3;
+        for (int k = 0; k < n_ev; k++) {
+            rp_record *r = &real[ev[k].seq_id];
+            if (r->n_tokens == 0)
+                r->t_first = vt;
+            r->t_last = vt;
+            r->n_tokens++;
+            if (ev[k].finish != MOE_FINISH_NONE)
+                done++;
+        }
+    }
+    moe_engine_stats fin;
+    moe_engine_get_stats(e, &fin);
+    moe_engine_free(e);
+    moe_model_free(m);
+
+    mp_costs c = costs(0);
+    c.dispatch_ms = c.token_path_ms = 0;
+    c.kv_blocks = kv_blocks;
+    c.block_size = bs;
+    mp_layout l;
+    mp_layout_parse("M=1x1", &l);
+    mp_sim_opts so = {.max_requests = 1024, .max_batch_tokens = mbt, .max_seqs = max_seqs,
+                      .gate_batches = 1 << 20, /* the engine alone: no coordinator queue */
+                      .step_ms_fn = replay_step, .step_ctx = rp};
+    rp_record *sim = calloc((size_t)w.n, sizeof *sim);
+    mp_sim_stats st;
+    cr_assert_eq(mp_simulate(&c, &l, &so, &w, sim, &st), MOE_OK, "%s", moe_error_message());
+    cr_assert_eq(rp->mismatches, 0, "%d of %d steps differ in token count", rp->mismatches, rp->n);
+    cr_assert_eq(rp->next, rp->n, "simulated %d steps, the engine ran %d", rp->next, rp->n);
+    cr_assert_eq(st.preemptions, fin.preemptions, "preemptions: simulated %ld, engine %lld", st.preemptions,
+                 (long long)fin.preemptions);
+    cr_assert_gt(fin.preemptions, 0, "the workload should exercise preemption");
+    for (int i = 0; i < w.n; i++) {
+        cr_assert(sim[i].ok, "request %d: %s", i, sim[i].error);
+        cr_assert_eq(sim[i].n_tokens, real[i].n_tokens, "request %d", i);
+        cr_assert_float_eq(sim[i].t_first, real[i].t_first, 1e-9, "request %d: TTFT", i);
+        cr_assert_float_eq(sim[i].t_last, real[i].t_last, 1e-9, "request %d: last token", i);
+    }
+    rp_records_free(sim, w.n);
+    free(real);
+    free(rp);
+    wl_free(&w);
 }

@@ -430,8 +430,15 @@ int mp_profile_main(const mp_profile_opts *o)
     moe_status st = MOE_OK;
     if (rank == 0)
         st = run_engine(o, &c);
-    else /* the shape for the all-to-all sizes */
-        st = moe_model_config_load(o->model_dir, &(moe_model_config){0});
+    /* The other ranks wait asleep: a rank spinning in a collective would take a core from the
+     * engine being measured (Open MPI polls). */
+    MPI_Request bar;
+    MPI_Ibarrier(MPI_COMM_WORLD, &bar);
+    for (int done = 0; !done;) {
+        MPI_Test(&bar, &done, MPI_STATUS_IGNORE);
+        if (!done)
+            moe_sleep_ns(2000000);
+    }
     MPI_Bcast(&c.hidden, 1, MPI_INT, 0, MPI_COMM_WORLD);
     MPI_Bcast(&c.top_k, 1, MPI_INT, 0, MPI_COMM_WORLD);
     int bad = st != MOE_OK;

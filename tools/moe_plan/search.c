@@ -172,13 +172,11 @@ moe_status mp_search(const mp_costs *c, const mp_search_opts *o, FILE *out)
                 cs[i].per_rank, 100 * cs[i].attain_at_best,
                 model ? "  (larger than the profiled machine: network-model prediction)" : "");
     }
-    if (n)
-        fprintf(out, "best: %s{\"layout\": \"", "");
     if (n) {
         char lay[64];
         mp_layout_format(&cs[0].l, lay, sizeof lay);
-        fprintf(out, "%s\", \"ranks\": %d, \"goodput_rps\": %.4f, \"goodput_per_rank\": %.4f}\n", lay, cs[0].ranks,
-                cs[0].goodput, cs[0].per_rank);
+        fprintf(out, "best: {\"layout\": \"%s\", \"ranks\": %d, \"goodput_rps\": %.4f, \"goodput_per_rank\": %.4f}\n",
+                lay, cs[0].ranks, cs[0].goodput, cs[0].per_rank);
     }
     free(cs);
     return MOE_OK;

@@ -227,7 +227,7 @@ static int pick_prefill(sim *s, int req, bool *gated)
         rank_t *in = &s->ranks[i];
         if (in->pool != want)
             continue;
-        long gate = 4L * s->mbt;
+        long gate = (long)(s->o->gate_batches > 0 ? s->o->gate_batches : 4) * s->mbt;
         if (in->n_pending > 0 &&
             (in->pending_tokens + s->w->req[req].n_in > gate || in->n_pending >= 2 * s->max_seqs)) {
             *gated = true;
@@ -314,7 +314,12 @@ static bool kick(sim *s, int g)
     }
     if (total == 0)
         return true; /* nothing fits (all waiting for KV): a free will kick again */
-    double dt = mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn) * 1e-3;
+    double attn_sum = 0;
+    for (int k = 0; k < gr->ep; k++)
+        attn_sum += attn[k];
+    double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
+                                  : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
+                1e-3;
     gr->busy = true;
     s->st.steps++;
     s->st.busy_s[s->ranks[gr->first].pool] += dt;

@@ -32,6 +32,12 @@ typedef struct {
     bool kv_block_mode; /* --kv-transfer block: whole blocks pulled after the prefill */
     int max_requests;   /* in flight before RESOURCE_EXHAUSTED (default 1024) */
     mp_net net;         /* between instances and between EP ranks; unset: the profile's rates */
+    int gate_batches;   /* the coordinator holds requests while an instance has this many batches
+                           of prompt tokens pending (0: 4, as coordinator/cluster_sched.c) */
+    /* Replay (tests): when set, step durations come from here instead of the cost model, with the
+     * step's group, token count and attention work. */
+    double (*step_ms_fn)(void *ctx, int group, int n_tokens, double attn_work);
+    void *step_ctx;
     double timeline_s;  /* timeline period (0: none) */
     FILE *timeline;     /* its JSON lines */
     const char *label;  /* JSON members added to each timeline line, or NULL */
