@@ -228,6 +228,9 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
     cJSON_AddItemToObject(step, "tokens", cJSON_CreateDoubleArray(c->tok, c->n_pts));
     cJSON_AddItemToObject(step, "ms", cJSON_CreateDoubleArray(c->ms, c->n_pts));
     cJSON_AddNumberToObject(step, "attn_ms", c->attn_ms);
+    cJSON *smp = cJSON_AddArrayToObject(step, "samples");
+    for (int i = 0; i < c->n_samples; i++)
+        cJSON_AddItemToArray(smp, cJSON_CreateDoubleArray(c->samples[i], 3));
     cJSON *x = cJSON_AddObjectToObject(j, "kv_transfer");
     cJSON_AddNumberToObject(x, "gbps", c->xfer_gbps);
     cJSON_AddNumberToObject(x, "latency_ms", c->xfer_latency_ms);

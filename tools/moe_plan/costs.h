@@ -9,6 +9,7 @@
 
 #define MP_MAX_PTS 32
 #define MP_MAX_A2A 64
+#define MP_MAX_SAMPLES 256
 
 typedef struct {
     int ep;
@@ -39,6 +40,10 @@ typedef struct {
     int n_pts;
     double tok[MP_MAX_PTS], ms[MP_MAX_PTS];
     double attn_ms;
+    /* The measurements the fit came from: (tokens, attention work, ms) per point, kept in the
+     * file so that a reader can judge the fit (the simulator does not use them). */
+    int n_samples;
+    double samples[MP_MAX_SAMPLES][3];
     /* KV hand-off between instances on this machine: a copy rate and a per-message latency. */
     double xfer_gbps, xfer_latency_ms;
     /* Expert-parallel all-to-all, measured on this machine's comm backend (may be empty). */

@@ -192,6 +192,16 @@ static void fit(const prof *p, mp_costs *c)
             }
     }
     c->attn_ms = sxx > 0 && sxy > 0 ? sxy / sxx : 0;
+    c->n_samples = p->n < MP_MAX_SAMPLES ? p->n : MP_MAX_SAMPLES;
+    for (int i = 0; i < c->n_samples; i++) {
+        c->samples[i][0] = p->s[i].n;
+        c->samples[i][1] = p->s[i].attn;
+        c->samples[i][2] = p->s[i].ms;
+    }
+    /* Group means of the residuals, then pool-adjacent-violators (weighted by sample count) for
+     * the non-decreasing T: on a loaded machine one slow point must not lift every later one, as
+     * a running maximum would. */
+    double w[MAX_SAMPLES];
     c->n_pts = 0;
     for (int g = 0; g < nn && c->n_pts < MP_MAX_PTS; g++) {
         double r = 0;
@@ -201,12 +211,27 @@ static void fit(const prof *p, mp_costs *c)
                 r += p->s[i].ms - c->attn_ms * p->s[i].attn;
                 cnt++;
             }
-        r /= cnt;
-        if (c->n_pts && r < c->ms[c->n_pts - 1])
-            r = c->ms[c->n_pts - 1];
         c->tok[c->n_pts] = ns[g];
-        c->ms[c->n_pts++] = r;
+        c->ms[c->n_pts] = r / cnt;
+        w[c->n_pts++] = cnt;
     }
+    double val[MP_MAX_PTS], wt[MP_MAX_PTS];
+    int len[MP_MAX_PTS], nb = 0;
+    for (int i = 0; i < c->n_pts; i++) {
+        val[nb] = c->ms[i];
+        wt[nb] = w[i];
+        len[nb++] = 1;
+        while (nb > 1 && val[nb - 2] > val[nb - 1]) {
+            double ww = wt[nb - 2] + wt[nb - 1];
+            val[nb - 2] = (val[nb - 2] * wt[nb - 2] + val[nb - 1] * wt[nb - 1]) / ww;
+            wt[nb - 2] = ww;
+            len[nb - 2] += len[nb - 1];
+            nb--;
+        }
+    }
+    for (int b = 0, i = 0; b < nb; b++)
+        for (int k = 0; k < len[b]; k++)
+            c->ms[i++] = val[b];
 }
 
 static void model_shape(const moe_model *m, mp_costs *c)
