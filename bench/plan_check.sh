@@ -6,7 +6,10 @@
 # Usage: bench/plan_check.sh BUILD_DIR [MODEL_DIR]
 # Env: PLAN_OUT (results dir, default a temp dir), PLAN_REQUESTS (30), PLAN_RATE (0.5 req/s),
 #      PLAN_LEN_SCALE (0.5), PLAN_LAYOUTS ("NAME|np|moe-serve flags|sim layout;..."),
-#      PLAN_TRACES (bench/traces files), PLAN_PROFILE (reuse a profile file).
+#      PLAN_TRACES (bench/traces files), PLAN_PROFILE (one profile file for every run),
+#      PLAN_PROFILE_EACH (1, the default: a --quick profile right before each live run, so that the
+#      profile and the run see the same load on a shared machine; 0: one full profile first),
+#      PLAN_RESIM=1 (only simulate again and print the table, from an earlier PLAN_OUT).
 # The live runs are on a shared machine: every figure it prints carries the load average.
 set -euo pipefail
 build=$(cd "${1:?usage: $0 BUILD_DIR [MODEL_DIR]}" && pwd)
@@ -29,13 +32,17 @@ if [ -z "$model" ]; then
   "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
 fi
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-profile=${PLAN_PROFILE:-$out/profile.json}
-if [ ! -f "$profile" ]; then
+each=${PLAN_PROFILE_EACH:-1}
+[ -n "${PLAN_PROFILE:-}" ] && each=0
+profile_to() { # FILE [--quick]
   echo "profiling (load $(load))" >&2
-  mpirun --oversubscribe -np 2 "$build/moe-plan" profile --model "$model" --threads 1 --reps 3 \
-    --note "bench/plan_check.sh, load average $(load)" --out "$profile" 2> "$out/profile.log" ||
-    { cat "$out/profile.log" >&2; exit 1; }
-fi
+  mpirun --oversubscribe -np 2 "$build/moe-plan" profile --model "$model" --threads 1 --reps 3 ${2:-} \
+    --note "bench/plan_check.sh, load average $(load)" --out "$1" 2> "$1.log" ||
+    { cat "$1.log" >&2; exit 1; }
+}
+profile=${PLAN_PROFILE:-$out/profile.json}
+resim=${PLAN_RESIM:-0}
+[ "$each" = 1 ] || [ -f "$profile" ] || profile_to "$profile"
 
 IFS=';' read -r -a lays <<< "$layouts"
 for t in $traces; do
@@ -45,21 +52,25 @@ for t in $traces; do
   for l in "${lays[@]}"; do
     IFS='|' read -r name np flags simlay <<< "$l"
     key="$tn.$(echo "$name" | tr ' +' '__')"
+    [ "$each" = 1 ] && profile="$out/$key.profile.json"
+    if [ "$resim" != 1 ]; then
+      [ "$each" = 1 ] && profile_to "$profile" --quick
+      # shellcheck disable=SC2086
+      mpirun --oversubscribe -np "$np" "$build/moe-serve" --model "$model" --listen 127.0.0.1:0 \
+        --threads 1 --kv-blocks $kv $flags > "$tmp/out" 2> "$tmp/err" &
+      mp=$!
+      for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
+      port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
+      l0=$(load)
+      echo "=== $tn / $name (port $port, load $l0)" >&2
+      # shellcheck disable=SC2086
+      "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
+        > "$out/$key.real.json" || true
+      kill -USR1 "$mp"; wait "$mp" || true
+      echo "$l0 / $(load)" > "$out/$key.load"
+    fi
     # shellcheck disable=SC2086
-    mpirun --oversubscribe -np "$np" "$build/moe-serve" --model "$model" --listen 127.0.0.1:0 \
-      --threads 1 --kv-blocks $kv $flags > "$tmp/out" 2> "$tmp/err" &
-    mp=$!
-    for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
-    port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
-    l0=$(load)
-    echo "=== $tn / $name (port $port, load $l0)" >&2
-    # shellcheck disable=SC2086
-    "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
-      > "$out/$key.real.json" || true
-    kill -USR1 "$mp"; wait "$mp" || true
-    echo "$l0 / $(load)" > "$out/$key.load"
-    # shellcheck disable=SC2086
-    "$build/moe-plan" simulate --profile "$profile" --layout "$simlay" $wl --kv-blocks $kv --json \
+    "$build/moe-plan" simulate --profile "$profile" --layout "$simlay" $wl --kv-blocks $kv --cores "$(nproc)" --json \
       --jsonl "$out/$key.sim.jsonl" > "$out/$key.sim.json"
   done
 done

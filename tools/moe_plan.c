@@ -38,6 +38,7 @@ static void usage(FILE *f)
           "  --batch-tokens N, --max-seqs N, --kv-blocks N, --kv-block-size N\n"
           "  --kv-transfer layer|block   the hand-off mode (default layer)\n"
           "  --max-requests N     admission limit (default 1024)\n"
+          "  --cores N            the ranks share N cores (one machine; default: a core each)\n"
           "  --dispatch-ms X, --token-path-ms X, --step-overhead-ms X   fixed costs outside the engine\n"
           "network model (for layouts larger than the profiled machine):\n"
           "  --link-gbps G        per-link bandwidth between instances and EP ranks, GB/s\n"
@@ -171,6 +172,8 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             r = parse_int_arg(v, 1, &o->sim.kv_blocks);
         } else if (!strcmp(a, "--max-requests")) {
             r = parse_int_arg(v, 1, &o->sim.max_requests);
+        } else if (!strcmp(a, "--cores")) {
+            r = parse_int_arg(v, 1, &o->sim.cores);
         } else if (!strcmp(a, "--ranks")) {
             r = parse_int_arg(v, 1, &o->ranks);
         } else if (!strcmp(a, "--machine-ranks")) {

@@ -146,6 +146,27 @@ Test(plan_sim, placement_least_pending_tokens)
     rp_records_free(rec, 3);
 }
 
+/* --cores: a step that starts while more ranks step than there are cores is slowed in proportion
+ * (fixed at its start): two instances on one core, the second to start takes twice as long. */
+Test(plan_sim, shared_cores_slow_concurrent_steps)
+{
+    mp_costs c = costs(0);
+    mp_layout l;
+    mp_layout_parse("M=2x1", &l);
+    wl_request r[2] = {{.t_s = 0, .n_in = 100, .n_out = 1}, {.t_s = 0, .n_in = 100, .n_out = 1}};
+    wl_workload w = {.req = r, .n = 2};
+    mp_sim_opts o = {.max_requests = 1024, .cores = 1};
+    rp_record rec[2];
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + T(100) + PATH_MS, EPS);
+    cr_assert_float_eq(rec[1].t_first * 1e3, DISP_MS + 2 * T(100) + PATH_MS, EPS);
+    o.cores = 2;
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[1].t_first * 1e3, DISP_MS + T(100) + PATH_MS, EPS);
+}
+
 Test(plan_sim, kv_cache_too_small_is_an_error_per_request)
 {
     mp_costs c = costs(0);

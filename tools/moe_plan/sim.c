@@ -320,6 +320,13 @@ static bool kick(sim *s, int g)
     double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
                                   : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
                 1e-3;
+    if (s->o->cores > 0) {
+        int stepping = 0;
+        for (int i = 0; i < s->n_groups; i++)
+            stepping += s->groups[i].busy || i == g ? s->groups[i].ep : 0;
+        if (stepping > s->o->cores)
+            dt *= (double)stepping / s->o->cores;
+    }
     gr->busy = true;
     s->st.steps++;
     s->st.busy_s[s->ranks[gr->first].pool] += dt;
