@@ -9,6 +9,7 @@
 
 #include "tools/moe_bench/report.h"
 #include "tools/moe_bench/workload.h"
+#include "tools/moe_plan/calibrate.h"
 #include "tools/moe_plan/profile.h"
 #include "tools/moe_plan/search.h"
 #include "tools/moe_plan/sim.h"
@@ -23,6 +24,10 @@ static void usage(FILE *f)
           "         with the real engine; under mpirun -np N >= 2 also the KV hand-off rate between two\n"
           "         ranks and the expert-parallel all-to-all over N ranks (MPI backend). Writes FILE\n"
           "         (default profile.json).\n"
+          "       moe-plan calibrate --profile FILE --addr HOST:PORT [--requests N]\n"
+          "         measures the fixed costs outside the engine (coordinator dispatch, token path,\n"
+          "         per-step report) on a live cluster of the profiled model with N short probes\n"
+          "         (default 10, 0.5 s apart) and writes them into FILE\n"
           "       moe-plan simulate --profile FILE --layout L [workload] [SLOs] [options]\n"
           "         L: pools of COUNTxEP: \"P=1x1,D=2x1\" (disaggregated), \"M=2x1\" (colocated)\n"
           "       moe-plan search --profile FILE --ranks N [workload] --slo-ttft-ms A --slo-tpot-ms B\n"
@@ -54,7 +59,7 @@ static void usage(FILE *f)
 }
 
 typedef struct {
-    const char *cmd, *profile, *layout, *jsonl_path;
+    const char *cmd, *profile, *layout, *jsonl_path, *addr;
     wl_opts wl;
     rp_slo slo;
     double target;
@@ -107,8 +112,10 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         return argc < 2 ? -1 : 1;
     }
     o->cmd = argv[1];
-    if (strcmp(o->cmd, "profile") && strcmp(o->cmd, "simulate") && strcmp(o->cmd, "search")) {
-        fprintf(stderr, "moe-plan: unknown command '%s' (profile, simulate or search; see --help)\n", o->cmd);
+    if (strcmp(o->cmd, "profile") && strcmp(o->cmd, "calibrate") && strcmp(o->cmd, "simulate") &&
+        strcmp(o->cmd, "search")) {
+        fprintf(stderr, "moe-plan: unknown command '%s' (profile, calibrate, simulate or search; see --help)\n",
+                o->cmd);
         return -1;
     }
     for (int i = 2; i < argc; i++) {
@@ -138,6 +145,8 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         if (r) {
         } else if (!strcmp(a, "--profile")) {
             o->profile = v, r = 1;
+        } else if (!strcmp(a, "--addr")) {
+            o->addr = v, r = 1;
         } else if (!strcmp(a, "--layout")) {
             o->layout = v, r = 1;
         } else if (!strcmp(a, "--model")) {
@@ -316,6 +325,20 @@ int main(int argc, char **argv)
     }
     if (!strcmp(o.cmd, "simulate"))
         return simulate_cmd(&o);
+    if (!strcmp(o.cmd, "calibrate")) {
+        mp_costs c;
+        moe_status cs = o.addr ? load_costs(&o, &c)
+                               : moe_error(MOE_ERR_INVALID_ARG, "calibrate needs --addr HOST:PORT and --profile FILE");
+        if (cs == MOE_OK)
+            cs = mp_calibrate(o.addr, o.wl.requests == 200 ? 10 : o.wl.requests, &c);
+        if (cs == MOE_OK)
+            cs = mp_costs_save(o.profile, &c);
+        if (cs != MOE_OK) {
+            fprintf(stderr, "moe-plan: %s\n", moe_error_message());
+            return 1;
+        }
+        return 0;
+    }
     mp_costs c;
     moe_status st = load_costs(&o, &c);
     if (st == MOE_OK && (o.ranks < 1 || o.slo.slo_ttft_ms <= 0 || o.slo.slo_tpot_ms <= 0))

@@ -180,6 +180,17 @@ moe_status mp_costs_load(const char *path, mp_costs *c)
     }
     if ((st = need_num(step, "attn_ms", path, &c->attn_ms)) != MOE_OK)
         goto out;
+    const cJSON *smp = cJSON_GetObjectItemCaseSensitive(step, "samples"), *row;
+    cJSON_ArrayForEach(row, smp)
+    {
+        if (c->n_samples == MP_MAX_SAMPLES || cJSON_GetArraySize(row) != 3)
+            break;
+        for (int k = 0; k < 3; k++) {
+            const cJSON *v3 = cJSON_GetArrayItem(row, k);
+            c->samples[c->n_samples][k] = cJSON_IsNumber(v3) ? v3->valuedouble : 0;
+        }
+        c->n_samples++;
+    }
     const cJSON *x = cJSON_GetObjectItemCaseSensitive(j, "kv_transfer");
     opt_num(x, "gbps", &c->xfer_gbps);
     opt_num(x, "latency_ms", &c->xfer_latency_ms);
@@ -187,6 +198,7 @@ moe_status mp_costs_load(const char *path, mp_costs *c)
     opt_num(ov, "dispatch_ms", &c->dispatch_ms);
     opt_num(ov, "token_path_ms", &c->token_path_ms);
     opt_num(ov, "step_overhead_ms", &c->step_overhead_ms);
+    opt_num(ov, "handoff_ms", &c->handoff_ms);
     const cJSON *a2a = cJSON_GetObjectItemCaseSensitive(j, "a2a"), *e;
     cJSON_ArrayForEach(e, a2a)
     {
@@ -238,6 +250,7 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
     cJSON_AddNumberToObject(ov, "dispatch_ms", c->dispatch_ms);
     cJSON_AddNumberToObject(ov, "token_path_ms", c->token_path_ms);
     cJSON_AddNumberToObject(ov, "step_overhead_ms", c->step_overhead_ms);
+    cJSON_AddNumberToObject(ov, "handoff_ms", c->handoff_ms);
     cJSON *a2a = cJSON_AddArrayToObject(j, "a2a");
     for (int i = 0; i < c->n_a2a; i++) {
         cJSON *p = cJSON_CreateObject();

@@ -53,6 +53,9 @@ typedef struct {
      * per step (the worker loop's report). Not measured by `profile` (it runs no cluster): defaults
      * from bench/RESULTS.md's moe-bench runs, overridable. */
     double dispatch_ms, token_path_ms, step_overhead_ms;
+    /* Per KV hand-off beyond moving its bytes: the offer, the decode side's import and resume
+     * (measured by `moe-plan calibrate` on a disaggregated cluster; 0 otherwise). */
+    double handoff_ms;
 } mp_costs;
 
 void mp_costs_init(mp_costs *c);

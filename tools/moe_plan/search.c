@@ -6,6 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/grow.h"
+
 moe_status mp_run_at(mp_run_ctx *x, double rate, rp_summary *s, mp_sim_stats *st)
 {
     wl_opts wo = x->wl;
@@ -94,45 +96,38 @@ static int cmp_cand(const void *a, const void *b)
 
 static bool ep_ok(const mp_costs *c, int e) { return e == 1 || (c->n_experts > 0 && c->n_experts % e == 0); }
 
+static bool add_cand(cand **cs, int *n, int *cap, const mp_layout *l)
+{
+    if (!moe_grow((void **)cs, cap, *n + 1, sizeof **cs))
+        return false;
+    (*cs)[(*n)++] = (cand){.l = *l, .ranks = mp_layout_ranks(l)};
+    return true;
+}
+
 moe_status mp_search(const mp_costs *c, const mp_search_opts *o, FILE *out)
 {
     int cap = 0, n = 0;
     cand *cs = NULL;
+    bool ok = true;
     int N = o->ranks;
     /* Every EP pair (powers of two), every prefill count, the rest of the ranks as decode; and
      * colocated instances filling the ranks. Fewer ranks than N are candidates too (per rank). */
     for (int e1 = 1; e1 <= N; e1 *= 2) {
         if (!ep_ok(c, e1))
             continue;
-        for (int m = 1; m * e1 <= N; m++) {
-            if (n == cap) {
-                cap = cap ? 2 * cap : 64;
-                cand *g = realloc(cs, (size_t)cap * sizeof *g);
-                if (!g) {
-                    free(cs);
-                    return moe_error(MOE_ERR_NOMEM, "search: out of memory");
-                }
-                cs = g;
-            }
-            cs[n++] = (cand){.l = {.count = {0, 0, m}, .ep = {0, 0, e1}}, .ranks = m * e1};
-        }
+        for (int m = 1; m * e1 <= N; m++)
+            ok &= add_cand(&cs, &n, &cap, &(mp_layout){.count = {0, 0, m}, .ep = {0, 0, e1}});
         for (int e2 = 1; e2 <= N; e2 *= 2) {
             if (!ep_ok(c, e2))
                 continue;
             for (int p = 1; p * e1 + e2 <= N; p++)
-                for (int d = 1; p * e1 + d * e2 <= N; d++) {
-                    if (n == cap) {
-                        cap = cap ? 2 * cap : 64;
-                        cand *g = realloc(cs, (size_t)cap * sizeof *g);
-                        if (!g) {
-                            free(cs);
-                            return moe_error(MOE_ERR_NOMEM, "search: out of memory");
-                        }
-                        cs = g;
-                    }
-                    cs[n++] = (cand){.l = {.count = {p, d, 0}, .ep = {e1, e2, 0}}, .ranks = p * e1 + d * e2};
-                }
+                for (int d = 1; p * e1 + d * e2 <= N; d++)
+                    ok &= add_cand(&cs, &n, &cap, &(mp_layout){.count = {p, d, 0}, .ep = {e1, e2, 0}});
         }
+    }
+    if (!ok) {
+        free(cs);
+        return moe_error(MOE_ERR_NOMEM, "search: out of memory");
     }
     fprintf(stderr, "moe-plan search: %d layouts of at most %d worker ranks\n", n, N);
     for (int i = 0; i < n; i++) {

@@ -353,7 +353,7 @@ static double handoff_ms(const sim *s, int req)
     /* Layer by layer: all but the last layer left while later layers computed. */
     if (!s->rq[req].pull && !s->o->kv_block_mode && s->c->n_layers > 0)
         bytes /= s->c->n_layers;
-    return mp_xfer_ms(s->c, &s->o->net, bytes);
+    return mp_xfer_ms(s->c, &s->o->net, bytes) + s->c->handoff_ms;
 }
 
 /* A parked prefill whose decode side has (or now has) room: the KV moves. */
