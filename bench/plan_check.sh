@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The simulator against real clusters on this machine (issue 14): profiles the machine with
+# `moe-plan profile` (under mpirun -np 2: the MPI hand-off rate and all-to-all too), then for each
+# layout and trace runs moe-bench on a live `mpirun moe-serve` cluster and `moe-plan simulate` on
+# the same workload, and prints the error table (TTFT/TPOT p50/p90, simulated vs measured).
+# Usage: bench/plan_check.sh BUILD_DIR [MODEL_DIR]
+# Env: PLAN_OUT (results dir, default a temp dir), PLAN_REQUESTS (30), PLAN_RATE (0.5 req/s),
+#      PLAN_LEN_SCALE (0.5), PLAN_LAYOUTS ("NAME|np|moe-serve flags|sim layout;..."),
+#      PLAN_TRACES (bench/traces files), PLAN_PROFILE (one profile file for every run),
+#      PLAN_PROFILE_EACH (1, the default: a --quick profile right before each live run, so that the
+#      profile and the run see the same load on a shared machine; 0: one full profile first),
+#      PLAN_RESIM=1 (only simulate again and print the table, from an earlier PLAN_OUT).
+# The live runs are on a shared machine: every figure it prints carries the load average.
+set -euo pipefail
+build=$(cd "${1:?usage: $0 BUILD_DIR [MODEL_DIR]}" && pwd)
+src=$(cd "$(dirname "$0")/.." && pwd)
+model=${2:-}
+n=${PLAN_REQUESTS:-30}
+rate=${PLAN_RATE:-0.5}
+scale=${PLAN_LEN_SCALE:-0.5}
+kv=512
+layouts=${PLAN_LAYOUTS:-"1P+1D|3|--prefill-instances 1 --decode-instances 1|P=1x1,D=1x1;colocated 2|3|--colocated|M=2x1;1P+2D|4|--prefill-instances 1 --decode-instances 2|P=1x1,D=2x1"}
+traces=${PLAN_TRACES:-"$src/bench/traces/chat.jsonl $src/bench/traces/code.csv"}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export OMPI_MCA_mpi_yield_when_idle=1
+tmp=$(mktemp -d)
+out=${PLAN_OUT:-$tmp/results}
+mkdir -p "$out"
+trap 'rm -rf "$tmp"' EXIT
+if [ -z "$model" ]; then
+  model=$tmp/small
+  "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
+fi
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+each=${PLAN_PROFILE_EACH:-1}
+[ -n "${PLAN_PROFILE:-}" ] && each=0
+profile_to() { # FILE [--quick]
+  echo "profiling (load $(load))" >&2
+  mpirun --oversubscribe -np 2 "$build/moe-plan" profile --model "$model" --threads 1 --reps 3 ${2:-} \
+    --note "bench/plan_check.sh, load average $(load)" --out "$1" 2> "$1.log" ||
+    { cat "$1.log" >&2; exit 1; }
+}
+profile=${PLAN_PROFILE:-$out/profile.json}
+resim=${PLAN_RESIM:-0}
+[ "$each" = 1 ] || [ -f "$profile" ] || profile_to "$profile"
+
+IFS=';' read -r -a lays <<< "$layouts"
+for t in $traces; do
+  tn=$(basename "$t"); tn=${tn%%.*}
+  hb=""; [ "$tn" = chat ] && hb="--hash-block 64"
+  wl="--trace $t --requests $n --rate $rate --len-scale $scale $hb"
+  for l in "${lays[@]}"; do
+    IFS='|' read -r name np flags simlay <<< "$l"
+    key="$tn.$(echo "$name" | tr ' +' '__')"
+    [ "$each" = 1 ] && profile="$out/$key.profile.json"
+    if [ "$resim" != 1 ]; then
+      [ "$each" = 1 ] && profile_to "$profile" --quick
+      # shellcheck disable=SC2086
+      mpirun --oversubscribe -np "$np" "$build/moe-serve" --model "$model" --listen 127.0.0.1:0 \
+        --threads 1 --kv-blocks $kv $flags > "$tmp/out" 2> "$tmp/err" &
+      mp=$!
+      for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
+      port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
+      l0=$(load)
+      echo "=== $tn / $name (port $port, load $l0)" >&2
+      # shellcheck disable=SC2086
+      "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
+        > "$out/$key.real.json" || true
+      kill -USR1 "$mp"; wait "$mp" || true
+      echo "$l0 / $(load)" > "$out/$key.load"
+    fi
+    # shellcheck disable=SC2086
+    "$build/moe-plan" simulate --profile "$profile" --layout "$simlay" $wl --kv-blocks $kv --cores "$(nproc)" --json \
+      --jsonl "$out/$key.sim.jsonl" > "$out/$key.sim.json"
+  done
+done
+
+python3 - "$out" "$layouts" "$traces" "$n" "$rate" "$scale" <<'PY'
+import json, os, sys
+out, layouts, traces, n, rate, scale = sys.argv[1:]
+def err(s, r):
+    return "%+.0f%%" % (100 * (s - r) / r) if r else "n/a"
+print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
+print("|---|---|---|---|---|---|---|")
+errs = []
+for t in traces.split():
+    tn = os.path.basename(t).split(".")[0]
+    for l in layouts.split(";"):
+        name = l.split("|")[0]
+        key = "%s.%s" % (tn, name.replace(" ", "_").replace("+", "_"))
+        try:
+            r = json.loads(open(os.path.join(out, key + ".real.json")).read().strip().splitlines()[-1])
+            s = json.loads(open(os.path.join(out, key + ".sim.json")).read().strip().splitlines()[-1])
+        except Exception as e:
+            print("| %s | %s | | failed: %s | | | |" % (tn, name, e)); continue
+        cells = []
+        for m in ("ttft_ms", "tpot_ms"):
+            for p in ("p50", "p90"):
+                rv, sv = r[m][p], s[m][p]
+                cells.append("%.1f / %.1f (%s)" % (rv, sv, err(sv, rv)))
+                if rv: errs.append(abs(sv - rv) / rv)
+        ld = open(os.path.join(out, key + ".load")).read().strip()
+        print("| %s | %s | %s | %s |" % (tn, name, ld, " | ".join(cells)))
+if errs:
+    errs.sort()
+    print("\n%d figures: median |error| %.0f%%, worst %.0f%%; %d of %d within 15%%" % (
+        len(errs), 100 * errs[len(errs) // 2], 100 * errs[-1], sum(e <= 0.15 for e in errs), len(errs)))
+print("\n(%s requests per run at %s req/s, lengths x %s; raw JSON lines in %s)" % (n, rate, scale, out))
+PY

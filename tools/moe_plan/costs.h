@@ -1,0 +1,80 @@
+/* moe-plan's cost model: what one engine step, a KV hand-off and an expert-parallel exchange cost on
+ * a machine, fitted from the measurements of `moe-plan profile` and kept in its profile file
+ * (JSON). The simulator asks it for durations only. */
+#ifndef MOE_TOOLS_PLAN_COSTS_H
+#define MOE_TOOLS_PLAN_COSTS_H
+
+#include <stdbool.h>
+#include "common/status.h"
+
+#define MP_MAX_PTS 32
+#define MP_MAX_A2A 64
+#define MP_MAX_SAMPLES 256
+
+typedef struct {
+    int ep;
+    double tokens; /* routed tokens per rank (before top-k) */
+    double ms;     /* one all-to-all-v (dispatch or combine) */
+} mp_a2a_pt;
+
+/* A network between instances (and between the ranks of an expert-parallel instance when
+ * it spans hosts): used where the profile has no measurement, and for layouts bigger than the
+ * profiled machine. */
+typedef struct {
+    double gbps;       /* per-link bandwidth, GB/s (bytes) */
+    double latency_ms; /* per message */
+    bool set;          /* given on the command line: overrides the profile's measured rates */
+} mp_net;
+
+typedef struct {
+    char model[256], cpu[128], note[256];
+    int threads;
+    /* Engine limits the profile ran with (the simulator's defaults). */
+    int block_size, max_batch_tokens, max_seqs, kv_blocks;
+    /* Model shape. */
+    int n_layers, moe_layers, hidden, top_k, n_experts;
+    double kv_bytes_per_token; /* K and V, all layers, f32 */
+    double expert_frac;        /* share of a token's weight FLOPs in routed experts */
+    /* Step time = T(n_tokens) + attn_ms * attention work (sum over the step's tokens of the
+     * positions each attends to). T is piecewise linear through (tok[i], ms[i]). */
+    int n_pts;
+    double tok[MP_MAX_PTS], ms[MP_MAX_PTS];
+    double attn_ms;
+    /* The measurements the fit came from: (tokens, attention work, ms) per point, kept in the
+     * file so that a reader can judge the fit (the simulator does not use them). */
+    int n_samples;
+    double samples[MP_MAX_SAMPLES][3];
+    /* KV hand-off between instances on this machine: a copy rate and a per-message latency. */
+    double xfer_gbps, xfer_latency_ms;
+    /* Expert-parallel all-to-all, measured on this machine's comm backend (may be empty). */
+    int n_a2a;
+    mp_a2a_pt a2a[MP_MAX_A2A];
+    /* Fixed costs outside the engine: coordinator -> worker dispatch, worker -> client token path,
+     * per step (the worker loop's report). Not measured by `profile` (it runs no cluster): defaults
+     * from bench/RESULTS.md's moe-bench runs, overridable. */
+    double dispatch_ms, token_path_ms, step_overhead_ms;
+    /* Per KV hand-off beyond moving its bytes: the offer, the decode side's import and resume
+     * (measured by `moe-plan calibrate` on a disaggregated cluster; 0 otherwise). */
+    double handoff_ms;
+} mp_costs;
+
+void mp_costs_init(mp_costs *c);
+/* Reads a profile file. IO / NOT_FOUND, or FORMAT naming the missing or bad field. */
+moe_status mp_costs_load(const char *path, mp_costs *c);
+moe_status mp_costs_save(const char *path, const mp_costs *c);
+
+/* One engine step's duration (ms) on one rank holding all experts. */
+double mp_step_ms(const mp_costs *c, int n_tokens, double attn_work);
+/* One step of an expert-parallel instance of ep ranks whose ranks hold n[r] tokens and attention
+ * work attn[r]: attention and dense parts per rank (the slowest sets the pace), the routed experts
+ * split ep ways, and a dispatch + combine all-to-all per MoE layer. */
+double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n, const double *attn);
+/* One all-to-all-v with `tokens` routed tokens per rank over ep ranks (ms). */
+double mp_a2a_ms(const mp_costs *c, const mp_net *net, int ep, double tokens);
+/* Moving `bytes` of KV between two instances (ms): latency + bytes / rate. */
+double mp_xfer_ms(const mp_costs *c, const mp_net *net, double bytes);
+
+/* Attention work of a chunk of n tokens starting at position pos0: each attends to pos0+i+1. */
+static inline double mp_attn_work(int pos0, int n) { return (double)n * pos0 + (double)n * (n + 1) / 2.0; }
+
+#endif
