@@ -77,5 +77,6 @@ if chroot "$work/runtime" sh -c 'command -v cc || command -v gcc || command -v c
   echo "check-debootstrap: the runtime root has a compiler" >&2
   exit 1
 fi
-du -sh "$work/runtime" | sed 's/^/runtime root size: /'
+du -sxh "$work/runtime" | sed 's/^/runtime root size: /'
+echo "runtime packages: $(tr "\n" " " <"$work/runtime/opt/moeserve/share/moeserve/runtime-packages.txt")"
 step "ok"

@@ -28,8 +28,9 @@
 #                       instance is this one process.
 #   MOE_SSH_SECRET_DIR  the ssh Secret's mount (ssh-privatekey, ssh-publickey);
 #                       default /etc/moeserve/ssh
-#   MOE_SSH_DIR         where the usable copies go (ssh wants 0600 files the user owns);
-#                       default $HOME/.ssh
+#   MOE_SSH_DIR         where the usable copies go (ssh wants 0600 files the user owns): a
+#                       folder this script creates; default $HOME/.ssh (deploy/k8s: in an
+#                       emptyDir, as the root file system is read-only)
 #   MOE_SSH_PORT        the workers' sshd port (2222: unprivileged, as the pods run as non-root)
 #   MOE_WORKER_WAIT_S   how long the leader waits for its workers' sshd (600)
 #   MOE_MPIRUN_ARGS     more mpirun flags (e.g. --mca btl_tcp_if_include eth0)
@@ -226,7 +227,10 @@ lws_worker() {
     cp "$dir/id_moeserve.pub" "$dir/authorized_keys"
     chmod 0600 "$dir/authorized_keys"
     # sshd as the unprivileged user: it can only log in that same user, which is all mpirun
-    # needs; the Secret's key is both the host key and the one authorized key.
+    # needs; the Secret's key is both the host key and the one authorized key. StrictModes is
+    # off because the files live in an emptyDir (world-writable above our own 0700 folder),
+    # which StrictModes refuses; it guards against other users of a shared host, and a pod has
+    # none.
     cat >"$dir/sshd_config" <<EOF
 Port ${MOE_SSH_PORT:-2222}
 HostKey $dir/id_moeserve
@@ -236,6 +240,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
+StrictModes no
 PermitRootLogin no
 AllowUsers $(id -un)
 AllowTcpForwarding no
