@@ -33,6 +33,10 @@ prepare() { # prepare DIR: the kernel file systems and name resolution apt and p
   mount -t proc proc "$1/proc" && mounted+=("$1/proc")
   mount --bind /dev "$1/dev" && mounted+=("$1/dev")
   cp /etc/resolv.conf "$1/etc/resolv.conf"
+  # As in Debian's container images: packages must not start services (openssh-server's sshd)
+  # inside the root.
+  printf '#!/bin/sh\nexit 101\n' >"$1/usr/sbin/policy-rc.d"
+  chmod 0755 "$1/usr/sbin/policy-rc.d"
 }
 step() { echo "=== check-debootstrap: $* ($(date -u +%T))"; }
 
