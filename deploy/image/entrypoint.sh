@@ -108,7 +108,7 @@ coordinator() {
     --cluster-listen "${MOE_CLUSTER_LISTEN:-0.0.0.0:50052}")
   token_args
   if [ -n "${MOE_HEARTBEAT_TIMEOUT_MS:-}" ]; then args+=(--heartbeat-timeout-ms "$MOE_HEARTBEAT_TIMEOUT_MS"); fi
-  if [ -n "${MOE_DRAIN_TIMEOUT_S:-}" ]; then args+=(--drain-timeout "$MOE_DRAIN_TIMEOUT_S"); fi
+  if [ -n "${MOE_DRAIN_TIMEOUT_S:-}" ]; then args+=(--drain-timeout-s "$MOE_DRAIN_TIMEOUT_S"); fi
   split_args MOE_COORDINATOR_ARGS
   run "${args[@]}"
 }

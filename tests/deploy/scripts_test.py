@@ -98,7 +98,7 @@ class Entrypoint(unittest.TestCase):
         self.assertEqual(argv, [SERVE, "coordinator", "--model", str(self.pod.model),
                                 "--listen", "0.0.0.0:50051", "--cluster-listen", "0.0.0.0:50052",
                                 "--cluster-token-file", str(self.pod.token),
-                                "--heartbeat-timeout-ms", "3000", "--drain-timeout", "60",
+                                "--heartbeat-timeout-ms", "3000", "--drain-timeout-s", "60",
                                 "--max-requests", "1024", "--max-queue", "64"])
 
     def test_single_rank_instance(self):
