@@ -9,7 +9,11 @@
 # Why not leave it to the kubelet's SIGTERM: on an LWS leader PID 1's child is mpirun, and
 # mpirun answers SIGTERM by SIGKILLing its ranks about a second later (Open MPI 4.1); on a worker
 # pod it is sshd, whose exit would end the pod's rank mid-stream. Signalling the ranks
-# themselves is the drain the server implements. The wait is bounded by MOE_DRAIN_TIMEOUT_S +
+# themselves is the drain the server implements. Where a drained process is the container's
+# main one (an E = 1 instance, the coordinator, the ranks under an LWS leader's mpirun), the
+# container ends when it exits and takes this hook along before it can say "drained": that is
+# the success path too (the pod's exit status, 0, is what counts).
+# The wait is bounded by MOE_DRAIN_TIMEOUT_S +
 # MOE_PRESTOP_MARGIN_S (60 + 30 s by default); deploy/k8s sets terminationGracePeriodSeconds
 # above that, and tests/deploy checks it.
 set -uo pipefail

@@ -293,12 +293,22 @@ class Ready(unittest.TestCase):
                "MOE_HOST_LABEL": label}
         return subprocess.run([str(READY)], env=env, capture_output=True, text=True, timeout=30).returncode
 
-    def test_ready_only_when_listed(self):
-        table = "instance 3 decode moeserve-decode-1 READY\ninstance 4 decode moeserve-decode-10 READY"
-        self.assertEqual(self.ready(table), 0)
-        self.assertEqual(self.ready(table, label="moeserve-decode-2"), 1)
-        self.assertEqual(self.ready("instance 4 decode moeserve-decode-10 READY"), 1)  # whole fields only
-        self.assertEqual(self.ready("instance 4 decode moeserve-decode-1-1 READY"), 1)
+    def test_ready_only_when_listed_ready(self):
+        # Rows as tools/moe_client.c prints them (tests/integration/deploy_pods_tests.py runs the
+        # probe against the real client and coordinator).
+        head = ("POOL     INSTANCES RANKS  EP RUNNING WAITING               KV USED\n"
+                "decode           2     2   1       0       0                 0/1024\n\n"
+                "INST POOL     STATE       RANKS        RUNNING WAITING  KV USED  KV FREE  KV TOTAL PEND.PROMPT"
+                " HEARTBEAT  HOST\n")
+
+        def row(state, host):
+            return (f"3    decode   {state:<11} 1,2                0       0        0      512       512"
+                    f"          0       12 ms  {host}\n")
+        self.assertEqual(self.ready(head + row("ready", "moeserve-decode-1")), 0)
+        self.assertEqual(self.ready(head + row("ready", "moeserve-decode-1"), label="moeserve-decode-2"), 1)
+        self.assertEqual(self.ready(head + row("ready", "moeserve-decode-10")), 1)
+        for state in ("draining", "UNREACHABLE", "starting"):
+            self.assertEqual(self.ready(head + row(state, "moeserve-decode-1")), 1, state)
         self.assertEqual(self.ready("UNAVAILABLE: failed to connect", rc=1), 1)
 
 
