@@ -22,7 +22,7 @@ import health_pb2_grpc
 import moeserve_pb2 as pb
 import moeserve_pb2_grpc as pbg
 from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check, registrar, test_main
-from elastic import Proc
+from elastic import ElasticCluster, Proc
 from elastic_tests import Streams, check_outputs, workload
 
 TESTS = {}
@@ -105,12 +105,9 @@ class Pods:
             time.sleep(0.2)
         raise TestFailure("pods %s not ready in %d s" % ([p.name for p in pods], timeout))
 
-    def serving(self):
-        try:
-            r = self.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+    # The same as the elastic harness's: they need only self.health / self.status().
+    serving = ElasticCluster.serving
+    wait_idle = ElasticCluster.wait_idle
 
     def status(self):
         return self.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
@@ -125,18 +122,6 @@ class Pods:
         r = subprocess.run(["nsenter", "-t", kids[0], "-p", "-m", "--", PRESTOP], env=pod.pod_env,
                            capture_output=True, text=True, timeout=timeout)
         return r
-
-    def wait_idle(self, timeout=20):
-        deadline = time.time() + timeout
-        st = None
-        while time.time() < deadline:
-            st = self.status()
-            live = [i for i in st.instances if i.state != pb.INSTANCE_STATE_UNREACHABLE]
-            if all(i.kv_blocks_used == 0 and i.running == 0 and i.waiting == 0 for i in live) \
-                    and st.totals.active_streams == 0:
-                return st
-            time.sleep(0.05)
-        raise TestFailure("KV/sequences not back at zero after %d s:\n%s" % (timeout, st))
 
     def stop(self):
         """Every pod's preStop hook, instances first: each drains and exits 0."""
