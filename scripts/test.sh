@@ -39,6 +39,7 @@ stage "unit tests (ASan+UBSan)" unit_tests build-asan
 if [ -x scripts/fuzz.sh ]; then
   stage "fuzzing (bounded)" scripts/fuzz.sh "${MOE_FUZZ_SECONDS:-15}"
 fi
+if [ -x tests/deploy/run.sh ]; then stage "deploy manifests and pod scripts" tests/deploy/run.sh; fi
 if [ -x tests/integration/run.sh ]; then
   stage "cluster tests (mpirun)" tests/integration/run.sh build
 fi
