@@ -17,7 +17,9 @@
 #include "worker/engine.h"
 #include "worker/model.h"
 
+/* Every .c file of tools/moe_gen_model, as in test_gen_model.c. */
 #include "../../tools/moe_gen_model/bpe_train.c"
+#include "../../tools/moe_gen_model/chat_templates.c"
 #include "../../tools/moe_gen_model/corpus.c"
 #include "../../tools/moe_gen_model/gen_model.c"
 #include "../../tools/moe_gen_model/hf_config.c"
