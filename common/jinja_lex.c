@@ -9,6 +9,7 @@
 
 #include "common/grow.h"
 #include "common/jinja_internal.h"
+#include "common/utf8.h"
 
 #define MAX_TOKENS (1 << 22)
 
@@ -86,41 +87,6 @@ static char *normalize(ja_arena *a, const char *src, size_t len, size_t *out_len
     return d;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-static size_t put_utf8(char *d, uint32_t cp)
-{
-    if (cp < 0x80) {
-        d[0] = (char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        d[0] = (char)(0xC0 | (cp >> 6));
-        d[1] = (char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        d[0] = (char)(0xE0 | (cp >> 12));
-        d[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        d[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    d[0] = (char)(0xF0 | (cp >> 18));
-    d[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    d[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-    d[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
 /* A string literal at L->i (the quote), unescaped like Python's unicode-escape codec. */
 static moe_status lex_string(lexer *L)
 {
@@ -166,7 +132,7 @@ static moe_status lex_string(lexer *L)
                 uint32_t v = (uint32_t)(e - '0');
                 for (int m = 0; m < 2 && k + 1 < n && p[k + 1] >= '0' && p[k + 1] <= '7'; m++)
                     v = v * 8 + (uint32_t)(p[++k] - '0');
-                o += put_utf8(d + o, v);
+                o += moe_utf8_encode(v, d + o);
             } else {
                 d[o++] = '\\';
                 d[o++] = e;
@@ -175,7 +141,7 @@ static moe_status lex_string(lexer *L)
         if (digits) {
             uint32_t v = 0;
             for (int m = 0; m < digits; m++) {
-                int h = k + 1 < n ? hexval(p[k + 1]) : -1;
+                int h = k + 1 < n ? moe_hex_digit(p[k + 1]) : -1;
                 if (h < 0)
                     return lex_err(L, "truncated \\x, \\u or \\U escape in a string literal");
                 v = v * 16 + (uint32_t)h;
@@ -183,7 +149,7 @@ static moe_status lex_string(lexer *L)
             }
             if (v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF))
                 return lex_err(L, "escape outside Unicode in a string literal");
-            o += put_utf8(d + o, v);
+            o += moe_utf8_encode(v, d + o);
         }
     }
     d[o] = '\0';

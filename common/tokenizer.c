@@ -67,7 +67,7 @@ moe_status tok_get_str(const tok_loader *L, const cJSON *obj, const char *key, c
     if (!cJSON_IsString(v) || !v->valuestring)
         return tok_bad(L, p, "expected a string");
     size_t n = strlen(v->valuestring);
-    if (tok_utf8_check(v->valuestring, n) != n)
+    if (moe_utf8_check(v->valuestring, n) != n)
         return tok_bad(L, p, "not valid UTF-8");
     *out = v->valuestring;
     return MOE_OK;
@@ -174,7 +174,7 @@ static moe_status parse_model(tok_loader *L, const cJSON *m)
             e->valuedouble != floor(e->valuedouble))
             return tok_bad(L, p, "expected a token id (integer below 4194304)");
         size_t len = strlen(e->string);
-        if (tok_utf8_check(e->string, len) != len)
+        if (moe_utf8_check(e->string, len) != len)
             return tok_bad(L, p, "token is not valid UTF-8");
         char *key = tok_strndup(e->string, len);
         if (!key)

@@ -110,7 +110,7 @@ static moe_status bpe_word(const moe_tokenizer *tok, tok_bpe_scratch *c, const c
     bool affix = tok->cont_prefix || tok->eow_suffix;
     for (size_t i = 0; i < n;) {
         uint32_t cp;
-        size_t l = tok_utf8_decode(s + i, &cp);
+        size_t l = moe_utf8_decode(s + i, &cp);
         const char *sym = s + i;
         size_t sym_len = l;
         if (affix) {

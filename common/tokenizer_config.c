@@ -21,13 +21,13 @@ static moe_status get_char(const tok_loader *L, const cJSON *obj, const char *ke
     char p[256];
     snprintf(p, sizeof p, "%s.%s", path, key);
     size_t n = strlen(s);
-    if (n == 0 || n > 4 || tok_utf8_seq_len((const unsigned char *)s, n) != n)
+    if (n == 0 || n > 4 || moe_utf8_seq_len((const unsigned char *)s, n) != n)
         return tok_bad(L, p, "expected a single character");
     memcpy(out, s, n);
     out[n] = '\0';
     *out_len = n;
     if (cp)
-        tok_utf8_decode(s, cp);
+        moe_utf8_decode(s, cp);
     return MOE_OK;
 }
 
@@ -51,7 +51,7 @@ static moe_status get_pattern(const tok_loader *L, const cJSON *obj, const char 
     } else
         return tok_bad(L, p, "expected {\"String\": ...} or {\"Regex\": ...}");
     size_t n = strlen(*pat);
-    if (tok_utf8_check(*pat, n) != n)
+    if (moe_utf8_check(*pat, n) != n)
         return tok_bad(L, p, "not valid UTF-8");
     return MOE_OK;
 }

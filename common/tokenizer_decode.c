@@ -61,25 +61,14 @@ static void flush_out(moe_detok *d, size_t i, tok_buf *b)
 
 /* ---- ByteFallback ---- */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* HF: len 6, "<0x" .. ">", and u8::from_str_radix of the two middle bytes (which takes "+H"). */
 static int byte_token(const char *s, size_t n)
 {
     if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>')
         return -1;
     if (s[3] == '+')
-        return hexval(s[4]);
-    int hi = hexval(s[3]), lo = hexval(s[4]);
+        return moe_hex_digit(s[4]);
+    int hi = moe_hex_digit(s[3]), lo = moe_hex_digit(s[4]);
     return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
 }
 
@@ -87,7 +76,7 @@ static void bf_flush_run(moe_detok *d, size_t i, dstage *s)
 {
     if (!s->buf.len)
         return;
-    if (tok_utf8_check(s->buf.p, s->buf.len) == s->buf.len) {
+    if (moe_utf8_check(s->buf.p, s->buf.len) == s->buf.len) {
         ev_begin(d, i + 1);
         ev_text(d, i + 1, s->buf.p, s->buf.len);
         ev_end(d, i + 1);
@@ -153,7 +142,7 @@ static void bl_token(moe_detok *d, size_t i, dstage *s)
     bool all = true;
     for (size_t k = 0; k < n && all;) {
         uint32_t cp;
-        k += tok_utf8_decode(t + k, &cp);
+        k += moe_utf8_decode(t + k, &cp);
         all = tok_cp_to_byte(cp) >= 0;
     }
     if (all) {
@@ -161,7 +150,7 @@ static void bl_token(moe_detok *d, size_t i, dstage *s)
         size_t m = 0;
         for (size_t k = 0; k < n;) {
             uint32_t cp;
-            k += tok_utf8_decode(t + k, &cp);
+            k += moe_utf8_decode(t + k, &cp);
             tmp[m++] = (unsigned char)tok_cp_to_byte(cp);
             if (m == sizeof tmp) {
                 bl_bytes(d, s, tmp, m);
@@ -310,7 +299,7 @@ static void ev_text(moe_detok *d, size_t i, const char *t, size_t n)
         break;
     case TOK_DEC_STRIP:
         for (size_t k = 0; k < n;) {
-            size_t l = tok_utf8_seq_len((const unsigned char *)t + k, n - k);
+            size_t l = moe_utf8_seq_len((const unsigned char *)t + k, n - k);
             if (!l)
                 l = 1;
             bool is_c = l == dc->ch_len && memcmp(t + k, dc->ch, l) == 0;

@@ -220,11 +220,11 @@ static moe_status split_added(enc_ctx *c, const tok_trie *t, const piece *in, pi
             uint32_t cp;
             bool start_ok = start == 0, stop_ok = stop == n;
             if (!start_ok) {
-                tok_utf8_decode(s + prev_char_start(s, start), &cp);
+                moe_utf8_decode(s + prev_char_start(s, start), &cp);
                 start_ok = !tok_is_word_char(cp);
             }
             if (!stop_ok) {
-                tok_utf8_decode(s + stop, &cp);
+                moe_utf8_decode(s + stop, &cp);
                 stop_ok = !tok_is_word_char(cp);
             }
             if (!start_ok || !stop_ok)
@@ -235,7 +235,7 @@ static moe_status split_added(enc_ctx *c, const tok_trie *t, const piece *in, pi
             while (ns > 0) {
                 size_t p = prev_char_start(s, ns);
                 uint32_t cp;
-                tok_utf8_decode(s + p, &cp);
+                moe_utf8_decode(s + p, &cp);
                 if (!tok_is_white_space(cp))
                     break;
                 ns = p;
@@ -245,7 +245,7 @@ static moe_status split_added(enc_ctx *c, const tok_trie *t, const piece *in, pi
         if (a->rstrip) {
             while (stop < n) {
                 uint32_t cp;
-                size_t l = tok_utf8_decode(s + stop, &cp);
+                size_t l = moe_utf8_decode(s + stop, &cp);
                 if (!tok_is_white_space(cp))
                     break;
                 stop += l;
@@ -286,7 +286,7 @@ static moe_status regex_spans(enc_ctx *c, const tok_regex *re, const char *s, si
         if (ms == me && have_last && last_match_end == me) {
             if (last_end >= n)
                 break;
-            size_t l = tok_utf8_seq_len((const unsigned char *)s + last_end, n - last_end);
+            size_t l = moe_utf8_seq_len((const unsigned char *)s + last_end, n - last_end);
             last_end += l ? l : 1;
             continue;
         }
@@ -316,7 +316,7 @@ static moe_status char_spans(enc_ctx *c, const char *s, size_t n,
     size_t last = 0;
     for (size_t i = 0; i < n;) {
         uint32_t cp;
-        size_t l = tok_utf8_decode(s + i, &cp);
+        size_t l = moe_utf8_decode(s + i, &cp);
         if (pred(cp, arg)) {
             if (last < i && !span_push(&c->spans, last, i, false))
                 return oom(c->tok);
@@ -477,7 +477,7 @@ static moe_status normalize_with(enc_ctx *c, const char *s, size_t n, tok_buf *o
             uint32_t cp;
             if (nm->left)
                 while (lo < hi) {
-                    size_t l = tok_utf8_decode(a.p + lo, &cp);
+                    size_t l = moe_utf8_decode(a.p + lo, &cp);
                     if (!tok_is_white_space(cp))
                         break;
                     lo += l;
@@ -485,7 +485,7 @@ static moe_status normalize_with(enc_ctx *c, const char *s, size_t n, tok_buf *o
             if (nm->right)
                 while (hi > lo) {
                     size_t p = prev_char_start(a.p, hi);
-                    tok_utf8_decode(a.p + p, &cp);
+                    moe_utf8_decode(a.p + p, &cp);
                     if (!tok_is_white_space(cp))
                         break;
                     hi = p;
@@ -560,7 +560,7 @@ static moe_status byte_map(enc_ctx *c, const piece *in, piece_vec *out)
         return oom(c->tok);
     size_t k = 0;
     for (size_t i = 0; i < in->n; i++)
-        k += tok_utf8_encode(tok_byte_to_cp[(unsigned char)in->s[i]], d + k);
+        k += moe_utf8_encode(tok_byte_to_cp[(unsigned char)in->s[i]], d + k);
     d[k] = '\0';
     return piece_push(out, (piece){d, k, in->first, -1}) ? MOE_OK : oom(c->tok);
 }
@@ -717,7 +717,7 @@ moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size
         return moe_error(MOE_ERR_INVALID_ARG, "%s: encode: NULL text", tok->name);
     if (!text)
         text = "";
-    size_t bad = tok_utf8_check(text, len);
+    size_t bad = moe_utf8_check(text, len);
     if (bad != len)
         return moe_error(MOE_ERR_INVALID_ARG, "%s: encode: text is not valid UTF-8 (byte %zu)",
                          tok->name, bad);

@@ -11,6 +11,7 @@
 #include <cjson/cJSON.h>
 
 #include "common/tokenizer.h"
+#include "common/utf8.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -35,15 +36,8 @@ typedef struct {
 void *tok_arena_alloc(tok_arena *a, size_t n); /* NULL when out of memory */
 void tok_arena_free(tok_arena *a);
 
-/* ---- UTF-8 ---- */
+/* ---- Unicode predicates (UTF-8 itself: common/utf8.h) ---- */
 
-/* Byte length of the valid sequence at s[0..n), 0 if s does not start one. */
-size_t tok_utf8_seq_len(const unsigned char *s, size_t n);
-/* Decodes the (valid) sequence at s; *cp = code point, returns its byte length. */
-size_t tok_utf8_decode(const char *s, uint32_t *cp);
-size_t tok_utf8_encode(uint32_t cp, char out[4]);
-/* Offset of the first invalid byte, or n when all of s[0..n) is valid UTF-8. */
-size_t tok_utf8_check(const char *s, size_t n);
 /* Unicode White_Space, as Rust's char::is_whitespace and Oniguruma's \s. */
 bool tok_is_white_space(uint32_t cp);
 /* Rust regex \w: alphabetic, marks, decimal digits, connector punctuation, ZWJ/ZWNJ. */
