@@ -16,16 +16,7 @@
 #include "common/tokenizer.h"
 #include "worker/safetensors.h"
 
-/* Every .c file of tools/moe_gen_model, compiled into this test (list any new one here). */
-#include "../../tools/moe_gen_model/bpe_train.c"
-#include "../../tools/moe_gen_model/chat_templates.c"
-#include "../../tools/moe_gen_model/corpus.c"
-#include "../../tools/moe_gen_model/gen_model.c"
-#include "../../tools/moe_gen_model/hf_config.c"
-#include "../../tools/moe_gen_model/json_out.c"
-#include "../../tools/moe_gen_model/presets.c"
-#include "../../tools/moe_gen_model/tokenizer_json.c"
-#include "../../tools/moe_gen_model/weights.c"
+#include "tools/moe_gen_model/gen_model.h"
 
 static char g_root[512];
 

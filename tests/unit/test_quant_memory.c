@@ -17,16 +17,7 @@
 #include "worker/engine.h"
 #include "worker/model.h"
 
-/* Every .c file of tools/moe_gen_model, as in test_gen_model.c. */
-#include "../../tools/moe_gen_model/bpe_train.c"
-#include "../../tools/moe_gen_model/chat_templates.c"
-#include "../../tools/moe_gen_model/corpus.c"
-#include "../../tools/moe_gen_model/gen_model.c"
-#include "../../tools/moe_gen_model/hf_config.c"
-#include "../../tools/moe_gen_model/json_out.c"
-#include "../../tools/moe_gen_model/presets.c"
-#include "../../tools/moe_gen_model/tokenizer_json.c"
-#include "../../tools/moe_gen_model/weights.c"
+#include "tools/moe_gen_model/gen_model.h"
 
 #define MIB ((size_t)1 << 20)
 /* What a load may add to the RSS besides the weights it serves: f32 copies of norms, the
