@@ -82,7 +82,9 @@ class Cluster:
             e["MOE_TEST_HOOKS"] = "1"  # the hooks' gate (common/test_hook.h)
         cmd = ["mpirun", "--oversubscribe", "-np", str(np)] + list(mpirun_args) + [os.path.join(build_dir(), "moe-serve"),
                "--model", model, "--listen", "127.0.0.1:0", "--threads", "1", "--kv-blocks", "512",
-               "--heartbeat-ms", "100"] + list(args)
+               # A rank starved of CPU for seconds (two cores, parallel builds) is not what most
+               # tests test: liveness tests pass their own, shorter timeout (the last flag wins).
+               "--heartbeat-ms", "100", "--heartbeat-timeout-ms", "20000"] + list(args)
         self.cmd = cmd
         self.connect = connect or (lambda port: "127.0.0.1:%d" % port)
         self.proc = subprocess.Popen(wrap(cmd) if wrap else cmd, stdout=self.out, stderr=self.log, env=e, start_new_session=True)
