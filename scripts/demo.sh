@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job (README): installs what is missing, builds, starts a local moeserve cluster on the
-# built-in tiny model (rank 0 coordinator, one prefill and one decode worker), sends it a few real
-# requests with moe-client and one chat request over the OpenAI HTTP API (curl), prints the answers
-# and the cluster table, then drains it (every rank exits 0). MOE_DEMO_RANKS / MOE_DEMO_PORT /
-# MOE_DEMO_HTTP_PORT change the layout and ports.
+# The main job (README): installs what is missing, builds, starts a local elastic moeserve cluster
+# on the built-in tiny model (scripts/local-cluster.sh: a coordinator, one prefill and one decode
+# instance, each its own process and failure domain), sends it a few real requests with moe-client
+# and one chat request over the OpenAI HTTP API (curl), prints the answers and the cluster table,
+# then drains it (every process exits 0). MOE_DEMO_PREFILL / MOE_DEMO_DECODE (instances) and
+# MOE_DEMO_PORT / MOE_DEMO_HTTP_PORT change the layout and ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -13,29 +14,27 @@ model=build/models/tiny
 port=${MOE_DEMO_PORT:-50051}
 addr=127.0.0.1:$port
 http_addr=127.0.0.1:${MOE_DEMO_HTTP_PORT:-8000}
-ranks=${MOE_DEMO_RANKS:-3}
-log=$(mktemp /tmp/moeserve-demo.XXXXXX.log)
-mpirun_args=(--oversubscribe -np "$ranks")
-if [ "$(id -u)" = 0 ]; then mpirun_args+=(--allow-run-as-root); fi
+log=$(mktemp -d /tmp/moeserve-demo.XXXXXX)
+launch=(scripts/local-cluster.sh --model "$model" --listen "$addr" --http-listen "$http_addr"
+        --prefill "${MOE_DEMO_PREFILL:-1}" --decode "${MOE_DEMO_DECODE:-1}" --log-dir "$log")
 
-echo "== starting: mpirun ${mpirun_args[*]} build/moe-serve --model $model --listen $addr --http-listen $http_addr (log: $log)"
-mpirun "${mpirun_args[@]}" build/moe-serve --model "$model" --listen "$addr" --http-listen "$http_addr" \
-  --prefill-instances 1 --decode-instances $((ranks - 2)) >"$log" 2>&1 &
-mpirun_pid=$!
+echo "== starting: ${launch[*]}"
+"${launch[@]}" >"$log/launcher.log" 2>&1 &
+launcher_pid=$!
 stop() {
-  kill -USR1 "$mpirun_pid" 2>/dev/null || true
+  kill -TERM "$launcher_pid" 2>/dev/null || true
   local rc=0
-  wait "$mpirun_pid" || rc=$?
+  wait "$launcher_pid" || rc=$?
   return "$rc"
 }
-trap 'kill -9 $mpirun_pid 2>/dev/null || true' EXIT
+trap 'stop || true' EXIT
 
-for _ in $(seq 1 100); do
-  if build/moe-client --addr "$addr" health 2>/dev/null | grep -q '^SERVING'; then break; fi
-  if ! kill -0 "$mpirun_pid" 2>/dev/null; then cat "$log"; echo "moe-serve exited"; exit 1; fi
+for _ in $(seq 1 300); do # the launcher says so once Health is SERVING and every instance READY
+  if grep -q '^local cluster ready' "$log/launcher.log"; then break; fi
+  if ! kill -0 "$launcher_pid" 2>/dev/null; then cat "$log/launcher.log"; echo "the cluster exited"; exit 1; fi
   sleep 0.2
 done
-grep -m1 "coordinator pid" "$log" || true
+cat "$log/launcher.log"
 
 for prompt in "The quick brown fox" "def fibonacci(n):" "Mixture-of-Experts models route each token"; do
   echo
@@ -53,13 +52,13 @@ echo
 echo "== moe-client status"
 build/moe-client --addr "$addr" status
 echo
-echo "== draining (SIGUSR1 to mpirun)"
+echo "== draining (SIGTERM to the launcher: each instance drains and exits 0, then the coordinator)"
 rc=0
 stop || rc=$?
 trap - EXIT
 if [ "$rc" -ne 0 ]; then
-  tail -20 "$log"
-  echo "mpirun exited $rc"
+  tail -20 "$log"/*.log
+  echo "the cluster exited $rc"
   exit "$rc"
 fi
-echo "cluster drained and stopped: every rank exited 0"
+echo "cluster drained and stopped: every process exited 0"
