@@ -5,22 +5,28 @@
 # moe-bench workload, alternated ROUNDS times in one run (old, new, old, new...) so that both see
 # the same machine load. Not CI; figures in bench/RESULTS.md ("Elastic cluster").
 # Usage: bench/elastic_layout_bench.sh BUILD_DIR [MODEL_DIR] [ROUNDS]
-#   MOE_LAYOUT_BENCH_ARGS: the moe-bench workload (default: 24 requests at 1/s, 512-token
-#   prompts, 32 output tokens: latency without queueing, the gap is the KV hand-off)
+#   MOE_LAYOUT_BENCH_ARGS: the moe-bench workload (default: 16 requests at 0.5/s, 256-token
+#   prompts, 32 output tokens: latency without much queueing, the gap is the KV hand-off)
+#   MOE_LAYOUT_SERVE_ARGS: given to every moe-serve of both layouts (default: --heartbeat-timeout-ms
+#   30000, so that CPU starvation on a shared machine does not fence a starved instance, which
+#   with one instance per pool fails its requests and leaves nothing to compare)
+#   MOE_LAYOUT_OUT: where the raw moe-bench JSON and logs are kept (default: deleted)
 set -euo pipefail
 build=$(cd "${1:?usage: $0 BUILD_DIR [MODEL_DIR] [ROUNDS]}" && pwd)
 model=${2:-}
 rounds=${3:-2}
-bargs=${MOE_LAYOUT_BENCH_ARGS:-"--requests 24 --rate 1 --prompt-len 512 --output-len 32"}
+bargs=${MOE_LAYOUT_BENCH_ARGS:-"--requests 16 --rate 0.5 --prompt-len 256 --output-len 32"}
+read -r -a sargs <<< "${MOE_LAYOUT_SERVE_ARGS:---heartbeat-timeout-ms 30000}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+tmp=${MOE_LAYOUT_OUT:-$(mktemp -d)}
+mkdir -p "$tmp"
+[ -n "${MOE_LAYOUT_OUT:-}" ] || trap 'rm -rf "$tmp"' EXIT
 if [ -z "$model" ]; then
   model=$tmp/small
   "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
 fi
-serve_args=(--threads 1 --kv-blocks 1024)
+serve_args=(--threads 1 --kv-blocks 1024 "${sargs[@]}")
 port=50700
 
 run_old() { # ROUND
@@ -31,18 +37,19 @@ run_old() { # ROUND
     "$build/moe-client" --addr "127.0.0.1:$port" health 2>/dev/null | grep -q '^SERVING' && break; sleep 0.1
   done
   # shellcheck disable=SC2086
-  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $bargs > "$tmp/old.$1.json" || true
+  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $bargs > "$tmp/old.$1.json" 2> "$tmp/old.$1.bench.err" || true
   kill -USR1 "$mp"
   wait "$mp" || true
+  cp "$tmp/old.err" "$tmp/old.$1.log"
 }
 
 run_new() { # ROUND
   "$src/scripts/local-cluster.sh" --build "$build" --model "$model" --listen "127.0.0.1:$port" \
-    --prefill 1 --decode 1 --log-dir "$tmp/new-logs" -- --kv-blocks 1024 > "$tmp/new.out" 2>&1 &
+    --prefill 1 --decode 1 --log-dir "$tmp/new-logs.$1" -- --kv-blocks 1024 "${sargs[@]}" > "$tmp/new.out" 2>&1 &
   local lp=$!
   for _ in $(seq 600); do grep -q '^local cluster ready' "$tmp/new.out" && break; sleep 0.1; done
   # shellcheck disable=SC2086
-  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $bargs > "$tmp/new.$1.json" || true
+  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $bargs > "$tmp/new.$1.json" 2> "$tmp/new.$1.bench.err" || true
   kill -TERM "$lp"
   wait "$lp" || true
 }

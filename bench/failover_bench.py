@@ -51,6 +51,7 @@ class Stream(threading.Thread):
                                       sampling=pb.SamplingParams(temperature=0.0), request_id=rid)
         self.arrivals = []  # (index, t)
         self.error = None
+        self.t0 = time.monotonic()
         self.start()
 
     def run(self):
@@ -108,7 +109,8 @@ def failover_trial(ec, pb, model, plen, n, tokens_before, max_new, seed, heartbe
         stayed = [s.next_after(t_kill) - t_kill for s in streams if s.rid not in resumed and s.next_after(t_kill)]
         st = cl.wait_idle(60)
         cl.stop()
-        return {"victim_running": victim.running, "moved": moved, "stayed": stayed,
+        ttft = [s.arrivals[0][1] - s.t0 for s in streams if s.arrivals]
+        return {"victim_running": victim.running, "moved": moved, "stayed": stayed, "ttft": ttft,
                 "resumed_counter": st.counters.requests_resumed, "failed": st.counters.requests_failed}
 
 
@@ -180,24 +182,26 @@ def main():
                         "--out", model, "--quiet"], check=True)
     print("model %s; %s" % (model, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()))
     if "failover" in a.what:
-        print("\n| prompt tokens | streams | trials | resumed (victim ran) | kill -> next token, resumed p50 / max ms | not on the victim p50 / max ms |")
-        print("|---|---|---|---|---|---|")
+        print("\n| prompt tokens | streams | trials | resumed (victim ran) | kill -> next token, resumed p50 / max ms | not on the victim p50 / max ms | TTFT before the kill p50 / max ms |")
+        print("|---|---|---|---|---|---|---|")
         for plen in [int(x) for x in a.lens.split(",")]:
-            moved, stayed, ran, res = [], [], [], []
+            moved, stayed, ran, res, ttft = [], [], [], [], []
             for t in range(a.trials):
                 r = failover_trial(ec, pb, model, plen, a.streams, a.tokens_before, a.max_new, 100 + t,
                                    a.heartbeat_timeout_ms)
                 sys.stderr.write("len %d trial %d: %s\n" % (plen, t, r))
                 moved += r["moved"]
+                ttft += r["ttft"]
                 stayed += r["stayed"]
                 ran.append(r["victim_running"])
                 res.append(len(r["moved"]))
                 if r["failed"]:
                     print("!! %d requests failed" % r["failed"])
-            print("| %d | %d | %d | %s (%s) | %.0f / %.0f | %.0f / %.0f |" % (
+            print("| %d | %d | %d | %s (%s) | %.0f / %.0f | %.0f / %.0f | %.0f / %.0f |" % (
                 plen, a.streams, a.trials, "+".join(map(str, res)), "+".join(map(str, ran)),
                 1e3 * statistics.median(moved) if moved else float("nan"), 1e3 * max(moved) if moved else float("nan"),
-                1e3 * statistics.median(stayed) if stayed else float("nan"), 1e3 * max(stayed) if stayed else float("nan")))
+                1e3 * statistics.median(stayed) if stayed else float("nan"), 1e3 * max(stayed) if stayed else float("nan"),
+                1e3 * statistics.median(ttft), 1e3 * max(ttft)))
             sys.stdout.flush()
     if "join" in a.what:
         rows = [join_trial(ec, pb, model, a.join_gap_ms, a.max_new) for _ in range(a.join_trials)]

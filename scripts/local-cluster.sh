@@ -3,7 +3,8 @@
 # (+ M mixed) instances, each a separate job (its own process, or its own `mpirun -np E` for
 # expert parallelism), so each instance is its own failure domain (docs/cluster.md). Runs in the
 # foreground until SIGTERM / SIGINT / SIGUSR1, then drains: every instance first (its requests
-# migrate or finish, it exits 0), then the coordinator; exits 0 when every job exited 0.
+# migrate or finish, it exits 0), then the coordinator; exits 0 when every job it drained exited 0
+# (a job that died earlier was reported when it died).
 #
 #   scripts/local-cluster.sh --model DIR [--build build] [--prefill 1] [--decode 1] [--mixed 0]
 #       [--ep 1] [--listen 127.0.0.1:50051] [--http-listen ADDR:PORT]
@@ -52,16 +53,17 @@ if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 
 names=() pids=()
 coord_pid=''
-stopping=0
+declare -A reported=() # jobs already seen dead (reported then, not waited for at the drain)
 
 drain() { # SIGTERM every instance (it drains and exits 0), then the coordinator
-  stopping=1
   local rc=0 i
   for i in "${!pids[@]}"; do
+    [ -n "${reported[$i]:-}" ] && continue
     # mpirun forwards SIGUSR1 to its ranks at once; SIGTERM would wait odls_base_sigkill_timeout
     if [ "$ep" -gt 1 ]; then kill -USR1 "${pids[$i]}" 2>/dev/null; else kill -TERM "${pids[$i]}" 2>/dev/null; fi
   done
   for i in "${!pids[@]}"; do
+    [ -n "${reported[$i]:-}" ] && continue
     if ! wait "${pids[$i]}"; then
       echo "local-cluster.sh: ${names[$i]} exited non-zero (log: $logdir/${names[$i]}.log)" >&2
       rc=1
@@ -110,7 +112,10 @@ for i in $(seq 1 "$decode"); do start_instance decode "$i"; done
 for i in $(seq 1 "$mixed"); do start_instance mixed "$i"; done
 
 want=$(( (prefill + decode + mixed) * ep ))
-addr=${listen/0.0.0.0:/127.0.0.1:}
+# the gRPC address as bound ("listening on ADDR:PORT (port N)": --listen may say port 0)
+gport=$(sed -E 's/.*listening on [^ ]+ \(port ([0-9]+)\).*/\1/' <<< "$line")
+addr=${listen%:*}:$gport
+addr=${addr/0.0.0.0:/127.0.0.1:}
 ready=0
 for _ in $(seq 1200); do
   if "$client" --addr "$addr" health 2>/dev/null | grep -q '^SERVING' &&
@@ -127,7 +132,6 @@ fi
 echo "local cluster ready: gRPC $addr${http:+, HTTP $http}, instances join at $join, logs in $logdir"
 
 # Serve until told to stop; report jobs that die (the others go on).
-declare -A reported=()
 while :; do
   if ! kill -0 "$coord_pid" 2>/dev/null; then
     echo "local-cluster.sh: the coordinator died; stopping the instances" >&2
