@@ -489,9 +489,15 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
     if (code != GRPC_STATUS_OK)
         return rpc_failed("ClusterStatus", o->addr, code, details);
     const Moeserve__V1__ClusterStatusResponse *r = (const Moeserve__V1__ClusterStatusResponse *)m;
-    printf("model %s  server %s  %s  world %" PRIu32 " ranks  context %" PRIu32 "  vocab %" PRIu32
-           "  up %.1f s\n",
-           r->model, r->server_version, r->serving ? "SERVING" : "NOT SERVING", r->world_size,
+    /* world_size is the mpirun launch's MPI world; an elastic coordinator has none (0). */
+    char layout[48];
+    if (r->world_size)
+        snprintf(layout, sizeof layout, "world %" PRIu32 " ranks", r->world_size);
+    else
+        snprintf(layout, sizeof layout, "elastic, %" PRIu32 " ranks joined",
+                 r->totals ? r->totals->worker_ranks : 0);
+    printf("model %s  server %s  %s  %s  context %" PRIu32 "  vocab %" PRIu32 "  up %.1f s\n",
+           r->model, r->server_version, r->serving ? "SERVING" : "NOT SERVING", layout,
            r->max_model_len, r->vocab_size, r->uptime_s);
     printf("\n%-8s %9s %5s %3s %7s %7s %21s\n", "POOL", "INSTANCES", "RANKS", "EP", "RUNNING",
            "WAITING", "KV BLOCKS USED/TOTAL");
