@@ -14,7 +14,7 @@ PKGS=(
   librandom123-dev
   iproute2
   clang libclang-rt-14-dev
-  shellcheck yamllint openssh-server openssh-client
+  shellcheck yamllint openssh-server openssh-client tini
 )
 
 missing=()
