@@ -247,6 +247,8 @@ class LwsCluster:
     def ready(self, pod):
         """The pod's readiness probe: moeserve-ready in an instance pod that runs a rank's leader
         (E = 1 pods, LWS leaders); the ssh port's TCP check in an LWS worker pod."""
+        if not pod.alive():
+            return False
         if pod.env.get("LWS_WORKER_INDEX", "0") != "0":
             r = pod.exec(["bash", "-c", "exec 3<>/dev/tcp/%s/2222" % self.addr_of[pod.name]], timeout=10)
         else:
@@ -440,7 +442,7 @@ def lws_group_serves_across_pods_and_is_recreated():
 def lws_scale_up_then_down_drains_a_group():
     """kubectl scale leaderworkerset/moeserve-decode 1 -> 2: the new group joins, becomes ready and
     serves (12 streams == moe-generate). Then 2 -> 1 during 12 long streams: LWS deletes the
-    busier... the last group (the highest index), both its pods at once; each pod's preStop
+    last group (the highest index), both its pods at once; each pod's preStop
     signals its own rank, the group drains by migration to group 0, its pods end, and every
     stream equals moe-generate with no request resumed (none was lost)."""
     with LwsCluster(decode_groups=2) as c:
@@ -471,6 +473,8 @@ def lws_scale_up_then_down_drains_a_group():
             getattr(lr, "stderr", lr), getattr(wr, "stderr", wr)))
         check(lrc == 0, "the drained group's leader (mpirun) exited %s:\n%s" % (lrc, g1[0].p.stderr()[-3000:]))
         check(wrc in (0, 143), "the drained group's worker pod exited %s" % wrc)
+        print("group 1 drained: %d migrations; leader exit %s, worker exit %s; preStop: %s / %s" % (
+            st.counters.migrations, lrc, wrc, lr.stderr.strip().splitlines()[-1:], wr.stderr.strip().splitlines()[-1:]))
         res = c.delete([pre, *g0])
         res.update(c.delete([c.coord]))
         bad = ["%s: preStop %s, exit %s" % (n, getattr(r, "stderr", r), rc) for n, (r, rc) in res.items()
