@@ -41,6 +41,7 @@ import netns
 from cluster import MODEL, TestFailure, build_dir, check, registrar, test_main
 from elastic import ElasticCluster, Proc
 from elastic_tests import Streams, check_outputs, workload
+from deploy_pods_tests import losses, wait_decoding
 
 TESTS = {}
 test = registrar(TESTS)
@@ -186,7 +187,7 @@ class LwsCluster:
                     "MOE_SERVE": os.path.join(b, "moe-serve"), "MOE_CLIENT": os.path.join(b, "moe-client"),
                     # base/flags.env and the pod templates' env
                     "MOE_MODEL_DIR": MODEL, "MOE_CLUSTER_TOKEN_FILE": os.path.join(token, "token"),
-                    "MOE_DRAIN_TIMEOUT_S": str(drain_timeout_s), "MOE_HEARTBEAT_TIMEOUT_MS": "1500",
+                    "MOE_DRAIN_TIMEOUT_S": str(drain_timeout_s), "MOE_HEARTBEAT_TIMEOUT_MS": "5000",  # as deploy_pods_tests
                     "MOE_SSH_SECRET_DIR": secrets,
                     "OMPI_MCA_btl_vader_single_copy_mechanism": "none",  # the image's ENV
                     # The pods share one kernel here: keep UCX on the pods' network (as it is
@@ -459,15 +460,17 @@ def lws_scale_up_then_down_drains_a_group():
 
         work = workload(12, max_new=300, seed=6)
         s = Streams(c, work)
-        deadline = time.time() + 60
-        while time.time() < deadline and sum(i.running for i in c.ranks_of(c.status(), g1[0])) < 2:
-            time.sleep(0.05)
-        check(sum(i.running for i in c.ranks_of(c.status(), g1[0])) >= 2, "group 1 runs nothing to drain")
+        st = wait_decoding(c, len(work))
+        check(sum(i.running for i in c.ranks_of(st, g1[0])) >= 1, "group 1 runs nothing to drain:\n%s" % st)
         res = c.delete(list(g1))  # scale down: the highest-index group goes
-        check_outputs(work, s.join())
+        try:
+            check_outputs(work, s.join())
+        except TestFailure as e:
+            raise TestFailure("%s\n%s" % (e, losses(c.coord.p.stderr())))
         st = c.wait_idle()
         check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
-        check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s" % st.counters)
+        check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s\n%s" % (
+            st.counters, losses(c.coord.p.stderr())))
         (lr, lrc), (wr, wrc) = res[g1[0].name], res[g1[1].name]
         check(prestop_ok(lr) and prestop_ok(wr), "preStop: leader %s, worker %s" % (
             getattr(lr, "stderr", lr), getattr(wr, "stderr", wr)))
