@@ -33,7 +33,9 @@
 #                       emptyDir, as the root file system is read-only)
 #   MOE_SSH_PORT        the workers' sshd port (2222: unprivileged, as the pods run as non-root)
 #   MOE_WORKER_WAIT_S   how long the leader waits for its workers' sshd (600)
-#   MOE_MPIRUN_ARGS     more mpirun flags (e.g. --mca btl_tcp_if_include eth0)
+#   MOE_MPIRUN_ARGS     more mpirun flags (e.g. --mca btl_tcp_if_include eth0); the leader's
+#                       UCX_* and NCCL_* variables (and OMPI_*, by mpirun itself) reach the
+#                       remote ranks without it
 #   MOE_SSHD            the sshd binary (/usr/sbin/sshd; sshd must be started by absolute path)
 # Flags in the *_ARGS variables are split on whitespace (they are flags, not free text).
 set -euo pipefail
@@ -206,11 +208,14 @@ EOF
     done
   fi
   # Remote ranks start under sshd, not with this pod's environment: pass on what they need.
+  # mpirun exports OMPI_* variables itself (mpirun(1), "Exported Environment Variables"); the
+  # transports' settings (UCX_*: the cluster link and KV transfer; NCCL_*: the GPU all-to-all)
+  # come from the same flags ConfigMap in every pod of the group and must hold on every rank.
   local -a mpi=(mpirun -np "$size" --hostfile "$hostfile" --bind-to none
     --mca plm_rsh_agent ssh --mca plm_rsh_args "-F $dir/config"
     --mca plm_rsh_no_tree_spawn 1 --mca orte_keep_fqdn_hostnames 1)
   local v
-  for v in MOE_LOG_LEVEL MOESERVE_CLUSTER_TOKEN OMPI_MCA_btl_tcp_if_include OMPI_MCA_oob_tcp_if_include; do
+  for v in MOE_LOG_LEVEL MOESERVE_CLUSTER_TOKEN $(compgen -e | grep -E '^(UCX|NCCL)_' | sort); do
     if [ -n "${!v:-}" ]; then mpi+=(-x "$v"); fi
   done
   local -a extra

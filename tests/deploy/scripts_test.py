@@ -133,7 +133,8 @@ class Entrypoint(unittest.TestCase):
         env = self.pod.env(MOE_ROLE="instance", MOE_POOL="prefill", MOE_COORDINATOR_ADDR="c:50052",
                            LWS_LEADER_ADDRESS="test-sample-1.test-sample.lws", LWS_GROUP_SIZE=3,
                            LWS_WORKER_INDEX=0, MOE_LEADER_HOST="test-sample-1", MOE_HOST_LABEL="test-sample-1",
-                           MOE_LOG_LEVEL="debug", MOE_MPIRUN_ARGS="--mca btl_tcp_if_include eth0")
+                           MOE_LOG_LEVEL="debug", MOE_MPIRUN_ARGS="--mca btl_tcp_if_include eth0",
+                           UCX_TLS="tcp", NCCL_SOCKET_IFNAME="eth0", UCX_EMPTY="")
         argv, hosts = dry(env)
         self.assertEqual(hosts, ["test-sample-1", "test-sample-1-1.test-sample.lws",
                                  "test-sample-1-2.test-sample.lws"])
@@ -141,8 +142,10 @@ class Entrypoint(unittest.TestCase):
         cfg = str(self.pod.ssh_dir / "config")
         for pair in (["--hostfile", str(self.pod.ssh_dir / "hostfile")], ["--mca", "plm_rsh_args", f"-F {cfg}"],
                      ["--mca", "plm_rsh_no_tree_spawn", "1"], ["--mca", "orte_keep_fqdn_hostnames", "1"],
-                     ["-x", "MOE_LOG_LEVEL"], ["--mca", "btl_tcp_if_include", "eth0"]):
+                     ["-x", "MOE_LOG_LEVEL"], ["--mca", "btl_tcp_if_include", "eth0"],
+                     ["-x", "UCX_TLS"], ["-x", "NCCL_SOCKET_IFNAME"]):
             self.assertTrue(any(argv[i:i + len(pair)] == pair for i in range(len(argv))), pair)
+        self.assertNotIn("UCX_EMPTY", argv)  # set but empty: nothing to pass on
         i = argv.index(SERVE)
         self.assertEqual(argv[i:i + 6], [SERVE, "instance", "--join", "c:50052", "--pool", "prefill"])
 

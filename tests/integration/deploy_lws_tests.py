@@ -237,9 +237,9 @@ class LwsCluster:
         env = self._instance_env("decode")
         env.update(LWS_GROUP_SIZE="2", LWS_LEADER_ADDRESS=leader_addr, MOE_WORKER_WAIT_S="60",
                    # The pods' flags (base/flags.env's MOE_MPIRUN_ARGS): MPI inside the group on
-                   # TCP over the pods' network; the remote rank's UCX settings passed on.
-                   MOE_MPIRUN_ARGS="--mca pml ob1 --mca btl tcp,self -x UCX_TLS -x UCX_NET_DEVICES "
-                                   "-x OMPI_MCA_btl_vader_single_copy_mechanism")
+                   # TCP over the pods' network. UCX_TLS / UCX_NET_DEVICES reach the worker's
+                   # rank only because the entrypoint passes UCX_* on.
+                   MOE_MPIRUN_ARGS="--mca pml ob1 --mca btl tcp,self")
         leader = self.start("%s-%d" % (lws, g), LWS_WORKER_INDEX="0", **env)
         worker = self.start("%s-%d-1" % (lws, g), LWS_WORKER_INDEX="1", **env)
         return leader, worker
@@ -371,6 +371,11 @@ def check_group_ran_across_pods(c, leader, worker):
     check(len(lr) == 1 and len(wr) == 1, "ranks per pod: leader %s, worker %s" % (lr, wr))
     check(list(lr.values())[0][:1] == ["mpirun"], "the leader's rank is not mpirun's child: %s" % lr)
     check(list(wr.values())[0][:2] == ["orted", "tini"], "the worker's rank is not under its pod's orted: %s" % wr)
+    with open("/proc/%d/environ" % list(wr)[0], "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    got = {k: env.get(k.encode(), b"").decode() for k in ("UCX_TLS", "UCX_NET_DEVICES", "MOE_LOG_LEVEL")}
+    want = {k: leader.env[k] for k in got}
+    check(got == want, "the worker's rank (started by sshd) did not get the leader's %s: %s" % (want, got))
     login = "Accepted publickey for moe from %s " % c.addr_of[leader.name]
     check(login in worker.p.stderr(), "the worker's sshd logged no login from the leader:\n" + worker.p.stderr())
 
