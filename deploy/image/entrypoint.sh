@@ -13,7 +13,9 @@
 #   MOE_LOG_LEVEL       passed on to every rank (also the remote ones of an LWS group)
 # coordinator:
 #   MOE_LISTEN (0.0.0.0:50051, the gRPC API), MOE_CLUSTER_LISTEN (0.0.0.0:50052, instances
-#   join here), MOE_HEARTBEAT_TIMEOUT_MS, MOE_DRAIN_TIMEOUT_S, MOE_COORDINATOR_ARGS (more flags)
+#   join here), MOE_HTTP_LISTEN (the OpenAI-compatible HTTP API; off when unset),
+#   MOE_HEARTBEAT_TIMEOUT_MS, MOE_DRAIN_TIMEOUT_S, MOE_COORDINATOR_ARGS (more flags: TLS and
+#   API-key files from the Secret deploy/k8s mounts at /etc/moeserve/api go here)
 # instance:
 #   MOE_POOL            prefill | decode | mixed                                   (required)
 #   MOE_COORDINATOR_ADDR  HOST:PORT of the coordinator's cluster port              (required)
@@ -109,6 +111,7 @@ coordinator() {
     --listen "${MOE_LISTEN:-0.0.0.0:50051}"
     --cluster-listen "${MOE_CLUSTER_LISTEN:-0.0.0.0:50052}")
   token_args
+  if [ -n "${MOE_HTTP_LISTEN:-}" ]; then args+=(--http-listen "$MOE_HTTP_LISTEN"); fi
   if [ -n "${MOE_HEARTBEAT_TIMEOUT_MS:-}" ]; then args+=(--heartbeat-timeout-ms "$MOE_HEARTBEAT_TIMEOUT_MS"); fi
   if [ -n "${MOE_DRAIN_TIMEOUT_S:-}" ]; then args+=(--drain-timeout-s "$MOE_DRAIN_TIMEOUT_S"); fi
   split_args MOE_COORDINATOR_ARGS

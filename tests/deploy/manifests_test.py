@@ -242,7 +242,12 @@ class Consistency(unittest.TestCase):
                 with self.subTest(overlay=name, pod=owner):
                     for v in spec.get("volumes", []):
                         if "secret" in v:
-                            self.assertIn(v["secret"]["secretName"], secrets)
+                            # The one Secret the user adds later (the front ends' TLS and API
+                            # keys) is optional: the pod starts without it.
+                            if v["secret"]["secretName"] == "moeserve-api":
+                                self.assertIs(v["secret"].get("optional"), True, v)
+                            else:
+                                self.assertIn(v["secret"]["secretName"], secrets)
                         if "persistentVolumeClaim" in v:
                             self.assertIn(v["persistentVolumeClaim"]["claimName"], pvcs)
                     mounts = set()
@@ -289,6 +294,7 @@ class Consistency(unittest.TestCase):
                                ["containers"][0])
             self.assertEqual(int(coord_env["MOE_CLUSTER_LISTEN"].rsplit(":", 1)[1]), port["cluster"])
             self.assertEqual(int(coord_env["MOE_LISTEN"].rsplit(":", 1)[1]), port["grpc"])
+            self.assertEqual(int(coord_env["MOE_HTTP_LISTEN"].rsplit(":", 1)[1]), port["http"])
             for owner, tmpl in pod_templates(objs):
                 env = env_of(tmpl["spec"]["containers"][0])
                 if env.get("MOE_ROLE") != "instance":

@@ -93,12 +93,13 @@ class Entrypoint(unittest.TestCase):
     def test_coordinator(self):
         argv, _ = dry(self.pod.env(MOE_ROLE="coordinator", MOE_LISTEN="0.0.0.0:50051",
                                    MOE_CLUSTER_LISTEN="0.0.0.0:50052", MOE_DRAIN_TIMEOUT_S=60,
+                                   MOE_HTTP_LISTEN="0.0.0.0:8080",
                                    MOE_HEARTBEAT_TIMEOUT_MS=3000,
                                    MOE_COORDINATOR_ARGS="--max-requests 1024  --max-queue 64"))
         self.assertEqual(argv, [SERVE, "coordinator", "--model", str(self.pod.model),
                                 "--listen", "0.0.0.0:50051", "--cluster-listen", "0.0.0.0:50052",
                                 "--cluster-token-file", str(self.pod.token),
-                                "--heartbeat-timeout-ms", "3000", "--drain-timeout-s", "60",
+                                "--http-listen", "0.0.0.0:8080", "--heartbeat-timeout-ms", "3000", "--drain-timeout-s", "60",
                                 "--max-requests", "1024", "--max-queue", "64"])
 
     def test_single_rank_instance(self):

@@ -23,6 +23,7 @@ lose a pod and recreate its whole group (RecreateGroupOnPodRestart). Every strea
 equal moe-generate's. Needs root (namespaces, setpriv).
 `deploy_lws_tests.py --list` names the tests; `deploy_lws_tests.py NAME` runs one (77: skipped)."""
 
+import json
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import grpc
 
@@ -194,8 +196,10 @@ class LwsCluster:
                     # between real pods), not on shared memory or another pod's loopback.
                     "UCX_TLS": "tcp", "UCX_NET_DEVICES": "eth0"}
         self.pods = {}
-        self.coord = self.start(COORD, MOE_ROLE="coordinator", MOE_COORDINATOR_ARGS="--heartbeat-ms 100")
+        self.coord = self.start(COORD, MOE_ROLE="coordinator", MOE_COORDINATOR_ARGS="--heartbeat-ms 100",
+                                MOE_HTTP_LISTEN="0.0.0.0:8080")  # base/coordinator.yaml's env
         self.api_port = h.forward(self.ns_of[COORD], 50051)
+        self.http_port = h.forward(self.ns_of[COORD], 8080)
         self.channel = grpc.insecure_channel("127.0.0.1:%d" % self.api_port)
         self.stub = pbg.MoeserveStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -407,6 +411,12 @@ def lws_group_serves_across_pods_and_is_recreated():
         check_outputs(work, Streams(c, work).join())
         st = c.wait_idle()
         check_group_computed(c, st, leader)
+        # The Service's http port (the OpenAI-compatible API) answers from the coordinator pod.
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % c.http_port, timeout=10) as r:
+            check(r.status == 200, "GET /health: %d" % r.status)
+        with urllib.request.urlopen("http://127.0.0.1:%d/v1/models" % c.http_port, timeout=10) as r:
+            models = json.load(r)
+        check(models.get("object") == "list" and len(models.get("data", [])) == 1, "GET /v1/models: %s" % models)
         old_ids = sorted(i.id for i in c.ranks_of(st, leader))
 
         worker.kill()  # the node under the worker pod dies
