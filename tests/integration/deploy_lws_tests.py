@@ -196,6 +196,7 @@ class LwsCluster:
                     # between real pods), not on shared memory or another pod's loopback.
                     "UCX_TLS": "tcp", "UCX_NET_DEVICES": "eth0"}
         self.pods = {}
+        self.every_pod = []  # with the ones a recreated group replaced, whose logs go too
         self.coord = self.start(COORD, MOE_ROLE="coordinator", MOE_COORDINATOR_ARGS="--heartbeat-ms 100",
                                 MOE_HTTP_LISTEN="0.0.0.0:8080")  # base/coordinator.yaml's env
         self.api_port = h.forward(self.ns_of[COORD], 50051)
@@ -221,6 +222,7 @@ class LwsCluster:
         check(old is None or not old.alive(), "pod %s already runs" % name)
         pod = Pod(self, name, e)
         self.pods[name] = pod
+        self.every_pod.append(pod)
         return pod
 
     def _instance_env(self, pool):
@@ -353,7 +355,7 @@ class LwsCluster:
             for p in self.pods.values():
                 sys.stderr.write("---- pod %s (exit %s) ----\n%s\n" % (p.name, p.proc.poll(), p.p.stderr()[-4000:]))
         self.close()
-        for p in self.pods.values():
+        for p in self.every_pod:
             p.p.close(False)
         subprocess.run(["rm", "-rf", self.dir])
         return False
