@@ -89,7 +89,8 @@ class Pod:
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                kids = open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)).read().split()
+                with open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)) as f:
+                    kids = f.read().split()
             except OSError:
                 kids = []
             if kids:
@@ -303,7 +304,8 @@ class LwsCluster:
                     break
                 p = int(s.rsplit(")", 1)[1].split()[1])
                 try:
-                    chain.append(open("/proc/%d/comm" % p).read().strip())
+                    with open("/proc/%d/comm" % p) as f:
+                        chain.append(f.read().strip())
                 except OSError:
                     break
             out[pid] = chain
