@@ -13,18 +13,24 @@
 # main one (an E = 1 instance, the coordinator, the ranks under an LWS leader's mpirun), the
 # container ends when it exits and takes this hook along before it can say "drained": that is
 # the success path too (the pod's exit status, 0, is what counts).
+# On an LWS worker pod the hook then also waits for Open MPI's daemon (orted) to go: it ends when
+# the group's whole job has ended (mpirun on the leader stops its daemons). The kubelet's SIGTERM
+# follows the hook and ends sshd and with it the leader's ssh session to this pod; were that
+# before the job's end, the leader's mpirun would take it for a lost daemon and kill ranks of
+# the group still finishing their drain (seen in deploy_lws_tests when a whole group is deleted).
 # The wait is bounded by MOE_DRAIN_TIMEOUT_S +
 # MOE_PRESTOP_MARGIN_S (60 + 30 s by default); deploy/k8s sets terminationGracePeriodSeconds
 # above that, and tests/deploy checks it.
 set -uo pipefail
 timeout=$(( ${MOE_DRAIN_TIMEOUT_S:-60} + ${MOE_PRESTOP_MARGIN_S:-30} ))
 name=${MOE_PRESTOP_COMM:-moe-serve}
+daemon=${MOE_PRESTOP_DAEMON_COMM:-orted}
 
-pids() { # this PID namespace's live processes named $name
-  local d comm state
+pids() { # pids [NAME]: this PID namespace's live processes named NAME (default $name)
+  local d comm state want=${1:-$name}
   for d in /proc/[0-9]*; do
     comm=$(cat "$d/comm" 2>/dev/null) || continue
-    [ "$comm" = "$name" ] || continue
+    [ "$comm" = "$want" ] || continue
     state=$(awk '{print $3}' "$d/stat" 2>/dev/null) || continue
     [ "$state" = Z ] && continue
     echo "${d#/proc/}"
@@ -39,18 +45,33 @@ fi
 echo "moeserve-prestop: SIGTERM to $name ${targets[*]}; waiting up to $timeout s for the drain" >&2
 kill -TERM "${targets[@]}" 2>/dev/null
 deadline=$((SECONDS + timeout))
+drained=0
 while [ "$SECONDS" -lt "$deadline" ]; do
   left=()
-  for p in "${targets[@]}"; do
-    if kill -0 "$p" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ]; then
-      left+=("$p")
+  if [ "$drained" = 0 ]; then
+    for p in "${targets[@]}"; do
+      if kill -0 "$p" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ]; then
+        left+=("$p")
+      fi
+    done
+    if [ ${#left[@]} -eq 0 ]; then
+      drained=1
+      echo "moeserve-prestop: drained" >&2
     fi
-  done
-  if [ ${#left[@]} -eq 0 ]; then
-    echo "moeserve-prestop: drained" >&2
-    exit 0
+  fi
+  if [ "$drained" = 1 ]; then
+    mapfile -t left < <(pids "$daemon")
+    if [ ${#left[@]} -eq 0 ]; then
+      exit 0
+    fi
+    [ -n "${said:-}" ] || echo "moeserve-prestop: waiting for $daemon ${left[*]} (the group's job to end)" >&2
+    said=1
   fi
   sleep 1
 done
-echo "moeserve-prestop: $name ${left[*]} still running after $timeout s; Kubernetes kills it at the end of the grace period" >&2
+if [ "$drained" = 1 ]; then
+  echo "moeserve-prestop: $daemon ${left[*]} still running after $timeout s (the group's job has not ended)" >&2
+else
+  echo "moeserve-prestop: $name ${left[*]} still running after $timeout s; Kubernetes kills it at the end of the grace period" >&2
+fi
 exit 1

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 from pathlib import Path
@@ -266,6 +267,26 @@ class PreStop(unittest.TestCase):
         self.assertGreaterEqual(took, 0.9)  # it waited for the drain, not just signalled
         for p in self.procs:
             self.assertEqual(p.wait(timeout=5), 0)
+
+    def test_lws_worker_waits_for_the_groups_job_to_end(self):
+        # An LWS worker pod: its rank drains at once; Open MPI's daemon there (a stand-in named
+        # like it) ends 4 s after the rank, when the group's job has ended: the hook returns only
+        # after that (4 s: the hook's scans of this machine's /proc are slow under load; a pod's
+        # /proc holds a handful of processes).
+        daemon = f"{self.name}d"
+        gone = Path(self.dir) / "rank-gone"
+        self.procs = [stand_in(self.dir, self.name, f"touch {gone}; exit 0")]
+        exe = Path(self.dir) / daemon
+        exe.write_text(f"#!/bin/bash\nuntil [ -e {gone} ]; do sleep 0.1; done\nsleep 4\n")
+        exe.chmod(0o755)
+        d = subprocess.Popen([str(exe)])
+        self.procs.append(d)
+        out, _ = self.prestop(MOE_DRAIN_TIMEOUT_S=30, MOE_PRESTOP_DAEMON_COMM=daemon)
+        ended = d.poll()
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("drained", out.stderr)
+        self.assertIn(f"waiting for {daemon}", out.stderr)
+        self.assertEqual(ended, 0, "the hook returned while the group's job still ran")
 
     def test_gives_up_after_the_drain_timeout(self):
         self.procs = [stand_in(self.dir, self.name, ":")]  # ignores SIGTERM
