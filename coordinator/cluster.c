@@ -15,6 +15,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
+#include "ctrl/sampling_pb.h"
 
 
 
@@ -158,7 +159,9 @@ static void on_tokens(moe_cluster *c, int src, const Moeserve__Cluster__V1__Toke
         int from = in ? (int)(in - c->inst) : -1;
         bool placed = r && (from == r->pi || from == r->di || (r->mig.id && from == r->mig.dst));
         if (r && r->state != RQ_QUEUED && placed) {
-            moe_cluster_req_deliver(c, r, e->index, e->token, e->finish);
+            moe_token_logprobs lp;
+            bool has_lp = moe_token_logprobs_from_pb(e, &lp);
+            moe_cluster_req_deliver(c, r, e->index, e->token, e->finish, has_lp ? &lp : NULL);
             delivered++;
         }
     }

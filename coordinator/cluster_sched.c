@@ -9,6 +9,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
+#include "ctrl/sampling_pb.h"
 
 /* ---- instances ---- */
 
@@ -155,11 +156,7 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         }
         const moe_gen_request *q = r->req;
         Moeserve__Cluster__V1__Sampling sp;
-        moeserve__cluster__v1__sampling__init(&sp);
-        sp.temperature = q->temperature;
-        sp.top_p = q->top_p;
-        sp.top_k = q->top_k;
-        sp.seed = q->seed;
+        moe_sampling_to_pb(&q->sampling, &sp);
         Moeserve__Cluster__V1__StartSeq m;
         moeserve__cluster__v1__start_seq__init(&m);
         m.seq_id = r->id;

@@ -15,13 +15,24 @@ const moe_api_names moe_api_names_grpc = {
     .seed = "GenerateRequest.sampling.seed",
     .stop = "GenerateRequest.stop",
     .stop_token_ids = "GenerateRequest.stop_token_ids",
+    .presence_penalty = "GenerateRequest.sampling.presence_penalty",
+    .frequency_penalty = "GenerateRequest.sampling.frequency_penalty",
+    .repetition_penalty = "GenerateRequest.sampling.repetition_penalty",
+    .top_logprobs = "GenerateRequest.sampling.top_logprobs",
 };
 
 moe_status moe_frontend_push_tokens(moe_frontend_req *r, const int32_t *ids,
                                     const uint32_t *indices, size_t n, const char *text,
                                     size_t text_len)
 {
-    return r->ops->push_tokens(r, ids, indices, n, text, text_len);
+    return r->ops->push_tokens(r, ids, indices, NULL, n, text, text_len);
+}
+
+moe_status moe_frontend_push_tokens_lp(moe_frontend_req *r, const int32_t *ids,
+                                       const uint32_t *indices, const moe_token_logprobs *lp,
+                                       size_t n, const char *text, size_t text_len)
+{
+    return r->ops->push_tokens(r, ids, indices, lp, n, text, text_len);
 }
 
 void moe_frontend_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)

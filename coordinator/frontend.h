@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "common/sampling.h"
 #include "common/status.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -26,7 +27,8 @@ typedef struct {
 /* The field names errors name, per protocol ("GenerateRequest.sampling.top_p" / "top_p"). */
 typedef struct {
     const char *request_id, *text, *token_ids, *token_ids_item /* + "[i]" */, *prompt,
-        *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids;
+        *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids,
+        *presence_penalty, *frequency_penalty, *repetition_penalty, *top_logprobs;
 } moe_api_names;
 
 extern const moe_api_names moe_api_names_grpc;
@@ -45,6 +47,10 @@ typedef struct {
     double temperature, top_p;
     int64_t top_k;              /* 0: off */
     uint64_t seed;
+    bool has_presence_penalty, has_frequency_penalty, has_repetition_penalty;
+    double presence_penalty, frequency_penalty, repetition_penalty;
+    bool logprobs;              /* return each token's log-probability */
+    int64_t top_logprobs;       /* and this many most likely tokens' (0..MOE_MAX_TOP_LOGPROBS) */
     const moe_api_str *stop;    /* (n_stop) */
     size_t n_stop;
     const int64_t *stop_token_ids; /* (n_stop_token_ids) */
@@ -63,10 +69,9 @@ typedef struct {
     const int32_t *prompt;                  /* (n_prompt) token ids, each in [0, vocab) */
     uint32_t n_prompt;                      /* >= 1; n_prompt + max_new_tokens <= context */
     uint32_t max_new_tokens;                /* >= 1, resolved (never "default") */
-    float temperature;                      /* >= 0; 0 = greedy */
-    float top_p;                            /* in (0, 1] */
-    int32_t top_k;                          /* >= 0; 0 = off */
-    uint64_t seed;                          /* the client's, else drawn by the server */
+    /* temperature >= 0 (0 = greedy), top_p in (0, 1], top_k >= 0 (0 = off), seed (the
+     * client's, else drawn by the server), penalties in range, logprobs (common/sampling.h) */
+    moe_sampling_params sampling;
     const char *const *stop;                /* (n_stop) NUL-terminated, non-empty UTF-8 strings */
     uint32_t n_stop;
     const int32_t *stop_token_ids;          /* (n_stop_token_ids) each in [0, vocab) */
@@ -80,16 +85,11 @@ typedef struct {
                                                scheduling decisions only. */
 } moe_gen_request;
 
-/* Why a generation ended normally (values match moeserve.v1.FinishReason). */
-typedef enum {
-    MOE_API_FINISH_LENGTH = 1, /* max_new_tokens reached */
-    MOE_API_FINISH_EOS = 2,    /* an EOS id of the model */
-    MOE_API_FINISH_STOP = 3,   /* a stop string or stop token id */
-} moe_api_finish;
-
+/* Why a generation ended normally: MOE_FINISH_LENGTH, _EOS or _STOP (common/sampling.h, whose
+ * values are moeserve.v1.FinishReason's). */
 typedef struct {
-    moe_api_finish reason;
-    const char *matched_stop;    /* MOE_API_FINISH_STOP: the stop string, or the token id in decimal;
+    moe_finish_reason reason;
+    const char *matched_stop;    /* MOE_FINISH_STOP: the stop string, or the token id in decimal;
                                     NULL otherwise. Copied. */
     uint32_t completion_tokens;  /* 0: the front end uses the number of tokens pushed */
 } moe_frontend_finish_info;
@@ -254,6 +254,11 @@ typedef struct {
 moe_status moe_frontend_push_tokens(moe_frontend_req *r, const int32_t *ids,
                                     const uint32_t *indices, size_t n, const char *text,
                                     size_t text_len);
+/* The same with each token's log-probabilities (lp: n entries, copied; NULL: none), for requests
+ * whose sampling asked for them. */
+moe_status moe_frontend_push_tokens_lp(moe_frontend_req *r, const int32_t *ids,
+                                       const uint32_t *indices, const moe_token_logprobs *lp,
+                                       size_t n, const char *text, size_t text_len);
 
 /* Terminal: the generation ended normally. Queues the last message (finish reason, usage,
  * timing) and an OK status. Releases the backend's reference: `r` must not be used afterwards. */
@@ -276,7 +281,8 @@ const moe_gen_request *moe_frontend_request(const moe_frontend_req *r);
 
 typedef struct {
     moe_status (*push_tokens)(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
-                              size_t n, const char *text, size_t text_len);
+                              const moe_token_logprobs *lp, size_t n, const char *text,
+                              size_t text_len);
     void (*finish)(moe_frontend_req *r, const moe_frontend_finish_info *info);
     void (*error)(moe_frontend_req *r, moe_status code, const char *message);
     const moe_gen_request *(*request)(const moe_frontend_req *r);

@@ -49,11 +49,16 @@ struct hstream {
     uint32_t next_index;
     char *text; /* pending (streamed) or all (not streamed) output text */
     size_t text_len, text_cap;
-    moe_api_finish reason;
+    moe_finish_reason reason;
     uint32_t completion_tokens;
     int err_status;
     char *err_msg;
     bool sent_role, sent_finish; /* streamed: this choice's role and finish chunks went out */
+    /* logprobs requested: every token's id and log-probabilities, lp_sent of them streamed
+     * (lp_offset: their token strings' bytes, the completions text_offset of the next) */
+    int32_t *lp_ids;
+    moe_token_logprobs *lps;
+    size_t n_lp, cap_lp, lp_sent, lp_offset;
     hstream *prev, *next;
 };
 
@@ -64,6 +69,7 @@ typedef struct {
     int n;
     hstream *h[MOE_HTTP_MAX_N];
     moe_http_resp_info ri;
+    const moe_tokenizer *tok; /* token strings of logprobs */
     bool include_usage;
     pthread_mutex_t mu; /* the writer state below */
     char *out;          /* SSE bytes built and not yet handed to libmicrohttpd */
@@ -99,6 +105,8 @@ static void stream_free(hstream *h)
         close(h->efd);
     moe_validated_free(&h->v);
     free(h->text);
+    free(h->lp_ids);
+    free(h->lps);
     free(h->err_msg);
     pthread_mutex_destroy(&h->mu);
     free(h);
@@ -138,11 +146,38 @@ static bool append(char **buf, size_t *len, size_t *cap, const char *s, size_t n
     return true;
 }
 
+/* Keeps n tokens' logprobs (zeros when the backend sent none for a token). With h->mu held. */
+static bool keep_logprobs(hstream *h, const int32_t *ids, const moe_token_logprobs *lp, size_t n)
+{
+    if (!n || !h->v.req.sampling.logprobs)
+        return true;
+    if (h->n_lp + n > h->cap_lp) {
+        size_t cap = h->cap_lp ? h->cap_lp * 2 : 64;
+        while (cap < h->n_lp + n)
+            cap *= 2;
+        int32_t *ni = realloc(h->lp_ids, cap * sizeof(*ni));
+        if (ni)
+            h->lp_ids = ni;
+        moe_token_logprobs *nl = realloc(h->lps, cap * sizeof(*nl));
+        if (nl)
+            h->lps = nl;
+        if (!ni || !nl)
+            return false;
+        h->cap_lp = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        h->lp_ids[h->n_lp + i] = ids[i];
+        h->lps[h->n_lp + i] = lp ? lp[i] : (moe_token_logprobs){0};
+    }
+    h->n_lp += n;
+    return true;
+}
+
 static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
-                                 size_t n, const char *text, size_t text_len)
+                                 const moe_token_logprobs *lp, size_t n, const char *text,
+                                 size_t text_len)
 {
     hstream *h = (hstream *)r;
-    (void)ids;
     moe_status st = MOE_OK;
     pthread_mutex_lock(&h->mu);
     if (h->done) {
@@ -155,7 +190,8 @@ static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
                                h->id, indices[i], (size_t)h->next_index + i);
         if (st == MOE_OK) {
             h->next_index += (uint32_t)n;
-            if (text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len))
+            if ((text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len)) ||
+                !keep_logprobs(h, ids, lp, n))
                 st = moe_error(MOE_ERR_NOMEM, "request %s: out of memory", h->id);
         }
     }
@@ -171,7 +207,7 @@ static void hs_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)
     pthread_mutex_lock(&h->mu);
     MOE_ASSERT(h->backend_holds);
     h->done = true;
-    h->reason = info ? info->reason : MOE_API_FINISH_LENGTH;
+    h->reason = info ? info->reason : MOE_FINISH_LENGTH;
     h->completion_tokens = (info && info->completion_tokens) ? info->completion_tokens : h->next_index;
     h->backend_holds = false;
     wake(h);
@@ -343,16 +379,25 @@ static bool sse_build(hgroup *g)
         hstream *h = g->h[i];
         pthread_mutex_lock(&h->mu);
         if (g->ri.chat && !h->sent_role) {
-            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, true, NULL));
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, true, NULL, NULL));
             h->sent_role = more = true;
         }
-        if (h->text_len > 0) {
-            sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL));
+        /* the tokens since the last chunk ride with the text since then (which the detokenizer
+         * may hold back by a token or two) */
+        moe_http_logprobs lp = {.tok = g->tok, .ids = h->lp_ids + h->lp_sent,
+                                .lp = h->lps + h->lp_sent, .n = h->n_lp - h->lp_sent,
+                                .offset = h->lp_offset};
+        if (h->text_len > 0 || lp.n > 0) {
+            sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL,
+                                        lp.n ? &lp : NULL));
             h->text_len = 0;
+            h->lp_offset += moe_http_logprobs_text_len(&lp);
+            h->lp_sent = h->n_lp;
             more = true;
         }
         if (h->done && !h->failed && !h->sent_finish) {
-            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, false, moe_http_finish_name(h->reason)));
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, false, moe_http_finish_name(h->reason),
+                                        NULL));
             h->sent_finish = more = true;
         }
         if (h->failed && !failed)
@@ -503,6 +548,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         h->v.req.arrival_ns = moe_now_ns();
     }
     grp->include_usage = g.include_usage;
+    grp->tok = s->cfg.tokenizer;
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
         /* validation names the field first, in moe_api_names_http's terms: that is the param */
@@ -577,11 +623,15 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     } else {
         /* every stream is done: the backend writes none of them any more */
         moe_http_choice ch[MOE_HTTP_MAX_N];
+        moe_http_logprobs lp[MOE_HTTP_MAX_N];
         grp->ri.completion_tokens = 0;
         for (int i = 0; i < grp->n; i++) {
             hstream *h = grp->h[i];
+            lp[i] = (moe_http_logprobs){.tok = s->cfg.tokenizer, .ids = h->lp_ids, .lp = h->lps,
+                                        .n = h->n_lp};
             ch[i] = (moe_http_choice){h->text ? h->text : "", h->text_len,
-                                      moe_http_finish_name(h->reason)};
+                                      moe_http_finish_name(h->reason),
+                                      h->v.req.sampling.logprobs ? &lp[i] : NULL};
             grp->ri.completion_tokens += h->completion_tokens;
         }
         json = moe_http_full_response(&grp->ri, ch, grp->n);

@@ -44,8 +44,7 @@ struct moe_engine {
     int *logit_rows;
     int *logit_seg;
     float *logits;
-    int *sample_idx;
-    float *sample_prob;
+    moe_sample_scratch sample; /* idx, prob, mark: vocab each */
 
     bool ep; /* expert parallel: steps run even when empty */
     moe_engine_stats st;
@@ -57,12 +56,6 @@ struct moe_engine {
     uint64_t *hook_ids; /* [max_seqs] */
     int n_hook_ids;
 };
-
-const char *moe_finish_name(moe_finish_reason r)
-{
-    static const char *const names[] = {"none", "eos", "length", "stop", "cancelled"};
-    return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "unknown";
-}
 
 static int default_threads(void)
 {
@@ -135,10 +128,11 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
     e->logit_rows = calloc(S, sizeof *e->logit_rows);
     e->logit_seg = calloc(S, sizeof *e->logit_seg);
     e->logits = calloc(S * (size_t)e->vocab, sizeof *e->logits);
-    e->sample_idx = calloc((size_t)e->vocab, sizeof *e->sample_idx);
-    e->sample_prob = calloc((size_t)e->vocab, sizeof *e->sample_prob);
+    e->sample.idx = calloc((size_t)e->vocab, sizeof *e->sample.idx);
+    e->sample.prob = calloc((size_t)e->vocab, sizeof *e->sample.prob);
+    e->sample.mark = calloc((size_t)e->vocab, sizeof *e->sample.mark);
     if (!e->btok || !e->segs || !e->seg_seq || !e->hook_ids || !e->logit_rows || !e->logit_seg || !e->logits ||
-        !e->sample_idx || !e->sample_prob) {
+        !e->sample.idx || !e->sample.prob || !e->sample.mark) {
         moe_engine_free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: out of memory for step buffers");
     }
@@ -173,8 +167,9 @@ void moe_engine_free(moe_engine *e)
     free(e->logit_rows);
     free(e->logit_seg);
     free(e->logits);
-    free(e->sample_idx);
-    free(e->sample_prob);
+    free(e->sample.idx);
+    free(e->sample.prob);
+    free(e->sample.mark);
     free(e);
 }
 
@@ -450,10 +445,12 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
     const moe_model_config *c = &e->m->cfg;
     for (int r = 0; r < n_rows; r++) {
         seq_t *s = e->seg_seq[e->logit_seg[r]];
-        /* The draw depends only on (seed, index), so a recomputed, migrated or re-prefilled
-         * sequence draws what it would have drawn here. */
-        int32_t tok = moe_sample(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp, (uint64_t)s->n_generated,
-                                 e->sample_idx, e->sample_prob);
+        /* The draw depends only on (seed, index) and the penalties only on the sequence's tokens,
+         * so a recomputed, migrated or re-prefilled sequence draws what it would have drawn here. */
+        moe_token_logprobs lp;
+        int32_t tok = moe_sample_seq(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp,
+                                     (uint64_t)s->n_generated, s->tokens, s->n_tokens, s->n_prompt,
+                                     &e->sample, &lp);
         s->tokens[s->n_tokens++] = tok;
         moe_finish_reason fin = MOE_FINISH_NONE;
         if (!s->ignore_eos && is_eos(c, tok))
@@ -465,12 +462,16 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
         bool park = fin == MOE_FINISH_NONE && s->prefill_only;
         if (park)
             s->paused = true;
-        if (n_ev < cap)
-            events[n_ev++] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
-                                               .finish = fin, .parked = park};
-        else
+        if (n_ev < cap) {
+            events[n_ev] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
+                                             .finish = fin, .parked = park, .has_lp = s->sp.logprobs};
+            if (s->sp.logprobs)
+                events[n_ev].lp = lp;
+            n_ev++;
+        } else {
             MOE_LOG_W("event buffer of %d too small; seq %llu's token dropped", cap,
                       (unsigned long long)s->id);
+        }
         if (fin != MOE_FINISH_NONE)
             remove_at(e, find_seq(e, s->id));
     }

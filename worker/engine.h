@@ -40,16 +40,6 @@ typedef struct {
     int ep_overlap;
 } moe_engine_opts;
 
-typedef enum {
-    MOE_FINISH_NONE = 0, /* still running */
-    MOE_FINISH_EOS,
-    MOE_FINISH_LENGTH,
-    MOE_FINISH_STOP,      /* set by the caller through moe_engine_finish (stop strings) */
-    MOE_FINISH_CANCELLED,
-} moe_finish_reason;
-
-const char *moe_finish_name(moe_finish_reason r);
-
 /* One sampled token. index counts generated tokens of that sequence from 0. */
 typedef struct {
     uint64_t seq_id;
@@ -57,6 +47,8 @@ typedef struct {
     int index;
     moe_finish_reason finish; /* != NONE on the sequence's last event */
     bool parked;              /* a prefill-only sequence stopped after its first token (see below) */
+    bool has_lp;              /* the sequence asked for logprobs: lp holds them */
+    moe_token_logprobs lp;
 } moe_token_event;
 
 typedef struct {

@@ -409,6 +409,8 @@ static moe_status step(worker *w)
                     : e->finish == MOE_FINISH_NONE ? MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE
                                                    : MOESERVE__CLUSTER__V1__FINISH__FINISH_LENGTH;
         p->parked = e->parked;
+        if (e->has_lp)
+            moe_token_logprobs_to_pb(&e->lp, p); /* borrows w->events until the send below */
         w->pevp[i] = p;
     }
     pb_load load;
