@@ -90,7 +90,7 @@ typedef struct {
 /* The log-probabilities of n generated tokens of one choice, in OpenAI's shape: completions
  * {tokens, token_logprobs, top_logprobs, text_offset}, chat {content: [{token, logprob, bytes,
  * top_logprobs}]}. Token strings are each id decoded alone by tok; text_offset starts at
- * `offset` (the bytes of the choice's token strings before these). */
+ * `offset` (the characters of the choice's token strings before these). */
 typedef struct {
     const moe_tokenizer *tok;
     const int32_t *ids;            /* (n) */
@@ -111,7 +111,7 @@ char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice
  * of a choice), finish reason, the delta's tokens' logprobs (NULL: null). */
 char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, size_t len,
                      bool role, const char *finish, const moe_http_logprobs *lp);
-/* The bytes the token strings of lp's tokens take (the next chunk's offset). */
+/* The characters the token strings of lp's tokens take (what the next chunk's offset adds). */
 size_t moe_http_logprobs_text_len(const moe_http_logprobs *lp);
 /* The final usage chunk (stream_options.include_usage): choices [] and usage. */
 char *moe_http_usage_chunk(const moe_http_resp_info *ri);

@@ -647,12 +647,21 @@ static cJSON *bytes_of(const char *s)
     return a;
 }
 
+/* Characters (code points), as OpenAI's and vLLM's text_offset count them. */
+static size_t chars_of(const char *s)
+{
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)s; p && *p; p++)
+        n += (*p & 0xC0) != 0x80;
+    return n;
+}
+
 size_t moe_http_logprobs_text_len(const moe_http_logprobs *lp)
 {
     size_t n = 0;
     for (size_t i = 0; lp && i < lp->n; i++) {
         char *t = token_str(lp->tok, lp->ids[i]);
-        n += t ? strlen(t) : 0;
+        n += chars_of(t);
         free(t);
     }
     return n;
@@ -698,7 +707,7 @@ static cJSON *logprobs_json(const moe_http_logprobs *lp, bool chat)
         cJSON_AddItemToArray(tokens, cJSON_CreateString(s));
         cJSON_AddItemToArray(tlp, cJSON_CreateNumber(t->logprob));
         cJSON_AddItemToArray(off, cJSON_CreateNumber((double)at));
-        at += strlen(s);
+        at += chars_of(s);
         free(s);
         /* {token string: logprob}; two ids decoding alike keep the likelier (listed first) */
         cJSON *m = cJSON_CreateObject();
