@@ -292,4 +292,23 @@ struct moe_frontend_req {
     const moe_frontend_ops *ops;
 };
 
+/* The latency a front end adds to each streamed token: from the backend's push to the moment the
+ * token's bytes are handed to the transport (gRPC core's send, libmicrohttpd's reader), kept over
+ * the last MOE_FRONTEND_LAT_RING tokens and logged at shutdown (bench/RESULTS.md reads the line).
+ * Thread-safe. */
+#define MOE_FRONTEND_LAT_RING 8192
+typedef struct {
+    void *mu;        /* pthread_mutex_t *, from moe_frontend_lat_init */
+    float *us;       /* [MOE_FRONTEND_LAT_RING] microseconds */
+    uint64_t n;      /* recorded since start */
+} moe_frontend_lat;
+
+moe_status moe_frontend_lat_init(moe_frontend_lat *l);
+/* n tokens that waited us microseconds each. */
+void moe_frontend_lat_add(moe_frontend_lat *l, double us, size_t n);
+/* One info line "NAME front end: push -> transport over the last N tokens: p50 .. p90 .. p99 ..
+ * max" (nothing when none). No adds may run concurrently. */
+void moe_frontend_lat_log(moe_frontend_lat *l, const char *name);
+void moe_frontend_lat_free(moe_frontend_lat *l);
+
 #endif

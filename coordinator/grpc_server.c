@@ -73,6 +73,7 @@ struct moe_grpc_server {
     int64_t start_ns;
     atomic_bool draining;
     fe_counters ctr;
+    moe_frontend_lat lat; /* push -> gRPC send, per token */
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cv;
@@ -829,6 +830,10 @@ static void gen_flush(struct gcall *c)
         }
         c->send_buf = pack_message(&m.base);
         lp_msgs_free(&lpm);
+        /* p_times: ms since arrival at each token's push */
+        const double now_ms = (double)(moe_now_ns() - c->arrival_ns) * 1e-6;
+        for (size_t i = 0; i < c->p_n; i++)
+            moe_frontend_lat_add(&c->srv->lat, (now_ms - c->p_times[i]) * 1e3, 1);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = c->send_buf;
         atomic_fetch_add(&c->srv->ctr.generated_tokens, c->p_n);
@@ -1355,6 +1360,7 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         return moe_error(MOE_ERR_IO, "grpc server: cannot listen on %s (address in use or invalid)",
                          cfg->listen_addr);
     }
+    (void)moe_frontend_lat_init(&s->lat); /* without it, no latency log: nothing else changes */
     grpc_server_start(s->server);
     for (int i = 0; i < cfg->n_threads; i++)
         for (int k = 0; k <= K_UNKNOWN; k++)
@@ -1454,10 +1460,12 @@ void moe_grpc_server_free(moe_grpc_server *s)
         pthread_join(s->threads[i], NULL);
     grpc_completion_queue_destroy(s->cq);
     free(s->threads);
+    moe_frontend_lat_log(&s->lat, "gRPC");
     pthread_mutex_lock(&s->mu);
     int live = s->live_calls;
     pthread_mutex_unlock(&s->mu);
     if (live == 0) {
+        moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         free(s);

@@ -22,6 +22,7 @@ struct moe_http_server {
     long long started;
     pthread_mutex_t mu; /* guards the list and the flags below */
     pthread_cond_t cv;
+    moe_frontend_lat lat; /* push -> libmicrohttpd, per streamed token */
     hstream *streams; /* alive, for shutdown */
     int n_streams;
     bool stopping;

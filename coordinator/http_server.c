@@ -32,6 +32,7 @@
 #include <microhttpd.h>
 
 #include "common/clock.h"
+#include "common/grow.h"
 #include "common/log.h"
 #include "coordinator/http_internal.h"
 
@@ -59,6 +60,8 @@ struct hstream {
     int32_t *lp_ids;
     moe_token_logprobs *lps;
     size_t n_lp, cap_lp, lp_sent, lp_offset;
+    int64_t *push_ns; /* streamed: when each token not yet in a chunk was pushed */
+    int n_push, cap_push;
     hstream *prev, *next;
 };
 
@@ -107,6 +110,7 @@ static void stream_free(hstream *h)
     free(h->text);
     free(h->lp_ids);
     free(h->lps);
+    free(h->push_ns);
     free(h->err_msg);
     pthread_mutex_destroy(&h->mu);
     free(h);
@@ -193,6 +197,11 @@ static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
             if ((text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len)) ||
                 !keep_logprobs(h, ids, lp, n))
                 st = moe_error(MOE_ERR_NOMEM, "request %s: out of memory", h->id);
+            if (n && moe_grow((void **)&h->push_ns, &h->cap_push, h->n_push + (int)n, sizeof(int64_t))) {
+                int64_t now = moe_now_ns();
+                for (size_t i = 0; i < n; i++)
+                    h->push_ns[h->n_push++] = now;
+            }
         }
     }
     pthread_mutex_unlock(&h->mu);
@@ -390,6 +399,10 @@ static bool sse_build(hgroup *g)
         if (h->text_len > 0 || lp.n > 0) {
             sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL,
                                         lp.n ? &lp : NULL));
+            int64_t now = moe_now_ns(); /* the reader hands these bytes to libmicrohttpd next */
+            for (int k = 0; k < h->n_push; k++)
+                moe_frontend_lat_add(&h->srv->lat, (double)(now - h->push_ns[k]) * 1e-3, 1);
+            h->n_push = 0;
             h->text_len = 0;
             h->lp_offset += moe_http_logprobs_text_len(&lp);
             h->lp_sent = h->n_lp;
@@ -817,6 +830,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     s->be = *backend;
     snprintf(s->model, sizeof(s->model), "%s", cfg->model_name ? cfg->model_name : "model");
     s->started = (long long)time(NULL);
+    (void)moe_frontend_lat_init(&s->lat); /* without it, no latency log: nothing else changes */
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
@@ -831,6 +845,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
                             MHD_OPTION_END);
     if (!s->d) {
+        moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         free(s);
@@ -883,11 +898,13 @@ void moe_http_server_free(moe_http_server *s, double grace_s)
     }
     int left = s->n_streams;
     pthread_mutex_unlock(&s->mu);
+    moe_frontend_lat_log(&s->lat, "HTTP");
     if (left > 0) {
         /* the backend still holds these: leak rather than free under it */
         MOE_LOG_W("HTTP server: %d streams still held by the backend at shutdown; leaked", left);
         return;
     }
+    moe_frontend_lat_free(&s->lat);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
