@@ -341,3 +341,82 @@ Test(engine, logprobs_are_the_log_softmax_of_the_model_logits)
     free(logits);
     moe_engine_free(e);
 }
+
+/* n choices of one prompt: siblings share the parent's prefill (its prompt is computed once, the
+ * full KV blocks are shared) and still generate exactly what each would alone with its seed. */
+Test(engine, siblings_share_the_prefill_and_sample_as_alone)
+{
+    enum { NS = 3, NEW = 12 };
+    const int32_t p[11] = {11, 23, 35, 47, 59, 61, 73, 5, 9, 13, 17}; /* 2 full blocks + 3 */
+    moe_sampling_params sp[NS];
+    int32_t alone[NS][NEW];
+    for (int k = 0; k < NS; k++) {
+        sp[k] = (moe_sampling_params){.temperature = 1.0f, .top_p = 1.0f, .seed = 500 + (uint64_t)k,
+                                      .presence_penalty = 0.5f};
+        moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+        moe_engine *e;
+        cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(moe_engine_add(e, 1, p, 11, &sp[k], NEW, true), MOE_OK);
+        moe_token_event ev[4];
+        int n = 0;
+        while (moe_engine_has_work(e)) {
+            int m = moe_engine_step(e, ev, 4);
+            cr_assert_geq(m, 0, "%s", moe_error_message());
+            for (int i = 0; i < m; i++)
+                alone[k][n++] = ev[i].token;
+        }
+        cr_assert_eq(n, NEW);
+        moe_engine_free(e);
+    }
+    cr_assert(memcmp(alone[0], alone[1], sizeof alone[0]), "seeds gave the same tokens");
+
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+    cr_assert_eq(moe_engine_add(e, 10, p, 11, &sp[0], NEW, true), MOE_OK);
+    for (int k = 1; k < NS; k++)
+        cr_assert_eq(moe_engine_add_sibling(e, 10, 10 + (uint64_t)k, &sp[k]), MOE_OK, "%s",
+                     moe_error_message());
+    cr_assert_eq(moe_engine_add_sibling(e, 99, 20, &sp[0]), MOE_ERR_NOT_FOUND);
+    int next[NS] = {0}, steps = 0;
+    moe_token_event ev[8];
+    while (moe_engine_has_work(e)) {
+        int m = moe_engine_step(e, ev, 8);
+        cr_assert_geq(m, 0, "%s", moe_error_message());
+        if (++steps == 1) {
+            cr_assert_eq(m, NS, "every choice's first token in the prefill's step");
+            moe_engine_stats st;
+            moe_engine_get_stats(e, &st);
+            cr_assert_eq(st.prefill_tokens, 11, "the prompt prefilled once, not %d times",
+                         (int)(st.prefill_tokens / 11));
+            /* 3 blocks for the parent; each sibling shares 2 and copies the partial third */
+            cr_assert_eq(st.kv_blocks_used, 3 + (NS - 1), "blocks in use %d", st.kv_blocks_used);
+        }
+        for (int i = 0; i < m; i++) {
+            int k = (int)(ev[i].seq_id - 10);
+            cr_assert_eq(ev[i].index, next[k]);
+            cr_assert_eq(ev[i].token, alone[k][next[k]], "choice %d token %d: %d, alone %d", k,
+                         next[k], ev[i].token, alone[k][next[k]]);
+            next[k]++;
+        }
+    }
+    for (int k = 0; k < NS; k++)
+        cr_assert_eq(next[k], NEW, "choice %d: %d tokens", k, next[k]);
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    cr_assert_eq(st.kv_blocks_used, 0, "KV left behind");
+    /* a parent cancelled before its prefill: the sibling prefills on its own */
+    cr_assert_eq(moe_engine_add(e, 30, p, 11, &sp[0], 2, true), MOE_OK);
+    cr_assert_eq(moe_engine_add_sibling(e, 30, 31, &sp[1]), MOE_OK);
+    cr_assert_eq(moe_engine_finish(e, 30), MOE_OK);
+    int got = 0;
+    while (moe_engine_has_work(e)) {
+        int m = moe_engine_step(e, ev, 8);
+        for (int i = 0; i < m; i++) {
+            cr_assert_eq(ev[i].seq_id, 31);
+            cr_assert_eq(ev[i].token, alone[1][got++]);
+        }
+    }
+    cr_assert_eq(got, 2);
+    moe_engine_free(e);
+}
