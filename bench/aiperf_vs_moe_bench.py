@@ -4,11 +4,10 @@ the gRPC API, on one synthetic Mooncake-format trace and one cluster: both repla
 timestamps (fixed schedule) and its lengths; prints each tool's TTFT and ITL (p50, p90) and their
 ratio.
 
-Usage: PYTHONPATH=STUBS:tests/integration MOE_BUILD_DIR=build AIPERF=aiperf \\
-       python3 bench/aiperf_vs_moe_bench.py [OUT_DIR]
+Usage: PYTHONPATH=STUBS:tests/integration MOE_BUILD_DIR=build python3 bench/aiperf_vs_moe_bench.py [OUT_DIR]
 (STUBS: the Python gRPC stubs of proto/, as tests/integration/run.sh makes them; AIPERF: the
-aiperf executable, from scripts/install-py-deps.sh). Not a CI test: timings depend on the machine
-and its load. The same requests are not byte-identical: aiperf makes prompt text from its own
+aiperf executable, default .venv-aiperf/bin/aiperf as scripts/install-py-deps.sh installs it).
+Not a CI test: timings depend on the machine and its load. The same requests are not byte-identical: aiperf makes prompt text from its own
 corpus for each hash id (the server tokenizes it: lengths within a few tokens), moe-bench sends
 token ids; both keep the shared-prefix structure of hash_ids.
 """
@@ -51,6 +50,24 @@ def write_trace(path, n=48, seed=7):
     return rows
 
 
+def hf_cache_for(model, out):
+    """aiperf 0.13 loads tokenizers in offline mode in its prompt-synthesis workers, where a local
+    directory is looked up as a hub repo id and fails: give it the model's tokenizer as a hub
+    cache entry (moeserve/NAME at revision main) instead, and run aiperf offline."""
+    name = "moeserve/" + os.path.basename(model)
+    repo = os.path.join(out, "hf", "hub", "models--" + name.replace("/", "--"))
+    snap = os.path.join(repo, "snapshots", "0" * 40)
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write("0" * 40)
+    for fn in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        dst = os.path.join(snap, fn)
+        if not os.path.exists(dst):
+            os.symlink(os.path.join(model, fn), dst)
+    return name, os.path.join(out, "hf", "hub")
+
+
 def pct(d, key, *names):
     for n in names:
         if n in d:
@@ -64,7 +81,9 @@ def main():
     trace = os.path.join(out, "trace.jsonl")
     rows = write_trace(trace)
     model = os.path.abspath(os.path.join(build_dir(), "models", "tiny"))  # a path, not a hub id
-    aiperf = os.environ.get("AIPERF", "aiperf")
+    aiperf = os.environ.get("AIPERF") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                      ".venv-aiperf", "bin", "aiperf")
+    tok_name, hub = hf_cache_for(model, out)
     with Cluster(np=3, model=model, args=["--http-listen", "127.0.0.1:0", "--max-requests", "512"]) as c:
         port = int(re.search(r"HTTP \(OpenAI API\) listening on \S+ \(port (\d+)\)", c.stderr()).group(1))
         mb = subprocess.run([os.path.join(build_dir(), "moe-bench"), "--addr", "127.0.0.1:%d" % c.port,
@@ -74,28 +93,33 @@ def main():
         cmd = [aiperf, "profile", "--model", os.path.basename(model), "--url", "http://127.0.0.1:%d" % port,
                "--endpoint-type", "completions", "--streaming", "--input-file", trace,
                "--custom-dataset-type", "mooncake_trace", "--fixed-schedule",
-               "--prompt-input-tokens-block-size", str(BLOCK), "--tokenizer", model,
+               "--prompt-input-tokens-block-size", str(BLOCK), "--tokenizer", tok_name,
                "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0",
-               "--random-seed", "1", "--ui-type", "none", "--output-artifact-dir", out]
+               "--use-server-token-count", "--random-seed", "1", "--ui-type", "none", "--output-artifact-dir", out]
         print("$ " + " ".join(cmd), flush=True)
-        ap = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        env = dict(os.environ, HF_HUB_CACHE=hub, HF_HUB_OFFLINE="1")
+        ap = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if ap.returncode != 0:
             print(ap.stdout[-4000:], ap.stderr[-4000:])
             return 1
         c.stop()
     with open(os.path.join(out, "profile_export_aiperf.json")) as f:
         theirs = json.load(f)
-    res = {"requests": len(rows)}
-    for name, ak in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency")):
-        a = theirs[ak] if ak in theirs else theirs["records"][ak]
-        m = ours[name]
+    # aiperf's inter_token_latency is per request, (e2e - TTFT) / (output tokens - 1): moe-bench's
+    # TPOT; moe-bench's own ITL is every gap between streamed messages (several tokens can share
+    # one, hence a p50 near 0), shown beside it
+    res = {"requests": len(rows), "aiperf_completed": theirs["request_count"]["avg"],
+           "moe_bench_ok": ours["ok"]}
+    for name, ak, mk in (("ttft", "time_to_first_token", "ttft_ms"),
+                         ("itl_per_request", "inter_token_latency", "tpot_ms")):
         for p in ("p50", "p90"):
-            av, mv = a[p], pct(m, name, p, p + "_ms")
-            res["%s_%s_ms" % (name, p)] = {"aiperf_http": round(av, 2), "moe_bench_grpc": round(mv, 2),
+            av, mv = theirs[ak][p], ours[mk][p]
+            res["%s_%s_ms" % (name, p)] = {"aiperf_http": round(av, 3), "moe_bench_grpc": round(mv, 3),
                                            "ratio": round(av / mv, 2) if mv else None}
-    req = theirs.get("request_count", {})
-    res["aiperf_requests"] = req.get("avg", req) if isinstance(req, dict) else req
-    res["moe_bench_ok"] = ours.get("ok", ours.get("completed"))
+    res["moe_bench_itl_gaps_ms"] = {p: ours["itl_ms"][p] for p in ("p50", "p90", "p99")}
+    res["output_tokens"] = {"aiperf": theirs["total_osl"]["avg"] if isinstance(theirs.get("total_osl"), dict)
+                            else theirs.get("total_osl"), "moe_bench": ours["output_tokens"],
+                            "trace": sum(r["output_length"] for r in rows)}
     print(json.dumps(res, indent=1))
     return 0
 

@@ -28,6 +28,9 @@ typedef struct {
     int top_logprobs;
 } moe_sampling_params;
 
+/* True when a and b sample alike but for their seeds (n choices of one request). */
+bool moe_sampling_same_but_seed(const moe_sampling_params *a, const moe_sampling_params *b);
+
 #define MOE_MAX_TOP_LOGPROBS 20
 
 /* Log-probabilities of one sampled token: log-softmax over the whole vocabulary of the logits the

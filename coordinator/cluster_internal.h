@@ -94,6 +94,7 @@ struct moe_cluster {
     bool elastic; /* instances join and leave over the network (opts.elastic) */
     int64_t last_turn; /* the loop's last turn: a stalled coordinator does not judge others by it */
     uint64_t n_joins, n_losses, n_resumed; /* under mu: ClusterStatus counters */
+    uint64_t n_prefills_shared;
     int *spares;
     bool disagg;
 

@@ -79,6 +79,11 @@ typedef struct {
     bool ignore_eos;
     bool include_stop_str_in_output;
     int32_t priority;                       /* lower is served first */
+    /* 0: none. Requests with the same non-zero value are choices of one client request (HTTP
+     * n > 1): the same prompt and options but the seed. The backend may prefill their prompt
+     * once for all those it holds at once (the cluster does when they are queued together). */
+    uint64_t prefill_group;
+    uint32_t prefill_group_n; /* how many requests the group has */
     int64_t arrival_ns;                     /* moe_now_ns() when the front end received it */
     int64_t deadline_ns;                    /* moe_now_ns() clock; 0 = none. The front end
                                                cancels at the deadline by itself; this is for
@@ -144,6 +149,7 @@ typedef struct {
     uint64_t migrations, migrations_aborted, preemptions;
     uint64_t kv_transfers_layerwise; /* of kv_transfers: pushed layer by layer */
     uint64_t instance_joins, instance_losses, requests_resumed; /* elastic clusters */
+    uint64_t prefills_shared; /* choices (n > 1) started on another choice's prefill */
 } moe_cluster_counters;
 
 /* Live migrations (docs/migration.md): outcomes, costs and what triggered them. */

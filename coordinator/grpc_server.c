@@ -628,6 +628,7 @@ static void handle_status(struct gcall *c)
     ctr.instance_joins = bc->instance_joins;
     ctr.instance_losses = bc->instance_losses;
     ctr.requests_resumed = bc->requests_resumed;
+    ctr.prefills_shared = bc->prefills_shared;
     const moe_migration_counters *mc = &st->migration;
     Moeserve__V1__Migration mig;
     moeserve__v1__migration__init(&mig);

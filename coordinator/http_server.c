@@ -542,7 +542,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
-    /* n choices: n independent generations of the prompt (choice i: seed + i when seeded) */
+    /* n choices: n generations of the prompt (choice i: seed + i when seeded), one group whose
+     * prompt the backend prefills once when it holds them together */
     st = MOE_OK;
     for (int i = 0; i < g.n && st == MOE_OK; i++) {
         hstream *h = stream_new(s, conn, i ? grp->h[0]->efd : -1);
@@ -559,6 +560,10 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         g.api.has_seed = has_seed;
         st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
         h->v.req.arrival_ns = moe_now_ns();
+        if (g.n > 1) { /* the choices' prompt can be prefilled once (frontend.h) */
+            h->v.req.prefill_group = (uint64_t)(uintptr_t)grp;
+            h->v.req.prefill_group_n = (uint32_t)g.n;
+        }
     }
     grp->include_usage = g.include_usage;
     grp->tok = s->cfg.tokenizer;

@@ -242,7 +242,10 @@ def main():
             check(r.choices[0].text == state["text"], "after bad HTTP: %r" % r.choices[0].text)
 
         def n_choices():
+            shared0 = c.status().counters.prefills_shared
             r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0, n=3)
+            shared = c.status().counters.prefills_shared - shared0
+            check(shared == 2, "2 of the 3 choices should start on the first one's prefill: %d" % shared)
             check([c_.index for c_ in r.choices] == [0, 1, 2], "indices %r" % [c_.index for c_ in r.choices])
             check(all(c_.text == state["text"] for c_ in r.choices), "greedy choices differ: %r" % r.choices)
             single = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
