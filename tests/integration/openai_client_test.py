@@ -458,14 +458,39 @@ def main():
         if rc != 0:
             failures.append("exit")
             print("FAIL moe-serve exited %s:\n%s" % (rc, c.stderr()[-3000:]))
-    try:
-        sliding_window_refused()
-        print("PASS sliding_window_refused", flush=True)
-    except Exception as e:
-        failures.append("sliding_window_refused")
-        print("FAIL sliding_window_refused: %s: %s" % (type(e).__name__, e), flush=True)
+    for tname, fn in (("n_choices_colocated", n_choices_colocated),
+                      ("sliding_window_refused", sliding_window_refused)):
+        try:
+            fn()
+            print("PASS %s" % tname, flush=True)
+        except Exception as e:
+            failures.append(tname)
+            print("FAIL %s: %s: %s" % (tname, type(e).__name__, e), flush=True)
     print("%d failed" % len(failures))
     return 1 if failures else 0
+
+
+def n_choices_colocated():
+    """A colocated (mixed) instance: n choices share the prefill there too; each choice's text and
+    logprobs equal a single request's with seed + i."""
+    model = tiny_model()
+    with Cluster(np=2, model=model, args=["--http-listen", "127.0.0.1:0", "--colocated"]) as c:
+        m = None
+        deadline = time.time() + 10
+        while m is None and time.time() < deadline:
+            m = re.search(r"HTTP \(OpenAI API\) listening on \S+ \(port (\d+)\)", c.stderr())
+            time.sleep(0.05)
+        check(m is not None, "no HTTP listening line in the log")
+        cl = openai.OpenAI(base_url="http://127.0.0.1:%s/v1" % m.group(1), api_key="x", max_retries=0)
+        kw = dict(model=os.path.basename(model), prompt=PROMPT, max_tokens=16, temperature=1.0, logprobs=2)
+        r = cl.completions.create(n=3, seed=5, **kw)
+        check(c.status().counters.prefills_shared == 2, "shared %d" % c.status().counters.prefills_shared)
+        for i in range(3):
+            one = cl.completions.create(seed=5 + i, **kw).choices[0]
+            check(one.text == r.choices[i].text, "choice %d: %r vs %r" % (i, r.choices[i].text, one.text))
+            check(one.logprobs.token_logprobs == r.choices[i].logprobs.token_logprobs, "logprobs %d" % i)
+        rc = c.stop()
+        check(rc == 0, "moe-serve exited %s" % rc)
 
 
 def sliding_window_refused():
