@@ -23,6 +23,7 @@ const moe_api_names moe_api_names_grpc = {
     .frequency_penalty = "GenerateRequest.sampling.frequency_penalty",
     .repetition_penalty = "GenerateRequest.sampling.repetition_penalty",
     .top_logprobs = "GenerateRequest.sampling.top_logprobs",
+    .prefill_group = "GenerateRequest.prefill_group_size",
 };
 
 moe_status moe_frontend_push_tokens(moe_frontend_req *r, const int32_t *ids,

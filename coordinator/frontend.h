@@ -28,7 +28,7 @@ typedef struct {
 typedef struct {
     const char *request_id, *text, *token_ids, *token_ids_item /* + "[i]" */, *prompt,
         *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids,
-        *presence_penalty, *frequency_penalty, *repetition_penalty, *top_logprobs;
+        *presence_penalty, *frequency_penalty, *repetition_penalty, *top_logprobs, *prefill_group;
 } moe_api_names;
 
 extern const moe_api_names moe_api_names_grpc;
@@ -57,6 +57,8 @@ typedef struct {
     size_t n_stop_token_ids;
     bool ignore_eos, include_stop_str_in_output;
     int32_t priority;
+    uint64_t prefill_group;     /* 0: none; else choices of one prompt, prefill_group_n of them */
+    int64_t prefill_group_n;
 } moe_api_request;
 
 /* ---------------------------------------------------------------------------------------------

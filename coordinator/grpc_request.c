@@ -150,6 +150,8 @@ moe_status moe_grpc_generate_decode(const Moeserve__V1__GenerateRequest *msg,
     r->ignore_eos = msg->ignore_eos;
     r->include_stop_str_in_output = msg->include_stop_str_in_output;
     r->priority = msg->priority;
+    r->prefill_group = msg->prefill_group;
+    r->prefill_group_n = msg->prefill_group_size;
     return MOE_OK;
 }
 

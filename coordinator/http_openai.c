@@ -28,6 +28,7 @@ const moe_api_names moe_api_names_http = {
     .frequency_penalty = "frequency_penalty",
     .repetition_penalty = "repetition_penalty",
     .top_logprobs = "top_logprobs",
+    .prefill_group = "n",
 };
 
 /* U+F0000 (plane 15 private use) stands in for \u0000 while cJSON parses. */

@@ -403,6 +403,37 @@ def main():
                 check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and
                       e.details().startswith("GenerateRequest.sampling.repetition_penalty"), e.details())
 
+        def grpc_prefill_group():
+            # n choices over gRPC: n calls with one prefill_group share the prompt's prefill
+            import threading
+            import moeserve_pb2 as pb
+
+            def req(seed, group=0, size=0):
+                return pb.GenerateRequest(text=PROMPT, max_new_tokens=12, prefill_group=group,
+                                          prefill_group_size=size,
+                                          sampling=pb.SamplingParams(temperature=1.0, seed=seed))
+
+            def text(r):
+                return "".join(m.text for m in c.stub.Generate(r, timeout=60))
+            shared0 = c.status().counters.prefills_shared
+            out = {}
+            th = [threading.Thread(target=lambda s=s_: out.__setitem__(s, text(req(s, 424242, 3))))
+                  for s_ in (11, 12, 13)]
+            for t in th:
+                t.start()
+            for t in th:
+                t.join()
+            check(c.status().counters.prefills_shared - shared0 == 2, "gRPC group: %d shared" %
+                  (c.status().counters.prefills_shared - shared0))
+            for s_ in (11, 12, 13):
+                check(out[s_] == text(req(s_)), "seed %d: grouped %r vs alone" % (s_, out[s_]))
+            import grpc
+            try:
+                text(req(1, 5, 1))
+                raise TestFailure("group of 1 accepted")
+            except grpc.RpcError as e:
+                check(e.details().startswith("GenerateRequest.prefill_group_size"), e.details())
+
         def slow_and_unread_clients():
             # a client that sends half its headers and stalls, and one that streams a long
             # generation and never reads it: neither stops anyone else
@@ -451,6 +482,7 @@ def main():
                           ("n_choices", n_choices), ("logprobs_completion", logprobs_completion),
                           ("logprobs_chat", logprobs_chat), ("penalties", penalties),
                           ("grpc_logprobs_and_penalties", grpc_logprobs_and_penalties),
+                          ("grpc_prefill_group", grpc_prefill_group),
                           ("slow_and_unread_clients", slow_and_unread_clients),
                           ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
             run(tname, fn)
