@@ -287,6 +287,26 @@ Test(engine, penalised_sampling_continues_exactly_after_restart)
     run_seeded(&plain, b);
     cr_assert(memcmp(a, b, sizeof a), "the penalties changed no token: the test means nothing");
     check_restarts(&sp);
+    /* resumed after a lost instance (StartSeq.generated): prompt + the streamed tokens */
+    const int32_t p[7] = {11, 23, 35, 47, 59, 61, 73};
+    for (int k = 1; k < SEEDED_NEW; k += 6) {
+        moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+        moe_engine *e;
+        cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(moe_engine_add_resumed(e, 1, p, 7, a, k, &sp, SEEDED_NEW, true, false), MOE_OK,
+                     "%s", moe_error_message());
+        moe_token_event ev[4];
+        int next = k;
+        while (moe_engine_has_work(e)) {
+            int n = moe_engine_step(e, ev, 4);
+            cr_assert_geq(n, 0, "%s", moe_error_message());
+            for (int i = 0; i < n; i++, next++)
+                cr_assert_eq(ev[i].token, a[next], "resumed at %d: token %d is %d, %d uninterrupted", k,
+                             next, ev[i].token, a[next]);
+        }
+        cr_assert_eq(next, SEEDED_NEW);
+        moe_engine_free(e);
+    }
 }
 
 /* The logprobs the engine reports are the log-softmax of the logits it drew from:
