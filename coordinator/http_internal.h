@@ -114,6 +114,9 @@ char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, 
                      bool role, const char *finish, const moe_http_logprobs *lp);
 /* The characters the token strings of lp's tokens take (what the next chunk's offset adds). */
 size_t moe_http_logprobs_text_len(const moe_http_logprobs *lp);
+/* A choice's "logprobs" object: chat {"content": [...], "refusal": null}, completions the four
+ * parallel arrays (coordinator/http_logprobs.c). */
+cJSON *moe_http_logprobs_json(const moe_http_logprobs *lp, bool chat);
 /* The final usage chunk (stream_options.include_usage): choices [] and usage. */
 char *moe_http_usage_chunk(const moe_http_resp_info *ri);
 const char *moe_http_finish_name(moe_finish_reason f);
