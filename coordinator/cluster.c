@@ -730,8 +730,9 @@ void moe_cluster_drain(moe_cluster *c)
 
 /* The choices of one client request (prefill_group) are taken together, so that dispatch can
  * give them one prefill: members of a group not complete yet go back to the inbox (the others
- * are being submitted this moment), for at most 20 ms. Not while cancels are pending (a cancel
- * finds only requests taken in). With mu held; returns how many of subs to take now. */
+ * are being submitted this moment), for at most 200 ms (a loaded machine can pause the
+ * submitting thread for tens of ms). Not while cancels are pending (a cancel finds only requests
+ * taken in). With mu held; returns how many of subs to take now. */
 static int hold_incomplete_groups(moe_cluster *c, creq **subs, int ns)
 {
     int64_t now = moe_now_ns();
@@ -742,7 +743,7 @@ static int hold_incomplete_groups(moe_cluster *c, creq **subs, int ns)
         for (int j = 0; q->prefill_group && j < ns; j++)
             have += subs[j]->req->prefill_group == q->prefill_group;
         bool hold = q->prefill_group && have < q->prefill_group_n &&
-                    now - q->arrival_ns < 20 * 1000000LL &&
+                    now - q->arrival_ns < 200 * 1000000LL &&
                     moe_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub);
         if (hold)
             c->in_sub[c->n_in_sub++] = subs[i];
