@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """HTTP (OpenAI API, SSE) next to gRPC on the same cluster: client-side TTFT, time between streamed
-chunks and token throughput at N concurrent streams, both front ends in the same run.
+chunks and token throughput at N concurrent streams, both front ends in the same run; then the
+server's own figure for each front end's added latency per streamed token (the backend's push to
+the bytes handed to gRPC core / libmicrohttpd), logged by moe-serve at shutdown.
 
 Usage: PYTHONPATH=STUBS:tests/integration MOE_BUILD_DIR=build python3 bench/http_vs_grpc.py [N...]
 (STUBS: Python gRPC stubs from proto/, as tests/integration/run.sh makes them). Not a CI test:
@@ -78,6 +80,11 @@ def main():
                 r = run(n, fn, arg)
                 print("%-4s %s" % (name, json.dumps({k: round(v, 2) for k, v in r.items()})), flush=True)
         c.stop()
+        # the server's side: what each front end adds per streamed token (push -> transport),
+        # over the whole run (run one N per invocation to attribute it), and the token path
+        for line in c.stderr().splitlines():
+            if "front end: push -> transport" in line or "token path worker -> front end" in line:
+                print("server: " + line.split(": ", 1)[1], flush=True)
 
 
 if __name__ == "__main__":

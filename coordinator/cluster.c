@@ -15,6 +15,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
+#include "ctrl/sampling_pb.h"
 
 
 
@@ -158,7 +159,9 @@ static void on_tokens(moe_cluster *c, int src, const Moeserve__Cluster__V1__Toke
         int from = in ? (int)(in - c->inst) : -1;
         bool placed = r && (from == r->pi || from == r->di || (r->mig.id && from == r->mig.dst));
         if (r && r->state != RQ_QUEUED && placed) {
-            moe_cluster_req_deliver(c, r, e->index, e->token, e->finish);
+            moe_token_logprobs lp;
+            bool has_lp = moe_token_logprobs_from_pb(e, &lp);
+            moe_cluster_req_deliver(c, r, e->index, e->token, e->finish, has_lp ? &lp : NULL);
             delivered++;
         }
     }
@@ -596,6 +599,7 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
     k->instance_joins = c->n_joins;
     k->instance_losses = c->n_losses;
     k->requests_resumed = c->n_resumed;
+    k->prefills_shared = c->n_prefills_shared;
     moe_cluster_mig_snapshot(c, out);
     pthread_mutex_unlock(&c->mu);
 }
@@ -724,6 +728,31 @@ void moe_cluster_drain(moe_cluster *c)
     pthread_mutex_unlock(&c->mu);
 }
 
+/* The choices of one client request (prefill_group) are taken together, so that dispatch can
+ * give them one prefill: members of a group not complete yet go back to the inbox (the others
+ * are being submitted this moment), for at most 200 ms (a loaded machine can pause the
+ * submitting thread for tens of ms). Not while cancels are pending (a cancel finds only requests
+ * taken in). With mu held; returns how many of subs to take now. */
+static int hold_incomplete_groups(moe_cluster *c, creq **subs, int ns)
+{
+    int64_t now = moe_now_ns();
+    int keep = 0;
+    for (int i = 0; i < ns; i++) {
+        const moe_gen_request *q = subs[i]->req;
+        uint32_t have = 0;
+        for (int j = 0; q->prefill_group && j < ns; j++)
+            have += subs[j]->req->prefill_group == q->prefill_group;
+        bool hold = q->prefill_group && have < q->prefill_group_n &&
+                    now - q->arrival_ns < 200 * 1000000LL &&
+                    moe_grow((void **)&c->in_sub, &c->cap_in_sub, c->n_in_sub + 1, sizeof *c->in_sub);
+        if (hold)
+            c->in_sub[c->n_in_sub++] = subs[i];
+        else
+            subs[keep++] = subs[i];
+    }
+    return keep;
+}
+
 /* Takes the front end's submissions and cancels; returns true when there were any. */
 static bool take_inbox(moe_cluster *c)
 {
@@ -737,6 +766,8 @@ static bool take_inbox(moe_cluster *c)
         c->in_sub = NULL;
         c->n_in_sub = c->cap_in_sub = 0;
     }
+    if (ns && !c->n_in_cancel)
+        ns = hold_incomplete_groups(c, subs, ns);
     if (c->n_in_cancel) {
         cancels = c->in_cancel;
         nc = c->n_in_cancel;

@@ -29,6 +29,8 @@ typedef struct {
     uint32_t index;
     int32_t token;
     int finish;
+    bool has_lp;
+    moe_token_logprobs lp;
 } stash_t;
 
 typedef struct creq {
@@ -92,6 +94,7 @@ struct moe_cluster {
     bool elastic; /* instances join and leave over the network (opts.elastic) */
     int64_t last_turn; /* the loop's last turn: a stalled coordinator does not judge others by it */
     uint64_t n_joins, n_losses, n_resumed; /* under mu: ClusterStatus counters */
+    uint64_t n_prefills_shared;
     int *spares;
     bool disagg;
 
@@ -136,7 +139,8 @@ creq *moe_cluster_req_find(moe_cluster *c, uint64_t id);
 void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *msg);
 /* One sampled token from a worker: put in index order, detokenized, checked against stop strings
  * and stop ids, pushed to the front end; the request may end (and r be freed) here. */
-void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish);
+void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish,
+                             const moe_token_logprobs *lp /* NULL: none */);
 
 /* ---- cluster_sched.c ---- */
 void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);

@@ -81,7 +81,7 @@ void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *
     destroy_req(c, r);
 }
 
-static void finish_req(moe_cluster *c, creq *r, moe_api_finish why, const char *matched,
+static void finish_req(moe_cluster *c, creq *r, moe_finish_reason why, const char *matched,
                        bool free_workers)
 {
     unlink_req(c, r);
@@ -160,7 +160,8 @@ static const char *matched_stop(const creq *r)
 }
 
 /* One token, in index order. Returns true when the request ended (r is freed). */
-static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish)
+static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish,
+                       const moe_token_logprobs *lp)
 {
     const moe_gen_request *q = r->req;
     bool stop_id = false;
@@ -201,7 +202,8 @@ static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, i
         r->gen[r->n_gen++] = token;
     else
         MOE_LOG_E("request %s: out of memory for its token record (it cannot resume)", q->request_id);
-    moe_status st = moe_frontend_push_tokens(r->stream, &token, &index, 1, out ? out : "", out_len);
+    moe_status st = moe_frontend_push_tokens_lp(r->stream, &token, &index, lp, 1, out ? out : "",
+                                                out_len);
     free(out);
     if (st != MOE_OK) {
         MOE_LOG_E("request %s: %s", q->request_id, moe_error_message());
@@ -211,12 +213,12 @@ static bool emit_token(moe_cluster *c, creq *r, uint32_t index, int32_t token, i
     if (hit || stop_id) {
         char id_text[16];
         snprintf(id_text, sizeof id_text, "%d", token);
-        finish_req(c, r, MOE_API_FINISH_STOP, hit ? stop_str : id_text,
+        finish_req(c, r, MOE_FINISH_STOP, hit ? stop_str : id_text,
                    finish == MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
         return true;
     }
     if (finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE) {
-        finish_req(c, r, eos ? MOE_API_FINISH_EOS : MOE_API_FINISH_LENGTH, NULL, false);
+        finish_req(c, r, eos ? MOE_FINISH_EOS : MOE_FINISH_LENGTH, NULL, false);
         return true;
     }
     return false;
@@ -235,7 +237,8 @@ static void first_token_seen(moe_cluster *c, creq *r, bool finished)
         r->state = c->disagg ? RQ_TRANSFER : RQ_DECODE;
 }
 
-void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish)
+void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t token, int finish,
+                             const moe_token_logprobs *lp)
 {
     if (index == r->first_index)
         first_token_seen(c, r, finish != MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE);
@@ -243,11 +246,12 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
         return; /* a duplicate: never sent twice */
     if (index > r->next_index) {
         if (moe_grow((void **)&r->stash, &r->cap_stash, r->n_stash + 1, sizeof *r->stash))
-            r->stash[r->n_stash++] = (stash_t){.index = index, .token = token, .finish = finish};
+            r->stash[r->n_stash++] = (stash_t){.index = index, .token = token, .finish = finish,
+                                               .has_lp = lp != NULL, .lp = lp ? *lp : (moe_token_logprobs){0}};
         return;
     }
     r->next_index++;
-    if (emit_token(c, r, index, token, finish))
+    if (emit_token(c, r, index, token, finish, lp))
         return;
     for (bool again = true; again;) { /* tokens that arrived early */
         again = false;
@@ -256,7 +260,7 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
                 stash_t s = r->stash[i];
                 r->stash[i] = r->stash[--r->n_stash];
                 r->next_index++;
-                if (emit_token(c, r, s.index, s.token, s.finish))
+                if (emit_token(c, r, s.index, s.token, s.finish, s.has_lp ? &s.lp : NULL))
                     return;
                 again = true;
                 break;

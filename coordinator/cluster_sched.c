@@ -5,10 +5,12 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
+#include "ctrl/sampling_pb.h"
 
 /* ---- instances ---- */
 
@@ -134,6 +136,55 @@ static int pick_decode(moe_cluster *c)
     return best;
 }
 
+#define MAX_SIBLINGS 15
+
+/* Queued requests that can share r's prefill: fresh choices of r's client request with r's
+ * prompt and options (only the seed differs). Taken out of the queue; *n of them in sib. */
+static void take_siblings(moe_cluster *c, const creq *r, creq **sib, int *n)
+{
+    const moe_gen_request *q = r->req;
+    *n = 0;
+    if (!q->prefill_group || r->n_gen)
+        return;
+    for (creq **pp = &c->queue; *pp && *n < MAX_SIBLINGS;) {
+        creq *s = *pp;
+        const moe_gen_request *o = s->req;
+        if (s != r && !s->n_gen && o->prefill_group == q->prefill_group &&
+            o->n_prompt == q->n_prompt && o->max_new_tokens == q->max_new_tokens &&
+            o->ignore_eos == q->ignore_eos &&
+            moe_sampling_same_but_seed(&o->sampling, &q->sampling) &&
+            !memcmp(o->prompt, q->prompt, q->n_prompt * sizeof *q->prompt)) {
+            *pp = s->qnext;
+            sib[(*n)++] = s;
+        } else {
+            pp = &s->qnext;
+        }
+    }
+}
+
+/* r (or a sibling of it) left the queue for its instances (pi prefill, di decode). */
+static void placed(moe_cluster *c, creq *r, int pi, int di, bool computes_prompt)
+{
+    const moe_gen_request *q = r->req;
+    pthread_mutex_lock(&c->mu);
+    c->n_queued--;
+    r->state = RQ_PREFILL;
+    r->pi = pi;
+    r->di = di;
+    r->first_index = (uint32_t)r->n_gen;
+    if (computes_prompt) {
+        c->inst[pi].pending_tokens += q->n_prompt;
+        c->inst[pi].n_pending++;
+        r->counted_pending = true;
+    }
+    if (c->disagg && q->max_new_tokens > (uint32_t)r->n_gen + 1) { /* one token: it ends on the prefill side */
+        uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
+        r->reserved_blocks = (int)((q->n_prompt + (uint32_t)r->n_gen + 1 + bt - 1) / bt);
+        c->inst[di].reserved_blocks += r->reserved_blocks;
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
 void moe_cluster_sched_dispatch(moe_cluster *c)
 {
     while (c->queue) {
@@ -155,11 +206,7 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         }
         const moe_gen_request *q = r->req;
         Moeserve__Cluster__V1__Sampling sp;
-        moeserve__cluster__v1__sampling__init(&sp);
-        sp.temperature = q->temperature;
-        sp.top_p = q->top_p;
-        sp.top_k = q->top_k;
-        sp.seed = q->seed;
+        moe_sampling_to_pb(&q->sampling, &sp);
         Moeserve__Cluster__V1__StartSeq m;
         moeserve__cluster__v1__start_seq__init(&m);
         m.seq_id = r->id;
@@ -173,29 +220,38 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         m.prefill_only = c->disagg;
         m.decode_rank = (uint32_t)c->inst[di].lead;
         c->queue = r->qnext;
+        creq *sib[MAX_SIBLINGS];
+        uint64_t sib_ids[MAX_SIBLINGS], sib_seeds[MAX_SIBLINGS];
+        int n_sib;
+        take_siblings(c, r, sib, &n_sib);
+        for (int k = 0; k < n_sib; k++) {
+            sib_ids[k] = sib[k]->id;
+            sib_seeds[k] = sib[k]->req->sampling.seed;
+        }
+        m.n_sibling_ids = m.n_sibling_seeds = (size_t)n_sib;
+        m.sibling_ids = sib_ids;
+        m.sibling_seeds = sib_seeds;
         if (moe_cluster_send(c, c->inst[pi].lead, TAG(START), &m.base) != MOE_OK) {
-            r->state = RQ_PREFILL; /* it left the queue */
-            pthread_mutex_lock(&c->mu);
-            c->n_queued--;
-            pthread_mutex_unlock(&c->mu);
-            moe_cluster_req_fail(c, r, MOE_ERR_INTERNAL, moe_error_message());
+            char why[256];
+            snprintf(why, sizeof why, "%s", moe_error_message());
+            for (int k = -1; k < n_sib; k++) {
+                creq *x = k < 0 ? r : sib[k];
+                x->state = RQ_PREFILL; /* it left the queue */
+                pthread_mutex_lock(&c->mu);
+                c->n_queued--;
+                pthread_mutex_unlock(&c->mu);
+                moe_cluster_req_fail(c, x, MOE_ERR_INTERNAL, why);
+            }
             continue;
         }
+        placed(c, r, pi, di, true);
+        for (int k = 0; k < n_sib; k++)
+            placed(c, sib[k], pi, di, false);
         pthread_mutex_lock(&c->mu);
-        c->n_queued--;
-        r->state = RQ_PREFILL;
-        r->pi = pi;
-        r->di = di;
-        r->first_index = (uint32_t)r->n_gen;
-        c->inst[pi].pending_tokens += q->n_prompt;
-        c->inst[pi].n_pending++;
-        r->counted_pending = true;
-        if (c->disagg && q->max_new_tokens > (uint32_t)r->n_gen + 1) { /* one token: it ends on the prefill side */
-            uint32_t bt = c->inst[di].block_tokens ? c->inst[di].block_tokens : 16;
-            r->reserved_blocks = (int)((q->n_prompt + (uint32_t)r->n_gen + 1 + bt - 1) / bt);
-            c->inst[di].reserved_blocks += r->reserved_blocks;
-        }
+        c->n_prefills_shared += (uint64_t)n_sib;
         pthread_mutex_unlock(&c->mu);
+        if (n_sib)
+            MOE_LOG_D("request %s: %d more choices share its prefill", q->request_id, n_sib);
     }
 }
 

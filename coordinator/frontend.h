@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "common/sampling.h"
 #include "common/status.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -26,7 +27,8 @@ typedef struct {
 /* The field names errors name, per protocol ("GenerateRequest.sampling.top_p" / "top_p"). */
 typedef struct {
     const char *request_id, *text, *token_ids, *token_ids_item /* + "[i]" */, *prompt,
-        *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids;
+        *max_new_tokens, *temperature, *top_p, *top_k, *seed, *stop, *stop_token_ids,
+        *presence_penalty, *frequency_penalty, *repetition_penalty, *top_logprobs, *prefill_group;
 } moe_api_names;
 
 extern const moe_api_names moe_api_names_grpc;
@@ -45,12 +47,18 @@ typedef struct {
     double temperature, top_p;
     int64_t top_k;              /* 0: off */
     uint64_t seed;
+    bool has_presence_penalty, has_frequency_penalty, has_repetition_penalty;
+    double presence_penalty, frequency_penalty, repetition_penalty;
+    bool logprobs;              /* return each token's log-probability */
+    int64_t top_logprobs;       /* and this many most likely tokens' (0..MOE_MAX_TOP_LOGPROBS) */
     const moe_api_str *stop;    /* (n_stop) */
     size_t n_stop;
     const int64_t *stop_token_ids; /* (n_stop_token_ids) */
     size_t n_stop_token_ids;
     bool ignore_eos, include_stop_str_in_output;
     int32_t priority;
+    uint64_t prefill_group;     /* 0: none; else choices of one prompt, prefill_group_n of them */
+    int64_t prefill_group_n;
 } moe_api_request;
 
 /* ---------------------------------------------------------------------------------------------
@@ -63,10 +71,9 @@ typedef struct {
     const int32_t *prompt;                  /* (n_prompt) token ids, each in [0, vocab) */
     uint32_t n_prompt;                      /* >= 1; n_prompt + max_new_tokens <= context */
     uint32_t max_new_tokens;                /* >= 1, resolved (never "default") */
-    float temperature;                      /* >= 0; 0 = greedy */
-    float top_p;                            /* in (0, 1] */
-    int32_t top_k;                          /* >= 0; 0 = off */
-    uint64_t seed;                          /* the client's, else drawn by the server */
+    /* temperature >= 0 (0 = greedy), top_p in (0, 1], top_k >= 0 (0 = off), seed (the
+     * client's, else drawn by the server), penalties in range, logprobs (common/sampling.h) */
+    moe_sampling_params sampling;
     const char *const *stop;                /* (n_stop) NUL-terminated, non-empty UTF-8 strings */
     uint32_t n_stop;
     const int32_t *stop_token_ids;          /* (n_stop_token_ids) each in [0, vocab) */
@@ -74,22 +81,22 @@ typedef struct {
     bool ignore_eos;
     bool include_stop_str_in_output;
     int32_t priority;                       /* lower is served first */
+    /* 0: none. Requests with the same non-zero value are choices of one client request (HTTP
+     * n > 1): the same prompt and options but the seed. The backend may prefill their prompt
+     * once for all those it holds at once (the cluster does when they are queued together). */
+    uint64_t prefill_group;
+    uint32_t prefill_group_n; /* how many requests the group has */
     int64_t arrival_ns;                     /* moe_now_ns() when the front end received it */
     int64_t deadline_ns;                    /* moe_now_ns() clock; 0 = none. The front end
                                                cancels at the deadline by itself; this is for
                                                scheduling decisions only. */
 } moe_gen_request;
 
-/* Why a generation ended normally (values match moeserve.v1.FinishReason). */
-typedef enum {
-    MOE_API_FINISH_LENGTH = 1, /* max_new_tokens reached */
-    MOE_API_FINISH_EOS = 2,    /* an EOS id of the model */
-    MOE_API_FINISH_STOP = 3,   /* a stop string or stop token id */
-} moe_api_finish;
-
+/* Why a generation ended normally: MOE_FINISH_LENGTH, _EOS or _STOP (common/sampling.h, whose
+ * values are moeserve.v1.FinishReason's). */
 typedef struct {
-    moe_api_finish reason;
-    const char *matched_stop;    /* MOE_API_FINISH_STOP: the stop string, or the token id in decimal;
+    moe_finish_reason reason;
+    const char *matched_stop;    /* MOE_FINISH_STOP: the stop string, or the token id in decimal;
                                     NULL otherwise. Copied. */
     uint32_t completion_tokens;  /* 0: the front end uses the number of tokens pushed */
 } moe_frontend_finish_info;
@@ -144,6 +151,7 @@ typedef struct {
     uint64_t migrations, migrations_aborted, preemptions;
     uint64_t kv_transfers_layerwise; /* of kv_transfers: pushed layer by layer */
     uint64_t instance_joins, instance_losses, requests_resumed; /* elastic clusters */
+    uint64_t prefills_shared; /* choices (n > 1) started on another choice's prefill */
 } moe_cluster_counters;
 
 /* Live migrations (docs/migration.md): outcomes, costs and what triggered them. */
@@ -254,6 +262,11 @@ typedef struct {
 moe_status moe_frontend_push_tokens(moe_frontend_req *r, const int32_t *ids,
                                     const uint32_t *indices, size_t n, const char *text,
                                     size_t text_len);
+/* The same with each token's log-probabilities (lp: n entries, copied; NULL: none), for requests
+ * whose sampling asked for them. */
+moe_status moe_frontend_push_tokens_lp(moe_frontend_req *r, const int32_t *ids,
+                                       const uint32_t *indices, const moe_token_logprobs *lp,
+                                       size_t n, const char *text, size_t text_len);
 
 /* Terminal: the generation ended normally. Queues the last message (finish reason, usage,
  * timing) and an OK status. Releases the backend's reference: `r` must not be used afterwards. */
@@ -276,7 +289,8 @@ const moe_gen_request *moe_frontend_request(const moe_frontend_req *r);
 
 typedef struct {
     moe_status (*push_tokens)(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
-                              size_t n, const char *text, size_t text_len);
+                              const moe_token_logprobs *lp, size_t n, const char *text,
+                              size_t text_len);
     void (*finish)(moe_frontend_req *r, const moe_frontend_finish_info *info);
     void (*error)(moe_frontend_req *r, moe_status code, const char *message);
     const moe_gen_request *(*request)(const moe_frontend_req *r);
@@ -285,5 +299,24 @@ typedef struct {
 struct moe_frontend_req {
     const moe_frontend_ops *ops;
 };
+
+/* The latency a front end adds to each streamed token: from the backend's push to the moment the
+ * token's bytes are handed to the transport (gRPC core's send, libmicrohttpd's reader), kept over
+ * the last MOE_FRONTEND_LAT_RING tokens and logged at shutdown (bench/RESULTS.md reads the line).
+ * Thread-safe. */
+#define MOE_FRONTEND_LAT_RING 8192
+typedef struct {
+    void *mu;        /* pthread_mutex_t *, from moe_frontend_lat_init */
+    float *us;       /* [MOE_FRONTEND_LAT_RING] microseconds */
+    uint64_t n;      /* recorded since start */
+} moe_frontend_lat;
+
+moe_status moe_frontend_lat_init(moe_frontend_lat *l);
+/* n tokens that waited us microseconds each. */
+void moe_frontend_lat_add(moe_frontend_lat *l, double us, size_t n);
+/* One info line "NAME front end: push -> transport over the last N tokens: p50 .. p90 .. p99 ..
+ * max" (nothing when none). No adds may run concurrently. */
+void moe_frontend_lat_log(moe_frontend_lat *l, const char *name);
+void moe_frontend_lat_free(moe_frontend_lat *l);
 
 #endif

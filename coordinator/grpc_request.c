@@ -115,6 +115,19 @@ moe_status moe_grpc_generate_decode(const Moeserve__V1__GenerateRequest *msg,
         r->top_k = sp->top_k;
         r->has_seed = sp->seed_opt_case == MOESERVE__V1__SAMPLING_PARAMS__SEED_OPT_SEED;
         r->seed = sp->seed;
+        r->has_presence_penalty = sp->presence_penalty_opt_case ==
+                                  MOESERVE__V1__SAMPLING_PARAMS__PRESENCE_PENALTY_OPT_PRESENCE_PENALTY;
+        r->presence_penalty = sp->presence_penalty;
+        r->has_frequency_penalty =
+            sp->frequency_penalty_opt_case ==
+            MOESERVE__V1__SAMPLING_PARAMS__FREQUENCY_PENALTY_OPT_FREQUENCY_PENALTY;
+        r->frequency_penalty = sp->frequency_penalty;
+        r->has_repetition_penalty =
+            sp->repetition_penalty_opt_case ==
+            MOESERVE__V1__SAMPLING_PARAMS__REPETITION_PENALTY_OPT_REPETITION_PENALTY;
+        r->repetition_penalty = sp->repetition_penalty;
+        r->logprobs = sp->logprobs;
+        r->top_logprobs = sp->top_logprobs;
     }
     r->n_stop = msg->n_stop;
     if (msg->n_stop) {
@@ -137,6 +150,8 @@ moe_status moe_grpc_generate_decode(const Moeserve__V1__GenerateRequest *msg,
     r->ignore_eos = msg->ignore_eos;
     r->include_stop_str_in_output = msg->include_stop_str_in_output;
     r->priority = msg->priority;
+    r->prefill_group = msg->prefill_group;
+    r->prefill_group_n = msg->prefill_group_size;
     return MOE_OK;
 }
 

@@ -73,6 +73,7 @@ struct moe_grpc_server {
     int64_t start_ns;
     atomic_bool draining;
     fe_counters ctr;
+    moe_frontend_lat lat; /* push -> gRPC send, per token */
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cv;
@@ -117,12 +118,13 @@ struct gcall {
     /* Events pushed and not yet sent. */
     uint32_t *p_ids, *p_idx;
     float *p_times;
+    moe_token_logprobs *p_lp; /* when the request asked for logprobs */
     size_t p_n, p_cap;
     char *p_text;
     size_t p_text_len, p_text_cap;
     uint32_t next_index; /* index the next pushed token must have */
     bool have_finish, have_error;
-    moe_api_finish finish_reason;
+    moe_finish_reason finish_reason;
     char *matched_stop;
     uint32_t completion_tokens; /* from the finish info, 0 = count */
     grpc_status_code err_code;
@@ -225,6 +227,7 @@ static void call_free(struct gcall *c)
     if (c->msg)
         moeserve__v1__generate_request__free_unpacked(c->msg, NULL);
     free(c->p_ids);
+    free(c->p_lp);
     free(c->p_idx);
     free(c->p_times);
     free(c->p_text);
@@ -625,6 +628,7 @@ static void handle_status(struct gcall *c)
     ctr.instance_joins = bc->instance_joins;
     ctr.instance_losses = bc->instance_losses;
     ctr.requests_resumed = bc->requests_resumed;
+    ctr.prefills_shared = bc->prefills_shared;
     const moe_migration_counters *mc = &st->migration;
     Moeserve__V1__Migration mig;
     moeserve__v1__migration__init(&mig);
@@ -738,6 +742,41 @@ static void handle_drain(struct gcall *c)
 /* ---------------------------------------------------------------------------------------------
  * Generate */
 
+/* GenerateResponse.logprobs for n pending tokens: the messages and the id arrays they point to. */
+typedef struct {
+    Moeserve__V1__TokenLogprobs *msgs, **ptrs;
+    uint32_t *ids;
+} lp_msgs;
+
+static bool lp_msgs_fill(lp_msgs *m, const moe_token_logprobs *lp, size_t n)
+{
+    m->msgs = calloc(n, sizeof(*m->msgs));
+    m->ptrs = calloc(n, sizeof(*m->ptrs));
+    m->ids = calloc(n * MOE_MAX_TOP_LOGPROBS + 1, sizeof(*m->ids));
+    if (!m->msgs || !m->ptrs || !m->ids)
+        return false; /* the tokens still go, without their logprobs */
+    for (size_t i = 0; i < n; i++) {
+        Moeserve__V1__TokenLogprobs *t = &m->msgs[i];
+        moeserve__v1__token_logprobs__init(t);
+        t->logprob = lp[i].logprob;
+        uint32_t *ids = m->ids + i * MOE_MAX_TOP_LOGPROBS;
+        for (int k = 0; k < lp[i].n_top; k++)
+            ids[k] = (uint32_t)lp[i].top_ids[k];
+        t->n_top_ids = t->n_top_logprobs = (size_t)lp[i].n_top;
+        t->top_ids = ids;
+        t->top_logprobs = (float *)(uintptr_t)lp[i].top_logprobs; /* only read by pack */
+        m->ptrs[i] = t;
+    }
+    return true;
+}
+
+static void lp_msgs_free(lp_msgs *m)
+{
+    free(m->msgs);
+    free(m->ptrs);
+    free(m->ids);
+}
+
 /* Sends whatever is pending, if the call can send now. Called with c->mu held. */
 static void gen_flush(struct gcall *c)
 {
@@ -785,7 +824,17 @@ static void gen_flush(struct gcall *c)
             m.usage = &usage;
             m.timing = &timing;
         }
+        lp_msgs lpm = {0};
+        if (c->p_lp && c->p_n && lp_msgs_fill(&lpm, c->p_lp, c->p_n)) {
+            m.n_logprobs = c->p_n;
+            m.logprobs = lpm.ptrs;
+        }
         c->send_buf = pack_message(&m.base);
+        lp_msgs_free(&lpm);
+        /* p_times: ms since arrival at each token's push */
+        const double now_ms = (double)(moe_now_ns() - c->arrival_ns) * 1e-6;
+        for (size_t i = 0; i < c->p_n; i++)
+            moe_frontend_lat_add(&c->srv->lat, (now_ms - c->p_times[i]) * 1e3, 1);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = c->send_buf;
         atomic_fetch_add(&c->srv->ctr.generated_tokens, c->p_n);
@@ -1039,7 +1088,14 @@ static bool ensure_pending(struct gcall *c, size_t n_tok, size_t text_bytes)
         float *times = realloc(c->p_times, cap * sizeof(float));
         if (times)
             c->p_times = times;
-        if (!ids || !idx || !times)
+        bool lp_ok = true;
+        if (c->v.req.sampling.logprobs) {
+            moe_token_logprobs *lp = realloc(c->p_lp, cap * sizeof(*lp));
+            if (lp)
+                c->p_lp = lp;
+            lp_ok = lp != NULL;
+        }
+        if (!ids || !idx || !times || !lp_ok)
             return false;
         c->p_cap = cap;
     }
@@ -1057,7 +1113,8 @@ static bool ensure_pending(struct gcall *c, size_t n_tok, size_t text_bytes)
 }
 
 static moe_status gc_push_tokens(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
-                                 size_t n, const char *text, size_t text_len)
+                                 const moe_token_logprobs *lp, size_t n, const char *text,
+                                 size_t text_len)
 {
     struct gcall *c = (struct gcall *)r;
     const int64_t now = moe_now_ns();
@@ -1093,6 +1150,8 @@ static moe_status gc_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
         c->p_ids[c->p_n + i] = (uint32_t)ids[i];
         c->p_idx[c->p_n + i] = indices[i];
         c->p_times[c->p_n + i] = t_ms;
+        if (c->p_lp)
+            c->p_lp[c->p_n + i] = lp ? lp[i] : (moe_token_logprobs){0};
     }
     c->p_n += n;
     if (text_len > 0)
@@ -1121,7 +1180,7 @@ static void gc_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)
     c->t_finish_ns = moe_now_ns();
     if (!c->closed && !c->final_started) {
         c->have_finish = true;
-        c->finish_reason = info ? info->reason : MOE_API_FINISH_LENGTH;
+        c->finish_reason = info ? info->reason : MOE_FINISH_LENGTH;
         if (info && info->matched_stop)
             c->matched_stop = strdup(info->matched_stop);
         c->completion_tokens = info ? info->completion_tokens : 0;
@@ -1302,6 +1361,7 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         return moe_error(MOE_ERR_IO, "grpc server: cannot listen on %s (address in use or invalid)",
                          cfg->listen_addr);
     }
+    (void)moe_frontend_lat_init(&s->lat); /* without it, no latency log: nothing else changes */
     grpc_server_start(s->server);
     for (int i = 0; i < cfg->n_threads; i++)
         for (int k = 0; k <= K_UNKNOWN; k++)
@@ -1401,10 +1461,12 @@ void moe_grpc_server_free(moe_grpc_server *s)
         pthread_join(s->threads[i], NULL);
     grpc_completion_queue_destroy(s->cq);
     free(s->threads);
+    moe_frontend_lat_log(&s->lat, "gRPC");
     pthread_mutex_lock(&s->mu);
     int live = s->live_calls;
     pthread_mutex_unlock(&s->mu);
     if (live == 0) {
+        moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         free(s);

@@ -22,6 +22,7 @@ struct moe_http_server {
     long long started;
     pthread_mutex_t mu; /* guards the list and the flags below */
     pthread_cond_t cv;
+    moe_frontend_lat lat; /* push -> libmicrohttpd, per streamed token */
     hstream *streams; /* alive, for shutdown */
     int n_streams;
     bool stopping;
@@ -87,19 +88,37 @@ typedef struct {
     uint32_t prompt_tokens, completion_tokens;
 } moe_http_resp_info;
 
+/* The log-probabilities of n generated tokens of one choice, in OpenAI's shape: completions
+ * {tokens, token_logprobs, top_logprobs, text_offset}, chat {content: [{token, logprob, bytes,
+ * top_logprobs}]}. Token strings are each id decoded alone by tok; text_offset starts at
+ * `offset` (the characters of the choice's token strings before these). */
+typedef struct {
+    const moe_tokenizer *tok;
+    const int32_t *ids;            /* (n) */
+    const moe_token_logprobs *lp;  /* (n) */
+    size_t n;
+    size_t offset;
+} moe_http_logprobs;
+
 typedef struct {
     const char *text;
     size_t len;
     const char *finish;
+    const moe_http_logprobs *lp; /* NULL: "logprobs": null */
 } moe_http_choice;
 
 char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice *choices, int n);
 /* One SSE chunk's JSON for choice `index`: text delta (len may be 0), role (chat's first chunk
- * of a choice), finish reason. */
+ * of a choice), finish reason, the delta's tokens' logprobs (NULL: null). */
 char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, size_t len,
-                     bool role, const char *finish);
+                     bool role, const char *finish, const moe_http_logprobs *lp);
+/* The characters the token strings of lp's tokens take (what the next chunk's offset adds). */
+size_t moe_http_logprobs_text_len(const moe_http_logprobs *lp);
+/* A choice's "logprobs" object: chat {"content": [...], "refusal": null}, completions the four
+ * parallel arrays (coordinator/http_logprobs.c). */
+cJSON *moe_http_logprobs_json(const moe_http_logprobs *lp, bool chat);
 /* The final usage chunk (stream_options.include_usage): choices [] and usage. */
 char *moe_http_usage_chunk(const moe_http_resp_info *ri);
-const char *moe_http_finish_name(moe_api_finish f);
+const char *moe_http_finish_name(moe_finish_reason f);
 
 #endif

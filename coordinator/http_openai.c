@@ -24,6 +24,11 @@ const moe_api_names moe_api_names_http = {
     .seed = "seed",
     .stop = "stop",
     .stop_token_ids = "stop_token_ids",
+    .presence_penalty = "presence_penalty",
+    .frequency_penalty = "frequency_penalty",
+    .repetition_penalty = "repetition_penalty",
+    .top_logprobs = "top_logprobs",
+    .prefill_group = "n",
 };
 
 /* U+F0000 (plane 15 private use) stands in for \u0000 while cJSON parses. */
@@ -332,11 +337,11 @@ static moe_status parse_stop(const cJSON *body, moe_http_gen *g)
 
 /* Features of the API this server does not implement yet: refused by name rather than ignored,
  * so that a client never gets silently different results. */
-static moe_status refuse_unsupported(const cJSON *body, moe_http_gen *g)
+/* n, best_of, logprobs, penalties, echo: accepted, or refused when not supported. */
+static moe_status parse_choices_and_sampling(const cJSON *body, moe_http_gen *g)
 {
     bool has;
     int64_t iv;
-    double dv;
     moe_status st;
     if ((st = get_int(body, "n", g, &has, &iv)) != MOE_OK)
         return st;
@@ -347,27 +352,31 @@ static moe_status refuse_unsupported(const cJSON *body, moe_http_gen *g)
         return st;
     if (has && iv != 1)
         return bad(g, "best_of", "best_of = %" PRId64 ": only 1 is supported", iv);
-    const cJSON *lp = field(body, "logprobs");
-    if (lp && !((cJSON_IsBool(lp) && !cJSON_IsTrue(lp)) || (cJSON_IsNumber(lp) && lp->valuedouble == 0)))
-        return bad(g, "logprobs", "logprobs: not supported yet (send null, false or 0)");
-    const cJSON *tlp = field(body, "top_logprobs");
-    if (tlp && !(cJSON_IsNumber(tlp) && tlp->valuedouble == 0))
-        return bad(g, "top_logprobs", "top_logprobs: not supported yet");
-    static const char *const penalties[] = {"presence_penalty", "frequency_penalty"};
-    for (int i = 0; i < 2; i++) {
-        if ((st = get_num(body, penalties[i], g, &has, &dv)) != MOE_OK)
+    moe_api_request *r = &g->api;
+    if (g->chat) { /* chat: logprobs a boolean, top_logprobs how many */
+        if ((st = get_bool(body, "logprobs", g, false, &r->logprobs)) != MOE_OK ||
+            (st = get_int(body, "top_logprobs", g, &has, &iv)) != MOE_OK)
             return st;
-        if (has && !(dv >= -2.0 && dv <= 2.0))
-            return bad(g, penalties[i], "%s = %g: must be in [-2, 2]", penalties[i], dv);
-        if (has && dv != 0.0)
-            return bad(g, penalties[i], "%s = %g: penalties are not supported yet (0 only)",
-                       penalties[i], dv);
+        if (has && !r->logprobs && iv > 0)
+            return bad(g, "top_logprobs", "top_logprobs: requires logprobs: true");
+        r->top_logprobs = has ? iv : 0;
+    } else { /* completions: logprobs is the number of top tokens (0: the chosen one only) */
+        if ((st = get_int(body, "logprobs", g, &has, &iv)) != MOE_OK)
+            return st;
+        if (has && (iv < 0 || iv > MOE_MAX_TOP_LOGPROBS))
+            return bad(g, "logprobs", "logprobs = %" PRId64 ": must be in [0, %d]", iv,
+                       MOE_MAX_TOP_LOGPROBS);
+        r->logprobs = has;
+        r->top_logprobs = has ? iv : 0;
     }
-    if ((st = get_num(body, "repetition_penalty", g, &has, &dv)) != MOE_OK)
+    /* ranges are validation's (shared with gRPC), which names the field */
+    if ((st = get_num(body, "presence_penalty", g, &r->has_presence_penalty,
+                      &r->presence_penalty)) != MOE_OK ||
+        (st = get_num(body, "frequency_penalty", g, &r->has_frequency_penalty,
+                      &r->frequency_penalty)) != MOE_OK ||
+        (st = get_num(body, "repetition_penalty", g, &r->has_repetition_penalty,
+                      &r->repetition_penalty)) != MOE_OK)
         return st;
-    if (has && dv != 1.0)
-        return bad(g, "repetition_penalty", "repetition_penalty = %g: not supported yet (1 only)",
-                   dv);
     bool echo;
     if ((st = get_bool(body, "echo", g, false, &echo)) != MOE_OK)
         return st;
@@ -393,7 +402,7 @@ moe_status moe_http_parse_gen(const cJSON *body, bool chat, const moe_chat_templ
     const cJSON *user = field(body, "user");
     if (user && !cJSON_IsString(user))
         return bad(g, "user", "user: expected a string, got %s", type_name(user));
-    if ((st = refuse_unsupported(body, g)) != MOE_OK)
+    if ((st = parse_choices_and_sampling(body, g)) != MOE_OK)
         return st;
 
     bool has;
@@ -600,9 +609,9 @@ char *moe_http_error_json(int status, const char *message, const char *param)
     return s;
 }
 
-const char *moe_http_finish_name(moe_api_finish f)
+const char *moe_http_finish_name(moe_finish_reason f)
 {
-    return f == MOE_API_FINISH_LENGTH ? "length" : "stop";
+    return f == MOE_FINISH_LENGTH ? "length" : "stop"; /* OpenAI's: EOS and stops are "stop" */
 }
 
 static cJSON *text_item(const char *text, size_t len)
@@ -616,6 +625,14 @@ static cJSON *text_item(const char *text, size_t len)
     cJSON *s = cJSON_CreateString(t);
     free(t);
     return s;
+}
+
+static void add_logprobs(cJSON *c, const moe_http_logprobs *lp, bool chat)
+{
+    if (lp)
+        cJSON_AddItemToObject(c, "logprobs", moe_http_logprobs_json(lp, chat));
+    else
+        cJSON_AddNullToObject(c, "logprobs");
 }
 
 static cJSON *envelope(const moe_http_resp_info *ri, const char *object)
@@ -658,7 +675,7 @@ char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice
         } else {
             cJSON_AddItemToObject(c, "text", text_item(ch[i].text, ch[i].len));
         }
-        cJSON_AddNullToObject(c, "logprobs");
+        add_logprobs(c, ch[i].lp, ri->chat);
         cJSON_AddStringToObject(c, "finish_reason", ch[i].finish);
     }
     add_usage(o, ri);
@@ -666,7 +683,7 @@ char *moe_http_full_response(const moe_http_resp_info *ri, const moe_http_choice
 }
 
 char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, size_t len,
-                     bool role, const char *finish)
+                     bool role, const char *finish, const moe_http_logprobs *lp)
 {
     cJSON *o = envelope(ri, ri->chat ? "chat.completion.chunk" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
@@ -681,7 +698,7 @@ char *moe_http_chunk(const moe_http_resp_info *ri, int index, const char *text, 
     } else {
         cJSON_AddItemToObject(c, "text", text_item(text, len));
     }
-    cJSON_AddNullToObject(c, "logprobs");
+    add_logprobs(c, lp, ri->chat);
     if (finish)
         cJSON_AddStringToObject(c, "finish_reason", finish);
     else

@@ -32,6 +32,7 @@
 #include <microhttpd.h>
 
 #include "common/clock.h"
+#include "common/grow.h"
 #include "common/log.h"
 #include "coordinator/http_internal.h"
 
@@ -49,11 +50,18 @@ struct hstream {
     uint32_t next_index;
     char *text; /* pending (streamed) or all (not streamed) output text */
     size_t text_len, text_cap;
-    moe_api_finish reason;
+    moe_finish_reason reason;
     uint32_t completion_tokens;
     int err_status;
     char *err_msg;
     bool sent_role, sent_finish; /* streamed: this choice's role and finish chunks went out */
+    /* logprobs requested: every token's id and log-probabilities, lp_sent of them streamed
+     * (lp_offset: their token strings' bytes, the completions text_offset of the next) */
+    int32_t *lp_ids;
+    moe_token_logprobs *lps;
+    size_t n_lp, cap_lp, lp_sent, lp_offset;
+    int64_t *push_ns; /* streamed: when each token not yet in a chunk was pushed */
+    int n_push, cap_push;
     hstream *prev, *next;
 };
 
@@ -64,6 +72,7 @@ typedef struct {
     int n;
     hstream *h[MOE_HTTP_MAX_N];
     moe_http_resp_info ri;
+    const moe_tokenizer *tok; /* token strings of logprobs */
     bool include_usage;
     pthread_mutex_t mu; /* the writer state below */
     char *out;          /* SSE bytes built and not yet handed to libmicrohttpd */
@@ -99,6 +108,9 @@ static void stream_free(hstream *h)
         close(h->efd);
     moe_validated_free(&h->v);
     free(h->text);
+    free(h->lp_ids);
+    free(h->lps);
+    free(h->push_ns);
     free(h->err_msg);
     pthread_mutex_destroy(&h->mu);
     free(h);
@@ -138,11 +150,38 @@ static bool append(char **buf, size_t *len, size_t *cap, const char *s, size_t n
     return true;
 }
 
+/* Keeps n tokens' logprobs (zeros when the backend sent none for a token). With h->mu held. */
+static bool keep_logprobs(hstream *h, const int32_t *ids, const moe_token_logprobs *lp, size_t n)
+{
+    if (!n || !h->v.req.sampling.logprobs)
+        return true;
+    if (h->n_lp + n > h->cap_lp) {
+        size_t cap = h->cap_lp ? h->cap_lp * 2 : 64;
+        while (cap < h->n_lp + n)
+            cap *= 2;
+        int32_t *ni = realloc(h->lp_ids, cap * sizeof(*ni));
+        if (ni)
+            h->lp_ids = ni;
+        moe_token_logprobs *nl = realloc(h->lps, cap * sizeof(*nl));
+        if (nl)
+            h->lps = nl;
+        if (!ni || !nl)
+            return false;
+        h->cap_lp = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        h->lp_ids[h->n_lp + i] = ids[i];
+        h->lps[h->n_lp + i] = lp ? lp[i] : (moe_token_logprobs){0};
+    }
+    h->n_lp += n;
+    return true;
+}
+
 static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const uint32_t *indices,
-                                 size_t n, const char *text, size_t text_len)
+                                 const moe_token_logprobs *lp, size_t n, const char *text,
+                                 size_t text_len)
 {
     hstream *h = (hstream *)r;
-    (void)ids;
     moe_status st = MOE_OK;
     pthread_mutex_lock(&h->mu);
     if (h->done) {
@@ -155,8 +194,14 @@ static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
                                h->id, indices[i], (size_t)h->next_index + i);
         if (st == MOE_OK) {
             h->next_index += (uint32_t)n;
-            if (text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len))
+            if ((text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len)) ||
+                !keep_logprobs(h, ids, lp, n))
                 st = moe_error(MOE_ERR_NOMEM, "request %s: out of memory", h->id);
+            if (n && moe_grow((void **)&h->push_ns, &h->cap_push, h->n_push + (int)n, sizeof(int64_t))) {
+                int64_t now = moe_now_ns();
+                for (size_t i = 0; i < n; i++)
+                    h->push_ns[h->n_push++] = now;
+            }
         }
     }
     pthread_mutex_unlock(&h->mu);
@@ -171,7 +216,7 @@ static void hs_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)
     pthread_mutex_lock(&h->mu);
     MOE_ASSERT(h->backend_holds);
     h->done = true;
-    h->reason = info ? info->reason : MOE_API_FINISH_LENGTH;
+    h->reason = info ? info->reason : MOE_FINISH_LENGTH;
     h->completion_tokens = (info && info->completion_tokens) ? info->completion_tokens : h->next_index;
     h->backend_holds = false;
     wake(h);
@@ -343,16 +388,29 @@ static bool sse_build(hgroup *g)
         hstream *h = g->h[i];
         pthread_mutex_lock(&h->mu);
         if (g->ri.chat && !h->sent_role) {
-            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, true, NULL));
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, true, NULL, NULL));
             h->sent_role = more = true;
         }
-        if (h->text_len > 0) {
-            sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL));
+        /* the tokens since the last chunk ride with the text since then (which the detokenizer
+         * may hold back by a token or two) */
+        moe_http_logprobs lp = {.tok = g->tok, .ids = h->lp_ids + h->lp_sent,
+                                .lp = h->lps + h->lp_sent, .n = h->n_lp - h->lp_sent,
+                                .offset = h->lp_offset};
+        if (h->text_len > 0 || lp.n > 0) {
+            sse_event(g, moe_http_chunk(&g->ri, i, h->text, h->text_len, false, NULL,
+                                        lp.n ? &lp : NULL));
+            int64_t now = moe_now_ns(); /* the reader hands these bytes to libmicrohttpd next */
+            for (int k = 0; k < h->n_push; k++)
+                moe_frontend_lat_add(&h->srv->lat, (double)(now - h->push_ns[k]) * 1e-3, 1);
+            h->n_push = 0;
             h->text_len = 0;
+            h->lp_offset += moe_http_logprobs_text_len(&lp);
+            h->lp_sent = h->n_lp;
             more = true;
         }
         if (h->done && !h->failed && !h->sent_finish) {
-            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, false, moe_http_finish_name(h->reason)));
+            sse_event(g, moe_http_chunk(&g->ri, i, "", 0, false, moe_http_finish_name(h->reason),
+                                        NULL));
             h->sent_finish = more = true;
         }
         if (h->failed && !failed)
@@ -484,7 +542,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
-    /* n choices: n independent generations of the prompt (choice i: seed + i when seeded) */
+    /* n choices: n generations of the prompt (choice i: seed + i when seeded), one group whose
+     * prompt the backend prefills once when it holds them together */
     st = MOE_OK;
     for (int i = 0; i < g.n && st == MOE_OK; i++) {
         hstream *h = stream_new(s, conn, i ? grp->h[0]->efd : -1);
@@ -501,8 +560,13 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         g.api.has_seed = has_seed;
         st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
         h->v.req.arrival_ns = moe_now_ns();
+        if (g.n > 1) { /* the choices' prompt can be prefilled once (frontend.h) */
+            h->v.req.prefill_group = (uint64_t)(uintptr_t)grp;
+            h->v.req.prefill_group_n = (uint32_t)g.n;
+        }
     }
     grp->include_usage = g.include_usage;
+    grp->tok = s->cfg.tokenizer;
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
         /* validation names the field first, in moe_api_names_http's terms: that is the param */
@@ -577,11 +641,15 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     } else {
         /* every stream is done: the backend writes none of them any more */
         moe_http_choice ch[MOE_HTTP_MAX_N];
+        moe_http_logprobs lp[MOE_HTTP_MAX_N];
         grp->ri.completion_tokens = 0;
         for (int i = 0; i < grp->n; i++) {
             hstream *h = grp->h[i];
+            lp[i] = (moe_http_logprobs){.tok = s->cfg.tokenizer, .ids = h->lp_ids, .lp = h->lps,
+                                        .n = h->n_lp};
             ch[i] = (moe_http_choice){h->text ? h->text : "", h->text_len,
-                                      moe_http_finish_name(h->reason)};
+                                      moe_http_finish_name(h->reason),
+                                      h->v.req.sampling.logprobs ? &lp[i] : NULL};
             grp->ri.completion_tokens += h->completion_tokens;
         }
         json = moe_http_full_response(&grp->ri, ch, grp->n);
@@ -767,6 +835,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     s->be = *backend;
     snprintf(s->model, sizeof(s->model), "%s", cfg->model_name ? cfg->model_name : "model");
     s->started = (long long)time(NULL);
+    (void)moe_frontend_lat_init(&s->lat); /* without it, no latency log: nothing else changes */
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
@@ -781,6 +850,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
                             MHD_OPTION_END);
     if (!s->d) {
+        moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
         free(s);
@@ -833,11 +903,13 @@ void moe_http_server_free(moe_http_server *s, double grace_s)
     }
     int left = s->n_streams;
     pthread_mutex_unlock(&s->mu);
+    moe_frontend_lat_log(&s->lat, "HTTP");
     if (left > 0) {
         /* the backend still holds these: leak rather than free under it */
         MOE_LOG_W("HTTP server: %d streams still held by the backend at shutdown; leaked", left);
         return;
     }
+    moe_frontend_lat_free(&s->lat);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);

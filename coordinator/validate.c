@@ -86,30 +86,57 @@ static moe_status check_no_nul(const char *field, const moe_api_str *v)
     return MOE_OK;
 }
 
+/* A penalty: absent is `off`; present must be finite and in [lo, hi] (lo_open: > lo). */
+static moe_status check_penalty(bool has, double v, double off, double lo, bool lo_open, double hi,
+                                const char *name, float *out)
+{
+    *out = (float)off;
+    if (!has)
+        return MOE_OK;
+    if (!isfinite(v) || (lo_open ? v <= lo : v < lo) || v > hi)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s = %g: must be in %c%g, %g]", name, v,
+                         lo_open ? '(' : '[', lo, hi);
+    *out = (float)v;
+    return MOE_OK;
+}
+
 static moe_status check_sampling(const moe_api_request *in, moe_gen_request *r)
 {
     const moe_api_names *nm = NAMES(in);
-    r->temperature = 1.0f;
-    r->top_p = 1.0f;
-    r->top_k = 0;
-    r->seed = in->has_seed ? in->seed : random_u64();
+    moe_sampling_params *sp = &r->sampling;
+    *sp = (moe_sampling_params){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0};
+    sp->seed = in->has_seed ? in->seed : random_u64();
     if (in->has_temperature) {
         if (!isfinite(in->temperature) || in->temperature < 0.0 || in->temperature > 1e6)
             return moe_error(MOE_ERR_INVALID_ARG, "%s = %g: must be >= 0 (0 = greedy)",
                              nm->temperature, in->temperature);
-        r->temperature = (float)in->temperature;
+        sp->temperature = (float)in->temperature;
     }
     if (in->has_top_p) {
         /* NaN fails both comparisons, hence the negated form. */
         if (!(in->top_p > 0.0 && in->top_p <= 1.0))
             return moe_error(MOE_ERR_INVALID_ARG, "%s = %g: must be in (0, 1]", nm->top_p,
                              in->top_p);
-        r->top_p = (float)in->top_p;
+        sp->top_p = (float)in->top_p;
     }
     if (in->top_k < 0 || in->top_k > INT32_MAX)
         return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be >= 0 (0 = off)",
                          nm->top_k, in->top_k);
-    r->top_k = (int32_t)in->top_k;
+    sp->top_k = (int32_t)in->top_k;
+    /* OpenAI's ranges for presence / frequency; repetition as vLLM: > 0 (1 = off), capped. */
+    moe_status st;
+    if ((st = check_penalty(in->has_presence_penalty, in->presence_penalty, 0.0, -2.0, false, 2.0,
+                            nm->presence_penalty, &sp->presence_penalty)) != MOE_OK ||
+        (st = check_penalty(in->has_frequency_penalty, in->frequency_penalty, 0.0, -2.0, false,
+                            2.0, nm->frequency_penalty, &sp->frequency_penalty)) != MOE_OK ||
+        (st = check_penalty(in->has_repetition_penalty, in->repetition_penalty, 1.0, 0.0, true,
+                            100.0, nm->repetition_penalty, &sp->repetition_penalty)) != MOE_OK)
+        return st;
+    if (in->top_logprobs < 0 || in->top_logprobs > MOE_MAX_TOP_LOGPROBS)
+        return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be in [0, %d]",
+                         nm->top_logprobs, in->top_logprobs, MOE_MAX_TOP_LOGPROBS);
+    sp->logprobs = in->logprobs || in->top_logprobs > 0;
+    sp->top_logprobs = (int)in->top_logprobs;
     return MOE_OK;
 }
 
@@ -320,6 +347,16 @@ moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_re
     r->ignore_eos = in->ignore_eos;
     r->include_stop_str_in_output = in->include_stop_str_in_output;
     r->priority = in->priority;
+    if (in->prefill_group) {
+        if (in->prefill_group_n < 2 || in->prefill_group_n > 16) {
+            moe_validated_free(out);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be in [2, 16] with a group",
+                             NAMES(in)->prefill_group, in->prefill_group_n);
+        }
+        /* the top bit keeps clients' keys apart from the HTTP front end's own (pointers) */
+        r->prefill_group = in->prefill_group | (1ull << 63);
+        r->prefill_group_n = (uint32_t)in->prefill_group_n;
+    }
     return MOE_OK;
 }
 

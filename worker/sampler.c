@@ -1,4 +1,5 @@
-/* Token sampling (greedy, temperature, top-k, top-p) and its counter-based random draw. */
+/* Token sampling (penalties, greedy, temperature, top-k, top-p, log-probabilities) and its
+ * counter-based random draw. */
 #include "worker/sampler.h"
 
 #include <math.h>
@@ -49,6 +50,8 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t
 {
     if (sp->temperature <= 0.0f)
         return argmax(logits, n);
+    /* 0 (a zeroed struct) or >= 1: off */
+    const float top_p = sp->top_p > 0.0f && sp->top_p < 1.0f ? sp->top_p : 1.0f;
 
     /* Candidates: the top-k ids (by logit), or every id; sorted descending. */
     int m;
@@ -59,7 +62,7 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t
         m = n;
         for (int i = 0; i < n; i++)
             idx[i] = i;
-        if (sp->top_p < 1.0f) {
+        if (top_p < 1.0f) {
             /* qsort's comparator has no context argument; sampling runs on the engine thread. */
             sort_keys = logits;
             qsort(idx, (size_t)n, sizeof(int), cmp_desc);
@@ -67,7 +70,7 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t
     }
     float inv_t = 1.0f / sp->temperature;
     float mx = logits[idx[0]];
-    if (m == n && sp->top_p >= 1.0f)
+    if (m == n && top_p >= 1.0f)
         mx = logits[argmax(logits, n)];
     double sum = 0.0;
     for (int i = 0; i < m; i++) {
@@ -75,8 +78,8 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t
         sum += prob[i];
     }
     /* top-p: keep the smallest prefix whose mass reaches top_p (always at least one token). */
-    if (sp->top_p < 1.0f) {
-        double cum = 0.0, cut = sp->top_p * sum;
+    if (top_p < 1.0f) {
+        double cum = 0.0, cut = top_p * sum;
         int keep = m;
         for (int i = 0; i < m; i++) {
             cum += prob[i];
@@ -95,4 +98,92 @@ int32_t moe_sample(float *logits, int n, const moe_sampling_params *sp, uint64_t
             return idx[i];
     }
     return idx[m - 1];
+}
+
+/* A fresh stamp for the mark array: words equal to it are "seen in this pass". */
+static uint32_t next_stamp(uint32_t *mark, int n, uint32_t *stamp)
+{
+    if (++*stamp == 0) { /* wrapped: old marks could alias */
+        for (int i = 0; i < n; i++)
+            mark[i] = 0;
+        *stamp = 1;
+    }
+    return *stamp;
+}
+
+void moe_sample_penalize(float *logits, int n, const moe_sampling_params *sp, const int32_t *tokens,
+                         int n_tokens, int n_prompt, uint32_t *mark, uint32_t *stamp)
+{
+    float rep = sp->repetition_penalty;
+    /* vLLM's order (vllm/model_executor/layers/utils.py apply_penalties): repetition first, on
+     * every token id seen in prompt or output, each id once; then frequency per occurrence and
+     * presence once per id, over the output only. */
+    if (rep > 0.0f && rep != 1.0f) {
+        uint32_t st = next_stamp(mark, n, stamp);
+        for (int i = 0; i < n_tokens; i++) {
+            int32_t t = tokens[i];
+            if (t < 0 || t >= n || mark[t] == st)
+                continue;
+            mark[t] = st;
+            logits[t] = logits[t] > 0.0f ? logits[t] / rep : logits[t] * rep;
+        }
+    }
+    if (sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f) {
+        uint32_t st = next_stamp(mark, n, stamp);
+        for (int i = n_prompt; i < n_tokens; i++) {
+            int32_t t = tokens[i];
+            if (t < 0 || t >= n)
+                continue;
+            logits[t] -= sp->frequency_penalty;
+            if (mark[t] != st) {
+                mark[t] = st;
+                logits[t] -= sp->presence_penalty;
+            }
+        }
+    }
+}
+
+float moe_sample_logit_scale(const moe_sampling_params *sp)
+{
+    return sp->temperature > 0.0f ? 1.0f / sp->temperature : 1.0f;
+}
+
+double moe_sample_logprobs_top(const float *logits, int n, const moe_sampling_params *sp,
+                               moe_token_logprobs *lp, int *idx, float *val)
+{
+    double s = moe_sample_logit_scale(sp);
+    float mx = logits[argmax(logits, n)];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++)
+        sum += exp(((double)logits[i] - mx) * s);
+    double lse = (double)mx * s + log(sum);
+    int k = sp->top_logprobs;
+    if (k > MOE_MAX_TOP_LOGPROBS)
+        k = MOE_MAX_TOP_LOGPROBS;
+    if (k > n)
+        k = n;
+    if (k < 0)
+        k = 0;
+    if (k > 0)
+        moe_topk(logits, n, k, idx, val); /* the order of scaled logits: s > 0 */
+    lp->n_top = k;
+    for (int i = 0; i < k; i++) {
+        lp->top_ids[i] = idx[i];
+        lp->top_logprobs[i] = (float)((double)logits[idx[i]] * s - lse);
+    }
+    return lse;
+}
+
+int32_t moe_sample_seq(float *logits, int n, const moe_sampling_params *sp, uint64_t index,
+                       const int32_t *tokens, int n_tokens, int n_prompt, moe_sample_scratch *scr,
+                       moe_token_logprobs *lp)
+{
+    moe_sample_penalize(logits, n, sp, tokens, n_tokens, n_prompt, scr->mark, &scr->stamp);
+    double lse = 0.0;
+    if (sp->logprobs && lp)
+        lse = moe_sample_logprobs_top(logits, n, sp, lp, scr->idx, scr->prob);
+    int32_t tok = moe_sample(logits, n, sp, index, scr->idx, scr->prob);
+    if (sp->logprobs && lp)
+        lp->logprob = (float)((double)logits[tok] * moe_sample_logit_scale(sp) - lse);
+    return tok;
 }

@@ -1,23 +1,9 @@
 /* moe_seq_state and its sampling parameters <-> cluster.proto SeqState (worker/seq_state_pb.h). */
 #include "worker/seq_state_pb.h"
 
-moe_sampling_params moe_sampling_from_pb(const Moeserve__Cluster__V1__Sampling *sp)
-{
-    if (!sp)
-        return (moe_sampling_params){.temperature = 0.0f, .top_p = 1.0f};
-    return (moe_sampling_params){.temperature = sp->temperature,
-                                 .top_k = sp->top_k,
-                                 .top_p = sp->top_p,
-                                 .seed = sp->seed};
-}
-
 void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b)
 {
-    moeserve__cluster__v1__sampling__init(&b->sp);
-    b->sp.temperature = st->sp.temperature;
-    b->sp.top_p = st->sp.top_p;
-    b->sp.top_k = st->sp.top_k;
-    b->sp.seed = st->sp.seed;
+    moe_sampling_to_pb(&st->sp, &b->sp);
     Moeserve__Cluster__V1__SeqState *s = &b->s;
     moeserve__cluster__v1__seq_state__init(s);
     s->seq_id = st->seq_id;

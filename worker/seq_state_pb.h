@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 #include "cluster.pb-c.h"
+#include "ctrl/sampling_pb.h"
 #include "worker/engine.h"
 
 /* The message and the sub-messages it points to, on the caller's stack. */
@@ -13,9 +14,6 @@ typedef struct {
     Moeserve__Cluster__V1__SeqState s;
     Moeserve__Cluster__V1__Sampling sp;
 } moe_seq_state_pb;
-
-/* The engine's sampling parameters from their wire form; NULL means greedy. */
-moe_sampling_params moe_sampling_from_pb(const Moeserve__Cluster__V1__Sampling *sp);
 
 /* Fills b from st; b->s borrows st->tokens (read only, by pack) and must not outlive them. */
 void moe_seq_state_to_pb(const moe_seq_state *st, moe_seq_state_pb *b);

@@ -263,6 +263,25 @@ static void on_start(worker *w, const pb_start *m)
         if (w->o->kv_layerwise && m->max_new_tokens > 1)
             moe_kv_push_reserve(w, p);
     }
+    /* Siblings share its prefill; prefill-only ones are parked and offered one by one (the
+     * whole-block pull: the layer-by-layer push belongs to the sequence that computes). */
+    for (size_t k = 0; k < m->n_sibling_ids && !m->n_generated; k++) {
+        uint64_t id = m->sibling_ids[k];
+        moe_sampling_params ssp = sp;
+        ssp.seed = k < m->n_sibling_seeds ? m->sibling_seeds[k] : sp.seed + k + 1;
+        if (prefill_only &&
+            !moe_grow((void **)&w->parks, &w->cap_parks, w->n_parks + 1, sizeof *w->parks)) {
+            moe_worker_seq_event(w, id, EVENT(FAILED), MOE_ERR_NOMEM, "worker: out of memory");
+            continue;
+        }
+        if ((st = moe_engine_add_sibling(w->eng, m->seq_id, id, &ssp)) != MOE_OK) {
+            moe_worker_seq_event(w, id, EVENT(FAILED), st, moe_error_message());
+            continue;
+        }
+        if (prefill_only)
+            w->parks[w->n_parks++] = (park_t){.seq_id = id, .decode_rank = (int)m->decode_rank,
+                                              .prefill_tokens = (int)m->n_prompt};
+    }
     w->load_dirty = true;
 }
 
@@ -409,6 +428,8 @@ static moe_status step(worker *w)
                     : e->finish == MOE_FINISH_NONE ? MOESERVE__CLUSTER__V1__FINISH__FINISH_NONE
                                                    : MOESERVE__CLUSTER__V1__FINISH__FINISH_LENGTH;
         p->parked = e->parked;
+        if (e->has_lp)
+            moe_token_logprobs_to_pb(&e->lp, p); /* borrows w->events until the send below */
         w->pevp[i] = p;
     }
     pb_load load;

@@ -1,7 +1,8 @@
 /* libFuzzer target: arbitrary bytes as an HTTP request body through the OpenAI front end's
  * parsing (coordinator/http_openai.c: the JSON with its NUL-escape handling, the NUL check, the
  * completion and chat field checks, the chat template) and then the shared validation
- * (coordinator/validate.c) with a fake tokenizer. The first byte picks completion or chat. The
+ * (coordinator/validate.c) with a fake tokenizer, and the response objects (logprobs included
+ * when asked for). The first byte picks completion or chat. The
  * coordinator sources are compiled in here: the fuzz build instruments only the libraries it
  * links, and the coordinator's library would drag gRPC and MPI in. */
 #include <stdint.h>
@@ -11,6 +12,7 @@
 #include "common/file.h"
 
 #include "../../coordinator/frontend.c"
+#include "../../coordinator/http_logprobs.c"
 #include "../../coordinator/http_openai.c"
 #include "../../coordinator/validate.c"
 
@@ -60,9 +62,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                         abort();
                 moe_validated_free(&v);
             }
-            moe_http_choice ch = {"t", 1, "stop"};
-            char *j = moe_http_full_response(&(moe_http_resp_info){.id = "x", .model = "m"}, &ch,
-                                             1);
+            /* the response with logprobs in the shape asked for (token strings: none without a
+             * tokenizer), whole and as a chunk */
+            moe_token_logprobs lps[2] = {{.logprob = -0.5f, .n_top = 2, .top_ids = {1, 2},
+                                          .top_logprobs = {-0.5f, -1.5f}},
+                                         {.logprob = -2.0f}};
+            const int32_t ids[2] = {1, 3};
+            moe_http_logprobs lp = {.ids = ids, .lp = lps, .n = 2};
+            moe_http_choice ch = {"t", 1, "stop", g.api.logprobs ? &lp : NULL};
+            moe_http_resp_info ri = {.id = "x", .model = "m", .chat = chat};
+            char *j = moe_http_full_response(&ri, &ch, 1);
+            free(j);
+            j = moe_http_chunk(&ri, 0, "t", 1, false, NULL, ch.lp);
             free(j);
         }
         moe_http_gen_free(&g);

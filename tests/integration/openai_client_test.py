@@ -4,12 +4,15 @@ Starts a cluster (1 prefill + 1 decode) on the built-in tiny model (build/models
 Qwen3-MoE's real chat template) with --http-listen, then: completions and chat, streamed and not,
 greedy text equal to moe-generate's (chat: on the prompt moe-chat-template renders), usage, stop,
 n > 1 (streamed and not, seeded choices as single requests with seed + i),
-seed, errors raised as the SDK's own exception classes, NUL bytes refused on both APIs, a client that disconnects mid-stream
+seed, logprobs (completions and chat, streamed and not; the same numbers over gRPC), penalties
+(over gRPC: the exact logit shift presence + frequency on the generated token), slow and unread
+clients, errors raised as the SDK's own exception classes, NUL bytes refused on both APIs, a client that disconnects mid-stream
 (its KV must come back), and bad HTTP (malformed JSON, wrong types, a huge body, HTTP/1.0,
 pipelining, NUL escapes, unknown paths) each with its status while the server keeps serving.
 Usage: MOE_BUILD_DIR=build python3 openai_client_test.py   (run.sh sets PYTHONPATH and the dir)
 """
 import json
+import math
 import os
 import re
 import socket
@@ -239,7 +242,10 @@ def main():
             check(r.choices[0].text == state["text"], "after bad HTTP: %r" % r.choices[0].text)
 
         def n_choices():
+            shared0 = c.status().counters.prefills_shared
             r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0, n=3)
+            shared = c.status().counters.prefills_shared - shared0
+            check(shared == 2, "2 of the 3 choices should start on the first one's prefill: %d" % shared)
             check([c_.index for c_ in r.choices] == [0, 1, 2], "indices %r" % [c_.index for c_ in r.choices])
             check(all(c_.text == state["text"] for c_ in r.choices), "greedy choices differ: %r" % r.choices)
             single = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
@@ -261,6 +267,192 @@ def main():
                                                    temperature=0).choices[0].message.content
             check(sorted(parts) == [0, 1] and all("".join(v) == whole for v in parts.values()),
                   "streamed n=2 chat %r vs %r" % (parts, whole))
+
+        def logprobs_completion():
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                          logprobs=3, user="someone")
+            ch = r.choices[0]
+            lp = ch.logprobs
+            check(lp is not None and len(lp.tokens) == r.usage.completion_tokens, "logprobs %r" % lp)
+            check(len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset),
+                  "parallel arrays %r" % lp)
+            if ch.finish_reason == "length":  # EOS is not text: the tokens then hold one more
+                check("".join(lp.tokens) == ch.text, "tokens %r vs text %r" % (lp.tokens, ch.text))
+            for i, (t, v, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+                check(v <= 0 and 1 <= len(top) <= 3, "token %d: %r %r" % (i, v, top))
+                # greedy: the chosen token is the most likely one
+                check(abs(max(top.values()) - v) < 1e-5, "greedy token %d: %r not the top of %r" % (i, v, top))
+                check(sum(math.exp(x) for x in top.values()) <= 1 + 1e-4, "mass %r" % top)
+            check(lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))],
+                  "offsets %r" % lp.text_offset)
+            state["lp"] = lp
+            chunks = list(client.completions.create(model=name, prompt=PROMPT, max_tokens=12,
+                                                    temperature=0, logprobs=3, stream=True))
+            toks, vals = [], []
+            for c_ in chunks:
+                if c_.choices and c_.choices[0].logprobs:
+                    toks += c_.choices[0].logprobs.tokens
+                    vals += c_.choices[0].logprobs.token_logprobs
+            check(toks == lp.tokens, "streamed tokens %r vs %r" % (toks, lp.tokens))
+            check(all(abs(a - b) < 1e-6 for a, b in zip(vals, lp.token_logprobs)), "streamed values")
+            # temperature 2 flattens the distribution the logprobs are taken from (after it)
+            hot = client.completions.create(model=name, prompt=PROMPT, max_tokens=1, temperature=2.0,
+                                            seed=3, logprobs=3).choices[0].logprobs
+            cold, hot0 = lp.top_logprobs[0], hot.top_logprobs[0]
+            common = [t for t in cold if t in hot0]
+            check(len(common) >= 2, "T=2 top %r vs T=1 top %r" % (hot0, cold))
+            for t in common[1:]:  # differences of log-probabilities halve at T = 2
+                check(abs((hot0[t] - hot0[common[0]]) - (cold[t] - cold[common[0]]) / 2) < 1e-4,
+                      "T=2 %r vs T=1 %r" % (hot0, cold))
+
+        def logprobs_chat():
+            r = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8,
+                                               temperature=0, logprobs=True, top_logprobs=2)
+            content = r.choices[0].logprobs.content
+            check(len(content) == r.usage.completion_tokens, "%d entries" % len(content))
+            for e in content:
+                check(bytes(e.bytes).decode("utf-8", "replace") == e.token, "bytes %r" % e)
+                check(len(e.top_logprobs) == 2 and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5,
+                      "greedy top %r" % e)
+            if r.choices[0].finish_reason == "length":
+                check("".join(e.token for e in content) == r.choices[0].message.content, "tokens vs text")
+            parts = []
+            for ch in client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8,
+                                                     temperature=0, logprobs=True, stream=True):
+                if ch.choices and ch.choices[0].logprobs:
+                    parts += [e.token for e in ch.choices[0].logprobs.content]
+            check(parts == [e.token for e in content], "streamed chat logprobs %r" % parts)
+            for kw, param in ((dict(top_logprobs=2), "top_logprobs"),
+                              (dict(logprobs=True, top_logprobs=21), "top_logprobs")):
+                try:
+                    client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2, **kw)
+                    raise TestFailure("accepted %r" % kw)
+                except openai.BadRequestError as e:
+                    check(e.body.get("param") == param, "param %r for %r" % (e.body, kw))
+
+        def penalties():
+            base = dict(model=name, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+            plain = client.completions.create(**base).choices[0].text
+            pen = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **base).choices[0].text
+            check(pen != plain, "penalties changed nothing: %r" % plain)
+            rep = client.completions.create(extra_body={"ignore_eos": True, "repetition_penalty": 3.0},
+                                            **{k: v for k, v in base.items() if k != "extra_body"})
+            check(rep.choices[0].text != plain and rep.usage.completion_tokens == 24, "repetition %r" % rep)
+            # seeded sampling with penalties is reproducible
+            kw = dict(model=name, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=99,
+                      presence_penalty=1.0, frequency_penalty=0.5)
+            a = client.completions.create(**kw).choices[0].text
+            check(a == client.completions.create(**kw).choices[0].text, "seeded+penalties not reproducible")
+            for kw, param in ((dict(presence_penalty=2.5), "presence_penalty"),
+                              (dict(frequency_penalty=-3), "frequency_penalty"),
+                              (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+                              (dict(logprobs=21), "logprobs")):
+                try:
+                    client.completions.create(model=name, prompt="x", max_tokens=2, **kw)
+                    raise TestFailure("accepted %r" % kw)
+                except openai.BadRequestError as e:
+                    check(e.body.get("param") == param, "param %r for %r" % (e.body, kw))
+
+        def grpc_logprobs_and_penalties():
+            import grpc
+            import moeserve_pb2 as pb
+
+            def gen(**sp):
+                req = pb.GenerateRequest(text=PROMPT, max_new_tokens=16, ignore_eos=True,
+                                         sampling=pb.SamplingParams(temperature=0, top_logprobs=20, **sp))
+                ids, lps = [], []
+                for m in c.stub.Generate(req, timeout=60):
+                    ids += list(m.token_ids)
+                    lps += list(m.logprobs)
+                check(len(lps) == len(ids) == 16, "%d logprobs for %d tokens" % (len(lps), len(ids)))
+                return ids, lps
+            ids, raw = gen()
+            # the same numbers as the HTTP API's (one engine behind both)
+            http = state.get("lp")
+            if http is not None:
+                for i in range(min(len(raw), len(http.token_logprobs))):
+                    check(abs(raw[i].logprob - http.token_logprobs[i]) < 1e-5, "gRPC vs HTTP at %d" % i)
+            pp, fp = 0.75, 0.5
+            pids, pen = gen(presence_penalty=pp, frequency_penalty=fp)
+            # While both runs generated the same tokens, step j's logits differ exactly by the
+            # penalty of each id's count among them: -(presence * (n > 0) + frequency * n).
+            check(pids[0] == ids[0] and abs(pen[0].logprob - raw[0].logprob) < 1e-5, "index 0 penalised")
+            penalised_seen = 0
+            for j in range(1, len(ids)):
+                if pids[:j] != ids[:j]:
+                    break
+                cnt = {t: ids[:j].count(t) for t in set(ids[:j])}
+                want = lambda t: -(pp * (cnt.get(t, 0) > 0) + fp * cnt.get(t, 0))
+                top_raw = dict(zip(raw[j].top_ids, raw[j].top_logprobs))
+                top_pen = dict(zip(pen[j].top_ids, pen[j].top_logprobs))
+                common = [t for t in top_raw if t in top_pen]
+                check(len(common) >= 2, "too few common top ids at %d" % j)
+                r0 = common[0]
+                for t in common[1:]:
+                    got = (top_pen[t] - top_pen[r0]) - (top_raw[t] - top_raw[r0])
+                    check(abs(got - (want(t) - want(r0))) < 1e-4, "step %d id %d: %g, want %g" %
+                          (j, t, got, want(t) - want(r0)))
+                    penalised_seen += t in cnt
+            check(penalised_seen > 0, "no penalised id among the top 20 (ids %r / %r)" % (ids, pids))
+            try:
+                for _ in c.stub.Generate(pb.GenerateRequest(text="x", max_new_tokens=2, sampling=pb.SamplingParams(
+                        repetition_penalty=0)), timeout=30):
+                    pass
+                raise TestFailure("repetition_penalty 0 accepted")
+            except grpc.RpcError as e:
+                check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and
+                      e.details().startswith("GenerateRequest.sampling.repetition_penalty"), e.details())
+
+        def grpc_prefill_group():
+            # n choices over gRPC: n calls with one prefill_group share the prompt's prefill
+            import threading
+            import moeserve_pb2 as pb
+
+            def req(seed, group=0, size=0):
+                return pb.GenerateRequest(text=PROMPT, max_new_tokens=12, prefill_group=group,
+                                          prefill_group_size=size,
+                                          sampling=pb.SamplingParams(temperature=1.0, seed=seed))
+
+            def text(r):
+                return "".join(m.text for m in c.stub.Generate(r, timeout=60))
+            shared0 = c.status().counters.prefills_shared
+            out = {}
+            th = [threading.Thread(target=lambda s=s_: out.__setitem__(s, text(req(s, 424242, 3))))
+                  for s_ in (11, 12, 13)]
+            for t in th:
+                t.start()
+            for t in th:
+                t.join()
+            check(c.status().counters.prefills_shared - shared0 == 2, "gRPC group: %d shared" %
+                  (c.status().counters.prefills_shared - shared0))
+            for s_ in (11, 12, 13):
+                check(out[s_] == text(req(s_)), "seed %d: grouped %r vs alone" % (s_, out[s_]))
+            import grpc
+            try:
+                text(req(1, 5, 1))
+                raise TestFailure("group of 1 accepted")
+            except grpc.RpcError as e:
+                check(e.details().startswith("GenerateRequest.prefill_group_size"), e.details())
+
+        def slow_and_unread_clients():
+            # a client that sends half its headers and stalls, and one that streams a long
+            # generation and never reads it: neither stops anyone else
+            slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            deaf = socket.socket()
+            deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deaf.connect(("127.0.0.1", port))
+            body = json.dumps({"model": name, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+                               "stream": True, "logprobs": 5}).encode()
+            deaf.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            t0 = time.time()
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+            check(r.choices[0].text == state["text"], "beside slow clients: %r" % r.choices[0].text)
+            check(time.time() - t0 < 30, "slow clients held others up")
+            slow.close()
+            deaf.close()
+            c.wait_idle(timeout=30)  # the unread stream was cancelled, its KV freed
 
         def grpc_nul_refused():
             # the same NUL rule on the gRPC API, through grpcio (Python strings keep the NUL)
@@ -287,20 +479,50 @@ def main():
                           ("completion_stream", completion_stream), ("chat_greedy", chat_greedy),
                           ("stop_string", stop_string), ("seeded", seeded), ("sdk_errors", sdk_errors),
                           ("disconnect_cancels", disconnect_cancels), ("bad_http", bad_http),
-                          ("n_choices", n_choices), ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
+                          ("n_choices", n_choices), ("logprobs_completion", logprobs_completion),
+                          ("logprobs_chat", logprobs_chat), ("penalties", penalties),
+                          ("grpc_logprobs_and_penalties", grpc_logprobs_and_penalties),
+                          ("grpc_prefill_group", grpc_prefill_group),
+                          ("slow_and_unread_clients", slow_and_unread_clients),
+                          ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
             run(tname, fn)
         rc = c.stop()
         if rc != 0:
             failures.append("exit")
             print("FAIL moe-serve exited %s:\n%s" % (rc, c.stderr()[-3000:]))
-    try:
-        sliding_window_refused()
-        print("PASS sliding_window_refused", flush=True)
-    except Exception as e:
-        failures.append("sliding_window_refused")
-        print("FAIL sliding_window_refused: %s: %s" % (type(e).__name__, e), flush=True)
+    for tname, fn in (("n_choices_colocated", n_choices_colocated),
+                      ("sliding_window_refused", sliding_window_refused)):
+        try:
+            fn()
+            print("PASS %s" % tname, flush=True)
+        except Exception as e:
+            failures.append(tname)
+            print("FAIL %s: %s: %s" % (tname, type(e).__name__, e), flush=True)
     print("%d failed" % len(failures))
     return 1 if failures else 0
+
+
+def n_choices_colocated():
+    """A colocated (mixed) instance: n choices share the prefill there too; each choice's text and
+    logprobs equal a single request's with seed + i."""
+    model = tiny_model()
+    with Cluster(np=2, model=model, args=["--http-listen", "127.0.0.1:0", "--colocated"]) as c:
+        m = None
+        deadline = time.time() + 10
+        while m is None and time.time() < deadline:
+            m = re.search(r"HTTP \(OpenAI API\) listening on \S+ \(port (\d+)\)", c.stderr())
+            time.sleep(0.05)
+        check(m is not None, "no HTTP listening line in the log")
+        cl = openai.OpenAI(base_url="http://127.0.0.1:%s/v1" % m.group(1), api_key="x", max_retries=0)
+        kw = dict(model=os.path.basename(model), prompt=PROMPT, max_tokens=16, temperature=1.0, logprobs=2)
+        r = cl.completions.create(n=3, seed=5, **kw)
+        check(c.status().counters.prefills_shared == 2, "shared %d" % c.status().counters.prefills_shared)
+        for i in range(3):
+            one = cl.completions.create(seed=5 + i, **kw).choices[0]
+            check(one.text == r.choices[i].text, "choice %d: %r vs %r" % (i, r.choices[i].text, one.text))
+            check(one.logprobs.token_logprobs == r.choices[i].logprobs.token_logprobs, "logprobs %d" % i)
+        rc = c.stop()
+        check(rc == 0, "moe-serve exited %s" % rc)
 
 
 def sliding_window_refused():

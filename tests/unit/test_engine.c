@@ -2,6 +2,7 @@
  * after finishing and cancelling, preemption under a tiny KV cache keeps greedy and seeded outputs
  * exact, and a seeded token depends only on (seed, index), also in a restarted engine. */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -214,9 +215,9 @@ static void run_seeded(const moe_sampling_params *sp, int32_t out[SEEDED_NEW])
     moe_engine_free(e);
 }
 
-Test(engine, seeded_token_depends_only_on_seed_and_index_after_restart)
+static void check_restarts(const moe_sampling_params *spp)
 {
-    const moe_sampling_params sp = {.temperature = 1.5f, .top_p = 0.95f, .seed = 20261203};
+    const moe_sampling_params sp = *spp;
     moe_sampling_params other = sp;
     other.seed++;
     int32_t ref[SEEDED_NEW], g[SEEDED_NEW], o2[SEEDED_NEW];
@@ -263,4 +264,179 @@ Test(engine, seeded_token_depends_only_on_seed_and_index_after_restart)
         cr_assert_eq(next, SEEDED_NEW, "restart at %d ended at %d", k, next);
         moe_engine_free(e);
     }
+}
+
+Test(engine, seeded_token_depends_only_on_seed_and_index_after_restart)
+{
+    const moe_sampling_params sp = {.temperature = 1.5f, .top_p = 0.95f, .seed = 20261203};
+    check_restarts(&sp);
+}
+
+/* Penalties depend on the tokens so far, which the moved state carries: a sequence restarted
+ * from its tokens continues exactly, penalised as it would have been. */
+Test(engine, penalised_sampling_continues_exactly_after_restart)
+{
+    const moe_sampling_params sp = {.temperature = 1.0f, .top_p = 1.0f, .seed = 77,
+                                    .presence_penalty = 1.5f, .frequency_penalty = 0.7f,
+                                    .repetition_penalty = 1.8f, .logprobs = true, .top_logprobs = 3};
+    moe_sampling_params plain = sp;
+    plain.presence_penalty = plain.frequency_penalty = 0.0f;
+    plain.repetition_penalty = 1.0f;
+    int32_t a[SEEDED_NEW], b[SEEDED_NEW];
+    run_seeded(&sp, a);
+    run_seeded(&plain, b);
+    cr_assert(memcmp(a, b, sizeof a), "the penalties changed no token: the test means nothing");
+    check_restarts(&sp);
+    /* resumed after a lost instance (StartSeq.generated): prompt + the streamed tokens */
+    const int32_t p[7] = {11, 23, 35, 47, 59, 61, 73};
+    for (int k = 1; k < SEEDED_NEW; k += 6) {
+        moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+        moe_engine *e;
+        cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(moe_engine_add_resumed(e, 1, p, 7, a, k, &sp, SEEDED_NEW, true, false), MOE_OK,
+                     "%s", moe_error_message());
+        moe_token_event ev[4];
+        int next = k;
+        while (moe_engine_has_work(e)) {
+            int n = moe_engine_step(e, ev, 4);
+            cr_assert_geq(n, 0, "%s", moe_error_message());
+            for (int i = 0; i < n; i++, next++)
+                cr_assert_eq(ev[i].token, a[next], "resumed at %d: token %d is %d, %d uninterrupted", k,
+                             next, ev[i].token, a[next]);
+        }
+        cr_assert_eq(next, SEEDED_NEW);
+        moe_engine_free(e);
+    }
+}
+
+/* The logprobs the engine reports are the log-softmax of the logits it drew from:
+ * at temperature 1 without penalties, of the model's own logits (moe_engine_logits). */
+Test(engine, logprobs_are_the_log_softmax_of_the_model_logits)
+{
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+    const int32_t p[5] = {11, 23, 35, 47, 59};
+    const moe_sampling_params sp = {.temperature = 1.0f, .top_p = 1.0f, .seed = 9, .logprobs = true,
+                                    .top_logprobs = 5};
+    cr_assert_eq(moe_engine_add(e, 1, p, 5, &sp, 4, true), MOE_OK, "%s", moe_error_message());
+    int32_t toks[9];
+    memcpy(toks, p, sizeof p);
+    moe_token_logprobs lp[4];
+    int n = 0;
+    moe_token_event ev[4];
+    while (moe_engine_has_work(e)) {
+        int k = moe_engine_step(e, ev, 4);
+        cr_assert_geq(k, 0, "%s", moe_error_message());
+        for (int i = 0; i < k; i++) {
+            cr_assert(ev[i].has_lp);
+            lp[n] = ev[i].lp;
+            toks[5 + n++] = ev[i].token;
+        }
+    }
+    cr_assert_eq(n, 4);
+    int vocab = model->cfg.vocab_size;
+    float *logits = malloc((size_t)9 * (size_t)vocab * sizeof(float));
+    cr_assert_eq(moe_engine_logits(e, toks, 8, 0, logits), MOE_OK, "%s", moe_error_message());
+    for (int t = 0; t < 4; t++) {
+        const float *row = logits + (size_t)(4 + t) * (size_t)vocab; /* predicts toks[5 + t] */
+        double mx = row[0], sum = 0.0;
+        for (int v = 1; v < vocab; v++)
+            mx = row[v] > mx ? row[v] : mx;
+        for (int v = 0; v < vocab; v++)
+            sum += exp(row[v] - mx);
+        double lse = mx + log(sum);
+        cr_assert_float_eq(lp[t].logprob, row[toks[5 + t]] - lse, 1e-4, "token %d", t);
+        cr_assert_eq(lp[t].n_top, 5);
+        for (int k = 0; k < 5; k++) {
+            cr_assert_float_eq(lp[t].top_logprobs[k], row[lp[t].top_ids[k]] - lse, 1e-4);
+            if (k)
+                cr_assert_geq(lp[t].top_logprobs[k - 1], lp[t].top_logprobs[k]);
+            int above = 0; /* the k-th most likely: exactly k ids score higher */
+            for (int v = 0; v < vocab; v++)
+                above += row[v] > row[lp[t].top_ids[k]];
+            cr_assert_leq(above, k, "top %d of token %d", k, t);
+        }
+    }
+    free(logits);
+    moe_engine_free(e);
+}
+
+/* n choices of one prompt: siblings share the parent's prefill (its prompt is computed once, the
+ * full KV blocks are shared) and still generate exactly what each would alone with its seed. */
+Test(engine, siblings_share_the_prefill_and_sample_as_alone)
+{
+    enum { NS = 3, NEW = 12 };
+    const int32_t p[11] = {11, 23, 35, 47, 59, 61, 73, 5, 9, 13, 17}; /* 2 full blocks + 3 */
+    moe_sampling_params sp[NS];
+    int32_t alone[NS][NEW];
+    for (int k = 0; k < NS; k++) {
+        sp[k] = (moe_sampling_params){.temperature = 1.0f, .top_p = 1.0f, .seed = 500 + (uint64_t)k,
+                                      .presence_penalty = 0.5f};
+        moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+        moe_engine *e;
+        cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+        cr_assert_eq(moe_engine_add(e, 1, p, 11, &sp[k], NEW, true), MOE_OK);
+        moe_token_event ev[4];
+        int n = 0;
+        while (moe_engine_has_work(e)) {
+            int m = moe_engine_step(e, ev, 4);
+            cr_assert_geq(m, 0, "%s", moe_error_message());
+            for (int i = 0; i < m; i++)
+                alone[k][n++] = ev[i].token;
+        }
+        cr_assert_eq(n, NEW);
+        moe_engine_free(e);
+    }
+    cr_assert(memcmp(alone[0], alone[1], sizeof alone[0]), "seeds gave the same tokens");
+
+    moe_engine_opts o = {.n_threads = 1, .block_size = 4, .n_kv_blocks = 64, .max_seqs = 4};
+    moe_engine *e;
+    cr_assert_eq(moe_engine_create(model, &o, &e), MOE_OK, "%s", moe_error_message());
+    cr_assert_eq(moe_engine_add(e, 10, p, 11, &sp[0], NEW, true), MOE_OK);
+    for (int k = 1; k < NS; k++)
+        cr_assert_eq(moe_engine_add_sibling(e, 10, 10 + (uint64_t)k, &sp[k]), MOE_OK, "%s",
+                     moe_error_message());
+    cr_assert_eq(moe_engine_add_sibling(e, 99, 20, &sp[0]), MOE_ERR_NOT_FOUND);
+    int next[NS] = {0}, steps = 0;
+    moe_token_event ev[8];
+    while (moe_engine_has_work(e)) {
+        int m = moe_engine_step(e, ev, 8);
+        cr_assert_geq(m, 0, "%s", moe_error_message());
+        if (++steps == 1) {
+            cr_assert_eq(m, NS, "every choice's first token in the prefill's step");
+            moe_engine_stats st;
+            moe_engine_get_stats(e, &st);
+            cr_assert_eq(st.prefill_tokens, 11, "the prompt prefilled once, not %d times",
+                         (int)(st.prefill_tokens / 11));
+            /* 3 blocks for the parent; each sibling shares 2 and copies the partial third */
+            cr_assert_eq(st.kv_blocks_used, 3 + (NS - 1), "blocks in use %d", st.kv_blocks_used);
+        }
+        for (int i = 0; i < m; i++) {
+            int k = (int)(ev[i].seq_id - 10);
+            cr_assert_eq(ev[i].index, next[k]);
+            cr_assert_eq(ev[i].token, alone[k][next[k]], "choice %d token %d: %d, alone %d", k,
+                         next[k], ev[i].token, alone[k][next[k]]);
+            next[k]++;
+        }
+    }
+    for (int k = 0; k < NS; k++)
+        cr_assert_eq(next[k], NEW, "choice %d: %d tokens", k, next[k]);
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    cr_assert_eq(st.kv_blocks_used, 0, "KV left behind");
+    /* a parent cancelled before its prefill: the sibling prefills on its own */
+    cr_assert_eq(moe_engine_add(e, 30, p, 11, &sp[0], 2, true), MOE_OK);
+    cr_assert_eq(moe_engine_add_sibling(e, 30, 31, &sp[1]), MOE_OK);
+    cr_assert_eq(moe_engine_finish(e, 30), MOE_OK);
+    int got = 0;
+    while (moe_engine_has_work(e)) {
+        int m = moe_engine_step(e, ev, 8);
+        for (int i = 0; i < m; i++) {
+            cr_assert_eq(ev[i].seq_id, 31);
+            cr_assert_eq(ev[i].token, alone[1][got++]);
+        }
+    }
+    cr_assert_eq(got, 2);
+    moe_engine_free(e);
 }

@@ -110,7 +110,7 @@ static void *backend_thread(void *arg)
                 s->emitted += k;
                 if (s->emitted == r->max_new_tokens) {
                     cr_assert_eq(moe_frontend_push_tokens(s->stream, NULL, NULL, 0, ".", 1), MOE_OK);
-                    moe_frontend_finish_info fi = {.reason = MOE_API_FINISH_LENGTH};
+                    moe_frontend_finish_info fi = {.reason = MOE_FINISH_LENGTH};
                     moe_frontend_finish(s->stream, &fi);
                     done = true;
                 } else {

@@ -408,6 +408,21 @@ Test(migrate, seeded_sampling_continues_exactly)
     harness_free(&h);
 }
 
+/* Penalties count the tokens so far, which SeqState.tokens carries: a migrated sequence is
+ * penalised as it would have been on its source. */
+Test(migrate, penalised_sampling_continues_exactly)
+{
+    harness h;
+    harness_init(&h, NULL, 0);
+    moe_sampling_params sp = {.temperature = 0.8f, .top_p = 1.0f, .seed = 4321,
+                              .presence_penalty = 1.0f, .frequency_penalty = 0.5f,
+                              .repetition_penalty = 1.5f};
+    int at[] = {3, 17};
+    run_migrations(&h, &sp, at, 2, 40, 2, true);
+    cr_assert_eq(h.n_ends, 2);
+    harness_free(&h);
+}
+
 Test(migrate, every_block_is_sent_once)
 {
     moe_mig_test_hooks hooks = {.min_stages = 4};

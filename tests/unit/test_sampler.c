@@ -147,3 +147,62 @@ Test(sampler, frequencies_follow_softmax_with_temperature)
     double p = exp(2.0) / (exp(2.0) + 7.0); /* logits / T = 2 for id 0 */
     cr_assert_lt(fabs((double)hits / n - p), 0.02, "got %f want %f", (double)hits / n, p);
 }
+
+/* The penalties on numbers worked by hand from their definitions: Hugging Face's
+ * RepetitionPenaltyLogitsProcessor (score < 0 ? score * p : score / p, every id in the input
+ * once) and OpenAI's / vLLM's presence and frequency penalties (logit -= c[j] * frequency +
+ * (c[j] > 0) * presence, c counted over the generated tokens only). */
+Test(sampler, penalties_follow_their_definitions)
+{
+    float l[N] = {2.0f, -1.0f, 0.5f, 3.0f, -2.0f, 1.0f, 0.0f, 4.0f};
+    /* prompt: ids 0, 1, 1; generated: 3, 3, 4 */
+    const int32_t toks[6] = {0, 1, 1, 3, 3, 4};
+    uint32_t mark[N] = {0}, stamp = 0;
+    moe_sampling_params sp = {.temperature = 1.0f, .top_p = 1.0f, .repetition_penalty = 2.0f,
+                              .presence_penalty = 0.5f, .frequency_penalty = 0.25f};
+    moe_sample_penalize(l, N, &sp, toks, 6, 3, mark, &stamp);
+    const float want[N] = {2.0f / 2,             /* prompt, positive: divided once */
+                           -1.0f * 2,            /* prompt twice, negative: multiplied once */
+                           0.5f,                 /* unseen */
+                           3.0f / 2 - 0.5f - 2 * 0.25f, /* generated twice */
+                           -2.0f * 2 - 0.5f - 0.25f,    /* generated once, negative */
+                           1.0f, 0.0f, 4.0f};
+    for (int i = 0; i < N; i++)
+        cr_assert_float_eq(l[i], want[i], 1e-6, "id %d: %f, want %f", i, l[i], want[i]);
+    /* all off (a zeroed struct's 0 repetition included): unchanged */
+    float m2[N];
+    memcpy(m2, want, sizeof m2);
+    moe_sampling_params off = {.temperature = 1.0f};
+    moe_sample_penalize(m2, N, &off, toks, 6, 3, mark, &stamp);
+    cr_assert(!memcmp(m2, want, sizeof m2));
+}
+
+/* Logprobs are log-softmax(logits / T) (greedy: T = 1) over the whole vocabulary, even where
+ * top-k would cut; the top list is sorted and its first entry is the greedy choice. */
+Test(sampler, logprobs_are_log_softmax_after_temperature)
+{
+    const float l0[N] = {1, 3, 0.5f, 3, -1, 2, 0, 0};
+    const float temps[3] = {0.0f, 1.0f, 0.5f};
+    for (int t = 0; t < 3; t++) {
+        float l[N];
+        memcpy(l, l0, sizeof l);
+        int idx[N];
+        float prob[N];
+        uint32_t mark[N] = {0};
+        moe_sample_scratch scr = {.idx = idx, .prob = prob, .mark = mark};
+        moe_sampling_params sp = {.temperature = temps[t], .top_k = 2, .top_p = 1.0f, .seed = 5,
+                                  .logprobs = true, .top_logprobs = 4};
+        moe_token_logprobs lp;
+        int32_t tok = moe_sample_seq(l, N, &sp, 0, NULL, 0, 0, &scr, &lp);
+        double s = temps[t] > 0 ? 1.0 / temps[t] : 1.0, sum = 0.0;
+        for (int i = 0; i < N; i++)
+            sum += exp(l0[i] * s);
+        cr_assert_float_eq(lp.logprob, l0[tok] * s - log(sum), 1e-5, "T %g", temps[t]);
+        cr_assert_eq(lp.n_top, 4);
+        const int order[4] = {1, 3, 5, 0}; /* ties to the lower id */
+        for (int k = 0; k < 4; k++) {
+            cr_assert_eq(lp.top_ids[k], order[k], "T %g: top %d is %d", temps[t], k, lp.top_ids[k]);
+            cr_assert_float_eq(lp.top_logprobs[k], l0[order[k]] * s - log(sum), 1e-5);
+        }
+    }
+}

@@ -24,7 +24,9 @@ static const moe_api_names HTTP_NAMES = {
     .request_id = "request_id", .text = "prompt", .token_ids = "prompt", .token_ids_item = "prompt",
     .prompt = "prompt", .max_new_tokens = "max_tokens", .temperature = "temperature",
     .top_p = "top_p", .top_k = "top_k", .seed = "seed", .stop = "stop",
-    .stop_token_ids = "stop_token_ids",
+    .stop_token_ids = "stop_token_ids", .presence_penalty = "presence_penalty",
+    .frequency_penalty = "frequency_penalty", .repetition_penalty = "repetition_penalty",
+    .top_logprobs = "top_logprobs", .prefill_group = "n",
 };
 
 static moe_validate_limits lim(void)
