@@ -351,9 +351,7 @@ static int dependents(moe_cluster *c, int idx)
     int n = 0;
     for (int b = 0; b < N_BUCKETS; b++)
         for (const creq *r = c->buckets[b]; r; r = r->hnext)
-            n += r->state != RQ_QUEUED &&
-                 ((r->pi == idx && (r->state == RQ_PREFILL || r->state == RQ_TRANSFER)) ||
-                  r->di == idx || (r->mig.id && r->mig.dst == idx));
+            n += moe_cluster_req_depends_on(r, idx);
     return n;
 }
 
@@ -749,8 +747,8 @@ static bool take_inbox(moe_cluster *c)
         creq *r = subs[i];
         r->dt = moe_detok_create(c->o.tok, true);
         r->stop = moe_stopper_create(r->req->stop, (int)r->req->n_stop);
-        r->hnext = c->buckets[r->id % N_BUCKETS];
-        c->buckets[r->id % N_BUCKETS] = r;
+        r->hnext = c->buckets[CREQ_HANDLE(r->id) % N_BUCKETS];
+        c->buckets[CREQ_HANDLE(r->id) % N_BUCKETS] = r;
         if (!r->dt || !r->stop) {
             moe_cluster_req_fail(c, r, MOE_ERR_NOMEM, "out of memory for the detokenizer");
             continue;
@@ -758,7 +756,7 @@ static bool take_inbox(moe_cluster *c)
         moe_cluster_sched_enqueue(c, r);
     }
     for (int i = 0; i < nc; i++) {
-        creq *r = moe_cluster_req_find(c, cancels[i]);
+        creq *r = moe_cluster_req_find_handle(c, cancels[i]);
         if (r) {
             MOE_LOG_D("request %s cancelled by the client", r->req->request_id);
             moe_cluster_req_fail(c, r, MOE_ERR_CANCELLED, "cancelled");

@@ -31,8 +31,15 @@ typedef struct {
     int finish;
 } stash_t;
 
+/* A request's id on the workers is its front-end handle (low 48 bits) plus its placement epoch
+ * (the times it resumed, high 16 bits): a resumed request is a new sequence to every worker, so
+ * nothing an old placement left behind (a tombstone, a cancelled receive, a late token or event)
+ * can match the new one. Buckets hash the handle, so the handle finds it too (cancels). */
+#define CREQ_EPOCH_SHIFT 48
+#define CREQ_HANDLE(id) ((id) & ((UINT64_C(1) << CREQ_EPOCH_SHIFT) - 1))
+
 typedef struct creq {
-    uint64_t id;
+    uint64_t id; /* handle | epoch << CREQ_EPOCH_SHIFT: what workers know it by */
     moe_frontend_req *stream;
     const moe_gen_request *req;
     rq_state state;
@@ -131,7 +138,15 @@ void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id);
 inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank);
 
 /* ---- cluster_requests.c ---- */
+/* The request workers know as id (exact: an old placement's id finds nothing). */
 creq *moe_cluster_req_find(moe_cluster *c, uint64_t id);
+/* The request of a front-end handle, whatever its placement epoch. */
+creq *moe_cluster_req_find_handle(moe_cluster *c, uint64_t handle);
+/* Whether r is placed on target idx: its prefill (until its KV is handed off: the decode side
+ * pulls from it) or its decode. Losing idx resumes r. */
+bool moe_cluster_req_placed_on(const creq *r, int idx);
+/* Placed on idx, or idx is its migration's destination: idx cannot leave yet. */
+bool moe_cluster_req_depends_on(const creq *r, int idx);
 /* Ends a request with an error: frees it on its workers, makes the terminal call, frees r. */
 void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *msg);
 /* One sampled token from a worker: put in index order, detokenized, checked against stop strings

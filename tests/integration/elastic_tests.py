@@ -18,15 +18,16 @@ TESTS = {}
 test = registrar(TESTS)
 
 
-def workload(n, max_new=240, seed=7):
-    """n prompts (text and token ids) with long outputs, so that faults land mid-stream."""
+def workload(n, max_new=240, seed=7, id_lens=(3, 17, 40)):
+    """n prompts (text and token ids of id_lens lengths) with long outputs, so that faults land
+    mid-stream."""
     import random
     rnd = random.Random(seed)
     words = ["the", "cat", "sat", "on", "a", "mat", "Hello", "world", "serving", "experts", "über", "日本"]
     out = []
     for i in range(n):
         if i % 2:
-            out.append({"ids": [rnd.randrange(1000) for _ in range(rnd.choice([3, 17, 40]))], "max_new": max_new})
+            out.append({"ids": [rnd.randrange(1000) for _ in range(rnd.choice(id_lens))], "max_new": max_new})
         else:
             out.append({"prompt": " ".join(rnd.choice(words) for _ in range(rnd.choice([2, 6, 15]))),
                         "max_new": max_new})
@@ -169,13 +170,18 @@ def kill9_decode_instance_loses_no_request():
         cl.stop()
 
 
-# Not registered: hung once in a clean-clone CI run (120 s timeout): a request resumed after a prefill loss can wait forever; not registered until found (see the closing note of the third session).
+@test
 def kill9_prefill_instance_loses_no_request():
+    """Prefill instances that take 16 prompt tokens a step keep a queue of prompts, so the kill
+    lands while some are mid-prefill (resumed, on the same decode instance: a new sequence id)
+    and others are handing their KV off (the decode side waits for an offer that died)."""
     with ElasticCluster() as cl:
-        for p in ("prefill", "prefill", "decode"):
-            add(cl, p)
+        slow = ["--batch-tokens", "16", "--max-seqs", "2"]
+        add(cl, "prefill", args=slow)
+        add(cl, "prefill", args=slow)
+        add(cl, "decode")
         cl.wait_ready(3)
-        work = workload(24, max_new=16)
+        work = workload(16, max_new=16, id_lens=(200, 300))
         s = Streams(cl, work)
         s.wait_tokens(4)
         victim = proc_of(cl, busiest(cl, pb.POOL_KIND_PREFILL))
@@ -183,7 +189,9 @@ def kill9_prefill_instance_loses_no_request():
         victim.killed = True
         check_outputs(work, s.join())
         st = cl.wait_idle()
-        check(st.counters.instance_losses == 1, "losses %d" % st.counters.instance_losses)
+        check(st.counters.instance_losses == 1 and st.counters.requests_resumed >= 1,
+              "losses %d, resumes %d" % (st.counters.instance_losses, st.counters.requests_resumed))
+        print("requests resumed: %d" % st.counters.requests_resumed)
         check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
         cl.stop()
 
