@@ -67,8 +67,8 @@ typedef struct {
     int lead;           /* its member id on the link */
     char uuid[64];      /* joined: the instance (mpirun job) this target is a rank of */
     char host[64];
-    bool leaving;       /* joined: asked to leave (Leave); Shutdown once nothing depends on it */
-    int64_t leave_ns;
+    int64_t leave_ns;   /* joined: when it asked to leave (Leave), 0 if it did not: it drains
+                         * (mig.drain) and gets Shutdown once nothing depends on it */
     moe_instance_state state;
     bool ready_seen;
     int64_t last_seen;
@@ -157,7 +157,6 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
 void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);
 /* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
 void moe_cluster_inst_update_usable(moe_cluster *c);
-const char *moe_cluster_pool_name(moe_pool_kind k);
 /* An instance is gone (missed its heartbeats, its connection failed, it left): it becomes
  * UNREACHABLE. Elastic clusters resume each of its requests elsewhere from prompt + the tokens
  * already streamed; an mpirun cluster (one failure domain) fails them UNAVAILABLE with why. */

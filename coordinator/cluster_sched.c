@@ -46,11 +46,6 @@ void moe_cluster_inst_update_usable(moe_cluster *c)
     pthread_mutex_unlock(&c->mu);
 }
 
-const char *moe_cluster_pool_name(moe_pool_kind k)
-{
-    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
-}
-
 void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
 {
     inst_t *in = &c->inst[idx];
@@ -60,7 +55,7 @@ void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
     pthread_mutex_unlock(&c->mu);
     char msg[384];
     snprintf(msg, sizeof msg, "%s instance %d (%s %d%s%s) %s",
-             moe_cluster_pool_name(in->def.pool), idx, c->elastic ? "member" : "rank", in->lead,
+             moe_pool_name(in->def.pool), idx, c->elastic ? "member" : "rank", in->lead,
              *in->host ? " on " : "", in->host, why);
     int moved = 0, failed = 0;
     for (int b = 0; b < N_BUCKETS; b++) {

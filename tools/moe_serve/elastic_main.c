@@ -133,9 +133,7 @@ int serve_instance_main(const serve_args *a)
         snprintf(host, sizeof host, "%s", a->host_label);
     else
         gethostname(host, sizeof host - 1);
-    moe_worker_role role = a->pool == SERVE_PREFILL  ? MOE_WORKER_PREFILL
-                           : a->pool == SERVE_DECODE ? MOE_WORKER_DECODE
-                                                     : MOE_WORKER_MIXED;
+    moe_worker_role role = (moe_worker_role)a->pool; /* common/pool.h: the same values */
     Moeserve__Cluster__V1__Join j;
     moeserve__cluster__v1__join__init(&j);
     j.instance_uuid = uuid;
@@ -187,7 +185,7 @@ int serve_instance_main(const serve_args *a)
     }
     have_dc = true;
     MOE_LOG_I("joined %s as member %d (%s, rank %d of %d, instance %s)", a->join,
-              moe_link_self(link), serve_pool_name((serve_pool)a->pool), ep_rank, ep_size, uuid);
+              moe_link_self(link), moe_pool_name((moe_pool_kind)a->pool), ep_rank, ep_size, uuid);
     moe_worker_opts o;
     serve_fill_worker_opts(a, role, local, &o);
     o.link = link;
