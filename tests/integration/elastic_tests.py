@@ -153,6 +153,37 @@ def add(cl, pool, **kw):
     return cl.add_instance(pool, host_label=name, **kw)
 
 
+def strike(cl, pools, work, tokens, victim_pool, act, pool_args=None):
+    """The body of the instance fault tests: one instance per entry of pools (pool_args[i]: its
+    flags), the workload streaming, and once `tokens` tokens streamed act(proc) on the process
+    of the busiest ready instance of victim_pool. Returns (streams, victim proc)."""
+    for i, p in enumerate(pools):
+        add(cl, p, args=(pool_args or {}).get(i, ()))
+    cl.wait_ready(len(pools))
+    s = Streams(cl, work)
+    s.wait_tokens(tokens)
+    victim = proc_of(cl, busiest(cl, victim_pool))
+    act(victim)
+    return s, victim
+
+
+def killed(victim):
+    victim.kill()
+    victim.killed = True
+
+
+def check_lost_one(cl, work, s, resumed=1):
+    """Every stream equals moe-generate, KV is back at zero, one instance was lost, at least
+    `resumed` requests went on elsewhere and none failed."""
+    check_outputs(work, s.join())
+    st = cl.wait_idle()
+    k = st.counters
+    check(k.instance_losses == 1 and k.requests_resumed >= resumed,
+          "losses %d, resumes %d" % (k.instance_losses, k.requests_resumed))
+    check(k.requests_failed == 0, "failed: %d" % k.requests_failed)
+    return st
+
+
 @test
 def elastic_greedy_matches_moe_generate():
     """1 prefill + 2 decode instances as separate processes; 32 concurrent streams == moe-generate;
@@ -175,20 +206,9 @@ def elastic_greedy_matches_moe_generate():
 @test
 def kill9_decode_instance_loses_no_request():
     with ElasticCluster() as cl:
-        for p in ("prefill", "decode", "decode"):
-            add(cl, p)
-        cl.wait_ready(3)
         work = workload(16)
-        s = Streams(cl, work)
-        s.wait_tokens(16 * 8)
-        victim = proc_of(cl, busiest(cl, pb.POOL_KIND_DECODE))
-        victim.kill()
-        victim.killed = True
-        check_outputs(work, s.join())
-        st = cl.wait_idle()
-        check(st.counters.instance_losses == 1 and st.counters.requests_resumed >= 1,
-              "losses %d, resumes %d" % (st.counters.instance_losses, st.counters.requests_resumed))
-        check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
+        s, _ = strike(cl, ("prefill", "decode", "decode"), work, 16 * 8, pb.POOL_KIND_DECODE, killed)
+        check_lost_one(cl, work, s)
         cl.stop()
 
 
@@ -199,103 +219,12 @@ def kill9_prefill_instance_loses_no_request():
     and others are handing their KV off (the decode side waits for an offer that died)."""
     with ElasticCluster() as cl:
         slow = ["--batch-tokens", "16", "--max-seqs", "2"]
-        add(cl, "prefill", args=slow)
-        add(cl, "prefill", args=slow)
-        add(cl, "decode")
-        cl.wait_ready(3)
         work = workload(16, max_new=16, id_lens=(200, 300))
-        s = Streams(cl, work)
-        s.wait_tokens(4)
-        victim = proc_of(cl, busiest(cl, pb.POOL_KIND_PREFILL))
-        victim.kill()
-        victim.killed = True
-        check_outputs(work, s.join())
-        st = cl.wait_idle()
-        check(st.counters.instance_losses == 1 and st.counters.requests_resumed >= 1,
-              "losses %d, resumes %d" % (st.counters.instance_losses, st.counters.requests_resumed))
+        s, _ = strike(cl, ("prefill", "prefill", "decode"), work, 4, pb.POOL_KIND_PREFILL, killed,
+                      pool_args={0: slow, 1: slow})
+        st = check_lost_one(cl, work, s)
         print("requests resumed: %d" % st.counters.requests_resumed)
-        check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
         cl.stop()
-
-
-# Instance flags of the cancel storms: prefill chunks small enough that cancels land mid-push,
-# and KV timeouts and leases far longer than the storm's wait for zero KV.
-STORM_ARGS = ["--batch-tokens", "32", "--kv-timeout-ms", "60000", "--kv-lease-ms", "60000"]
-
-
-def cancel_pushes(cl, logs, tries=30):
-    """Pairs of requests with 400-token prompts: the coordinator sends the second to the prefill
-    instance when the first's first token comes back (one long prompt at a time), and the
-    client cancels it d ms after that first token, d growing, until a cancel landed while its
-    KV was being pushed layer by layer (the decode side logs it at debug level); returns d."""
-    import grpc
-    mark = "freed while receiving the push of"
-    base = logs().count(mark)
-    for k in range(tries):
-        a = gen_request(ids=[(7 * k + j) % 1000 for j in range(400)], max_new=4, ignore_eos=True)
-        b = gen_request(ids=[(11 * k + j) % 1000 for j in range(400)], max_new=4, ignore_eos=True)
-        ca = cl.stub.Generate(a, timeout=60)
-        cb = cl.stub.Generate(b, timeout=60)
-        next(ca)
-        time.sleep(0.002 * k)
-        cb.cancel()
-        for _ in ca:
-            pass
-        try:
-            for _ in cb:
-                pass
-        except grpc.RpcError as e:
-            check(e.code() == grpc.StatusCode.CANCELLED, str(e))
-        cl.wait_idle(timeout=20)
-        if logs().count(mark) > base:
-            return 2 * k
-    raise TestFailure("no cancel in %d tries landed during a layer-wise push" % tries)
-
-
-def cancel_storm(cl, logs):
-    """cancel_pushes, then 48 requests with long prompts, each cancelled by its client at a different moment
-    (queued, mid-prefill while its KV is pushed layer by layer, mid-transfer, decoding): every
-    instance's KV is back at zero well before any timeout or lease could free it (60 s), and no
-    transfer counts as failed: a cancelled transfer is not a failure. Then the cluster still
-    serves exactly."""
-    import random
-    import grpc
-    work = workload(48, max_new=200, id_lens=(120, 250))
-    rnd = random.Random(3)
-    afters = [rnd.choice([0, 1, 2, 8]) for _ in work]  # tokens to see before cancelling (0: at once)
-    pauses = [rnd.random() * 0.05 for _ in work]
-    got = [0] * len(work)
-
-    def one(i):
-        w = work[i]
-        call = cl.stub.Generate(gen_request(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"],
-                                            ignore_eos=True), timeout=120)
-        if afters[i] == 0:
-            time.sleep(pauses[i])
-            call.cancel()
-            return
-        try:
-            for r in call:
-                got[i] += len(r.token_ids)
-                if got[i] >= afters[i]:
-                    call.cancel()
-        except grpc.RpcError as e:
-            check(e.code() == grpc.StatusCode.CANCELLED, "stream %d: %s" % (i, e))
-
-    run_parallel(one, list(range(len(work))), workers=len(work))
-    print("a cancel %d ms after the previous first token cut a push short" % cancel_pushes(cl, logs))
-    t0 = time.time()
-    st = cl.wait_idle(timeout=20)
-    print("KV back at zero %.2f s after the last cancel; %d of %d streams saw tokens" % (
-        time.time() - t0, sum(1 for g in got if g), len(work)))
-    k = st.counters
-    check(k.kv_checksum_failures == 0 and k.kv_transfer_timeouts == 0 and k.kv_lease_expirations == 0
-          and k.kv_transfer_recomputes == 0,
-          "cancels counted as transfer failures: checksum %d, timeouts %d, leases %d, recomputes %d" % (
-              k.kv_checksum_failures, k.kv_transfer_timeouts, k.kv_lease_expirations, k.kv_transfer_recomputes))
-    work2 = workload(4, max_new=16, seed=4)
-    check_outputs(work2, Streams(cl, work2).join())
-    cl.wait_idle()
 
 
 @test
@@ -314,14 +243,9 @@ def sigstop_decode_is_fenced_then_rejoins():
     """A decode instance stopped past the heartbeat timeout is fenced (its requests go on
     elsewhere); continued, it drops its stale KV, rejoins under a new member id and serves."""
     with ElasticCluster(heartbeat_timeout_ms=1000) as cl:
-        for p in ("prefill", "decode", "decode"):
-            add(cl, p)
-        cl.wait_ready(3)
         work = workload(16)
-        s = Streams(cl, work)
-        s.wait_tokens(16 * 8)
-        victim = proc_of(cl, busiest(cl, pb.POOL_KIND_DECODE))
-        victim.signal(signal.SIGSTOP)
+        s, victim = strike(cl, ("prefill", "decode", "decode"), work, 16 * 8, pb.POOL_KIND_DECODE,
+                           lambda v: v.signal(signal.SIGSTOP))
         check_outputs(work, s.join())
         victim.signal(signal.SIGCONT)
         deadline = time.time() + 20
@@ -368,14 +292,9 @@ def stalled_coordinator_loses_nothing():
 @test
 def sigterm_instance_drains_by_migration_and_exits_0():
     with ElasticCluster() as cl:
-        for p in ("prefill", "decode", "decode"):
-            add(cl, p)
-        cl.wait_ready(3)
         work = workload(12, max_new=440)  # near the 512 context: the drain must find requests to move
-        s = Streams(cl, work)
-        s.wait_tokens(12 * 8)
-        victim = proc_of(cl, busiest(cl, pb.POOL_KIND_DECODE))
-        victim.signal(signal.SIGTERM)
+        s, victim = strike(cl, ("prefill", "decode", "decode"), work, 12 * 8, pb.POOL_KIND_DECODE,
+                           lambda v: v.signal(signal.SIGTERM))
         check(victim.wait(60) == 0, "the leaving instance exited %s" % victim.proc.returncode)
         check_outputs(work, s.join())
         st = cl.wait_idle()
