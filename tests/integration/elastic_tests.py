@@ -227,6 +227,86 @@ def kill9_prefill_instance_loses_no_request():
         cl.stop()
 
 
+# Instance flags of the cancel storms: prefill chunks small enough that cancels land mid-push,
+# and KV timeouts and leases far longer than the storm's wait for zero KV.
+STORM_ARGS = ["--batch-tokens", "32", "--kv-timeout-ms", "60000", "--kv-lease-ms", "60000"]
+
+
+def cancel_pushes(cl, logs, tries=30):
+    """Pairs of requests with 400-token prompts: the coordinator sends the second to the prefill
+    instance when the first's first token comes back (one long prompt at a time), and the
+    client cancels it d ms after that first token, d growing, until a cancel landed while its
+    KV was being pushed layer by layer (the decode side logs it at debug level); returns d."""
+    import grpc
+    mark = "freed while receiving the push of"
+    base = logs().count(mark)
+    for k in range(tries):
+        a = gen_request(ids=[(7 * k + j) % 1000 for j in range(400)], max_new=4, ignore_eos=True)
+        b = gen_request(ids=[(11 * k + j) % 1000 for j in range(400)], max_new=4, ignore_eos=True)
+        ca = cl.stub.Generate(a, timeout=60)
+        cb = cl.stub.Generate(b, timeout=60)
+        next(ca)
+        time.sleep(0.002 * k)
+        cb.cancel()
+        for _ in ca:
+            pass
+        try:
+            for _ in cb:
+                pass
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.CANCELLED, str(e))
+        cl.wait_idle(timeout=20)
+        if logs().count(mark) > base:
+            return 2 * k
+    raise TestFailure("no cancel in %d tries landed during a layer-wise push" % tries)
+
+
+def cancel_storm(cl, logs):
+    """cancel_pushes, then 48 requests with long prompts, each cancelled by its client at a different moment
+    (queued, mid-prefill while its KV is pushed layer by layer, mid-transfer, decoding): every
+    instance's KV is back at zero well before any timeout or lease could free it (60 s), and no
+    transfer counts as failed: a cancelled transfer is not a failure. Then the cluster still
+    serves exactly."""
+    import random
+    import grpc
+    work = workload(48, max_new=200, id_lens=(120, 250))
+    rnd = random.Random(3)
+    afters = [rnd.choice([0, 1, 2, 8]) for _ in work]  # tokens to see before cancelling (0: at once)
+    pauses = [rnd.random() * 0.05 for _ in work]
+    got = [0] * len(work)
+
+    def one(i):
+        w = work[i]
+        call = cl.stub.Generate(gen_request(prompt=w.get("prompt"), ids=w.get("ids"), max_new=w["max_new"],
+                                            ignore_eos=True), timeout=120)
+        if afters[i] == 0:
+            time.sleep(pauses[i])
+            call.cancel()
+            return
+        try:
+            for r in call:
+                got[i] += len(r.token_ids)
+                if got[i] >= afters[i]:
+                    call.cancel()
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.CANCELLED, "stream %d: %s" % (i, e))
+
+    run_parallel(one, list(range(len(work))), workers=len(work))
+    print("a cancel %d ms after the previous first token cut a push short" % cancel_pushes(cl, logs))
+    t0 = time.time()
+    st = cl.wait_idle(timeout=20)
+    print("KV back at zero %.2f s after the last cancel; %d of %d streams saw tokens" % (
+        time.time() - t0, sum(1 for g in got if g), len(work)))
+    k = st.counters
+    check(k.kv_checksum_failures == 0 and k.kv_transfer_timeouts == 0 and k.kv_lease_expirations == 0
+          and k.kv_transfer_recomputes == 0,
+          "cancels counted as transfer failures: checksum %d, timeouts %d, leases %d, recomputes %d" % (
+              k.kv_checksum_failures, k.kv_transfer_timeouts, k.kv_lease_expirations, k.kv_transfer_recomputes))
+    work2 = workload(4, max_new=16, seed=4)
+    check_outputs(work2, Streams(cl, work2).join())
+    cl.wait_idle()
+
+
 @test
 def cancel_storm_frees_kv_at_once_and_counts_no_failure():
     """cancel_storm over the elastic launch (KV over UCX)."""
