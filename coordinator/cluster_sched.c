@@ -61,9 +61,13 @@ void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
     for (int b = 0; b < N_BUCKETS; b++) {
         for (creq *r = c->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            /* A request whose KV was still to come from idx goes on too: the decode side may be
-             * waiting for an offer that died with it. */
-            if (!moe_cluster_req_placed_on(r, idx))
+            /* Elastic: a request whose KV was still to come from idx goes on too (the decode side
+             * may wait for an offer that died with it). mpirun: idx hung (a death ends the job),
+             * and the decode side recomputes what it cannot pull; only what runs on idx fails. */
+            bool dep = c->elastic ? moe_cluster_req_placed_on(r, idx)
+                                  : r->state != RQ_QUEUED &&
+                                        ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
+            if (!dep)
                 continue;
             if (c->elastic) {
                 moe_cluster_req_resume(c, r, msg);
