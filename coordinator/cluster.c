@@ -109,7 +109,7 @@ static void on_ready_msg(moe_cluster *c, int src, const Moeserve__Cluster__V1__W
     c->moe_experts = m->n_experts;
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("rank %d ready: %s instance %d, KV %u blocks x %u tokens, warm-up %.0f ms", src,
-              moe_cluster_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total,
+              moe_pool_name(in->def.pool), c->rank_inst[src], m->kv_blocks_total,
               m->kv_block_tokens, m->warmup_ms);
     if (c->elastic)
         moe_cluster_inst_update_usable(c); /* it takes requests from now on */
@@ -268,7 +268,7 @@ static void on_joined(moe_cluster *c, int m, const uint8_t *buf, size_t len)
         }
         if ((pool == MOE_POOL_MIXED && live_disagg) || (pool != MOE_POOL_MIXED && live_mixed)) {
             snprintf(why, sizeof why, "a %s instance cannot join a %s cluster",
-                     moe_cluster_pool_name(pool), live_mixed ? "colocated" : "disaggregated");
+                     moe_pool_name(pool), live_mixed ? "colocated" : "disaggregated");
             refuse = why;
         }
     }
@@ -298,20 +298,29 @@ static void on_joined(moe_cluster *c, int m, const uint8_t *buf, size_t len)
     c->disagg = in->def.pool != MOE_POOL_MIXED;
     pthread_mutex_unlock(&c->mu);
     MOE_LOG_I("member %d joined from %s: %s instance %d (rank %u of %u of %s)", m, in->host,
-              moe_cluster_pool_name(in->def.pool), idx, j->ep_rank, j->ep_size, in->uuid);
+              moe_pool_name(in->def.pool), idx, j->ep_rank, j->ep_size, in->uuid);
     moeserve__cluster__v1__join__free_unpacked(j, NULL);
 }
 
 /* Fences every target of the instance (mpirun job) that target idx belongs to: an
  * expert-parallel instance is lost whole, since its ranks step together. */
+/* The next live target after i (start at -1) of the instance (mpirun job) target idx belongs to,
+ * idx included; -1 after the last. */
+static int next_of_instance(const moe_cluster *c, int idx, int i)
+{
+    const char *uuid = c->inst[idx].uuid;
+    while (++i < c->n_inst) {
+        const inst_t *in = &c->inst[i];
+        if (in->state != MOE_INSTANCE_UNREACHABLE && (i == idx || (*uuid && !strcmp(in->uuid, uuid))))
+            return i;
+    }
+    return -1;
+}
+
 static void lose_instance(moe_cluster *c, int idx, const char *why)
 {
-    char uuid[64];
-    snprintf(uuid, sizeof uuid, "%s", c->inst[idx].uuid);
-    for (int i = 0; i < c->n_inst; i++) {
+    for (int i = next_of_instance(c, idx, -1); i >= 0; i = next_of_instance(c, idx, i)) {
         inst_t *in = &c->inst[i];
-        if (in->state == MOE_INSTANCE_UNREACHABLE || (i != idx && (!*uuid || strcmp(in->uuid, uuid))))
-            continue;
         if (c->elastic)
             moe_link_fence(c->link, in->lead); /* its late messages are dropped from here on */
         moe_cluster_inst_lost(c, i, why);
@@ -323,7 +332,7 @@ static void on_member_lost(moe_cluster *c, int m)
     inst_t *in = moe_cluster_inst_of_rank(c, m);
     if (!in || in->state == MOE_INSTANCE_UNREACHABLE)
         return;
-    lose_instance(c, (int)(in - c->inst), in->leaving ? "left" : "is gone: its connection failed");
+    lose_instance(c, (int)(in - c->inst), in->leave_ns ? "left" : "is gone: its connection failed");
 }
 
 /* The instance asked to leave (SIGTERM): no new requests, its running ones migrate away (the
@@ -334,30 +343,27 @@ static void on_leave(moe_cluster *c, int src, const Moeserve__Cluster__V1__Leave
     if (!from)
         return;
     int64_t now = moe_now_ns();
-    for (int i = 0; i < c->n_inst; i++) {
+    int idx = (int)(from - c->inst);
+    for (int i = next_of_instance(c, idx, -1); i >= 0; i = next_of_instance(c, idx, i)) {
         inst_t *in = &c->inst[i];
-        if (in->state == MOE_INSTANCE_UNREACHABLE || in->leaving ||
-            (in != from && (!*from->uuid || strcmp(in->uuid, from->uuid))))
+        if (in->leave_ns)
             continue;
-        in->leaving = true;
         in->leave_ns = now;
         atomic_store(&in->mig.drain, true);
-        MOE_LOG_I("%s instance %d (member %d) leaves (%s): draining it", moe_cluster_pool_name(in->def.pool),
+        MOE_LOG_I("%s instance %d (member %d) leaves (%s): draining it", moe_pool_name(in->def.pool),
                   i, in->lead, m->reason);
     }
     c->wake = true;
 }
 
-/* Requests that still need target idx. */
-static int dependents(moe_cluster *c, int idx)
+/* Whether a request still needs target idx (one walk of the table, only while idx leaves). */
+static bool has_dependents(moe_cluster *c, int idx)
 {
-    int n = 0;
     for (int b = 0; b < N_BUCKETS; b++)
         for (const creq *r = c->buckets[b]; r; r = r->hnext)
-            n += r->state != RQ_QUEUED &&
-                 ((r->pi == idx && (r->state == RQ_PREFILL || r->state == RQ_TRANSFER)) ||
-                  r->di == idx || (r->mig.id && r->mig.dst == idx));
-    return n;
+            if (moe_cluster_req_depends_on(r, idx))
+                return true;
+    return false;
 }
 
 /* Leaving instances whose last request moved or finished (or whose drain timed out: what is left
@@ -366,17 +372,17 @@ static void check_leaving(moe_cluster *c, int64_t now)
 {
     for (int i = 0; i < c->n_inst; i++) {
         inst_t *in = &c->inst[i];
-        if (!in->leaving || in->state == MOE_INSTANCE_UNREACHABLE)
+        if (!in->leave_ns || in->state == MOE_INSTANCE_UNREACHABLE)
             continue;
         bool late = (double)(now - in->leave_ns) * 1e-9 > c->o.drain_timeout_s;
-        if (!late && (dependents(c, i) > 0 || in->mig.out > 0 || in->mig.in > 0))
+        if (!late && (in->mig.out > 0 || in->mig.in > 0 || has_dependents(c, i)))
             continue;
         Moeserve__Cluster__V1__Shutdown m;
         moeserve__cluster__v1__shutdown__init(&m);
         m.reason = (char *)"left the cluster";
         if (moe_cluster_send(c, in->lead, TAG(SHUTDOWN), &m.base) != MOE_OK)
             MOE_LOG_W("shutdown of member %d: %s", in->lead, moe_error_message());
-        MOE_LOG_I("%s instance %d (member %d) %s: shutting it down", moe_cluster_pool_name(in->def.pool),
+        MOE_LOG_I("%s instance %d (member %d) %s: shutting it down", moe_pool_name(in->def.pool),
                   i, in->lead, late ? "did not drain in time" : "is drained");
         moe_cluster_inst_lost(c, i, "left the cluster");
     }
@@ -780,8 +786,8 @@ static bool take_inbox(moe_cluster *c)
         creq *r = subs[i];
         r->dt = moe_detok_create(c->o.tok, true);
         r->stop = moe_stopper_create(r->req->stop, (int)r->req->n_stop);
-        r->hnext = c->buckets[r->id % N_BUCKETS];
-        c->buckets[r->id % N_BUCKETS] = r;
+        r->hnext = c->buckets[CREQ_HANDLE(r->id) % N_BUCKETS];
+        c->buckets[CREQ_HANDLE(r->id) % N_BUCKETS] = r;
         if (!r->dt || !r->stop) {
             moe_cluster_req_fail(c, r, MOE_ERR_NOMEM, "out of memory for the detokenizer");
             continue;
@@ -789,7 +795,7 @@ static bool take_inbox(moe_cluster *c)
         moe_cluster_sched_enqueue(c, r);
     }
     for (int i = 0; i < nc; i++) {
-        creq *r = moe_cluster_req_find(c, cancels[i]);
+        creq *r = moe_cluster_req_find_handle(c, cancels[i]);
         if (r) {
             MOE_LOG_D("request %s cancelled by the client", r->req->request_id);
             moe_cluster_req_fail(c, r, MOE_ERR_CANCELLED, "cancelled");
@@ -827,7 +833,7 @@ static moe_status await_workers(moe_cluster *c)
             if (c->rank_ready[c->inst[i].lead] && !c->inst[i].ready_seen)
                 return moe_error(MOE_ERR_UNAVAILABLE,
                                  "rank %d (%s instance %d) failed to start; see its log",
-                                 c->inst[i].lead, moe_cluster_pool_name(c->inst[i].def.pool), i);
+                                 c->inst[i].lead, moe_pool_name(c->inst[i].def.pool), i);
         if (!missing)
             return MOE_OK;
         if (moe_now_ns() > deadline)

@@ -33,8 +33,15 @@ typedef struct {
     moe_token_logprobs lp;
 } stash_t;
 
+/* A request's id on the workers is its front-end handle (low 48 bits) plus its placement epoch
+ * (the times it resumed, high 16 bits): a resumed request is a new sequence to every worker, so
+ * nothing an old placement left behind (a tombstone, a cancelled receive, a late token or event)
+ * can match the new one. Buckets hash the handle, so the handle finds it too (cancels). */
+#define CREQ_EPOCH_SHIFT 48
+#define CREQ_HANDLE(id) ((id) & ((UINT64_C(1) << CREQ_EPOCH_SHIFT) - 1))
+
 typedef struct creq {
-    uint64_t id;
+    uint64_t id; /* handle | epoch << CREQ_EPOCH_SHIFT: what workers know it by */
     moe_frontend_req *stream;
     const moe_gen_request *req;
     rq_state state;
@@ -62,8 +69,8 @@ typedef struct {
     int lead;           /* its member id on the link */
     char uuid[64];      /* joined: the instance (mpirun job) this target is a rank of */
     char host[64];
-    bool leaving;       /* joined: asked to leave (Leave); Shutdown once nothing depends on it */
-    int64_t leave_ns;
+    int64_t leave_ns;   /* joined: when it asked to leave (Leave), 0 if it did not: it drains
+                         * (mig.drain) and gets Shutdown once nothing depends on it */
     moe_instance_state state;
     bool ready_seen;
     int64_t last_seen;
@@ -134,7 +141,15 @@ void moe_cluster_send_free(moe_cluster *c, int inst, uint64_t id);
 inst_t *moe_cluster_inst_of_rank(moe_cluster *c, int rank);
 
 /* ---- cluster_requests.c ---- */
+/* The request workers know as id (exact: an old placement's id finds nothing). */
 creq *moe_cluster_req_find(moe_cluster *c, uint64_t id);
+/* The request of a front-end handle, whatever its placement epoch. */
+creq *moe_cluster_req_find_handle(moe_cluster *c, uint64_t handle);
+/* Whether r is placed on target idx: its prefill (until its KV is handed off: the decode side
+ * pulls from it) or its decode. Losing idx resumes r. */
+bool moe_cluster_req_placed_on(const creq *r, int idx);
+/* Placed on idx, or idx is its migration's destination: idx cannot leave yet. */
+bool moe_cluster_req_depends_on(const creq *r, int idx);
 /* Ends a request with an error: frees it on its workers, makes the terminal call, frees r. */
 void moe_cluster_req_fail(moe_cluster *c, creq *r, moe_status code, const char *msg);
 /* One sampled token from a worker: put in index order, detokenized, checked against stop strings
@@ -146,7 +161,6 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
 void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);
 /* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
 void moe_cluster_inst_update_usable(moe_cluster *c);
-const char *moe_cluster_pool_name(moe_pool_kind k);
 /* An instance is gone (missed its heartbeats, its connection failed, it left): it becomes
  * UNREACHABLE. Elastic clusters resume each of its requests elsewhere from prompt + the tokens
  * already streamed; an mpirun cluster (one failure domain) fails them UNAVAILABLE with why. */

@@ -293,7 +293,7 @@ moe_status moe_cluster_drain_instance(moe_cluster *c, uint32_t idx, bool undo,
             pthread_mutex_unlock(&c->mu);
             return moe_error(MOE_ERR_INVALID_ARG,
                              "DrainRequest.instance: %u is the last %s instance taking requests",
-                             idx, moe_cluster_pool_name(in->def.pool));
+                             idx, moe_pool_name(in->def.pool));
         }
     }
     bool was = atomic_exchange(&in->mig.drain, !undo);

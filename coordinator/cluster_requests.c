@@ -12,15 +12,35 @@
 
 creq *moe_cluster_req_find(moe_cluster *c, uint64_t id)
 {
-    for (creq *r = c->buckets[id % N_BUCKETS]; r; r = r->hnext)
+    for (creq *r = c->buckets[CREQ_HANDLE(id) % N_BUCKETS]; r; r = r->hnext)
         if (r->id == id)
             return r;
     return NULL;
 }
 
+creq *moe_cluster_req_find_handle(moe_cluster *c, uint64_t handle)
+{
+    for (creq *r = c->buckets[CREQ_HANDLE(handle) % N_BUCKETS]; r; r = r->hnext)
+        if (CREQ_HANDLE(r->id) == handle)
+            return r;
+    return NULL;
+}
+
+bool moe_cluster_req_placed_on(const creq *r, int idx)
+{
+    return r->state != RQ_QUEUED &&
+           ((r->pi == idx && (r->state == RQ_PREFILL || r->state == RQ_TRANSFER)) || r->di == idx);
+}
+
+bool moe_cluster_req_depends_on(const creq *r, int idx)
+{
+    return moe_cluster_req_placed_on(r, idx) ||
+           (r->state != RQ_QUEUED && r->mig.id && r->mig.dst == idx);
+}
+
 static void unlink_req(moe_cluster *c, creq *r)
 {
-    for (creq **pp = &c->buckets[r->id % N_BUCKETS]; *pp; pp = &(*pp)->hnext) {
+    for (creq **pp = &c->buckets[CREQ_HANDLE(r->id) % N_BUCKETS]; *pp; pp = &(*pp)->hnext) {
         if (*pp == r) {
             *pp = r->hnext;
             break;
@@ -110,6 +130,9 @@ void moe_cluster_req_resume(moe_cluster *c, creq *r, const char *why)
     }
     r->n_stash = 0; /* early tokens of the lost placement: the next one recomputes them */
     r->resumes++;
+    /* A new sequence id for the next placement (same bucket): the alive instance that just got
+     * the Free keeps a tombstone for the old id, and may be picked again. */
+    r->id = CREQ_HANDLE(r->id) | ((uint64_t)(r->resumes & 0xffff) << CREQ_EPOCH_SHIFT);
     MOE_LOG_I("request %s goes on elsewhere from token %u: %s", r->req->request_id, r->next_index,
               why);
     pthread_mutex_lock(&c->mu);

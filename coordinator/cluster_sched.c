@@ -48,11 +48,6 @@ void moe_cluster_inst_update_usable(moe_cluster *c)
     pthread_mutex_unlock(&c->mu);
 }
 
-const char *moe_cluster_pool_name(moe_pool_kind k)
-{
-    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
-}
-
 void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
 {
     inst_t *in = &c->inst[idx];
@@ -62,14 +57,18 @@ void moe_cluster_inst_lost(moe_cluster *c, int idx, const char *why)
     pthread_mutex_unlock(&c->mu);
     char msg[384];
     snprintf(msg, sizeof msg, "%s instance %d (%s %d%s%s) %s",
-             moe_cluster_pool_name(in->def.pool), idx, c->elastic ? "member" : "rank", in->lead,
+             moe_pool_name(in->def.pool), idx, c->elastic ? "member" : "rank", in->lead,
              *in->host ? " on " : "", in->host, why);
     int moved = 0, failed = 0;
     for (int b = 0; b < N_BUCKETS; b++) {
         for (creq *r = c->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            bool dep = r->state != RQ_QUEUED &&
-                       ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
+            /* Elastic: a request whose KV was still to come from idx goes on too (the decode side
+             * may wait for an offer that died with it). mpirun: idx hung (a death ends the job),
+             * and the decode side recomputes what it cannot pull; only what runs on idx fails. */
+            bool dep = c->elastic ? moe_cluster_req_placed_on(r, idx)
+                                  : r->state != RQ_QUEUED &&
+                                        ((r->pi == idx && r->state == RQ_PREFILL) || r->di == idx);
             if (!dep)
                 continue;
             if (c->elastic) {

@@ -7,6 +7,7 @@
 #ifndef MOE_COORDINATOR_FRONTEND_H
 #define MOE_COORDINATOR_FRONTEND_H
 
+#include "common/pool.h"
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -108,11 +109,6 @@ typedef struct {
 #define MOE_FRONTEND_MAX_INSTANCES 256
 #define MOE_FRONTEND_MAX_EP 64
 
-typedef enum { /* values match moeserve.v1.PoolKind */
-    MOE_POOL_PREFILL = 1,
-    MOE_POOL_DECODE = 2,
-    MOE_POOL_MIXED = 3,
-} moe_pool_kind;
 
 typedef enum { /* values match moeserve.v1.InstanceState */
     MOE_INSTANCE_STARTING = 1,

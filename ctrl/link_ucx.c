@@ -686,6 +686,13 @@ moe_status ul_create(const moe_link_ucx_opts *o, bool coordinator, ul_link **out
         return moe_error(MOE_ERR_NOMEM, "ucx link: out of memory");
     }
 
+    /* The listener: a restarted coordinator rebinds its port while the old one's connections
+     * still sit in TIME_WAIT (UCX 1.13 says "Device is busy" otherwise); its instances come back
+     * to that address. An environment variable, not ucp_config_modify: UCX 1.13 reads the
+     * connection manager's settings from the environment only (a modified key is not passed on
+     * to it; checked). An explicit setting wins. */
+    if (coordinator)
+        setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
     ucp_config_t *cfg = NULL;
     ucs_status_t s = ucp_config_read(NULL, NULL, &cfg);
     if (s == UCS_OK && !getenv("UCX_TLS"))

@@ -30,6 +30,9 @@ typedef struct {
     moe_status (*irecv)(void *ctx, void *buf, int bytes, int peer, int tag, moe_comm_req **req);
     /* Advances req; sets *done and releases it when complete. */
     moe_status (*test)(void *ctx, moe_comm_req *req, bool *done);
+    /* Releases req. A receive's buffer is no longer written once this returns (a receive
+     * already matched is waited for, boundedly; a backend that gives up says so in the log),
+     * so the caller may reuse it at once; a send may be detached (its buffer must stay mapped). */
     void (*cancel)(void *ctx, moe_comm_req *req);
     moe_status (*barrier)(void *ctx);
     /* Frees ctx (not the underlying communicator, which the creator owns). */

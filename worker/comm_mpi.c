@@ -6,11 +6,19 @@
 
 #include <stdlib.h>
 
+#include "common/clock.h"
+#include "common/log.h"
+
 struct moe_comm_req {
     MPI_Request r;
     bool pooled;     /* a slot of mpi_ctx.pool (non-blocking collective), not heap */
     bool in_use;
+    bool recv;       /* a point-to-point receive (cancel must see it end: it writes a buffer) */
+    int bytes, peer, tag;
 };
+
+/* How long cancel waits for a receive MPI already matched (its bytes are on the way). */
+#define MPI_CANCEL_RECV_MS 2000
 
 #define MPI_POOL 8 /* outstanding non-blocking all-to-alls per rank (comm.h promises 8) */
 
@@ -66,7 +74,7 @@ static moe_status new_req(moe_comm_req **req)
     if (!*req)
         return moe_error(MOE_ERR_NOMEM, "comm mpi: out of memory for a request");
     /* Every field set: a stale `pooled` would make cancel wait on a receive that never comes. */
-    **req = (moe_comm_req){.r = MPI_REQUEST_NULL, .pooled = false, .in_use = false};
+    **req = (moe_comm_req){.r = MPI_REQUEST_NULL};
     return MOE_OK;
 }
 
@@ -91,6 +99,7 @@ static moe_status m_irecv(void *ctx, void *buf, int bytes, int peer, int tag, mo
     moe_status st = new_req(req);
     if (st != MOE_OK)
         return st;
+    **req = (moe_comm_req){.r = MPI_REQUEST_NULL, .recv = true, .bytes = bytes, .peer = peer, .tag = tag};
     if ((st = MOE_MPI_CHECK(MPI_Irecv(buf, bytes, MPI_BYTE, peer, tag, c->comm, &(*req)->r))) !=
         MOE_OK) {
         free(*req);
@@ -157,15 +166,36 @@ static void m_cancel(void *ctx, moe_comm_req *req)
         m_wait(ctx, req);
         return;
     }
-    if (req->r != MPI_REQUEST_NULL) {
-        /* A receive cancels cleanly; a send may already be matched, so it is detached instead:
-         * MPI completes (or drops) it on its own and frees the request. */
+    if (req->r != MPI_REQUEST_NULL && !req->recv) {
+        /* A send may already be matched: detached, MPI completes (or drops) it on its own and
+         * frees the request; the caller's buffer stays mapped (the KV pool), so it can only
+         * carry stale bytes. */
         int flag = 0;
-        MPI_Status status;
-        MPI_Test(&req->r, &flag, &status);
-        if (!flag) {
-            MPI_Cancel(&req->r);
+        MPI_Test(&req->r, &flag, MPI_STATUS_IGNORE);
+        if (!flag)
             MPI_Request_free(&req->r);
+    } else if (req->r != MPI_REQUEST_NULL) {
+        /* A receive MPI has matched cannot be cancelled: it completes, writing the buffer. The
+         * caller reuses the buffer (KV blocks of another sequence) once this returns, so wait
+         * until MPI_Test says it ended, then ask MPI_Test_cancelled which way. */
+        MPI_Cancel(&req->r);
+        MPI_Status status;
+        int flag = 0;
+        int64_t end = moe_now_ns() + (int64_t)MPI_CANCEL_RECV_MS * 1000000;
+        while (MPI_Test(&req->r, &flag, &status) == MPI_SUCCESS && !flag && moe_now_ns() < end)
+            moe_sleep_ns(20000);
+        int cancelled = 0;
+        if (flag)
+            MPI_Test_cancelled(&status, &cancelled);
+        if (!flag) {
+            MOE_LOG_W("comm mpi: a matched %d-byte receive of tag %d from rank %d did not end "
+                      "within %d ms of its cancel; detached",
+                      req->bytes, req->tag, req->peer, MPI_CANCEL_RECV_MS);
+            MPI_Request_free(&req->r);
+        } else if (!cancelled) {
+            MOE_LOG_D("comm mpi: the %d-byte receive of tag %d from rank %d completed before its "
+                      "cancel",
+                      req->bytes, req->tag, req->peer);
         }
     }
     free(req);

@@ -109,17 +109,22 @@ void moe_kv_pull_free_seq(worker *w, uint64_t id)
     }
     pull_t *q = find_pull(w, id);
     if (q) {
-        if (q->phase == PULL_RECEIVING) {
-            q->cancelled = true; /* the prefill side is sending: let the receives end first */
-            if (q->push && !q->offer) /* a push has no deadline before its offer: give it one */
-                moe_kv_recv_set_deadline(q->recv, moe_now_ns() +
-                                                      moe_worker_ms_ns(w->o->kv_timeout_ms));
-            return;
-        }
+        /* Receiving: the receives are cancelled now (comm.h: a receive's buffer is not written
+         * once its cancel returns) and the blocks freed at once. Waiting for them to end held
+         * the blocks until kv_timeout_ms whenever the sender stopped (a push cut short by the
+         * same Free at the prefill side), and counted a timeout for a transfer nobody wanted. */
+        MOE_LOG_D("seq %llu: freed while %s its KV from rank %d", (unsigned long long)id,
+                  q->phase != PULL_RECEIVING ? "waiting for"
+                  : q->push && !q->offer     ? "receiving the push of"
+                                             : "receiving",
+                  q->src);
+        moe_kv_recv_free(q->recv); /* before its blocks go back to the cache */
+        q->recv = NULL;
         moe_kv_pull_send_done(w, q->src, id, false);
         if (q->imported)
             moe_worker_engine_drop(w, id);
         moe_kv_pull_remove_pull(w, q);
+        add_tomb(w, id); /* a push's offer may still be on the way: refused, not pulled */
         w->load_dirty = true;
         return;
     }
@@ -414,6 +419,14 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
         w->load_dirty = true;
         return true;
     }
+    if (q->cancelled) { /* nobody wants it any more: not a failure, nothing to retry */
+        moe_kv_recv_free(q->recv);
+        q->recv = NULL;
+        moe_kv_pull_send_done(w, q->src, id, false);
+        moe_worker_engine_drop(w, id);
+        moe_kv_pull_remove_pull(w, q);
+        return true;
+    }
     if (r == MOE_KV_XFER_CORRUPT) {
         w->ctr.kv_checksum_failures++;
         MOE_LOG_W("seq %llu: block %d from rank %d failed its checksum (attempt %d)",
@@ -428,12 +441,6 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
     }
     moe_kv_recv_free(q->recv);
     q->recv = NULL;
-    if (q->cancelled) {
-        moe_kv_pull_send_done(w, q->src, id, false);
-        moe_worker_engine_drop(w, id);
-        moe_kv_pull_remove_pull(w, q);
-        return true;
-    }
     if (q->push && !q->offer) {
         q->phase = PULL_WAIT_OFFER; /* retry as a pull once the prefill side offers */
         w->ctr.kv_transfer_retries++;

@@ -11,13 +11,15 @@
 
 #include "common/status.h"
 #include "ctrl/link.h"
+#include "common/pool.h"
 #include "worker/comm.h"
 #include "worker/engine.h"
 
 typedef enum {
-    MOE_WORKER_PREFILL = 1, /* values match moeserve.cluster.v1.Role */
-    MOE_WORKER_DECODE = 2,
-    MOE_WORKER_MIXED = 3,
+    /* A worker serves its instance's pool (values match moeserve.cluster.v1.Role too) */
+    MOE_WORKER_PREFILL = MOE_POOL_PREFILL,
+    MOE_WORKER_DECODE = MOE_POOL_DECODE,
+    MOE_WORKER_MIXED = MOE_POOL_MIXED,
     MOE_WORKER_SPARE = 4, /* beyond the layout: loads nothing, waits for Shutdown */
 } moe_worker_role;
 

@@ -214,9 +214,12 @@ EOF
   # mpirun exports OMPI_* variables itself (mpirun(1), "Exported Environment Variables"); the
   # transports' settings (UCX_*: the cluster link and KV transfer; NCCL_*: the GPU all-to-all)
   # come from the same flags ConfigMap in every pod of the group and must hold on every rank.
+  # A SIGTERM to mpirun reaches the ranks odls_base_sigkill_timeout s later and SIGKILL as long
+  # again after that (Open MPI 4.1; default 1 s): give them the drain time to leave in.
   local -a mpi=(mpirun -np "$size" --hostfile "$hostfile" --bind-to none
     --mca plm_rsh_agent ssh --mca plm_rsh_args "-F $dir/config"
-    --mca plm_rsh_no_tree_spawn 1 --mca orte_keep_fqdn_hostnames 1)
+    --mca plm_rsh_no_tree_spawn 1 --mca orte_keep_fqdn_hostnames 1
+    --mca odls_base_sigkill_timeout "${MOE_DRAIN_TIMEOUT_S:-60}")
   local v
   for v in MOE_LOG_LEVEL MOESERVE_CLUSTER_TOKEN $(compgen -e | grep -E '^(UCX|NCCL)_' | sort); do
     if [ -n "${!v:-}" ]; then mpi+=(-x "$v"); fi

@@ -145,7 +145,8 @@ class Entrypoint(unittest.TestCase):
         for pair in (["--hostfile", str(self.pod.ssh_dir / "hostfile")], ["--mca", "plm_rsh_args", f"-F {cfg}"],
                      ["--mca", "plm_rsh_no_tree_spawn", "1"], ["--mca", "orte_keep_fqdn_hostnames", "1"],
                      ["-x", "MOE_LOG_LEVEL"], ["--mca", "btl_tcp_if_include", "eth0"],
-                     ["-x", "UCX_TLS"], ["-x", "NCCL_SOCKET_IFNAME"]):
+                     ["-x", "UCX_TLS"], ["-x", "NCCL_SOCKET_IFNAME"],
+                     ["--mca", "odls_base_sigkill_timeout", "60"]):  # the drain window of a SIGTERM
             self.assertTrue(any(argv[i:i + len(pair)] == pair for i in range(len(argv))), pair)
         self.assertNotIn("UCX_EMPTY", argv)  # set but empty: nothing to pass on
         i = argv.index(SERVE)

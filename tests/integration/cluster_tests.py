@@ -309,6 +309,16 @@ def cancel_disconnect_deadline_free_kv():
 
 
 @test
+def cancel_storm_frees_kv_at_once_over_mpi():
+    """elastic_tests.cancel_storm over the mpirun launch (KV over MPI): KV back at zero at once,
+    no transfer counted as failed."""
+    from elastic_tests import STORM_ARGS, cancel_storm
+    with Cluster(np=4, args=STORM_ARGS, env={"MOE_LOG_LEVEL": "debug"}) as c:
+        cancel_storm(c, c.stderr)
+        stop_ok(c)
+
+
+@test
 def cancel_while_parked_frees_prefill_kv():
     """Cancel requests whose KV is parked on the prefill instance (the decode side delays its pull):
     the prefill KV is freed and no offer is pulled later."""

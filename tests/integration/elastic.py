@@ -123,14 +123,15 @@ class ElasticCluster:
     def join_addr(self):
         return "%s:%d" % (self.addr, self.cluster_port)
 
-    def add_instance(self, pool, ep=1, args=(), host_label=None, spawn=None, env=None):
+    def add_instance(self, pool, ep=1, args=(), host_label=None, spawn=None, env=None, sigkill_timeout_s=4):
         """Starts an instance (E ranks under mpirun when ep > 1); returns its Proc."""
         serve = [os.path.join(build_dir(), "moe-serve"), "instance", "--join", self.join_addr(),
                  "--pool", pool, "--model", self.model, "--threads", "1", "--kv-blocks", "512",
                  "--heartbeat-ms", "100"] + (["--host-label", host_label] if host_label else []) + list(args)
         # mpirun answers SIGTERM with SIGCONT to the ranks, SIGTERM odls_base_sigkill_timeout
         # seconds later and SIGKILL as many after that (1 by default): time to drain.
-        mpirun = ["mpirun", "--oversubscribe", "--mca", "odls_base_sigkill_timeout", "4", "-np", str(ep)]
+        mpirun = ["mpirun", "--oversubscribe", "--mca", "odls_base_sigkill_timeout", str(sigkill_timeout_s),
+                  "-np", str(ep)]
         cmd = (mpirun + serve) if ep > 1 else serve
         e = dict(self.env)
         if env:

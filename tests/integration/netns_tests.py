@@ -20,6 +20,7 @@ import health_pb2_grpc
 import moeserve_pb2 as pb
 import moeserve_pb2_grpc as pbg
 import netns
+from elastic import ElasticCluster
 
 TESTS = {}
 test = registrar(TESTS)
@@ -232,7 +233,7 @@ class ElasticOnHosts:
     def status(self):
         return self.stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
 
-    wait_idle = Cluster.wait_idle
+    wait_idle = ElasticCluster.wait_idle  # fenced targets keep their last (stale) load
     wait_counters = Cluster.wait_counters
 
     def wait_ready(self, n, timeout=60):
@@ -330,6 +331,68 @@ def netns_elastic_instances_on_three_hosts_match_moe_generate():
             c.wait_idle()
             print("KV %d bytes in %d transfers; received h2 %d, h3 %d bytes" % (
                 st.counters.kv_transfer_bytes, st.counters.kv_transfers, rx[h2], rx[h3]))
+            rcs = c.stop()
+            check(all(v == 0 for v in rcs.values()), "exit statuses %s:\n%s" % (rcs, c.logs()))
+            ok = True
+        finally:
+            c.close(ok)
+
+
+@test
+def netns_link_cut_fences_host_then_it_rejoins():
+    """A host's cable is cut (its switch port down) while 16 streams run (greedy and seeded): the
+    coordinator fences the decode instance on it after the heartbeat timeout and its requests go
+    on on the other host's decode instance; every stream equals moe-generate. The cable comes
+    back: the instance finds its link to the coordinator dead, drops its stale KV, rejoins under
+    a new member id and serves again (the other decode instance drained, new streams must go to
+    it); KV back to zero everywhere."""
+    from elastic_tests import Streams, check_outputs, workload
+    with make_hosts(3) as hosts:
+        h1, h2, h3 = hosts.names
+        c = ElasticOnHosts(hosts, h1, args=["--heartbeat-timeout-ms", "1000"])
+        ok = False
+        try:
+            c.add_instance("prefill", "prefill", [h1], args=["--heartbeat-ms", "100"])
+            c.add_instance("decode2", "decode", [h2], args=["--heartbeat-ms", "100"])
+            c.add_instance("decode3", "decode", [h3], args=["--heartbeat-ms", "100"])
+            c.wait_ready(3)
+            work = workload(16)
+            s = Streams(c, work)
+            s.wait_tokens(16 * 8)
+            hosts.cut(h2)
+            t0 = time.time()
+            try:
+                check_outputs(work, s.join())
+                st = c.wait_counters(lambda k: k.instance_losses == 1)
+                check(st.counters.requests_failed == 0, "failed: %d" % st.counters.requests_failed)
+                lost = [i for i in st.instances if i.host == h2]
+                check(len(lost) == 1 and lost[0].state == pb.INSTANCE_STATE_UNREACHABLE, "h2: %s" % lost)
+                print("streams done over h3 %.1f s after the cut; %d request(s) resumed" % (
+                    time.time() - t0, st.counters.requests_resumed))
+            finally:
+                hosts.restore(h2)
+            t1 = time.time()
+            deadline = t1 + 60
+            while True:
+                st = c.status()
+                mine = [i for i in st.instances if i.host == h2]
+                if sorted(i.state for i in mine) == sorted([pb.INSTANCE_STATE_READY, pb.INSTANCE_STATE_UNREACHABLE]):
+                    break
+                check(time.time() < deadline, "h2's instance did not rejoin within 60 s of the restore:\n%s\n%s" % (
+                    st, c.logs()))
+                time.sleep(0.1)
+            print("h2 rejoined %.1f s after the restore" % (time.time() - t1))
+            back = [i for i in mine if i.state == pb.INSTANCE_STATE_READY][0]
+            check(back.id != lost[0].id, "the rejoined instance kept its id %d" % back.id)
+            other = [i for i in st.instances if i.host == h3][0]
+            c.stub.Drain(pb.DrainRequest(instance=other.id), timeout=5)
+            before = sum(back.expert_tokens)
+            work2 = workload(6, max_new=24, seed=9)
+            check_outputs(work2, Streams(c, work2).join())
+            st = c.wait_idle()
+            st = c.wait_counters(lambda k: sum([i for i in c.status().instances if i.id == back.id][0].expert_tokens)
+                                 > before)  # its load travels with heartbeats
+            check(st.counters.instance_losses == 1 and st.counters.requests_failed == 0, str(st.counters))
             rcs = c.stop()
             check(all(v == 0 for v in rcs.values()), "exit statuses %s:\n%s" % (rcs, c.logs()))
             ok = True

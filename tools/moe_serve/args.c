@@ -306,10 +306,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             a->host_label = optarg;
             break;
         case O_POOL:
-            a->pool = !strcmp(optarg, "prefill")  ? SERVE_PREFILL
-                      : !strcmp(optarg, "decode") ? SERVE_DECODE
-                      : !strcmp(optarg, "mixed")  ? SERVE_MIXED
-                                                  : 0;
+            a->pool = (int)moe_pool_parse(optarg);
             if (!a->pool) {
                 if (print)
                     fprintf(stderr, "moe-serve: --pool: '%s', want prefill, decode or mixed\n", optarg);
@@ -457,11 +454,6 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
     return 0;
 }
 
-const char *serve_pool_name(serve_pool p)
-{
-    return p == SERVE_PREFILL ? "prefill" : p == SERVE_DECODE ? "decode" : "mixed";
-}
-
 int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err, size_t err_cap)
 {
     *l = (serve_layout){.world = world};
@@ -530,8 +522,8 @@ int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err
     int rank = 1;
     for (int i = 0; i < l->n_instances; i++) {
         serve_instance *in = &l->instances[i];
-        in->pool = i < P ? SERVE_PREFILL : i < P + D ? SERVE_DECODE : SERVE_MIXED;
-        in->ep_size = in->pool == SERVE_PREFILL ? pe : in->pool == SERVE_DECODE ? de : ep;
+        in->pool = i < P ? MOE_POOL_PREFILL : i < P + D ? MOE_POOL_DECODE : MOE_POOL_MIXED;
+        in->ep_size = in->pool == MOE_POOL_PREFILL ? pe : in->pool == MOE_POOL_DECODE ? de : ep;
         for (int j = 0; j < in->ep_size; j++) {
             in->ranks[j] = rank;
             l->rank_instance[rank++] = i;

@@ -33,7 +33,7 @@ typedef struct {
     int cluster_port;
 } ready_ctx;
 
-static void print_ranks(char *buf, size_t cap, const serve_layout *l, serve_pool pool)
+static void print_ranks(char *buf, size_t cap, const serve_layout *l, moe_pool_kind pool)
 {
     size_t off = 0;
     buf[0] = 0;
@@ -68,14 +68,14 @@ static void on_ready(void *vctx, const moe_cluster *cc)
     const moe_model_config *cfg = rc->cfg;
     char pools[512] = "", ranks[256];
     size_t off = 0;
-    for (int p = SERVE_PREFILL; p <= SERVE_MIXED; p++) {
-        int n = p == SERVE_PREFILL ? l->n_prefill : p == SERVE_DECODE ? l->n_decode : l->n_mixed;
+    for (int p = MOE_POOL_PREFILL; p <= MOE_POOL_MIXED; p++) {
+        int n = p == MOE_POOL_PREFILL ? l->n_prefill : p == MOE_POOL_DECODE ? l->n_decode : l->n_mixed;
         if (!n)
             continue;
-        print_ranks(ranks, sizeof ranks, l, (serve_pool)p);
-        int ep = p == SERVE_PREFILL ? rc->a->prefill_ep : p == SERVE_DECODE ? rc->a->decode_ep : rc->a->ep_size;
+        print_ranks(ranks, sizeof ranks, l, (moe_pool_kind)p);
+        int ep = p == MOE_POOL_PREFILL ? rc->a->prefill_ep : p == MOE_POOL_DECODE ? rc->a->decode_ep : rc->a->ep_size;
         off += (size_t)snprintf(pools + off, sizeof pools - off, "%s%s %d x ep%d [rank %s]",
-                                off ? ", " : "", serve_pool_name((serve_pool)p), n, ep, ranks);
+                                off ? ", " : "", moe_pool_name((moe_pool_kind)p), n, ep, ranks);
     }
     uint32_t kv_min = UINT32_MAX, bt = 16;
     for (uint32_t i = 0; i < st->n_instances; i++) {
@@ -150,9 +150,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
     snprintf(name, sizeof name, "%s", basename(dirbuf));
     for (int i = 0, t = 0; l && i < l->n_instances; i++)
         for (int j = 0; j < l->instances[i].ep_size; j++, t++) {
-            inst[t].pool = l->instances[i].pool == SERVE_PREFILL  ? MOE_POOL_PREFILL
-                           : l->instances[i].pool == SERVE_DECODE ? MOE_POOL_DECODE
-                                                                  : MOE_POOL_MIXED;
+            inst[t].pool = l->instances[i].pool;
             inst[t].ep_size = 1;
             inst[t].ranks[0] = l->instances[i].ranks[j];
         }

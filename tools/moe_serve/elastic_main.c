@@ -32,9 +32,6 @@ int serve_elastic_coordinator(const serve_args *a)
         fprintf(stderr, "moe-serve coordinator: %s\n", moe_error_message());
         return 2;
     }
-    /* A restarted coordinator must rebind its port while the old one's connections still sit in
-     * TIME_WAIT; the instances come back to that address. An explicit setting wins. */
-    setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
     moe_link_ucx_opts lo = {.addr = a->cluster_listen, .token = token};
     moe_link *link = NULL;
     if (moe_link_ucx_listen(&lo, &link) != MOE_OK) {
@@ -66,6 +63,25 @@ static void make_uuid(char *out, size_t cap)
     size_t n = 0;
     for (size_t i = 0; i < sizeof b && n + 3 < cap; i++)
         n += (size_t)snprintf(out + n, cap - n, "%02x", b[i]);
+}
+
+/* mpirun passes its --mca settings on to the ranks as OMPI_MCA_*: say how long a SIGTERM to
+ * mpirun leaves this instance to drain, loudly when it is Open MPI's default of 1 s (SIGKILL
+ * 1 s after the ranks' SIGTERM: every request in flight would be resumed, not migrated). */
+static void log_drain_window(void)
+{
+    const char *v = getenv("OMPI_MCA_odls_base_sigkill_timeout");
+    int s = v ? atoi(v) : 1;
+    if (s < 10)
+        MOE_LOG_W("a SIGTERM to mpirun gives this instance %d s to drain before SIGKILL "
+                  "(odls_base_sigkill_timeout%s): start it with `mpirun --mca "
+                  "odls_base_sigkill_timeout S`, S above the drain time (SIGUSR1 to mpirun drains "
+                  "at once)",
+                  s, v ? "" : " not set: Open MPI's default");
+    else
+        MOE_LOG_I("a SIGTERM to mpirun reaches the ranks %d s later; they then have %d s to drain "
+                  "(odls_base_sigkill_timeout)",
+                  s, s);
 }
 
 static bool under_mpirun(void)
@@ -104,6 +120,8 @@ int serve_instance_main(const serve_args *a)
     sigaction(SIGUSR1, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     moe_log_init(ep_rank);
+    if (mpi && ep_rank == 0)
+        log_drain_window();
     char uuid[64] = "";
     if (ep_rank == 0)
         make_uuid(uuid, sizeof uuid);
@@ -115,9 +133,7 @@ int serve_instance_main(const serve_args *a)
         snprintf(host, sizeof host, "%s", a->host_label);
     else
         gethostname(host, sizeof host - 1);
-    moe_worker_role role = a->pool == SERVE_PREFILL  ? MOE_WORKER_PREFILL
-                           : a->pool == SERVE_DECODE ? MOE_WORKER_DECODE
-                                                     : MOE_WORKER_MIXED;
+    moe_worker_role role = (moe_worker_role)a->pool; /* common/pool.h: the same values */
     Moeserve__Cluster__V1__Join j;
     moeserve__cluster__v1__join__init(&j);
     j.instance_uuid = uuid;
@@ -169,7 +185,7 @@ int serve_instance_main(const serve_args *a)
     }
     have_dc = true;
     MOE_LOG_I("joined %s as member %d (%s, rank %d of %d, instance %s)", a->join,
-              moe_link_self(link), serve_pool_name((serve_pool)a->pool), ep_rank, ep_size, uuid);
+              moe_link_self(link), moe_pool_name((moe_pool_kind)a->pool), ep_rank, ep_size, uuid);
     moe_worker_opts o;
     serve_fill_worker_opts(a, role, local, &o);
     o.link = link;

@@ -5,6 +5,7 @@
 
 #include <mpi.h>
 
+#include "common/pool.h"
 #include "ctrl/link.h"
 #include "worker/worker_loop.h"
 #include <stdbool.h>
@@ -26,7 +27,7 @@ typedef struct {
     const char *join;           /* instance: the coordinator's --cluster-listen */
     const char *token_file;     /* --cluster-token-file (else $MOESERVE_CLUSTER_TOKEN) */
     const char *host_label;     /* instance: host name for status tables */
-    int pool;                   /* instance: serve_pool */
+    int pool;                   /* instance: moe_pool_kind */
     const char *model_dir;
     int prefill, decode; /* instances asked for; -1 = not given */
     bool colocated;
@@ -56,10 +57,9 @@ typedef struct {
     int mig_min_remaining, mig_retry_ms, mig_waiting_ticks, mig_every;
 } serve_args;
 
-typedef enum { SERVE_PREFILL = 1, SERVE_DECODE = 2, SERVE_MIXED = 3 } serve_pool;
 
 typedef struct {
-    serve_pool pool;
+    moe_pool_kind pool;
     int ep_size;
     int ranks[SERVE_MAX_EP];
 } serve_instance;
@@ -81,7 +81,6 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print);
  * returns -1. */
 int serve_plan_layout(const serve_args *a, int world, serve_layout *l, char *err, size_t err_cap);
 void serve_layout_free(serve_layout *l);
-const char *serve_pool_name(serve_pool p);
 
 /* Rank 0 and worker ranks; each returns the process exit status. MPI is initialised and is
  * finalised by the caller. */

@@ -73,9 +73,7 @@ int serve_worker_main(const serve_args *a, const serve_layout *l, MPI_Comm ctrl,
     int idx = l->rank_instance[rank];
     moe_worker_role role = MOE_WORKER_SPARE;
     if (idx >= 0)
-        role = l->instances[idx].pool == SERVE_PREFILL  ? MOE_WORKER_PREFILL
-               : l->instances[idx].pool == SERVE_DECODE ? MOE_WORKER_DECODE
-                                                        : MOE_WORKER_MIXED;
+        role = (moe_worker_role)l->instances[idx].pool; /* common/pool.h: the same values */
     moe_link *link = NULL;
     moe_comm dc;
     moe_status st = moe_link_mpi_create(ctrl, &link);
