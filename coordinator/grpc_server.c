@@ -54,12 +54,6 @@ typedef struct {
     enum tag_kind kind;
 } cq_tag;
 
-typedef struct {
-    atomic_uint_fast64_t received, finished, cancelled, failed, rejected_invalid, rejected_busy;
-    atomic_uint_fast64_t prompt_tokens, generated_tokens;
-    atomic_int active_streams;
-} fe_counters;
-
 struct moe_grpc_server {
     moe_grpc_server_config cfg;
     char listen_addr[256];
@@ -72,8 +66,9 @@ struct moe_grpc_server {
     int port;
     int64_t start_ns;
     atomic_bool draining;
-    fe_counters ctr;
     moe_frontend_lat lat; /* push -> gRPC send, per token */
+    moe_fe_stats *stats;     /* cfg.stats or own_stats */
+    moe_fe_stats *own_stats;
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cv;
@@ -106,6 +101,7 @@ struct gcall {
     Moeserve__V1__GenerateRequest *msg;
     moe_validated v;
     bool admitted;
+    moe_fe_track track; /* outcome and histograms (coordinator/fe_stats.h), Generate only */
 
     pthread_mutex_t mu; /* guards everything below */
     int refs;           /* gRPC side + backend */
@@ -275,8 +271,7 @@ static void unlock_and_release(struct gcall *c, int drop)
         to_unref = c->call;
         c->call = NULL;
         c->refs--;
-        if (c->admitted)
-            atomic_fetch_sub(&c->srv->ctr.active_streams, 1);
+        moe_fe_stats_stream_closed(c->srv->stats, &c->track);
         /* Nothing pending will ever be sent now. */
         c->p_n = 0;
         c->p_text_len = 0;
@@ -364,8 +359,6 @@ static bool check_size(struct gcall *c, const char *what)
     snprintf(msg, sizeof(msg),
              "%s: message is %zu bytes, over the limit of %zu bytes (max_request_bytes)", what, len,
              c->srv->cfg.max_request_bytes);
-    if (c->kind == K_GENERATE)
-        atomic_fetch_add(&c->srv->ctr.rejected_invalid, 1);
     unary_reply(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
     return false;
 }
@@ -603,16 +596,29 @@ static void handle_status(struct gcall *c)
         o->host = (char *)(uintptr_t)is->host;
         inst_p[i] = o;
     }
-    totals.active_streams = (uint32_t)atomic_load(&s->ctr.active_streams);
-
-    ctr.requests_received = atomic_load(&s->ctr.received);
-    ctr.requests_finished = atomic_load(&s->ctr.finished);
-    ctr.requests_cancelled = atomic_load(&s->ctr.cancelled);
-    ctr.requests_failed = atomic_load(&s->ctr.failed);
-    ctr.requests_rejected_invalid = atomic_load(&s->ctr.rejected_invalid);
-    ctr.requests_rejected_busy = atomic_load(&s->ctr.rejected_busy);
-    ctr.prompt_tokens = atomic_load(&s->ctr.prompt_tokens);
-    ctr.generated_tokens = atomic_load(&s->ctr.generated_tokens);
+    /* one snapshot: the outcome identity holds in every answer */
+    moe_fe_stats_snapshot *fs = malloc(sizeof(*fs));
+    if (fs)
+        moe_fe_stats_get(s->stats, fs);
+    else
+        fs = calloc(1, sizeof(*fs)); /* may be NULL too: then every counter reads 0 */
+    if (fs) {
+        totals.active_streams = fs->active_streams;
+        ctr.requests_received = fs->received;
+        ctr.requests_finished = fs->outcome[MOE_OUTCOME_FINISHED];
+        ctr.requests_cancelled = fs->outcome[MOE_OUTCOME_CANCELLED];
+        ctr.requests_failed = fs->outcome[MOE_OUTCOME_FAILED];
+        ctr.requests_rejected_invalid = fs->outcome[MOE_OUTCOME_REJECTED_INVALID];
+        ctr.requests_rejected_busy = fs->outcome[MOE_OUTCOME_REJECTED_BUSY];
+        ctr.requests_in_flight = fs->in_flight;
+        ctr.requests_finished_length = fs->finished_by_reason[MOE_FINISH_LENGTH];
+        ctr.requests_finished_eos = fs->finished_by_reason[MOE_FINISH_EOS];
+        ctr.requests_finished_stop = fs->finished_by_reason[MOE_FINISH_STOP];
+        ctr.requests_unauthenticated = fs->unauthenticated;
+        ctr.prompt_tokens = fs->prompt_tokens;
+        ctr.generated_tokens = fs->generated_tokens;
+        free(fs);
+    }
     const moe_cluster_counters *bc = &st->counters;
     ctr.kv_transfers = bc->kv_transfers;
     ctr.kv_transfer_bytes = bc->kv_transfer_bytes;
@@ -837,7 +843,6 @@ static void gen_flush(struct gcall *c)
             moe_frontend_lat_add(&c->srv->lat, (now_ms - c->p_times[i]) * 1e3, 1);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = c->send_buf;
-        atomic_fetch_add(&c->srv->ctr.generated_tokens, c->p_n);
         c->p_n = 0;
         c->p_text_len = 0;
     }
@@ -895,7 +900,7 @@ static void gen_fail_locked(struct gcall *c, grpc_status_code code, const char *
 static void gen_start(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
-    atomic_fetch_add(&s->ctr.received, 1);
+    moe_fe_stats_received(s->stats, &c->track, c->arrival_ns);
     /* The gRPC side's reference, and this handler's own: RECV_CLOSE may complete on another
      * thread and the backend may finish before submit returns. */
     c->refs = 2;
@@ -909,6 +914,7 @@ static void gen_start(struct gcall *c)
         c->grpc_ops = 0;
         grpc_call_cancel_with_status(c->call, GRPC_STATUS_INTERNAL, "server failed to start",
                                      NULL);
+        moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_FAILED, 0);
         grpc_call_unref(c->call);
         c->call = NULL;
         call_free(c);
@@ -918,6 +924,7 @@ static void gen_start(struct gcall *c)
 
     char msg[512];
     grpc_status_code code = GRPC_STATUS_OK;
+    bool no_message = false;
     size_t len = c->payload ? grpc_byte_buffer_length(c->payload) : 0;
     grpc_slice slice;
     if (len > s->cfg.max_request_bytes) {
@@ -929,6 +936,7 @@ static void gen_start(struct gcall *c)
     } else if (!read_payload(c->payload, &slice)) {
         snprintf(msg, sizeof(msg), "GenerateRequest: no request message");
         code = GRPC_STATUS_INVALID_ARGUMENT;
+        no_message = true;
     } else {
         moe_status st = moe_grpc_check_strings(&moeserve__v1__generate_request__descriptor,
                                                GRPC_SLICE_START_PTR(slice),
@@ -959,8 +967,11 @@ static void gen_start(struct gcall *c)
         c->payload = NULL;
     }
     if (code != GRPC_STATUS_OK) {
-        atomic_fetch_add(&s->ctr.rejected_invalid, 1);
         pthread_mutex_lock(&c->mu);
+        /* No message because the call ended first (its deadline passed, the client went away
+         * while the message was on its way): a cancelled request, not an invalid one. */
+        bool gone = no_message && (c->closed || gpr_time_cmp(c->deadline, gpr_now(c->deadline.clock_type)) <= 0);
+        moe_fe_stats_end(s->stats, &c->track, gone ? MOE_OUTCOME_CANCELLED : MOE_OUTCOME_REJECTED_INVALID, 0);
         gen_fail_locked(c, code, msg);
         unlock_and_release(c, 1);
         return;
@@ -973,6 +984,7 @@ static void gen_start(struct gcall *c)
 
     pthread_mutex_lock(&c->mu);
     if (c->closed) { /* gone before admission: nothing to tell the backend */
+        moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_CANCELLED, 0);
         unlock_and_release(c, 1);
         return;
     }
@@ -989,7 +1001,8 @@ static void gen_start(struct gcall *c)
     if (st != MOE_OK) {
         c->backend_holds = false;
         c->refs--;
-        atomic_fetch_add(&s->ctr.rejected_busy, 1);
+        /* (a client that left meanwhile was counted cancelled already: first outcome wins) */
+        moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_REJECTED_BUSY, 0);
         const char *em = moe_error_message();
         snprintf(msg, sizeof(msg), "%s", em[0] ? em : moe_status_text(st));
         gen_fail_locked(c, moe_grpc_status_from_moe(st), msg);
@@ -997,8 +1010,10 @@ static void gen_start(struct gcall *c)
         c->submitted = true;
         c->admitted = true;
         c->handle = handle;
-        atomic_fetch_add(&s->ctr.active_streams, 1);
-        atomic_fetch_add(&s->ctr.prompt_tokens, c->v.req.n_prompt);
+        /* An active stream only while the call is still ours: a call that closed and was let
+         * go while submit ran must not open one that nothing would close. */
+        if (c->call)
+            moe_fe_stats_admitted(s->stats, &c->track, c->v.req.n_prompt);
         MOE_LOG_D("Generate %s: admitted, %" PRIu32 " prompt tokens, max %" PRIu32,
                   c->v.req.request_id, c->v.req.n_prompt, c->v.req.max_new_tokens);
         if (c->cancel_pending && !c->backend_done && !c->cancel_sent) {
@@ -1022,8 +1037,10 @@ static void gen_on_close(struct gcall *c)
     c->closed = true;
     /* `cancelled` is also set when we sent a non-OK status ourselves; what matters is whether
      * the backend still works on the request. */
+    /* The call ended. Whatever happened first is the request's outcome: a finish or error the
+     * backend made (even if its last message never reached the client), or this close. */
+    moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_CANCELLED, 0);
     if (c->backend_holds && !c->backend_done) {
-        atomic_fetch_add(&s->ctr.cancelled, 1);
         if (c->submitted && !c->cancel_sent) {
             c->cancel_sent = true;
             do_cancel = true;
@@ -1033,9 +1050,6 @@ static void gen_on_close(struct gcall *c)
         }
         MOE_LOG_D("Generate %s: cancelled by the client, disconnect or deadline",
                   c->v.req.request_id);
-    } else if (c->cancelled_flag && !c->final_started && c->admitted) {
-        /* Backend finished but the client left before we could send the end. */
-        atomic_fetch_add(&s->ctr.cancelled, 1);
     }
     unlock_and_release(c, 0);
     if (do_cancel)
@@ -1133,6 +1147,7 @@ static moe_status gc_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
             goto out;
         }
     }
+    moe_fe_stats_tokens(c->srv->stats, &c->track, n, now);
     if (n > 0 && c->next_index == 0)
         c->t_first_ns = now;
     if (n > 0)
@@ -1178,13 +1193,14 @@ static void gc_finish(moe_frontend_req *r, const moe_frontend_finish_info *info)
     pthread_mutex_lock(&c->mu);
     MOE_ASSERT(!c->backend_done);
     c->t_finish_ns = moe_now_ns();
+    moe_fe_stats_end(c->srv->stats, &c->track, MOE_OUTCOME_FINISHED,
+                     info ? info->reason : MOE_FINISH_LENGTH);
     if (!c->closed && !c->final_started) {
         c->have_finish = true;
         c->finish_reason = info ? info->reason : MOE_FINISH_LENGTH;
         if (info && info->matched_stop)
             c->matched_stop = strdup(info->matched_stop);
         c->completion_tokens = info ? info->completion_tokens : 0;
-        atomic_fetch_add(&c->srv->ctr.finished, 1);
         MOE_LOG_D("Generate %s: finished, %" PRIu32 " tokens", c->v.req.request_id,
                   c->next_index);
         gen_kick(c);
@@ -1197,6 +1213,7 @@ static void gc_error(moe_frontend_req *r, moe_status code, const char *message)
     struct gcall *c = (struct gcall *)r;
     pthread_mutex_lock(&c->mu);
     MOE_ASSERT(!c->backend_done);
+    moe_fe_stats_end(c->srv->stats, &c->track, MOE_OUTCOME_FAILED, 0);
     if (!c->closed && !c->final_started) {
         free(c->err_msg);
         c->err_msg = strdup(message ? message : moe_status_text(code));
@@ -1204,7 +1221,6 @@ static void gc_error(moe_frontend_req *r, moe_status code, const char *message)
         if (c->err_code == GRPC_STATUS_OK)
             c->err_code = GRPC_STATUS_INTERNAL;
         c->have_error = true;
-        atomic_fetch_add(&c->srv->ctr.failed, 1);
         MOE_LOG_W("Generate %s: failed: %s: %s", c->v.req.request_id,
                   moe_grpc_status_name(c->err_code), c->err_msg ? c->err_msg : "");
         gen_kick(c);
@@ -1316,6 +1332,14 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
     s->cfg.listen_addr = s->listen_addr;
     s->be = *backend;
     s->start_ns = moe_now_ns();
+    if (cfg->stats) {
+        s->stats = cfg->stats;
+    } else if (moe_fe_stats_create(&s->own_stats) == MOE_OK) {
+        s->stats = s->own_stats;
+    } else {
+        free(s);
+        return moe_error(MOE_ERR_NOMEM, "grpc server: out of memory");
+    }
     s->shutdown_tag = (cq_tag){NULL, T_SHUTDOWN};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
@@ -1357,6 +1381,7 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         grpc_shutdown();
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        moe_fe_stats_free(s->own_stats);
         free(s);
         return moe_error(MOE_ERR_IO, "grpc server: cannot listen on %s (address in use or invalid)",
                          cfg->listen_addr);
@@ -1386,6 +1411,7 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         grpc_server_destroy(s->server);
         grpc_completion_queue_destroy(s->cq);
         grpc_shutdown();
+        moe_fe_stats_free(s->own_stats);
         free(s);
         return moe_error(MOE_ERR_NOMEM, "grpc server: cannot start threads");
     }
@@ -1469,6 +1495,7 @@ void moe_grpc_server_free(moe_grpc_server *s)
         moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        moe_fe_stats_free(s->own_stats);
         free(s);
     } else {
         /* Those requests point at us and the backend may still push to them (pushes to a closed

@@ -9,6 +9,7 @@
 #include <grpc/grpc.h>
 #include <grpc/status.h>
 #include "common/status.h"
+#include "coordinator/fe_stats.h"
 #include "coordinator/frontend.h"
 #include "coordinator/validate.h"
 
@@ -23,6 +24,8 @@ typedef struct {
                                  the limit; gRPC itself refuses (RESOURCE_EXHAUSTED) messages over
                                  twice this size without reading them */
     moe_validate_limits limits;
+    moe_fe_stats *stats; /* request accounting shared with the HTTP front end (borrowed, must
+                            outlive the server); NULL: the server keeps its own */
 } moe_grpc_server_config;
 
 /* listen_addr "0.0.0.0:50051", 2 threads, 4 MiB requests, limits from

@@ -17,6 +17,7 @@ struct moe_http_server {
     moe_http_server_config cfg;
     char model[256];
     moe_frontend_backend be;
+    moe_fe_stats *stats, *own_stats; /* cfg.stats or own_stats (coordinator/fe_stats.h) */
     struct MHD_Daemon *d;
     int port;
     long long started;

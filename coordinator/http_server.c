@@ -62,6 +62,7 @@ struct hstream {
     size_t n_lp, cap_lp, lp_sent, lp_offset;
     int64_t *push_ns; /* streamed: when each token not yet in a chunk was pushed */
     int n_push, cap_push;
+    moe_fe_track *track;         /* the request's accounting (a reference) */
     hstream *prev, *next;
 };
 
@@ -78,6 +79,7 @@ typedef struct {
     char *out;          /* SSE bytes built and not yet handed to libmicrohttpd */
     size_t out_len, out_cap, out_off;
     bool sent_end;
+    moe_fe_track *track; /* the request's accounting: one outcome for its n choices */
 } hgroup;
 
 /* One HTTP request's state (libmicrohttpd's per-request pointer). */
@@ -107,6 +109,7 @@ static void stream_free(hstream *h)
     if (h->efd >= 0)
         close(h->efd);
     moe_validated_free(&h->v);
+    moe_fe_track_drop(h->track);
     free(h->text);
     free(h->lp_ids);
     free(h->lps);
@@ -193,6 +196,7 @@ static moe_status hs_push_tokens(moe_frontend_req *r, const int32_t *ids, const 
                                "request %s: pushed token index %" PRIu32 " where %zu was expected",
                                h->id, indices[i], (size_t)h->next_index + i);
         if (st == MOE_OK) {
+            moe_fe_stats_tokens(h->srv->stats, h->track, n, moe_now_ns());
             h->next_index += (uint32_t)n;
             if ((text_len && !append(&h->text, &h->text_len, &h->text_cap, text, text_len)) ||
                 !keep_logprobs(h, ids, lp, n))
@@ -279,6 +283,11 @@ static void group_release(hgroup *g)
 {
     if (atomic_fetch_sub(&g->refs, 1) != 1)
         return;
+    if (g->n > 0) { /* an outcome for every request, whatever path let go of it */
+        moe_fe_stats_end(g->h[0]->srv->stats, g->track, MOE_OUTCOME_CANCELLED, 0);
+        moe_fe_stats_stream_closed(g->h[0]->srv->stats, g->track);
+    }
+    moe_fe_track_drop(g->track);
     for (int i = 0; i < g->n; i++) {
         pthread_mutex_lock(&g->h[i]->mu);
         unlock_release(g->h[i]);
@@ -423,8 +432,10 @@ static bool sse_build(hgroup *g)
         pthread_mutex_lock(&failed->mu);
         sse_event(g, moe_http_error_json(failed->err_status, failed->err_msg, NULL));
         pthread_mutex_unlock(&failed->mu);
+        moe_fe_stats_end(failed->srv->stats, g->track, MOE_OUTCOME_FAILED, 0);
         group_cancel(g); /* the other choices are of no use now */
     } else if (all_done) {
+        moe_fe_stats_end(g->h[0]->srv->stats, g->track, MOE_OUTCOME_FINISHED, g->h[0]->reason);
         g->ri.completion_tokens = tokens;
         if (g->include_usage)
             sse_event(g, moe_http_usage_chunk(&g->ri));
@@ -458,6 +469,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
         bool more = sse_build(g);
         pthread_mutex_unlock(&g->mu);
         if (!more && !wait_event(g->h[0])) {
+            moe_fe_stats_end(g->h[0]->srv->stats, g->track, MOE_OUTCOME_CANCELLED, 0);
             group_cancel(g);
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
@@ -509,9 +521,15 @@ static hstream *stream_new(moe_http_server *s, struct MHD_Connection *conn, int 
 static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection *conn, hreq *rq,
                                        const cJSON *body, bool chat)
 {
+    moe_fe_track *track = moe_fe_track_new(); /* NULL (out of memory): not counted */
+    moe_fe_stats_received(s->stats, track, moe_now_ns());
     moe_http_gen g;
     moe_status st = moe_http_parse_gen(body, chat, s->cfg.chat_template, s->cfg.chat_template_error,
                                        &g);
+    if (st != MOE_OK || (g.model && strcmp(g.model, s->model) != 0)) {
+        moe_fe_stats_end(s->stats, track, MOE_OUTCOME_REJECTED_INVALID, 0);
+        moe_fe_track_drop(track);
+    }
     if (st != MOE_OK) {
         enum MHD_Result r =
             moe_http_reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), g.param);
@@ -527,10 +545,13 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     }
     hgroup *grp = calloc(1, sizeof(*grp));
     if (!grp) {
+        moe_fe_stats_end(s->stats, track, MOE_OUTCOME_FAILED, 0);
+        moe_fe_track_drop(track);
         moe_http_gen_free(&g);
         return moe_http_reply_error(conn, 500, "out of memory", NULL);
     }
     atomic_init(&grp->refs, 1); /* the request's */
+    grp->track = track; /* from here on group_release ends it (cancelled) if nothing else did */
     pthread_mutex_init(&grp->mu, NULL);
     rq->g = grp;
     const char *hdr_id = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
@@ -552,6 +573,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
             break;
         }
         grp->h[grp->n++] = h;
+        moe_fe_track_hold(track);
+        h->track = track;
         snprintf(h->id, sizeof(h->id), "%.70s", hdr_id ? hdr_id : base_id);
         if (i > 0)
             snprintf(h->id + strlen(h->id), sizeof(h->id) - strlen(h->id), "-%d", i);
@@ -569,6 +592,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     grp->tok = s->cfg.tokenizer;
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
+        moe_fe_stats_end(s->stats, track, st == MOE_ERR_NOMEM ? MOE_OUTCOME_FAILED
+                                                              : MOE_OUTCOME_REJECTED_INVALID, 0);
         /* validation names the field first, in moe_api_names_http's terms: that is the param */
         const char *m = moe_error_message();
         size_t n = strspn(m, "abcdefghijklmnopqrstuvwxyz_");
@@ -599,6 +624,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
             char em[512];
             snprintf(em, sizeof(em), "%s", moe_error_message()[0] ? moe_error_message()
                                                                   : moe_status_text(st));
+            moe_fe_stats_end(s->stats, track, MOE_OUTCOME_REJECTED_BUSY, 0);
             group_cancel(grp); /* the choices admitted before this one */
             return moe_http_reply_error(conn, moe_http_status_from_moe(st), em, NULL);
         }
@@ -608,6 +634,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         MOE_LOG_D("HTTP %s: admitted, %" PRIu32 " prompt tokens, max %" PRIu32, h->id,
                   h->v.req.n_prompt, h->v.req.max_new_tokens);
     }
+    moe_fe_stats_admitted(s->stats, track, grp->h[0]->v.req.n_prompt);
 
     if (stream) {
         struct MHD_Response *r =
@@ -626,6 +653,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     hstream *failed;
     while (!group_done(grp, &failed)) {
         if (!wait_event(grp->h[0])) {
+            moe_fe_stats_end(s->stats, track, MOE_OUTCOME_CANCELLED, 0);
             group_cancel(grp);
             return MHD_NO; /* the client is gone: close */
         }
@@ -633,6 +661,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     char *json = NULL;
     int status = 200;
     if (failed) {
+        moe_fe_stats_end(s->stats, track, MOE_OUTCOME_FAILED, 0);
         group_cancel(grp);
         pthread_mutex_lock(&failed->mu);
         status = failed->err_status;
@@ -642,6 +671,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         /* every stream is done: the backend writes none of them any more */
         moe_http_choice ch[MOE_HTTP_MAX_N];
         moe_http_logprobs lp[MOE_HTTP_MAX_N];
+        moe_fe_stats_end(s->stats, track, MOE_OUTCOME_FINISHED, grp->h[0]->reason);
         grp->ri.completion_tokens = 0;
         for (int i = 0; i < grp->n; i++) {
             hstream *h = grp->h[i];
@@ -833,6 +863,13 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
         return moe_error(MOE_ERR_NOMEM, "HTTP server: out of memory");
     s->cfg = *cfg;
     s->be = *backend;
+    s->stats = cfg->stats;
+    if (!s->stats && moe_fe_stats_create(&s->own_stats) == MOE_OK)
+        s->stats = s->own_stats;
+    if (!s->stats) {
+        free(s);
+        return moe_error(MOE_ERR_NOMEM, "HTTP server: out of memory");
+    }
     snprintf(s->model, sizeof(s->model), "%s", cfg->model_name ? cfg->model_name : "model");
     s->started = (long long)time(NULL);
     (void)moe_frontend_lat_init(&s->lat); /* without it, no latency log: nothing else changes */
@@ -853,6 +890,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
         moe_frontend_lat_free(&s->lat);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        moe_fe_stats_free(s->own_stats);
         free(s);
         return moe_error(MOE_ERR_IO, "--http-listen %s: cannot listen there (in use, or no such "
                          "address)", cfg->listen_addr);
@@ -912,5 +950,6 @@ void moe_http_server_free(moe_http_server *s, double grace_s)
     moe_frontend_lat_free(&s->lat);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    moe_fe_stats_free(s->own_stats);
     free(s);
 }

@@ -16,6 +16,7 @@
 #include "common/chat_template.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
+#include "coordinator/fe_stats.h"
 #include "coordinator/frontend.h"
 #include "coordinator/validate.h"
 
@@ -31,6 +32,8 @@ typedef struct {
     const moe_chat_template *chat_template; /* NULL: chat requests get 400 naming the template */
     const char *chat_template_error;        /* why there is none (shown in that 400) */
     const moe_tokenizer *tokenizer;         /* for /detokenize; NULL: 501 */
+    moe_fe_stats *stats; /* request accounting shared with gRPC (borrowed, outlives the server);
+                            NULL: the server keeps its own */
 } moe_http_server_config;
 
 /* listen_addr NULL (must be set), 8 MiB bodies, 1024 connections, 60 s idle timeout, limits

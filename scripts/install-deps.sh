@@ -15,6 +15,7 @@ PKGS=(
   iproute2
   clang libclang-rt-14-dev
   shellcheck yamllint openssh-server openssh-client tini
+  prometheus
 )
 
 missing=()

@@ -110,6 +110,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
     moe_cluster *cl = NULL;
     moe_grpc_server *srv = NULL;
     moe_http_server *http = NULL;
+    moe_fe_stats *fe_stats = NULL;
     moe_chat_template *chat_tpl = NULL;
     char tpl_err[512] = ""; /* why chat is off; the HTTP server shows it, so it lives as long */
     /* Attention is data-parallel inside an expert-parallel instance: each of its ranks runs its own
@@ -202,6 +203,12 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         gc.limits.default_max_new_tokens = gc.limits.max_new_tokens;
     moe_frontend_backend be;
     moe_cluster_backend(cl, &be);
+    /* one account of requests for both front ends: ClusterStatus and /metrics agree */
+    if (moe_fe_stats_create(&fe_stats) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        goto out;
+    }
+    gc.stats = fe_stats;
     /* Listening before the workers are ready: Health answers NOT_SERVING until they are. */
     if (moe_grpc_server_start(&gc, &be, &srv) != MOE_OK) {
         fprintf(stderr, "moe-serve: --listen %s: %s\n", a->listen, moe_error_message());
@@ -227,6 +234,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         hc.chat_template = chat_tpl;
         hc.chat_template_error = tpl_err[0] ? tpl_err : NULL;
         hc.tokenizer = tok;
+        hc.stats = fe_stats;
         if (moe_http_server_start(&hc, &be, &http) != MOE_OK) {
             fprintf(stderr, "moe-serve: %s\n", moe_error_message());
             goto out;
@@ -268,6 +276,7 @@ out:
         }
     }
     moe_cluster_free(cl);
+    moe_fe_stats_free(fe_stats);
     moe_tokenizer_free(tok);
     moe_chat_template_free(chat_tpl);
     free(inst);
