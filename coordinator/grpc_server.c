@@ -968,10 +968,12 @@ static void gen_start(struct gcall *c)
     }
     if (code != GRPC_STATUS_OK) {
         pthread_mutex_lock(&c->mu);
-        /* No message because the call ended first (its deadline passed, the client went away
-         * while the message was on its way): a cancelled request, not an invalid one. */
-        bool gone = no_message && (c->closed || gpr_time_cmp(c->deadline, gpr_now(c->deadline.clock_type)) <= 0);
-        moe_fe_stats_end(s->stats, &c->track, gone ? MOE_OUTCOME_CANCELLED : MOE_OUTCOME_REJECTED_INVALID, 0);
+        /* No message: the call ended before it arrived (client deadline passed, cancel, reset;
+         * seen with 1 ms deadlines while our RECV_CLOSE had not completed yet and the server's
+         * copy of the deadline was still ahead). Every gRPC stub sends the one message of a
+         * server-streaming call, so this is a cancelled request, not an invalid one. */
+        moe_fe_stats_end(s->stats, &c->track,
+                         no_message ? MOE_OUTCOME_CANCELLED : MOE_OUTCOME_REJECTED_INVALID, 0);
         gen_fail_locked(c, code, msg);
         unlock_and_release(c, 1);
         return;

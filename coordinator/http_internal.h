@@ -42,6 +42,9 @@ enum MHD_Result moe_http_handle_tokenize(moe_http_server *s, struct MHD_Connecti
 enum MHD_Result moe_http_handle_detokenize(moe_http_server *s, struct MHD_Connection *conn,
                                            const cJSON *body);
 
+/* GET /metrics: Prometheus text (coordinator/http_metrics.c) */
+enum MHD_Result moe_http_handle_metrics(moe_http_server *s, struct MHD_Connection *conn);
+
 /* A parsed /v1/completions or /v1/chat/completions body. `api` borrows from the cJSON tree and
  * the buffers below. */
 #define MOE_HTTP_MAX_N 16 /* choices per request (n) */

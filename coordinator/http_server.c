@@ -727,6 +727,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return moe_http_reply_error(conn, 413, m, NULL);
     }
     const bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
+    if (strcmp(url, "/metrics") == 0)
+        return get ? moe_http_handle_metrics(s, conn)
+                   : moe_http_reply_error(conn, 405, "use GET for this path", NULL);
     if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/models") == 0) {
         if (!get)
             return moe_http_reply_error(conn, 405, "use GET for this path", NULL);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Python packages the TESTS need (never the product): grpcio + grpcio-tools for the independent
 # gRPC client and the mpirun cluster tests, jinja2 as the reference for our chat-template engine,
-# openai (the official SDK) as the independent HTTP client. Installed from PyPI when missing; idempotent.
+# openai (the official SDK) as the independent HTTP client, prometheus_client to parse /metrics. Installed from PyPI when missing; idempotent.
 # (torch/transformers for regenerating reference fixtures and llama-cpp-python for benchmarks are
 # installed by those scripts' own instructions: tests/reference/README.md, bench/README.md.)
 set -euo pipefail
@@ -17,6 +17,11 @@ fi
 if ! "$py" -c "import openai" 2>/dev/null; then
   echo "install-py-deps: installing openai" >&2
   "$py" -m pip install -q openai
+fi
+# /metrics is checked with the Prometheus project's own text parser (tests/integration/serving_tests.py).
+if ! "$py" -c "import prometheus_client" 2>/dev/null; then
+  echo "install-py-deps: installing prometheus_client" >&2
+  "$py" -m pip install -q prometheus_client
 fi
 # deploy/'s tests (tests/deploy): kubernetes-validate (bundled Kubernetes schemas), jsonschema and
 # PyYAML for the LeaderWorkerSet CRD schema, and a kubectl whose `kustomize` renders offline
