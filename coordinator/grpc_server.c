@@ -1245,6 +1245,42 @@ static const moe_frontend_ops GRPC_STREAM_OPS = {
 /* ---------------------------------------------------------------------------------------------
  * Completion-queue threads */
 
+/* API keys: every call but Health/Check (probes carry no key) needs one; Drain an admin one.
+ * Replies and returns false when the call may not go on. */
+static bool authorized(struct gcall *c)
+{
+    moe_grpc_server *s = c->srv;
+    if (!s->cfg.auth || c->kind == K_HEALTH)
+        return true;
+    const char *value = NULL;
+    size_t len = 0;
+    for (size_t i = 0; i < c->req_md.count; i++) {
+        const grpc_metadata *m = &c->req_md.metadata[i];
+        if (grpc_slice_str_cmp(m->key, "authorization") == 0) {
+            value = (const char *)GRPC_SLICE_START_PTR(m->value);
+            len = GRPC_SLICE_LENGTH(m->value);
+            break;
+        }
+    }
+    const char *who = NULL;
+    moe_auth_role role = moe_auth_check(s->cfg.auth, value, len, &who);
+    if (role == MOE_AUTH_NONE) {
+        moe_fe_stats_unauthenticated(s->stats);
+        unary_reply(c, GRPC_STATUS_UNAUTHENTICATED,
+                    value ? "the API key in `authorization` is not valid"
+                          : "missing API key: send metadata `authorization: Bearer KEY`",
+                    NULL);
+        return false;
+    }
+    if (c->kind == K_DRAIN && role != MOE_AUTH_ADMIN) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "Drain needs an admin API key (key %.64s is not one)", who);
+        unary_reply(c, GRPC_STATUS_PERMISSION_DENIED, msg, NULL);
+        return false;
+    }
+    return true;
+}
+
 static void on_new_call(struct gcall *c, bool ok)
 {
     moe_grpc_server *s = c->srv;
@@ -1255,6 +1291,8 @@ static void on_new_call(struct gcall *c, bool ok)
     c->arrival_ns = moe_now_ns();
     if (!atomic_load(&s->draining))
         request_call(s, c->kind);
+    if (!authorized(c))
+        return;
     switch (c->kind) {
     case K_GENERATE: gen_start(c); break;
     case K_TOKENIZE: handle_tokenize(c); break;
@@ -1370,9 +1408,21 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
     for (int k = 0; k < K_UNKNOWN; k++)
         s->method[k] = grpc_server_register_method(s->server, METHOD_PATH[k], NULL,
                                                    GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    s->port = grpc_server_add_http2_port(s->server, s->listen_addr, creds);
-    grpc_server_credentials_release(creds);
+    grpc_server_credentials *creds;
+    if (cfg->tls_cert_pem) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = cfg->tls_key_pem,
+                                           .cert_chain = cfg->tls_cert_pem};
+        creds = grpc_ssl_server_credentials_create_ex(
+            cfg->tls_client_ca_pem, &pair, 1,
+            cfg->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                   : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    s->port = creds ? grpc_server_add_http2_port(s->server, s->listen_addr, creds) : 0;
+    if (creds)
+        grpc_server_credentials_release(creds);
     if (s->port <= 0) {
         grpc_server_destroy(s->server);
         grpc_completion_queue_shutdown(s->cq);
@@ -1417,8 +1467,10 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         free(s);
         return moe_error(MOE_ERR_NOMEM, "grpc server: cannot start threads");
     }
-    MOE_LOG_I("gRPC server listening on %s (port %d), %d threads, max request %zu bytes",
-              s->listen_addr, s->port, s->n_threads, s->cfg.max_request_bytes);
+    MOE_LOG_I("gRPC server listening on %s (port %d), %d threads, max request %zu bytes, %s, %s",
+              s->listen_addr, s->port, s->n_threads, s->cfg.max_request_bytes,
+              !cfg->tls_cert_pem ? "plaintext" : cfg->tls_client_ca_pem ? "TLS with client certificates" : "TLS",
+              cfg->auth ? "API keys required" : "OPEN: no API key needed");
     *out = s;
     return MOE_OK;
 }

@@ -9,6 +9,7 @@
 #include <grpc/grpc.h>
 #include <grpc/status.h>
 #include "common/status.h"
+#include "coordinator/auth.h"
 #include "coordinator/fe_stats.h"
 #include "coordinator/frontend.h"
 #include "coordinator/validate.h"
@@ -26,6 +27,13 @@ typedef struct {
     moe_validate_limits limits;
     moe_fe_stats *stats; /* request accounting shared with the HTTP front end (borrowed, must
                             outlive the server); NULL: the server keeps its own */
+    /* API keys (borrowed; NULL: open, no key needed). Every call but Health/Check needs metadata
+     * `authorization: Bearer KEY` (else UNAUTHENTICATED); Drain needs an admin key (else
+     * PERMISSION_DENIED). */
+    const moe_auth *auth;
+    /* TLS (PEM text, borrowed; NULL cert: plaintext). client_ca: require and verify client
+     * certificates signed by it (mTLS). */
+    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
 } moe_grpc_server_config;
 
 /* listen_addr "0.0.0.0:50051", 2 threads, 4 MiB requests, limits from

@@ -703,6 +703,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (!(rq = calloc(1, sizeof(*rq))))
             return MHD_NO;
         *con_cls = rq;
+        enum MHD_Result denied;
+        if (!moe_http_authorized(s, conn, url, &denied))
+            return denied;
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > s->cfg.max_body_bytes) {
@@ -879,7 +882,19 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-                     MHD_USE_ERROR_LOG | MHD_USE_ITC | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+                     MHD_USE_ERROR_LOG | MHD_USE_ITC | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
+                     (cfg->tls_cert_pem ? MHD_USE_TLS : 0);
+    /* TLS options go first (an empty trust string would ask for client certificates) */
+    struct MHD_OptionItem tls[4];
+    int nt = 0;
+    if (cfg->tls_cert_pem) {
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)(uintptr_t)cfg->tls_key_pem};
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)(uintptr_t)cfg->tls_cert_pem};
+        if (cfg->tls_client_ca_pem)
+            tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0,
+                                                (void *)(uintptr_t)cfg->tls_client_ca_pem};
+    }
+    tls[nt] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     s->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
@@ -888,6 +903,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024,
                             MHD_OPTION_THREAD_STACK_SIZE, (size_t)512 * 1024,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+                            MHD_OPTION_ARRAY, tls,
                             MHD_OPTION_END);
     if (!s->d) {
         moe_frontend_lat_free(&s->lat);
@@ -900,8 +916,10 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : 0;
-    MOE_LOG_I("HTTP (OpenAI API) listening on %s (port %d), model %s", cfg->listen_addr, s->port,
-              s->model);
+    MOE_LOG_I("HTTP (OpenAI API) listening on %s (port %d), model %s, %s, %s", cfg->listen_addr,
+              s->port, s->model,
+              !cfg->tls_cert_pem ? "plain HTTP" : cfg->tls_client_ca_pem ? "HTTPS with client certificates" : "HTTPS",
+              cfg->auth ? "API keys required" : "OPEN: no API key needed");
     *out = s;
     return MOE_OK;
 }

@@ -16,6 +16,7 @@
 #include "common/chat_template.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
+#include "coordinator/auth.h"
 #include "coordinator/fe_stats.h"
 #include "coordinator/frontend.h"
 #include "coordinator/validate.h"
@@ -34,6 +35,12 @@ typedef struct {
     const moe_tokenizer *tokenizer;         /* for /detokenize; NULL: 501 */
     moe_fe_stats *stats; /* request accounting shared with gRPC (borrowed, outlives the server);
                             NULL: the server keeps its own */
+    /* API keys (borrowed; NULL: open). Every path but GET /health needs `Authorization: Bearer
+     * KEY`, else 401. */
+    const moe_auth *auth;
+    /* HTTPS (PEM text, borrowed; NULL cert: plain HTTP). client_ca: every request must come
+     * with a client certificate it signed (mTLS), else 403. */
+    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
 } moe_http_server_config;
 
 /* listen_addr NULL (must be set), 8 MiB bodies, 1024 connections, 60 s idle timeout, limits

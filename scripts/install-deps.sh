@@ -7,7 +7,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake pkg-config ninja-build git ca-certificates python3
   openmpi-bin libopenmpi-dev
-  libgrpc-dev libmicrohttpd-dev protobuf-c-compiler libprotobuf-c-dev protobuf-compiler libprotobuf-dev
+  libgrpc-dev libmicrohttpd-dev libgnutls28-dev protobuf-c-compiler libprotobuf-c-dev protobuf-compiler libprotobuf-dev
   libcjson-dev libpcre2-dev libutf8proc-dev
   libcriterion-dev
   libucx-dev libssl-dev

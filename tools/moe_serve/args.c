@@ -39,8 +39,13 @@ static void usage(FILE *f)
         "                          instance, re-planned from the routed loads (default 0: off)\n"
         "  --eplb-interval N       engine steps between EPLB re-plans (default 256)\n"
         "serving:\n"
-        "  --listen ADDR:PORT      gRPC address (default 0.0.0.0:50051; port 0 picks one)\n"
-        "  --http-listen ADDR:PORT also serve the OpenAI HTTP API there (off by default)\n"
+        "  --listen ADDR:PORT      gRPC address (default 127.0.0.1:50051, this host only; serving\n"
+        "                          others takes an explicit address, e.g. 0.0.0.0:50051)\n"
+        "  --http-listen ADDR:PORT also serve the OpenAI HTTP API and /metrics there (off by default)\n"
+        "  --tls-cert F --tls-key F  TLS on both ports (PEM certificate chain and key)\n"
+        "  --tls-client-ca F       also require client certificates signed by this CA (mTLS)\n"
+        "  --api-key-file F        API keys, one `NAME KEY [admin]` a line: `Authorization: Bearer\n"
+        "                          KEY` (HTTP) / metadata `authorization` (gRPC); admin for Drain\n"
         "  --chat-template FILE    Jinja chat template (default: tokenizer_config.json's)\n"
         "  --grpc-threads N        completion-queue threads (default 2)\n"
         "  --max-requests N        requests in flight before RESOURCE_EXHAUSTED (default 1024)\n"
@@ -133,6 +138,10 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_EPLB_INTERVAL,
         O_LISTEN,
         O_HTTP_LISTEN,
+        O_TLS_CERT,
+        O_TLS_KEY,
+        O_TLS_CA,
+        O_API_KEYS,
         O_CHAT_TEMPLATE,
         O_GRPC,
         O_MAXREQ,
@@ -182,6 +191,10 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"eplb-interval", required_argument, 0, O_EPLB_INTERVAL},
                                          {"listen", required_argument, 0, O_LISTEN},
                                          {"http-listen", required_argument, 0, O_HTTP_LISTEN},
+                                         {"tls-cert", required_argument, 0, O_TLS_CERT},
+                                         {"tls-key", required_argument, 0, O_TLS_KEY},
+                                         {"tls-client-ca", required_argument, 0, O_TLS_CA},
+                                         {"api-key-file", required_argument, 0, O_API_KEYS},
                                          {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
                                          {"grpc-threads", required_argument, 0, O_GRPC},
                                          {"max-requests", required_argument, 0, O_MAXREQ},
@@ -231,7 +244,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                       .decode = -1,
                       .ep_size = 1,
                       .eplb_interval = 256,
-                      .listen = "0.0.0.0:50051",
+                      .listen = "127.0.0.1:50051",
                       .block_size = 16,
                       .batch_tokens = 512,
                       .max_seqs = 64,
@@ -289,6 +302,10 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
             rc = parse_int("--eplb-interval", optarg, 1, 1 << 30, &a->eplb_interval, print);
             break;
         case O_HTTP_LISTEN: a->http_listen = optarg; break;
+        case O_TLS_CERT: a->tls_cert = optarg; break;
+        case O_TLS_KEY: a->tls_key = optarg; break;
+        case O_TLS_CA: a->tls_client_ca = optarg; break;
+        case O_API_KEYS: a->api_key_file = optarg; break;
         case O_CHAT_TEMPLATE: a->chat_template = optarg; break;
         case O_LISTEN:
             a->listen = optarg;
@@ -433,6 +450,10 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         return perr(print, "unexpected argument '%s'", argv[optind]);
     if (!a->model_dir)
         return perr(print, "--model DIR is required (see --help)");
+    if (!a->tls_cert != !a->tls_key)
+        return perr(print, "--tls-cert and --tls-key go together");
+    if (a->tls_client_ca && !a->tls_cert)
+        return perr(print, "--tls-client-ca needs --tls-cert and --tls-key");
     if (a->mode == SERVE_MODE_COORDINATOR && !a->cluster_listen)
         return perr(print, "moe-serve coordinator: --cluster-listen ADDR:PORT is required");
     if (a->mode == SERVE_MODE_INSTANCE && (!a->join || !a->pool))

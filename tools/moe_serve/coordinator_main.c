@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/file.h"
 #include "common/log.h"
 #include "common/model_config.h"
 #include "common/tokenizer.h"
@@ -31,6 +32,7 @@ typedef struct {
     const moe_model_config *cfg;
     moe_grpc_server *srv;
     int cluster_port;
+    const char *security; /* "TLS, API keys required" / "OPEN: ..." for the start-up line */
 } ready_ctx;
 
 static void print_ranks(char *buf, size_t cap, const serve_layout *l, moe_pool_kind pool)
@@ -57,9 +59,10 @@ static void on_ready(void *vctx, const moe_cluster *cc)
     const serve_layout *l = rc->l;
     if (!l) { /* elastic: nothing has joined yet */
         printf("moe-serve: coordinator for model %s (%s, %d layers, %d experts); listening on %s "
-               "(port %d); instances join at %s (port %d); coordinator pid %d\n",
+               "(port %d); instances join at %s (port %d); coordinator pid %d; %s\n",
                st->model, rc->cfg->arch_name, rc->cfg->n_layers, rc->cfg->n_experts, rc->a->listen,
-               moe_grpc_server_port(rc->srv), rc->a->cluster_listen, rc->cluster_port, (int)getpid());
+               moe_grpc_server_port(rc->srv), rc->a->cluster_listen, rc->cluster_port, (int)getpid(),
+               rc->security);
         fflush(stdout);
         moe_cluster_status_release(st);
         free(st);
@@ -87,13 +90,59 @@ static void on_ready(void *vctx, const moe_cluster *cc)
         (double)cfg->n_layers * 2.0 * cfg->n_kv_heads * cfg->head_dim * bt * 4.0 / 1048576.0;
     printf("moe-serve: model %s (%s, %d layers, %d experts), %d ranks: coordinator 0, %s%s%s; KV "
            "per instance "
-           "%u blocks x %u tokens (%.1f MiB); listening on %s (port %d); coordinator pid %d\n",
+           "%u blocks x %u tokens (%.1f MiB); listening on %s (port %d); coordinator pid %d; %s\n",
            st->model, cfg->arch_name, cfg->n_layers, cfg->n_experts, l->world, pools,
            l->n_spare ? ", spare ranks " : "", l->n_spare ? "(idle)" : "", kv_min, bt,
-           kv_min * block_mib, rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid());
+           kv_min * block_mib, rc->a->listen, moe_grpc_server_port(rc->srv), (int)getpid(),
+           rc->security);
     fflush(stdout);
     moe_cluster_status_release(st);
     free(st);
+}
+
+/* TLS material and API keys for both front ends, and the start-up line's summary of them. */
+typedef struct {
+    char *cert, *key, *ca;
+    moe_auth *auth;
+    char summary[160];
+} security;
+
+static void security_free(security *s)
+{
+    free(s->cert);
+    if (s->key)
+        memset(s->key, 0, strlen(s->key));
+    free(s->key);
+    free(s->ca);
+    moe_auth_free(s->auth);
+}
+
+static int load_security(const serve_args *a, security *s)
+{
+    size_t n;
+    const struct {
+        const char *flag, *path;
+        char **out;
+    } pem[] = {{"--tls-cert", a->tls_cert, &s->cert},
+               {"--tls-key", a->tls_key, &s->key},
+               {"--tls-client-ca", a->tls_client_ca, &s->ca}};
+    for (size_t i = 0; i < sizeof pem / sizeof pem[0]; i++)
+        if (pem[i].path && moe_read_file(pem[i].path, 1 << 20, pem[i].out, &n) != MOE_OK) {
+            fprintf(stderr, "moe-serve: %s %s: %s\n", pem[i].flag, pem[i].path, moe_error_message());
+            return -1;
+        }
+    if (a->api_key_file && moe_auth_load(a->api_key_file, &s->auth) != MOE_OK) {
+        fprintf(stderr, "moe-serve: %s\n", moe_error_message());
+        return -1;
+    }
+    snprintf(s->summary, sizeof s->summary, "%s, %s",
+             !s->cert ? "plaintext" : s->ca ? "TLS with client certificates" : "TLS",
+             s->auth ? "API keys required" : "OPEN: no API keys (--api-key-file), anyone who can "
+                                             "reach the ports may use them");
+    if (!s->auth)
+        MOE_LOG_W("open server: no --api-key-file, every client that reaches %s may use it",
+                  a->listen);
+    return 0;
 }
 
 static int rc_cluster_port(moe_link *link, bool elastic)
@@ -111,6 +160,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
     moe_grpc_server *srv = NULL;
     moe_http_server *http = NULL;
     moe_fe_stats *fe_stats = NULL;
+    security sec = {0};
     moe_chat_template *chat_tpl = NULL;
     char tpl_err[512] = ""; /* why chat is off; the HTTP server shows it, so it lives as long */
     /* Attention is data-parallel inside an expert-parallel instance: each of its ranks runs its own
@@ -209,6 +259,13 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         goto out;
     }
     gc.stats = fe_stats;
+    if (load_security(a, &sec) != 0)
+        goto out;
+    gc.auth = sec.auth;
+    gc.tls_cert_pem = sec.cert;
+    gc.tls_key_pem = sec.key;
+    gc.tls_client_ca_pem = sec.ca;
+    rctx.security = sec.summary;
     /* Listening before the workers are ready: Health answers NOT_SERVING until they are. */
     if (moe_grpc_server_start(&gc, &be, &srv) != MOE_OK) {
         fprintf(stderr, "moe-serve: --listen %s: %s\n", a->listen, moe_error_message());
@@ -235,6 +292,10 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         hc.chat_template_error = tpl_err[0] ? tpl_err : NULL;
         hc.tokenizer = tok;
         hc.stats = fe_stats;
+        hc.auth = sec.auth;
+        hc.tls_cert_pem = sec.cert;
+        hc.tls_key_pem = sec.key;
+        hc.tls_client_ca_pem = sec.ca;
         if (moe_http_server_start(&hc, &be, &http) != MOE_OK) {
             fprintf(stderr, "moe-serve: %s\n", moe_error_message());
             goto out;
@@ -277,6 +338,7 @@ out:
     }
     moe_cluster_free(cl);
     moe_fe_stats_free(fe_stats);
+    security_free(&sec);
     moe_tokenizer_free(tok);
     moe_chat_template_free(chat_tpl);
     free(inst);

@@ -39,6 +39,8 @@ typedef struct {
     const char *listen;
     const char *http_listen;   /* --http-listen ADDR:PORT: the OpenAI HTTP API; NULL = off */
     const char *chat_template; /* --chat-template FILE: instead of tokenizer_config.json's */
+    const char *tls_cert, *tls_key, *tls_client_ca; /* --tls-*: PEM files (both front ends) */
+    const char *api_key_file;  /* --api-key-file: keys required on both front ends */
     int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
     int kv_blocks; /* per instance; 0 = from kv_mb */
     int kv_mb;     /* per instance; 0 = engine default */
