@@ -68,9 +68,10 @@ class Cluster:
     client dials for the coordinator's port (default 127.0.0.1:port)."""
 
     def __init__(self, np=3, args=(), env=None, model=MODEL, startup_s=60, mpirun_args=(), wrap=None,
-                 connect=None):
+                 connect=None, creds=None):
         self.np = np
         self.model = model
+        self.creds = creds  # grpc.ChannelCredentials for a --tls-cert server (certificate for "localhost")
         self.log = tempfile.NamedTemporaryFile(prefix="moe-serve-", suffix=".log", delete=False)
         self.out = tempfile.NamedTemporaryFile(prefix="moe-serve-", suffix=".out", delete=False)
         e = dict(os.environ)
@@ -109,7 +110,7 @@ class Cluster:
             time.sleep(0.05)
         if not self.port:
             raise TestFailure("moe-serve did not print its start-up line in %d s:\n%s" % (startup_s, self.stderr()))
-        self.channel = grpc.insecure_channel(self.connect(self.port))
+        self.channel = self.dial()
         self.stub = pbg.MoeserveStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.time() + 10
@@ -118,6 +119,14 @@ class Cluster:
                 return
             time.sleep(0.05)
         raise TestFailure("Health never answered SERVING:\n" + self.stderr())
+
+    def dial(self, creds=None):
+        """A channel to the coordinator: TLS with `creds` (default: the cluster's), else plaintext."""
+        creds = creds or self.creds
+        if creds is None:
+            return grpc.insecure_channel(self.connect(self.port))
+        return grpc.secure_channel(self.connect(self.port), creds,
+                                   options=[("grpc.ssl_target_name_override", "localhost")])
 
     def stdout(self):
         with open(self.out.name, errors="replace") as f:

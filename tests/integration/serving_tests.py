@@ -2,6 +2,7 @@
 checked by prometheus_client's parser and promtool, equal to ClusterStatus.
 `serving_tests.py --list` names the tests, `serving_tests.py NAME` runs one (run.sh runs them)."""
 
+import http.client
 import json
 import os
 import re
@@ -252,6 +253,147 @@ def outcomes_add_up_and_metrics_match_status():
         c.stop()
         print("identity held in %d ClusterStatus and %d /metrics polls; final %s" % (
             polls["status"], polls["metrics"], str(k).replace("\n", " ")))
+
+
+def make_certs(d):
+    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, with the
+    openssl CLI. Returns their paths."""
+    def ossl(*a):
+        subprocess.run(["openssl"] + list(a), check=True, capture_output=True, timeout=60)
+    p = {k: os.path.join(d, k) for k in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem", "cli.key",
+                                         "cli.csr", "cli.pem", "ext.cnf", "other.key", "other.pem")}
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", p["ca.key"], "-out", p["ca.pem"],
+         "-days", "2", "-subj", "/CN=moeserve test CA")
+    with open(p["ext.cnf"], "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who, cn in (("srv", "localhost"), ("cli", "test client")):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", p[who + ".key"], "-out", p[who + ".csr"],
+             "-subj", "/CN=" + cn)
+        ossl("x509", "-req", "-in", p[who + ".csr"], "-CA", p["ca.pem"], "-CAkey", p["ca.key"],
+             "-CAcreateserial", "-out", p[who + ".pem"], "-days", "2", "-extfile", p["ext.cnf"])
+    # a client certificate from a CA the server does not trust
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", p["other.key"], "-out", p["other.pem"],
+         "-days", "2", "-subj", "/CN=stranger")
+    return p
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def https_get(port, path, ctx, key=None, timeout=10):
+    import ssl  # noqa: F401 - ctx is an ssl.SSLContext
+    req = urllib.request.Request("https://localhost:%d%s" % (port, path))
+    if key:
+        req.add_header("Authorization", "Bearer " + key)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+USER_KEY = "user-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-fedcba9876543210"
+
+
+def code_of(fn):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+@test
+def tls_and_api_keys():
+    """--tls-cert/--tls-key and --api-key-file on both ports, with grpcio and the openai SDK: a
+    missing or wrong key is UNAUTHENTICATED / 401, Drain with a user key PERMISSION_DENIED, a
+    plaintext client on the TLS port fails, and the right key works; then --tls-client-ca: a client
+    without a certificate (or with one from another CA) fails, one with a certificate works."""
+    import ssl
+    import tempfile
+    import openai
+    d = tempfile.mkdtemp(prefix="moe-tls-", dir=os.environ.get("MOE_IT_TMP"))
+    p = make_certs(d)
+    keys = os.path.join(d, "keys")
+    with open(keys, "w") as f:
+        f.write("# test keys\nalice %s\nops %s admin\n" % (USER_KEY, ADMIN_KEY))
+    creds = grpc.ssl_channel_credentials(root_certificates=read(p["ca.pem"]))
+    tls = ["--tls-cert", p["srv.pem"], "--tls-key", p["srv.key"], "--api-key-file", keys,
+           "--http-listen", "127.0.0.1:0"]
+    user = [("authorization", "Bearer " + USER_KEY)]
+    admin = [("authorization", "Bearer " + ADMIN_KEY)]
+    req = gen_request(ids=[1, 2, 3], max_new=4)
+    with Cluster(np=3, args=tls, creds=creds) as c:
+        check("TLS, API keys required" in c.stdout(), "start-up line: %r" % c.stdout())
+        hport = http_port(c)
+        st = c.stub
+        check(code_of(lambda: list(st.Generate(req, timeout=20))) == grpc.StatusCode.UNAUTHENTICATED, "no key")
+        check(code_of(lambda: list(st.Generate(req, timeout=20, metadata=[("authorization", "Bearer wrong-key-0000000000")])))
+              == grpc.StatusCode.UNAUTHENTICATED, "wrong key")
+        check(code_of(lambda: st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED,
+              "status without key")
+        toks = sum(len(r.token_ids) for r in st.Generate(req, timeout=30, metadata=user))
+        check(toks == 4, "user key: %d tokens" % toks)
+        inst = st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10, metadata=user).instances[0].id
+        check(code_of(lambda: st.Drain(pb.DrainRequest(instance=inst), timeout=10, metadata=user))
+              == grpc.StatusCode.PERMISSION_DENIED, "Drain with a user key")
+        got = code_of(lambda: st.Drain(pb.DrainRequest(instance=inst), timeout=10, metadata=admin))
+        # the only instance of its pool cannot be drained: refused for that, not for the key
+        check(got == grpc.StatusCode.INVALID_ARGUMENT, "Drain with the admin key: %s" % got)
+        plain = pbg.MoeserveStub(grpc.insecure_channel("127.0.0.1:%d" % c.port))
+        got = code_of(lambda: list(plain.Generate(req, timeout=5, metadata=user)))
+        check(got == grpc.StatusCode.UNAVAILABLE, "plaintext client on the TLS port: %s" % got)
+        # HTTP: the openai SDK over HTTPS
+        hc = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=p["ca.pem"]))
+        base = "https://localhost:%d/v1" % hport
+        for bad in ("wrong-key-0000000000", ""):
+            try:
+                openai.OpenAI(base_url=base, api_key=bad or "x", http_client=hc, max_retries=0).completions.create(
+                    model="qwen3_moe_f32", prompt=[1, 2, 3], max_tokens=2)
+                raise TestFailure("key %r accepted" % bad)
+            except openai.AuthenticationError as e:
+                check(e.status_code == 401, str(e))
+        r = openai.OpenAI(base_url=base, api_key=USER_KEY, http_client=hc, max_retries=0).completions.create(
+            model="qwen3_moe_f32", prompt=[1, 2, 3], max_tokens=3)
+        check(r.usage.completion_tokens == 3, str(r))
+        ctx = ssl.create_default_context(cafile=p["ca.pem"])
+        check(https_get(hport, "/metrics", ctx)[0] == 401, "/metrics without a key")
+        code, body = https_get(hport, "/metrics", ctx, USER_KEY)
+        check(code == 200 and b"moeserve_requests_unauthenticated_total" in body, "/metrics with the key: %d" % code)
+        check(https_get(hport, "/health", ctx)[0] == 200, "/health needs no key (probes)")
+        try:
+            urllib.request.urlopen("http://127.0.0.1:%d/health" % hport, timeout=5)
+            raise TestFailure("plain HTTP on the HTTPS port answered")
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
+            pass
+        k = st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10, metadata=user).counters
+        check(k.requests_unauthenticated >= 6 and identity_holds(k), str(k))
+        c.stop()
+    mtls = tls + ["--tls-client-ca", p["ca.pem"]]
+    mine = grpc.ssl_channel_credentials(read(p["ca.pem"]), read(p["cli.key"]), read(p["cli.pem"]))
+    with Cluster(np=3, args=mtls, creds=mine) as c:
+        hport = http_port(c)
+        for name, cr in (("no client certificate", creds),
+                         ("a certificate of another CA",
+                          grpc.ssl_channel_credentials(read(p["ca.pem"]), read(p["other.key"]), read(p["other.pem"])))):
+            stub = pbg.MoeserveStub(c.dial(cr))
+            got = code_of(lambda: list(stub.Generate(req, timeout=5, metadata=user)))
+            check(got == grpc.StatusCode.UNAVAILABLE, "mTLS, %s: %s" % (name, got))
+        toks = sum(len(r.token_ids) for r in c.stub.Generate(req, timeout=30, metadata=user))
+        check(toks == 4, "mTLS with the client certificate: %d tokens" % toks)
+        ctx = ssl.create_default_context(cafile=p["ca.pem"])
+        try:
+            code, _ = https_get(hport, "/v1/models", ctx, USER_KEY)
+        except (urllib.error.URLError, ConnectionError, ssl.SSLError):
+            code = "handshake refused"
+        check(code in (403, "handshake refused"), "HTTPS without a client certificate: %s" % code)
+        ctx.load_cert_chain(p["cli.pem"], p["cli.key"])
+        code, _ = https_get(hport, "/v1/models", ctx, USER_KEY)
+        check(code == 200, "HTTPS with the client certificate: %s" % code)
+        c.stop()
 
 
 if __name__ == "__main__":
