@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/clock.h"
+#include "common/file.h"
 #include "health.pb-c.h"
 #include "moeserve.pb-c.h"
 #include "tools/moe_client/client.h"
@@ -29,6 +30,9 @@ static void usage(FILE *f)
             "                         wait until it holds no KV; --undo: take requests again\n"
             "\n"
             "  --addr HOST:PORT       server (default $MOE_SERVER_ADDR, else 127.0.0.1:50051)\n"
+            "  --tls                  TLS with the system's CAs; --tls-ca FILE: trust this CA\n"
+            "  --tls-cert F --tls-key F  client certificate (servers with --tls-client-ca)\n"
+            "  --api-key KEY          sent as `authorization: Bearer KEY` (default $MOE_API_KEY)\n"
             "generate options:\n"
             "  --prompt TEXT          prompt text (or --prompt-ids 1,2,3 for token ids)\n"
             "  --stream               print text as it arrives (default: all at the end)\n"
@@ -45,6 +49,8 @@ static void usage(FILE *f)
 
 typedef struct {
     const char *addr;
+    const char *tls_ca, *tls_cert, *tls_key, *api_key;
+    bool tls;
     const char *cmd; /* "generate", "status", "tokenize", "health", "drain" */
     uint32_t drain_instance;
     bool undo, no_wait;
@@ -115,6 +121,22 @@ static int parse_args(int argc, char **argv, opts *o)
         } else if (!strcmp(a, "--addr")) {
             NEED_VALUE;
             o->addr = v;
+        } else if (!strcmp(a, "--tls")) {
+            o->tls = true;
+        } else if (!strcmp(a, "--tls-ca")) {
+            NEED_VALUE;
+            o->tls_ca = v;
+            o->tls = true;
+        } else if (!strcmp(a, "--tls-cert")) {
+            NEED_VALUE;
+            o->tls_cert = v;
+            o->tls = true;
+        } else if (!strcmp(a, "--tls-key")) {
+            NEED_VALUE;
+            o->tls_key = v;
+        } else if (!strcmp(a, "--api-key")) {
+            NEED_VALUE;
+            o->api_key = v;
         } else if (!strcmp(a, "--prompt")) {
             NEED_VALUE;
             o->prompt = v;
@@ -628,7 +650,22 @@ int main(int argc, char **argv)
     int rc = parse_args(argc, argv, &o);
     if (rc)
         return rc < 0 ? 0 : rc;
-    moe_rpc_client *c = moe_rpc_connect(o.addr);
+    char *pem[3] = {NULL, NULL, NULL};
+    const char *files[3] = {o.tls_ca, o.tls_cert, o.tls_key};
+    for (int i = 0; i < 3; i++)
+        if (files[i] && moe_read_file(files[i], 1 << 20, &pem[i], NULL) != MOE_OK) {
+            fprintf(stderr, "moe-client: %s\n", moe_error_message());
+            return 2;
+        }
+    if (!pem[1] != !pem[2]) {
+        fprintf(stderr, "moe-client: --tls-cert and --tls-key go together\n");
+        return 2;
+    }
+    moe_rpc_security sec = {.tls = o.tls, .ca_pem = pem[0], .cert_pem = pem[1], .key_pem = pem[2],
+                            .api_key = o.api_key ? o.api_key : getenv("MOE_API_KEY")};
+    moe_rpc_client *c = moe_rpc_connect_secure(o.addr, &sec);
+    for (int i = 0; i < 3; i++)
+        free(pem[i]);
     if (!c) {
         fprintf(stderr, "moe-client: out of memory\n");
         return 1;

@@ -369,6 +369,16 @@ def tls_and_api_keys():
             raise TestFailure("plain HTTP on the HTTPS port answered")
         except (urllib.error.URLError, http.client.HTTPException, OSError):
             pass
+        # moe-client (C core client) with --tls-ca and --api-key; without the key it fails
+        mc = [os.path.join(os.environ["MOE_BUILD_DIR"], "moe-client"), "--addr", "localhost:%d" % c.port,
+              "--tls-ca", p["ca.pem"]]
+        r1 = subprocess.run(mc + ["--api-key", USER_KEY, "--prompt-ids", "1,2,3", "--max-new-tokens", "3"],
+                            capture_output=True, text=True, timeout=60)
+        check(r1.returncode == 0 and "3 tokens" in r1.stderr, "moe-client with key: %d %r" % (r1.returncode, r1.stderr))
+        r2 = subprocess.run(mc + ["status"], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "MOE_API_KEY"})
+        check(r2.returncode == 1 and "UNAUTHENTICATED" in r2.stderr, "moe-client without key: %d %r" % (
+            r2.returncode, r2.stderr))
         k = st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10, metadata=user).counters
         check(k.requests_unauthenticated >= 6 and identity_holds(k), str(k))
         c.stop()

@@ -15,6 +15,7 @@
 
 struct moe_rpc_client {
     grpc_channel *ch;
+    char *auth; /* "Bearer KEY" or NULL */
 };
 
 struct moe_rpc_stream {
@@ -28,7 +29,9 @@ struct moe_rpc_stream {
 
 enum { TAG_SEND = 1, TAG_STATUS = 2, TAG_RECV = 3 };
 
-moe_rpc_client *moe_rpc_connect(const char *addr)
+moe_rpc_client *moe_rpc_connect(const char *addr) { return moe_rpc_connect_secure(addr, NULL); }
+
+moe_rpc_client *moe_rpc_connect_secure(const char *addr, const moe_rpc_security *sec)
 {
     moe_rpc_client *c = calloc(1, sizeof(*c));
     if (!c)
@@ -39,7 +42,18 @@ moe_rpc_client *moe_rpc_connect(const char *addr)
                     .key = (char *)(uintptr_t)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
                     .value.integer = 64 << 20};
     grpc_channel_args args = {.num_args = 1, .args = &arg};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    grpc_channel_credentials *creds;
+    if (sec && sec->tls) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = sec->key_pem, .cert_chain = sec->cert_pem};
+        creds = grpc_ssl_credentials_create(sec->ca_pem, sec->cert_pem ? &pair : NULL, NULL, NULL);
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
+    if (sec && sec->api_key) {
+        size_t n = strlen(sec->api_key) + 8;
+        if ((c->auth = malloc(n)))
+            snprintf(c->auth, n, "Bearer %s", sec->api_key);
+    }
     c->ch = grpc_channel_create(addr, creds, &args);
     grpc_channel_credentials_release(creds);
     return c;
@@ -50,6 +64,7 @@ void moe_rpc_close(moe_rpc_client *c)
     if (!c)
         return;
     grpc_channel_destroy(c->ch);
+    free(c->auth);
     free(c);
     grpc_shutdown();
 }
@@ -87,7 +102,13 @@ moe_rpc_stream *moe_rpc_stream_open(moe_rpc_client *c, const char *method,
 
     grpc_op ops[3];
     memset(ops, 0, sizeof(ops));
+    grpc_metadata md = {.key = grpc_slice_from_static_string("authorization"),
+                        .value = c->auth ? grpc_slice_from_copied_string(c->auth) : grpc_empty_slice()};
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    if (c->auth) {
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &md;
+    }
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -103,6 +124,7 @@ moe_rpc_stream *moe_rpc_stream_open(moe_rpc_client *c, const char *method,
     if (e1 == GRPC_CALL_OK)
         pluck(s->cq, TAG_SEND); /* a failed send shows in the status */
     grpc_byte_buffer_destroy(bb);
+    grpc_slice_unref(md.value);
     if (e1 != GRPC_CALL_OK || e2 != GRPC_CALL_OK) {
         grpc_call_cancel(s->call, NULL);
         moe_rpc_stream_close(s, NULL, 0);

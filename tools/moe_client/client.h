@@ -3,6 +3,7 @@
 #ifndef MOE_TOOLS_CLIENT_H
 #define MOE_TOOLS_CLIENT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <grpc/grpc.h>
@@ -12,8 +13,18 @@
 typedef struct moe_rpc_client moe_rpc_client;
 typedef struct moe_rpc_stream moe_rpc_stream;
 
-/* Opens an insecure channel to "HOST:PORT" (calls grpc_init; the connection is made by the first
- * call). Returns NULL on allocation failure. */
+/* How to reach a server started with --tls-cert / --api-key-file (all NULL: plaintext, no key).
+ * ca_pem: trust this CA (else the system roots); cert_pem + key_pem: a client certificate (mTLS);
+ * api_key: sent as metadata `authorization: Bearer KEY` on every call. Strings are copied. */
+typedef struct {
+    const char *ca_pem, *cert_pem, *key_pem, *api_key;
+    bool tls;
+} moe_rpc_security;
+
+/* Opens a channel to "HOST:PORT" (calls grpc_init; the connection is made by the first call),
+ * plaintext unless sec->tls (sec may be NULL). Returns NULL on allocation failure. */
+moe_rpc_client *moe_rpc_connect_secure(const char *addr, const moe_rpc_security *sec);
+/* moe_rpc_connect_secure(addr, NULL): plaintext, no key. */
 moe_rpc_client *moe_rpc_connect(const char *addr);
 void moe_rpc_close(moe_rpc_client *c);
 
