@@ -102,6 +102,8 @@ struct gcall {
     moe_validated v;
     bool admitted;
     moe_fe_track track; /* outcome and histograms (coordinator/fe_stats.h), Generate only */
+    int key;            /* API key index (-1: none / open server) */
+    bool key_held;      /* holds room under its key's limits (moe_auth_acquire) */
 
     pthread_mutex_t mu; /* guards everything below */
     int refs;           /* gRPC side + backend */
@@ -199,6 +201,7 @@ static struct gcall *call_new(moe_grpc_server *s, enum call_kind kind)
     c->t_send = (cq_tag){c, T_SEND};
     c->t_wake = (cq_tag){c, T_WAKE};
     c->t_unary = (cq_tag){c, T_UNARY};
+    c->key = -1;
     grpc_metadata_array_init(&c->req_md);
     grpc_call_details_init(&c->details);
     pthread_mutex_init(&c->mu, NULL);
@@ -897,6 +900,21 @@ static void gen_fail_locked(struct gcall *c, grpc_status_code code, const char *
     gen_flush(c);
 }
 
+/* What a generation holds under its key's max-tokens limit. */
+static uint64_t key_tokens(const struct gcall *c)
+{
+    return (uint64_t)c->v.req.n_prompt + c->v.req.max_new_tokens;
+}
+
+/* Gives back the key's room once the backend let go of the request (or never had it). */
+static void key_release_locked(struct gcall *c)
+{
+    if (c->key_held) {
+        c->key_held = false;
+        moe_auth_release(c->srv->cfg.auth, c->key, key_tokens(c));
+    }
+}
+
 static void gen_start(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
@@ -984,9 +1002,22 @@ static void gen_start(struct gcall *c)
         c->v.req.deadline_ns = moe_now_ns() + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
     }
 
+    /* per-key limits and priority permission (coordinator/auth.h) */
+    moe_status kst = moe_auth_acquire(s->cfg.auth, c->key, key_tokens(c), c->v.req.priority);
+    if (kst != MOE_OK) {
+        snprintf(msg, sizeof(msg), "%s", moe_error_message());
+        pthread_mutex_lock(&c->mu);
+        moe_fe_stats_end(s->stats, &c->track, kst == MOE_ERR_FULL ? MOE_OUTCOME_REJECTED_BUSY
+                                                                  : MOE_OUTCOME_REJECTED_INVALID, 0);
+        gen_fail_locked(c, moe_grpc_status_from_moe(kst), msg);
+        unlock_and_release(c, 1);
+        return;
+    }
     pthread_mutex_lock(&c->mu);
+    c->key_held = true;
     if (c->closed) { /* gone before admission: nothing to tell the backend */
         moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_CANCELLED, 0);
+        key_release_locked(c);
         unlock_and_release(c, 1);
         return;
     }
@@ -1005,6 +1036,7 @@ static void gen_start(struct gcall *c)
         c->refs--;
         /* (a client that left meanwhile was counted cancelled already: first outcome wins) */
         moe_fe_stats_end(s->stats, &c->track, MOE_OUTCOME_REJECTED_BUSY, 0);
+        key_release_locked(c);
         const char *em = moe_error_message();
         snprintf(msg, sizeof(msg), "%s", em[0] ? em : moe_status_text(st));
         gen_fail_locked(c, moe_grpc_status_from_moe(st), msg);
@@ -1184,6 +1216,7 @@ out:
 /* Drops the backend's reference; frees the object if the gRPC side is gone too. */
 static void backend_release_locked_then_unlock(struct gcall *c)
 {
+    key_release_locked(c);
     c->backend_done = true;
     c->backend_holds = false;
     unlock_and_release(c, 1);
@@ -1262,8 +1295,7 @@ static bool authorized(struct gcall *c)
             break;
         }
     }
-    const char *who = NULL;
-    moe_auth_role role = moe_auth_check(s->cfg.auth, value, len, &who);
+    moe_auth_role role = moe_auth_check(s->cfg.auth, value, len, &c->key);
     if (role == MOE_AUTH_NONE) {
         moe_fe_stats_unauthenticated(s->stats);
         unary_reply(c, GRPC_STATUS_UNAUTHENTICATED,
@@ -1274,7 +1306,8 @@ static bool authorized(struct gcall *c)
     }
     if (c->kind == K_DRAIN && role != MOE_AUTH_ADMIN) {
         char msg[160];
-        snprintf(msg, sizeof(msg), "Drain needs an admin API key (key %.64s is not one)", who);
+        snprintf(msg, sizeof(msg), "Drain needs an admin API key (key %.64s is not one)",
+                 moe_auth_name(s->cfg.auth, c->key));
         unary_reply(c, GRPC_STATUS_PERMISSION_DENIED, msg, NULL);
         return false;
     }

@@ -25,8 +25,9 @@ static bool client_cert_ok(struct MHD_Connection *conn)
 }
 
 bool moe_http_authorized(moe_http_server *s, struct MHD_Connection *conn, const char *url,
-                         enum MHD_Result *reply)
+                         int *key, enum MHD_Result *reply)
 {
+    *key = -1;
     if (s->cfg.tls_cert_pem && s->cfg.tls_client_ca_pem && !client_cert_ok(conn)) {
         *reply = moe_http_reply_error(conn, 403, "a client certificate signed by the server's "
                                       "--tls-client-ca is required", NULL);
@@ -35,7 +36,7 @@ bool moe_http_authorized(moe_http_server *s, struct MHD_Connection *conn, const 
     if (!s->cfg.auth || strcmp(url, "/health") == 0) /* probes carry no key */
         return true;
     const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    if (moe_auth_check(s->cfg.auth, v, v ? strlen(v) : 0, NULL) != MOE_AUTH_NONE)
+    if (moe_auth_check(s->cfg.auth, v, v ? strlen(v) : 0, key) != MOE_AUTH_NONE)
         return true;
     moe_fe_stats_unauthenticated(s->stats);
     const char *msg = v ? "Incorrect API key provided" : "Missing API key: send `Authorization: Bearer KEY`";

@@ -42,10 +42,10 @@ enum MHD_Result moe_http_handle_tokenize(moe_http_server *s, struct MHD_Connecti
 enum MHD_Result moe_http_handle_detokenize(moe_http_server *s, struct MHD_Connection *conn,
                                            const cJSON *body);
 
-/* API keys and client certificates (coordinator/http_auth.c): true when the request may go on;
- * otherwise it queued the 401/403 in *reply. */
+/* API keys and client certificates (coordinator/http_auth.c): true when the request may go on
+ * (*key: the API key's index, -1 none); otherwise it queued the 401/403 in *reply. */
 bool moe_http_authorized(moe_http_server *s, struct MHD_Connection *conn, const char *url,
-                         enum MHD_Result *reply);
+                         int *key, enum MHD_Result *reply);
 
 /* GET /metrics: Prometheus text (coordinator/http_metrics.c) */
 enum MHD_Result moe_http_handle_metrics(moe_http_server *s, struct MHD_Connection *conn);

@@ -80,6 +80,9 @@ typedef struct {
     size_t out_len, out_cap, out_off;
     bool sent_end;
     moe_fe_track *track; /* the request's accounting: one outcome for its n choices */
+    int key;             /* API key holding room for it under its limits (-1: none) */
+    uint64_t key_tokens;
+    bool key_held;
 } hgroup;
 
 /* One HTTP request's state (libmicrohttpd's per-request pointer). */
@@ -87,6 +90,7 @@ typedef struct {
     char *body;
     size_t len, cap;
     bool too_big;
+    int key;   /* API key index (-1: none) */
     hgroup *g; /* a generation's streams */
 } hreq;
 
@@ -288,6 +292,8 @@ static void group_release(hgroup *g)
         moe_fe_stats_stream_closed(g->h[0]->srv->stats, g->track);
     }
     moe_fe_track_drop(g->track);
+    if (g->key_held)
+        moe_auth_release(g->h[0]->srv->cfg.auth, g->key, g->key_tokens);
     for (int i = 0; i < g->n; i++) {
         pthread_mutex_lock(&g->h[i]->mu);
         unlock_release(g->h[i]);
@@ -604,6 +610,16 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         }
         return moe_http_reply_error(conn, moe_http_status_from_moe(st), m, param);
     }
+    /* per-key limits and priority permission (coordinator/auth.h), for all n choices */
+    grp->key = rq->key;
+    grp->key_tokens = (uint64_t)grp->n * (grp->h[0]->v.req.n_prompt + grp->h[0]->v.req.max_new_tokens);
+    st = moe_auth_acquire(s->cfg.auth, grp->key, grp->key_tokens, grp->h[0]->v.req.priority);
+    if (st != MOE_OK) {
+        moe_fe_stats_end(s->stats, track, st == MOE_ERR_FULL ? MOE_OUTCOME_REJECTED_BUSY
+                                                             : MOE_OUTCOME_REJECTED_INVALID, 0);
+        return moe_http_reply_error(conn, st == MOE_ERR_FULL ? 429 : 403, moe_error_message(), NULL);
+    }
+    grp->key_held = true;
     grp->ri = (moe_http_resp_info){.id = grp->h[0]->id, .model = s->model,
                                    .created = (long long)time(NULL), .chat = chat,
                                    .prompt_tokens = grp->h[0]->v.req.n_prompt};
@@ -704,7 +720,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_NO;
         *con_cls = rq;
         enum MHD_Result denied;
-        if (!moe_http_authorized(s, conn, url, &denied))
+        if (!moe_http_authorized(s, conn, url, &rq->key, &denied))
             return denied;
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);

@@ -406,5 +406,117 @@ def tls_and_api_keys():
         c.stop()
 
 
+FLOOD_KEY = "flood-key-0123456789abcdef"
+QUIET_KEY = "quiet-key-0123456789abcdef"
+PLAIN_KEY = "plain-key-0123456789abcdef"
+SMALL_KEY = "small-key-0123456789abcdef"
+
+
+@test
+def per_key_limits_and_priorities():
+    """Per-key limits (--api-key-file max-requests / max-tokens, shared by gRPC and HTTP) and
+    priorities above the default only for keys with `priority`. One key floods (many clients
+    resubmitting long requests): it holds at most its 3 slots, the rest is RESOURCE_EXHAUSTED /
+    429 naming its limit, and the other key's requests stay within 3x + 0.3 s of their idle
+    latency (a stated, loose bound: this machine is shared; the 3 flood sequences share the batch)."""
+    import statistics
+    import tempfile
+    d = tempfile.mkdtemp(prefix="moe-keys-", dir=os.environ.get("MOE_IT_TMP"))
+    keys = os.path.join(d, "keys")
+    with open(keys, "w") as f:
+        f.write("flood %s max-requests=3\nquiet %s priority\nplain %s\nsmall %s max-tokens=100\n" % (
+            FLOOD_KEY, QUIET_KEY, PLAIN_KEY, SMALL_KEY))
+    md = lambda k: [("authorization", "Bearer " + k)]  # noqa: E731
+    model = small_model()
+    with Cluster(np=3, model=model, args=["--api-key-file", keys, "--http-listen", "127.0.0.1:0"]) as c:
+        hport = http_port(c)
+        st = c.stub
+        short = gen_request(ids=[1, 2, 3, 4], max_new=16, ignore_eos=True)
+
+        def latency(n=5):
+            ts = []
+            for _ in range(n):
+                t0 = time.time()
+                got = sum(len(r.token_ids) for r in st.Generate(short, timeout=60, metadata=md(QUIET_KEY)))
+                check(got == 16, "quiet: %d tokens" % got)
+                ts.append(time.time() - t0)
+            return statistics.median(ts)
+
+        idle = latency()
+        stop = threading.Event()
+        seen = {"ok": 0, "full": 0, "msgs": set(), "open_max": 0}
+        lock = threading.Lock()
+
+        def flooder():
+            while not stop.is_set():
+                try:
+                    for _ in st.Generate(gen_request(ids=[7, 8, 9], max_new=60, ignore_eos=True), timeout=60,
+                                         metadata=md(FLOOD_KEY)):
+                        if stop.is_set():
+                            break
+                    with lock:
+                        seen["ok"] += 1
+                except grpc.RpcError as e:
+                    with lock:
+                        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            seen["full"] += 1
+                            seen["msgs"].add(e.details())
+                        else:
+                            raise
+                    time.sleep(0.01)
+
+        threads = [threading.Thread(target=flooder) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            # HTTP shares the key's count: its slots are taken
+            hs, hb = http_post_key(hport, FLOOD_KEY, {"prompt": [1, 2], "max_tokens": 4})
+            running = max(i.running for i in st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10,
+                                                              metadata=md(PLAIN_KEY)).instances)
+            loaded = latency()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        check(seen["full"] >= 10, "the flood was never refused: %s" % seen)
+        check(all("key flood" in m and "max-requests" in m for m in seen["msgs"]), str(seen["msgs"]))
+        check(hs == 429 and b"max-requests" in hb, "HTTP from the flooding key: %d %r" % (hs, hb[:200]))
+        check(running <= 4, "more than 3 flood + 1 quiet sequences running: %d" % running)
+        bound = 3 * idle + 0.3
+        print("quiet key's median latency for 16 tokens: idle %.3f s, with the flood %.3f s (bound %.3f s); "
+              "flood: %d finished, %d refused" % (idle, loaded, bound, seen["ok"], seen["full"]))
+        check(loaded <= bound, "quiet key's latency %.3f s > %.3f s under the flood" % (loaded, bound))
+        # priorities above the default: only for keys allowed them
+        vip = gen_request(ids=[1, 2, 3], max_new=4, priority=-5)
+        check(code_of(lambda: list(st.Generate(vip, timeout=20, metadata=md(PLAIN_KEY))))
+              == grpc.StatusCode.PERMISSION_DENIED, "priority -5 with a plain key")
+        check(sum(len(r.token_ids) for r in st.Generate(vip, timeout=30, metadata=md(QUIET_KEY))) == 4,
+              "priority -5 with the priority key")
+        hs, hb = http_post_key(hport, PLAIN_KEY, {"prompt": [1, 2], "max_tokens": 4, "priority": -1})
+        check(hs == 403, "HTTP priority -1 with a plain key: %d %r" % (hs, hb[:200]))
+        # max-tokens: prompt + max_new_tokens over the key's budget
+        try:
+            list(st.Generate(gen_request(ids=[1, 2, 3], max_new=200), timeout=20, metadata=md(SMALL_KEY)))
+            raise TestFailure("max-tokens=100 let 203 tokens through")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max-tokens" in e.details(), e.details())
+        check(sum(len(r.token_ids) for r in st.Generate(gen_request(ids=[1, 2, 3], max_new=50), timeout=30,
+                                                        metadata=md(SMALL_KEY))) == 50, "within max-tokens")
+        k = st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10, metadata=md(PLAIN_KEY)).counters
+        check(identity_holds(k), str(k))
+        c.stop()
+
+
+def http_post_key(port, key, body):
+    req = urllib.request.Request("http://127.0.0.1:%d/v1/completions" % port, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer " + key})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 if __name__ == "__main__":
     sys.exit(test_main(TESTS, "serving_tests.py"))
