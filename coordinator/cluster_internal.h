@@ -19,6 +19,7 @@
 #define EVENT(x) MOESERVE__CLUSTER__V1__SEQ_EVENT__KIND__KIND_##x
 #define N_BUCKETS 4096
 #define LAT_RING 65536
+#define FQ_CLIENTS 1024 /* fair-queueing classes (API keys + 1; more share slots modulo) */
 
 typedef Moeserve__Cluster__V1__Load pb_load;
 typedef Moeserve__Cluster__V1__Counters pb_counters;
@@ -60,6 +61,7 @@ typedef struct creq {
     char *text; /* everything the detokenizer produced (to name the matched stop string) */
     size_t text_len, text_cap, emitted;
     creq_mig mig; /* live migration (cluster_migrate.c) */
+    double fq_start; /* fair queueing: start tag in the coordinator's queue (cluster_sched.c) */
     struct creq *hnext;
     struct creq *qnext;
 } creq;
@@ -128,6 +130,10 @@ struct moe_cluster {
 
     creq *buckets[N_BUCKETS];
     creq *queue;
+    /* Start-time fair queueing between clients (moe_gen_request.client): the virtual time (the
+     * start tag of the request dispatched last) and each client's last finish tag, in tokens. */
+    double fq_vtime;
+    double fq_finish[FQ_CLIENTS];
     int64_t drain_started;
     uint64_t transfers_logged;
     cluster_mig mig; /* live migration policy (cluster_migrate.c) */

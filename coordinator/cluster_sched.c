@@ -230,6 +230,8 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
         m.n_sibling_ids = m.n_sibling_seeds = (size_t)n_sib;
         m.sibling_ids = sib_ids;
         m.sibling_seeds = sib_seeds;
+        if (r->fq_start > c->fq_vtime)
+            c->fq_vtime = r->fq_start;
         if (moe_cluster_send(c, c->inst[pi].lead, TAG(START), &m.base) != MOE_OK) {
             char why[256];
             snprintf(why, sizeof why, "%s", moe_error_message());
@@ -254,10 +256,18 @@ void moe_cluster_sched_dispatch(moe_cluster *c)
     }
 }
 
+/* By priority, then start-time fair queueing between clients (API keys): a request's start tag
+ * is the later of the virtual time and its client's previous finish tag, its cost its tokens
+ * (prompt + max_new_tokens). One client alone is served in arrival order, as before; a client
+ * flooding the queue pushes only its own requests back, never another's. */
 void moe_cluster_sched_enqueue(moe_cluster *c, creq *r)
 {
+    double *fin = &c->fq_finish[r->req->client % FQ_CLIENTS];
+    r->fq_start = *fin > c->fq_vtime ? *fin : c->fq_vtime;
+    *fin = r->fq_start + (double)r->req->n_prompt + (double)r->req->max_new_tokens;
     creq **pp = &c->queue;
-    while (*pp && ((*pp)->req->priority <= r->req->priority))
+    while (*pp && ((*pp)->req->priority < r->req->priority ||
+                   ((*pp)->req->priority == r->req->priority && (*pp)->fq_start <= r->fq_start)))
         pp = &(*pp)->qnext;
     r->qnext = *pp;
     *pp = r;

@@ -87,6 +87,9 @@ typedef struct {
      * once for all those it holds at once (the cluster does when they are queued together). */
     uint64_t prefill_group;
     uint32_t prefill_group_n; /* how many requests the group has */
+    uint32_t client;                        /* fair-share class: the API key's index + 1; 0 = no
+                                               key. The scheduler shares its queue fairly
+                                               between classes of one priority. */
     int64_t arrival_ns;                     /* moe_now_ns() when the front end received it */
     int64_t deadline_ns;                    /* moe_now_ns() clock; 0 = none. The front end
                                                cancels at the deadline by itself; this is for

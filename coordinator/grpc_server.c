@@ -997,6 +997,7 @@ static void gen_start(struct gcall *c)
         return;
     }
     c->v.req.arrival_ns = c->arrival_ns;
+    c->v.req.client = (uint32_t)(c->key + 1);
     if (gpr_time_cmp(c->deadline, gpr_inf_future(c->deadline.clock_type)) != 0) {
         gpr_timespec left = gpr_time_sub(c->deadline, gpr_now(c->deadline.clock_type));
         c->v.req.deadline_ns = moe_now_ns() + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;

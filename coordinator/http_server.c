@@ -620,6 +620,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         return moe_http_reply_error(conn, st == MOE_ERR_FULL ? 429 : 403, moe_error_message(), NULL);
     }
     grp->key_held = true;
+    for (int i = 0; i < grp->n; i++)
+        grp->h[i]->v.req.client = (uint32_t)(grp->key + 1);
     grp->ri = (moe_http_resp_info){.id = grp->h[0]->id, .model = s->model,
                                    .created = (long long)time(NULL), .chat = chat,
                                    .prompt_tokens = grp->h[0]->v.req.n_prompt};

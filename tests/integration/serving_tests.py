@@ -508,6 +508,53 @@ def per_key_limits_and_priorities():
         c.stop()
 
 
+@test
+def fair_share_between_keys():
+    """Start-time fair queueing between API keys in the coordinator's queue: one key (no limits)
+    queues 24 prompts of 200 tokens at once; a request of another key sent after them is dispatched ahead of
+    most of them (in arrival order it would be last), and its TTFT is below the flood's median."""
+    import statistics
+    import tempfile
+    d = tempfile.mkdtemp(prefix="moe-fair-", dir=os.environ.get("MOE_IT_TMP"))
+    keys = os.path.join(d, "keys")
+    with open(keys, "w") as f:
+        f.write("flood %s\nquiet %s\n" % (FLOOD_KEY, QUIET_KEY))
+    md = lambda k: [("authorization", "Bearer " + k)]  # noqa: E731
+    model = small_model()
+    # long prefill steps on a loaded machine can delay heartbeats past the default 5 s
+    with Cluster(np=3, model=model, args=["--api-key-file", keys, "--kv-blocks", "2048",
+                                          "--heartbeat-timeout-ms", "30000"]) as c:
+        st = c.stub
+        t0 = time.time()
+        ttft = {}
+
+        def one(arg):
+            who, ids, n = arg
+            t = time.time()
+            for r in st.Generate(gen_request(ids=ids, max_new=n, ignore_eos=True), timeout=120,
+                                 metadata=md(FLOOD_KEY if who.startswith("flood") else QUIET_KEY)):
+                if who not in ttft:
+                    ttft[who] = (time.time() - t, time.time() - t0)
+            return who
+
+        def quiet_later(_):
+            time.sleep(0.4)  # after the flood is queued
+            return one(("quiet", [1, 2, 3, 4], 4))
+
+        flood = [("flood%d" % i, [(i * 7 + k) % 900 + 1 for k in range(200)], 4) for i in range(24)]
+        items = [lambda f=f: one(f) for f in flood] + [lambda: quiet_later(None)]
+        run_parallel(lambda f: f(), items)
+        q = ttft["quiet"][0]
+        fl = sorted(v[0] for k, v in ttft.items() if k != "quiet")
+        after = sum(1 for k, v in ttft.items() if k != "quiet" and v[1] > ttft["quiet"][1])
+        print("quiet key's TTFT %.3f s; flood TTFT median %.3f s, max %.3f s; %d of 24 flood requests got "
+              "their first token after the quiet one" % (q, statistics.median(fl), fl[-1], after))
+        check(q < statistics.median(fl), "quiet TTFT %.3f s not below the flood's median %.3f s" % (
+            q, statistics.median(fl)))
+        check(after >= 8, "only %d flood requests after the quiet one: no fair share" % after)
+        c.stop()
+
+
 def http_post_key(port, key, body):
     req = urllib.request.Request("http://127.0.0.1:%d/v1/completions" % port, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", "Authorization": "Bearer " + key})
