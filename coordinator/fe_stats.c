@@ -179,6 +179,14 @@ void moe_fe_stats_stream_closed(moe_fe_stats *s, moe_fe_track *t)
     pthread_mutex_unlock(&s->mu);
 }
 
+void moe_fe_stats_refused(moe_fe_stats *s, moe_outcome o)
+{
+    moe_fe_track t;
+    memset(&t, 0, sizeof(t));
+    moe_fe_stats_received(s, &t, moe_now_ns());
+    moe_fe_stats_end(s, &t, o, 0);
+}
+
 void moe_fe_stats_unauthenticated(moe_fe_stats *s)
 {
     pthread_mutex_lock(&s->mu);

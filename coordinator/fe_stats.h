@@ -94,6 +94,9 @@ void moe_fe_stats_tokens(moe_fe_stats *s, moe_fe_track *t, size_t n, int64_t now
  * it). FINISHED: `reason` is counted and E2E / PROMPT / GENERATION observed. A tracker that was
  * never received is ignored. */
 bool moe_fe_stats_end(moe_fe_stats *s, moe_fe_track *t, moe_outcome o, moe_finish_reason reason);
+/* A request refused before it had a tracker (an HTTP body that is not JSON): received and
+ * ended with `o` at once. */
+void moe_fe_stats_refused(moe_fe_stats *s, moe_outcome o);
 /* The admitted call's stream closed (its front end lets go of it): active_streams - 1, once. */
 void moe_fe_stats_stream_closed(moe_fe_stats *s, moe_fe_track *t);
 /* A call refused for authentication (not a request of the model: not in received). */

@@ -784,6 +784,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (st == MOE_OK && !cJSON_IsObject(body))
         st = moe_error(MOE_ERR_INVALID_ARG, "request body: expected a JSON object");
     enum MHD_Result r;
+    if (st != MOE_OK && is_gen) /* counted like a gRPC message that does not decode */
+        moe_fe_stats_refused(s->stats, MOE_OUTCOME_REJECTED_INVALID);
     if (st != MOE_OK)
         r = moe_http_reply_error(conn, moe_http_status_from_moe(st), moe_error_message(), param);
     else if (is_tok)

@@ -159,6 +159,15 @@ def outcomes_add_up_and_metrics_match_status():
             st, _ = http_post(hport, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 8, "top_p": 7})
             return ("invalid", st)
 
+        def http_not_json():
+            req = urllib.request.Request("http://127.0.0.1:%d/v1/completions" % hport, data=b"{not json",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=10)
+            except urllib.error.HTTPError as e:
+                return ("invalid", e.code)
+            return ("ok", 200)
+
         def http_disconnect():
             s = socket.create_connection(("127.0.0.1", hport), timeout=30)
             body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}).encode()
@@ -175,7 +184,7 @@ def outcomes_add_up_and_metrics_match_status():
 
         jobs = ([finished] * 4 + [lambda: cancel_after(2)] * 3 + [lambda: disconnect_after(2)] * 2 +
                 [lambda: deadline(0.3)] * 2 + [lambda: deadline(0.001)] * 3 + [invalid] * 3 +
-                [http_finished] * 2 + [http_invalid] + [http_disconnect] * 2)
+                [http_finished] * 2 + [http_invalid, http_not_json] + [http_disconnect] * 2)
         t = threading.Thread(target=poller)
         t.start()
         try:
@@ -186,7 +195,7 @@ def outcomes_add_up_and_metrics_match_status():
         check(not polls["bad"], "identity broken during the run: %s" % polls["bad"][:3])
         check(polls["status"] > 3 and polls["metrics"] > 3, "too few polls: %s" % polls)
         kinds = [r[0] for r in res]
-        check(kinds.count("invalid") == 4 and kinds.count("ok") == 6, "client outcomes %s" % res)
+        check(kinds.count("invalid") == 5 and kinds.count("ok") == 6, "client outcomes %s" % res)
         # settle: nothing in flight, no stream open
         deadline_t = time.time() + 15
         while True:
@@ -200,12 +209,12 @@ def outcomes_add_up_and_metrics_match_status():
         # a 1 ms deadline may expire in the client before the call leaves it: such calls never arrive
         check(len(jobs) - 3 <= k.requests_received <= len(jobs), "received %d of %d sent:\n%s" % (
             k.requests_received, len(jobs), k))
-        check(k.requests_rejected_invalid == 4, "rejected_invalid %d (4 invalid sent; a deadline that passed "
+        check(k.requests_rejected_invalid == 5, "rejected_invalid %d (5 invalid sent; a deadline that passed "
               "before the message is a cancel, not invalid):\n%s" % (k.requests_rejected_invalid, k))
         check(k.requests_finished >= 6 and k.requests_failed == 0 and k.requests_rejected_busy == 0, str(k))
         # cancelled: the 3 cancels, 2 disconnects, 2 + (up to) 3 deadlines, 2 HTTP disconnects (each
         # unless it finished first, which 400 tokens at ~10 ms each never do)
-        want_cancelled = k.requests_received - 6 - 4
+        want_cancelled = k.requests_received - 6 - 5
         check(k.requests_cancelled == want_cancelled, "cancelled %d, want %d:\n%s" % (
             k.requests_cancelled, want_cancelled, k))
         check(k.requests_finished == 6, "finished %d, want 6:\n%s" % (k.requests_finished, k))
