@@ -32,7 +32,7 @@ Test(fe_stats, first_outcome_wins_and_identity_holds)
     moe_fe_stats_admitted(s, &t[0], 5);
     moe_fe_stats_tokens(s, &t[0], 1, moe_now_ns());
     moe_fe_stats_tokens(s, &t[0], 3, moe_now_ns());
-    cr_assert(moe_fe_stats_end(s, &t[0], MOE_OUTCOME_FINISHED, MOE_API_FINISH_EOS));
+    cr_assert(moe_fe_stats_end(s, &t[0], MOE_OUTCOME_FINISHED, MOE_FINISH_EOS));
     /* the close after the finish (the old double count) changes nothing */
     cr_assert(!moe_fe_stats_end(s, &t[0], MOE_OUTCOME_CANCELLED, 0));
     cr_assert(moe_fe_stats_end(s, &t[1], MOE_OUTCOME_CANCELLED, 0));
@@ -48,7 +48,7 @@ Test(fe_stats, first_outcome_wins_and_identity_holds)
     cr_assert_eq(v.in_flight, 1);
     cr_assert_eq(v.outcome[MOE_OUTCOME_FINISHED], 1);
     cr_assert_eq(v.outcome[MOE_OUTCOME_CANCELLED], 1);
-    cr_assert_eq(v.finished_by_reason[MOE_API_FINISH_EOS], 1);
+    cr_assert_eq(v.finished_by_reason[MOE_FINISH_EOS], 1);
     cr_assert_eq(v.generated_tokens, 4);
     cr_assert_eq(v.hist[MOE_HIST_TTFT].count, 1);
     cr_assert_eq(v.hist[MOE_HIST_ITL].count, 3);
@@ -70,7 +70,7 @@ Test(metrics, histogram_buckets_are_cumulative_and_labels_escaped)
     memset(&t, 0, sizeof(t));
     moe_fe_stats_received(s, &t, moe_now_ns());
     moe_fe_stats_admitted(s, &t, 3);
-    moe_fe_stats_end(s, &t, MOE_OUTCOME_FINISHED, MOE_API_FINISH_LENGTH);
+    moe_fe_stats_end(s, &t, MOE_OUTCOME_FINISHED, MOE_FINISH_LENGTH);
     moe_fe_stats_snapshot v;
     moe_fe_stats_get(s, &v);
     char *text = NULL;
