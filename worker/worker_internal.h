@@ -129,6 +129,12 @@ typedef struct {
     int pull_delay_ms;
     bool shutdown;
     bool coord_lost; /* the link lost the coordinator: rejoin once the whole group agrees */
+    /* Member ids of this rank's expert-parallel group (from the last WorkerReady), and whether the
+     * link said one of them is gone: then the instance is lost and this rank must not wait for it
+     * in a collective (which would block until mpirun kills the job). */
+    uint32_t group[MOE_WORKER_MAX_EP];
+    size_t n_group;
+    int peer_lost; /* the lost member's id, 0 while every peer is there */
     bool leave_sent; /* Leave sent after the leave flag (SIGTERM) */
 } worker;
 

@@ -399,6 +399,9 @@ static int drain_control(worker *w)
             /* Transfers with it fail through the data comm (its requests end in errors); the
              * coordinator reassigns its sequences. */
             MOE_LOG_I("rank %d: member %d is gone", w->rank, ev.src);
+            for (size_t i = 0; i < w->n_group; i++)
+                if (w->group[i] == (uint32_t)ev.src && ev.src != w->rank)
+                    w->peer_lost = ev.src;
         }
     }
     return n;
@@ -561,12 +564,49 @@ static moe_status eplb_replan(worker *w)
     return st;
 }
 
+/* A peer that waits this long in the loop turn's all-reduce is taken for dead even when the link
+ * has not said so (a rank stopped or cut off, or the coordinator fenced this instance first and
+ * its LOST events stop): the group's steps end together at the last layer's all-to-all, so a
+ * healthy peer arrives within the tail of one step (logits and sampling), well under this. */
+#define GROUP_WAIT_LIMIT_NS (10 * 1000000000LL)
+
+/* The loop turn's all-reduce over the expert-parallel group, made non-blocking so that a peer's
+ * death is an error in the time the link takes to notice it, not a hang until mpirun kills the
+ * job: while waiting, control messages are taken in (as the loop turn would) and a LOST event for
+ * a member of the group ends the wait. The pending collective is then abandoned: the caller ends
+ * the process without MPI_Finalize (moe_worker_run's contract). */
+static moe_status group_allreduce(worker *w, int *v, int n)
+{
+    MPI_Request rq;
+    moe_status st = MOE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, v, n, MPI_INT, MPI_SUM, w->o->instance_comm, &rq));
+    if (st != MOE_OK)
+        return st;
+    int64_t t0 = moe_now_ns();
+    for (int spin = 0;; spin++) {
+        int done = 0;
+        if ((st = MOE_MPI_CHECK(MPI_Test(&rq, &done, MPI_STATUS_IGNORE))) != MOE_OK || done)
+            return st;
+        if (spin < 64)
+            continue;
+        moe_link_progress(w->o->link);
+        drain_control(w);
+        if (w->peer_lost)
+            return moe_error(MOE_ERR_UNAVAILABLE, "member %d of this expert-parallel instance is gone: the instance is lost",
+                             w->peer_lost);
+        if (moe_now_ns() - t0 > GROUP_WAIT_LIMIT_NS)
+            return moe_error(MOE_ERR_UNAVAILABLE, "a rank of this expert-parallel instance has not answered for %lld s: the instance is lost",
+                             GROUP_WAIT_LIMIT_NS / 1000000000LL);
+        moe_sleep_ns(100000);
+    }
+}
+
 /* Whether this step runs. Alone: when the engine has work. Expert parallel: when any rank of the
  * instance has work, agreed by an all-reduce every loop turn, so that all ranks step together (a
  * rank with nothing still serves its experts to the others). The same all-reduce agrees on leaving
  * and on rejoining a lost coordinator (*rejoin: every rank of the group has lost it). */
-static bool should_step(worker *w, bool *leave, bool *rejoin)
+static bool should_step(worker *w, bool *leave, bool *rejoin, moe_status *err)
 {
+    *err = MOE_OK;
     /* Without a coordinator nobody would hear the tokens: the lost one's sequences are dropped. */
     int has = w->eng && !w->coord_lost && moe_engine_has_work(w->eng) ? 1 : 0;
     *leave = w->shutdown;
@@ -576,7 +616,7 @@ static bool should_step(worker *w, bool *leave, bool *rejoin)
     /* A rank told to shut down keeps taking part in this all-reduce until every rank of the group
      * has been told, so nobody is left waiting in it. */
     int v[3] = {has, w->shutdown ? 1 : 0, w->coord_lost ? 1 : 0};
-    if (MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT, MPI_SUM, w->o->instance_comm)) != MOE_OK) {
+    if ((*err = group_allreduce(w, v, 3)) != MOE_OK) {
         MOE_LOG_E("rank %d: expert-parallel all-reduce: %s", w->rank, moe_error_message());
         *leave = true;
         return false;
@@ -612,8 +652,11 @@ static moe_status send_ready(worker *w, double warmup_ms)
         ready.expert_begin = (uint32_t)w->model->expert_begin;
         ready.expert_end = (uint32_t)w->model->expert_end;
     }
-    if (o->role != MOE_WORKER_SPARE && group_ranks(w, ep_group, &ready.n_ep_group_ranks) == MOE_OK)
+    if (o->role != MOE_WORKER_SPARE && group_ranks(w, ep_group, &ready.n_ep_group_ranks) == MOE_OK) {
         ready.ep_group_ranks = ep_group;
+        memcpy(w->group, ep_group, ready.n_ep_group_ranks * sizeof ep_group[0]);
+        w->n_group = ready.n_ep_group_ranks;
+    }
     return moe_worker_send_coord(w, TAG(WORKER_READY), &ready.base);
 }
 
@@ -729,7 +772,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
          * step together and cannot hold). */
         bool hold = w.ep_size == 1 && moe_mig_hold(w.mig);
         bool leave = false, lost = false;
-        if (!hold && should_step(&w, &leave, &lost)) {
+        moe_status group_st = MOE_OK;
+        if (!hold && should_step(&w, &leave, &lost, &group_st)) {
             if ((st = step(&w)) != MOE_OK) {
                 MOE_LOG_E("rank %d: %s", w.rank, moe_error_message());
                 break;
@@ -742,6 +786,10 @@ moe_status moe_worker_run(const moe_worker_opts *o)
                 break;
             }
             busy = true;
+        }
+        if (group_st != MOE_OK) {
+            st = group_st;
+            break;
         }
         if (leave)
             break;

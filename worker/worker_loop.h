@@ -53,7 +53,9 @@ typedef struct {
 /* Runs the worker until the coordinator sends Shutdown (or the control link fails). Failures to
  * load are reported to the coordinator (WorkerReady.ok = false) and the worker still waits for
  * Shutdown, so that every rank exits through the same path. Returns MOE_OK after a clean
- * shutdown; otherwise the error (moe_error_message says what).
+ * shutdown; otherwise the error (moe_error_message says what). An expert-parallel rank whose peer
+ * is gone returns MOE_ERR_UNAVAILABLE with the group's all-reduce still pending: its caller must
+ * end the process with MPI_Abort, not MPI_Finalize (which would wait for the dead peer).
  * Test hooks (environment, active only with MOE_TEST_HOOKS=1: common/test_hook.h): MOE_TEST_CORRUPT_KV (see worker/kv_transfer.h);
  * MOE_TEST_HANG_RANK=R with MOE_TEST_HANG_AFTER=K: world rank R stops answering anything once it
  * has received K StartSeq or KvOffer messages (a hung rank); MOE_TEST_PULL_DELAY_MS=N: a decode

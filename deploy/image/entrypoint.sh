@@ -35,6 +35,8 @@
 #                       emptyDir, as the root file system is read-only)
 #   MOE_SSH_PORT        the workers' sshd port (2222: unprivileged, as the pods run as non-root)
 #   MOE_WORKER_WAIT_S   how long the leader waits for its workers' sshd (600)
+#   MOE_MPIRUN_SIGKILL_TIMEOUT_S  Open MPI's odls_base_sigkill_timeout for the leader's mpirun
+#                       (1, its default: see below why it stays short in pods)
 #   MOE_MPIRUN_ARGS     more mpirun flags (e.g. --mca btl_tcp_if_include eth0); the leader's
 #                       UCX_* and NCCL_* variables (and OMPI_*, by mpirun itself) reach the
 #                       remote ranks without it
@@ -215,11 +217,14 @@ EOF
   # transports' settings (UCX_*: the cluster link and KV transfer; NCCL_*: the GPU all-to-all)
   # come from the same flags ConfigMap in every pod of the group and must hold on every rank.
   # A SIGTERM to mpirun reaches the ranks odls_base_sigkill_timeout s later and SIGKILL as long
-  # again after that (Open MPI 4.1; default 1 s): give them the drain time to leave in.
+  # again after that (Open MPI 4.1; default 1 s). Kept short here: mpirun sleeps through both
+  # waits even when every rank has already exited, so a group broken by a dead pod would hold its
+  # leader 2 x that long before the group can be recreated; in a pod the drain is preStop's job
+  # and runs before the SIGTERM (MOE_MPIRUN_SIGKILL_TIMEOUT_S raises it where no preStop runs).
   local -a mpi=(mpirun -np "$size" --hostfile "$hostfile" --bind-to none
     --mca plm_rsh_agent ssh --mca plm_rsh_args "-F $dir/config"
     --mca plm_rsh_no_tree_spawn 1 --mca orte_keep_fqdn_hostnames 1
-    --mca odls_base_sigkill_timeout "${MOE_DRAIN_TIMEOUT_S:-60}")
+    --mca odls_base_sigkill_timeout "${MOE_MPIRUN_SIGKILL_TIMEOUT_S:-1}")
   local v
   for v in MOE_LOG_LEVEL MOESERVE_CLUSTER_TOKEN $(compgen -e | grep -E '^(UCX|NCCL)_' | sort); do
     if [ -n "${!v:-}" ]; then mpi+=(-x "$v"); fi

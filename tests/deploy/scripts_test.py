@@ -146,7 +146,7 @@ class Entrypoint(unittest.TestCase):
                      ["--mca", "plm_rsh_no_tree_spawn", "1"], ["--mca", "orte_keep_fqdn_hostnames", "1"],
                      ["-x", "MOE_LOG_LEVEL"], ["--mca", "btl_tcp_if_include", "eth0"],
                      ["-x", "UCX_TLS"], ["-x", "NCCL_SOCKET_IFNAME"],
-                     ["--mca", "odls_base_sigkill_timeout", "60"]):  # the drain window of a SIGTERM
+                     ["--mca", "odls_base_sigkill_timeout", "1"]):  # short: preStop drains (entrypoint.sh)
             self.assertTrue(any(argv[i:i + len(pair)] == pair for i in range(len(argv))), pair)
         self.assertNotIn("UCX_EMPTY", argv)  # set but empty: nothing to pass on
         i = argv.index(SERVE)

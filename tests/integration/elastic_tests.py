@@ -482,7 +482,8 @@ def signal_mpirun_of_ep2_instance(sig, sigkill_timeout_s=4):
         ep = add(cl, "decode", ep=2, sigkill_timeout_s=sigkill_timeout_s)
         add(cl, "decode")
         cl.wait_ready(4)
-        work = workload(8, max_new=48)
+        # Long enough that a request placed on it is still running when the drain moves it.
+        work = workload(8, max_new=300)
         s = Streams(cl, work, loop=True)
         s.wait_tokens(len(work) * 8)
         t0 = time.time()

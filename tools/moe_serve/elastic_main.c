@@ -196,6 +196,12 @@ int serve_instance_main(const serve_args *a)
     moe_status st = moe_worker_run(&o);
     if (st != MOE_OK)
         fprintf(stderr, "moe-serve instance: %s\n", moe_error_message());
+    if (st != MOE_OK && ep_size > 1) {
+        /* The group is broken (a peer is gone or hung): a collective may be pending, so no
+         * MPI_Finalize; the abort ends this mpirun job, the instance's failure domain, at once. */
+        fflush(NULL);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     rc = st == MOE_OK ? 0 : 1;
 out:
     if (have_dc)
