@@ -10,6 +10,7 @@
 #include "tools/moe_bench/report.h"
 #include "tools/moe_bench/workload.h"
 #include "tools/moe_plan/calibrate.h"
+#include "tools/moe_plan/probe.h"
 #include "tools/moe_plan/profile.h"
 #include "tools/moe_plan/search.h"
 #include "tools/moe_plan/sim.h"
@@ -24,6 +25,11 @@ static void usage(FILE *f)
           "         with the real engine; under mpirun -np N >= 2 also the KV hand-off rate between two\n"
           "         ranks and the expert-parallel all-to-all over N ranks (MPI backend). Writes FILE\n"
           "         (default profile.json).\n"
+          "       moe-plan probe --out FILE [--seconds S] [--interval-ms M]\n"
+          "         measures the CPU a process gets on this machine when it wakes to compute 1-64 ms\n"
+          "         (wall / CPU per burst, a burst every M ms, default 200), until S seconds have\n"
+          "         passed or SIGTERM; run it beside a live cluster (it takes ~7% of a core) and pass\n"
+          "         the file to simulate/search with --availability\n"
           "       moe-plan calibrate --profile FILE --addr HOST:PORT [--requests N]\n"
           "         measures the fixed costs outside the engine (coordinator dispatch, token path,\n"
           "         per-step report) on a live cluster of the profiled model with N short probes\n"
@@ -44,6 +50,8 @@ static void usage(FILE *f)
           "  --kv-transfer layer|block   the hand-off mode (default layer)\n"
           "  --max-requests N     admission limit (default 1024)\n"
           "  --cores N            the ranks share N cores (one machine; default: a core each)\n"
+          "  --availability FILE  a `moe-plan probe` file: steps cost the profile's CPU times,\n"
+          "                       stretched as the probe saw CPU bursts stretched (replaces --cores)\n"
           "  --dispatch-ms X, --token-path-ms X, --step-overhead-ms X   fixed costs outside the engine\n"
           "network model (for layouts larger than the profiled machine):\n"
           "  --link-gbps G        per-link bandwidth between instances and EP ranks, GB/s\n"
@@ -59,7 +67,7 @@ static void usage(FILE *f)
 }
 
 typedef struct {
-    const char *cmd, *profile, *layout, *jsonl_path, *addr;
+    const char *cmd, *profile, *layout, *jsonl_path, *addr, *avail;
     wl_opts wl;
     rp_slo slo;
     double target;
@@ -72,6 +80,7 @@ typedef struct {
     int ranks, machine_ranks, top;
     double timeline_ms;
     mp_profile_opts prof;
+    mp_probe_opts probe;
 } plan_opts;
 
 static int parse_int_arg(const char *v, int lo, int *out)
@@ -112,9 +121,11 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         return argc < 2 ? -1 : 1;
     }
     o->cmd = argv[1];
+    o->probe = (mp_probe_opts){.interval_ms = 200, .verbose = true};
     if (strcmp(o->cmd, "profile") && strcmp(o->cmd, "calibrate") && strcmp(o->cmd, "simulate") &&
-        strcmp(o->cmd, "search")) {
-        fprintf(stderr, "moe-plan: unknown command '%s' (profile, calibrate, simulate or search; see --help)\n",
+        strcmp(o->cmd, "search") && strcmp(o->cmd, "probe")) {
+        fprintf(stderr,
+                "moe-plan: unknown command '%s' (profile, probe, calibrate, simulate or search; see --help)\n",
                 o->cmd);
         return -1;
     }
@@ -132,7 +143,7 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             o->json |= !strcmp(a, "--json");
             o->prof.quick |= !strcmp(a, "--quick");
             if (!strcmp(a, "--quiet"))
-                o->prof.verbose = false;
+                o->prof.verbose = o->probe.verbose = false;
             continue;
         }
         if (!v) {
@@ -145,6 +156,12 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         if (r) {
         } else if (!strcmp(a, "--profile")) {
             o->profile = v, r = 1;
+        } else if (!strcmp(a, "--availability")) {
+            o->avail = v, r = 1;
+        } else if (!strcmp(a, "--seconds")) {
+            r = parse_num_arg(v, 0, &o->probe.seconds);
+        } else if (!strcmp(a, "--interval-ms")) {
+            r = parse_num_arg(v, 1, &o->probe.interval_ms);
         } else if (!strcmp(a, "--addr")) {
             o->addr = v, r = 1;
         } else if (!strcmp(a, "--layout")) {
@@ -231,7 +248,7 @@ static moe_status load_costs(const plan_opts *o, mp_costs *c)
         c->token_path_ms = o->token_path_ms;
     if (o->step_overhead_ms >= 0)
         c->step_overhead_ms = o->step_overhead_ms;
-    return MOE_OK;
+    return o->avail ? mp_avail_load(o->avail, c) : MOE_OK;
 }
 
 static int simulate_cmd(plan_opts *o)
@@ -325,6 +342,10 @@ int main(int argc, char **argv)
     }
     if (!strcmp(o.cmd, "simulate"))
         return simulate_cmd(&o);
+    if (!strcmp(o.cmd, "probe")) {
+        o.probe.out = o.prof.out;
+        return mp_probe_main(&o.probe);
+    }
     if (!strcmp(o.cmd, "calibrate")) {
         mp_costs c;
         moe_status cs = o.addr ? load_costs(&o, &c)

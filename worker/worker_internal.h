@@ -6,6 +6,7 @@
 #include <mpi.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "cluster.pb-c.h"
 #include "ctrl/link.h"
@@ -130,6 +131,10 @@ typedef struct {
     bool shutdown;
     bool coord_lost; /* the link lost the coordinator: rejoin once the whole group agrees */
     bool leave_sent; /* Leave sent after the leave flag (SIGTERM) */
+    /* MOE_STEP_TRACE=PREFIX: one JSON line per engine step in PREFIX.RANK.jsonl (moe-plan compares
+     * its cost model with these); NULL when unset. */
+    FILE *step_trace;
+    moe_engine_stats trace_prev;
 } worker;
 
 static inline int64_t moe_worker_ms_ns(int ms)

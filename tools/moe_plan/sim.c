@@ -320,7 +320,11 @@ static bool kick(sim *s, int g)
     double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
                                   : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
                 1e-3;
-    if (s->o->cores > 0) {
+    if (!s->o->step_ms_fn && s->c->n_av > 0) {
+        /* The CPU time, stretched as the probe saw bursts of that length stretched on the
+         * machine; the draws are a fixed sequence (deterministic), spread over the samples. */
+        dt *= mp_avail_ratio(s->c, dt * 1e3, (long)((s->st.steps * 2654435761u + (unsigned)g * 40503u) % 1000003u));
+    } else if (s->o->cores > 0) {
         int stepping = 0;
         for (int i = 0; i < s->n_groups; i++)
             stepping += s->groups[i].busy || i == g ? s->groups[i].ep : 0;
