@@ -95,6 +95,37 @@ Test(plan_sim, one_request_disaggregated_layer_handoff)
     rp_records_free(rec, 1);
 }
 
+/* With a probed availability curve a step costs its CPU time times the ratio of the bin nearest
+ * its length (log scale): here a 26 ms prefill takes the 64 ms bin's 1.5, a 1.25 ms decode step
+ * the 1 ms bin's 3. The curve comes through the file format moe-plan probe writes. */
+Test(plan_sim, availability_stretches_cpu_times_by_the_nearest_bin)
+{
+    mp_costs c = costs(0);
+    cr_assert_neq(mp_avail_load("/nonexistent", &c), MOE_OK); /* no CPU times: refused */
+    for (int i = 0; i < c.n_pts; i++)
+        c.ms_cpu[i] = c.ms[i] / 2;
+    c.attn_cpu_ms = 0;
+    c.has_cpu = true;
+    char path[] = "/tmp/test_plan_avail_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs("{\"type\": \"availability\", \"bins\": [{\"cpu_ms\": 1, \"ratios\": [3, 3, 3]}, {\"cpu_ms\": 2, \"ratios\": []},\n"
+          " {\"cpu_ms\": 8, \"ratios\": [0.98]}, {\"cpu_ms\": 64, \"ratios\": [1.5, 1.5]}]}\n", f);
+    fclose(f);
+    cr_assert_eq(mp_avail_load(path, &c), MOE_OK, "%s", moe_error_message());
+    unlink(path);
+    cr_assert_eq(c.n_av, 3); /* the empty bin is dropped */
+    cr_assert_float_eq(mp_avail_ratio(&c, 8, -1), 1, EPS); /* 0.98 (clock rounding) reads as 1 */
+    wl_request r = {.t_s = 0, .n_in = 100, .n_out = 3};
+    rp_record *rec = run(&c, "M=1x1", &r, 1, 512);
+    cr_assert(rec[0].ok);
+    double prefill = T(100) / 2 * 1.5, decode = T(1) / 2 * 3;
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + prefill + PATH_MS, EPS);
+    cr_assert_float_eq(rec[0].t_last * 1e3, DISP_MS + prefill + 2 * decode + PATH_MS, EPS);
+    rp_records_free(rec, 1);
+}
+
 Test(plan_sim, whole_block_handoff_moves_all_layers)
 {
     mp_costs c = costs(0);

@@ -157,16 +157,23 @@ static void opt_str(const cJSON *o, const char *k, char *out, size_t cap)
         snprintf(out, cap, "%s", v->valuestring);
 }
 
-moe_status mp_costs_load(const char *path, mp_costs *c)
+static moe_status read_json(const char *path, cJSON **out)
 {
     char *text;
     moe_status st = moe_read_file(path, 16 << 20, &text, NULL);
     if (st != MOE_OK)
         return st;
-    cJSON *j = cJSON_Parse(text);
+    *out = cJSON_Parse(text);
     free(text);
-    if (!j)
-        return moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
+    return *out ? MOE_OK : moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
+}
+
+moe_status mp_costs_load(const char *path, mp_costs *c)
+{
+    cJSON *j;
+    moe_status st = read_json(path, &j);
+    if (st != MOE_OK)
+        return st;
     mp_costs_init(c);
     opt_str(j, "model", c->model, sizeof c->model);
     opt_str(j, "cpu", c->cpu, sizeof c->cpu);
@@ -323,14 +330,10 @@ moe_status mp_avail_load(const char *path, mp_costs *c)
     if (!c->has_cpu)
         return moe_error(MOE_ERR_FORMAT, "--availability %s: the profile has no CPU times (step.ms_cpu): "
                                          "profile again with this moe-plan", path);
-    char *text;
-    moe_status st = moe_read_file(path, 16 << 20, &text, NULL);
+    cJSON *j;
+    moe_status st = read_json(path, &j);
     if (st != MOE_OK)
         return st;
-    cJSON *j = cJSON_Parse(text);
-    free(text);
-    if (!j)
-        return moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
     const cJSON *bins = cJSON_GetObjectItemCaseSensitive(j, "bins"), *b;
     c->n_av = 0;
     st = MOE_OK;
