@@ -25,17 +25,9 @@ scale=${PLAN_LEN_SCALE:-0.5}
 kv=512
 layouts=${PLAN_LAYOUTS:-"1P+1D|3|--prefill-instances 1 --decode-instances 1|P=1x1,D=1x1;colocated 2|3|--colocated|M=2x1;1P+2D|4|--prefill-instances 1 --decode-instances 2|P=1x1,D=2x1"}
 traces=${PLAN_TRACES:-"$src/bench/traces/chat.jsonl $src/bench/traces/code.csv"}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-export OMPI_MCA_mpi_yield_when_idle=1
-tmp=$(mktemp -d)
-out=${PLAN_OUT:-$tmp/results}
-mkdir -p "$out"
-trap 'rm -rf "$tmp"' EXIT
-if [ -z "$model" ]; then
-  model=$tmp/small
-  "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
-fi
-load() { cut -d' ' -f1-3 /proc/loadavg; }
+out_default=${PLAN_OUT:-}
+# shellcheck source=bench/plan_lib.sh
+. "$src/bench/plan_lib.sh"
 each=${PLAN_PROFILE_EACH:-1}
 [ -n "${PLAN_PROFILE:-}" ] && each=0
 profile_to() { # FILE [--quick]
@@ -60,38 +52,27 @@ for t in $traces; do
     if [ "$resim" != 1 ]; then
       [ "$each" = 1 ] && profile_to "$profile" --quick
       # shellcheck disable=SC2086
-      MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE -np "$np" "$build/moe-serve" --model "$model" --listen 127.0.0.1:0 \
-        --threads 1 --kv-blocks $kv $flags > "$tmp/out" 2> "$tmp/err" &
-      mp=$!
-      for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
-      port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
-      # The machine's CPU availability: a probe before the run (a prediction), one beside it.
-      "$build/moe-plan" probe --quiet --seconds 15 --out "$out/$key.avail_before.json"
-      # The fixed costs outside the engine on this cluster (dispatch, token path, hand-off).
-      cp "$profile" "$out/$key.cal.json"
-      "$build/moe-plan" calibrate --profile "$out/$key.cal.json" --availability "$out/$key.avail_before.json" \
-        --addr "127.0.0.1:$port" 2> "$out/$key.cal.log" || cat "$out/$key.cal.log" >&2
-      "$build/moe-plan" probe --quiet --out "$out/$key.avail.json" & pp=$!
+      plan_start "$key" "$np" $flags
+      plan_calibrate "$key" "$profile"
       l0=$(load)
       echo "=== $tn / $name (port $port, load $l0)" >&2
       # shellcheck disable=SC2086
       "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
         > "$out/$key.real.json" || true
-      kill -TERM "$pp"; wait "$pp" || true
-      kill -USR1 "$mp"; wait "$mp" || true
-      echo "$l0 / $(load)" > "$out/$key.load"
+      plan_stop "$key" "$l0"
     fi
-    # Three predictions of the same live run: (sim) the step model of the first version (wall
+    # Four predictions of the same live run: (sim) the step model of the first version (wall
     # times as profiled, default fixed costs, --cores); (pred) CPU times, the costs calibrated on
     # the cluster and the availability probed before the run; (simav) the same with the
-    # availability probed during the run.
+    # availability probed during the run; (timed) that probe's bursts at their times in the run.
     # shellcheck disable=SC2086
     "$build/moe-plan" simulate --profile "$profile" --layout "$simlay" $wl --kv-blocks $kv --cores "$(nproc)" --json \
       --jsonl "$out/$key.sim.jsonl" > "$out/$key.sim.json"
-    for v in pred:avail_before simav:avail; do
+    for v in pred:avail_before simav:avail timed:avail:--availability-timed; do
+      IFS=: read -r vn vf vx <<< "$v"
       # shellcheck disable=SC2086
-      "$build/moe-plan" simulate --profile "$out/$key.cal.json" --availability "$out/$key.${v#*:}.json" \
-        --layout "$simlay" $wl --kv-blocks $kv --json --jsonl "$out/$key.${v%%:*}.jsonl" > "$out/$key.${v%%:*}.json"
+      "$build/moe-plan" simulate --profile "$out/$key.cal.json" --availability "$out/$key.$vf.json" $vx \
+        --layout "$simlay" $wl --kv-blocks $kv --json --jsonl "$out/$key.$vn.jsonl" > "$out/$key.$vn.json"
     done
   done
 done
@@ -105,8 +86,9 @@ def last(path):
     return json.loads(open(path).read().strip().splitlines()[-1])
 names = {"sim": "first version (profiled wall times, default fixed costs, --cores)",
          "pred": "CPU times x availability probed before the run, calibrated fixed costs",
-         "simav": "CPU times x availability probed during the run, calibrated fixed costs"}
-for var in ("sim", "pred", "simav"):
+         "simav": "CPU times x availability probed during the run, calibrated fixed costs",
+         "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)"}
+for var in ("sim", "pred", "simav", "timed"):
     print("\n**%s**\n" % names[var])
     print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
     print("|---|---|---|---|---|---|---|")

@@ -52,6 +52,8 @@ static void usage(FILE *f)
           "  --cores N            the ranks share N cores (one machine; default: a core each)\n"
           "  --availability FILE  a `moe-plan probe` file: steps cost the profile's CPU times,\n"
           "                       stretched as the probe saw CPU bursts stretched (replaces --cores)\n"
+          "  --availability-timed the probe ran beside the workload from its start: each step takes\n"
+          "                       the ratio measured nearest its time (bursts of load stay together)\n"
           "  --dispatch-ms X, --token-path-ms X, --step-overhead-ms X   fixed costs outside the engine\n"
           "network model (for layouts larger than the profiled machine):\n"
           "  --link-gbps G        per-link bandwidth between instances and EP ranks, GB/s\n"
@@ -73,7 +75,7 @@ typedef struct {
     double target;
     double sweep[MAX_SWEEP];
     int n_sweep;
-    bool sweep_auto, json;
+    bool sweep_auto, json, avail_timed;
     mp_sim_opts sim;
     double dispatch_ms, token_path_ms, step_overhead_ms;
     double link_gbps, link_latency_us;
@@ -135,11 +137,12 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             usage(stdout);
             return 1;
         }
-        static const char *const flags[] = {"--json", "--quick", "--quiet"};
+        static const char *const flags[] = {"--json", "--quick", "--quiet", "--availability-timed"};
         bool flag = false;
-        for (size_t k = 0; k < 3; k++)
+        for (size_t k = 0; k < 4; k++)
             flag |= !strcmp(a, flags[k]);
         if (flag) {
+            o->avail_timed |= !strcmp(a, "--availability-timed");
             o->json |= !strcmp(a, "--json");
             o->prof.quick |= !strcmp(a, "--quick");
             if (!strcmp(a, "--quiet"))
@@ -248,7 +251,14 @@ static moe_status load_costs(const plan_opts *o, mp_costs *c)
         c->token_path_ms = o->token_path_ms;
     if (o->step_overhead_ms >= 0)
         c->step_overhead_ms = o->step_overhead_ms;
-    return o->avail ? mp_avail_load(o->avail, c) : MOE_OK;
+    if (!o->avail)
+        return o->avail_timed ? moe_error(MOE_ERR_INVALID_ARG, "--availability-timed needs --availability FILE")
+                              : MOE_OK;
+    st = mp_avail_load(o->avail, c);
+    if (st == MOE_OK && o->avail_timed && !c->av_has_t)
+        st = moe_error(MOE_ERR_FORMAT, "--availability-timed: %s has no burst times (t_s)", o->avail);
+    c->av_timed = o->avail_timed;
+    return st;
 }
 
 static int simulate_cmd(plan_opts *o)

@@ -126,6 +126,28 @@ Test(plan_sim, availability_stretches_cpu_times_by_the_nearest_bin)
     rp_records_free(rec, 1);
 }
 
+/* --availability-timed: the ratio of the burst measured nearest the step's time. */
+Test(plan_sim, timed_availability_takes_the_nearest_burst_in_time)
+{
+    mp_costs c = costs(0);
+    c.has_cpu = true;
+    char path[] = "/tmp/test_plan_avail_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs("{\"bins\": [{\"cpu_ms\": 1, \"ratios\": [2, 4, 8], \"t_s\": [0, 10, 20]}]}\n", f);
+    fclose(f);
+    cr_assert_eq(mp_avail_load(path, &c), MOE_OK, "%s", moe_error_message());
+    unlink(path);
+    cr_assert(c.av_has_t);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 4.9, 1), 4, EPS); /* untimed: the draw-th sample */
+    c.av_timed = true;
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 4.9, 1), 2, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 5.1, 0), 4, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 99, 0), 8, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, -1, 0), 2, EPS);
+}
+
 Test(plan_sim, whole_block_handoff_moves_all_layers)
 {
     mp_costs c = costs(0);

@@ -51,10 +51,8 @@ double mp_step_ms(const mp_costs *c, int n_tokens, double attn_work)
     return step_T(c, n_tokens) + step_k(c) * attn_work + c->step_overhead_ms;
 }
 
-double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw)
+static int avail_bin(const mp_costs *c, double cpu_ms)
 {
-    if (c->n_av == 0)
-        return 1;
     int b = 0;
     double best = INFINITY, l = log(cpu_ms > 1e-3 ? cpu_ms : 1e-3);
     for (int i = 0; i < c->n_av; i++) {
@@ -64,15 +62,38 @@ double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw)
             b = i;
         }
     }
-    int n = c->av_n[b];
-    if (n == 0)
+    return b;
+}
+
+double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw)
+{
+    if (c->n_av == 0)
         return 1;
+    int b = avail_bin(c, cpu_ms), n = c->av_n[b];
     if (draw >= 0)
         return c->av_ratio[b][draw % n];
     double sum = 0;
     for (int i = 0; i < n; i++)
         sum += c->av_ratio[b][i];
     return sum / n;
+}
+
+double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw)
+{
+    if (c->n_av == 0 || !c->av_timed || !c->av_has_t)
+        return mp_avail_ratio(c, cpu_ms, draw);
+    int b = avail_bin(c, cpu_ms), lo = 0, hi = c->av_n[b] - 1;
+    const float *t = c->av_t[b];
+    while (lo < hi) { /* the first sample at or after t_s */
+        int mid = (lo + hi) / 2;
+        if (t[mid] < t_s)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo > 0 && t_s - t[lo - 1] < t[lo] - t_s)
+        lo--;
+    return c->av_ratio[b][lo];
 }
 
 double mp_xfer_ms(const mp_costs *c, const mp_net *net, double bytes)
@@ -336,6 +357,7 @@ moe_status mp_avail_load(const char *path, mp_costs *c)
         return st;
     const cJSON *bins = cJSON_GetObjectItemCaseSensitive(j, "bins"), *b;
     c->n_av = 0;
+    bool all_timed = true;
     st = MOE_OK;
     cJSON_ArrayForEach(b, bins)
     {
@@ -346,20 +368,30 @@ moe_status mp_avail_load(const char *path, mp_costs *c)
                            c->n_av, MP_MAX_AV);
             break;
         }
+        const cJSON *ts = cJSON_GetObjectItemCaseSensitive(b, "t_s");
         int i = c->n_av, n = 0;
         c->av_cpu[i] = cpu->valuedouble;
         cJSON_ArrayForEach(r, ratios)
         {
-            if (n < MP_AV_SAMPLES && cJSON_IsNumber(r) && r->valuedouble >= 1)
-                c->av_ratio[i][n++] = r->valuedouble;
-            else if (n < MP_AV_SAMPLES && cJSON_IsNumber(r)) /* a clock's rounding: never faster than the CPU */
-                c->av_ratio[i][n++] = 1;
+            if (n == MP_AV_SAMPLES || !cJSON_IsNumber(r))
+                break;
+            /* Below 1 is a clock's rounding: never faster than the CPU. */
+            c->av_ratio[i][n++] = r->valuedouble >= 1 ? r->valuedouble : 1;
         }
         c->av_n[i] = n;
+        bool timed = cJSON_IsArray(ts) && cJSON_GetArraySize(ts) >= n;
+        for (int k = 0; timed && k < n; k++) {
+            const cJSON *tk = cJSON_GetArrayItem(ts, k);
+            timed = cJSON_IsNumber(tk) && (k == 0 || tk->valuedouble >= c->av_t[i][k - 1]);
+            c->av_t[i][k] = timed ? (float)tk->valuedouble : 0;
+        }
+        if (n > 0)
+            all_timed &= timed;
         c->n_av += n > 0;
     }
     if (st == MOE_OK && c->n_av == 0)
         st = moe_error(MOE_ERR_FORMAT, "%s: no bins with samples", path);
+    c->av_has_t = all_timed;
     if (st != MOE_OK)
         c->n_av = 0;
     cJSON_Delete(j);

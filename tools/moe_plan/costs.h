@@ -10,8 +10,8 @@
 #define MP_MAX_PTS 32
 #define MP_MAX_A2A 64
 #define MP_MAX_SAMPLES 256
-#define MP_MAX_AV 16
-#define MP_AV_SAMPLES 64
+#define MP_MAX_AV 8
+#define MP_AV_SAMPLES 512
 
 typedef struct {
     int ep;
@@ -61,6 +61,12 @@ typedef struct {
     double av_cpu[MP_MAX_AV];
     int av_n[MP_MAX_AV];
     double av_ratio[MP_MAX_AV][MP_AV_SAMPLES];
+    /* When each burst was measured (s from the probe's start, increasing; the file's t_s). With
+     * av_timed (--availability-timed: the probe ran beside the workload from its start) a step
+     * at simulated time t takes the ratio its bin measured nearest t: the machine's bursts of
+     * contention land on the same stretch of the run, instead of being spread over every step. */
+    float av_t[MP_MAX_AV][MP_AV_SAMPLES];
+    bool av_has_t, av_timed;
     /* KV hand-off between instances on this machine: a copy rate and a per-message latency. */
     double xfer_gbps, xfer_latency_ms;
     /* Expert-parallel all-to-all, measured on this machine's comm backend (may be empty). */
@@ -89,6 +95,8 @@ moe_status mp_avail_load(const char *path, mp_costs *c);
 /* The wall/CPU ratio for a step needing cpu_ms of CPU: the draw-th (mod count) sample of the
  * nearest bin (log scale); the bin's mean when draw < 0; 1 without a curve. */
 double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw);
+/* With av_timed: the ratio the nearest bin measured nearest t_s; else mp_avail_ratio(draw). */
+double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw);
 /* One step of an expert-parallel instance of ep ranks whose ranks hold n[r] tokens and attention
  * work attn[r]: attention and dense parts per rank (the slowest sets the pace), the routed experts
  * split ep ways, and a dispatch + combine all-to-all per MoE layer. */

@@ -38,7 +38,7 @@ static int cmp_d(const void *a, const void *b)
 
 int mp_probe_main(const mp_probe_opts *o)
 {
-    static double ratios[N_BINS][MP_AV_SAMPLES];
+    static double ratios[N_BINS][MP_AV_SAMPLES], when[N_BINS][MP_AV_SAMPLES];
     int n[N_BINS] = {0};
     long total = 0;
     (void)setsid(); /* its own scheduling group, as a rank (fails harmlessly when it leads one) */
@@ -56,7 +56,8 @@ int mp_probe_main(const mp_probe_opts *o)
         fclose(la);
     }
     uint64_t rng = 88172645463325252ULL;
-    int64_t t_end = o->seconds > 0 ? moe_now_ns() + (int64_t)(o->seconds * 1e9) : INT64_MAX;
+    int64_t t_start = moe_now_ns();
+    int64_t t_end = o->seconds > 0 ? t_start + (int64_t)(o->seconds * 1e9) : INT64_MAX;
     volatile double sink = 0;
     for (int b = 0; !stop && moe_now_ns() < t_end; b = (b + 1) % N_BINS) {
         rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
@@ -70,8 +71,10 @@ int mp_probe_main(const mp_probe_opts *o)
             for (int i = 0; i < 1000; i++)
                 sink += i * 1e-9;
         double wall = (double)(moe_now_ns() - t0) * 1e-6, got = cpu_ms() - c0;
-        int k = n[b] < MP_AV_SAMPLES ? n[b]++ : (int)(rng % MP_AV_SAMPLES); /* keep a uniform sample */
-        ratios[b][k] = wall / got;
+        if (n[b] < MP_AV_SAMPLES) { /* a time series: the first ~10 minutes of bursts */
+            when[b][n[b]] = (double)(t0 - t_start) * 1e-9;
+            ratios[b][n[b]++] = wall / got;
+        }
         total++;
     }
     FILE *f = fopen(o->out, "w");
@@ -89,8 +92,11 @@ int mp_probe_main(const mp_probe_opts *o)
             mean += s[i] / n[b];
         fprintf(f, "%s\n  {\"cpu_ms\": %d, \"n\": %d, \"mean\": %.3f, \"p50\": %.3f, \"p90\": %.3f, \"ratios\": [",
                 b ? "," : "", 1 << b, n[b], mean, n[b] ? s[n[b] / 2] : 0, n[b] ? s[n[b] * 9 / 10] : 0);
-        for (int i = 0; i < n[b]; i++) /* in the order measured: the simulator's draws follow it */
+        for (int i = 0; i < n[b]; i++) /* in the order measured, with when (t_s) */
             fprintf(f, "%s%.3f", i ? ", " : "", ratios[b][i]);
+        fprintf(f, "], \"t_s\": [");
+        for (int i = 0; i < n[b]; i++)
+            fprintf(f, "%s%.3f", i ? ", " : "", when[b][i]);
         fprintf(f, "]}");
     }
     fprintf(f, "\n]}\n");

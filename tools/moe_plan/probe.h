@@ -13,8 +13,8 @@ typedef struct {
 } mp_probe_opts;
 
 /* Repeats: sleep (uniform in [0.5, 1.5] x interval), then spin until the process has had
- * c ms of CPU, c cycling over 1, 2, 4, ..., 64 ms, recording wall / CPU per burst; in its own
- * session (as an mpirun rank: under autogroup scheduling each session is a group of its own).
+ * c ms of CPU, c cycling over 1, 2, 4, ..., 64 ms, recording wall / CPU per burst and when it
+ * began (the first 512 of each length); in its own session (as an mpirun rank: under autogroup scheduling each session is a group of its own).
  * Writes o->out at the end. Returns the process exit status. */
 int mp_probe_main(const mp_probe_opts *o);
 

@@ -322,8 +322,10 @@ static bool kick(sim *s, int g)
                 1e-3;
     if (!s->o->step_ms_fn && s->c->n_av > 0) {
         /* The CPU time, stretched as the probe saw bursts of that length stretched on the
-         * machine; the draws are a fixed sequence (deterministic), spread over the samples. */
-        dt *= mp_avail_ratio(s->c, dt * 1e3, (long)((s->st.steps * 2654435761u + (unsigned)g * 40503u) % 1000003u));
+         * machine: at this time of the run (timed), or by a fixed sequence of draws spread over
+         * the samples (deterministic either way). */
+        dt *= mp_avail_ratio_at(s->c, dt * 1e3, s->now,
+                                (long)((s->st.steps * 2654435761u + (unsigned)g * 40503u) % 1000003u));
     } else if (s->o->cores > 0) {
         int stepping = 0;
         for (int i = 0; i < s->n_groups; i++)
