@@ -442,23 +442,16 @@ static void trace_step(worker *w, int64_t t0, int64_t t1, int64_t cpu_ns, int n_
     w->trace_prev = st;
 }
 
-static int64_t process_cpu_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static moe_status step(worker *w)
 {
-    int64_t c0 = w->step_trace ? process_cpu_ns() : 0;
+    int64_t c0 = w->step_trace ? moe_process_cpu_ns() : 0;
     int64_t t0 = moe_now_ns();
     int n = moe_engine_step(w->eng, w->events, w->cap_events);
     if (n < 0)
         return moe_error_context(MOE_ERR_INTERNAL, "engine step: ");
     if (w->step_trace) {
         int64_t t1 = moe_now_ns();
-        trace_step(w, t0, t1, process_cpu_ns() - c0, n);
+        trace_step(w, t0, t1, moe_process_cpu_ns() - c0, n);
     }
     if (w->mig)
         moe_mig_after_step(w->mig, w->events, n); /* finished or preempted: their moves abort */

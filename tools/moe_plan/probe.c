@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "common/clock.h"
@@ -21,12 +20,7 @@ static void on_signal(int sig)
     stop = 1;
 }
 
-static double cpu_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
+static double cpu_ms(void) { return (double)moe_process_cpu_ns() * 1e-6; }
 
 static int cmp_d(const void *a, const void *b)
 {

@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "common/clock.h"
@@ -53,12 +52,7 @@ static void add_sample(prof *p, double n, double attn, double ms, double cpu)
         p->s[p->n++] = (sample){n, attn, ms, cpu};
 }
 
-static double process_cpu_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
+static double process_cpu_ms(void) { return (double)moe_process_cpu_ns() * 1e-6; }
 
 static moe_status add_seqs(prof *p, int b, int len, int max_new, uint64_t *first)
 {
