@@ -130,12 +130,10 @@ double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n,
 {
     if (ep <= 1)
         return mp_step_ms(c, n[0], attn[0]);
-    int total = 0, max_n = 0;
+    int total = 0;
     double slowest = 0;
     for (int r = 0; r < ep; r++) {
         total += n[r];
-        if (n[r] > max_n)
-            max_n = n[r];
         double t = n[r] ? (1 - c->expert_frac) * step_T(c, n[r]) + step_k(c) * attn[r] : 0;
         if (t > slowest)
             slowest = t;
@@ -143,7 +141,18 @@ double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n,
     if (total == 0)
         return 0;
     double experts = c->expert_frac * step_T(c, total) / ep;
-    return slowest + experts + 2.0 * c->moe_layers * mp_a2a_ms(c, net, ep, (double)max_n) + c->step_overhead_ms;
+    return slowest + experts + mp_ep_comm_ms(c, net, ep, n) + c->step_overhead_ms;
+}
+
+double mp_ep_comm_ms(const mp_costs *c, const mp_net *net, int ep, const int *n)
+{
+    if (ep <= 1)
+        return 0;
+    int max_n = 0;
+    for (int r = 0; r < ep; r++)
+        if (n[r] > max_n)
+            max_n = n[r];
+    return 2.0 * c->moe_layers * mp_a2a_ms(c, net, ep, (double)max_n);
 }
 
 /* ---- the files ---- */

@@ -101,6 +101,10 @@ double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw
  * work attn[r]: attention and dense parts per rank (the slowest sets the pace), the routed experts
  * split ep ways, and a dispatch + combine all-to-all per MoE layer. */
 double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n, const double *attn);
+/* The dispatch + combine all-to-alls of such a step (ms; 0 for ep 1): the part of it that is
+ * measured as wall time (the profile's all-to-all points already carry the machine's load, so
+ * the simulator does not stretch it by the availability curve again). */
+double mp_ep_comm_ms(const mp_costs *c, const mp_net *net, int ep, const int *n);
 /* One all-to-all-v with `tokens` routed tokens per rank over ep ranks (ms). */
 double mp_a2a_ms(const mp_costs *c, const mp_net *net, int ep, double tokens);
 /* Moving `bytes` of KV between two instances (ms): latency + bytes / rate. */
