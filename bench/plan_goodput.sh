@@ -75,7 +75,7 @@ PY
   "$build/moe-plan" probe --quiet --out "$out/search$i.avail.json" & pp=$!
   l0=$(load)
   # shellcheck disable=SC2086
-  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --rate "$rate" --slo-ttft-ms "$ttft" \
+  "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --rate "$rate" < /dev/null --slo-ttft-ms "$ttft" \
     --slo-tpot-ms "$tight" > "$out/search$i.real.json" || true
   plan_stop "search$i" "$l0"
   python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print("search rank %s %s (%s worker ranks) at %.3f req/s: measured attainment %.1f%% (load %s)" % (sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), 100 * d["attainment"], open(sys.argv[6]).read().strip()))' \

@@ -20,7 +20,7 @@ plan_start() {
   local key=$1 np=$2
   shift 2
   MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE -np "$np" "$build/moe-serve" \
-    --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" > "$tmp/out" 2> "$tmp/err" &
+    --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" < /dev/null > "$tmp/out" 2> "$tmp/err" &
   mp=$!
   for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
   port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
