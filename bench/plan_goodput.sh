@@ -56,7 +56,9 @@ first=$(echo "${lays[0]}" | cut -d'|' -f1 | tr ' +' '__')
 cat "$out/search.txt"
 rate=$(grep '^best:' "$out/search.txt" | sed 's/^best: //' | python3 -c 'import json,sys; print(json.load(sys.stdin)["goodput_rps"])')
 i=0
-grep -E '^[0-9]+ ' "$out/search.txt" | while read -r rank lay _; do
+mapfile -t tops < <(grep -E '^[0-9]+ ' "$out/search.txt")
+for top in "${tops[@]}"; do # in this shell: a piped loop's subshell lost $tmp after its second turn
+  read -r rank lay _ <<< "$top"
   i=$((i + 1))
   # "M=AxE" -> A*E ranks colocated; "P=pxe1,D=dxe2" -> disaggregated with those EP sizes.
   read -r np flags <<< "$(python3 - "$lay" <<'PY'
