@@ -8,7 +8,8 @@ machine cannot run (issue 14: OLMoE-1B-7B and Qwen3-30B-A3B on 16 and 64 hosts).
       one instance where the profile ran one thread, assuming perfect scaling)
 
 Assumptions (written into the profile's note): the target runs at the measured machine's speed
-per weight FLOP (step times scale with the active weight FLOPs per token of the two shapes), its
+per weight FLOP of CPU time (the profile's CPU-time fit, step.ms_cpu, where it has one: a
+dedicated host, not this shared machine's load) (step times scale with the active weight FLOPs per token of the two shapes), its
 attention cost scales with layers x query width, its KV bytes per token and expert share follow
 its config (published config.json values, as in tools/moe_gen_model/presets.c); no all-to-all
 measurement is kept, so expert-parallel instances use the network model (--link-gbps,
@@ -42,17 +43,22 @@ def main():
     bd, be, bq, _ = flops(base)
     td, te, tq, tkv = flops(tgt)
     r = (td + te) / (bd + be) / speed
-    p["step"]["ms"] = [m * r for m in p["step"]["ms"]]
-    p["step"]["attn_ms"] *= tq / bq / speed
-    p["step"].pop("samples", None)
+    # A dedicated host's step takes its CPU time: start from the profile's CPU-time fit where it
+    # has one (the wall times carry this shared machine's load of the moment).
+    cpu = "ms_cpu" in p["step"]
+    st = p["step"]
+    st["ms"] = [m * r for m in (st["ms_cpu"] if cpu else st["ms"])]
+    st["attn_ms"] = (st["attn_cpu_ms"] if cpu else st["attn_ms"]) * tq / bq / speed
+    for k in ("samples", "ms_cpu", "attn_cpu_ms"):
+        st.pop(k, None)
     d, L, h, kvh, hd, E, k, ffn, sh, V = tgt
     p["model_shape"] = {"n_layers": L, "moe_layers": L, "hidden": d, "top_k": k, "n_experts": E,
                         "kv_bytes_per_token": tkv, "expert_frac": te / (td + te)}
     p["a2a"] = []
     p["model"] = shape + " (derived)"
-    p["note"] = ("derived from %s by bench/derive_profile.py: step times x %.2f (active weight FLOPs per token), "
-                 "attention x %.2f (host speedup %g); same speed per FLOP as the measured machine; all-to-all "
-                 "from the network model" % (src, r, tq / bq / speed, speed))
+    p["note"] = ("derived from %s by bench/derive_profile.py: %s step times x %.2f (active weight FLOPs per "
+                 "token), attention x %.2f (host speedup %g); same speed per FLOP as the measured machine; "
+                 "all-to-all from the network model" % (src, "CPU" if cpu else "wall", r, tq / bq / speed, speed))
     json.dump(p, open(out, "w"), indent=1)
     print("%s: step times x %.2f, attention x %.2f, KV %d bytes/token, expert share %.2f" % (
         out, r, tq / bq / speed, tkv, te / (td + te)))

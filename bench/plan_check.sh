@@ -3,6 +3,10 @@
 # `moe-plan profile` (under mpirun -np 2: the MPI hand-off rate and all-to-all too), then for each
 # layout and trace runs moe-bench on a live `mpirun moe-serve` cluster and `moe-plan simulate` on
 # the same workload, and prints the error table (TTFT/TPOT p50/p90, simulated vs measured).
+# Every run also records the workers' step trace ($out/KEY.steps.RANK.jsonl, MOE_STEP_TRACE), the
+# machine's CPU availability before and during the run (moe-plan probe) and the fixed costs
+# calibrated on the cluster (moe-plan calibrate); bench/plan_steps.py compares the step trace with
+# the profile's step model.
 # Usage: bench/plan_check.sh BUILD_DIR [MODEL_DIR]
 # Env: PLAN_OUT (results dir, default a temp dir), PLAN_REQUESTS (30), PLAN_RATE (0.5 req/s),
 #      PLAN_LEN_SCALE (0.5), PLAN_LAYOUTS ("NAME|np|moe-serve flags|sim layout;..."),
@@ -21,17 +25,9 @@ scale=${PLAN_LEN_SCALE:-0.5}
 kv=512
 layouts=${PLAN_LAYOUTS:-"1P+1D|3|--prefill-instances 1 --decode-instances 1|P=1x1,D=1x1;colocated 2|3|--colocated|M=2x1;1P+2D|4|--prefill-instances 1 --decode-instances 2|P=1x1,D=2x1"}
 traces=${PLAN_TRACES:-"$src/bench/traces/chat.jsonl $src/bench/traces/code.csv"}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-export OMPI_MCA_mpi_yield_when_idle=1
-tmp=$(mktemp -d)
-out=${PLAN_OUT:-$tmp/results}
-mkdir -p "$out"
-trap 'rm -rf "$tmp"' EXIT
-if [ -z "$model" ]; then
-  model=$tmp/small
-  "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
-fi
-load() { cut -d' ' -f1-3 /proc/loadavg; }
+out_default=${PLAN_OUT:-}
+# shellcheck source=bench/plan_lib.sh
+. "$src/bench/plan_lib.sh"
 each=${PLAN_PROFILE_EACH:-1}
 [ -n "${PLAN_PROFILE:-}" ] && each=0
 profile_to() { # FILE [--quick]
@@ -56,22 +52,28 @@ for t in $traces; do
     if [ "$resim" != 1 ]; then
       [ "$each" = 1 ] && profile_to "$profile" --quick
       # shellcheck disable=SC2086
-      mpirun --oversubscribe -np "$np" "$build/moe-serve" --model "$model" --listen 127.0.0.1:0 \
-        --threads 1 --kv-blocks $kv $flags > "$tmp/out" 2> "$tmp/err" &
-      mp=$!
-      for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
-      port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
+      plan_start "$key" "$np" $flags
+      plan_calibrate "$key" "$profile"
       l0=$(load)
       echo "=== $tn / $name (port $port, load $l0)" >&2
       # shellcheck disable=SC2086
       "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
         > "$out/$key.real.json" || true
-      kill -USR1 "$mp"; wait "$mp" || true
-      echo "$l0 / $(load)" > "$out/$key.load"
+      plan_stop "$key" "$l0"
     fi
+    # Four predictions of the same live run: (sim) the step model of the first version (wall
+    # times as profiled, default fixed costs, --cores); (pred) CPU times, the costs calibrated on
+    # the cluster and the availability probed before the run; (simav) the same with the
+    # availability probed during the run; (timed) that probe's bursts at their times in the run.
     # shellcheck disable=SC2086
     "$build/moe-plan" simulate --profile "$profile" --layout "$simlay" $wl --kv-blocks $kv --cores "$(nproc)" --json \
       --jsonl "$out/$key.sim.jsonl" > "$out/$key.sim.json"
+    for v in pred:avail_before simav:avail timed:avail:--availability-timed; do
+      IFS=: read -r vn vf vx <<< "$v"
+      # shellcheck disable=SC2086
+      "$build/moe-plan" simulate --profile "$out/$key.cal.json" --availability "$out/$key.$vf.json" $vx \
+        --layout "$simlay" $wl --kv-blocks $kv --json --jsonl "$out/$key.$vn.jsonl" > "$out/$key.$vn.json"
+    done
   done
 done
 
@@ -80,30 +82,38 @@ import json, os, sys
 out, layouts, traces, n, rate, scale = sys.argv[1:]
 def err(s, r):
     return "%+.0f%%" % (100 * (s - r) / r) if r else "n/a"
-print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
-print("|---|---|---|---|---|---|---|")
-errs = []
-for t in traces.split():
-    tn = os.path.basename(t).split(".")[0]
-    for l in layouts.split(";"):
-        name = l.split("|")[0]
-        key = "%s.%s" % (tn, name.replace(" ", "_").replace("+", "_"))
-        try:
-            r = json.loads(open(os.path.join(out, key + ".real.json")).read().strip().splitlines()[-1])
-            s = json.loads(open(os.path.join(out, key + ".sim.json")).read().strip().splitlines()[-1])
-        except Exception as e:
-            print("| %s | %s | | failed: %s | | | |" % (tn, name, e)); continue
-        cells = []
-        for m in ("ttft_ms", "tpot_ms"):
-            for p in ("p50", "p90"):
-                rv, sv = r[m][p], s[m][p]
-                cells.append("%.1f / %.1f (%s)" % (rv, sv, err(sv, rv)))
-                if rv: errs.append(abs(sv - rv) / rv)
-        ld = open(os.path.join(out, key + ".load")).read().strip()
-        print("| %s | %s | %s | %s |" % (tn, name, ld, " | ".join(cells)))
-if errs:
-    errs.sort()
-    print("\n%d figures: median |error| %.0f%%, worst %.0f%%; %d of %d within 15%%" % (
-        len(errs), 100 * errs[len(errs) // 2], 100 * errs[-1], sum(e <= 0.15 for e in errs), len(errs)))
+def last(path):
+    return json.loads(open(path).read().strip().splitlines()[-1])
+names = {"sim": "first version (profiled wall times, default fixed costs, --cores)",
+         "pred": "CPU times x availability probed before the run, calibrated fixed costs",
+         "simav": "CPU times x availability probed during the run, calibrated fixed costs",
+         "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)"}
+for var in ("sim", "pred", "simav", "timed"):
+    print("\n**%s**\n" % names[var])
+    print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
+    print("|---|---|---|---|---|---|---|")
+    errs = []
+    for t in traces.split():
+        tn = os.path.basename(t).split(".")[0]
+        for l in layouts.split(";"):
+            name = l.split("|")[0]
+            key = "%s.%s" % (tn, name.replace(" ", "_").replace("+", "_"))
+            try:
+                r = last(os.path.join(out, key + ".real.json"))
+                s = last(os.path.join(out, key + "." + var + ".json"))
+            except Exception as e:
+                print("| %s | %s | | failed: %s | | | |" % (tn, name, e)); continue
+            cells = []
+            for m in ("ttft_ms", "tpot_ms"):
+                for p in ("p50", "p90"):
+                    rv, sv = r[m][p], s[m][p]
+                    cells.append("%.1f / %.1f (%s)" % (rv, sv, err(sv, rv)))
+                    if rv: errs.append(abs(sv - rv) / rv)
+            ld = open(os.path.join(out, key + ".load")).read().strip()
+            print("| %s | %s | %s | %s |" % (tn, name, ld, " | ".join(cells)))
+    if errs:
+        errs.sort()
+        print("\n%s: %d figures: median |error| %.0f%%, worst %.0f%%; %d of %d within 15%%" % (
+            var, len(errs), 100 * errs[len(errs) // 2], 100 * errs[-1], sum(e <= 0.15 for e in errs), len(errs)))
 print("\n(%s requests per run at %s req/s, lengths x %s; raw JSON lines in %s)" % (n, rate, scale, out))
 PY

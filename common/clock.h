@@ -21,4 +21,13 @@ static inline void moe_sleep_ns(int64_t ns)
 
 static inline double moe_now_s(void) { return (double)moe_now_ns() * 1e-9; }
 
+/* CPU time this process has had (all its threads): a step's wall time minus this is the time it
+ * waited for a core (moe-plan's step costs, the worker's step trace). */
+static inline int64_t moe_process_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 #endif

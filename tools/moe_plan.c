@@ -10,6 +10,7 @@
 #include "tools/moe_bench/report.h"
 #include "tools/moe_bench/workload.h"
 #include "tools/moe_plan/calibrate.h"
+#include "tools/moe_plan/probe.h"
 #include "tools/moe_plan/profile.h"
 #include "tools/moe_plan/search.h"
 #include "tools/moe_plan/sim.h"
@@ -24,6 +25,11 @@ static void usage(FILE *f)
           "         with the real engine; under mpirun -np N >= 2 also the KV hand-off rate between two\n"
           "         ranks and the expert-parallel all-to-all over N ranks (MPI backend). Writes FILE\n"
           "         (default profile.json).\n"
+          "       moe-plan probe --out FILE [--seconds S] [--interval-ms M]\n"
+          "         measures the CPU a process gets on this machine when it wakes to compute 1-64 ms\n"
+          "         (wall / CPU per burst, a burst every M ms, default 200), until S seconds have\n"
+          "         passed or SIGTERM; run it beside a live cluster (it takes ~7% of a core) and pass\n"
+          "         the file to simulate/search with --availability\n"
           "       moe-plan calibrate --profile FILE --addr HOST:PORT [--requests N]\n"
           "         measures the fixed costs outside the engine (coordinator dispatch, token path,\n"
           "         per-step report) on a live cluster of the profiled model with N short probes\n"
@@ -44,6 +50,10 @@ static void usage(FILE *f)
           "  --kv-transfer layer|block   the hand-off mode (default layer)\n"
           "  --max-requests N     admission limit (default 1024)\n"
           "  --cores N            the ranks share N cores (one machine; default: a core each)\n"
+          "  --availability FILE  a `moe-plan probe` file: steps cost the profile's CPU times,\n"
+          "                       stretched as the probe saw CPU bursts stretched (replaces --cores)\n"
+          "  --availability-timed the probe ran beside the workload from its start: each step takes\n"
+          "                       the ratio measured nearest its time (bursts of load stay together)\n"
           "  --dispatch-ms X, --token-path-ms X, --step-overhead-ms X   fixed costs outside the engine\n"
           "network model (for layouts larger than the profiled machine):\n"
           "  --link-gbps G        per-link bandwidth between instances and EP ranks, GB/s\n"
@@ -59,19 +69,20 @@ static void usage(FILE *f)
 }
 
 typedef struct {
-    const char *cmd, *profile, *layout, *jsonl_path, *addr;
+    const char *cmd, *profile, *layout, *jsonl_path, *addr, *avail;
     wl_opts wl;
     rp_slo slo;
     double target;
     double sweep[MAX_SWEEP];
     int n_sweep;
-    bool sweep_auto, json;
+    bool sweep_auto, json, avail_timed;
     mp_sim_opts sim;
     double dispatch_ms, token_path_ms, step_overhead_ms;
     double link_gbps, link_latency_us;
     int ranks, machine_ranks, top;
     double timeline_ms;
     mp_profile_opts prof;
+    mp_probe_opts probe;
 } plan_opts;
 
 static int parse_int_arg(const char *v, int lo, int *out)
@@ -112,9 +123,11 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         return argc < 2 ? -1 : 1;
     }
     o->cmd = argv[1];
+    o->probe = (mp_probe_opts){.interval_ms = 200, .verbose = true};
     if (strcmp(o->cmd, "profile") && strcmp(o->cmd, "calibrate") && strcmp(o->cmd, "simulate") &&
-        strcmp(o->cmd, "search")) {
-        fprintf(stderr, "moe-plan: unknown command '%s' (profile, calibrate, simulate or search; see --help)\n",
+        strcmp(o->cmd, "search") && strcmp(o->cmd, "probe")) {
+        fprintf(stderr,
+                "moe-plan: unknown command '%s' (profile, probe, calibrate, simulate or search; see --help)\n",
                 o->cmd);
         return -1;
     }
@@ -124,15 +137,16 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             usage(stdout);
             return 1;
         }
-        static const char *const flags[] = {"--json", "--quick", "--quiet"};
+        static const char *const flags[] = {"--json", "--quick", "--quiet", "--availability-timed"};
         bool flag = false;
-        for (size_t k = 0; k < 3; k++)
+        for (size_t k = 0; k < 4; k++)
             flag |= !strcmp(a, flags[k]);
         if (flag) {
+            o->avail_timed |= !strcmp(a, "--availability-timed");
             o->json |= !strcmp(a, "--json");
             o->prof.quick |= !strcmp(a, "--quick");
             if (!strcmp(a, "--quiet"))
-                o->prof.verbose = false;
+                o->prof.verbose = o->probe.verbose = false;
             continue;
         }
         if (!v) {
@@ -145,6 +159,12 @@ static int parse_args(int argc, char **argv, plan_opts *o)
         if (r) {
         } else if (!strcmp(a, "--profile")) {
             o->profile = v, r = 1;
+        } else if (!strcmp(a, "--availability")) {
+            o->avail = v, r = 1;
+        } else if (!strcmp(a, "--seconds")) {
+            r = parse_num_arg(v, 0, &o->probe.seconds);
+        } else if (!strcmp(a, "--interval-ms")) {
+            r = parse_num_arg(v, 1, &o->probe.interval_ms);
         } else if (!strcmp(a, "--addr")) {
             o->addr = v, r = 1;
         } else if (!strcmp(a, "--layout")) {
@@ -231,7 +251,14 @@ static moe_status load_costs(const plan_opts *o, mp_costs *c)
         c->token_path_ms = o->token_path_ms;
     if (o->step_overhead_ms >= 0)
         c->step_overhead_ms = o->step_overhead_ms;
-    return MOE_OK;
+    if (!o->avail)
+        return o->avail_timed ? moe_error(MOE_ERR_INVALID_ARG, "--availability-timed needs --availability FILE")
+                              : MOE_OK;
+    st = mp_avail_load(o->avail, c);
+    if (st == MOE_OK && o->avail_timed && !c->av_has_t)
+        st = moe_error(MOE_ERR_FORMAT, "--availability-timed: %s has no burst times (t_s)", o->avail);
+    c->av_timed = o->avail_timed;
+    return st;
 }
 
 static int simulate_cmd(plan_opts *o)
@@ -325,6 +352,10 @@ int main(int argc, char **argv)
     }
     if (!strcmp(o.cmd, "simulate"))
         return simulate_cmd(&o);
+    if (!strcmp(o.cmd, "probe")) {
+        o.probe.out = o.prof.out;
+        return mp_probe_main(&o.probe);
+    }
     if (!strcmp(o.cmd, "calibrate")) {
         mp_costs c;
         moe_status cs = o.addr ? load_costs(&o, &c)

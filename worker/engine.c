@@ -544,6 +544,7 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
         else
             e->st.decode_tokens += e->segs[k].n;
         s->n_computed += e->segs[k].n;
+        e->st.attn_positions += (int64_t)e->segs[k].n * e->segs[k].pos0 + (int64_t)e->segs[k].n * (e->segs[k].n + 1) / 2;
     }
 
     int n_ev = 0;

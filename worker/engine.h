@@ -56,6 +56,9 @@ typedef struct {
     int n_waiting, n_running;
     int64_t steps, prefill_tokens, decode_tokens;
     int64_t preemptions; /* sequences whose KV was taken back (recomputed later) */
+    /* Attention work done so far: the sum over every computed token of the positions it attended
+     * to (a chunk of n at position p adds n*p + n(n+1)/2); moe-plan's cost model uses it. */
+    int64_t attn_positions;
 } moe_engine_stats;
 
 /* model must outlive the engine. */

@@ -6,6 +6,7 @@
 #include <mpi.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "cluster.pb-c.h"
 #include "ctrl/link.h"
@@ -136,6 +137,10 @@ typedef struct {
     size_t n_group;
     int peer_lost; /* the lost member's id, 0 while every peer is there */
     bool leave_sent; /* Leave sent after the leave flag (SIGTERM) */
+    /* MOE_STEP_TRACE=PREFIX: one JSON line per engine step in PREFIX.RANK.jsonl (moe-plan compares
+     * its cost model with these); NULL when unset. */
+    FILE *step_trace;
+    moe_engine_stats trace_prev;
 } worker;
 
 static inline int64_t moe_worker_ms_ns(int ms)

@@ -409,12 +409,53 @@ static int drain_control(worker *w)
 
 /* ---- engine step ---- */
 
+static void trace_open(worker *w)
+{
+    const char *prefix = getenv("MOE_STEP_TRACE");
+    if (!prefix || !*prefix || !w->eng)
+        return;
+    char path[4096];
+    snprintf(path, sizeof path, "%s.%d.jsonl", prefix, w->rank);
+    if (!(w->step_trace = fopen(path, "w"))) {
+        MOE_LOG_W("rank %d: MOE_STEP_TRACE: cannot write %s", w->rank, path);
+        return;
+    }
+    setvbuf(w->step_trace, NULL, _IOLBF, 0); /* a line per step survives a killed rank */
+    moe_engine_get_stats(w->eng, &w->trace_prev);
+}
+
+/* One line per engine step that computed tokens (prefill chunks without a token too): when it
+ * started (monotonic ns, comparable across the ranks of one machine), how long it took, the CPU
+ * time the process got meanwhile (wall minus CPU: waiting for a core the machine's other work
+ * held) and what it computed (deltas of the engine's counters): the live counterpart of moe-plan's
+ * step cost model. */
+static void trace_step(worker *w, int64_t t0, int64_t t1, int64_t cpu_ns, int n_events)
+{
+    moe_engine_stats st;
+    moe_engine_get_stats(w->eng, &st);
+    const moe_engine_stats *p = &w->trace_prev;
+    if (st.steps == p->steps)
+        return; /* nothing computed (an empty step of an expert-parallel group is not traced) */
+    fprintf(w->step_trace,
+            "{\"rank\": %d, \"t0_ns\": %lld, \"step_ns\": %lld, \"prefill_tokens\": %lld, \"decode_tokens\": %lld, "
+            "\"attn_positions\": %lld, \"cpu_ns\": %lld, \"events\": %d, \"running\": %d}\n",
+            w->rank, (long long)t0, (long long)(t1 - t0), (long long)(st.prefill_tokens - p->prefill_tokens),
+            (long long)(st.decode_tokens - p->decode_tokens), (long long)(st.attn_positions - p->attn_positions),
+            (long long)cpu_ns, n_events, st.n_running);
+    w->trace_prev = st;
+}
+
 static moe_status step(worker *w)
 {
+    int64_t c0 = w->step_trace ? moe_process_cpu_ns() : 0;
     int64_t t0 = moe_now_ns();
     int n = moe_engine_step(w->eng, w->events, w->cap_events);
     if (n < 0)
         return moe_error_context(MOE_ERR_INTERNAL, "engine step: ");
+    if (w->step_trace) {
+        int64_t t1 = moe_now_ns();
+        trace_step(w, t0, t1, moe_process_cpu_ns() - c0, n);
+    }
     if (w->mig)
         moe_mig_after_step(w->mig, w->events, n); /* finished or preempted: their moves abort */
     if (n == 0)
@@ -487,6 +528,9 @@ static void worker_free(worker *w)
     w->mig = NULL;
     moe_engine_free(w->eng);
     moe_model_free(w->model);
+    if (w->step_trace)
+        fclose(w->step_trace);
+    w->step_trace = NULL;
     if (w->have_ep)
         w->ep_comm.ops->destroy(w->ep_comm.ctx);
     moe_ep_placement_free(&w->place);
@@ -729,6 +773,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             }
         }
     }
+    trace_open(&w);
     if ((st = send_ready(&w, warmup_ms)) != MOE_OK) {
         worker_free(&w);
         return st;

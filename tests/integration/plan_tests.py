@@ -1,19 +1,25 @@
 """moe-plan against a live cluster, bounded for CI (docs/benchmarks.md): `plan_tests.py --list`
 names the tests, `plan_tests.py NAME` runs one (exit 0 = pass); run.sh runs each in its own process.
 
-It also runs `moe-plan calibrate` (dispatch, token path and per-step costs from short probes on
-the live cluster: with this tiny model they are most of the latency).
-
 The precise check of the simulator's policies is the unit test test_plan_sim
 (replay_of_the_real_engine_is_exact): it replays the real engine's measured step durations and
-needs every token at the same time, which no machine load can disturb. A latency comparison on
-this shared 2-core machine cannot hold 15%: other engineers' jobs change step times several-fold
-between the profile and the run (bench/RESULTS.md shows the measured errors with the load). So
-this test checks what must hold whatever the load: the whole pipeline runs (profile -> live
-moe-bench -> simulate on the same trace), both serve every request with the same token counts,
-the simulated layer-by-layer hand-offs equal the cluster's counted ones, and the predicted TTFT
-and TPOT medians (of a bursty synthetic workload, not the probes) are within a factor of 4 of the measured ones (an order-of-magnitude error in
-the model, e.g. a unit slip or a missing phase, fails it; load alone has not reached 4x here)."""
+needs every token at the same time. This test checks the cost model and the whole pipeline on a
+live 1P+1D cluster: profile (CPU times of the real engine) -> probe the machine's CPU
+availability -> calibrate the fixed costs on the cluster -> moe-bench a bursty workload with the
+workers' step trace on and the probe running beside it -> simulate the same workload with that
+availability. It needs:
+- every request served with the same token counts, and the simulated layer-by-layer hand-offs
+  equal to the cluster's counted ones;
+- the live decode steps' CPU time (the step trace) within a factor of 2.5 of the profile's CPU
+  model for the same tokens (median ratio): the first version compared only latencies, which
+  hid whether the cost model or the scheduling was off;
+- the predicted TTFT and TPOT medians within a factor of 4 of the measured ones.
+Measured spread of the two ratios (7 runs at load average 14-16 on the 2 shared cores): decode
+CPU 0.47-1.87, TTFT 0.45-1.02, TPOT 0.85-3.75. This tiny model's steps take ~0.2 ms, so its
+latencies are mostly the coordinator's fixed costs and its CPU times swing with the caches other
+jobs leave; bench/plan_check.sh (the small model, ~5 ms steps) is where the simulator's accuracy
+is measured (bench/RESULTS.md, issue 14). The factors still fail a unit slip, a missing phase, or
+a cost model that is not the engine's (the wall times of a loaded profile were 3-4x off)."""
 
 import json
 import os
@@ -26,6 +32,8 @@ from cluster import MODEL, Cluster, build_dir, check, registrar, test_main
 import moeserve_pb2 as pb
 
 TESTS = {}
+TOL = 4  # predicted TTFT/TPOT medians against the live ones (see the module's comment)
+CPU_TOL = 2.5  # live decode steps' CPU time against the profile's CPU model
 test = registrar(TESTS)
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,27 +59,52 @@ def settled_handoffs(c):
     return prev
 
 
+def run(args, **kw):
+    return subprocess.run([tool("moe-plan")] + args, check=True, capture_output=True, text=True, **kw)
+
+
+def decode_cpu_ratio(prof_path, steps_path):
+    """Median of live decode steps' CPU ms over the profile's CPU model (bench/plan_steps.py)."""
+    sys.path.insert(0, os.path.join(SRC, "bench"))
+    import plan_steps
+    prof = json.load(open(prof_path))
+    model = plan_steps.curve(prof, "ms_cpu", "attn_cpu_ms")
+    r = [json.loads(l) for l in open(steps_path)]
+    v = sorted(x["cpu_ns"] / 1e6 / model(x["decode_tokens"], x["attn_positions"]) for x in r
+               if x["prefill_tokens"] == 0 and x["decode_tokens"] > 0)
+    return v[len(v) // 2] if v else 0, len(v)
+
+
 @test
 def plan_simulator_vs_live_1p1d():
     tmp = tempfile.mkdtemp(prefix="plan-")
     prof = os.path.join(tmp, "profile.json")
-    subprocess.run([tool("moe-plan"), "profile", "--model", MODEL, "--threads", "1", "--quick", "--reps", "3",
-                    "--quiet", "--out", prof], check=True, timeout=90, capture_output=True)
+    run(["profile", "--model", MODEL, "--threads", "1", "--quick", "--reps", "3", "--quiet", "--out", prof],
+        timeout=90)
     wl = ["--requests", "12", "--rate", "4", "--cv", "2", "--prompt-len", "16-96", "--output-len", "8-24"]
-    with Cluster(np=3, args=["--prefill-instances", "1", "--decode-instances", "1"]) as c:
+    steps = os.path.join(tmp, "steps")
+    with Cluster(np=3, args=["--prefill-instances", "1", "--decode-instances", "1"],
+                 env={"MOE_STEP_TRACE": steps}) as c:
+        addr = "127.0.0.1:%d" % c.port
+        before_av = os.path.join(tmp, "avail_before.json")
+        run(["probe", "--quiet", "--seconds", "8", "--out", before_av], timeout=30)
         # The fixed costs outside the engine, measured on this cluster by 10 separate probes.
-        subprocess.run([tool("moe-plan"), "calibrate", "--profile", prof, "--addr", "127.0.0.1:%d" % c.port],
-                       check=True, timeout=60, capture_output=True)
+        run(["calibrate", "--profile", prof, "--availability", before_av, "--addr", addr], timeout=60)
+        avail = os.path.join(tmp, "avail.json")
+        probe = subprocess.Popen([tool("moe-plan"), "probe", "--quiet", "--out", avail])
         before = settled_handoffs(c)
-        real = subprocess.run([tool("moe-bench"), "--addr", "127.0.0.1:%d" % c.port, "--json", "--no-progress"] + wl,
-                              check=True, timeout=60, capture_output=True, text=True)
+        try:
+            real = subprocess.run([tool("moe-bench"), "--addr", addr, "--json", "--no-progress"] + wl,
+                                  check=True, timeout=60, capture_output=True, text=True)
+        finally:
+            probe.terminate()
+            probe.wait(timeout=10)
         after = settled_handoffs(c)
     r = last_json(real.stdout)
-    sim = subprocess.run([tool("moe-plan"), "simulate", "--profile", prof, "--layout", "P=1x1,D=1x1",
-                          "--kv-blocks", "512"] + wl, check=True, timeout=30, capture_output=True, text=True)
-    s = last_json(subprocess.run([tool("moe-plan"), "simulate", "--profile", prof, "--layout", "P=1x1,D=1x1",
-                                  "--kv-blocks", "512", "--json"] + wl,
-                                 check=True, timeout=30, capture_output=True, text=True).stdout)
+    sim_args = ["simulate", "--profile", prof, "--availability", avail, "--layout", "P=1x1,D=1x1",
+                "--kv-blocks", "512"] + wl
+    sim = run(sim_args, timeout=30)
+    s = last_json(run(sim_args + ["--json"], timeout=30).stdout)
     check(r["ok"] == 12 and s["ok"] == 12, "served: live %d, simulated %d of 12" % (r["ok"], s["ok"]))
     check(r["output_tokens"] == s["output_tokens"] and r["prompt_tokens"] == s["prompt_tokens"],
           "tokens: live %d+%d, simulated %d+%d" % (r["prompt_tokens"], r["output_tokens"], s["prompt_tokens"],
@@ -79,12 +112,19 @@ def plan_simulator_vs_live_1p1d():
     handoffs = int([l for l in sim.stdout.splitlines() if l.startswith("simulated:")][0].split()[3])
     live_handoffs = after - before
     check(live_handoffs == handoffs, "KV hand-offs: cluster %d layer-wise, simulated %d" % (live_handoffs, handoffs))
+    # Rank 2 is the decode instance (rank 0 the coordinator, 1 the prefill instance).
+    ratio, n_dec = decode_cpu_ratio(prof, steps + ".2.jsonl")
+    check(n_dec > 20 and 1 / CPU_TOL <= ratio <= CPU_TOL,
+          "live decode steps' CPU over the profile's CPU model: median %.2f over %d steps (outside a factor of %g)"
+          % (ratio, n_dec, CPU_TOL))
+    print("ratios simulated/live: TTFT p50 %.2f, TPOT p50 %.2f" % (
+        s["ttft_ms"]["p50"] / r["ttft_ms"]["p50"], s["tpot_ms"]["p50"] / r["tpot_ms"]["p50"]))
     for m in ("ttft_ms", "tpot_ms"):
         a, b = r[m]["p50"], s[m]["p50"]
-        check(a > 0 and b > 0 and 0.25 <= b / a <= 4,
-              "%s p50: live %.3f, simulated %.3f (outside a factor of 4)" % (m, a, b))
-    print("live TTFT/TPOT p50 %.2f / %.3f ms, simulated %.2f / %.3f ms" % (
-        r["ttft_ms"]["p50"], r["tpot_ms"]["p50"], s["ttft_ms"]["p50"], s["tpot_ms"]["p50"]))
+        check(a > 0 and b > 0 and 1 / TOL <= b / a <= TOL,
+              "%s p50: live %.3f, simulated %.3f (outside a factor of %g)" % (m, a, b, TOL))
+    print("live TTFT/TPOT p50 %.2f / %.3f ms, simulated %.2f / %.3f ms; decode CPU ratio %.2f (%d steps)" % (
+        r["ttft_ms"]["p50"], r["tpot_ms"]["p50"], s["ttft_ms"]["p50"], s["tpot_ms"]["p50"], ratio, n_dec))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,59 @@ Test(plan_sim, one_request_disaggregated_layer_handoff)
     rp_records_free(rec, 1);
 }
 
+/* With a probed availability curve a step costs its CPU time times the ratio of the bin nearest
+ * its length (log scale): here a 26 ms prefill takes the 64 ms bin's 1.5, a 1.25 ms decode step
+ * the 1 ms bin's 3. The curve comes through the file format moe-plan probe writes. */
+Test(plan_sim, availability_stretches_cpu_times_by_the_nearest_bin)
+{
+    mp_costs c = costs(0);
+    cr_assert_neq(mp_avail_load("/nonexistent", &c), MOE_OK); /* no CPU times: refused */
+    for (int i = 0; i < c.n_pts; i++)
+        c.ms_cpu[i] = c.ms[i] / 2;
+    c.attn_cpu_ms = 0;
+    c.has_cpu = true;
+    char path[] = "/tmp/test_plan_avail_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs("{\"type\": \"availability\", \"bins\": [{\"cpu_ms\": 1, \"ratios\": [3, 3, 3]}, {\"cpu_ms\": 2, \"ratios\": []},\n"
+          " {\"cpu_ms\": 8, \"ratios\": [0.98]}, {\"cpu_ms\": 64, \"ratios\": [1.5, 1.5]}]}\n", f);
+    fclose(f);
+    cr_assert_eq(mp_avail_load(path, &c), MOE_OK, "%s", moe_error_message());
+    unlink(path);
+    cr_assert_eq(c.n_av, 3); /* the empty bin is dropped */
+    cr_assert_float_eq(mp_avail_ratio(&c, 8, -1), 1, EPS); /* 0.98 (clock rounding) reads as 1 */
+    wl_request r = {.t_s = 0, .n_in = 100, .n_out = 3};
+    rp_record *rec = run(&c, "M=1x1", &r, 1, 512);
+    cr_assert(rec[0].ok);
+    double prefill = T(100) / 2 * 1.5, decode = T(1) / 2 * 3;
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + prefill + PATH_MS, EPS);
+    cr_assert_float_eq(rec[0].t_last * 1e3, DISP_MS + prefill + 2 * decode + PATH_MS, EPS);
+    rp_records_free(rec, 1);
+}
+
+/* --availability-timed: the ratio of the burst measured nearest the step's time. */
+Test(plan_sim, timed_availability_takes_the_nearest_burst_in_time)
+{
+    mp_costs c = costs(0);
+    c.has_cpu = true;
+    char path[] = "/tmp/test_plan_avail_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs("{\"bins\": [{\"cpu_ms\": 1, \"ratios\": [2, 4, 8], \"t_s\": [0, 10, 20]}]}\n", f);
+    fclose(f);
+    cr_assert_eq(mp_avail_load(path, &c), MOE_OK, "%s", moe_error_message());
+    unlink(path);
+    cr_assert(c.av_has_t);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 4.9, 1), 4, EPS); /* untimed: the draw-th sample */
+    c.av_timed = true;
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 4.9, 1), 2, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 5.1, 0), 4, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, 99, 0), 8, EPS);
+    cr_assert_float_eq(mp_avail_ratio_at(&c, 1, -1, 0), 2, EPS);
+}
+
 Test(plan_sim, whole_block_handoff_moves_all_layers)
 {
     mp_costs c = costs(0);

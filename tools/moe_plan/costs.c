@@ -39,11 +39,61 @@ static double interp(const double *x, const double *y, int n, double v)
     return r > 0 ? r : 0;
 }
 
+/* The step curve in use: CPU times when an availability curve stretches them, else wall times. */
+static bool use_cpu(const mp_costs *c) { return c->n_av > 0 && c->has_cpu; }
+static double step_T(const mp_costs *c, double n) { return interp(c->tok, use_cpu(c) ? c->ms_cpu : c->ms, c->n_pts, n); }
+static double step_k(const mp_costs *c) { return use_cpu(c) ? c->attn_cpu_ms : c->attn_ms; }
+
 double mp_step_ms(const mp_costs *c, int n_tokens, double attn_work)
 {
     if (n_tokens <= 0)
         return 0;
-    return interp(c->tok, c->ms, c->n_pts, n_tokens) + c->attn_ms * attn_work + c->step_overhead_ms;
+    return step_T(c, n_tokens) + step_k(c) * attn_work + c->step_overhead_ms;
+}
+
+static int avail_bin(const mp_costs *c, double cpu_ms)
+{
+    int b = 0;
+    double best = INFINITY, l = log(cpu_ms > 1e-3 ? cpu_ms : 1e-3);
+    for (int i = 0; i < c->n_av; i++) {
+        double d = fabs(log(c->av_cpu[i]) - l);
+        if (d < best && c->av_n[i] > 0) {
+            best = d;
+            b = i;
+        }
+    }
+    return b;
+}
+
+double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw)
+{
+    if (c->n_av == 0)
+        return 1;
+    int b = avail_bin(c, cpu_ms), n = c->av_n[b];
+    if (draw >= 0)
+        return c->av_ratio[b][draw % n];
+    double sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += c->av_ratio[b][i];
+    return sum / n;
+}
+
+double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw)
+{
+    if (c->n_av == 0 || !c->av_timed || !c->av_has_t)
+        return mp_avail_ratio(c, cpu_ms, draw);
+    int b = avail_bin(c, cpu_ms), lo = 0, hi = c->av_n[b] - 1;
+    const float *t = c->av_t[b];
+    while (lo < hi) { /* the first sample at or after t_s */
+        int mid = (lo + hi) / 2;
+        if (t[mid] < t_s)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo > 0 && t_s - t[lo - 1] < t[lo] - t_s)
+        lo--;
+    return c->av_ratio[b][lo];
 }
 
 double mp_xfer_ms(const mp_costs *c, const mp_net *net, double bytes)
@@ -80,23 +130,32 @@ double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n,
 {
     if (ep <= 1)
         return mp_step_ms(c, n[0], attn[0]);
-    int total = 0, max_n = 0;
+    int total = 0;
     double slowest = 0;
     for (int r = 0; r < ep; r++) {
         total += n[r];
-        if (n[r] > max_n)
-            max_n = n[r];
-        double t = n[r] ? (1 - c->expert_frac) * interp(c->tok, c->ms, c->n_pts, n[r]) + c->attn_ms * attn[r] : 0;
+        double t = n[r] ? (1 - c->expert_frac) * step_T(c, n[r]) + step_k(c) * attn[r] : 0;
         if (t > slowest)
             slowest = t;
     }
     if (total == 0)
         return 0;
-    double experts = c->expert_frac * interp(c->tok, c->ms, c->n_pts, total) / ep;
-    return slowest + experts + 2.0 * c->moe_layers * mp_a2a_ms(c, net, ep, (double)max_n) + c->step_overhead_ms;
+    double experts = c->expert_frac * step_T(c, total) / ep;
+    return slowest + experts + mp_ep_comm_ms(c, net, ep, n) + c->step_overhead_ms;
 }
 
-/* ---- the file ---- */
+double mp_ep_comm_ms(const mp_costs *c, const mp_net *net, int ep, const int *n)
+{
+    if (ep <= 1)
+        return 0;
+    int max_n = 0;
+    for (int r = 0; r < ep; r++)
+        if (n[r] > max_n)
+            max_n = n[r];
+    return 2.0 * c->moe_layers * mp_a2a_ms(c, net, ep, (double)max_n);
+}
+
+/* ---- the files ---- */
 
 static moe_status need_num(const cJSON *o, const char *k, const char *path, double *out)
 {
@@ -128,16 +187,23 @@ static void opt_str(const cJSON *o, const char *k, char *out, size_t cap)
         snprintf(out, cap, "%s", v->valuestring);
 }
 
-moe_status mp_costs_load(const char *path, mp_costs *c)
+static moe_status read_json(const char *path, cJSON **out)
 {
     char *text;
     moe_status st = moe_read_file(path, 16 << 20, &text, NULL);
     if (st != MOE_OK)
         return st;
-    cJSON *j = cJSON_Parse(text);
+    *out = cJSON_Parse(text);
     free(text);
-    if (!j)
-        return moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
+    return *out ? MOE_OK : moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
+}
+
+moe_status mp_costs_load(const char *path, mp_costs *c)
+{
+    cJSON *j;
+    moe_status st = read_json(path, &j);
+    if (st != MOE_OK)
+        return st;
     mp_costs_init(c);
     opt_str(j, "model", c->model, sizeof c->model);
     opt_str(j, "cpu", c->cpu, sizeof c->cpu);
@@ -180,12 +246,24 @@ moe_status mp_costs_load(const char *path, mp_costs *c)
     }
     if ((st = need_num(step, "attn_ms", path, &c->attn_ms)) != MOE_OK)
         goto out;
+    const cJSON *msc = cJSON_GetObjectItemCaseSensitive(step, "ms_cpu");
+    if (cJSON_IsArray(msc) && cJSON_GetArraySize(msc) == c->n_pts &&
+        need_num(step, "attn_cpu_ms", path, &c->attn_cpu_ms) == MOE_OK) {
+        c->has_cpu = true;
+        for (int i = 0; i < c->n_pts; i++) {
+            const cJSON *b = cJSON_GetArrayItem(msc, i);
+            c->has_cpu &= cJSON_IsNumber(b);
+            c->ms_cpu[i] = cJSON_IsNumber(b) ? b->valuedouble : 0;
+        }
+    }
+    moe_error_clear();
     const cJSON *smp = cJSON_GetObjectItemCaseSensitive(step, "samples"), *row;
     cJSON_ArrayForEach(row, smp)
     {
-        if (c->n_samples == MP_MAX_SAMPLES || cJSON_GetArraySize(row) != 3)
+        int cols = cJSON_GetArraySize(row);
+        if (c->n_samples == MP_MAX_SAMPLES || cols < 3 || cols > 4)
             break;
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < cols; k++) {
             const cJSON *v3 = cJSON_GetArrayItem(row, k);
             c->samples[c->n_samples][k] = cJSON_IsNumber(v3) ? v3->valuedouble : 0;
         }
@@ -240,9 +318,13 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
     cJSON_AddItemToObject(step, "tokens", cJSON_CreateDoubleArray(c->tok, c->n_pts));
     cJSON_AddItemToObject(step, "ms", cJSON_CreateDoubleArray(c->ms, c->n_pts));
     cJSON_AddNumberToObject(step, "attn_ms", c->attn_ms);
+    if (c->has_cpu) {
+        cJSON_AddItemToObject(step, "ms_cpu", cJSON_CreateDoubleArray(c->ms_cpu, c->n_pts));
+        cJSON_AddNumberToObject(step, "attn_cpu_ms", c->attn_cpu_ms);
+    }
     cJSON *smp = cJSON_AddArrayToObject(step, "samples");
     for (int i = 0; i < c->n_samples; i++)
-        cJSON_AddItemToArray(smp, cJSON_CreateDoubleArray(c->samples[i], 3));
+        cJSON_AddItemToArray(smp, cJSON_CreateDoubleArray(c->samples[i], c->has_cpu ? 4 : 3));
     cJSON *x = cJSON_AddObjectToObject(j, "kv_transfer");
     cJSON_AddNumberToObject(x, "gbps", c->xfer_gbps);
     cJSON_AddNumberToObject(x, "latency_ms", c->xfer_latency_ms);
@@ -270,5 +352,57 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
     if (f && fclose(f) != 0 && st == MOE_OK)
         st = moe_error(MOE_ERR_IO, "%s: cannot write the profile", path);
     free(s);
+    return st;
+}
+
+moe_status mp_avail_load(const char *path, mp_costs *c)
+{
+    if (!c->has_cpu)
+        return moe_error(MOE_ERR_FORMAT, "--availability %s: the profile has no CPU times (step.ms_cpu): "
+                                         "profile again with this moe-plan", path);
+    cJSON *j;
+    moe_status st = read_json(path, &j);
+    if (st != MOE_OK)
+        return st;
+    const cJSON *bins = cJSON_GetObjectItemCaseSensitive(j, "bins"), *b;
+    c->n_av = 0;
+    bool all_timed = true;
+    st = MOE_OK;
+    cJSON_ArrayForEach(b, bins)
+    {
+        const cJSON *cpu = cJSON_GetObjectItemCaseSensitive(b, "cpu_ms");
+        const cJSON *ratios = cJSON_GetObjectItemCaseSensitive(b, "ratios"), *r;
+        if (c->n_av == MP_MAX_AV || !cJSON_IsNumber(cpu) || cpu->valuedouble <= 0 || !cJSON_IsArray(ratios)) {
+            st = moe_error(MOE_ERR_FORMAT, "%s: bin %d needs cpu_ms > 0 and a ratios array (at most %d bins)", path,
+                           c->n_av, MP_MAX_AV);
+            break;
+        }
+        const cJSON *ts = cJSON_GetObjectItemCaseSensitive(b, "t_s");
+        int i = c->n_av, n = 0;
+        c->av_cpu[i] = cpu->valuedouble;
+        cJSON_ArrayForEach(r, ratios)
+        {
+            if (n == MP_AV_SAMPLES || !cJSON_IsNumber(r))
+                break;
+            /* Below 1 is a clock's rounding: never faster than the CPU. */
+            c->av_ratio[i][n++] = r->valuedouble >= 1 ? r->valuedouble : 1;
+        }
+        c->av_n[i] = n;
+        bool timed = cJSON_IsArray(ts) && cJSON_GetArraySize(ts) >= n;
+        for (int k = 0; timed && k < n; k++) {
+            const cJSON *tk = cJSON_GetArrayItem(ts, k);
+            timed = cJSON_IsNumber(tk) && (k == 0 || tk->valuedouble >= c->av_t[i][k - 1]);
+            c->av_t[i][k] = timed ? (float)tk->valuedouble : 0;
+        }
+        if (n > 0)
+            all_timed &= timed;
+        c->n_av += n > 0;
+    }
+    if (st == MOE_OK && c->n_av == 0)
+        st = moe_error(MOE_ERR_FORMAT, "%s: no bins with samples", path);
+    c->av_has_t = all_timed;
+    if (st != MOE_OK)
+        c->n_av = 0;
+    cJSON_Delete(j);
     return st;
 }

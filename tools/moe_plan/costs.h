@@ -10,6 +10,8 @@
 #define MP_MAX_PTS 32
 #define MP_MAX_A2A 64
 #define MP_MAX_SAMPLES 256
+#define MP_MAX_AV 8
+#define MP_AV_SAMPLES 512
 
 typedef struct {
     int ep;
@@ -40,10 +42,31 @@ typedef struct {
     int n_pts;
     double tok[MP_MAX_PTS], ms[MP_MAX_PTS];
     double attn_ms;
-    /* The measurements the fit came from: (tokens, attention work, ms) per point, kept in the
-     * file so that a reader can judge the fit (the simulator does not use them). */
+    /* The same fit of the CPU time the profiling process got during each step (wall time minus
+     * the time it waited for a core): the engine's work, which other jobs on a shared machine
+     * change little, where they change the wall time several-fold. has_cpu: the file has it. */
+    double ms_cpu[MP_MAX_PTS];
+    double attn_cpu_ms;
+    bool has_cpu;
+    /* The measurements the fit came from: (tokens, attention work, wall ms, CPU ms) per point,
+     * kept in the file so that a reader can judge the fit (the simulator does not use them). */
     int n_samples;
-    double samples[MP_MAX_SAMPLES][3];
+    double samples[MP_MAX_SAMPLES][4];
+    /* CPU availability on the machine the cluster runs on (`moe-plan probe`, see probe.h): for a
+     * process that wakes up and needs av_cpu[i] ms of CPU, the wall/CPU ratios it saw. When set
+     * (n_av > 0) a step costs its CPU time (ms_cpu) times a ratio drawn from the nearest bin:
+     * the machine's other work, and our own ranks sharing its cores, stretch steps as measured
+     * rather than as assumed. Not in the profile file: loaded with --availability. */
+    int n_av;
+    double av_cpu[MP_MAX_AV];
+    int av_n[MP_MAX_AV];
+    double av_ratio[MP_MAX_AV][MP_AV_SAMPLES];
+    /* When each burst was measured (s from the probe's start, increasing; the file's t_s). With
+     * av_timed (--availability-timed: the probe ran beside the workload from its start) a step
+     * at simulated time t takes the ratio its bin measured nearest t: the machine's bursts of
+     * contention land on the same stretch of the run, instead of being spread over every step. */
+    float av_t[MP_MAX_AV][MP_AV_SAMPLES];
+    bool av_has_t, av_timed;
     /* KV hand-off between instances on this machine: a copy rate and a per-message latency. */
     double xfer_gbps, xfer_latency_ms;
     /* Expert-parallel all-to-all, measured on this machine's comm backend (may be empty). */
@@ -63,12 +86,25 @@ void mp_costs_init(mp_costs *c);
 moe_status mp_costs_load(const char *path, mp_costs *c);
 moe_status mp_costs_save(const char *path, const mp_costs *c);
 
-/* One engine step's duration (ms) on one rank holding all experts. */
+/* One engine step's duration (ms) on one rank holding all experts: its wall time as profiled, or
+ * with an availability curve loaded, its CPU time (to be stretched by mp_avail_ratio). */
 double mp_step_ms(const mp_costs *c, int n_tokens, double attn_work);
+/* Reads a `moe-plan probe` file into c's availability (and switches the step model to CPU time);
+ * FORMAT when c's profile has no CPU times or the file is malformed. */
+moe_status mp_avail_load(const char *path, mp_costs *c);
+/* The wall/CPU ratio for a step needing cpu_ms of CPU: the draw-th (mod count) sample of the
+ * nearest bin (log scale); the bin's mean when draw < 0; 1 without a curve. */
+double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw);
+/* With av_timed: the ratio the nearest bin measured nearest t_s; else mp_avail_ratio(draw). */
+double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw);
 /* One step of an expert-parallel instance of ep ranks whose ranks hold n[r] tokens and attention
  * work attn[r]: attention and dense parts per rank (the slowest sets the pace), the routed experts
  * split ep ways, and a dispatch + combine all-to-all per MoE layer. */
 double mp_ep_step_ms(const mp_costs *c, const mp_net *net, int ep, const int *n, const double *attn);
+/* The dispatch + combine all-to-alls of such a step (ms; 0 for ep 1): the part of it that is
+ * measured as wall time (the profile's all-to-all points already carry the machine's load, so
+ * the simulator does not stretch it by the availability curve again). */
+double mp_ep_comm_ms(const mp_costs *c, const mp_net *net, int ep, const int *n);
 /* One all-to-all-v with `tokens` routed tokens per rank over ep ranks (ms). */
 double mp_a2a_ms(const mp_costs *c, const mp_net *net, int ep, double tokens);
 /* Moving `bytes` of KV between two instances (ms): latency + bytes / rate. */

@@ -20,7 +20,7 @@
 #define MAX_SAMPLES 256
 
 typedef struct {
-    double n, attn, ms;
+    double n, attn, ms, cpu; /* wall and CPU ms */
 } sample;
 
 typedef struct {
@@ -31,6 +31,7 @@ typedef struct {
     int n;
     uint64_t next_id, rng;
     moe_token_event ev[1024];
+    double last_cpu; /* CPU ms of the last timed_step */
 } prof;
 
 static int cmp_d(const void *a, const void *b)
@@ -45,11 +46,13 @@ static double median(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-static void add_sample(prof *p, double n, double attn, double ms)
+static void add_sample(prof *p, double n, double attn, double ms, double cpu)
 {
     if (p->n < MAX_SAMPLES)
-        p->s[p->n++] = (sample){n, attn, ms};
+        p->s[p->n++] = (sample){n, attn, ms, cpu};
 }
+
+static double process_cpu_ms(void) { return (double)moe_process_cpu_ns() * 1e-6; }
 
 static moe_status add_seqs(prof *p, int b, int len, int max_new, uint64_t *first)
 {
@@ -70,11 +73,15 @@ static moe_status add_seqs(prof *p, int b, int len, int max_new, uint64_t *first
     return st;
 }
 
+/* Wall ms of one step; its CPU ms in p->last_cpu (the process's: the engine's threads). */
 static double timed_step(prof *p, int *n_ev)
 {
+    double c0 = process_cpu_ms();
     int64_t t0 = moe_now_ns();
     *n_ev = moe_engine_step(p->e, p->ev, 1024);
-    return (double)(moe_now_ns() - t0) * 1e-6;
+    double wall = (double)(moe_now_ns() - t0) * 1e-6;
+    p->last_cpu = process_cpu_ms() - c0;
+    return wall;
 }
 
 static void finish_all(prof *p, uint64_t first, int b)
@@ -86,7 +93,7 @@ static void finish_all(prof *p, uint64_t first, int b)
 /* b sequences of `len` prompt tokens each, one step (b * len within the budget). */
 static moe_status measure_prefill(prof *p, int b, int len)
 {
-    double v[16];
+    double v[16], u[16];
     int reps = p->o->reps;
     for (int r = 0; r < reps; r++) {
         uint64_t first;
@@ -95,14 +102,15 @@ static moe_status measure_prefill(prof *p, int b, int len)
             return st;
         int n_ev;
         v[r] = timed_step(p, &n_ev);
+        u[r] = p->last_cpu;
         if (n_ev < 0)
             return MOE_ERR_INTERNAL;
         finish_all(p, first, b);
     }
-    double ms = median(v, reps);
-    add_sample(p, (double)b * len, b * mp_attn_work(0, len), ms);
+    double ms = median(v, reps), cpu = median(u, reps);
+    add_sample(p, (double)b * len, b * mp_attn_work(0, len), ms, cpu);
     if (p->o->verbose)
-        fprintf(stderr, "moe-plan profile: prefill %d x %d tokens: %.3f ms\n", b, len, ms);
+        fprintf(stderr, "moe-plan profile: prefill %d x %d tokens: %.3f ms (CPU %.3f ms)\n", b, len, ms, cpu);
     return MOE_OK;
 }
 
@@ -119,9 +127,10 @@ static moe_status measure_chunked(prof *p, int len)
         double ms = timed_step(p, &n_ev);
         if (n_ev < 0)
             return MOE_ERR_INTERNAL;
-        add_sample(p, chunk, mp_attn_work(pos, chunk), ms);
+        add_sample(p, chunk, mp_attn_work(pos, chunk), ms, p->last_cpu);
         if (p->o->verbose)
-            fprintf(stderr, "moe-plan profile: prefill chunk %d at %d: %.3f ms\n", chunk, pos, ms);
+            fprintf(stderr, "moe-plan profile: prefill chunk %d at %d: %.3f ms (CPU %.3f ms)\n", chunk, pos, ms,
+                    p->last_cpu);
         pos += chunk;
     }
     finish_all(p, first, 1);
@@ -143,25 +152,29 @@ static moe_status measure_decode(prof *p, int b, int ctx)
         for (int i = 0; i < n_ev; i++)
             have += p->ev[i].index == 0;
     }
-    double v[16];
+    double v[16], u[16];
     for (int r = 0; r < reps; r++) {
         v[r] = timed_step(p, &n_ev);
+        u[r] = p->last_cpu;
         if (n_ev < 0)
             return MOE_ERR_INTERNAL;
     }
-    double ms = median(v, reps);
+    double ms = median(v, reps), cpu = median(u, reps);
     int c_mid = ctx + 1 + reps / 2;
-    add_sample(p, b, (double)b * c_mid, ms);
+    add_sample(p, b, (double)b * c_mid, ms, cpu);
     if (p->o->verbose)
-        fprintf(stderr, "moe-plan profile: decode batch %d at context %d: %.3f ms\n", b, ctx, ms);
+        fprintf(stderr, "moe-plan profile: decode batch %d at context %d: %.3f ms (CPU %.3f ms)\n", b, ctx, ms, cpu);
     finish_all(p, first, b);
     return MOE_OK;
 }
 
+static double val(const sample *x, bool cpu) { return cpu ? x->cpu : x->ms; }
+
 /* Least squares: ms = T(n) + k * attn with one T per distinct n; k pooled over the groups of
  * samples sharing n (the within-group slope), T(n) the group's mean residual, made
- * non-decreasing in n (a step with more tokens is never cheaper). */
-static void fit(const prof *p, mp_costs *c)
+ * non-decreasing in n (a step with more tokens is never cheaper). Fits the wall times, or the
+ * CPU times with cpu: the same points c->tok either way. */
+static void fit_curve(const prof *p, bool cpu, mp_costs *c, double *ms, double *k_out)
 {
     double sxy = 0, sxx = 0;
     double ns[MAX_SAMPLES];
@@ -180,30 +193,25 @@ static void fit(const prof *p, mp_costs *c)
         for (int i = 0; i < p->n; i++)
             if (p->s[i].n == ns[g]) {
                 ma += p->s[i].attn;
-                mm += p->s[i].ms;
+                mm += val(&p->s[i], cpu);
                 cnt++;
             }
         ma /= cnt;
         mm /= cnt;
         for (int i = 0; i < p->n; i++)
             if (p->s[i].n == ns[g]) {
-                sxy += (p->s[i].attn - ma) * (p->s[i].ms - mm);
+                sxy += (p->s[i].attn - ma) * (val(&p->s[i], cpu) - mm);
                 sxx += (p->s[i].attn - ma) * (p->s[i].attn - ma);
             }
     }
-    c->attn_ms = sxx > 0 && sxy > 0 ? sxy / sxx : 0;
+    double k = sxx > 0 && sxy > 0 ? sxy / sxx : 0;
     /* On a loaded machine the slope is noise-prone; attention is never more than half of any
      * measured step at these contexts (bench/RESULTS.md: 512-token prefill attention is ~5% of
      * the step), so cap k there: the residual T(n) then stays positive. */
     for (int i = 0; i < p->n; i++)
-        if (p->s[i].attn > 0 && c->attn_ms > 0.5 * p->s[i].ms / p->s[i].attn)
-            c->attn_ms = 0.5 * p->s[i].ms / p->s[i].attn;
-    c->n_samples = p->n < MP_MAX_SAMPLES ? p->n : MP_MAX_SAMPLES;
-    for (int i = 0; i < c->n_samples; i++) {
-        c->samples[i][0] = p->s[i].n;
-        c->samples[i][1] = p->s[i].attn;
-        c->samples[i][2] = p->s[i].ms;
-    }
+        if (p->s[i].attn > 0 && k > 0.5 * val(&p->s[i], cpu) / p->s[i].attn)
+            k = 0.5 * val(&p->s[i], cpu) / p->s[i].attn;
+    *k_out = k;
     /* Group means of the residuals, then pool-adjacent-violators (weighted by sample count) for
      * the non-decreasing T: on a loaded machine one slow point must not lift every later one, as
      * a running maximum would. */
@@ -214,30 +222,44 @@ static void fit(const prof *p, mp_costs *c)
         int cnt = 0;
         for (int i = 0; i < p->n; i++)
             if (p->s[i].n == ns[g]) {
-                r += p->s[i].ms - c->attn_ms * p->s[i].attn;
+                r += val(&p->s[i], cpu) - k * p->s[i].attn;
                 cnt++;
             }
         c->tok[c->n_pts] = ns[g];
-        c->ms[c->n_pts] = r / cnt;
+        ms[c->n_pts] = r / cnt;
         w[c->n_pts++] = cnt;
     }
-    double val[MP_MAX_PTS], wt[MP_MAX_PTS];
+    double v[MP_MAX_PTS], wt[MP_MAX_PTS];
     int len[MP_MAX_PTS], nb = 0;
     for (int i = 0; i < c->n_pts; i++) {
-        val[nb] = c->ms[i];
+        v[nb] = ms[i];
         wt[nb] = w[i];
         len[nb++] = 1;
-        while (nb > 1 && val[nb - 2] > val[nb - 1]) {
+        while (nb > 1 && v[nb - 2] > v[nb - 1]) {
             double ww = wt[nb - 2] + wt[nb - 1];
-            val[nb - 2] = (val[nb - 2] * wt[nb - 2] + val[nb - 1] * wt[nb - 1]) / ww;
+            v[nb - 2] = (v[nb - 2] * wt[nb - 2] + v[nb - 1] * wt[nb - 1]) / ww;
             wt[nb - 2] = ww;
             len[nb - 2] += len[nb - 1];
             nb--;
         }
     }
     for (int b = 0, i = 0; b < nb; b++)
-        for (int k = 0; k < len[b]; k++)
-            c->ms[i++] = val[b];
+        for (int j = 0; j < len[b]; j++)
+            ms[i++] = v[b];
+}
+
+static void fit(const prof *p, mp_costs *c)
+{
+    fit_curve(p, false, c, c->ms, &c->attn_ms);
+    fit_curve(p, true, c, c->ms_cpu, &c->attn_cpu_ms);
+    c->has_cpu = true;
+    c->n_samples = p->n < MP_MAX_SAMPLES ? p->n : MP_MAX_SAMPLES;
+    for (int i = 0; i < c->n_samples; i++) {
+        c->samples[i][0] = p->s[i].n;
+        c->samples[i][1] = p->s[i].attn;
+        c->samples[i][2] = p->s[i].ms;
+        c->samples[i][3] = p->s[i].cpu;
+    }
 }
 
 static void model_shape(const moe_model *m, mp_costs *c)

@@ -320,7 +320,14 @@ static bool kick(sim *s, int g)
     double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
                                   : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
                 1e-3;
-    if (s->o->cores > 0) {
+    if (!s->o->step_ms_fn && s->c->n_av > 0) {
+        /* The CPU time, stretched as the probe saw bursts of that length stretched on the
+         * machine: at this time of the run (timed), or by a fixed sequence of draws spread over
+         * the samples (deterministic either way). */
+        double comm = mp_ep_comm_ms(s->c, &s->o->net, gr->ep, n) * 1e-3, cpu = dt - comm;
+        dt = comm + cpu * mp_avail_ratio_at(s->c, cpu * 1e3, s->now,
+                                            (long)((s->st.steps * 2654435761u + (unsigned)g * 40503u) % 1000003u));
+    } else if (s->o->cores > 0) {
         int stepping = 0;
         for (int i = 0; i < s->n_groups; i++)
             stepping += s->groups[i].busy || i == g ? s->groups[i].ep : 0;

@@ -34,7 +34,8 @@ typedef struct {
     mp_net net;         /* between instances and between EP ranks; unset: the profile's rates */
     int cores;          /* CPU cores the ranks share (one machine); 0: a core per rank. A step that
                            starts while more ranks step than there are cores takes longer in
-                           proportion (fixed at its start) */
+                           proportion (fixed at its start). Unused when the costs carry a
+                           measured availability curve (costs.h), which includes that sharing */
     int gate_batches;   /* the coordinator holds requests while an instance has this many batches
                            of prompt tokens pending (0: 4, as coordinator/cluster_sched.c) */
     /* Replay (tests): when set, step durations come from here instead of the cost model, with the

@@ -1,0 +1,45 @@
+# Shared by bench/plan_check.sh and bench/plan_goodput.sh (sourced): the MPI environment, a
+# results dir and the model, and the steps around one live cluster: start it, probe the machine's
+# CPU availability before it (a prediction's input) and beside the run, calibrate the fixed costs.
+# Needs: build (the build dir), model (may be empty: the small preset is generated), out_default.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export OMPI_MCA_mpi_yield_when_idle=1
+tmp=$(mktemp -d)
+out=${out_default:-$tmp/results}
+mkdir -p "$out"
+trap 'rm -rf "$tmp"' EXIT
+if [ -z "$model" ]; then
+  model=$tmp/small
+  "$build/moe-gen-model" --arch qwen3_moe --preset small --out "$model" --quiet
+fi
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# plan_start KEY NP FLAGS...: a live cluster (its workers' step trace in $out/KEY.steps.RANK.jsonl);
+# sets mp (mpirun's pid) and port.
+plan_start() {
+  local key=$1 np=$2
+  shift 2
+  MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE -np "$np" "$build/moe-serve" \
+    --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" < /dev/null > "$tmp/out" 2> "$tmp/err" &
+  mp=$!
+  for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
+  port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
+}
+
+# plan_calibrate KEY PROFILE: 15 s of probing (KEY.avail_before.json), then the fixed costs
+# measured on the cluster into a copy of PROFILE (KEY.cal.json); then starts the probe that runs
+# beside the workload (KEY.avail.json, pid in pp).
+plan_calibrate() {
+  "$build/moe-plan" probe --quiet --seconds 15 --out "$out/$1.avail_before.json"
+  cp "$2" "$out/$1.cal.json"
+  "$build/moe-plan" calibrate --profile "$out/$1.cal.json" --availability "$out/$1.avail_before.json" \
+    --addr "127.0.0.1:$port" 2> "$out/$1.cal.log" || cat "$out/$1.cal.log" >&2
+  "$build/moe-plan" probe --quiet --out "$out/$1.avail.json" & pp=$!
+}
+
+# plan_stop KEY LOAD_BEFORE: stops the probe and the cluster; the load averages into KEY.load.
+plan_stop() {
+  kill -TERM "$pp"; wait "$pp" || true
+  kill -USR1 "$mp"; wait "$mp" || true
+  echo "$2 / $(load)" > "$out/$1.load"
+}
