@@ -114,7 +114,7 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
         free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: cannot start %d threads", o.n_threads);
     }
-    if ((st = moe_backend_create((moe_device)o.device, e->pool, &e->be)) != MOE_OK ||
+    if ((st = moe_backend_create((moe_device)o.device, o.device_index, e->pool, &e->be)) != MOE_OK ||
         (st = moe_kv_create_on(e->be, &lay, n_blocks, &e->kv)) != MOE_OK ||
         (st = moe_forward_create_on(model, e->be, o.max_batch_tokens, o.max_seqs, e->max_ctx,
                                     o.block_size, &e->fw)) != MOE_OK ||

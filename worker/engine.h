@@ -42,6 +42,7 @@ typedef struct {
      * worker/compute/backend.h): MOE_DEVICE_CPU (0, default) or MOE_DEVICE_CUDA (GPU 0; create
      * fails with MOE_ERR_UNAVAILABLE and a message saying why when there is none). */
     int device;
+    int device_index; /* which GPU for MOE_DEVICE_CUDA (default 0) */
 } moe_engine_opts;
 
 /* One sampled token. index counts generated tokens of that sequence from 0. */

@@ -104,12 +104,22 @@ static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row
     return t;
 }
 
+/* On a device backend the rows to send are written by ops still queued on its stream, which the
+ * comm (NCCL's own stream) does not wait for: let them land first. */
+static moe_status ready_to_send(moe_forward *f)
+{
+    return f->host_mem ? MOE_OK : f->be->ops->synchronize(f->be);
+}
+
 static moe_status exchange(moe_forward *f, int x, const void *send, const int *cnt_send,
                            size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    moe_status st = ready_to_send(f);
+    if (st != MOE_OK)
+        return st;
     int64_t t0 = moe_now_ns();
-    moe_status st = f->ep->ops->alltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr);
+    st = f->ep->ops->alltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr);
     f->ep_stat.wait_ns += moe_now_ns() - t0;
     return st;
 }
@@ -119,6 +129,9 @@ static moe_status post(moe_forward *f, int x, const void *send, const int *cnt_s
                        size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    moe_status st = ready_to_send(f);
+    if (st != MOE_OK)
+        return st;
     return f->ep->ops->ialltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr, &f->tbo_req[x]);
 }
 

@@ -24,10 +24,10 @@ const char *moe_op_name(moe_op op)
     return (unsigned)op < MOE_OP_COUNT ? names[op] : "unknown";
 }
 
-moe_status moe_backend_create(moe_device dev, moe_threadpool_t *pool, moe_backend **out)
+moe_status moe_backend_create(moe_device dev, int index, moe_threadpool_t *pool, moe_backend **out)
 {
     if (dev == MOE_DEVICE_CUDA)
-        return moe_backend_cuda_create(0, out);
+        return moe_backend_cuda_create(index, out);
     return moe_backend_cpu_create(pool, out);
 }
 

@@ -174,8 +174,8 @@ moe_status moe_backend_cpu_create(moe_threadpool_t *pool, moe_backend **out);
 /* The CUDA backend on GPU `gpu`. MOE_ERR_UNAVAILABLE with a message saying why (binary built
  * without CUDA, no driver, no GPU visible) when it cannot run. */
 moe_status moe_backend_cuda_create(int gpu, moe_backend **out);
-/* Either, by device; pool only for the CPU. */
-moe_status moe_backend_create(moe_device dev, moe_threadpool_t *pool, moe_backend **out);
+/* Either, by device; index: the GPU (CUDA only), pool: the CPU's (CPU only). */
+moe_status moe_backend_create(moe_device dev, int index, moe_threadpool_t *pool, moe_backend **out);
 void moe_backend_free(moe_backend *be);
 /* The pool behind a CPU backend (NULL for others or a single-threaded CPU backend). */
 moe_threadpool_t *moe_backend_cpu_pool(const moe_backend *be);
