@@ -22,7 +22,9 @@ if(NOT MOE_CUDA STREQUAL "OFF")
       endif()
       enable_language(CUDA)
       set(CMAKE_CUDA_STANDARD 17)
-      add_library(moe_cuda_kernels STATIC ${MOE_CUDA_SRC})
+      # Shared: a static CUDA library would make every executable that links it link through
+      # nvcc, which rejects the sanitizer and fuzzer link flags; a shared one keeps C links.
+      add_library(moe_cuda_kernels SHARED ${MOE_CUDA_SRC})
       target_include_directories(moe_cuda_kernels PUBLIC ${CMAKE_SOURCE_DIR})
       target_compile_options(moe_cuda_kernels PRIVATE -Xcompiler=-Wall,-Wextra)
       if(MOE_WERROR)
