@@ -55,7 +55,9 @@ static void usage(FILE *f)
         "  --max-new-tokens N      largest max_new_tokens a request may ask (default: the "
         "context)\n"
         "  --drain-timeout-s S     on SIGTERM, running requests may finish for S s (default 30)\n"
-        "engine (per worker):\n"
+        "engine (per worker):\n",
+        f);
+    fputs( /* split: one literal may hold at most 4095 characters (ISO C) */
         "  --threads T             kernel threads (default: cores / ranks on the node)\n"
         "  --device cpu|cuda       compute backend of the workers (default cpu; cuda: GPU 0, or\n"
         "                          GPU r for rank r of an expert-parallel instance, all-to-all\n"
