@@ -15,14 +15,23 @@ if(NOT MOE_CUDA STREQUAL "OFF")
     set(MOE_HAVE_CUDA ON)
     file(GLOB MOE_CUDA_SRC CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/kernels/cuda/*.cu)
     if(MOE_CUDA_SRC)
-      # nvcc 13 accepts sm_75 and newer only; 90 is H100/H200.
+      # nvcc 13 accepts sm_75 and newer only; 90 is H100/H200, 80 (A100) the older arch CI
+      # also builds, so the kernels stay free of sm_90-only features until one is wanted.
       if(NOT CMAKE_CUDA_ARCHITECTURES)
-        set(CMAKE_CUDA_ARCHITECTURES 90)
+        set(CMAKE_CUDA_ARCHITECTURES 80 90)
       endif()
       enable_language(CUDA)
-      add_library(moe_cuda_kernels STATIC ${MOE_CUDA_SRC})
+      set(CMAKE_CUDA_STANDARD 17)
+      # Shared: a static CUDA library would make every executable that links it link through
+      # nvcc, which rejects the sanitizer and fuzzer link flags; a shared one keeps C links.
+      add_library(moe_cuda_kernels SHARED ${MOE_CUDA_SRC})
       target_include_directories(moe_cuda_kernels PUBLIC ${CMAKE_SOURCE_DIR})
-      target_link_libraries(moe_cuda_kernels PUBLIC CUDA::cudart)
+      target_compile_options(moe_cuda_kernels PRIVATE -Xcompiler=-Wall,-Wextra)
+      if(MOE_WERROR)
+        target_compile_options(moe_cuda_kernels PRIVATE --Werror=all-warnings)
+      endif()
+      # the CUDA backend (worker/compute/backend_cuda.c) calls cuBLAS; cuBLASLt comes with it
+      target_link_libraries(moe_cuda_kernels PUBLIC CUDA::cudart CUDA::cublas CUDA::cublasLt)
     endif()
   elseif(MOE_CUDA STREQUAL "ON")
     message(FATAL_ERROR "MOE_CUDA=ON but no CUDA toolkit was found")

@@ -34,6 +34,20 @@ unit_tests() { # unit_tests BUILD_DIR: every Criterion binary must run at least 
 
 stage "build (warnings as errors)" scripts/build.sh build -DMOE_WERROR=ON
 stage "unit tests" unit_tests build
+cuda_built() { # where a CUDA toolkit is installed the build must have compiled the CUDA backend
+  # (nvcc, sm_80 + sm_90, warnings as errors) and moe-serve must link cuBLAS and NCCL
+  [ -f build/libmoe_cuda_kernels.so ] || { echo "toolkit found but no libmoe_cuda_kernels.so"; return 1; }
+  local libs
+  libs=$(ldd build/moe-serve) || return 1
+  echo "$libs" | grep -q libcublas || { echo "moe-serve does not link cuBLAS"; return 1; }
+  if [ -f /usr/local/cuda/include/nccl.h ] || [ -f /usr/include/nccl.h ]; then
+    echo "$libs" | grep -q libnccl || { echo "moe-serve does not link NCCL"; return 1; }
+  fi
+  echo "CUDA backend built; moe-serve links: $(echo "$libs" | grep -oE 'lib(cublas|cublasLt|nccl|cudart)[^ ]*' | sort -u | tr '\n' ' ')"
+}
+if [ -x /usr/local/cuda/bin/nvcc ] || command -v nvcc >/dev/null 2>&1; then
+  stage "CUDA backend and NCCL built and linked" cuda_built
+fi
 stage "build (ASan+UBSan)" scripts/build.sh build-asan -DMOE_WERROR=ON -DMOE_SANITIZE="address;undefined" -DCMAKE_BUILD_TYPE=Debug
 stage "unit tests (ASan+UBSan)" unit_tests build-asan
 if [ -x scripts/fuzz.sh ]; then

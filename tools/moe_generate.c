@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/stop.h"
 #include "common/tokenizer.h"
+#include "worker/compute/backend.h"
 #include "worker/engine.h"
 #include "worker/model.h"
 
@@ -23,6 +24,7 @@ typedef struct {
     bool max_new_given; /* --max-new-tokens on the command line (else the default, clamped) */
     moe_sampling_params sp;
     int threads;
+    int device; /* moe_device */
     int block_size;
     int batch_tokens;
     bool ignore_eos;
@@ -46,6 +48,8 @@ static void usage(FILE *f)
           "  --ignore-eos         keep going past end-of-sequence tokens\n"
           "  --no-special         do not add the tokenizer's special tokens (BOS) to the prompt\n"
           "  --threads N          kernel threads (default: all cores)\n"
+          "  --device cpu|cuda    compute backend (default cpu; cuda: GPU 0, built but not yet\n"
+          "                       run on a GPU, see docs/backends.md)\n"
           "  --kv-block-size N    KV cache block size in tokens (default 16)\n"
           "  --batch-tokens N     prefill chunk / step token budget (default 512)\n"
           "  --print-ids          print the generated token ids after the text\n"
@@ -100,7 +104,7 @@ static int parse_float(const char *flag, const char *v, double lo, double hi, fl
 static int parse_args(int argc, char **argv, gen_args *a)
 {
     enum { O_MODEL = 1, O_PROMPT, O_IDS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK, O_SEED, O_STOP, O_IGNORE,
-           O_NOSPECIAL, O_THREADS, O_BLOCK, O_BATCH, O_PRINTIDS, O_QUANT, O_HELP };
+           O_NOSPECIAL, O_THREADS, O_BLOCK, O_BATCH, O_PRINTIDS, O_QUANT, O_DEVICE, O_HELP };
     static const struct option opts[] = {
         {"model", required_argument, 0, O_MODEL},       {"prompt", required_argument, 0, O_PROMPT},
         {"prompt-ids", required_argument, 0, O_IDS},    {"max-new-tokens", required_argument, 0, O_MAXNEW},
@@ -110,7 +114,7 @@ static int parse_args(int argc, char **argv, gen_args *a)
         {"no-special", no_argument, 0, O_NOSPECIAL},    {"threads", required_argument, 0, O_THREADS},
         {"kv-block-size", required_argument, 0, O_BLOCK}, {"batch-tokens", required_argument, 0, O_BATCH},
         {"print-ids", no_argument, 0, O_PRINTIDS},      {"quantize", required_argument, 0, O_QUANT},
-        {"help", no_argument, 0, O_HELP},
+        {"device", required_argument, 0, O_DEVICE},     {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0}};
     *a = (gen_args){.max_new_tokens = 64, .sp = {.temperature = 0.0f, .top_p = 1.0f}};
     int c;
@@ -153,6 +157,15 @@ static int parse_args(int argc, char **argv, gen_args *a)
                 rc = -1;
             }
             break;
+        case O_DEVICE: {
+            moe_device dv = MOE_DEVICE_CPU;
+            if (moe_device_parse(optarg, &dv) != MOE_OK) {
+                fprintf(stderr, "moe-generate: --device: %s\n", moe_error_message());
+                rc = -1;
+            }
+            a->device = (int)dv;
+            break;
+        }
         case O_HELP: usage(stdout); exit(0);
         default: usage(stderr); return -1;
         }
@@ -276,7 +289,7 @@ static int run(const gen_args *a)
         goto out;
     }
     moe_engine_opts eo = {.n_threads = a->threads, .block_size = a->block_size,
-                          .max_batch_tokens = a->batch_tokens, .max_seqs = 1};
+                          .max_batch_tokens = a->batch_tokens, .max_seqs = 1, .device = a->device};
     if ((st = moe_engine_create(model, &eo, &eng)) != MOE_OK ||
         (st = moe_engine_add(eng, 1, prompt, n_prompt, &a->sp, max_new, a->ignore_eos)) != MOE_OK) {
         fprintf(stderr, "moe-generate: %s\n", moe_error_message());

@@ -32,6 +32,7 @@ typedef struct {
 struct moe_engine {
     const moe_model *m;
     moe_threadpool_t *pool;
+    moe_backend *be; /* compute backend of the forward pass and the KV pool */
     moe_kv_cache *kv;
     moe_forward *fw;
     int max_batch_tokens, max_seqs, max_ctx, vocab;
@@ -113,9 +114,10 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
         free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: cannot start %d threads", o.n_threads);
     }
-    if ((st = moe_kv_create(&lay, n_blocks, &e->kv)) != MOE_OK ||
-        (st = moe_forward_create(model, e->pool, o.max_batch_tokens, o.max_seqs, e->max_ctx,
-                                 o.block_size, &e->fw)) != MOE_OK ||
+    if ((st = moe_backend_create((moe_device)o.device, o.device_index, e->pool, &e->be)) != MOE_OK ||
+        (st = moe_kv_create_on(e->be, &lay, n_blocks, &e->kv)) != MOE_OK ||
+        (st = moe_forward_create_on(model, e->be, o.max_batch_tokens, o.max_seqs, e->max_ctx,
+                                    o.block_size, &e->fw)) != MOE_OK ||
         (o.ep_comm && (st = moe_forward_set_ep(e->fw, o.ep_comm, o.ep_placement)) != MOE_OK)) {
         moe_engine_free(e);
         return st;
@@ -142,8 +144,8 @@ moe_status moe_engine_create(const moe_model *model, const moe_engine_opts *opts
         moe_engine_free(e);
         return moe_error(MOE_ERR_NOMEM, "engine: out of memory for step buffers");
     }
-    MOE_LOG_I("engine: %d threads (%s kernels), KV %d blocks x %d tokens (%.1f MiB), batch %d tokens / %d seqs",
-              o.n_threads, moe_isa_name(moe_kernels_isa()), n_blocks, o.block_size,
+    MOE_LOG_I("engine: %s backend, %d threads (%s kernels), KV %d blocks x %d tokens (%.1f MiB), batch %d tokens / %d seqs",
+              e->be->name, o.n_threads, moe_isa_name(moe_kernels_isa()), n_blocks, o.block_size,
               (double)n_blocks * (double)moe_kv_block_bytes(&lay) / 1048576.0, o.max_batch_tokens, o.max_seqs);
     *out = e;
     return MOE_OK;
@@ -167,6 +169,7 @@ void moe_engine_free(moe_engine *e)
     free(e->seqs);
     moe_forward_free(e->fw);
     moe_kv_free(e->kv);
+    moe_backend_free(e->be);
     moe_threadpool_free(e->pool);
     free(e->btok);
     free(e->segs);
@@ -707,6 +710,15 @@ moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_se
 }
 
 float *moe_engine_kv_block(moe_engine *e, int block) { return moe_kv_block_data(e->kv, block); }
+bool moe_engine_kv_host_access(const moe_engine *e) { return moe_kv_host_access(e->kv); }
+moe_status moe_engine_kv_read(moe_engine *e, int block, size_t off, void *dst, size_t n)
+{
+    return moe_kv_read(e->kv, block, off, dst, n);
+}
+moe_status moe_engine_kv_write(moe_engine *e, int block, size_t off, const void *src, size_t n)
+{
+    return moe_kv_write(e->kv, block, off, src, n);
+}
 
 size_t moe_engine_kv_block_bytes(const moe_engine *e) { return moe_kv_block_bytes(moe_kv_get_layout(e->kv)); }
 

@@ -38,6 +38,11 @@ typedef struct {
      * means MOE_EP_OVERLAP_EXPERTS); the same on every rank of the group. Off by default until it
      * measures faster (docs/expert-parallel.md, bench/RESULTS.md). */
     int ep_overlap;
+    /* Compute backend the forward pass and the KV cache run on (a moe_device of
+     * worker/compute/backend.h): MOE_DEVICE_CPU (0, default) or MOE_DEVICE_CUDA (GPU 0; create
+     * fails with MOE_ERR_UNAVAILABLE and a message saying why when there is none). */
+    int device;
+    int device_index; /* which GPU for MOE_DEVICE_CUDA (default 0) */
 } moe_engine_opts;
 
 /* One sampled token. index counts generated tokens of that sequence from 0. */
@@ -141,8 +146,15 @@ moe_status moe_engine_import(moe_engine *e, const moe_seq_state *st, const int *
 /* Grows an imported (paused) sequence to n_computed positions (migration stages). FULL: unchanged. */
 moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_seq_state *st,
                                     const int **blocks, int *n_blocks);
-/* One KV block as a contiguous buffer of moe_engine_kv_block_bytes bytes. */
+/* One KV block as a contiguous buffer of moe_engine_kv_block_bytes bytes. Backend memory: the
+ * host may dereference it (and moe_engine_kv_layer's) only when moe_engine_kv_host_access says so
+ * (always on the CPU backend); otherwise go through moe_engine_kv_read / _write. */
 float *moe_engine_kv_block(moe_engine *e, int block);
+bool moe_engine_kv_host_access(const moe_engine *e);
+/* Bytes [off, off + n) of a block to / from host memory, on any backend (staged through host
+ * memory on a device). */
+moe_status moe_engine_kv_read(moe_engine *e, int block, size_t off, void *dst, size_t n);
+moe_status moe_engine_kv_write(moe_engine *e, int block, size_t off, const void *src, size_t n);
 size_t moe_engine_kv_block_bytes(const moe_engine *e);
 int moe_engine_kv_block_size(const moe_engine *e);
 

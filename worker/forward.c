@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "worker/compute/model_map.h"
 #include "worker/forward_internal.h"
 
 static void *xcalloc_count(size_t n, size_t size, int *failed)
@@ -18,8 +19,38 @@ static void *xcalloc_count(size_t n, size_t size, int *failed)
     return p;
 }
 
+/* A zeroed backend buffer of n elements of size bytes. */
+static void *balloc(moe_forward *f, size_t n, size_t size, int *failed)
+{
+    void *p = f->be->ops->alloc(f->be, n * size);
+    if (!p)
+        *failed = 1;
+    return p;
+}
+
+static void bfree(moe_forward *f, void *p)
+{
+    if (p)
+        f->be->ops->free(f->be, p);
+}
+
 moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int max_tokens,
                               int max_segs, int max_ctx, int block_size, moe_forward **out)
+{
+    moe_backend *be;
+    moe_status st = moe_backend_cpu_create(pool, &be);
+    if (st != MOE_OK)
+        return st;
+    if ((st = moe_forward_create_on(m, be, max_tokens, max_segs, max_ctx, block_size, out)) != MOE_OK) {
+        moe_backend_free(be);
+        return st;
+    }
+    (*out)->be_owned = true;
+    return MOE_OK;
+}
+
+moe_status moe_forward_create_on(const moe_model *m, moe_backend *be, int max_tokens, int max_segs,
+                                 int max_ctx, int block_size, moe_forward **out)
 {
     const moe_model_config *c = &m->cfg;
     if (max_tokens <= 0 || max_segs <= 0 || max_ctx <= 0 || block_size <= 0)
@@ -31,11 +62,10 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
     /* Which code each kernel runs (the choice is per kernel and per process): once per process. */
     static _Atomic int kernels_logged;
     if (!atomic_exchange(&kernels_logged, 1))
-        MOE_LOG_I("kernels: %s", moe_kernels_describe());
-    f->m = m;
+        MOE_LOG_I("compute: %s backend: %s", be->name, be->ops->describe(be));
+    f->be = be;
+    f->m_host = m;
     f->c = c;
-    f->pool = pool;
-    f->n_threads = pool ? moe_threadpool_size(pool) : 1;
     f->max_tokens = max_tokens;
     f->max_segs = max_segs;
     f->max_ctx = max_ctx;
@@ -54,36 +84,59 @@ moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int ma
         f->ffn_max = c->dense_ffn;
     if (c->shared_expert_ffn > f->ffn_max)
         f->ffn_max = c->shared_expert_ffn;
+    f->geom = (moe_kv_geom){.n_layers = c->n_layers, .n_kv_head = f->nkv, .head_dim = f->hd,
+                            .block_size = block_size};
+    moe_status st = moe_model_map(be, m, &f->m);
+    if (st != MOE_OK) {
+        free(f);
+        return st;
+    }
 
-    size_t T = (size_t)max_tokens;
+    size_t T = (size_t)max_tokens, E = (size_t)(f->n_exp > 0 ? f->n_exp : 1), K = (size_t)f->topk;
     int failed = 0;
-    f->x = xcalloc_count(T * f->d, sizeof(float), &failed);
-    f->xb = xcalloc_count(T * f->d, sizeof(float), &failed);
-    f->q = xcalloc_count(T * f->qdim, sizeof(float), &failed);
-    f->k = xcalloc_count(T * f->kvdim, sizeof(float), &failed);
-    f->v = xcalloc_count(T * f->kvdim, sizeof(float), &failed);
-    f->att = xcalloc_count(T * f->qdim, sizeof(float), &failed);
-    f->router = xcalloc_count(T * (size_t)(f->n_exp > 0 ? f->n_exp : 1), sizeof(float), &failed);
-    f->top_idx = xcalloc_count(T * f->topk, sizeof(int), &failed);
-    f->top_w = xcalloc_count(T * f->topk, sizeof(float), &failed);
-    f->moe_out = xcalloc_count(T * f->d, sizeof(float), &failed);
-    f->sh_gate = xcalloc_count(T, sizeof(float), &failed);
+    f->x = balloc(f, T * f->d, sizeof(float), &failed);
+    f->xb = balloc(f, T * f->d, sizeof(float), &failed);
+    f->q = balloc(f, T * f->qdim, sizeof(float), &failed);
+    f->k = balloc(f, T * f->kvdim, sizeof(float), &failed);
+    f->v = balloc(f, T * f->kvdim, sizeof(float), &failed);
+    f->att = balloc(f, T * f->qdim, sizeof(float), &failed);
+    f->router = balloc(f, T * E, sizeof(float), &failed);
+    f->top_idx = balloc(f, T * K, sizeof(int32_t), &failed);
+    f->top_w = balloc(f, T * K, sizeof(float), &failed);
+    f->moe_out = balloc(f, T * f->d, sizeof(float), &failed);
+    f->sh_gate = balloc(f, T, sizeof(float), &failed);
+    f->rope = balloc(f, (size_t)max_ctx * f->hd, sizeof(float), &failed);
+    f->host_mem = !failed && be->ops->host_ptr(be, f->x) != NULL;
+    if (f->host_mem) {
+        f->top_idx_h = f->top_idx;
+        f->top_w_h = f->top_w;
+    } else {
+        f->top_idx_h = xcalloc_count(T * K, sizeof(int32_t), &failed);
+        f->top_w_h = xcalloc_count(T * K, sizeof(float), &failed);
+    }
+    f->kv_dst = xcalloc_count(T, sizeof(int), &failed);
+    f->attn_segs = xcalloc_count((size_t)max_segs, sizeof(moe_attn_seg), &failed);
     f->exp_count = xcalloc_count((size_t)f->n_exp + 1, sizeof(int), &failed);
     f->exp_off = xcalloc_count((size_t)f->n_exp + 2, sizeof(int), &failed);
-    f->expert_tokens = xcalloc_count((size_t)c->n_layers * (size_t)(f->n_exp > 0 ? f->n_exp : 1),
-                                     sizeof(int64_t), &failed);
+    f->expert_tokens = xcalloc_count((size_t)c->n_layers * E, sizeof(int64_t), &failed);
     f->tok_pos = xcalloc_count(T, sizeof(int), &failed);
     f->tok_seg = xcalloc_count(T, sizeof(int), &failed);
-    f->rope = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
-    size_t nptr = (size_t)max_segs * f->nkv * f->max_blocks;
-    f->kptr = xcalloc_count(nptr, sizeof(float *), &failed);
-    f->vptr = xcalloc_count(nptr, sizeof(float *), &failed);
+    float *rope_h = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
     f->ep_size = 1;
     if (failed || moe_fwd_ep_alloc(f) != MOE_OK) {
+        free(rope_h);
         moe_forward_free(f);
         return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate buffers for %d tokens", max_tokens);
     }
-    moe_rope_table(f->rope, max_ctx, f->hd, c->rope_theta);
+    moe_rope_table(rope_h, max_ctx, f->hd, c->rope_theta);
+    st = be->ops->upload(be, f->rope, rope_h, sizeof(float) * (size_t)max_ctx * f->hd);
+    free(rope_h);
+    if (st == MOE_OK)
+        st = be->ops->reserve(be, max_segs, f->max_blocks, f->nkv, max_tokens * f->topk);
+    if (st != MOE_OK) {
+        moe_forward_free(f);
+        return st;
+    }
     *out = f;
     return MOE_OK;
 }
@@ -92,15 +145,28 @@ void moe_forward_free(moe_forward *f)
 {
     if (!f)
         return;
-    void *bufs[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
-                    f->moe_out, f->sh_gate, f->exp_count, f->exp_off, f->expert_tokens,
-                    f->tok_pos, f->tok_seg, f->rope, (void *)f->kptr, (void *)f->vptr};
+    void *dev[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
+                   f->moe_out, f->sh_gate, f->rope, f->logits_dev};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        bfree(f, dev[i]);
+    if (!f->host_mem) {
+        free(f->top_idx_h);
+        free(f->top_w_h);
+    }
+    void *bufs[] = {f->kv_dst, f->attn_segs, f->exp_count, f->exp_off, f->expert_tokens,
+                    f->tok_pos, f->tok_seg};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     moe_fwd_ep_free(f);
     moe_ep_placement_free(&f->place);
+    if (f->m)
+        moe_model_unmap(f->be, f->m_host, f->m);
+    if (f->be_owned)
+        moe_backend_free(f->be);
     free(f);
 }
+
+moe_backend *moe_forward_backend(const moe_forward *f) { return f->be; }
 
 /* Expert-side buffers depend on the group size S: a rank may receive rows from every peer, and one
  * expert at most one row per token of each peer. */
@@ -110,16 +176,20 @@ moe_status moe_fwd_ep_alloc(moe_forward *f)
     size_t T = (size_t)f->max_tokens, K = (size_t)f->topk, S = (size_t)f->ep_size, d = (size_t)f->d;
     size_t rows = S * T, recv = S * T * K;
     int failed = 0;
-    f->eh = xcalloc_count(rows * d, sizeof(float), &failed);
-    f->eo = xcalloc_count(rows * d, sizeof(float), &failed);
-    f->eg = xcalloc_count(rows * (size_t)f->ffn_max, sizeof(float), &failed);
-    f->eu = xcalloc_count(rows * (size_t)f->ffn_max, sizeof(float), &failed);
-    f->ep_send = xcalloc_count(T * K * (d + 1), sizeof(float), &failed);
+    f->eh = balloc(f, rows * d, sizeof(float), &failed);
+    f->eo = balloc(f, rows * d, sizeof(float), &failed);
+    f->eg = balloc(f, rows * (size_t)f->ffn_max, sizeof(float), &failed);
+    f->eu = balloc(f, rows * (size_t)f->ffn_max, sizeof(float), &failed);
+    f->ep_send = balloc(f, T * K * (d + 1), sizeof(float), &failed);
+    f->ep_back = balloc(f, T * K * d, sizeof(float), &failed);
+    f->ep_recv = balloc(f, recv * (d + 1), sizeof(float), &failed);
+    f->ep_out = balloc(f, recv * d, sizeof(float), &failed);
+    if (!f->host_mem && S > 1)
+        f->ep_recv_h = xcalloc_count(recv * (d + 1), sizeof(float), &failed);
     f->ep_send_tok = xcalloc_count(T * K, sizeof(int), &failed);
     f->ep_send_w = xcalloc_count(T * K, sizeof(float), &failed);
-    f->ep_back = xcalloc_count(T * K * d, sizeof(float), &failed);
-    f->ep_recv = xcalloc_count(recv * (d + 1), sizeof(float), &failed);
-    f->ep_out = xcalloc_count(recv * d, sizeof(float), &failed);
+    f->pk_row = xcalloc_count(T * K, sizeof(int), &failed);
+    f->pk_tag = xcalloc_count(T * K, sizeof(int32_t), &failed);
     f->exp_tok = xcalloc_count(recv, sizeof(int), &failed);
     f->ep_order = xcalloc_count(recv, sizeof(int), &failed);
     f->cnt_send = xcalloc_count(S, sizeof(int), &failed);
@@ -132,13 +202,18 @@ moe_status moe_fwd_ep_alloc(moe_forward *f)
 
 void moe_fwd_ep_free(moe_forward *f)
 {
-    void *bufs[] = {f->eh, f->eo, f->eg, f->eu, f->ep_send, f->ep_send_tok, f->ep_send_w, f->ep_back,
-                    f->ep_recv, f->ep_out, f->exp_tok, f->ep_order, f->cnt_send, f->cnt_recv};
+    void *dev[] = {f->eh, f->eo, f->eg, f->eu, f->ep_send, f->ep_back, f->ep_recv, f->ep_out};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        bfree(f, dev[i]);
+    void *bufs[] = {f->ep_recv_h, f->ep_send_tok, f->ep_send_w, f->pk_row, f->pk_tag, f->exp_tok,
+                    f->ep_order, f->cnt_send, f->cnt_recv};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     moe_fwd_tbo_free(f);
     f->eh = f->eo = f->eg = f->eu = f->ep_send = f->ep_send_w = f->ep_back = f->ep_recv = f->ep_out = NULL;
-    f->ep_send_tok = f->exp_tok = f->ep_order = NULL;
+    f->ep_recv_h = NULL;
+    f->ep_send_tok = f->exp_tok = f->ep_order = f->pk_row = NULL;
+    f->pk_tag = NULL;
     f->cnt_send = f->cnt_recv = NULL;
 }
 
@@ -181,140 +256,60 @@ void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer)
     f->layer_hook_ctx = ctx;
 }
 
-static void add_bias(float *y, const float *bias, int n_tok, int n)
+static void add_bias(moe_forward *f, float *y, const float *bias, int n_tok, int n)
 {
-    if (!bias)
-        return;
-    for (int t = 0; t < n_tok; t++)
-        moe_axpy(y + (size_t)t * n, 1.0f, bias, n);
-}
-
-static void clamp_all(float *x, size_t n, float lim)
-{
-    for (size_t i = 0; i < n; i++)
-        x[i] = x[i] > lim ? lim : (x[i] < -lim ? -lim : x[i]);
+    if (bias)
+        f->be->ops->add_rows(f->be, y, bias, n_tok, n);
 }
 
 /* ---- attention ---- */
-
-/* Query tokens of one sequence per attention task: moe_attention_multi reads each K/V chunk once
- * for all of them (prefill: 8 queries share what 8 tasks re-read from L2/L3 before). A decode
- * sequence (one token) is a task of its own, as before. */
-#define ATTN_TILE 8
-
-typedef struct {
-    moe_forward *f;
-    const moe_batch *b;
-    float scale;
-    int group; /* query heads per kv head */
-} attn_job;
-
-static void attn_task(void *arg, int task, int thread)
-{
-    (void)thread;
-    const attn_job *j = arg;
-    moe_forward *f = j->f;
-    int tile = task / f->nkv, h = task % f->nkv;
-    int seg = 0;
-    for (;; seg++) { /* the segment holding this tile: segments are few, tasks short */
-        int n_tiles = (j->b->segs[seg].n + ATTN_TILE - 1) / ATTN_TILE;
-        if (tile < n_tiles)
-            break;
-        tile -= n_tiles;
-    }
-    const moe_batch_seg *sg = &j->b->segs[seg];
-    int i0 = tile * ATTN_TILE, n = sg->n - i0 < ATTN_TILE ? sg->n - i0 : ATTN_TILE;
-    int t = sg->tok_begin + i0;
-    size_t base = ((size_t)seg * f->nkv + h) * f->max_blocks;
-    moe_kv_view view = {
-        .k_base = f->kptr + base,
-        .v_base = f->vptr + base,
-        .block_size = f->block_size,
-        .head_stride = (size_t)f->block_size * f->hd,
-    };
-    size_t qoff = (size_t)t * f->qdim + (size_t)h * j->group * f->hd;
-    moe_attention_multi(f->att + qoff, (size_t)f->qdim, f->q + qoff, (size_t)f->qdim, &view, n,
-                        f->tok_pos[t] + 1, j->group, 1, f->hd, j->scale);
-}
 
 static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b, int layer)
 {
     const moe_model_config *c = f->c;
     const moe_layer_weights *lw = &f->m->layers[layer];
+    const moe_backend_ops *o = f->be->ops;
+    moe_backend *be = f->be;
     int T = b->n_tokens;
 
-    /* q, k and v in one pool run: one synchronisation, x quantized once for Q8/Q4 */
+    /* q, k and v in one batch: one synchronisation, x quantized once for Q8/Q4 */
     const moe_matmul_desc qkv[3] = {moe_fwd_desc(f->q, f->xb, &lw->wq, T),
                                     moe_fwd_desc(f->k, f->xb, &lw->wk, T),
                                     moe_fwd_desc(f->v, f->xb, &lw->wv, T)};
-    moe_matmul_batch(f->pool, qkv, 3);
-    add_bias(f->q, lw->bq, T, f->qdim);
-    add_bias(f->k, lw->bk, T, f->kvdim);
-    add_bias(f->v, lw->bv, T, f->kvdim);
+    o->matmul_batch(be, qkv, 3);
+    add_bias(f, f->q, lw->bq, T, f->qdim);
+    add_bias(f, f->k, lw->bk, T, f->kvdim);
+    add_bias(f, f->v, lw->bv, T, f->kvdim);
     if (c->qk_norm == 1) { /* OLMoE: RMSNorm over the whole projection */
-        for (int t = 0; t < T; t++) {
-            moe_rmsnorm(f->q + (size_t)t * f->qdim, f->q + (size_t)t * f->qdim, lw->q_norm, f->qdim, c->rms_eps);
-            moe_rmsnorm(f->k + (size_t)t * f->kvdim, f->k + (size_t)t * f->kvdim, lw->k_norm, f->kvdim, c->rms_eps);
-        }
+        o->rmsnorm(be, f->q, f->q, lw->q_norm, T, f->qdim, c->rms_eps);
+        o->rmsnorm(be, f->k, f->k, lw->k_norm, T, f->kvdim, c->rms_eps);
     } else if (c->qk_norm == 2) { /* Qwen3: RMSNorm per head */
-        for (int i = 0; i < T * f->nh; i++)
-            moe_rmsnorm(f->q + (size_t)i * f->hd, f->q + (size_t)i * f->hd, lw->q_norm, f->hd, c->rms_eps);
-        for (int i = 0; i < T * f->nkv; i++)
-            moe_rmsnorm(f->k + (size_t)i * f->hd, f->k + (size_t)i * f->hd, lw->k_norm, f->hd, c->rms_eps);
+        o->rmsnorm(be, f->q, f->q, lw->q_norm, T * f->nh, f->hd, c->rms_eps);
+        o->rmsnorm(be, f->k, f->k, lw->k_norm, T * f->nkv, f->hd, c->rms_eps);
     }
     if (c->clip_qkv > 0) { /* OLMoE clamps after the q/k norms */
-        clamp_all(f->q, (size_t)T * f->qdim, c->clip_qkv);
-        clamp_all(f->k, (size_t)T * f->kvdim, c->clip_qkv);
-        clamp_all(f->v, (size_t)T * f->kvdim, c->clip_qkv);
+        o->clamp(be, f->q, (size_t)T * f->qdim, c->clip_qkv);
+        o->clamp(be, f->k, (size_t)T * f->kvdim, c->clip_qkv);
+        o->clamp(be, f->v, (size_t)T * f->kvdim, c->clip_qkv);
     }
-    for (int t = 0; t < T; t++) {
-        const float *cs = f->rope + (size_t)f->tok_pos[t] * f->hd;
-        moe_rope(f->q + (size_t)t * f->qdim, f->nh, f->hd, cs);
-        moe_rope(f->k + (size_t)t * f->kvdim, f->nkv, f->hd, cs);
-    }
+    o->rope(be, f->q, T, (size_t)f->qdim, f->nh, f->hd, f->tok_pos, f->rope);
+    o->rope(be, f->k, T, (size_t)f->kvdim, f->nkv, f->hd, f->tok_pos, f->rope);
 
-    /* Write this layer's K/V of every token into its sequence's blocks, then point the per-head
-     * block tables at them: all writes land before any token of the batch attends. */
-    int bs = f->block_size;
-    for (int t = 0; t < T; t++) {
-        const moe_kv_seq *sq = b->segs[f->tok_seg[t]].kv;
-        int pos = f->tok_pos[t];
-        int blk = sq->blocks[pos / bs], slot = pos % bs;
-        float *kb = moe_kv_block_k(kv, blk, layer), *vb = moe_kv_block_v(kv, blk, layer);
-        for (int h = 0; h < f->nkv; h++) {
-            size_t off = ((size_t)h * bs + slot) * f->hd;
-            memcpy(kb + off, f->k + (size_t)t * f->kvdim + (size_t)h * f->hd, sizeof(float) * f->hd);
-            memcpy(vb + off, f->v + (size_t)t * f->kvdim + (size_t)h * f->hd, sizeof(float) * f->hd);
-        }
-    }
-    for (int s = 0; s < b->n_segs; s++) {
-        const moe_batch_seg *sg = &b->segs[s];
-        int nblk = (sg->pos0 + sg->n + bs - 1) / bs;
-        for (int h = 0; h < f->nkv; h++) {
-            size_t base = ((size_t)s * f->nkv + h) * f->max_blocks;
-            size_t hoff = (size_t)h * bs * f->hd;
-            for (int i = 0; i < nblk; i++) {
-                f->kptr[base + i] = moe_kv_block_k(kv, sg->kv->blocks[i], layer) + hoff;
-                f->vptr[base + i] = moe_kv_block_v(kv, sg->kv->blocks[i], layer) + hoff;
-            }
-        }
-    }
-    attn_job job = {.f = f, .b = b, .scale = 1.0f / sqrtf((float)f->hd), .group = f->nh / f->nkv};
-    int n_tiles = 0;
-    for (int s = 0; s < b->n_segs; s++)
-        n_tiles += (b->segs[s].n + ATTN_TILE - 1) / ATTN_TILE;
-    moe_threadpool_run(f->pool, attn_task, &job, n_tiles * f->nkv);
+    /* Write this layer's K/V of every token into its sequence's blocks: all writes land before
+     * any token of the batch attends. */
+    float *pool = moe_kv_pool(kv);
+    o->kv_write(be, pool, &f->geom, layer, f->k, f->v, f->kv_dst, T);
+    o->attention(be, f->att, f->q, pool, &f->geom, layer, f->attn_segs, b->n_segs, f->nh,
+                 1.0f / sqrtf((float)f->hd));
 
     moe_fwd_linear(f, f->eo, f->att, &lw->wo, T);
-    for (int t = 0; t < T; t++)
-        moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
+    o->axpy(be, f->x, 1.0f, f->eo, (size_t)T * f->d);
 }
 
 static void dense_layer(moe_forward *f, const moe_layer_weights *lw, int T)
 {
     moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
-    for (int t = 0; t < T; t++)
-        moe_axpy(f->x + (size_t)t * f->d, 1.0f, f->eo + (size_t)t * f->d, f->d);
+    f->be->ops->axpy(f->be, f->x, 1.0f, f->eo, (size_t)T * f->d);
 }
 
 /* ---- the whole pass ---- */
@@ -352,35 +347,42 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
         return st;
     const moe_model *m = f->m;
     const moe_model_config *c = f->c;
+    moe_backend *be = f->be;
+    const moe_backend_ops *o = be->ops;
     int T = b->n_tokens, d = f->d;
-    size_t row_bytes = (size_t)d * (m->embed.dtype == MOE_DT_F32 ? 4 : 2);
     if (T == 0) {
         for (int l = 0; l < c->n_layers; l++)
             if (m->layers[l].is_moe && (st = moe_fwd_moe_layer(f, &m->layers[l], l, 0)) != MOE_OK)
                 return st;
-        return MOE_OK;
+        return o->synchronize(be);
     }
 
-    for (int s = 0; s < b->n_segs; s++)
-        for (int i = 0; i < b->segs[s].n; i++) {
-            int t = b->segs[s].tok_begin + i;
+    /* Host metadata of the step: positions, K/V slots and the attention segments. */
+    int bs = f->block_size;
+    for (int s = 0; s < b->n_segs; s++) {
+        const moe_batch_seg *sg = &b->segs[s];
+        f->attn_segs[s] = (moe_attn_seg){.blocks = sg->kv->blocks, .pos0 = sg->pos0,
+                                         .tok_begin = sg->tok_begin, .n = sg->n};
+        for (int i = 0; i < sg->n; i++) {
+            int t = sg->tok_begin + i, pos = sg->pos0 + i;
             f->tok_seg[t] = s;
-            f->tok_pos[t] = b->segs[s].pos0 + i;
+            f->tok_pos[t] = pos;
+            f->kv_dst[t] = sg->kv->blocks[pos / bs] * bs + pos % bs;
         }
-    for (int t = 0; t < T; t++)
-        moe_convert_to_f32(f->x + (size_t)t * d,
-                           (const char *)m->embed.data + (size_t)b->tokens[t] * row_bytes,
-                           m->embed.dtype, (size_t)d);
+    }
+    o->embed(be, f->x, m->embed.data, m->embed.dtype, b->tokens, T, d);
 
     for (int l = 0; l < c->n_layers; l++) {
         const moe_layer_weights *lw = &m->layers[l];
-        for (int t = 0; t < T; t++)
-            moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->attn_norm, d, c->rms_eps);
+        o->rmsnorm(be, f->xb, f->x, lw->attn_norm, T, d, c->rms_eps);
         attention_layer(f, kv, b, l);
-        if (f->layer_hook)
+        if (f->layer_hook) {
+            /* the hook reads this layer's K/V from the cache: it must have landed */
+            if ((st = o->synchronize(be)) != MOE_OK)
+                return st;
             f->layer_hook(f->layer_hook_ctx, l);
-        for (int t = 0; t < T; t++)
-            moe_rmsnorm(f->xb + (size_t)t * d, f->x + (size_t)t * d, lw->ffn_norm, d, c->rms_eps);
+        }
+        o->rmsnorm(be, f->xb, f->x, lw->ffn_norm, T, d, c->rms_eps);
         if (lw->is_moe) {
             if ((st = moe_fwd_moe_layer(f, lw, l, T)) != MOE_OK)
                 return st;
@@ -389,10 +391,20 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
     }
 
     if (b->n_logit_rows > 0) {
-        for (int r = 0; r < b->n_logit_rows; r++)
-            moe_rmsnorm(f->eh + (size_t)r * d, f->x + (size_t)b->logit_rows[r] * d, m->final_norm, d,
-                        c->rms_eps);
-        moe_fwd_linear(f, b->logits, f->eh, &m->lm_head, b->n_logit_rows);
+        int n = b->n_logit_rows;
+        size_t vocab = (size_t)c->vocab_size;
+        o->gather(be, f->eh, (size_t)d, f->x, (size_t)d, b->logit_rows, n, d);
+        o->rmsnorm(be, f->eh, f->eh, m->final_norm, n, d, c->rms_eps);
+        if (f->host_mem) {
+            moe_fwd_linear(f, b->logits, f->eh, &m->lm_head, n);
+        } else {
+            if (!f->logits_dev &&
+                !(f->logits_dev = o->alloc(be, sizeof(float) * (size_t)f->max_tokens * vocab)))
+                return moe_error(MOE_ERR_NOMEM, "forward: %s backend cannot hold logits of %d rows",
+                                 be->name, f->max_tokens);
+            moe_fwd_linear(f, f->logits_dev, f->eh, &m->lm_head, n);
+            return o->download(be, b->logits, f->logits_dev, sizeof(float) * (size_t)n * vocab);
+        }
     }
-    return MOE_OK;
+    return o->synchronize(be);
 }

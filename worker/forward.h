@@ -9,6 +9,7 @@
 #include "common/status.h"
 #include "kernels/kernels.h"
 #include "worker/comm.h"
+#include "worker/compute/backend.h"
 #include "worker/ep_placement.h"
 #include "worker/kv_cache.h"
 #include "worker/model.h"
@@ -39,7 +40,13 @@ typedef struct {
  * sequence (positions); block_size: the KV cache's. pool may be NULL (single thread). */
 moe_status moe_forward_create(const moe_model *m, moe_threadpool_t *pool, int max_tokens,
                               int max_segs, int max_ctx, int block_size, moe_forward **out);
+/* The same on backend be (not owned; must outlive f): the model's tensors are mapped into its
+ * memory (moe_model_map) and every op of the pass runs there. kv must then be a cache created on
+ * be (moe_kv_create_on). moe_forward_create above is this on a CPU backend over pool. */
+moe_status moe_forward_create_on(const moe_model *m, moe_backend *be, int max_tokens, int max_segs,
+                                 int max_ctx, int block_size, moe_forward **out);
 void moe_forward_free(moe_forward *f);
+moe_backend *moe_forward_backend(const moe_forward *f);
 
 /* Makes the MoE layers expert-parallel over comm's group with this placement (copied). The model
  * must have been loaded with (at least) the experts the placement gives this rank. Every rank of

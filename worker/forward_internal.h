@@ -4,6 +4,7 @@
 #define MOE_WORKER_FORWARD_INTERNAL_H
 
 #include "worker/comm.h"
+#include "worker/compute/backend.h"
 #include "worker/ep_placement.h"
 #include "worker/forward.h"
 
@@ -19,34 +20,46 @@ typedef struct {
     int64_t bytes_sent, bytes_remote;
 } moe_fwd_ep_stat;
 
+/* Buffers marked B live in the backend's memory (worker/compute/backend.h), the rest in host
+ * memory: per-row metadata the host computes (routing groups, positions, block slots). */
 struct moe_forward {
-    const moe_model *m;
+    const moe_model *m;      /* the model as the backend sees it (moe_model_map) */
+    const moe_model *m_host; /* the loaded model */
     const moe_model_config *c;
-    moe_threadpool_t *pool;
-    int n_threads;
+    moe_backend *be;
+    bool be_owned;           /* created by moe_forward_create for its pool */
+    bool host_mem;           /* the host can address backend memory (CPU backend) */
     int max_tokens, max_segs, max_ctx, block_size, max_blocks;
     int d, nh, nkv, hd, qdim, kvdim, ffn_max, n_exp, topk;
+    moe_kv_geom geom;
 
+    /* B unless said otherwise */
     float *x;       /* (T, d) residual stream */
     float *xb;      /* (T, d) normed input of the current sub-layer */
     float *q;       /* (T, qdim) */
     float *k, *v;   /* (T, kvdim) */
     float *att;     /* (T, qdim) attention output */
     float *router;  /* (T, n_exp) */
-    int *top_idx;   /* (T, topk) */
+    int32_t *top_idx; /* (T, topk) */
     float *top_w;   /* (T, topk) */
+    int32_t *top_idx_h; /* H: top_idx as the host reads it (top_idx itself on the CPU backend) */
+    float *top_w_h;     /* H: likewise */
     float *moe_out; /* (T, d) */
     float *eh;      /* (S*T, d) rows gathered for one expert; also the final-norm rows */
     float *eg, *eu; /* (S*T, ffn_max) */
     float *eo;      /* (S*T, d) */
     float *sh_gate; /* (T) shared-expert gate logits */
-    int *exp_count; /* [n_exp] */
-    int *exp_off;   /* [n_exp + 1] */
-    int *exp_tok;   /* [ep_cap_recv] scratch: expert of each received row */
-    int *tok_pos;   /* [T] position of each token */
-    int *tok_seg;   /* [T] segment of each token */
+    float *logits_dev; /* (max_tokens, vocab) when the host cannot address backend memory */
+    int *kv_dst;    /* H [T] block * block_size + slot of each token's K/V */
+    moe_attn_seg *attn_segs; /* H [max_segs] */
+    int *pk_row;    /* H [T*topk] source row of each packed/gathered row */
+    int32_t *pk_tag; /* H [T*topk] expert id of each sent row */
+    int *exp_count; /* H [n_exp] */
+    int *exp_off;   /* H [n_exp + 1] */
+    int *exp_tok;   /* H [ep_cap_recv] scratch: expert of each received row */
+    int *tok_pos;   /* H [T] position of each token */
+    int *tok_seg;   /* H [T] segment of each token */
     float *rope;    /* (max_ctx, hd): cos then sin halves */
-    const float **kptr, **vptr; /* (max_segs, nkv, max_blocks) per-head block bases of one layer */
 
     int64_t *expert_tokens; /* (n_layers, n_exp) assignments computed here, for load statistics */
 
@@ -63,10 +76,11 @@ struct moe_forward {
     float *ep_recv;    /* (ep_cap_recv, d+1) */
     float *ep_out;     /* (ep_cap_recv, d) expert outputs, in receive order */
     float *ep_back;    /* (T*topk, d) outputs returned to us, in send order */
-    int *ep_send_tok;  /* [T*topk] token of each sent row */
-    float *ep_send_w;  /* [T*topk] its routing weight */
-    int *ep_order;     /* [ep_cap_recv] received rows sorted by expert */
-    int *cnt_send, *cnt_recv;          /* [ep_size] rows of the plain (not overlapped) exchange */
+    float *ep_recv_h;  /* H (ep_cap_recv, d+1) staging to read received expert ids, device only */
+    int *ep_send_tok;  /* H [T*topk] token of each sent row */
+    float *ep_send_w;  /* H [T*topk] its routing weight */
+    int *ep_order;     /* H [ep_cap_recv] received rows sorted by expert */
+    int *cnt_send, *cnt_recv;          /* H [ep_size] rows of the plain (not overlapped) exchange */
 
     /* Two-batch overlap (moe_forward_set_ep_overlap): the layer's routed rows split in two
      * micro-batches A and B whose exchanges run while the other's experts compute. Every exchange

@@ -16,6 +16,7 @@ struct moe_kv_cache {
     int *refcount;     /* [n_blocks] */
     int *free_stack;   /* [n_blocks] free block ids; top at n_free - 1 */
     int n_free;
+    moe_backend *be;   /* NULL: the pool is this file's own mmap */
 };
 
 size_t moe_kv_block_floats(const moe_kv_layout *lay)
@@ -27,6 +28,11 @@ size_t moe_kv_block_floats(const moe_kv_layout *lay)
 size_t moe_kv_block_bytes(const moe_kv_layout *lay) { return moe_kv_block_floats(lay) * sizeof(float); }
 
 moe_status moe_kv_create(const moe_kv_layout *lay, int n_blocks, moe_kv_cache **out)
+{
+    return moe_kv_create_on(NULL, lay, n_blocks, out);
+}
+
+moe_status moe_kv_create_on(moe_backend *be, const moe_kv_layout *lay, int n_blocks, moe_kv_cache **out)
 {
     if (n_blocks <= 0 || lay->n_layers <= 0 || lay->n_kv_heads <= 0 || lay->head_dim <= 0 ||
         lay->block_size <= 0)
@@ -41,17 +47,24 @@ moe_status moe_kv_create(const moe_kv_layout *lay, int n_blocks, moe_kv_cache **
     kv->block_floats = moe_kv_block_floats(lay);
     kv->n_blocks = n_blocks;
     kv->pool_bytes = kv->block_floats * sizeof(float) * (size_t)n_blocks;
-    void *p = mmap(NULL, kv->pool_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    kv->be = be;
+    void *p = be ? be->ops->alloc(be, kv->pool_bytes)
+                 : mmap(NULL, kv->pool_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!p)
+        p = MAP_FAILED;
     kv->refcount = calloc((size_t)n_blocks, sizeof(int));
     kv->free_stack = malloc((size_t)n_blocks * sizeof(int));
     if (p == MAP_FAILED || !kv->refcount || !kv->free_stack) {
-        if (p != MAP_FAILED)
+        if (p != MAP_FAILED && be)
+            be->ops->free(be, p);
+        else if (p != MAP_FAILED)
             munmap(p, kv->pool_bytes);
         size_t bytes = kv->pool_bytes;
         free(kv->refcount);
         free(kv->free_stack);
         free(kv);
-        return moe_error(MOE_ERR_NOMEM, "kv cache: cannot allocate %d blocks (%zu bytes)", n_blocks, bytes);
+        return moe_error(MOE_ERR_NOMEM, "kv cache: cannot allocate %d blocks (%zu bytes) on %s", n_blocks,
+                         bytes, be ? be->name : "the host");
     }
     kv->pool = p;
     /* Low ids on top so that allocation order is predictable (helps debugging and tests). */
@@ -66,10 +79,55 @@ void moe_kv_free(moe_kv_cache *kv)
 {
     if (!kv)
         return;
-    munmap(kv->pool, kv->pool_bytes);
+    if (kv->be)
+        kv->be->ops->free(kv->be, kv->pool);
+    else
+        munmap(kv->pool, kv->pool_bytes);
     free(kv->refcount);
     free(kv->free_stack);
     free(kv);
+}
+
+float *moe_kv_pool(moe_kv_cache *kv) { return kv->pool; }
+
+bool moe_kv_host_access(const moe_kv_cache *kv)
+{
+    return !kv->be || kv->be->ops->host_ptr(kv->be, kv->pool) != NULL;
+}
+
+static moe_status check_span(const moe_kv_cache *kv, int block, size_t off, size_t n)
+{
+    if (block < 0 || block >= kv->n_blocks || off > kv->block_floats * sizeof(float) ||
+        n > kv->block_floats * sizeof(float) - off)
+        return moe_error(MOE_ERR_RANGE, "kv cache: bytes %zu+%zu of block %d outside %d blocks of %zu bytes",
+                         off, n, block, kv->n_blocks, kv->block_floats * sizeof(float));
+    return MOE_OK;
+}
+
+moe_status moe_kv_read(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n)
+{
+    moe_status st = check_span(kv, block, off, n);
+    if (st != MOE_OK)
+        return st;
+    const char *src = (const char *)moe_kv_block_data(kv, block) + off;
+    if (!kv->be) {
+        memcpy(dst, src, n);
+        return MOE_OK;
+    }
+    return kv->be->ops->download(kv->be, dst, src, n);
+}
+
+moe_status moe_kv_write(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n)
+{
+    moe_status st = check_span(kv, block, off, n);
+    if (st != MOE_OK)
+        return st;
+    char *dst = (char *)moe_kv_block_data(kv, block) + off;
+    if (!kv->be) {
+        memcpy(dst, src, n);
+        return MOE_OK;
+    }
+    return kv->be->ops->upload(kv->be, dst, src, n);
 }
 
 const moe_kv_layout *moe_kv_get_layout(const moe_kv_cache *kv) { return &kv->lay; }

@@ -7,9 +7,11 @@
 #ifndef MOE_WORKER_KV_CACHE_H
 #define MOE_WORKER_KV_CACHE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include "common/status.h"
+#include "worker/compute/backend.h"
 
 typedef struct {
     int n_layers;
@@ -26,7 +28,19 @@ size_t moe_kv_block_bytes(const moe_kv_layout *lay);
 
 /* Creates a cache of n_blocks blocks (> 0). The pool is one allocation, touched lazily. */
 moe_status moe_kv_create(const moe_kv_layout *lay, int n_blocks, moe_kv_cache **out);
+/* The same with the pool in backend be's memory (be not owned, must outlive the cache). Block
+ * pointers (moe_kv_block_data / _k / _v) are then backend memory: host code may dereference them
+ * only when moe_kv_host_access says so, else it goes through moe_kv_read / moe_kv_write. */
+moe_status moe_kv_create_on(moe_backend *be, const moe_kv_layout *lay, int n_blocks, moe_kv_cache **out);
 void moe_kv_free(moe_kv_cache *kv);
+/* The pool (backend memory, n_blocks contiguous blocks), for the forward pass's ops. */
+float *moe_kv_pool(moe_kv_cache *kv);
+/* Whether the host can read and write block memory directly (a host cache or the CPU backend). */
+bool moe_kv_host_access(const moe_kv_cache *kv);
+/* Copies bytes [off, off + n) of block `block` to host dst (read) or from host src (write),
+ * through the backend (staged through host memory on device backends). */
+moe_status moe_kv_read(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n);
+moe_status moe_kv_write(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n);
 
 const moe_kv_layout *moe_kv_get_layout(const moe_kv_cache *kv);
 int moe_kv_total_blocks(const moe_kv_cache *kv);

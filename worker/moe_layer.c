@@ -13,7 +13,8 @@
 
 void moe_fwd_linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok)
 {
-    moe_matmul(f->pool, y, x, w->data, w->dtype, n_tok, w->cols, w->rows);
+    const moe_matmul_desc d = moe_fwd_desc(y, x, w, n_tok);
+    f->be->ops->matmul_batch(f->be, &d, 1);
 }
 
 moe_matmul_desc moe_fwd_desc(float *y, const float *x, const moe_weight *w, int n_tok)
@@ -25,36 +26,28 @@ void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const mo
                     const moe_weight *up, const moe_weight *down)
 {
     int ffn = gate->rows;
-    /* gate and up in one pool run (one synchronisation, x quantized once) */
+    /* gate and up in one batch (one synchronisation, x quantized once) */
     const moe_matmul_desc gu[2] = {moe_fwd_desc(f->eg, in, gate, n), moe_fwd_desc(f->eu, in, up, n)};
-    moe_matmul_batch(f->pool, gu, 2);
-    for (int i = 0; i < n; i++)
-        moe_silu_mul(f->eg + (size_t)i * ffn, f->eu + (size_t)i * ffn, ffn);
+    f->be->ops->matmul_batch(f->be, gu, 2);
+    f->be->ops->silu_mul(f->be, f->eg, f->eu, (size_t)n * ffn);
     moe_fwd_linear(f, out, f->eg, down, n);
 }
 
 /* Router: top_idx / top_w for every token (HF order: softmax over all experts in f32, top-k,
- * optional renormalisation). */
-static void route(moe_forward *f, const moe_layer_weights *lw, int T)
+ * optional renormalisation), then their host views: the host groups the rows per expert. On a
+ * device backend that download is the one synchronisation of a MoE layer (docs/backends.md). */
+static moe_status route(moe_forward *f, const moe_layer_weights *lw, int T)
 {
     int E = f->n_exp, K = f->topk;
     if (T == 0)
-        return;
+        return MOE_OK;
     moe_fwd_linear(f, f->router, f->xb, &lw->router, T);
-    for (int t = 0; t < T; t++) {
-        float *p = f->router + (size_t)t * E;
-        moe_softmax(p, E);
-        int *idx = f->top_idx + (size_t)t * K;
-        float *w = f->top_w + (size_t)t * K;
-        moe_topk(p, E, K, idx, w);
-        if (f->c->norm_topk_prob) {
-            float s = 0.0f;
-            for (int i = 0; i < K; i++)
-                s += w[i];
-            for (int i = 0; i < K; i++)
-                w[i] /= s;
-        }
-    }
+    f->be->ops->router(f->be, f->router, T, E, K, f->c->norm_topk_prob, f->top_idx, f->top_w);
+    if (f->host_mem)
+        return MOE_OK;
+    size_t n = (size_t)T * K;
+    moe_status st = f->be->ops->download(f->be, f->top_idx_h, f->top_idx, n * sizeof(int32_t));
+    return st != MOE_OK ? st : f->be->ops->download(f->be, f->top_w_h, f->top_w, n * sizeof(float));
 }
 
 /* ---- expert parallel ---- */
@@ -111,12 +104,22 @@ static xfer_t layout(moe_forward *f, int x, const int *cnt_send, size_t send_row
     return t;
 }
 
+/* On a device backend the rows to send are written by ops still queued on its stream, which the
+ * comm (NCCL's own stream) does not wait for: let them land first. */
+static moe_status ready_to_send(moe_forward *f)
+{
+    return f->host_mem ? MOE_OK : f->be->ops->synchronize(f->be);
+}
+
 static moe_status exchange(moe_forward *f, int x, const void *send, const int *cnt_send,
                            size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    moe_status st = ready_to_send(f);
+    if (st != MOE_OK)
+        return st;
     int64_t t0 = moe_now_ns();
-    moe_status st = f->ep->ops->alltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr);
+    st = f->ep->ops->alltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr);
     f->ep_stat.wait_ns += moe_now_ns() - t0;
     return st;
 }
@@ -126,6 +129,9 @@ static moe_status post(moe_forward *f, int x, const void *send, const int *cnt_s
                        size_t send_row, void *recv, const int *cnt_recv, size_t recv_row)
 {
     xfer_t t = layout(f, x, cnt_send, send_row, cnt_recv, recv_row);
+    moe_status st = ready_to_send(f);
+    if (st != MOE_OK)
+        return st;
     return f->ep->ops->ialltoallv(f->ep->ctx, send, t.bs, t.os, recv, t.br, t.orr, &f->tbo_req[x]);
 }
 
@@ -203,10 +209,8 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
             if (rows + cnt > cap) /* cnt <= cap: at most one row per token of each source */
                 break;
             f->expert_tokens[(size_t)layer * E + e] += cnt;
-            const int *idx = order + f->exp_off[e];
-            for (int i = 0; i < cnt; i++)
-                memcpy(f->eh + (size_t)(rows + i) * d, rows_in + (size_t)idx[i] * stride,
-                       sizeof(float) * d);
+            f->be->ops->gather(f->be, f->eh + (size_t)rows * d, (size_t)d, rows_in, stride,
+                               order + f->exp_off[e], cnt, d);
             const float *xin = f->eh + (size_t)rows * d;
             gu[2 * ng] = moe_fwd_desc(f->eg + (size_t)rows * fm, xin, &lw->exp_gate[e], cnt);
             gu[2 * ng + 1] = moe_fwd_desc(f->eu + (size_t)rows * fm, xin, &lw->exp_up[e], cnt);
@@ -216,19 +220,16 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
             goff[ng++] = rows;
             rows += cnt;
         }
-        moe_matmul_batch(f->pool, gu, 2 * ng);
+        f->be->ops->matmul_batch(f->be, gu, 2 * ng);
         progress(f);
         for (int g = 0; g < ng; g++) /* each expert's (cnt, ffn) block is contiguous */
-            moe_silu_mul(f->eg + (size_t)goff[g] * fm, f->eu + (size_t)goff[g] * fm,
-                         gu[2 * g].n_tok * gu[2 * g].n_out);
-        moe_matmul_batch(f->pool, dn, ng);
+            f->be->ops->silu_mul(f->be, f->eg + (size_t)goff[g] * fm, f->eu + (size_t)goff[g] * fm,
+                                 (size_t)gu[2 * g].n_tok * gu[2 * g].n_out);
+        f->be->ops->matmul_batch(f->be, dn, ng);
         progress(f);
-        for (int g = 0; g < ng; g++) {
-            const int *idx = order + f->exp_off[ge[g]];
-            for (int i = 0; i < dn[g].n_tok; i++)
-                memcpy(out + (size_t)idx[i] * d, f->eo + (size_t)(goff[g] + i) * d,
-                       sizeof(float) * d);
-        }
+        for (int g = 0; g < ng; g++)
+            f->be->ops->scatter(f->be, out, (size_t)d, f->eo + (size_t)goff[g] * d, (size_t)d,
+                                order + f->exp_off[ge[g]], dn[g].n_tok, d);
     }
     f->ep_stat.expert_ns += moe_now_ns() - t0;
 }
@@ -241,14 +242,14 @@ static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer
     /* One row per (token, choice); rows and outputs use the expert-parallel send side as scratch:
      * ep_send for the inputs, ep_back (T*K x d) for the outputs. */
     int *expert_of = f->ep_send_tok; /* reused as scratch: [T*K] */
-    for (int i = 0; i < n; i++)
-        expert_of[i] = f->top_idx[i];
+    for (int i = 0; i < n; i++) {
+        expert_of[i] = f->top_idx_h[i];
+        f->pk_row[i] = i / K;
+    }
     /* Input row of assignment i is token i / K: gather into ep_send with stride d. */
-    for (int i = 0; i < n; i++)
-        memcpy(f->ep_send + (size_t)i * d, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
+    f->be->ops->gather(f->be, f->ep_send, (size_t)d, f->xb, (size_t)d, f->pk_row, n, d);
     run_experts(f, lw, layer, f->ep_send, (size_t)d, expert_of, n, f->ep_back);
-    for (int i = 0; i < n; i++)
-        moe_axpy(f->moe_out + (size_t)(i / K) * d, f->top_w[i], f->ep_back + (size_t)i * d, d);
+    f->be->ops->ep_combine(f->be, f->moe_out, f->ep_back, f->pk_row, f->top_w_h, NULL, n, d);
 }
 
 /* Packs the n assignments into send slots grouped by destination rank (dest[i]), in assignment
@@ -257,7 +258,6 @@ static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer
 static void pack(moe_forward *f, const int *dest, int n, int *cnt)
 {
     int S = f->ep_size, d = f->d, K = f->topk;
-    size_t row = (size_t)d + 1;
     memset(cnt, 0, sizeof(int) * (size_t)S);
     for (int i = 0; i < n; i++)
         cnt[dest[i]]++;
@@ -268,13 +268,12 @@ static void pack(moe_forward *f, const int *dest, int n, int *cnt)
     }
     for (int i = 0; i < n; i++) {
         int sl = fill[dest[i]]++;
-        float *r = f->ep_send + (size_t)sl * row;
-        memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
-        int32_t e = f->top_idx[i];
-        memcpy(r + d, &e, sizeof e);
+        f->pk_row[sl] = i / K;
+        f->pk_tag[sl] = f->top_idx_h[i];
         f->ep_send_tok[sl] = i / K;
-        f->ep_send_w[sl] = f->top_w[i];
+        f->ep_send_w[sl] = f->top_w_h[i];
     }
+    f->be->ops->ep_pack(f->be, f->ep_send, f->xb, f->pk_row, f->pk_tag, n, d);
 }
 
 /* Micro-batch (0: A, 1: B) of assignment i sent to rank r. By token: the first half of the tokens
@@ -284,7 +283,7 @@ static int half_of(const moe_forward *f, int i, int r, int nA)
 {
     if (f->ep_overlap == MOE_FWD_OVERLAP_TOKENS)
         return i >= nA;
-    int e = f->top_idx[i], b = f->place.range_begin[r], end = f->place.range_end[r];
+    int e = f->top_idx_h[i], b = f->place.range_begin[r], end = f->place.range_end[r];
     if (e >= b && e < end)
         return e >= b + (end - b + 1) / 2;
     return e & 1;
@@ -297,7 +296,6 @@ static int half_of(const moe_forward *f, int i, int r, int nA)
 static void pack_halves(moe_forward *f, const int *dest, int n, int nA, int *sA, int *sB)
 {
     int S = f->ep_size, d = f->d, K = f->topk;
-    size_t row = (size_t)d + 1;
     int *half = f->exp_tok; /* scratch [n] until the receive side needs it */
     memset(sA, 0, sizeof(int) * (size_t)S);
     memset(sB, 0, sizeof(int) * (size_t)S);
@@ -318,14 +316,13 @@ static void pack_halves(moe_forward *f, const int *dest, int n, int nA, int *sA,
     }
     for (int i = 0; i < n; i++) {
         int p = dest[i], sl = half[i] ? fillB[p]++ : fillA[p]++, plain = fillP[p]++;
-        float *r = f->ep_send + (size_t)sl * row;
-        memcpy(r, f->xb + (size_t)(i / K) * d, sizeof(float) * d);
-        int32_t e = f->top_idx[i];
-        memcpy(r + d, &e, sizeof e);
+        f->pk_row[sl] = i / K;
+        f->pk_tag[sl] = f->top_idx_h[i];
         f->ep_send_tok[plain] = i / K;
-        f->ep_send_w[plain] = f->top_w[i];
+        f->ep_send_w[plain] = f->top_w_h[i];
         f->tbo_where[plain] = sl;
     }
+    f->be->ops->ep_pack(f->be, f->ep_send, f->xb, f->pk_row, f->pk_tag, n, d);
 }
 
 /* Reads the expert ids back from n received rows starting at row r0 into expert_of[r0..]. */
@@ -333,9 +330,17 @@ static moe_status read_experts(moe_forward *f, const moe_layer_weights *lw, int 
                                int *expert_of)
 {
     size_t row = (size_t)f->d + 1;
+    const float *recv = f->ep_recv;
+    if (!f->host_mem && n > 0) { /* device memory: the ids come back with their rows */
+        moe_status st = f->be->ops->download(f->be, f->ep_recv_h + (size_t)r0 * row,
+                                             f->ep_recv + (size_t)r0 * row, sizeof(float) * row * n);
+        if (st != MOE_OK)
+            return st;
+        recv = f->ep_recv_h;
+    }
     for (int i = r0; i < r0 + n; i++) {
         int32_t e;
-        memcpy(&e, f->ep_recv + (size_t)i * row + f->d, sizeof e);
+        memcpy(&e, recv + (size_t)i * row + f->d, sizeof e);
         if (e < 0 || e >= f->n_exp || !lw->exp_gate[e].data)
             return moe_error(MOE_ERR_INTERNAL,
                              "expert parallel: rank %d got a row for expert %d it does not hold",
@@ -459,7 +464,7 @@ static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int la
     int *dest = f->ep_order; /* scratch [n]; run_experts reuses it after packing */
     memset(f->cnt_send, 0, sizeof(int) * (size_t)f->ep_size);
     for (int i = 0; i < n; i++) {
-        int e = f->top_idx[i], best = pl->holders[e * MOE_EP_MAX_HOLDERS];
+        int e = f->top_idx_h[i], best = pl->holders[e * MOE_EP_MAX_HOLDERS];
         for (int h = 1; h < pl->n_holders[e]; h++) {
             int r = pl->holders[e * MOE_EP_MAX_HOLDERS + h];
             if (f->cnt_send[r] < f->cnt_send[best])
@@ -474,11 +479,8 @@ static moe_status ep_experts(moe_forward *f, const moe_layer_weights *lw, int la
     if (st != MOE_OK)
         return st;
     /* Each source adds the returned outputs, weighted, in the plain exchange's send order. */
-    for (int s = 0; s < n; s++) {
-        int at = overlap ? f->tbo_where[s] : s;
-        moe_axpy(f->moe_out + (size_t)f->ep_send_tok[s] * d, f->ep_send_w[s],
-                 f->ep_back + (size_t)at * d, d);
-    }
+    f->be->ops->ep_combine(f->be, f->moe_out, f->ep_back, f->ep_send_tok, f->ep_send_w,
+                           overlap ? f->tbo_where : NULL, n, d);
     return MOE_OK;
 }
 
@@ -486,10 +488,13 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
 {
     int d = f->d;
     int64_t t0 = moe_now_ns();
-    route(f, lw, T);
-    memset(f->moe_out, 0, sizeof(float) * (size_t)T * d);
+    moe_backend *be = f->be;
+    moe_status st = route(f, lw, T);
+    if (st != MOE_OK)
+        return st;
+    be->ops->zero(be, f->moe_out, sizeof(float) * (size_t)T * d);
     if (f->ep) {
-        moe_status st = ep_experts(f, lw, layer, T);
+        st = ep_experts(f, lw, layer, T);
         if (st != MOE_OK)
             return st;
         f->ep_stat.layers++;
@@ -500,13 +505,9 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
         T > 0) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
         moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
         moe_fwd_linear(f, f->sh_gate, f->xb, &lw->sh_expert_gate, T);
-        for (int t = 0; t < T; t++) {
-            float g = 1.0f / (1.0f + expf(-f->sh_gate[t]));
-            moe_axpy(f->moe_out + (size_t)t * d, g, f->eo + (size_t)t * d, d);
-        }
+        be->ops->gated_add(be, f->moe_out, f->sh_gate, f->eo, T, d);
     }
-    for (int t = 0; t < T; t++)
-        moe_axpy(f->x + (size_t)t * d, 1.0f, f->moe_out + (size_t)t * d, d);
+    be->ops->axpy(be, f->x, 1.0f, f->moe_out, (size_t)T * d);
     if (f->ep)
         f->ep_stat.ns += moe_now_ns() - t0;
     return MOE_OK;

@@ -14,6 +14,10 @@
 #include "common/log.h"
 #include "common/test_hook.h"
 #include "worker/comm_mpi.h"
+#ifdef MOE_HAVE_NCCL
+#include "worker/comm_nccl.h"
+#endif
+#include "worker/compute/backend.h"
 #include "worker/eplb.h"
 #include "worker/seq_state_pb.h"
 #include "worker/worker_internal.h"
@@ -165,7 +169,20 @@ static moe_status load_model_ep(worker *w, moe_engine_opts *eo)
     free(mask);
     if (st != MOE_OK)
         return st;
-    if ((st = moe_comm_mpi_create(o->instance_comm, &w->ep_comm)) != MOE_OK)
+    /* The CUDA backend's expert rows live in device memory: NCCL moves them GPU to GPU (rank r of
+     * the instance on GPU r of its host); the CPU backend keeps MPI. */
+    if (eo->device == MOE_DEVICE_CUDA) {
+#ifdef MOE_HAVE_NCCL
+        eo->device_index = w->ep_rank;
+        st = moe_comm_nccl_create(o->instance_comm, eo->device_index, &w->ep_comm);
+#else
+        st = moe_error(MOE_ERR_UNAVAILABLE, "worker: --device cuda with expert parallelism needs NCCL, and this "
+                       "binary was built without it");
+#endif
+    } else {
+        st = moe_comm_mpi_create(o->instance_comm, &w->ep_comm);
+    }
+    if (st != MOE_OK)
         return st;
     w->have_ep = true;
     eo->ep_comm = &w->ep_comm;
@@ -179,6 +196,10 @@ static moe_status load(worker *w)
 {
     const moe_worker_opts *o = w->o;
     moe_engine_opts eo = o->engine;
+    if (eo.device == MOE_DEVICE_CUDA && o->role != MOE_WORKER_MIXED)
+        return moe_error(MOE_ERR_UNSUPPORTED, "worker: --device cuda: the prefill-to-decode KV hand-off reads "
+                         "blocks through host pointers, not wired for device memory yet; run mixed "
+                         "instances (--colocated) on CUDA (docs/backends.md)");
     moe_status st = w->ep_size > 1 ? load_model_ep(w, &eo) : moe_model_load(o->model_dir, NULL, &w->model);
     if (st != MOE_OK)
         return st;

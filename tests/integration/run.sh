@@ -47,7 +47,7 @@ export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$here/lsan.supp:print_suppressions=0"
 
 # Every test module answers --list; a test runs as `python3 MODULE NAME`.
-modules=(cluster_tests.py migration_tests.py elastic_tests.py netns_tests.py plan_tests.py deploy_pods_tests.py launcher_tests.py deploy_lws_tests.py serving_tests.py)
+modules=(cluster_tests.py migration_tests.py elastic_tests.py netns_tests.py plan_tests.py deploy_pods_tests.py launcher_tests.py deploy_lws_tests.py serving_tests.py gpu_tests.py)
 declare -A module_of=()
 all_tests=()
 for m in "${modules[@]}"; do

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "worker/compute/backend.h"
 #include "worker/engine.h"
 #include "worker/model.h"
 
@@ -161,10 +162,21 @@ static void fixture_free(fixture *fx)
     moe_model_free(fx->model);
 }
 
+/* MOE_REF_DEVICE=cuda runs every case on the CUDA backend (scripts/gpu-check.sh); the
+ * tolerances stay those above: a backend must meet them. Default: the CPU backend. */
+static int ref_device(void)
+{
+    const char *v = getenv("MOE_REF_DEVICE");
+    moe_device d = MOE_DEVICE_CPU;
+    if (v && *v)
+        cr_assert_eq(moe_device_parse(v, &d), MOE_OK, "MOE_REF_DEVICE: %s", moe_error_message());
+    return (int)d;
+}
+
 static moe_engine *engine_new(const fixture *fx, int block_size, int max_batch_tokens, int n_threads)
 {
     moe_engine_opts o = {.n_threads = n_threads, .block_size = block_size,
-                         .max_batch_tokens = max_batch_tokens, .max_seqs = 8};
+                         .max_batch_tokens = max_batch_tokens, .max_seqs = 8, .device = ref_device()};
     moe_engine *e = NULL;
     moe_status st = moe_engine_create(fx->model, &o, &e);
     cr_assert_eq(st, MOE_OK, "%s: moe_engine_create(block %d, batch %d): %s", fx->name, block_size,

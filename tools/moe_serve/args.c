@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "serve.h"
+#include "worker/compute/backend.h"
 
 static void usage(FILE *f)
 {
@@ -54,8 +55,13 @@ static void usage(FILE *f)
         "  --max-new-tokens N      largest max_new_tokens a request may ask (default: the "
         "context)\n"
         "  --drain-timeout-s S     on SIGTERM, running requests may finish for S s (default 30)\n"
-        "engine (per worker):\n"
+        "engine (per worker):\n",
+        f);
+    fputs( /* split: one literal may hold at most 4095 characters (ISO C) */
         "  --threads T             kernel threads (default: cores / ranks on the node)\n"
+        "  --device cpu|cuda       compute backend of the workers (default cpu; cuda: GPU 0, or\n"
+        "                          GPU r for rank r of an expert-parallel instance, all-to-all\n"
+        "                          over NCCL; built, not yet run on a GPU: docs/backends.md)\n"
         "  --kv-blocks N           KV cache blocks per instance\n"
         "  --kv-mb MB              KV cache size per instance, when --kv-blocks is not given\n"
         "  --kv-block-size N       tokens per KV block (default 16)\n"
@@ -149,6 +155,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         O_MAXNEW,
         O_DRAIN,
         O_THREADS,
+        O_DEVICE,
         O_KVB,
         O_KVMB,
         O_BS,
@@ -202,6 +209,7 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
                                          {"max-new-tokens", required_argument, 0, O_MAXNEW},
                                          {"drain-timeout-s", required_argument, 0, O_DRAIN},
                                          {"threads", required_argument, 0, O_THREADS},
+                                         {"device", required_argument, 0, O_DEVICE},
                                          {"kv-blocks", required_argument, 0, O_KVB},
                                          {"kv-mb", required_argument, 0, O_KVMB},
                                          {"kv-block-size", required_argument, 0, O_BS},
@@ -348,6 +356,12 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         case O_THREADS:
             rc = parse_int("--threads", optarg, 1, 1024, &a->threads, print);
             break;
+        case O_DEVICE: {
+            moe_device dv = MOE_DEVICE_CPU;
+            rc = moe_device_parse(optarg, &dv) == MOE_OK ? 0 : perr(print, "--device: %s", moe_error_message());
+            a->device = (int)dv;
+            break;
+        }
         case O_KVB:
             rc = parse_int("--kv-blocks", optarg, 1, INT_MAX / 2, &a->kv_blocks, print);
             break;
@@ -472,6 +486,16 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         a->decode_ep = a->ep_size;
     if (a->colocated && (a->prefill_ep != a->ep_size || a->decode_ep != a->ep_size))
         return perr(print, "--colocated has one pool: use --ep-size, not --prefill-ep/--decode-ep");
+    if (a->device == MOE_DEVICE_CUDA) {
+        /* say so before any rank loads a model: every rank parses the same argv */
+        moe_backend *be;
+        if (moe_backend_cuda_create(0, &be) != MOE_OK)
+            return perr(print, "--device cuda: %s", moe_error_message());
+        moe_backend_free(be);
+        if (a->mig_high > 0)
+            return perr(print, "--device cuda: live migration moves KV blocks through host pointers, "
+                               "not wired for device memory yet (docs/backends.md)");
+    }
     return 0;
 }
 

@@ -42,6 +42,7 @@ typedef struct {
     const char *tls_cert, *tls_key, *tls_client_ca; /* --tls-*: PEM files (both front ends) */
     const char *api_key_file;  /* --api-key-file: keys required on both front ends */
     int threads;   /* kernel threads per worker; 0 = cores / ranks on the node */
+    int device;    /* moe_device of worker/compute/backend.h: cpu (default) or cuda */
     int kv_blocks; /* per instance; 0 = from kv_mb */
     int kv_mb;     /* per instance; 0 = engine default */
     int block_size, batch_tokens, max_seqs;
