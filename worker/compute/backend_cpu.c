@@ -88,11 +88,7 @@ static void *cpu_host_ptr(moe_backend *be, void *p)
 static bool cpu_supports(const moe_backend *be, moe_op op, moe_dtype dt)
 {
     (void)be;
-    if (op == MOE_OP_MATMUL)
-        return dt < MOE_DT_COUNT;
-    if (op == MOE_OP_EMBED)
-        return dt == MOE_DT_F32 || dt == MOE_DT_BF16 || dt == MOE_DT_F16;
-    return op < MOE_OP_COUNT;
+    return moe_be_supports_all(op, dt);
 }
 
 static moe_status cpu_reserve(moe_backend *be, int max_segs, int max_blocks, int n_kv_head, int max_rows)

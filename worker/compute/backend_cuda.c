@@ -16,6 +16,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "worker/compute/backend.h"
+#include "worker/compute/backend_internal.h"
 
 _Static_assert(sizeof(int) == sizeof(int32_t), "host int indices are passed to int32 kernels");
 
@@ -111,11 +112,7 @@ static void *cu_host_ptr(moe_backend *be, void *p)
 static bool cu_supports(const moe_backend *be, moe_op op, moe_dtype dt)
 {
     (void)be;
-    if (op == MOE_OP_MATMUL)
-        return dt < MOE_DT_COUNT;
-    if (op == MOE_OP_EMBED)
-        return dt == MOE_DT_F32 || dt == MOE_DT_BF16 || dt == MOE_DT_F16;
-    return op < MOE_OP_COUNT;
+    return moe_be_supports_all(op, dt);
 }
 
 /* Grows a device buffer (rare: sized by reserve() up front). Waits for the stream: the old one
