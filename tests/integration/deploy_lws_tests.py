@@ -410,6 +410,20 @@ def check_group_computed(c, st, leader):
           "a rank of group %s computed no expert: %s" % (leader.name, [sum(i.expert_tokens) for i in ranks]))
 
 
+
+def check_hpa_metric_is_exported(c):
+    """The example HPA's metric (deploy/k8s/components/hpa-decode) is what the coordinator pod's
+    /metrics really exports, with the label its selector matches."""
+    import yaml
+    with open(os.path.join(SRC, "deploy", "k8s", "components", "hpa-decode", "hpa.yaml")) as f:
+        metric = yaml.safe_load(f)["spec"]["metrics"][0]["object"]["metric"]
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % c.http_port, timeout=10) as r:
+        text = r.read().decode()
+    labels = metric["selector"]["matchLabels"]
+    rows = [line for line in text.splitlines() if line.startswith(metric["name"] + "{")
+            and all('%s="%s"' % kv in line for kv in labels.items())]
+    check(rows, "GET /metrics has no %s with %s:\n%s" % (metric["name"], labels, text[:2000]))
+
 @test
 def lws_group_serves_across_pods_and_is_recreated():
     """A coordinator pod, a prefill pod and an EP-2 decode group (leader + worker pods): the
@@ -432,6 +446,7 @@ def lws_group_serves_across_pods_and_is_recreated():
         with urllib.request.urlopen("http://127.0.0.1:%d/v1/models" % c.http_port, timeout=10) as r:
             models = json.load(r)
         check(models.get("object") == "list" and len(models.get("data", [])) == 1, "GET /v1/models: %s" % models)
+        check_hpa_metric_is_exported(c)
         old_ids = sorted(i.id for i in c.ranks_of(st, leader))
 
         worker.kill()  # the node under the worker pod dies
