@@ -500,7 +500,7 @@ def lws_scale_up_then_down_drains_a_group():
 
         work = workload(12, max_new=300, seed=6)
         s = Streams(c, work)
-        st = wait_decoding(c, len(work))
+        st = wait_decoding(c, s)
         check(sum(i.running for i in c.ranks_of(st, g1[0])) >= 1, "group 1 runs nothing to drain:\n%s" % st)
         res = c.delete(list(g1))  # scale down: the highest-index group goes
         try:
@@ -533,7 +533,7 @@ def lws_evicted_worker_pod_drains_its_group():
         c.wait_ready([pre, *g0, *g1])
         work = workload(12, max_new=300, seed=8)
         s = Streams(c, work)
-        st = wait_decoding(c, len(work))
+        st = wait_decoding(c, s)
         victim = max((g0, g1), key=lambda g: sum(i.running for i in c.ranks_of(st, g[0])))
         check(sum(i.running for i in c.ranks_of(st, victim[0])) >= 1, "no group runs anything:\n%s" % st)
         res = c.delete([victim[1]])  # the worker pod alone
@@ -568,7 +568,7 @@ def lws_pod_death_mid_stream_loses_no_request():
         c.wait_ready([pre, *g0, *g1])
         work = [w for w in workload(16, max_new=200, seed=12) if "seed" not in w]
         s = Streams(c, work)
-        st = wait_decoding(c, len(work))
+        st = wait_decoding(c, s)
         victim = max((g0, g1), key=lambda g: sum(i.running for i in c.ranks_of(st, g[0])))
         running = sum(i.running for i in c.ranks_of(st, victim[0]))
         check(running >= 1, "no group runs anything:\n%s" % st)
