@@ -212,11 +212,13 @@ def preemptions_are_counted_and_outputs_exact():
 
 @test
 def full_decode_pool_slows_prefill_instead_of_failing():
-    """A KV cache of 40 blocks per instance and 20 requests needing 7 blocks each: offers wait for
+    """A KV cache of 40 blocks per instance and 20 requests needing 10 blocks each: offers wait for
     room on the decode rank (the prefill rank holds their KV meanwhile), nothing fails, outputs are
     exact and the KV ends at zero."""
-    reqs = [{"ids": [(i * 37 + k) % 1000 for k in range(60)], "max_new": 40} for i in range(20)]
-    refs = [reference(ids=r["ids"], max_new=40, extra=["--ignore-eos"]) for r in reqs]
+    # 100 new tokens: 10 blocks a request, 4 at a time on the decode rank, for long enough that the
+    # status poll sees offers waiting even on a quick, quiet machine (40 tokens missed it there).
+    reqs = [{"ids": [(i * 37 + k) % 1000 for k in range(60)], "max_new": 100} for i in range(20)]
+    refs = [reference(ids=r["ids"], max_new=100, extra=["--ignore-eos"]) for r in reqs]
     with Cluster(np=3, args=["--kv-blocks", "40"]) as c:
         seen = {"waiting": 0, "parked": 0}
         done = threading.Event()
@@ -232,7 +234,7 @@ def full_decode_pool_slows_prefill_instead_of_failing():
         mon = threading.Thread(target=monitor)
         mon.start()
         try:
-            got = run_parallel(lambda r: generate(c.stub, gen_request(ids=r["ids"], max_new=40, ignore_eos=True))[0],
+            got = run_parallel(lambda r: generate(c.stub, gen_request(ids=r["ids"], max_new=100, ignore_eos=True))[0],
                                reqs)
         finally:
             done.set()
