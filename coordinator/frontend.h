@@ -25,6 +25,12 @@ typedef struct {
     size_t len;
 } moe_api_str;
 
+/* A front end's TLS material, PEM text (borrowed). cert NULL: plaintext. client_ca: every client
+ * must present a certificate it signed (mTLS). */
+typedef struct {
+    const char *cert, *key, *client_ca;
+} moe_tls_pem;
+
 /* The field names errors name, per protocol ("GenerateRequest.sampling.top_p" / "top_p"). */
 typedef struct {
     const char *request_id, *text, *token_ids, *token_ids_item /* + "[i]" */, *prompt,

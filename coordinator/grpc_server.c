@@ -1443,12 +1443,12 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
         s->method[k] = grpc_server_register_method(s->server, METHOD_PATH[k], NULL,
                                                    GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     grpc_server_credentials *creds;
-    if (cfg->tls_cert_pem) {
-        grpc_ssl_pem_key_cert_pair pair = {.private_key = cfg->tls_key_pem,
-                                           .cert_chain = cfg->tls_cert_pem};
+    if (cfg->tls.cert) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = cfg->tls.key,
+                                           .cert_chain = cfg->tls.cert};
         creds = grpc_ssl_server_credentials_create_ex(
-            cfg->tls_client_ca_pem, &pair, 1,
-            cfg->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+            cfg->tls.client_ca, &pair, 1,
+            cfg->tls.client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
                                    : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
             NULL);
     } else {
@@ -1503,7 +1503,7 @@ moe_status moe_grpc_server_start(const moe_grpc_server_config *cfg,
     }
     MOE_LOG_I("gRPC server listening on %s (port %d), %d threads, max request %zu bytes, %s, %s",
               s->listen_addr, s->port, s->n_threads, s->cfg.max_request_bytes,
-              !cfg->tls_cert_pem ? "plaintext" : cfg->tls_client_ca_pem ? "TLS with client certificates" : "TLS",
+              !cfg->tls.cert ? "plaintext" : cfg->tls.client_ca ? "TLS with client certificates" : "TLS",
               cfg->auth ? "API keys required" : "OPEN: no API key needed");
     *out = s;
     return MOE_OK;

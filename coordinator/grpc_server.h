@@ -31,9 +31,9 @@ typedef struct {
      * `authorization: Bearer KEY` (else UNAUTHENTICATED); Drain needs an admin key (else
      * PERMISSION_DENIED). */
     const moe_auth *auth;
-    /* TLS (PEM text, borrowed; NULL cert: plaintext). client_ca: require and verify client
-     * certificates signed by it (mTLS). */
-    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
+    /* TLS (NULL cert: plaintext); with client_ca, client certificates are required and
+     * verified. */
+    moe_tls_pem tls;
 } moe_grpc_server_config;
 
 /* listen_addr "0.0.0.0:50051", 2 threads, 4 MiB requests, limits from

@@ -28,7 +28,7 @@ bool moe_http_authorized(moe_http_server *s, struct MHD_Connection *conn, const 
                          int *key, enum MHD_Result *reply)
 {
     *key = -1;
-    if (s->cfg.tls_cert_pem && s->cfg.tls_client_ca_pem && !client_cert_ok(conn)) {
+    if (s->cfg.tls.cert && s->cfg.tls.client_ca && !client_cert_ok(conn)) {
         *reply = moe_http_reply_error(conn, 403, "a client certificate signed by the server's "
                                       "--tls-client-ca is required", NULL);
         return false;

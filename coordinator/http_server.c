@@ -903,16 +903,16 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     pthread_cond_init(&s->cv, NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_ERROR_LOG | MHD_USE_ITC | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
-                     (cfg->tls_cert_pem ? MHD_USE_TLS : 0);
+                     (cfg->tls.cert ? MHD_USE_TLS : 0);
     /* TLS options go first (an empty trust string would ask for client certificates) */
     struct MHD_OptionItem tls[4];
     int nt = 0;
-    if (cfg->tls_cert_pem) {
-        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)(uintptr_t)cfg->tls_key_pem};
-        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)(uintptr_t)cfg->tls_cert_pem};
-        if (cfg->tls_client_ca_pem)
+    if (cfg->tls.cert) {
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)(uintptr_t)cfg->tls.key};
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)(uintptr_t)cfg->tls.cert};
+        if (cfg->tls.client_ca)
             tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0,
-                                                (void *)(uintptr_t)cfg->tls_client_ca_pem};
+                                                (void *)(uintptr_t)cfg->tls.client_ca};
     }
     tls[nt] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     s->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
@@ -938,7 +938,7 @@ moe_status moe_http_server_start(const moe_http_server_config *cfg,
     s->port = di ? di->port : 0;
     MOE_LOG_I("HTTP (OpenAI API) listening on %s (port %d), model %s, %s, %s", cfg->listen_addr,
               s->port, s->model,
-              !cfg->tls_cert_pem ? "plain HTTP" : cfg->tls_client_ca_pem ? "HTTPS with client certificates" : "HTTPS",
+              !cfg->tls.cert ? "plain HTTP" : cfg->tls.client_ca ? "HTTPS with client certificates" : "HTTPS",
               cfg->auth ? "API keys required" : "OPEN: no API key needed");
     *out = s;
     return MOE_OK;

@@ -38,9 +38,9 @@ typedef struct {
     /* API keys (borrowed; NULL: open). Every path but GET /health needs `Authorization: Bearer
      * KEY`, else 401. */
     const moe_auth *auth;
-    /* HTTPS (PEM text, borrowed; NULL cert: plain HTTP). client_ca: every request must come
-     * with a client certificate it signed (mTLS), else 403. */
-    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
+    /* HTTPS (NULL cert: plain HTTP); with client_ca a request without a certificate it signed
+     * gets 403. */
+    moe_tls_pem tls;
 } moe_http_server_config;
 
 /* listen_addr NULL (must be set), 8 MiB bodies, 1024 connections, 60 s idle timeout, limits

@@ -107,6 +107,12 @@ typedef struct {
     char summary[160];
 } security;
 
+/* The same material for both front ends (borrowed from s). */
+static moe_tls_pem security_tls(const security *s)
+{
+    return (moe_tls_pem){.cert = s->cert, .key = s->key, .client_ca = s->ca};
+}
+
 static void security_free(security *s)
 {
     free(s->cert);
@@ -262,9 +268,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
     if (load_security(a, &sec) != 0)
         goto out;
     gc.auth = sec.auth;
-    gc.tls_cert_pem = sec.cert;
-    gc.tls_key_pem = sec.key;
-    gc.tls_client_ca_pem = sec.ca;
+    gc.tls = security_tls(&sec);
     rctx.security = sec.summary;
     /* Listening before the workers are ready: Health answers NOT_SERVING until they are. */
     if (moe_grpc_server_start(&gc, &be, &srv) != MOE_OK) {
@@ -293,9 +297,7 @@ int serve_coordinator_main(const serve_args *a, const serve_layout *l, moe_link 
         hc.tokenizer = tok;
         hc.stats = fe_stats;
         hc.auth = sec.auth;
-        hc.tls_cert_pem = sec.cert;
-        hc.tls_key_pem = sec.key;
-        hc.tls_client_ca_pem = sec.ca;
+        hc.tls = security_tls(&sec);
         if (moe_http_server_start(&hc, &be, &http) != MOE_OK) {
             fprintf(stderr, "moe-serve: %s\n", moe_error_message());
             goto out;
