@@ -411,6 +411,20 @@ def check_group_computed(c, st, leader):
 
 
 
+def check_drained_by_migration(c, work, streams):
+    """After a drain during the streams: every output equals moe-generate, something migrated and
+    nothing was resumed (the coordinator's loss lines explain a failure). Returns the idle status."""
+    try:
+        check_outputs(work, streams.join())
+    except TestFailure as e:
+        raise TestFailure("%s\n%s" % (e, losses(c.coord.p.stderr())))
+    st = c.wait_idle()
+    check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
+    check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s\n%s" % (
+        st.counters, losses(c.coord.p.stderr())))
+    return st
+
+
 def check_hpa_metric_is_exported(c):
     """The example HPA's metric (deploy/k8s/components/hpa-decode) is what the coordinator pod's
     /metrics really exports, with the label its selector matches."""
@@ -503,14 +517,7 @@ def lws_scale_up_then_down_drains_a_group():
         st = wait_decoding(c, s)
         check(sum(i.running for i in c.ranks_of(st, g1[0])) >= 1, "group 1 runs nothing to drain:\n%s" % st)
         res = c.delete(list(g1))  # scale down: the highest-index group goes
-        try:
-            check_outputs(work, s.join())
-        except TestFailure as e:
-            raise TestFailure("%s\n%s" % (e, losses(c.coord.p.stderr())))
-        st = c.wait_idle()
-        check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
-        check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s\n%s" % (
-            st.counters, losses(c.coord.p.stderr())))
+        st = check_drained_by_migration(c, work, s)
         (lr, lrc), (wr, wrc) = res[g1[0].name], res[g1[1].name]
         check(prestop_ok(lr) and prestop_ok(wr), "preStop: leader %s, worker %s" % (
             getattr(lr, "stderr", lr), getattr(wr, "stderr", wr)))
@@ -537,14 +544,7 @@ def lws_evicted_worker_pod_drains_its_group():
         victim = max((g0, g1), key=lambda g: sum(i.running for i in c.ranks_of(st, g[0])))
         check(sum(i.running for i in c.ranks_of(st, victim[0])) >= 1, "no group runs anything:\n%s" % st)
         res = c.delete([victim[1]])  # the worker pod alone
-        try:
-            check_outputs(work, s.join())
-        except TestFailure as e:
-            raise TestFailure("%s\n%s" % (e, losses(c.coord.p.stderr())))
-        st = c.wait_idle()
-        check(st.counters.migrations >= 1, "nothing migrated: %s" % st.counters)
-        check(st.counters.requests_resumed == 0, "requests were resumed, not migrated: %s\n%s" % (
-            st.counters, losses(c.coord.p.stderr())))
+        st = check_drained_by_migration(c, work, s)
         r, rc = res[victim[1].name]
         check(prestop_ok(r) and rc == 0, "the evicted worker pod: preStop %s, exit %s" % (
             getattr(r, "stderr", r), rc))
