@@ -82,6 +82,7 @@ typedef struct {
     uint64_t pending_tokens; /* prompt tokens sent, first token not back (coordinator's count) */
     int n_pending;
     int reserved_blocks; /* decode: blocks of requests assigned and not yet handed off */
+    uint32_t kv_incoming; /* of kv_used, reported held for those hand-offs (counted in reserved) */
     pb_counters ctr;     /* latest cumulative counters of its lead */
     uint32_t expert_begin, expert_end;          /* placement reported by WorkerReady */
     uint32_t ep_group_size;
@@ -165,6 +166,10 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
 
 /* ---- cluster_sched.c ---- */
 void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);
+/* A decode instance's KV blocks in use or promised to hand-offs, each counted once: the reported
+ * use, less what it reports held for hand-offs not done yet, plus every block reserved for the
+ * requests assigned to it and not handed off (whether or not its rank has taken them yet). */
+long moe_cluster_inst_kv_committed(const inst_t *in);
 /* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
 void moe_cluster_inst_update_usable(moe_cluster *c);
 /* An instance is gone (missed its heartbeats, its connection failed, it left): it becomes

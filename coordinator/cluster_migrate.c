@@ -84,13 +84,12 @@ static double usage(const inst_t *in)
 {
     if (!in->kv_total)
         return 1.0;
-    return (double)((long)in->kv_used + in->reserved_blocks + in->mig.in_blocks) /
-           (double)in->kv_total;
+    return (double)(moe_cluster_inst_kv_committed(in) + in->mig.in_blocks) / (double)in->kv_total;
 }
 
 static long free_blocks(const inst_t *in)
 {
-    return (long)in->kv_total - (long)in->kv_used - in->reserved_blocks - in->mig.in_blocks;
+    return (long)in->kv_total - moe_cluster_inst_kv_committed(in) - in->mig.in_blocks;
 }
 
 static bool start(moe_cluster *c, creq *r, int src, int dst, mig_why why, int64_t now)
@@ -429,7 +428,7 @@ static bool policy(moe_cluster *c, int64_t now)
         /* Promised more blocks than it has (hand-offs waiting for room), or kept requests
          * waiting: moving running requests away makes room for them. */
         bool short_of_room =
-            s->queued || (long)in->kv_used + in->reserved_blocks > (long)in->kv_total;
+            s->queued || moe_cluster_inst_kv_committed(in) > (long)in->kv_total;
         mig_why why = s->drain                                        ? MIG_WHY_DRAIN
                       : short_of_room                                 ? MIG_WHY_DEFRAG
                       : in->mig.has_priority && phys <= o->high_water ? MIG_WHY_PRIORITY

@@ -23,8 +23,15 @@ void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
     in->kv_total = l->kv_blocks_total;
     in->kv_used = l->kv_blocks_used;
     in->running = l->running;
+    in->kv_incoming = l->kv_blocks_incoming;
     in->waiting = l->waiting + l->pulls_waiting; /* offers waiting for room are queued for it */
     pthread_mutex_unlock(&c->mu);
+}
+
+long moe_cluster_inst_kv_committed(const inst_t *in)
+{
+    long reported = (long)in->kv_used - (long)(in->kv_incoming < in->kv_used ? in->kv_incoming : in->kv_used);
+    return reported + in->reserved_blocks;
 }
 
 void moe_cluster_inst_update_usable(moe_cluster *c)
@@ -124,8 +131,7 @@ static int pick_decode(moe_cluster *c)
         if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY ||
             atomic_load(&in->mig.drain))
             continue;
-        long fr = (long)in->kv_total - (long)in->kv_used - (long)in->reserved_blocks -
-                  (long)in->mig.in_blocks;
+        long fr = (long)in->kv_total - moe_cluster_inst_kv_committed(in) - (long)in->mig.in_blocks;
         if (best < 0 || fr > best_free ||
             (fr == best_free && in->running < c->inst[best].running)) {
             best = i;

@@ -168,6 +168,7 @@ static void recompute(worker *w, pull_t *q)
     if (q->imported)
         moe_worker_engine_drop(w, id);
     q->imported = false;
+    q->held_blocks = 0;
     moe_seq_state st;
     offer_state(q->offer, &st, true);
     const int *blocks;
@@ -254,6 +255,7 @@ static bool try_import(worker *w, pull_t *q)
         return true;
     }
     q->imported = true;
+    q->held_blocks = nb;
     w->load_dirty = true;
     if ((uint32_t)nb != q->offer->n_blocks || q->offer->block_bytes != w->block_bytes) {
         MOE_LOG_E("seq %llu: offer of %u blocks x %llu bytes does not match %d x %zu here",

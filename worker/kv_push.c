@@ -218,6 +218,7 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
                                       .xfer_id = xfer,
                                       .recv = recv,
                                       .imported = true,
+                                      .held_blocks = nb,
                                       .push = true};
     w->load_dirty = true;
     pb_pull a;

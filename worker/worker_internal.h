@@ -72,6 +72,7 @@ typedef struct {
     int64_t not_before; /* test hook: pull delay */
     bool cancelled;     /* freed while receiving: dropped once the receive ends */
     bool imported;
+    int held_blocks; /* KV blocks imported for it here (0 until then): reported as incoming */
     /* Layer-by-layer push (worker/kv_push.c): receives posted when the prefill started; offer stays
      * NULL until the KvOffer after the prefill brings the final state. */
     bool push;

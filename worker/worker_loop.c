@@ -43,7 +43,7 @@ static void fill_load(worker *w, pb_load *l)
         w->ctr.decode_tokens = (uint64_t)st.decode_tokens;
         w->ctr.preemptions = (uint64_t)st.preemptions;
     }
-    uint32_t parked = 0, active = 0, waiting = 0;
+    uint32_t parked = 0, active = 0, waiting = 0, incoming = 0;
     for (int i = 0; i < w->n_parks; i++) {
         parked += w->parks[i].parked;
         active += w->parks[i].send != NULL;
@@ -54,12 +54,14 @@ static void fill_load(worker *w, pb_load *l)
          * policy de-fragment for it); its blocks count as used. */
         bool prefilling = w->pulls[i].push && !w->pulls[i].offer;
         waiting += w->pulls[i].phase == PULL_WAIT_ROOM;
+        incoming += (uint32_t)w->pulls[i].held_blocks;
         active += w->pulls[i].phase == PULL_RECEIVING;
         if (prefilling && l->running > 0)
             l->running--;
     }
     l->parked = parked;
     l->pulls_waiting = waiting;
+    l->kv_blocks_incoming = incoming;
     l->transfers_active = active + (uint32_t)moe_mig_active(w->mig);
 }
 
