@@ -13,10 +13,14 @@ typedef enum {
     MOE_POOL_MIXED = 3,   /* both phases (colocated) */
 } moe_pool_kind;
 
-/* "prefill", "decode" or "mixed" (what --pool takes and status tables show). */
+/* "prefill", "decode" or "mixed" (what --pool takes and status tables show); "?" for a value that
+ * names no pool (a newer peer's, or unspecified on the wire). */
 static inline const char *moe_pool_name(moe_pool_kind k)
 {
-    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
+    return k == MOE_POOL_PREFILL ? "prefill"
+           : k == MOE_POOL_DECODE ? "decode"
+           : k == MOE_POOL_MIXED  ? "mixed"
+                                  : "?";
 }
 
 /* The pool named s; 0 when s names none. */

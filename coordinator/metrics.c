@@ -95,11 +95,6 @@ static void histogram(wbuf *b, const char *name, const char *help, const moe_his
     put(b, PFX "%s_count{model_name=\"%s\"} %" PRIu64 "\n", name, b->model, h->count);
 }
 
-static const char *pool_name(moe_pool_kind k)
-{
-    return k == MOE_POOL_PREFILL ? "prefill" : k == MOE_POOL_DECODE ? "decode" : "mixed";
-}
-
 /* Per-instance gauges: one sample per instance, labelled with its id, pool and host. */
 typedef double (*inst_value)(const moe_instance_status *is);
 static double v_running(const moe_instance_status *is) { return is->running; }
@@ -123,7 +118,7 @@ static void per_instance(wbuf *b, const moe_cluster_status *cs, const char *name
         char host[160];
         escape(host, sizeof(host), is->host);
         put(b, PFX "%s{model_name=\"%s\",instance=\"%" PRIu32 "\",pool=\"%s\",host=\"%s\"} %.17g\n",
-            name, b->model, is->id, pool_name(is->pool), host, f(is));
+            name, b->model, is->id, moe_pool_name(is->pool), host, f(is));
     }
 }
 

@@ -9,6 +9,7 @@
 
 #include "common/clock.h"
 #include "common/file.h"
+#include "common/pool.h"
 #include "health.pb-c.h"
 #include "moeserve.pb-c.h"
 #include "tools/moe_client/client.h"
@@ -437,16 +438,6 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
     return 0;
 }
 
-static const char *pool_name(Moeserve__V1__PoolKind k)
-{
-    switch (k) {
-    case MOESERVE__V1__POOL_KIND__POOL_KIND_PREFILL: return "prefill";
-    case MOESERVE__V1__POOL_KIND__POOL_KIND_DECODE: return "decode";
-    case MOESERVE__V1__POOL_KIND__POOL_KIND_MIXED: return "mixed";
-    default: return "?";
-    }
-}
-
 static const char *state_name(Moeserve__V1__InstanceState s)
 {
     switch (s) {
@@ -528,7 +519,7 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
         char kv[48];
         snprintf(kv, sizeof(kv), "%" PRIu64 "/%" PRIu64, p->kv_blocks_used, p->kv_blocks_total);
         printf("%-8s %9" PRIu32 " %5" PRIu32 " %3" PRIu32 " %7" PRIu32 " %7" PRIu32 " %21s\n",
-               pool_name(p->kind), p->instances, p->ranks, p->ep_size, p->running, p->waiting, kv);
+               moe_pool_name((moe_pool_kind)p->kind), p->instances, p->ranks, p->ep_size, p->running, p->waiting, kv);
     }
     printf("\n%-4s %-8s %-11s %-12s %7s %7s %8s %8s %9s %10s %9s  %s\n", "INST", "POOL", "STATE",
            "RANKS", "RUNNING", "WAITING", "KV USED", "KV FREE", "KV TOTAL", "PEND.PROMPT",
@@ -542,7 +533,7 @@ static int cmd_status(moe_rpc_client *c, const opts *o)
                                     in->ranks[k]);
         printf("%-4" PRIu32 " %-8s %-11s %-12s %7" PRIu32 " %7" PRIu32 " %8" PRIu32 " %8" PRIu32
                " %9" PRIu32 " %10" PRIu64 " %7.0f ms  %s\n",
-               in->id, pool_name(in->pool), state_name(in->state), ranks, in->running, in->waiting,
+               in->id, moe_pool_name((moe_pool_kind)in->pool), state_name(in->state), ranks, in->running, in->waiting,
                in->kv_blocks_used, in->kv_blocks_free, in->kv_blocks_total, in->pending_prompt_tokens,
                in->heartbeat_age_ms, in->host);
     }

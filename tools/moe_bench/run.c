@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/pool.h"
 #include "moeserve.pb-c.h"
 
 typedef struct {
@@ -147,9 +148,7 @@ static void *timeline_main(void *arg)
         unsigned active = st->totals ? st->totals->active_streams : 0;
         for (size_t i = 0; i < st->n_instances; i++) {
             const Moeserve__V1__Instance *in = st->instances[i];
-            const char *pool = in->pool == MOESERVE__V1__POOL_KIND__POOL_KIND_PREFILL  ? "prefill"
-                               : in->pool == MOESERVE__V1__POOL_KIND__POOL_KIND_DECODE ? "decode"
-                                                                                       : "mixed";
+            const char *pool = moe_pool_name((moe_pool_kind)in->pool);
             pthread_mutex_lock(&b->mu);
             fprintf(c->jsonl,
                     "{\"type\": \"timeline\"%s%s, \"t_s\": %.4f, \"instance\": %u, \"pool\": \"%s\", "
