@@ -299,6 +299,14 @@ def test_main(tests, prog):
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         print("usage: %s --list | NAME" % prog, file=sys.stderr)
         return 2
+    import signal
+
+    def stopped(signum, _frame):
+        # run.sh's time limit (timeout sends SIGTERM) or a runner stopping: unwind, so that each
+        # Cluster's __exit__ stops the processes it started instead of leaving them running.
+        raise SystemExit("stopped by signal %d" % signum)
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGHUP, stopped)
     try:
         tests[sys.argv[1]]()
     except TestFailure as e:
