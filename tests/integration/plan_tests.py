@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from cluster import MODEL, Cluster, build_dir, check, registrar, test_main
+from cluster import MODEL, Cluster, TestFailure, build_dir, check, registrar, test_main
 import moeserve_pb2 as pb
 
 TESTS = {}
@@ -60,7 +60,10 @@ def settled_handoffs(c):
 
 
 def run(args, **kw):
-    return subprocess.run([tool("moe-plan")] + args, check=True, capture_output=True, text=True, **kw)
+    p = subprocess.run([tool("moe-plan")] + args, capture_output=True, text=True, **kw)
+    if p.returncode != 0:  # what moe-plan said, not only its exit status
+        raise TestFailure("moe-plan %s exited %d: %s" % (" ".join(args), p.returncode, p.stderr.strip()[-2000:]))
+    return p
 
 
 def decode_cpu_ratio(prof_path, steps_path):
