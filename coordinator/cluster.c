@@ -599,6 +599,7 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         k->kv_transfer_timeouts += in->ctr.kv_transfer_timeouts;
         k->kv_lease_expirations += in->ctr.kv_lease_expirations;
         k->kv_transfers_layerwise += in->ctr.kv_transfers_layerwise;
+        k->kv_pulls_waited += in->ctr.kv_pulls_waited;
         k->preemptions += in->ctr.preemptions;
         snprintf(s->host, sizeof s->host, "%s", in->host);
     }

@@ -155,6 +155,7 @@ typedef struct {
     uint64_t kv_checksum_failures, kv_transfer_timeouts, kv_lease_expirations;
     uint64_t migrations, migrations_aborted, preemptions;
     uint64_t kv_transfers_layerwise; /* of kv_transfers: pushed layer by layer */
+    uint64_t kv_pulls_waited;        /* offers that waited on the decode side for free blocks */
     uint64_t instance_joins, instance_losses, requests_resumed; /* elastic clusters */
     uint64_t prefills_shared; /* choices (n > 1) started on another choice's prefill */
 } moe_cluster_counters;

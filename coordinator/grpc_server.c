@@ -634,6 +634,7 @@ static void handle_status(struct gcall *c)
     ctr.migrations_aborted = bc->migrations_aborted;
     ctr.preemptions = bc->preemptions;
     ctr.kv_transfers_layerwise = bc->kv_transfers_layerwise;
+    ctr.kv_pulls_waited = bc->kv_pulls_waited;
     ctr.instance_joins = bc->instance_joins;
     ctr.instance_losses = bc->instance_losses;
     ctr.requests_resumed = bc->requests_resumed;

@@ -215,6 +215,9 @@ moe_status moe_metrics_render(const moe_fe_stats_snapshot *fs, const moe_cluster
                (double)k->kv_transfers);
         scalar(&b, "kv_transfers_layerwise", "counter", "Of kv_transfers: pushed layer by layer.",
                (double)k->kv_transfers_layerwise);
+        scalar(&b, "kv_pulls_waited", "counter",
+               "KV hand-offs that waited on the decode side for free blocks (the prefill side held them).",
+               (double)k->kv_pulls_waited);
         scalar(&b, "kv_transfer_bytes", "counter", "Bytes of KV handed off.",
                (double)k->kv_transfer_bytes);
         scalar(&b, "kv_transfer_retries", "counter", "KV transfers retried.",

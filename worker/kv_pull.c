@@ -232,6 +232,14 @@ static void start_attempt(worker *w, pull_t *q, int attempt)
     moe_worker_send_peer(w, q->src, TAG(KV_PULL), &m.base);
 }
 
+/* The offer waits for free blocks here (its prefill side holds the KV meanwhile): counted once. */
+static void waits_for_room(worker *w, pull_t *q)
+{
+    if (!q->waited)
+        w->ctr.kv_pulls_waited++;
+    q->waited = true;
+}
+
 /* Tries to reserve blocks for an offer; returns false while there is no room. */
 static bool try_import(worker *w, pull_t *q)
 {
@@ -243,8 +251,10 @@ static bool try_import(worker *w, pull_t *q)
     if (s == MOE_ERR_FULL) {
         moe_engine_stats es;
         moe_engine_get_stats(w->eng, &es);
-        if (es.kv_blocks_used > 0)
-            return false; /* wait for room: DistServe's pull slows prefill instead of failing */
+        if (es.kv_blocks_used > 0) {
+            waits_for_room(w, q); /* DistServe: the pull slows the prefill instead of failing */
+            return false;
+        }
     }
     if (s != MOE_OK) {
         MOE_LOG_W("seq %llu: cannot import: %s", (unsigned long long)q->seq_id,
@@ -364,8 +374,12 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
             moe_engine_get_stats(w->eng, &es);
             free_blocks = es.kv_blocks_total - es.kv_blocks_used;
         }
-        if ((uint32_t)free_blocks >= q->offer->n_blocks && try_import(w, q))
-            return true;
+        if ((uint32_t)free_blocks >= q->offer->n_blocks) {
+            if (try_import(w, q))
+                return true;
+        } else {
+            waits_for_room(w, q);
+        }
         if (now >= q->next_renew && w->pull_delay_ms == 0) {
             pb_pull m;
             moeserve__cluster__v1__kv_pull__init(&m);

@@ -73,6 +73,7 @@ typedef struct {
     bool cancelled;     /* freed while receiving: dropped once the receive ends */
     bool imported;
     int held_blocks; /* KV blocks imported for it here (0 until then): reported as incoming */
+    bool waited;     /* counted in kv_pulls_waited (once) */
     /* Layer-by-layer push (worker/kv_push.c): receives posted when the prefill started; offer stays
      * NULL until the KvOffer after the prefill brings the final state. */
     bool push;

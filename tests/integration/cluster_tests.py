@@ -241,10 +241,12 @@ def full_decode_pool_slows_prefill_instead_of_failing():
             mon.join()
         for i, (g, ref) in enumerate(zip(got, refs)):
             check(g == ref, "request %d: %s vs %s" % (i, g, ref))
-        check(seen["waiting"] > 0, "no offer ever waited for room on the decode rank: %s" % seen)
-        print("most offers waiting on the decode rank: %d, most blocks held by the prefill rank: %d"
-              % (seen["waiting"], seen["parked"]))
         st = c.wait_idle()
+        # The decode rank counts every offer that had to wait for room: exact, whatever a status
+        # poll happened to see (the gauges are printed for the record).
+        check(st.counters.kv_pulls_waited > 0, "no offer ever waited for room on the decode rank: %s" % st.counters)
+        print("%d hand-offs waited for room on the decode rank (most seen waiting at once: %d); most blocks "
+              "held by the prefill rank: %d" % (st.counters.kv_pulls_waited, seen["waiting"], seen["parked"]))
         check(st.counters.kv_transfers >= 20 and st.counters.kv_transfer_recomputes == 0, str(st.counters))
         stop_ok(c)
 
