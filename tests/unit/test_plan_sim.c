@@ -87,12 +87,56 @@ Test(plan_sim, one_request_disaggregated_layer_handoff)
     cr_assert(rec[0].ok);
     double prefill_end = DISP_MS + T(200);
     cr_assert_float_eq(rec[0].t_first * 1e3, prefill_end + PATH_MS, EPS);
-    /* Layer by layer: only the last of 4 layers' KV (200 x 1000 / 4 bytes at 1 GB/s) is left
-     * after the prefill, plus one message latency; then one decode step per token. */
-    double handoff = 0.5 + 200.0 * 1000 / 4 / 1e9 * 1e3;
+    /* Layer by layer, as worker/kv_push.c does it: the worker sends KvReserve when it takes the
+     * start in and steps the prefill in the same loop turn; the decode side's accept (2 message
+     * latencies later) arrives during that one-step prefill and is taken in after it, so no layer
+     * left during the step: all 4 layers' KV (200 x 1000 bytes at 1 GB/s) move after it, plus one
+     * message latency; then one decode step per token. */
+    double handoff = 0.5 + 200.0 * 1000 / 1e9 * 1e3;
     cr_assert_float_eq(rec[0].t_second * 1e3, prefill_end + handoff + T(1) + PATH_MS, EPS);
     cr_assert_float_eq(rec[0].t_last * 1e3, prefill_end + handoff + 2 * T(1) + PATH_MS, EPS);
     rp_records_free(rec, 1);
+}
+
+/* A prompt over the budget prefills in two chunks: the accept is taken in after the first chunk's
+ * step, so the second (final) chunk's step pushes each layer as it is computed and only the last
+ * of the 4 layers (600 x 1000 / 4 bytes) is left after it. */
+Test(plan_sim, chunked_prefill_pushes_layers_during_its_final_chunk)
+{
+    mp_costs c = costs(0);
+    wl_request r = {.t_s = 0, .n_in = 600, .n_out = 2};
+    rp_record *rec = run(&c, "P=1x1,D=1x1", &r, 1, 512);
+    cr_assert(rec[0].ok);
+    double prefill_end = DISP_MS + T(512) + T(88);
+    cr_assert_float_eq(rec[0].t_first * 1e3, prefill_end + PATH_MS, EPS);
+    double handoff = 0.5 + 600.0 * 1000 / 4 / 1e9 * 1e3;
+    cr_assert_float_eq(rec[0].t_second * 1e3, prefill_end + handoff + T(1) + PATH_MS, EPS);
+    rp_records_free(rec, 1);
+}
+
+/* The decode side takes a KvReserve in only between its steps. Request 0 (16 tokens, 200 out)
+ * decodes on D in steps of T(1) = 2.5 ms from d0 on; request 1 (1 token, 2 out) is timed so that
+ * its reserve reaches D 0.1 ms into one of those steps: D answers 2.4 ms later, at the step's
+ * end, and the accept reaches the prefill side after request 1's 2.5 ms prefill has ended, so its
+ * KV moves from then on (one latency + 1 KB); its first decode step on D is the one after the
+ * step in flight at that time, in a batch of 2. */
+Test(plan_sim, decode_side_answers_the_reserve_after_its_step)
+{
+    mp_costs c = costs(0);
+    /* Request 0: prefill [DISP, DISP + T(16)], then its accept (taken in after the prefill) and
+     * 16 KB: decode steps from d0. */
+    double d0 = DISP_MS + T(16) + 0.5 + 16.0 * 1000 / 1e9 * 1e3;
+    double reserve_at = d0 + 40 * T(1) + 0.1, start1 = reserve_at - 0.5;
+    wl_request r[2] = {{.t_s = 0, .n_in = 16, .n_out = 200}, {.t_s = (start1 - DISP_MS) * 1e-3, .n_in = 1, .n_out = 2}};
+    rp_record *rec = run(&c, "P=1x1,D=1x1", r, 2, 512);
+    cr_assert(rec[0].ok && rec[1].ok);
+    double answer = d0 + 41 * T(1), accept_in = answer + 0.5;
+    cr_assert_gt(accept_in, start1 + T(1)); /* after the prefill */
+    double handoff_end = accept_in + 0.5 + 1.0 * 1000 / 1e9 * 1e3;
+    double next = d0 + ceil((handoff_end - d0) / T(1)) * T(1);
+    cr_assert_float_eq(rec[1].t_first * 1e3, start1 + T(1) + PATH_MS, 1e-6);
+    cr_assert_float_eq(rec[1].t_second * 1e3, next + T(2) + PATH_MS, 1e-6);
+    rp_records_free(rec, 2);
 }
 
 /* With a probed availability curve a step costs its CPU time times the ratio of the bin nearest

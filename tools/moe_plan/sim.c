@@ -8,7 +8,7 @@
 
 #include "common/grow.h"
 
-enum { EV_ARRIVE, EV_START, EV_STEP_END, EV_HANDOFF, EV_FIRST_SEEN, EV_TIMELINE, EV_KICK };
+enum { EV_ARRIVE, EV_START, EV_STEP_END, EV_HANDOFF, EV_FIRST_SEEN, EV_TIMELINE, EV_KICK, EV_RESERVE, EV_ACCEPT };
 
 typedef struct {
     double t;
@@ -20,7 +20,8 @@ typedef struct {
     int req;
     int n_tokens, n_computed, n_generated, blocks;
     bool paused, prefill_only;
-    int chunk; /* tokens in the step in flight (0: not in it) */
+    int chunk;    /* tokens in the step in flight (0: not in it) */
+    bool layered; /* its final prefill chunk ran with the push accepted: layers left as computed */
 } eseq;
 
 typedef struct {
@@ -32,17 +33,32 @@ typedef struct {
     /* the coordinator's view */
     long pending_tokens;
     int n_pending, reserved;
+    /* Control messages that reached the rank during a step: a worker takes them in at its next
+     * loop turn, after the step (worker/worker_loop.c drains, then steps). Request ids, by kind. */
+    int *inbox[2], n_inbox[2], cap_inbox[2];
 } rank_t;
+
+enum { IN_RESERVE, IN_ACCEPT };
 
 typedef struct {
     int first, ep; /* ranks [first, first + ep) */
     bool busy;
+    double t_end; /* when the step in flight ends */
 } group_t;
 
 enum { RQ_QUEUED, RQ_PREFILL, RQ_XFER, RQ_DECODE, RQ_DONE };
 
+/* The layer-by-layer push's handshake (worker/kv_push.c): the prefill side sends KvReserve when it
+ * takes the start in, the decode side answers at its next loop turn (accepts with room), and the
+ * prefill side takes the accept in at its next loop turn. Only the final prefill chunk's step
+ * pushes layers as they are computed, and only when the accept was in before that step began;
+ * otherwise every layer moves once the accept is in after the prefill. */
+enum { RES_NONE, RES_SENT, RES_ACCEPTED, RES_DECLINED };
+
 typedef struct {
     int state, pi, di, reserved;
+    int res;         /* RES_*: the push handshake (RES_NONE: no push, e.g. whole-block mode) */
+    bool accept_in;  /* the prefill side has taken the accept in */
     bool pull;       /* no decode reservation: whole blocks move after the prefill */
     bool counted;    /* in its prefill rank's pending counters */
     double t_ready;  /* pull mode: when the prefill finished (waiting for decode room since) */
@@ -199,6 +215,10 @@ static int plan_step(sim *s, rank_t *r, double *attn)
                 break;
             }
             e->chunk = chunk;
+            /* The layer hook pushes a prefill-only sequence's layers in the step of its final
+             * chunk (worker/engine.c's hook_ids), once the accept is in. */
+            e->layered = e->prefill_only && e->n_computed + chunk == e->n_tokens &&
+                         s->rq[e->req].res == RES_ACCEPTED && s->rq[e->req].accept_in;
             *attn += mp_attn_work(e->n_computed, chunk);
             n_segs++;
             n_tok += chunk;
@@ -214,6 +234,16 @@ static bool has_work(const rank_t *r)
         if (!r->seqs[i].paused)
             return true;
     return false;
+}
+
+/* Sequences holding KV blocks, paused ones too: the engine's n_running (moe_engine_get_stats),
+ * which the load reports carry and the decode side's reserve check uses. */
+static int holding(const rank_t *r)
+{
+    int n = 0;
+    for (int i = 0; i < r->n_seqs; i++)
+        n += r->seqs[i].blocks > 0;
+    return n;
 }
 
 /* ---- the coordinator (coordinator/cluster_sched.c) ---- */
@@ -234,7 +264,7 @@ static int pick_prefill(sim *s, int req, bool *gated)
             continue;
         }
         if (best < 0 || in->pending_tokens < s->ranks[best].pending_tokens ||
-            (in->pending_tokens == s->ranks[best].pending_tokens && in->n_seqs < s->ranks[best].n_seqs))
+            (in->pending_tokens == s->ranks[best].pending_tokens && holding(in) < holding(&s->ranks[best])))
             best = i;
     }
     return best;
@@ -335,6 +365,7 @@ static bool kick(sim *s, int g)
             dt *= (double)stepping / s->o->cores;
     }
     gr->busy = true;
+    gr->t_end = s->now + dt;
     s->st.steps++;
     s->st.busy_s[s->ranks[gr->first].pool] += dt;
     return push(s, s->now + dt, EV_STEP_END, g);
@@ -354,11 +385,13 @@ static void deliver(sim *s, int req)
     r->n_tokens++;
 }
 
-static double handoff_ms(const sim *s, int req)
+/* From the park (or the accept after it) to the decode side holding the KV: the bytes still to
+ * move (layered: only the last layer's, the others left during the final chunk's step), one
+ * message latency, and the calibrated fixed part. */
+static double handoff_ms(const sim *s, int req, bool layered)
 {
     double bytes = s->c->kv_bytes_per_token * s->w->req[req].n_in;
-    /* Layer by layer: all but the last layer left while later layers computed. */
-    if (!s->rq[req].pull && !s->o->kv_block_mode && s->c->n_layers > 0)
+    if (layered && s->c->n_layers > 0)
         bytes /= s->c->n_layers;
     return mp_xfer_ms(s->c, &s->o->net, bytes) + s->c->handoff_ms;
 }
@@ -381,7 +414,70 @@ static bool start_pull(sim *s, int req)
     e->paused = true;
     e->blocks = need;
     d->kv_used += need;
-    return push(s, s->now + handoff_ms(s, req) * 1e-3, EV_HANDOFF, req);
+    return push(s, s->now + handoff_ms(s, req, false) * 1e-3, EV_HANDOFF, req);
+}
+
+static double msg_ms(const sim *s) { return mp_xfer_ms(s->c, &s->o->net, 0); }
+
+static bool to_inbox(rank_t *r, int kind, int req)
+{
+    if (!moe_grow((void **)&r->inbox[kind], &r->cap_inbox[kind], r->n_inbox[kind] + 1, sizeof *r->inbox[kind]))
+        return false;
+    r->inbox[kind][r->n_inbox[kind]++] = req;
+    return true;
+}
+
+/* The decode side takes a KvReserve in (worker/kv_push.c moe_kv_push_on_reserve): room for the
+ * prompt's blocks and one more per sequence it holds -> a paused sequence holds them and the
+ * accept goes back; else no answer, and the KV is pulled after the prefill. */
+static bool take_reserve(sim *s, int req)
+{
+    sreq *q = &s->rq[req];
+    if (q->state == RQ_DONE)
+        return true;
+    rank_t *d = &s->ranks[q->di];
+    int need = blocks_for(s, s->w->req[req].n_in);
+    if (d->kv_total - d->kv_used < need + holding(d)) {
+        q->res = RES_DECLINED;
+        q->pull = true;
+        return q->state != RQ_XFER || start_pull(s, req);
+    }
+    eseq *e = add_seq(d, req);
+    if (!e)
+        return false;
+    e->paused = true;
+    e->blocks = need;
+    d->kv_used += need;
+    q->res = RES_ACCEPTED;
+    return push(s, s->now + msg_ms(s) * 1e-3, EV_ACCEPT, req);
+}
+
+/* The prefill side takes the accept in: a prefill already parked pushes every layer now. */
+static bool take_accept(sim *s, int req)
+{
+    sreq *q = &s->rq[req];
+    q->accept_in = true;
+    return q->state != RQ_XFER || push(s, s->now + handoff_ms(s, req, false) * 1e-3, EV_HANDOFF, req);
+}
+
+/* A message for rank r's loop: taken in now when it is between steps, else after its step. */
+static bool deliver_msg(sim *s, int r, int kind, int req)
+{
+    if (s->groups[s->ranks[r].group].busy)
+        return to_inbox(&s->ranks[r], kind, req);
+    return kind == IN_RESERVE ? take_reserve(s, req) : take_accept(s, req);
+}
+
+static bool take_inbox(sim *s, rank_t *r)
+{
+    for (int kind = 0; kind < 2; kind++) {
+        int n = r->n_inbox[kind];
+        r->n_inbox[kind] = 0;
+        for (int i = 0; i < n; i++)
+            if (!(kind == IN_RESERVE ? take_reserve(s, r->inbox[kind][i]) : take_accept(s, r->inbox[kind][i])))
+                return false;
+    }
+    return true;
 }
 
 static bool retry_pulls(sim *s)
@@ -430,17 +526,23 @@ static bool on_step_end(sim *s, int g)
                 remove_seq(r, i--);
                 freed = true;
             } else if (e->prefill_only) {
+                sreq *q = &s->rq[req];
                 e->paused = true;
-                s->rq[req].state = RQ_XFER;
-                if (s->rq[req].pull) {
+                q->state = RQ_XFER;
+                if (q->pull) {
                     if (!start_pull(s, req))
                         return false;
-                } else if (!push(s, s->now + handoff_ms(s, req) * 1e-3, EV_HANDOFF, req)) {
+                } else if (q->res == RES_ACCEPTED && q->accept_in &&
+                           !push(s, s->now + handoff_ms(s, req, e->layered) * 1e-3, EV_HANDOFF, req)) {
                     return false;
-                }
+                } /* else the handshake is still under way: take_reserve / take_accept go on */
             }
         }
     }
+    /* The next loop turn: the messages that came during the step, then the next step. */
+    for (int k = 0; k < gr->ep; k++)
+        if (!take_inbox(s, &s->ranks[gr->first + k]))
+            return false;
     if (freed && s->n_pulls && !retry_pulls(s))
         return false;
     return kick(s, g);
@@ -456,16 +558,12 @@ static bool on_start(sim *s, int req)
     e->n_tokens = s->w->req[req].n_in;
     e->prefill_only = s->disagg;
     if (s->disagg && s->w->req[req].n_out > 1) {
-        rank_t *d = &s->ranks[q->di];
-        int need = blocks_for(s, s->w->req[req].n_in);
-        q->pull = s->o->kv_block_mode || d->kv_total - d->kv_used < need;
-        if (!q->pull) { /* KvReserve: a paused sequence holds the blocks the layers will fill */
-            eseq *de = add_seq(d, req);
-            if (!de)
+        q->pull = s->o->kv_block_mode;
+        if (!q->pull) { /* KvReserve, sent when the worker takes the start in: after a step in flight */
+            group_t *g = &s->groups[p->group];
+            q->res = RES_SENT;
+            if (!push(s, (g->busy ? g->t_end : s->now) + msg_ms(s) * 1e-3, EV_RESERVE, req))
                 return false;
-            de->paused = true;
-            de->blocks = need;
-            d->kv_used += need;
         }
     }
     /* The worker drains every control message before it steps: starts arriving together share
@@ -572,8 +670,11 @@ static moe_status build(sim *s, const mp_layout *l)
 
 static void sim_free(sim *s)
 {
-    for (int i = 0; i < s->n_ranks; i++)
+    for (int i = 0; i < s->n_ranks; i++) {
         free(s->ranks[i].seqs);
+        free(s->ranks[i].inbox[0]);
+        free(s->ranks[i].inbox[1]);
+    }
     free(s->ranks);
     free(s->groups);
     free(s->rq);
@@ -636,6 +737,12 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
         }
         case EV_KICK:
             ok = kick(&s, e.a);
+            break;
+        case EV_RESERVE:
+            ok = deliver_msg(&s, s.rq[e.a].di, IN_RESERVE, e.a);
+            break;
+        case EV_ACCEPT:
+            ok = deliver_msg(&s, s.rq[e.a].pi, IN_ACCEPT, e.a);
             break;
         case EV_TIMELINE:
             timeline(&s);
