@@ -60,18 +60,7 @@ mapfile -t tops < <(grep -E '^[0-9]+ ' "$out/search.txt")
 for top in "${tops[@]}"; do # in this shell: a piped loop's subshell lost $tmp after its second turn
   read -r rank lay _ <<< "$top"
   i=$((i + 1))
-  # "M=AxE" -> A*E ranks colocated; "P=pxe1,D=dxe2" -> disaggregated with those EP sizes.
-  read -r np flags <<< "$(python3 - "$lay" <<'PY'
-import re, sys
-l = dict(p.split("=") for p in sys.argv[1].split(","))
-c = {k: tuple(map(int, v.split("x"))) for k, v in l.items()}
-if "M" in c:
-    print(c["M"][0] * c["M"][1] + 1, "--colocated --ep-size %d" % c["M"][1])
-else:
-    print(c["P"][0] * c["P"][1] + c["D"][0] * c["D"][1] + 1,
-          "--prefill-instances %d --decode-instances %d --prefill-ep %d --decode-ep %d" % (c["P"][0], c["D"][0], c["P"][1], c["D"][1]))
-PY
-)"
+  read -r np flags <<< "$(plan_flags "$lay")"
   # shellcheck disable=SC2086
   plan_start "search$i" "$np" $flags
   "$build/moe-plan" probe --quiet --out "$out/search$i.avail.json" & pp=$!

@@ -43,3 +43,18 @@ plan_stop() {
   kill -USR1 "$mp"; wait "$mp" || true
   echo "$2 / $(load)" > "$out/$1.load"
 }
+
+# plan_flags LAYOUT: "NP FLAGS" of moe-serve under mpirun for a moe-plan layout: "M=AxE" -> A*E
+# ranks colocated; "P=pxe1,D=dxe2" -> disaggregated with those EP sizes (the coordinator counted).
+plan_flags() {
+  python3 - "$1" <<'PY'
+import sys
+l = dict(p.split("=") for p in sys.argv[1].split(","))
+c = {k: tuple(map(int, v.split("x"))) for k, v in l.items()}
+if "M" in c:
+    print(c["M"][0] * c["M"][1] + 1, "--colocated --ep-size %d" % c["M"][1])
+else:
+    print(c["P"][0] * c["P"][1] + c["D"][0] * c["D"][1] + 1,
+          "--prefill-instances %d --decode-instances %d --prefill-ep %d --decode-ep %d" % (c["P"][0], c["D"][0], c["P"][1], c["D"][1]))
+PY
+}

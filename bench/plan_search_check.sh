@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The search's first choice against its second, live (issue 14): moe-plan search over the worker
+# ranks of this machine with a calibrated profile and a probed availability (e.g. those of a
+# bench/plan_check.sh run minutes before), then its top 2 layouts run live at the first's goodput
+# rate, alternating (1, 2, 1, 2, ...) so that the machine's load drifts over both alike; every
+# run's measured attainment next to the predicted one, and the spread of the repeats (the noise
+# the difference has to beat).
+# Usage: bench/plan_search_check.sh BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]
+# Env: SC_OUT (results dir), SC_RANKS (2), SC_REQUESTS (40), SC_LEN_SCALE (0.5),
+#      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2).
+set -euo pipefail
+build=$(cd "${1:?usage: $0 BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]}" && pwd)
+prof=$(realpath "${2:?profile}")
+avail=$(realpath "${3:?availability}")
+src=$(cd "$(dirname "$0")/.." && pwd)
+model=${4:-}
+n=${SC_REQUESTS:-40}
+scale=${SC_LEN_SCALE:-0.5}
+trace=${SC_TRACE:-$src/bench/traces/chat.jsonl}
+ttft=${SC_TTFT_MS:-1000}
+tpot=${SC_TPOT_MS:-15}
+reps=${SC_REPEATS:-2}
+kv=512
+out_default=${SC_OUT:-}
+# shellcheck source=bench/plan_lib.sh
+. "$src/bench/plan_lib.sh"
+hb=""; case $trace in *chat*) hb="--hash-block 64" ;; esac
+wl="--trace $trace --requests $n --len-scale $scale $hb"
+# shellcheck disable=SC2086
+"$build/moe-plan" search --profile "$prof" --availability "$avail" --ranks "${SC_RANKS:-2}" $wl --kv-blocks $kv \
+  --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --top 2 > "$out/search.txt"
+cat "$out/search.txt"
+rate=$(grep '^best:' "$out/search.txt" | sed 's/^best: //' | python3 -c 'import json,sys; print(json.load(sys.stdin)["goodput_rps"])')
+mapfile -t tops < <(grep -E '^[0-9]+ ' "$out/search.txt")
+for rep in $(seq "$reps"); do
+  for top in "${tops[@]}"; do
+    read -r rank lay _ <<< "$top"
+    key="top$rank.run$rep"
+    read -r np flags <<< "$(plan_flags "$lay")"
+    # The prediction at this rate, for the same workload.
+    # shellcheck disable=SC2086
+    "$build/moe-plan" simulate --profile "$prof" --availability "$avail" --layout "$lay" $wl --rate "$rate" \
+      --kv-blocks $kv --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --json > "$out/$key.sim.json"
+    # shellcheck disable=SC2086
+    plan_start "$key" "$np" $flags
+    "$build/moe-plan" probe --quiet --out "$out/$key.avail.json" & pp=$!
+    l0=$(load)
+    echo "=== $key: $lay at $rate req/s (load $l0)" >&2
+    # shellcheck disable=SC2086
+    "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --rate "$rate" --slo-ttft-ms "$ttft" \
+      --slo-tpot-ms "$tpot" < /dev/null > "$out/$key.real.json" || true
+    plan_stop "$key" "$l0"
+    python3 - "$out" "$key" "$rank" "$lay" "$((np - 1))" "$rate" <<'PY'
+import json, os, sys
+out, key, rank, lay, ranks, rate = sys.argv[1:]
+last = lambda p: json.loads(open(os.path.join(out, p)).read().strip().splitlines()[-1])
+r, s = last(key + ".real.json"), last(key + ".sim.json")
+print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | TTFT p90 %.0f / TPOT p90 %.1f ms | %s |" % (
+    rank, lay, ranks, float(rate), 100 * s["attainment"], 100 * r["attainment"], r["ttft_ms"]["p90"],
+    r["tpot_ms"]["p90"], open(os.path.join(out, key + ".load")).read().strip()))
+PY
+  done
+done
+echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured latencies | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
