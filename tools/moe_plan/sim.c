@@ -286,7 +286,12 @@ static int pick_decode(sim *s)
         rank_t *in = &s->ranks[i];
         if (in->pool != MP_POOL_DECODE)
             continue;
-        long fr = (long)in->kv_total - in->kv_used - in->reserved;
+        /* As moe_cluster_inst_kv_committed: blocks held for incoming KV (paused sequences the
+         * hand-offs fill) are already in the coordinator's reservations, counted once. */
+        long incoming = 0;
+        for (int k = 0; k < in->n_seqs; k++)
+            incoming += in->seqs[k].paused ? in->seqs[k].blocks : 0;
+        long fr = (long)in->kv_total - (in->kv_used - incoming) - in->reserved;
         if (best < 0 || fr > best_free || (fr == best_free && running(in) < running(&s->ranks[best]))) {
             best = i;
             best_free = fr;
