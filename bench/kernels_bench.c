@@ -271,8 +271,7 @@ static void prefill_vs_blas(int max_threads, int quick)
 }
 
 /* ---- prefill shapes over bf16 / Q8 / Q4 weights: our moe_matmul only, GFLOP/s ----
- * Q8/Q4 prefill runs int8 block products, or with MOE_QPREFILL=f32 in the environment the
- * dequantizing f32 panel: run the mode twice (alternating) to compare. */
+ * Q8/Q4 prefill runs int8 block products (the only Q8/Q4 path since batch invariance). */
 static void qprefill(int max_threads)
 {
     static const int toks[] = {64, 512};
@@ -290,11 +289,9 @@ static void qprefill(int max_threads)
         wf[i] = frand() * 0.05f;
     for (size_t i = 0; i < max_x; i++)
         x[i] = frand();
-    const char *env = getenv("MOE_QPREFILL");
     for (int nt = 1; nt <= max_threads; nt++) {
         moe_threadpool_t *pool = moe_threadpool_create(nt);
-        printf("\n== prefill shapes, %d thread(s), q8/q4 %s: ms (GFLOP/s), best of 5 ==\n", nt,
-               env && strcmp(env, "f32") == 0 ? "f32 panel" : "int8");
+        printf("\n== prefill shapes, %d thread(s), q8/q4 int8: ms (GFLOP/s), best of 5 ==\n", nt);
         for (size_t s = 0; s < sizeof gemm_shapes / sizeof *gemm_shapes; s++) {
             int n_out = gemm_shapes[s].n_out, n_in = gemm_shapes[s].n_in;
             size_t n = (size_t)n_out * n_in;

@@ -138,7 +138,7 @@ void moe_matmul_batch(moe_threadpool_t *pool, const moe_matmul_desc *descs, int 
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
                        int n_out);
 /* Optional: sizes the calling thread's scratch for quantized (Q8/Q4) matmuls of up to n_tok x
- * n_in (n_tok beyond 47 counts as 47), so later calls on this thread allocate nothing. Returns 0,
+ * n_in (every n_tok quantizes x, prefill too), so later calls on this thread allocate nothing. Returns 0,
  * or -1 when out of memory (matmul then still works: without scratch it quantizes x one token at a
  * time on the stack, with identical results, when n_in <= 32768). */
 int moe_matmul_reserve(int n_tok, int n_in);

@@ -116,7 +116,7 @@ static moe_isa cpu_best_isa(void)
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
-        return MOE_ISA_AVX512; /* it also calls the AVX2 panel kernel for many tokens */
+        return MOE_ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
         return MOE_ISA_AVX2;
 #endif
@@ -179,12 +179,12 @@ const char *moe_kernels_describe(void)
     case MOE_ISA_AVX512:
         return use_avx512_matmul()
                    ? "isa=avx512: matmul float=avx512 (MOE_MATMUL_AVX512=1) quant=avx2-int8 "
-                     "prefill-panel=avx2 attention=avx2 silu=avx2 dot/axpy=avx512"
+                     "attention=avx2 silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=avx2 (faster than avx512 as measured) "
-                     "quant=avx2-int8 prefill-panel=avx2 attention=avx2 silu=avx2 "
+                     "quant=avx2-int8 attention=avx2 silu=avx2 "
                      "dot/axpy=avx512";
     case MOE_ISA_AVX2:
-        return "isa=avx2: matmul float=avx2 quant=avx2-int8 prefill-panel=avx2 attention=avx2 "
+        return "isa=avx2: matmul float=avx2 quant=avx2-int8 attention=avx2 "
                "silu=avx2 dot/axpy=avx2";
     default:
         return "isa=scalar: every kernel scalar";

@@ -124,23 +124,16 @@ void moe_matmul_rows_q_scalar(float *y, const int8_t *xq, const float *xd, const
                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
 /* quant.c: dequantizes n (a multiple of MOE_QK) values of Q8/Q4 blocks. */
 void moe_dequantize(float *dst, const void *src, moe_dtype qt, size_t n);
-/* From this many tokens on, Q8/Q4 matmuls do not quantize x: the weights are dequantized to f32
- * as they are packed (the AVX2 panel path, or the scalar path's chunks) and the product is an
- * f32 one like bf16's. Prefill is compute bound and on AVX2 the f32 FMA panel outruns int8
- * maddubs (no VNNI; measured again with 4x3 prefill int8 tiles: 65-71 against 80-85 GFLOP/s,
- * docs/kernels.md); the activations also keep their full precision. MOE_QPREFILL=int8 in the
- * environment runs prefill through the int8 kernels instead (matmul_rows_q with n_tok >= 48: the
- * AVX2 prefill tiles), to measure them on other CPUs. */
-#define MOE_Q_F32_MIN_TOK 48
+/* From this many tokens on, the AVX2 int8 matmul uses its prefill tiles (4 rows x 3 tokens)
+ * instead of the decode tiles; both give every output the same bits (see moe_matmul_rows_q_fn), so
+ * the switch is invisible in the results. */
+#define MOE_Q_PREFILL_TOK 48
 /* Activation blocks below this max |x| quantize to zero (127 / max|x| must stay finite). */
 #define MOE_QX_MIN_AMAX 1e-30f
 
 /* Test hook (test_kernels): nonzero makes quantized matmuls behave as if the scratch buffer could
  * not be allocated (the one-token-at-a-time stack path). */
 void moe_kernels_test_no_scratch(int on);
-/* Test hook: 1 makes Q8/Q4 matmuls with n_tok >= MOE_Q_F32_MIN_TOK take the int8 path (as
- * MOE_QPREFILL=int8), 0 the f32 panel, -1 (initial) follows the environment. */
-void moe_kernels_test_q_prefill_int8(int on);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,

@@ -72,37 +72,13 @@ void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype w
     }
 }
 
+/* Q8/Q4 matmuls always quantize x and run the int8 block products, for every n_tok: a token's
+ * outputs must not depend on how many tokens share the call (batch invariance, docs/kernels.md).
+ * There used to be an f32 path for n_tok >= 48 (weights dequantized into the AVX2 panel), faster
+ * for prefill on AVX2 without VNNI but with other bits than decode. */
 static int is_quant(moe_dtype wt)
 {
     return wt == MOE_DT_Q8 || wt == MOE_DT_Q4;
-}
-
-/* Whether a Q8/Q4 matmul of n_tok tokens quantizes x and runs int8 block products: always below
- * MOE_Q_F32_MIN_TOK; from there on (prefill) only when MOE_QPREFILL=int8 is in the environment
- * (read once; concurrent first calls compute the same value) or the test hook asks for it. By
- * default prefill dequantizes into the f32 panel, which measured faster on AVX2 without VNNI (see
- * MOE_Q_F32_MIN_TOK). */
-static int test_q_prefill_int8 = -1;
-
-void moe_kernels_test_q_prefill_int8(int on)
-{
-    test_q_prefill_int8 = on;
-}
-
-static int q_int8(int n_tok)
-{
-    if (n_tok < MOE_Q_F32_MIN_TOK)
-        return 1;
-    if (test_q_prefill_int8 >= 0)
-        return test_q_prefill_int8;
-    static int mode = -1;
-    int m = __atomic_load_n(&mode, __ATOMIC_RELAXED);
-    if (m < 0) {
-        const char *e = getenv("MOE_QPREFILL");
-        m = e && strcmp(e, "int8") == 0;
-        __atomic_store_n(&mode, m, __ATOMIC_RELAXED);
-    }
-    return m;
 }
 
 static void check_args(moe_dtype wt, int n_in)
@@ -212,8 +188,6 @@ int moe_matmul_reserve(int n_tok, int n_in)
 {
     if (n_tok <= 0 || n_in <= 0)
         return 0;
-    if (!q_int8(n_tok))
-        n_tok = MOE_Q_F32_MIN_TOK - 1;
     return scratch_get(qx_bytes(n_tok, (n_in + MOE_QK - 1) / MOE_QK * MOE_QK)) ? 0 : -1;
 }
 
@@ -244,7 +218,7 @@ static void matmul_any(moe_threadpool_t *pool, float *y, const float *x, const v
     if (n_tok <= 0 || n_out <= 0)
         return;
     matmul_job j = {moe_kernels_ops(), y, x, NULL, NULL, w, wt, n_tok, n_in, n_out, n_out};
-    if (is_quant(wt) && q_int8(n_tok)) {
+    if (is_quant(wt)) {
         int8_t *q = scratch_get(qx_bytes(n_tok, n_in));
         if (!q) {
             matmul_q_by_token(pool, &j);
@@ -301,7 +275,7 @@ static void batch_task(void *arg, int task, int thread)
 
 static int needs_qx(const moe_matmul_desc *d)
 {
-    return is_quant(d->wt) && q_int8(d->n_tok);
+    return is_quant(d->wt);
 }
 
 /* The desc before i whose x this one can reuse once quantized, or -1. */

@@ -90,12 +90,9 @@ AI void dot_rows(float *y, const float *x, const void *w, int wt, int n_tok, int
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1)
 {
-    /* Many tokens: compute bound, where the AVX2 packed-panel kernel (which every AVX-512 CPU
-     * runs) already beats this dot path; n_tok alone decides, so threading stays exact. */
-    if (n_tok >= 48) {
-        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
-        return;
-    }
+    /* Every n_tok through the same 16-lane dot tiles (no hand-off to another kernel for many
+     * tokens): an output's bits never depend on how many tokens share the call (batch
+     * invariance, docs/kernels.md). */
     switch (wt) {
     case MOE_DT_F32:
         dot_rows(y, x, w, MOE_DT_F32, n_tok, n_in, n_out, r0, r1);

@@ -268,12 +268,13 @@ static const q_tile_fn tiles_q4[3][4] = {{q4_tile_1x1, q4_tile_1x2, q4_tile_1x3,
                                          {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
                                          {q4_tile_8x1, NULL, NULL, NULL}};
 
-/* Prefill tiles (n_tok >= MOE_Q_F32_MIN_TOK, only with MOE_QPREFILL=int8): 4 rows (Q4: 2 pairs)
+/* Prefill tiles (n_tok >= MOE_Q_PREFILL_TOK; same bits as the decode tiles): 4 rows (Q4: 2 pairs)
  * x 3 tokens, so each token's x (and its |x| or 8x correction) serves 4 rows. Best of 2x4, 4x2,
  * 3x3, 4x3 (and Q4 6x1, 6x2) on Zen 3, one thread: Q8 65-67, Q4 70-72 GFLOP/s, still below the f32
  * panel's 80-85 (the int8 multiplies, vpmaddubsw + vpmaddwd, and the per-block convert, scale and
  * FMA outnumber the 4 FMAs of 32 f32 products on the pipes that run them). Tokens in chunks of
- * QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a task pass). */
+ * QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a task pass). Since every Q8/Q4
+ * matmul runs int8 (batch invariance), these serve every prefill of a quantized model. */
 #define QP_NR 4
 #define QP_NT 3
 #define QP_TOKC 96
@@ -310,18 +311,18 @@ static void rows_q_prefill(float *y, const int8_t *xq, const float *xd, const vo
     }
 }
 
-/* All the tokens of a call (at most MOE_Q_F32_MIN_TOK - 1; more go to rows_q_prefill) in one
+/* All the tokens of a call (at most MOE_Q_PREFILL_TOK - 1; more go to rows_q_prefill) in one
  * chunk, so each row tile is read from memory once and its later token tiles re-read it from L1:
  * every weight row streams once per call whatever the number of tokens (an expert's share of a
  * batched decode step). Chunks of 32 tokens, as before, streamed every row twice from 33 to 47
  * tokens. The quantized x of 47 tokens (47 x n_in x 1.06 bytes: 100 KB at n_in = 2048) stays in
  * L2 while the rows pass. */
-#define Q_TOKC (MOE_Q_F32_MIN_TOK - 1)
+#define Q_TOKC (MOE_Q_PREFILL_TOK - 1)
 
 void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const void *w,
                             moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
-    if (n_tok >= MOE_Q_F32_MIN_TOK) {
+    if (n_tok >= MOE_Q_PREFILL_TOK) {
         rows_q_prefill(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1);
         return;
     }
