@@ -524,6 +524,38 @@ static hstream *stream_new(moe_http_server *s, struct MHD_Connection *conn, int 
     return h;
 }
 
+/* echo: every choice's text starts with the prompt's, before the backend holds any of them:
+ * a text prompt as the client sent it, token ids as the tokenizer decodes them (as vLLM). */
+static moe_status echo_prompt(moe_http_server *s, const moe_http_gen *g, hgroup *grp)
+{
+    char *dec = NULL;
+    const char *t = g->api.text.s;
+    size_t len = g->api.text.len;
+    if (!g->api.has_text) {
+        const moe_gen_request *q = &grp->h[0]->v.req;
+        moe_status st = s->cfg.tokenizer ? moe_tokenizer_decode(s->cfg.tokenizer, q->prompt,
+                                                                q->n_prompt, false, NULL, 0, &len)
+                                         : moe_error(MOE_ERR_UNSUPPORTED, "echo: no tokenizer");
+        if (st != MOE_OK)
+            return st;
+        if (!(dec = malloc(len + 1)))
+            return moe_error(MOE_ERR_NOMEM, "echo: out of memory");
+        st = moe_tokenizer_decode(s->cfg.tokenizer, q->prompt, q->n_prompt, false, dec, len + 1,
+                                  &len);
+        if (st != MOE_OK) {
+            free(dec);
+            return st;
+        }
+        t = dec;
+    }
+    moe_status st = MOE_OK;
+    for (int i = 0; i < grp->n && st == MOE_OK; i++)
+        if (len && !append(&grp->h[i]->text, &grp->h[i]->text_len, &grp->h[i]->text_cap, t, len))
+            st = moe_error(MOE_ERR_NOMEM, "echo: out of memory");
+    free(dec);
+    return st;
+}
+
 static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection *conn, hreq *rq,
                                        const cJSON *body, bool chat)
 {
@@ -569,7 +601,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
-    /* n choices: n generations of the prompt (choice i: seed + i when seeded), one group whose
+    /* n choices: n generations of the prompt (seeded: moe_api_choice_seed), one group whose
      * prompt the backend prefills once when it holds them together */
     st = MOE_OK;
     for (int i = 0; i < g.n && st == MOE_OK; i++) {
@@ -585,7 +617,7 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         if (i > 0)
             snprintf(h->id + strlen(h->id), sizeof(h->id) - strlen(h->id), "-%d", i);
         g.api.request_id = (moe_api_str){h->id, strlen(h->id)};
-        g.api.seed = seed0 + (uint64_t)i;
+        g.api.seed = moe_api_choice_seed(seed0, (uint32_t)i);
         g.api.has_seed = has_seed;
         st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
         h->v.req.arrival_ns = moe_now_ns();
@@ -596,6 +628,8 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     }
     grp->include_usage = g.include_usage;
     grp->tok = s->cfg.tokenizer;
+    if (st == MOE_OK && g.echo)
+        st = echo_prompt(s, &g, grp);
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
         moe_fe_stats_end(s->stats, track, st == MOE_ERR_NOMEM ? MOE_OUTCOME_FAILED
