@@ -422,7 +422,7 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
         }
         if (r->usage) {
             prompt_tokens = r->usage->prompt_tokens;
-            usage_completion = r->usage->completion_tokens;
+            usage_completion += r->usage->completion_tokens; /* every choice's (n > 1) */
         }
         if (r->timing) {
             server_ttft = r->timing->ttft_ms;
@@ -438,10 +438,12 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
     if (text_len || (o->stream && !many))
         fputc('\n', stdout);
     for (uint32_t i = 0; many && i < o->n_choices && i < MOE_CLIENT_MAX_N; i++) {
-        printf("[choice %" PRIu32 "] finish %s\n", i, finish_name(cfinish[i]));
-        if (ctext[i])
-            fwrite(ctext[i], 1, ctext_len[i], stdout);
-        fputc('\n', stdout);
+        if (code == GRPC_STATUS_OK) {
+            printf("[choice %" PRIu32 "] finish %s\n", i, finish_name(cfinish[i]));
+            if (ctext[i])
+                fwrite(ctext[i], 1, ctext_len[i], stdout);
+            fputc('\n', stdout);
+        }
         free(ctext[i]);
     }
     if (o->show_ids)
