@@ -1008,18 +1008,17 @@ static bool check_n(const Moeserve__V1__GenerateRequest *m, char *msg, size_t ca
     return true;
 }
 
-/* Validates every choice of the request: choice i as the request with moe_api_choice_seed(seed,
- * i) when seeded, its id "ID-i" inside the cluster (the client's ID in every response), and all
- * of them one prefill group. Built outside the lock (validation tokenizes through the backend),
- * then published in c->ch under it, also on failure (call_free frees what was made). */
-static moe_status validate_choices(struct gcall *c, moe_grpc_generate *dec)
+/* Validates every choice of the request (moe_validate_choice: seeds, one prefill group), choice
+ * i's id "ID-i" inside the cluster (the client's ID in every response). Built outside the lock
+ * (validation tokenizes through the backend), then published in c->ch under it, also on failure
+ * (call_free frees what was made). */
+static moe_status validate_choices(struct gcall *c, const moe_grpc_generate *dec)
 {
     moe_grpc_server *s = c->srv;
     const uint32_t n = c->msg->n ? c->msg->n : 1;
     struct gchoice *chs = calloc(n, sizeof(*chs));
     if (!chs)
         return moe_error(MOE_ERR_NOMEM, "GenerateRequest: out of memory");
-    const uint64_t seed0 = dec->req.seed;
     moe_status st = MOE_OK;
     uint32_t made = 0;
     for (uint32_t i = 0; i < n && st == MOE_OK; i++) {
@@ -1028,16 +1027,13 @@ static moe_status validate_choices(struct gcall *c, moe_grpc_generate *dec)
         ch->c = c;
         ch->index = i;
         made = i + 1;
-        dec->req.seed = moe_api_choice_seed(seed0, i);
-        st = moe_validate_request(&s->cfg.limits, &dec->req, s->be.tokenize, s->be.ctx, &ch->v);
-        if (st != MOE_OK)
-            break;
-        if (i > 0)
-            snprintf(ch->v.req.request_id, sizeof(ch->v.req.request_id), "%.*s-%u",
-                     MOE_REQUEST_ID_MAX - 3, chs[0].v.req.request_id, i & 0x3fu /* i < 16 */);
-        if (n > 1) { /* the choices' prompt can be prefilled once (frontend.h) */
-            ch->v.req.prefill_group = (uint64_t)(uintptr_t)c;
-            ch->v.req.prefill_group_n = n;
+        st = moe_validate_choice(&s->cfg.limits, &dec->req, i, n, (uint64_t)(uintptr_t)c,
+                                 s->be.tokenize, s->be.ctx, &ch->v);
+        if (st == MOE_OK && i > 0) {
+            char id[MOE_REQUEST_ID_MAX + 1];
+            snprintf(id, sizeof(id), "%.*s-%u", MOE_REQUEST_ID_MAX - 3, chs[0].v.req.request_id,
+                     i & 0x3fu /* i < 16 */);
+            memcpy(ch->v.req.request_id, id, sizeof(id));
         }
     }
     pthread_mutex_lock(&c->mu);

@@ -597,12 +597,10 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     random_hex(hex, sizeof(hex));
     snprintf(base_id, sizeof(base_id), "%s-%s", chat ? "chatcmpl" : "cmpl", hex);
     const bool stream = g.stream;
-    const uint64_t seed0 = g.api.seed;
-    const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
-    /* n choices: n generations of the prompt (seeded: moe_api_choice_seed), one group whose
-     * prompt the backend prefills once when it holds them together */
+    /* n choices: n generations of the prompt (moe_validate_choice: seeds, one group whose
+     * prompt the backend prefills once when it holds them together) */
     st = MOE_OK;
     for (int i = 0; i < g.n && st == MOE_OK; i++) {
         hstream *h = stream_new(s, conn, i ? grp->h[0]->efd : -1);
@@ -617,14 +615,9 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         if (i > 0)
             snprintf(h->id + strlen(h->id), sizeof(h->id) - strlen(h->id), "-%d", i);
         g.api.request_id = (moe_api_str){h->id, strlen(h->id)};
-        g.api.seed = moe_api_choice_seed(seed0, (uint32_t)i);
-        g.api.has_seed = has_seed;
-        st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
+        st = moe_validate_choice(&s->cfg.limits, &g.api, (uint32_t)i, (uint32_t)g.n,
+                                 (uint64_t)(uintptr_t)grp, s->be.tokenize, s->be.ctx, &h->v);
         h->v.req.arrival_ns = moe_now_ns();
-        if (g.n > 1) { /* the choices' prompt can be prefilled once (frontend.h) */
-            h->v.req.prefill_group = (uint64_t)(uintptr_t)grp;
-            h->v.req.prefill_group_n = (uint32_t)g.n;
-        }
     }
     grp->include_usage = g.include_usage;
     grp->tok = s->cfg.tokenizer;

@@ -360,6 +360,21 @@ moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_re
     return MOE_OK;
 }
 
+moe_status moe_validate_choice(const moe_validate_limits *lim, const moe_api_request *in,
+                               uint32_t i, uint32_t n, uint64_t group,
+                               moe_validate_tokenize_fn tokenize, void *tok_ctx,
+                               moe_validated *out)
+{
+    moe_api_request choice = *in;
+    choice.seed = moe_api_choice_seed(in->seed, i);
+    moe_status st = moe_validate_request(lim, &choice, tokenize, tok_ctx, out);
+    if (st == MOE_OK && n > 1) {
+        out->req.prefill_group = group;
+        out->req.prefill_group_n = n;
+    }
+    return st;
+}
+
 void moe_validated_free(moe_validated *v)
 {
     if (!v)
