@@ -40,6 +40,17 @@ typedef struct {
 
 extern const moe_api_names moe_api_names_grpc;
 
+/* Choices of one client request (HTTP n, GenerateRequest.n, prefill_group_size): at most this
+ * many, sharing one prefill of the prompt. */
+#define MOE_API_MAX_N 16
+
+/* The seed choice i of a request samples with, when the request gave `seed` (both front ends, so
+ * that HTTP n, gRPC n and n single requests with these seeds give the same outputs). */
+static inline uint64_t moe_api_choice_seed(uint64_t seed, uint32_t i)
+{
+    return seed + i;
+}
+
 typedef struct {
     const moe_api_names *names; /* NULL: moe_api_names_grpc */
     moe_api_str request_id;     /* len 0: the server makes one */

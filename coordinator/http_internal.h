@@ -52,12 +52,13 @@ enum MHD_Result moe_http_handle_metrics(moe_http_server *s, struct MHD_Connectio
 
 /* A parsed /v1/completions or /v1/chat/completions body. `api` borrows from the cJSON tree and
  * the buffers below. */
-#define MOE_HTTP_MAX_N 16 /* choices per request (n) */
+#define MOE_HTTP_MAX_N MOE_API_MAX_N /* choices per request (n) */
 
 typedef struct {
     moe_api_request api;
     int n;                   /* choices: that many independent generations of the prompt */
     bool chat, stream, include_usage;
+    bool echo;               /* completions: each choice's text starts with the prompt's */
     const char *model;       /* as requested (NULL: not given) */
     moe_api_str *stops;      /* owned */
     int64_t *ids;            /* owned: a token-id prompt */

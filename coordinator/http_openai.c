@@ -335,9 +335,8 @@ static moe_status parse_stop(const cJSON *body, moe_http_gen *g)
     return MOE_OK;
 }
 
-/* Features of the API this server does not implement yet: refused by name rather than ignored,
- * so that a client never gets silently different results. */
-/* n, best_of, logprobs, penalties, echo: accepted, or refused when not supported. */
+/* n, best_of, logprobs, penalties, echo: accepted, or refused by name when not supported (rather
+ * than ignored, so that a client never gets silently different results). */
 static moe_status parse_choices_and_sampling(const cJSON *body, moe_http_gen *g)
 {
     bool has;
@@ -377,11 +376,16 @@ static moe_status parse_choices_and_sampling(const cJSON *body, moe_http_gen *g)
         (st = get_num(body, "repetition_penalty", g, &r->has_repetition_penalty,
                       &r->repetition_penalty)) != MOE_OK)
         return st;
-    bool echo;
-    if ((st = get_bool(body, "echo", g, false, &echo)) != MOE_OK)
+    /* echo (completions): the prompt's text before each choice's. Prompt logprobs (echo with
+     * logprobs) would need the engine's logits at every prompt position, which it does not
+     * compute: refused by name rather than answered without them. */
+    if ((st = get_bool(body, "echo", g, false, &g->echo)) != MOE_OK)
         return st;
-    if (echo)
-        return bad(g, "echo", "echo: not supported");
+    if (g->echo && g->chat)
+        return bad(g, "echo", "echo: only on /v1/completions");
+    if (g->echo && r->logprobs)
+        return bad(g, "echo", "echo with logprobs: the prompt tokens' log-probabilities are not "
+                              "supported; send echo without logprobs, or logprobs without echo");
     return MOE_OK;
 }
 

@@ -524,6 +524,38 @@ static hstream *stream_new(moe_http_server *s, struct MHD_Connection *conn, int 
     return h;
 }
 
+/* echo: every choice's text starts with the prompt's, before the backend holds any of them:
+ * a text prompt as the client sent it, token ids as the tokenizer decodes them (as vLLM). */
+static moe_status echo_prompt(moe_http_server *s, const moe_http_gen *g, hgroup *grp)
+{
+    char *dec = NULL;
+    const char *t = g->api.text.s;
+    size_t len = g->api.text.len;
+    if (!g->api.has_text) {
+        const moe_gen_request *q = &grp->h[0]->v.req;
+        moe_status st = s->cfg.tokenizer ? moe_tokenizer_decode(s->cfg.tokenizer, q->prompt,
+                                                                q->n_prompt, false, NULL, 0, &len)
+                                         : moe_error(MOE_ERR_UNSUPPORTED, "echo: no tokenizer");
+        if (st != MOE_OK)
+            return st;
+        if (!(dec = malloc(len + 1)))
+            return moe_error(MOE_ERR_NOMEM, "echo: out of memory");
+        st = moe_tokenizer_decode(s->cfg.tokenizer, q->prompt, q->n_prompt, false, dec, len + 1,
+                                  &len);
+        if (st != MOE_OK) {
+            free(dec);
+            return st;
+        }
+        t = dec;
+    }
+    moe_status st = MOE_OK;
+    for (int i = 0; i < grp->n && st == MOE_OK; i++)
+        if (len && !append(&grp->h[i]->text, &grp->h[i]->text_len, &grp->h[i]->text_cap, t, len))
+            st = moe_error(MOE_ERR_NOMEM, "echo: out of memory");
+    free(dec);
+    return st;
+}
+
 static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection *conn, hreq *rq,
                                        const cJSON *body, bool chat)
 {
@@ -565,12 +597,10 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
     random_hex(hex, sizeof(hex));
     snprintf(base_id, sizeof(base_id), "%s-%s", chat ? "chatcmpl" : "cmpl", hex);
     const bool stream = g.stream;
-    const uint64_t seed0 = g.api.seed;
-    const bool has_seed = g.api.has_seed;
     char param[64];
     snprintf(param, sizeof(param), "%s", g.param);
-    /* n choices: n generations of the prompt (choice i: seed + i when seeded), one group whose
-     * prompt the backend prefills once when it holds them together */
+    /* n choices: n generations of the prompt (moe_validate_choice: seeds, one group whose
+     * prompt the backend prefills once when it holds them together) */
     st = MOE_OK;
     for (int i = 0; i < g.n && st == MOE_OK; i++) {
         hstream *h = stream_new(s, conn, i ? grp->h[0]->efd : -1);
@@ -585,17 +615,14 @@ static enum MHD_Result handle_generate(moe_http_server *s, struct MHD_Connection
         if (i > 0)
             snprintf(h->id + strlen(h->id), sizeof(h->id) - strlen(h->id), "-%d", i);
         g.api.request_id = (moe_api_str){h->id, strlen(h->id)};
-        g.api.seed = seed0 + (uint64_t)i;
-        g.api.has_seed = has_seed;
-        st = moe_validate_request(&s->cfg.limits, &g.api, s->be.tokenize, s->be.ctx, &h->v);
+        st = moe_validate_choice(&s->cfg.limits, &g.api, (uint32_t)i, (uint32_t)g.n,
+                                 (uint64_t)(uintptr_t)grp, s->be.tokenize, s->be.ctx, &h->v);
         h->v.req.arrival_ns = moe_now_ns();
-        if (g.n > 1) { /* the choices' prompt can be prefilled once (frontend.h) */
-            h->v.req.prefill_group = (uint64_t)(uintptr_t)grp;
-            h->v.req.prefill_group_n = (uint32_t)g.n;
-        }
     }
     grp->include_usage = g.include_usage;
     grp->tok = s->cfg.tokenizer;
+    if (st == MOE_OK && g.echo)
+        st = echo_prompt(s, &g, grp);
     moe_http_gen_free(&g);
     if (st != MOE_OK) {
         moe_fe_stats_end(s->stats, track, st == MOE_ERR_NOMEM ? MOE_OUTCOME_FAILED

@@ -348,16 +348,31 @@ moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_re
     r->include_stop_str_in_output = in->include_stop_str_in_output;
     r->priority = in->priority;
     if (in->prefill_group) {
-        if (in->prefill_group_n < 2 || in->prefill_group_n > 16) {
+        if (in->prefill_group_n < 2 || in->prefill_group_n > MOE_API_MAX_N) {
             moe_validated_free(out);
-            return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be in [2, 16] with a group",
-                             NAMES(in)->prefill_group, in->prefill_group_n);
+            return moe_error(MOE_ERR_INVALID_ARG, "%s = %" PRId64 ": must be in [2, %d] with a group",
+                             NAMES(in)->prefill_group, in->prefill_group_n, MOE_API_MAX_N);
         }
         /* the top bit keeps clients' keys apart from the HTTP front end's own (pointers) */
         r->prefill_group = in->prefill_group | (1ull << 63);
         r->prefill_group_n = (uint32_t)in->prefill_group_n;
     }
     return MOE_OK;
+}
+
+moe_status moe_validate_choice(const moe_validate_limits *lim, const moe_api_request *in,
+                               uint32_t i, uint32_t n, uint64_t group,
+                               moe_validate_tokenize_fn tokenize, void *tok_ctx,
+                               moe_validated *out)
+{
+    moe_api_request choice = *in;
+    choice.seed = moe_api_choice_seed(in->seed, i);
+    moe_status st = moe_validate_request(lim, &choice, tokenize, tok_ctx, out);
+    if (st == MOE_OK && n > 1) {
+        out->req.prefill_group = group;
+        out->req.prefill_group_n = n;
+    }
+    return st;
 }
 
 void moe_validated_free(moe_validated *v)

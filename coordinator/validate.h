@@ -56,6 +56,16 @@ moe_status moe_validate_request(const moe_validate_limits *lim, const moe_api_re
                                 moe_validated *out);
 void moe_validated_free(moe_validated *v);
 
+/* Choice i (0-based) of a request for n choices (HTTP n, GenerateRequest.n), validated as
+ * moe_validate_request does, both front ends' one derivation: a seeded request's choice samples
+ * with moe_api_choice_seed(seed, i) (an unseeded one draws its own), and with n > 1 every choice
+ * is of the prefill group `group` (non-zero, the front end's key for the request; n of them) so
+ * that the backend may prefill their prompt once. The front end names the choices' ids. */
+moe_status moe_validate_choice(const moe_validate_limits *lim, const moe_api_request *in,
+                               uint32_t i, uint32_t n, uint64_t group,
+                               moe_validate_tokenize_fn tokenize, void *tok_ctx,
+                               moe_validated *out);
+
 /* Returns the byte offset of the first invalid UTF-8 sequence in s[0..len), or -1 if valid
  * (overlongs, surrogates and code points past U+10FFFF are invalid). */
 long moe_validate_utf8(const char *s, size_t len);

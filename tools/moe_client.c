@@ -16,6 +16,7 @@
 #include "tools/moe_client/drain.h"
 
 #define MAX_STOPS 64
+#define MOE_CLIENT_MAX_N 16 /* GenerateRequest.n the server takes at most */
 #define MAX_PROMPT_IDS 65536
 
 static void usage(FILE *f)
@@ -43,6 +44,8 @@ static void usage(FILE *f)
             "  --stop STR             stop string (repeatable); --stop-token-id ID (repeatable)\n"
             "  --ignore-eos  --priority N  --request-id ID  --no-special-tokens\n"
             "  --show-ids             print the generated token ids after the text\n"
+            "  --n N                  N choices sharing one prefill (1..16); N > 1 prints each\n"
+            "                         choice's text after a \"[choice I]\" line, at the end\n"
             "  --timeout-ms MS        call deadline (default 600000)\n"
             "The summary line (tokens, finish reason, TTFT, tokens/s) goes to stderr.\n"
             "Exit status: 0 ok, 1 the server returned an error, 2 bad usage.\n");
@@ -57,7 +60,7 @@ typedef struct {
     bool undo, no_wait;
     const char *prompt, *prompt_ids, *text, *service, *request_id;
     bool stream, ignore_eos, no_special, show_ids;
-    uint32_t max_new;
+    uint32_t max_new, n_choices;
     bool has_temp, has_top_p, has_seed;
     float temperature, top_p;
     int32_t top_k, priority;
@@ -180,6 +183,11 @@ static int parse_args(int argc, char **argv, opts *o)
             if (errno || end == v || *end)
                 BAD_VALUE();
             o->has_seed = true;
+        } else if (!strcmp(a, "--n")) {
+            NEED_VALUE;
+            if (!parse_i64(v, 1, UINT32_MAX, &n))
+                BAD_VALUE();
+            o->n_choices = (uint32_t)n; /* the server checks the range, naming the field */
         } else if (!strcmp(a, "--priority")) {
             NEED_VALUE;
             if (!parse_i64(v, INT32_MIN, INT32_MAX, &n))
@@ -335,6 +343,7 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
     req.stop_token_ids = (uint32_t *)(uintptr_t)o->stop_ids;
     req.ignore_eos = o->ignore_eos;
     req.priority = o->priority;
+    req.n = o->n_choices;
     if (o->request_id)
         req.request_id = (char *)(uintptr_t)o->request_id;
     if (o->no_special) {
@@ -353,6 +362,11 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
 
     char *text = NULL, *out_ids = NULL;
     size_t text_len = 0, ids_len = 0;
+    /* n > 1: each choice's text and finish, printed at the end */
+    const bool many = o->n_choices > 1;
+    char *ctext[MOE_CLIENT_MAX_N] = {0};
+    size_t ctext_len[MOE_CLIENT_MAX_N] = {0};
+    Moeserve__V1__FinishReason cfinish[MOE_CLIENT_MAX_N] = {0};
     uint32_t n_tokens = 0, prompt_tokens = 0, usage_completion = 0;
     char request_id[160] = "";
     Moeserve__V1__FinishReason finish = 0;
@@ -370,7 +384,16 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
         n_tokens += (uint32_t)r->n_token_ids;
         snprintf(request_id, sizeof(request_id), "%s", r->request_id);
         size_t tl = strlen(r->text);
-        if (o->stream) {
+        if (many && r->index < MOE_CLIENT_MAX_N) {
+            char *t = realloc(ctext[r->index], ctext_len[r->index] + tl + 1);
+            if (t) {
+                ctext[r->index] = t;
+                memcpy(t + ctext_len[r->index], r->text, tl + 1);
+                ctext_len[r->index] += tl;
+            }
+            if (r->finish_reason)
+                cfinish[r->index] = r->finish_reason;
+        } else if (o->stream) {
             fwrite(r->text, 1, tl, stdout);
             fflush(stdout);
         } else if (tl > 0) {
@@ -399,7 +422,7 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
         }
         if (r->usage) {
             prompt_tokens = r->usage->prompt_tokens;
-            usage_completion = r->usage->completion_tokens;
+            usage_completion += r->usage->completion_tokens; /* every choice's (n > 1) */
         }
         if (r->timing) {
             server_ttft = r->timing->ttft_ms;
@@ -412,8 +435,17 @@ static int cmd_generate(moe_rpc_client *c, const opts *o)
     const int64_t t_end = moe_now_ns();
     if (!o->stream && text)
         fwrite(text, 1, text_len, stdout);
-    if (text_len || o->stream)
+    if (text_len || (o->stream && !many))
         fputc('\n', stdout);
+    for (uint32_t i = 0; many && i < o->n_choices && i < MOE_CLIENT_MAX_N; i++) {
+        if (code == GRPC_STATUS_OK) {
+            printf("[choice %" PRIu32 "] finish %s\n", i, finish_name(cfinish[i]));
+            if (ctext[i])
+                fwrite(ctext[i], 1, ctext_len[i], stdout);
+            fputc('\n', stdout);
+        }
+        free(ctext[i]);
+    }
     if (o->show_ids)
         printf("ids: %s\n", out_ids ? out_ids : "");
     fflush(stdout);

@@ -5,7 +5,7 @@
 
 Checks a live moe-serve (or any server of the moeserve.v1 API) from the outside: Health/Check,
 Tokenize, Generate streaming (text and token-id prompts, greedy determinism, contiguous indices,
-usage and timing on the last message), ClusterStatus consistency, INVALID_ARGUMENT naming the field,
+usage and timing on the last message; n = 3 choices in one call), ClusterStatus consistency, INVALID_ARGUMENT naming the field,
 and a cancel mid-stream after which the server still serves. Exits 0 when every check passed and
 prints one line per check. Run against a cluster with tests/integration/run.sh (or
 live_cluster.py); it needs grpcio and grpcio-tools, and the server must answer Health SERVING
@@ -162,6 +162,25 @@ def main():
         check(text == state["text"], "text %r != %r" % (text, state["text"]))
 
     run("generate_token_ids_same_greedy", generate_ids)
+
+    def generate_n_greedy():
+        # n = 3 in one call: every message names its choice; greedy, each choice is the greedy
+        # output of one choice alone
+        check("greedy" in state, "needs generate_text_stream")
+        req = pb.GenerateRequest(text=prompt, max_new_tokens=args.max_new_tokens, n=3,
+                                 sampling=pb.SamplingParams(temperature=0.0))
+        ids, ends = {}, {}
+        for m in api.Generate(req, timeout=60):
+            check(m.index not in ends, "choice %d: a message after its last" % m.index)
+            ids.setdefault(m.index, []).extend(m.token_ids)
+            if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                ends[m.index] = m
+        check(sorted(ends) == [0, 1, 2], "choices that finished: %s" % sorted(ends))
+        for i in range(3):
+            check(ids[i] == state["greedy"], "choice %d: %s != %s" % (i, ids[i], state["greedy"]))
+            check(ends[i].usage.completion_tokens == len(ids[i]), "choice %d usage" % i)
+
+    run("generate_n_greedy", generate_n_greedy)
 
     def invalid_argument():
         for req, field in [

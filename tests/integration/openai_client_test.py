@@ -3,7 +3,8 @@
 Starts a cluster (1 prefill + 1 decode) on the built-in tiny model (build/models/tiny, which carries
 Qwen3-MoE's real chat template) with --http-listen, then: completions and chat, streamed and not,
 greedy text equal to moe-generate's (chat: on the prompt moe-chat-template renders), usage, stop,
-n > 1 (streamed and not, seeded choices as single requests with seed + i),
+echo (streamed and not; with logprobs refused), n > 1 (streamed and not, seeded choices as single requests with seed + i; over gRPC in one call,
+each choice as moe-generate with seed + i),
 seed, logprobs (completions and chat, streamed and not; the same numbers over gRPC), penalties
 (over gRPC: the exact logit shift presence + frequency on the generated token), slow and unread
 clients, errors raised as the SDK's own exception classes, NUL bytes refused on both APIs, a client that disconnects mid-stream
@@ -121,6 +122,7 @@ def main():
             if r.choices[0].finish_reason == "length":
                 check(r.usage.completion_tokens == 12, "length after %d" % r.usage.completion_tokens)
             state["text"] = got
+            state["tokens"] = r.usage.completion_tokens
 
         def completion_stream():
             chunks = list(client.completions.create(model=name, prompt=PROMPT, max_tokens=12,
@@ -434,6 +436,84 @@ def main():
             except grpc.RpcError as e:
                 check(e.details().startswith("GenerateRequest.prefill_group_size"), e.details())
 
+        def echo():
+            # echo: the prompt's text, then the completion (moe-generate's greedy text); token-id
+            # prompts echo their decoded text (the /detokenize endpoint's); echo with logprobs
+            # (prompt logprobs) is refused naming the field
+            want = PROMPT + state["text"]
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                          echo=True, n=2)
+            check([c_.text for c_ in r.choices] == [want, want], "echo: %r" % r.choices)
+            check(r.usage.completion_tokens == 2 * state["tokens"], "echo usage %r" % r.usage)
+            parts = "".join(ch.choices[0].text for ch in client.completions.create(
+                model=name, prompt=PROMPT, max_tokens=12, temperature=0, echo=True, stream=True)
+                if ch.choices)
+            check(parts == want, "streamed echo %r vs %r" % (parts, want))
+            ids = json.loads(raw_post(port, "/tokenize", {"prompt": PROMPT})[1])["tokens"]
+            dec = json.loads(raw_post(port, "/detokenize", {"tokens": ids})[1])["prompt"]
+            r = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
+                                          echo=True)
+            check(r.choices[0].text.startswith(dec) and len(r.choices[0].text) > len(dec),
+                  "token-id echo %r (decoded prompt %r)" % (r.choices[0].text, dec))
+            for kw in (dict(logprobs=1), dict(logprobs=0)):
+                try:
+                    client.completions.create(model=name, prompt=PROMPT, max_tokens=2, echo=True, **kw)
+                    raise TestFailure("echo with %r accepted" % kw)
+                except openai.BadRequestError as e:
+                    check(e.body.get("param") == "echo" and "logprobs" in e.body.get("message", ""),
+                          "echo+logprobs: %r" % e.body)
+
+        def grpc_n():
+            # n choices in one gRPC call: one prefill, each message naming its choice, each
+            # choice's own last message (finish, usage), choice i sampled with seed + i exactly as
+            # moe-generate samples with that seed
+            import grpc
+            import moeserve_pb2 as pb
+            shared0 = c.status().counters.prefills_shared
+            msgs = list(c.stub.Generate(pb.GenerateRequest(
+                text=PROMPT, max_new_tokens=12, n=3, request_id="grpc-n-1",
+                sampling=pb.SamplingParams(temperature=1.0, seed=501)), timeout=60))
+            check(c.status().counters.prefills_shared - shared0 == 2, "gRPC n=3: %d shared" %
+                  (c.status().counters.prefills_shared - shared0))
+            per = {}
+            for m in msgs:
+                check(m.request_id == "grpc-n-1", "request_id %r" % m.request_id)
+                ch = per.setdefault(m.index, {"text": "", "ids": [], "idx": [], "ends": []})
+                check(not ch["ends"], "choice %d: a message after its last" % m.index)
+                ch["text"] += m.text
+                ch["ids"] += m.token_ids
+                ch["idx"] += m.token_indices
+                if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    ch["ends"].append(m)
+            check(sorted(per) == [0, 1, 2], "choice indices %r" % sorted(per))
+            for i, ch in per.items():
+                check(len(ch["ends"]) == 1, "choice %d: %d last messages" % (i, len(ch["ends"])))
+                end = ch["ends"][0]
+                check(end.HasField("usage") and end.usage.completion_tokens == len(ch["ids"]),
+                      "choice %d: usage %s for %d tokens" % (i, end.usage, len(ch["ids"])))
+                check(ch["idx"] == list(range(len(ch["ids"]))), "choice %d: indices %r" % (i, ch["idx"]))
+                want = moe_generate_text(model, PROMPT, 12,
+                                         extra=["--temperature", "1", "--seed", str(501 + i)])
+                check(ch["text"] == want, "choice %d: %r, moe-generate seed %d: %r" %
+                      (i, ch["text"], 501 + i, want))
+            check(len({ch["text"] for ch in per.values()}) > 1, "3 seeds, one text: %r" % per)
+            # greedy: every choice is the greedy text
+            texts = {}
+            for m in c.stub.Generate(pb.GenerateRequest(text=PROMPT, max_new_tokens=12, n=2,
+                                                        sampling=pb.SamplingParams(temperature=0)),
+                                     timeout=60):
+                texts[m.index] = texts.get(m.index, "") + m.text
+            check(texts == {0: state["text"], 1: state["text"]}, "greedy n=2: %r" % texts)
+            for bad, why in ((dict(n=17), "GenerateRequest.n = 17"),
+                             (dict(n=2, prefill_group=9, prefill_group_size=2), "GenerateRequest.n = 2")):
+                try:
+                    list(c.stub.Generate(pb.GenerateRequest(text=PROMPT, max_new_tokens=2, **bad),
+                                         timeout=30))
+                    raise TestFailure("accepted %r" % bad)
+                except grpc.RpcError as e:
+                    check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and
+                          e.details().startswith(why), "%r: %s %s" % (bad, e.code(), e.details()))
+
         def slow_and_unread_clients():
             # a client that sends half its headers and stalls, and one that streams a long
             # generation and never reads it: neither stops anyone else
@@ -482,7 +562,8 @@ def main():
                           ("n_choices", n_choices), ("logprobs_completion", logprobs_completion),
                           ("logprobs_chat", logprobs_chat), ("penalties", penalties),
                           ("grpc_logprobs_and_penalties", grpc_logprobs_and_penalties),
-                          ("grpc_prefill_group", grpc_prefill_group),
+                          ("grpc_prefill_group", grpc_prefill_group), ("grpc_n", grpc_n),
+                          ("echo", echo),
                           ("slow_and_unread_clients", slow_and_unread_clients),
                           ("grpc_nul_refused", grpc_nul_refused), ("detokenize", detokenize)]:
             run(tname, fn)

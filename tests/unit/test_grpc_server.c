@@ -58,6 +58,10 @@ typedef struct {
     atomic_bool paused; /* no tokens while set: holds streams open for as long as a test needs */
     int n_submits, n_cancels, n_terminal;
     char cancelled_ids[64][MOE_REQUEST_ID_MAX + 1];
+    /* what each submit asked for, in order (the first 64) */
+    uint64_t seeds[64], groups[64];
+    uint32_t group_n[64];
+    char submitted_ids[64][MOE_REQUEST_ID_MAX + 1];
 } test_backend;
 
 static test_backend tb;
@@ -164,6 +168,13 @@ static moe_status tb_submit(void *ctx, const moe_gen_request *req, moe_frontend_
     s->next = tb.list;
     tb.list = s;
     tb.active++;
+    if (tb.n_submits < 64) {
+        tb.seeds[tb.n_submits] = req->sampling.seed;
+        tb.groups[tb.n_submits] = req->prefill_group;
+        tb.group_n[tb.n_submits] = req->prefill_group_n;
+        snprintf(tb.submitted_ids[tb.n_submits], sizeof(tb.submitted_ids[0]), "%s",
+                 req->request_id);
+    }
     tb.n_submits++;
     *handle = s->handle;
     pthread_cond_broadcast(&tb.cv);
@@ -477,6 +488,31 @@ typedef struct {
     char details[512];
 } gen_result;
 
+/* One GenerateResponse into the result of its stream (or choice). */
+static void gen_result_add(gen_result *out, const Moeserve__V1__GenerateResponse *r)
+{
+    out->n_messages++;
+    cr_assert_eq(r->n_token_ids, r->n_token_indices);
+    cr_assert_eq(r->n_token_ids, r->n_token_times_ms);
+    cr_assert_eq(out->finish, 0, "message after the one with finish_reason");
+    for (size_t i = 0; i < r->n_token_ids && out->n_tokens < 4096; i++) {
+        out->ids[out->n_tokens] = r->token_ids[i];
+        out->idx[out->n_tokens] = r->token_indices[i];
+        out->n_tokens++;
+    }
+    strncat(out->text, r->text, sizeof(out->text) - strlen(out->text) - 1);
+    snprintf(out->request_id, sizeof(out->request_id), "%s", r->request_id);
+    out->finish = r->finish_reason;
+    if (r->usage) {
+        out->usage_prompt = r->usage->prompt_tokens;
+        out->usage_completion = r->usage->completion_tokens;
+    }
+    if (r->timing) {
+        out->have_timing = true;
+        out->ttft_ms = r->timing->ttft_ms;
+    }
+}
+
 /* Runs a whole Generate call; with cancel_after > 0 it cancels after that many messages. */
 static void run_generate(const Moeserve__V1__GenerateRequest *req, int64_t timeout_ms,
                          size_t cancel_after, gen_result *out)
@@ -489,26 +525,7 @@ static void run_generate(const Moeserve__V1__GenerateRequest *req, int64_t timeo
     free(bytes);
     Moeserve__V1__GenerateResponse *r;
     while ((r = stream_next(&s))) {
-        out->n_messages++;
-        cr_assert_eq(r->n_token_ids, r->n_token_indices);
-        cr_assert_eq(r->n_token_ids, r->n_token_times_ms);
-        cr_assert_eq(out->finish, 0, "message after the one with finish_reason");
-        for (size_t i = 0; i < r->n_token_ids && out->n_tokens < 4096; i++) {
-            out->ids[out->n_tokens] = r->token_ids[i];
-            out->idx[out->n_tokens] = r->token_indices[i];
-            out->n_tokens++;
-        }
-        strncat(out->text, r->text, sizeof(out->text) - strlen(out->text) - 1);
-        snprintf(out->request_id, sizeof(out->request_id), "%s", r->request_id);
-        out->finish = r->finish_reason;
-        if (r->usage) {
-            out->usage_prompt = r->usage->prompt_tokens;
-            out->usage_completion = r->usage->completion_tokens;
-        }
-        if (r->timing) {
-            out->have_timing = true;
-            out->ttft_ms = r->timing->ttft_ms;
-        }
+        gen_result_add(out, r);
         moeserve__v1__generate_response__free_unpacked(r, NULL);
         if (cancel_after && out->n_messages == cancel_after)
             grpc_call_cancel(s.call, NULL);
@@ -578,6 +595,121 @@ Test(grpc_server, generate_streams_tokens_in_order)
     run_generate(&req, 10000, 0, &g);
     check_stream(&g, 4, 17);
     cr_assert(strncmp(g.request_id, "req-", 4) == 0, "server-made id: %s", g.request_id);
+    stop_server();
+}
+
+/* GenerateRequest.n: the n choices' messages, split by their index. */
+typedef struct {
+    gen_result ch[4];
+    size_t n_messages;
+    grpc_status_code code;
+    char details[512];
+} gen_n_result;
+
+static void run_generate_n(const Moeserve__V1__GenerateRequest *req, gen_n_result *out)
+{
+    memset(out, 0, sizeof(*out));
+    size_t n;
+    uint8_t *bytes = pack(&req->base, &n);
+    gstream s;
+    stream_open(&s, GENERATE, bytes, n, 10000);
+    free(bytes);
+    Moeserve__V1__GenerateResponse *r;
+    while ((r = stream_next(&s))) {
+        out->n_messages++;
+        cr_assert_lt(r->index, 4, "choice index %u", r->index);
+        gen_result_add(&out->ch[r->index], r);
+        moeserve__v1__generate_response__free_unpacked(r, NULL);
+    }
+    out->code = stream_close(&s, out->details, sizeof(out->details));
+    for (int i = 0; i < 4; i++)
+        out->ch[i].code = out->code;
+}
+
+Test(grpc_server, n_choices_in_one_call)
+{
+    start_server();
+    Moeserve__V1__GenerateRequest req;
+    Moeserve__V1__SamplingParams sp;
+    char text[] = "hello";
+    init_text_request(&req, text, 20);
+    moeserve__v1__sampling_params__init(&sp);
+    sp.seed_opt_case = MOESERVE__V1__SAMPLING_PARAMS__SEED_OPT_SEED;
+    sp.seed = 1000;
+    req.sampling = &sp;
+    req.request_id = "many";
+    req.n = 3;
+    gen_n_result g;
+    run_generate_n(&req, &g);
+    cr_assert_eq(g.code, GRPC_STATUS_OK, "%s", g.details);
+    cr_assert_eq(tb.n_submits, 3);
+    for (int i = 0; i < 3; i++) {
+        check_stream(&g.ch[i], 6, 20); /* each choice whole, its own finish and usage */
+        cr_assert_str_eq(g.ch[i].request_id, "many");
+        cr_assert_eq(tb.seeds[i], moe_api_choice_seed(1000, (uint32_t)i));
+        cr_assert_neq(tb.groups[i], 0);
+        cr_assert_eq(tb.groups[i], tb.groups[0], "one prefill group");
+        cr_assert_eq(tb.group_n[i], 3);
+    }
+    cr_assert_str_eq(tb.submitted_ids[0], "many");
+    cr_assert_str_eq(tb.submitted_ids[2], "many-2");
+    cr_assert_eq(g.ch[3].n_tokens, 0);
+
+    /* n = 0 and 1: one choice, no group, index 0 */
+    req.n = 1;
+    run_generate_n(&req, &g);
+    check_stream(&g.ch[0], 6, 20);
+    cr_assert_eq(tb.groups[3], 0);
+    cr_assert_eq(g.ch[1].n_tokens, 0);
+
+    /* out of range, or with prefill_group: INVALID_ARGUMENT naming the field, nothing submitted */
+    int before = tb.n_submits;
+    req.n = 17;
+    run_generate_n(&req, &g);
+    cr_assert_eq(g.code, GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strncmp(g.details, "GenerateRequest.n = 17", 22) == 0, "%s", g.details);
+    req.n = 2;
+    req.prefill_group = 5;
+    req.prefill_group_size = 2;
+    run_generate_n(&req, &g);
+    cr_assert_eq(g.code, GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strncmp(g.details, "GenerateRequest.n = 2", 21) == 0, "%s", g.details);
+    cr_assert_eq(tb.n_submits, before);
+
+    /* one failing choice fails the call and the others are cancelled (priority 97 fails every
+     * choice after 3 tokens; the first failure wins) */
+    req.prefill_group = 0;
+    req.prefill_group_size = 0;
+    req.n = 3;
+    req.priority = 97;
+    run_generate_n(&req, &g);
+    cr_assert_eq(g.code, GRPC_STATUS_UNAVAILABLE, "%s", g.details);
+    pthread_mutex_lock(&tb.mu);
+    while (tb.active > 0)
+        pthread_cond_wait(&tb.cv, &tb.mu);
+    pthread_mutex_unlock(&tb.mu);
+    stop_server();
+}
+
+Test(grpc_server, n_choices_refused_when_full)
+{
+    /* room for 2: the third choice is refused, the call gets RESOURCE_EXHAUSTED and the two
+     * admitted choices are cancelled */
+    start_server_with(64 * 1024, 2, 1000000);
+    atomic_store(&tb.paused, true);
+    Moeserve__V1__GenerateRequest req;
+    char text[] = "hi";
+    init_text_request(&req, text, 50);
+    req.n = 3;
+    gen_n_result g;
+    run_generate_n(&req, &g);
+    cr_assert_eq(g.code, GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", g.details);
+    pthread_mutex_lock(&tb.mu);
+    while (tb.active > 0)
+        pthread_cond_wait(&tb.cv, &tb.mu);
+    cr_assert_eq(tb.n_cancels, 2);
+    pthread_mutex_unlock(&tb.mu);
+    atomic_store(&tb.paused, false);
     stop_server();
 }
 

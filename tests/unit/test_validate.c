@@ -101,6 +101,34 @@ Test(validate, negative_and_out_of_range_numbers)
     cr_assert(strstr(moe_error_message(), "top_k"), "%s", moe_error_message());
 }
 
+Test(validate, choices_derive_seeds_and_share_a_group)
+{
+    moe_validate_limits l = lim();
+    moe_api_request r = {.has_text = true, .text = {"hello", 5}, .has_seed = true, .seed = 40};
+    moe_validated v;
+    for (uint32_t i = 0; i < 3; i++) {
+        cr_assert_eq(moe_validate_choice(&l, &r, i, 3, 77, fake_tokenize, NULL, &v), MOE_OK);
+        cr_assert_eq(v.req.sampling.seed, 40 + i);
+        cr_assert_eq(v.req.prefill_group, 77);
+        cr_assert_eq(v.req.prefill_group_n, 3);
+        moe_validated_free(&v);
+    }
+    cr_assert_eq(r.seed, 40, "the request itself is left alone");
+    /* one choice: no group; unseeded: each choice draws its own seed */
+    cr_assert_eq(moe_validate_choice(&l, &r, 0, 1, 77, fake_tokenize, NULL, &v), MOE_OK);
+    cr_assert_eq(v.req.prefill_group, 0);
+    cr_assert_eq(v.req.sampling.seed, 40);
+    moe_validated_free(&v);
+    r.has_seed = false;
+    uint64_t seeds[2];
+    for (uint32_t i = 0; i < 2; i++) {
+        cr_assert_eq(moe_validate_choice(&l, &r, i, 2, 9, fake_tokenize, NULL, &v), MOE_OK);
+        seeds[i] = v.req.sampling.seed;
+        moe_validated_free(&v);
+    }
+    cr_assert_neq(seeds[0], seeds[1]);
+}
+
 Test(grpc_request, wire_nul_found_in_repeated_and_plain_strings)
 {
     /* GenerateRequest{text = "hi" (1), stop = ["ok", "w\0n"] (5), request_id = "r" (9)} */
