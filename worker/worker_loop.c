@@ -101,6 +101,19 @@ static void send_heartbeat(worker *w, int tag)
     w->load_dirty = false;
 }
 
+/* The engine's layer hook, called on this (the loop) thread between layers of a step: a long step
+ * (a ~500-token prefill on a loaded machine takes seconds) must not silence the heartbeat, or the
+ * coordinator fences a healthy instance. Sends only when the periodic one is due, with the same
+ * gate as the loop's; then lets the layer-by-layer KV push move its layer when it is on. */
+static void step_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
+{
+    worker *w = ctx;
+    if (!w->coord_lost && moe_now_ns() >= w->next_hb)
+        send_heartbeat(w, TAG(HEARTBEAT));
+    if (w->o->role == MOE_WORKER_PREFILL && w->o->kv_layerwise)
+        moe_kv_push_layer_hook(ctx, layer, ids, n);
+}
+
 void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind,
                           moe_status code, const char *msg)
 {
@@ -786,8 +799,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
             w.eng = NULL;
         } else {
             warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
-            if (o->role == MOE_WORKER_PREFILL && o->kv_layerwise)
-                moe_engine_set_layer_hook(w.eng, moe_kv_push_layer_hook, &w);
+            moe_engine_set_layer_hook(w.eng, step_layer_hook, &w);
             if (o->role == MOE_WORKER_DECODE || o->role == MOE_WORKER_MIXED) {
                 if ((st = mig_start(&w)) != MOE_OK) {
                     worker_free(&w);
