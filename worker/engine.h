@@ -165,7 +165,8 @@ int moe_engine_kv_block_size(const moe_engine *e);
  * in flight). From that call on, layer `layer` of every block of those sequences (their
  * moe_engine_export block table, already reserved) holds its final K/V and stays unchanged while
  * they are parked, so it may leave while later layers compute. fn may only call moe_engine_export,
- * moe_engine_kv_layer and the size getters. NULL fn disables. */
+ * moe_engine_kv_layer, moe_engine_get_stats and the size getters (the worker also sends its
+ * heartbeat from it, so that a long step does not silence it). NULL fn disables. */
 typedef void (*moe_engine_layer_hook)(void *ctx, int layer, const uint64_t *seq_ids, int n_seqs);
 void moe_engine_set_layer_hook(moe_engine *e, moe_engine_layer_hook fn, void *ctx);
 /* One layer's K and V inside a block: moe_engine_kv_layer_bytes contiguous bytes (the block is

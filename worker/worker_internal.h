@@ -130,6 +130,7 @@ typedef struct {
     moe_mig *mig; /* live migration, both roles (worker/migrate.c); NULL without an engine */
     int hang_rank, hang_after, n_starts;
     int pull_delay_ms;
+    int layer_delay_ms; /* test hook: each layer of a step lasts this much longer (a slow step) */
     bool shutdown;
     bool coord_lost; /* the link lost the coordinator: rejoin once the whole group agrees */
     /* Member ids of this rank's expert-parallel group (from the last WorkerReady), and whether the

@@ -110,6 +110,8 @@ static void step_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
     worker *w = ctx;
     if (!w->coord_lost && moe_now_ns() >= w->next_hb)
         send_heartbeat(w, TAG(HEARTBEAT));
+    if (w->layer_delay_ms)
+        moe_sleep_ns((int64_t)w->layer_delay_ms * 1000000);
     if (w->o->role == MOE_WORKER_PREFILL && w->o->kv_layerwise)
         moe_kv_push_layer_hook(ctx, layer, ids, n);
 }
@@ -785,6 +787,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
     w.hang_rank = moe_test_hook_int("MOE_TEST_HANG_RANK", -1);
     w.hang_after = moe_test_hook_int("MOE_TEST_HANG_AFTER", 1);
     w.pull_delay_ms = o->role == MOE_WORKER_DECODE ? moe_test_hook_int("MOE_TEST_PULL_DELAY_MS", 0) : 0;
+    w.layer_delay_ms = moe_test_hook_int("MOE_TEST_LAYER_DELAY_MS", 0);
     w.data = *o->data;
 
     moe_status st = MOE_OK;

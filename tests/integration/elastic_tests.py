@@ -350,6 +350,29 @@ def sigstop_decode_is_fenced_then_rejoins():
 
 
 @test
+def long_engine_step_keeps_its_heartbeat():
+    """A prefill instance whose every engine step lasts ~2.4 s (a test hook sleeps 800 ms in each
+    of the model's 3 layers), well past the 1.5 s heartbeat timeout: it keeps heartbeating from
+    between layers, so nothing is fenced or resumed, and the outputs equal moe-generate's."""
+    with ElasticCluster(heartbeat_timeout_ms=1500) as cl:
+        add(cl, "prefill", env={"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "800"})
+        add(cl, "decode")
+        cl.wait_ready(2)
+        work = workload(4, max_new=8)
+        t0 = time.time()
+        got = Streams(cl, work).join()
+        took = time.time() - t0
+        check_outputs(work, got)
+        st = cl.wait_idle()
+        check(took > 2.4, "the slow prefill step took only %.1f s: the hook did not slow it" % took)
+        check(st.counters.instance_losses == 0 and st.counters.requests_resumed == 0,
+              "a healthy instance in a long step was fenced: %d lost, %d resumed" % (
+                  st.counters.instance_losses, st.counters.requests_resumed))
+        print("4 requests through a prefill instance with %.1f s of steps: nothing fenced" % took)
+        cl.stop()
+
+
+@test
 def stalled_coordinator_loses_nothing():
     """SIGSTOP of the coordinator for 12 s (longer than the heartbeat timeout), then SIGCONT:
     no instance is fenced, every stream completes exactly."""
