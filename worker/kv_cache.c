@@ -229,7 +229,8 @@ moe_status moe_kv_seq_fork(moe_kv_cache *kv, const moe_kv_seq *from, int n_token
         }
         /* block to block on the pool's backend: device memory on CUDA, never a host memcpy there */
         if (kv->be)
-            kv->be->ops->copy(kv->be, moe_kv_block_data(kv, b), moe_kv_block_data(kv, from->blocks[full]),
+            kv->be->ops->copy(kv->be, moe_kv_block_data(kv, b),
+                              moe_kv_block_data(kv, from->blocks[full]),
                               moe_kv_block_bytes(&kv->lay));
         else
             memcpy(moe_kv_block_data(kv, b), moe_kv_block_data(kv, from->blocks[full]),

@@ -204,16 +204,17 @@ static void start_attempt(worker *w, pull_t *q, int attempt)
     }
     /* The receives land in host views of the blocks: the blocks themselves on a host pool, a
      * staging buffer uploaded once every block verified on a device one (a retry reuses it). */
-    if (moe_kv_stage_open(&q->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1) != MOE_OK) {
+    if (moe_kv_stage_open(&q->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1,
+                          w->hooks.force_staging) != MOE_OK) {
         MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
         recompute(w, q);
         return;
     }
     uint32_t xfer = ++w->next_xfer;
     int64_t now = moe_now_ns();
-    moe_status s =
-        moe_kv_recv_start(&w->data, moe_kv_stage_views(&q->stage, 0), nb, w->block_bytes, q->src,
-                          moe_kv_data_tag(xfer), now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
+    moe_status s = moe_kv_recv_start(&w->data, moe_kv_stage_views(&q->stage, 0), nb, w->block_bytes,
+                                     q->src, moe_kv_data_tag(xfer),
+                                     now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
         moe_kv_pull_send_done(w, q->src, q->seq_id, false);
@@ -409,9 +410,11 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
             r = MOE_KV_XFER_ERROR;
         }
     }
-    /* Every block verified: into the engine's blocks (a no-op where they were received in place). */
+    /* Every block verified: into the engine's blocks (a no-op where they were received in place).
+     */
     if (r == MOE_KV_XFER_OK && moe_kv_stage_upload(&q->stage) != MOE_OK) {
-        MOE_LOG_E("seq %llu: received KV not stored: %s", (unsigned long long)id, moe_error_message());
+        MOE_LOG_E("seq %llu: received KV not stored: %s", (unsigned long long)id,
+                  moe_error_message());
         r = MOE_KV_XFER_ERROR;
     }
     if (r == MOE_KV_XFER_OK) {
@@ -525,14 +528,16 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
     uint64_t *sums = s == MOE_OK ? malloc((size_t)(nb ? nb : 1) * sizeof *sums) : NULL;
     /* A parked sequence's KV no longer changes: one download to the host views, then the sends
      * (checksummed there) read them until done or cancelled. */
-    if (sums && ((s = moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1)) != MOE_OK ||
+    if (sums && ((s = moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1,
+                                        w->hooks.force_staging)) != MOE_OK ||
                  (s = moe_kv_stage_download(&p->stage, 0, 1)) != MOE_OK)) {
         free(sums);
         sums = NULL;
     }
     if (sums)
         s = moe_kv_send_start(&w->data, moe_kv_stage_views(&p->stage, 0), nb, w->block_bytes, src,
-                              moe_kv_data_tag(m->xfer_id), (int)m->attempt, &w->hooks, sums, &p->send);
+                              moe_kv_data_tag(m->xfer_id), (int)m->attempt, &w->hooks, sums,
+                              &p->send);
     if (!sums || s != MOE_OK) {
         MOE_LOG_E("seq %llu: cannot send its KV: %s", (unsigned long long)m->seq_id,
                   s != MOE_OK ? moe_error_message() : "out of memory");

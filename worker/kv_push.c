@@ -59,7 +59,8 @@ static bool push_layer(worker *w, park_t *p, int layer)
      * per push, at its first layer; each layer then downloads its own slices (a no-op on a host
      * pool, where the views are the blocks), after the layer's K/V writes on the backend. */
     int layers = moe_engine_kv_layers(w->eng);
-    moe_status s = layer == 0 ? moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks, nb, layers)
+    moe_status s = layer == 0 ? moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks,
+                                                  nb, layers, w->hooks.force_staging)
                               : MOE_OK;
     if (s == MOE_OK && (p->stage.n_slices != layers || p->stage.nb != nb))
         s = moe_error(MOE_ERR_INTERNAL, "layer %d pushed before layer 0", layer);
@@ -204,9 +205,11 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
     moe_kv_stage stage = {0};
     uint32_t xfer = ++w->next_xfer;
     moe_kv_recv *recv = NULL;
-    moe_status rs = moe_kv_stage_open(&stage, moe_engine_kv_cache(w->eng), blocks, nb, layers);
+    moe_status rs = moe_kv_stage_open(&stage, moe_engine_kv_cache(w->eng), blocks, nb, layers,
+                                      w->hooks.force_staging);
     if (rs == MOE_OK && stage.slice_bytes != slice)
-        rs = moe_error(MOE_ERR_INTERNAL, "kv push: slices of %zu bytes, %zu expected", stage.slice_bytes, slice);
+        rs = moe_error(MOE_ERR_INTERNAL, "kv push: slices of %zu bytes, %zu expected",
+                       stage.slice_bytes, slice);
     /* No deadline until the offer says the prefill is done. */
     if (rs == MOE_OK)
         rs = moe_kv_recv_start(&w->data, moe_kv_stage_views(&stage, 0), layers * nb, slice, src,

@@ -13,8 +13,9 @@
  * [s*slice_bytes, (s+1)*slice_bytes) of block blocks[b] (slice-major, as the layer-by-layer push
  * sends them: n_slices = n_layers, one layer's K and V per slice). n_slices 1: whole blocks.
  *
- * Test hook: MOE_TEST_KV_STAGING=1 makes every stage staged even on a host pool, so that the
- * CPU integration tests run the code path a device backend takes.
+ * `staged` forces the staged path on a host pool too: the test hook MOE_TEST_KV_STAGING=1
+ * (worker/kv_transfer.h, worker/migrate.h) sets it, so that the CPU integration tests run the
+ * code path a device backend takes.
  *
  * A moe_kv_stage is a plain struct owned by the transfer's owner (zero-initialise it); it may be
  * moved (no pointers into itself). Not thread-safe (the engine's thread). */
@@ -32,9 +33,9 @@ typedef struct {
     bool direct;
     int nb, n_slices;
     size_t slice_bytes;
-    int *blocks;          /* [nb] copy of the block ids */
-    void **views;         /* [n_slices * nb] */
-    unsigned char *buf;   /* staged: n_slices * nb * slice_bytes; NULL when direct */
+    int *blocks;               /* [nb] copy of the block ids */
+    void **views;              /* [n_slices * nb] */
+    unsigned char *buf;        /* staged: n_slices * nb * slice_bytes; NULL when direct */
     int cap_blocks, cap_views; /* kept across re-opens: a retry allocates nothing */
     size_t cap_buf;
 } moe_kv_stage;
@@ -42,7 +43,8 @@ typedef struct {
 /* (Re)opens st over n_slices slices (block bytes divisible by n_slices) of blocks[0..nb) of kv.
  * nb may be 0. Reuses st's buffers. MOE_ERR_INVALID_ARG for a bad slicing or block id,
  * MOE_ERR_NOMEM. On failure st is closed (empty) but its capacity kept. */
-moe_status moe_kv_stage_open(moe_kv_stage *st, moe_kv_cache *kv, const int *blocks, int nb, int n_slices);
+moe_status moe_kv_stage_open(moe_kv_stage *st, moe_kv_cache *kv, const int *blocks, int nb,
+                             int n_slices, bool staged);
 /* The nb views of slice s (host pointers the transfer layer reads or writes). */
 void *const *moe_kv_stage_views(const moe_kv_stage *st, int slice);
 /* Backend -> views for slices [s0, s0 + n) of every block (waits for the backend's earlier ops,

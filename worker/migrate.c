@@ -69,6 +69,7 @@ void moe_mig_test_hooks_from_env(moe_mig_test_hooks *h)
     s = moe_test_hook("MOE_TEST_MIGRATE_MIN_STAGES");
     if (s && *s)
         h->min_stages = atoi(s);
+    h->kv_staging = moe_test_hook_int("MOE_TEST_KV_STAGING", 0) != 0;
 }
 
 /* ---- state ---- */
@@ -417,12 +418,13 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
         return;
     }
     uint64_t *sums = malloc((size_t)(s->n ? s->n : 1) * sizeof *sums);
-    bool ok = sums && moe_grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
+    bool ok =
+        sums && moe_grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
     moe_status rc = MOE_ERR_NOMEM;
     /* A stage's blocks are full (never written again) or the sequence is paused: one download to
      * the host views (none on a host pool), which the sends then read. */
-    if (ok && ((rc = moe_kv_stage_open(&s->views, moe_engine_kv_cache(m->eng), blocks + s->first, s->n, 1)) !=
-                   MOE_OK ||
+    if (ok && ((rc = moe_kv_stage_open(&s->views, moe_engine_kv_cache(m->eng), blocks + s->first,
+                                       s->n, 1, m->o.hooks.kv_staging)) != MOE_OK ||
                (rc = moe_kv_stage_download(&s->views, 0, 1)) != MOE_OK)) {
         free(sums);
         src_abort(m, s, REASON(TRANSFER), moe_error_message(), true);
@@ -432,8 +434,8 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
         moe_kv_test_hooks kh = {0};
         if (hook_fires(m, MOE_MIG_HOOK_CORRUPT, s->stage, s->final))
             kh.corrupt_attempts = 1;
-        rc = moe_kv_send_start(m->data, moe_kv_stage_views(&s->views, 0), s->n, m->block_bytes, s->dest,
-                               moe_kv_data_tag(q->xfer_id), 1, &kh, sums, &s->send);
+        rc = moe_kv_send_start(m->data, moe_kv_stage_views(&s->views, 0), s->n, m->block_bytes,
+                               s->dest, moe_kv_data_tag(q->xfer_id), 1, &kh, sums, &s->send);
     }
     if (rc != MOE_OK) {
         free(sums);
@@ -607,15 +609,16 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
         dst_abort(m, d, REASON(DEST_REFUSED), "block table does not match the stage", true, false);
         return;
     }
-    if (moe_kv_stage_open(&d->views, moe_engine_kv_cache(m->eng), blocks + q->first_block, (int)q->n_blocks,
-                          1) != MOE_OK) {
+    if (moe_kv_stage_open(&d->views, moe_engine_kv_cache(m->eng), blocks + q->first_block,
+                          (int)q->n_blocks, 1, m->o.hooks.kv_staging) != MOE_OK) {
         dst_abort(m, d, REASON(DEST_REFUSED), moe_error_message(), true, false);
         return;
     }
     uint32_t xfer = ++*m->o.next_xfer;
     int64_t now = moe_now_ns();
-    rc = moe_kv_recv_start(m->data, moe_kv_stage_views(&d->views, 0), (int)q->n_blocks, m->block_bytes, from,
-                           moe_kv_data_tag(xfer), now + ms_ns(m->o.kv_timeout_ms), &d->recv);
+    rc = moe_kv_recv_start(m->data, moe_kv_stage_views(&d->views, 0), (int)q->n_blocks,
+                           m->block_bytes, from, moe_kv_data_tag(xfer),
+                           now + ms_ns(m->o.kv_timeout_ms), &d->recv);
     if (rc != MOE_OK) {
         d->recv = NULL;
         dst_abort(m, d, REASON(TRANSFER), moe_error_message(), true, false);
@@ -669,7 +672,8 @@ static bool dst_progress(moe_mig *m, dst_mig *d, int64_t now)
         dst_abort(m, d, REASON(TRANSFER), moe_kv_xfer_result_name(r), true, false);
         return true;
     }
-    /* Every block verified: into the engine's blocks (a no-op where they were received in place). */
+    /* Every block verified: into the engine's blocks (a no-op where they were received in place).
+     */
     if (moe_kv_stage_upload(&d->views) != MOE_OK) {
         dst_abort(m, d, REASON(TRANSFER), moe_error_message(), true, false);
         return true;

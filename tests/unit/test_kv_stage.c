@@ -5,7 +5,8 @@
  *  - staged: a backend whose memory the host may not address (host_ptr NULL, as on CUDA): views
  *    are a host buffer filled by download() and stored by upload(); this "device" is the CPU
  *    backend with host_ptr hidden and its copies counted, so the test can tell the path was taken;
- *  - forced: MOE_TEST_KV_STAGING=1 on the CPU backend (what the integration tests use).
+ *  - forced: the CPU backend with `staged` set (MOE_TEST_KV_STAGING=1, what the integration
+ *    tests use to run the staged path here).
  * Block contents are random bytes (NaN and denormal patterns included): equality is memcmp. */
 #include <criterion/criterion.h>
 #include <stdlib.h>
@@ -55,10 +56,6 @@ static moe_backend *make_backend(path p)
         be->ops = &dev_ops;
         be->host_memory = false;
     }
-    if (p == PATH_FORCED)
-        setenv("MOE_TEST_KV_STAGING", "1", 1);
-    else
-        unsetenv("MOE_TEST_KV_STAGING");
     return be;
 }
 
@@ -85,13 +82,15 @@ static void fill_random(unsigned char *p, size_t n, unsigned seed)
 
 /* Sends stage `from`'s views (n views of `bytes`) to stage `to`'s over the mailbox comm with
  * checksums; returns the receiver's verdict. */
-static moe_kv_xfer_result transfer(void *const *from, void *const *to, int n, size_t bytes, uint64_t *sums)
+static moe_kv_xfer_result transfer(void *const *from, void *const *to, int n, size_t bytes,
+                                   uint64_t *sums)
 {
     mailbox mb = {0};
     moe_comm comm = {.ops = &mb_ops, .ctx = &mb};
     moe_kv_recv *r;
     moe_kv_send *s;
-    cr_assert_eq(moe_kv_recv_start(&comm, to, n, bytes, 0, 77, moe_now_ns() + 2000000000LL, &r), MOE_OK);
+    cr_assert_eq(moe_kv_recv_start(&comm, to, n, bytes, 0, 77, moe_now_ns() + 2000000000LL, &r),
+                 MOE_OK);
     cr_assert_eq(moe_kv_send_start(&comm, from, n, bytes, 1, 77, 1, NULL, sums, &s), MOE_OK);
     moe_kv_recv_set_checksums(r, sums, n);
     moe_kv_xfer_result res;
@@ -109,6 +108,7 @@ Test(kv_stage, whole_blocks_round_trip_bitwise_with_checksums)
     size_t bb = moe_kv_block_bytes(&lay);
     for (int p = 0; p < PATH_COUNT; p++) {
         moe_backend *be = make_backend((path)p);
+        bool forced = p == PATH_FORCED;
         moe_kv_cache *a, *b;
         cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &a), MOE_OK);
         cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &b), MOE_OK);
@@ -119,27 +119,32 @@ Test(kv_stage, whole_blocks_round_trip_bitwise_with_checksums)
             cr_assert_eq(moe_kv_write(a, src_blocks[i], 0, want + (size_t)i * bb, bb), MOE_OK);
         n_up = n_down = 0;
         moe_kv_stage sa = {0}, sb = {0};
-        cr_assert_eq(moe_kv_stage_open(&sa, a, src_blocks, NB, 1), MOE_OK);
+        cr_assert_eq(moe_kv_stage_open(&sa, a, src_blocks, NB, 1, forced), MOE_OK);
         cr_assert_eq(moe_kv_stage_download(&sa, 0, 1), MOE_OK);
         void *const *va = moe_kv_stage_views(&sa, 0);
         for (int i = 0; i < NB; i++) {
-            cr_expect_eq(memcmp(va[i], want + (size_t)i * bb, bb), 0, "%s: view %d", path_name[p], i);
+            cr_expect_eq(memcmp(va[i], want + (size_t)i * bb, bb), 0, "%s: view %d", path_name[p],
+                         i);
             /* zero-copy exactly where the host can address the pool */
             cr_expect_eq(va[i] == (void *)moe_kv_block_data(a, src_blocks[i]), p == PATH_DIRECT,
                          "%s: view %d aliasing", path_name[p], i);
         }
-        cr_assert_eq(moe_kv_stage_open(&sb, b, dst_blocks, NB, 1), MOE_OK);
+        cr_assert_eq(moe_kv_stage_open(&sb, b, dst_blocks, NB, 1, forced), MOE_OK);
         uint64_t sums[NB];
-        cr_assert_eq(transfer(va, moe_kv_stage_views(&sb, 0), NB, bb, sums), MOE_KV_XFER_OK, "%s", path_name[p]);
+        cr_assert_eq(transfer(va, moe_kv_stage_views(&sb, 0), NB, bb, sums), MOE_KV_XFER_OK, "%s",
+                     path_name[p]);
         for (int i = 0; i < NB; i++)
-            cr_expect_eq(sums[i], moe_kv_checksum(want + (size_t)i * bb, bb), "%s: checksum %d", path_name[p], i);
+            cr_expect_eq(sums[i], moe_kv_checksum(want + (size_t)i * bb, bb), "%s: checksum %d",
+                         path_name[p], i);
         cr_assert_eq(moe_kv_stage_upload(&sb), MOE_OK);
         if (p == PATH_STAGED)
             cr_expect(n_down == NB && n_up == NB, "staged: %d downloads, %d uploads", n_down, n_up);
-        /* The receiver's blocks, read back through the interface: the same bytes, others untouched. */
+        /* The receiver's blocks, read back through the interface: the same bytes, others untouched.
+         */
         for (int i = 0; i < NB; i++)
             cr_assert_eq(moe_kv_read(b, dst_blocks[i], 0, got + (size_t)i * bb, bb), MOE_OK);
-        cr_expect_eq(memcmp(got, want, bb * NB), 0, "%s: blocks differ after the round trip", path_name[p]);
+        cr_expect_eq(memcmp(got, want, bb * NB), 0, "%s: blocks differ after the round trip",
+                     path_name[p]);
         for (int i = 0; i < NB; i++)
             cr_expect_eq(moe_kv_checksum(got + (size_t)i * bb, bb), sums[i]);
         for (int blk = 0; blk < POOL; blk++) {
@@ -167,36 +172,41 @@ Test(kv_stage, layer_slices_round_trip_and_a_corrupt_one_is_not_stored)
     int L = lay.n_layers;
     for (int p = 0; p < PATH_COUNT; p++) {
         moe_backend *be = make_backend((path)p);
+        bool forced = p == PATH_FORCED;
         moe_kv_cache *a, *b;
         cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &a), MOE_OK);
         cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &b), MOE_OK);
         unsigned char *want = malloc(bb * NB), *got = malloc(bb);
         fill_random(want, bb * NB, 10u + (unsigned)p);
         moe_kv_stage sa = {0}, sb = {0};
-        cr_assert_eq(moe_kv_stage_open(&sa, a, src_blocks, NB, L), MOE_OK);
-        cr_assert_eq(moe_kv_stage_open(&sb, b, dst_blocks, NB, L), MOE_OK);
+        cr_assert_eq(moe_kv_stage_open(&sa, a, src_blocks, NB, L, forced), MOE_OK);
+        cr_assert_eq(moe_kv_stage_open(&sb, b, dst_blocks, NB, L, forced), MOE_OK);
         uint64_t sums[3 * NB];
         for (int l = 0; l < L; l++) {
             /* layer l's K/V appear in the pool, then its slices are downloaded */
             for (int i = 0; i < NB; i++)
-                cr_assert_eq(moe_kv_write(a, src_blocks[i], (size_t)l * lb, want + (size_t)i * bb + (size_t)l * lb, lb),
+                cr_assert_eq(moe_kv_write(a, src_blocks[i], (size_t)l * lb,
+                                          want + (size_t)i * bb + (size_t)l * lb, lb),
                              MOE_OK);
             cr_assert_eq(moe_kv_stage_download(&sa, l, 1), MOE_OK);
         }
-        cr_assert_eq(transfer(moe_kv_stage_views(&sa, 0), moe_kv_stage_views(&sb, 0), L * NB, lb, sums),
-                     MOE_KV_XFER_OK);
+        cr_assert_eq(
+            transfer(moe_kv_stage_views(&sa, 0), moe_kv_stage_views(&sb, 0), L * NB, lb, sums),
+            MOE_KV_XFER_OK);
         cr_assert_eq(moe_kv_stage_upload(&sb), MOE_OK);
         for (int i = 0; i < NB; i++) {
             cr_assert_eq(moe_kv_read(b, dst_blocks[i], 0, got, bb), MOE_OK);
-            cr_expect_eq(memcmp(got, want + (size_t)i * bb, bb), 0, "%s: block %d", path_name[p], i);
+            cr_expect_eq(memcmp(got, want + (size_t)i * bb, bb), 0, "%s: block %d", path_name[p],
+                         i);
         }
         /* a slice corrupted in flight: the receiver says CORRUPT and the caller never uploads */
         if (p != PATH_DIRECT) {
             moe_kv_cache *c;
             cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &c), MOE_OK);
             moe_kv_stage sc = {0};
-            cr_assert_eq(moe_kv_stage_open(&sc, c, dst_blocks, NB, L), MOE_OK);
-            ((unsigned char *)moe_kv_stage_views(&sa, 1)[2])[lb / 2] ^= 0x01; /* the sender's view, after its checksum */
+            cr_assert_eq(moe_kv_stage_open(&sc, c, dst_blocks, NB, L, forced), MOE_OK);
+            ((unsigned char *)moe_kv_stage_views(&sa, 1)[2])[lb / 2] ^=
+                0x01; /* the sender's view, after its checksum */
             mailbox mb = {0};
             moe_comm comm = {.ops = &mb_ops, .ctx = &mb};
             moe_kv_recv *r;
@@ -204,8 +214,10 @@ Test(kv_stage, layer_slices_round_trip_and_a_corrupt_one_is_not_stored)
             uint64_t sums2[3 * NB];
             memcpy(sums2, sums, sizeof sums);
             cr_assert_eq(moe_kv_recv_start(&comm, moe_kv_stage_views(&sc, 0), L * NB, lb, 0, 5,
-                                           moe_now_ns() + 2000000000LL, &r), MOE_OK);
-            cr_assert_eq(moe_kv_send_start(&comm, moe_kv_stage_views(&sa, 0), L * NB, lb, 1, 5, 1, NULL, sums2, &s),
+                                           moe_now_ns() + 2000000000LL, &r),
+                         MOE_OK);
+            cr_assert_eq(moe_kv_send_start(&comm, moe_kv_stage_views(&sa, 0), L * NB, lb, 1, 5, 1,
+                                           NULL, sums2, &s),
                          MOE_OK);
             moe_kv_recv_set_checksums(r, sums, L * NB); /* the checksums of the intact bytes */
             moe_kv_xfer_result res;
@@ -218,7 +230,8 @@ Test(kv_stage, layer_slices_round_trip_and_a_corrupt_one_is_not_stored)
             mb_free(&mb);
             unsigned char *zero = calloc(1, bb);
             cr_assert_eq(moe_kv_read(c, dst_blocks[2], 0, got, bb), MOE_OK);
-            cr_expect_eq(memcmp(got, zero, bb), 0, "%s: a block was stored before any upload", path_name[p]);
+            cr_expect_eq(memcmp(got, zero, bb), 0, "%s: a block was stored before any upload",
+                         path_name[p]);
             free(zero);
             moe_kv_stage_free(&sc);
             moe_kv_free(c);
@@ -240,12 +253,13 @@ Test(kv_stage, bad_slicing_and_block_ids_are_refused)
     cr_assert_eq(moe_kv_create_on(be, &lay, POOL, &a), MOE_OK);
     moe_kv_stage st = {0};
     int bad[2] = {1, POOL};
-    cr_expect_eq(moe_kv_stage_open(&st, a, bad, 2, 1), MOE_ERR_INVALID_ARG);
-    cr_expect_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 7), MOE_ERR_INVALID_ARG); /* 7 does not divide */
-    cr_expect_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 0), MOE_ERR_INVALID_ARG);
-    cr_assert_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 3), MOE_OK);
+    cr_expect_eq(moe_kv_stage_open(&st, a, bad, 2, 1, false), MOE_ERR_INVALID_ARG);
+    cr_expect_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 7, false),
+                 MOE_ERR_INVALID_ARG); /* 7 does not divide */
+    cr_expect_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 0, false), MOE_ERR_INVALID_ARG);
+    cr_assert_eq(moe_kv_stage_open(&st, a, src_blocks, NB, 3, false), MOE_OK);
     cr_expect_eq(moe_kv_stage_download(&st, 2, 2), MOE_ERR_RANGE);
-    cr_assert_eq(moe_kv_stage_open(&st, a, NULL, 0, 1), MOE_OK); /* an empty sequence */
+    cr_assert_eq(moe_kv_stage_open(&st, a, NULL, 0, 1, false), MOE_OK); /* an empty sequence */
     cr_expect_eq(moe_kv_stage_download(&st, 0, 1), MOE_OK);
     moe_kv_stage_free(&st);
     moe_kv_free(a);

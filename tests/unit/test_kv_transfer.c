@@ -52,7 +52,7 @@ Test(kv_transfer, data_tags_stay_in_mpi_range)
     cr_expect_neq(moe_kv_data_tag(1), moe_kv_data_tag(2));
 }
 
-/* ---- the in-process mailbox comm (mailbox_comm.h): one process plays both ranks (0 sends, 1 receives) ---- */
+/* ---- over the mailbox comm (mailbox_comm.h): rank 0 sends, rank 1 receives ---- */
 
 enum { NB = 5, BB = 4096 };
 
