@@ -6,10 +6,13 @@
 #      greedy ids, logits within the fixtures' tolerances) and moe-generate --device cuda;
 #   4. a mixed instance, and an expert-parallel instance of 2 ranks over NCCL (needs 2 GPUs),
 #      against moe-generate on the CPU (tests/integration/gpu_tests.py);
+#   5. a disaggregated 1P+1D cluster (KV pushed layer by layer, then pulled whole) and forced live
+#      migrations between two decode instances, device KV blocks staged through host memory, both
+#      on GPU 0, against moe-generate on the CPU (gpu_tests.py cuda_disaggregated_1p1d_matches_cpu,
+#      cuda_migration_matches_cpu);
 # Speed on the GPU (decode/prefill tokens/s, EP all-to-all time per layer) is not measured yet:
 # engine_bench and ep_bench have no --device option so far.
-# Says what could not run and why: the 1P+1D cluster (the KV hand-off of device blocks is not
-# wired yet: refused by moe-serve), EP-2 on one GPU (NCCL puts one rank per GPU).
+# Says what could not run and why: EP-2 on one GPU (NCCL puts one rank per GPU).
 # Prints a summary to paste into bench/RESULTS.md; the full log is in build-gpu/gpu-check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +78,10 @@ if [ "$n_gpu" -ge 2 ]; then
 else
   note "NOT RUN: EP-2 over NCCL (one GPU: NCCL puts each rank of a communicator on its own GPU)"
 fi
-note "NOT RUN: 1P+1D cluster on cuda (the prefill-to-decode KV hand-off of device blocks is not wired yet; moe-serve refuses it)"
+step "1P+1D on cuda: KV hand-off of device blocks vs moe-generate" 240 env MOE_IT_TIMEOUT=230 tests/integration/run.sh "$build" \
+  cuda_disaggregated_1p1d_matches_cpu
+step "1P+2D on cuda: forced live migration of device blocks vs moe-generate" 180 tests/integration/run.sh "$build" \
+  cuda_migration_matches_cpu
 echo
 echo "---- summary (for bench/RESULTS.md) ----"
 printf '%s\n' "${summary[@]}"

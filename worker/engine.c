@@ -711,6 +711,7 @@ moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_se
 
 float *moe_engine_kv_block(moe_engine *e, int block) { return moe_kv_block_data(e->kv, block); }
 bool moe_engine_kv_host_access(const moe_engine *e) { return moe_kv_host_access(e->kv); }
+moe_kv_cache *moe_engine_kv_cache(moe_engine *e) { return e->kv; }
 moe_status moe_engine_kv_read(moe_engine *e, int block, size_t off, void *dst, size_t n)
 {
     return moe_kv_read(e->kv, block, off, dst, n);

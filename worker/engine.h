@@ -151,6 +151,8 @@ moe_status moe_engine_import_extend(moe_engine *e, uint64_t seq_id, const moe_se
  * (always on the CPU backend); otherwise go through moe_engine_kv_read / _write. */
 float *moe_engine_kv_block(moe_engine *e, int block);
 bool moe_engine_kv_host_access(const moe_engine *e);
+/* The engine's KV cache, for worker/kv_stage.h (transfers of block bytes); owned by the engine. */
+struct moe_kv_cache *moe_engine_kv_cache(moe_engine *e);
 /* Bytes [off, off + n) of a block to / from host memory, on any backend (staged through host
  * memory on a device). */
 moe_status moe_engine_kv_read(moe_engine *e, int block, size_t off, void *dst, size_t n);

@@ -227,8 +227,14 @@ moe_status moe_kv_seq_fork(moe_kv_cache *kv, const moe_kv_seq *from, int n_token
             free(nb);
             return moe_error(MOE_ERR_FULL, "kv cache: no free block for a forked sequence's last one");
         }
-        memcpy(moe_kv_block_data(kv, b), moe_kv_block_data(kv, from->blocks[full]),
-               moe_kv_block_bytes(&kv->lay));
+        /* block to block on the pool's backend: device memory on CUDA, never a host memcpy there */
+        if (kv->be)
+            kv->be->ops->copy(kv->be, moe_kv_block_data(kv, b),
+                              moe_kv_block_data(kv, from->blocks[full]),
+                              moe_kv_block_bytes(&kv->lay));
+        else
+            memcpy(moe_kv_block_data(kv, b), moe_kv_block_data(kv, from->blocks[full]),
+                   moe_kv_block_bytes(&kv->lay));
         nb[full] = b;
     }
     for (int i = 0; i < full; i++) {

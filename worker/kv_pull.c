@@ -22,8 +22,9 @@ park_t *moe_kv_pull_find_park(worker *w, uint64_t id)
 
 void moe_kv_pull_remove_park(worker *w, park_t *p)
 {
-    moe_kv_send_free(p->send);
+    moe_kv_send_free(p->send); /* cancels (waits for) the sends before their views go */
     free(p->push_sums);
+    moe_kv_stage_free(&p->stage);
     *p = w->parks[--w->n_parks];
 }
 
@@ -38,6 +39,7 @@ static pull_t *find_pull(worker *w, uint64_t id)
 void moe_kv_pull_remove_pull(worker *w, pull_t *q)
 {
     moe_kv_recv_free(q->recv);
+    moe_kv_stage_free(&q->stage);
     if (q->offer)
         protobuf_c_message_free_unpacked(&q->offer->base, NULL);
     *q = w->pulls[--w->n_pulls];
@@ -200,19 +202,19 @@ static void start_attempt(worker *w, pull_t *q, int attempt)
         recompute(w, q);
         return;
     }
-    void **ptrs = malloc((size_t)(nb ? nb : 1) * sizeof *ptrs);
-    if (!ptrs) {
+    /* The receives land in host views of the blocks: the blocks themselves on a host pool, a
+     * staging buffer uploaded once every block verified on a device one (a retry reuses it). */
+    if (moe_kv_stage_open(&q->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1,
+                          w->hooks.force_staging) != MOE_OK) {
+        MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
         recompute(w, q);
         return;
     }
-    for (int i = 0; i < nb; i++)
-        ptrs[i] = moe_engine_kv_block(w->eng, blocks[i]);
     uint32_t xfer = ++w->next_xfer;
     int64_t now = moe_now_ns();
-    moe_status s =
-        moe_kv_recv_start(&w->data, ptrs, nb, w->block_bytes, q->src, moe_kv_data_tag(xfer),
-                          now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
-    free(ptrs);
+    moe_status s = moe_kv_recv_start(&w->data, moe_kv_stage_views(&q->stage, 0), nb, w->block_bytes,
+                                     q->src, moe_kv_data_tag(xfer),
+                                     now + moe_worker_ms_ns(w->o->kv_timeout_ms), &q->recv);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: %s", (unsigned long long)q->seq_id, moe_error_message());
         moe_kv_pull_send_done(w, q->src, q->seq_id, false);
@@ -408,6 +410,13 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
             r = MOE_KV_XFER_ERROR;
         }
     }
+    /* Every block verified: into the engine's blocks (a no-op where they were received in place).
+     */
+    if (r == MOE_KV_XFER_OK && moe_kv_stage_upload(&q->stage) != MOE_OK) {
+        MOE_LOG_E("seq %llu: received KV not stored: %s", (unsigned long long)id,
+                  moe_error_message());
+        r = MOE_KV_XFER_ERROR;
+    }
     if (r == MOE_KV_XFER_OK) {
         uint64_t bytes = (uint64_t)q->offer->n_blocks * w->block_bytes;
         moe_kv_recv_free(q->recv);
@@ -516,17 +525,22 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
     const int *blocks;
     int nb;
     moe_status s = moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb);
-    void **ptrs = s == MOE_OK ? malloc((size_t)(nb ? nb : 1) * sizeof *ptrs) : NULL;
-    uint64_t *sums = ptrs ? malloc((size_t)(nb ? nb : 1) * sizeof *sums) : NULL;
-    if (sums) {
-        for (int i = 0; i < nb; i++)
-            ptrs[i] = moe_engine_kv_block(w->eng, blocks[i]);
-        s = moe_kv_send_start(&w->data, ptrs, nb, w->block_bytes, src, moe_kv_data_tag(m->xfer_id),
-                              (int)m->attempt, &w->hooks, sums, &p->send);
+    uint64_t *sums = s == MOE_OK ? malloc((size_t)(nb ? nb : 1) * sizeof *sums) : NULL;
+    /* A parked sequence's KV no longer changes: one download to the host views, then the sends
+     * (checksummed there) read them until done or cancelled. */
+    if (sums && ((s = moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks, nb, 1,
+                                        w->hooks.force_staging)) != MOE_OK ||
+                 (s = moe_kv_stage_download(&p->stage, 0, 1)) != MOE_OK)) {
+        free(sums);
+        sums = NULL;
     }
+    if (sums)
+        s = moe_kv_send_start(&w->data, moe_kv_stage_views(&p->stage, 0), nb, w->block_bytes, src,
+                              moe_kv_data_tag(m->xfer_id), (int)m->attempt, &w->hooks, sums,
+                              &p->send);
     if (!sums || s != MOE_OK) {
         MOE_LOG_E("seq %llu: cannot send its KV: %s", (unsigned long long)m->seq_id,
-                  sums ? moe_error_message() : "out of memory");
+                  s != MOE_OK ? moe_error_message() : "out of memory");
         moe_kv_pull_send_gone(w, src, m->seq_id, "the prefill side failed to send");
         moe_worker_engine_drop(w, p->seq_id);
         moe_kv_pull_remove_park(w, p);
@@ -540,7 +554,6 @@ void moe_kv_pull_on_pull(worker *w, int src, const pb_pull *m)
         moe_worker_send_peer(w, src, TAG(KV_HEADER), &h.base);
         p->send_deadline = now + moe_worker_ms_ns(w->o->kv_timeout_ms) * 2;
     }
-    free(ptrs);
     free(sums);
 }
 

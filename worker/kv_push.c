@@ -55,14 +55,20 @@ static bool push_layer(worker *w, park_t *p, int layer)
     int nb;
     if (moe_engine_export(w->eng, p->seq_id, &st, &blocks, &nb) != MOE_OK || nb != p->push_blocks)
         return false;
-    /* Runs inside the engine step: the pointer array is the worker's, grown once, not allocated
-     * per layer. */
-    if (!moe_grow((void **)&w->push_ptrs, &w->cap_push_ptrs, nb ? nb : 1, sizeof *w->push_ptrs))
-        return false;
-    void **ptrs = w->push_ptrs;
-    for (int b = 0; b < nb; b++)
-        ptrs[b] = moe_engine_kv_layer(w->eng, blocks[b], layer);
-    moe_status s = moe_kv_send_append(p->send, ptrs, nb, p->push_sums + (size_t)layer * (size_t)nb);
+    /* Runs inside the engine step: the views (one slice per layer of each block) are opened once
+     * per push, at its first layer; each layer then downloads its own slices (a no-op on a host
+     * pool, where the views are the blocks), after the layer's K/V writes on the backend. */
+    int layers = moe_engine_kv_layers(w->eng);
+    moe_status s = layer == 0 ? moe_kv_stage_open(&p->stage, moe_engine_kv_cache(w->eng), blocks,
+                                                  nb, layers, w->hooks.force_staging)
+                              : MOE_OK;
+    if (s == MOE_OK && (p->stage.n_slices != layers || p->stage.nb != nb))
+        s = moe_error(MOE_ERR_INTERNAL, "layer %d pushed before layer 0", layer);
+    if (s == MOE_OK)
+        s = moe_kv_stage_download(&p->stage, layer, 1);
+    if (s == MOE_OK)
+        s = moe_kv_send_append(p->send, moe_kv_stage_views(&p->stage, layer), nb,
+                               p->push_sums + (size_t)layer * (size_t)nb);
     if (s != MOE_OK) {
         MOE_LOG_E("seq %llu: layer %d: %s", (unsigned long long)p->seq_id, layer,
                   moe_error_message());
@@ -194,20 +200,22 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
     int layers = (int)m->n_layers;
     size_t slice = (size_t)(m->block_bytes / m->n_layers);
     protobuf_c_message_free_unpacked(&m->base, NULL);
-    void **ptrs = malloc((size_t)layers * (size_t)(nb ? nb : 1) * sizeof *ptrs);
+    /* One view per (layer, block) slice, layer-major as the prefill side sends them; uploaded once
+     * the whole push verified (worker/kv_pull.c), in place on a host pool. */
+    moe_kv_stage stage = {0};
     uint32_t xfer = ++w->next_xfer;
     moe_kv_recv *recv = NULL;
-    moe_status rs = MOE_ERR_NOMEM;
-    if (ptrs) {
-        for (int l = 0; l < layers; l++)
-            for (int b = 0; b < nb; b++)
-                ptrs[(size_t)l * (size_t)nb + (size_t)b] = moe_engine_kv_layer(w->eng, blocks[b], l);
-        /* No deadline until the offer says the prefill is done. */
-        rs = moe_kv_recv_start(&w->data, ptrs, layers * nb, slice, src, moe_kv_data_tag(xfer),
-                               INT64_MAX, &recv);
-        free(ptrs);
-    }
+    moe_status rs = moe_kv_stage_open(&stage, moe_engine_kv_cache(w->eng), blocks, nb, layers,
+                                      w->hooks.force_staging);
+    if (rs == MOE_OK && stage.slice_bytes != slice)
+        rs = moe_error(MOE_ERR_INTERNAL, "kv push: slices of %zu bytes, %zu expected",
+                       stage.slice_bytes, slice);
+    /* No deadline until the offer says the prefill is done. */
+    if (rs == MOE_OK)
+        rs = moe_kv_recv_start(&w->data, moe_kv_stage_views(&stage, 0), layers * nb, slice, src,
+                               moe_kv_data_tag(xfer), INT64_MAX, &recv);
     if (rs != MOE_OK) {
+        moe_kv_stage_free(&stage);
         moe_worker_engine_drop(w, id);
         return;
     }
@@ -219,7 +227,8 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
                                       .recv = recv,
                                       .imported = true,
                                       .held_blocks = nb,
-                                      .push = true};
+                                      .push = true,
+                                      .stage = stage};
     w->load_dirty = true;
     pb_pull a;
     moeserve__cluster__v1__kv_pull__init(&a);

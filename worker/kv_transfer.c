@@ -97,6 +97,7 @@ int moe_kv_data_tag(uint32_t xfer_id)
 void moe_kv_test_hooks_from_env(moe_kv_test_hooks *h)
 {
     *h = (moe_kv_test_hooks){0};
+    h->force_staging = moe_test_hook_int("MOE_TEST_KV_STAGING", 0) != 0;
     const char *v = moe_test_hook("MOE_TEST_CORRUPT_KV");
     if (!v || !*v || !strcmp(v, "0"))
         return;

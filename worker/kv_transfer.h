@@ -35,9 +35,12 @@ int moe_kv_data_tag(uint32_t xfer_id);
  *   MOE_TEST_CORRUPT_KV=1    the sender flips one bit of one block on each sequence's first
  *                            attempt (the retry succeeds);
  *   MOE_TEST_CORRUPT_KV=all  on every attempt (the receiver ends up recomputing).
- * The corruption is applied to a copy in flight; the sender's own KV is never touched. */
+ * The corruption is applied to a copy in flight; the sender's own KV is never touched.
+ *   MOE_TEST_KV_STAGING=1    the hand-off stages KV blocks through host buffers even on a host
+ *                            pool (worker/kv_stage.h), the path a device backend takes. */
 typedef struct {
     int corrupt_attempts; /* corrupt attempts 1..corrupt_attempts; 0 off; -1 every attempt */
+    bool force_staging;
 } moe_kv_test_hooks;
 void moe_kv_test_hooks_from_env(moe_kv_test_hooks *h);
 

@@ -10,6 +10,7 @@
 #include "common/grow.h"
 #include "common/log.h"
 #include "common/test_hook.h"
+#include "worker/kv_stage.h"
 #include "worker/kv_transfer.h"
 #include "worker/seq_state_pb.h"
 
@@ -68,6 +69,7 @@ void moe_mig_test_hooks_from_env(moe_mig_test_hooks *h)
     s = moe_test_hook("MOE_TEST_MIGRATE_MIN_STAGES");
     if (s && *s)
         h->min_stages = atoi(s);
+    h->kv_staging = moe_test_hook_int("MOE_TEST_KV_STAGING", 0) != 0;
 }
 
 /* ---- state ---- */
@@ -90,6 +92,7 @@ typedef struct {
     int n_sent, cap_sent;
     int first, n; /* the current stage's block range */
     moe_kv_send *send;
+    moe_kv_stage views; /* host views of the current stage's blocks, read by send */
     bool stalled; /* the stall hook already delayed the current stage */
     bool hooked;  /* a test hook aborts this migration */
     int64_t t0, pause_t0, deadline, not_before;
@@ -115,6 +118,7 @@ typedef struct {
     bool hooked;
     mig_reason aborted; /* why, once aborted (logged when the reservation is freed) */
     moe_kv_recv *recv;
+    moe_kv_stage views; /* host views recv writes, uploaded once the stage verified */
     uint32_t xfer;
     int64_t deadline;
 } dst_mig;
@@ -250,7 +254,8 @@ static void remove_src(moe_mig *m, src_mig *s)
             break;
         }
     }
-    moe_kv_send_free(s->send);
+    moe_kv_send_free(s->send); /* cancels (waits for) the sends before their views go */
+    moe_kv_stage_free(&s->views);
     free(s->sent);
     free(s);
 }
@@ -412,22 +417,27 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
         src_abort(m, s, r, NULL, true);
         return;
     }
-    void **ptrs = malloc((size_t)(s->n ? s->n : 1) * sizeof *ptrs);
     uint64_t *sums = malloc((size_t)(s->n ? s->n : 1) * sizeof *sums);
     bool ok =
-        ptrs && sums && moe_grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
+        sums && moe_grow((void **)&s->sent, &s->cap_sent, s->first + s->n + 1, sizeof *s->sent);
     moe_status rc = MOE_ERR_NOMEM;
+    /* A stage's blocks are full (never written again) or the sequence is paused: one download to
+     * the host views (none on a host pool), which the sends then read. */
+    if (ok && ((rc = moe_kv_stage_open(&s->views, moe_engine_kv_cache(m->eng), blocks + s->first,
+                                       s->n, 1, m->o.hooks.kv_staging)) != MOE_OK ||
+               (rc = moe_kv_stage_download(&s->views, 0, 1)) != MOE_OK)) {
+        free(sums);
+        src_abort(m, s, REASON(TRANSFER), moe_error_message(), true);
+        return;
+    }
     if (ok) {
-        for (int i = 0; i < s->n; i++)
-            ptrs[i] = moe_engine_kv_block(m->eng, blocks[s->first + i]);
         moe_kv_test_hooks kh = {0};
         if (hook_fires(m, MOE_MIG_HOOK_CORRUPT, s->stage, s->final))
             kh.corrupt_attempts = 1;
-        rc = moe_kv_send_start(m->data, ptrs, s->n, m->block_bytes, s->dest,
-                               moe_kv_data_tag(q->xfer_id), 1, &kh, sums, &s->send);
+        rc = moe_kv_send_start(m->data, moe_kv_stage_views(&s->views, 0), s->n, m->block_bytes,
+                               s->dest, moe_kv_data_tag(q->xfer_id), 1, &kh, sums, &s->send);
     }
     if (rc != MOE_OK) {
-        free(ptrs);
         free(sums);
         src_abort(m, s, REASON(TRANSFER), ok ? moe_error_message() : "out of memory", true);
         return;
@@ -443,7 +453,6 @@ static void on_ready(moe_mig *m, int from, const Moeserve__Cluster__V1__MigReady
     d.n_checksums = (size_t)s->n;
     d.checksums = sums;
     m->io.send(m->io.ctx, s->dest, TAG(MIG_DATA), &d.base);
-    free(ptrs);
     free(sums);
     s->phase = SRC_SENDING;
     s->deadline = moe_now_ns() + answer_ns(m);
@@ -510,6 +519,7 @@ static void remove_dst(moe_mig *m, dst_mig *d)
         }
     }
     moe_kv_recv_free(d->recv);
+    moe_kv_stage_free(&d->views);
     free(d);
 }
 
@@ -599,18 +609,16 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
         dst_abort(m, d, REASON(DEST_REFUSED), "block table does not match the stage", true, false);
         return;
     }
-    void **ptrs = malloc((size_t)(q->n_blocks ? q->n_blocks : 1) * sizeof *ptrs);
-    if (!ptrs) {
-        dst_abort(m, d, REASON(DEST_REFUSED), "out of memory", true, false);
+    if (moe_kv_stage_open(&d->views, moe_engine_kv_cache(m->eng), blocks + q->first_block,
+                          (int)q->n_blocks, 1, m->o.hooks.kv_staging) != MOE_OK) {
+        dst_abort(m, d, REASON(DEST_REFUSED), moe_error_message(), true, false);
         return;
     }
-    for (uint32_t i = 0; i < q->n_blocks; i++)
-        ptrs[i] = moe_engine_kv_block(m->eng, blocks[q->first_block + i]);
     uint32_t xfer = ++*m->o.next_xfer;
     int64_t now = moe_now_ns();
-    rc = moe_kv_recv_start(m->data, ptrs, (int)q->n_blocks, m->block_bytes, from,
-                           moe_kv_data_tag(xfer), now + ms_ns(m->o.kv_timeout_ms), &d->recv);
-    free(ptrs);
+    rc = moe_kv_recv_start(m->data, moe_kv_stage_views(&d->views, 0), (int)q->n_blocks,
+                           m->block_bytes, from, moe_kv_data_tag(xfer),
+                           now + ms_ns(m->o.kv_timeout_ms), &d->recv);
     if (rc != MOE_OK) {
         d->recv = NULL;
         dst_abort(m, d, REASON(TRANSFER), moe_error_message(), true, false);
@@ -662,6 +670,12 @@ static bool dst_progress(moe_mig *m, dst_mig *d, int64_t now)
     d->recv = NULL;
     if (r != MOE_KV_XFER_OK) {
         dst_abort(m, d, REASON(TRANSFER), moe_kv_xfer_result_name(r), true, false);
+        return true;
+    }
+    /* Every block verified: into the engine's blocks (a no-op where they were received in place).
+     */
+    if (moe_kv_stage_upload(&d->views) != MOE_OK) {
+        dst_abort(m, d, REASON(TRANSFER), moe_error_message(), true, false);
         return true;
     }
     Moeserve__Cluster__V1__MigAck a;

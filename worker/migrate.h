@@ -74,6 +74,7 @@ typedef struct {
     int abort_count; /* migrations affected; -1 every one */
     int stall_ms;
     int min_stages;
+    bool kv_staging; /* MOE_TEST_KV_STAGING=1: blocks through host buffers (worker/kv_stage.h) */
 } moe_mig_test_hooks;
 
 /* Reads the hooks above; a malformed value is logged and ignored. */

@@ -17,6 +17,7 @@
 #include "worker/kv_transfer.h"
 #include "worker/migrate.h"
 #include "worker/model.h"
+#include "worker/kv_stage.h"
 #include "worker/worker_loop.h"
 
 typedef Moeserve__Cluster__V1__StartSeq pb_start;
@@ -50,6 +51,7 @@ typedef struct {
     int push_layers;     /* layers whose slices are posted (all: push_sums complete) */
     int push_blocks;     /* blocks per layer */
     uint64_t *push_sums; /* [n_layers * push_blocks] checksums, layer-major */
+    moe_kv_stage stage;  /* host views of what `send` reads (worker/kv_stage.h) */
 } park_t;
 
 /* Decode side: an offered sequence until it is imported and resumed (or dropped). */
@@ -78,6 +80,7 @@ typedef struct {
      * NULL until the KvOffer after the prefill brings the final state. */
     bool push;
     bool push_failed; /* the push failed before the offer came: pull (attempt 2) once it does */
+    moe_kv_stage stage; /* host views `recv` writes, uploaded once verified (worker/kv_stage.h) */
 } pull_t;
 
 /* Decode side: a seq freed before its offer arrived (the offer must then be refused). */
@@ -111,8 +114,6 @@ typedef struct {
     int n_pulls, cap_pulls;
     tomb_t *tombs;
     int n_tombs, cap_tombs;
-    void **push_ptrs; /* scratch of the layer push: one layer's slice addresses */
-    int cap_push_ptrs;
 
     moe_token_event *events;
     int cap_events;

@@ -213,10 +213,6 @@ static moe_status load(worker *w)
 {
     const moe_worker_opts *o = w->o;
     moe_engine_opts eo = o->engine;
-    if (eo.device == MOE_DEVICE_CUDA && o->role != MOE_WORKER_MIXED)
-        return moe_error(MOE_ERR_UNSUPPORTED, "worker: --device cuda: the prefill-to-decode KV hand-off reads "
-                         "blocks through host pointers, not wired for device memory yet; run mixed "
-                         "instances (--colocated) on CUDA (docs/backends.md)");
     moe_status st = w->ep_size > 1 ? load_model_ep(w, &eo) : moe_model_load(o->model_dir, NULL, &w->model);
     if (st != MOE_OK)
         return st;
@@ -558,7 +554,6 @@ static void worker_free(worker *w)
     free(w->parks);
     free(w->pulls);
     free(w->tombs);
-    free(w->push_ptrs);
     free(w->events);
     free(w->pev);
     free(w->pevp);

@@ -492,9 +492,6 @@ int serve_parse_args(int argc, char **argv, serve_args *a, bool print)
         if (moe_backend_cuda_create(0, &be) != MOE_OK)
             return perr(print, "--device cuda: %s", moe_error_message());
         moe_backend_free(be);
-        if (a->mig_high > 0)
-            return perr(print, "--device cuda: live migration moves KV blocks through host pointers, "
-                               "not wired for device memory yet (docs/backends.md)");
     }
     return 0;
 }
