@@ -15,6 +15,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/cluster_internal.h"
+#include "ctrl/inbox.h"
 #include "ctrl/sampling_pb.h"
 
 
@@ -388,6 +389,59 @@ static void check_leaving(moe_cluster *c, int64_t now)
     }
 }
 
+/* ---- the inbox: what instances' ranks send ---- */
+
+static bool in_ready(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    on_ready_msg(self, src, (const Moeserve__Cluster__V1__WorkerReady *)m);
+    return false;
+}
+
+static bool in_heartbeat(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    on_heartbeat(self, src, (const Moeserve__Cluster__V1__Heartbeat *)m, tag == TAG(BYE));
+    return false;
+}
+
+static bool in_tokens(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    on_tokens(self, src, (const Moeserve__Cluster__V1__TokenBatch *)m);
+    return false;
+}
+
+static bool in_seq_event(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    on_seq_event(self, src, (const Moeserve__Cluster__V1__SeqEvent *)m);
+    return false;
+}
+
+static bool in_migrate_end(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    moe_cluster_mig_on_end(self, src, (const Moeserve__Cluster__V1__MigrateEnd *)m);
+    return false;
+}
+
+static bool in_leave(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    on_leave(self, src, (const Moeserve__Cluster__V1__Leave *)m);
+    return false;
+}
+
+static const moe_inbox_kind COORDINATOR_INBOX[] = {
+    {TAG(WORKER_READY), &moeserve__cluster__v1__worker_ready__descriptor, in_ready},
+    {TAG(HEARTBEAT), &moeserve__cluster__v1__heartbeat__descriptor, in_heartbeat},
+    {TAG(BYE), &moeserve__cluster__v1__heartbeat__descriptor, in_heartbeat}, /* the last one */
+    {TAG(TOKENS), &moeserve__cluster__v1__token_batch__descriptor, in_tokens},
+    {TAG(SEQ_EVENT), &moeserve__cluster__v1__seq_event__descriptor, in_seq_event},
+    {TAG(MIGRATE_END), &moeserve__cluster__v1__migrate_end__descriptor, in_migrate_end},
+    {TAG(LEAVE), &moeserve__cluster__v1__leave__descriptor, in_leave},
+};
+
 static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, size_t len)
 {
     inst_t *in = moe_cluster_inst_of_rank(c, src);
@@ -396,60 +450,9 @@ static void handle_msg(moe_cluster *c, int src, int tag, const uint8_t *buf, siz
         in->last_seen = moe_now_ns();
         pthread_mutex_unlock(&c->mu);
     }
-    const ProtobufCMessageDescriptor *d;
-    switch (tag) {
-    case TAG(WORKER_READY):
-        d = &moeserve__cluster__v1__worker_ready__descriptor;
-        break;
-    case TAG(HEARTBEAT):
-    case TAG(BYE):
-        d = &moeserve__cluster__v1__heartbeat__descriptor;
-        break;
-    case TAG(TOKENS):
-        d = &moeserve__cluster__v1__token_batch__descriptor;
-        break;
-    case TAG(SEQ_EVENT):
-        d = &moeserve__cluster__v1__seq_event__descriptor;
-        break;
-    case TAG(MIGRATE_END):
-        d = &moeserve__cluster__v1__migrate_end__descriptor;
-        break;
-    case TAG(LEAVE):
-        d = &moeserve__cluster__v1__leave__descriptor;
-        break;
-    default:
+    if (moe_inbox_deliver(COORDINATOR_INBOX, sizeof COORDINATOR_INBOX / sizeof *COORDINATOR_INBOX, c, src, tag,
+                          buf, len) == MOE_INBOX_UNKNOWN)
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
-        return;
-    }
-    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, buf);
-    if (!m) {
-        MOE_LOG_E("malformed %s (%zu bytes) from rank %d", d->name, len, src);
-        return;
-    }
-    switch (tag) {
-    case TAG(WORKER_READY):
-        on_ready_msg(c, src, (const Moeserve__Cluster__V1__WorkerReady *)m);
-        break;
-    case TAG(HEARTBEAT):
-    case TAG(BYE):
-        on_heartbeat(c, src, (const Moeserve__Cluster__V1__Heartbeat *)m, tag == TAG(BYE));
-        break;
-    case TAG(TOKENS):
-        on_tokens(c, src, (const Moeserve__Cluster__V1__TokenBatch *)m);
-        break;
-    case TAG(SEQ_EVENT):
-        on_seq_event(c, src, (const Moeserve__Cluster__V1__SeqEvent *)m);
-        break;
-    case TAG(MIGRATE_END):
-        moe_cluster_mig_on_end(c, src, (const Moeserve__Cluster__V1__MigrateEnd *)m);
-        break;
-    case TAG(LEAVE):
-        on_leave(c, src, (const Moeserve__Cluster__V1__Leave *)m);
-        break;
-    default:
-        break;
-    }
-    protobuf_c_message_free_unpacked(m, NULL);
 }
 
 /* Takes up to 256 waiting events (then the loop serves its inbox before taking more). */

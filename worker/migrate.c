@@ -704,66 +704,66 @@ static bool dst_progress(moe_mig *m, dst_mig *d, int64_t now)
 
 /* ---- the worker loop's entry points ---- */
 
-bool moe_mig_handle(moe_mig *m, int src, int tag, const uint8_t *buf, size_t len)
+static bool in_migrate(void *self, int src, int tag, ProtobufCMessage *msg)
 {
-    const ProtobufCMessageDescriptor *desc;
-    switch (tag) {
-    case TAG(MIGRATE):
-        desc = &moeserve__cluster__v1__migrate_seq__descriptor;
-        break;
-    case TAG(MIG_PREPARE):
-        desc = &moeserve__cluster__v1__mig_prepare__descriptor;
-        break;
-    case TAG(MIG_READY):
-        desc = &moeserve__cluster__v1__mig_ready__descriptor;
-        break;
-    case TAG(MIG_DATA):
-        desc = &moeserve__cluster__v1__mig_data__descriptor;
-        break;
-    case TAG(MIG_ACK):
-        desc = &moeserve__cluster__v1__mig_ack__descriptor;
-        break;
-    case TAG(MIG_ABORT):
-        desc = &moeserve__cluster__v1__mig_abort__descriptor;
-        break;
-    default:
-        return false;
-    }
-    ProtobufCMessage *msg = protobuf_c_message_unpack(desc, NULL, len, buf);
-    if (!msg) {
-        MOE_LOG_E("malformed %s (%zu bytes) from rank %d", desc->name, len, src);
-        return true;
-    }
-    switch (tag) {
-    case TAG(MIGRATE):
-        on_migrate(m, (const Moeserve__Cluster__V1__MigrateSeq *)msg);
-        break;
-    case TAG(MIG_PREPARE):
-        on_prepare(m, src, (const Moeserve__Cluster__V1__MigPrepare *)msg);
-        break;
-    case TAG(MIG_READY):
-        on_ready(m, src, (const Moeserve__Cluster__V1__MigReady *)msg);
-        break;
-    case TAG(MIG_DATA):
-        on_data(m, src, (const Moeserve__Cluster__V1__MigData *)msg);
-        break;
-    case TAG(MIG_ACK):
-        on_ack(m, src, (const Moeserve__Cluster__V1__MigAck *)msg);
-        break;
-    case TAG(MIG_ABORT): {
-        const Moeserve__Cluster__V1__MigAbort *a = (const Moeserve__Cluster__V1__MigAbort *)msg;
-        /* A migration id names one pair; the receiver plays whichever role it has in it. */
-        if (find_dst(m, a->mig_id, src))
-            on_abort_from_src(m, src, a);
-        else
-            on_abort_from_dest(m, src, a);
-        break;
-    }
-    default:
-        break;
-    }
-    protobuf_c_message_free_unpacked(msg, NULL);
-    return true;
+    (void)src, (void)tag;
+    on_migrate(self, (const Moeserve__Cluster__V1__MigrateSeq *)msg);
+    return false;
+}
+
+static bool in_prepare(void *self, int src, int tag, ProtobufCMessage *msg)
+{
+    (void)tag;
+    on_prepare(self, src, (const Moeserve__Cluster__V1__MigPrepare *)msg);
+    return false;
+}
+
+static bool in_ready(void *self, int src, int tag, ProtobufCMessage *msg)
+{
+    (void)tag;
+    on_ready(self, src, (const Moeserve__Cluster__V1__MigReady *)msg);
+    return false;
+}
+
+static bool in_data(void *self, int src, int tag, ProtobufCMessage *msg)
+{
+    (void)tag;
+    on_data(self, src, (const Moeserve__Cluster__V1__MigData *)msg);
+    return false;
+}
+
+static bool in_ack(void *self, int src, int tag, ProtobufCMessage *msg)
+{
+    (void)tag;
+    on_ack(self, src, (const Moeserve__Cluster__V1__MigAck *)msg);
+    return false;
+}
+
+static bool in_abort(void *self, int src, int tag, ProtobufCMessage *msg)
+{
+    (void)tag;
+    moe_mig *m = self;
+    const Moeserve__Cluster__V1__MigAbort *a = (const Moeserve__Cluster__V1__MigAbort *)msg;
+    /* A migration id names one pair; the receiver plays whichever role it has in it. */
+    if (find_dst(m, a->mig_id, src))
+        on_abort_from_src(m, src, a);
+    else
+        on_abort_from_dest(m, src, a);
+    return false;
+}
+
+static const moe_inbox_kind MIG_INBOX[] = {
+    {TAG(MIGRATE), &moeserve__cluster__v1__migrate_seq__descriptor, in_migrate},
+    {TAG(MIG_PREPARE), &moeserve__cluster__v1__mig_prepare__descriptor, in_prepare},
+    {TAG(MIG_READY), &moeserve__cluster__v1__mig_ready__descriptor, in_ready},
+    {TAG(MIG_DATA), &moeserve__cluster__v1__mig_data__descriptor, in_data},
+    {TAG(MIG_ACK), &moeserve__cluster__v1__mig_ack__descriptor, in_ack},
+    {TAG(MIG_ABORT), &moeserve__cluster__v1__mig_abort__descriptor, in_abort},
+};
+
+moe_inbox_result moe_mig_deliver(moe_mig *m, int src, int tag, const uint8_t *buf, size_t len)
+{
+    return moe_inbox_deliver(MIG_INBOX, sizeof MIG_INBOX / sizeof *MIG_INBOX, m, src, tag, buf, len);
 }
 
 bool moe_mig_progress(moe_mig *m, int64_t now)

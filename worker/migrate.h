@@ -32,6 +32,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "common/status.h"
+#include "ctrl/inbox.h"
 #include "worker/comm.h"
 #include "worker/engine.h"
 
@@ -102,9 +103,9 @@ moe_status moe_mig_create(moe_engine *eng, moe_comm *data, const moe_mig_io *io,
  * then frees. NULL is a no-op. */
 void moe_mig_free(moe_mig *m);
 
-/* A control message from world rank src. Returns false when tag is not a migration message
- * (MIGRATE, MIG_*), else handles it (a malformed one is logged and dropped) and returns true. */
-bool moe_mig_handle(moe_mig *m, int src, int tag, const uint8_t *buf, size_t len);
+/* A control message from member src, through this module's inbox (ctrl/inbox.h): UNKNOWN when tag
+ * is not a migration message (MIGRATE, MIG_*), MALFORMED (logged, dropped) or HANDLED. */
+moe_inbox_result moe_mig_deliver(moe_mig *m, int src, int tag, const uint8_t *buf, size_t len);
 /* Advances transfers, deadlines and stalled stages; true when something changed. */
 bool moe_mig_progress(moe_mig *m, int64_t now_ns);
 /* After each engine step, with its events: a sequence that finished aborts its migration

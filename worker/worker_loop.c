@@ -13,6 +13,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/test_hook.h"
+#include "ctrl/inbox.h"
 #include "worker/comm_mpi.h"
 #ifdef MOE_HAVE_NCCL
 #include "worker/comm_nccl.h"
@@ -319,88 +320,99 @@ static void on_start(worker *w, const pb_start *m)
     w->load_dirty = true;
 }
 
-/* ---- message dispatch ---- */
+/* ---- the inbox: control messages from the coordinator and from peers ---- */
 
-static bool handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
+static bool in_start(void *self, int src, int tag, ProtobufCMessage *m)
 {
-    const ProtobufCMessageDescriptor *d = NULL;
-    switch (tag) {
-    case TAG(START):
-        d = &moeserve__cluster__v1__start_seq__descriptor;
-        break;
-    case TAG(FREE):
-        d = &moeserve__cluster__v1__free_seqs__descriptor;
-        break;
-    case TAG(SHUTDOWN):
-        w->shutdown = true;
-        return true;
-    case TAG(KV_OFFER):
-        d = &moeserve__cluster__v1__kv_offer__descriptor;
-        break;
-    case TAG(KV_PULL):
-        d = &moeserve__cluster__v1__kv_pull__descriptor;
-        break;
-    case TAG(KV_HEADER):
-        d = &moeserve__cluster__v1__kv_header__descriptor;
-        break;
-    case TAG(KV_DONE):
-        d = &moeserve__cluster__v1__kv_done__descriptor;
-        break;
-    case TAG(KV_GONE):
-        d = &moeserve__cluster__v1__kv_gone__descriptor;
-        break;
-    case TAG(KV_RESERVE):
-        d = &moeserve__cluster__v1__kv_reserve__descriptor;
-        break;
-    default:
-        if (w->mig && moe_mig_handle(w->mig, src, tag, buf, len)) {
-            w->load_dirty = true;
-            return true;
-        }
+    (void)src, (void)tag;
+    on_start(self, (const pb_start *)m);
+    return false;
+}
+
+static bool in_free(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)src, (void)tag;
+    worker *w = self;
+    const pb_free *f = (const pb_free *)m;
+    for (size_t i = 0; i < f->n_seq_ids; i++)
+        if (!w->mig || !moe_mig_on_free(w->mig, f->seq_ids[i]))
+            moe_kv_pull_free_seq(w, f->seq_ids[i]);
+    return false;
+}
+
+static bool in_shutdown(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)src, (void)tag, (void)m;
+    ((worker *)self)->shutdown = true;
+    return false;
+}
+
+static bool in_offer(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    worker *w = self;
+    w->n_starts++;
+    maybe_hang(w);
+    moe_kv_pull_on_offer(w, src, (pb_offer *)m);
+    return true; /* the pull keeps it */
+}
+
+static bool in_pull(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    moe_kv_pull_on_pull(self, src, (const pb_pull *)m);
+    return false;
+}
+
+static bool in_header(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)src, (void)tag;
+    moe_kv_pull_on_header(self, (const pb_header *)m);
+    return false;
+}
+
+static bool in_done(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)src, (void)tag;
+    moe_kv_pull_on_done(self, (const pb_done *)m);
+    return false;
+}
+
+static bool in_gone(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)src, (void)tag;
+    moe_kv_pull_on_gone(self, (const pb_gone *)m);
+    return false;
+}
+
+static bool in_reserve(void *self, int src, int tag, ProtobufCMessage *m)
+{
+    (void)tag;
+    moe_kv_push_on_reserve(self, src, (pb_reserve *)m);
+    return true; /* the push keeps it */
+}
+
+static const moe_inbox_kind WORKER_INBOX[] = {
+    {TAG(START), &moeserve__cluster__v1__start_seq__descriptor, in_start},
+    {TAG(FREE), &moeserve__cluster__v1__free_seqs__descriptor, in_free},
+    {TAG(SHUTDOWN), NULL, in_shutdown},
+    {TAG(KV_OFFER), &moeserve__cluster__v1__kv_offer__descriptor, in_offer},
+    {TAG(KV_PULL), &moeserve__cluster__v1__kv_pull__descriptor, in_pull},
+    {TAG(KV_HEADER), &moeserve__cluster__v1__kv_header__descriptor, in_header},
+    {TAG(KV_DONE), &moeserve__cluster__v1__kv_done__descriptor, in_done},
+    {TAG(KV_GONE), &moeserve__cluster__v1__kv_gone__descriptor, in_gone},
+    {TAG(KV_RESERVE), &moeserve__cluster__v1__kv_reserve__descriptor, in_reserve},
+};
+
+/* This loop's kinds, then the migration module's (its own inbox). */
+static void handle(worker *w, int src, int tag, const uint8_t *buf, size_t len)
+{
+    moe_inbox_result r =
+        moe_inbox_deliver(WORKER_INBOX, sizeof WORKER_INBOX / sizeof *WORKER_INBOX, w, src, tag, buf, len);
+    if (r == MOE_INBOX_UNKNOWN && w->mig && (r = moe_mig_deliver(w->mig, src, tag, buf, len)) != MOE_INBOX_UNKNOWN)
+        w->load_dirty = true;
+    if (r == MOE_INBOX_UNKNOWN)
         MOE_LOG_W("unexpected control tag %d from rank %d", tag, src);
-        return false;
-    }
-    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, buf);
-    if (!m) {
-        MOE_LOG_E("malformed %s (%zu bytes) from rank %d", d->name, len, src);
-        return false;
-    }
-    switch (tag) {
-    case TAG(START):
-        on_start(w, (const pb_start *)m);
-        break;
-    case TAG(FREE): {
-        const pb_free *f = (const pb_free *)m;
-        for (size_t i = 0; i < f->n_seq_ids; i++)
-            if (!w->mig || !moe_mig_on_free(w->mig, f->seq_ids[i]))
-                moe_kv_pull_free_seq(w, f->seq_ids[i]);
-        break;
-    }
-    case TAG(KV_OFFER):
-        w->n_starts++;
-        maybe_hang(w);
-        moe_kv_pull_on_offer(w, src, (pb_offer *)m);
-        return true; /* it keeps m */
-    case TAG(KV_PULL):
-        moe_kv_pull_on_pull(w, src, (const pb_pull *)m);
-        break;
-    case TAG(KV_HEADER):
-        moe_kv_pull_on_header(w, (const pb_header *)m);
-        break;
-    case TAG(KV_DONE):
-        moe_kv_pull_on_done(w, (const pb_done *)m);
-        break;
-    case TAG(KV_GONE):
-        moe_kv_pull_on_gone(w, (const pb_gone *)m);
-        break;
-    case TAG(KV_RESERVE):
-        moe_kv_push_on_reserve(w, src, (pb_reserve *)m);
-        return true; /* it keeps m */
-    default:
-        break;
-    }
-    protobuf_c_message_free_unpacked(m, NULL);
-    return true;
 }
 
 /* The coordinator is gone (its connection failed): everything this rank held was for requests

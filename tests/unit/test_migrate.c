@@ -253,7 +253,7 @@ static bool deliver(harness *h)
                                            .bytes = e->bytes};
             moeserve__cluster__v1__migrate_end__free_unpacked(e, NULL);
         } else {
-            cr_assert(moe_mig_handle(h->mig[x->dst], x->src, x->tag, x->buf, x->len),
+            cr_assert(moe_mig_deliver(h->mig[x->dst], x->src, x->tag, x->buf, x->len) == MOE_INBOX_HANDLED,
                       "tag %d not taken", x->tag);
         }
         free(x->buf);
