@@ -16,6 +16,7 @@
 #include "worker/forward.h"
 #include "worker/kv_cache.h"
 #include "worker/model.h"
+#include "tests/unit/kernel_test_util.h"
 
 #define MAX_TOK 70
 
@@ -27,23 +28,6 @@ static float rng_uniform(float lo, float hi)
     rng_state ^= rng_state >> 7;
     rng_state ^= rng_state << 17;
     return lo + (hi - lo) * (float)((rng_state >> 40) * 0x1p-24);
-}
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    cr_assert_not_null(p);
-    return p;
-}
-
-/* The ISAs this CPU runs; each later entry needs more of the CPU. */
-static int supported_isas(moe_isa *out)
-{
-    int n = 0;
-    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
-        if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
-            out[n++] = (moe_isa)i;
-    return n;
 }
 
 /* W (n_out x n_in) in dtype dt from uniform f32 values. */

@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/kernels_internal.h" /* moe_attn_exp_*: the softmax numerators */
 #include "kernels/kernels.h"
+#include "tests/unit/kernel_test_util.h"
 
 /* ---- helpers ---- */
 
@@ -34,25 +35,6 @@ static void fill(float *v, size_t n, float lo, float hi)
 {
     for (size_t i = 0; i < n; i++)
         v[i] = rng_uniform(lo, hi);
-}
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    cr_assert_not_null(p);
-    return p;
-}
-
-/* The ISAs this CPU supports, lowest first; returns how many. Restores nothing: each Criterion
- * test runs in its own process. */
-static int supported_isas(moe_isa *out)
-{
-    int n = 0;
-    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
-        if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
-            out[n++] = (moe_isa)i;
-    moe_kernels_force_isa(MOE_ISA_SCALAR);
-    return n;
 }
 
 static double f16_ref_value(uint16_t h)

@@ -13,6 +13,7 @@
 
 #include "kernels/cpu/kernels_internal.h" /* moe_kernels_test_no_scratch */
 #include "kernels/kernels.h"
+#include "tests/unit/kernel_test_util.h"
 
 static uint64_t rng_state = 0x2545f4914f6cdd1dull;
 
@@ -27,23 +28,6 @@ static uint64_t rng_next(void)
 static float rng_uniform(float lo, float hi)
 {
     return lo + (hi - lo) * (float)((rng_next() >> 40) * 0x1p-24);
-}
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    cr_assert_not_null(p);
-    return p;
-}
-
-static int supported_isas(moe_isa *out)
-{
-    int n = 0;
-    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
-        if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
-            out[n++] = (moe_isa)i;
-    moe_kernels_force_isa(MOE_ISA_SCALAR);
-    return n;
 }
 
 /* A block's values with varied structure: uniform, one outlier, all equal, zeros, tiny scales

@@ -1,0 +1,29 @@
+/* Helpers shared by the kernel tests (each test file is its own binary, so these are static). */
+#ifndef MOE_TESTS_KERNEL_TEST_UTIL_H
+#define MOE_TESTS_KERNEL_TEST_UTIL_H
+
+#include <criterion/criterion.h>
+#include <stdlib.h>
+
+#include "kernels/kernels.h"
+
+static inline void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    cr_assert_not_null(p);
+    return p;
+}
+
+/* The ISAs this CPU runs, lowest first (each later one needs more of the CPU); returns how many
+ * and leaves the scalar kernels selected. */
+static inline int supported_isas(moe_isa *out)
+{
+    int n = 0;
+    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
+        if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
+            out[n++] = (moe_isa)i;
+    moe_kernels_force_isa(MOE_ISA_SCALAR);
+    return n;
+}
+
+#endif
