@@ -537,6 +537,8 @@ int moe_engine_step(moe_engine *e, moe_token_event *events, int cap)
 
     moe_batch b = {.tokens = e->btok, .n_tokens = n_tok, .segs = e->segs, .n_segs = n_segs,
                    .logit_rows = e->logit_rows, .n_logit_rows = n_rows, .logits = e->logits};
+    /* The hook reads K/V only of the sequences whose prompt completes in this step. */
+    moe_forward_layer_hook_reads_kv(e->fw, e->n_hook_ids > 0);
     if (moe_forward_run(e->fw, e->kv, &b) != MOE_OK)
         return -1;
     e->st.steps++;

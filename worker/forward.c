@@ -256,6 +256,8 @@ void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer)
     f->layer_hook_ctx = ctx;
 }
 
+void moe_forward_layer_hook_reads_kv(moe_forward *f, bool reads) { f->layer_hook_reads_kv = reads; }
+
 static void add_bias(moe_forward *f, float *y, const float *bias, int n_tok, int n)
 {
     if (bias)
@@ -377,8 +379,8 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
         o->rmsnorm(be, f->xb, f->x, lw->attn_norm, T, d, c->rms_eps);
         attention_layer(f, kv, b, l);
         if (f->layer_hook) {
-            /* the hook reads this layer's K/V from the cache: it must have landed */
-            if ((st = o->synchronize(be)) != MOE_OK)
+            /* a hook that reads this layer's K/V from the cache needs it landed */
+            if (f->layer_hook_reads_kv && (st = o->synchronize(be)) != MOE_OK)
                 return st;
             f->layer_hook(f->layer_hook_ctx, l);
         }

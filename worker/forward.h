@@ -75,6 +75,10 @@ const int64_t *moe_forward_expert_tokens(const moe_forward *f);
  * wrote its K/V into the cache (before the layer's MLP/MoE part), so that a layer's KV can leave
  * while later layers compute. Not called for empty batches. NULL fn disables. */
 void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer), void *ctx);
+/* Whether the hook of the next runs reads the layer's K/V from the cache: then the backend is
+ * synchronised before each call (a device backend's kernels must have landed); a hook that reads
+ * none (the worker's heartbeat) costs no synchronisation. Off until set. */
+void moe_forward_layer_hook_reads_kv(moe_forward *f, bool reads);
 
 /* Runs the batch. Requires n_tokens <= max_tokens, n_segs <= max_segs, positions < max_ctx. */
 moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b);

@@ -66,6 +66,7 @@ struct moe_forward {
     /* Called after each layer's attention has written that layer's K/V (moe_forward_set_layer_hook). */
     void (*layer_hook)(void *ctx, int layer);
     void *layer_hook_ctx;
+    bool layer_hook_reads_kv; /* this run's hook reads the layer's K/V: synchronise before it */
 
     /* Expert parallelism (NULL ep: every expert is local). Buffers sized by moe_forward_set_ep. */
     const moe_comm *ep;
