@@ -402,6 +402,18 @@ static double handoff_ms(const sim *s, int req, bool layered)
 }
 
 /* A parked prefill whose decode side has (or now has) room: the KV moves. */
+/* The decode rank takes `need` blocks for req's incoming KV: a paused sequence until the hand-off. */
+static bool hold_paused(rank_t *d, int req, int need)
+{
+    eseq *e = add_seq(d, req);
+    if (!e)
+        return false;
+    e->paused = true;
+    e->blocks = need;
+    d->kv_used += need;
+    return true;
+}
+
 static bool start_pull(sim *s, int req)
 {
     sreq *q = &s->rq[req];
@@ -413,12 +425,8 @@ static bool start_pull(sim *s, int req)
         s->pulls[s->n_pulls++] = req;
         return true;
     }
-    eseq *e = add_seq(d, req);
-    if (!e)
+    if (!hold_paused(d, req, need))
         return false;
-    e->paused = true;
-    e->blocks = need;
-    d->kv_used += need;
     return push(s, s->now + handoff_ms(s, req, false) * 1e-3, EV_HANDOFF, req);
 }
 
@@ -447,12 +455,8 @@ static bool take_reserve(sim *s, int req)
         q->pull = true;
         return q->state != RQ_XFER || start_pull(s, req);
     }
-    eseq *e = add_seq(d, req);
-    if (!e)
+    if (!hold_paused(d, req, need))
         return false;
-    e->paused = true;
-    e->blocks = need;
-    d->kv_used += need;
     q->res = RES_ACCEPTED;
     return push(s, s->now + msg_ms(s) * 1e-3, EV_ACCEPT, req);
 }
