@@ -578,6 +578,8 @@ void moe_cluster_snapshot(moe_cluster *c, moe_cluster_status *out)
         s->kv_blocks_total = in->kv_total;
         s->kv_blocks_used = in->kv_used;
         s->kv_blocks_free = in->kv_total > in->kv_used ? in->kv_total - in->kv_used : 0;
+        long committed = moe_cluster_inst_kv_committed(in);
+        s->kv_blocks_committed = committed > 0 ? (uint32_t)committed : 0;
         s->kv_block_tokens = in->block_tokens;
         s->running = in->running;
         s->waiting = in->waiting;

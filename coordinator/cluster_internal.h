@@ -166,9 +166,10 @@ void moe_cluster_req_deliver(moe_cluster *c, creq *r, uint32_t index, int32_t to
 
 /* ---- cluster_sched.c ---- */
 void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const Moeserve__Cluster__V1__Load *l);
-/* A decode instance's KV blocks in use or promised to hand-offs, each counted once: the reported
- * use, less what it reports held for hand-offs not done yet, plus every block reserved for the
- * requests assigned to it and not handed off (whether or not its rank has taken them yet). */
+/* A decode instance's KV blocks in use or promised, each counted once: the reported use, less
+ * what it reports held for hand-offs and incoming migrations not done yet, plus every block
+ * reserved for the requests assigned to it and not handed off (whether or not its rank has taken
+ * them yet) and the blocks of the migrations coming to it. */
 long moe_cluster_inst_kv_committed(const inst_t *in);
 /* Recomputes whether every pool a request needs has a READY instance, and the cache limit. */
 void moe_cluster_inst_update_usable(moe_cluster *c);

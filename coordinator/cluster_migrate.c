@@ -84,12 +84,12 @@ static double usage(const inst_t *in)
 {
     if (!in->kv_total)
         return 1.0;
-    return (double)(moe_cluster_inst_kv_committed(in) + in->mig.in_blocks) / (double)in->kv_total;
+    return (double)moe_cluster_inst_kv_committed(in) / (double)in->kv_total;
 }
 
 static long free_blocks(const inst_t *in)
 {
-    return (long)in->kv_total - moe_cluster_inst_kv_committed(in) - in->mig.in_blocks;
+    return (long)in->kv_total - moe_cluster_inst_kv_committed(in);
 }
 
 static bool start(moe_cluster *c, creq *r, int src, int dst, mig_why why, int64_t now)

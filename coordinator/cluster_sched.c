@@ -31,7 +31,7 @@ void moe_cluster_inst_apply_load(moe_cluster *c, inst_t *in, const pb_load *l)
 long moe_cluster_inst_kv_committed(const inst_t *in)
 {
     long reported = (long)in->kv_used - (long)(in->kv_incoming < in->kv_used ? in->kv_incoming : in->kv_used);
-    return reported + in->reserved_blocks;
+    return reported + in->reserved_blocks + in->mig.in_blocks;
 }
 
 void moe_cluster_inst_update_usable(moe_cluster *c)
@@ -131,7 +131,7 @@ static int pick_decode(moe_cluster *c)
         if (in->def.pool != MOE_POOL_DECODE || in->state != MOE_INSTANCE_READY ||
             atomic_load(&in->mig.drain))
             continue;
-        long fr = (long)in->kv_total - moe_cluster_inst_kv_committed(in) - (long)in->mig.in_blocks;
+        long fr = (long)in->kv_total - moe_cluster_inst_kv_committed(in);
         if (best < 0 || fr > best_free ||
             (fr == best_free && in->running < c->inst[best].running)) {
             best = i;

@@ -144,6 +144,9 @@ typedef struct {
     uint32_t ep_size;                     /* ranks in use: ranks[0..ep_size) */
     int32_t ranks[MOE_FRONTEND_MAX_EP];
     uint32_t kv_blocks_total, kv_blocks_used, kv_blocks_free;
+    /* used plus promised (hand-offs not done, migrations coming in), each counted once: what
+     * placement and the migration policy compare with kv_blocks_total */
+    uint32_t kv_blocks_committed;
     uint32_t kv_block_tokens;
     uint32_t running, waiting;
     uint64_t pending_prompt_tokens;

@@ -141,6 +141,42 @@ void moe_grpc_handle_tokenize(struct gcall *c)
     free(uids);
 }
 
+/* One instance's status as a message; ranks and group (MOE_FRONTEND_MAX_EP each) hold its rank
+ * lists, and the message points into them and into is (expert_tokens, host). */
+static void pack_instance(Moeserve__V1__Instance *o, const moe_instance_status *is, uint32_t *ranks,
+                          uint32_t *group)
+{
+    moeserve__v1__instance__init(o);
+    uint32_t ep = is->ep_size <= MOE_FRONTEND_MAX_EP ? is->ep_size : MOE_FRONTEND_MAX_EP;
+    o->id = is->id;
+    o->pool = (Moeserve__V1__PoolKind)is->pool;
+    o->state = (Moeserve__V1__InstanceState)is->state;
+    o->ep_size = ep;
+    o->n_ranks = ep;
+    o->ranks = ranks;
+    for (uint32_t r = 0; r < ep; r++)
+        ranks[r] = (uint32_t)is->ranks[r];
+    o->kv_blocks_total = is->kv_blocks_total;
+    o->kv_blocks_used = is->kv_blocks_used;
+    o->kv_blocks_free = is->kv_blocks_free;
+    o->kv_blocks_committed = is->kv_blocks_committed;
+    o->kv_block_tokens = is->kv_block_tokens;
+    o->running = is->running;
+    o->waiting = is->waiting;
+    o->pending_prompt_tokens = is->pending_prompt_tokens;
+    o->heartbeat_age_ms = is->heartbeat_age_ms;
+    o->expert_begin = is->expert_begin;
+    o->expert_end = is->expert_end;
+    uint32_t g = is->ep_group_size <= MOE_FRONTEND_MAX_EP ? is->ep_group_size : MOE_FRONTEND_MAX_EP;
+    o->n_ep_group_ranks = g;
+    o->ep_group_ranks = group;
+    for (uint32_t r = 0; r < g; r++)
+        group[r] = (uint32_t)is->ep_group_ranks[r];
+    o->n_expert_tokens = is->n_expert_tokens;
+    o->expert_tokens = is->expert_tokens;
+    o->host = (char *)(uintptr_t)is->host;
+}
+
 void moe_grpc_handle_status(struct gcall *c)
 {
     moe_grpc_server *s = c->srv;
@@ -223,34 +259,8 @@ void moe_grpc_handle_status(struct gcall *c)
     for (uint32_t i = 0; i < ni; i++) {
         const moe_instance_status *is = &st->instances[i];
         Moeserve__V1__Instance *o = &inst[i];
-        moeserve__v1__instance__init(o);
-        uint32_t ep = is->ep_size <= MOE_FRONTEND_MAX_EP ? is->ep_size : MOE_FRONTEND_MAX_EP;
-        o->id = is->id;
-        o->pool = (Moeserve__V1__PoolKind)is->pool;
-        o->state = (Moeserve__V1__InstanceState)is->state;
-        o->ep_size = ep;
-        o->n_ranks = ep;
-        o->ranks = &ranks[(size_t)i * MOE_FRONTEND_MAX_EP];
-        for (uint32_t r = 0; r < ep; r++)
-            o->ranks[r] = (uint32_t)is->ranks[r];
-        o->kv_blocks_total = is->kv_blocks_total;
-        o->kv_blocks_used = is->kv_blocks_used;
-        o->kv_blocks_free = is->kv_blocks_free;
-        o->kv_block_tokens = is->kv_block_tokens;
-        o->running = is->running;
-        o->waiting = is->waiting;
-        o->pending_prompt_tokens = is->pending_prompt_tokens;
-        o->heartbeat_age_ms = is->heartbeat_age_ms;
-        o->expert_begin = is->expert_begin;
-        o->expert_end = is->expert_end;
-        uint32_t g = is->ep_group_size <= MOE_FRONTEND_MAX_EP ? is->ep_group_size : MOE_FRONTEND_MAX_EP;
-        o->n_ep_group_ranks = g;
-        o->ep_group_ranks = &group[(size_t)i * MOE_FRONTEND_MAX_EP];
-        for (uint32_t r = 0; r < g; r++)
-            o->ep_group_ranks[r] = (uint32_t)is->ep_group_ranks[r];
-        o->n_expert_tokens = is->n_expert_tokens;
-        o->expert_tokens = is->expert_tokens;
-        o->host = (char *)(uintptr_t)is->host;
+        pack_instance(o, is, &ranks[(size_t)i * MOE_FRONTEND_MAX_EP],
+                      &group[(size_t)i * MOE_FRONTEND_MAX_EP]);
         inst_p[i] = o;
     }
     /* one snapshot: the outcome identity holds in every answer */
@@ -377,26 +387,9 @@ void moe_grpc_handle_drain(struct gcall *c)
         moe_gcall_unary_reply(c, moe_grpc_status_from_moe(rc), msg, NULL);
         return;
     }
-    uint32_t ranks[MOE_FRONTEND_MAX_EP];
-    uint32_t ep = is.ep_size <= MOE_FRONTEND_MAX_EP ? is.ep_size : MOE_FRONTEND_MAX_EP;
+    uint32_t ranks[MOE_FRONTEND_MAX_EP], group[MOE_FRONTEND_MAX_EP];
     Moeserve__V1__Instance o;
-    moeserve__v1__instance__init(&o);
-    o.id = is.id;
-    o.pool = (Moeserve__V1__PoolKind)is.pool;
-    o.state = (Moeserve__V1__InstanceState)is.state;
-    o.ep_size = ep;
-    o.n_ranks = ep;
-    o.ranks = ranks;
-    for (uint32_t r = 0; r < ep; r++)
-        ranks[r] = (uint32_t)is.ranks[r];
-    o.kv_blocks_total = is.kv_blocks_total;
-    o.kv_blocks_used = is.kv_blocks_used;
-    o.kv_blocks_free = is.kv_blocks_free;
-    o.kv_block_tokens = is.kv_block_tokens;
-    o.running = is.running;
-    o.waiting = is.waiting;
-    o.pending_prompt_tokens = is.pending_prompt_tokens;
-    o.heartbeat_age_ms = is.heartbeat_age_ms;
+    pack_instance(&o, &is, ranks, group);
     Moeserve__V1__DrainResponse resp;
     moeserve__v1__drain_response__init(&resp);
     resp.instance = &o;

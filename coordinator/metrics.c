@@ -105,6 +105,7 @@ static double v_kv_usage(const moe_instance_status *is)
 }
 static double v_kv_total(const moe_instance_status *is) { return is->kv_blocks_total; }
 static double v_kv_used(const moe_instance_status *is) { return is->kv_blocks_used; }
+static double v_kv_committed(const moe_instance_status *is) { return is->kv_blocks_committed; }
 static double v_pending(const moe_instance_status *is) { return (double)is->pending_prompt_tokens; }
 static double v_hb(const moe_instance_status *is) { return is->heartbeat_age_ms * 1e-3; }
 static double v_up(const moe_instance_status *is) { return is->state == MOE_INSTANCE_READY; }
@@ -206,6 +207,9 @@ moe_status moe_metrics_render(const moe_fe_stats_snapshot *fs, const moe_cluster
                      v_kv_usage);
         per_instance(&b, cs, "kv_cache_blocks", "KV blocks of the instance.", v_kv_total);
         per_instance(&b, cs, "kv_cache_blocks_used", "KV blocks in use on the instance.", v_kv_used);
+        per_instance(&b, cs, "kv_cache_blocks_committed",
+                     "KV blocks in use or promised (hand-offs, migrations coming in), counted once.",
+                     v_kv_committed);
         per_instance(&b, cs, "pending_prompt_tokens", "Prompt tokens sent and not prefilled yet.",
                      v_pending);
         per_instance(&b, cs, "instance_heartbeat_age_seconds", "Since its last heartbeat.", v_hb);

@@ -115,6 +115,7 @@ typedef struct {
     bool final;
     dst_phase phase;
     bool imported;
+    int held_blocks; /* blocks the import holds here (0 before the first stage's import) */
     bool hooked;
     mig_reason aborted; /* why, once aborted (logged when the reservation is freed) */
     moe_kv_recv *recv;
@@ -605,6 +606,7 @@ static void on_prepare(moe_mig *m, int from, const Moeserve__Cluster__V1__MigPre
         return;
     }
     d->imported = true;
+    d->held_blocks = nb;
     if (nb != (int)(q->first_block + q->n_blocks)) {
         dst_abort(m, d, REASON(DEST_REFUSED), "block table does not match the stage", true, false);
         return;
@@ -840,6 +842,14 @@ bool moe_mig_on_free(moe_mig *m, uint64_t seq_id)
         return true;
     }
     return false;
+}
+
+int moe_mig_blocks_incoming(const moe_mig *m)
+{
+    int n = 0;
+    for (int i = 0; m && i < m->n_dst; i++)
+        n += m->dst[i]->held_blocks;
+    return n;
 }
 
 int moe_mig_active(const moe_mig *m)

@@ -121,6 +121,11 @@ bool moe_mig_on_free(moe_mig *m, uint64_t seq_id);
  * than a few of the peers' engine steps (the issue allows a stall in the last stage only).
  * Bounded: a final stage ends within its deadlines. */
 bool moe_mig_hold(const moe_mig *m);
+/* KV blocks held here for incoming migrations not done yet (imported stages, and aborted ones
+ * whose receives have not ended): the coordinator counts a migration's blocks on its destination
+ * until MigrateEnd, so Load.kv_blocks_incoming reports these too, and they are counted once.
+ * NULL (no migrator: a prefill rank) holds none; so does moe_mig_active. */
+int moe_mig_blocks_incoming(const moe_mig *m);
 /* Migrations in flight here (either role), and whether any moves bytes right now. */
 int moe_mig_active(const moe_mig *m);
 bool moe_mig_transferring(const moe_mig *m);

@@ -62,7 +62,7 @@ static void fill_load(worker *w, pb_load *l)
     }
     l->parked = parked;
     l->pulls_waiting = waiting;
-    l->kv_blocks_incoming = incoming;
+    l->kv_blocks_incoming = incoming + (uint32_t)moe_mig_blocks_incoming(w->mig);
     l->transfers_active = active + (uint32_t)moe_mig_active(w->mig);
 }
 

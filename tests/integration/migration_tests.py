@@ -120,6 +120,52 @@ def forced_migrations_keep_outputs_exact():
         stop_ok(c)
 
 
+@test
+def incoming_migration_counts_its_blocks_once():
+    """One request in the whole cluster, moved between the decode instances with slow stages
+    (each stage waits 300 ms, at least 3 of them): while a migration is in flight its destination
+    holds the stages it imported (reported in kv_blocks_used) and the coordinator promises it the
+    request's blocks; ClusterStatus's kv_blocks_committed (what placement and the migration policy
+    weigh) counts them once, so no instance ever commits more than the one request needs."""
+    r = {"ids": [(13 * k + 3) % 900 for k in range(200)], "max_new": 150}
+    ref = ref_of(r)
+    # Steps of >= 15 ms (5 ms per layer): the request decodes for >= 2 s, long enough for
+    # migrations of >= 3 stages 300 ms apart.
+    env = {"MOE_TEST_MIGRATE_EVERY": "8", "MOE_TEST_MIGRATE_STALL_MS": "300",
+           "MOE_TEST_MIGRATE_MIN_STAGES": "3", "MOE_TEST_LAYER_DELAY_MS": "5"}
+    with Cluster(np=4, args=LAYOUT, env=env) as c:
+        samples, done = [], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                st = c.status()
+                samples.append((st.migration.in_flight,
+                                {i.id: (i.kv_blocks_used, i.kv_blocks_committed, i.kv_block_tokens)
+                                 for i in decode_rows(st).values()}))
+                time.sleep(0.01)
+        w = threading.Thread(target=watch)
+        w.start()
+        try:
+            got = generate(c.stub, request_of(r), timeout=120)[0]
+        finally:
+            done.set()
+            w.join()
+        check(got == ref, "output: %s vs %s" % (got, ref))
+        bt = max(v[2] for _, rows in samples for v in rows.values())
+        need = -(-(len(r["ids"]) + r["max_new"]) // bt)  # the request's blocks at its longest
+        both = [rows for fl, rows in samples if fl > 0 and all(v[0] > 0 for v in rows.values())]
+        check(len(both) > 0, "no sample with a migration in flight and KV on both decode instances "
+              "(%d samples): the check below would not see an import" % len(samples))
+        worst = max(v[1] for _, rows in samples for v in rows.values())
+        check(worst <= need, "an instance committed %d blocks; the only request needs at most %d"
+              % (worst, need))
+        g = c.wait_idle().migration
+        check(g.completed >= 1, "migration counters: %s" % g)
+        print("%d samples (%d with KV on both sides mid-migration): most committed %d of the "
+              "request's %d blocks; %d migrations" % (len(samples), len(both), worst, need, g.completed))
+        stop_ok(c)
+
+
 DEST_LINE = re.compile(r"incoming migration \d+ from rank \d+ aborted at stage (-?\d+) \((\w+)\); "
                        r"reservation freed, (\d+) KV blocks in use here")
 

@@ -254,6 +254,8 @@ def outcomes_add_up_and_metrics_match_status():
                    "host": i.host}
             check(val("moeserve_num_requests_running", **lab) == i.running, "running %s" % lab)
             check(val("moeserve_kv_cache_blocks_used", **lab) == i.kv_blocks_used, "kv used %s" % lab)
+            check(val("moeserve_kv_cache_blocks_committed", **lab) == i.kv_blocks_committed,
+                  "kv committed %s" % lab)
             check(val("moeserve_kv_cache_usage_perc", **lab) == i.kv_blocks_used / max(i.kv_blocks_total, 1),
                   "kv usage %s" % lab)
         check(val("moeserve_time_to_first_token_seconds_count") >= 6, "TTFT count")
