@@ -70,33 +70,52 @@ static bool grow(void **arr, size_t *cap, size_t n, size_t elem)
     return true;
 }
 
+/* ---- the head every step kind shares ----
+ * A null step is none; an object without "type" is an error naming PATH.type; a "Sequence" is
+ * flattened: each item of its array `items` goes through `parse` (the caller's own parser). Returns
+ * the step's type for the caller to parse, or NULL with *st set when nothing is left to do (done or
+ * failed). */
+typedef moe_status (*step_parser)(tok_loader *L, const cJSON *j, const char *path, size_t *cap);
+
+static const char *step_head(tok_loader *L, const cJSON *j, const char *path, const char *items,
+                             step_parser parse, size_t *cap, moe_status *st)
+{
+    *st = MOE_OK;
+    if (!j || cJSON_IsNull(j))
+        return NULL;
+    char p[256];
+    const char *type = tok_type_of(j);
+    if (!cJSON_IsObject(j) || !type) {
+        snprintf(p, sizeof p, "%s.type", path);
+        *st = tok_bad(L, p, "missing");
+        return NULL;
+    }
+    if (strcmp(type, "Sequence") != 0)
+        return type;
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, items);
+    snprintf(p, sizeof p, "%s.%s", path, items);
+    if (!cJSON_IsArray(arr)) {
+        *st = tok_bad(L, p, "expected an array");
+        return NULL;
+    }
+    int i = 0;
+    for (const cJSON *c = arr->child; c && *st == MOE_OK; c = c->next, i++) {
+        snprintf(p, sizeof p, "%s.%s[%d]", path, items, i);
+        *st = parse(L, c, p, cap);
+    }
+    return NULL;
+}
+
 /* ---- normalizers ---- */
 
 moe_status tok_parse_normalizer(tok_loader *L, const cJSON *j, const char *path, size_t *cap)
 {
     moe_tokenizer *tok = L->tok;
-    if (!j || cJSON_IsNull(j))
-        return MOE_OK;
+    moe_status head;
+    const char *type = step_head(L, j, path, "normalizers", tok_parse_normalizer, cap, &head);
+    if (!type)
+        return head;
     char p[256];
-    const char *type = tok_type_of(j);
-    if (!cJSON_IsObject(j) || !type) {
-        snprintf(p, sizeof p, "%s.type", path);
-        return tok_bad(L, p, "missing");
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "normalizers");
-        snprintf(p, sizeof p, "%s.normalizers", path);
-        if (!cJSON_IsArray(arr))
-            return tok_bad(L, p, "expected an array");
-        int i = 0;
-        for (const cJSON *c = arr->child; c; c = c->next, i++) {
-            snprintf(p, sizeof p, "%s.normalizers[%d]", path, i);
-            moe_status st = tok_parse_normalizer(L, c, p, cap);
-            if (st)
-                return st;
-        }
-        return MOE_OK;
-    }
     tok_norm n = {0};
     moe_status st = MOE_OK;
     if (strcmp(type, "NFC") == 0)
@@ -194,28 +213,11 @@ static moe_status parse_prepend_scheme(const tok_loader *L, const cJSON *j, int 
 moe_status tok_parse_pretok(tok_loader *L, const cJSON *j, const char *path, size_t *cap)
 {
     moe_tokenizer *tok = L->tok;
-    if (!j || cJSON_IsNull(j))
-        return MOE_OK;
+    moe_status head;
+    const char *type = step_head(L, j, path, "pretokenizers", tok_parse_pretok, cap, &head);
+    if (!type)
+        return head;
     char p[256];
-    const char *type = tok_type_of(j);
-    if (!cJSON_IsObject(j) || !type) {
-        snprintf(p, sizeof p, "%s.type", path);
-        return tok_bad(L, p, "missing");
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "pretokenizers");
-        snprintf(p, sizeof p, "%s.pretokenizers", path);
-        if (!cJSON_IsArray(arr))
-            return tok_bad(L, p, "expected an array");
-        int i = 0;
-        for (const cJSON *c = arr->child; c; c = c->next, i++) {
-            snprintf(p, sizeof p, "%s.pretokenizers[%d]", path, i);
-            moe_status st = tok_parse_pretok(L, c, p, cap);
-            if (st)
-                return st;
-        }
-        return MOE_OK;
-    }
     tok_pretok t = {0};
     moe_status st = MOE_OK;
     if (strcmp(type, "Split") == 0) {
@@ -283,28 +285,11 @@ moe_status tok_parse_pretok(tok_loader *L, const cJSON *j, const char *path, siz
 moe_status tok_parse_decoder(tok_loader *L, const cJSON *j, const char *path, size_t *cap)
 {
     moe_tokenizer *tok = L->tok;
-    if (!j || cJSON_IsNull(j))
-        return MOE_OK;
+    moe_status head;
+    const char *type = step_head(L, j, path, "decoders", tok_parse_decoder, cap, &head);
+    if (!type)
+        return head;
     char p[256];
-    const char *type = tok_type_of(j);
-    if (!cJSON_IsObject(j) || !type) {
-        snprintf(p, sizeof p, "%s.type", path);
-        return tok_bad(L, p, "missing");
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "decoders");
-        snprintf(p, sizeof p, "%s.decoders", path);
-        if (!cJSON_IsArray(arr))
-            return tok_bad(L, p, "expected an array");
-        int i = 0;
-        for (const cJSON *c = arr->child; c; c = c->next, i++) {
-            snprintf(p, sizeof p, "%s.decoders[%d]", path, i);
-            moe_status st = tok_parse_decoder(L, c, p, cap);
-            if (st)
-                return st;
-        }
-        return MOE_OK;
-    }
     tok_dec d = {0};
     moe_status st = MOE_OK;
     if (strcmp(type, "ByteLevel") == 0)
@@ -493,30 +478,20 @@ static moe_status parse_template(tok_loader *L, const cJSON *j, const char *path
     return compose(L, items, n);
 }
 
+/* tok_parse_post as a step_parser (post-processors collect no array). */
+static moe_status post_item(tok_loader *L, const cJSON *j, const char *path, size_t *cap)
+{
+    (void)cap;
+    return tok_parse_post(L, j, path);
+}
+
 moe_status tok_parse_post(tok_loader *L, const cJSON *j, const char *path)
 {
-    if (!j || cJSON_IsNull(j))
-        return MOE_OK;
+    moe_status head;
+    const char *type = step_head(L, j, path, "processors", post_item, NULL, &head);
+    if (!type)
+        return head;
     char p[256];
-    const char *type = tok_type_of(j);
-    if (!cJSON_IsObject(j) || !type) {
-        snprintf(p, sizeof p, "%s.type", path);
-        return tok_bad(L, p, "missing");
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "processors");
-        snprintf(p, sizeof p, "%s.processors", path);
-        if (!cJSON_IsArray(arr))
-            return tok_bad(L, p, "expected an array");
-        int i = 0;
-        for (const cJSON *c = arr->child; c; c = c->next, i++) {
-            snprintf(p, sizeof p, "%s.processors[%d]", path, i);
-            moe_status st = tok_parse_post(L, c, p);
-            if (st)
-                return st;
-        }
-        return MOE_OK;
-    }
     if (strcmp(type, "ByteLevel") == 0)
         return MOE_OK; /* only trims offsets, which we do not report */
     if (strcmp(type, "TemplateProcessing") == 0)
