@@ -114,6 +114,8 @@ for p in sys.argv[1:]:
     fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' "$@"
 }
 
+if [ "$LLAMA" = 1 ]; then bench/install-deps.sh; fi
+
 # ---- build (the README's release flavour: RelWithDebInfo, warnings as errors) ----
 say "build ($BUILD)"
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then
