@@ -285,7 +285,7 @@ moe_status moe_fwd_dev_moe_alloc(moe_forward *f)
         !f->dx_tally_h || !f->dx_w)
         return moe_error(MOE_ERR_NOMEM, "forward: %s backend cannot hold the grouped expert rows (%zu x %zu)",
                          be->name, n, ffn);
-    MOE_LOG_D("forward: routed experts grouped on the %s backend (no host round trip per layer)", be->name);
+    MOE_LOG_I("forward: routed experts grouped on the %s backend (no host round trip per layer)", be->name);
     return MOE_OK;
 }
 
