@@ -123,7 +123,7 @@ moe_status moe_forward_create_on(const moe_model *m, moe_backend *be, int max_to
     f->tok_seg = xcalloc_count(T, sizeof(int), &failed);
     float *rope_h = xcalloc_count((size_t)max_ctx * f->hd, sizeof(float), &failed);
     f->ep_size = 1;
-    if (failed || moe_fwd_ep_alloc(f) != MOE_OK) {
+    if (failed || moe_fwd_ep_alloc(f) != MOE_OK || moe_fwd_dev_moe_alloc(f) != MOE_OK) {
         free(rope_h);
         moe_forward_free(f);
         return moe_error(MOE_ERR_NOMEM, "forward: cannot allocate buffers for %d tokens", max_tokens);
@@ -158,6 +158,7 @@ void moe_forward_free(moe_forward *f)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     moe_fwd_ep_free(f);
+    moe_fwd_dev_moe_free(f);
     moe_ep_placement_free(&f->place);
     if (f->m)
         moe_model_unmap(f->be, f->m_host, f->m);
@@ -405,8 +406,10 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
                 return moe_error(MOE_ERR_NOMEM, "forward: %s backend cannot hold logits of %d rows",
                                  be->name, f->max_tokens);
             moe_fwd_linear(f, f->logits_dev, f->eh, &m->lm_head, n);
-            return o->download(be, b->logits, f->logits_dev, sizeof(float) * (size_t)n * vocab);
+            st = o->download(be, b->logits, f->logits_dev, sizeof(float) * (size_t)n * vocab);
+            return st != MOE_OK ? st : moe_fwd_dev_moe_step_end(f);
         }
     }
-    return o->synchronize(be);
+    st = o->synchronize(be);
+    return st != MOE_OK ? st : moe_fwd_dev_moe_step_end(f);
 }

@@ -63,6 +63,19 @@ struct moe_forward {
 
     int64_t *expert_tokens; /* (n_layers, n_exp) assignments computed here, for load statistics */
 
+    /* The routed experts without the host (moe_layer.c, docs/backends.md): on a device backend
+     * with every expert local (or MOE_TEST_DEVICE_MOE=1 on the CPU), layers whose experts all
+     * have one shape and dtype group, compute and combine on the backend from the router's B
+     * outputs: no download inside the layer. NULL dx_off: not used. */
+    bool *dx_layer;      /* H [n_layers] this layer's experts qualify */
+    int32_t *dx_off;     /* (n_exp + 1) grouped row offsets per expert */
+    int32_t *dx_src;     /* (T*topk) token of each grouped row */
+    int32_t *dx_slot;    /* (T*topk) grouped row of each choice */
+    float *dx_g, *dx_u;  /* (T*topk, moe_ffn) gate / up outputs; down goes to ep_back */
+    int64_t *dx_tally;   /* (n_layers, n_exp) load statistics, copied into expert_tokens per step */
+    int64_t *dx_tally_h; /* H its download */
+    const void **dx_w;   /* H [n_exp] one matrix's weight pointers of the layer */
+
     /* Called after each layer's attention has written that layer's K/V (moe_forward_set_layer_hook). */
     void (*layer_hook)(void *ctx, int layer);
     void *layer_hook_ctx;
@@ -109,6 +122,11 @@ void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const mo
                     const moe_weight *up, const moe_weight *down);
 /* The MoE block of `layer` on f->xb, added into the residual f->x (local or expert-parallel). */
 moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int layer, int T);
+/* The device MoE path's buffers (after the others; nothing when it does not apply), their free,
+ * and the step's end: the device load statistics into expert_tokens (one small download). */
+moe_status moe_fwd_dev_moe_alloc(moe_forward *f);
+void moe_fwd_dev_moe_free(moe_forward *f);
+moe_status moe_fwd_dev_moe_step_end(moe_forward *f);
 moe_status moe_fwd_ep_alloc(moe_forward *f);
 void moe_fwd_ep_free(moe_forward *f);
 /* The two-batch-overlap arrays for f->ep_size ranks (moe_layer.c); moe_fwd_ep_alloc/free call them. */

@@ -130,6 +130,36 @@ moe_status moe_kv_write(moe_kv_cache *kv, int block, size_t off, const void *src
     return kv->be->ops->upload(kv->be, dst, src, n);
 }
 
+moe_status moe_kv_read_async(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n)
+{
+    moe_status st = check_span(kv, block, off, n);
+    if (st != MOE_OK)
+        return st;
+    const char *src = (const char *)moe_kv_block_data(kv, block) + off;
+    if (!kv->be) {
+        memcpy(dst, src, n);
+        return MOE_OK;
+    }
+    return kv->be->ops->download_async(kv->be, dst, src, n);
+}
+
+moe_status moe_kv_write_async(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n)
+{
+    moe_status st = check_span(kv, block, off, n);
+    if (st != MOE_OK)
+        return st;
+    char *dst = (char *)moe_kv_block_data(kv, block) + off;
+    if (!kv->be) {
+        memcpy(dst, src, n);
+        return MOE_OK;
+    }
+    return kv->be->ops->upload_async(kv->be, dst, src, n);
+}
+
+moe_status moe_kv_sync(moe_kv_cache *kv) { return kv->be ? kv->be->ops->synchronize(kv->be) : MOE_OK; }
+
+moe_backend *moe_kv_backend(const moe_kv_cache *kv) { return kv->be; }
+
 const moe_kv_layout *moe_kv_get_layout(const moe_kv_cache *kv) { return &kv->lay; }
 int moe_kv_total_blocks(const moe_kv_cache *kv) { return kv->n_blocks; }
 int moe_kv_free_blocks(const moe_kv_cache *kv) { return kv->n_free; }

@@ -41,6 +41,15 @@ bool moe_kv_host_access(const moe_kv_cache *kv);
  * through the backend (staged through host memory on device backends). */
 moe_status moe_kv_read(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n);
 moe_status moe_kv_write(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n);
+/* The same without waiting (the backend's upload_async / download_async): dst must not be read,
+ * src not changed, until moe_kv_sync returns. A batch of block copies then costs one
+ * synchronisation; from pinned host memory (the backend's host_alloc) the copies overlap. */
+moe_status moe_kv_read_async(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n);
+moe_status moe_kv_write_async(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n);
+/* Waits for every copy and op issued on the cache's backend; its first failure. */
+moe_status moe_kv_sync(moe_kv_cache *kv);
+/* The backend the pool lives on; NULL for a cache of its own host memory (moe_kv_create). */
+moe_backend *moe_kv_backend(const moe_kv_cache *kv);
 
 const moe_kv_layout *moe_kv_get_layout(const moe_kv_cache *kv);
 int moe_kv_total_blocks(const moe_kv_cache *kv);

@@ -7,6 +7,17 @@
 
 #include "common/grow.h"
 
+static void free_buf(moe_kv_stage *st)
+{
+    if (st->buf_ops)
+        st->buf_ops->host_free(NULL, st->buf); /* be unused: the backend may be gone (backend.h) */
+    else
+        free(st->buf);
+    st->buf = NULL;
+    st->buf_ops = NULL;
+    st->cap_buf = 0;
+}
+
 moe_status moe_kv_stage_open(moe_kv_stage *st, moe_kv_cache *kv, const int *blocks, int nb,
                              int n_slices, bool staged)
 {
@@ -29,12 +40,16 @@ moe_status moe_kv_stage_open(moe_kv_stage *st, moe_kv_cache *kv, const int *bloc
                   sizeof *st->views))
         return moe_error(MOE_ERR_NOMEM, "kv stage: out of memory for %zu views", n_views);
     if (!direct && n_views * slice > st->cap_buf) {
-        /* exact size, not doubled: a staging buffer is a sequence's whole KV */
-        void *q = realloc(st->buf, n_views * slice);
-        if (!q)
+        /* exact size, not doubled: a staging buffer is a sequence's whole KV. Pinned when the pool
+         * is a backend's, so that the block copies are truly asynchronous; the old contents are
+         * not needed (every view is downloaded or received before it is read). */
+        free_buf(st);
+        moe_backend *be = moe_kv_backend(kv);
+        st->buf = be ? be->ops->host_alloc(be, n_views * slice) : malloc(n_views * slice);
+        if (!st->buf)
             return moe_error(MOE_ERR_NOMEM, "kv stage: out of memory for %zu views of %zu bytes",
                              n_views, slice);
-        st->buf = q;
+        st->buf_ops = be ? be->ops : NULL;
         st->cap_buf = n_views * slice;
     }
     if (nb)
@@ -67,12 +82,14 @@ moe_status moe_kv_stage_download(moe_kv_stage *st, int s0, int n)
     for (int s = s0; s < s0 + n; s++)
         for (int b = 0; b < st->nb; b++) {
             moe_status rc =
-                moe_kv_read(st->kv, st->blocks[b], (size_t)s * st->slice_bytes,
-                            st->views[(size_t)s * (size_t)st->nb + (size_t)b], st->slice_bytes);
-            if (rc != MOE_OK)
+                moe_kv_read_async(st->kv, st->blocks[b], (size_t)s * st->slice_bytes,
+                                  st->views[(size_t)s * (size_t)st->nb + (size_t)b], st->slice_bytes);
+            if (rc != MOE_OK) {
+                (void)moe_kv_sync(st->kv); /* copies already queued still write the views */
                 return rc;
+            }
         }
-    return MOE_OK;
+    return moe_kv_sync(st->kv);
 }
 
 moe_status moe_kv_stage_upload(moe_kv_stage *st)
@@ -82,18 +99,21 @@ moe_status moe_kv_stage_upload(moe_kv_stage *st)
     for (int s = 0; s < st->n_slices; s++)
         for (int b = 0; b < st->nb; b++) {
             moe_status rc =
-                moe_kv_write(st->kv, st->blocks[b], (size_t)s * st->slice_bytes,
-                             st->views[(size_t)s * (size_t)st->nb + (size_t)b], st->slice_bytes);
-            if (rc != MOE_OK)
+                moe_kv_write_async(st->kv, st->blocks[b], (size_t)s * st->slice_bytes,
+                                   st->views[(size_t)s * (size_t)st->nb + (size_t)b], st->slice_bytes);
+            if (rc != MOE_OK) {
+                (void)moe_kv_sync(st->kv); /* copies already queued still read the views */
                 return rc;
+            }
         }
-    return MOE_OK;
+    /* the views may be reused or freed once this returns: wait for the copies to read them */
+    return moe_kv_sync(st->kv);
 }
 
 void moe_kv_stage_free(moe_kv_stage *st)
 {
     free(st->blocks);
     free(st->views);
-    free(st->buf);
+    free_buf(st);
     *st = (moe_kv_stage){0};
 }

@@ -3,9 +3,10 @@
  * engine's backend buffers (worker/kv_cache.h). A stage bridges the two:
  *  - direct (the pool is host memory: the CPU backend, a host cache): the views are the blocks
  *    themselves, zero copies, as before the backend interface; download and upload do nothing;
- *  - staged (a device pool, CUDA): the views are one host buffer; download copies the blocks'
- *    bytes into it through the backend (moe_kv_read) before a send, upload copies it back
- *    (moe_kv_write) after a receive was verified.
+ *  - staged (a device pool, CUDA): the views are one host buffer, pinned (the backend's
+ *    host_alloc); download copies the blocks' bytes into it through the backend before a send,
+ *    upload copies it back after a receive was verified: one asynchronous copy per view
+ *    (moe_kv_read_async / moe_kv_write_async) and ONE synchronisation per call.
  * Checksums are computed and verified by the transfer layer on the views, so on a staged path they
  * cover the bytes that crossed the link, and a block whose checksum failed is never uploaded.
  *
@@ -36,6 +37,7 @@ typedef struct {
     int *blocks;               /* [nb] copy of the block ids */
     void **views;              /* [n_slices * nb] */
     unsigned char *buf;        /* staged: n_slices * nb * slice_bytes; NULL when direct */
+    const moe_backend_ops *buf_ops; /* buf came from these ops' host_alloc (pinned); NULL: malloc */
     int cap_blocks, cap_views; /* kept across re-opens: a retry allocates nothing */
     size_t cap_buf;
 } moe_kv_stage;
@@ -47,8 +49,9 @@ moe_status moe_kv_stage_open(moe_kv_stage *st, moe_kv_cache *kv, const int *bloc
                              int n_slices, bool staged);
 /* The nb views of slice s (host pointers the transfer layer reads or writes). */
 void *const *moe_kv_stage_views(const moe_kv_stage *st, int slice);
-/* Backend -> views for slices [s0, s0 + n) of every block (waits for the backend's earlier ops,
- * so a layer's K/V written by this step are included). No-op when direct. */
+/* Backend -> views for slices [s0, s0 + n) of every block (ordered after the backend's earlier
+ * ops, so a layer's K/V written by this step are included; returns when the views hold them).
+ * No-op when direct. */
 moe_status moe_kv_stage_download(moe_kv_stage *st, int s0, int n);
 /* Views -> backend, every region. No-op when direct (the receives wrote the blocks). */
 moe_status moe_kv_stage_upload(moe_kv_stage *st);

@@ -9,6 +9,7 @@
 
 #include "common/clock.h"
 #include "common/log.h"
+#include "common/test_hook.h"
 #include "worker/forward_internal.h"
 
 void moe_fwd_linear(moe_forward *f, float *y, const float *x, const moe_weight *w, int n_tok)
@@ -35,15 +36,16 @@ void moe_fwd_swiglu(moe_forward *f, float *out, const float *in, int n, const mo
 
 /* Router: top_idx / top_w for every token (HF order: softmax over all experts in f32, top-k,
  * optional renormalisation), then their host views: the host groups the rows per expert. On a
- * device backend that download is the one synchronisation of a MoE layer (docs/backends.md). */
-static moe_status route(moe_forward *f, const moe_layer_weights *lw, int T)
+ * device backend that download is the one synchronisation of a MoE layer (docs/backends.md),
+ * skipped when the experts run on the backend (on_backend: device_experts). */
+static moe_status route(moe_forward *f, const moe_layer_weights *lw, int T, bool on_backend)
 {
     int E = f->n_exp, K = f->topk;
     if (T == 0)
         return MOE_OK;
     moe_fwd_linear(f, f->router, f->xb, &lw->router, T);
     f->be->ops->router(f->be, f->router, T, E, K, f->c->norm_topk_prob, f->top_idx, f->top_w);
-    if (f->host_mem)
+    if (f->host_mem || on_backend)
         return MOE_OK;
     size_t n = (size_t)T * K;
     moe_status st = f->be->ops->download(f->be, f->top_idx_h, f->top_idx, n * sizeof(int32_t));
@@ -231,6 +233,121 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
             f->be->ops->scatter(f->be, out, (size_t)d, f->eo + (size_t)goff[g] * d, (size_t)d,
                                 order + f->exp_off[ge[g]], dn[g].n_tok, d);
     }
+    f->ep_stat.expert_ns += moe_now_ns() - t0;
+}
+
+/* ---- the routed experts on the backend, no host round trip (device backends, EP off) ---- */
+
+/* Whether a layer's experts can run through matmul_grouped: every expert present, gate/up
+ * (ffn, d) and down (d, ffn) of one dtype per matrix, which the backend supports. */
+static bool dev_layer_fits(const moe_forward *f, const moe_layer_weights *lw)
+{
+    const moe_weight *g0 = &lw->exp_gate[0], *u0 = &lw->exp_up[0], *d0 = &lw->exp_down[0];
+    int ffn = g0->rows;
+    for (int e = 0; e < f->n_exp; e++) {
+        const moe_weight *g = &lw->exp_gate[e], *u = &lw->exp_up[e], *dn = &lw->exp_down[e];
+        if (!g->data || !u->data || !dn->data || g->rows != ffn || g->cols != f->d || u->rows != ffn ||
+            u->cols != f->d || dn->rows != f->d || dn->cols != ffn || g->dtype != g0->dtype ||
+            u->dtype != u0->dtype || dn->dtype != d0->dtype)
+            return false;
+    }
+    const moe_backend *be = f->be;
+    return ffn <= f->ffn_max && be->ops->supports(be, MOE_OP_MATMUL_GROUPED, g0->dtype) &&
+           be->ops->supports(be, MOE_OP_MATMUL_GROUPED, u0->dtype) &&
+           be->ops->supports(be, MOE_OP_MATMUL_GROUPED, d0->dtype);
+}
+
+moe_status moe_fwd_dev_moe_alloc(moe_forward *f)
+{
+    int L = f->c->n_layers, E = f->n_exp;
+    bool want = !f->host_mem || moe_test_hook_int("MOE_TEST_DEVICE_MOE", 0) != 0;
+    if (!want || E <= 0)
+        return MOE_OK;
+    bool any = false;
+    f->dx_layer = calloc((size_t)L, sizeof *f->dx_layer);
+    if (!f->dx_layer)
+        return moe_error(MOE_ERR_NOMEM, "forward: out of memory");
+    for (int l = 0; l < L; l++)
+        any |= f->dx_layer[l] = f->m->layers[l].is_moe && dev_layer_fits(f, &f->m->layers[l]);
+    if (!any)
+        return MOE_OK;
+    moe_backend *be = f->be;
+    size_t n = (size_t)f->max_tokens * (size_t)f->topk, ffn = (size_t)f->ffn_max;
+    f->dx_off = be->ops->alloc(be, sizeof(int32_t) * ((size_t)E + 1));
+    f->dx_src = be->ops->alloc(be, sizeof(int32_t) * n);
+    f->dx_slot = be->ops->alloc(be, sizeof(int32_t) * n);
+    f->dx_g = be->ops->alloc(be, sizeof(float) * n * ffn);
+    f->dx_u = be->ops->alloc(be, sizeof(float) * n * ffn);
+    f->dx_tally = be->ops->alloc(be, sizeof(int64_t) * (size_t)L * (size_t)E);
+    f->dx_tally_h = calloc((size_t)L * (size_t)E, sizeof(int64_t));
+    f->dx_w = calloc((size_t)E, sizeof *f->dx_w);
+    if (!f->dx_off || !f->dx_src || !f->dx_slot || !f->dx_g || !f->dx_u || !f->dx_tally ||
+        !f->dx_tally_h || !f->dx_w)
+        return moe_error(MOE_ERR_NOMEM, "forward: %s backend cannot hold the grouped expert rows (%zu x %zu)",
+                         be->name, n, ffn);
+    MOE_LOG_I("forward: routed experts grouped on the %s backend (no host round trip per layer)", be->name);
+    return MOE_OK;
+}
+
+void moe_fwd_dev_moe_free(moe_forward *f)
+{
+    void *dev[] = {f->dx_off, f->dx_src, f->dx_slot, f->dx_g, f->dx_u, f->dx_tally};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i])
+            f->be->ops->free(f->be, dev[i]);
+    free(f->dx_layer);
+    free(f->dx_tally_h);
+    free((void *)f->dx_w);
+    f->dx_off = f->dx_src = f->dx_slot = NULL;
+    f->dx_g = f->dx_u = NULL;
+    f->dx_tally = f->dx_tally_h = NULL;
+    f->dx_layer = NULL;
+    f->dx_w = NULL;
+}
+
+moe_status moe_fwd_dev_moe_step_end(moe_forward *f)
+{
+    if (!f->dx_off || f->ep)
+        return MOE_OK;
+    int L = f->c->n_layers, E = f->n_exp;
+    moe_status st = f->be->ops->download(f->be, f->dx_tally_h, f->dx_tally,
+                                         sizeof(int64_t) * (size_t)L * (size_t)E);
+    if (st != MOE_OK)
+        return st;
+    for (int l = 0; l < L; l++)
+        if (f->dx_layer[l])
+            memcpy(f->expert_tokens + (size_t)l * E, f->dx_tally_h + (size_t)l * E, sizeof(int64_t) * (size_t)E);
+    return MOE_OK;
+}
+
+static bool on_backend(const moe_forward *f, int layer)
+{
+    return f->dx_off && !f->ep && f->dx_layer[layer];
+}
+
+/* The expert-parallel-free MoE block on the backend: choices grouped per expert (expert_sort),
+ * gate and up over the grouped rows read straight from xb (matmul_grouped with x_row), SwiGLU over
+ * all rows at once, down, and the outputs added per token in choice order (expert_combine: the
+ * sums of local_experts' ep_combine). Row counts never leave the backend. */
+static void device_experts(moe_forward *f, const moe_layer_weights *lw, int layer, int T)
+{
+    moe_backend *be = f->be;
+    const moe_backend_ops *o = be->ops;
+    int E = f->n_exp, K = f->topk, d = f->d, ffn = lw->exp_gate[0].rows;
+    int64_t t0 = moe_now_ns();
+    o->expert_sort(be, f->top_idx, T, K, E, f->dx_off, f->dx_src, f->dx_slot, f->dx_tally + (size_t)layer * E);
+    /* each token picks an expert at most once: T rows bound every expert's count */
+    for (int e = 0; e < E; e++)
+        f->dx_w[e] = lw->exp_gate[e].data;
+    o->matmul_grouped(be, f->dx_g, f->xb, f->dx_src, f->dx_w, lw->exp_gate[0].dtype, f->dx_off, E, d, ffn, T);
+    for (int e = 0; e < E; e++)
+        f->dx_w[e] = lw->exp_up[e].data;
+    o->matmul_grouped(be, f->dx_u, f->xb, f->dx_src, f->dx_w, lw->exp_up[0].dtype, f->dx_off, E, d, ffn, T);
+    o->silu_mul(be, f->dx_g, f->dx_u, (size_t)T * K * ffn);
+    for (int e = 0; e < E; e++)
+        f->dx_w[e] = lw->exp_down[e].data;
+    o->matmul_grouped(be, f->ep_back, f->dx_g, NULL, f->dx_w, lw->exp_down[0].dtype, f->dx_off, E, ffn, d, T);
+    o->expert_combine(be, f->moe_out, f->ep_back, f->dx_slot, f->top_w, T, K, d);
     f->ep_stat.expert_ns += moe_now_ns() - t0;
 }
 
@@ -489,7 +606,8 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
     int d = f->d;
     int64_t t0 = moe_now_ns();
     moe_backend *be = f->be;
-    moe_status st = route(f, lw, T);
+    bool dev = on_backend(f, layer);
+    moe_status st = route(f, lw, T, dev);
     if (st != MOE_OK)
         return st;
     be->ops->zero(be, f->moe_out, sizeof(float) * (size_t)T * d);
@@ -498,6 +616,9 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
         if (st != MOE_OK)
             return st;
         f->ep_stat.layers++;
+    } else if (dev) {
+        if (T > 0)
+            device_experts(f, lw, layer, T);
     } else {
         local_experts(f, lw, layer, T);
     }

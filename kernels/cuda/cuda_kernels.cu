@@ -321,6 +321,137 @@ __global__ void k_ep_combine(float *out, const float *back, const int32_t *tok, 
     }
 }
 
+// ---- split GEMMs of a batch: the hi and lo halves summed, every desc in one launch ----
+
+__global__ void k_add_halves_many(const MoeCudaHalves *tab)
+{
+    const MoeCudaHalves t = tab[blockIdx.y];
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < t.n; i += (size_t)gridDim.x * blockDim.x)
+        t.y[i] = t.y2[i] + t.y2[t.n + i];
+}
+
+// ---- the routed experts on the device (backend.h: expert_sort, matmul_grouped, expert_combine) ----
+
+// One block: per-expert counts with shared atomics, the prefix sums by one thread, then the
+// stable placement: thread e walks all choices in order and places those of expert e. O(E * n /
+// blockDim) reads, all broadcasts; a first version (decode's n is small; see docs/backends.md).
+__global__ void k_expert_sort(const int32_t *idx, int n, int k, int E, int32_t *off, int32_t *src_row,
+                              int32_t *slot, long long *tally)
+{
+    extern __shared__ int sh[]; // [E + 1]: counts, then offsets
+    for (int e = threadIdx.x; e <= E; e += blockDim.x)
+        sh[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        atomicAdd(&sh[idx[i] + 1], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int e = 0; e < E; e++) {
+            if (tally)
+                tally[e] += sh[e + 1];
+            sh[e + 1] += sh[e];
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= E; e += blockDim.x)
+        off[e] = sh[e];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int s = sh[e], end = sh[e + 1];
+        for (int i = 0; i < n && s < end; i++)
+            if (idx[i] == e) {
+                src_row[s] = i / k;
+                slot[i] = s;
+                s++;
+            }
+    }
+}
+
+// Element (r, c) of an (n_out, n_in) weight matrix of dtype dt as f32 (Q8/Q4 blocks as
+// kernels/kernels.h: Q4 keeps column j of a block in the low nibble of byte j, j + 16 in its high).
+__device__ inline float weight_at(const void *w, int dt, int r, int c, int n_in)
+{
+    if (dt <= 2)
+        return load_elem((const char *)w + (size_t)r * n_in * (dt == 0 ? 4 : 2), dt, c);
+    int nb = n_in / QK, b = c / QK, j = c % QK;
+    if (dt == 3) {
+        const BlockQ8 *blk = (const BlockQ8 *)w + (size_t)r * nb + b;
+        return half_bits_to_f32(blk->d) * (float)blk->q[j];
+    }
+    const BlockQ4 *blk = (const BlockQ4 *)w + (size_t)r * nb + b;
+    int q = j < QK / 2 ? (blk->q[j] & 15) : (blk->q[j - QK / 2] >> 4);
+    return half_bits_to_f32(blk->d) * (float)(q - 8);
+}
+
+// Grouped GEMM whose row counts live on the device: block (bx, by, e) computes rows
+// [by * GM, by * GM + GM) of expert e's rows (off[e] .. off[e + 1]) and outputs [bx * GN, + GN).
+// Blocks past an expert's count return at once, so only the experts that got rows read their
+// weights. Plain shared-memory tiling in f32: x keeps its f32 precision (no 16-bit rounding, unlike
+// a tensor-core GEMM), products of exact weight values, f32 accumulation. 16 x 16 threads, each
+// GM / 16 rows x GN / 16 outputs.
+constexpr int GM = 32, GN = 64, GK = 32;
+__global__ void __launch_bounds__(256) k_matmul_grouped(float *y, const float *x, const int32_t *x_row,
+                                                        const void *const *w, int dt, const int32_t *off,
+                                                        int n_in, int n_out, int max_rows)
+{
+    __shared__ float xs[GM][GK + 1], ws[GN][GK + 1];
+    int e = blockIdx.z, s0 = off[e], cnt = min(off[e + 1] - s0, max_rows);
+    int r0 = blockIdx.y * GM, o0 = blockIdx.x * GN;
+    if (r0 >= cnt) // uniform over the block: before any barrier
+        return;
+    const void *we = w[e];
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[GM / 16][GN / 16] = {};
+    for (int k0 = 0; k0 < n_in; k0 += GK) {
+        for (int i = threadIdx.x; i < GM * GK; i += 256) {
+            int r = i / GK, c = i % GK, row = r0 + r, col = k0 + c;
+            float v = 0.0f;
+            if (row < cnt && col < n_in) {
+                int src = x_row ? x_row[s0 + row] : s0 + row;
+                v = x[(size_t)src * n_in + col];
+            }
+            xs[r][c] = v;
+        }
+        for (int i = threadIdx.x; i < GN * GK; i += 256) {
+            int o = i / GK, c = i % GK, orow = o0 + o, col = k0 + c;
+            ws[o][c] = orow < n_out && col < n_in ? weight_at(we, dt, orow, col, n_in) : 0.0f;
+        }
+        __syncthreads();
+        for (int c = 0; c < GK; c++)
+            for (int a = 0; a < GM / 16; a++) {
+                float xv = xs[ty * (GM / 16) + a][c];
+                for (int b = 0; b < GN / 16; b++)
+                    acc[a][b] = fmaf(xv, ws[tx + 16 * b][c], acc[a][b]);
+            }
+        __syncthreads();
+    }
+    for (int a = 0; a < GM / 16; a++) {
+        int row = r0 + ty * (GM / 16) + a;
+        if (row >= cnt)
+            continue;
+        for (int b = 0; b < GN / 16; b++) {
+            int o = o0 + tx + 16 * b;
+            if (o < n_out)
+                y[(size_t)(s0 + row) * n_out + o] = acc[a][b];
+        }
+    }
+}
+
+// One thread per (token, column): the k choices added in order, as ep_combine.
+__global__ void k_expert_combine(float *out, const float *y, const int32_t *slot, const float *w, int n_tok, int k,
+                                 int d)
+{
+    GRID_LOOP(i, (size_t)n_tok * d)
+    {
+        size_t t = i / d, c = i % d;
+        float o = out[i];
+        for (int j = 0; j < k; j++) {
+            size_t a = t * k + j;
+            o = __fadd_rn(o, __fmul_rn(w[a], y[(size_t)slot[a] * d + c]));
+        }
+        out[i] = o;
+    }
+}
+
 } // namespace
 
 #define S(stream) ((cudaStream_t)(stream))
@@ -462,6 +593,47 @@ int moe_cuda_ep_combine(float *out, const float *back, const int32_t *tok, const
     if (n <= 0 || d <= 0)
         return 0;
     k_ep_combine<<<(unsigned)((d + 127) / 128), 128, 0, S(stream)>>>(out, back, tok, w, at, n, d);
+    return done();
+}
+
+int moe_cuda_add_halves_many(const MoeCudaHalves *tab, int n, size_t max_n, void *stream)
+{
+    if (n <= 0)
+        return 0;
+    unsigned gx = grid_for(max_n, 256);
+    k_add_halves_many<<<dim3(gx < 1024 ? gx : 1024, (unsigned)n), 256, 0, S(stream)>>>(tab);
+    return done();
+}
+
+int moe_cuda_expert_sort(const int32_t *idx, int n_tok, int k, int E, int32_t *off, int32_t *src_row,
+                         int32_t *slot, int64_t *tally, void *stream)
+{
+    if (E <= 0 || (size_t)(E + 1) * sizeof(int) > 48 * 1024)
+        return (int)cudaErrorInvalidValue;
+    k_expert_sort<<<1, 1024, (size_t)(E + 1) * sizeof(int), S(stream)>>>(idx, n_tok * k, k, E, off, src_row, slot,
+                                                                         (long long *)tally);
+    return done();
+}
+
+int moe_cuda_matmul_grouped(float *y, const float *x, const int32_t *x_row, const void *const *w, int dt,
+                            const int32_t *off, int E, int n_in, int n_out, int max_rows, void *stream)
+{
+    if (E <= 0 || max_rows <= 0 || n_out <= 0)
+        return 0;
+    if (E > 65535 || (max_rows + GM - 1) / GM > 65535)
+        return (int)cudaErrorInvalidValue;
+    dim3 grid((unsigned)((n_out + GN - 1) / GN), (unsigned)((max_rows + GM - 1) / GM), (unsigned)E);
+    k_matmul_grouped<<<grid, 256, 0, S(stream)>>>(y, x, x_row, w, dt, off, n_in, n_out, max_rows);
+    return done();
+}
+
+int moe_cuda_expert_combine(float *out, const float *y, const int32_t *slot, const float *w, int n_tok, int k, int d,
+                            void *stream)
+{
+    size_t n = (size_t)n_tok * d;
+    if (n == 0)
+        return 0;
+    k_expert_combine<<<grid_for(n, 256), 256, 0, S(stream)>>>(out, y, slot, w, n_tok, k, d);
     return done();
 }
 

@@ -21,6 +21,25 @@ extern "C" {
 int moe_cuda_split_half(void *dst, const float *src, size_t n, int dt, void *stream);
 /* y[i] = y2[i] + y2[n + i]: the hi and lo halves of a split GEMM summed. */
 int moe_cuda_add_halves(float *y, const float *y2, size_t n, void *stream);
+/* Many split GEMMs' halves summed in one launch: for every entry, y[i] = y2[i] + y2[n + i].
+ * tab: device array of n entries; max_n: the largest entry's n (sizes the grid). */
+typedef struct {
+    float *y;
+    const float *y2;
+    size_t n;
+} MoeCudaHalves;
+int moe_cuda_add_halves_many(const MoeCudaHalves *tab, int n, size_t max_n, void *stream);
+/* The routed experts on the device, contracts as worker/compute/backend.h's expert_sort,
+ * matmul_grouped and expert_combine (every pointer device memory, w a device array of E weight
+ * pointers). expert_sort: one block, E <= 12287 (the counts in shared memory). matmul_grouped:
+ * f32 tiles, no tensor cores (x keeps its f32 precision). */
+int moe_cuda_expert_sort(const int32_t *idx, int n_tok, int k, int E, int32_t *off,
+                         int32_t *src_row, int32_t *slot, int64_t *tally, void *stream);
+int moe_cuda_matmul_grouped(float *y, const float *x, const int32_t *x_row, const void *const *w,
+                            int dt, const int32_t *off, int E, int n_in, int n_out, int max_rows,
+                            void *stream);
+int moe_cuda_expert_combine(float *out, const float *y, const int32_t *slot, const float *w,
+                            int n_tok, int k, int d, void *stream);
 /* y(n_tok, n_out) = x(n_tok, n_in) * W^T for Q8/Q4 weights (dt 3/4), dequantized on the fly in
  * registers, f32 products and accumulation. */
 int moe_cuda_matmul_quant(float *y, const float *x, const void *w, int dt, int n_tok, int n_in,

@@ -20,7 +20,8 @@ const char *moe_op_name(moe_op op)
 {
     static const char *const names[MOE_OP_COUNT] = {
         "matmul", "embed", "rmsnorm", "rope", "kv_write", "attention", "router", "silu_mul",
-        "axpy", "add_rows", "clamp", "gated_add", "gather", "scatter", "ep_pack", "ep_combine"};
+        "axpy", "add_rows", "clamp", "gated_add", "gather", "scatter", "ep_pack", "ep_combine",
+        "expert_sort", "matmul_grouped", "expert_combine"};
     return (unsigned)op < MOE_OP_COUNT ? names[op] : "unknown";
 }
 

@@ -51,6 +51,9 @@ typedef enum {
     MOE_OP_SCATTER,
     MOE_OP_EP_PACK,
     MOE_OP_EP_COMBINE,
+    MOE_OP_EXPERT_SORT,     /* the MoE layer on the backend, no host round trip: */
+    MOE_OP_MATMUL_GROUPED,  /* matmul_grouped, per weight dtype */
+    MOE_OP_EXPERT_COMBINE,
     MOE_OP_COUNT
 } moe_op;
 const char *moe_op_name(moe_op op);
@@ -81,6 +84,17 @@ typedef struct {
     moe_status (*upload)(moe_backend *be, void *dst, const void *src, size_t bytes);
     /* B -> H, bytes. Waits for every op before it (a synchronisation on device backends). */
     moe_status (*download)(moe_backend *be, void *dst, const void *src, size_t bytes);
+    /* Pinned (page-locked) host memory for staging transfers, so that the *_async copies below
+     * really overlap (CUDA: cudaMallocHost; CPU: malloc); NULL when out of memory. host_free
+     * ignores be (it may be NULL or already destroyed: a staging buffer may outlive its backend)
+     * and takes only what host_alloc of the same ops table returned (NULL is a no-op). */
+    void *(*host_alloc)(moe_backend *be, size_t bytes);
+    void (*host_free)(moe_backend *be, void *p);
+    /* H -> B and B -> H ordered with the ops, without waiting: the host must leave src (upload)
+     * unchanged and not read dst (download) until the next synchronize() returns. Many block
+     * copies then cost one synchronisation. */
+    moe_status (*upload_async)(moe_backend *be, void *dst, const void *src, size_t bytes);
+    moe_status (*download_async)(moe_backend *be, void *dst, const void *src, size_t bytes);
     /* Sets bytes of B memory at p to zero. */
     void (*zero)(moe_backend *be, void *p, size_t bytes);
     /* B -> B on this backend, bytes (regions must not overlap). */
@@ -154,6 +168,33 @@ typedef struct {
      * back B, (., d); tok, w, at H). The order is the contract: it fixes the float sums. */
     void (*ep_combine)(moe_backend *be, float *out, const float *back, const int *tok,
                        const float *w, const int *at, int n, int d);
+
+    /* ---- the routed experts without the host (docs/backends.md, "The MoE layer on a device") ----
+     * The router's outputs stay in backend memory: the rows are grouped per expert on the
+     * backend, the expert GEMMs take their row counts from backend memory, and the outputs are
+     * added up in the same order as ep_combine's. The forward pass uses these on device backends
+     * with every expert local (no expert parallelism); the CPU backend has them too (the
+     * conformance test, and MOE_TEST_DEVICE_MOE=1 runs the forward pass's device path on it). */
+    /* Groups the n = n_tok * k choices of idx (B, (n_tok, k) int32, each in [0, E)) by expert,
+     * stably (choice order within an expert): off (B, E + 1 int32) the prefix sums of the
+     * per-expert counts (off[0] = 0, off[E] = n); src_row (B, n int32): the token (choice / k)
+     * of grouped row s; slot (B, n int32): the grouped row of choice i. tally (B, E int64, may
+     * be NULL): += each expert's count (the load statistics). */
+    void (*expert_sort)(moe_backend *be, const int32_t *idx, int n_tok, int k, int E, int32_t *off,
+                        int32_t *src_row, int32_t *slot, int64_t *tally);
+    /* Grouped matmul, row counts in backend memory: for every expert e and every row s in
+     * [off[e], off[e + 1]) (off B, E + 1 int32, non-decreasing), y row s (n_out floats, B) =
+     * x row (x_row ? x_row[s] : s) (n_in floats, B; x_row B int32 or NULL) times W_e^T, W_e =
+     * w[e] (w: H array of E B pointers to (n_out, n_in) weights of dtype wt; NULL only for an
+     * expert with no rows). max_rows bounds every expert's count (sizes a device launch; rows
+     * beyond it are not computed: the caller's contract). Tolerances as matmul_batch's. */
+    void (*matmul_grouped)(moe_backend *be, float *y, const float *x, const int32_t *x_row,
+                           const void *const *w, moe_dtype wt, const int32_t *off, int E,
+                           int n_in, int n_out, int max_rows);
+    /* out row t (d floats) += w[t * k + j] * y row slot[t * k + j] for j = 0 .. k-1 in order
+     * (out, y, slot, w B): ep_combine's sums, with the indices in backend memory. */
+    void (*expert_combine)(moe_backend *be, float *out, const float *y, const int32_t *slot,
+                           const float *w, int n_tok, int k, int d);
 
     /* ---- lifetime ---- */
     /* One line for logs: the device and what runs on it (a static or backend-owned string). */

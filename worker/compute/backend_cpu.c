@@ -13,6 +13,8 @@
 
 typedef struct {
     moe_threadpool_t *pool;
+    float *xrows;     /* matmul_grouped: one expert's gathered x rows (grown, never shrunk) */
+    size_t xrows_cap; /* floats */
     /* attention: per (segment, kv head) block base tables, sized by reserve() */
     const float **kptr, **vptr;
     size_t n_ptr;
@@ -70,6 +72,18 @@ static void cpu_copy(moe_backend *be, void *dst, const void *src, size_t bytes)
     (void)be;
     if (bytes)
         memcpy(dst, src, bytes);
+}
+
+static void *cpu_host_alloc(moe_backend *be, size_t bytes)
+{
+    (void)be;
+    return malloc(bytes ? bytes : 1);
+}
+
+static void cpu_host_free(moe_backend *be, void *p)
+{
+    (void)be;
+    free(p);
 }
 
 static void cpu_zero(moe_backend *be, void *p, size_t bytes)
@@ -346,6 +360,74 @@ static void cpu_ep_combine(moe_backend *be, float *out, const float *back, const
         moe_axpy(out + (size_t)tok[s] * d, w[s], back + (size_t)(at ? at[s] : s) * d, d);
 }
 
+/* The routed experts without host metadata (backend.h). The forward pass's CPU path groups on the
+ * host as before (worker/moe_layer.c); these serve the conformance test and MOE_TEST_DEVICE_MOE,
+ * which runs the device path's code here. Each expert's GEMM is moe_matmul over its rows, so the
+ * results are the floats the host-grouped path computes. */
+static void cpu_expert_sort(moe_backend *be, const int32_t *idx, int n_tok, int k, int E,
+                            int32_t *off, int32_t *src_row, int32_t *slot, int64_t *tally)
+{
+    (void)be;
+    int n = n_tok * k;
+    memset(off, 0, sizeof(int32_t) * ((size_t)E + 1));
+    for (int i = 0; i < n; i++)
+        off[idx[i] + 1]++;
+    for (int e = 0; e < E; e++) {
+        if (tally)
+            tally[e] += off[e + 1];
+        off[e + 1] += off[e];
+    }
+    /* stable: choice order within an expert; off[e] walks forward, then is put back */
+    for (int i = 0; i < n; i++) {
+        int s = off[idx[i]]++;
+        src_row[s] = i / k;
+        slot[i] = s;
+    }
+    for (int e = E; e > 0; e--)
+        off[e] = off[e - 1];
+    off[0] = 0;
+}
+
+static void cpu_matmul_grouped(moe_backend *be, float *y, const float *x, const int32_t *x_row,
+                               const void *const *w, moe_dtype wt, const int32_t *off, int E,
+                               int n_in, int n_out, int max_rows)
+{
+    cpu_ctx *c = be->ctx;
+    for (int e = 0; e < E; e++) {
+        int s0 = off[e], cnt = off[e + 1] - off[e];
+        if (cnt > max_rows)
+            cnt = max_rows; /* the device launch's bound, kept alike */
+        if (cnt <= 0)
+            continue;
+        const float *xe = x + (size_t)s0 * n_in;
+        if (x_row) {
+            size_t need = (size_t)cnt * n_in;
+            if (need > c->xrows_cap) {
+                float *g = realloc(c->xrows, need * sizeof *g);
+                if (!g) {
+                    MOE_LOG_E("cpu backend: matmul_grouped: no memory for %zu floats", need);
+                    return;
+                }
+                c->xrows = g;
+                c->xrows_cap = need;
+            }
+            for (int r = 0; r < cnt; r++)
+                memcpy(c->xrows + (size_t)r * n_in, x + (size_t)x_row[s0 + r] * n_in,
+                       sizeof(float) * n_in);
+            xe = c->xrows;
+        }
+        moe_matmul(c->pool, y + (size_t)s0 * n_out, xe, w[e], wt, cnt, n_in, n_out);
+    }
+}
+
+static void cpu_expert_combine(moe_backend *be, float *out, const float *y, const int32_t *slot,
+                               const float *w, int n_tok, int k, int d)
+{
+    (void)be;
+    for (int i = 0; i < n_tok * k; i++) /* ep_combine's order: token by token, choice by choice */
+        moe_axpy(out + (size_t)(i / k) * d, w[i], y + (size_t)slot[i] * d, d);
+}
+
 static const char *cpu_describe(const moe_backend *be)
 {
     (void)be;
@@ -357,6 +439,7 @@ static void cpu_destroy(moe_backend *be)
     cpu_ctx *c = be->ctx;
     free(c->kptr);
     free(c->vptr);
+    free(c->xrows);
     free(c);
     free(be);
 }
@@ -366,6 +449,10 @@ static const moe_backend_ops cpu_ops = {
     .free = cpu_free,
     .upload = cpu_upload,
     .download = cpu_upload, /* host to host: the same memcpy */
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
+    .upload_async = cpu_upload, /* a memcpy is done when it returns */
+    .download_async = cpu_upload,
     .zero = cpu_zero,
     .copy = cpu_copy,
     .host_ptr = cpu_host_ptr,
@@ -388,6 +475,9 @@ static const moe_backend_ops cpu_ops = {
     .scatter = cpu_scatter,
     .ep_pack = cpu_ep_pack,
     .ep_combine = cpu_ep_combine,
+    .expert_sort = cpu_expert_sort,
+    .matmul_grouped = cpu_matmul_grouped,
+    .expert_combine = cpu_expert_combine,
     .describe = cpu_describe,
     .destroy = cpu_destroy,
 };

@@ -3,7 +3,11 @@
  * like types only, and rounding the f32 activations to bf16 is exactly what the HF reference tests
  * reject (tests/unit/test_reference.c: a rounded activation flips routers), so x is split into
  * hi + lo 16-bit halves stacked as 2 n_tok rows of one GEMM (weights read once) and the halves
- * summed: x is carried to 2^-16 relative. One call per matrix of a batch on the stream (an expert group is a run of calls with no host wait between);
+ * summed: x is carried to 2^-16 relative. The 16-bit GEMMs of a batch (gate and up of every expert
+ * of a group, then every down) are one cublasGemmGroupedBatchedEx (cuBLAS >= 12.5; else, or when
+ * it refuses, one cublasGemmEx per matrix). The routed experts of a layer can also run without
+ * the host (expert_sort, matmul_grouped: our f32-tiled kernel reading the row counts from device
+ * memory, expert_combine).
  * Q8/Q4 weights and everything else are our kernels (kernels/cuda/). Host metadata of an op (row
  * indices, positions, block tables, routing weights) is copied to a device ring with
  * cudaMemcpyAsync, so no op waits for the host; only download() and synchronize() do.
@@ -33,6 +37,7 @@ typedef struct {
     size_t y2_cap;
     int32_t *hbuf;    /* host staging for attention tables */
     size_t hbuf_cap;
+    bool no_grouped;  /* cublasGemmGroupedBatchedEx refused a call: per-matrix GEMMs from then on */
     char desc[512];
 } cuda_ctx;
 
@@ -85,6 +90,36 @@ static moe_status cu_download(moe_backend *be, void *dst, const void *src, size_
     if (bytes)
         record(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
     record(c, cudaStreamSynchronize(c->stream), "download (stream synchronise)");
+    return c->err;
+}
+
+static void *cu_host_alloc(moe_backend *be, size_t bytes)
+{
+    (void)be;
+    void *p = NULL;
+    return cudaMallocHost(&p, bytes ? bytes : 64) == cudaSuccess ? p : NULL;
+}
+
+static void cu_host_free(moe_backend *be, void *p)
+{
+    (void)be; /* pinned memory belongs to the process, not to the stream: be may be gone */
+    if (p)
+        cudaFreeHost(p);
+}
+
+static moe_status cu_upload_async(moe_backend *be, void *dst, const void *src, size_t bytes)
+{
+    cuda_ctx *c = be->ctx;
+    if (bytes)
+        record(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload (async)");
+    return c->err;
+}
+
+static moe_status cu_download_async(moe_backend *be, void *dst, const void *src, size_t bytes)
+{
+    cuda_ctx *c = be->ctx;
+    if (bytes)
+        record(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download (async)");
     return c->err;
 }
 
@@ -176,50 +211,154 @@ static moe_status cu_synchronize(moe_backend *be)
     return st;
 }
 
+/* One GEMM of a desc: y = x W^T, for 16-bit weights with x as hi + lo rows in xs and the output
+ * halves in ys (summed by the caller). */
+static void gemm_one(cuda_ctx *c, const moe_matmul_desc *m, const void *xs, float *ys)
+{
+    const float one = 1.0f, zero = 0.0f;
+    bool half = m->wt == MOE_DT_BF16 || m->wt == MOE_DT_F16;
+    cudaDataType_t t = m->wt == MOE_DT_BF16 ? CUDA_R_16BF : m->wt == MOE_DT_F16 ? CUDA_R_16F : CUDA_R_32F;
+    /* row-major y(cols, n_out) is column-major (n_out, cols) = W^T(col-major) * x */
+    record_blas(c,
+                cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, m->n_out, half ? 2 * m->n_tok : m->n_tok, m->n_in, &one,
+                             m->w, t, m->n_in, half ? xs : (const void *)m->x, t, m->n_in, &zero, half ? ys : m->y,
+                             CUDA_R_32F, m->n_out, half ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC,
+                             CUBLAS_GEMM_DEFAULT),
+                "cublasGemmEx");
+}
+
+#if CUBLAS_VERSION >= 120500
+/* Every 16-bit desc of type dt in sel[0..n) as ONE cublasGemmGroupedBatchedEx (cuBLAS >= 12.5): a
+ * group per desc (their shapes differ: an expert group has a row count per expert). The pointer
+ * arrays go to the device ring; the shape arrays are host arrays, as cuBLAS wants them. Returns
+ * false when cuBLAS refuses (e.g. an unsupported type combination on this version): the caller
+ * then runs the descs one by one. */
+static bool gemm_grouped(cuda_ctx *c, const moe_matmul_desc *d, const int *sel, int n, moe_dtype dt,
+                         void *const *xs, float *const *ys)
+{
+    enum { G = MOE_MATMUL_BATCH_MAX };
+    cublasOperation_t ta[G], tb[G];
+    int m[G], nn[G], k[G], lda[G], ldb[G], ldc[G], gs[G];
+    float al[G], be[G];
+    const void *A[G], *B[G];
+    void *C[G];
+    for (int i = 0; i < n; i++) {
+        const moe_matmul_desc *q = &d[sel[i]];
+        ta[i] = CUBLAS_OP_T;
+        tb[i] = CUBLAS_OP_N;
+        m[i] = q->n_out;
+        nn[i] = 2 * q->n_tok;
+        k[i] = lda[i] = ldb[i] = q->n_in;
+        ldc[i] = q->n_out;
+        gs[i] = 1;
+        al[i] = 1.0f;
+        be[i] = 0.0f;
+        A[i] = q->w;
+        B[i] = xs[i];
+        C[i] = ys[i];
+    }
+    const void *dA = ring_put(c, A, sizeof(void *) * (size_t)n), *dB = ring_put(c, B, sizeof(void *) * (size_t)n),
+               *dC = ring_put(c, C, sizeof(void *) * (size_t)n);
+    if (!dA || !dB || !dC)
+        return true; /* the failure is recorded */
+    cudaDataType_t t = dt == MOE_DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    cublasStatus_t rc = cublasGemmGroupedBatchedEx(c->blas, ta, tb, m, nn, k, al, (const void *const *)dA, t, lda,
+                                                   (const void *const *)dB, t, ldb, be, (void *const *)dC, CUDA_R_32F,
+                                                   ldc, n, gs, CUBLAS_COMPUTE_32F);
+    if (rc == CUBLAS_STATUS_NOT_SUPPORTED || rc == CUBLAS_STATUS_INVALID_VALUE) {
+        MOE_LOG_W("cuda backend (GPU %d): cublasGemmGroupedBatchedEx refused (status %d): one GEMM per matrix",
+                  c->gpu, (int)rc);
+        c->no_grouped = true;
+        return false;
+    }
+    record_blas(c, rc, "cublasGemmGroupedBatchedEx");
+    return true;
+}
+#else
+static bool gemm_grouped(cuda_ctx *c, const moe_matmul_desc *d, const int *sel, int n, moe_dtype dt,
+                         void *const *xs, float *const *ys)
+{
+    (void)c, (void)d, (void)sel, (void)n, (void)dt, (void)xs, (void)ys;
+    return false; /* cuBLAS older than 12.5: no grouped GEMM */
+}
+#endif
+
+/* The 16-bit descs of type dt: each distinct x split once into hi/lo rows (c->xh), every GEMM
+ * into its own slice of c->y2, all GEMMs in one grouped call (else one per desc), the halves
+ * summed in one launch. Scratch is sized for the whole batch before the first launch (growing
+ * waits for the stream and frees the old buffer). */
+static void matmul_half(cuda_ctx *c, const moe_matmul_desc *d, const int *sel, int n, moe_dtype dt)
+{
+    enum { G = MOE_MATMUL_BATCH_MAX };
+    size_t xoff[G], yoff[G], xtot = 0, ytot = 0, ymax = 0;
+    int xsrc[G]; /* the earlier desc of this batch whose x this one shares, or itself */
+    for (int i = 0; i < n; i++) {
+        const moe_matmul_desc *q = &d[sel[i]];
+        xsrc[i] = i;
+        for (int j = 0; j < i; j++)
+            if (d[sel[j]].x == q->x && d[sel[j]].n_tok == q->n_tok && d[sel[j]].n_in == q->n_in) {
+                xsrc[i] = j;
+                break;
+            }
+        if (xsrc[i] == i) {
+            xoff[i] = xtot;
+            xtot += 4 * (size_t)q->n_tok * q->n_in; /* 2 halves x 2 bytes */
+        } else
+            xoff[i] = xoff[xsrc[i]];
+        size_t ny = (size_t)q->n_tok * q->n_out;
+        yoff[i] = ytot;
+        ytot += 2 * ny;
+        ymax = ny > ymax ? ny : ymax;
+    }
+    if (!grow_dev(c, &c->xh, &c->xh_cap, xtot) || !grow_dev(c, (void **)&c->y2, &c->y2_cap, ytot * sizeof(float)))
+        return;
+    void *xs[G];
+    float *ys[G];
+    MoeCudaHalves halves[G];
+    for (int i = 0; i < n; i++) {
+        const moe_matmul_desc *q = &d[sel[i]];
+        xs[i] = (char *)c->xh + xoff[i];
+        ys[i] = c->y2 + yoff[i];
+        if (xsrc[i] == i)
+            record(c, moe_cuda_split_half(xs[i], q->x, (size_t)q->n_tok * q->n_in, (int)dt, c->stream),
+                   "activation split");
+        halves[i] = (MoeCudaHalves){q->y, ys[i], (size_t)q->n_tok * q->n_out};
+    }
+    if (c->no_grouped || n == 1 || !gemm_grouped(c, d, sel, n, dt, xs, ys))
+        for (int i = 0; i < n; i++)
+            gemm_one(c, &d[sel[i]], xs[i], ys[i]);
+    const MoeCudaHalves *dh = ring_put(c, halves, sizeof halves[0] * (size_t)n);
+    if (dh)
+        record(c, moe_cuda_add_halves_many(dh, n, ymax, c->stream), "split GEMM sums");
+}
+
+/* A batch: Q8/Q4 through our kernel, f32 weights one cublasGemmEx each (pedantic f32: no TF32),
+ * bf16 and f16 each as one grouped GEMM (matmul_half). At most MOE_MATMUL_BATCH_MAX descs per
+ * round. */
 static void cu_matmul_batch(moe_backend *be, const moe_matmul_desc *d, int n)
 {
     cuda_ctx *c = be->ctx;
-    const float *conv_x = NULL; /* the x last converted into c->xh, and as which type */
-    moe_dtype conv_dt = MOE_DT_F32;
-    for (int i = 0; i < n; i++) {
-        const moe_matmul_desc *m = &d[i];
-        if (m->n_tok <= 0 || m->n_out <= 0)
-            continue;
-        if (m->wt == MOE_DT_Q8 || m->wt == MOE_DT_Q4) {
-            record(c, moe_cuda_matmul_quant(m->y, m->x, m->w, (int)m->wt, m->n_tok, m->n_in, m->n_out, c->stream),
-                   "quantized matmul");
-            continue;
+    for (int base = 0; base < n; base += MOE_MATMUL_BATCH_MAX) {
+        int cnt = n - base < MOE_MATMUL_BATCH_MAX ? n - base : MOE_MATMUL_BATCH_MAX;
+        int sel_bf[MOE_MATMUL_BATCH_MAX], sel_f16[MOE_MATMUL_BATCH_MAX], nbf = 0, nf16 = 0;
+        for (int i = base; i < base + cnt; i++) {
+            const moe_matmul_desc *m = &d[i];
+            if (m->n_tok <= 0 || m->n_out <= 0)
+                continue;
+            if (m->wt == MOE_DT_Q8 || m->wt == MOE_DT_Q4)
+                record(c, moe_cuda_matmul_quant(m->y, m->x, m->w, (int)m->wt, m->n_tok, m->n_in, m->n_out, c->stream),
+                       "quantized matmul");
+            else if (m->wt == MOE_DT_BF16)
+                sel_bf[nbf++] = i;
+            else if (m->wt == MOE_DT_F16)
+                sel_f16[nf16++] = i;
+            else
+                gemm_one(c, m, NULL, NULL);
         }
-        const float one = 1.0f, zero = 0.0f;
-        const void *xb = m->x;
-        cudaDataType_t t = CUDA_R_32F;
-        int cols = m->n_tok;
-        float *yb = m->y;
-        if (m->wt == MOE_DT_BF16 || m->wt == MOE_DT_F16) {
-            t = m->wt == MOE_DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-            size_t nx = (size_t)m->n_tok * m->n_in, ny = (size_t)m->n_tok * m->n_out;
-            if (conv_x != m->x || conv_dt != m->wt) {
-                if (!grow_dev(c, &c->xh, &c->xh_cap, 4 * nx)) /* 2 halves x 2 bytes */
-                    return;
-                record(c, moe_cuda_split_half(c->xh, m->x, nx, (int)m->wt, c->stream), "activation split");
-                conv_x = m->x;
-                conv_dt = m->wt;
-            }
-            if (!grow_dev(c, (void **)&c->y2, &c->y2_cap, 2 * ny * sizeof(float)))
-                return;
-            xb = c->xh;
-            cols = 2 * m->n_tok; /* hi rows then lo rows */
-            yb = c->y2;
-        }
-        /* row-major y(cols, n_out) is column-major (n_out, cols) = W^T(col-major) * x */
-        record_blas(c,
-                    cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, m->n_out, cols, m->n_in, &one, m->w, t,
-                                 m->n_in, xb, t, m->n_in, &zero, yb, CUDA_R_32F, m->n_out,
-                                 m->wt == MOE_DT_F32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT),
-                    "cublasGemmEx");
-        if (yb != m->y)
-            record(c, moe_cuda_add_halves(m->y, yb, (size_t)m->n_tok * m->n_out, c->stream), "split GEMM sum");
+        if (nbf)
+            matmul_half(c, d, sel_bf, nbf, MOE_DT_BF16);
+        if (nf16)
+            matmul_half(c, d, sel_f16, nf16, MOE_DT_F16);
     }
 }
 
@@ -376,6 +515,30 @@ static void cu_ep_combine(moe_backend *be, float *out, const float *back, const 
         record(c, moe_cuda_ep_combine(out, back, dtok, dw, dat, n, d, c->stream), "ep_combine");
 }
 
+static void cu_expert_sort(moe_backend *be, const int32_t *idx, int n_tok, int k, int E, int32_t *off,
+                           int32_t *src_row, int32_t *slot, int64_t *tally)
+{
+    cuda_ctx *c = be->ctx;
+    record(c, moe_cuda_expert_sort(idx, n_tok, k, E, off, src_row, slot, tally, c->stream), "expert_sort");
+}
+
+static void cu_matmul_grouped(moe_backend *be, float *y, const float *x, const int32_t *x_row, const void *const *w,
+                              moe_dtype wt, const int32_t *off, int E, int n_in, int n_out, int max_rows)
+{
+    cuda_ctx *c = be->ctx;
+    const void *const *dw = ring_put(c, w, sizeof(void *) * (size_t)E); /* E weight pointers: host metadata */
+    if (dw)
+        record(c, moe_cuda_matmul_grouped(y, x, x_row, dw, (int)wt, off, E, n_in, n_out, max_rows, c->stream),
+               "matmul_grouped");
+}
+
+static void cu_expert_combine(moe_backend *be, float *out, const float *y, const int32_t *slot, const float *w,
+                              int n_tok, int k, int d)
+{
+    cuda_ctx *c = be->ctx;
+    record(c, moe_cuda_expert_combine(out, y, slot, w, n_tok, k, d, c->stream), "expert_combine");
+}
+
 static const char *cu_describe(const moe_backend *be) { return ((const cuda_ctx *)be->ctx)->desc; }
 
 static void cu_destroy(moe_backend *be)
@@ -397,6 +560,10 @@ static const moe_backend_ops cuda_ops = {
     .free = cu_free,
     .upload = cu_upload,
     .download = cu_download,
+    .host_alloc = cu_host_alloc,
+    .host_free = cu_host_free,
+    .upload_async = cu_upload_async,
+    .download_async = cu_download_async,
     .zero = cu_zero,
     .copy = cu_copy,
     .host_ptr = cu_host_ptr,
@@ -419,6 +586,9 @@ static const moe_backend_ops cuda_ops = {
     .scatter = cu_scatter,
     .ep_pack = cu_ep_pack,
     .ep_combine = cu_ep_combine,
+    .expert_sort = cu_expert_sort,
+    .matmul_grouped = cu_matmul_grouped,
+    .expert_combine = cu_expert_combine,
     .describe = cu_describe,
     .destroy = cu_destroy,
 };

@@ -19,7 +19,7 @@
  * its own supports(). */
 static inline bool moe_be_supports_all(moe_op op, moe_dtype dt)
 {
-    if (op == MOE_OP_MATMUL)
+    if (op == MOE_OP_MATMUL || op == MOE_OP_MATMUL_GROUPED)
         return dt < MOE_DT_COUNT;
     if (op == MOE_OP_EMBED)
         return dt == MOE_DT_F32 || dt == MOE_DT_BF16 || dt == MOE_DT_F16;
