@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Python packages bench/run.sh needs for its llama.cpp side (benchmark tooling only: the product
-# never runs Python): llama-cpp-python (builds llama.cpp from source for this CPU), gguf, torch and
-# transformers,
-# which llama.cpp's convert_hf_to_gguf.py imports (torch at the top, transformers for the tokenizer;
-# PyPI's Linux wheels, used on the CPU only). Installed from PyPI when missing; idempotent. bench/run.sh calls it
-# when it runs llama.cpp (MOE_BENCH_LLAMA=1).
+# never runs Python): llama-cpp-python (builds llama.cpp from source for this CPU), gguf, and
+# torch and transformers, which llama.cpp's convert_hf_to_gguf.py imports (torch at the top,
+# transformers for the tokenizer; PyPI's Linux wheels, used on the CPU only). Installed from PyPI
+# when missing; idempotent. bench/run.sh calls it when it runs llama.cpp (MOE_BENCH_LLAMA=1).
 set -euo pipefail
 py=${PYTHON:-python3}
 need=()
