@@ -128,10 +128,10 @@ static void x_split(float *xs, const float *x, int n_tok, int n_in)
 /* ---- dot path: NR rows x NT tokens of register accumulators ---- */
 
 /* acc[i][t] += wv[i] * (8 floats of token t's x at xr[t] + off; xn < 8: only xn, zero-padded). */
-AI void tile_fma(__m256 acc[8][6], const __m256 wv[8], const float *const xr[6], size_t off, int xn,
+AI void tile_fma(__m256 acc[8][4], const __m256 wv[8], const float *const xr[4], size_t off, int xn,
                  int NR, int NT)
 {
-#pragma GCC unroll 6
+#pragma GCC unroll 4
     for (int t = 0; t < NT; t++) {
         __m256 xv = xn == 8 ? _mm256_loadu_ps(xr[t] + off) : load_x_tail(xr[t] + off, xn);
 #pragma GCC unroll 8
@@ -145,7 +145,7 @@ AI void tile_fma(__m256 acc[8][6], const __m256 wv[8], const float *const xr[6],
  * that loop's 16 live registers (12 accumulators, 3 weights, 1 x) spilled an accumulator to the
  * stack on every step (a store-to-load chain that ran the tile at ~60% of its FMA rate). pp: the
  * bytes to prefetch, 96 per step (the tile's own rows when there is no next tile: harmless). */
-AI void bf16_3x4_loop(__m256 acc[8][6], const char *const wr[8], const float *const xr[6], int n16,
+AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *const xr[4], int n16,
                       const char *pp)
 {
     /* accumulator j of av = row j % 3, token j / 3, in ymm j inside the loop */
@@ -243,17 +243,17 @@ AI void bf16_3x4_loop(__m256 acc[8][6], const char *const wr[8], const float *co
 AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int wt, int n_in,
                  int n_out, int r, int t0, int NR, int NT, const char *pf)
 {
-    __m256 acc[8][6];
+    __m256 acc[8][4];
     const char *wr[8];
-    const float *xr[6];
+    const float *xr[4];
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++) {
         wr[i] = (const char *)w + (size_t)(r + i) * n_in * elem_size(wt);
-#pragma GCC unroll 6
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 4
     for (int t = 0; t < NT; t++)
         xr[t] = x + (size_t)(t0 + t) * xs_stride;
     /* ks weights per row and step: bf16 16 (two halves), f32/f16 8 (one) */
@@ -303,12 +303,13 @@ AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int 
     }
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++)
-#pragma GCC unroll 6
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
 }
 
-/* One row tile's tokens in tiles of NT (the last 1..NT-1 wide); the first token tile prefetches. */
+/* One row tile's tokens in tiles of NT <= 4 (the last 1..NT-1 wide); the first token tile
+ * prefetches. */
 AI void dot_row_tile(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
                      int n_out, int r, int NR, int NT, const char *pf)
 {
@@ -316,12 +317,6 @@ AI void dot_row_tile(float *y, const float *x, size_t xs, const void *w, int wt,
     for (; t + NT <= n_tok; t += NT)
         dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, NT, t == 0 ? pf : NULL);
     switch (n_tok - t) {
-    case 5:
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 5, t == 0 ? pf : NULL);
-        break;
-    case 4:
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 4, t == 0 ? pf : NULL);
-        break;
     case 3:
         dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL);
         break;
@@ -360,10 +355,11 @@ AI void dot_rows_nr(float *y, const float *x, size_t xs, const void *w, int wt, 
         dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, 1, NT, NULL);
 }
 
-/* Tile shapes measured on Zen 3 (bf16 4096x4096, one core): n_tok = 1 is memory bound, 8 rows
- * stream at once; n_tok = 2: 5 rows x 2 tokens (10 accumulators) beat 4x2 and 6x2; from 3 tokens
- * on, 3 rows x 4 tokens (12 accumulators + 3 weight + 1 x register) reaches 60-70 GFLOP/s, as
- * much as the packed panel path below 20 tokens. The weight tile is read from memory once; the
+/* Tile shapes measured on Zen 3 (one core): n_tok = 1 is memory bound, 8 rows stream at once;
+ * n_tok = 2: f32/f16 5 rows x 2 tokens (10 accumulators) beat 4x2 and 6x2; bf16 4x2 (5x2's 16
+ * live registers left GCC none for the odd-half mask: 53 against 66 GFLOP/s at 1024x2048); from
+ * 3 tokens on, 3 rows x 4 tokens (12 accumulators + 3 weight + 1 x register; bf16 in asm) does
+ * 80-90 GFLOP/s, 2x6, 2x4 and 4x3 measured slower. The weight tile is read from memory once; the
  * other token tiles re-read it from L1/L2. */
 AI void dot_rows(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
                  int n_out, int r0, int r1)
