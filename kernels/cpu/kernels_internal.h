@@ -131,9 +131,11 @@ void moe_dequantize(float *dst, const void *src, moe_dtype qt, size_t n);
 /* Activation blocks below this max |x| quantize to zero (127 / max|x| must stay finite). */
 #define MOE_QX_MIN_AMAX 1e-30f
 
-/* Test hook (test_kernels): nonzero makes quantized matmuls behave as if the scratch buffer could
- * not be allocated (the one-token-at-a-time stack path). */
+/* Test hook (test_kernels): nonzero makes quantized matmuls (and the AVX2 bf16 matmul's x
+ * buffer) behave as if the scratch buffer could not be allocated (the one-token-at-a-time stack
+ * path). moe_kernels_test_no_scratch_on() reads it. */
 void moe_kernels_test_no_scratch(int on);
+int moe_kernels_test_no_scratch_on(void);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,

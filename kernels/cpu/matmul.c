@@ -159,6 +159,11 @@ void moe_kernels_test_no_scratch(int on)
     test_no_scratch = on;
 }
 
+int moe_kernels_test_no_scratch_on(void)
+{
+    return test_no_scratch;
+}
+
 static size_t qx_bytes(int n_tok, int n_in)
 {
     /* int8 codes, then one f32 scale per block (n_in % 32 == 0 keeps the scales aligned). */

@@ -1,6 +1,7 @@
 /* AVX2+FMA+F16C vector kernels: matmul, dot, axpy (this file is compiled with -mavx2 -mfma
  * -mf16c; it is only called after dispatch.c saw those features in CPUID). */
 #include <immintrin.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "kernels/cpu/kernels_internal.h"
@@ -13,37 +14,60 @@
 #define PF_MAX_TILE_BYTES 16384
 
 /* ---- numerics ----
- * Every output y[t][r] is one 8-lane f32 accumulator over k in steps of 8 (lane l sums
- * k = l mod 8 in increasing k), FMA, the last partial 8 zero-padded into the same accumulator,
- * then hsum8's fixed-order horizontal sum. This holds for every n_tok, tile shape, token chunk and
- * row split, so an output's bits depend only on its row of W, its row of x and n_in: a token
- * computed alone (decode) and the same token inside a 70-token prefill get the same bits
- * (batch invariance, docs/kernels.md). There was a packed sgemm-style panel path for n_tok >= 48
- * (one FMA chain over k per output): faster for prefill, but other bits than the dot tiles. */
+ * Every output y[t][r] is one 8-lane f32 accumulator over k in steps of 16, FMA, each step two
+ * FMAs per lane (the "first" and "second" 8 of the step), the last partial step zero-padded
+ * into the same accumulator, then hsum8's fixed-order horizontal sum:
+ * - f32 / f16: first = k + l, second = k + 8 + l, so lane l sums k = l mod 8 in increasing k
+ *   (the order of the 8-step loop before the bf16 change: the same bits); a tail of 8 or more is
+ *   one full 8 then a zero-padded partial one, a tail under 8 one zero-padded 8.
+ * - bf16: first = k + 2l (even), second = k + 2l + 1 (odd), so lane l sums k = 2l, 2l + 1 mod 16
+ *   in increasing k. One 256-bit load of 16 bf16 gives the even ones as f32 by a 16-bit shift left
+ *   and the odd ones by masking the low half (one integer op per 8 weights, exact), and x is
+ *   de-interleaved to match once per call and token chunk (x_split). A tail is zero-padded to 16
+ *   (weights and x) and takes both FMAs.
+ * This holds for every n_tok, tile shape, token chunk and row split, so an output's bits depend
+ * only on its row of W, its row of x and n_in: a token computed alone (decode) and the same token
+ * inside a 70-token prefill get the same bits (batch invariance, docs/kernels.md). There was a
+ * packed sgemm-style panel path for n_tok >= 48 (one FMA chain over k per output): faster for
+ * prefill, but other bits than the dot tiles. */
 
-/* 8 weights at w[i..i+8) of a row starting at w, as f32. wt is a compile-time constant at every
- * call site. */
+/* 8 weights at w[i..i+8) of a row starting at w, as f32 (f32 / f16). wt is a compile-time
+ * constant at every call site. */
 AI __m256 load_w8(const void *w, size_t i, int wt)
 {
     if (wt == MOE_DT_F32)
         return _mm256_loadu_ps((const float *)w + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-    if (wt == MOE_DT_BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
 }
 
-/* The last n_in % 8 weights of a row, zero-padded to 8. */
-AI __m256 load_w_tail(const void *w, size_t i, int n, int wt)
+static const uint32_t bf16_hi_mask[8] __attribute__((aligned(32))) = {
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u,
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u};
+
+/* Half h (0: first, 1: second; see numerics) of the 16 weights at w[k..k+16), as f32. */
+AI __m256 load_w_half(const void *w, size_t k, int wt, int h)
 {
-    if (wt == MOE_DT_F32) {
-        float buf[8] = {0};
-        memcpy(buf, (const float *)w + i, (size_t)n * sizeof(float));
-        return _mm256_loadu_ps(buf);
+    if (wt == MOE_DT_BF16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
+        if (h == 0)
+            return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        /* The mask as a memory operand: a 3x4 tile's 12 accumulators, 3 weights and 1 x take all
+         * 16 registers, and with the mask in one GCC folded every x load into the FMAs (3 loads
+         * of each x instead of 1). */
+        __asm__("vpand %1, %0, %0" : "+x"(v) : "m"(bf16_hi_mask));
+        return _mm256_castsi256_ps(v);
     }
-    uint16_t buf[8] = {0};
-    memcpy(buf, (const uint16_t *)w + i, (size_t)n * sizeof(uint16_t));
-    return load_w8(buf, 0, wt);
+    return load_w8(w, k + 8 * (size_t)h, wt);
+}
+
+/* The last n weights (n < 8 for f32/f16, n < 16 for bf16) of a row from w[i] into buf (zeroed by
+ * the caller), which the load functions then read at offset 0. */
+AI void copy_w_tail(void *buf, const void *w, size_t i, int n, int wt)
+{
+    if (wt == MOE_DT_F32)
+        memcpy(buf, (const float *)w + i, (size_t)n * sizeof(float));
+    else
+        memcpy(buf, (const uint16_t *)w + i, (size_t)n * sizeof(uint16_t));
 }
 
 AI __m256 load_x_tail(const float *x, int n)
@@ -67,9 +91,157 @@ AI size_t elem_size(int wt)
     return wt == MOE_DT_F32 ? 4 : 2;
 }
 
+/* bf16's x layout: n_in rounded up to 16 (zero-padded); each 16-block of a token's x holds its 8
+ * even then its 8 odd entries, so that x_split(x)[k .. k+8) and [k+8 .. k+16) meet the two
+ * halves of load_w_half(w, k). */
+AI int split_n(int n_in)
+{
+    return (n_in + 15) & ~15;
+}
+
+static void x_split(float *xs, const float *x, int n_tok, int n_in)
+{
+    int np = split_n(n_in);
+    const __m256i ev = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int t = 0; t < n_tok; t++) {
+        const float *xt = x + (size_t)t * n_in;
+        float *o = xs + (size_t)t * np;
+        int k = 0;
+        for (; k + 16 <= n_in; k += 16) {
+            /* a = x0..x7 -> x0 x2 x4 x6 | x1 x3 x5 x7, b likewise; then the halves recombined */
+            __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xt + k), ev);
+            __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xt + k + 8), ev);
+            _mm256_storeu_ps(o + k, _mm256_permute2f128_ps(a, b, 0x20));
+            _mm256_storeu_ps(o + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
+        }
+        if (k < n_in) {
+            float buf[16] = {0};
+            memcpy(buf, xt + k, (size_t)(n_in - k) * sizeof(float));
+            for (int j = 0; j < 8; j++) {
+                o[k + j] = buf[2 * j];
+                o[k + 8 + j] = buf[2 * j + 1];
+            }
+        }
+    }
+}
+
 /* ---- dot path: NR rows x NT tokens of register accumulators ---- */
-AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int n_out, int r,
-                 int t0, int NR, int NT, const char *pf)
+
+/* acc[i][t] += wv[i] * (8 floats of token t's x at xr[t] + off; xn < 8: only xn, zero-padded). */
+AI void tile_fma(__m256 acc[8][4], const __m256 wv[8], const float *const xr[4], size_t off, int xn,
+                 int NR, int NT)
+{
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        __m256 xv = xn == 8 ? _mm256_loadu_ps(xr[t] + off) : load_x_tail(xr[t] + off, xn);
+#pragma GCC unroll 8
+        for (int i = 0; i < NR; i++)
+            acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+    }
+}
+
+/* The bf16 3 rows x 4 tokens main loop (k in [0, n16)) written out: the same arithmetic as the C
+ * loop below (per 16-k step and output, the even FMA then the odd one), but GCC's allocation of
+ * that loop's 16 live registers (12 accumulators, 3 weights, 1 x) spilled an accumulator to the
+ * stack on every step (a store-to-load chain that ran the tile at ~60% of its FMA rate). pp: the
+ * bytes to prefetch, 96 per step (the tile's own rows when there is no next tile: harmless). */
+AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *const xr[4], int n16,
+                      const char *pp)
+{
+    /* accumulator j of av = row j % 3, token j / 3, in ymm j inside the loop */
+    __m256 av[12];
+    for (int j = 0; j < 12; j++)
+        av[j] = acc[j % 3][j / 3];
+    size_t k = 0, n = (size_t)n16;
+    __asm__ volatile(
+            "vmovups 0(%[av]), %%ymm0\n\t"
+            "vmovups 32(%[av]), %%ymm1\n\t"
+            "vmovups 64(%[av]), %%ymm2\n\t"
+            "vmovups 96(%[av]), %%ymm3\n\t"
+            "vmovups 128(%[av]), %%ymm4\n\t"
+            "vmovups 160(%[av]), %%ymm5\n\t"
+            "vmovups 192(%[av]), %%ymm6\n\t"
+            "vmovups 224(%[av]), %%ymm7\n\t"
+            "vmovups 256(%[av]), %%ymm8\n\t"
+            "vmovups 288(%[av]), %%ymm9\n\t"
+            "vmovups 320(%[av]), %%ymm10\n\t"
+            "vmovups 352(%[av]), %%ymm11\n\t"
+            "1:\n\t"
+            "prefetcht0 (%[pp])\n\t"
+            "prefetcht0 64(%[pp])\n\t"
+            "vmovdqu (%[w0],%[k],2), %%ymm12\n\t"
+            "vmovdqu (%[w1],%[k],2), %%ymm13\n\t"
+            "vmovdqu (%[w2],%[k],2), %%ymm14\n\t"
+            "vpslld $16, %%ymm12, %%ymm12\n\t"
+            "vpslld $16, %%ymm13, %%ymm13\n\t"
+            "vpslld $16, %%ymm14, %%ymm14\n\t"
+            "vmovups (%[x0],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm0\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm1\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n\t"
+            "vmovups (%[x1],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm3\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm4\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n\t"
+            "vmovups (%[x2],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm6\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm7\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n\t"
+            "vmovups (%[x3],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm9\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm10\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm11\n\t"
+            "vmovdqu (%[w0],%[k],2), %%ymm12\n\t"
+            "vmovdqu (%[w1],%[k],2), %%ymm13\n\t"
+            "vmovdqu (%[w2],%[k],2), %%ymm14\n\t"
+            "vpand %[mask], %%ymm12, %%ymm12\n\t"
+            "vpand %[mask], %%ymm13, %%ymm13\n\t"
+            "vpand %[mask], %%ymm14, %%ymm14\n\t"
+            "vmovups 32(%[x0],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm0\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm1\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n\t"
+            "vmovups 32(%[x1],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm3\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm4\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n\t"
+            "vmovups 32(%[x2],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm6\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm7\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n\t"
+            "vmovups 32(%[x3],%[k],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm12, %%ymm15, %%ymm9\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %%ymm10\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %%ymm11\n\t"
+            "addq $96, %[pp]\n\t"
+            "addq $16, %[k]\n\t"
+            "cmpq %[n], %[k]\n\t"
+            "jb 1b\n\t"
+            "vmovups %%ymm0, 0(%[av])\n\t"
+            "vmovups %%ymm1, 32(%[av])\n\t"
+            "vmovups %%ymm2, 64(%[av])\n\t"
+            "vmovups %%ymm3, 96(%[av])\n\t"
+            "vmovups %%ymm4, 128(%[av])\n\t"
+            "vmovups %%ymm5, 160(%[av])\n\t"
+            "vmovups %%ymm6, 192(%[av])\n\t"
+            "vmovups %%ymm7, 224(%[av])\n\t"
+            "vmovups %%ymm8, 256(%[av])\n\t"
+            "vmovups %%ymm9, 288(%[av])\n\t"
+            "vmovups %%ymm10, 320(%[av])\n\t"
+            "vmovups %%ymm11, 352(%[av])\n\t"
+            : [k] "+r"(k), [pp] "+r"(pp)
+            : [w0] "r"(wr[0]), [w1] "r"(wr[1]), [w2] "r"(wr[2]), [x0] "r"(xr[0]),
+              [x1] "r"(xr[1]), [x2] "r"(xr[2]), [x3] "r"(xr[3]), [n] "r"(n),
+              [mask] "m"(bf16_hi_mask), [av] "r"(av)
+            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+              "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+    for (int j = 0; j < 12; j++)
+        acc[j % 3][j / 3] = av[j];
+}
+
+/* x: the tokens' rows, xs_stride floats apart (bf16: the x_split layout; f32/f16: x itself). */
+AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int wt, int n_in,
+                 int n_out, int r, int t0, int NR, int NT, const char *pf)
 {
     __m256 acc[8][4];
     const char *wr[8];
@@ -83,42 +255,50 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
     }
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++)
-        xr[t] = x + (size_t)(t0 + t) * n_in;
-    int n8 = n_in & ~7;
-    for (int k = 0; k < n8; k += 8) {
-        __m256 wv[8];
+        xr[t] = x + (size_t)(t0 + t) * xs_stride;
+    /* ks weights per row and step: bf16 16 (two halves), f32/f16 8 (one) */
+    const int ks = wt == MOE_DT_BF16 ? 16 : 8, nk = n_in / ks * ks;
+    int k0 = 0;
+    if (wt == MOE_DT_BF16 && NR == 3 && NT == 4 && nk > 0) {
+        bf16_3x4_loop(acc, wr, xr, nk, pf ? pf : wr[0]);
+        k0 = nk;
+    }
+    for (int k = k0; k < nk; k += ks) {
         if (pf) {
             /* The NR rows of this tile are one contiguous block, and so are the next tile's: each
-             * step consumes NR * 8 weights here and prefetches as many bytes of the next tile,
+             * step consumes NR * ks weights here and prefetches as many bytes of the next tile,
              * so the next tile is in cache when it starts. */
             const char *p = pf + (size_t)k * (size_t)NR * elem_size(wt);
-#pragma GCC unroll 4
-            for (size_t c = 0; c < (size_t)NR * 8 * elem_size(wt); c += 64)
+#pragma GCC unroll 8
+            for (size_t c = 0; c < (size_t)NR * ks * elem_size(wt); c += 64)
                 _mm_prefetch(p + c, _MM_HINT_T0);
         }
-#pragma GCC unroll 8
-        for (int i = 0; i < NR; i++)
-            wv[i] = load_w8(wr[i], (size_t)k, wt);
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            __m256 xv = _mm256_loadu_ps(xr[t] + k);
+#pragma GCC unroll 2
+        for (int h = 0; h < ks / 8; h++) {
+            __m256 wv[8];
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++)
-                acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+                wv[i] = load_w_half(wr[i], (size_t)k, wt, h);
+            tile_fma(acc, wv, xr, (size_t)k + 8 * (size_t)h, 8, NR, NT);
         }
     }
-    if (n8 < n_in) {
-        int n = n_in - n8;
-        __m256 wv[8];
+    if (nk < n_in) {
+        /* The last n_in % ks weights zero-padded to ks; bf16's x is padded by x_split, f32/f16's
+         * by load_x_tail. */
+        _Alignas(32) char wbuf[8][32];
 #pragma GCC unroll 8
-        for (int i = 0; i < NR; i++)
-            wv[i] = load_w_tail(wr[i], (size_t)n8, n, wt);
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            __m256 xv = load_x_tail(xr[t] + n8, n);
+        for (int i = 0; i < NR; i++) {
+            memset(wbuf[i], 0, sizeof wbuf[i]);
+            copy_w_tail(wbuf[i], wr[i], (size_t)nk, n_in - nk, wt);
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < ks / 8; h++) {
+            __m256 wv[8];
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++)
-                acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+                wv[i] = load_w_half(wbuf[i], 0, wt, h);
+            tile_fma(acc, wv, xr, (size_t)nk + 8 * (size_t)h,
+                     wt == MOE_DT_BF16 ? 8 : n_in - nk, NR, NT);
         }
     }
 #pragma GCC unroll 8
@@ -128,7 +308,30 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
             y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
 }
 
-/* Rows [r0, r1) in tiles of NR rows x 4 tokens (the last token tile 1-3 wide).
+/* One row tile's tokens in tiles of NT <= 4 (the last 1..NT-1 wide); the first token tile
+ * prefetches. */
+AI void dot_row_tile(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
+                     int n_out, int r, int NR, int NT, const char *pf)
+{
+    int t = 0;
+    for (; t + NT <= n_tok; t += NT)
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, NT, t == 0 ? pf : NULL);
+    switch (n_tok - t) {
+    case 3:
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL);
+        break;
+    case 2:
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 2, t == 0 ? pf : NULL);
+        break;
+    case 1:
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 1, t == 0 ? pf : NULL);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Rows [r0, r1) in tiles of NR rows x NT tokens, the last rows one at a time.
  * Prefetch: with rows of n_in <= 1024 bf16 a tile's NR rows are NR short streams (24 cache lines
  * each for n_in = 768) that the hardware prefetcher barely ramps up on: 384x768 bf16 matvecs ran
  * at 55-65% of a long stream's speed on Zen 3. So the first token tile of each row tile (the one
@@ -137,8 +340,8 @@ AI void dot_tile(float *y, const float *x, const void *w, int wt, int n_in, int 
  * for the few tokens per expert of a batched decode step (MoE: batch x top_k / n_experts). Bigger
  * tiles stream well without it, and a whole tile ahead (>= 32 KB) would evict L1: 4096x4096 lost
  * 20% with it. */
-AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
-                    int r0, int r1, int NR)
+AI void dot_rows_nr(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
+                    int n_out, int r0, int r1, int NR, int NT)
 {
     int r = r0;
     const size_t tile_bytes = (size_t)NR * n_in * elem_size(wt);
@@ -146,57 +349,27 @@ AI void dot_rows_nr(float *y, const float *x, const void *w, int wt, int n_tok, 
         const char *pf = r + 2 * NR <= r1 && tile_bytes <= PF_MAX_TILE_BYTES
                              ? (const char *)w + (size_t)(r + NR) * n_in * elem_size(wt)
                              : NULL;
-        int t = 0;
-        for (; t + 4 <= n_tok; t += 4)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 4, t == 0 ? pf : NULL);
-        switch (n_tok - t) {
-        case 3:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL);
-            break;
-        case 2:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 2, t == 0 ? pf : NULL);
-            break;
-        case 1:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, NR, 1, t == 0 ? pf : NULL);
-            break;
-        default:
-            break;
-        }
+        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, NR, NT, pf);
     }
-    for (; r < r1; r++) {
-        int t = 0;
-        for (; t + 4 <= n_tok; t += 4)
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 4, NULL);
-        switch (n_tok - t) {
-        case 3:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 3, NULL);
-            break;
-        case 2:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 2, NULL);
-            break;
-        case 1:
-            dot_tile(y, x, w, wt, n_in, n_out, r, t, 1, 1, NULL);
-            break;
-        default:
-            break;
-        }
-    }
+    for (; r < r1; r++)
+        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, 1, NT, NULL);
 }
 
-/* Tile shapes measured on Zen 3 (bf16 4096x4096, one core): n_tok = 1 is memory bound, 8 rows
- * stream at once; n_tok = 2: 5 rows x 2 tokens (10 accumulators) beat 4x2 and 6x2; from 3 tokens
- * on, 3 rows x 4 tokens (12 accumulators + 3 weight + 1 x register) reaches 60-70 GFLOP/s, as
- * much as the packed panel path below 20 tokens. The weight tile is read from memory once; the
+/* Tile shapes measured on Zen 3 (one core): n_tok = 1 is memory bound, 8 rows stream at once;
+ * n_tok = 2: f32/f16 5 rows x 2 tokens (10 accumulators) beat 4x2 and 6x2; bf16 4x2 (5x2's 16
+ * live registers left GCC none for the odd-half mask: 53 against 66 GFLOP/s at 1024x2048); from
+ * 3 tokens on, 3 rows x 4 tokens (12 accumulators + 3 weight + 1 x register; bf16 in asm) does
+ * 80-90 GFLOP/s, 2x6, 2x4 and 4x3 measured slower. The weight tile is read from memory once; the
  * other token tiles re-read it from L1/L2. */
-AI void dot_rows(float *y, const float *x, const void *w, int wt, int n_tok, int n_in, int n_out,
-                 int r0, int r1)
+AI void dot_rows(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
+                 int n_out, int r0, int r1)
 {
     if (n_tok == 1)
-        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 8);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 8, 1);
     else if (n_tok == 2)
-        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 5);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, wt == MOE_DT_BF16 ? 4 : 5, 2);
     else
-        dot_rows_nr(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 3);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 3, 4);
 }
 
 /* Token chunks from DOT_CHUNK_MIN_TOK tokens on (prefill): the chunk's x (DOT_TOKC x n_in floats:
@@ -207,23 +380,82 @@ AI void dot_rows(float *y, const float *x, const void *w, int wt, int n_tok, int
 #define DOT_TOKC 12
 #define DOT_CHUNK_MIN_TOK 48
 
+/* ---- bf16: the per-thread buffer for x_split ----
+ * Grown only when a call needs more than any before on that thread, freed by a pthread key
+ * destructor when the thread exits. Without it (out of memory, or the test hook of matmul.c), tokens
+ * go one at a time through a stack buffer: the same bits (an output's arithmetic does not depend on
+ * the grouping). */
+static _Thread_local float *xs_buf;
+static _Thread_local size_t xs_cap; /* floats */
+static pthread_key_t xs_key;
+static pthread_once_t xs_once = PTHREAD_ONCE_INIT;
+static int xs_key_ok;
+#define XS_STACK_FLOATS 16384
+
+static void xs_key_init(void)
+{
+    xs_key_ok = pthread_key_create(&xs_key, free) == 0;
+}
+
+static float *xs_get(size_t floats)
+{
+    if (moe_kernels_test_no_scratch_on())
+        return NULL;
+    if (floats <= xs_cap)
+        return xs_buf;
+    size_t bytes = (floats * sizeof(float) + 4095) & ~(size_t)4095;
+    float *p = aligned_alloc(64, bytes);
+    if (!p)
+        return NULL;
+    pthread_once(&xs_once, xs_key_init);
+    free(xs_buf);
+    xs_buf = p;
+    xs_cap = bytes / sizeof(float);
+    if (xs_key_ok)
+        pthread_setspecific(xs_key, p);
+    return p;
+}
+
+static __attribute__((noinline)) void rows_bf16_by_token(float *y, const float *x, const void *w,
+                                                         int n_tok, int n_in, int n_out, int r0,
+                                                         int r1)
+{
+    _Alignas(64) float xs[XS_STACK_FLOATS];
+    MOE_KASSERT(split_n(n_in) <= XS_STACK_FLOATS &&
+                "moe_matmul (avx2, bf16): out of memory for the x scratch");
+    for (int t = 0; t < n_tok; t++) {
+        x_split(xs, x + (size_t)t * n_in, 1, n_in);
+        dot_rows(y + (size_t)t * n_out, xs, (size_t)split_n(n_in), w, MOE_DT_BF16, 1, n_in, n_out,
+                 r0, r1);
+    }
+}
+
 static void rows_float(float *y, const float *x, const void *w, int wt, int n_tok, int n_in,
                        int n_out, int r0, int r1)
 {
     int chunk = n_tok >= DOT_CHUNK_MIN_TOK ? DOT_TOKC : n_tok;
+    float *xs = NULL;
+    if (wt == MOE_DT_BF16) {
+        xs = xs_get((size_t)chunk * (size_t)split_n(n_in));
+        if (!xs) {
+            rows_bf16_by_token(y, x, w, n_tok, n_in, n_out, r0, r1);
+            return;
+        }
+    }
     for (int tc = 0; tc < n_tok; tc += chunk) {
         int nt = n_tok - tc < chunk ? n_tok - tc : chunk;
         const float *xc = x + (size_t)tc * n_in;
         float *yc = y + (size_t)tc * n_out;
         switch (wt) {
         case MOE_DT_F32:
-            dot_rows(yc, xc, w, MOE_DT_F32, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F32, nt, n_in, n_out, r0, r1);
             break;
         case MOE_DT_BF16:
-            dot_rows(yc, xc, w, MOE_DT_BF16, nt, n_in, n_out, r0, r1);
+            x_split(xs, xc, nt, n_in);
+            dot_rows(yc, xs, (size_t)split_n(n_in), w, MOE_DT_BF16, nt, n_in, n_out, r0, r1);
             break;
         default:
-            dot_rows(yc, xc, w, MOE_DT_F16, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F16, nt, n_in, n_out, r0, r1);
             break;
         }
     }

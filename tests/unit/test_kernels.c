@@ -361,6 +361,16 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
                              "%s: threads=%d differs from serial (n_tok=%d n_in=%d n_out=%d)", what,
                              moe_threadpool_size(pools[p]), n_tok, n_in, n_out);
         }
+        /* Without the AVX2 bf16 x buffer (as when out of memory): one token at a time through a
+         * stack buffer, the same bits. */
+        moe_kernels_test_no_scratch(1);
+        for (int k = 0; k < n_tok * n_out; k++)
+            y[k] = NAN;
+        moe_matmul(pools[1], y, x, w, dt, n_tok, n_in, n_out);
+        moe_kernels_test_no_scratch(0);
+        cr_assert_arr_eq(y, y_serial, (size_t)n_tok * n_out * sizeof *y,
+                         "%s: no-scratch path differs (n_tok=%d n_in=%d n_out=%d)", what, n_tok,
+                         n_in, n_out);
     }
     free(own);
     free(wf);
