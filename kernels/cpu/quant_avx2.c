@@ -344,23 +344,18 @@ Q4_TILE(8, 1)
  * L1. */
 #define PF_MAX_TILE 32768
 
-/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1] */
-static const q_tile_fn tiles_q8[3][4] = {{q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
-                                         {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
-                                         {q8_tile_8x1, NULL, NULL, NULL}};
-static const q_tile_fn tiles_q4[3][4] = {{q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
-                                         {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
-                                         {q4_tile_8x1, NULL, NULL, NULL}};
-
-/* Prefill tiles (n_tok >= MOE_Q_PREFILL_TOK; same bits as the decode tiles): 4 rows (Q4: 2 pairs)
- * x 3 tokens, so each token's x (and its |x| or 8x correction) serves 4 rows. Best of 2x4, 4x2,
- * 3x3, 4x3 (and Q4 6x1, 6x2) on Zen 3, one thread: Q8 65-67, Q4 70-72 GFLOP/s, still below the f32
- * panel's 80-85 (the int8 multiplies, vpmaddubsw + vpmaddwd, and the per-block convert, scale and
- * FMA outnumber the 4 FMAs of 32 f32 products on the pipes that run them). Tokens in chunks of
- * QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a task pass). Since every Q8/Q4
- * matmul runs int8 (batch invariance), these serve every prefill of a quantized model. */
+/* Prefill tiles (n_tok >= MOE_Q_PREFILL_TOK; same bits as the decode tiles): Q8 4 rows x 3 tokens,
+ * so each token's x and |x| serve 4 rows (best of 2x4, 4x2, 3x3, 4x3 on Zen 3; 2x4 and 4x2 again
+ * after the scale tables: no better); Q4 4 rows (2 pairs) x 4 tokens, so each token's x halves
+ * and 8x correction serve 2 pairs (4x4 beat 4x3 by 3-14% once the scales moved to the tables,
+ * 2 x 4 by 20-40% in decode). One thread, Zen 3: Q8 ~70, Q4 ~77-83 GFLOP/s, against the f32
+ * panel's 80-85. Tokens in chunks of QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a
+ * task pass). Since every Q8/Q4 matmul runs int8 (batch invariance), these serve every prefill of
+ * a quantized model. */
 #define QP_NR 4
 #define QP_NT 3
+#define QP_NR_Q4 4
+#define QP_NT_Q4 4
 #define QP_TOKC 96
 Q8_TILE(4, 1)
 Q8_TILE(4, 2)
@@ -368,26 +363,33 @@ Q8_TILE(4, 3)
 Q4_TILE(4, 1)
 Q4_TILE(4, 2)
 Q4_TILE(4, 3)
-/* [rows: 1, 2 or QP_NR][tokens - 1] */
-static const q_tile_fn ptiles_q8[QP_NR + 1][QP_NT] = {[1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3},
-                                                      [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3},
-                                                      [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3}};
-static const q_tile_fn ptiles_q4[QP_NR + 1][QP_NT] = {[1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3},
-                                                      [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3},
-                                                      [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3}};
+Q4_TILE(4, 4)
+/* Every tile, [rows][tokens - 1] (decode and prefill) */
+#define Q_MAXR 8
+static const q_tile_fn tiles_q8[Q_MAXR + 1][4] = {
+    [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
+    [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
+    [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3},
+    [8] = {q8_tile_8x1}};
+static const q_tile_fn tiles_q4[Q_MAXR + 1][4] = {
+    [1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
+    [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
+    [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3, q4_tile_4x4},
+    [8] = {q4_tile_8x1}};
 
 static void rows_q_prefill(float *y, const int8_t *xq, const float *xd, const void *w, moe_dtype wt,
                            int n_tok, int n_in, int n_out, int r0, int r1)
 {
-    const q_tile_fn(*tiles)[QP_NT] = wt == MOE_DT_Q8 ? ptiles_q8 : ptiles_q4;
+    const q_tile_fn(*tiles)[4] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
+    int nr = wt == MOE_DT_Q8 ? QP_NR : QP_NR_Q4, nt = wt == MOE_DT_Q8 ? QP_NT : QP_NT_Q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
     for (int tc = 0; tc < n_tok; tc += QP_TOKC) {
         int te = tc + QP_TOKC < n_tok ? tc + QP_TOKC : n_tok;
         for (int r = r0; r < r1;) {
-            int rn = r + QP_NR <= r1 ? QP_NR : r + 2 <= r1 ? 2 : 1;
-            for (int t = tc; t < te; t += QP_NT) {
-                int tn = te - t < QP_NT ? te - t : QP_NT;
+            int rn = r + nr <= r1 ? nr : r + 2 <= r1 ? 2 : 1;
+            for (int t = tc; t < te; t += nt) {
+                int tn = te - t < nt ? te - t : nt;
                 tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, NULL);
             }
             r += rn;
@@ -413,31 +415,21 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
     const q_tile_fn(*tiles)[4] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
-    /* Decode (one token): 8 rows stream side by side (Q4: 4 pairs), 7-10% faster than 4 on Zen 3;
-     * more tokens: 2 rows x 4 tokens (x and its |x| or 8x shared by 2 rows). */
-    int nr = n_tok == 1 ? 8 : 2, nr_idx = n_tok == 1 ? 2 : 1, nt = n_tok == 1 ? 1 : 4;
+    /* One token: 8 rows stream side by side (Q4: 4 pairs), 7-10% faster than 4 on Zen 3. More:
+     * Q8 2 rows x 4 tokens (4x2 and 4x3 no better), Q4 4 rows x 4 tokens (see QP_NR_Q4). */
+    int nr = n_tok == 1 ? 8 : wt == MOE_DT_Q8 ? 2 : 4;
+    int nt = n_tok == 1 ? 1 : 4;
     for (int tc = 0; tc < n_tok; tc += Q_TOKC) {
         int te = tc + Q_TOKC < n_tok ? tc + Q_TOKC : n_tok;
         for (int r = r0; r < r1;) {
-            int ri = 0, rn = 1;
-            if (r + nr <= r1) {
-                ri = nr_idx;
-                rn = nr;
-            } else if (r + 2 <= r1) {
-                ri = 1;
-                rn = 2;
-            }
+            int rn = r + nr <= r1 ? nr : r + 2 <= r1 ? 2 : 1;
             /* The next row tile of this task, prefetched by the first token tile of this one */
             const char *pf = r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
                                  ? wc + (size_t)(r + rn) * row_bytes
                                  : NULL;
             for (int t = tc; t < te; t += nt) {
                 int tn = te - t < nt ? te - t : nt;
-                const char *p = t == tc ? pf : NULL;
-                if (rn > 2) /* only n_tok == 1 */
-                    tiles[2][0](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
-                else
-                    tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
+                tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, t == tc ? pf : NULL);
             }
             r += rn;
         }
