@@ -441,11 +441,14 @@ def measure(path: Path, threads: int, pps, pp_reps: int, prompt: int, n_predict:
         best = None
         for _ in range(rounds):
             llm.clear()
-            cur = []
+            cur, pos = [], []
             for i in range(B):
-                llm.decode_prompt(i, toks[(i * 7) % len(toks):][:prompt] or toks[:prompt])
+                # every sequence gets `prompt` tokens (a rotation of the prompt): a plain slice from
+                # offset 7i ran short near the end, and the next position was then wrong for it
+                p = (toks[(i * 7) % len(toks):] + toks)[:prompt]
+                llm.decode_prompt(i, p)
                 cur.append(llm.argmax_ith(-1))
-            pos = [prompt] * B
+                pos.append(len(p))
             for _ in range(warmup):
                 llm.decode_seqs(cur, pos)
                 cur = [llm.argmax_ith(i) for i in range(B)]

@@ -83,12 +83,66 @@ AI void prefetch_step(const char *pf, size_t off, size_t step)
         _mm_prefetch(pf + c, _MM_HINT_T0);
 }
 
+/* ---- Scale products of a group of up to QG blocks ----
+ * Every (row, token, block) adds its integer lanes times d_w * d_x. Those products are formed 8
+ * blocks at a time, one vmulps per (row, token) of a tile, instead of one per (row, token, block)
+ * in the block loop (plus the per-block f16 conversion of each row's scale): the block loop then
+ * only broadcasts its product from L1 (a load, no FP pipe). The product is the same float (d_w
+ * and d_x as before, one rounding), so the bits do not change. */
+#define QG 8
+/* Tiles of one token (the decode matvec, memory bound) keep the per-block product: measured
+ * 4-25% slower from DRAM with the table (its 8-block scale gather runs ahead of the stream). */
+
+/* The f16 scales of blocks b0..b0+g-1 of a row (the first field of each block, blk_bytes apart)
+ * as 8 floats (zero past g): gathered in general-purpose registers (integer pipes, no store
+ * forwarding of 8 narrow stores into one load), converted with one vcvtph2ps. */
+AI uint64_t scales4(const char *p, size_t blk_bytes)
+{
+    uint16_t d[4];
+    for (int k = 0; k < 4; k++)
+        memcpy(&d[k], p + (size_t)k * blk_bytes, sizeof d[k]);
+    return (uint64_t)d[0] | (uint64_t)d[1] << 16 | (uint64_t)d[2] << 32 | (uint64_t)d[3] << 48;
+}
+
+AI __m256 scales8(const char *row, size_t blk_bytes, int b0, int g)
+{
+    const char *p = row + (size_t)b0 * blk_bytes;
+    uint64_t h0, h1;
+    if (g == QG) {
+        h0 = scales4(p, blk_bytes);
+        h1 = scales4(p + 4 * blk_bytes, blk_bytes);
+    } else { /* in registers too: a table of 16-bit stores read back as one load would stall */
+        h0 = h1 = 0;
+#pragma GCC unroll 8
+        for (int k = 0; k < QG; k++)
+            if (k < g) {
+                uint16_t d;
+                memcpy(&d, p + (size_t)k * blk_bytes, sizeof d);
+                if (k < 4)
+                    h0 |= (uint64_t)d << (16 * k);
+                else
+                    h1 |= (uint64_t)d << (16 * (k - 4));
+            }
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)h1, (long long)h0));
+}
+
+/* d_x of blocks b0..b0+g-1 of a token (not read past g: the last token's scales end the buffer). */
+AI __m256 xscales8(const float *d, int b0, int g)
+{
+    if (g == QG)
+        return _mm256_loadu_ps(d + b0);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(d + b0, _mm256_cmpgt_epi32(_mm256_set1_epi32(g), lane));
+}
+
 /* ---- Q8 tile: NR rows x NT tokens, one 8-lane f32 accumulator per output ----
  * vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16; vpmaddwd by ones then
  * adds pairs of those, so lane j of a block holds the exact integer dot of inputs 4j..4j+3.
  * Both operands are signed: |x| * (w * sign(x)) = w * x, |x| once per token and block, shared by
  * the NR rows (pairs stay below 2 * 127 * 127: no int16 saturation). One FMA per block adds
- * lane * (d_w * d_x): the scalar kernel's arithmetic, bit for bit. */
+ * lane * (d_w * d_x), the product taken from the group's table (scales8): the scalar kernel's
+ * arithmetic, bit for bit. */
 AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
                 int n_in, int n_out, int r, int t0, int NR, int NT, const char *pf)
 {
@@ -98,6 +152,8 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     const moe_block_q8 *wr[8];
     const int8_t *xr[4];
     const float *dr[4];
+    /* d_w * d_x of the group: [token][row][block] */
+    float pr[4][8][QG] __attribute__((aligned(32)));
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++) {
         wr[i] = (const moe_block_q8 *)(w + (size_t)(r + i) * row_bytes);
@@ -110,27 +166,41 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         xr[t] = xq + (size_t)(t0 + t) * n_in;
         dr[t] = xd + (size_t)(t0 + t) * nb;
     }
-    for (int b = 0; b < nb; b++) {
-        __m256i wv[8];
-        __m256 dw[8];
-        if (pf) /* see prefetch_step */
-            prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
-                          (size_t)NR * sizeof(moe_block_q8));
-#pragma GCC unroll 8
-        for (int i = 0; i < NR; i++) {
-            dw[i] = _mm256_set1_ps(_cvtsh_ss(wr[i][b].d));
-            wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
-        }
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[4];
 #pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
-            __m256 dx = _mm256_broadcast_ss(dr[t] + b);
-            __m256i ax = _mm256_sign_epi8(xv, xv);
+        for (int t = 0; t < NT; t++)
+            dx[t] = xscales8(dr[t], b0, g);
 #pragma GCC unroll 8
-            for (int i = 0; i < NR; i++) {
-                __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[i], xv));
-                __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                acc[i][t] = _mm256_fmadd_ps(l, _mm256_mul_ps(dw[i], dx), acc[i][t]);
+        for (int i = 0; i < NR && NT > 1; i++) { /* one token: per block (see QG) */
+            __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++)
+                _mm256_store_ps(pr[t][i], _mm256_mul_ps(dw, dx[t]));
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m256i wv[8];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
+                              (size_t)NR * sizeof(moe_block_q8));
+#pragma GCC unroll 8
+            for (int i = 0; i < NR; i++)
+                wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
+                __m256i ax = _mm256_sign_epi8(xv, xv);
+#pragma GCC unroll 8
+                for (int i = 0; i < NR; i++) {
+                    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[i], xv));
+                    __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                    __m256 sc = NT > 1 ? _mm256_broadcast_ss(&pr[t][i][k])
+                                       : _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(wr[i][b].d)),
+                                                       _mm256_broadcast_ss(dr[t] + b));
+                    acc[i][t] = _mm256_fmadd_ps(l, sc, acc[i][t]);
+                }
             }
         }
     }
@@ -148,8 +218,9 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
  * [x16..31 | x16..31]). The codes c = w + 8 are unsigned, so c * x needs no sign trick; 8 * x is
  * subtracted in int16 (pairs of c * x below 2 * 15 * 127; the int16 sum below 2^14). vpmaddwd then
  * leaves per row 4 int32 lanes, lane j = the exact integer dot over inputs 4j..4j+3 and
- * 16+4j..16+4j+3, and one FMA per block adds lane * (d_w * d_x); the result is hsum4 of the
- * lanes. The scalar kernel does exactly this (bit for bit). */
+ * 16+4j..16+4j+3, and one FMA per block adds lane * (d_w * d_x), [pA x 4 | pB x 4] blended from
+ * the group's table (scales8); the result is hsum4 of the lanes. The scalar kernel does exactly
+ * this (bit for bit). */
 AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
                 int n_in, int n_out, int r, int t0, int NP, int NT, int single, const char *pf)
 {
@@ -161,6 +232,8 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     const moe_block_q4 *wa[4], *wb[4];
     const int8_t *xr[4];
     const float *dr[4];
+    /* d_w * d_x of the group: [token][pair][row A, row B][block] */
+    float pr[4][4][2][QG] __attribute__((aligned(32)));
 #pragma GCC unroll 4
     for (int p = 0; p < NP; p++) {
         wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
@@ -174,37 +247,62 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         xr[t] = xq + (size_t)(t0 + t) * n_in;
         dr[t] = xd + (size_t)(t0 + t) * nb;
     }
-    for (int b = 0; b < nb; b++) {
-        __m256i lo[4], hi[4];
-        __m256 dw[4];
-        if (pf) /* see prefetch_step */
-            prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
-                          (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[4];
 #pragma GCC unroll 4
-        for (int p = 0; p < NP; p++) {
-            __m256i v = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
-                _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
-            lo[p] = _mm256_and_si256(v, m4);
-            hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(wa[p][b].d), wb[p][b].d, 1);
-            dw[p] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), dup);
+        for (int t = 0; t < NT; t++)
+            dx[t] = xscales8(dr[t], b0, g);
+#pragma GCC unroll 4
+        for (int p = 0; p < NP && NT > 1; p++) { /* one token: per block (see QG) */
+            __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);
+            __m256 db = single ? da : scales8((const char *)wb[p], sizeof(moe_block_q4), b0, g);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                _mm256_store_ps(pr[t][p][0], _mm256_mul_ps(da, dx[t]));
+                _mm256_store_ps(pr[t][p][1], _mm256_mul_ps(db, dx[t]));
+            }
         }
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
-            __m256i xl = _mm256_permute2x128_si256(xv, xv, 0x00);
-            __m256i xh = _mm256_permute2x128_si256(xv, xv, 0x11);
-            __m256i c = _mm256_maddubs_epi16(eight, xv); /* 8 * (x_2k + x_2k+1) */
-            __m256i cc = _mm256_add_epi16(c, _mm256_permute2x128_si256(c, c, 0x01));
-            __m256 dx = _mm256_broadcast_ss(dr[t] + b);
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m256i lo[4], hi[4];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
+                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
-                __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], xl),
-                                               _mm256_maddubs_epi16(hi[p], xh));
-                __m256i l = _mm256_madd_epi16(_mm256_sub_epi16(s16, cc), ones);
-                acc[p][t] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), _mm256_mul_ps(dw[p], dx), acc[p][t]);
+                __m256i v = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
+                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                lo[p] = _mm256_and_si256(v, m4);
+                hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                /* Broadcast loads (no shuffle on the vector pipes) */
+                const __m128i *xb = (const __m128i *)(xr[t] + (size_t)b * MOE_QK);
+                __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(xb));
+                __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(xb + 1));
+                /* 8 * (x_2k + x_2k+1) + 8 * (x_16+2k + x_17+2k), in both halves */
+                __m256i cc = _mm256_add_epi16(_mm256_maddubs_epi16(eight, xl),
+                                              _mm256_maddubs_epi16(eight, xh));
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++) {
+                    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], xl),
+                                                   _mm256_maddubs_epi16(hi[p], xh));
+                    __m256i l = _mm256_madd_epi16(_mm256_sub_epi16(s16, cc), ones);
+                    __m256 s;
+                    if (NT > 1) {
+                        s = _mm256_blend_ps(_mm256_broadcast_ss(&pr[t][p][0][k]),
+                                            _mm256_broadcast_ss(&pr[t][p][1][k]), 0xf0);
+                    } else {
+                        __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(wa[p][b].d), wb[p][b].d, 1);
+                        __m256 dw = _mm256_permutevar8x32_ps(
+                            _mm256_castps128_ps256(_mm_cvtph_ps(h)), dup);
+                        s = _mm256_mul_ps(dw, _mm256_broadcast_ss(dr[t] + b));
+                    }
+                    acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), s, acc[p][t]);
+                }
             }
         }
     }
@@ -260,23 +358,18 @@ Q4_TILE(8, 1)
  * L1. */
 #define PF_MAX_TILE 32768
 
-/* [rows: 0 = 1, 1 = 2, 2 = the decode tile of 8][tokens - 1] */
-static const q_tile_fn tiles_q8[3][4] = {{q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
-                                         {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
-                                         {q8_tile_8x1, NULL, NULL, NULL}};
-static const q_tile_fn tiles_q4[3][4] = {{q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
-                                         {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
-                                         {q4_tile_8x1, NULL, NULL, NULL}};
-
-/* Prefill tiles (n_tok >= MOE_Q_PREFILL_TOK; same bits as the decode tiles): 4 rows (Q4: 2 pairs)
- * x 3 tokens, so each token's x (and its |x| or 8x correction) serves 4 rows. Best of 2x4, 4x2,
- * 3x3, 4x3 (and Q4 6x1, 6x2) on Zen 3, one thread: Q8 65-67, Q4 70-72 GFLOP/s, still below the f32
- * panel's 80-85 (the int8 multiplies, vpmaddubsw + vpmaddwd, and the per-block convert, scale and
- * FMA outnumber the 4 FMAs of 32 f32 products on the pipes that run them). Tokens in chunks of
- * QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a task pass). Since every Q8/Q4
- * matmul runs int8 (batch invariance), these serve every prefill of a quantized model. */
+/* Prefill tiles (n_tok >= MOE_Q_PREFILL_TOK; same bits as the decode tiles): Q8 4 rows x 3 tokens,
+ * so each token's x and |x| serve 4 rows (best of 2x4, 4x2, 3x3, 4x3 on Zen 3; 2x4 and 4x2 again
+ * after the scale tables: no better); Q4 4 rows (2 pairs) x 4 tokens, so each token's x halves
+ * and 8x correction serve 2 pairs (4x4 beat 4x3 by 3-14% once the scales moved to the tables,
+ * 2 x 4 by 20-40% in decode). One thread, Zen 3: Q8 ~70, Q4 ~77-83 GFLOP/s, against the f32
+ * panel's 80-85. Tokens in chunks of QP_TOKC (96 x n_in bytes of x stay in L2 while the rows of a
+ * task pass). Since every Q8/Q4 matmul runs int8 (batch invariance), these serve every prefill of
+ * a quantized model. */
 #define QP_NR 4
 #define QP_NT 3
+#define QP_NR_Q4 4
+#define QP_NT_Q4 4
 #define QP_TOKC 96
 Q8_TILE(4, 1)
 Q8_TILE(4, 2)
@@ -284,26 +377,33 @@ Q8_TILE(4, 3)
 Q4_TILE(4, 1)
 Q4_TILE(4, 2)
 Q4_TILE(4, 3)
-/* [rows: 1, 2 or QP_NR][tokens - 1] */
-static const q_tile_fn ptiles_q8[QP_NR + 1][QP_NT] = {[1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3},
-                                                      [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3},
-                                                      [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3}};
-static const q_tile_fn ptiles_q4[QP_NR + 1][QP_NT] = {[1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3},
-                                                      [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3},
-                                                      [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3}};
+Q4_TILE(4, 4)
+/* Every tile, [rows][tokens - 1] (decode and prefill) */
+#define Q_MAXR 8
+static const q_tile_fn tiles_q8[Q_MAXR + 1][4] = {
+    [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
+    [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
+    [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3},
+    [8] = {q8_tile_8x1}};
+static const q_tile_fn tiles_q4[Q_MAXR + 1][4] = {
+    [1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
+    [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
+    [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3, q4_tile_4x4},
+    [8] = {q4_tile_8x1}};
 
 static void rows_q_prefill(float *y, const int8_t *xq, const float *xd, const void *w, moe_dtype wt,
                            int n_tok, int n_in, int n_out, int r0, int r1)
 {
-    const q_tile_fn(*tiles)[QP_NT] = wt == MOE_DT_Q8 ? ptiles_q8 : ptiles_q4;
+    const q_tile_fn(*tiles)[4] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
+    int nr = wt == MOE_DT_Q8 ? QP_NR : QP_NR_Q4, nt = wt == MOE_DT_Q8 ? QP_NT : QP_NT_Q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
     for (int tc = 0; tc < n_tok; tc += QP_TOKC) {
         int te = tc + QP_TOKC < n_tok ? tc + QP_TOKC : n_tok;
         for (int r = r0; r < r1;) {
-            int rn = r + QP_NR <= r1 ? QP_NR : r + 2 <= r1 ? 2 : 1;
-            for (int t = tc; t < te; t += QP_NT) {
-                int tn = te - t < QP_NT ? te - t : QP_NT;
+            int rn = r + nr <= r1 ? nr : r + 2 <= r1 ? 2 : 1;
+            for (int t = tc; t < te; t += nt) {
+                int tn = te - t < nt ? te - t : nt;
                 tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, NULL);
             }
             r += rn;
@@ -329,31 +429,21 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
     const q_tile_fn(*tiles)[4] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
-    /* Decode (one token): 8 rows stream side by side (Q4: 4 pairs), 7-10% faster than 4 on Zen 3;
-     * more tokens: 2 rows x 4 tokens (x and its |x| or 8x shared by 2 rows). */
-    int nr = n_tok == 1 ? 8 : 2, nr_idx = n_tok == 1 ? 2 : 1, nt = n_tok == 1 ? 1 : 4;
+    /* One token: 8 rows stream side by side (Q4: 4 pairs), 7-10% faster than 4 on Zen 3. More:
+     * Q8 2 rows x 4 tokens (4x2 and 4x3 no better), Q4 4 rows x 4 tokens (see QP_NR_Q4). */
+    int nr = n_tok == 1 ? 8 : wt == MOE_DT_Q8 ? 2 : 4;
+    int nt = n_tok == 1 ? 1 : 4;
     for (int tc = 0; tc < n_tok; tc += Q_TOKC) {
         int te = tc + Q_TOKC < n_tok ? tc + Q_TOKC : n_tok;
         for (int r = r0; r < r1;) {
-            int ri = 0, rn = 1;
-            if (r + nr <= r1) {
-                ri = nr_idx;
-                rn = nr;
-            } else if (r + 2 <= r1) {
-                ri = 1;
-                rn = 2;
-            }
+            int rn = r + nr <= r1 ? nr : r + 2 <= r1 ? 2 : 1;
             /* The next row tile of this task, prefetched by the first token tile of this one */
             const char *pf = r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
                                  ? wc + (size_t)(r + rn) * row_bytes
                                  : NULL;
             for (int t = tc; t < te; t += nt) {
                 int tn = te - t < nt ? te - t : nt;
-                const char *p = t == tc ? pf : NULL;
-                if (rn > 2) /* only n_tok == 1 */
-                    tiles[2][0](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
-                else
-                    tiles[ri][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, p);
+                tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, t == tc ? pf : NULL);
             }
             r += rn;
         }
