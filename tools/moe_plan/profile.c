@@ -7,6 +7,8 @@
 
 #include <math.h>
 #include <mpi.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,6 +167,149 @@ static moe_status measure_decode(prof *p, int b, int ctx)
     if (p->o->verbose)
         fprintf(stderr, "moe-plan profile: decode batch %d at context %d: %.3f ms (CPU %.3f ms)\n", b, ctx, ms, cpu);
     finish_all(p, first, b);
+    return MOE_OK;
+}
+
+/* ---- the sharing curve: our own ranks on one host stretching each other ---- */
+
+/* Another rank of ours, busy: its own engine on the same model, stepping a batch-1 decode back to
+ * back (a prompt of 32, then 150 tokens, again) until told to stop. A thread of this process is
+ * scheduled as an mpirun rank is: its own task in the session's scheduling group (autogroup), so
+ * the measured rank meets it as it meets the cluster's other ranks, and the machine's other jobs
+ * as they are at this moment. */
+typedef struct {
+    const moe_model *m;
+    int block_size;
+    atomic_bool stop, stepping;
+    moe_status st;
+} share_helper;
+
+static void *helper_main(void *arg)
+{
+    share_helper *h = arg;
+    moe_engine_opts eo = {.n_threads = 1, .max_batch_tokens = 64, .max_seqs = 1, .block_size = h->block_size,
+                          .n_kv_blocks = 16};
+    moe_engine *e;
+    if ((h->st = moe_engine_create(h->m, &eo, &e)) != MOE_OK) {
+        atomic_store(&h->stepping, true);
+        return NULL;
+    }
+    moe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
+    int32_t ids[32];
+    for (int i = 0; i < 32; i++)
+        ids[i] = (int32_t)((i * 7919 + 13) % h->m->cfg.vocab_size);
+    moe_token_event ev[4];
+    for (uint64_t id = 1; !atomic_load(&h->stop) && h->st == MOE_OK; id++) {
+        if ((h->st = moe_engine_add(e, id, ids, 32, &sp, 150, true)) != MOE_OK)
+            break;
+        for (int n = 0; n < 151 && !atomic_load(&h->stop); n++) {
+            int n_ev = moe_engine_step(e, ev, 4);
+            atomic_store(&h->stepping, true);
+            if (n_ev < 0) {
+                h->st = MOE_ERR_INTERNAL;
+                break;
+            }
+            bool done = false;
+            for (int i = 0; i < n_ev; i++)
+                done |= ev[i].finish != MOE_FINISH_NONE;
+            if (done)
+                break;
+        }
+        moe_engine_finish(e, id);
+    }
+    moe_engine_free(e);
+    return NULL;
+}
+
+/* The measured rank's two steps: (0) a batch-1 decode at context 32, (1) a one-prompt prefill of
+ * `plen` tokens: median wall ms of `reps`, CPU ms in *cpu. */
+static moe_status share_step(prof *p, int kind, int plen, int reps, double *wall, double *cpu)
+{
+    double v[16], u[16];
+    uint64_t first;
+    int n_ev;
+    moe_status st = MOE_OK;
+    if (kind == 0) {
+        if ((st = add_seqs(p, 1, 32, reps + 4, &first)) != MOE_OK)
+            return st;
+        if (timed_step(p, &n_ev) < 0 || n_ev < 0) /* the prompt */
+            return MOE_ERR_INTERNAL;
+    }
+    for (int r = 0; r < reps && st == MOE_OK; r++) {
+        if (kind == 1 && (st = add_seqs(p, 1, plen, 1, &first)) != MOE_OK)
+            break;
+        v[r] = timed_step(p, &n_ev);
+        u[r] = p->last_cpu;
+        if (n_ev < 0)
+            st = MOE_ERR_INTERNAL;
+        if (kind == 1)
+            finish_all(p, first, 1);
+    }
+    if (kind == 0)
+        finish_all(p, first, 1);
+    *wall = median(v, reps);
+    *cpu = median(u, reps);
+    return st;
+}
+
+/* share[l][k]: wall of step l with k more engines busy, over its CPU time alone. */
+static moe_status measure_share(prof *p, mp_costs *c)
+{
+    int kmax = p->o->share_max < MP_MAX_SHARE - 1 ? p->o->share_max : MP_MAX_SHARE - 1;
+    int reps = p->o->reps < 5 ? 5 : p->o->reps, mbt = p->o->max_batch_tokens;
+    int plen = mbt < 256 ? mbt : 256;
+    if (plen > p->m->cfg.max_position - 8)
+        plen = p->m->cfg.max_position - 8;
+    share_helper *h = calloc((size_t)kmax + 1, sizeof *h);
+    pthread_t *th = calloc((size_t)kmax + 1, sizeof *th);
+    if (!h || !th) {
+        free(h);
+        free(th);
+        return moe_error(MOE_ERR_NOMEM, "profile: out of memory");
+    }
+    moe_status st = MOE_OK;
+    double cpu0[2] = {0, 0};
+    int started = 0;
+    for (int k = 0; k <= kmax && st == MOE_OK; k++) {
+        for (; started < k; started++) { /* one more helper, stepping before the timing starts */
+            h[started] = (share_helper){.m = p->m, .block_size = p->o->block_size};
+            if (pthread_create(&th[started], NULL, helper_main, &h[started]) != 0) {
+                st = moe_error(MOE_ERR_INTERNAL, "profile: cannot start a sharing thread");
+                break;
+            }
+            while (!atomic_load(&h[started].stepping))
+                moe_sleep_ns(1000000);
+            if (h[started].st != MOE_OK)
+                st = h[started].st;
+        }
+        for (int l = 0; l < 2 && st == MOE_OK; l++) {
+            double wall, cpu;
+            if ((st = share_step(p, l, plen, reps, &wall, &cpu)) != MOE_OK)
+                break;
+            if (k == 0)
+                cpu0[l] = cpu > 1e-3 ? cpu : 1e-3;
+            c->share[l][k] = wall / cpu0[l] > 1 ? wall / cpu0[l] : 1;
+            if (p->o->verbose)
+                fprintf(stderr, "moe-plan profile: %s with %d more engines busy: %.3f ms (CPU alone %.3f ms): "
+                                "stretch %.2f\n",
+                        l ? "prefill" : "decode", k, wall, cpu0[l], c->share[l][k]);
+        }
+    }
+    for (int i = 0; i < started; i++)
+        atomic_store(&h[i].stop, true);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < started && st == MOE_OK; i++)
+        st = h[i].st;
+    free(h);
+    free(th);
+    if (st != MOE_OK)
+        return st;
+    /* The two lengths in increasing CPU order (the curve is interpolated in log CPU ms). */
+    c->n_share = kmax + 1;
+    c->n_share_lens = cpu0[1] > cpu0[0] ? 2 : 1;
+    c->share_cpu[0] = cpu0[0];
+    c->share_cpu[1] = cpu0[1];
     return MOE_OK;
 }
 
@@ -455,6 +600,8 @@ static moe_status run_engine(const mp_profile_opts *o, mp_costs *c)
     for (size_t i = 0; i < sizeof dc / sizeof dc[0] && st == MOE_OK; i++)
         if ((!o->quick || dc[i] <= 1024) && dc[i] < ctx)
             st = measure_decode(p, 4, dc[i]);
+    if (st == MOE_OK && o->share_max > 0)
+        st = measure_share(p, c);
     if (st == MOE_OK)
         fit(p, c);
     else if (moe_error_message()[0] == 0)

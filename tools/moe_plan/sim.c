@@ -14,6 +14,7 @@ typedef struct {
     double t;
     long order; /* FIFO among equal times */
     int kind, a;
+    int gen; /* EV_STEP_END: the group's schedule it belongs to (processor sharing moves ends) */
 } event;
 
 typedef struct {
@@ -26,7 +27,7 @@ typedef struct {
 
 typedef struct {
     mp_pool pool;
-    int group;
+    int group, host;
     eseq *seqs; /* arrival order */
     int n_seqs, cap_seqs;
     int kv_total, kv_used;
@@ -43,7 +44,12 @@ enum { IN_RESERVE, IN_ACCEPT };
 typedef struct {
     int first, ep; /* ranks [first, first + ep) */
     bool busy;
-    double t_end; /* when the step in flight ends */
+    double t_end; /* when the step in flight ends (with processor sharing: as scheduled now) */
+    /* Processor sharing (mp_sim_opts.host_ranks): the step's CPU work left (s) as of t_last,
+     * progressing at `rate` CPU s per s; its total (for the curve's length), its all-to-all time
+     * (after the work, not stretched), when it began, and its schedule's generation. */
+    double work, work0, rate, comm, t_last, t_start;
+    int gen;
 } group_t;
 
 enum { RQ_QUEUED, RQ_PREFILL, RQ_XFER, RQ_DECODE, RQ_DONE };
@@ -84,18 +90,20 @@ typedef struct {
     int n_heap, cap_heap;
     long order;
     double now;
+    bool ps;        /* processor sharing among a host's ranks */
+    int *host_busy; /* ranks in a step, per host */
 } sim;
 
 /* ---- the event heap ---- */
 
 static bool ev_before(const event *a, const event *b) { return a->t < b->t || (a->t == b->t && a->order < b->order); }
 
-static bool push(sim *s, double t, int kind, int a)
+static bool push_gen(sim *s, double t, int kind, int a, int gen)
 {
     if (!moe_grow((void **)&s->heap, &s->cap_heap, s->n_heap + 1, sizeof *s->heap))
         return false;
     int i = s->n_heap++;
-    event e = {.t = t, .order = s->order++, .kind = kind, .a = a};
+    event e = {.t = t, .order = s->order++, .kind = kind, .a = a, .gen = gen};
     while (i > 0 && ev_before(&e, &s->heap[(i - 1) / 2])) {
         s->heap[i] = s->heap[(i - 1) / 2];
         i = (i - 1) / 2;
@@ -103,6 +111,8 @@ static bool push(sim *s, double t, int kind, int a)
     s->heap[i] = e;
     return true;
 }
+
+static bool push(sim *s, double t, int kind, int a) { return push_gen(s, t, kind, a, 0); }
 
 static event pop(sim *s)
 {
@@ -330,6 +340,58 @@ static bool dispatch(sim *s)
 
 /* ---- steps ---- */
 
+/* Processor sharing: brings group i's step up to now at its old rate, takes the rate its hosts
+ * give now (the most loaded of its ranks' hosts sets the pace) and moves its end when the rate
+ * changed. A step already in its all-to-all part (work done) keeps its end. */
+static bool update_rate(sim *s, int i)
+{
+    group_t *gr = &s->groups[i];
+    if (gr->rate > 0 && gr->work > 0) {
+        gr->work -= (s->now - gr->t_last) * gr->rate;
+        if (gr->work < 1e-15)
+            gr->work = 0;
+    }
+    gr->t_last = s->now;
+    if (gr->rate > 0 && gr->work <= 0)
+        return true;
+    double stretch = 1;
+    for (int k = 0; k < gr->ep; k++) {
+        double r = mp_share_ratio(s->c, s->host_busy[s->ranks[gr->first + k].host], gr->work0 * 1e3, s->o->cores);
+        if (r > stretch)
+            stretch = r;
+    }
+    double rate = 1 / stretch;
+    if (rate == gr->rate)
+        return true;
+    gr->rate = rate;
+    gr->t_end = s->now + gr->work / rate + gr->comm;
+    return push_gen(s, gr->t_end, EV_STEP_END, i, ++gr->gen);
+}
+
+static bool on_host(const sim *s, int g, int host)
+{
+    for (int k = 0; k < s->groups[g].ep; k++)
+        if (s->ranks[s->groups[g].first + k].host == host)
+            return true;
+    return false;
+}
+
+/* A step of group g started or ended: every busy step on g's hosts changes pace. */
+static bool reshare(sim *s, int g)
+{
+    const group_t *gr = &s->groups[g];
+    for (int i = 0; i < s->n_groups; i++) {
+        if (!s->groups[i].busy)
+            continue;
+        bool shares = false;
+        for (int k = 0; k < gr->ep && !shares; k++)
+            shares = on_host(s, i, s->ranks[gr->first + k].host);
+        if (shares && !update_rate(s, i))
+            return false;
+    }
+    return true;
+}
+
 static bool kick(sim *s, int g)
 {
     group_t *gr = &s->groups[g];
@@ -355,6 +417,18 @@ static bool kick(sim *s, int g)
     double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
                                   : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
                 1e-3;
+    if (s->ps) {
+        double comm = mp_ep_comm_ms(s->c, &s->o->net, gr->ep, n) * 1e-3;
+        gr->busy = true;
+        gr->work = gr->work0 = dt - comm;
+        gr->comm = comm;
+        gr->rate = 0;
+        gr->t_last = gr->t_start = s->now;
+        s->st.steps++;
+        for (int k = 0; k < gr->ep; k++)
+            s->host_busy[s->ranks[gr->first + k].host]++;
+        return reshare(s, g);
+    }
     if (!s->o->step_ms_fn && s->c->n_av > 0) {
         /* The CPU time, stretched as the probe saw bursts of that length stretched on the
          * machine: at this time of the run (timed), or by a fixed sequence of draws spread over
@@ -503,6 +577,13 @@ static bool on_step_end(sim *s, int g)
 {
     group_t *gr = &s->groups[g];
     gr->busy = false;
+    if (s->ps) {
+        s->st.busy_s[s->ranks[gr->first].pool] += s->now - gr->t_start;
+        for (int k = 0; k < gr->ep; k++)
+            s->host_busy[s->ranks[gr->first + k].host]--;
+        if (!reshare(s, g))
+            return false;
+    }
     bool freed = false;
     for (int k = 0; k < gr->ep; k++) {
         rank_t *r = &s->ranks[gr->first + k];
@@ -669,6 +750,7 @@ static moe_status build(sim *s, const mp_layout *l)
                 memset(rk, 0, sizeof *rk);
                 rk->pool = (mp_pool)p;
                 rk->group = s->n_groups;
+                rk->host = s->o->host_ranks > 0 ? s->n_ranks / s->o->host_ranks : s->n_ranks;
                 rk->kv_total = kv;
                 s->n_ranks++;
             }
@@ -690,6 +772,7 @@ static void sim_free(sim *s)
     free(s->queue);
     free(s->pulls);
     free(s->heap);
+    free(s->host_busy);
 }
 
 moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts *o, const wl_workload *w,
@@ -704,9 +787,11 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
         sim_free(&s);
         return rc;
     }
+    s.ps = o->host_ranks > 0 && !o->step_ms_fn;
     s.rq = calloc((size_t)w->n + 1, sizeof *s.rq);
     s.queue = calloc((size_t)w->n + 1, sizeof *s.queue);
-    if (!s.rq || !s.queue) {
+    s.host_busy = calloc((size_t)s.n_ranks + 1, sizeof *s.host_busy);
+    if (!s.rq || !s.queue || !s.host_busy) {
         sim_free(&s);
         return moe_error(MOE_ERR_NOMEM, "simulate: out of memory for %d requests", w->n);
     }
@@ -729,7 +814,8 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
             ok = on_start(&s, e.a);
             break;
         case EV_STEP_END:
-            ok = on_step_end(&s, e.a);
+            if (e.gen == s.groups[e.a].gen) /* else a schedule that processor sharing moved */
+                ok = on_step_end(&s, e.a);
             break;
         case EV_HANDOFF:
             ok = on_handoff(&s, e.a);
