@@ -97,7 +97,8 @@ names = {"sim": "first version (profiled wall times, default fixed costs, --core
          "simav": "CPU times x availability probed during the run, calibrated fixed costs",
          "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)",
          "share": "CPU times, the host's worker ranks as processor sharing by the profile's sharing curve (--host-ranks), fixed costs calibrated for it"}
-for var in ("sim", "pred", "simav", "timed", "share"):
+names_short = ["sim", "pred", "simav", "timed", "share"]
+for var in names_short:
     print("\n**%s**\n" % names[var])
     print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
     print("|---|---|---|---|---|---|---|")
@@ -124,5 +125,22 @@ for var in ("sim", "pred", "simav", "timed", "share"):
         errs.sort()
         print("\n%s: %d figures: median |error| %.0f%%, worst %.0f%%; %d of %d within 15%%" % (
             var, len(errs), 100 * errs[len(errs) // 2], 100 * errs[-1], sum(e <= 0.15 for e in errs), len(errs)))
+# The first-to-second token gap (the hand-off as the user sees it), measured and predicted.
+print("\n**first-to-second token gap p50 / p90 ms (real, then each prediction)**\n")
+print("| trace | layout | real | " + " | ".join(names_short) + " |")
+print("|---|---|---|" + "---|" * len(names_short))
+for t in traces.split():
+    tn = os.path.basename(t).split(".")[0]
+    for l in layouts.split(";"):
+        name = l.split("|")[0]
+        key = "%s.%s" % (tn, name.replace(" ", "_").replace("+", "_"))
+        cells = []
+        for var in ["real"] + names_short:
+            try:
+                g = last(os.path.join(out, "%s.%s.json" % (key, var)))["second_token_gap_ms"]
+                cells.append("%.1f / %.1f" % (g["p50"], g["p90"]))
+            except Exception:
+                cells.append("n/a")
+        print("| %s | %s | %s |" % (tn, name, " | ".join(cells)))
 print("\n(%s requests per run at %s req/s, lengths x %s; raw JSON lines in %s)" % (n, rate, scale, out))
 PY

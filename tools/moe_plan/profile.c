@@ -172,15 +172,16 @@ static moe_status measure_decode(prof *p, int b, int ctx)
 
 /* ---- the sharing curve: our own ranks on one host stretching each other ---- */
 
-/* Another rank of ours, busy: its own engine on the same model, stepping a batch-1 decode back to
- * back (a prompt of 32, then 150 tokens, again) until told to stop. A thread of this process is
- * scheduled as an mpirun rank is: its own task in the session's scheduling group (autogroup), so
- * the measured rank meets it as it meets the cluster's other ranks, and the machine's other jobs
- * as they are at this moment. */
+/* Another rank of ours: its own engine on the same model, stepping a batch-1 decode back to back
+ * (a prompt of 32, then 150 tokens, again) while `active`, napping otherwise, until `stop`. A
+ * thread of this process is scheduled as an mpirun rank is: its own task in the session's
+ * scheduling group (autogroup), so the measured rank meets it as it meets the cluster's other
+ * ranks, and the machine's other jobs as they are at this moment. */
 typedef struct {
     const moe_model *m;
     int block_size;
-    atomic_bool stop, stepping;
+    atomic_bool stop, active, ready;
+    atomic_long steps;
     moe_status st;
 } share_helper;
 
@@ -189,11 +190,11 @@ static void *helper_main(void *arg)
     share_helper *h = arg;
     moe_engine_opts eo = {.n_threads = 1, .max_batch_tokens = 64, .max_seqs = 1, .block_size = h->block_size,
                           .n_kv_blocks = 16};
-    moe_engine *e;
-    if ((h->st = moe_engine_create(h->m, &eo, &e)) != MOE_OK) {
-        atomic_store(&h->stepping, true);
+    moe_engine *e = NULL;
+    h->st = moe_engine_create(h->m, &eo, &e);
+    atomic_store(&h->ready, true);
+    if (h->st != MOE_OK)
         return NULL;
-    }
     moe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
     int32_t ids[32];
     for (int i = 0; i < 32; i++)
@@ -202,18 +203,19 @@ static void *helper_main(void *arg)
     for (uint64_t id = 1; !atomic_load(&h->stop) && h->st == MOE_OK; id++) {
         if ((h->st = moe_engine_add(e, id, ids, 32, &sp, 150, true)) != MOE_OK)
             break;
-        for (int n = 0; n < 151 && !atomic_load(&h->stop); n++) {
+        for (bool done = false; !done && !atomic_load(&h->stop);) {
+            if (!atomic_load(&h->active)) {
+                moe_sleep_ns(1000000);
+                continue;
+            }
             int n_ev = moe_engine_step(e, ev, 4);
-            atomic_store(&h->stepping, true);
+            atomic_fetch_add(&h->steps, 1);
             if (n_ev < 0) {
                 h->st = MOE_ERR_INTERNAL;
                 break;
             }
-            bool done = false;
             for (int i = 0; i < n_ev; i++)
                 done |= ev[i].finish != MOE_FINISH_NONE;
-            if (done)
-                break;
         }
         moe_engine_finish(e, id);
     }
@@ -221,96 +223,112 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
-/* The measured rank's two steps: (0) a batch-1 decode at context 32, (1) a one-prompt prefill of
- * `plen` tokens: median wall ms of `reps`, CPU ms in *cpu. */
-static moe_status share_step(prof *p, int kind, int plen, int reps, double *wall, double *cpu)
+/* Helpers [0, k) stepping (each has stepped since), the others napping. */
+static void share_activate(share_helper *h, int n, int k)
 {
-    double v[16], u[16];
-    uint64_t first;
-    int n_ev;
-    moe_status st = MOE_OK;
-    if (kind == 0) {
-        if ((st = add_seqs(p, 1, 32, reps + 4, &first)) != MOE_OK)
-            return st;
-        if (timed_step(p, &n_ev) < 0 || n_ev < 0) /* the prompt */
-            return MOE_ERR_INTERNAL;
+    long seen[MP_MAX_SHARE];
+    for (int i = 0; i < n; i++) {
+        seen[i] = atomic_load(&h[i].steps);
+        atomic_store(&h[i].active, i < k);
     }
-    for (int r = 0; r < reps && st == MOE_OK; r++) {
-        if (kind == 1 && (st = add_seqs(p, 1, plen, 1, &first)) != MOE_OK)
-            break;
-        v[r] = timed_step(p, &n_ev);
-        u[r] = p->last_cpu;
-        if (n_ev < 0)
-            st = MOE_ERR_INTERNAL;
-        if (kind == 1)
-            finish_all(p, first, 1);
-    }
-    if (kind == 0)
-        finish_all(p, first, 1);
-    *wall = median(v, reps);
-    *cpu = median(u, reps);
-    return st;
+    for (int i = 0; i < k; i++)
+        while (atomic_load(&h[i].steps) == seen[i] && h[i].st == MOE_OK)
+            moe_sleep_ns(200000);
 }
 
-/* share[l][k]: wall of step l with k more engines busy, over its CPU time alone. */
+#define SHARE_ROUNDS 5
+#define SHARE_DECODES 3 /* decode steps per round and k */
+
+/* share[l][k]: wall of step l with k more engines busy, over its CPU time alone. The k are
+ * interleaved in rounds (0, 1, .., K, 0, 1, ..) so that the machine's load drifting during the
+ * measurement reaches every k alike; medians over the rounds. Step 0: a batch-1 decode (context
+ * 32 and growing), step 1: a one-prompt prefill of up to 128 tokens. */
 static moe_status measure_share(prof *p, mp_costs *c)
 {
     int kmax = p->o->share_max < MP_MAX_SHARE - 1 ? p->o->share_max : MP_MAX_SHARE - 1;
-    int reps = p->o->reps < 5 ? 5 : p->o->reps, mbt = p->o->max_batch_tokens;
-    int plen = mbt < 256 ? mbt : 256;
-    if (plen > p->m->cfg.max_position - 8)
-        plen = p->m->cfg.max_position - 8;
+    int plen = p->o->max_batch_tokens < 128 ? p->o->max_batch_tokens : 128;
+    if (plen > p->m->cfg.max_position / 2)
+        plen = p->m->cfg.max_position / 2;
+    int n_dec = SHARE_ROUNDS * (kmax + 1) * SHARE_DECODES;
     share_helper *h = calloc((size_t)kmax + 1, sizeof *h);
     pthread_t *th = calloc((size_t)kmax + 1, sizeof *th);
-    if (!h || !th) {
+    double *wall = calloc((size_t)2 * (kmax + 1) * n_dec, sizeof *wall), cpu[2][SHARE_ROUNDS * SHARE_DECODES];
+    if (!h || !th || !wall) {
         free(h);
         free(th);
+        free(wall);
         return moe_error(MOE_ERR_NOMEM, "profile: out of memory");
     }
+    int n_wall[2][MP_MAX_SHARE] = {{0}}, n_cpu[2] = {0, 0}, started = 0;
     moe_status st = MOE_OK;
-    double cpu0[2] = {0, 0};
-    int started = 0;
-    for (int k = 0; k <= kmax && st == MOE_OK; k++) {
-        for (; started < k; started++) { /* one more helper, stepping before the timing starts */
-            h[started] = (share_helper){.m = p->m, .block_size = p->o->block_size};
-            if (pthread_create(&th[started], NULL, helper_main, &h[started]) != 0) {
-                st = moe_error(MOE_ERR_INTERNAL, "profile: cannot start a sharing thread");
-                break;
-            }
-            while (!atomic_load(&h[started].stepping))
-                moe_sleep_ns(1000000);
-            if (h[started].st != MOE_OK)
-                st = h[started].st;
+    for (; started < kmax && st == MOE_OK; started++) {
+        h[started] = (share_helper){.m = p->m, .block_size = p->o->block_size};
+        if (pthread_create(&th[started], NULL, helper_main, &h[started]) != 0) {
+            st = moe_error(MOE_ERR_INTERNAL, "profile: cannot start a sharing thread");
+            break;
         }
-        for (int l = 0; l < 2 && st == MOE_OK; l++) {
-            double wall, cpu;
-            if ((st = share_step(p, l, plen, reps, &wall, &cpu)) != MOE_OK)
-                break;
-            if (k == 0)
-                cpu0[l] = cpu > 1e-3 ? cpu : 1e-3;
-            c->share[l][k] = wall / cpu0[l] > 1 ? wall / cpu0[l] : 1;
-            if (p->o->verbose)
-                fprintf(stderr, "moe-plan profile: %s with %d more engines busy: %.3f ms (CPU alone %.3f ms): "
-                                "stretch %.2f\n",
-                        l ? "prefill" : "decode", k, wall, cpu0[l], c->share[l][k]);
-        }
+        while (!atomic_load(&h[started].ready))
+            moe_sleep_ns(1000000);
+        st = h[started].st;
     }
+    /* The decode sequence also takes a token in each prefill step (the engine batches them): room
+     * for both. */
+    uint64_t dec, first;
+    int n_ev;
+    if (st == MOE_OK && (st = add_seqs(p, 1, 32, 2 * n_dec + 8, &dec)) == MOE_OK &&
+        (timed_step(p, &n_ev) < 0 || n_ev < 0)) /* the decode sequence's prompt */
+        st = MOE_ERR_INTERNAL;
+    for (int r = 0; r < SHARE_ROUNDS && st == MOE_OK; r++)
+        for (int k = 0; k <= kmax && st == MOE_OK; k++) {
+            share_activate(h, started, k);
+            for (int i = 0; i < kmax; i++)
+                if (h[i].st != MOE_OK)
+                    st = h[i].st;
+            for (int j = 0; j <= SHARE_DECODES && st == MOE_OK; j++) {
+                int l = j == SHARE_DECODES; /* SHARE_DECODES decodes, then the prefill */
+                if (l && (st = add_seqs(p, 1, plen, 1, &first)) != MOE_OK)
+                    break;
+                double w = timed_step(p, &n_ev);
+                if (n_ev < 0)
+                    st = MOE_ERR_INTERNAL;
+                if (l)
+                    finish_all(p, first, 1);
+                wall[((size_t)l * (kmax + 1) + k) * n_dec + n_wall[l][k]++] = w;
+                if (k == 0)
+                    cpu[l][n_cpu[l]++] = p->last_cpu;
+            }
+        }
+    share_activate(h, started, 0);
     for (int i = 0; i < started; i++)
         atomic_store(&h[i].stop, true);
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
-    for (int i = 0; i < started && st == MOE_OK; i++)
-        st = h[i].st;
+    finish_all(p, dec, 1);
+    if (st == MOE_OK) {
+        c->n_share = kmax + 1;
+        for (int l = 0; l < 2; l++) {
+            double c0 = median(cpu[l], n_cpu[l]);
+            c->share_cpu[l] = c0 > 1e-3 ? c0 : 1e-3;
+            for (int k = 0; k <= kmax; k++) {
+                double w = median(wall + ((size_t)l * (kmax + 1) + k) * n_dec, n_wall[l][k]);
+                c->share[l][k] = w / c->share_cpu[l] > 1 ? w / c->share_cpu[l] : 1;
+            }
+        }
+        /* The two lengths in increasing CPU order (the curve is interpolated in log CPU ms). */
+        c->n_share_lens = c->share_cpu[1] > c->share_cpu[0] ? 2 : 1;
+        if (p->o->verbose)
+            for (int l = 0; l < 2; l++) {
+                fprintf(stderr, "moe-plan profile: sharing curve, %s (CPU %.3f ms alone): stretch with 0..%d "
+                                "more engines busy:", l ? "prefill" : "decode", c->share_cpu[l], kmax);
+                for (int k = 0; k <= kmax; k++)
+                    fprintf(stderr, " %.2f", c->share[l][k]);
+                fputc('\n', stderr);
+            }
+    }
     free(h);
     free(th);
-    if (st != MOE_OK)
-        return st;
-    /* The two lengths in increasing CPU order (the curve is interpolated in log CPU ms). */
-    c->n_share = kmax + 1;
-    c->n_share_lens = cpu0[1] > cpu0[0] ? 2 : 1;
-    c->share_cpu[0] = cpu0[0];
-    c->share_cpu[1] = cpu0[1];
-    return MOE_OK;
+    free(wall);
+    return st;
 }
 
 static double val(const sample *x, bool cpu) { return cpu ? x->cpu : x->ms; }

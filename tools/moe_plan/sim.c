@@ -1,6 +1,6 @@
 /* The cluster simulator: an event heap, the coordinator's queue and placement, one engine model
  * per rank (the placement targets, as in the coordinator), lock-step groups for expert parallelism. */
-#include "tools/moe_plan/sim.h"
+#include "tools/moe_plan/sim_internal.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -8,97 +8,11 @@
 
 #include "common/grow.h"
 
-enum { EV_ARRIVE, EV_START, EV_STEP_END, EV_HANDOFF, EV_FIRST_SEEN, EV_TIMELINE, EV_KICK, EV_RESERVE, EV_ACCEPT };
-
-typedef struct {
-    double t;
-    long order; /* FIFO among equal times */
-    int kind, a;
-    int gen; /* EV_STEP_END: the group's schedule it belongs to (processor sharing moves ends) */
-} event;
-
-typedef struct {
-    int req;
-    int n_tokens, n_computed, n_generated, blocks;
-    bool paused, prefill_only;
-    int chunk;    /* tokens in the step in flight (0: not in it) */
-    bool layered; /* its final prefill chunk ran with the push accepted: layers left as computed */
-} eseq;
-
-typedef struct {
-    mp_pool pool;
-    int group, host;
-    eseq *seqs; /* arrival order */
-    int n_seqs, cap_seqs;
-    int kv_total, kv_used;
-    /* the coordinator's view */
-    long pending_tokens;
-    int n_pending, reserved;
-    /* Control messages that reached the rank during a step: a worker takes them in at its next
-     * loop turn, after the step (worker/worker_loop.c drains, then steps). Request ids, by kind. */
-    int *inbox[2], n_inbox[2], cap_inbox[2];
-} rank_t;
-
-enum { IN_RESERVE, IN_ACCEPT };
-
-typedef struct {
-    int first, ep; /* ranks [first, first + ep) */
-    bool busy;
-    double t_end; /* when the step in flight ends (with processor sharing: as scheduled now) */
-    /* Processor sharing (mp_sim_opts.host_ranks): the step's CPU work left (s) as of t_last,
-     * progressing at `rate` CPU s per s; its total (for the curve's length), its all-to-all time
-     * (after the work, not stretched), when it began, and its schedule's generation. */
-    double work, work0, rate, comm, t_last, t_start;
-    int gen;
-} group_t;
-
-enum { RQ_QUEUED, RQ_PREFILL, RQ_XFER, RQ_DECODE, RQ_DONE };
-
-/* The layer-by-layer push's handshake (worker/kv_push.c): the prefill side sends KvReserve when it
- * takes the start in, the decode side answers at its next loop turn (accepts with room), and the
- * prefill side takes the accept in at its next loop turn. Only the final prefill chunk's step
- * pushes layers as they are computed, and only when the accept was in before that step began;
- * otherwise every layer moves once the accept is in after the prefill. */
-enum { RES_NONE, RES_SENT, RES_ACCEPTED, RES_DECLINED };
-
-typedef struct {
-    int state, pi, di, reserved;
-    int res;         /* RES_*: the push handshake (RES_NONE: no push, e.g. whole-block mode) */
-    bool accept_in;  /* the prefill side has taken the accept in */
-    bool pull;       /* no decode reservation: whole blocks move after the prefill */
-    bool counted;    /* in its prefill rank's pending counters */
-    double t_ready;  /* pull mode: when the prefill finished (waiting for decode room since) */
-} sreq;
-
-typedef struct {
-    const mp_costs *c;
-    const mp_sim_opts *o;
-    const wl_workload *w;
-    rp_record *rec;
-    mp_sim_stats st;
-    int mbt, max_seqs, bs;
-    bool disagg;
-    rank_t *ranks;
-    int n_ranks, cap_ranks;
-    group_t *groups;
-    int n_groups, cap_groups;
-    sreq *rq;
-    int *queue, q_head, q_len; /* FIFO of request ids (every request has priority 0) */
-    int in_flight, done;
-    int *pulls, n_pulls, cap_pulls; /* pull-mode requests waiting for decode room */
-    event *heap;
-    int n_heap, cap_heap;
-    long order;
-    double now;
-    bool ps;        /* processor sharing among a host's ranks */
-    int *host_busy; /* ranks in a step, per host */
-} sim;
-
 /* ---- the event heap ---- */
 
 static bool ev_before(const event *a, const event *b) { return a->t < b->t || (a->t == b->t && a->order < b->order); }
 
-static bool push_gen(sim *s, double t, int kind, int a, int gen)
+bool mp_sim_push(sim *s, double t, int kind, int a, int gen)
 {
     if (!moe_grow((void **)&s->heap, &s->cap_heap, s->n_heap + 1, sizeof *s->heap))
         return false;
@@ -112,7 +26,7 @@ static bool push_gen(sim *s, double t, int kind, int a, int gen)
     return true;
 }
 
-static bool push(sim *s, double t, int kind, int a) { return push_gen(s, t, kind, a, 0); }
+static bool push(sim *s, double t, int kind, int a) { return mp_sim_push(s, t, kind, a, 0); }
 
 static event pop(sim *s)
 {
@@ -340,58 +254,6 @@ static bool dispatch(sim *s)
 
 /* ---- steps ---- */
 
-/* Processor sharing: brings group i's step up to now at its old rate, takes the rate its hosts
- * give now (the most loaded of its ranks' hosts sets the pace) and moves its end when the rate
- * changed. A step already in its all-to-all part (work done) keeps its end. */
-static bool update_rate(sim *s, int i)
-{
-    group_t *gr = &s->groups[i];
-    if (gr->rate > 0 && gr->work > 0) {
-        gr->work -= (s->now - gr->t_last) * gr->rate;
-        if (gr->work < 1e-15)
-            gr->work = 0;
-    }
-    gr->t_last = s->now;
-    if (gr->rate > 0 && gr->work <= 0)
-        return true;
-    double stretch = 1;
-    for (int k = 0; k < gr->ep; k++) {
-        double r = mp_share_ratio(s->c, s->host_busy[s->ranks[gr->first + k].host], gr->work0 * 1e3, s->o->cores);
-        if (r > stretch)
-            stretch = r;
-    }
-    double rate = 1 / stretch;
-    if (rate == gr->rate)
-        return true;
-    gr->rate = rate;
-    gr->t_end = s->now + gr->work / rate + gr->comm;
-    return push_gen(s, gr->t_end, EV_STEP_END, i, ++gr->gen);
-}
-
-static bool on_host(const sim *s, int g, int host)
-{
-    for (int k = 0; k < s->groups[g].ep; k++)
-        if (s->ranks[s->groups[g].first + k].host == host)
-            return true;
-    return false;
-}
-
-/* A step of group g started or ended: every busy step on g's hosts changes pace. */
-static bool reshare(sim *s, int g)
-{
-    const group_t *gr = &s->groups[g];
-    for (int i = 0; i < s->n_groups; i++) {
-        if (!s->groups[i].busy)
-            continue;
-        bool shares = false;
-        for (int k = 0; k < gr->ep && !shares; k++)
-            shares = on_host(s, i, s->ranks[gr->first + k].host);
-        if (shares && !update_rate(s, i))
-            return false;
-    }
-    return true;
-}
-
 static bool kick(sim *s, int g)
 {
     group_t *gr = &s->groups[g];
@@ -427,7 +289,7 @@ static bool kick(sim *s, int g)
         s->st.steps++;
         for (int k = 0; k < gr->ep; k++)
             s->host_busy[s->ranks[gr->first + k].host]++;
-        return reshare(s, g);
+        return mp_sim_reshare(s, g);
     }
     if (!s->o->step_ms_fn && s->c->n_av > 0) {
         /* The CPU time, stretched as the probe saw bursts of that length stretched on the
@@ -581,7 +443,7 @@ static bool on_step_end(sim *s, int g)
         s->st.busy_s[s->ranks[gr->first].pool] += s->now - gr->t_start;
         for (int k = 0; k < gr->ep; k++)
             s->host_busy[s->ranks[gr->first + k].host]--;
-        if (!reshare(s, g))
+        if (!mp_sim_reshare(s, g))
             return false;
     }
     bool freed = false;
