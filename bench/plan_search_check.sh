@@ -10,7 +10,8 @@
 # profile calibrated with --host-ranks, e.g. plan_check.sh's KEY.calsh.json).
 # Usage: bench/plan_search_check.sh BUILD_DIR PROFILE AVAILABILITY|share [MODEL_DIR]
 # Env: SC_OUT (results dir), SC_RANKS (2), SC_REQUESTS (40), SC_LEN_SCALE (0.5),
-#      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2).
+#      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2),
+#      SC_TOP (2: the layouts run live, best first).
 set -euo pipefail
 build=$(cd "${1:?usage: $0 BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]}" && pwd)
 prof=$(realpath "${2:?profile}")
@@ -35,7 +36,7 @@ hb=""; case $trace in *chat*) hb="--hash-block 64" ;; esac
 wl="--trace $trace --requests $n --len-scale $scale $hb"
 # shellcheck disable=SC2086
 "$build/moe-plan" search --profile "$prof" $model_flags --ranks "${SC_RANKS:-2}" $wl --kv-blocks $kv \
-  --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --top 2 > "$out/search.txt"
+  --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --top "${SC_TOP:-2}" > "$out/search.txt"
 cat "$out/search.txt"
 rate=$(grep '^best:' "$out/search.txt" | sed 's/^best: //' | python3 -c 'import json,sys; print(json.load(sys.stdin)["goodput_rps"])')
 mapfile -t tops < <(grep -E '^[0-9]+ ' "$out/search.txt")
