@@ -3,6 +3,8 @@
 # `moe-plan profile` (under mpirun -np 2: the MPI hand-off rate and all-to-all too), then for each
 # layout and trace runs moe-bench on a live `mpirun moe-serve` cluster and `moe-plan simulate` on
 # the same workload, and prints the error table (TTFT/TPOT p50/p90, simulated vs measured).
+# A fifth prediction (share) runs our worker ranks as processor sharing of this host by the
+# profile's measured sharing curve (--host-ranks).
 # Every run also records the workers' step trace ($out/KEY.steps.RANK.jsonl, MOE_STEP_TRACE), the
 # machine's CPU availability before and during the run (moe-plan probe) and the fixed costs
 # calibrated on the cluster (moe-plan calibrate); bench/plan_steps.py compares the step trace with
@@ -74,6 +76,12 @@ for t in $traces; do
       "$build/moe-plan" simulate --profile "$out/$key.cal.json" --availability "$out/$key.$vf.json" $vx \
         --layout "$simlay" $wl --kv-blocks $kv --json --jsonl "$out/$key.$vn.jsonl" > "$out/$key.$vn.json"
     done
+    # (share) CPU times, our np-1 worker ranks sharing this host as processor sharing by the
+    # profile's measured curve (no probe: a prediction from the profile taken before the run).
+    [ -f "$out/$key.calsh.json" ] &&
+      # shellcheck disable=SC2086
+      "$build/moe-plan" simulate --profile "$out/$key.calsh.json" --host-ranks $((np - 1)) --layout "$simlay" $wl \
+        --kv-blocks $kv --json --jsonl "$out/$key.share.jsonl" > "$out/$key.share.json"
   done
 done
 
@@ -87,8 +95,10 @@ def last(path):
 names = {"sim": "first version (profiled wall times, default fixed costs, --cores)",
          "pred": "CPU times x availability probed before the run, calibrated fixed costs",
          "simav": "CPU times x availability probed during the run, calibrated fixed costs",
-         "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)"}
-for var in ("sim", "pred", "simav", "timed"):
+         "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)",
+         "share": "CPU times, the host's worker ranks as processor sharing by the profile's sharing curve (--host-ranks), fixed costs calibrated for it"}
+names_short = ["sim", "pred", "simav", "timed", "share"]
+for var in names_short:
     print("\n**%s**\n" % names[var])
     print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
     print("|---|---|---|---|---|---|---|")
@@ -115,5 +125,22 @@ for var in ("sim", "pred", "simav", "timed"):
         errs.sort()
         print("\n%s: %d figures: median |error| %.0f%%, worst %.0f%%; %d of %d within 15%%" % (
             var, len(errs), 100 * errs[len(errs) // 2], 100 * errs[-1], sum(e <= 0.15 for e in errs), len(errs)))
+# The first-to-second token gap (the hand-off as the user sees it), measured and predicted.
+print("\n**first-to-second token gap p50 / p90 ms (real, then each prediction)**\n")
+print("| trace | layout | real | " + " | ".join(names_short) + " |")
+print("|---|---|---|" + "---|" * len(names_short))
+for t in traces.split():
+    tn = os.path.basename(t).split(".")[0]
+    for l in layouts.split(";"):
+        name = l.split("|")[0]
+        key = "%s.%s" % (tn, name.replace(" ", "_").replace("+", "_"))
+        cells = []
+        for var in ["real"] + names_short:
+            try:
+                g = last(os.path.join(out, "%s.%s.json" % (key, var)))["second_token_gap_ms"]
+                cells.append("%.1f / %.1f" % (g["p50"], g["p90"]))
+            except Exception:
+                cells.append("n/a")
+        print("| %s | %s | %s |" % (tn, name, " | ".join(cells)))
 print("\n(%s requests per run at %s req/s, lengths x %s; raw JSON lines in %s)" % (n, rate, scale, out))
 PY

@@ -27,13 +27,19 @@ plan_start() {
 }
 
 # plan_calibrate KEY PROFILE: 15 s of probing (KEY.avail_before.json), then the fixed costs
-# measured on the cluster into a copy of PROFILE (KEY.cal.json); then starts the probe that runs
+# measured on the cluster into a copy of PROFILE (KEY.cal.json, and KEY.calsh.json for
+# --host-ranks); then starts the probe that runs
 # beside the workload (KEY.avail.json, pid in pp).
 plan_calibrate() {
   "$build/moe-plan" probe --quiet --seconds 15 --out "$out/$1.avail_before.json"
   cp "$2" "$out/$1.cal.json"
   "$build/moe-plan" calibrate --profile "$out/$1.cal.json" --availability "$out/$1.avail_before.json" \
     --addr "127.0.0.1:$port" 2> "$out/$1.cal.log" || cat "$out/$1.cal.log" >&2
+  # The same fixed costs for the processor-sharing model (KEY.calsh.json): the probes' engine steps
+  # costed at the profile's sharing curve (a lone step) instead of the probe's mean stretch.
+  cp "$2" "$out/$1.calsh.json"
+  "$build/moe-plan" calibrate --profile "$out/$1.calsh.json" --host-ranks 1 --addr "127.0.0.1:$port" \
+    2> "$out/$1.calsh.log" || cat "$out/$1.calsh.log" >&2
   "$build/moe-plan" probe --quiet --out "$out/$1.avail.json" & pp=$!
 }
 

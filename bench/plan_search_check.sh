@@ -5,13 +5,21 @@
 # rate, alternating (1, 2, 1, 2, ...) so that the machine's load drifts over both alike; every
 # run's measured attainment next to the predicted one, and the spread of the repeats (the noise
 # the difference has to beat).
-# Usage: bench/plan_search_check.sh BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]
+# AVAILABILITY is a `moe-plan probe` file, or `share`: the processor-sharing model instead (every
+# layout's worker ranks on this one host, --host-ranks, by PROFILE's sharing curve; give it a
+# profile calibrated with --host-ranks, e.g. plan_check.sh's KEY.calsh.json).
+# Usage: bench/plan_search_check.sh BUILD_DIR PROFILE AVAILABILITY|share [MODEL_DIR]
 # Env: SC_OUT (results dir), SC_RANKS (2), SC_REQUESTS (40), SC_LEN_SCALE (0.5),
-#      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2).
+#      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2),
+#      SC_TOP (2: the layouts run live, best first).
 set -euo pipefail
 build=$(cd "${1:?usage: $0 BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]}" && pwd)
 prof=$(realpath "${2:?profile}")
-avail=$(realpath "${3:?availability}")
+if [ "${3:?availability}" = share ]; then
+  model_flags="--host-ranks ${SC_RANKS:-2}"
+else
+  model_flags="--availability $(realpath "$3")"
+fi
 src=$(cd "$(dirname "$0")/.." && pwd)
 model=${4:-}
 n=${SC_REQUESTS:-40}
@@ -27,8 +35,8 @@ out_default=${SC_OUT:-}
 hb=""; case $trace in *chat*) hb="--hash-block 64" ;; esac
 wl="--trace $trace --requests $n --len-scale $scale $hb"
 # shellcheck disable=SC2086
-"$build/moe-plan" search --profile "$prof" --availability "$avail" --ranks "${SC_RANKS:-2}" $wl --kv-blocks $kv \
-  --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --top 2 > "$out/search.txt"
+"$build/moe-plan" search --profile "$prof" $model_flags --ranks "${SC_RANKS:-2}" $wl --kv-blocks $kv \
+  --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --top "${SC_TOP:-2}" > "$out/search.txt"
 cat "$out/search.txt"
 rate=$(grep '^best:' "$out/search.txt" | sed 's/^best: //' | python3 -c 'import json,sys; print(json.load(sys.stdin)["goodput_rps"])')
 mapfile -t tops < <(grep -E '^[0-9]+ ' "$out/search.txt")
@@ -39,7 +47,7 @@ for rep in $(seq "$reps"); do
     read -r np flags <<< "$(plan_flags "$lay")"
     # The prediction at this rate, for the same workload.
     # shellcheck disable=SC2086
-    "$build/moe-plan" simulate --profile "$prof" --availability "$avail" --layout "$lay" $wl --rate "$rate" \
+    "$build/moe-plan" simulate --profile "$prof" $model_flags --layout "$lay" $wl --rate "$rate" \
       --kv-blocks $kv --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --json > "$out/$key.sim.json"
     # shellcheck disable=SC2086
     plan_start "$key" "$np" $flags
@@ -55,10 +63,13 @@ import json, os, sys
 out, key, rank, lay, ranks, rate = sys.argv[1:]
 last = lambda p: json.loads(open(os.path.join(out, p)).read().strip().splitlines()[-1])
 r, s = last(key + ".real.json"), last(key + ".sim.json")
-print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | TTFT p90 %.0f / TPOT p90 %.1f ms | %s |" % (
-    rank, lay, ranks, float(rate), 100 * s["attainment"], 100 * r["attainment"], r["ttft_ms"]["p90"],
-    r["tpot_ms"]["p90"], open(os.path.join(out, key + ".load")).read().strip()))
+lat = lambda x: "%.0f / %.0f, %.1f / %.1f ms" % (x["ttft_ms"]["p50"], x["ttft_ms"]["p90"], x["tpot_ms"]["p50"],
+                                                  x["tpot_ms"]["p90"])
+g = r.get("second_token_gap_ms", {}).get("p50")
+print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | %s | %s | %s | %s |" % (
+    rank, lay, ranks, float(rate), 100 * s["attainment"], 100 * r["attainment"], lat(r), lat(s),
+    "%.1f ms" % g if g is not None else "n/a", open(os.path.join(out, key + ".load")).read().strip()))
 PY
   done
 done
-echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured latencies | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
+echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured TTFT p50 / p90, TPOT p50 / p90 | predicted ones | measured first-to-second token gap p50 | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"

@@ -51,8 +51,10 @@ static void usage(FILE *f)
           "  --timeout-ms MS      per request (default 600000)\n"
           "output:\n"
           "  --json               the summary as one JSON line instead of the table\n"
-          "  --jsonl FILE         JSON lines: every request, the timeline, each run's summary and the\n"
-          "                       sweep's answer (bench/plot.py draws them)\n"
+          "  --jsonl FILE         JSON lines: every request (TTFT, TPOT, E2E and the first-to-second\n"
+          "                       token gap: a disaggregated cluster's hand-off as the user sees it),\n"
+          "                       the timeline, each run's summary and the sweep's answer\n"
+          "                       (bench/plot.py draws them); the table's T1-T2 row is that gap\n"
           "  --status-ms MS       timeline period: ClusterStatus polled for queues and KV (default 250;\n"
           "                       0 off; needs --jsonl)\n"
           "  --no-progress        no progress line on stderr\n",

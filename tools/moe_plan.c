@@ -21,10 +21,13 @@ static void usage(FILE *f)
 {
     fputs("usage: moe-plan profile --model DIR [--out FILE] [--threads T] [--batch-tokens N] [--max-seqs N]\n"
           "                        [--kv-block-size N] [--reps N] [--quick] [--note TEXT] [--quiet]\n"
+          "                        [--share-max K]\n"
           "         measures step times (prefill vs prompt tokens and batch, decode vs batch and context)\n"
           "         with the real engine; under mpirun -np N >= 2 also the KV hand-off rate between two\n"
           "         ranks and the expert-parallel all-to-all over N ranks (MPI backend). Writes FILE\n"
-          "         (default profile.json).\n"
+          "         (default profile.json). Also how our own ranks on one host stretch each other:\n"
+          "         a short and a long step timed alone and while 1..K more engines step back to back\n"
+          "         in this process (default K 3; 0 skips), the curve --host-ranks uses.\n"
           "       moe-plan probe --out FILE [--seconds S] [--interval-ms M]\n"
           "         measures the CPU a process gets on this machine when it wakes to compute 1-64 ms\n"
           "         (wall / CPU per burst, a burst every M ms, default 200), until S seconds have\n"
@@ -50,6 +53,11 @@ static void usage(FILE *f)
           "  --kv-transfer layer|block   the hand-off mode (default layer)\n"
           "  --max-requests N     admission limit (default 1024)\n"
           "  --cores N            the ranks share N cores (one machine; default: a core each)\n"
+          "  --host-ranks N       N worker ranks per host (layout order) share the host's cores as\n"
+          "                       processor sharing: a step's CPU time progresses at the rate the\n"
+          "                       profile's sharing curve gives for the host's ranks busy at that\n"
+          "                       moment (without a curve: busy ranks / --cores). Not with\n"
+          "                       --availability; calibrate with --host-ranks 1 for it\n"
           "  --availability FILE  a `moe-plan probe` file: steps cost the profile's CPU times,\n"
           "                       stretched as the probe saw CPU bursts stretched (replaces --cores)\n"
           "  --availability-timed the probe ran beside the workload from its start: each step takes\n"
@@ -117,7 +125,7 @@ static int parse_args(int argc, char **argv, plan_opts *o)
     o->top = 5;
     o->timeline_ms = 250;
     o->prof = (mp_profile_opts){.out = "profile.json", .max_batch_tokens = 512, .max_seqs = 64,
-                                .block_size = 16, .reps = 5, .verbose = true};
+                                .block_size = 16, .reps = 5, .share_max = 3, .verbose = true};
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? -1 : 1;
@@ -203,6 +211,10 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             r = parse_int_arg(v, 1, &o->sim.max_requests);
         } else if (!strcmp(a, "--cores")) {
             r = parse_int_arg(v, 1, &o->sim.cores);
+        } else if (!strcmp(a, "--host-ranks")) {
+            r = parse_int_arg(v, 1, &o->sim.host_ranks);
+        } else if (!strcmp(a, "--share-max")) {
+            r = parse_int_arg(v, 0, &o->prof.share_max);
         } else if (!strcmp(a, "--ranks")) {
             r = parse_int_arg(v, 1, &o->ranks);
         } else if (!strcmp(a, "--machine-ranks")) {
@@ -251,6 +263,18 @@ static moe_status load_costs(const plan_opts *o, mp_costs *c)
         c->token_path_ms = o->token_path_ms;
     if (o->step_overhead_ms >= 0)
         c->step_overhead_ms = o->step_overhead_ms;
+    if (o->sim.host_ranks > 0) {
+        /* Processor sharing stretches CPU times by our own ranks' concurrency as the profile measured
+         * it; the probe's independent draws would count the same sharing twice. */
+        if (o->avail)
+            return moe_error(MOE_ERR_INVALID_ARG, "--host-ranks and --availability are two models of the same "
+                                                  "sharing: give one");
+        if (!c->has_cpu || (c->n_share == 0 && o->sim.cores == 0))
+            return moe_error(MOE_ERR_INVALID_ARG, "--host-ranks: %s has no %s (profile again with this moe-plan, or "
+                                                  "give --cores N)",
+                             o->profile, c->has_cpu ? "sharing curve (share)" : "CPU times (step.ms_cpu)");
+        c->cpu_steps = true;
+    }
     if (!o->avail)
         return o->avail_timed ? moe_error(MOE_ERR_INVALID_ARG, "--availability-timed needs --availability FILE")
                               : MOE_OK;

@@ -23,6 +23,7 @@ a cost model that is not the engine's (the wall times of a loaded profile were 3
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,11 @@ def plan_simulator_vs_live_1p1d():
         run(["probe", "--quiet", "--seconds", "8", "--out", before_av], timeout=30)
         # The fixed costs outside the engine, measured on this cluster by 10 separate probes.
         run(["calibrate", "--profile", prof, "--availability", before_av, "--addr", addr], timeout=60)
+        # And for the processor-sharing model (--host-ranks): the probes' steps at the profile's
+        # measured lone-step stretch.
+        prof_sh = os.path.join(tmp, "profile_share.json")
+        shutil.copy(prof, prof_sh)
+        run(["calibrate", "--profile", prof_sh, "--host-ranks", "1", "--addr", addr], timeout=60)
         avail = os.path.join(tmp, "avail.json")
         probe = subprocess.Popen([tool("moe-plan"), "probe", "--quiet", "--out", avail])
         before = settled_handoffs(c)
@@ -126,8 +132,82 @@ def plan_simulator_vs_live_1p1d():
         a, b = r[m]["p50"], s[m]["p50"]
         check(a > 0 and b > 0 and 1 / TOL <= b / a <= TOL,
               "%s p50: live %.3f, simulated %.3f (outside a factor of %g)" % (m, a, b, TOL))
+    # The processor-sharing model: the profile's measured curve (it must have one: profile writes it),
+    # the 2 worker ranks on this one host; the same token counts and hand-offs, medians within TOL.
+    share = json.load(open(prof_sh)).get("share")
+    check(share and len(share["ratio"][0]) == 4 and all(x >= 1 for row in share["ratio"] for x in row),
+          "profile's sharing curve (1..4 busy ranks, stretches >= 1): %s" % share)
+    sh_args = ["simulate", "--profile", prof_sh, "--host-ranks", "2", "--layout", "P=1x1,D=1x1", "--kv-blocks", "512"] + wl
+    sh = last_json(run(sh_args + ["--json"], timeout=30).stdout)
+    check(sh["ok"] == 12 and sh["output_tokens"] == r["output_tokens"], "share model served %d, %d tokens" % (
+        sh["ok"], sh["output_tokens"]))
+    for m in ("ttft_ms", "tpot_ms"):
+        a, b = r[m]["p50"], sh[m]["p50"]
+        check(a > 0 and b > 0 and 1 / TOL <= b / a <= TOL,
+              "share model %s p50: live %.3f, simulated %.3f (outside a factor of %g)" % (m, a, b, TOL))
+    print("share model: TTFT/TPOT p50 %.2f / %.3f ms" % (sh["ttft_ms"]["p50"], sh["tpot_ms"]["p50"]))
     print("live TTFT/TPOT p50 %.2f / %.3f ms, simulated %.2f / %.3f ms; decode CPU ratio %.2f (%d steps)" % (
         r["ttft_ms"]["p50"], r["tpot_ms"]["p50"], s["ttft_ms"]["p50"], s["tpot_ms"]["p50"], ratio, n_dec))
+
+
+def percentile(v, q):
+    """Linear interpolation between order statistics, as report.c documents its percentiles; the
+    reference is Python's statistics.quantiles (method "inclusive", the same definition)."""
+    import statistics
+    return statistics.quantiles(v, n=100, method="inclusive")[q - 1] if len(v) > 1 else v[0]
+
+
+@test
+def plan_bench_second_token_gap():
+    """moe-bench's first-to-second token gap, per request (JSON lines) and as percentiles: on a 1P+1D
+    cluster whose decode rank waits 400 ms after each KV offer before pulling (the test hook
+    MOE_TEST_PULL_DELAY_MS, which also turns the layer-by-layer push off), every request's gap holds
+    that wait, while its later tokens come at decode speed; the summary's percentiles are those of
+    the per-request gaps; a one-token request has none. On a colocated cluster (no hand-off) the
+    gap is a decode step, far below the wait."""
+    tmp = tempfile.mkdtemp(prefix="plan-gap-")
+    wait_ms = 400
+    wl = ["--requests", "6", "--rate", "4", "--prompt-len", "16-48", "--output-len", "6", "--seed", "3"]
+    runs = {}
+    for name, np_, args, env in (("disagg", 3, ["--prefill-instances", "1", "--decode-instances", "1"],
+                                  {"MOE_TEST_PULL_DELAY_MS": str(wait_ms)}),
+                                 ("colocated", 3, ["--colocated"], None)):
+        jl = os.path.join(tmp, name + ".jsonl")
+        with Cluster(np=np_, args=args, env=env) as c:
+            addr = "127.0.0.1:%d" % c.port
+            out = subprocess.run([tool("moe-bench"), "--addr", addr, "--json", "--no-progress", "--jsonl", jl] + wl,
+                                 check=True, timeout=90, capture_output=True, text=True).stdout
+            one = subprocess.run([tool("moe-bench"), "--addr", addr, "--json", "--no-progress", "--jsonl",
+                                  jl + ".one", "--requests", "1", "--prompt-len", "8", "--output-len", "1"],
+                                 check=True, timeout=60, capture_output=True, text=True)
+        reqs = [json.loads(l) for l in open(jl) if '"type": "request"' in l]
+        runs[name] = (last_json(out), reqs)
+        check(len(reqs) == 6 and all(r["ok"] and r["n_tokens"] == 6 for r in reqs), "%s: requests %s" % (name, reqs))
+        one_req = [json.loads(l) for l in open(jl + ".one") if '"type": "request"' in l]
+        check(len(one_req) == 1 and one_req[0]["ok"] and "second_token_gap_ms" not in one_req[0],
+              "%s: a one-token request must carry no gap: %s" % (name, one_req))
+    summ, reqs = runs["disagg"]
+    gaps = [r["second_token_gap_ms"] for r in reqs]
+    for r in reqs:
+        # After the first token: the gap, then 4 more tokens at decode speed (the tiny model's 0.2 ms
+        # steps: the coordinator often sends them in the second token's message, rest 0).
+        rest = (r["e2e_ms"] - r["ttft_ms"] - r["second_token_gap_ms"]) / 4
+        check(r["second_token_gap_ms"] >= wait_ms, "gap %.1f ms below the decode side's %d ms wait: %s" % (
+            r["second_token_gap_ms"], wait_ms, r))
+        check(-1e-3 <= rest < r["second_token_gap_ms"] / 4, "later tokens %.1f ms apart against a gap of %.1f ms: %s" % (
+            rest, r["second_token_gap_ms"], r))
+        check(abs(r["tpot_ms"] - (r["e2e_ms"] - r["ttft_ms"]) / 5) < 1e-3, "TPOT is not (E2E - TTFT) / 5: %s" % r)
+    d = summ["second_token_gap_ms"]
+    check(d["n"] == 6, "summary gap over %d requests" % d["n"])
+    for q in (50, 90):
+        ref = percentile(gaps, q)
+        check(abs(d["p%d" % q] - ref) < 1e-3 + 1e-6 * ref, "gap p%d: summary %.4f, from the requests %.4f" % (
+            q, d["p%d" % q], ref))
+    co_summ, co_reqs = runs["colocated"]
+    co = co_summ["second_token_gap_ms"]["p50"]
+    check(co < wait_ms / 2, "colocated gap p50 %.1f ms: no hand-off to wait for" % co)
+    print("first-to-second token gap p50: 1P+1D with a %d ms pull wait %.1f ms, colocated %.1f ms" % (
+        wait_ms, d["p50"], co))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,86 @@ Test(plan_sim, shared_cores_slow_concurrent_steps)
     cr_assert_float_eq(rec[1].t_first * 1e3, DISP_MS + T(100) + PATH_MS, EPS);
 }
 
+/* --host-ranks: ranks on one host share its cores as processor sharing by the profile's measured
+ * curve. CPU times are half the wall model, T(100) / 2 = 26 ms for a 100-token prefill; the curve:
+ * a lone step stretched 1.25x, two of our ranks busy 3x each. Request 0 starts its step at d
+ * (dispatch), request 1 (placed on the other rank: fewer pending tokens) at 10 + d ms. Step 0 runs
+ * alone for 10 ms (8 ms of CPU at 1 / 1.25), then both at 1 / 3: its remaining 18 ms of CPU take
+ * 54 ms, so it ends at 64 + d; step 1 has had 18 ms of CPU by then, and its last 8 ms take 10 ms
+ * alone: it ends at 74 + d. On separate hosts (one rank per host) both run alone: 32.5 ms. */
+Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
+{
+    mp_costs c = costs(0);
+    for (int i = 0; i < c.n_pts; i++)
+        c.ms_cpu[i] = c.ms[i] / 2;
+    c.attn_cpu_ms = 0;
+    c.has_cpu = true;
+    c.cpu_steps = true;
+    c.n_share = 2;
+    c.n_share_lens = 1;
+    c.share_cpu[0] = 5;
+    c.share[0][0] = 1.25;
+    c.share[0][1] = 3;
+    mp_layout l;
+    mp_layout_parse("M=2x1", &l);
+    wl_request r[2] = {{.t_s = 0, .n_in = 100, .n_out = 1}, {.t_s = 0.010, .n_in = 100, .n_out = 1}};
+    wl_workload w = {.req = r, .n = 2};
+    mp_sim_opts o = {.max_requests = 1024, .host_ranks = 2};
+    rp_record rec[2];
+    memset(rec, 0, sizeof rec);
+    mp_sim_stats st;
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, &st), MOE_OK, "%s", moe_error_message());
+    cr_assert(rec[0].ok && rec[1].ok);
+    cr_assert_float_eq(T(100) / 2, 26, EPS);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 64 + PATH_MS, EPS);
+    cr_assert_float_eq(rec[1].t_first * 1e3, DISP_MS + 74 + PATH_MS, EPS);
+    cr_assert_float_eq(st.busy_s[MP_POOL_MIXED] * 1e3, 64 + (74 - 10), EPS);
+    o.host_ranks = 1;
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 32.5 + PATH_MS, EPS);
+    cr_assert_float_eq(rec[1].t_first * 1e3, 10 + DISP_MS + 32.5 + PATH_MS, EPS);
+    /* The curve: beyond its last point, processor sharing of it (3 busy: 3 x 3 / 2); between two
+     * lengths, linear in log CPU ms; without a curve, n / cores. */
+    cr_assert_float_eq(mp_share_ratio(&c, 3, 26, 0), 4.5, EPS);
+    c.n_share_lens = 2;
+    c.share_cpu[1] = 80;
+    c.share[1][0] = 2.25;
+    c.share[1][1] = 5;
+    cr_assert_float_eq(mp_share_ratio(&c, 1, 20, 0), 1.75, EPS); /* log 20 is halfway from log 5 to log 80 */
+    cr_assert_float_eq(mp_share_ratio(&c, 2, 1000, 0), 5, EPS);
+    c.n_share = 0;
+    cr_assert_float_eq(mp_share_ratio(&c, 3, 26, 2), 1.5, EPS);
+    cr_assert_float_eq(mp_share_ratio(&c, 1, 26, 2), 1, EPS);
+}
+
+/* The sharing curve survives the profile file. */
+Test(plan_sim, share_curve_round_trips_through_the_profile_file)
+{
+    mp_costs c = costs(0), d;
+    c.n_share = 3;
+    c.n_share_lens = 2;
+    c.share_cpu[0] = 4;
+    c.share_cpu[1] = 90;
+    double v[2][3] = {{1.1, 2.5, 4}, {1.5, 3.5, 6.25}};
+    memcpy(c.share[0], v[0], sizeof v[0]);
+    memcpy(c.share[1], v[1], sizeof v[1]);
+    char path[] = "/tmp/test_plan_share_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    cr_assert_eq(mp_costs_save(path, &c), MOE_OK, "%s", moe_error_message());
+    cr_assert_eq(mp_costs_load(path, &d), MOE_OK, "%s", moe_error_message());
+    unlink(path);
+    cr_assert_eq(d.n_share, 3);
+    cr_assert_eq(d.n_share_lens, 2);
+    for (int l = 0; l < 2; l++) {
+        cr_assert_float_eq(d.share_cpu[l], c.share_cpu[l], EPS);
+        for (int n = 0; n < 3; n++)
+            cr_assert_float_eq(d.share[l][n], v[l][n], EPS);
+    }
+}
+
 Test(plan_sim, kv_cache_too_small_is_an_error_per_request)
 {
     mp_costs c = costs(0);

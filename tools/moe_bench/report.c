@@ -213,6 +213,10 @@ void rp_print_requests_jsonl(FILE *f, const rp_record *r, int n, const char *ext
         if (q->ok && q->n_tokens > 0) {
             fprintf(f, ", \"ttft_ms\": %.4f, \"e2e_ms\": %.4f, \"tpot_ms\": %.4f",
                     (q->t_first - q->t_arrival) * 1e3, (q->t_last - q->t_arrival) * 1e3, req_tpot_ms(q));
+            /* The first-to-second token gap: in a disaggregated cluster the KV hand-off as the
+             * user sees it (the summary's second_token_gap_ms is over these). */
+            if (q->n_tokens > 1)
+                fprintf(f, ", \"second_token_gap_ms\": %.4f", (q->t_second - q->t_first) * 1e3);
         } else if (q->error[0]) {
             fputs(", \"error\": \"", f);
             for (const char *c = q->error; *c; c++) {

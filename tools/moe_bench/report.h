@@ -51,7 +51,8 @@ void rp_print_table(FILE *f, const rp_summary *s, const rp_slo *slo);
 /* One JSON object on one line (with a newline): {"type": TYPE, <extra>, ...the summary...}.
  * extra is pre-formatted JSON members without braces ("\"rate\": 2") or NULL. */
 void rp_print_json(FILE *f, const char *type, const char *extra, const rp_summary *s, const rp_slo *slo);
-/* One JSON line per request: {"type": "request", "i": ..., "arrival_s": ..., "ttft_ms": ...}. */
+/* One JSON line per request: {"type": "request", "i": ..., "arrival_s": ..., "ttft_ms": ..., "e2e_ms",
+ * "tpot_ms", and "second_token_gap_ms" (first to second token) when it has two tokens or more}. */
 void rp_print_requests_jsonl(FILE *f, const rp_record *r, int n, const char *extra);
 
 /* Shared options: --slo-ttft-ms, --slo-tpot-ms, --target (attainment goal, (0, 1]). Returns 1 when

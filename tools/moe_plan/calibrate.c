@@ -58,11 +58,13 @@ moe_status mp_calibrate(const char *addr, int requests, mp_costs *c)
             st = moe_error(MOE_ERR_UNAVAILABLE, "calibrate: %d of %d probe requests failed", s.failed, w.n);
         } else {
             /* The engine's part of the probes as the simulator will cost it (with an availability
-             * curve: CPU time stretched by the curve's mean): the rest is overhead. */
+             * curve: CPU time stretched by the curve's mean; with processor sharing, --host-ranks:
+             * by the sharing curve's lone-step stretch, each probe's steps running with no other
+             * rank of ours busy): the rest is overhead. */
             double prefill = mp_step_ms(c, 8, mp_attn_work(0, 8)) - c->step_overhead_ms;
             double decode = mp_step_ms(c, 1, 12) - c->step_overhead_ms;
-            prefill *= mp_avail_ratio(c, prefill, -1);
-            decode *= mp_avail_ratio(c, decode, -1);
+            prefill *= c->cpu_steps ? mp_share_ratio(c, 1, prefill, 0) : mp_avail_ratio(c, prefill, -1);
+            decode *= c->cpu_steps ? mp_share_ratio(c, 1, decode, 0) : mp_avail_ratio(c, decode, -1);
             /* Decode-only time per token: second to last token (the first gap is the hand-off in a
              * disaggregated cluster), and that first gap; medians over the probes. Token messages
              * may carry several tokens, so per-message gaps (ITL) would understate them. */

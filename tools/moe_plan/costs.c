@@ -40,7 +40,7 @@ static double interp(const double *x, const double *y, int n, double v)
 }
 
 /* The step curve in use: CPU times when an availability curve stretches them, else wall times. */
-static bool use_cpu(const mp_costs *c) { return c->n_av > 0 && c->has_cpu; }
+static bool use_cpu(const mp_costs *c) { return (c->n_av > 0 || c->cpu_steps) && c->has_cpu; }
 static double step_T(const mp_costs *c, double n) { return interp(c->tok, use_cpu(c) ? c->ms_cpu : c->ms, c->n_pts, n); }
 static double step_k(const mp_costs *c) { return use_cpu(c) ? c->attn_cpu_ms : c->attn_ms; }
 
@@ -94,6 +94,32 @@ double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw
     if (lo > 0 && t_s - t[lo - 1] < t[lo] - t_s)
         lo--;
     return c->av_ratio[b][lo];
+}
+
+static double share_at(const mp_costs *c, int l, int n)
+{
+    if (n <= c->n_share)
+        return c->share[l][n - 1];
+    return c->share[l][c->n_share - 1] * n / c->n_share;
+}
+
+double mp_share_ratio(const mp_costs *c, int n_busy, double cpu_ms, int cores)
+{
+    if (n_busy < 1)
+        n_busy = 1;
+    if (c->n_share < 1 || c->n_share_lens < 1)
+        return cores > 0 && n_busy > cores ? (double)n_busy / cores : 1;
+    int nl = c->n_share_lens;
+    double x = log(cpu_ms > 1e-3 ? cpu_ms : 1e-3);
+    if (nl == 1 || x <= log(c->share_cpu[0]))
+        return share_at(c, 0, n_busy);
+    if (x >= log(c->share_cpu[nl - 1]))
+        return share_at(c, nl - 1, n_busy);
+    int i = 1;
+    while (x > log(c->share_cpu[i]))
+        i++;
+    double a = log(c->share_cpu[i - 1]), b = log(c->share_cpu[i]), u = (x - a) / (b - a);
+    return (1 - u) * share_at(c, i - 1, n_busy) + u * share_at(c, i, n_busy);
 }
 
 double mp_xfer_ms(const mp_costs *c, const mp_net *net, double bytes)
@@ -198,6 +224,42 @@ static moe_status read_json(const char *path, cJSON **out)
     return *out ? MOE_OK : moe_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
 }
 
+/* "share": {"cpu_ms": [L lengths, increasing], "ratio": [L arrays of the stretch with 1, 2, ...
+ * busy ranks]}: optional (profiles written before it have none). */
+static moe_status load_share(const cJSON *j, const char *path, mp_costs *c)
+{
+    const cJSON *sh = cJSON_GetObjectItemCaseSensitive(j, "share");
+    if (!sh)
+        return MOE_OK;
+    const cJSON *cpu = cJSON_GetObjectItemCaseSensitive(sh, "cpu_ms");
+    const cJSON *rat = cJSON_GetObjectItemCaseSensitive(sh, "ratio");
+    int nl = cJSON_GetArraySize(cpu);
+    if (!cJSON_IsArray(cpu) || !cJSON_IsArray(rat) || nl < 1 || nl > MP_SHARE_LENS || cJSON_GetArraySize(rat) != nl)
+        return moe_error(MOE_ERR_FORMAT, "%s: share.cpu_ms and share.ratio must be arrays of 1..%d, alike", path,
+                         MP_SHARE_LENS);
+    int nb = cJSON_GetArraySize(cJSON_GetArrayItem(rat, 0));
+    if (nb < 1 || nb > MP_MAX_SHARE)
+        return moe_error(MOE_ERR_FORMAT, "%s: share.ratio rows must hold 1..%d numbers", path, MP_MAX_SHARE);
+    for (int l = 0; l < nl; l++) {
+        const cJSON *cl = cJSON_GetArrayItem(cpu, l), *row = cJSON_GetArrayItem(rat, l);
+        if (!cJSON_IsNumber(cl) || cl->valuedouble <= 0 || (l && cl->valuedouble <= c->share_cpu[l - 1]) ||
+            cJSON_GetArraySize(row) != nb)
+            return moe_error(MOE_ERR_FORMAT, "%s: share length %d: cpu_ms must increase and rows be of %d numbers",
+                             path, l, nb);
+        c->share_cpu[l] = cl->valuedouble;
+        for (int n = 0; n < nb; n++) {
+            const cJSON *v = cJSON_GetArrayItem(row, n);
+            if (!cJSON_IsNumber(v) || v->valuedouble <= 0)
+                return moe_error(MOE_ERR_FORMAT, "%s: share.ratio[%d][%d] is not a positive number", path, l, n);
+            /* Below 1 is a clock's rounding: never faster than the CPU. */
+            c->share[l][n] = v->valuedouble >= 1 ? v->valuedouble : 1;
+        }
+    }
+    c->n_share_lens = nl;
+    c->n_share = nb;
+    return MOE_OK;
+}
+
 moe_status mp_costs_load(const char *path, mp_costs *c)
 {
     cJSON *j;
@@ -269,6 +331,8 @@ moe_status mp_costs_load(const char *path, mp_costs *c)
         }
         c->n_samples++;
     }
+    if ((st = load_share(j, path, c)) != MOE_OK)
+        goto out;
     const cJSON *x = cJSON_GetObjectItemCaseSensitive(j, "kv_transfer");
     opt_num(x, "gbps", &c->xfer_gbps);
     opt_num(x, "latency_ms", &c->xfer_latency_ms);
@@ -325,6 +389,13 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
     cJSON *smp = cJSON_AddArrayToObject(step, "samples");
     for (int i = 0; i < c->n_samples; i++)
         cJSON_AddItemToArray(smp, cJSON_CreateDoubleArray(c->samples[i], c->has_cpu ? 4 : 3));
+    if (c->n_share > 0) {
+        cJSON *sh = cJSON_AddObjectToObject(j, "share");
+        cJSON_AddItemToObject(sh, "cpu_ms", cJSON_CreateDoubleArray(c->share_cpu, c->n_share_lens));
+        cJSON *rat = cJSON_AddArrayToObject(sh, "ratio");
+        for (int l = 0; l < c->n_share_lens; l++)
+            cJSON_AddItemToArray(rat, cJSON_CreateDoubleArray(c->share[l], c->n_share));
+    }
     cJSON *x = cJSON_AddObjectToObject(j, "kv_transfer");
     cJSON_AddNumberToObject(x, "gbps", c->xfer_gbps);
     cJSON_AddNumberToObject(x, "latency_ms", c->xfer_latency_ms);

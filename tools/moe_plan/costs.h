@@ -12,6 +12,8 @@
 #define MP_MAX_SAMPLES 256
 #define MP_MAX_AV 8
 #define MP_AV_SAMPLES 512
+#define MP_MAX_SHARE 16 /* busy ranks of ours on one host the sharing curve covers */
+#define MP_SHARE_LENS 4
 
 typedef struct {
     int ep;
@@ -67,6 +69,19 @@ typedef struct {
      * contention land on the same stretch of the run, instead of being spread over every step. */
     float av_t[MP_MAX_AV][MP_AV_SAMPLES];
     bool av_has_t, av_timed;
+    /* How our own ranks on one host stretch each other (`moe-plan profile` measures it with the
+     * real engine: a step timed alone and while k more engines of ours step back to back in the
+     * same process, i.e. the same scheduling group as mpirun's ranks, bench/RESULTS.md issue 14).
+     * share[l][n-1]: wall time of a step needing share_cpu[l] ms of CPU while n of our ranks are
+     * busy on the host (itself included), over that CPU time; n_share: the n measured (1..). The
+     * machine's other jobs at the moment of the profile are in it too (share[l][0] is the stretch
+     * of a lone step). Used by the simulator's processor sharing (mp_sim_opts.host_ranks). */
+    int n_share, n_share_lens;
+    double share_cpu[MP_SHARE_LENS];
+    double share[MP_SHARE_LENS][MP_MAX_SHARE];
+    /* Step costs are CPU times (ms_cpu) to be stretched by the simulator (the sharing curve, or
+     * --cores as processor sharing): set by the caller for mp_sim_opts.host_ranks > 0. */
+    bool cpu_steps;
     /* KV hand-off between instances on this machine: a copy rate and a per-message latency. */
     double xfer_gbps, xfer_latency_ms;
     /* Expert-parallel all-to-all, measured on this machine's comm backend (may be empty). */
@@ -97,6 +112,11 @@ moe_status mp_avail_load(const char *path, mp_costs *c);
 double mp_avail_ratio(const mp_costs *c, double cpu_ms, long draw);
 /* With av_timed: the ratio the nearest bin measured nearest t_s; else mp_avail_ratio(draw). */
 double mp_avail_ratio_at(const mp_costs *c, double cpu_ms, double t_s, long draw);
+/* The wall/CPU stretch of a step needing cpu_ms of CPU while n_busy of our ranks step on its host
+ * (itself included): the sharing curve interpolated in log(cpu_ms) between the measured lengths
+ * (clamped at the ends); beyond the largest measured n, processor sharing of that point
+ * (share(N) * n / N); without a curve, max(1, n_busy / cores) (cores <= 0: 1). */
+double mp_share_ratio(const mp_costs *c, int n_busy, double cpu_ms, int cores);
 /* One step of an expert-parallel instance of ep ranks whose ranks hold n[r] tokens and attention
  * work attn[r]: attention and dense parts per rank (the slowest sets the pace), the routed experts
  * split ep ways, and a dispatch + combine all-to-all per MoE layer. */

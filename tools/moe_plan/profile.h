@@ -10,6 +10,7 @@ typedef struct {
     int threads, max_batch_tokens, max_seqs, block_size;
     int reps;   /* timed repetitions per point (median), 1..16 */
     bool quick; /* fewer points (CI) */
+    int share_max; /* the sharing curve: up to this many other engines stepping beside (0: none) */
     bool verbose;
 } mp_profile_opts;
 

@@ -1,6 +1,6 @@
 /* The cluster simulator: an event heap, the coordinator's queue and placement, one engine model
  * per rank (the placement targets, as in the coordinator), lock-step groups for expert parallelism. */
-#include "tools/moe_plan/sim.h"
+#include "tools/moe_plan/sim_internal.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -8,94 +8,16 @@
 
 #include "common/grow.h"
 
-enum { EV_ARRIVE, EV_START, EV_STEP_END, EV_HANDOFF, EV_FIRST_SEEN, EV_TIMELINE, EV_KICK, EV_RESERVE, EV_ACCEPT };
-
-typedef struct {
-    double t;
-    long order; /* FIFO among equal times */
-    int kind, a;
-} event;
-
-typedef struct {
-    int req;
-    int n_tokens, n_computed, n_generated, blocks;
-    bool paused, prefill_only;
-    int chunk;    /* tokens in the step in flight (0: not in it) */
-    bool layered; /* its final prefill chunk ran with the push accepted: layers left as computed */
-} eseq;
-
-typedef struct {
-    mp_pool pool;
-    int group;
-    eseq *seqs; /* arrival order */
-    int n_seqs, cap_seqs;
-    int kv_total, kv_used;
-    /* the coordinator's view */
-    long pending_tokens;
-    int n_pending, reserved;
-    /* Control messages that reached the rank during a step: a worker takes them in at its next
-     * loop turn, after the step (worker/worker_loop.c drains, then steps). Request ids, by kind. */
-    int *inbox[2], n_inbox[2], cap_inbox[2];
-} rank_t;
-
-enum { IN_RESERVE, IN_ACCEPT };
-
-typedef struct {
-    int first, ep; /* ranks [first, first + ep) */
-    bool busy;
-    double t_end; /* when the step in flight ends */
-} group_t;
-
-enum { RQ_QUEUED, RQ_PREFILL, RQ_XFER, RQ_DECODE, RQ_DONE };
-
-/* The layer-by-layer push's handshake (worker/kv_push.c): the prefill side sends KvReserve when it
- * takes the start in, the decode side answers at its next loop turn (accepts with room), and the
- * prefill side takes the accept in at its next loop turn. Only the final prefill chunk's step
- * pushes layers as they are computed, and only when the accept was in before that step began;
- * otherwise every layer moves once the accept is in after the prefill. */
-enum { RES_NONE, RES_SENT, RES_ACCEPTED, RES_DECLINED };
-
-typedef struct {
-    int state, pi, di, reserved;
-    int res;         /* RES_*: the push handshake (RES_NONE: no push, e.g. whole-block mode) */
-    bool accept_in;  /* the prefill side has taken the accept in */
-    bool pull;       /* no decode reservation: whole blocks move after the prefill */
-    bool counted;    /* in its prefill rank's pending counters */
-    double t_ready;  /* pull mode: when the prefill finished (waiting for decode room since) */
-} sreq;
-
-typedef struct {
-    const mp_costs *c;
-    const mp_sim_opts *o;
-    const wl_workload *w;
-    rp_record *rec;
-    mp_sim_stats st;
-    int mbt, max_seqs, bs;
-    bool disagg;
-    rank_t *ranks;
-    int n_ranks, cap_ranks;
-    group_t *groups;
-    int n_groups, cap_groups;
-    sreq *rq;
-    int *queue, q_head, q_len; /* FIFO of request ids (every request has priority 0) */
-    int in_flight, done;
-    int *pulls, n_pulls, cap_pulls; /* pull-mode requests waiting for decode room */
-    event *heap;
-    int n_heap, cap_heap;
-    long order;
-    double now;
-} sim;
-
 /* ---- the event heap ---- */
 
 static bool ev_before(const event *a, const event *b) { return a->t < b->t || (a->t == b->t && a->order < b->order); }
 
-static bool push(sim *s, double t, int kind, int a)
+bool mp_sim_push(sim *s, double t, int kind, int a, int gen)
 {
     if (!moe_grow((void **)&s->heap, &s->cap_heap, s->n_heap + 1, sizeof *s->heap))
         return false;
     int i = s->n_heap++;
-    event e = {.t = t, .order = s->order++, .kind = kind, .a = a};
+    event e = {.t = t, .order = s->order++, .kind = kind, .a = a, .gen = gen};
     while (i > 0 && ev_before(&e, &s->heap[(i - 1) / 2])) {
         s->heap[i] = s->heap[(i - 1) / 2];
         i = (i - 1) / 2;
@@ -103,6 +25,8 @@ static bool push(sim *s, double t, int kind, int a)
     s->heap[i] = e;
     return true;
 }
+
+static bool push(sim *s, double t, int kind, int a) { return mp_sim_push(s, t, kind, a, 0); }
 
 static event pop(sim *s)
 {
@@ -355,6 +279,18 @@ static bool kick(sim *s, int g)
     double dt = (s->o->step_ms_fn ? s->o->step_ms_fn(s->o->step_ctx, g, total, attn_sum)
                                   : mp_ep_step_ms(s->c, &s->o->net, gr->ep, n, attn)) *
                 1e-3;
+    if (s->ps) {
+        double comm = mp_ep_comm_ms(s->c, &s->o->net, gr->ep, n) * 1e-3;
+        gr->busy = true;
+        gr->work = gr->work0 = dt - comm;
+        gr->comm = comm;
+        gr->rate = 0;
+        gr->t_last = gr->t_start = s->now;
+        s->st.steps++;
+        for (int k = 0; k < gr->ep; k++)
+            s->host_busy[s->ranks[gr->first + k].host]++;
+        return mp_sim_reshare(s, g);
+    }
     if (!s->o->step_ms_fn && s->c->n_av > 0) {
         /* The CPU time, stretched as the probe saw bursts of that length stretched on the
          * machine: at this time of the run (timed), or by a fixed sequence of draws spread over
@@ -503,6 +439,13 @@ static bool on_step_end(sim *s, int g)
 {
     group_t *gr = &s->groups[g];
     gr->busy = false;
+    if (s->ps) {
+        s->st.busy_s[s->ranks[gr->first].pool] += s->now - gr->t_start;
+        for (int k = 0; k < gr->ep; k++)
+            s->host_busy[s->ranks[gr->first + k].host]--;
+        if (!mp_sim_reshare(s, g))
+            return false;
+    }
     bool freed = false;
     for (int k = 0; k < gr->ep; k++) {
         rank_t *r = &s->ranks[gr->first + k];
@@ -669,6 +612,7 @@ static moe_status build(sim *s, const mp_layout *l)
                 memset(rk, 0, sizeof *rk);
                 rk->pool = (mp_pool)p;
                 rk->group = s->n_groups;
+                rk->host = s->o->host_ranks > 0 ? s->n_ranks / s->o->host_ranks : s->n_ranks;
                 rk->kv_total = kv;
                 s->n_ranks++;
             }
@@ -690,6 +634,7 @@ static void sim_free(sim *s)
     free(s->queue);
     free(s->pulls);
     free(s->heap);
+    free(s->host_busy);
 }
 
 moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts *o, const wl_workload *w,
@@ -704,9 +649,11 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
         sim_free(&s);
         return rc;
     }
+    s.ps = o->host_ranks > 0 && !o->step_ms_fn;
     s.rq = calloc((size_t)w->n + 1, sizeof *s.rq);
     s.queue = calloc((size_t)w->n + 1, sizeof *s.queue);
-    if (!s.rq || !s.queue) {
+    s.host_busy = calloc((size_t)s.n_ranks + 1, sizeof *s.host_busy);
+    if (!s.rq || !s.queue || !s.host_busy) {
         sim_free(&s);
         return moe_error(MOE_ERR_NOMEM, "simulate: out of memory for %d requests", w->n);
     }
@@ -729,7 +676,8 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
             ok = on_start(&s, e.a);
             break;
         case EV_STEP_END:
-            ok = on_step_end(&s, e.a);
+            if (e.gen == s.groups[e.a].gen) /* else a schedule that processor sharing moved */
+                ok = on_step_end(&s, e.a);
             break;
         case EV_HANDOFF:
             ok = on_handoff(&s, e.a);

@@ -36,6 +36,16 @@ typedef struct {
                            starts while more ranks step than there are cores takes longer in
                            proportion (fixed at its start). Unused when the costs carry a
                            measured availability curve (costs.h), which includes that sharing */
+    /* Worker ranks per host (0: not modelled, every rank has its host to itself): the ranks, in
+     * layout order (P, then D, then M pools; an instance's EP ranks together), fill hosts of this
+     * many. Ranks on one host share its cores as processor sharing: a step's CPU work (the
+     * profile's CPU times; the caller sets mp_costs.cpu_steps) progresses at 1 / the stretch for
+     * the number of the host's ranks in a step at that moment (mp_share_ratio: the profile's
+     * measured sharing curve, else --cores), recomputed whenever a step on the host starts or
+     * ends; an EP step at the pace of its most loaded host, its all-to-alls not stretched. A
+     * layout over many hosts of few ranks each is unaffected. Replaces the availability curve
+     * and the fixed-at-start --cores model. */
+    int host_ranks;
     int gate_batches;   /* the coordinator holds requests while an instance has this many batches
                            of prompt tokens pending (0: 4, as coordinator/cluster_sched.c) */
     /* Replay (tests): when set, step durations come from here instead of the cost model, with the
