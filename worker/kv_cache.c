@@ -2,6 +2,7 @@
 #include "worker/kv_cache.h"
 
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -104,56 +105,43 @@ static moe_status check_span(const moe_kv_cache *kv, int block, size_t off, size
     return MOE_OK;
 }
 
-moe_status moe_kv_read(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n)
+/* One copy between a span of a block and host memory: memcpy on a host pool, else the backend's
+ * copy (`to_host`: download, else upload; `async`: the stream-ordered variant). */
+static moe_status copy_span(moe_kv_cache *kv, int block, size_t off, void *host, size_t n,
+                            bool to_host, bool async)
 {
     moe_status st = check_span(kv, block, off, n);
     if (st != MOE_OK)
         return st;
-    const char *src = (const char *)moe_kv_block_data(kv, block) + off;
+    char *span = (char *)moe_kv_block_data(kv, block) + off;
     if (!kv->be) {
-        memcpy(dst, src, n);
+        memcpy(to_host ? host : span, to_host ? span : host, n);
         return MOE_OK;
     }
-    return kv->be->ops->download(kv->be, dst, src, n);
+    const moe_backend_ops *o = kv->be->ops;
+    if (to_host)
+        return (async ? o->download_async : o->download)(kv->be, host, span, n);
+    return (async ? o->upload_async : o->upload)(kv->be, span, host, n);
+}
+
+moe_status moe_kv_read(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n)
+{
+    return copy_span(kv, block, off, dst, n, true, false);
 }
 
 moe_status moe_kv_write(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n)
 {
-    moe_status st = check_span(kv, block, off, n);
-    if (st != MOE_OK)
-        return st;
-    char *dst = (char *)moe_kv_block_data(kv, block) + off;
-    if (!kv->be) {
-        memcpy(dst, src, n);
-        return MOE_OK;
-    }
-    return kv->be->ops->upload(kv->be, dst, src, n);
+    return copy_span(kv, block, off, (void *)(uintptr_t)src, n, false, false);
 }
 
 moe_status moe_kv_read_async(moe_kv_cache *kv, int block, size_t off, void *dst, size_t n)
 {
-    moe_status st = check_span(kv, block, off, n);
-    if (st != MOE_OK)
-        return st;
-    const char *src = (const char *)moe_kv_block_data(kv, block) + off;
-    if (!kv->be) {
-        memcpy(dst, src, n);
-        return MOE_OK;
-    }
-    return kv->be->ops->download_async(kv->be, dst, src, n);
+    return copy_span(kv, block, off, dst, n, true, true);
 }
 
 moe_status moe_kv_write_async(moe_kv_cache *kv, int block, size_t off, const void *src, size_t n)
 {
-    moe_status st = check_span(kv, block, off, n);
-    if (st != MOE_OK)
-        return st;
-    char *dst = (char *)moe_kv_block_data(kv, block) + off;
-    if (!kv->be) {
-        memcpy(dst, src, n);
-        return MOE_OK;
-    }
-    return kv->be->ops->upload_async(kv->be, dst, src, n);
+    return copy_span(kv, block, off, (void *)(uintptr_t)src, n, false, true);
 }
 
 moe_status moe_kv_sync(moe_kv_cache *kv) { return kv->be ? kv->be->ops->synchronize(kv->be) : MOE_OK; }
