@@ -70,6 +70,13 @@ def long_request(**kw):
     return gen_request(ids=[5, 6, 7, 8, 9, 10, 11, 12], max_new=400, ignore_eos=True, **kw)
 
 
+def stable_view(st):
+    """What /metrics mirrors of a ClusterStatus, less the fields that change by the clock alone."""
+    return (st.counters.SerializeToString(deterministic=True), st.totals.SerializeToString(deterministic=True),
+            [(i.id, i.running, i.waiting, i.kv_blocks_used, i.kv_blocks_committed, i.kv_blocks_total)
+             for i in st.instances])
+
+
 def http_post(port, path, body, timeout=60):
     req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -220,10 +227,20 @@ def outcomes_add_up_and_metrics_match_status():
         check(k.requests_finished == 6, "finished %d, want 6:\n%s" % (k.requests_finished, k))
         check(k.requests_finished_length + k.requests_finished_eos + k.requests_finished_stop == k.requests_finished,
               str(k))
-        text = scrape(hport)
+        # The per-instance gauges follow the instances' load reports, which keep arriving after the
+        # last stream closed (a cancelled request leaves its instance a report later): compare a
+        # scrape only with a ClusterStatus that was the same just before and just after it.
+        settle_t = time.time() + 15
+        while True:
+            before = c.status()
+            text = scrape(hport)
+            st = c.status()
+            if stable_view(before) == stable_view(st):
+                break
+            check(time.time() < settle_t, "ClusterStatus still changing 15 s after the run:\n%s" % st)
+            time.sleep(0.1)
         promtool_check(text)
         m = parse_metrics(text)
-        st = c.status()
         k = st.counters
         name = os.path.basename(model)
 
