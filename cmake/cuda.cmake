@@ -1,6 +1,6 @@
 # CUDA / NCCL detection. Both are optional: a CPU-only build always passes its tests.
 # Sets MOE_HAVE_CUDA (toolkit + cudart found) and MOE_HAVE_NCCL (and nccl.h/libnccl found).
-# CUDA kernels (kernels/cuda/*.cu) are compiled with nvcc when there are any.
+# MOE_CUDA_SRC lists the CUDA kernels (kernels/cuda/*.cu), compiled with nvcc into the CUDA plugin.
 set(MOE_HAVE_CUDA OFF)
 set(MOE_HAVE_NCCL OFF)
 if(NOT MOE_CUDA STREQUAL "OFF")
@@ -22,16 +22,8 @@ if(NOT MOE_CUDA STREQUAL "OFF")
       endif()
       enable_language(CUDA)
       set(CMAKE_CUDA_STANDARD 17)
-      # Shared: a static CUDA library would make every executable that links it link through
-      # nvcc, which rejects the sanitizer and fuzzer link flags; a shared one keeps C links.
-      add_library(moe_cuda_kernels SHARED ${MOE_CUDA_SRC})
-      target_include_directories(moe_cuda_kernels PUBLIC ${CMAKE_SOURCE_DIR})
-      target_compile_options(moe_cuda_kernels PRIVATE -Xcompiler=-Wall,-Wextra)
-      if(MOE_WERROR)
-        target_compile_options(moe_cuda_kernels PRIVATE --Werror=all-warnings)
-      endif()
-      # the CUDA backend (worker/compute/backend_cuda.c) calls cuBLAS; cuBLASLt comes with it
-      target_link_libraries(moe_cuda_kernels PUBLIC CUDA::cudart CUDA::cublas CUDA::cublasLt)
+      # The kernels go into the CUDA plugin (libmoe_cuda.so, made in CMakeLists.txt beside the
+      # worker, with the backend's host side and the NCCL comm), never into the executables.
     endif()
   elseif(MOE_CUDA STREQUAL "ON")
     message(FATAL_ERROR "MOE_CUDA=ON but no CUDA toolkit was found")

@@ -34,16 +34,20 @@ unit_tests() { # unit_tests BUILD_DIR: every Criterion binary must run at least 
 
 stage "build (warnings as errors)" scripts/build.sh build -DMOE_WERROR=ON
 stage "unit tests" unit_tests build
-cuda_built() { # where a CUDA toolkit is installed the build must have compiled the CUDA backend
-  # (nvcc, sm_80 + sm_90, warnings as errors) and moe-serve must link cuBLAS and NCCL
-  [ -f build/libmoe_cuda_kernels.so ] || { echo "toolkit found but no libmoe_cuda_kernels.so"; return 1; }
-  local libs
-  libs=$(ldd build/moe-serve) || return 1
-  echo "$libs" | grep -q libcublas || { echo "moe-serve does not link cuBLAS"; return 1; }
+cuda_built() { # where a CUDA toolkit is installed the build must have compiled the CUDA plugin
+  # (nvcc, sm_80 + sm_90, warnings as errors) linking cuBLAS and NCCL, and moe-serve must load it
+  # on demand only: a CPU process maps no CUDA library (docs/backends.md, "The CUDA plugin")
+  local plugin=build/libmoe_cuda.so libs
+  [ -f "$plugin" ] || { echo "toolkit found but no $plugin"; return 1; }
+  libs=$(ldd "$plugin") || return 1
+  echo "$libs" | grep -q libcublas || { echo "$plugin does not link cuBLAS"; return 1; }
   if [ -f /usr/local/cuda/include/nccl.h ] || [ -f /usr/include/nccl.h ]; then
-    echo "$libs" | grep -q libnccl || { echo "moe-serve does not link NCCL"; return 1; }
+    echo "$libs" | grep -q libnccl || { echo "$plugin does not link NCCL"; return 1; }
   fi
-  echo "CUDA backend built; moe-serve links: $(echo "$libs" | grep -oE 'lib(cublas|cublasLt|nccl|cudart)[^ ]*' | sort -u | tr '\n' ' ')"
+  if ldd build/moe-serve | grep -E 'lib(cublas|cudart|nccl)'; then
+    echo "moe-serve links CUDA libraries itself: every CPU process would map them"; return 1
+  fi
+  echo "CUDA plugin built; it links: $(echo "$libs" | grep -oE 'lib(cublas|cublasLt|nccl|cudart)[^ ]*' | sort -u | tr '\n' ' ')"
 }
 if [ -x /usr/local/cuda/bin/nvcc ] || command -v nvcc >/dev/null 2>&1; then
   stage "CUDA backend and NCCL built and linked" cuda_built

@@ -3,6 +3,7 @@
 #   deploy/image/build.sh [BUILD_DIR [PREFIX]] [-- extra cmake args, e.g. -DMOE_CUDA=ON]
 # defaults: BUILD_DIR=build-image, PREFIX=/opt/moeserve. Installs
 #   PREFIX/bin/moe-*                  every tool the build made (moe-serve, moe-client, ...)
+#   PREFIX/lib/moeserve/libmoe_cuda.so the CUDA plugin, where the build made one
 #   PREFIX/bin/moeserve-entrypoint, moeserve-prestop, moeserve-ready   the pod scripts
 #   PREFIX/share/moeserve/install-runtime-deps.sh
 #   PREFIX/share/moeserve/runtime-packages.txt   the Debian packages that own the shared
@@ -33,6 +34,13 @@ for exe in "$build"/moe-*; do
   n=$((n + 1))
 done
 [ "$n" -gt 0 ] || { echo "build.sh: no moe-* binaries in $build" >&2; exit 1; }
+# A build with a CUDA toolkit made the CUDA plugin, which the binaries load on demand from
+# PREFIX/lib/moeserve/ (worker/compute/cuda_plugin.c). The CUDA libraries it links come from
+# NVIDIA's runtime image, not from Debian's packages: they are not in the list below.
+if [ -f "$build/libmoe_cuda.so" ]; then
+  install -d "$prefix/lib/moeserve"
+  install -m 0755 -s "$build/libmoe_cuda.so" "$prefix/lib/moeserve/"
+fi
 install -m 0755 "$here/entrypoint.sh" "$prefix/bin/moeserve-entrypoint"
 install -m 0755 "$here/prestop.sh" "$prefix/bin/moeserve-prestop"
 install -m 0755 "$here/ready.sh" "$prefix/bin/moeserve-ready"
