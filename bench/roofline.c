@@ -400,17 +400,25 @@ int main(int argc, char **argv)
         f32 = peak_gflops(threads, PEAK_F32_SCALAR);
     if (has_bf16)
         bf16_dp = peak_gflops(threads, PEAK_BF16_DP);
-    /* The bf16 compute ceiling: the fastest way this CPU multiply-adds bf16 weights. With
-     * vdpbf16ps that instruction's rate; otherwise the weights are widened to f32 once per panel
-     * (the prefill path) and FMA'd at the f32 peak, the conversion amortised over the tokens. */
+    /* The bf16 compute ceiling: the fastest unit this CPU multiply-adds bf16 weights on. With
+     * AVX512_BF16 that is vdpbf16ps (zmm: 16 lanes x 2 products; Zen 4 measured 2x its f32 FMA
+     * rate); otherwise the f32 FMA peak (the AVX2 rows widen bf16 exactly and FMA in f32, the
+     * widening amortised over the tokens of a tile). The kernels' default vdpbf16ps rows feed x as
+     * hi + lo (two vdpbf16ps per product pair, docs/kernels.md): their own ceiling is half of
+     * bf16_dpbf16_gflops, printed as bf16_dpbf16_split_x_gflops (derived, not measured apart). */
     double bf16_peak = bf16_dp > f32 ? bf16_dp : f32;
     printf("f32_fma_gflops=%.1f\n", f32);
     printf("bf16_cvt_fma_gflops=%.1f\n", bf16_cvt);
-    if (has_bf16)
+    if (has_bf16) {
         printf("bf16_dpbf16_gflops=%.1f\n", bf16_dp);
-    else
+        printf("bf16_dpbf16_split_x_gflops=%.1f\n", bf16_dp / 2);
+    } else {
         printf("bf16_dpbf16_gflops=n/a\n");
+    }
     printf("bf16_peak_gflops=%.1f\n", bf16_peak);
-    printf("bf16_peak_path=%s\n", bf16_dp > f32 ? "vdpbf16ps" : "f32-fma (bf16 widened once per panel)");
+    printf("bf16_peak_path=%s\n", bf16_dp > f32 ? "vdpbf16ps (AVX512_BF16, zmm)"
+                                                : has_avx512 ? "f32-fma (AVX-512 or AVX2, the faster)"
+                                                : has_avx2   ? "f32-fma (AVX2)"
+                                                             : "f32 scalar");
     return 0;
 }

@@ -519,7 +519,7 @@ Test(kernels, matmul_f16, .timeout = 240)
     matmul_sweep_all_rows(MOE_DT_F16);
 }
 
-/* The vdpbf16ps rows on the shapes around their tiles (8 rows at n_tok = 1, 4 x 2, 4 x 4 from 3
+/* The vdpbf16ps rows on the shapes around their tiles (4 rows at n_tok = 1, 4 x 2, 4 x 4 from 3
  * tokens on; 32 k per step; token chunks of 24 from 48 tokens on): n_tok 1..9, 17, 64, 130; n_in
  * odd multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. Against the exact product
  * of x as fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a
