@@ -20,8 +20,17 @@ static const moe_kernel_ops ops_avx2 = {
  * it, which is not always the AVX-512 one. Attention is memory bound: the AVX2 chunk kernels
  * serve AVX-512 CPUs as well, and so do the int8 kernels of the quantized matmul (no VNNI path
  * yet: no machine here to test one on). The float matmul (matmul_rows, matmul_avx512.c): bf16
- * weights on vdpbf16ps (x rounded to bf16 once per call), f32/f16 on the AVX2 rows. MEASURED_DPBF
- * dot_f32 and axpy_f32 keep their AVX-512 versions (no slower measurement). */
+ * weights on vdpbf16ps with x as hi + lo bf16, for every n_tok (batch invariance), f32/f16 on the
+ * AVX2 rows. On an AMD EPYC Zen 4 (2026-12-04, bench/RESULTS.md "Issue 16, AVX512-BF16
+ * vdpbf16ps"), one thread, thread CPU time, alternated with MOE_ISA=avx2: bf16 kernel 1.0-1.4x
+ * the AVX2 rows from 4 to 512 tokens and 1.3-2x at n_tok = 1 in cache (equal from DRAM), on the
+ * small and OLMoE shapes; engine decode b=1 and b=16 10-30% less CPU time; f16 AVX2 rows beat
+ * the 16-lane FMA tiles this file used to have (prefill 73-82 against 56-63 GFLOP/s), f32 was a
+ * tie (memory bound); those tiles and MOE_MATMUL_AVX512 are gone. On the Intel Xeon of issue 16
+ * those widening AVX-512 rows lost to AVX2 by 12-55%; the vdpbf16ps rows are not measured on an
+ * Intel CPU yet. MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
+ * fails the HF bf16 fixture's tolerance, so it is opt-in. dot_f32 and axpy_f32 keep their
+ * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
     moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
     moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
