@@ -519,9 +519,9 @@ Test(kernels, matmul_f16, .timeout = 240)
     matmul_sweep_all_rows(MOE_DT_F16);
 }
 
-/* The vdpbf16ps rows on the shapes around their tiles (4 rows at n_tok = 1, 4 x 2, 4 x 4 from 3
- * tokens on; 32 k per step; token chunks of 24 from 48 tokens on): n_tok 1..9, 17, 64, 130; n_in
- * odd multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. Against the exact product
+/* The vdpbf16ps rows on the shapes around their tiles (4 rows at n_tok = 1, 8 beyond n_in = 1024,
+ * 4 x 2, 4 x 4 from 3 tokens on; 32 k per step; token chunks of 24 from 48 tokens on): n_tok 1..9,
+ * 17, 64, 130; n_in odd multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. Against the exact product
  * of x as fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a
  * time: batch invariance up to 130 tokens), and rows [r0, r1) mid-tile equal to the whole call's
  * with nothing outside them written. */
@@ -532,7 +532,7 @@ static void dpbf16_shapes(void)
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
     static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130};
-    static const int n_ins[] = {1, 2, 6, 30, 31, 32, 48, 96, 160, 226, 2 * 511};
+    static const int n_ins[] = {1, 2, 6, 30, 31, 32, 48, 96, 160, 226, 2 * 511, 2 * 515, 32 * 65};
     static const int n_outs[] = {1, 5, 13, 37};
     for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
         for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
