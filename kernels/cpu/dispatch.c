@@ -22,9 +22,10 @@ static const moe_kernel_ops ops_avx2 = {
  * yet: no machine here to test one on). The float matmul (matmul_rows, matmul_avx512.c): bf16
  * weights on vdpbf16ps with x as hi + lo bf16, for every n_tok (batch invariance), f32/f16 on the
  * AVX2 rows. On an AMD EPYC Zen 4 (2026-12-04, bench/RESULTS.md "Issue 16, AVX512-BF16
- * vdpbf16ps"), one thread, thread CPU time, alternated with MOE_ISA=avx2: bf16 kernel 1.0-1.4x
- * the AVX2 rows from 4 to 512 tokens and 1.3-2x at n_tok = 1 in cache (equal from DRAM), on the
- * small and OLMoE shapes; engine decode b=1 and b=16 10-30% less CPU time; f16 AVX2 rows beat
+ * vdpbf16ps"), one thread, thread CPU time, alternated with MOE_ISA=avx2: bf16 kernel 1.8-2.2x
+ * the AVX2 rows at n_tok = 1 in cache, 1.2x on the 50304x2048 lm_head from DRAM, 0.96-1.7x from 4
+ * to 512 tokens on the small and OLMoE shapes; engine decode b=1 10-30% and b=16 8-15% less CPU
+ * time, prefill 512 equal within noise; f16 AVX2 rows beat
  * the 16-lane FMA tiles this file used to have (prefill 73-82 against 56-63 GFLOP/s), f32 was a
  * tie (memory bound); those tiles and MOE_MATMUL_AVX512 are gone. On the Intel Xeon of issue 16
  * those widening AVX-512 rows lost to AVX2 by 12-55%; the vdpbf16ps rows are not measured on an
