@@ -23,32 +23,32 @@ AI __mmask32 mask32(int n)
 }
 
 /* ---- bf16 rows: numerics ----
- * x is rounded to bf16 once per call (token chunk), round to nearest even (vcvtne2ps2bf16: inputs
- * that are f32 subnormals become zero), into a per-thread buffer: each token's n_in values in
- * order, zero-padded to a multiple of DP_K. vdpbf16ps takes, per f32 lane l, the bf16 pair
- * (2l, 2l+1) of each operand, multiplies both pairs exactly and adds them to the lane; the weights'
- * row-major bf16 and this x layout are already in that pairing, so nothing is shuffled.
- * Every output y[t][r] is one accumulator of DP_LANES f32 lanes over k in steps of DP_K (lane l
- * takes k + 2l and k + 2l + 1), the last partial step masked (weights zero, x zero-padded) into the
- * same accumulator, then hsum's fixed order. This holds for every n_tok, tile shape, token chunk
- * and row split, so an output's bits depend only on its row of W, its row of x and n_in: batch
- * invariance (docs/kernels.md) as on the AVX2 path, with other bits than AVX2's.
- * Error against the f32 product: x's rounding moves each term by at most 2^-8 relative (8-bit
- * significand, half an ulp), on top of the f32 accumulation error; the weights are exact. */
+ * vdpbf16ps takes, per f32 lane l, the bf16 pair (2l, 2l+1) of each operand, multiplies both
+ * pairs exactly and adds them to the lane. The weights' row-major bf16 are already in that
+ * pairing, so they are read as stored; x is converted once per call (token chunk) into a
+ * per-thread buffer in the same order (x_to_bf16): as hi + lo bf16 (NX = 2, the default: 16
+ * significand bits of x, each term within 2^-16 of the f32 product) or as one bf16 (NX = 1,
+ * MOE_BF16_X=round: each term within 2^-8, which fails the HF bf16 fixture's tolerance).
+ * Every output y[t][r] is one accumulator of 16 f32 lanes over k in steps of DP_K (lane l takes
+ * k + 2l and k + 2l + 1, with hi and then with lo), the last partial step masked (weights zero, x
+ * zero-padded) into the same accumulator, then hsum's fixed order. This holds for every n_tok,
+ * tile shape, token chunk and row split, so an output's bits depend only on its row of W, its row
+ * of x and n_in: batch invariance (docs/kernels.md) as on the AVX2 path, with other bits than
+ * AVX2's. vdpbf16ps flushes subnormal inputs and results to zero (immaterial at model scales). */
 
-/* zmm (16 lanes, 32 k per step) or ymm (8 lanes, 16 k per step, AVX512VL): Zen 4 runs a 512-bit
- * op as two 256-bit halves, so both give the same peak there; zmm measured faster (fewer
- * instructions and loads per k, docs/kernels.md). */
-#define DP_LANES 16
+/* zmm (16 lanes, 32 k per step) rather than ymm (AVX512VL, 8 lanes, 16 k): Zen 4 runs a 512-bit
+ * op as two 256-bit halves, so both have the same peak there and measured the same in the kernel;
+ * zmm issues half the instructions and loads per k. */
 #define DP_K 32
 typedef __m512 vacc;
 
-/* DP_K bf16 at p, lanes from n on zero (n in [1, DP_K]; masked lanes are never touched). */
+/* DP_K bf16 at p. */
 AI __m512i load_bf16(const uint16_t *p)
 {
     return _mm512_loadu_si512((const void *)p);
 }
 
+/* The first n of DP_K bf16 at p, the rest zero (n in [1, DP_K]; masked lanes are never touched). */
 AI __m512i load_bf16_tail(const uint16_t *p, int n)
 {
     return _mm512_maskz_loadu_epi16(mask32(n), p);
