@@ -137,8 +137,8 @@ void moe_dequantize(float *dst, const void *src, moe_dtype qt, size_t n);
 void moe_kernels_test_no_scratch(int on);
 int moe_kernels_test_no_scratch_on(void);
 /* matmul.c: the calling thread's buffer of at least `bytes` (64-byte aligned) for the x layout a
- * float matmul_rows builds (AVX2 bf16: x_split; AVX-512 bf16: x rounded to bf16); NULL when out of
- * memory or under the no-scratch hook. Valid until that thread's next call. */
+ * float matmul_rows builds (AVX2 bf16: x_split; AVX-512 bf16: x as bf16); NULL when out of memory
+ * or under the no-scratch hook. Valid until that thread's next call. */
 void *moe_rows_scratch(size_t bytes);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
@@ -158,8 +158,9 @@ void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const f
 double moe_attn_exp_avx2(float *s, int nc, float mx);
 /* elementwise_avx2.c; the AVX-512 table uses it too. */
 void moe_silu_mul_avx2(float *gate, const float *up, int n);
-/* matmul_avx512.c: bf16 weights on vdpbf16ps (x rounded to bf16: other bits and a larger error
- * bound than the f32-x kernels, docs/kernels.md), f32/f16 through moe_matmul_rows_avx2. */
+/* matmul_avx512.c: bf16 weights on vdpbf16ps, f32/f16 through moe_matmul_rows_avx2. x is fed as
+ * hi + lo bf16 (within 2^-16 of x) or, by the _xbf16 variant (MOE_BF16_X=round), as one bf16
+ * (within 2^-8): other bits and a larger error bound than the f32-x kernels, docs/kernels.md. */
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
 void moe_matmul_rows_avx512_xbf16(float *y, const float *x, const void *w, moe_dtype wt,
