@@ -256,7 +256,8 @@ def build(run: Path):
     probes = [kv(p) for p in sorted(run.glob("roofline_*.txt"))] or [kv(run / "roofline.txt")]
     # The best each probe saw: a roofline is an upper bound, and a shared VM only lowers a probe.
     r = dict(probes[0])
-    for k in ("triad_gbs", "read_gbs", "bandwidth_gbs", "f32_fma_gflops", "bf16_cvt_fma_gflops", "bf16_peak_gflops"):
+    for k in ("triad_gbs", "read_gbs", "bandwidth_gbs", "f32_fma_gflops", "bf16_cvt_fma_gflops",
+              "bf16_dpbf16_gflops", "bf16_dpbf16_split_x_gflops", "bf16_peak_gflops"):
         vals = [p[k] for p in probes if isinstance(p.get(k), float)]
         if vals:
             r[k] = max(vals)
@@ -286,7 +287,13 @@ def build(run: Path):
     rl("**bandwidth (decode roofline)**: the better of the two", "bandwidth_gbs", "GB/s")
     rl("f32 FMA peak (registers only)", "f32_fma_gflops", "GFLOP/s")
     rl("bf16 convert + 1 FMA per vector (AVX2 `load_w8` path, no reuse)", "bf16_cvt_fma_gflops", "GFLOP/s")
-    L.append(f"| `vdpbf16ps` (AVX-512 BF16) | {r.get('bf16_dpbf16_gflops', 'n/a')} | |")
+    if isinstance(r.get("bf16_dpbf16_gflops"), float):
+        rl("`vdpbf16ps` (AVX-512 BF16, zmm, registers only)", "bf16_dpbf16_gflops", "GFLOP/s")
+        if isinstance(r.get("bf16_dpbf16_split_x_gflops"), float):
+            rl("`vdpbf16ps` with x as hi + lo (the default bf16 rows' ceiling: half the above)",
+               "bf16_dpbf16_split_x_gflops", "GFLOP/s")
+    else:
+        L.append("| `vdpbf16ps` (AVX-512 BF16) | n/a (this CPU has no AVX512_BF16) | |")
     rl(f"**bf16 peak (prefill roofline)**: {r.get('bf16_peak_path', '')}", "bf16_peak_gflops", "GFLOP/s")
     L.append("")
     L.append("### Engine vs roofline vs llama.cpp")

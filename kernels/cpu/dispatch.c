@@ -19,38 +19,44 @@ static const moe_kernel_ops ops_avx2 = {
 /* Per kernel, not per machine: an AVX-512 CPU runs each kernel on the fastest code measured for
  * it, which is not always the AVX-512 one. Attention is memory bound: the AVX2 chunk kernels
  * serve AVX-512 CPUs as well, and so do the int8 kernels of the quantized matmul (no VNNI path
- * yet: no machine here to test one on). The float matmul (matmul_rows) is AVX2's too: on the
- * Intel Xeon of issue 16 (AVX-512 F/BW/VL/DQ/BF16/VNNI), alternated A/B runs with MOE_ISA=avx2
- * measured the AVX-512 rows slower (bf16 decode 12-31% at b=1, 41-55% at b=16, OLMoE b=16 14%:
- * they widen bf16 and FMA without vdpbf16ps or prefetch, in tiles of at most 4 rows x 2 tokens,
- * where the AVX2 rows have 8-row decode tiles, 3x4 batch tiles and prefetch). The AVX-512 rows
- * stay built and tested (moe_kernels_test_avx512_matmul) and MOE_MATMUL_AVX512=1 selects them, to
- * measure them again; dot_f32 and axpy_f32 keep their AVX-512 versions (no slower measurement). */
+ * yet: no machine here to test one on). The float matmul (matmul_rows, matmul_avx512.c): bf16
+ * weights on vdpbf16ps with x as hi + lo bf16, for every n_tok (batch invariance), f32/f16 on the
+ * AVX2 rows. On an AMD EPYC Zen 4 (2026-12-04, bench/RESULTS.md "Issue 16, AVX512-BF16
+ * vdpbf16ps"), one thread, thread CPU time, alternated with MOE_ISA=avx2: bf16 kernel 1.8-2.2x
+ * the AVX2 rows at n_tok = 1 in cache, 1.2x on the 50304x2048 lm_head from DRAM, 0.96-1.7x from 4
+ * to 512 tokens on the small and OLMoE shapes; engine decode b=1 10-30% and b=16 8-15% less CPU
+ * time, prefill 512 equal within noise; f16 AVX2 rows beat
+ * the 16-lane FMA tiles this file used to have (prefill 73-82 against 56-63 GFLOP/s), f32 was a
+ * tie (memory bound); those tiles and MOE_MATMUL_AVX512 are gone. On the Intel Xeon of issue 16
+ * those widening AVX-512 rows lost to AVX2 by 12-55%; the vdpbf16ps rows are not measured on an
+ * Intel CPU yet. MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
+ * fails the HF bf16 fixture's tolerance, so it is opt-in. dot_f32 and axpy_f32 keep their
+ * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
-    moe_matmul_rows_avx2, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
-    moe_attn_accum_avx2,  moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
-static const moe_kernel_ops ops_avx512_matmul = {
     moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
     moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
+/* MOE_BF16_X=round: the same table with x rounded to one bf16 (moe_matmul_rows_avx512_xbf16). */
+static const moe_kernel_ops ops_avx512_xbf16 = {
+    moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
+    moe_attn_accum_avx2,          moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
 
-/* -1: not decided yet (MOE_MATMUL_AVX512 read at the first use); 0/1 afterwards or from the test
- * hook. */
-static _Atomic int avx512_matmul = -1;
+/* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */
+static _Atomic int bf16_x_round = -1;
 
-void moe_kernels_test_avx512_matmul(int on)
+void moe_kernels_test_bf16_x_round(int on)
 {
-    atomic_store_explicit(&avx512_matmul, on ? 1 : 0, memory_order_release);
+    atomic_store_explicit(&bf16_x_round, on ? 1 : 0, memory_order_release);
 }
 
-static int use_avx512_matmul(void)
+static int use_bf16_x_round(void)
 {
-    int v = atomic_load_explicit(&avx512_matmul, memory_order_acquire);
+    int v = atomic_load_explicit(&bf16_x_round, memory_order_acquire);
     if (v < 0) {
-        const char *e = getenv("MOE_MATMUL_AVX512");
-        v = e && strcmp(e, "1") == 0;
-        atomic_store_explicit(&avx512_matmul, v, memory_order_release);
+        const char *e = getenv("MOE_BF16_X");
+        v = e && strcmp(e, "round") == 0;
+        atomic_store_explicit(&bf16_x_round, v, memory_order_release);
     }
     return v;
 }
@@ -164,7 +170,7 @@ const moe_kernel_ops *moe_kernels_ops(void)
 {
     switch (moe_kernels_isa()) {
     case MOE_ISA_AVX512:
-        return use_avx512_matmul() ? &ops_avx512_matmul : &ops_avx512;
+        return use_bf16_x_round() ? &ops_avx512_xbf16 : &ops_avx512;
     case MOE_ISA_AVX2:
         return &ops_avx2;
     default:
@@ -177,12 +183,11 @@ const char *moe_kernels_describe(void)
     /* Every entry is a fixed string: the choice is made once per process (tests aside). */
     switch (moe_kernels_isa()) {
     case MOE_ISA_AVX512:
-        return use_avx512_matmul()
-                   ? "isa=avx512: matmul float=avx512 (MOE_MATMUL_AVX512=1) quant=avx2-int8 "
-                     "attention=avx2 silu=avx2 dot/axpy=avx512"
-                   : "isa=avx512: matmul float=avx2 (faster than avx512 as measured) "
-                     "quant=avx2-int8 attention=avx2 silu=avx2 "
-                     "dot/axpy=avx512";
+        return use_bf16_x_round()
+                   ? "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
+                     "f32/f16:avx2 quant=avx2-int8 attention=avx2 silu=avx2 dot/axpy=avx512"
+                   : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
+                     "quant=avx2-int8 attention=avx2 silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX2:
         return "isa=avx2: matmul float=avx2 quant=avx2-int8 attention=avx2 "
                "silu=avx2 dot/axpy=avx2";

@@ -104,9 +104,9 @@ typedef struct {
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
 const moe_kernel_ops *moe_kernels_ops(void);
-/* Test hook: 1 makes the AVX-512 table run the AVX-512 float matmul rows (as MOE_MATMUL_AVX512=1
- * does), 0 the AVX2 rows (the default on AVX-512 CPUs). No effect under other ISAs. */
-void moe_kernels_test_avx512_matmul(int on);
+/* Test hook: 1 makes the AVX-512 table's bf16 rows round x to one bf16 (as MOE_BF16_X=round
+ * does), 0 split it into hi + lo (the default). No effect under other ISAs. */
+void moe_kernels_test_bf16_x_round(int on);
 
 void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
@@ -131,11 +131,15 @@ void moe_dequantize(float *dst, const void *src, moe_dtype qt, size_t n);
 /* Activation blocks below this max |x| quantize to zero (127 / max|x| must stay finite). */
 #define MOE_QX_MIN_AMAX 1e-30f
 
-/* Test hook (test_kernels): nonzero makes quantized matmuls (and the AVX2 bf16 matmul's x
- * buffer) behave as if the scratch buffer could not be allocated (the one-token-at-a-time stack
- * path). moe_kernels_test_no_scratch_on() reads it. */
+/* Test hook (test_kernels): nonzero makes quantized matmuls (and the float rows' scratch below)
+ * behave as if the scratch buffer could not be allocated (the one-token-at-a-time stack path).
+ * moe_kernels_test_no_scratch_on() reads it. */
 void moe_kernels_test_no_scratch(int on);
 int moe_kernels_test_no_scratch_on(void);
+/* matmul.c: the calling thread's buffer of at least `bytes` (64-byte aligned) for the x layout a
+ * float matmul_rows builds (AVX2 bf16: x_split; AVX-512 bf16: x as bf16); NULL when out of memory
+ * or under the no-scratch hook. Valid until that thread's next call. */
+void *moe_rows_scratch(size_t bytes);
 
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
@@ -154,8 +158,13 @@ void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const f
 double moe_attn_exp_avx2(float *s, int nc, float mx);
 /* elementwise_avx2.c; the AVX-512 table uses it too. */
 void moe_silu_mul_avx2(float *gate, const float *up, int n);
+/* matmul_avx512.c: bf16 weights on vdpbf16ps, f32/f16 through moe_matmul_rows_avx2. x is fed as
+ * hi + lo bf16 (within 2^-16 of x) or, by the _xbf16 variant (MOE_BF16_X=round), as one bf16
+ * (within 2^-8): other bits and a larger error bound than the f32-x kernels, docs/kernels.md. */
 void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                             int n_in, int n_out, int r0, int r1);
+void moe_matmul_rows_avx512_xbf16(float *y, const float *x, const void *w, moe_dtype wt,
+                                  int n_tok, int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);
 void moe_axpy_f32_avx512(float *y, float a, const float *x, int n);
 

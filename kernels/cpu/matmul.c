@@ -249,6 +249,41 @@ void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w,
     matmul_any(pool, y, x, w, wt, n_tok, n_in, n_out);
 }
 
+/* ---- the float rows' per-thread scratch ----
+ * For the x layout a float kernel builds once per call or token chunk (AVX2 bf16: x de-interleaved;
+ * AVX-512 bf16: x rounded to bf16). Owned by the thread that runs the rows (a pool worker), one
+ * rows call at a time; grown only when a call needs more than any before on that thread, freed by
+ * a pthread key destructor when the thread exits. */
+static _Thread_local void *rows_buf;
+static _Thread_local size_t rows_cap;
+static pthread_key_t rows_key;
+static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
+static int rows_key_ok;
+
+static void rows_key_init(void)
+{
+    rows_key_ok = pthread_key_create(&rows_key, free) == 0;
+}
+
+void *moe_rows_scratch(size_t bytes)
+{
+    if (test_no_scratch)
+        return NULL;
+    if (bytes <= rows_cap)
+        return rows_buf;
+    size_t cap = (bytes + 4095) & ~(size_t)4095;
+    void *p = aligned_alloc(64, cap);
+    if (!p)
+        return NULL;
+    pthread_once(&rows_once, rows_key_init);
+    free(rows_buf);
+    rows_buf = p;
+    rows_cap = cap;
+    if (rows_key_ok)
+        pthread_setspecific(rows_key, p);
+    return p;
+}
+
 /* ---- several matmuls in one pool run ---- */
 
 typedef struct {

@@ -1,7 +1,6 @@
 /* AVX2+FMA+F16C vector kernels: matmul, dot, axpy (this file is compiled with -mavx2 -mfma
  * -mf16c; it is only called after dispatch.c saw those features in CPUID). */
 #include <immintrin.h>
-#include <pthread.h>
 #include <string.h>
 
 #include "kernels/cpu/kernels_internal.h"
@@ -380,41 +379,11 @@ AI void dot_rows(float *y, const float *x, size_t xs, const void *w, int wt, int
 #define DOT_TOKC 12
 #define DOT_CHUNK_MIN_TOK 48
 
-/* ---- bf16: the per-thread buffer for x_split ----
- * Grown only when a call needs more than any before on that thread, freed by a pthread key
- * destructor when the thread exits. Without it (out of memory, or the test hook of matmul.c), tokens
- * go one at a time through a stack buffer: the same bits (an output's arithmetic does not depend on
- * the grouping). */
-static _Thread_local float *xs_buf;
-static _Thread_local size_t xs_cap; /* floats */
-static pthread_key_t xs_key;
-static pthread_once_t xs_once = PTHREAD_ONCE_INIT;
-static int xs_key_ok;
+/* ---- bf16: x_split's buffer ----
+ * The float rows' per-thread scratch (moe_rows_scratch). Without it (out of memory, or the test
+ * hook of matmul.c), tokens go one at a time through a stack buffer: the same bits (an output's
+ * arithmetic does not depend on the grouping). */
 #define XS_STACK_FLOATS 16384
-
-static void xs_key_init(void)
-{
-    xs_key_ok = pthread_key_create(&xs_key, free) == 0;
-}
-
-static float *xs_get(size_t floats)
-{
-    if (moe_kernels_test_no_scratch_on())
-        return NULL;
-    if (floats <= xs_cap)
-        return xs_buf;
-    size_t bytes = (floats * sizeof(float) + 4095) & ~(size_t)4095;
-    float *p = aligned_alloc(64, bytes);
-    if (!p)
-        return NULL;
-    pthread_once(&xs_once, xs_key_init);
-    free(xs_buf);
-    xs_buf = p;
-    xs_cap = bytes / sizeof(float);
-    if (xs_key_ok)
-        pthread_setspecific(xs_key, p);
-    return p;
-}
 
 static __attribute__((noinline)) void rows_bf16_by_token(float *y, const float *x, const void *w,
                                                          int n_tok, int n_in, int n_out, int r0,
@@ -436,7 +405,7 @@ static void rows_float(float *y, const float *x, const void *w, int wt, int n_to
     int chunk = n_tok >= DOT_CHUNK_MIN_TOK ? DOT_TOKC : n_tok;
     float *xs = NULL;
     if (wt == MOE_DT_BF16) {
-        xs = xs_get((size_t)chunk * (size_t)split_n(n_in));
+        xs = moe_rows_scratch((size_t)chunk * (size_t)split_n(n_in) * sizeof *xs);
         if (!xs) {
             rows_bf16_by_token(y, x, w, n_tok, n_in, n_out, r0, r1);
             return;

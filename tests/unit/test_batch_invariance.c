@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "common/log.h"
-#include "kernels/cpu/kernels_internal.h" /* moe_kernels_test_avx512_matmul */
+#include "kernels/cpu/kernels_internal.h" /* moe_kernels_test_bf16_x_round */
 #include "kernels/kernels.h"
 #include "worker/forward.h"
 #include "worker/kv_cache.h"
@@ -105,16 +105,19 @@ static void invariance_sweep(moe_dtype dt)
     const int n_ins[2] = {quant ? 96 : 100, quant ? 288 : 283};
     const int n_outs[2] = {37, 19};
     for (int i = 0; i < n_isa; i++) {
-        for (int avx512_rows = 0; avx512_rows <= (isas[i] == MOE_ISA_AVX512); avx512_rows++) {
+        /* AVX-512: both ways of feeding x to vdpbf16ps (hi + lo, and MOE_BF16_X=round) */
+        for (int round = 0; round < 1 + (isas[i] == MOE_ISA_AVX512); round++) {
             cr_assert_eq(moe_kernels_force_isa(isas[i]), isas[i]);
-            moe_kernels_test_avx512_matmul(avx512_rows);
-            const char *isa = avx512_rows ? "avx512 (avx512 float rows)" : moe_isa_name(isas[i]);
+            moe_kernels_test_bf16_x_round(round);
+            const char *isa = round ? "avx512 (MOE_BF16_X=round)" : moe_isa_name(isas[i]);
             for (int s = 0; s < 2; s++)
                 invariance_case(dt, n_ins[s], n_outs[s], pool, isa);
         }
-        moe_kernels_test_avx512_matmul(0);
+        moe_kernels_test_bf16_x_round(0);
     }
-    if (isas[n_isa - 1] != MOE_ISA_AVX512)
+    if (isas[n_isa - 1] == MOE_ISA_AVX512)
+        cr_log_info("ran scalar .. avx512 (%s)", moe_kernels_describe());
+    else
         cr_log_info("this CPU has no AVX-512: its kernels were not run here (built only)");
     moe_threadpool_free(pool);
 }

@@ -294,6 +294,47 @@ static const void *make_weights(const float *wf, float *wq, moe_dtype dt, size_t
     return w;
 }
 
+/* How the active float rows feed x to weights of dtype dt: the AVX-512 rows take bf16 weights on
+ * vdpbf16ps, which multiplies bf16 by bf16, so x becomes hi + lo (two bf16) or, with
+ * MOE_BF16_X=round, one bf16. */
+enum { X_F32, X_SPLIT, X_ROUND };
+
+static int x_mode(moe_dtype dt)
+{
+    if (dt != MOE_DT_BF16)
+        return X_F32;
+    moe_matmul_rows_fn f = moe_kernels_ops()->matmul_rows;
+    return f == moe_matmul_rows_avx512         ? X_SPLIT
+           : f == moe_matmul_rows_avx512_xbf16 ? X_ROUND
+                                               : X_F32;
+}
+
+/* x as vcvtne2ps2bf16 rounds it: to nearest even, f32 subnormals to zero (their sign kept). */
+static float x_as_bf16(float x)
+{
+    if (fabsf(x) < 0x1p-126f)
+        return copysignf(0.f, x);
+    return moe_bf16_to_f32(moe_f32_to_bf16(x));
+}
+
+/* The value of x the vdpbf16ps rows multiply by, exactly (a double holds hi + lo). */
+static double x_as_fed(float x, int mode)
+{
+    float hi = x_as_bf16(x);
+    if (mode == X_ROUND)
+        return (double)hi;
+    if (mode == X_SPLIT)
+        return (double)hi + (double)x_as_bf16(x - hi); /* x - hi is exact in f32 */
+    return (double)x;
+}
+
+/* How far that value can be from x, relative: one bf16 (8-bit significand) is within half an ulp,
+ * 2^-8; hi + lo within 2^-8 of x - hi, itself within 2^-8 of x: 2^-16. */
+static double x_fed_rel(int mode)
+{
+    return mode == X_ROUND ? 0x1p-8 : mode == X_SPLIT ? 0x1p-16 : 0.0;
+}
+
 /* |got - exact| within a bound on f32 accumulation: a few ulps of sum |x*w| per sqrt-ish of
  * n terms; (n_in * 2^-23) covers the worst case of any summation order. */
 static void check_matmul_close(const float *y, const double *ref, const double *mag, int n_tok,
@@ -319,6 +360,9 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
     float *y_serial = xmalloc((size_t)n_tok * n_out * sizeof *y);
     double *ref = xmalloc((size_t)n_tok * n_out * sizeof *ref);
     double *mag = xmalloc((size_t)n_tok * n_out * sizeof *mag);
+    double *ref_fed =
+        xmalloc((size_t)n_tok * n_out * sizeof *ref_fed); /* x as the kernel feeds it */
+    double *mag_fed = xmalloc((size_t)n_tok * n_out * sizeof *mag_fed);
     fill(wf, nw, -1.f, 1.f);
     fill(x, (size_t)n_tok * n_in, -2.f, 2.f);
     void *own;
@@ -334,20 +378,45 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
             ref[(size_t)t * n_out + r] = s;
             mag[(size_t)t * n_out + r] = m;
         }
-    char what[64];
+    char what[80];
     for (int i = 0; i < n_isa; i++) {
         cr_assert_eq(moe_kernels_force_isa(isas[i]), isas[i]);
-        snprintf(what, sizeof what, "%s/%s serial", moe_isa_name(isas[i]), moe_dtype_name(dt));
+        int xm = x_mode(dt);
+        snprintf(what, sizeof what, "%s/%s%s serial", moe_isa_name(isas[i]), moe_dtype_name(dt),
+                 xm == X_SPLIT   ? " (x as hi+lo bf16)"
+                 : xm == X_ROUND ? " (x as bf16)"
+                                 : "");
         for (int k = 0; k < n_tok * n_out; k++)
             y_serial[k] = NAN; /* every output must be written */
         moe_matmul_serial(y_serial, x, w, dt, n_tok, n_in, n_out);
-        check_matmul_close(y_serial, ref, mag, n_tok, n_out, n_in, what);
         if (i == 0)
             memcpy(y_scalar, y_serial, (size_t)n_tok * n_out * sizeof *y);
-        else
+        if (xm != X_F32) {
+            /* Exactly the f32 accumulation bound against the product of x as fed, and within
+             * that plus x_fed_rel of the f32 product. */
+            for (int t = 0; t < n_tok; t++)
+                for (int r = 0; r < n_out; r++) {
+                    double sf = 0, mf = 0;
+                    for (int c = 0; c < n_in; c++) {
+                        double p = x_as_fed(x[(size_t)t * n_in + c], xm) *
+                                   (double)wq[(size_t)r * n_in + c];
+                        sf += p;
+                        mf += fabs(p);
+                    }
+                    ref_fed[(size_t)t * n_out + r] = sf;
+                    mag_fed[(size_t)t * n_out + r] = mf;
+                }
+            check_matmul_close(y_serial, ref_fed, mag_fed, n_tok, n_out, n_in, what);
+            double rel = (double)(n_in + 4) * 0x1p-23 + x_fed_rel(xm);
+            for (int k = 0; k < n_tok * n_out; k++)
+                cr_assert(fabs((double)y_serial[k] - ref[k]) <= rel * mag[k] + 1e-30,
+                          "%s vs the f32-x product at %d: %.9g vs %.9g", what, k,
+                          (double)y_serial[k], ref[k]);
+        } else {
             check_matmul_close(y_serial, ref, mag, n_tok, n_out, n_in, what);
+        }
         /* Vector path vs scalar path: both near the exact value, hence near each other. */
-        double rel = (double)(n_in + 4) * 0x1p-22;
+        double rel = (double)(n_in + 4) * 0x1p-22 + x_fed_rel(xm);
         for (int k = 0; k < n_tok * n_out; k++)
             cr_assert(fabs((double)y_serial[k] - (double)y_scalar[k]) <= rel * mag[k] + 1e-30,
                       "%s vs scalar at %d", what, k);
@@ -381,6 +450,8 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
     free(y_serial);
     free(ref);
     free(mag);
+    free(ref_fed);
+    free(mag_fed);
 }
 
 static void matmul_sweep(moe_dtype dt)
@@ -415,20 +486,21 @@ static void matmul_sweep(moe_dtype dt)
         moe_threadpool_free(pools[p]);
 }
 
-/* Every ISA the CPU has, through the default rows; then, where the CPU has AVX-512, the same sweep
- * through the AVX-512 float matmul rows, which are not the default there (AVX2's measured faster)
- * but stay selectable (MOE_MATMUL_AVX512=1). One test per dtype, so that none passes without
- * checking anything on a CPU without AVX-512. */
+/* Every ISA the CPU has (AVX-512: bf16 on the vdpbf16ps rows, f32/f16 on AVX2's); bf16 then once
+ * more with x rounded to one bf16 (MOE_BF16_X=round). */
 static void matmul_sweep_all_rows(moe_dtype dt)
 {
     matmul_sweep(dt);
     if (moe_kernels_force_isa(MOE_ISA_AVX512) == MOE_ISA_AVX512) {
-        moe_kernels_test_avx512_matmul(1);
         cr_log_info("%s", moe_kernels_describe());
-        matmul_sweep(dt);
-        moe_kernels_test_avx512_matmul(0);
+        if (dt == MOE_DT_BF16) {
+            moe_kernels_test_bf16_x_round(1);
+            cr_log_info("%s", moe_kernels_describe());
+            matmul_sweep(dt);
+            moe_kernels_test_bf16_x_round(0);
+        }
     } else { /* (cr_log_info: cr_log_warn would make Criterion 2.4.1 exit non-zero) */
-        cr_log_info("this CPU has no AVX-512 (F/BW/VL/DQ/BF16/VNNI): only the default rows ran");
+        cr_log_info("this CPU has no AVX-512 (F/BW/VL/DQ/BF16/VNNI): the avx512 rows did not run");
     }
 }
 
@@ -447,6 +519,71 @@ Test(kernels, matmul_f16, .timeout = 240)
     matmul_sweep_all_rows(MOE_DT_F16);
 }
 
+/* The vdpbf16ps rows on the shapes around their tiles (4 rows at n_tok = 1, 8 beyond n_in = 1024,
+ * 4 x 2, 4 x 4 from 3 tokens on; 32 k per step; token chunks of 24 from 48 tokens on): n_tok 1..9,
+ * 17, 64, 130; n_in odd multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. Against the exact product
+ * of x as fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a
+ * time: batch invariance up to 130 tokens), and rows [r0, r1) mid-tile equal to the whole call's
+ * with nothing outside them written. */
+static void dpbf16_shapes(void)
+{
+    cr_log_info("%s", moe_kernels_describe());
+    moe_isa isas[1] = {MOE_ISA_AVX512};
+    moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
+                                  moe_threadpool_create(4)};
+    static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130};
+    static const int n_ins[] = {1, 2, 6, 30, 31, 32, 48, 96, 160, 226, 2 * 511, 2 * 515, 32 * 65};
+    static const int n_outs[] = {1, 5, 13, 37};
+    for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
+        for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
+            for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++)
+                matmul_case(MOE_DT_BF16, n_toks[b], n_ins[a], n_outs[c], isas, 1, pools);
+    for (int p = 1; p < 4; p++)
+        moe_threadpool_free(pools[p]);
+
+    /* rows [r0, r1) straight into the rows kernel */
+    enum { NT = 9, NI = 100, NO = 29 };
+    uint16_t *w = xmalloc((size_t)NO * NI * sizeof *w);
+    float *x = xmalloc((size_t)NT * NI * sizeof *x), whole[NT * NO], part[NT * NO];
+    for (int i = 0; i < NO * NI; i++)
+        w[i] = moe_f32_to_bf16(rng_uniform(-1.f, 1.f));
+    fill(x, (size_t)NT * NI, -2.f, 2.f);
+    static const int ranges[][2] = {{0, NO}, {3, 11}, {5, 6}, {1, 28}, {9, 27}, {13, 29}};
+    moe_matmul_rows_fn rows = moe_kernels_ops()->matmul_rows;
+    for (int n_tok = 1; n_tok <= NT; n_tok++) {
+        rows(whole, x, w, MOE_DT_BF16, n_tok, NI, NO, 0, NO);
+        for (size_t q = 0; q < sizeof ranges / sizeof *ranges; q++) {
+            int r0 = ranges[q][0], r1 = ranges[q][1];
+            for (int k = 0; k < n_tok * NO; k++)
+                part[k] = -7.f;
+            rows(part, x, w, MOE_DT_BF16, n_tok, NI, NO, r0, r1);
+            for (int t = 0; t < n_tok; t++)
+                for (int r = 0; r < NO; r++) {
+                    float got = part[t * NO + r],
+                          want = r >= r0 && r < r1 ? whole[t * NO + r] : -7.f;
+                    cr_assert(memcmp(&got, &want, sizeof got) == 0,
+                              "rows [%d, %d) n_tok=%d: token %d row %d: %.9g, want %.9g", r0, r1,
+                              n_tok, t, r, (double)got, (double)want);
+                }
+        }
+    }
+    free(w);
+    free(x);
+}
+
+Test(kernels, matmul_bf16_dpbf16_shapes, .timeout = 240)
+{
+    if (moe_kernels_force_isa(MOE_ISA_AVX512) != MOE_ISA_AVX512) {
+        cr_log_info("SKIPPED: this CPU has no AVX-512 BF16 (F/BW/VL/DQ/BF16/VNNI): the vdpbf16ps "
+                    "rows cannot run here");
+        return;
+    }
+    dpbf16_shapes(); /* x as hi + lo */
+    moe_kernels_test_bf16_x_round(1);
+    dpbf16_shapes(); /* MOE_BF16_X=round */
+    moe_kernels_test_bf16_x_round(0);
+}
+
 /* The per-kernel choice is stated, and names the ISA of every kernel. */
 Test(kernels, describe_names_each_kernel)
 {
@@ -462,10 +599,13 @@ Test(kernels, describe_names_each_kernel)
         if (isas[i] != MOE_ISA_SCALAR)
             cr_assert(strstr(d, "matmul float=") && strstr(d, "attention="), "%s", d);
         if (isas[i] == MOE_ISA_AVX512) {
-            moe_kernels_test_avx512_matmul(0);
-            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx2);
-            moe_kernels_test_avx512_matmul(1);
             cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx512);
+            cr_assert(strstr(d, "bf16:avx512-dpbf16-xsplit"), "%s", d);
+            moe_kernels_test_bf16_x_round(1);
+            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx512_xbf16);
+            cr_assert(strstr(moe_kernels_describe(), "bf16:avx512-dpbf16-xround"), "%s",
+                      moe_kernels_describe());
+            moe_kernels_test_bf16_x_round(0);
         }
     }
 }
@@ -483,13 +623,38 @@ Test(kernels, matmul_special_values)
         x[i] = 0.5f;
     w[2 * N_IN + 18] = INFINITY;
     w[3 * N_IN + 5] = NAN;
+    uint16_t wb[N_OUT * N_IN];
+    for (int i = 0; i < N_OUT * N_IN; i++)
+        wb[i] = moe_f32_to_bf16(w[i]);
     for (int i = 0; i < n_isa; i++) {
         moe_kernels_force_isa(isas[i]);
-        moe_matmul_serial(y, x, w, MOE_DT_F32, 1, N_IN, N_OUT);
-        cr_assert_eq(y[0], 9.5f);
-        cr_assert_eq(y[4], 9.5f);
-        cr_assert(isinf(y[2]) && y[2] > 0);
-        cr_assert(isnan(y[3]));
+        for (int round = 0; round < 1 + (isas[i] == MOE_ISA_AVX512); round++) {
+            moe_kernels_test_bf16_x_round(round);
+            for (int bf = 0; bf < 2; bf++) { /* f32 and bf16 weights (AVX-512: vdpbf16ps) */
+                moe_matmul_serial(y, x, bf ? (const void *)wb : w, bf ? MOE_DT_BF16 : MOE_DT_F32, 1,
+                                  N_IN, N_OUT);
+                int xm = x_mode(bf ? MOE_DT_BF16 : MOE_DT_F32);
+                cr_assert_eq(y[0], 9.5f, "%s bf16=%d", moe_isa_name(isas[i]), bf);
+                cr_assert_eq(y[4], 9.5f, "%s bf16=%d", moe_isa_name(isas[i]), bf);
+                /* hi + lo: the inf weight also meets lo = 0, inf * 0 = NaN */
+                if (xm == X_SPLIT)
+                    cr_assert(!isfinite(y[2]), "%s split: %g", moe_isa_name(isas[i]), (double)y[2]);
+                else
+                    cr_assert(isinf(y[2]) && y[2] > 0, "%s bf16=%d", moe_isa_name(isas[i]), bf);
+                cr_assert(isnan(y[3]), "%s bf16=%d", moe_isa_name(isas[i]), bf);
+            }
+        }
+        moe_kernels_test_bf16_x_round(0);
+    }
+    /* Non-finite activations: inf x against finite weights stays inf on every path (the split's
+     * lo part of a non-finite x is 0, not NaN). */
+    for (int i = 0; i < N_IN; i++)
+        x[i] = i == 4 ? INFINITY : 0.5f;
+    for (int i = 0; i < n_isa; i++) {
+        moe_kernels_force_isa(isas[i]);
+        moe_matmul_serial(y, x, wb, MOE_DT_BF16, 1, N_IN, N_OUT);
+        cr_assert(isinf(y[0]) && y[0] > 0, "%s inf x: %g", moe_isa_name(isas[i]), (double)y[0]);
+        cr_assert(isnan(y[3]), "%s", moe_isa_name(isas[i]));
     }
 }
 
