@@ -224,6 +224,8 @@ class Llama:
             mp.load_mode = load_mode  # 1 = LLAMA_LOAD_MODE_MMAP: mapped, as our engine maps safetensors
         elif hasattr(mp, "use_mmap"):
             mp.use_mmap = True
+        if os.environ.get("LLAMA_REF_NO_REPACK") == "1" and hasattr(mp, "use_extra_bufts"):
+            mp.use_extra_bufts = False  # --no-repack: weights served from the mapping, no repacked copy
         t0 = time.time()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
@@ -504,6 +506,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="decode rounds, best kept")
     ap.add_argument("--load-mode", type=int, default=1, help="llama_load_mode (1 = mmap, 0 = read into memory)")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="no repacked weight copies (use_extra_bufts off): llama.cpp's default repacks Q4_0 into "
+                         "an interleaved copy beside the mapped file (more resident memory, faster kernels)")
     ap.add_argument("--nice", type=int, default=0, help="niceness increment of the measuring process")
     ap.add_argument("--out", type=Path, help="directory for llama_<format>.txt")
     ap.add_argument("--prepare-only", action="store_true", help="convert/quantize, measure nothing")
@@ -538,7 +543,8 @@ def main():
         # over from the previous model.
         evict([p for p in a.cache.glob("*.gguf") if p != paths[fmt]] + list(a.model.glob("*.safetensors")))
         # numpy (argmax) must not start an OpenBLAS thread pool next to llama.cpp's threads
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(a.threads))
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(a.threads),
+                   LLAMA_REF_NO_REPACK="1" if a.no_repack else "0")
         out = subprocess.run([sys.executable, __file__, "_measure", str(paths[fmt]), str(a.threads), str(a.pp),
                               str(a.pp_reps), str(a.prompt), str(a.n_predict), str(a.warmup), str(a.rounds),
                               str(a.load_mode), str(a.nice), a.batches],
