@@ -138,20 +138,43 @@ static void split_rows(moe_threadpool_t *pool, matmul_job *j)
     moe_threadpool_run(pool, matmul_task, j, n_tasks);
 }
 
-/* ---- quantized path: scratch for x as int8 blocks ----
- * One buffer per thread (the thread that calls moe_matmul quantizes x into it before the pool
- * reads it), grown only when a call needs more than any before on that thread, freed by a
- * pthread key destructor when the thread exits. */
-static _Thread_local void *scratch;
-static _Thread_local size_t scratch_cap;
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static int scratch_key_ok;
+/* ---- per-thread scratch buffers ----
+ * One buffer of each kind per thread, grown only when a call needs more than any before on that
+ * thread, freed by a pthread key destructor when the thread exits. */
+typedef struct {
+    void *p;
+    size_t cap;
+} thread_buf;
+
+enum { BUF_QX, BUF_ROWS, BUF_KINDS };
+static pthread_key_t buf_keys[BUF_KINDS];
+static int buf_keys_ok[BUF_KINDS];
+static pthread_once_t buf_keys_once = PTHREAD_ONCE_INIT;
 static int test_no_scratch;
 
-static void scratch_key_init(void)
+static void buf_keys_init(void)
 {
-    scratch_key_ok = pthread_key_create(&scratch_key, free) == 0;
+    for (int k = 0; k < BUF_KINDS; k++)
+        buf_keys_ok[k] = pthread_key_create(&buf_keys[k], free) == 0;
+}
+
+static void *thread_buf_get(thread_buf *b, int kind, size_t need)
+{
+    if (test_no_scratch)
+        return NULL;
+    if (need <= b->cap)
+        return b->p;
+    size_t cap = (need + 4095) & ~(size_t)4095;
+    void *p = aligned_alloc(64, cap);
+    if (!p)
+        return NULL;
+    pthread_once(&buf_keys_once, buf_keys_init);
+    free(b->p);
+    b->p = p;
+    b->cap = cap;
+    if (buf_keys_ok[kind])
+        pthread_setspecific(buf_keys[kind], p);
+    return p;
 }
 
 void moe_kernels_test_no_scratch(int on)
@@ -164,30 +187,17 @@ int moe_kernels_test_no_scratch_on(void)
     return test_no_scratch;
 }
 
+/* The quantized path's x as int8 blocks: the thread that calls moe_matmul quantizes x into it
+ * before the pool reads it. */
+static _Thread_local thread_buf qx_buf;
+
 static size_t qx_bytes(int n_tok, int n_in)
 {
     /* int8 codes, then one f32 scale per block (n_in % 32 == 0 keeps the scales aligned). */
     return (size_t)n_tok * (size_t)n_in + (size_t)n_tok * (size_t)(n_in / MOE_QK) * sizeof(float);
 }
 
-static void *scratch_get(size_t need)
-{
-    if (test_no_scratch)
-        return NULL;
-    if (need <= scratch_cap)
-        return scratch;
-    size_t cap = (need + 4095) & ~(size_t)4095;
-    void *p = aligned_alloc(64, cap);
-    if (!p)
-        return NULL;
-    pthread_once(&scratch_once, scratch_key_init);
-    free(scratch);
-    scratch = p;
-    scratch_cap = cap;
-    if (scratch_key_ok)
-        pthread_setspecific(scratch_key, p);
-    return p;
-}
+static void *scratch_get(size_t need) { return thread_buf_get(&qx_buf, BUF_QX, need); }
 
 int moe_matmul_reserve(int n_tok, int n_in)
 {
@@ -251,38 +261,11 @@ void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w,
 
 /* ---- the float rows' per-thread scratch ----
  * For the x layout a float kernel builds once per call or token chunk (AVX2 bf16: x de-interleaved;
- * AVX-512 bf16: x rounded to bf16). Owned by the thread that runs the rows (a pool worker), one
- * rows call at a time; grown only when a call needs more than any before on that thread, freed by
- * a pthread key destructor when the thread exits. */
-static _Thread_local void *rows_buf;
-static _Thread_local size_t rows_cap;
-static pthread_key_t rows_key;
-static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
-static int rows_key_ok;
+ * AVX-512 bf16: x as bf16). Owned by the thread that runs the rows (a pool worker), one rows call
+ * at a time. */
+static _Thread_local thread_buf rows_buf;
 
-static void rows_key_init(void)
-{
-    rows_key_ok = pthread_key_create(&rows_key, free) == 0;
-}
-
-void *moe_rows_scratch(size_t bytes)
-{
-    if (test_no_scratch)
-        return NULL;
-    if (bytes <= rows_cap)
-        return rows_buf;
-    size_t cap = (bytes + 4095) & ~(size_t)4095;
-    void *p = aligned_alloc(64, cap);
-    if (!p)
-        return NULL;
-    pthread_once(&rows_once, rows_key_init);
-    free(rows_buf);
-    rows_buf = p;
-    rows_cap = cap;
-    if (rows_key_ok)
-        pthread_setspecific(rows_key, p);
-    return p;
-}
+void *moe_rows_scratch(size_t bytes) { return thread_buf_get(&rows_buf, BUF_ROWS, bytes); }
 
 /* ---- several matmuls in one pool run ---- */
 
