@@ -1,15 +1,19 @@
 /* A/B timing of one matmul shape on a shared machine: moe_matmul_serial (one thread) timed by
  * the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), best of REPS, so that time the scheduler gives
  * to other engineers' processes is not counted (contention for caches and memory still is).
- * Usage: matmul_cputime N_OUT N_IN N_TOK_LIST [f32|bf16|f16] [REPS]
+ * Usage: matmul_cputime N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]
  *   e.g. matmul_cputime 1024 2048 1,2,4,16,512 bf16 5
- * Prints one line per n_tok: ms and GFLOP/s (2 * n_tok * n_out * n_in per call). */
+ * Prints one line per n_tok: ms and GFLOP/s (2 * n_tok * n_out * n_in per call).
+ * q8/q4 with "ab": the int8 row kernels themselves, AVX2 (A) against AVX512-VNNI (B), called in
+ * turn (A, B, A, B ...) on the same quantized x, best of REPS each, plus a bitwise check of the
+ * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "kernels/cpu/kernels_internal.h" /* the int8 row kernels, for "ab" */
 #include "kernels/kernels.h"
 
 static double cpu_s(void)
@@ -29,15 +33,25 @@ static float frand(void)
 int main(int argc, char **argv)
 {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16] [REPS]\n", argv[0]);
+        fprintf(stderr, "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]\n",
+                argv[0]);
         return 2;
     }
     int n_out = atoi(argv[1]), n_in = atoi(argv[2]);
     const char *dts = argc > 4 ? argv[4] : "bf16";
-    moe_dtype dt = strcmp(dts, "f32") == 0 ? MOE_DT_F32
+    moe_dtype dt = strcmp(dts, "f32") == 0   ? MOE_DT_F32
                    : strcmp(dts, "f16") == 0 ? MOE_DT_F16
+                   : strcmp(dts, "q8") == 0  ? MOE_DT_Q8
+                   : strcmp(dts, "q4") == 0  ? MOE_DT_Q4
                                              : MOE_DT_BF16;
+    int quant = dt == MOE_DT_Q8 || dt == MOE_DT_Q4;
     int reps = argc > 5 ? atoi(argv[5]) : 20;
+    int ab = argc > 6 && strcmp(argv[6], "ab") == 0;
+    if (ab && (!quant || moe_kernels_isa() != MOE_ISA_AVX512)) {
+        fprintf(stderr, "matmul_cputime: ab needs q8/q4 and an AVX512-VNNI CPU (isa %s)\n",
+                moe_isa_name(moe_kernels_isa()));
+        return 2;
+    }
     int max_tok = 0;
     char list[256];
     snprintf(list, sizeof list, "%s", argv[3]);
@@ -52,11 +66,24 @@ int main(int argc, char **argv)
     void *w = aligned_alloc(4096, (n * 4 + 4095) & ~(size_t)4095);
     float *x = malloc(sizeof(float) * (size_t)max_tok * n_in);
     float *y = malloc(sizeof(float) * (size_t)max_tok * n_out);
-    if (!w || !x || !y) {
+    float *y2 = malloc(sizeof(float) * (size_t)max_tok * n_out);
+    int8_t *xq = malloc((size_t)max_tok * n_in);
+    float *xd = malloc(sizeof(float) * (size_t)max_tok * (size_t)(n_in / 32 + 1));
+    if (!w || !x || !y || !y2 || !xq || !xd) {
         fprintf(stderr, "matmul_cputime: out of memory\n");
         return 1;
     }
-    for (size_t i = 0; i < n; i++) {
+    if (quant) {
+        float *wf = malloc(sizeof(float) * n);
+        for (size_t i = 0; wf && i < n; i++)
+            wf[i] = 0.05f * frand();
+        if (!wf || moe_quantize(w, dt, wf, MOE_DT_F32, n) != 0) {
+            fprintf(stderr, "matmul_cputime: n_in must be a multiple of 32 for %s\n", dts);
+            return 2;
+        }
+        free(wf);
+    }
+    for (size_t i = 0; i < n && !quant; i++) {
         float f = frand();
         if (dt == MOE_DT_F32)
             ((float *)w)[i] = f;
@@ -65,11 +92,33 @@ int main(int argc, char **argv)
     }
     for (size_t i = 0; i < (size_t)max_tok * n_in; i++)
         x[i] = frand();
-    printf("# matmul_cputime: isa %s, %s, one thread, best of %d\n",
-           moe_isa_name(moe_kernels_isa()), moe_dtype_name(dt), reps);
+    printf("# matmul_cputime: isa %s, %s, one thread, best of %d%s\n",
+           moe_isa_name(moe_kernels_isa()), moe_dtype_name(dt), reps,
+           ab ? ", int8 rows avx2 (A) vs avx512-vnni (B) alternated" : "");
     snprintf(list, sizeof list, "%s", argv[3]);
     for (char *p = strtok(list, ","); p; p = strtok(NULL, ",")) {
         int nt = atoi(p);
+        if (ab) {
+            moe_quantize_x_avx2(xq, xd, x, nt, n_in);
+            double ba = 1e30, bb = 1e30;
+            for (int r = 0; r < reps; r++) {
+                double t0 = cpu_s();
+                moe_matmul_rows_q_avx2(y, xq, xd, w, dt, nt, n_in, n_out, 0, n_out);
+                double t1 = cpu_s();
+                moe_matmul_rows_q_avx512(y2, xq, xd, w, dt, nt, n_in, n_out, 0, n_out);
+                double t2 = cpu_s();
+                ba = t1 - t0 < ba ? t1 - t0 : ba;
+                bb = t2 - t1 < bb ? t2 - t1 : bb;
+            }
+            int same = memcmp(y, y2, sizeof(float) * (size_t)nt * n_out) == 0;
+            printf("%dx%d n_tok=%-3d avx2 %8.3f ms %6.1f GFLOP/s  vnni %8.3f ms %6.1f GFLOP/s  "
+                   "vnni/avx2 speed %.2fx%s\n",
+                   n_out, n_in, nt, ba * 1e3, 2.0 * nt * (double)n / ba / 1e9, bb * 1e3,
+                   2.0 * nt * (double)n / bb / 1e9, ba / bb, same ? "" : "  BITS DIFFER");
+            if (!same)
+                return 1;
+            continue;
+        }
         double best = 1e30;
         for (int r = 0; r < reps; r++) {
             double t0 = cpu_s();
@@ -83,5 +132,8 @@ int main(int argc, char **argv)
     free(w);
     free(x);
     free(y);
+    free(y2);
+    free(xq);
+    free(xd);
     return 0;
 }

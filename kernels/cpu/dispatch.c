@@ -18,8 +18,12 @@ static const moe_kernel_ops ops_avx2 = {
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 /* Per kernel, not per machine: an AVX-512 CPU runs each kernel on the fastest code measured for
  * it, which is not always the AVX-512 one. Attention is memory bound: the AVX2 chunk kernels
- * serve AVX-512 CPUs as well, and so do the int8 kernels of the quantized matmul (no VNNI path
- * yet: no machine here to test one on). The float matmul (matmul_rows, matmul_avx512.c): bf16
+ * serve AVX-512 CPUs as well. The int8 rows of the quantized matmul are the VNNI ones
+ * (quant_avx512.c, vpdpbusd, same bits as AVX2): no case measured slower than the AVX2 rows on
+ * an AMD EPYC Zen 4 (Q8 and Q4, decode b = 1, 4, 16, 64 and prefill 128, 512 on the OLMoE and
+ * small expert shapes: b=1 equal, the rest faster; bench/RESULTS.md "Issue 16, AVX512-VNNI");
+ * x quantization stays AVX2's (a small share).
+ * The float matmul (matmul_rows, matmul_avx512.c): bf16
  * weights on vdpbf16ps with x as hi + lo bf16, for every n_tok (batch invariance), f32/f16 on the
  * AVX2 rows. On an AMD EPYC Zen 4 (2026-12-04, bench/RESULTS.md "Issue 16, AVX512-BF16
  * vdpbf16ps"), one thread, thread CPU time, alternated with MOE_ISA=avx2: bf16 kernel 1.8-2.2x
@@ -34,12 +38,12 @@ static const moe_kernel_ops ops_avx2 = {
  * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
     moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
-    moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
+    moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 /* MOE_BF16_X=round: the same table with x rounded to one bf16 (moe_matmul_rows_avx512_xbf16). */
 static const moe_kernel_ops ops_avx512_xbf16 = {
     moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
-    moe_attn_accum_avx2,          moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
+    moe_attn_accum_avx2,          moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 
 /* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */
@@ -185,9 +189,9 @@ const char *moe_kernels_describe(void)
     case MOE_ISA_AVX512:
         return use_bf16_x_round()
                    ? "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
-                     "f32/f16:avx2 quant=avx2-int8 attention=avx2 silu=avx2 dot/axpy=avx512"
+                     "f32/f16:avx2 quant=avx512-vnni attention=avx2 silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
-                     "quant=avx2-int8 attention=avx2 silu=avx2 dot/axpy=avx512";
+                     "quant=avx512-vnni attention=avx2 silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX2:
         return "isa=avx2: matmul float=avx2 quant=avx2-int8 attention=avx2 "
                "silu=avx2 dot/axpy=avx2";

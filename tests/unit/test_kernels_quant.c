@@ -486,3 +486,112 @@ Test(quant, matmul_batch, .timeout = 120)
     for (int p = 1; p < 4; p++)
         moe_threadpool_free(pools[p]);
 }
+
+/* ---- the AVX512-VNNI int8 rows (quant_avx512.c), called directly ----
+ * Whatever dispatch.c picks for this CPU, the VNNI kernel must give the scalar kernel's bits and
+ * the AVX2 kernel's: on row ranges that start and end inside its tiles (8-row decode tiles, 4-row
+ * batch tiles, the 2- and 1-row tails), token counts on both sides of every tile and chunk switch
+ * (1..9, 17, 47, 48, 64, 130), decode tiles with and without prefetch, and x blocks that are all
+ * zero or hold a NaN (that token's outputs NaN, in every kernel). */
+static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    size_t nw = (size_t)n_in * n_out, ny = (size_t)n_tok * n_out;
+    int nb = n_in / MOE_QK;
+    float *wf = xmalloc(nw * sizeof *wf), *x = xmalloc((size_t)n_tok * n_in * sizeof *x);
+    void *w = xmalloc(nw / MOE_QK * sizeof(moe_block_q8));
+    int8_t *xq = xmalloc((size_t)n_tok * n_in);
+    float *xd = xmalloc((size_t)n_tok * nb * sizeof *xd);
+    float *ys = xmalloc(ny * sizeof *ys), *y2 = xmalloc(ny * sizeof *y2),
+          *yv = xmalloc(ny * sizeof *yv);
+    for (size_t b = 0; b < nw / MOE_QK; b++)
+        fill_block(wf + b * MOE_QK, (int)(rng_next() % 7));
+    for (size_t i = 0; i < (size_t)n_tok * n_in; i++)
+        x[i] = rng_uniform(-2.f, 2.f) * (i % 89 == 7 ? 40.f : 1.f);
+    /* block 1 of token 0 all zero; some block of the last token NaN (if it has two blocks and
+     * there are two tokens, so that other tokens stay finite) */
+    if (nb > 1)
+        for (int i = 0; i < MOE_QK; i++)
+            x[MOE_QK + i] = 0.f;
+    if (n_tok > 1)
+        x[(size_t)(n_tok - 1) * n_in + (size_t)(rng_next() % (unsigned)n_in)] = NAN;
+    cr_assert_eq(moe_quantize(w, qt, wf, MOE_DT_F32, nw), 0);
+    moe_quantize_x_scalar(xq, xd, x, n_tok, n_in);
+    for (size_t k = 0; k < ny; k++)
+        ys[k] = y2[k] = yv[k] = -1.f; /* rows outside [r0, r1) must stay untouched */
+    moe_matmul_rows_q_scalar(ys, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
+    moe_matmul_rows_q_avx2(y2, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
+    moe_matmul_rows_q_avx512(yv, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
+    for (int t = 0; t < n_tok; t++)
+        for (int r = 0; r < n_out; r++) {
+            size_t k = (size_t)t * n_out + r;
+            uint32_t bs, b2, bv;
+            memcpy(&bs, &ys[k], 4);
+            memcpy(&b2, &y2[k], 4);
+            memcpy(&bv, &yv[k], 4);
+            cr_assert(bv == bs && bv == b2,
+                      "vnni %s n_tok=%d n_in=%d n_out=%d rows [%d,%d): y[t=%d][r=%d] vnni %.9g "
+                      "(%08x) scalar %.9g (%08x) avx2 %.9g (%08x)",
+                      moe_dtype_name(qt), n_tok, n_in, n_out, r0, r1, t, r, (double)yv[k], bv,
+                      (double)ys[k], bs, (double)y2[k], b2);
+            if (r < r0 || r >= r1)
+                cr_assert_eq(yv[k], -1.f, "row %d outside [%d,%d) written", r, r0, r1);
+            else if (n_tok > 1 && t == n_tok - 1)
+                cr_assert(isnan(yv[k]), "NaN x block: t=%d r=%d finite", t, r);
+        }
+    free(wf);
+    free(x);
+    free(w);
+    free(xq);
+    free(xd);
+    free(ys);
+    free(y2);
+    free(yv);
+}
+
+static bool cpu_has_vnni(void)
+{
+    moe_isa was = moe_kernels_isa();
+    bool has = moe_kernels_force_isa(MOE_ISA_AVX512) == MOE_ISA_AVX512;
+    moe_kernels_force_isa(was);
+    return has;
+}
+
+static void vnni_sweep(moe_dtype qt)
+{
+    if (!cpu_has_vnni()) {
+        printf("quant/vnni_%s: skipped, this CPU lacks AVX512-VNNI (best isa %s)\n",
+               moe_dtype_name(qt), moe_isa_name(moe_kernels_isa()));
+        cr_skip_test("this CPU lacks AVX512-VNNI");
+    }
+    printf("quant/vnni_%s: AVX512-VNNI rows against scalar and AVX2 (dispatch: %s)\n",
+           moe_dtype_name(qt), moe_kernels_describe());
+    static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 47, 48, 64, 130};
+    static const int n_ins[] = {32, 96, 544, 2048};
+    static const int n_outs[] = {1, 3, 7, 13, 37};
+    for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
+        for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
+            for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++) {
+                int n_out = n_outs[c];
+                if (n_ins[a] == 2048 && n_toks[b] > 9 && n_out > 13)
+                    continue; /* keeps the sweep short; big n_tok runs at n_in <= 544 */
+                vnni_case(qt, n_toks[b], n_ins[a], n_out, 0, n_out);
+                if (n_out > 3) /* a row range starting and ending inside tiles */
+                    vnni_case(qt, n_toks[b], n_ins[a], n_out, 1, n_out - 2);
+            }
+    /* Decode tiles too big to prefetch the next (Q8: 8 x 4352 bytes), long tasks that prefetch,
+     * ranges that split the 8-row decode tile. */
+    vnni_case(qt, 1, 4096, 41, 0, 41);
+    vnni_case(qt, 1, 768, 600, 5, 597);
+    vnni_case(qt, 16, 768, 100, 3, 94);
+    vnni_case(qt, 130, 160, 61, 9, 60);
+}
+
+Test(quant, vnni_q8, .timeout = 120)
+{
+    vnni_sweep(MOE_DT_Q8);
+}
+
+Test(quant, vnni_q4, .timeout = 120)
+{
+    vnni_sweep(MOE_DT_Q4);
+}

@@ -1,0 +1,323 @@
+/* AVX512-VNNI kernels of the quantized (Q8/Q4) matmul: the int8 block dot products of
+ * quant_avx2.c with vpdpbusd (u8 x s8, four products summed into each int32 lane in one
+ * instruction) on 256-bit vectors (AVX512VL), and the 32 vector registers AVX-512 gives for bigger
+ * batch tiles. Compiled with -mavx512f/bw/vl/dq/bf16/vnni; only called after dispatch.c saw them in
+ * CPUID. Integer dots are exact, and every output keeps the documented float order
+ * (moe_matmul_rows_q_fn): the same bits as the scalar and AVX2 kernels. */
+#include <immintrin.h>
+
+#include "kernels/cpu/kernels_internal.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) &&                   \
+    defined(__FMA__) && defined(__F16C__)
+
+#include "kernels/cpu/quant_x86.h"
+
+/* Largest tile: rows (Q4: 2 x pairs) x tokens. */
+#define QV_MAXR 8
+#define QV_MAXT 4
+
+/* ---- Q8 tile: NR rows x NT tokens, one 8-lane f32 accumulator per output ----
+ * Lane j of a block's integer dot holds inputs 4j..4j+3, as vpmaddubsw + vpmaddwd leave it in
+ * quant_avx2.c; vpdpbusd forms it in one instruction, but multiplies unsigned by signed bytes:
+ * - one token (decode, memory bound): the sign trick, |x| (once per token and block) times w with
+ *   x's sign moved onto it (one masked negation per row);
+ * - more tokens: x + 128 as unsigned bytes (an XOR, once per token and block) times w, minus 128 *
+ *   the sum of w's 4 bytes; that correction is formed once per row and block (a vpdpbusd of
+ *   0x80 bytes by w) and is the accumulator the token's vpdpbusd starts from, so each (row, token)
+ *   costs one vpdpbusd. Products stay below 255 * 127 * 4 (no int32 overflow).
+ * Then one FMA per block adds lane * (d_w * d_x), the product from the group's table (scales8),
+ * or per block for one token (see QG): the arithmetic of the scalar kernel, bit for bit. */
+AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                int n_in, int n_out, int r, int t0, int NR, int NT, const char *pf)
+{
+    int nb = n_in / MOE_QK;
+    const __m256i zero = _mm256_setzero_si256(), bias = _mm256_set1_epi8((char)0x80);
+    __m256 acc[QV_MAXR][QV_MAXT];
+    const moe_block_q8 *wr[QV_MAXR];
+    const int8_t *xr[QV_MAXT];
+    const float *dr[QV_MAXT];
+    /* d_w * d_x of the group: [token][row][block] */
+    float pr[QV_MAXT][QV_MAXR][QG] __attribute__((aligned(32)));
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; i++) {
+        wr[i] = (const moe_block_q8 *)(w + (size_t)(r + i) * row_bytes);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            acc[i][t] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        xr[t] = xq + (size_t)(t0 + t) * n_in;
+        dr[t] = xd + (size_t)(t0 + t) * nb;
+    }
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[QV_MAXT];
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            dx[t] = xscales8(dr[t], b0, g);
+#pragma GCC unroll 8
+        for (int i = 0; i < NR && NT > 1; i++) { /* one token: per block (see QG) */
+            __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++)
+                _mm256_store_ps(pr[t][i], _mm256_mul_ps(dw, dx[t]));
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m256i wv[QV_MAXR];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
+                              (size_t)NR * sizeof(moe_block_q8));
+#pragma GCC unroll 8
+            for (int i = 0; i < NR; i++)
+                wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
+            if (NT == 1) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[0] + (size_t)b * MOE_QK));
+                __m256i ax = _mm256_abs_epi8(xv);
+                __mmask32 neg = _mm256_movepi8_mask(xv);
+                __m256 dx1 = _mm256_broadcast_ss(dr[0] + b);
+#pragma GCC unroll 8
+                for (int i = 0; i < NR; i++) {
+                    __m256i l = _mm256_dpbusd_epi32(zero, ax,
+                                                    _mm256_mask_sub_epi8(wv[i], neg, zero, wv[i]));
+                    __m256 sc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(wr[i][b].d)), dx1);
+                    acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), sc, acc[i][0]);
+                }
+                continue;
+            }
+            __m256i nc[QV_MAXR]; /* -128 * (sum of w's bytes) per lane */
+#pragma GCC unroll 8
+            for (int i = 0; i < NR; i++)
+                nc[i] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, wv[i]));
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i xo = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK)), bias);
+#pragma GCC unroll 8
+                for (int i = 0; i < NR; i++) {
+                    __m256i l = _mm256_dpbusd_epi32(nc[i], xo, wv[i]);
+                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l),
+                                                _mm256_broadcast_ss(&pr[t][i][k]), acc[i][t]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            y[(size_t)(t0 + t) * n_out + r + i] = hsum8(acc[i][t]);
+}
+
+/* ---- Q4 tile: NP row pairs x NT tokens ----
+ * The register layout of quant_avx2.c's q4_tile: a pair of rows shares one register (row A's 16
+ * code bytes low, row B's high), "lo" holds the codes of inputs 0..15, "hi" of 16..31, x is
+ * [x0..15 | x0..15] and [x16..31 | x16..31] (broadcast loads). The codes c = w + 8 are unsigned,
+ * vpdpbusd's unsigned side: lane j = sum of c * x over inputs 4j..4j+3 and 16+4j..16+4j+3 (two
+ * vpdpbusd into one accumulator), minus 8 * the sum of those x, which is formed once per token and
+ * block (two vpdpbusd of 8s by x, negated) and is where the accumulator starts. Then one FMA per
+ * block, lanes [pA x 4 | pB x 4], hsum4 per row: the scalar kernel's bits. */
+AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                int n_in, int n_out, int r, int t0, int NP, int NT, int single, const char *pf)
+{
+    int nb = n_in / MOE_QK;
+    const __m256i zero = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i eight = _mm256_set1_epi8(8);
+    const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[QV_MAXR / 2][QV_MAXT];
+    const moe_block_q4 *wa[QV_MAXR / 2], *wb[QV_MAXR / 2];
+    const int8_t *xr[QV_MAXT];
+    const float *dr[QV_MAXT];
+    /* d_w * d_x of the group: [token][pair][row A, row B][block] */
+    float pr[QV_MAXT][QV_MAXR / 2][2][QG] __attribute__((aligned(32)));
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
+        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            acc[p][t] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        xr[t] = xq + (size_t)(t0 + t) * n_in;
+        dr[t] = xd + (size_t)(t0 + t) * nb;
+    }
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[QV_MAXT];
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            dx[t] = xscales8(dr[t], b0, g);
+#pragma GCC unroll 4
+        for (int p = 0; p < NP && NT > 1; p++) { /* one token: per block (see QG) */
+            __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);
+            __m256 db = single ? da : scales8((const char *)wb[p], sizeof(moe_block_q4), b0, g);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                _mm256_store_ps(pr[t][p][0], _mm256_mul_ps(da, dx[t]));
+                _mm256_store_ps(pr[t][p][1], _mm256_mul_ps(db, dx[t]));
+            }
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m256i lo[QV_MAXR / 2], hi[QV_MAXR / 2];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
+                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; p++) {
+                __m256i v = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
+                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                lo[p] = _mm256_and_si256(v, m4);
+                hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const __m128i *xb = (const __m128i *)(xr[t] + (size_t)b * MOE_QK);
+                __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(xb));
+                __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(xb + 1));
+                /* -8 * (x_4j..4j+3 + x_16+4j..16+4j+3), in both halves */
+                __m256i ncc = _mm256_sub_epi32(
+                    zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, eight, xl), eight, xh));
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++) {
+                    __m256i l = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(ncc, lo[p], xl), hi[p], xh);
+                    __m256 s;
+                    if (NT > 1) {
+                        s = _mm256_blend_ps(_mm256_broadcast_ss(&pr[t][p][0][k]),
+                                            _mm256_broadcast_ss(&pr[t][p][1][k]), 0xf0);
+                    } else {
+                        __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(wa[p][b].d), wb[p][b].d, 1);
+                        __m256 dw =
+                            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), dup);
+                        s = _mm256_mul_ps(dw, _mm256_broadcast_ss(dr[t] + b));
+                    }
+                    acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), s, acc[p][t]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            float *yt = y + (size_t)(t0 + t) * n_out + r + 2 * p;
+            yt[0] = hsum4(_mm256_castps256_ps128(acc[p][t]));
+            if (!single)
+                yt[1] = hsum4(_mm256_extractf128_ps(acc[p][t], 1));
+        }
+}
+
+/* pf: the next row tile to prefetch (prefetch_step), or NULL. */
+typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
+                          size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
+
+/* One out-of-line function per shape: readable code and a small binary. */
+#define Q8_TILE(NR, NT)                                                                            \
+    static void q8_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
+                                    const char *pf)                                                \
+    {                                                                                              \
+        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                          \
+    }
+/* Q4: NR rows = NP pairs, or one row alone (NR = 1). */
+#define Q4_TILE(NR, NT)                                                                            \
+    static void q4_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
+                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
+                                    const char *pf)                                                \
+    {                                                                                              \
+        q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1,    \
+                pf);                                                                               \
+    }
+#define Q_TILES(T)                                                                                 \
+    T(8, 4)                                                                                        \
+    T(8, 3)                                                                                        \
+    T(8, 2)                                                                                        \
+    T(8, 1)                                                                                        \
+    T(4, 4)                                                                                        \
+    T(4, 3)                                                                                        \
+    T(4, 2)                                                                                        \
+    T(4, 1)                                                                                        \
+    T(2, 4)                                                                                        \
+    T(2, 3)                                                                                        \
+    T(2, 2)                                                                                        \
+    T(2, 1)                                                                                        \
+    T(1, 4)                                                                                        \
+    T(1, 3)                                                                                        \
+    T(1, 2)                                                                                        \
+    T(1, 1)
+Q_TILES(Q8_TILE)
+Q_TILES(Q4_TILE)
+/* Every tile, [rows][tokens - 1] */
+static const q_tile_fn tiles_q8[QV_MAXR + 1][QV_MAXT] = {
+    [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
+    [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
+    [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3, q8_tile_4x4},
+    [8] = {q8_tile_8x1, q8_tile_8x2, q8_tile_8x3, q8_tile_8x4}};
+static const q_tile_fn tiles_q4[QV_MAXR + 1][QV_MAXT] = {
+    [1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
+    [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
+    [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3, q4_tile_4x4},
+    [8] = {q4_tile_8x1, q4_tile_8x2, q4_tile_8x3, q4_tile_8x4}};
+
+/* TUNING (temporary): tile sizes from the environment. */
+static int tune(const char *name, int def)
+{
+    const char *e = getenv(name);
+    return e && *e ? atoi(e) : def;
+}
+
+/* Tokens per chunk (see quant_avx2.c: QP_TOKC for prefill, all tokens of a batched decode). */
+#define QP_TOKC 96
+#define Q_TOKC (MOE_Q_PREFILL_TOK - 1)
+
+void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
+                              moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    const q_tile_fn(*tiles)[QV_MAXT] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
+    size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
+    const char *wc = w;
+    int q8 = wt == MOE_DT_Q8, prefill = n_tok >= MOE_Q_PREFILL_TOK;
+    int nr, nt;
+    if (n_tok == 1) {
+        nr = tune("QV_D1R", 8);
+        nt = 1;
+    } else if (!prefill) {
+        nr = tune(q8 ? "QV_DR8" : "QV_DR4", 4);
+        nt = tune(q8 ? "QV_DT8" : "QV_DT4", 4);
+    } else {
+        nr = tune(q8 ? "QV_PR8" : "QV_PR4", 4);
+        nt = tune(q8 ? "QV_PT8" : "QV_PT4", 4);
+    }
+    int tokc = prefill ? QP_TOKC : Q_TOKC;
+    for (int tc = 0; tc < n_tok; tc += tokc) {
+        int te = tc + tokc < n_tok ? tc + tokc : n_tok;
+        for (int r = r0; r < r1;) {
+            int rn = r + nr <= r1 ? nr : r + 4 <= r1 && nr > 4 ? 4 : r + 2 <= r1 ? 2 : 1;
+            /* The next row tile of this task, prefetched by the first token tile of this one
+             * (decode only: prefill tiles re-read each row tile for many tokens) */
+            const char *pf = !prefill && r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
+                                 ? wc + (size_t)(r + rn) * row_bytes
+                                 : NULL;
+            for (int t = tc; t < te; t += nt) {
+                int tn = te - t < nt ? te - t : nt;
+                tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, t == tc ? pf : NULL);
+            }
+            r += rn;
+        }
+    }
+}
+
+#else /* built without the flags: never dispatched */
+
+void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
+                              moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_q_scalar(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+#endif

@@ -1,0 +1,105 @@
+/* Helpers shared by the x86 int8 kernels of the quantized matmul (quant_avx2.c, quant_avx512.c):
+ * the lane sums of the documented output order, the scale-product tables and decode prefetch. Only
+ * included by files built with at least -mavx2 -mfma -mf16c. */
+#ifndef MOE_KERNELS_CPU_QUANT_X86_H
+#define MOE_KERNELS_CPU_QUANT_X86_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/cpu/kernels_internal.h"
+
+#define AI static inline __attribute__((always_inline))
+
+AI float hsum8(__m256 v)
+{
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    __m128 s = _mm_add_ps(lo, hi);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* (a0 + a2) + (a1 + a3) */
+AI float hsum4(__m128 v)
+{
+    __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Decode prefetch. The rows of a decode tile are one contiguous block of memory and so are the
+ * next tile's; with short rows (768 inputs: 816 bytes of Q8) each tile is 8 streams of a dozen
+ * cache lines, too short for the hardware prefetcher to ramp up on. So each block step of a tile
+ * consumes `step` bytes of weights and prefetches as many of the next tile (from byte `off` of
+ * it): the next tile is in cache when it starts, and the prefetches run one tile ahead of the
+ * loads, never more (a whole tile of at most PF_MAX_TILE bytes). */
+AI void prefetch_step(const char *pf, size_t off, size_t step)
+{
+    /* Lines already requested by the previous step are requested again when a step does not end on
+     * a line boundary: harmless (the line is in flight or in L1). */
+    for (size_t c = off & ~(size_t)63; c < off + step; c += 64)
+        _mm_prefetch(pf + c, _MM_HINT_T0);
+}
+
+/* ---- Scale products of a group of up to QG blocks ----
+ * Every (row, token, block) adds its integer lanes times d_w * d_x. Those products are formed 8
+ * blocks at a time, one vmulps per (row, token) of a tile, instead of one per (row, token, block)
+ * in the block loop (plus the per-block f16 conversion of each row's scale): the block loop then
+ * only broadcasts its product from L1 (a load, no FP pipe). The product is the same float (d_w
+ * and d_x as before, one rounding), so the bits do not change. */
+#define QG 8
+/* Tiles of one token (the decode matvec, memory bound) keep the per-block product: measured
+ * 4-25% slower from DRAM with the table (its 8-block scale gather runs ahead of the stream). */
+
+/* The f16 scales of blocks b0..b0+g-1 of a row (the first field of each block, blk_bytes apart)
+ * as 8 floats (zero past g): gathered in general-purpose registers (integer pipes, no store
+ * forwarding of 8 narrow stores into one load), converted with one vcvtph2ps. */
+AI uint64_t scales4(const char *p, size_t blk_bytes)
+{
+    uint16_t d[4];
+    for (int k = 0; k < 4; k++)
+        memcpy(&d[k], p + (size_t)k * blk_bytes, sizeof d[k]);
+    return (uint64_t)d[0] | (uint64_t)d[1] << 16 | (uint64_t)d[2] << 32 | (uint64_t)d[3] << 48;
+}
+
+AI __m256 scales8(const char *row, size_t blk_bytes, int b0, int g)
+{
+    const char *p = row + (size_t)b0 * blk_bytes;
+    uint64_t h0, h1;
+    if (g == QG) {
+        h0 = scales4(p, blk_bytes);
+        h1 = scales4(p + 4 * blk_bytes, blk_bytes);
+    } else { /* in registers too: a table of 16-bit stores read back as one load would stall */
+        h0 = h1 = 0;
+#pragma GCC unroll 8
+        for (int k = 0; k < QG; k++)
+            if (k < g) {
+                uint16_t d;
+                memcpy(&d, p + (size_t)k * blk_bytes, sizeof d);
+                if (k < 4)
+                    h0 |= (uint64_t)d << (16 * k);
+                else
+                    h1 |= (uint64_t)d << (16 * (k - 4));
+            }
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)h1, (long long)h0));
+}
+
+/* d_x of blocks b0..b0+g-1 of a token (not read past g: the last token's scales end the buffer). */
+AI __m256 xscales8(const float *d, int b0, int g)
+{
+    if (g == QG)
+        return _mm256_loadu_ps(d + b0);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(d + b0, _mm256_cmpgt_epi32(_mm256_set1_epi32(g), lane));
+}
+
+/* Row tiles up to this size prefetch the next one (prefetch_step) in their first token tile (the
+ * one that reads them from memory); bigger ones (8-row decode tiles of more than ~3800 Q8 / ~7200
+ * Q4 inputs) stream well on their own, and a whole tile ahead would push the current one out of
+ * L1. */
+#define PF_MAX_TILE 32768
+
+#endif
