@@ -264,14 +264,17 @@ static const q_tile_fn tiles_q4[QV_MAXR + 1][QV_MAXT] = {
     [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3, q4_tile_4x4},
     [8] = {q4_tile_8x1, q4_tile_8x2, q4_tile_8x3, q4_tile_8x4}};
 
-/* TUNING (temporary): tile sizes from the environment. */
-static int tune(const char *name, int def)
-{
-    const char *e = getenv(name);
-    return e && *e ? atoi(e) : def;
-}
-
-/* Tokens per chunk (see quant_avx2.c: QP_TOKC for prefill, all tokens of a batched decode). */
+/* Tiles (measured on Zen 4, one thread, bench/matmul_cputime ab; bench/RESULTS.md): one token, 8
+ * rows side by side (Q4: 4 pairs), 1.1-1.3x faster than 4; more tokens, Q8 4 rows x 4 tokens (best
+ * of 2x4, 4x3, 4x4, 8x2, 8x3, 8x4: 8-row tiles spill the 32 registers), Q4 8 rows (4 pairs) x 4
+ * tokens (best of 2x4, 4x3, 4x4, 8x2, 8x3, 8x4 with 8x3 close: the per-token 8 * x correction is
+ * shared by 4 pairs). Both for batched decode and prefill, which only differ in the token chunk:
+ * all of a decode call's tokens (each row tile streams from memory once, its later token tiles
+ * re-read it from L1: an expert's share of a batched step) vs 96 at a time for prefill (96 x n_in
+ * bytes of x stay in L2 while the rows of a task pass), as in quant_avx2.c. */
+#define QV_NR_Q8 4
+#define QV_NR_Q4 8
+#define QV_NT 4
 #define QP_TOKC 96
 #define Q_TOKC (MOE_Q_PREFILL_TOK - 1)
 
@@ -281,18 +284,9 @@ void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const
     const q_tile_fn(*tiles)[QV_MAXT] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
-    int q8 = wt == MOE_DT_Q8, prefill = n_tok >= MOE_Q_PREFILL_TOK;
-    int nr, nt;
-    if (n_tok == 1) {
-        nr = tune("QV_D1R", 8);
-        nt = 1;
-    } else if (!prefill) {
-        nr = tune(q8 ? "QV_DR8" : "QV_DR4", 4);
-        nt = tune(q8 ? "QV_DT8" : "QV_DT4", 4);
-    } else {
-        nr = tune(q8 ? "QV_PR8" : "QV_PR4", 4);
-        nt = tune(q8 ? "QV_PT8" : "QV_PT4", 4);
-    }
+    int prefill = n_tok >= MOE_Q_PREFILL_TOK;
+    int nr = n_tok == 1 ? 8 : wt == MOE_DT_Q8 ? QV_NR_Q8 : QV_NR_Q4;
+    int nt = n_tok == 1 ? 1 : QV_NT;
     int tokc = prefill ? QP_TOKC : Q_TOKC;
     for (int tc = 0; tc < n_tok; tc += tokc) {
         int te = tc + tokc < n_tok ? tc + tokc : n_tok;
