@@ -6,7 +6,11 @@
  * Prints one line per n_tok: ms and GFLOP/s (2 * n_tok * n_out * n_in per call).
  * q8/q4 with "ab": the int8 row kernels themselves, AVX2 (A) against AVX512-VNNI (B), called in
  * turn (A B, B A, A B ...) on the same quantized x, best of REPS each, plus a bitwise check of the
- * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI. */
+ * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI.
+ * matmul_cputime probe (AVX-512 CPUs): the throughput of the instructions those kernels are made
+ * of, 10 independent ones per loop: FMA, vdpbf16ps and vpdpbusd on ymm, vpdpbusd on zmm (does a
+ * 512-bit op do twice the work per second?), vpdpbusd mixed with FMA (do they share pipes?) and the
+ * Q8 work of one (row, token, block), vpdpbusd + convert + FMA. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,11 +34,59 @@ static float frand(void)
     return (float)((rng >> 9) & 0xffff) / 65536.f - 0.5f;
 }
 
+#if defined(__x86_64__)
+#define PROBE_LOOPS 50000000L
+/* Registers 0-15 only: this file is built without AVX-512 flags, which the compiler needs before
+ * it lets an asm clobber 16-31. Sources 13-15, accumulators 0-11. */
+#define Y3(op, i) op " %%ymm14, %%ymm15, %%ymm" #i "\n"
+#define Z3(op, i) op " %%zmm14, %%zmm15, %%zmm" #i "\n"
+#define TEN(M, op)                                                                                 \
+    M(op, 0) M(op, 1) M(op, 2) M(op, 3) M(op, 4) M(op, 5) M(op, 6) M(op, 7) M(op, 8) M(op, 9)
+#define MIX(i, j) Y3("vpdpbusd", i) Y3("vfmadd231ps", j)
+#define Q8W(i, j, k) Y3("vpdpbusd", i) "vcvtdq2ps %%ymm13, %%ymm" #j "\n" Y3("vfmadd231ps", k)
+#define PROBE_CLOBBER                                                                              \
+    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11"
+#define PROBE(name, body, unit, per_loop)                                                          \
+    do {                                                                                           \
+        double t0 = cpu_s();                                                                       \
+        for (long k = 0; k < PROBE_LOOPS; k++)                                                     \
+            __asm__ volatile(body ::: PROBE_CLOBBER);                                              \
+        double t = cpu_s() - t0;                                                                   \
+        printf("%-40s %6.3f ns per loop  %6.1f %s\n", name, t / PROBE_LOOPS * 1e9,                 \
+               (double)PROBE_LOOPS * (per_loop) / t / 1e9, unit);                                  \
+    } while (0)
+
+static int probe(void)
+{
+    if (moe_kernels_isa() != MOE_ISA_AVX512) {
+        fprintf(stderr, "matmul_cputime: probe needs AVX-512 (isa %s)\n",
+                moe_isa_name(moe_kernels_isa()));
+        return 2;
+    }
+    printf("# matmul_cputime probe: one thread, thread CPU time, 10 independent ops per loop\n");
+    PROBE("vfmadd231ps ymm", TEN(Y3, "vfmadd231ps"), "GFLOP/s", 10 * 16);
+    PROBE("vdpbf16ps ymm", TEN(Y3, "vdpbf16ps"), "GFLOP/s", 10 * 32);
+    PROBE("vpdpbusd ymm", TEN(Y3, "vpdpbusd"), "int8 GOP/s", 10 * 64);
+    PROBE("vpdpbusd zmm", TEN(Z3, "vpdpbusd"), "int8 GOP/s", 10 * 128);
+    PROBE("5 vpdpbusd + 5 vfmadd231ps ymm", MIX(0, 5) MIX(1, 6) MIX(2, 7) MIX(3, 8) MIX(4, 9),
+          "G ops/s", 10);
+    PROBE("4 x (vpdpbusd + vcvtdq2ps + vfmadd) ymm",
+          Q8W(0, 4, 8) Q8W(1, 5, 9) Q8W(2, 6, 10) Q8W(3, 7, 11), "GFLOP/s of Q8 work", 4 * 64);
+    return 0;
+}
+#endif
+
 int main(int argc, char **argv)
 {
+#if defined(__x86_64__)
+    if (argc == 2 && strcmp(argv[1], "probe") == 0)
+        return probe();
+#endif
     if (argc < 4) {
-        fprintf(stderr, "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]\n",
-                argv[0]);
+        fprintf(stderr,
+                "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]\n"
+                "       %s probe\n",
+                argv[0], argv[0]);
         return 2;
     }
     int n_out = atoi(argv[1]), n_in = atoi(argv[2]);
