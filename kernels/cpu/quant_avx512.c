@@ -265,10 +265,6 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
                 pf);                                                                               \
     }
 #define Q_TILES(T)                                                                                 \
-    T(8, 4)                                                                                        \
-    T(8, 3)                                                                                        \
-    T(8, 2)                                                                                        \
-    T(8, 1)                                                                                        \
     T(4, 4)                                                                                        \
     T(4, 3)                                                                                        \
     T(4, 2)                                                                                        \
@@ -283,12 +279,17 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
     T(1, 1)
 Q_TILES(Q8_TILE)
 Q_TILES(Q4_TILE)
+Q8_TILE(8, 1) /* Q8: 8 rows for one token only (see QV_NR_Q8) */
+Q4_TILE(8, 1)
+Q4_TILE(8, 2)
+Q4_TILE(8, 3)
+Q4_TILE(8, 4)
 /* Every tile, [rows][tokens - 1] */
 static const q_tile_fn tiles_q8[QV_MAXR + 1][QV_MAXT] = {
     [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
     [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
     [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3, q8_tile_4x4},
-    [8] = {q8_tile_8x1, q8_tile_8x2, q8_tile_8x3, q8_tile_8x4}};
+    [8] = {q8_tile_8x1}};
 static const q_tile_fn tiles_q4[QV_MAXR + 1][QV_MAXT] = {
     [1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
     [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
