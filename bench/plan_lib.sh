@@ -15,11 +15,12 @@ fi
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # plan_start KEY NP FLAGS...: a live cluster (its workers' step trace in $out/KEY.steps.RANK.jsonl);
-# sets mp (mpirun's pid) and port.
+# sets mp (mpirun's pid) and port. PLAN_MPI_ENV: more "-x NAME" for mpirun (set in the caller).
 plan_start() {
   local key=$1 np=$2
   shift 2
-  MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE -np "$np" "$build/moe-serve" \
+  # shellcheck disable=SC2086
+  MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE ${PLAN_MPI_ENV:-} -np "$np" "$build/moe-serve" \
     --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" < /dev/null > "$tmp/out" 2> "$tmp/err" &
   mp=$!
   for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done

@@ -89,6 +89,8 @@ void moe_kv_recv_set_checksums(moe_kv_recv *r, const uint64_t *checksums, int n)
  * returns OK or CORRUPT (final: later polls return the same). TIMEOUT once now_ns passes the
  * deadline with something missing. */
 moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns);
+/* Receives still outstanding (a debug trace's progress count). */
+int moe_kv_recv_pending(const moe_kv_recv *r);
 /* Moves the deadline (a layer-by-layer receive has none until the sender's prompt is done). */
 void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns);
 /* The first block that failed verification, -1 if none. */
