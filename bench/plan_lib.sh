@@ -44,6 +44,26 @@ plan_calibrate() {
   "$build/moe-plan" probe --quiet --out "$out/$1.avail.json" & pp=$!
 }
 
+# plan_cpu_mark: the coordinator's CPU time now (before a workload); plan_cpu_done KEY JSONL
+# BENCH_TIME: the coordinator's CPU since the mark plus moe-bench's own (its /usr/bin/time -f '%U %S'
+# file) per token delivered (JSONL: moe-bench's request lines) into KEY.client_cpu (ms per token:
+# moe-plan's --client-cpu-ms-per-token, measured beside the run).
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2> /dev/null || echo 0; }
+plan_cpu_mark() {
+  cpid=$(grep -o 'coordinator pid [0-9]*' "$tmp/out" | awk '{print $3}')
+  c0=$(cpu_of "$cpid")
+}
+plan_cpu_done() {
+  local c1; c1=$(cpu_of "$cpid")
+  python3 - "$c0" "$c1" "$(getconf CLK_TCK)" "$2" "$3" > "$out/$1.client_cpu" <<'PY'
+import json, sys
+c0, c1, hz, jl, bt = sys.argv[1:]
+bench = sum(map(float, open(bt).read().split()[-2:]))
+tokens = sum(r.get("n_tokens", 0) for r in map(json.loads, open(jl)) if r.get("type") == "request")
+print("%.4f" % (((int(c1) - int(c0)) / float(hz) + bench) * 1e3 / max(1, tokens)))
+PY
+}
+
 # plan_stop KEY LOAD_BEFORE: stops the probe and the cluster; the load averages into KEY.load.
 plan_stop() {
   kill -TERM "$pp"; wait "$pp" || true

@@ -11,12 +11,14 @@
 # Usage: bench/plan_search_check.sh BUILD_DIR PROFILE AVAILABILITY|share [MODEL_DIR]
 # Env: SC_OUT (results dir), SC_RANKS (2), SC_REQUESTS (40), SC_LEN_SCALE (0.5),
 #      SC_TRACE (bench/traces/chat.jsonl), SC_TTFT_MS (1000), SC_TPOT_MS (15), SC_REPEATS (2),
-#      SC_TOP (2: the layouts run live, best first).
+#      SC_TOP (2: the layouts run live, best first), SC_CLIENT_CPU (with share: the coordinator's and
+#      moe-bench's CPU ms per token, --client-cpu-ms-per-token, e.g. a plan_check.sh run's
+#      KEY.client_cpu).
 set -euo pipefail
 build=$(cd "${1:?usage: $0 BUILD_DIR PROFILE AVAILABILITY [MODEL_DIR]}" && pwd)
 prof=$(realpath "${2:?profile}")
 if [ "${3:?availability}" = share ]; then
-  model_flags="--host-ranks ${SC_RANKS:-2}"
+  model_flags="--host-ranks ${SC_RANKS:-2}${SC_CLIENT_CPU:+ --client-cpu-ms-per-token $SC_CLIENT_CPU}"
 else
   model_flags="--availability $(realpath "$3")"
 fi
@@ -56,7 +58,7 @@ for rep in $(seq "$reps"); do
     echo "=== $key: $lay at $rate req/s (load $l0)" >&2
     # shellcheck disable=SC2086
     "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --rate "$rate" --slo-ttft-ms "$ttft" \
-      --slo-tpot-ms "$tpot" < /dev/null > "$out/$key.real.json" || true
+      --slo-tpot-ms "$tpot" --jsonl "$out/$key.real.jsonl" < /dev/null > "$out/$key.real.json" || true
     plan_stop "$key" "$l0"
     python3 - "$out" "$key" "$rank" "$lay" "$((np - 1))" "$rate" <<'PY'
 import json, os, sys
@@ -65,11 +67,11 @@ last = lambda p: json.loads(open(os.path.join(out, p)).read().strip().splitlines
 r, s = last(key + ".real.json"), last(key + ".sim.json")
 lat = lambda x: "%.0f / %.0f, %.1f / %.1f ms" % (x["ttft_ms"]["p50"], x["ttft_ms"]["p90"], x["tpot_ms"]["p50"],
                                                   x["tpot_ms"]["p90"])
-g = r.get("second_token_gap_ms", {}).get("p50")
+g = r.get("second_token_gap_ms", {})
 print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | %s | %s | %s | %s |" % (
     rank, lay, ranks, float(rate), 100 * s["attainment"], 100 * r["attainment"], lat(r), lat(s),
-    "%.1f ms" % g if g is not None else "n/a", open(os.path.join(out, key + ".load")).read().strip()))
+    "%.1f / %.1f ms" % (g["p50"], g["p90"]) if g else "n/a", open(os.path.join(out, key + ".load")).read().strip()))
 PY
   done
 done
-echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured TTFT p50 / p90, TPOT p50 / p90 | predicted ones | measured first-to-second token gap p50 | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
+echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured TTFT p50 / p90, TPOT p50 / p90 | predicted ones | measured first-to-second token gap p50 / p90 | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
