@@ -56,9 +56,12 @@ for rep in $(seq "$reps"); do
     "$build/moe-plan" probe --quiet --out "$out/$key.avail.json" & pp=$!
     l0=$(load)
     echo "=== $key: $lay at $rate req/s (load $l0)" >&2
+    plan_cpu_mark
     # shellcheck disable=SC2086
-    "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --rate "$rate" --slo-ttft-ms "$ttft" \
-      --slo-tpot-ms "$tpot" --jsonl "$out/$key.real.jsonl" < /dev/null > "$out/$key.real.json" || true
+    /usr/bin/time -f '%U %S' -o "$out/$key.bench_time" "$build/moe-bench" --addr "127.0.0.1:$port" --json \
+      --no-progress $wl --rate "$rate" --slo-ttft-ms "$ttft" --slo-tpot-ms "$tpot" --jsonl "$out/$key.real.jsonl" \
+      < /dev/null > "$out/$key.real.json" || true
+    plan_cpu_done "$key" "$out/$key.real.jsonl" "$out/$key.bench_time"
     plan_stop "$key" "$l0"
     python3 - "$out" "$key" "$rank" "$lay" "$((np - 1))" "$rate" <<'PY'
 import json, os, sys
@@ -68,10 +71,11 @@ r, s = last(key + ".real.json"), last(key + ".sim.json")
 lat = lambda x: "%.0f / %.0f, %.1f / %.1f ms" % (x["ttft_ms"]["p50"], x["ttft_ms"]["p90"], x["tpot_ms"]["p50"],
                                                   x["tpot_ms"]["p90"])
 g = r.get("second_token_gap_ms", {})
-print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | %s | %s | %s | %s |" % (
+print("| %s | `%s` | %s | %.3f | %.1f%% | %.1f%% | %s | %s | %s | %s | %s |" % (
     rank, lay, ranks, float(rate), 100 * s["attainment"], 100 * r["attainment"], lat(r), lat(s),
-    "%.1f / %.1f ms" % (g["p50"], g["p90"]) if g else "n/a", open(os.path.join(out, key + ".load")).read().strip()))
+    "%.1f / %.1f ms" % (g["p50"], g["p90"]) if g else "n/a", open(os.path.join(out, key + ".client_cpu")).read().strip(),
+    open(os.path.join(out, key + ".load")).read().strip()))
 PY
   done
 done
-echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured TTFT p50 / p90, TPOT p50 / p90 | predicted ones | measured first-to-second token gap p50 / p90 | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
+echo "(search rank | layout | worker ranks | rate | predicted attainment | measured | measured TTFT p50 / p90, TPOT p50 / p90 | predicted ones | measured first-to-second token gap p50 / p90 | coordinator + moe-bench CPU ms per token | load before / after; SLO TTFT $ttft ms, TPOT $tpot ms; $n requests of $(basename "$trace") x $scale; raw files in $out)"
