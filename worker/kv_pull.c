@@ -303,8 +303,10 @@ static void push_offer(worker *w, pull_t *q, pb_offer *m)
     }
     if (q->phase == PULL_WAIT_OFFER)
         start_attempt(w, q, q->attempt + 1);
-    else
+    else {
         moe_kv_recv_set_deadline(q->recv, q->t0 + moe_worker_ms_ns(w->o->kv_timeout_ms));
+        moe_kv_recv_set_waiting(q->recv, false); /* the prefill is done: every slice is on its way */
+    }
 }
 
 void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m)

@@ -134,18 +134,19 @@ void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
         if (p && p->push_xfer && p->push_layers == layer && !push_layer(w, p, layer))
             moe_kv_push_stop(p);
     }
-    moe_kv_push_progress(w);
+    moe_kv_push_progress(w, false);
 }
 
-void moe_kv_push_progress(worker *w)
+void moe_kv_push_progress(worker *w, bool one_test)
 {
     /* Open MPI moves bytes only inside MPI calls: a rendezvous slice's data leaves once the
      * sender's progress sees the receiver's answer. */
     w->push_progress_ns = moe_now_ns();
     for (int i = 0; i < w->n_parks; i++) {
         park_t *p = &w->parks[i];
-        bool done;
-        if (p->push_xfer && p->send && moe_kv_send_poll(p->send, &done) != MOE_OK)
+        bool done = false;
+        if (p->push_xfer && p->send &&
+            (one_test ? moe_kv_send_progress(p->send) : moe_kv_send_poll(p->send, &done)) != MOE_OK)
             moe_kv_push_stop(p);
         else if (p->push_xfer && p->send && done && p->push_layers == moe_engine_kv_layers(w->eng) &&
                  !p->traced_left) {
@@ -235,6 +236,7 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
         moe_worker_engine_drop(w, id);
         return;
     }
+    moe_kv_recv_set_waiting(recv, true); /* until the offer: the prefill still computes */
     w->pulls[w->n_pulls++] = (pull_t){.seq_id = id,
                                       .src = src,
                                       .phase = PULL_RECEIVING,

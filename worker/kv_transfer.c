@@ -202,28 +202,43 @@ moe_status moe_kv_send_append(moe_kv_send *s, void *const *blocks, int n_blocks,
     return MOE_OK;
 }
 
-/* Both polls test their requests in posting order and stop at the first one still pending: one
- * test drives the whole transport (Open MPI's progress engine is global), the transfer is done
- * only once every request is, and each test that finds nothing to do may give the core away (with
- * mpi_yield_when_idle, which oversubscribed ranks need, it calls sched_yield). Testing all of a
- * push's dozens of slices every loop turn made a decode rank with a batch to step yield dozens
- * of times per turn and wait 50-110 ms for a core on a loaded machine (bench/RESULTS.md, session 6). */
+/* A test that finds nothing to do may give the core away: with mpi_yield_when_idle, which
+ * oversubscribed ranks need, Open MPI calls sched_yield in it. Testing each of dozens of requests
+ * that cannot progress yet, every loop turn, made a decode rank with a batch to step yield dozens
+ * of times per turn and wait 50-110 ms for a core on a loaded machine (bench/RESULTS.md, issue
+ * 14, session 6). Where a transfer is known to wait for its peer, one test drives the whole
+ * transport (Open MPI's progress engine is global): moe_kv_send_progress, and a receive marked
+ * waiting. Otherwise a poll tests every pending request, as many progress calls as a bulk
+ * transfer (a migration stage) needs to move at speed. */
+moe_status moe_kv_send_progress(moe_kv_send *s)
+{
+    while (s->first_pending < s->n && !s->reqs[s->first_pending])
+        s->first_pending++;
+    if (s->first_pending == s->n)
+        return MOE_OK;
+    bool d = false;
+    moe_status st = s->comm->ops->test(s->comm->ctx, s->reqs[s->first_pending], &d);
+    if (st == MOE_OK && d)
+        s->reqs[s->first_pending++] = NULL;
+    return st;
+}
+
 moe_status moe_kv_send_poll(moe_kv_send *s, bool *done)
 {
-    while (s->first_pending < s->n) {
-        moe_comm_req **r = &s->reqs[s->first_pending];
-        if (*r) {
-            bool d = false;
-            moe_status st = s->comm->ops->test(s->comm->ctx, *r, &d);
-            if (st != MOE_OK)
-                return st;
-            if (!d)
-                break;
-            *r = NULL;
-        }
-        s->first_pending++;
+    bool all = true;
+    for (int i = 0; i < s->n; i++) {
+        if (!s->reqs[i])
+            continue;
+        bool d = false;
+        moe_status st = s->comm->ops->test(s->comm->ctx, s->reqs[i], &d);
+        if (st != MOE_OK)
+            return st;
+        if (d)
+            s->reqs[i] = NULL;
+        else
+            all = false;
     }
-    *done = s->first_pending == s->n;
+    *done = all;
     return MOE_OK;
 }
 
@@ -240,7 +255,8 @@ struct moe_kv_recv {
     int64_t deadline;
     moe_kv_xfer_result result;
     int bad_block;
-    int first_pending; /* receives before it are done */
+    int first_pending; /* receives before it are done (they complete in order, mostly) */
+    bool waiting;      /* the sender is not expected to be done soon: test only the first pending */
 };
 
 void moe_kv_recv_free(moe_kv_recv *r)
@@ -306,20 +322,22 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
 {
     if (r->result != MOE_KV_XFER_PENDING)
         return r->result;
-    while (r->first_pending < r->n) { /* in order, up to the first one pending (see above) */
-        moe_comm_req **q = &r->reqs[r->first_pending];
-        if (*q) {
-            bool d = false;
-            if (r->comm->ops->test(r->comm->ctx, *q, &d) != MOE_OK) {
-                *q = NULL; /* released or not, it is unusable now */
-                return r->result = MOE_KV_XFER_ERROR;
-            }
-            if (!d)
-                break;
-            *q = NULL;
-            r->n_pending--;
-        }
+    while (r->first_pending < r->n && !r->reqs[r->first_pending])
         r->first_pending++;
+    for (int i = r->first_pending; i < r->n && r->n_pending > 0; i++) {
+        if (!r->reqs[i])
+            continue;
+        bool d = false;
+        if (r->comm->ops->test(r->comm->ctx, r->reqs[i], &d) != MOE_OK) {
+            r->reqs[i] = NULL; /* released or not, it is unusable now */
+            return r->result = MOE_KV_XFER_ERROR;
+        }
+        if (d) {
+            r->reqs[i] = NULL;
+            r->n_pending--;
+        } else if (r->waiting) {
+            break; /* see moe_kv_send_progress */
+        }
     }
     if (r->n_pending == 0 && r->have_sums) {
         if (!r->sums_ok) {
@@ -342,6 +360,11 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
 int moe_kv_recv_pending(const moe_kv_recv *r)
 {
     return r->n_pending;
+}
+
+void moe_kv_recv_set_waiting(moe_kv_recv *r, bool waiting)
+{
+    r->waiting = waiting;
 }
 
 void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns)

@@ -199,9 +199,9 @@ void moe_kv_push_reserve(worker *w, park_t *p);
 void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m);
 /* The engine's layer hook (moe_engine_set_layer_hook; ctx is the worker). */
 void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n);
-/* Advances every push in flight (one MPI test each while a slice is pending); the layer hook and
- * the step's progress hook call it. */
-void moe_kv_push_progress(worker *w);
+/* Advances every push in flight: tests all its pending sends, or with one_test only its first
+ * (the step's progress hook, called often: moe_kv_send_progress); the layer hook calls it too. */
+void moe_kv_push_progress(worker *w, bool one_test);
 /* Ends p's push (or pull attempt) on the prefill side: sends detached, push state dropped. */
 void moe_kv_push_stop(park_t *p);
 /* After the sequence parked: post the layers not sent yet, then the checksums (KvHeader). */

@@ -120,8 +120,8 @@ static void step_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
 
 /* Between the matmul batches of a step (moe_engine_set_progress_hook): a push's slices need the
  * sender's MPI progress to leave (a rendezvous), and a prefill step's layer boundaries are 20-120
- * ms apart on a loaded machine; so every push in flight is advanced here too, at most every
- * STEP_PROGRESS_NS (each test that finds nothing may yield the core: bounded, not per matmul). */
+ * ms apart on a loaded machine; so every push in flight is advanced here too, with one test each
+ * and at most every STEP_PROGRESS_NS (a test that finds nothing may yield the core). */
 #define STEP_PROGRESS_NS 2000000
 static void step_progress_hook(void *ctx)
 {
@@ -133,7 +133,7 @@ static void step_progress_hook(void *ctx)
         pushing = w->parks[i].push_xfer && w->parks[i].send;
     if (pushing) {
         moe_worker_kv_trace(w, 0, "progress", 0);
-        moe_kv_push_progress(w);
+        moe_kv_push_progress(w, true);
     }
 }
 
