@@ -4,7 +4,8 @@
 # layout and trace runs moe-bench on a live `mpirun moe-serve` cluster and `moe-plan simulate` on
 # the same workload, and prints the error table (TTFT/TPOT p50/p90, simulated vs measured).
 # A fifth prediction (share) runs our worker ranks as processor sharing of this host by the
-# profile's measured sharing curve (--host-ranks).
+# profile's measured sharing curve (--host-ranks); a sixth (sharec) adds the coordinator and
+# moe-bench as one more sharer for their CPU per token, measured beside the run.
 # Every run also records the workers' step trace ($out/KEY.steps.RANK.jsonl, MOE_STEP_TRACE), the
 # machine's CPU availability before and during the run (moe-plan probe) and the fixed costs
 # calibrated on the cluster (moe-plan calibrate); bench/plan_steps.py compares the step trace with
@@ -58,9 +59,11 @@ for t in $traces; do
       plan_calibrate "$key" "$profile"
       l0=$(load)
       echo "=== $tn / $name (port $port, load $l0)" >&2
+      plan_cpu_mark
       # shellcheck disable=SC2086
-      "$build/moe-bench" --addr "127.0.0.1:$port" --json --no-progress $wl --jsonl "$out/$key.real.jsonl" \
-        > "$out/$key.real.json" || true
+      /usr/bin/time -f '%U %S' -o "$out/$key.bench_time" "$build/moe-bench" --addr "127.0.0.1:$port" --json \
+        --no-progress $wl --jsonl "$out/$key.real.jsonl" > "$out/$key.real.json" || true
+      plan_cpu_done "$key" "$out/$key.real.jsonl" "$out/$key.bench_time"
       plan_stop "$key" "$l0"
     fi
     # Four predictions of the same live run: (sim) the step model of the first version (wall
@@ -78,10 +81,19 @@ for t in $traces; do
     done
     # (share) CPU times, our np-1 worker ranks sharing this host as processor sharing by the
     # profile's measured curve (no probe: a prediction from the profile taken before the run).
-    [ -f "$out/$key.calsh.json" ] &&
+    if [ -f "$out/$key.calsh.json" ]; then
       # shellcheck disable=SC2086
       "$build/moe-plan" simulate --profile "$out/$key.calsh.json" --host-ranks $((np - 1)) --layout "$simlay" $wl \
         --kv-blocks $kv --json --jsonl "$out/$key.share.jsonl" > "$out/$key.share.json"
+    fi
+    # (sharec) as share, with the coordinator and moe-bench as one more sharer of the host for
+    # their CPU per token, measured beside the run (KEY.client_cpu).
+    if [ -f "$out/$key.calsh.json" ] && [ -f "$out/$key.client_cpu" ]; then
+      # shellcheck disable=SC2086
+      "$build/moe-plan" simulate --profile "$out/$key.calsh.json" --host-ranks $((np - 1)) --layout "$simlay" $wl \
+        --client-cpu-ms-per-token "$(cat "$out/$key.client_cpu")" \
+        --kv-blocks $kv --json --jsonl "$out/$key.sharec.jsonl" > "$out/$key.sharec.json"
+    fi
   done
 done
 
@@ -96,8 +108,9 @@ names = {"sim": "first version (profiled wall times, default fixed costs, --core
          "pred": "CPU times x availability probed before the run, calibrated fixed costs",
          "simav": "CPU times x availability probed during the run, calibrated fixed costs",
          "timed": "as simav, each step taking the probe's burst nearest its time (--availability-timed)",
-         "share": "CPU times, the host's worker ranks as processor sharing by the profile's sharing curve (--host-ranks), fixed costs calibrated for it"}
-names_short = ["sim", "pred", "simav", "timed", "share"]
+         "share": "CPU times, the host's worker ranks as processor sharing by the profile's sharing curve (--host-ranks), fixed costs calibrated for it",
+         "sharec": "as share, the coordinator and moe-bench one more sharer for their CPU per token measured beside the run (--client-cpu-ms-per-token)"}
+names_short = ["sim", "pred", "simav", "timed", "share", "sharec"]
 for var in names_short:
     print("\n**%s**\n" % names[var])
     print("| trace | layout | load (1/5/15 min, before / after) | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | TPOT p50 real / sim (err) | TPOT p90 real / sim (err) |")
@@ -120,6 +133,8 @@ for var in names_short:
                     cells.append("%.1f / %.1f (%s)" % (rv, sv, err(sv, rv)))
                     if rv: errs.append(abs(sv - rv) / rv)
             ld = open(os.path.join(out, key + ".load")).read().strip()
+            if var == "sharec":
+                ld += "; client %s CPU ms/token" % open(os.path.join(out, key + ".client_cpu")).read().strip()
             print("| %s | %s | %s | %s |" % (tn, name, ld, " | ".join(cells)))
     if errs:
         errs.sort()

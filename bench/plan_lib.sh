@@ -15,11 +15,12 @@ fi
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # plan_start KEY NP FLAGS...: a live cluster (its workers' step trace in $out/KEY.steps.RANK.jsonl);
-# sets mp (mpirun's pid) and port.
+# sets mp (mpirun's pid) and port. PLAN_MPI_ENV: more "-x NAME" for mpirun (set in the caller).
 plan_start() {
   local key=$1 np=$2
   shift 2
-  MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE -np "$np" "$build/moe-serve" \
+  # shellcheck disable=SC2086
+  MOE_STEP_TRACE="$out/$key.steps" mpirun --oversubscribe -x MOE_STEP_TRACE ${PLAN_MPI_ENV:-} -np "$np" "$build/moe-serve" \
     --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" < /dev/null > "$tmp/out" 2> "$tmp/err" &
   mp=$!
   for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
@@ -41,6 +42,26 @@ plan_calibrate() {
   "$build/moe-plan" calibrate --profile "$out/$1.calsh.json" --host-ranks 1 --addr "127.0.0.1:$port" \
     2> "$out/$1.calsh.log" || cat "$out/$1.calsh.log" >&2
   "$build/moe-plan" probe --quiet --out "$out/$1.avail.json" & pp=$!
+}
+
+# plan_cpu_mark: the coordinator's CPU time now (before a workload); plan_cpu_done KEY JSONL
+# BENCH_TIME: the coordinator's CPU since the mark plus moe-bench's own (its /usr/bin/time -f '%U %S'
+# file) per token delivered (JSONL: moe-bench's request lines) into KEY.client_cpu (ms per token:
+# moe-plan's --client-cpu-ms-per-token, measured beside the run).
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2> /dev/null || echo 0; }
+plan_cpu_mark() {
+  cpid=$(grep -o 'coordinator pid [0-9]*' "$tmp/out" | awk '{print $3}')
+  c0=$(cpu_of "$cpid")
+}
+plan_cpu_done() {
+  local c1; c1=$(cpu_of "$cpid")
+  python3 - "$c0" "$c1" "$(getconf CLK_TCK)" "$2" "$3" > "$out/$1.client_cpu" <<'PY'
+import json, sys
+c0, c1, hz, jl, bt = sys.argv[1:]
+bench = sum(map(float, open(bt).read().split()[-2:]))
+tokens = sum(r.get("n_tokens", 0) for r in map(json.loads, open(jl)) if r.get("type") == "request")
+print("%.4f" % (((int(c1) - int(c0)) / float(hz) + bench) * 1e3 / max(1, tokens)))
+PY
 }
 
 # plan_stop KEY LOAD_BEFORE: stops the probe and the cluster; the load averages into KEY.load.

@@ -137,10 +137,15 @@ static int run_once(moe_rpc_client *cli, bench_opts *o, double rate, FILE *jl, d
         fprintf(stderr, "moe-bench: %s\n", moe_error_message());
         return 2;
     }
-    char label[64] = "";
+    /* Every JSON line of the run carries its start on the monotonic clock (arrival_s counts from
+     * it), which the workers' MOE_STEP_TRACE / MOE_KV_TRACE lines use too: a request's tokens can
+     * be set against the engine steps and hand-off events of the same moment
+     * (bench/plan_handoff.py). */
+    char label[96];
+    int len = snprintf(label, sizeof label, "\"clock0_ns\": %lld", (long long)moe_now_ns());
     if (rate >= 0)
-        snprintf(label, sizeof label, "\"rate\": %.4f", rate);
-    o->cfg.label = label[0] ? label : NULL;
+        snprintf(label + len, sizeof label - (size_t)len, ", \"rate\": %.4f", rate);
+    o->cfg.label = label;
     o->cfg.jsonl = jl;
     rp_record *rec = calloc((size_t)w.n, sizeof *rec);
     if (!rec) {

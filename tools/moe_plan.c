@@ -58,6 +58,9 @@ static void usage(FILE *f)
           "                       profile's sharing curve gives for the host's ranks busy at that\n"
           "                       moment (without a curve: busy ranks / --cores). Not with\n"
           "                       --availability; calibrate with --host-ranks 1 for it\n"
+          "  --client-cpu-ms-per-token X  with --host-ranks: the coordinator and the client use X\n"
+          "                       CPU ms per streamed token on the first host, one more sharer\n"
+          "                       there for that share of the run (mean field; default 0: none)\n"
           "  --availability FILE  a `moe-plan probe` file: steps cost the profile's CPU times,\n"
           "                       stretched as the probe saw CPU bursts stretched (replaces --cores)\n"
           "  --availability-timed the probe ran beside the workload from its start: each step takes\n"
@@ -213,6 +216,8 @@ static int parse_args(int argc, char **argv, plan_opts *o)
             r = parse_int_arg(v, 1, &o->sim.cores);
         } else if (!strcmp(a, "--host-ranks")) {
             r = parse_int_arg(v, 1, &o->sim.host_ranks);
+        } else if (!strcmp(a, "--client-cpu-ms-per-token")) {
+            r = parse_num_arg(v, 0, &o->sim.client_cpu_ms_per_token);
         } else if (!strcmp(a, "--share-max")) {
             r = parse_int_arg(v, 0, &o->prof.share_max);
         } else if (!strcmp(a, "--ranks")) {

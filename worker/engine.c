@@ -632,6 +632,11 @@ void moe_engine_set_layer_hook(moe_engine *e, moe_engine_layer_hook fn, void *ct
     moe_forward_set_layer_hook(e->fw, fn ? layer_tramp : NULL, e);
 }
 
+void moe_engine_set_progress_hook(moe_engine *e, void (*fn)(void *ctx), void *ctx)
+{
+    moe_forward_set_progress_hook(e->fw, fn, ctx);
+}
+
 float *moe_engine_kv_layer(moe_engine *e, int block, int layer) { return moe_kv_block_k(e->kv, block, layer); }
 
 size_t moe_engine_kv_layer_bytes(const moe_engine *e)

@@ -171,6 +171,10 @@ int moe_engine_kv_block_size(const moe_engine *e);
  * heartbeat from it, so that a long step does not silence it). NULL fn disables. */
 typedef void (*moe_engine_layer_hook)(void *ctx, int layer, const uint64_t *seq_ids, int n_seqs);
 void moe_engine_set_layer_hook(moe_engine *e, moe_engine_layer_hook fn, void *ctx);
+/* fn(ctx) inside a step, between the matmul batches of each layer's experts and after each layer
+ * (worker/forward.h moe_forward_set_progress_hook): the worker's KV sends move on during a long
+ * prefill. fn must not call into the engine. NULL fn disables. */
+void moe_engine_set_progress_hook(moe_engine *e, void (*fn)(void *ctx), void *ctx);
 /* One layer's K and V inside a block: moe_engine_kv_layer_bytes contiguous bytes (the block is
  * layer-major, see worker/kv_cache.h). */
 float *moe_engine_kv_layer(moe_engine *e, int block, int layer);

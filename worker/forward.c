@@ -259,6 +259,12 @@ void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer)
 
 void moe_forward_layer_hook_reads_kv(moe_forward *f, bool reads) { f->layer_hook_reads_kv = reads; }
 
+void moe_forward_set_progress_hook(moe_forward *f, void (*fn)(void *ctx), void *ctx)
+{
+    f->progress_hook = fn;
+    f->progress_hook_ctx = ctx;
+}
+
 static void add_bias(moe_forward *f, float *y, const float *bias, int n_tok, int n)
 {
     if (bias)
@@ -391,6 +397,8 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
                 return st;
         } else
             dense_layer(f, lw, T);
+        if (f->progress_hook)
+            f->progress_hook(f->progress_hook_ctx);
     }
 
     if (b->n_logit_rows > 0) {

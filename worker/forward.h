@@ -79,6 +79,10 @@ void moe_forward_set_layer_hook(moe_forward *f, void (*fn)(void *ctx, int layer)
  * synchronised before each call (a device backend's kernels must have landed); a hook that reads
  * none (the worker's heartbeat) costs no synchronisation. Off until set. */
 void moe_forward_layer_hook_reads_kv(moe_forward *f, bool reads);
+/* Calls fn(ctx) inside moe_forward_run between the matmul batches of each layer's experts and at
+ * the end of each layer: a caller's non-blocking transfers can move during a long step (Open MPI
+ * has no progress thread). fn must not touch the forward. NULL fn disables. */
+void moe_forward_set_progress_hook(moe_forward *f, void (*fn)(void *ctx), void *ctx);
 
 /* Runs the batch. Requires n_tokens <= max_tokens, n_segs <= max_segs, positions < max_ctx. */
 moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b);

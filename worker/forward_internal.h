@@ -80,6 +80,9 @@ struct moe_forward {
     void (*layer_hook)(void *ctx, int layer);
     void *layer_hook_ctx;
     bool layer_hook_reads_kv; /* this run's hook reads the layer's K/V: synchronise before it */
+    /* Called between the experts' matmul batches and after each layer (moe_forward_set_progress_hook). */
+    void (*progress_hook)(void *ctx);
+    void *progress_hook_ctx;
 
     /* Expert parallelism (NULL ep: every expert is local). Buffers sized by moe_forward_set_ep. */
     const moe_comm *ep;

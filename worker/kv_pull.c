@@ -286,6 +286,7 @@ static void push_offer(worker *w, pull_t *q, pb_offer *m)
 {
     q->offer = m;
     q->t0 = moe_now_ns(); /* the hand-off time counts from the end of the prefill */
+    moe_worker_kv_trace(w, q->seq_id, "offer_in", q->recv ? moe_kv_recv_pending(q->recv) : -1);
     moe_seq_state st;
     const int *blocks;
     int nb;
@@ -302,8 +303,10 @@ static void push_offer(worker *w, pull_t *q, pb_offer *m)
     }
     if (q->phase == PULL_WAIT_OFFER)
         start_attempt(w, q, q->attempt + 1);
-    else
+    else {
         moe_kv_recv_set_deadline(q->recv, q->t0 + moe_worker_ms_ns(w->o->kv_timeout_ms));
+        moe_kv_recv_set_waiting(q->recv, false); /* the prefill is done: every slice is on its way */
+    }
 }
 
 void moe_kv_pull_on_offer(worker *w, int src, pb_offer *m)
@@ -395,7 +398,10 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
     }
     if (q->phase == PULL_WAIT_OFFER)
         return false;
+    int pending = w->kv_trace ? moe_kv_recv_pending(q->recv) : 0;
     moe_kv_xfer_result r = moe_kv_recv_poll(q->recv, now);
+    if (w->kv_trace && moe_kv_recv_pending(q->recv) != pending)
+        moe_worker_kv_trace(w, q->seq_id, "recv", moe_kv_recv_pending(q->recv));
     if (r == MOE_KV_XFER_PENDING || (r == MOE_KV_XFER_OK && q->push && !q->offer))
         return false; /* a push that landed waits for its offer (the final state) */
     uint64_t id = q->seq_id;
@@ -439,6 +445,7 @@ bool moe_kv_pull_progress_pull(worker *w, pull_t *q, int64_t now)
                       (unsigned long long)id, q->offer->n_blocks, (unsigned long long)bytes, q->src,
                       (double)(now - q->t0) * 1e-6, q->attempt);
             handed_off(w, q, false, bytes);
+            moe_worker_kv_trace(w, id, "resumed", q->attempt);
         }
         moe_kv_pull_remove_pull(w, q);
         w->load_dirty = true;
@@ -499,6 +506,7 @@ void moe_kv_pull_offer(worker *w, park_t *p)
     m.block_bytes = w->block_bytes;
     m.lease_ms = (uint32_t)w->o->lease_ms;
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_OFFER), &m.base);
+    moe_worker_kv_trace(w, p->seq_id, "park", p->prefill_tokens);
     p->parked = true;
     p->lease_deadline = moe_now_ns() + moe_worker_ms_ns(w->o->lease_ms);
     moe_kv_push_after_park(w, p);
@@ -575,6 +583,9 @@ bool moe_kv_pull_progress_park(worker *w, park_t *p, int64_t now)
         if (moe_kv_send_poll(p->send, &done) != MOE_OK) {
             MOE_LOG_E("seq %llu: %s", (unsigned long long)p->seq_id, moe_error_message());
             done = true;
+        } else if (done && p->parked && !p->traced_left) {
+            p->traced_left = true;
+            moe_worker_kv_trace(w, p->seq_id, "left", 0);
         }
         if (p->push_xfer && !p->parked)
             return false; /* a push during the prefill: more layers to come */

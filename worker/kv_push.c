@@ -44,6 +44,7 @@ void moe_kv_push_reserve(worker *w, park_t *p)
     m.block_bytes = w->block_bytes;
     m.n_layers = (uint32_t)moe_engine_kv_layers(w->eng);
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_RESERVE), &m.base);
+    moe_worker_kv_trace(w, p->seq_id, "reserve_sent", (int)m.n_blocks);
 }
 
 /* Posts layer `layer`'s slices of every block of p's sequence. False when the push cannot go on
@@ -75,6 +76,7 @@ static bool push_layer(worker *w, park_t *p, int layer)
         return false;
     }
     p->push_layers = layer + 1;
+    moe_worker_kv_trace(w, p->seq_id, "post", layer);
     return true;
 }
 
@@ -118,6 +120,7 @@ void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m)
     }
     p->push_xfer = m->xfer_id;
     p->push_layers = 0;
+    moe_worker_kv_trace(w, p->seq_id, "accept", p->parked);
     p->send_deadline = INT64_MAX; /* until parked: the prefill may take a while */
     if (p->parked)
         moe_kv_push_after_park(w, p); /* the accept came after the prefill: push it all now */
@@ -131,12 +134,25 @@ void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
         if (p && p->push_xfer && p->push_layers == layer && !push_layer(w, p, layer))
             moe_kv_push_stop(p);
     }
-    /* Open MPI moves bytes only inside MPI calls: advance every push in flight once per layer. */
+    moe_kv_push_progress(w, false);
+}
+
+void moe_kv_push_progress(worker *w, bool one_test)
+{
+    /* Open MPI moves bytes only inside MPI calls: a rendezvous slice's data leaves once the
+     * sender's progress sees the receiver's answer. */
+    w->push_progress_ns = moe_now_ns();
     for (int i = 0; i < w->n_parks; i++) {
         park_t *p = &w->parks[i];
-        bool done;
-        if (p->push_xfer && p->send && moe_kv_send_poll(p->send, &done) != MOE_OK)
+        bool done = false;
+        if (p->push_xfer && p->send &&
+            (one_test ? moe_kv_send_progress(p->send) : moe_kv_send_poll(p->send, &done)) != MOE_OK)
             moe_kv_push_stop(p);
+        else if (p->push_xfer && p->send && done && p->push_layers == moe_engine_kv_layers(w->eng) &&
+                 !p->traced_left) {
+            p->traced_left = true;
+            moe_worker_kv_trace(w, p->seq_id, "left", 1);
+        }
     }
 }
 
@@ -157,6 +173,7 @@ void moe_kv_push_after_park(worker *w, park_t *p)
     h.n_checksums = (size_t)layers * (size_t)p->push_blocks;
     h.checksums = p->push_sums;
     moe_worker_send_peer(w, p->decode_rank, TAG(KV_HEADER), &h.base);
+    moe_worker_kv_trace(w, p->seq_id, "header", (int)h.n_checksums);
     p->send_deadline = moe_now_ns() + moe_worker_ms_ns(w->o->kv_timeout_ms) * 2;
 }
 
@@ -219,6 +236,7 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
         moe_worker_engine_drop(w, id);
         return;
     }
+    moe_kv_recv_set_waiting(recv, true); /* until the offer: the prefill still computes */
     w->pulls[w->n_pulls++] = (pull_t){.seq_id = id,
                                       .src = src,
                                       .phase = PULL_RECEIVING,
@@ -230,6 +248,7 @@ void moe_kv_push_on_reserve(worker *w, int src, pb_reserve *m)
                                       .push = true,
                                       .stage = stage};
     w->load_dirty = true;
+    moe_worker_kv_trace(w, id, "reserve_in", layers * nb);
     pb_pull a;
     moeserve__cluster__v1__kv_pull__init(&a);
     a.seq_id = id;

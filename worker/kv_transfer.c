@@ -122,6 +122,7 @@ struct moe_kv_send {
     bool corrupt;        /* test hook: corrupt one buffer of the next non-empty batch */
     int n, cap;
     moe_comm_req **reqs; /* [n]; NULL once complete */
+    int first_pending;   /* requests before it are complete */
     void *scratch;       /* the corrupted copy in flight (test hook) */
 };
 
@@ -201,6 +202,27 @@ moe_status moe_kv_send_append(moe_kv_send *s, void *const *blocks, int n_blocks,
     return MOE_OK;
 }
 
+/* A test that finds nothing to do may give the core away: with mpi_yield_when_idle, which
+ * oversubscribed ranks need, Open MPI calls sched_yield in it. Testing each of dozens of requests
+ * that cannot progress yet, every loop turn, made a decode rank with a batch to step yield dozens
+ * of times per turn and wait 50-110 ms for a core on a loaded machine (bench/RESULTS.md, issue
+ * 14, session 6). Where a transfer is known to wait for its peer, one test drives the whole
+ * transport (Open MPI's progress engine is global): moe_kv_send_progress, and a receive marked
+ * waiting. Otherwise a poll tests every pending request, as many progress calls as a bulk
+ * transfer (a migration stage) needs to move at speed. */
+moe_status moe_kv_send_progress(moe_kv_send *s)
+{
+    while (s->first_pending < s->n && !s->reqs[s->first_pending])
+        s->first_pending++;
+    if (s->first_pending == s->n)
+        return MOE_OK;
+    bool d = false;
+    moe_status st = s->comm->ops->test(s->comm->ctx, s->reqs[s->first_pending], &d);
+    if (st == MOE_OK && d)
+        s->reqs[s->first_pending++] = NULL;
+    return st;
+}
+
 moe_status moe_kv_send_poll(moe_kv_send *s, bool *done)
 {
     bool all = true;
@@ -234,6 +256,7 @@ struct moe_kv_recv {
     moe_kv_xfer_result result;
     int bad_block;
     int first_pending; /* receives before it are done (they complete in order, mostly) */
+    bool waiting;      /* the sender is not expected to be done soon: test only the first pending */
 };
 
 void moe_kv_recv_free(moe_kv_recv *r)
@@ -312,6 +335,8 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
         if (d) {
             r->reqs[i] = NULL;
             r->n_pending--;
+        } else if (r->waiting) {
+            break; /* see moe_kv_send_progress */
         }
     }
     if (r->n_pending == 0 && r->have_sums) {
@@ -330,6 +355,16 @@ moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns)
     if (now_ns >= r->deadline)
         return r->result = MOE_KV_XFER_TIMEOUT;
     return MOE_KV_XFER_PENDING;
+}
+
+int moe_kv_recv_pending(const moe_kv_recv *r)
+{
+    return r->n_pending;
+}
+
+void moe_kv_recv_set_waiting(moe_kv_recv *r, bool waiting)
+{
+    r->waiting = waiting;
 }
 
 void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns)

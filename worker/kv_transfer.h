@@ -72,6 +72,9 @@ moe_status moe_kv_send_append(moe_kv_send *s, void *const *blocks, int n_blocks,
                               uint64_t *checksums);
 /* Advances the sends; *done once every block has left (the receiver may still be verifying). */
 moe_status moe_kv_send_poll(moe_kv_send *s, bool *done);
+/* Drives the transport with one test (the first pending send): for a caller that polls often
+ * while the transfer waits for its peer (a prefill step's progress hook). */
+moe_status moe_kv_send_progress(moe_kv_send *s);
 /* Frees the sender; outstanding sends are abandoned (see moe_comm cancel). NULL is a no-op. */
 void moe_kv_send_free(moe_kv_send *s);
 
@@ -89,6 +92,12 @@ void moe_kv_recv_set_checksums(moe_kv_recv *r, const uint64_t *checksums, int n)
  * returns OK or CORRUPT (final: later polls return the same). TIMEOUT once now_ns passes the
  * deadline with something missing. */
 moe_kv_xfer_result moe_kv_recv_poll(moe_kv_recv *r, int64_t now_ns);
+/* Receives still outstanding (a debug trace's progress count). */
+int moe_kv_recv_pending(const moe_kv_recv *r);
+/* Waiting: the sender is not expected to finish soon (a layer-by-layer push before its offer:
+ * the prefill still computes), so polls test receives in order only up to the first pending one
+ * (each test that finds nothing may yield the core). Off by default. */
+void moe_kv_recv_set_waiting(moe_kv_recv *r, bool waiting);
 /* Moves the deadline (a layer-by-layer receive has none until the sender's prompt is done). */
 void moe_kv_recv_set_deadline(moe_kv_recv *r, int64_t deadline_ns);
 /* The first block that failed verification, -1 if none. */

@@ -156,9 +156,12 @@ static moe_status await(moe_forward *f, int x)
 }
 
 /* Advances the exchanges in flight: Open MPI moves the data of a non-blocking collective only
- * inside MPI calls (no progress thread), so the expert loop calls this between matmuls. */
+ * inside MPI calls (no progress thread), so the expert loop calls this between matmuls; the
+ * caller's transfers too (moe_forward_set_progress_hook). */
 static void progress(moe_forward *f)
 {
+    if (f->progress_hook)
+        f->progress_hook(f->progress_hook_ctx);
     if (f->tbo_no_progress)
         return;
     for (int x = 0; x < 4; x++) {

@@ -52,6 +52,7 @@ typedef struct {
     int push_blocks;     /* blocks per layer */
     uint64_t *push_sums; /* [n_layers * push_blocks] checksums, layer-major */
     moe_kv_stage stage;  /* host views of what `send` reads (worker/kv_stage.h) */
+    bool traced_left;    /* MOE_KV_TRACE: the "left" event (every slice sent) is written */
 } park_t;
 
 /* Decode side: an offered sequence until it is imported and resumed (or dropped). */
@@ -145,6 +146,10 @@ typedef struct {
      * its cost model with these); NULL when unset. */
     FILE *step_trace;
     moe_engine_stats trace_prev;
+    /* MOE_KV_TRACE=PREFIX: one JSON line per hand-off event in PREFIX.RANK.jsonl (where a
+     * hand-off's time goes, bench/plan_handoff.py); NULL when unset. */
+    FILE *kv_trace;
+    int64_t push_progress_ns; /* the last moe_kv_push_progress (the step's progress hook paces by it) */
 } worker;
 
 static inline int64_t moe_worker_ms_ns(int ms)
@@ -160,6 +165,8 @@ void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEven
                           moe_status code, const char *msg);
 /* Frees a sequence in the engine if it is there. */
 void moe_worker_engine_drop(worker *w, uint64_t id);
+/* MOE_KV_TRACE: writes {rank, t_ns, seq, ev, arg} when the trace is on (a no-op otherwise). */
+void moe_worker_kv_trace(worker *w, uint64_t seq, const char *ev, int arg);
 
 /* ---- kv_pull.c: both sides of the pull ---- */
 park_t *moe_kv_pull_find_park(worker *w, uint64_t id);
@@ -192,6 +199,9 @@ void moe_kv_push_reserve(worker *w, park_t *p);
 void moe_kv_push_on_accept(worker *w, int src, const pb_pull *m);
 /* The engine's layer hook (moe_engine_set_layer_hook; ctx is the worker). */
 void moe_kv_push_layer_hook(void *ctx, int layer, const uint64_t *ids, int n);
+/* Advances every push in flight: tests all its pending sends, or with one_test only its first
+ * (the step's progress hook, called often: moe_kv_send_progress); the layer hook calls it too. */
+void moe_kv_push_progress(worker *w, bool one_test);
 /* Ends p's push (or pull attempt) on the prefill side: sends detached, push state dropped. */
 void moe_kv_push_stop(park_t *p);
 /* After the sequence parked: post the layers not sent yet, then the checksums (KvHeader). */

@@ -113,8 +113,28 @@ static void step_layer_hook(void *ctx, int layer, const uint64_t *ids, int n)
         send_heartbeat(w, TAG(HEARTBEAT));
     if (w->layer_delay_ms)
         moe_sleep_ns((int64_t)w->layer_delay_ms * 1000000);
+    moe_worker_kv_trace(w, 0, "layer", layer);
     if (w->o->role == MOE_WORKER_PREFILL && w->o->kv_layerwise)
         moe_kv_push_layer_hook(ctx, layer, ids, n);
+}
+
+/* Between the matmul batches of a step (moe_engine_set_progress_hook): a push's slices need the
+ * sender's MPI progress to leave (a rendezvous), and a prefill step's layer boundaries are 20-120
+ * ms apart on a loaded machine; so every push in flight is advanced here too, with one test each
+ * and at most every STEP_PROGRESS_NS (a test that finds nothing may yield the core). */
+#define STEP_PROGRESS_NS 2000000
+static void step_progress_hook(void *ctx)
+{
+    worker *w = ctx;
+    if (moe_now_ns() - w->push_progress_ns < STEP_PROGRESS_NS)
+        return;
+    bool pushing = false;
+    for (int i = 0; i < w->n_parks && !pushing; i++)
+        pushing = w->parks[i].push_xfer && w->parks[i].send;
+    if (pushing) {
+        moe_worker_kv_trace(w, 0, "progress", 0);
+        moe_kv_push_progress(w, true);
+    }
 }
 
 void moe_worker_seq_event(worker *w, uint64_t id, Moeserve__Cluster__V1__SeqEvent__Kind kind,
@@ -470,6 +490,26 @@ static void trace_open(worker *w)
     moe_engine_get_stats(w->eng, &w->trace_prev);
 }
 
+void moe_worker_kv_trace(worker *w, uint64_t seq, const char *ev, int arg)
+{
+    if (w->kv_trace)
+        fprintf(w->kv_trace, "{\"rank\": %d, \"t_ns\": %lld, \"seq\": %llu, \"ev\": \"%s\", \"arg\": %d}\n",
+                w->rank, (long long)moe_now_ns(), (unsigned long long)seq, ev, arg);
+}
+
+static void kv_trace_open(worker *w)
+{
+    const char *prefix = getenv("MOE_KV_TRACE");
+    if (!prefix || !*prefix)
+        return;
+    char path[4096];
+    snprintf(path, sizeof path, "%s.%d.jsonl", prefix, w->rank);
+    if (!(w->kv_trace = fopen(path, "w")))
+        MOE_LOG_W("rank %d: MOE_KV_TRACE: cannot write %s", w->rank, path);
+    else
+        setvbuf(w->kv_trace, NULL, _IOLBF, 0);
+}
+
 /* One line per engine step that computed tokens (prefill chunks without a token too): when it
  * started (monotonic ns, comparable across the ranks of one machine), how long it took, the CPU
  * time the process got meanwhile (wall minus CPU: waiting for a core the machine's other work
@@ -576,6 +616,9 @@ static void worker_free(worker *w)
     if (w->step_trace)
         fclose(w->step_trace);
     w->step_trace = NULL;
+    if (w->kv_trace)
+        fclose(w->kv_trace);
+    w->kv_trace = NULL;
     if (w->have_ep)
         w->ep_comm.ops->destroy(w->ep_comm.ctx);
     moe_ep_placement_free(&w->place);
@@ -810,6 +853,8 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         } else {
             warmup_ms = (double)(moe_now_ns() - t0) * 1e-6;
             moe_engine_set_layer_hook(w.eng, step_layer_hook, &w);
+            if (o->role == MOE_WORKER_PREFILL && o->kv_layerwise)
+                moe_engine_set_progress_hook(w.eng, step_progress_hook, &w);
             if (o->role == MOE_WORKER_DECODE || o->role == MOE_WORKER_MIXED) {
                 if ((st = mig_start(&w)) != MOE_OK) {
                     worker_free(&w);
@@ -819,6 +864,7 @@ moe_status moe_worker_run(const moe_worker_opts *o)
         }
     }
     trace_open(&w);
+    kv_trace_open(&w);
     if ((st = send_ready(&w, warmup_ms)) != MOE_OK) {
         worker_free(&w);
         return st;

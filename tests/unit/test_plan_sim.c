@@ -317,6 +317,56 @@ Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
     cr_assert_float_eq(mp_share_ratio(&c, 1, 26, 2), 1, EPS);
 }
 
+/* The coordinator and the client as a mean-field sharer of the first host (--client-cpu-ms-per-
+ * token): one worker rank on a host of 2, a lone step stretched 1.25x, two busy 3x. Two one-token
+ * requests of 100 prompt tokens arrive 10 ms apart: 2 tokens x 2.5 CPU ms over a 10 ms arrival
+ * span keep the client busy half the time (u = 0.5), so request 0's step (26 ms of CPU) runs at
+ * 1 / (1.25 + 0.5 x (3 - 1.25)) = 1 / 2.125: 55.25 ms, against 32.5 ms without the client. The
+ * second rank's host (host_ranks 1: each rank its own host, the second not the client's) is
+ * unaffected. */
+Test(plan_sim, client_cpu_is_a_mean_field_sharer_of_the_first_host)
+{
+    mp_costs c = costs(0);
+    for (int i = 0; i < c.n_pts; i++)
+        c.ms_cpu[i] = c.ms[i] / 2;
+    c.attn_cpu_ms = 0;
+    c.has_cpu = true;
+    c.cpu_steps = true;
+    c.n_share = 2;
+    c.n_share_lens = 1;
+    c.share_cpu[0] = 5;
+    c.share[0][0] = 1.25;
+    c.share[0][1] = 3;
+    mp_layout l;
+    mp_layout_parse("M=1x1", &l);
+    wl_request r[2] = {{.t_s = 0, .n_in = 100, .n_out = 1}, {.t_s = 0.010, .n_in = 100, .n_out = 1}};
+    wl_workload w = {.req = r, .n = 2};
+    mp_sim_opts o = {.max_requests = 1024, .host_ranks = 2, .client_cpu_ms_per_token = 2.5};
+    rp_record rec[2];
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK, "%s", moe_error_message());
+    cr_assert(rec[0].ok && rec[1].ok);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 55.25 + PATH_MS, EPS);
+    o.client_cpu_ms_per_token = 0;
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 32.5 + PATH_MS, EPS);
+    /* More client work than a core: at most one sharer (u = 1: 3x, 78 ms). */
+    o.client_cpu_ms_per_token = 50;
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 78 + PATH_MS, EPS);
+    /* Two ranks on hosts of one: request 1 goes to the second rank, on host 1, away from the
+     * client: alone, 32.5 ms after its dispatch at 10 ms; request 0 on host 0 still shares. */
+    mp_layout_parse("M=2x1", &l);
+    o.host_ranks = 1;
+    o.client_cpu_ms_per_token = 2.5;
+    memset(rec, 0, sizeof rec);
+    cr_assert_eq(mp_simulate(&c, &l, &o, &w, rec, NULL), MOE_OK);
+    cr_assert_float_eq(rec[0].t_first * 1e3, DISP_MS + 55.25 + PATH_MS, EPS);
+    cr_assert_float_eq(rec[1].t_first * 1e3, 10 + DISP_MS + 32.5 + PATH_MS, EPS);
+}
+
 /* The sharing curve survives the profile file. */
 Test(plan_sim, share_curve_round_trips_through_the_profile_file)
 {

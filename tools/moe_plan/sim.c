@@ -650,6 +650,16 @@ moe_status mp_simulate(const mp_costs *c, const mp_layout *l, const mp_sim_opts 
         return rc;
     }
     s.ps = o->host_ranks > 0 && !o->step_ms_fn;
+    if (s.ps && o->client_cpu_ms_per_token > 0 && w->n > 1) {
+        double tokens = 0, t0 = w->req[0].t_s, t1 = t0;
+        for (int i = 0; i < w->n; i++) {
+            tokens += w->req[i].n_out;
+            t0 = w->req[i].t_s < t0 ? w->req[i].t_s : t0;
+            t1 = w->req[i].t_s > t1 ? w->req[i].t_s : t1;
+        }
+        if (t1 > t0)
+            s.client_busy = fmin(1, o->client_cpu_ms_per_token * tokens * 1e-3 / (t1 - t0));
+    }
     s.rq = calloc((size_t)w->n + 1, sizeof *s.rq);
     s.queue = calloc((size_t)w->n + 1, sizeof *s.queue);
     s.host_busy = calloc((size_t)s.n_ranks + 1, sizeof *s.host_busy);

@@ -46,6 +46,12 @@ typedef struct {
      * layout over many hosts of few ranks each is unaffected. Replaces the availability curve
      * and the fixed-at-start --cores model. */
     int host_ranks;
+    /* With host_ranks: CPU ms the coordinator and the client spend per streamed token (their
+     * gRPC streams, token path and bookkeeping; 0: not modelled). They run on the first host, as
+     * one more participant in its processor sharing busy for the share of the run their CPU
+     * takes (mean field: u = this x the workload's tokens / its arrival span, at most 1; a step
+     * there is stretched by s(n) + u (s(n+1) - s(n)) instead of s(n)). */
+    double client_cpu_ms_per_token;
     int gate_batches;   /* the coordinator holds requests while an instance has this many batches
                            of prompt tokens pending (0: 4, as coordinator/cluster_sched.c) */
     /* Replay (tests): when set, step durations come from here instead of the cost model, with the

@@ -89,6 +89,7 @@ typedef struct {
     double now;
     bool ps;        /* processor sharing among a host's ranks */
     int *host_busy; /* ranks in a step, per host */
+    double client_busy; /* the coordinator and client's share of a participant on host 0 (mp_sim_opts) */
 } sim;
 
 /* Queues an event (gen: the group's schedule generation, EV_STEP_END; else 0); false: no memory. */

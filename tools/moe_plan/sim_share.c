@@ -19,7 +19,10 @@ static bool update_rate(sim *s, int i)
         return true;
     double stretch = 1;
     for (int k = 0; k < gr->ep; k++) {
-        double r = mp_share_ratio(s->c, s->host_busy[s->ranks[gr->first + k].host], gr->work0 * 1e3, s->o->cores);
+        int host = s->ranks[gr->first + k].host, n = s->host_busy[host];
+        double r = mp_share_ratio(s->c, n, gr->work0 * 1e3, s->o->cores);
+        if (host == 0 && s->client_busy > 0)
+            r += s->client_busy * (mp_share_ratio(s->c, n + 1, gr->work0 * 1e3, s->o->cores) - r);
         if (r > stretch)
             stretch = r;
     }
