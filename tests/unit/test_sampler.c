@@ -28,6 +28,55 @@ Test(sampler, greedy_takes_argmax_and_lowest_id_on_ties)
     cr_assert_eq(draw(l, &sp, 17), 1);
 }
 
+/* Greedy over vocabulary-sized rows against the plain loop it replaced (`if (x[i] > x[best])
+ * best = i`): random values with repeated maxima, lengths that are and are not multiples of the
+ * lane count, the maximum in the tail, +0 against -0, infinities and NaNs (a NaN in front gives 0,
+ * elsewhere it never wins). */
+static int32_t argmax_ref(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
+Test(sampler, greedy_matches_the_first_index_of_the_maximum)
+{
+    enum { MAXN = 8203 };
+    static float l[MAXN], keep[MAXN];
+    static int idx[MAXN];
+    static float prob[MAXN];
+    moe_sampling_params sp = {.temperature = 0, .top_p = 1, .seed = 1};
+    const int lens[] = {1, 2, 15, 16, 17, 31, 33, 1000, 8192, 8203};
+    uint64_t r = 12345;
+    for (int li = 0; li < (int)(sizeof lens / sizeof lens[0]); li++) {
+        int n = lens[li];
+        for (int trial = 0; trial < 40; trial++) {
+            for (int i = 0; i < n; i++) {
+                r = r * 6364136223846793005ull + 1442695040888963407ull;
+                /* few distinct values: maxima repeat */
+                l[i] = (float)((int)(r >> 59) - 16) * 0.5f;
+            }
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            int at = (int)((r >> 33) % (uint64_t)n);
+            switch (trial % 8) {
+            case 1: l[n - 1] = 100.f; break;                 /* the maximum in the tail */
+            case 2: l[at] = NAN; break;                      /* a NaN somewhere */
+            case 3: l[0] = NAN; break;                       /* a NaN in front: 0 */
+            case 4: for (int i = 0; i < n; i++) l[i] = (i & 1) ? 0.0f : -0.0f; break;
+            case 5: l[at] = INFINITY; break;
+            case 6: for (int i = 0; i < n; i++) l[i] = -INFINITY; break;
+            case 7: l[at] = 50.f; if (n > 1) l[(at + n / 2) % n] = 50.f; break;
+            default: break;
+            }
+            memcpy(keep, l, sizeof(float) * (size_t)n);
+            int32_t want = argmax_ref(keep, n);
+            cr_assert_eq(moe_sample(l, n, &sp, 0, idx, prob), want, "n %d trial %d", n, trial);
+        }
+    }
+}
+
 /* Known answers from Random123's own test vectors (/usr/share/doc/librandom123-dev/tests/
  * kat_vectors.gz, "philox2x64 10" lines): the header works on this compiler, and our draw is its
  * first output word's top 53 bits for counter (index, 0) and key seed. */
