@@ -264,14 +264,10 @@ Test(plan_sim, shared_cores_slow_concurrent_steps)
     cr_assert_float_eq(rec[1].t_first * 1e3, DISP_MS + T(100) + PATH_MS, EPS);
 }
 
-/* --host-ranks: ranks on one host share its cores as processor sharing by the profile's measured
- * curve. CPU times are half the wall model, T(100) / 2 = 26 ms for a 100-token prefill; the curve:
- * a lone step stretched 1.25x, two of our ranks busy 3x each. Request 0 starts its step at d
- * (dispatch), request 1 (placed on the other rank: fewer pending tokens) at 10 + d ms. Step 0 runs
- * alone for 10 ms (8 ms of CPU at 1 / 1.25), then both at 1 / 3: its remaining 18 ms of CPU take
- * 54 ms, so it ends at 64 + d; step 1 has had 18 ms of CPU by then, and its last 8 ms take 10 ms
- * alone: it ends at 74 + d. On separate hosts (one rank per host) both run alone: 32.5 ms. */
-Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
+/* The processor-sharing tests' costs: CPU times half the wall model (T(100) / 2 = 26 ms for a
+ * 100-token prefill), and a curve of one length: a lone step stretched 1.25x, two of our ranks
+ * busy 3x each. */
+static mp_costs shared_host_costs(void)
 {
     mp_costs c = costs(0);
     for (int i = 0; i < c.n_pts; i++)
@@ -284,6 +280,19 @@ Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
     c.share_cpu[0] = 5;
     c.share[0][0] = 1.25;
     c.share[0][1] = 3;
+    return c;
+}
+
+/* --host-ranks: ranks on one host share its cores as processor sharing by the profile's measured
+ * curve. CPU times are half the wall model, T(100) / 2 = 26 ms for a 100-token prefill; the curve:
+ * a lone step stretched 1.25x, two of our ranks busy 3x each. Request 0 starts its step at d
+ * (dispatch), request 1 (placed on the other rank: fewer pending tokens) at 10 + d ms. Step 0 runs
+ * alone for 10 ms (8 ms of CPU at 1 / 1.25), then both at 1 / 3: its remaining 18 ms of CPU take
+ * 54 ms, so it ends at 64 + d; step 1 has had 18 ms of CPU by then, and its last 8 ms take 10 ms
+ * alone: it ends at 74 + d. On separate hosts (one rank per host) both run alone: 32.5 ms. */
+Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
+{
+    mp_costs c = shared_host_costs();
     mp_layout l;
     mp_layout_parse("M=2x1", &l);
     wl_request r[2] = {{.t_s = 0, .n_in = 100, .n_out = 1}, {.t_s = 0.010, .n_in = 100, .n_out = 1}};
@@ -326,17 +335,7 @@ Test(plan_sim, host_sharing_is_processor_sharing_by_the_measured_curve)
  * unaffected. */
 Test(plan_sim, client_cpu_is_a_mean_field_sharer_of_the_first_host)
 {
-    mp_costs c = costs(0);
-    for (int i = 0; i < c.n_pts; i++)
-        c.ms_cpu[i] = c.ms[i] / 2;
-    c.attn_cpu_ms = 0;
-    c.has_cpu = true;
-    c.cpu_steps = true;
-    c.n_share = 2;
-    c.n_share_lens = 1;
-    c.share_cpu[0] = 5;
-    c.share[0][0] = 1.25;
-    c.share[0][1] = 3;
+    mp_costs c = shared_host_costs();
     mp_layout l;
     mp_layout_parse("M=1x1", &l);
     wl_request r[2] = {{.t_s = 0, .n_in = 100, .n_out = 1}, {.t_s = 0.010, .n_in = 100, .n_out = 1}};
