@@ -328,8 +328,8 @@ def build(run: Path):
     presets.sort(key=lambda p: order.get(p.name, 1))
     for d in presets:
         for (name, fig, f, ol, oroof, ll, lroof, bound, busy) in preset_rows(d.name, d, roof, targets):
-            L.append(f"| {name} | {fig} | {f} | {fmt_rate(ol)} | {pct(ol / oroof) if ol else 'n/a'} | "
-                     f"{fmt_rate(ll)} | {pct(ll / lroof) if ll else 'n/a'} | {ratio(ol, ll)} | "
+            L.append(f"| {name} | {fig} | {f} | {fmt_rate(ol)} | {pct(ol / oroof) if ol and oroof else 'n/a'} | "
+                     f"{fmt_rate(ll)} | {pct(ll / lroof) if ll and lroof else 'n/a'} | {ratio(ol, ll)} | "
                      f"{fmt_rate(oroof if oroof else lroof)} | {bound} | {busy} |")
     L.append("")
     L.append("Peak RSS (MiB) of each engine's measuring process over its whole run: load (ours: quantizing "
