@@ -177,10 +177,13 @@ static void progress(moe_forward *f)
 }
 
 /* Runs every expert over its rows. rows: (n, stride) with row i for expert expert_of[i] (its first
- * d floats are the input); out: (n, d) in the same order. Grouped so each expert's weights are read
- * once for all its rows. Progresses the exchanges in flight between matmuls. */
-static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
-                        const float *rows_in, size_t stride, const int *expert_of, int n, float *out)
+ * d floats are the input), or, where row_of is given, row row_of[i] for assignment i (the local
+ * path reads the token rows in place rather than copying each token top_k times first: at a
+ * 2048-token prefill that copy was T*K*d floats, 128 MiB on OLMoE); out: (n, d) in assignment
+ * order. Grouped so each expert's weights are read once for all its rows. Progresses the
+ * exchanges in flight between matmuls. */
+static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, const float *rows_in,
+                        size_t stride, const int *row_of, const int *expert_of, int n, float *out)
 {
     int64_t t0 = moe_now_ns();
     int E = f->n_exp, d = f->d;
@@ -195,6 +198,14 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
     for (int i = 0; i < n; i++) {
         int e = expert_of[i];
         order[f->exp_off[e] + f->exp_count[e]++] = i;
+    }
+    /* The gather's source rows in expert order; exp_tok is free as scratch where row_of is given
+     * (only the local path gives it, and there expert_of is not exp_tok). */
+    const int *src = order;
+    if (row_of) {
+        for (int i = 0; i < n; i++)
+            f->exp_tok[i] = row_of[order[i]];
+        src = f->exp_tok;
     }
     /* Experts go in groups, each in two pool runs: gate and up of every expert of the group,
      * then every down. At decode a step has a handful of rows per expert and each matrix is a few
@@ -215,7 +226,7 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer,
                 break;
             f->expert_tokens[(size_t)layer * E + e] += cnt;
             f->be->ops->gather(f->be, f->eh + (size_t)rows * d, (size_t)d, rows_in, stride,
-                               order + f->exp_off[e], cnt, d);
+                               src + f->exp_off[e], cnt, d);
             const float *xin = f->eh + (size_t)rows * d;
             gu[2 * ng] = moe_fwd_desc(f->eg + (size_t)rows * fm, xin, &lw->exp_gate[e], cnt);
             gu[2 * ng + 1] = moe_fwd_desc(f->eu + (size_t)rows * fm, xin, &lw->exp_up[e], cnt);
@@ -359,16 +370,14 @@ static void device_experts(moe_forward *f, const moe_layer_weights *lw, int laye
 static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer, int T)
 {
     int d = f->d, K = f->topk, n = T * K;
-    /* One row per (token, choice); rows and outputs use the expert-parallel send side as scratch:
-     * ep_send for the inputs, ep_back (T*K x d) for the outputs. */
+    /* One assignment per (token, choice), its input token pk_row[i] read from xb in place; the
+     * outputs use the expert-parallel back buffer (T*K x d) as scratch. */
     int *expert_of = f->ep_send_tok; /* reused as scratch: [T*K] */
     for (int i = 0; i < n; i++) {
         expert_of[i] = f->top_idx_h[i];
         f->pk_row[i] = i / K;
     }
-    /* Input row of assignment i is token i / K: gather into ep_send with stride d. */
-    f->be->ops->gather(f->be, f->ep_send, (size_t)d, f->xb, (size_t)d, f->pk_row, n, d);
-    run_experts(f, lw, layer, f->ep_send, (size_t)d, expert_of, n, f->ep_back);
+    run_experts(f, lw, layer, f->xb, (size_t)d, f->pk_row, expert_of, n, f->ep_back);
     f->be->ops->ep_combine(f->be, f->moe_out, f->ep_back, f->pk_row, f->top_w_h, NULL, n, d);
 }
 
@@ -498,7 +507,7 @@ static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int laye
                        f->cnt_recv, row * sizeof(float))) != MOE_OK ||
         (st = read_experts(f, lw, 0, n_recv, f->exp_tok)) != MOE_OK)
         return st;
-    run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, n_recv, f->ep_out);
+    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, n_recv, f->ep_out);
     /* Combine: outputs go back the way they came. */
     return exchange(f, X_COMBINE_A, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back,
                     f->cnt_send, (size_t)d * sizeof(float));
@@ -556,13 +565,13 @@ static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int
         (st = await(f, X_DISPATCH_A)) != MOE_OK ||
         (st = read_experts(f, lw, 0, nrA, f->exp_tok)) != MOE_OK)
         goto fail;
-    run_experts(f, lw, layer, f->ep_recv, row, f->exp_tok, nrA, f->ep_out);
+    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, nrA, f->ep_out);
     if ((st = f->tbo_err) != MOE_OK ||
         (st = post(f, X_COMBINE_A, f->ep_out, rA, outb, f->ep_back, sA, outb)) != MOE_OK ||
         (st = await(f, X_DISPATCH_B)) != MOE_OK ||
         (st = read_experts(f, lw, nrA, nrB, f->exp_tok)) != MOE_OK)
         goto fail;
-    run_experts(f, lw, layer, recvB, row, f->exp_tok + nrA, nrB, outB);
+    run_experts(f, lw, layer, recvB, row, NULL, f->exp_tok + nrA, nrB, outB);
     if ((st = f->tbo_err) != MOE_OK ||
         (st = post(f, X_COMBINE_B, outB, rB, outb, f->ep_back + (size_t)nA * d, sB, outb)) !=
             MOE_OK ||

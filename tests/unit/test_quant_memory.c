@@ -374,3 +374,59 @@ Test(quant_memory, reader_checks_q_shapes)
         free(buf);
     }
 }
+
+/* ---- the memory a long prefill adds ----
+ * A step of T tokens needs its per-token activations (hidden state, its norm and the MoE output,
+ * q, attention output, k, v), the routed experts' outputs in assignment order (T*top_k rows of d)
+ * and one expert group's scratch (at most T rows in, T out, T of gate and up), and the KV of the T
+ * positions. Nothing else grows with T: the routed rows are read from the hidden state in place,
+ * not first copied top_k times (that copy was T*top_k*d floats more, over this bound). */
+static size_t prefill_bound(const moe_model_config *c, size_t T)
+{
+    size_t d = (size_t)c->hidden_size, q = (size_t)c->n_heads * c->head_dim,
+           kv = (size_t)c->n_kv_heads * c->head_dim, K = (size_t)c->n_experts_per_tok,
+           ffn = (size_t)c->moe_ffn;
+    if ((size_t)c->dense_ffn > ffn) /* the expert scratch is strided by the widest FFN */
+        ffn = (size_t)c->dense_ffn;
+    if ((size_t)c->shared_expert_ffn > ffn)
+        ffn = (size_t)c->shared_expert_ffn;
+    size_t act = T * (3 * d + 2 * q + 2 * kv) + T * K * d + T * (2 * d + 2 * ffn);
+    size_t kv_cache = T * (size_t)c->n_layers * 2 * kv;
+    return (act + kv_cache) * sizeof(float) + SLACK;
+}
+
+Test(quant_memory, long_prefill_rss_bounded)
+{
+    enum { T = 1024 };
+    moe_model *m = load_plain(g_model, "all=q8", false);
+    const moe_model_config *c = &m->cfg;
+    moe_engine_opts o = {.n_threads = 2, .block_size = 16, .n_kv_blocks = T / 16 + 2,
+                         .max_batch_tokens = T, .max_seqs = 1};
+    moe_engine *e = NULL;
+    cr_assert_eq(moe_engine_create(m, &o, &e), MOE_OK, "%s", moe_error_message());
+    int32_t ids[T];
+    for (int i = 0; i < T; i++) /* a few embedding rows, so that faulting them in is noise */
+        ids[i] = (int32_t)(5 + i % 64);
+    if (!reset_peak()) {
+        cr_log_info("SKIPPED: VmHWM cannot be reset here (/proc/self/clear_refs)");
+        moe_engine_free(e);
+        moe_model_free(m);
+        return;
+    }
+    size_t before = status_bytes("VmRSS");
+    moe_sampling_params sp = {.temperature = 0, .top_k = 0, .top_p = 1, .seed = 1};
+    cr_assert_eq(moe_engine_add(e, 1, ids, T - 1, &sp, 1, true), MOE_OK, "%s", moe_error_message());
+    moe_token_event ev;
+    int got = 0;
+    while (!got) {
+        got = moe_engine_step(e, &ev, 1);
+        cr_assert_geq(got, 0, "%s", moe_error_message());
+    }
+    size_t grow = status_bytes("VmHWM") - before, bound = prefill_bound(c, T);
+    cr_log_info("prefill of %d tokens: peak RSS grew %.1f MiB, bound %.1f MiB", T - 1,
+                (double)grow / MIB, (double)bound / MIB);
+    cr_assert_leq(grow, bound, "a %d-token prefill grew peak RSS by %zu bytes, bound %zu", T - 1, grow,
+                  bound);
+    moe_engine_free(e);
+    moe_model_free(m);
+}
