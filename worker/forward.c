@@ -99,7 +99,9 @@ moe_status moe_forward_create_on(const moe_model *m, moe_backend *be, int max_to
     f->q = balloc(f, T * f->qdim, sizeof(float), &failed);
     f->k = balloc(f, T * f->kvdim, sizeof(float), &failed);
     f->v = balloc(f, T * f->kvdim, sizeof(float), &failed);
-    f->att = balloc(f, T * f->qdim, sizeof(float), &failed);
+    /* The attention output lives in xb where it fits: xb (the normed input) is dead once q, k, v
+     * are projected and is next written by the FFN norm, after wo has read the attention out. */
+    f->att = f->qdim <= f->d ? f->xb : balloc(f, T * f->qdim, sizeof(float), &failed);
     f->router = balloc(f, T * E, sizeof(float), &failed);
     f->top_idx = balloc(f, T * K, sizeof(int32_t), &failed);
     f->top_w = balloc(f, T * K, sizeof(float), &failed);
@@ -145,7 +147,7 @@ void moe_forward_free(moe_forward *f)
 {
     if (!f)
         return;
-    void *dev[] = {f->x, f->xb, f->q, f->k, f->v, f->att, f->router, f->top_idx, f->top_w,
+    void *dev[] = {f->x, f->xb, f->q, f->k, f->v, f->att != f->xb ? f->att : NULL, f->router, f->top_idx, f->top_w,
                    f->moe_out, f->sh_gate, f->rope, f->logits_dev};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         bfree(f, dev[i]);

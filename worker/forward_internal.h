@@ -38,7 +38,7 @@ struct moe_forward {
     float *xb;      /* (T, d) normed input of the current sub-layer */
     float *q;       /* (T, qdim) */
     float *k, *v;   /* (T, kvdim) */
-    float *att;     /* (T, qdim) attention output */
+    float *att;     /* (T, qdim) attention output; xb itself where qdim <= d */
     float *router;  /* (T, n_exp) */
     int32_t *top_idx; /* (T, topk) */
     float *top_w;   /* (T, topk) */

@@ -377,7 +377,7 @@ Test(quant_memory, reader_checks_q_shapes)
 
 /* ---- the memory a long prefill adds ----
  * A step of T tokens needs its per-token activations (hidden state, its norm and the MoE output,
- * q, attention output, k, v), the routed experts' outputs in assignment order (T*top_k rows of d)
+ * q, k, v; the attention output shares the norm's buffer where qdim <= d), the routed experts' outputs in assignment order (T*top_k rows of d)
  * and one expert group's scratch (at most T rows in, T out, T of gate and up), and the KV of the T
  * positions. Nothing else grows with T: the routed rows are read from the hidden state in place,
  * not first copied top_k times (that copy was T*top_k*d floats more, over this bound). */
@@ -390,7 +390,8 @@ static size_t prefill_bound(const moe_model_config *c, size_t T)
         ffn = (size_t)c->dense_ffn;
     if ((size_t)c->shared_expert_ffn > ffn)
         ffn = (size_t)c->shared_expert_ffn;
-    size_t act = T * (3 * d + 2 * q + 2 * kv) + T * K * d + T * (2 * d + 2 * ffn);
+    size_t att = q <= d ? 0 : q;
+    size_t act = T * (3 * d + q + att + 2 * kv) + T * K * d + T * (2 * d + 2 * ffn);
     size_t kv_cache = T * (size_t)c->n_layers * 2 * kv;
     return (act + kv_cache) * sizeof(float) + SLACK;
 }
