@@ -163,11 +163,13 @@ AI void dot_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int
     for (int k = 0; k < nk; k += DP_K) {
         if (pf) {
             /* The NR rows of this tile are one contiguous block, and so are the next tile's:
-             * each step prefetches as many bytes of the next tile as it consumes of this one. */
+             * each step prefetches as many bytes of the next tile as it consumes of this one.
+             * Into L2 (T1), not L1: on Zen 4 the 2048x1024 decode matvec from DRAM streamed
+             * 10-20% faster so (bench/RESULTS.md, issue 16 b=1 section). */
             const char *p = pf + (size_t)k * NR * 2;
 #pragma GCC unroll 8
             for (int c = 0; c < NR * DP_K * 2; c += 64)
-                _mm_prefetch(p + c, _MM_HINT_T0);
+                _mm_prefetch(p + c, _MM_HINT_T1);
         }
         __m512i wv[8];
 #pragma GCC unroll 8
