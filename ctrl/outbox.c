@@ -12,37 +12,47 @@ moe_status moe_outbox_send_bytes(moe_outbox *ob, int dest, int tag, const void *
 {
     if (len > INT_MAX)
         return moe_error(MOE_ERR_RANGE, "control message of %zu bytes is too large", len);
-    if (!moe_grow((void **)&ob->v, &ob->cap, ob->n + 1, sizeof *ob->v))
+    /* The three arrays grow in step: moe_grow picks the same capacity from the same (cap, need). */
+    int cap_req = ob->cap, cap_buf = ob->cap, cap_done = ob->cap;
+    if (!moe_grow((void **)&ob->req, &cap_req, ob->n + 1, sizeof *ob->req) ||
+        !moe_grow((void **)&ob->buf, &cap_buf, ob->n + 1, sizeof *ob->buf) ||
+        !moe_grow((void **)&ob->done, &cap_done, ob->n + 1, sizeof *ob->done))
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
+    ob->cap = cap_req;
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf)
         return moe_error(MOE_ERR_NOMEM, "control message: out of memory");
     if (len)
         memcpy(buf, data, len);
-    moe_outbox_msg *o = &ob->v[ob->n];
-    int rc = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, ob->comm, &o->r);
+    int rc = MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, ob->comm, &ob->req[ob->n]);
     if (rc != MPI_SUCCESS) {
         free(buf);
         return moe_error(MOE_ERR_INTERNAL, "MPI_Isend of %zu bytes (tag %d) to rank %d failed (error %d)",
                          len, tag, dest, rc);
     }
-    o->buf = buf;
-    ob->n++;
+    ob->buf[ob->n++] = buf;
     return MOE_OK;
 }
 
 void moe_outbox_progress(moe_outbox *ob)
 {
-    for (int i = 0; i < ob->n;) {
-        int flag = 0;
-        MPI_Test(&ob->v[i].r, &flag, MPI_STATUS_IGNORE);
-        if (flag) {
-            free(ob->v[i].buf);
-            ob->v[i] = ob->v[--ob->n];
-        } else {
-            i++;
-        }
+    if (ob->n == 0)
+        return;
+    int n_done = 0;
+    if (MPI_Testsome(ob->n, ob->req, &n_done, ob->done, MPI_STATUSES_IGNORE) != MPI_SUCCESS ||
+        n_done <= 0)
+        return;
+    for (int i = 0; i < n_done; i++) {
+        free(ob->buf[ob->done[i]]);
+        ob->buf[ob->done[i]] = NULL;
     }
+    int kept = 0; /* completed requests are MPI_REQUEST_NULL now: keep the rest in order */
+    for (int i = 0; i < ob->n; i++)
+        if (ob->buf[i]) {
+            ob->req[kept] = ob->req[i];
+            ob->buf[kept++] = ob->buf[i];
+        }
+    ob->n = kept;
 }
 
 void moe_outbox_flush(moe_outbox *ob, int timeout_ms)
@@ -58,9 +68,11 @@ void moe_outbox_flush(moe_outbox *ob, int timeout_ms)
 void moe_outbox_free(moe_outbox *ob)
 {
     for (int i = 0; i < ob->n; i++) {
-        MPI_Cancel(&ob->v[i].r);
-        MPI_Request_free(&ob->v[i].r);
+        MPI_Cancel(&ob->req[i]);
+        MPI_Request_free(&ob->req[i]);
     }
-    free(ob->v);
+    free(ob->req);
+    free(ob->buf);
+    free(ob->done);
     *ob = (moe_outbox){.comm = ob->comm};
 }

@@ -12,15 +12,16 @@
 
 #include "common/status.h"
 
-typedef struct {
-    MPI_Request r;
-    uint8_t *buf;
-} moe_outbox_msg;
-
-/* Zero-initialise, then set comm. */
+/* Zero-initialise, then set comm. The requests sit in one array (in posting order) so that one
+ * MPI_Testsome tests them all: with mpi_yield_when_idle, which our oversubscribed launches set,
+ * every MPI_Test that finds nothing yields the core, so one test per message per loop turn made a
+ * rank with many sends in flight yield dozens of times a turn (the pattern bench/RESULTS.md's
+ * hand-off trace found in the KV receives). */
 typedef struct {
     MPI_Comm comm;
-    moe_outbox_msg *v;
+    MPI_Request *req;
+    uint8_t **buf;  /* buf[i] is the copy req[i] sends */
+    int *done;      /* MPI_Testsome's indices */
     int n, cap;
 } moe_outbox;
 
