@@ -4,6 +4,11 @@
 # Needs: build (the build dir), model (may be empty: the small preset is generated), out_default.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
 export OMPI_MCA_mpi_yield_when_idle=1
+# No binding, for the profile and every live cluster alike: Open MPI binds each rank to one core
+# when -np <= 2 and none above, so the profile's sharing curve (engines of one rank's process)
+# measured our engines crowding one core while the 3-rank clusters float over both, and a 1-rank
+# layout ran pinned where the others did not (bench/RESULTS.md issue 14, session 9).
+export OMPI_MCA_hwloc_base_binding_policy=none
 tmp=$(mktemp -d)
 out=${out_default:-$tmp/results}
 mkdir -p "$out"
@@ -24,7 +29,13 @@ plan_start() {
     --model "$model" --listen 127.0.0.1:0 --threads 1 --kv-blocks "$kv" "$@" < /dev/null > "$tmp/out" 2> "$tmp/err" &
   mp=$!
   for _ in $(seq 1200); do grep -q "coordinator pid" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
-  port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}')
+  port=$(grep -o 'port [0-9]*' "$tmp/out" | awk '{print $2}' || true)
+  if [ -z "$port" ]; then
+    echo "plan_start $key: the cluster did not announce its port within 120 s (load $(load)); its output:" >&2
+    cat "$tmp/out" "$tmp/err" >&2
+    kill "$mp" 2>/dev/null || true
+    exit 1
+  fi
 }
 
 # plan_calibrate KEY PROFILE: 15 s of probing (KEY.avail_before.json), then the fixed costs

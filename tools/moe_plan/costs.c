@@ -225,7 +225,8 @@ static moe_status read_json(const char *path, cJSON **out)
 }
 
 /* "share": {"cpu_ms": [L lengths, increasing], "ratio": [L arrays of the stretch with 1, 2, ...
- * busy ranks]}: optional (profiles written before it have none). */
+ * busy ranks], "cpus": the CPUs it was measured on}: optional (profiles written before it have
+ * none; "cpus" came later). */
 static moe_status load_share(const cJSON *j, const char *path, mp_costs *c)
 {
     const cJSON *sh = cJSON_GetObjectItemCaseSensitive(j, "share");
@@ -257,6 +258,8 @@ static moe_status load_share(const cJSON *j, const char *path, mp_costs *c)
     }
     c->n_share_lens = nl;
     c->n_share = nb;
+    const cJSON *cpus = cJSON_GetObjectItemCaseSensitive(sh, "cpus");
+    c->share_cpus = cJSON_IsNumber(cpus) && cpus->valuedouble >= 1 ? (int)cpus->valuedouble : 0;
     return MOE_OK;
 }
 
@@ -395,6 +398,8 @@ moe_status mp_costs_save(const char *path, const mp_costs *c)
         cJSON *rat = cJSON_AddArrayToObject(sh, "ratio");
         for (int l = 0; l < c->n_share_lens; l++)
             cJSON_AddItemToArray(rat, cJSON_CreateDoubleArray(c->share[l], c->n_share));
+        if (c->share_cpus > 0)
+            cJSON_AddNumberToObject(sh, "cpus", c->share_cpus);
     }
     cJSON *x = cJSON_AddObjectToObject(j, "kv_transfer");
     cJSON_AddNumberToObject(x, "gbps", c->xfer_gbps);

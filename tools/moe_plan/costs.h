@@ -77,6 +77,7 @@ typedef struct {
      * machine's other jobs at the moment of the profile are in it too (share[l][0] is the stretch
      * of a lone step). Used by the simulator's processor sharing (mp_sim_opts.host_ranks). */
     int n_share, n_share_lens;
+    int share_cpus; /* CPUs the measuring process could run on (0: not recorded) */
     double share_cpu[MP_SHARE_LENS];
     double share[MP_SHARE_LENS][MP_MAX_SHARE];
     /* Step costs are CPU times (ms_cpu) to be stretched by the simulator (the sharing curve, or

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <mpi.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -262,6 +263,20 @@ static moe_status measure_share(prof *p, mp_costs *c)
     }
     int n_wall[2][MP_MAX_SHARE] = {{0}}, n_cpu[2] = {0, 0}, started = 0;
     moe_status st = MOE_OK;
+    /* The helpers are threads of this process, so they share its CPU affinity: under mpirun -np 2
+     * Open MPI binds each rank to one core (above 2 it binds none), and the curve then measures
+     * our engines crowding one core (a 2x stretch with one more busy engine on an idle 2-core
+     * machine, bench/RESULTS.md issue 14, session 9) where a live cluster's ranks spread over all
+     * of them. Recorded in the profile, and said. */
+    cpu_set_t aff;
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    c->share_cpus = sched_getaffinity(0, sizeof aff, &aff) == 0 ? CPU_COUNT(&aff) : (int)online;
+    if (online > 0 && c->share_cpus < online)
+        fprintf(stderr,
+                "moe-plan profile: warning: this process may run on %d of the %ld online CPUs (mpirun binds a "
+                "rank to one core when -np <= 2; run it with --bind-to none), so the sharing curve is our "
+                "engines on %d CPU(s), not on the host's\n",
+                c->share_cpus, online, c->share_cpus);
     for (; started < kmax && st == MOE_OK; started++) {
         h[started] = (share_helper){.m = p->m, .block_size = p->o->block_size};
         if (pthread_create(&th[started], NULL, helper_main, &h[started]) != 0) {
