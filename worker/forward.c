@@ -96,9 +96,6 @@ moe_status moe_forward_create_on(const moe_model *m, moe_backend *be, int max_to
     int failed = 0;
     f->x = balloc(f, T * f->d, sizeof(float), &failed);
     f->xb = balloc(f, T * f->d, sizeof(float), &failed);
-    f->q = balloc(f, T * f->qdim, sizeof(float), &failed);
-    f->k = balloc(f, T * f->kvdim, sizeof(float), &failed);
-    f->v = balloc(f, T * f->kvdim, sizeof(float), &failed);
     /* The attention output lives in xb where it fits: xb (the normed input) is dead once q, k, v
      * are projected and is next written by the FFN norm, after wo has read the attention out. */
     f->att = f->qdim <= f->d ? f->xb : balloc(f, T * f->qdim, sizeof(float), &failed);
@@ -147,7 +144,7 @@ void moe_forward_free(moe_forward *f)
 {
     if (!f)
         return;
-    void *dev[] = {f->x, f->xb, f->q, f->k, f->v, f->att != f->xb ? f->att : NULL, f->router, f->top_idx, f->top_w,
+    void *dev[] = {f->x, f->xb, f->att != f->xb ? f->att : NULL, f->router, f->top_idx, f->top_w,
                    f->moe_out, f->sh_gate, f->rope, f->logits_dev};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         bfree(f, dev[i]);
@@ -178,13 +175,29 @@ moe_status moe_fwd_ep_alloc(moe_forward *f)
     moe_fwd_ep_free(f);
     size_t T = (size_t)f->max_tokens, K = (size_t)f->topk, S = (size_t)f->ep_size, d = (size_t)f->d;
     size_t rows = S * T, recv = S * T * K;
+    /* q, k and v live in the back buffer: it holds expert outputs only inside the MoE block, whose
+     * exchanges all complete before it returns, and the projections are dead once attention has
+     * read q and kv_write has copied k and v into the cache. Attention and the MoE block never
+     * overlap, so the step touches one of the two sets of pages, not both (at 2048 tokens of the
+     * OLMoE shape, 48 MiB less resident). Each part starts on a cache line of its own. */
+    size_t line = 16; /* floats per 64-byte line */
+    size_t q_len = (T * (size_t)f->qdim + line - 1) / line * line;
+    size_t kv_len = (T * (size_t)f->kvdim + line - 1) / line * line;
+    size_t back_len = T * K * d > q_len + 2 * kv_len ? T * K * d : q_len + 2 * kv_len;
     int failed = 0;
-    f->eh = balloc(f, rows * d, sizeof(float), &failed);
-    f->eo = balloc(f, rows * d, sizeof(float), &failed);
+    if (f->ep) { /* the local path computes its experts in place in ep_back (moe_layer.c) */
+        f->eh = balloc(f, rows * d, sizeof(float), &failed);
+        f->eo = balloc(f, rows * d, sizeof(float), &failed);
+    }
     f->eg = balloc(f, rows * (size_t)f->ffn_max, sizeof(float), &failed);
     f->eu = balloc(f, rows * (size_t)f->ffn_max, sizeof(float), &failed);
     f->ep_send = balloc(f, T * K * (d + 1), sizeof(float), &failed);
-    f->ep_back = balloc(f, T * K * d, sizeof(float), &failed);
+    f->ep_back = balloc(f, back_len, sizeof(float), &failed);
+    if (f->ep_back) {
+        f->q = f->ep_back;
+        f->k = f->q + q_len;
+        f->v = f->k + kv_len;
+    }
     f->ep_recv = balloc(f, recv * (d + 1), sizeof(float), &failed);
     f->ep_out = balloc(f, recv * d, sizeof(float), &failed);
     if (!f->host_mem && S > 1)
@@ -214,6 +227,7 @@ void moe_fwd_ep_free(moe_forward *f)
         free(bufs[i]);
     moe_fwd_tbo_free(f);
     f->eh = f->eo = f->eg = f->eu = f->ep_send = f->ep_send_w = f->ep_back = f->ep_recv = f->ep_out = NULL;
+    f->q = f->k = f->v = NULL;
     f->ep_recv_h = NULL;
     f->ep_send_tok = f->exp_tok = f->ep_order = f->pk_row = NULL;
     f->pk_tag = NULL;
@@ -313,14 +327,15 @@ static void attention_layer(moe_forward *f, moe_kv_cache *kv, const moe_batch *b
     o->attention(be, f->att, f->q, pool, &f->geom, layer, f->attn_segs, b->n_segs, f->nh,
                  1.0f / sqrtf((float)f->hd));
 
-    moe_fwd_linear(f, f->eo, f->att, &lw->wo, T);
-    o->axpy(be, f->x, 1.0f, f->eo, (size_t)T * f->d);
+    /* moe_out is idle outside the MoE block: the local path then never touches eo */
+    moe_fwd_linear(f, f->moe_out, f->att, &lw->wo, T);
+    o->axpy(be, f->x, 1.0f, f->moe_out, (size_t)T * f->d);
 }
 
 static void dense_layer(moe_forward *f, const moe_layer_weights *lw, int T)
 {
-    moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
-    f->be->ops->axpy(f->be, f->x, 1.0f, f->eo, (size_t)T * f->d);
+    moe_fwd_swiglu(f, f->moe_out, f->xb, T, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down);
+    f->be->ops->axpy(f->be, f->x, 1.0f, f->moe_out, (size_t)T * f->d);
 }
 
 /* ---- the whole pass ---- */
@@ -406,16 +421,17 @@ moe_status moe_forward_run(moe_forward *f, moe_kv_cache *kv, const moe_batch *b)
     if (b->n_logit_rows > 0) {
         int n = b->n_logit_rows;
         size_t vocab = (size_t)c->vocab_size;
-        o->gather(be, f->eh, (size_t)d, f->x, (size_t)d, b->logit_rows, n, d);
-        o->rmsnorm(be, f->eh, f->eh, m->final_norm, n, d, c->rms_eps);
+        float *rows = f->moe_out; /* the final-norm rows: n <= max_tokens, moe_out is free */
+        o->gather(be, rows, (size_t)d, f->x, (size_t)d, b->logit_rows, n, d);
+        o->rmsnorm(be, rows, rows, m->final_norm, n, d, c->rms_eps);
         if (f->host_mem) {
-            moe_fwd_linear(f, b->logits, f->eh, &m->lm_head, n);
+            moe_fwd_linear(f, b->logits, rows, &m->lm_head, n);
         } else {
             if (!f->logits_dev &&
                 !(f->logits_dev = o->alloc(be, sizeof(float) * (size_t)f->max_tokens * vocab)))
                 return moe_error(MOE_ERR_NOMEM, "forward: %s backend cannot hold logits of %d rows",
                                  be->name, f->max_tokens);
-            moe_fwd_linear(f, f->logits_dev, f->eh, &m->lm_head, n);
+            moe_fwd_linear(f, f->logits_dev, rows, &m->lm_head, n);
             st = o->download(be, b->logits, f->logits_dev, sizeof(float) * (size_t)n * vocab);
             return st != MOE_OK ? st : moe_fwd_dev_moe_step_end(f);
         }

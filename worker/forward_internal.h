@@ -36,18 +36,18 @@ struct moe_forward {
     /* B unless said otherwise */
     float *x;       /* (T, d) residual stream */
     float *xb;      /* (T, d) normed input of the current sub-layer */
-    float *q;       /* (T, qdim) */
-    float *k, *v;   /* (T, kvdim) */
+    float *q;       /* (T, qdim), in ep_back (moe_fwd_ep_alloc): dead outside attention */
+    float *k, *v;   /* (T, kvdim), likewise */
     float *att;     /* (T, qdim) attention output; xb itself where qdim <= d */
     float *router;  /* (T, n_exp) */
     int32_t *top_idx; /* (T, topk) */
     float *top_w;   /* (T, topk) */
     int32_t *top_idx_h; /* H: top_idx as the host reads it (top_idx itself on the CPU backend) */
     float *top_w_h;     /* H: likewise */
-    float *moe_out; /* (T, d) */
-    float *eh;      /* (S*T, d) rows gathered for one expert; also the final-norm rows */
+    float *moe_out; /* (T, d); outside the MoE block: wo, dense FFN and final-norm rows */
+    float *eh;      /* (S*T, d) received rows gathered per expert; expert parallelism only */
     float *eg, *eu; /* (S*T, ffn_max) */
-    float *eo;      /* (S*T, d) */
+    float *eo;      /* (S*T, d) their outputs; expert parallelism only */
     float *sh_gate; /* (T) shared-expert gate logits */
     float *logits_dev; /* (max_tokens, vocab) when the host cannot address backend memory */
     int *kv_dst;    /* H [T] block * block_size + slot of each token's K/V */
@@ -92,7 +92,8 @@ struct moe_forward {
     float *ep_send;    /* (T*topk, d+1): rows grouped by destination; the last float holds the expert */
     float *ep_recv;    /* (ep_cap_recv, d+1) */
     float *ep_out;     /* (ep_cap_recv, d) expert outputs, in receive order */
-    float *ep_back;    /* (T*topk, d) outputs returned to us, in send order */
+    float *ep_back;    /* (T*topk, d) outputs returned to us, in send order (local path: in expert
+                        * order, computed in place); q, k, v in attention; the shared expert's output */
     float *ep_recv_h;  /* H (ep_cap_recv, d+1) staging to read received expert ids, device only */
     int *ep_send_tok;  /* H [T*topk] token of each sent row */
     float *ep_send_w;  /* H [T*topk] its routing weight */

@@ -179,11 +179,18 @@ static void progress(moe_forward *f)
 /* Runs every expert over its rows. rows: (n, stride) with row i for expert expert_of[i] (its first
  * d floats are the input), or, where row_of is given, row row_of[i] for assignment i (the local
  * path reads the token rows in place rather than copying each token top_k times first: at a
- * 2048-token prefill that copy was T*K*d floats, 128 MiB on OLMoE); out: (n, d) in assignment
- * order. Grouped so each expert's weights are read once for all its rows. Progresses the
- * exchanges in flight between matmuls. */
+ * 2048-token prefill that copy was T*K*d floats, 128 MiB on OLMoE); out: (n, d). Grouped so each
+ * expert's weights are read once for all its rows. Progresses the exchanges in flight between
+ * matmuls.
+ * at NULL: out in assignment order, each expert's rows gathered into eh, its outputs computed in
+ * eo and scattered (the expert-parallel paths send out in that order). at given: out in expert
+ * order, at[i] the row of assignment i: each expert's rows are gathered straight into their
+ * place in out and its down projection overwrites them there (gate and up have read them by
+ * then), so eh and eo are never touched (32 MiB less resident at a 2048-token OLMoE prefill) and
+ * the scatter copy goes. The floats are the same either way: rows are computed independently. */
 static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, const float *rows_in,
-                        size_t stride, const int *row_of, const int *expert_of, int n, float *out)
+                        size_t stride, const int *row_of, const int *expert_of, int n, float *out,
+                        int *at)
 {
     int64_t t0 = moe_now_ns();
     int E = f->n_exp, d = f->d;
@@ -225,13 +232,12 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, 
             if (rows + cnt > cap) /* cnt <= cap: at most one row per token of each source */
                 break;
             f->expert_tokens[(size_t)layer * E + e] += cnt;
-            f->be->ops->gather(f->be, f->eh + (size_t)rows * d, (size_t)d, rows_in, stride,
-                               src + f->exp_off[e], cnt, d);
-            const float *xin = f->eh + (size_t)rows * d;
+            float *xin = at ? out + (size_t)f->exp_off[e] * d : f->eh + (size_t)rows * d;
+            float *y = at ? xin : f->eo + (size_t)rows * d;
+            f->be->ops->gather(f->be, xin, (size_t)d, rows_in, stride, src + f->exp_off[e], cnt, d);
             gu[2 * ng] = moe_fwd_desc(f->eg + (size_t)rows * fm, xin, &lw->exp_gate[e], cnt);
             gu[2 * ng + 1] = moe_fwd_desc(f->eu + (size_t)rows * fm, xin, &lw->exp_up[e], cnt);
-            dn[ng] = moe_fwd_desc(f->eo + (size_t)rows * d, f->eg + (size_t)rows * fm, &lw->exp_down[e],
-                             cnt);
+            dn[ng] = moe_fwd_desc(y, f->eg + (size_t)rows * fm, &lw->exp_down[e], cnt);
             ge[ng] = e;
             goff[ng++] = rows;
             rows += cnt;
@@ -243,10 +249,12 @@ static void run_experts(moe_forward *f, const moe_layer_weights *lw, int layer, 
                                  (size_t)gu[2 * g].n_tok * gu[2 * g].n_out);
         f->be->ops->matmul_batch(f->be, dn, ng);
         progress(f);
-        for (int g = 0; g < ng; g++)
+        for (int g = 0; g < ng && !at; g++)
             f->be->ops->scatter(f->be, out, (size_t)d, f->eo + (size_t)goff[g] * d, (size_t)d,
                                 order + f->exp_off[ge[g]], dn[g].n_tok, d);
     }
+    for (int j = 0; at && j < n; j++)
+        at[order[j]] = j;
     f->ep_stat.expert_ns += moe_now_ns() - t0;
 }
 
@@ -371,14 +379,16 @@ static void local_experts(moe_forward *f, const moe_layer_weights *lw, int layer
 {
     int d = f->d, K = f->topk, n = T * K;
     /* One assignment per (token, choice), its input token pk_row[i] read from xb in place; the
-     * outputs use the expert-parallel back buffer (T*K x d) as scratch. */
+     * outputs in expert order in the expert-parallel back buffer (T*K x d), added up per token
+     * in choice order through at. */
     int *expert_of = f->ep_send_tok; /* reused as scratch: [T*K] */
+    int *at = f->tbo_where;          /* likewise: the two-batch overlap needs expert parallelism */
     for (int i = 0; i < n; i++) {
         expert_of[i] = f->top_idx_h[i];
         f->pk_row[i] = i / K;
     }
-    run_experts(f, lw, layer, f->xb, (size_t)d, f->pk_row, expert_of, n, f->ep_back);
-    f->be->ops->ep_combine(f->be, f->moe_out, f->ep_back, f->pk_row, f->top_w_h, NULL, n, d);
+    run_experts(f, lw, layer, f->xb, (size_t)d, f->pk_row, expert_of, n, f->ep_back, at);
+    f->be->ops->ep_combine(f->be, f->moe_out, f->ep_back, f->pk_row, f->top_w_h, at, n, d);
 }
 
 /* Packs the n assignments into send slots grouped by destination rank (dest[i]), in assignment
@@ -507,7 +517,7 @@ static moe_status ep_plain(moe_forward *f, const moe_layer_weights *lw, int laye
                        f->cnt_recv, row * sizeof(float))) != MOE_OK ||
         (st = read_experts(f, lw, 0, n_recv, f->exp_tok)) != MOE_OK)
         return st;
-    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, n_recv, f->ep_out);
+    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, n_recv, f->ep_out, NULL);
     /* Combine: outputs go back the way they came. */
     return exchange(f, X_COMBINE_A, f->ep_out, f->cnt_recv, (size_t)d * sizeof(float), f->ep_back,
                     f->cnt_send, (size_t)d * sizeof(float));
@@ -565,13 +575,13 @@ static moe_status ep_overlapped(moe_forward *f, const moe_layer_weights *lw, int
         (st = await(f, X_DISPATCH_A)) != MOE_OK ||
         (st = read_experts(f, lw, 0, nrA, f->exp_tok)) != MOE_OK)
         goto fail;
-    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, nrA, f->ep_out);
+    run_experts(f, lw, layer, f->ep_recv, row, NULL, f->exp_tok, nrA, f->ep_out, NULL);
     if ((st = f->tbo_err) != MOE_OK ||
         (st = post(f, X_COMBINE_A, f->ep_out, rA, outb, f->ep_back, sA, outb)) != MOE_OK ||
         (st = await(f, X_DISPATCH_B)) != MOE_OK ||
         (st = read_experts(f, lw, nrA, nrB, f->exp_tok)) != MOE_OK)
         goto fail;
-    run_experts(f, lw, layer, recvB, row, NULL, f->exp_tok + nrA, nrB, outB);
+    run_experts(f, lw, layer, recvB, row, NULL, f->exp_tok + nrA, nrB, outB, NULL);
     if ((st = f->tbo_err) != MOE_OK ||
         (st = post(f, X_COMBINE_B, outB, rB, outb, f->ep_back + (size_t)nA * d, sB, outb)) !=
             MOE_OK ||
@@ -636,9 +646,10 @@ moe_status moe_fwd_moe_layer(moe_forward *f, const moe_layer_weights *lw, int la
     }
     if (lw->sh_gate.data &&
         T > 0) { /* Qwen2-MoE shared expert, scaled by sigmoid(shared_expert_gate(x)) */
-        moe_fwd_swiglu(f, f->eo, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
+        /* into ep_back: the routed outputs there have been added into moe_out */
+        moe_fwd_swiglu(f, f->ep_back, f->xb, T, &lw->sh_gate, &lw->sh_up, &lw->sh_down);
         moe_fwd_linear(f, f->sh_gate, f->xb, &lw->sh_expert_gate, T);
-        be->ops->gated_add(be, f->moe_out, f->sh_gate, f->eo, T, d);
+        be->ops->gated_add(be, f->moe_out, f->sh_gate, f->ep_back, T, d);
     }
     be->ops->axpy(be, f->x, 1.0f, f->moe_out, (size_t)T * d);
     if (f->ep)

@@ -376,11 +376,13 @@ Test(quant_memory, reader_checks_q_shapes)
 }
 
 /* ---- the memory a long prefill adds ----
- * A step of T tokens needs its per-token activations (hidden state, its norm and the MoE output,
- * q, k, v; the attention output shares the norm's buffer where qdim <= d), the routed experts' outputs in assignment order (T*top_k rows of d)
- * and one expert group's scratch (at most T rows in, T out, T of gate and up), and the KV of the T
- * positions. Nothing else grows with T: the routed rows are read from the hidden state in place,
- * not first copied top_k times (that copy was T*top_k*d floats more, over this bound). */
+ * A step of T tokens needs its per-token activations (hidden state, its norm and the MoE output;
+ * the attention output shares the norm's buffer where qdim <= d), one buffer that holds q, k and v
+ * during attention and the routed experts' outputs (T*top_k rows of d, computed in place in expert
+ * order) in the MoE block, one expert group's gate and up scratch (at most T rows each), and the
+ * KV of the T positions. Nothing else grows with T: the routed rows are read from the hidden state
+ * in place, not first copied top_k times (that copy was T*top_k*d floats more, over this bound),
+ * and no per-group input/output copies (eh, eo: T*2*d more) are made on the local path. */
 static size_t prefill_bound(const moe_model_config *c, size_t T)
 {
     size_t d = (size_t)c->hidden_size, q = (size_t)c->n_heads * c->head_dim,
@@ -391,7 +393,8 @@ static size_t prefill_bound(const moe_model_config *c, size_t T)
     if ((size_t)c->shared_expert_ffn > ffn)
         ffn = (size_t)c->shared_expert_ffn;
     size_t att = q <= d ? 0 : q;
-    size_t act = T * (3 * d + q + att + 2 * kv) + T * K * d + T * (2 * d + 2 * ffn);
+    size_t back = K * d > q + 2 * kv ? K * d : q + 2 * kv;
+    size_t act = T * (3 * d + att + back + 2 * ffn);
     size_t kv_cache = T * (size_t)c->n_layers * 2 * kv;
     return (act + kv_cache) * sizeof(float) + SLACK;
 }
