@@ -100,7 +100,11 @@ start_instance() { # POOL INDEX
   local cmd=("$serve" instance --join "$join" --pool "$1" --model "$model" --threads "$threads"
              --host-label "$name" "${extra[@]}")
   if [ "$ep" -gt 1 ]; then
-    cmd=(mpirun --oversubscribe --mca odls_base_sigkill_timeout 60 -np "$ep" "${cmd[@]}")
+    # --bind-to none: Open MPI 4.1 binds each rank to one core when -np <= 2, and every group's
+    # mpirun binds its ranks to the same first cores, knowing nothing of the other jobs on the
+    # host: a --threads 2 rank then runs both threads on one core, beside the other groups'
+    # rank 0 (bench/RESULTS.md, planner session 9). The kernel scheduler places them better.
+    cmd=(mpirun --oversubscribe --bind-to none --mca odls_base_sigkill_timeout 60 -np "$ep" "${cmd[@]}")
   fi
   "${cmd[@]}" > "$logdir/$name.out" 2> "$logdir/$name.log" &
   names+=("$name")
