@@ -1007,7 +1007,9 @@ Test(kernels, attention_exp)
             for (int c = 0; c < nc; c++)
                 in[c] = s[c] = rng_uniform(-range, 0.f) + (c == 7 ? 1e-3f : 0.f);
             float mx = 1e-3f; /* >= every s */
-            double sum = ex(s, nc, mx), want_sum = 0;
+            float mo;
+            double sum = ex(s, nc, mx, &mo), want_sum = 0; /* m_in >= every s: max is m_in */
+            cr_assert_eq(mo, mx);
             for (int c = 0; c < nc; c++) {
                 double w = exp((double)(in[c] - mx)); /* the kernels subtract in f32 */
                 want_sum += w;
@@ -1019,7 +1021,8 @@ Test(kernels, attention_exp)
         }
         /* Exact points and NaN. */
         float e[9] = {0.f, -1.f, -88.f, -1e30f, NAN, -0.5f, -20.f, 0.f, -3.f};
-        double sum = ex(e, 9, 0.f);
+        float mo;
+        double sum = ex(e, 9, 0.f, &mo);
         cr_assert_eq(e[0], 1.0f, "%s: exp(0) = %.9g", moe_isa_name(isas[ii]), (double)e[0]);
         cr_assert(fabs(e[1] - 0.36787944117) <= 1e-7);
         cr_assert(e[2] >= 0.f && e[2] <= 2e-38f && e[3] == 0.f);

@@ -1,0 +1,177 @@
+/* The attention chunk kernels on 8-lane AVX2 instructions (scores and P.V), written once and
+ * instantiated by attention_avx2.c (16 vector registers) and attention_avx512.c (the same
+ * instructions compiled with AVX-512VL: 32 registers, so bigger register blocks). Include only from
+ * files built with at least the AVX2+FMA flags, after defining
+ *   ATT_FN(name)   the instance's function name (name##_avx2, name##_avx512),
+ *   ATT_SQ         query rows per scores block (each block is ATT_SQ rows x 4 K rows),
+ *   ATT_AQ, ATT_AW query rows x 8-float vectors of o per P.V block.
+ *
+ * Bit-exactness (the batch-invariance contract): every dot q.k is one 8-lane FMA chain over the
+ * head dimension (a masked tail for head_dim % 8), reduced ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))
+ * and multiplied by the scale; every output o[d] is o[d] * alpha followed by one FMA per context
+ * row in row order. Neither depends on the block a row or column falls in, on how many rows are
+ * processed together, nor on the instance: each query's result is the same bits whatever the
+ * number of queries and heads given at once, in both files. Blocks only decide how often a
+ * loaded q/k/v vector is reused from a register (loads per FMA: 1.1 for one query x 8 K rows,
+ * 0.75 for 2 x 4, 0.5 for 4 x 4). */
+#include <immintrin.h>
+#include <string.h>
+
+#define ATT_KB 4 /* K rows per scores block: one hadd tree reduces four dots */
+
+static inline __m256i att_tail_mask(int n)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Scores of rows q[0..nq) against the four K rows kp (ncol of them stored), at s + r * s_stride.
+ * nq is a constant at every call site (the loops unroll into registers). */
+static inline __attribute__((always_inline)) void att_scores_block(
+    float *s, int s_stride, const float *const *q, int nq, const float *const *kp, int ncol,
+    int d8, int dt, __m256i tm, __m128 sc)
+{
+    __m256 a[ATT_SQ][ATT_KB];
+#pragma GCC unroll 8
+    for (int r = 0; r < nq; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < ATT_KB; i++)
+            a[r][i] = _mm256_setzero_ps();
+    for (int d = 0; d < d8; d += 8) {
+        __m256 qv[ATT_SQ];
+#pragma GCC unroll 8
+        for (int r = 0; r < nq; r++)
+            qv[r] = _mm256_loadu_ps(q[r] + d);
+#pragma GCC unroll 4
+        for (int i = 0; i < ATT_KB; i++) {
+            __m256 kv = _mm256_loadu_ps(kp[i] + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < nq; r++)
+                a[r][i] = _mm256_fmadd_ps(kv, qv[r], a[r][i]);
+        }
+    }
+    if (dt) { /* masked lanes load as 0 and add 0 * 0 */
+#pragma GCC unroll 4
+        for (int i = 0; i < ATT_KB; i++) {
+            __m256 kv = _mm256_maskload_ps(kp[i] + d8, tm);
+#pragma GCC unroll 8
+            for (int r = 0; r < nq; r++)
+                a[r][i] = _mm256_fmadd_ps(kv, _mm256_maskload_ps(q[r] + d8, tm), a[r][i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < nq; r++) {
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]),
+                                  _mm256_hadd_ps(a[r][2], a[r][3]));
+        __m128 v = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)),
+                              sc);
+        if (ncol == ATT_KB) {
+            _mm_storeu_ps(s + (size_t)r * s_stride, v);
+        } else {
+            float b[ATT_KB];
+            _mm_storeu_ps(b, v);
+            memcpy(s + (size_t)r * s_stride, b, (size_t)ncol * sizeof(float));
+        }
+    }
+}
+
+void ATT_FN(moe_attn_scores)(float *s, int s_stride, const float *const *q, int nr,
+                             const float *const *k, int nc, int head_dim, float scale)
+{
+    int d8 = head_dim & ~7, dt = head_dim - d8;
+    __m256i tm = att_tail_mask(dt);
+    __m128 sc = _mm_set1_ps(scale);
+    for (int c = 0; c < nc; c += ATT_KB) {
+        /* A last block of fewer than 4 K rows repeats its last row (computed, not stored). */
+        int ncol = nc - c < ATT_KB ? nc - c : ATT_KB;
+        const float *kp[ATT_KB];
+        for (int i = 0; i < ATT_KB; i++)
+            kp[i] = k[c + (i < ncol ? i : ncol - 1)];
+        int r = 0;
+        for (; r + ATT_SQ <= nr; r += ATT_SQ)
+            att_scores_block(s + (size_t)r * s_stride + c, s_stride, q + r, ATT_SQ, kp, ncol, d8,
+                             dt, tm, sc);
+        for (; r < nr; r++)
+            att_scores_block(s + (size_t)r * s_stride + c, s_stride, q + r, 1, kp, ncol, d8, dt,
+                             tm, sc);
+    }
+}
+
+/* o[r][d .. d + 8 nv) of rows r < nq (nq, nv constants at every call site; masked: one vector of
+ * the tm lanes): scaled by alpha[r], then p[r][c] * v[c] added for c < nc[r] in c order. The rows
+ * share each v load for the context rows they all have; the rest is added row by row. */
+static inline __attribute__((always_inline)) void att_accum_block(
+    float *const *o, const float *alpha, const float *p, int p_stride, int nq,
+    const float *const *v, const int *nc, int d, int nv, int masked, __m256i tm)
+{
+    __m256 acc[ATT_AQ][ATT_AW];
+    int lo = nc[0];
+#pragma GCC unroll 8
+    for (int r = 0; r < nq; r++) {
+        lo = nc[r] < lo ? nc[r] : lo;
+        __m256 al = _mm256_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+        for (int i = 0; i < nv; i++)
+            acc[r][i] = _mm256_mul_ps(masked ? _mm256_maskload_ps(o[r] + d, tm)
+                                             : _mm256_loadu_ps(o[r] + d + 8 * i),
+                                      al);
+    }
+    for (int c = 0; c < lo; c++) {
+        __m256 pb[ATT_AQ];
+#pragma GCC unroll 8
+        for (int r = 0; r < nq; r++)
+            pb[r] = _mm256_broadcast_ss(p + (size_t)r * p_stride + c);
+        const float *vc = v[c] + d;
+#pragma GCC unroll 8
+        for (int i = 0; i < nv; i++) {
+            __m256 vv = masked ? _mm256_maskload_ps(vc, tm) : _mm256_loadu_ps(vc + 8 * i);
+#pragma GCC unroll 8
+            for (int r = 0; r < nq; r++)
+                acc[r][i] = _mm256_fmadd_ps(vv, pb[r], acc[r][i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < nq; r++) {
+        for (int c = lo; c < nc[r]; c++) {
+            __m256 pb = _mm256_broadcast_ss(p + (size_t)r * p_stride + c);
+            const float *vc = v[c] + d;
+#pragma GCC unroll 8
+            for (int i = 0; i < nv; i++)
+                acc[r][i] = _mm256_fmadd_ps(
+                    masked ? _mm256_maskload_ps(vc, tm) : _mm256_loadu_ps(vc + 8 * i), pb,
+                    acc[r][i]);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < nv; i++) {
+            if (masked)
+                _mm256_maskstore_ps(o[r] + d, tm, acc[r][i]);
+            else
+                _mm256_storeu_ps(o[r] + d + 8 * i, acc[r][i]);
+        }
+    }
+}
+
+/* The rows' d range in blocks of ATT_AW vectors, then single vectors, then the masked tail. */
+static inline __attribute__((always_inline)) void att_accum_rows(
+    float *const *o, const float *alpha, const float *p, int p_stride, int nq,
+    const float *const *v, const int *nc, int head_dim)
+{
+    int d8 = head_dim & ~7, dt = head_dim - d8, d = 0;
+    for (; d + 8 * ATT_AW <= d8; d += 8 * ATT_AW)
+        att_accum_block(o, alpha, p, p_stride, nq, v, nc, d, ATT_AW, 0, _mm256_setzero_si256());
+    for (; d < d8; d += 8)
+        att_accum_block(o, alpha, p, p_stride, nq, v, nc, d, 1, 0, _mm256_setzero_si256());
+    if (dt)
+        att_accum_block(o, alpha, p, p_stride, nq, v, nc, d8, 1, 1, att_tail_mask(dt));
+}
+
+void ATT_FN(moe_attn_accum)(float *const *o, const float *alpha, const float *p, int p_stride,
+                            int nr, const float *const *v, const int *nc, int head_dim)
+{
+    int r = 0;
+    for (; r + ATT_AQ <= nr; r += ATT_AQ)
+        att_accum_rows(o + r, alpha + r, p + (size_t)r * p_stride, p_stride, ATT_AQ, v, nc + r,
+                       head_dim);
+    for (; r < nr; r++)
+        att_accum_rows(o + r, alpha + r, p + (size_t)r * p_stride, p_stride, 1, v, nc + r,
+                       head_dim);
+}
