@@ -11,8 +11,8 @@
 #include "kernels/cpu/exp_avx2.h"
 
 #define ATT_FN(name) name##_avx2
-#define ATT_SQ 2 /* 2 x 4 dots: 8 accumulators, 2 q and 1 k live */
-#define ATT_AQ 2 /* 2 rows x 4 vectors: 8 accumulators, 2 broadcasts and 1 v live */
+#define ATT_SQ 3 /* 3 x 4 dots: 12 accumulators, 3 q and 1 k live */
+#define ATT_AQ 3 /* 3 rows x 4 vectors: 12 accumulators, 3 broadcasts and 1 v live */
 #define ATT_AW 4
 #include "kernels/cpu/attention_simd.h"
 

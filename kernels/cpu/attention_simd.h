@@ -90,9 +90,21 @@ void ATT_FN(moe_attn_scores)(float *s, int s_stride, const float *const *q, int 
         for (; r + ATT_SQ <= nr; r += ATT_SQ)
             att_scores_block(s + (size_t)r * s_stride + c, s_stride, q + r, ATT_SQ, kp, ncol, d8,
                              dt, tm, sc);
-        for (; r < nr; r++)
-            att_scores_block(s + (size_t)r * s_stride + c, s_stride, q + r, 1, kp, ncol, d8, dt,
-                             tm, sc);
+        /* The remaining rows in one block of their count (a decode step's GQA group of 3 is
+         * one block, not three single rows): blocks do not change any dot's bits. */
+        float *sr = s + (size_t)r * s_stride + c;
+        if (ATT_SQ > 4 && nr - r >= 4) {
+            att_scores_block(sr, s_stride, q + r, 4, kp, ncol, d8, dt, tm, sc);
+            r += 4;
+            sr += (size_t)4 * s_stride;
+        }
+        if (ATT_SQ > 3 && nr - r == 3)
+            att_scores_block(sr, s_stride, q + r, 3, kp, ncol, d8, dt, tm, sc);
+        else if (ATT_SQ > 2 && nr - r == 2)
+            att_scores_block(sr, s_stride, q + r, 2, kp, ncol, d8, dt, tm, sc);
+        else
+            for (; r < nr; r++, sr += s_stride)
+                att_scores_block(sr, s_stride, q + r, 1, kp, ncol, d8, dt, tm, sc);
     }
 }
 
@@ -171,7 +183,18 @@ void ATT_FN(moe_attn_accum)(float *const *o, const float *alpha, const float *p,
     for (; r + ATT_AQ <= nr; r += ATT_AQ)
         att_accum_rows(o + r, alpha + r, p + (size_t)r * p_stride, p_stride, ATT_AQ, v, nc + r,
                        head_dim);
-    for (; r < nr; r++)
-        att_accum_rows(o + r, alpha + r, p + (size_t)r * p_stride, p_stride, 1, v, nc + r,
-                       head_dim);
+    const float *pr = p + (size_t)r * p_stride;
+    /* the remaining rows in blocks of their count, as in the scores */
+    if (ATT_AQ > 4 && nr - r >= 4) {
+        att_accum_rows(o + r, alpha + r, pr, p_stride, 4, v, nc + r, head_dim);
+        r += 4;
+        pr += (size_t)4 * p_stride;
+    }
+    if (ATT_AQ > 3 && nr - r == 3)
+        att_accum_rows(o + r, alpha + r, pr, p_stride, 3, v, nc + r, head_dim);
+    else if (ATT_AQ > 2 && nr - r == 2)
+        att_accum_rows(o + r, alpha + r, pr, p_stride, 2, v, nc + r, head_dim);
+    else
+        for (; r < nr; r++, pr += p_stride)
+            att_accum_rows(o + r, alpha + r, pr, p_stride, 1, v, nc + r, head_dim);
 }
