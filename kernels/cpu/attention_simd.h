@@ -17,32 +17,32 @@
 #include <immintrin.h>
 #include <string.h>
 
-#define ATT_KB 4 /* K rows per scores block: one hadd tree reduces four dots */
 
 static inline __m256i att_tail_mask(int n)
 {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* Scores of rows q[0..nq) against the four K rows kp (ncol of them stored), at s + r * s_stride.
- * nq is a constant at every call site (the loops unroll into registers). */
+/* Scores of rows q[0..nq) against the nk K rows kp (4, or 8 for a single row: 8 FMA chains cover
+ * the FMA latency when no other row shares the loads), ncol of them stored, at s + r * s_stride.
+ * nq and nk are constants at every call site (the loops unroll into registers). */
 static inline __attribute__((always_inline)) void att_scores_block(
-    float *s, int s_stride, const float *const *q, int nq, const float *const *kp, int ncol,
-    int d8, int dt, __m256i tm, __m128 sc)
+    float *s, int s_stride, const float *const *q, int nq, const float *const *kp, int nk,
+    int ncol, int d8, int dt, __m256i tm, __m128 sc)
 {
-    __m256 a[ATT_SQ][ATT_KB];
+    __m256 a[ATT_SQ][8];
 #pragma GCC unroll 8
     for (int r = 0; r < nq; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < ATT_KB; i++)
+#pragma GCC unroll 8
+        for (int i = 0; i < nk; i++)
             a[r][i] = _mm256_setzero_ps();
     for (int d = 0; d < d8; d += 8) {
         __m256 qv[ATT_SQ];
 #pragma GCC unroll 8
         for (int r = 0; r < nq; r++)
             qv[r] = _mm256_loadu_ps(q[r] + d);
-#pragma GCC unroll 4
-        for (int i = 0; i < ATT_KB; i++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < nk; i++) {
             __m256 kv = _mm256_loadu_ps(kp[i] + d);
 #pragma GCC unroll 8
             for (int r = 0; r < nq; r++)
@@ -50,8 +50,8 @@ static inline __attribute__((always_inline)) void att_scores_block(
         }
     }
     if (dt) { /* masked lanes load as 0 and add 0 * 0 */
-#pragma GCC unroll 4
-        for (int i = 0; i < ATT_KB; i++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < nk; i++) {
             __m256 kv = _mm256_maskload_ps(kp[i] + d8, tm);
 #pragma GCC unroll 8
             for (int r = 0; r < nq; r++)
@@ -59,18 +59,38 @@ static inline __attribute__((always_inline)) void att_scores_block(
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < nq; r++) {
-        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]),
-                                  _mm256_hadd_ps(a[r][2], a[r][3]));
-        __m128 v = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)),
-                              sc);
-        if (ncol == ATT_KB) {
-            _mm_storeu_ps(s + (size_t)r * s_stride, v);
-        } else {
-            float b[ATT_KB];
-            _mm_storeu_ps(b, v);
-            memcpy(s + (size_t)r * s_stride, b, (size_t)ncol * sizeof(float));
+    for (int r = 0; r < nq; r++)
+#pragma GCC unroll 2
+        for (int i = 0; i < nk && i < ncol; i += 4) {
+            /* Each four dots with one tree: ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) per dot. */
+            __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[r][i], a[r][i + 1]),
+                                      _mm256_hadd_ps(a[r][i + 2], a[r][i + 3]));
+            __m128 v = _mm_mul_ps(
+                _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), sc);
+            float *o = s + (size_t)r * s_stride + i;
+            if (ncol - i >= 4) {
+                _mm_storeu_ps(o, v);
+            } else {
+                float b[4];
+                _mm_storeu_ps(b, v);
+                memcpy(o, b, (size_t)(ncol - i) * sizeof(float));
+            }
         }
+}
+
+/* Rows q[0..nq) against all nc K rows, nk at a time; a last block of fewer than nk K rows repeats
+ * its last row (computed, not stored). */
+static inline __attribute__((always_inline)) void att_scores_rows(
+    float *s, int s_stride, const float *const *q, int nq, const float *const *k, int nc, int nk,
+    int d8, int dt, __m256i tm, __m128 sc)
+{
+    for (int c = 0; c < nc; c += nk) {
+        int ncol = nc - c < nk ? nc - c : nk;
+        const float *kp[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < nk; i++)
+            kp[i] = k[c + (i < ncol ? i : ncol - 1)];
+        att_scores_block(s + c, s_stride, q, nq, kp, nk, ncol, d8, dt, tm, sc);
     }
 }
 
@@ -80,32 +100,26 @@ void ATT_FN(moe_attn_scores)(float *s, int s_stride, const float *const *q, int 
     int d8 = head_dim & ~7, dt = head_dim - d8;
     __m256i tm = att_tail_mask(dt);
     __m128 sc = _mm_set1_ps(scale);
-    for (int c = 0; c < nc; c += ATT_KB) {
-        /* A last block of fewer than 4 K rows repeats its last row (computed, not stored). */
-        int ncol = nc - c < ATT_KB ? nc - c : ATT_KB;
-        const float *kp[ATT_KB];
-        for (int i = 0; i < ATT_KB; i++)
-            kp[i] = k[c + (i < ncol ? i : ncol - 1)];
-        int r = 0;
-        for (; r + ATT_SQ <= nr; r += ATT_SQ)
-            att_scores_block(s + (size_t)r * s_stride + c, s_stride, q + r, ATT_SQ, kp, ncol, d8,
-                             dt, tm, sc);
-        /* The remaining rows in one block of their count (a decode step's GQA group of 3 is
-         * one block, not three single rows): blocks do not change any dot's bits. */
-        float *sr = s + (size_t)r * s_stride + c;
-        if (ATT_SQ > 4 && nr - r >= 4) {
-            att_scores_block(sr, s_stride, q + r, 4, kp, ncol, d8, dt, tm, sc);
-            r += 4;
-            sr += (size_t)4 * s_stride;
-        }
-        if (ATT_SQ > 3 && nr - r == 3)
-            att_scores_block(sr, s_stride, q + r, 3, kp, ncol, d8, dt, tm, sc);
-        else if (ATT_SQ > 2 && nr - r == 2)
-            att_scores_block(sr, s_stride, q + r, 2, kp, ncol, d8, dt, tm, sc);
-        else
-            for (; r < nr; r++, sr += s_stride)
-                att_scores_block(sr, s_stride, q + r, 1, kp, ncol, d8, dt, tm, sc);
+    int r = 0;
+    for (; r + ATT_SQ <= nr; r += ATT_SQ)
+        att_scores_rows(s + (size_t)r * s_stride, s_stride, q + r, ATT_SQ, k, nc, 4, d8, dt, tm,
+                        sc);
+    /* The remaining rows in one block of their count (a decode step's GQA group of 3 is one
+     * block, not three single rows); a single row takes 8 K rows per block. Blocks do not change
+     * any dot's bits. */
+    float *sr = s + (size_t)r * s_stride;
+    if (ATT_SQ > 4 && nr - r >= 4) {
+        att_scores_rows(sr, s_stride, q + r, 4, k, nc, 4, d8, dt, tm, sc);
+        r += 4;
+        sr += (size_t)4 * s_stride;
     }
+    if (ATT_SQ > 3 && nr - r == 3)
+        att_scores_rows(sr, s_stride, q + r, 3, k, nc, 4, d8, dt, tm, sc);
+    else if (ATT_SQ > 2 && nr - r == 2)
+        att_scores_rows(sr, s_stride, q + r, 2, k, nc, 4, d8, dt, tm, sc);
+    else
+        for (; r < nr; r++, sr += s_stride)
+            att_scores_rows(sr, s_stride, q + r, 1, k, nc, 8, d8, dt, tm, sc);
 }
 
 /* o[r][d .. d + 8 nv) of rows r < nq (nq, nv constants at every call site; masked: one vector of
@@ -115,7 +129,7 @@ static inline __attribute__((always_inline)) void att_accum_block(
     float *const *o, const float *alpha, const float *p, int p_stride, int nq,
     const float *const *v, const int *nc, int d, int nv, int masked, __m256i tm)
 {
-    __m256 acc[ATT_AQ][ATT_AW];
+    __m256 acc[ATT_AQ][ATT_AW > 8 ? ATT_AW : 8];
     int lo = nc[0];
 #pragma GCC unroll 8
     for (int r = 0; r < nq; r++) {
@@ -167,9 +181,10 @@ static inline __attribute__((always_inline)) void att_accum_rows(
     float *const *o, const float *alpha, const float *p, int p_stride, int nq,
     const float *const *v, const int *nc, int head_dim)
 {
-    int d8 = head_dim & ~7, dt = head_dim - d8, d = 0;
-    for (; d + 8 * ATT_AW <= d8; d += 8 * ATT_AW)
-        att_accum_block(o, alpha, p, p_stride, nq, v, nc, d, ATT_AW, 0, _mm256_setzero_si256());
+    /* A single row keeps 8 vectors (8 FMA chains) in registers: nothing else shares its loads. */
+    int d8 = head_dim & ~7, dt = head_dim - d8, d = 0, w = nq == 1 ? 8 : ATT_AW;
+    for (; d + 8 * w <= d8; d += 8 * w)
+        att_accum_block(o, alpha, p, p_stride, nq, v, nc, d, w, 0, _mm256_setzero_si256());
     for (; d < d8; d += 8)
         att_accum_block(o, alpha, p, p_stride, nq, v, nc, d, 1, 0, _mm256_setzero_si256());
     if (dt)
