@@ -11,7 +11,7 @@
 #include "kernels/cpu/exp_avx2.h"
 
 #define ATT_FN(name) name##_avx2
-#define ATT_SQ 3 /* 3 x 4 dots: 12 accumulators, 3 q and 1 k live */
+#define ATT_SQ 3 /* 3 x 4 dots: 12 accumulators, 3 q and 1 k live (all 16 registers) */
 #define ATT_AQ 3 /* 3 rows x 4 vectors: 12 accumulators, 3 broadcasts and 1 v live */
 #define ATT_AW 4
 #include "kernels/cpu/attention_simd.h"

@@ -3,7 +3,8 @@
  * instructions compiled with AVX-512VL: 32 registers, so bigger register blocks). Include only from
  * files built with at least the AVX2+FMA flags, after defining
  *   ATT_FN(name)   the instance's function name (name##_avx2, name##_avx512),
- *   ATT_SQ         query rows per scores block (each block is ATT_SQ rows x 4 K rows),
+ *   ATT_SQ         query rows per scores block (ATT_SQ rows x 4 K rows; the rows left over form
+ *                  one block of their count, and a single row takes 8 K rows per block),
  *   ATT_AQ, ATT_AW query rows x 8-float vectors of o per P.V block.
  *
  * Bit-exactness (the batch-invariance contract): every dot q.k is one 8-lane FMA chain over the
@@ -12,8 +13,9 @@
  * row in row order. Neither depends on the block a row or column falls in, on how many rows are
  * processed together, nor on the instance: each query's result is the same bits whatever the
  * number of queries and heads given at once, in both files. Blocks only decide how often a
- * loaded q/k/v vector is reused from a register (loads per FMA: 1.1 for one query x 8 K rows,
- * 0.75 for 2 x 4, 0.5 for 4 x 4). */
+ * loaded q/k/v vector is reused from a register (loads per FMA: 1.1 for one row x 8 K rows,
+ * 0.58 for 3 x 4, 0.5 for 4 x 4). Measured on Zen 4 (docs/kernels.md): the AVX2 instance's 3-row
+ * blocks come within 3% of the AVX-512VL instance's 4-row ones; wider blocks gained nothing. */
 #include <immintrin.h>
 #include <string.h>
 
