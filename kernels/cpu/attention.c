@@ -10,27 +10,40 @@
 #define ATT_CHUNK 32
 #define ATT_HEADS 8
 #define ATT_PASS_HEADS 64
+/* Rows (query x head) per kernel call: their chunk scores (4 KiB) stay in L1 beside the chunk's
+ * K/V rows. */
+#define ATT_ROWS 32
 
-void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, const float *const *k,
-                            int nc, int head_dim, float scale)
+void moe_attn_scores_scalar(float *s, int s_stride, const float *const *q, int nr,
+                            const float *const *k, int nc, int head_dim, float scale)
 {
-    for (int g = 0; g < ng; g++)
+    for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++)
-            s[(size_t)g * s_stride + c] =
-                moe_dot_f32_scalar(q + (size_t)g * head_dim, k[c], head_dim) * scale;
+            s[(size_t)r * s_stride + c] = moe_dot_f32_scalar(q[r], k[c], head_dim) * scale;
 }
 
-void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
-                           int nc, int head_dim)
+static void scale_vec(float *v, float a, int n)
 {
-    for (int g = 0; g < ng; g++)
-        for (int c = 0; c < nc; c++)
-            moe_axpy_f32_scalar(o + (size_t)g * head_dim, p[(size_t)g * p_stride + c], v[c],
-                                head_dim);
+    for (int i = 0; i < n; i++)
+        v[i] *= a;
 }
 
-double moe_attn_exp_scalar(float *s, int nc, float mx)
+void moe_attn_accum_scalar(float *const *o, const float *alpha, const float *p, int p_stride,
+                           int nr, const float *const *v, const int *nc, int head_dim)
 {
+    for (int r = 0; r < nr; r++) {
+        scale_vec(o[r], alpha[r], head_dim);
+        for (int c = 0; c < nc[r]; c++)
+            moe_axpy_f32_scalar(o[r], p[(size_t)r * p_stride + c], v[c], head_dim);
+    }
+}
+
+double moe_attn_exp_scalar(float *s, int nc, float m_in, float *m_out)
+{
+    float mx = m_in;
+    for (int c = 0; c < nc; c++)
+        mx = s[c] > mx ? s[c] : mx;
+    *m_out = mx;
     double l = 0.0;
     for (int c = 0; c < nc; c++) {
         s[c] = expf(s[c] - mx);
@@ -46,17 +59,11 @@ static inline const float *kv_row(const float *const *base, const moe_kv_view *k
            (size_t)(j % kv->block_size) * head_dim;
 }
 
-static void scale_vec(float *v, float a, int n)
-{
-    for (int i = 0; i < n; i++)
-        v[i] *= a;
-}
-
 /* The shared body of moe_attention and moe_attention_multi: query i (q + i * q_stride, out + i *
  * out_stride) attends to context [0, n_ctx0 + i). Each query's arithmetic is exactly that of a
- * single query (the same chunks, the same kernel calls per head, the same softmax updates); the
- * queries only share the walk over the context, so each K/V chunk (32 rows) is loaded from L2/L3
- * once and reused from L1 by all of them. */
+ * single query (the same chunks, the same per-row kernel arithmetic and softmax updates); the
+ * queries only share the walk over the context and the kernel calls, so each K/V chunk (32 rows)
+ * is loaded from L2/L3 once and each K/V vector loaded from L1 feeds several rows' FMAs. */
 static void attention_q(float *out, size_t out_stride, const float *q, size_t q_stride,
                         const moe_kv_view *kv, int n_q, int n_ctx0, int n_head, int n_kv_head,
                         int head_dim, float scale)
@@ -67,10 +74,11 @@ static void attention_q(float *out, size_t out_stride, const float *q, size_t q_
      * overflows; the result is o / l. The scores of a chunk live on the stack.
      *
      * Loop order: up to ATT_PASS_HEADS query heads per pass; the context in chunks; inside a
-     * chunk, the heads in units of at most ATT_HEADS heads sharing one KV head, then the queries.
-     * So each K/V row is read from memory once per pass (GQA heads and the queries share it), and
-     * a chunk touches all the KV heads of its blocks together: long contiguous runs the hardware
-     * prefetcher can follow. */
+     * chunk, the heads in units of at most ATT_HEADS heads sharing one KV head; the unit's rows
+     * (every query x head of the unit that reaches the chunk, at most ATT_ROWS per kernel call)
+     * go to the scores and P.V kernels together. So each K/V row is read from memory once per
+     * pass (GQA heads and the queries share it), and a chunk touches all the KV heads of its
+     * blocks together: long contiguous runs the hardware prefetcher can follow. */
     const moe_kernel_ops *ops = moe_kernels_ops();
     int group = n_head / n_kv_head;
     int n_ctx_max = n_ctx0 + n_q - 1;
@@ -97,32 +105,37 @@ static void attention_q(float *out, size_t out_stride, const float *q, size_t q_
                     krows[c] = kv_row(kv->k_base, kv, kvh, j0 + c, head_dim);
                     vrows[c] = kv_row(kv->v_base, kv, kvh, j0 + c, head_dim);
                 }
-                for (int qi = 0; qi < n_q; qi++) {
-                    int n_ctx = n_ctx0 + qi;
-                    if (j0 >= n_ctx)
-                        continue;
-                    int nc = n_ctx - j0 < ATT_CHUNK ? n_ctx - j0 : ATT_CHUNK;
-                    float *o = out + qi * out_stride;
-                    float s[ATT_HEADS][ATT_CHUNK];
-                    ops->attn_scores(&s[0][0], ATT_CHUNK, q + qi * q_stride + (size_t)h0 * head_dim,
-                                     ng, krows, nc, head_dim, scale);
-                    for (int g = 0; g < ng; g++) {
-                        int i = h0 - hp + g;
-                        float mx = m[qi][i];
-                        for (int c = 0; c < nc; c++)
-                            mx = s[g][c] > mx ? s[g][c] : mx;
+                /* Queries before first_q end before this chunk. */
+                int first_q = j0 - n_ctx0 + 1 > 0 ? j0 - n_ctx0 + 1 : 0;
+                for (int r0 = first_q * ng; r0 < n_q * ng; r0 += ATT_ROWS) {
+                    int nr = n_q * ng - r0 < ATT_ROWS ? n_q * ng - r0 : ATT_ROWS;
+                    const float *qp[ATT_ROWS];
+                    float *op[ATT_ROWS], alpha[ATT_ROWS], s[ATT_ROWS][ATT_CHUNK];
+                    int nc[ATT_ROWS];
+                    for (int r = 0; r < nr; r++) {
+                        int qi = (r0 + r) / ng, g = (r0 + r) % ng;
+                        int n = n_ctx0 + qi - j0;
+                        nc[r] = n < ATT_CHUNK ? n : ATT_CHUNK;
+                        qp[r] = q + qi * q_stride + (size_t)(h0 + g) * head_dim;
+                        op[r] = out + qi * out_stride + (size_t)(h0 + g) * head_dim;
+                    }
+                    /* Rows of shorter queries get (unused) scores up to the longest one's. */
+                    ops->attn_scores(&s[0][0], ATT_CHUNK, qp, nr, krows, nc[nr - 1], head_dim,
+                                     scale);
+                    for (int r = 0; r < nr; r++) {
+                        int qi = (r0 + r) / ng, i = h0 - hp + (r0 + r) % ng;
+                        float mx;
+                        double sum = ops->attn_exp(s[r], nc[r], m[qi][i], &mx);
+                        alpha[r] = 1.f;
                         if (mx > m[qi][i]) {
                             /* exp(-inf) = 0 on the first chunk: o and l are still zero. */
-                            float alpha = expf(m[qi][i] - mx);
-                            l[qi][i] *= alpha;
-                            if (j0 > 0)
-                                scale_vec(o + (size_t)(h0 + g) * head_dim, alpha, head_dim);
+                            alpha[r] = expf(m[qi][i] - mx);
+                            l[qi][i] *= alpha[r];
                             m[qi][i] = mx;
                         }
-                        l[qi][i] += ops->attn_exp(s[g], nc, mx);
+                        l[qi][i] += sum;
                     }
-                    ops->attn_accum(o + (size_t)h0 * head_dim, &s[0][0], ATT_CHUNK, ng, vrows, nc,
-                                    head_dim);
+                    ops->attn_accum(op, alpha, &s[0][0], ATT_CHUNK, nr, vrows, nc, head_dim);
                 }
                 h0 += ng;
             }

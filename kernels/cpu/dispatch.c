@@ -37,13 +37,13 @@ static const moe_kernel_ops ops_avx2 = {
  * fails the HF bf16 fixture's tolerance, so it is opt-in. dot_f32 and axpy_f32 keep their
  * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
-    moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
-    moe_attn_accum_avx2,    moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
+    moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_attn_accum_avx512,   moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 /* MOE_BF16_X=round: the same table with x rounded to one bf16 (moe_matmul_rows_avx512_xbf16). */
 static const moe_kernel_ops ops_avx512_xbf16 = {
-    moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx2,
-    moe_attn_accum_avx2,          moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
+    moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_attn_accum_avx512,         moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 
 /* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */
@@ -189,9 +189,9 @@ const char *moe_kernels_describe(void)
     case MOE_ISA_AVX512:
         return use_bf16_x_round()
                    ? "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
-                     "f32/f16:avx2 quant=avx512-vnni attention=avx2 silu=avx2 dot/axpy=avx512"
+                     "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
-                     "quant=avx512-vnni attention=avx2 silu=avx2 dot/axpy=avx512";
+                     "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX2:
         return "isa=avx2: matmul float=avx2 quant=avx2-int8 attention=avx2 "
                "silu=avx2 dot/axpy=avx2";

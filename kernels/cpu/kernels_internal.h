@@ -60,19 +60,27 @@ typedef void (*moe_matmul_rows_fn)(float *y, const float *x, const void *w, moe_
 typedef float (*moe_dot_f32_fn)(const float *a, const float *b, int n);
 /* y[i] += a * x[i] (moe_axpy, attention's p.V). */
 typedef void (*moe_axpy_f32_fn)(float *y, float a, const float *x, int n);
-/* Attention chunk, scores: s[g * s_stride + c] = scale * dot(q + g * head_dim, k[c]) for g < ng,
- * c < nc (k: row pointers into the paged cache). */
-typedef void (*moe_attn_scores_fn)(float *s, int s_stride, const float *q, int ng,
+/* Attention chunk kernels. A "row" is one query head of one query token (its q vector, its o
+ * vector, its context length); attention.c hands a chunk's kernels every row of the queries and
+ * GQA heads that read the same K/V rows, so a loaded K/V vector feeds several rows. Each row's
+ * arithmetic is the same whatever the other rows, their number and their order (batch
+ * invariance: a query's result does not depend on how many queries ran with it).
+ *
+ * Scores: s[r * s_stride + c] = scale * dot(q[r], k[c]) for r < nr, c < nc (k: row pointers into
+ * the paged cache). */
+typedef void (*moe_attn_scores_fn)(float *s, int s_stride, const float *const *q, int nr,
                                    const float *const *k, int nc, int head_dim, float scale);
-/* Attention chunk, values: o[g * head_dim + d] += sum_c p[g * p_stride + c] * v[c][d]. */
-typedef void (*moe_attn_accum_fn)(float *o, const float *p, int p_stride, int ng,
-                                  const float *const *v, int nc, int head_dim);
+/* Values: o[r][d] = alpha[r] * o[r][d] + sum_{c < nc[r]} p[r * p_stride + c] * v[c][d], the
+ * terms added in c order (alpha: the online softmax's rescale, 1 when the max did not grow). */
+typedef void (*moe_attn_accum_fn)(float *const *o, const float *alpha, const float *p,
+                                  int p_stride, int nr, const float *const *v, const int *nc,
+                                  int head_dim);
 
-/* Attention chunk, softmax numerators: s[c] = exp(s[c] - mx) for c < nc (mx >= every s[c], so
- * each is in [0, 1]; NaN stays NaN); returns their sum. Scalar: expf and a running double sum;
- * AVX2: a polynomial exp within 2 ulp of expf (0 below -87) and an f32 vector sum (not the same
- * bits). */
-typedef double (*moe_attn_exp_fn)(float *s, int nc, float mx);
+/* Softmax step of one row: *m_out = max(m_in, s[0..nc)) (NaN scores skipped), then s[c] =
+ * exp(s[c] - *m_out) for c < nc (each in [0, 1]; NaN stays NaN); returns their sum. Scalar: expf
+ * and a running double sum; AVX2: a polynomial exp within 2 ulp of expf (0 below -87) and an f32
+ * vector sum (not the same bits). */
+typedef double (*moe_attn_exp_fn)(float *s, int nc, float m_in, float *m_out);
 /* Quantizes activations for Q8/Q4 matmuls: for each token t and block b of MOE_QK inputs,
  * d[t * nb + b] = max|x| / 127 and q[t * n_in + b * MOE_QK + i] = round-half-even(x * (127 /
  * max|x|)) (nb = n_in / MOE_QK). A block with an inf or NaN gets d = NaN (its outputs become NaN),
@@ -112,11 +120,11 @@ void moe_matmul_rows_scalar(float *y, const float *x, const void *w, moe_dtype w
                             int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_scalar(const float *a, const float *b, int n);
 void moe_axpy_f32_scalar(float *y, float a, const float *x, int n);
-void moe_attn_scores_scalar(float *s, int s_stride, const float *q, int ng, const float *const *k,
-                            int nc, int head_dim, float scale);
-void moe_attn_accum_scalar(float *o, const float *p, int p_stride, int ng, const float *const *v,
-                           int nc, int head_dim);
-double moe_attn_exp_scalar(float *s, int nc, float mx);
+void moe_attn_scores_scalar(float *s, int s_stride, const float *const *q, int nr,
+                            const float *const *k, int nc, int head_dim, float scale);
+void moe_attn_accum_scalar(float *const *o, const float *alpha, const float *p, int p_stride,
+                           int nr, const float *const *v, const int *nc, int head_dim);
+double moe_attn_exp_scalar(float *s, int nc, float m_in, float *m_out);
 void moe_silu_mul_scalar(float *gate, const float *up, int n);
 
 void moe_quantize_x_scalar(int8_t *q, float *d, const float *x, int n_tok, int n_in);
@@ -150,12 +158,16 @@ void moe_quantize_x_avx2(int8_t *q, float *d, const float *x, int n_tok, int n_i
 void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const void *w,
                             moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
 void moe_axpy_f32_avx2(float *y, float a, const float *x, int n);
-/* attention_avx2.c; the AVX-512 table uses these too. */
-void moe_attn_scores_avx2(float *s, int s_stride, const float *q, int ng, const float *const *k,
-                          int nc, int head_dim, float scale);
-void moe_attn_accum_avx2(float *o, const float *p, int p_stride, int ng, const float *const *v,
-                         int nc, int head_dim);
-double moe_attn_exp_avx2(float *s, int nc, float mx);
+/* attention_avx2.c (the AVX-512 table uses its exp) and attention_avx512.c: the same bits. */
+void moe_attn_scores_avx2(float *s, int s_stride, const float *const *q, int nr,
+                          const float *const *k, int nc, int head_dim, float scale);
+void moe_attn_accum_avx2(float *const *o, const float *alpha, const float *p, int p_stride,
+                         int nr, const float *const *v, const int *nc, int head_dim);
+double moe_attn_exp_avx2(float *s, int nc, float m_in, float *m_out);
+void moe_attn_scores_avx512(float *s, int s_stride, const float *const *q, int nr,
+                            const float *const *k, int nc, int head_dim, float scale);
+void moe_attn_accum_avx512(float *const *o, const float *alpha, const float *p, int p_stride,
+                           int nr, const float *const *v, const int *nc, int head_dim);
 /* elementwise_avx2.c; the AVX-512 table uses it too. */
 void moe_silu_mul_avx2(float *gate, const float *up, int n);
 /* quant_avx512.c: the int8 matmul with AVX512-VNNI vpdpbusd (same bits as the AVX2 one). */

@@ -924,6 +924,12 @@ Test(kernels, attention_paged_gqa, .timeout = 60)
     attention_case(5, 1, 2, 32, 300, 30.f);
     attention_case(16, 1, 16, 16, 129, 3.f);
     attention_case(1, 3, 12, 8, 70, 1.f);
+    /* Odd head dims and context lengths around the 32-row chunks. */
+    static const int odims[] = {5, 40, 128};
+    static const int octx[] = {1, 3, 31, 33, 257};
+    for (size_t d = 0; d < 3; d++)
+        for (size_t c = 0; c < 5; c++)
+            attention_case(16, 1, 3, odims[d], octx[c], 2.f);
 }
 
 /* moe_attention_multi: n_q consecutive queries sharing the walk over the context; each must give
@@ -987,7 +993,145 @@ Test(kernels, attention_multi_query, .timeout = 60)
     attention_multi_case(3, 1, 2, 64, 7, 40, 30.f); /* large scores */
     attention_multi_case(1, 8, 9, 8, 4, 20, 1.f);   /* 72 heads: two passes */
     attention_multi_case(16, 1, 16, 16, 9, 120, 3.f);
+    /* Odd head dims (masked tails of the 8-lane kernels), context lengths around the 32-row
+     * chunks and odd query counts: rows of one kernel call reach different chunk lengths. */
+    static const int odims[] = {5, 40, 128};
+    static const int octx[] = {1, 3, 31, 33, 257};
+    static const int onq[] = {3, 7, 13};
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 5; b++)
+            for (size_t c = 0; c < 3; c++)
+                attention_multi_case(16, 2, 3, odims[a], onq[c], octx[b], 2.f);
     moe_attention_multi(NULL, 0, NULL, 0, NULL, 0, 5, 2, 1, 8, 0.3f); /* n_q = 0: nothing */
+}
+
+/* The chunk kernels themselves (scores, P.V) on every ISA: each row's result must be the same
+ * bits whether the row is given alone or among nr rows at any position (batch invariance: a
+ * query's output does not depend on how many queries and heads share the kernel call), within
+ * 1e-5 of a double reference, and the same bits on AVX2 and AVX-512 (one instruction sequence,
+ * two register blockings). Odd head dims (masked tails), odd row counts (block tails) and every
+ * chunk length class (K-row tails of the 4-row blocks, rows with different context lengths). */
+#define CK_MAXR 33
+static void chunk_kernels_case(int head_dim, int nr, int nc, float (*ref_s)[32], float **ref_o,
+                               int have_ref, const char *isa)
+{
+    const moe_kernel_ops *ops = moe_kernels_ops();
+    float *qbuf = xmalloc((size_t)CK_MAXR * (head_dim + 3) * sizeof(float));
+    float *kbuf = xmalloc((size_t)32 * (head_dim + 7) * sizeof(float));
+    float *vbuf = xmalloc((size_t)32 * (head_dim + 7) * sizeof(float));
+    const float *qp[CK_MAXR], *kp[32], *vp[32];
+    float *op[CK_MAXR], *o1 = xmalloc((size_t)head_dim * sizeof(float));
+    float s[CK_MAXR][32], s1[32], alpha[CK_MAXR], p[CK_MAXR][32];
+    int ncr[CK_MAXR];
+    fill(qbuf, (size_t)CK_MAXR * (head_dim + 3), -1.f, 1.f);
+    fill(kbuf, (size_t)32 * (head_dim + 7), -2.f, 2.f);
+    fill(vbuf, (size_t)32 * (head_dim + 7), -1.f, 1.f);
+    for (int r = 0; r < nr; r++) {
+        qp[r] = qbuf + (size_t)r * (head_dim + 3); /* unaligned, odd strides */
+        op[r] = xmalloc((size_t)head_dim * sizeof(float));
+        fill(op[r], head_dim, -1.f, 1.f);
+        alpha[r] = r % 3 == 0 ? 1.f : rng_uniform(0.f, 1.f);
+        ncr[r] = 1 + (int)(rng_next() % (uint64_t)nc); /* any order, not only ascending */
+        fill(p[r], 32, 0.f, 1.f);
+    }
+    ncr[nr / 2] = nc;
+    for (int c = 0; c < 32; c++) { /* K/V rows scattered in reverse */
+        kp[c] = kbuf + (size_t)(31 - c) * (head_dim + 7);
+        vp[c] = vbuf + (size_t)(31 - c) * (head_dim + 7);
+    }
+    float scale = 0.37f;
+    ops->attn_scores(&s[0][0], 32, qp, nr, kp, nc, head_dim, scale);
+    for (int r = 0; r < nr; r++) {
+        ops->attn_scores(s1, 32, qp + r, 1, kp, nc, head_dim, scale);
+        cr_assert_arr_eq(s1, s[r], (size_t)nc * sizeof(float),
+                         "%s scores d=%d nr=%d nc=%d: row %d alone differs", isa, head_dim, nr, nc,
+                         r);
+        for (int c = 0; c < nc; c++) {
+            double want = 0;
+            for (int d = 0; d < head_dim; d++)
+                want += (double)qp[r][d] * kp[c][d];
+            want *= scale;
+            cr_assert(fabs(s[r][c] - want) <= 1e-5 * (1 + fabs(want)),
+                      "%s scores d=%d nr=%d nc=%d r=%d c=%d: %g want %g", isa, head_dim, nr, nc,
+                      r, c, (double)s[r][c], want);
+        }
+        if (have_ref)
+            cr_assert_arr_eq(s[r], ref_s[r], (size_t)nc * sizeof(float),
+                             "%s scores d=%d nr=%d nc=%d r=%d: not the AVX2 bits", isa, head_dim,
+                             nr, nc, r);
+    }
+    /* P.V: all rows at once, then each row alone from the same o. */
+    float **o0 = xmalloc((size_t)nr * sizeof *o0);
+    for (int r = 0; r < nr; r++) {
+        o0[r] = xmalloc((size_t)head_dim * sizeof(float));
+        memcpy(o0[r], op[r], (size_t)head_dim * sizeof(float));
+    }
+    ops->attn_accum(op, alpha, &p[0][0], 32, nr, vp, ncr, head_dim);
+    for (int r = 0; r < nr; r++) {
+        memcpy(o1, o0[r], (size_t)head_dim * sizeof(float));
+        float *o1p[1] = {o1};
+        ops->attn_accum(o1p, alpha + r, p[r], 32, 1, vp, ncr + r, head_dim);
+        cr_assert_arr_eq(o1, op[r], (size_t)head_dim * sizeof(float),
+                         "%s accum d=%d nr=%d nc=%d: row %d alone differs", isa, head_dim, nr, nc,
+                         r);
+        for (int d = 0; d < head_dim; d++) {
+            double want = (double)o0[r][d] * alpha[r];
+            for (int c = 0; c < ncr[r]; c++)
+                want += (double)p[r][c] * vp[c][d];
+            cr_assert(fabs(op[r][d] - want) <= 1e-5 * (1 + fabs(want)),
+                      "%s accum d=%d nr=%d r=%d d=%d: %g want %g", isa, head_dim, nr, r, d,
+                      (double)op[r][d], want);
+        }
+        if (have_ref)
+            cr_assert_arr_eq(op[r], ref_o[r], (size_t)head_dim * sizeof(float),
+                             "%s accum d=%d nr=%d nc=%d r=%d: not the AVX2 bits", isa, head_dim,
+                             nr, nc, r);
+        else if (ref_s) {
+            memcpy(ref_s[r], s[r], sizeof s[r]);
+            memcpy(ref_o[r], op[r], (size_t)head_dim * sizeof(float));
+        }
+        free(o0[r]);
+        free(op[r]);
+    }
+    free(o0);
+    free(o1);
+    free(qbuf);
+    free(kbuf);
+    free(vbuf);
+}
+
+Test(kernels, attention_chunk_kernels, .timeout = 120)
+{
+    static const int dims[] = {5, 8, 17, 40, 64, 128};
+    static const int nrs[] = {1, 2, 3, 4, 5, 7, 13, 32, 33};
+    static const int ncs[] = {1, 3, 4, 5, 31, 32};
+    moe_isa isas[3];
+    int n_isa = supported_isas(isas);
+    float ref_s[CK_MAXR][32];
+    float *ref_o[CK_MAXR];
+    for (int r = 0; r < CK_MAXR; r++)
+        ref_o[r] = xmalloc(128 * sizeof(float));
+    for (size_t a = 0; a < sizeof dims / sizeof *dims; a++)
+        for (size_t b = 0; b < sizeof nrs / sizeof *nrs; b++)
+            for (size_t c = 0; c < sizeof ncs / sizeof *ncs; c++) {
+                uint64_t seed = rng_state;
+                for (int ii = 0; ii < n_isa; ii++) {
+                    moe_kernels_force_isa(isas[ii]);
+                    /* AVX2 stores its bits, AVX-512 must match them; scalar: the tolerance. */
+                    int have_ref = isas[ii] == MOE_ISA_AVX512;
+                    if (isas[ii] == MOE_ISA_SCALAR)
+                        chunk_kernels_case(dims[a], nrs[b], ncs[c], NULL, NULL, 0, "scalar");
+                    else
+                        chunk_kernels_case(dims[a], nrs[b], ncs[c], ref_s, ref_o, have_ref,
+                                           moe_isa_name(isas[ii]));
+                    rng_state = seed;
+                }
+                rng_next();
+            }
+    for (int r = 0; r < CK_MAXR; r++)
+        free(ref_o[r]);
+    cr_log_info("chunk kernels ran on %s .. %s", moe_isa_name(isas[0]),
+                moe_isa_name(isas[n_isa - 1]));
 }
 
 /* The attention chunk's softmax numerators: the AVX2 polynomial exp against exp (2 ulp, absolute
@@ -1007,7 +1151,9 @@ Test(kernels, attention_exp)
             for (int c = 0; c < nc; c++)
                 in[c] = s[c] = rng_uniform(-range, 0.f) + (c == 7 ? 1e-3f : 0.f);
             float mx = 1e-3f; /* >= every s */
-            double sum = ex(s, nc, mx), want_sum = 0;
+            float mo;
+            double sum = ex(s, nc, mx, &mo), want_sum = 0; /* m_in >= every s: max is m_in */
+            cr_assert_eq(mo, mx);
             for (int c = 0; c < nc; c++) {
                 double w = exp((double)(in[c] - mx)); /* the kernels subtract in f32 */
                 want_sum += w;
@@ -1019,7 +1165,8 @@ Test(kernels, attention_exp)
         }
         /* Exact points and NaN. */
         float e[9] = {0.f, -1.f, -88.f, -1e30f, NAN, -0.5f, -20.f, 0.f, -3.f};
-        double sum = ex(e, 9, 0.f);
+        float mo;
+        double sum = ex(e, 9, 0.f, &mo);
         cr_assert_eq(e[0], 1.0f, "%s: exp(0) = %.9g", moe_isa_name(isas[ii]), (double)e[0]);
         cr_assert(fabs(e[1] - 0.36787944117) <= 1e-7);
         cr_assert(e[2] >= 0.f && e[2] <= 2e-38f && e[3] == 0.f);
