@@ -20,8 +20,8 @@ typedef enum {
 const char *moe_dtype_name(moe_dtype dt);
 
 /* ---- ISA dispatch ---- */
-typedef enum { MOE_ISA_SCALAR = 0, MOE_ISA_AVX2, MOE_ISA_AVX512 } moe_isa;
-/* The ISA every kernel dispatches to. Chosen from CPUID at first use; MOE_ISA=scalar|avx2|avx512
+typedef enum { MOE_ISA_SCALAR = 0, MOE_ISA_AVX2, MOE_ISA_AVX512, MOE_ISA_AMX } moe_isa;
+/* The ISA every kernel dispatches to. Chosen from CPUID at first use; MOE_ISA=scalar|avx2|avx512|amx
  * in the environment forces a lower one (tests use moe_kernels_force_isa). */
 moe_isa moe_kernels_isa(void);
 const char *moe_isa_name(moe_isa isa);

@@ -5,6 +5,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels/cpu/kernels_internal.h"
 
@@ -44,6 +48,20 @@ static const moe_kernel_ops ops_avx512 = {
 static const moe_kernel_ops ops_avx512_xbf16 = {
     moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,         moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
+
+/* AMX CPUs: the AVX-512 table with the bf16 rows on the tiles (matmul_amx.c). bf16 on AMX for
+ * every n_tok (batch invariance forbids switching paths by n_tok): measured on an Intel Xeon
+ * (Sapphire/Emerald Rapids class, 2026-12-05; bench/RESULTS.md "Issue 16, AMX bf16 tiles"). The
+ * rest is the AVX-512 table's; Q8/Q4 stay on VNNI: AMX int8 sums whole 64-byte k steps, which
+ * cannot give the per-lane bits every ISA shares (docs/kernels.md). */
+static const moe_kernel_ops ops_amx = {
+    moe_matmul_rows_amx,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
+static const moe_kernel_ops ops_amx_xbf16 = {
+    moe_matmul_rows_amx_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_attn_accum_avx512,      moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 
 /* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */
@@ -96,6 +114,8 @@ const char *moe_isa_name(moe_isa isa)
         return "avx2";
     case MOE_ISA_AVX512:
         return "avx512";
+    case MOE_ISA_AMX:
+        return "amx";
     default:
         return "?";
     }
@@ -114,6 +134,44 @@ static int cpu_has_f16c(void)
 }
 #endif
 
+/* AMX-TILE and AMX-BF16 (CPUID leaf 7 EDX bits 24 and 22), read by hand like F16C, and the tile
+ * data state granted to this process: Linux (5.16+) enables it in XCR0 but faults a process's
+ * first tile instruction unless the process asked for it (arch_prctl ARCH_REQ_XCOMP_PERM, which
+ * covers every thread of the process). Asked once; the answer is kept. Under valgrind (no AMX
+ * support) the request fails and AMX is not used. */
+#if defined(__linux__) && defined(__x86_64__)
+#define ARCH_GET_XCOMP_SUPP 0x1021
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static _Atomic int amx_granted = -1;
+
+static int cpu_has_amx_bf16(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return ((d >> 24) & 1u) && ((d >> 22) & 1u);
+}
+
+static int os_grants_amx(void)
+{
+    int v = atomic_load_explicit(&amx_granted, memory_order_acquire);
+    if (v < 0) {
+        unsigned long supp = 0;
+        v = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_GET_XCOMP_SUPP, &supp) == 0 &&
+            ((supp >> XFEATURE_XTILEDATA) & 1u) &&
+            syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        atomic_store_explicit(&amx_granted, v, memory_order_release);
+    }
+    return v;
+}
+#else
+static int os_grants_amx(void)
+{
+    return 0;
+}
+#endif
+
 /* The best ISA this CPU (and OS: __builtin_cpu_supports checks XCR0 state) can run. */
 static moe_isa cpu_best_isa(void)
 {
@@ -126,7 +184,7 @@ static moe_isa cpu_best_isa(void)
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
-        return MOE_ISA_AVX512;
+        return os_grants_amx() ? MOE_ISA_AMX : MOE_ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
         return MOE_ISA_AVX2;
 #endif
@@ -147,6 +205,8 @@ static moe_isa select_isa(void)
             want = MOE_ISA_AVX2;
         else if (strcmp(env, "avx512") == 0)
             want = MOE_ISA_AVX512;
+        else if (strcmp(env, "amx") == 0)
+            want = MOE_ISA_AMX;
         if (want < best)
             best = want;
     }
@@ -173,6 +233,8 @@ moe_isa moe_kernels_force_isa(moe_isa isa)
 const moe_kernel_ops *moe_kernels_ops(void)
 {
     switch (moe_kernels_isa()) {
+    case MOE_ISA_AMX:
+        return use_bf16_x_round() ? &ops_amx_xbf16 : &ops_amx;
     case MOE_ISA_AVX512:
         return use_bf16_x_round() ? &ops_avx512_xbf16 : &ops_avx512;
     case MOE_ISA_AVX2:
@@ -186,6 +248,12 @@ const char *moe_kernels_describe(void)
 {
     /* Every entry is a fixed string: the choice is made once per process (tests aside). */
     switch (moe_kernels_isa()) {
+    case MOE_ISA_AMX:
+        return use_bf16_x_round()
+                   ? "isa=amx: matmul float=bf16:amx-tiles-xround (MOE_BF16_X=round) "
+                     "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512"
+                   : "isa=amx: matmul float=bf16:amx-tiles-xsplit f32/f16:avx2 "
+                     "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX512:
         return use_bf16_x_round()
                    ? "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "

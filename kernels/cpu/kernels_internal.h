@@ -180,6 +180,13 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
                             int n_in, int n_out, int r0, int r1);
 void moe_matmul_rows_avx512_xbf16(float *y, const float *x, const void *w, moe_dtype wt,
                                   int n_tok, int n_in, int n_out, int r0, int r1);
+/* matmul_amx.c: bf16 weights on the AMX tiles (tdpbf16ps), x as hi + lo bf16 (the _xbf16
+ * variant: one bf16), exactly the values the vdpbf16ps rows feed, summed in another order; f32/f16
+ * through moe_matmul_rows_avx2. */
+void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                         int n_in, int n_out, int r0, int r1);
+void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                               int n_in, int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);
 void moe_axpy_f32_avx512(float *y, float a, const float *x, int n);
 

@@ -10,11 +10,7 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* Lanes [0, n) of 16, n in [0, 16]. */
-AI __mmask16 mask16(int n)
-{
-    return (__mmask16)(n >= 16 ? 0xffffu : ((1u << n) - 1u));
-}
+#include "kernels/cpu/bf16_x_avx512.h"
 
 /* Lanes [0, n) of 32, n in [0, 32]. */
 AI __mmask32 mask32(int n)
@@ -97,13 +93,6 @@ AI int xb_n(int n_in)
     return (n_in + DP_K - 1) & ~(DP_K - 1);
 }
 
-/* The f32 values of the 32 bf16 in v: low 16 (h = 0) or high 16 (h = 1), exact. */
-AI __m512 bf16_half_f32(__m512i v, int h)
-{
-    __m256i q = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16));
-}
-
 /* x (n_tok rows of n_in f32) -> xb (n_tok rows of NX * xb_n(n_in) bf16). Per DP_K block of a
  * token: NX = 1: bf16(x), round to nearest even; NX = 2: hi = bf16(x) then lo = bf16(x - hi)
  * (x - hi is exact in f32; a non-finite x gets lo = 0, so inf stays inf). */
@@ -114,27 +103,11 @@ AI void x_to_bf16(uint16_t *xb, const float *x, int n_tok, int n_in, int NX)
         const float *xt = x + (size_t)t * n_in;
         uint16_t *o = xb + (size_t)t * np * NX;
         for (int k = 0; k < np; k += 32) {
-            __m512 lo, hi;
-            if (k + 32 <= n_in) {
-                lo = _mm512_loadu_ps(xt + k);
-                hi = _mm512_loadu_ps(xt + k + 16);
-            } else {
-                lo = _mm512_maskz_loadu_ps(mask16(n_in - k), xt + k);
-                hi = _mm512_maskz_loadu_ps(mask16(n_in - k - 16 > 0 ? n_in - k - 16 : 0),
-                                           xt + k + 16);
-            }
-            /* cvtne2ps: the second operand fills the low 16 bf16 */
-            __m512i b = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-            _mm512_storeu_si512((void *)(o + NX * k), b);
-            if (NX == 2) {
-                __m512 rlo = _mm512_sub_ps(lo, bf16_half_f32(b, 0));
-                __m512 rhi = _mm512_sub_ps(hi, bf16_half_f32(b, 1));
-                /* inf - inf and NaN - NaN are NaN: those lanes' lo part is 0 */
-                rlo = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(rlo, rlo, _CMP_ORD_Q), rlo);
-                rhi = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(rhi, rhi, _CMP_ORD_Q), rhi);
-                _mm512_storeu_si512((void *)(o + NX * k + 32),
-                                    (__m512i)_mm512_cvtne2ps_pbh(rhi, rlo));
-            }
+            __m512i hi, lo;
+            bf16_x32(xt, k, n_in, &hi, NX == 2 ? &lo : NULL);
+            _mm512_storeu_si512((void *)(o + NX * k), hi);
+            if (NX == 2)
+                _mm512_storeu_si512((void *)(o + NX * k + 32), lo);
         }
     }
 }

@@ -14,12 +14,15 @@ static inline void *xmalloc(size_t n)
     return p;
 }
 
+/* Every ISA there is: the size of an array supported_isas fills. */
+#define MOE_N_ISA (MOE_ISA_AMX + 1)
+
 /* The ISAs this CPU runs, lowest first (each later one needs more of the CPU); returns how many
  * and leaves the scalar kernels selected. */
 static inline int supported_isas(moe_isa *out)
 {
     int n = 0;
-    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AVX512; i++)
+    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AMX; i++)
         if (moe_kernels_force_isa((moe_isa)i) == (moe_isa)i)
             out[n++] = (moe_isa)i;
     moe_kernels_force_isa(MOE_ISA_SCALAR);

@@ -95,7 +95,7 @@ static void invariance_case(moe_dtype dt, int n_in, int n_out, moe_threadpool_t 
 
 static void invariance_sweep(moe_dtype dt)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     moe_threadpool_t *pool = moe_threadpool_create(3);
     cr_assert_not_null(pool);
@@ -105,20 +105,23 @@ static void invariance_sweep(moe_dtype dt)
     const int n_ins[2] = {quant ? 96 : 100, quant ? 288 : 283};
     const int n_outs[2] = {37, 19};
     for (int i = 0; i < n_isa; i++) {
-        /* AVX-512: both ways of feeding x to vdpbf16ps (hi + lo, and MOE_BF16_X=round) */
-        for (int round = 0; round < 1 + (isas[i] == MOE_ISA_AVX512); round++) {
+        /* AVX-512 and AMX: both ways of feeding x to the bf16 dot products (hi + lo, and
+         * MOE_BF16_X=round) */
+        for (int round = 0; round < 1 + (isas[i] >= MOE_ISA_AVX512); round++) {
             cr_assert_eq(moe_kernels_force_isa(isas[i]), isas[i]);
             moe_kernels_test_bf16_x_round(round);
-            const char *isa = round ? "avx512 (MOE_BF16_X=round)" : moe_isa_name(isas[i]);
+            char isa[48];
+            snprintf(isa, sizeof isa, "%s%s", moe_isa_name(isas[i]),
+                     round ? " (MOE_BF16_X=round)" : "");
             for (int s = 0; s < 2; s++)
                 invariance_case(dt, n_ins[s], n_outs[s], pool, isa);
         }
         moe_kernels_test_bf16_x_round(0);
     }
-    if (isas[n_isa - 1] == MOE_ISA_AVX512)
-        cr_log_info("ran scalar .. avx512 (%s)", moe_kernels_describe());
-    else
-        cr_log_info("this CPU has no AVX-512: its kernels were not run here (built only)");
+    cr_log_info("ran scalar .. %s (%s)", moe_isa_name(isas[n_isa - 1]), moe_kernels_describe());
+    if (isas[n_isa - 1] < MOE_ISA_AMX)
+        cr_log_info("this CPU (or OS) has no %s: its kernels were not run here (built only)",
+                    isas[n_isa - 1] < MOE_ISA_AVX512 ? "AVX-512 or AMX" : "AMX");
     moe_threadpool_free(pool);
 }
 

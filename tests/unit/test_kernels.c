@@ -55,16 +55,21 @@ Test(kernels, isa_names_and_force)
     cr_assert_str_eq(moe_isa_name(MOE_ISA_SCALAR), "scalar");
     cr_assert_str_eq(moe_isa_name(MOE_ISA_AVX2), "avx2");
     cr_assert_str_eq(moe_isa_name(MOE_ISA_AVX512), "avx512");
+    cr_assert_str_eq(moe_isa_name(MOE_ISA_AMX), "amx");
     cr_assert_str_eq(moe_dtype_name(MOE_DT_BF16), "bf16");
     cr_assert_str_eq(moe_dtype_name(MOE_DT_F16), "f16");
     cr_assert_str_eq(moe_dtype_name(MOE_DT_F32), "f32");
-    moe_isa best = moe_kernels_isa();
+    /* The CPU's best, whatever MOE_ISA lowered the first choice to: the highest ISA forcing
+     * accepts. */
+    moe_isa isas[MOE_N_ISA];
+    moe_isa best = isas[supported_isas(isas) - 1];
+    cr_log_info("this CPU's best ISA: %s", moe_isa_name(best));
     cr_assert_eq(moe_kernels_force_isa(MOE_ISA_SCALAR), MOE_ISA_SCALAR);
     cr_assert_eq(moe_kernels_isa(), MOE_ISA_SCALAR);
     /* Forcing back up to the CPU's best works; beyond it is refused. */
     cr_assert_eq(moe_kernels_force_isa(best), best);
-    if (best < MOE_ISA_AVX512)
-        cr_assert_eq(moe_kernels_force_isa(MOE_ISA_AVX512), best);
+    if (best < MOE_ISA_AMX)
+        cr_assert_eq(moe_kernels_force_isa((moe_isa)(best + 1)), best);
 }
 
 Test(kernels, isa_env_override)
@@ -304,9 +309,9 @@ static int x_mode(moe_dtype dt)
     if (dt != MOE_DT_BF16)
         return X_F32;
     moe_matmul_rows_fn f = moe_kernels_ops()->matmul_rows;
-    return f == moe_matmul_rows_avx512         ? X_SPLIT
-           : f == moe_matmul_rows_avx512_xbf16 ? X_ROUND
-                                               : X_F32;
+    return f == moe_matmul_rows_avx512 || f == moe_matmul_rows_amx ? X_SPLIT
+           : f == moe_matmul_rows_avx512_xbf16 || f == moe_matmul_rows_amx_xbf16 ? X_ROUND
+                                                                                 : X_F32;
 }
 
 /* x as vcvtne2ps2bf16 rounds it: to nearest even, f32 subnormals to zero (their sign kept). */
@@ -456,7 +461,7 @@ static void matmul_case(moe_dtype dt, int n_tok, int n_in, int n_out, const moe_
 
 static void matmul_sweep(moe_dtype dt)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
@@ -486,8 +491,8 @@ static void matmul_sweep(moe_dtype dt)
         moe_threadpool_free(pools[p]);
 }
 
-/* Every ISA the CPU has (AVX-512: bf16 on the vdpbf16ps rows, f32/f16 on AVX2's); bf16 then once
- * more with x rounded to one bf16 (MOE_BF16_X=round). */
+/* Every ISA the CPU has (AVX-512: bf16 on the vdpbf16ps rows, AMX: on the tiles, f32/f16 on
+ * AVX2's); bf16 then once more with x rounded to one bf16 (MOE_BF16_X=round). */
 static void matmul_sweep_all_rows(moe_dtype dt)
 {
     matmul_sweep(dt);
@@ -502,6 +507,8 @@ static void matmul_sweep_all_rows(moe_dtype dt)
     } else { /* (cr_log_info: cr_log_warn would make Criterion 2.4.1 exit non-zero) */
         cr_log_info("this CPU has no AVX-512 (F/BW/VL/DQ/BF16/VNNI): the avx512 rows did not run");
     }
+    if (moe_kernels_force_isa(MOE_ISA_AMX) != MOE_ISA_AMX)
+        cr_log_info("this CPU (or OS) has no AMX-BF16 tiles: the amx rows did not run");
 }
 
 Test(kernels, matmul_f32, .timeout = 240)
@@ -525,30 +532,36 @@ Test(kernels, matmul_f16, .timeout = 240)
  * of x as fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a
  * time: batch invariance up to 130 tokens), and rows [r0, r1) mid-tile equal to the whole call's
  * with nothing outside them written. */
-static void dpbf16_shapes(void)
+typedef struct {
+    const int *n_toks, *n_ins, *n_outs;
+    int nt, ni, no;
+} shape_set;
+
+static void bf16_rows_shapes(moe_isa isa, const shape_set *sh)
 {
+    cr_assert_eq(moe_kernels_force_isa(isa), isa);
     cr_log_info("%s", moe_kernels_describe());
-    moe_isa isas[1] = {MOE_ISA_AVX512};
+    moe_isa isas[1] = {isa};
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
-    static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130};
-    static const int n_ins[] = {1, 2, 6, 30, 31, 32, 48, 96, 160, 226, 2 * 511, 2 * 515, 32 * 65};
-    static const int n_outs[] = {1, 5, 13, 37};
-    for (size_t b = 0; b < sizeof n_toks / sizeof *n_toks; b++)
-        for (size_t a = 0; a < sizeof n_ins / sizeof *n_ins; a++)
-            for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++)
-                matmul_case(MOE_DT_BF16, n_toks[b], n_ins[a], n_outs[c], isas, 1, pools);
+    for (int b = 0; b < sh->nt; b++)
+        for (int a = 0; a < sh->ni; a++)
+            for (int c = 0; c < sh->no; c++)
+                matmul_case(MOE_DT_BF16, sh->n_toks[b], sh->n_ins[a], sh->n_outs[c], isas, 1,
+                            pools);
     for (int p = 1; p < 4; p++)
         moe_threadpool_free(pools[p]);
 
     /* rows [r0, r1) straight into the rows kernel */
-    enum { NT = 9, NI = 100, NO = 29 };
+    enum { NT = 19, NI = 100, NO = 53 };
     uint16_t *w = xmalloc((size_t)NO * NI * sizeof *w);
     float *x = xmalloc((size_t)NT * NI * sizeof *x), whole[NT * NO], part[NT * NO];
     for (int i = 0; i < NO * NI; i++)
         w[i] = moe_f32_to_bf16(rng_uniform(-1.f, 1.f));
     fill(x, (size_t)NT * NI, -2.f, 2.f);
-    static const int ranges[][2] = {{0, NO}, {3, 11}, {5, 6}, {1, 28}, {9, 27}, {13, 29}};
+    static const int ranges[][2] = {{0, NO},  {3, 11},  {5, 6},   {1, 28},
+                                    {9, 27},  {13, 29}, {0, 16},  {16, 48},
+                                    {21, 53}, {2, 35},  {37, 53}, {40, 52}};
     moe_matmul_rows_fn rows = moe_kernels_ops()->matmul_rows;
     for (int n_tok = 1; n_tok <= NT; n_tok++) {
         rows(whole, x, w, MOE_DT_BF16, n_tok, NI, NO, 0, NO);
@@ -571,6 +584,15 @@ static void dpbf16_shapes(void)
     free(x);
 }
 
+static void dpbf16_shapes(void)
+{
+    static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130};
+    static const int n_ins[] = {1, 2, 6, 30, 31, 32, 48, 96, 160, 226, 2 * 511, 2 * 515, 32 * 65};
+    static const int n_outs[] = {1, 5, 13, 37};
+    shape_set sh = {n_toks, n_ins, n_outs, 12, 13, 4};
+    bf16_rows_shapes(MOE_ISA_AVX512, &sh);
+}
+
 Test(kernels, matmul_bf16_dpbf16_shapes, .timeout = 240)
 {
     if (moe_kernels_force_isa(MOE_ISA_AVX512) != MOE_ISA_AVX512) {
@@ -584,10 +606,36 @@ Test(kernels, matmul_bf16_dpbf16_shapes, .timeout = 240)
     moe_kernels_test_bf16_x_round(0);
 }
 
+/* The AMX rows on the shapes around their tiles (16 rows of W per A tile, blocks of 32 rows then
+ * 16, a last partial block overlapping the one before, fewer than 16 rows staged; 8 tokens per B
+ * tile with hi + lo, 16 with MOE_BF16_X=round, tiles in pairs; 32 k per step, the last staged;
+ * token chunks of 64 from 96 tokens on): the same checks as the vdpbf16ps rows'. */
+static void amx_shapes(void)
+{
+    static const int n_toks[] = {1, 2, 7, 8, 9, 15, 16, 17, 33, 95, 96, 130};
+    static const int n_ins[] = {1, 2, 31, 32, 33, 64, 226, 2 * 515, 32 * 65};
+    static const int n_outs[] = {1, 15, 16, 17, 31, 32, 33, 47, 50, 100};
+    shape_set sh = {n_toks, n_ins, n_outs, 12, 9, 10};
+    bf16_rows_shapes(MOE_ISA_AMX, &sh);
+}
+
+Test(kernels, matmul_bf16_amx_shapes, .timeout = 300)
+{
+    if (moe_kernels_force_isa(MOE_ISA_AMX) != MOE_ISA_AMX) {
+        cr_log_info("SKIPPED: this CPU (or OS) has no AMX-BF16 tiles granted to the process: the "
+                    "amx rows cannot run here");
+        return;
+    }
+    amx_shapes(); /* x as hi + lo */
+    moe_kernels_test_bf16_x_round(1);
+    amx_shapes(); /* MOE_BF16_X=round */
+    moe_kernels_test_bf16_x_round(0);
+}
+
 /* The per-kernel choice is stated, and names the ISA of every kernel. */
 Test(kernels, describe_names_each_kernel)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n = supported_isas(isas);
     for (int i = 0; i < n; i++) {
         moe_kernels_force_isa(isas[i]);
@@ -607,13 +655,22 @@ Test(kernels, describe_names_each_kernel)
                       moe_kernels_describe());
             moe_kernels_test_bf16_x_round(0);
         }
+        if (isas[i] == MOE_ISA_AMX) {
+            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_amx);
+            cr_assert(strstr(d, "bf16:amx-tiles-xsplit"), "%s", d);
+            moe_kernels_test_bf16_x_round(1);
+            cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_amx_xbf16);
+            cr_assert(strstr(moe_kernels_describe(), "bf16:amx-tiles-xround"), "%s",
+                      moe_kernels_describe());
+            moe_kernels_test_bf16_x_round(0);
+        }
     }
 }
 
 Test(kernels, matmul_special_values)
 {
     /* f32 accumulation, no fast-math: inf and NaN in the input propagate as IEEE says. */
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     enum { N_IN = 19, N_OUT = 5 };
     float w[N_OUT * N_IN], x[N_IN], y[N_OUT];
@@ -628,7 +685,7 @@ Test(kernels, matmul_special_values)
         wb[i] = moe_f32_to_bf16(w[i]);
     for (int i = 0; i < n_isa; i++) {
         moe_kernels_force_isa(isas[i]);
-        for (int round = 0; round < 1 + (isas[i] == MOE_ISA_AVX512); round++) {
+        for (int round = 0; round < 1 + (isas[i] >= MOE_ISA_AVX512); round++) {
             moe_kernels_test_bf16_x_round(round);
             for (int bf = 0; bf < 2; bf++) { /* f32 and bf16 weights (AVX-512: vdpbf16ps) */
                 moe_matmul_serial(y, x, bf ? (const void *)wb : w, bf ? MOE_DT_BF16 : MOE_DT_F32, 1,
@@ -710,7 +767,7 @@ Test(kernels, silu_mul_and_axpy)
 {
     enum { N = 133 };
     float g[N], u[N], g0[N], y[N], y0[N];
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     /* silu dispatches by ISA (AVX2: the vector exp): every ISA, lengths with every tail, large
      * |g| (exp far out of range), the specials of the scalar formula. */
@@ -861,7 +918,7 @@ static void attention_case(int block_size, int n_kv_head, int group, int head_di
     fill(q, (size_t)n_head * head_dim, -1.f, 1.f);
     float scale = 1.0f / sqrtf((float)head_dim);
 
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     for (int ii = 0; ii < n_isa; ii++) {
         moe_kernels_force_isa(isas[ii]);
@@ -956,7 +1013,7 @@ static void attention_multi_case(int block_size, int n_kv_head, int group, int h
     float *one = xmalloc(hq * sizeof *one), *scratch = xmalloc((size_t)(n_ctx + 1) * sizeof(float));
     fill(q, qs * n_q, -1.f, 1.f);
     float scale = 1.0f / sqrtf((float)head_dim);
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     for (int ii = 0; ii < n_isa; ii++) {
         moe_kernels_force_isa(isas[ii]);
@@ -1105,7 +1162,7 @@ Test(kernels, attention_chunk_kernels, .timeout = 120)
     static const int dims[] = {5, 8, 17, 40, 64, 128};
     static const int nrs[] = {1, 2, 3, 4, 5, 7, 13, 32, 33};
     static const int ncs[] = {1, 3, 4, 5, 31, 32};
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     float ref_s[CK_MAXR][32];
     float *ref_o[CK_MAXR];
@@ -1118,7 +1175,7 @@ Test(kernels, attention_chunk_kernels, .timeout = 120)
                 for (int ii = 0; ii < n_isa; ii++) {
                     moe_kernels_force_isa(isas[ii]);
                     /* AVX2 stores its bits, AVX-512 must match them; scalar: the tolerance. */
-                    int have_ref = isas[ii] == MOE_ISA_AVX512;
+                    int have_ref = isas[ii] >= MOE_ISA_AVX512;
                     if (isas[ii] == MOE_ISA_SCALAR)
                         chunk_kernels_case(dims[a], nrs[b], ncs[c], NULL, NULL, 0, "scalar");
                     else
@@ -1139,7 +1196,7 @@ Test(kernels, attention_chunk_kernels, .timeout = 120)
  * NaN propagation; the scalar kernel is expf itself. */
 Test(kernels, attention_exp)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     for (int ii = 0; ii < n_isa; ii++) {
         moe_kernels_force_isa(isas[ii]);

@@ -273,7 +273,7 @@ static void q_matmul_case(moe_dtype qt, int n_tok, int n_in, int n_out, const mo
 
 static void q_matmul_sweep(moe_dtype qt)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
@@ -318,7 +318,7 @@ Test(quant, matmul_q4, .timeout = 120)
  * the 4-row tiles), token tails (1, 2 past the 3-token tiles) and chunk tails. */
 static void q_prefill_sweep(moe_dtype qt)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
@@ -354,7 +354,7 @@ Test(quant, matmul_special_activations)
     for (int i = 0; i < 2 * N_IN; i++)
         x[i] = rng_uniform(-1.f, 1.f);
     cr_assert_eq(moe_quantize(w, MOE_DT_Q8, wf, MOE_DT_F32, N_OUT * N_IN), 0);
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     for (int s = 0; s < 2; s++)
         for (int i = 0; i < n_isa; i++) {
@@ -402,7 +402,7 @@ static void batch_check(batch_case *bc, int n, moe_threadpool_t *pool, const cha
 
 Test(quant, matmul_batch, .timeout = 120)
 {
-    moe_isa isas[3];
+    moe_isa isas[MOE_N_ISA];
     int n_isa = supported_isas(isas);
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};

@@ -1,0 +1,288 @@
+/* AMX kernels: the bf16 matmul rows on the AMX tiles (tdpbf16ps). Compiled with the AVX-512 flags
+ * plus -mamx-tile/-mamx-bf16; only called after dispatch.c saw AMX-TILE and AMX-BF16 in CPUID and
+ * Linux granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM). */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/cpu/kernels_internal.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) &&                     \
+    defined(__AVX512BF16__)
+
+#define AI static inline __attribute__((always_inline))
+
+#include "kernels/cpu/bf16_x_avx512.h"
+
+/* ---- numerics ----
+ * tdpbf16ps C[m][n] += sum over the 16 pairs p of A[m][2p..2p+1] . B[p][n][0..1] (f32 products of
+ * bf16, added in the instruction's fixed order). A is 16 rows of W, 32 bf16 of k each, loaded
+ * straight from the row-major weights (the pairs are already adjacent); B holds x, one column per
+ * token and part: with hi + lo (NX = 2, the default) token j of the tile is columns 2j (hi) and
+ * 2j + 1 (lo), 8 tokens per tile; with MOE_BF16_X=round (NX = 1) one column, 16 tokens. Every
+ * output y[t][r] is C[r][hi] (+ C[r][lo]) after one tdpbf16ps per 32 k in k order, the last 32 k
+ * zero-padded on both sides: its bits depend only on its row of W, its row of x and n_in, never on
+ * the tokens, rows, tiles or threads around it (batch invariance, docs/kernels.md). The bf16 of x
+ * are exactly those of the vdpbf16ps rows (bf16_x_avx512.h); the sums are in another order, so the
+ * bits differ from those rows' (as they do from AVX2's), within the same error bound. Like
+ * vdpbf16ps, the tiles flush subnormal inputs and results to zero. */
+
+enum {
+    TK = 32,       /* bf16 of k per tile row, one tdpbf16ps step */
+    TR = 16,       /* rows of W per A tile, of the output per C tile */
+    TCOL = 16,     /* f32 / bf16-pair columns per B and C tile */
+    TBYTES = 1024, /* one tile: 16 rows x 64 bytes */
+};
+
+/* Tile registers: C[a][b] = 2a + b (a: row tile, b: token tile), A = 4 + a, B = 6 + b. */
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Every tile 16 rows x 64 bytes: one configuration for every shape (tails are zero-padded), so a
+ * call loads it once. */
+static void tiles_begin(void)
+{
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Tiles back to their init state when a call ends: a thread that holds none saves no 8 KB of
+ * tile data at every context switch. */
+static void tiles_end(void)
+{
+    _tile_release();
+}
+
+/* ---- x as B tiles ----
+ * xa: for token tile tb and k step s, one B tile at xa + (tb * nks + s) * TBYTES: row p, column c
+ * is the bf16 pair (2p, 2p + 1) of that step for column c's token and part. */
+
+AI int n_ksteps(int n_in)
+{
+    return (n_in + TK - 1) / TK;
+}
+
+/* Tokens [0, nt) of x (rows of n_in) into B tiles; columns of missing tokens are zero. */
+static void x_to_tiles(uint32_t *xa, const float *x, int nt, int n_in, int NX)
+{
+    const int tpt = TCOL / NX, nks = n_ksteps(n_in), ntt = (nt + tpt - 1) / tpt;
+    if (nt % tpt)
+        memset(xa + (size_t)(ntt - 1) * nks * (TBYTES / 4), 0, (size_t)nks * TBYTES);
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(TCOL));
+    for (int t = 0; t < nt; t++) {
+        const float *xt = x + (size_t)t * n_in;
+        uint32_t *col = xa + (size_t)(t / tpt) * nks * (TBYTES / 4) + (t % tpt) * NX;
+        for (int s = 0; s < nks; s++, col += TBYTES / 4) {
+            __m512i hi, lo;
+            bf16_x32(xt, s * TK, n_in, &hi, NX == 2 ? &lo : NULL);
+            _mm512_i32scatter_epi32(col, rows, hi, 4);
+            if (NX == 2)
+                _mm512_i32scatter_epi32(col + 1, rows, lo, 4);
+        }
+    }
+}
+
+/* ---- A tiles ---- */
+
+/* Rows [r, r + nr) of W (nr <= TR), k step s, into the 16 x 32 bf16 stage, zero elsewhere: for the
+ * last step of a row whose n_in is not a multiple of TK (a direct load would read the next row,
+ * or past the matrix) and for blocks of fewer than TR rows. */
+AI void stage_a(uint16_t *stage, const uint16_t *w, int n_in, int r, int nr, int s)
+{
+    const int k = s * TK, nk = n_in - k < TK ? n_in - k : TK;
+    memset(stage, 0, TBYTES);
+    for (int i = 0; i < nr; i++)
+        memcpy(stage + i * TK, w + (size_t)(r + i) * n_in + k, (size_t)nk * 2);
+}
+
+/* ---- one block: NA row tiles (16 rows each, from row r) x NB token tiles (from tb) ----
+ * nr: rows of W present (TR * NA, or fewer for a lone staged tile). */
+AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out,
+              int r, int nr, int tb, int NA, int NB, int NX)
+{
+    _Alignas(64) uint16_t stage[2][TBYTES / 2];
+    _Alignas(64) float c[TR * TCOL];
+    const int nks = n_ksteps(n_in), full = n_in / TK, tpt = TCOL / NX;
+    const size_t ws = (size_t)n_in * 2;
+    const uint32_t *b0 = xa + (size_t)tb * nks * (TBYTES / 4);
+    const uint32_t *b1 = b0 + (size_t)nks * (TBYTES / 4);
+    const int staged = nr < TR * NA; /* only when NA == 1 */
+    _tile_zero(0);
+    if (NB == 2)
+        _tile_zero(1);
+    if (NA == 2) {
+        _tile_zero(2);
+        if (NB == 2)
+            _tile_zero(3);
+    }
+    for (int s = 0; s < nks; s++) {
+        const uint16_t *wa = w + (size_t)r * n_in + (size_t)s * TK;
+        if (!staged && s < full) {
+            _tile_loadd(4, wa, ws);
+            if (NA == 2)
+                _tile_loadd(5, wa + (size_t)TR * n_in, ws);
+        } else {
+            stage_a(stage[0], w, n_in, r, nr < TR ? nr : TR, s);
+            _tile_loadd(4, stage[0], 64);
+            if (NA == 2) {
+                stage_a(stage[1], w, n_in, r + TR, TR, s);
+                _tile_loadd(5, stage[1], 64);
+            }
+        }
+        _tile_loadd(6, b0 + (size_t)s * (TBYTES / 4), 64);
+        if (NB == 2)
+            _tile_loadd(7, b1 + (size_t)s * (TBYTES / 4), 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (NB == 2)
+            _tile_dpbf16ps(1, 4, 7);
+        if (NA == 2) {
+            _tile_dpbf16ps(2, 5, 6);
+            if (NB == 2)
+                _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    /* C[a][b] row i, column (token j, part) -> y[(tb + b) * tpt + j][r + 16a + i] */
+    for (int a = 0; a < NA; a++)
+        for (int b = 0; b < NB; b++) {
+            int cid = 2 * a + b;
+            if (cid == 0)
+                _tile_stored(0, c, 64);
+            else if (cid == 1)
+                _tile_stored(1, c, 64);
+            else if (cid == 2)
+                _tile_stored(2, c, 64);
+            else
+                _tile_stored(3, c, 64);
+            int t0 = (tb + b) * tpt, ni = nr - TR * a < TR ? nr - TR * a : TR;
+            int nj = nt - t0 < tpt ? nt - t0 : tpt;
+            for (int j = 0; j < nj; j++) {
+                float *yt = y + (size_t)(t0 + j) * n_out + r + TR * a;
+                for (int i = 0; i < ni; i++)
+                    yt[i] = NX == 2 ? c[i * TCOL + 2 * j] + c[i * TCOL + 2 * j + 1]
+                                    : c[i * TCOL + j];
+            }
+        }
+}
+
+/* Token tiles in pairs (the last one alone) for one row block. */
+AI void row_block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out,
+                  int r, int nr, int NA, int NX)
+{
+    const int tpt = TCOL / NX, ntt = (nt + tpt - 1) / tpt;
+    int tb = 0;
+    for (; tb + 2 <= ntt; tb += 2)
+        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 2, NX);
+    if (tb < ntt)
+        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 1, NX);
+}
+
+/* Rows [r0, r1) in blocks of 32 rows, then 16; the last partial block recomputes the rows before
+ * it up to a full tile (same bits: rows are independent), so only a range of fewer than 16 rows
+ * is staged. */
+AI void rows_tiles(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out,
+                   int r0, int r1, int NX)
+{
+    if (r1 - r0 < TR) {
+        row_block(y, xa, w, nt, n_in, n_out, r0, r1 - r0, 1, NX);
+        return;
+    }
+    int r = r0;
+    for (; r + 2 * TR <= r1; r += 2 * TR)
+        row_block(y, xa, w, nt, n_in, n_out, r, 2 * TR, 2, NX);
+    if (r + TR <= r1) {
+        row_block(y, xa, w, nt, n_in, n_out, r, TR, 1, NX);
+        r += TR;
+    }
+    if (r < r1)
+        row_block(y, xa, w, nt, n_in, n_out, r1 - TR, TR, 1, NX);
+}
+
+/* Tokens per call of rows_tiles from AMX_CHUNK_MIN_TOK tokens on (prefill): the chunk's B tiles
+ * (n_in * 4 bytes per token) stay in L2 while every row block of the task meets them. Chunks leave
+ * every output's arithmetic unchanged. */
+#define AMX_TOKC 64
+#define AMX_CHUNK_MIN_TOK 96
+/* The no-scratch path's stack buffer: one token tile of x (n_in up to 32 * this many steps). */
+#define XA_STACK_STEPS 128
+
+static __attribute__((noinline)) void rows_by_token(float *y, const float *x, const uint16_t *w,
+                                                    int n_tok, int n_in, int n_out, int r0, int r1,
+                                                    int NX)
+{
+    _Alignas(64) uint32_t xa[XA_STACK_STEPS * TBYTES / 4];
+    MOE_KASSERT(n_ksteps(n_in) <= XA_STACK_STEPS &&
+                "moe_matmul (amx, bf16): out of memory for the x scratch");
+    for (int t = 0; t < n_tok; t++) {
+        x_to_tiles(xa, x + (size_t)t * n_in, 1, n_in, NX);
+        rows_tiles(y + (size_t)t * n_out, xa, w, 1, n_in, n_out, r0, r1, NX);
+    }
+}
+
+static void rows_bf16(float *y, const float *x, const uint16_t *w, int n_tok, int n_in, int n_out,
+                      int r0, int r1, int NX)
+{
+    const int tpt = TCOL / NX;
+    int chunk = n_tok >= AMX_CHUNK_MIN_TOK ? AMX_TOKC : n_tok;
+    size_t bytes = (size_t)((chunk + tpt - 1) / tpt) * n_ksteps(n_in) * TBYTES;
+    uint32_t *xa = moe_rows_scratch(bytes);
+    tiles_begin();
+    if (!xa) {
+        rows_by_token(y, x, w, n_tok, n_in, n_out, r0, r1, NX);
+    } else {
+        for (int tc = 0; tc < n_tok; tc += chunk) {
+            int nt = n_tok - tc < chunk ? n_tok - tc : chunk;
+            x_to_tiles(xa, x + (size_t)tc * n_in, nt, n_in, NX);
+            rows_tiles(y + (size_t)tc * n_out, xa, w, nt, n_in, n_out, r0, r1, NX);
+        }
+    }
+    tiles_end();
+}
+
+void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                         int n_in, int n_out, int r0, int r1)
+{
+    /* bf16: the tiles, x as hi + lo, for every n_tok (batch invariance); f32/f16 as on AVX-512
+     * CPUs without AMX (the AVX2 rows). */
+    if (wt == MOE_DT_BF16)
+        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1, 2);
+    else
+        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                               int n_in, int n_out, int r0, int r1)
+{
+    if (wt == MOE_DT_BF16)
+        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1, 1);
+    else
+        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+#else /* built without the flags (a compiler without AMX): never dispatched */
+
+void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                         int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                               int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+#endif
