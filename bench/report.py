@@ -257,7 +257,8 @@ def build(run: Path):
     # The best each probe saw: a roofline is an upper bound, and a shared VM only lowers a probe.
     r = dict(probes[0])
     for k in ("triad_gbs", "read_gbs", "bandwidth_gbs", "f32_fma_gflops", "bf16_cvt_fma_gflops",
-              "bf16_dpbf16_gflops", "bf16_dpbf16_split_x_gflops", "bf16_peak_gflops"):
+              "bf16_dpbf16_gflops", "bf16_dpbf16_split_x_gflops", "bf16_amx_gflops",
+              "bf16_amx_split_x_gflops", "bf16_peak_gflops"):
         vals = [p[k] for p in probes if isinstance(p.get(k), float)]
         if vals:
             r[k] = max(vals)
@@ -294,6 +295,12 @@ def build(run: Path):
                "bf16_dpbf16_split_x_gflops", "GFLOP/s")
     else:
         L.append("| `vdpbf16ps` (AVX-512 BF16) | n/a (this CPU has no AVX512_BF16) | |")
+    if isinstance(r.get("bf16_amx_gflops"), float):
+        rl("AMX `tdpbf16ps` (tiles, registers only; the kernels' bf16 rows run here)",
+           "bf16_amx_gflops", "GFLOP/s")
+        if isinstance(r.get("bf16_amx_split_x_gflops"), float):
+            rl("AMX with x as hi + lo (two tile columns per token: half the above)",
+               "bf16_amx_split_x_gflops", "GFLOP/s")
     rl(f"**bf16 peak (prefill roofline)**: {r.get('bf16_peak_path', '')}", "bf16_peak_gflops", "GFLOP/s")
     L.append("")
     L.append("### Engine vs roofline vs llama.cpp")

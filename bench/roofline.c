@@ -177,7 +177,10 @@ static void bw_body(team *t, int id)
  * FMA pipes (8 needed) with room to spare on Zen 3 / Ice Lake / Sapphire Rapids. */
 #define NACC 12
 
-enum { PEAK_F32_AVX2 = 0, PEAK_BF16_AVX2, PEAK_F32_AVX512, PEAK_BF16_DP, PEAK_F32_SCALAR };
+enum { PEAK_F32_AVX2 = 0, PEAK_BF16_AVX2, PEAK_F32_AVX512, PEAK_BF16_DP, PEAK_BF16_AMX, PEAK_F32_SCALAR };
+
+/* One AMX step: 4 tdpbf16ps of 16 x 16 outputs x 32 bf16 products each (the kernels' block). */
+#define AMX_TDP_PER_ITER 4
 
 static double peak_flops_per_iter(int kind)
 {
@@ -186,6 +189,7 @@ static double peak_flops_per_iter(int kind)
     case PEAK_BF16_AVX2: return NACC * 8 * 2;
     case PEAK_F32_AVX512: return NACC * 16 * 2;
     case PEAK_BF16_DP: return NACC * 16 * 2 * 2; /* 16 lanes x 2 bf16 pairs x (mul + add) */
+    case PEAK_BF16_AMX: return AMX_TDP_PER_ITER * 16 * 16 * 32 * 2;
     default: return NACC * 2;
     }
 }
@@ -274,6 +278,49 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_bf16_dp(long it
     return _mm512_reduce_add_ps(s);
 }
 
+/* AMX: the kernels' block (matmul_amx.c), 4 C tiles from 2 A and 2 B tiles, with the operands
+ * loaded once (registers only, like the other peaks); 4 independent accumulator tiles cover the
+ * instruction's latency. The process must have been granted the tile state (moe_kernels_isa()
+ * asks for it; this probe runs only where it chose amx). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+__attribute__((target("amx-tile,amx-bf16"))) static double peak_bf16_amx(long iters)
+{
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    static _Alignas(64) uint16_t ops[16 * 32];
+    for (int i = 0; i < 16 * 32; i++)
+        ops[i] = 0x3a83; /* ~1e-3 in bf16: sums stay finite */
+    float out[16 * 16];
+    _tile_loadconfig(&c);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, ops, 64);
+    _tile_loadd(5, ops, 64);
+    _tile_loadd(6, ops, 64);
+    _tile_loadd(7, ops, 64);
+    for (long i = 0; i < iters; i++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return out[0];
+}
+
 static double peak_f32_scalar(long iters)
 {
     float acc[NACC];
@@ -311,6 +358,7 @@ static void peak_body(team *t, int id)
         case PEAK_BF16_AVX2: v += peak_bf16_avx2(t->iters); break;
         case PEAK_F32_AVX512: v += peak_f32_avx512(t->iters); break;
         case PEAK_BF16_DP: v += peak_bf16_dp(t->iters); break;
+        case PEAK_BF16_AMX: v += peak_bf16_amx(t->iters); break;
         default: v += peak_f32_scalar(t->iters); break;
         }
         double dc = thread_cpu_s() - c0;
@@ -333,7 +381,7 @@ static double peak_gflops(int n, int kind)
 {
     team t = {.n = n, .kind = kind, .reps = 5};
     /* ~0.2 s per repetition at a few GFLOP/s per core keeps the whole probe about a second. */
-    t.iters = kind == PEAK_F32_SCALAR ? 20000000L : 4000000L;
+    t.iters = kind == PEAK_F32_SCALAR ? 20000000L : kind == PEAK_BF16_AMX ? 1000000L : 4000000L;
     team_run(&t, peak_body);
     double flops = peak_flops_per_iter(kind) * (double)t.iters;
     if (!g_cpu_time)
@@ -378,8 +426,11 @@ int main(int argc, char **argv)
     g_has_avx2 = has_avx2;
     int has_avx512 = __builtin_cpu_supports("avx512f");
     int has_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
-    printf("# roofline: %d threads, kernels ISA %s, CPU avx2+fma=%d avx512f=%d avx512bf16=%d\n",
-           threads, moe_isa_name(moe_kernels_isa()), has_avx2, has_avx512, has_bf16);
+    /* AMX only where the kernels chose it: that is where the tile state was granted */
+    int has_amx = moe_kernels_isa() == MOE_ISA_AMX;
+    printf("# roofline: %d threads, kernels ISA %s, CPU avx2+fma=%d avx512f=%d avx512bf16=%d "
+           "amx-bf16 (granted, chosen)=%d\n",
+           threads, moe_isa_name(moe_kernels_isa()), has_avx2, has_avx512, has_bf16, has_amx);
     printf("threads=%d\n", threads);
     printf("kernels_isa=%s\n", moe_isa_name(moe_kernels_isa()));
 
@@ -427,13 +478,18 @@ int main(int argc, char **argv)
         f32 = peak_gflops(threads, PEAK_F32_SCALAR);
     if (has_bf16)
         bf16_dp = peak_gflops(threads, PEAK_BF16_DP);
+    double bf16_amx = has_amx ? peak_gflops(threads, PEAK_BF16_AMX) : 0;
     /* The bf16 compute ceiling: the fastest unit this CPU multiply-adds bf16 weights on. With
      * AVX512_BF16 that is vdpbf16ps (zmm: 16 lanes x 2 products; Zen 4 measured 2x its f32 FMA
      * rate); otherwise the f32 FMA peak (the AVX2 rows widen bf16 exactly and FMA in f32, the
      * widening amortised over the tokens of a tile). The kernels' default vdpbf16ps rows feed x as
      * hi + lo (two vdpbf16ps per product pair, docs/kernels.md): their own ceiling is half of
-     * bf16_dpbf16_gflops, printed as bf16_dpbf16_split_x_gflops (derived, not measured apart). */
+     * bf16_dpbf16_gflops, printed as bf16_dpbf16_split_x_gflops (derived, not measured apart).
+     * With AMX (where the kernels run the bf16 rows on it) the tiles' tdpbf16ps; the kernels give
+     * x two columns (hi, lo), so their ceiling is again half: bf16_amx_split_x_gflops. */
     double bf16_peak = bf16_dp > f32 ? bf16_dp : f32;
+    if (bf16_amx > bf16_peak)
+        bf16_peak = bf16_amx;
     printf("f32_fma_gflops=%.1f\n", f32);
     printf("bf16_cvt_fma_gflops=%.1f\n", bf16_cvt);
     if (has_bf16) {
@@ -442,8 +498,15 @@ int main(int argc, char **argv)
     } else {
         printf("bf16_dpbf16_gflops=n/a\n");
     }
+    if (has_amx) {
+        printf("bf16_amx_gflops=%.1f\n", bf16_amx);
+        printf("bf16_amx_split_x_gflops=%.1f\n", bf16_amx / 2);
+    } else {
+        printf("bf16_amx_gflops=n/a\n");
+    }
     printf("bf16_peak_gflops=%.1f\n", bf16_peak);
-    printf("bf16_peak_path=%s\n", bf16_dp > f32 ? "vdpbf16ps (AVX512_BF16, zmm)"
+    printf("bf16_peak_path=%s\n", bf16_amx >= bf16_peak && has_amx ? "tdpbf16ps (AMX-BF16 tiles)"
+                                   : bf16_dp > f32                  ? "vdpbf16ps (AVX512_BF16, zmm)"
                                                 : has_avx512 ? "f32-fma (AVX-512 or AVX2, the faster)"
                                                 : has_avx2   ? "f32-fma (AVX2)"
                                                              : "f32 scalar");
