@@ -36,8 +36,10 @@ static const moe_kernel_ops ops_avx2 = {
  * time, prefill 512 equal within noise; f16 AVX2 rows beat
  * the 16-lane FMA tiles this file used to have (prefill 73-82 against 56-63 GFLOP/s), f32 was a
  * tie (memory bound); those tiles and MOE_MATMUL_AVX512 are gone. On the Intel Xeon of issue 16
- * those widening AVX-512 rows lost to AVX2 by 12-55%; the vdpbf16ps rows are not measured on an
- * Intel CPU yet. MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
+ * those widening AVX-512 rows lost to AVX2 by 12-55%; on an Intel Xeon with AMX the vdpbf16ps
+ * rows too lost to AVX2 from 4 tokens on (vdpbf16ps issues once per cycle there), where the amx
+ * table below replaces them; an AVX512_BF16 Intel CPU without AMX would want the AVX2 rows here
+ * (no vendor rule yet; docs/kernels.md). MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
  * fails the HF bf16 fixture's tolerance, so it is opt-in. dot_f32 and axpy_f32 keep their
  * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
