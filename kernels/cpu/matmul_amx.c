@@ -44,17 +44,18 @@ typedef struct {
 } tile_config;
 
 /* Every tile 16 rows x 64 bytes: one configuration for every shape (tails are zero-padded), so a
- * call loads it once. */
+ * call loads it once. A constant in .rodata, not a stack struct filled before the load: the
+ * compiler does not see ldtilecfg read it and may drop the stores (llama.cpp's AMX path crashed
+ * so, ggml-org/llama.cpp PR 26954). */
+static const tile_config tiles_cfg = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
 static void tiles_begin(void)
 {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        c.colsb[i] = 64;
-        c.rows[i] = 16;
-    }
-    _tile_loadconfig(&c);
+    _tile_loadconfig(&tiles_cfg);
 }
 
 /* Tiles back to their init state when a call ends: a thread that holds none saves no 8 KB of
