@@ -252,24 +252,27 @@ static void rows_bf16(float *y, const float *x, const uint16_t *w, int n_tok, in
     tiles_end();
 }
 
+/* bf16: the tiles, x as NX bf16 parts, for every n_tok (batch invariance); f32/f16 as on AVX-512
+ * CPUs without AMX (the AVX2 rows). */
+static void rows_any(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                     int n_out, int r0, int r1, int NX)
+{
+    if (wt == MOE_DT_BF16)
+        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1, NX);
+    else
+        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
 void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                          int n_in, int n_out, int r0, int r1)
 {
-    /* bf16: the tiles, x as hi + lo, for every n_tok (batch invariance); f32/f16 as on AVX-512
-     * CPUs without AMX (the AVX2 rows). */
-    if (wt == MOE_DT_BF16)
-        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1, 2);
-    else
-        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+    rows_any(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 2);
 }
 
 void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                                int n_in, int n_out, int r0, int r1)
 {
-    if (wt == MOE_DT_BF16)
-        rows_bf16(y, x, w, n_tok, n_in, n_out, r0, r1, 1);
-    else
-        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+    rows_any(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 1);
 }
 
 #else /* built without the flags (a compiler without AMX): never dispatched */
