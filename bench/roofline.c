@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "kernels/cpu/kernels_internal.h" /* the AMX tile configuration */
 #include "kernels/kernels.h"
 
 /* ---- thread team: every thread runs the same body between two barriers ---- */
@@ -282,26 +283,13 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_bf16_dp(long it
  * loaded once (registers only, like the other peaks); 4 independent accumulator tiles cover the
  * instruction's latency. The process must have been granted the tile state (moe_kernels_isa()
  * asks for it; this probe runs only where it chose amx). */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
-
 __attribute__((target("amx-tile,amx-bf16"))) static double peak_bf16_amx(long iters)
 {
-    amx_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        c.colsb[i] = 64;
-        c.rows[i] = 16;
-    }
     static _Alignas(64) uint16_t ops[16 * 32];
     for (int i = 0; i < 16 * 32; i++)
         ops[i] = 0x3a83; /* ~1e-3 in bf16: sums stay finite */
     float out[16 * 16];
-    _tile_loadconfig(&c);
+    _tile_loadconfig(&moe_amx_tiles_16x64);
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);

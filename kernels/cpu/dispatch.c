@@ -201,14 +201,9 @@ static moe_isa select_isa(void)
         /* The override can only lower the ISA: asking for more than the CPU has must not
          * crash with SIGILL later. An unknown value keeps the CPU's best. */
         moe_isa want = best;
-        if (strcmp(env, "scalar") == 0)
-            want = MOE_ISA_SCALAR;
-        else if (strcmp(env, "avx2") == 0)
-            want = MOE_ISA_AVX2;
-        else if (strcmp(env, "avx512") == 0)
-            want = MOE_ISA_AVX512;
-        else if (strcmp(env, "amx") == 0)
-            want = MOE_ISA_AMX;
+        for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AMX; i++)
+            if (strcmp(env, moe_isa_name((moe_isa)i)) == 0)
+                want = (moe_isa)i;
         if (want < best)
             best = want;
     }

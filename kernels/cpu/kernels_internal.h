@@ -180,6 +180,20 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
                             int n_in, int n_out, int r0, int r1);
 void moe_matmul_rows_avx512_xbf16(float *y, const float *x, const void *w, moe_dtype wt,
                                   int n_tok, int n_in, int n_out, int r0, int r1);
+/* The AMX tile configuration (ldtilecfg's 64-byte operand, palette 1) and the one the kernels
+ * use: tiles 0-7 all 16 rows x 64 bytes (matmul_amx.c; bench/roofline's AMX peak loads it too). A
+ * constant in .rodata, not a stack struct filled before the load: the compiler does not see
+ * ldtilecfg read it and may drop the stores (llama.cpp's AMX path crashed so, ggml-org/llama.cpp
+ * PR 26954). */
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} moe_amx_tile_config;
+extern const moe_amx_tile_config moe_amx_tiles_16x64;
+
 /* matmul_amx.c: bf16 weights on the AMX tiles (tdpbf16ps), x as hi + lo bf16 (the _xbf16
  * variant: one bf16), exactly the values the vdpbf16ps rows feed, summed in another order; f32/f16
  * through moe_matmul_rows_avx2. */

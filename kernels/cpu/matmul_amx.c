@@ -7,6 +7,12 @@
 
 #include "kernels/cpu/kernels_internal.h"
 
+const moe_amx_tile_config moe_amx_tiles_16x64 = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) &&                     \
     defined(__AVX512BF16__)
 
@@ -34,28 +40,12 @@ enum {
     TBYTES = 1024, /* one tile: 16 rows x 64 bytes */
 };
 
-/* Tile registers: C[a][b] = 2a + b (a: row tile, b: token tile), A = 4 + a, B = 6 + b. */
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Every tile 16 rows x 64 bytes: one configuration for every shape (tails are zero-padded), so a
- * call loads it once. A constant in .rodata, not a stack struct filled before the load: the
- * compiler does not see ldtilecfg read it and may drop the stores (llama.cpp's AMX path crashed
- * so, ggml-org/llama.cpp PR 26954). */
-static const tile_config tiles_cfg = {
-    .palette = 1,
-    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
-    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
-};
-
+/* Tile registers: C[a][b] = 2a + b (a: row tile, b: token tile), A = 4 + a, B = 6 + b; every
+ * tile 16 rows x 64 bytes (moe_amx_tiles_16x64): one configuration for every shape (tails are
+ * zero-padded), so a call loads it once. */
 static void tiles_begin(void)
 {
-    _tile_loadconfig(&tiles_cfg);
+    _tile_loadconfig(&moe_amx_tiles_16x64);
 }
 
 /* Tiles back to their init state when a call ends: a thread that holds none saves no 8 KB of

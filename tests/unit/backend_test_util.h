@@ -60,9 +60,8 @@ static void setup(void)
     tpool = moe_threadpool_create(2);
     cr_assert(tpool);
     cr_assert_eq(moe_backend_cpu_create(tpool, &cpu_be), MOE_OK);
-    moe_isa isas[] = {MOE_ISA_SCALAR, MOE_ISA_AVX2, MOE_ISA_AVX512, MOE_ISA_AMX};
-    for (int i = 0; i < 4; i++) {
-        moe_isa want = isas[i];
+    for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AMX; i++) {
+        moe_isa want = (moe_isa)i;
         moe_isa got = moe_kernels_force_isa(want);
         if (got != want) {
             cr_log_info("cpu/%s: not on this CPU, skipped", moe_isa_name(want));
@@ -95,10 +94,10 @@ static moe_backend *use(int v)
 {
     const char *l = vars[v].label;
     if (strncmp(l, "cpu/", 4) == 0) {
-        moe_isa isa = !strcmp(l + 4, "scalar") ? MOE_ISA_SCALAR
-                      : !strcmp(l + 4, "avx2") ? MOE_ISA_AVX2
-                      : !strcmp(l + 4, "avx512") ? MOE_ISA_AVX512
-                                                 : MOE_ISA_AMX;
+        moe_isa isa = MOE_ISA_SCALAR;
+        for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AMX; i++)
+            if (!strcmp(l + 4, moe_isa_name((moe_isa)i)))
+                isa = (moe_isa)i;
         cr_assert_eq(moe_kernels_force_isa(isa), isa);
     }
     return vars[v].be;

@@ -526,11 +526,9 @@ Test(kernels, matmul_f16, .timeout = 240)
     matmul_sweep_all_rows(MOE_DT_F16);
 }
 
-/* The vdpbf16ps rows on the shapes around their tiles (4 rows at n_tok = 1, 8 beyond n_in = 1024,
- * 4 x 2, 4 x 4 from 3 tokens on; 32 k per step; token chunks of 24 from 48 tokens on): n_tok 1..9,
- * 17, 64, 130; n_in odd multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. Against the exact product
- * of x as fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a
- * time: batch invariance up to 130 tokens), and rows [r0, r1) mid-tile equal to the whole call's
+/* One ISA's bf16 rows on a set of shapes around their tiles: against the exact product of x as
+ * fed (the f32 accumulation bound), serial = pooled = without the scratch (one token at a time:
+ * batch invariance up to the largest n_tok), and rows [r0, r1) mid-tile equal to the whole call's
  * with nothing outside them written. */
 typedef struct {
     const int *n_toks, *n_ins, *n_outs;
@@ -584,6 +582,9 @@ static void bf16_rows_shapes(moe_isa isa, const shape_set *sh)
     free(x);
 }
 
+/* The vdpbf16ps rows' tiles: 4 rows at n_tok = 1, 8 beyond n_in = 1024, 4 x 2, 4 x 4 from 3 tokens
+ * on; 32 k per step; token chunks of 24 from 48 tokens on: n_tok 1..9, 17, 64, 130; n_in odd
+ * multiples of 2, 16 and 32 and odd n_in; n_out off every row tile. */
 static void dpbf16_shapes(void)
 {
     static const int n_toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130};
