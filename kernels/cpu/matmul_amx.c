@@ -13,7 +13,7 @@ const moe_amx_tile_config moe_amx_tiles_16x64 = {
     .rows = {16, 16, 16, 16, 16, 16, 16, 16},
 };
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) &&                     \
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) &&                      \
     defined(__AVX512BF16__)
 
 #define AI static inline __attribute__((always_inline))
@@ -64,24 +64,64 @@ AI int n_ksteps(int n_in)
     return (n_in + TK - 1) / TK;
 }
 
-/* Tokens [0, nt) of x (rows of n_in) into B tiles; columns of missing tokens are zero. */
+/* The 16 x 16 dwords of r transposed in place (r[i] lane j <- r[j] lane i): 64 shuffles, where
+ * scattering the same 256 dwords costs 256 single-element stores. Builds the B tiles from x's rows
+ * and takes the C tiles back to y's rows. */
+AI void transpose16_epi32(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) { /* per 128-bit lane: pairs of rows i, i + 1 */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* u[i + e] lane L: element 4L + e of rows i..i + 3 */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* the four 128-bit lanes of each column from the row groups */
+        __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88); /* elements e, 8 + e */
+        __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xdd); /* 4 + e, 12 + e */
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xdd);
+        r[e] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[8 + e] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        r[4 + e] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+}
+
+/* Tokens [0, nt) of x (rows of n_in) into B tiles; columns of missing tokens are zero. Per tile and
+ * k step: each column's 16 bf16 pairs (one token's hi or lo) in a register, then transposed into
+ * the tile's 16 rows. The tile's 8 or 16 rows of x are read side by side, 128 bytes per step each:
+ * too many streams for the hardware prefetcher once x is out of L2 (prefill), so each row is
+ * prefetched X_PREFETCH_STEPS steps ahead. */
+#define X_PREFETCH_STEPS 8
 static void x_to_tiles(uint32_t *xa, const float *x, int nt, int n_in, int NX)
 {
     const int tpt = TCOL / NX, nks = n_ksteps(n_in), ntt = (nt + tpt - 1) / tpt;
-    if (nt % tpt)
-        memset(xa + (size_t)(ntt - 1) * nks * (TBYTES / 4), 0, (size_t)nks * TBYTES);
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(TCOL));
-    for (int t = 0; t < nt; t++) {
-        const float *xt = x + (size_t)t * n_in;
-        uint32_t *col = xa + (size_t)(t / tpt) * nks * (TBYTES / 4) + (t % tpt) * NX;
-        for (int s = 0; s < nks; s++, col += TBYTES / 4) {
-            __m512i hi, lo;
-            bf16_x32(xt, s * TK, n_in, &hi, NX == 2 ? &lo : NULL);
-            _mm512_i32scatter_epi32(col, rows, hi, 4);
-            if (NX == 2)
-                _mm512_i32scatter_epi32(col + 1, rows, lo, 4);
+    for (int tt = 0; tt < ntt; tt++) {
+        const int t0 = tt * tpt, n = nt - t0 < tpt ? nt - t0 : tpt;
+        uint32_t *tile = xa + (size_t)tt * nks * (TBYTES / 4);
+        for (int s = 0; s < nks; s++, tile += TBYTES / 4) {
+            __m512i col[TCOL];
+            for (int j = 0; j < tpt; j++) {
+                if (j < n) {
+                    const float *xt = x + (size_t)(t0 + j) * n_in;
+                    if ((s + X_PREFETCH_STEPS) * TK < n_in) {
+                        _mm_prefetch((const char *)(xt + (s + X_PREFETCH_STEPS) * TK), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(xt + (s + X_PREFETCH_STEPS) * TK + 16),
+                                     _MM_HINT_T0);
+                    }
+                    bf16_x32(xt, s * TK, n_in, &col[NX * j], NX == 2 ? &col[NX * j + 1] : NULL);
+                } else
+                    for (int h = 0; h < NX; h++)
+                        col[NX * j + h] = _mm512_setzero_si512();
+            }
+            transpose16_epi32(col);
+            for (int p = 0; p < TR; p++)
+                _mm512_store_si512(tile + p * TCOL, col[p]);
         }
     }
 }
@@ -101,8 +141,8 @@ AI void stage_a(uint16_t *stage, const uint16_t *w, int n_in, int r, int nr, int
 
 /* ---- one block: NA row tiles (16 rows each, from row r) x NB token tiles (from tb) ----
  * nr: rows of W present (TR * NA, or fewer for a lone staged tile). */
-AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out,
-              int r, int nr, int tb, int NA, int NB, int NX)
+AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out, int r,
+              int nr, int tb, int NA, int NB, int NX)
 {
     _Alignas(64) uint16_t stage[2][TBYTES / 2];
     _Alignas(64) float c[TR * TCOL];
@@ -145,7 +185,8 @@ AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in,
                 _tile_dpbf16ps(3, 5, 7);
         }
     }
-    /* C[a][b] row i, column (token j, part) -> y[(tb + b) * tpt + j][r + 16a + i] */
+    /* C[a][b] row i, column (token j, part) -> y[(tb + b) * tpt + j][r + 16a + i]: the tile
+     * transposed, so that each token's 16 rows (hi + lo added) are one store */
     for (int a = 0; a < NA; a++)
         for (int b = 0; b < NB; b++) {
             int cid = 2 * a + b;
@@ -159,11 +200,15 @@ AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in,
                 _tile_stored(3, c, 64);
             int t0 = (tb + b) * tpt, ni = nr - TR * a < TR ? nr - TR * a : TR;
             int nj = nt - t0 < tpt ? nt - t0 : tpt;
+            __m512i col[TCOL];
+            for (int i = 0; i < TR; i++)
+                col[i] = _mm512_load_si512(c + i * TCOL);
+            transpose16_epi32(col);
             for (int j = 0; j < nj; j++) {
-                float *yt = y + (size_t)(t0 + j) * n_out + r + TR * a;
-                for (int i = 0; i < ni; i++)
-                    yt[i] = NX == 2 ? c[i * TCOL + 2 * j] + c[i * TCOL + 2 * j + 1]
-                                    : c[i * TCOL + j];
+                __m512 v = NX == 2 ? _mm512_add_ps(_mm512_castsi512_ps(col[2 * j]),
+                                                   _mm512_castsi512_ps(col[2 * j + 1]))
+                                   : _mm512_castsi512_ps(col[j]);
+                _mm512_mask_storeu_ps(y + (size_t)(t0 + j) * n_out + r + TR * a, mask16(ni), v);
             }
         }
 }
@@ -253,8 +298,8 @@ static void rows_any(float *y, const float *x, const void *w, moe_dtype wt, int 
         moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
 }
 
-void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                         int n_in, int n_out, int r0, int r1)
+void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                         int n_out, int r0, int r1)
 {
     rows_any(y, x, w, wt, n_tok, n_in, n_out, r0, r1, 2);
 }
@@ -267,8 +312,8 @@ void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtyp
 
 #else /* built without the flags (a compiler without AMX): never dispatched */
 
-void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                         int n_in, int n_out, int r0, int r1)
+void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                         int n_out, int r0, int r1)
 {
     moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
 }
