@@ -10,7 +10,14 @@
  * matmul_cputime probe (AVX-512 CPUs): the throughput of the instructions those kernels are made
  * of, 10 independent ones per loop: FMA, vdpbf16ps and vpdpbusd on ymm, vpdpbusd on zmm (does a
  * 512-bit op do twice the work per second?), vpdpbusd mixed with FMA (do they share pipes?) and the
- * Q8 work of one (row, token, block), vpdpbusd + convert + FMA. */
+ * Q8 work of one (row, token, block), vpdpbusd + convert + FMA.
+ * matmul_cputime amxloop (CPUs where the kernels chose amx): the AMX bf16 kernel's k loop alone
+ * (matmul_amx.c block(): per 32-k step 2 A tiles of W rows, 2 B tiles of x, 4 tdpbf16ps), 64
+ * tokens as hi + lo (4 token-tile pairs meet each 32-row block), 1024 x 2048 W, the operands
+ * placed three ways: W rows as the kernel reads them (4 MB, 4 KB apart: each row block from L3 or
+ * memory for its first pair, from L2 after), one row block over and over (L2-resident, same
+ * strides), and that block packed tile after tile (contiguous, L2-resident). What the memory
+ * behind the A tiles costs the products, against bench/roofline's registers-only peak. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -76,16 +83,93 @@ static int probe(void)
 }
 #endif
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+enum { AL_OUT = 1024, AL_IN = 2048, AL_KS = AL_IN / 32, AL_PAIRS = 4, AL_REPS = 20 };
+
+/* One placement of A: tile (row block rb, step s) at w + rb * block + s * step, rows `stride`
+ * bytes apart, the second A tile `half` bytes after the first. Thread CPU seconds. */
+__attribute__((target("amx-tile,amx-bf16"))) static double
+amx_loop(const uint8_t *w, size_t stride, size_t step, size_t half, size_t block, const uint8_t *xa)
+{
+    float c[16 * 16];
+    _tile_loadconfig(&moe_amx_tiles_16x64);
+    double t0 = cpu_s();
+    for (int rep = 0; rep < AL_REPS; rep++)
+        for (int rb = 0; rb < AL_OUT / 32; rb++)
+            for (int tp = 0; tp < AL_PAIRS; tp++) {
+                const uint8_t *b0 = xa + (size_t)2 * tp * AL_KS * 1024, *b1 = b0 + AL_KS * 1024;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int s = 0; s < AL_KS; s++) {
+                    const uint8_t *a = w + rb * block + s * step;
+                    _tile_loadd(4, a, stride);
+                    _tile_loadd(5, a + half, stride);
+                    _tile_loadd(6, b0 + s * 1024, 64);
+                    _tile_loadd(7, b1 + s * 1024, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, c, 64);
+            }
+    double t = cpu_s() - t0;
+    _tile_release();
+    return t + 0 * c[0];
+}
+
+static int amxloop(void)
+{
+    if (moe_kernels_isa() != MOE_ISA_AMX) {
+        fprintf(stderr, "matmul_cputime: amxloop needs the amx level (isa %s)\n",
+                moe_isa_name(moe_kernels_isa()));
+        return 2;
+    }
+    const size_t wbytes = (size_t)AL_OUT * AL_IN * 2, xbytes = (size_t)2 * AL_PAIRS * AL_KS * 1024;
+    uint8_t *w = aligned_alloc(4096, wbytes), *xa = aligned_alloc(4096, xbytes);
+    uint8_t *packed = aligned_alloc(4096, (size_t)32 * AL_IN * 2);
+    if (!w || !xa || !packed)
+        return 1;
+    for (size_t i = 0; i < wbytes / 2; i++)
+        ((uint16_t *)w)[i] = 0x3a83; /* ~1e-3 in bf16: sums stay finite */
+    memset(xa, 0, xbytes);
+    memset(packed, 0, (size_t)32 * AL_IN * 2);
+    const size_t row = AL_IN * 2;
+    const double flop = (double)AL_REPS * (AL_OUT / 32) * AL_PAIRS * AL_KS * 4 * 16 * 16 * 32 * 2;
+    printf("# matmul_cputime amxloop: one thread, thread CPU time, %d x %d W, %d token-tile pairs, "
+           "GFLOP/s of tile work (hi + lo counted twice)\n",
+           AL_OUT, AL_IN, AL_PAIRS);
+    for (int round = 0; round < 3; round++) {
+        double t_kernel = amx_loop(w, row, 64, 16 * row, 32 * row, xa);
+        double t_l2 = amx_loop(w, row, 64, 16 * row, 0, xa);
+        double t_packed = amx_loop(packed, 64, 2048, 1024, 0, xa);
+        printf("W rows as the kernel reads them %7.1f | one row block, L2 %7.1f | packed, L2 "
+               "%7.1f\n",
+               flop / t_kernel / 1e9, flop / t_l2 / 1e9, flop / t_packed / 1e9);
+    }
+    free(w);
+    free(xa);
+    free(packed);
+    return 0;
+}
+#endif
+
 int main(int argc, char **argv)
 {
 #if defined(__x86_64__)
     if (argc == 2 && strcmp(argv[1], "probe") == 0)
         return probe();
+    if (argc == 2 && strcmp(argv[1], "amxloop") == 0)
+        return amxloop();
 #endif
     if (argc < 4) {
         fprintf(stderr,
                 "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]\n"
-                "       %s probe\n",
+                "       %s probe | amxloop\n",
                 argv[0], argv[0]);
         return 2;
     }
