@@ -139,16 +139,18 @@ AI void stage_a(uint16_t *stage, const uint16_t *w, int n_in, int r, int nr, int
         memcpy(stage + i * TK, w + (size_t)(r + i) * n_in + k, (size_t)nk * 2);
 }
 
-/* W rows prefetched this many k steps ahead on a block's first token pair: decode at batch 1 on
- * the small preset (W from L3, rows 768-1536 bytes apart) took 25-35% more CPU time per token
- * than the AVX2 rows without it, 5-10% with it (2 measured best; 4 and more evict the tiles' lines
- * from L1, T1/T2 hints were slower); on the OLMoE shape (rows 4 KB apart) neutral. */
+/* W rows prefetched this many k steps ahead on a block's first token pair, and the next block's
+ * first steps during the last pair's last steps: decode at batch 1 on the small preset (W from
+ * L3, rows 768-1536 bytes apart) took 25-35% more CPU time per token than the AVX2 rows without
+ * it, 5-10% with it (2 measured best; 4 and more evict the tiles' lines from L1, T1/T2 hints were
+ * slower); on the OLMoE shape (rows 4 KB apart) neutral. A prefetch past the matrix never faults.
+ */
 #define W_PREFETCH_STEPS 2
 
 /* ---- one block: NA row tiles (16 rows each, from row r) x NB token tiles (from tb) ----
  * nr: rows of W present (TR * NA, or fewer for a lone staged tile). */
 AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in, int n_out, int r,
-              int nr, int tb, int NA, int NB, int NX)
+              int nr, int tb, int NA, int NB, int NX, int last)
 {
     _Alignas(64) uint16_t stage[2][TBYTES / 2];
     _Alignas(64) float c[TR * TCOL];
@@ -173,6 +175,11 @@ AI void block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n_in,
         if (prefetch_w && s + W_PREFETCH_STEPS < nks)
             for (int i = 0; i < nr; i++)
                 _mm_prefetch((const char *)(wa + (size_t)i * n_in + W_PREFETCH_STEPS * TK),
+                             _MM_HINT_T0);
+        else if (last && s + W_PREFETCH_STEPS >= nks)
+            for (int i = 0; i < 2 * TR; i++)
+                _mm_prefetch((const char *)(w + (size_t)(r + nr + i) * n_in +
+                                            (size_t)(s + W_PREFETCH_STEPS - nks) * TK),
                              _MM_HINT_T0);
         if (!staged && s < full) {
             _tile_loadd(4, wa, ws);
@@ -233,9 +240,9 @@ AI void row_block(float *y, const uint32_t *xa, const uint16_t *w, int nt, int n
     const int tpt = TCOL / NX, ntt = (nt + tpt - 1) / tpt;
     int tb = 0;
     for (; tb + 2 <= ntt; tb += 2)
-        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 2, NX);
+        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 2, NX, tb + 2 == ntt);
     if (tb < ntt)
-        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 1, NX);
+        block(y, xa, w, nt, n_in, n_out, r, nr, tb, NA, 1, NX, 1);
 }
 
 /* Rows [r0, r1) in blocks of 32 rows, then 16; the last partial block recomputes the rows before
