@@ -38,8 +38,8 @@ static const moe_kernel_ops ops_avx2 = {
  * tie (memory bound); those tiles and MOE_MATMUL_AVX512 are gone. On the Intel Xeon of issue 16
  * those widening AVX-512 rows lost to AVX2 by 12-55%; on an Intel Xeon with AMX the vdpbf16ps
  * rows too lost to AVX2 from 4 tokens on (vdpbf16ps issues once per cycle there), where the amx
- * table below replaces them; an AVX512_BF16 Intel CPU without AMX would want the AVX2 rows here
- * (no vendor rule yet; docs/kernels.md). MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
+ * table below replaces them, and an Intel CPU left at avx512 takes ops_avx512_intel (the AVX2
+ * rows for bf16). MOE_BF16_X=round (ops_avx512_xbf16): x as one bf16, 2x faster again, but it
  * fails the HF bf16 fixture's tolerance, so it is opt-in. dot_f32 and axpy_f32 keep their
  * AVX-512 versions (no slower measurement). */
 static const moe_kernel_ops ops_avx512 = {
@@ -50,6 +50,19 @@ static const moe_kernel_ops ops_avx512 = {
 static const moe_kernel_ops ops_avx512_xbf16 = {
     moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,         moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
+    moe_attn_exp_avx2, moe_silu_mul_avx2};
+
+/* An Intel CPU whose best level is avx512 (AVX512_BF16 without AMX, or AMX not granted by the
+ * OS or hypervisor): the AVX-512 table with bf16 on the AVX2 rows. vdpbf16ps issues once per
+ * cycle on Intel (twice on Zen 4): on the Intel Xeon of bench/RESULTS.md "Issue 16, AMX bf16
+ * tiles" (MOE_ISA=avx512) the vdpbf16ps rows equal the AVX2 rows at n_tok = 1 (28.8-34.0 against
+ * 31.5-33.4 GFLOP/s, from memory) and lose from 4 tokens on (53-61 against 78-105; 512 tokens
+ * 53-60 against 99-101). Batch invariance keeps one path for every n_tok, so the AVX2 rows. Only
+ * when avx512 is the CPU's own choice: MOE_ISA=avx512 or a test forcing the level asks for the
+ * AVX-512 kernels and gets the vdpbf16ps rows (so they stay tested on Intel CPUs). */
+static const moe_kernel_ops ops_avx512_intel = {
+    moe_matmul_rows_avx2,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
     moe_attn_exp_avx2, moe_silu_mul_avx2};
 
 /* AMX CPUs: the AVX-512 table with the bf16 rows on the tiles (matmul_amx.c). bf16 on AMX for
@@ -88,6 +101,9 @@ static int use_bf16_x_round(void)
 /* -1 until first use. Selection is idempotent, so a race between two first callers is harmless:
  * both compute the same value. */
 static _Atomic int active_isa = -1;
+/* 1 while the active ISA is the CPU's best, chosen by nobody (no MOE_ISA naming a level, no test
+ * forcing one): the Intel rule (ops_avx512_intel) applies only then. */
+static _Atomic int isa_is_default = 1;
 
 const char *moe_dtype_name(moe_dtype dt)
 {
@@ -124,6 +140,15 @@ const char *moe_isa_name(moe_isa isa)
 }
 
 #if defined(__x86_64__) || defined(__i386__)
+int moe_kernels_cpu_is_intel(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d))
+        return 0;
+    /* The vendor string is EBX, EDX, ECX: "Genu" "ineI" "ntel". */
+    return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
+}
+
 /* F16C (CPUID leaf 1, ECX bit 29) read by hand: clang 14 rejects __builtin_cpu_supports("f16c")
  * ("invalid cpu feature string") and the fuzzers are built with clang. F16C only uses the YMM
  * state, which the "avx2" check below already requires the OS to save. */
@@ -192,6 +217,12 @@ static moe_isa cpu_best_isa(void)
 #endif
     return MOE_ISA_SCALAR;
 }
+#if !defined(__x86_64__) && !defined(__i386__)
+int moe_kernels_cpu_is_intel(void)
+{
+    return 0;
+}
+#endif
 
 static moe_isa select_isa(void)
 {
@@ -199,13 +230,13 @@ static moe_isa select_isa(void)
     const char *env = getenv("MOE_ISA");
     if (env && *env) {
         /* The override can only lower the ISA: asking for more than the CPU has must not
-         * crash with SIGILL later. An unknown value keeps the CPU's best. */
-        moe_isa want = best;
+         * crash with SIGILL later. An unknown value keeps the CPU's best (and the default). */
         for (int i = MOE_ISA_SCALAR; i <= MOE_ISA_AMX; i++)
-            if (strcmp(env, moe_isa_name((moe_isa)i)) == 0)
-                want = (moe_isa)i;
-        if (want < best)
-            best = want;
+            if (strcmp(env, moe_isa_name((moe_isa)i)) == 0) {
+                atomic_store_explicit(&isa_is_default, 0, memory_order_release);
+                if ((moe_isa)i < best)
+                    best = (moe_isa)i;
+            }
     }
     return best;
 }
@@ -222,23 +253,46 @@ moe_isa moe_kernels_isa(void)
 
 moe_isa moe_kernels_force_isa(moe_isa isa)
 {
-    if (isa >= MOE_ISA_SCALAR && isa <= cpu_best_isa())
+    if (isa >= MOE_ISA_SCALAR && isa <= cpu_best_isa()) {
+        atomic_store_explicit(&isa_is_default, 0, memory_order_release);
         atomic_store_explicit(&active_isa, (int)isa, memory_order_release);
+    }
     return moe_kernels_isa();
 }
 
-const moe_kernel_ops *moe_kernels_ops(void)
+/* -1 until first use: whether the Intel rule applies (an Intel CPU left at its default avx512). */
+static _Atomic int intel_bf16_rule = -1;
+
+static int bf16_on_avx2_rows(void)
 {
-    switch (moe_kernels_isa()) {
+    int v = atomic_load_explicit(&intel_bf16_rule, memory_order_acquire);
+    if (v < 0) {
+        v = moe_kernels_cpu_is_intel();
+        atomic_store_explicit(&intel_bf16_rule, v, memory_order_release);
+    }
+    return v && atomic_load_explicit(&isa_is_default, memory_order_acquire);
+}
+
+const moe_kernel_ops *moe_kernels_table(moe_isa isa, int x_round, int intel_rule)
+{
+    switch (isa) {
     case MOE_ISA_AMX:
-        return use_bf16_x_round() ? &ops_amx_xbf16 : &ops_amx;
+        return x_round ? &ops_amx_xbf16 : &ops_amx;
     case MOE_ISA_AVX512:
-        return use_bf16_x_round() ? &ops_avx512_xbf16 : &ops_avx512;
+        if (x_round)
+            return &ops_avx512_xbf16;
+        return intel_rule ? &ops_avx512_intel : &ops_avx512;
     case MOE_ISA_AVX2:
         return &ops_avx2;
     default:
         return &ops_scalar;
     }
+}
+
+const moe_kernel_ops *moe_kernels_ops(void)
+{
+    moe_isa isa = moe_kernels_isa();
+    return moe_kernels_table(isa, use_bf16_x_round(), isa == MOE_ISA_AVX512 && bf16_on_avx2_rows());
 }
 
 const char *moe_kernels_describe(void)
@@ -252,9 +306,12 @@ const char *moe_kernels_describe(void)
                    : "isa=amx: matmul float=bf16:amx-tiles-xsplit f32/f16:avx2 "
                      "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX512:
-        return use_bf16_x_round()
-                   ? "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
-                     "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512"
+        if (use_bf16_x_round())
+            return "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
+                   "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
+        return bf16_on_avx2_rows()
+                   ? "isa=avx512: matmul float=avx2 (Intel: vdpbf16ps rows measured slower) "
+                     "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
                      "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX2:

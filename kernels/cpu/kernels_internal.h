@@ -112,6 +112,11 @@ typedef struct {
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
 const moe_kernel_ops *moe_kernels_ops(void);
+/* The table for isa, x rounded to one bf16 or not (MOE_BF16_X), and the Intel rule (bf16 on the
+ * AVX2 rows at avx512) on or off: what moe_kernels_ops() picks from; tests call it directly. */
+const moe_kernel_ops *moe_kernels_table(moe_isa isa, int x_round, int intel_rule);
+/* CPUID's vendor is GenuineIntel. */
+int moe_kernels_cpu_is_intel(void);
 /* Test hook: 1 makes the AVX-512 table's bf16 rows round x to one bf16 (as MOE_BF16_X=round
  * does), 0 split it into hi + lo (the default). No effect under other ISAs. */
 void moe_kernels_test_bf16_x_round(int on);

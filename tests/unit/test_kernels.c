@@ -78,6 +78,77 @@ Test(kernels, isa_env_override)
     cr_assert_eq(moe_kernels_isa(), MOE_ISA_SCALAR);
 }
 
+/* CPUID's vendor, against the kernel's own reading of it. */
+Test(kernels, cpu_vendor_matches_proc_cpuinfo)
+{
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) {
+        cr_log_info("SKIPPED: no /proc/cpuinfo");
+        return;
+    }
+    char line[256];
+    int intel = -1;
+    while (intel < 0 && fgets(line, sizeof line, f))
+        if (strncmp(line, "vendor_id", 9) == 0)
+            intel = strstr(line, "GenuineIntel") != NULL;
+    fclose(f);
+    if (intel < 0) {
+        cr_log_info("SKIPPED: /proc/cpuinfo names no vendor_id (not x86)");
+        return;
+    }
+    cr_assert_eq(moe_kernels_cpu_is_intel(), intel);
+}
+
+/* The Intel rule: at avx512 by the CPU's own choice an Intel CPU runs bf16 on the AVX2 rows
+ * (vdpbf16ps rows measured slower there); everything else in its table is the AVX-512 one. */
+Test(kernels, intel_rule_tables)
+{
+    const moe_kernel_ops *rule = moe_kernels_table(MOE_ISA_AVX512, 0, 1);
+    const moe_kernel_ops *plain = moe_kernels_table(MOE_ISA_AVX512, 0, 0);
+    cr_assert(rule->matmul_rows == moe_matmul_rows_avx2);
+    cr_assert(plain->matmul_rows == moe_matmul_rows_avx512);
+    cr_assert(rule->matmul_rows_q == plain->matmul_rows_q && rule->quantize_x == plain->quantize_x);
+    cr_assert(rule->attn_scores == plain->attn_scores && rule->attn_accum == plain->attn_accum &&
+              rule->attn_exp == plain->attn_exp && rule->dot_f32 == plain->dot_f32 &&
+              rule->axpy_f32 == plain->axpy_f32 && rule->silu_mul == plain->silu_mul &&
+              rule->row_block == plain->row_block);
+    /* MOE_BF16_X=round asks for the vdpbf16ps rows with x rounded: the rule does not apply. */
+    cr_assert(moe_kernels_table(MOE_ISA_AVX512, 1, 1)->matmul_rows ==
+              moe_matmul_rows_avx512_xbf16);
+    cr_assert(moe_kernels_table(MOE_ISA_AMX, 0, 1)->matmul_rows == moe_matmul_rows_amx);
+}
+
+/* MOE_ISA=avx512 names the level: its own kernels, the vdpbf16ps rows, on any vendor. */
+Test(kernels, intel_rule_not_under_moe_isa)
+{
+    setenv("MOE_ISA", "avx512", 1);
+    if (moe_kernels_isa() != MOE_ISA_AVX512) {
+        cr_log_info("SKIPPED: this CPU has no AVX-512 BF16 level");
+        return;
+    }
+    cr_assert(moe_kernels_ops()->matmul_rows == moe_matmul_rows_avx512);
+    cr_assert(strstr(moe_kernels_describe(), "bf16:avx512-dpbf16-xsplit"), "%s",
+              moe_kernels_describe());
+}
+
+/* Left at its default: a CPU whose best is avx512 runs the AVX2 rows for bf16 if and only if it
+ * is an Intel one (an AMX CPU's best is amx: not this case). */
+Test(kernels, intel_rule_at_the_default)
+{
+    unsetenv("MOE_ISA");
+    if (moe_kernels_isa() != MOE_ISA_AVX512) {
+        cr_log_info("SKIPPED: this CPU's best ISA is %s, not avx512", moe_isa_name(moe_kernels_isa()));
+        return;
+    }
+    int intel = moe_kernels_cpu_is_intel();
+    cr_log_info("avx512 by default on %s: %s", intel ? "Intel" : "another vendor",
+                moe_kernels_describe());
+    cr_assert(moe_kernels_ops()->matmul_rows ==
+              (intel ? moe_matmul_rows_avx2 : moe_matmul_rows_avx512));
+    cr_assert(strstr(moe_kernels_describe(), intel ? "matmul float=avx2" : "avx512-dpbf16-xsplit"),
+              "%s", moe_kernels_describe());
+}
+
 /* ---- conversions ---- */
 
 Test(kernels, f16_to_f32_exhaustive)
