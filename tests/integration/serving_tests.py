@@ -539,8 +539,12 @@ def per_key_limits_and_priorities():
 @test
 def fair_share_between_keys():
     """Start-time fair queueing between API keys in the coordinator's queue: one key (no limits)
-    queues 24 prompts of 200 tokens at once; a request of another key sent after them is dispatched ahead of
-    most of them (in arrival order it would be last), and its TTFT is below the flood's median."""
+    queues 24 prompts of 200 tokens at once; a request of another key sent once all of them are
+    admitted is dispatched ahead of every one still in the coordinator's queue (in arrival order it
+    would be last), and its TTFT is below the flood's median. The instance holds at most
+    4 x --batch-tokens prompt tokens dispatched ahead of it (cluster_sched.c's gate): with 256, five
+    flood prompts; so of the flood still waiting for its first token when the quiet request is sent,
+    all but those five (and one finishing meanwhile) must get it after the quiet one."""
     import statistics
     import tempfile
     d = tempfile.mkdtemp(prefix="moe-fair-", dir=os.environ.get("MOE_IT_TMP"))
@@ -550,7 +554,7 @@ def fair_share_between_keys():
     md = lambda k: [("authorization", "Bearer " + k)]  # noqa: E731
     model = small_model()
     # long prefill steps on a loaded machine can delay heartbeats past the default 5 s
-    with Cluster(np=3, model=model, args=["--api-key-file", keys, "--kv-blocks", "2048",
+    with Cluster(np=3, model=model, args=["--api-key-file", keys, "--kv-blocks", "2048", "--batch-tokens", "256",
                                           "--heartbeat-timeout-ms", "30000"]) as c:
         st = c.stub
         t0 = time.time()
@@ -565,21 +569,33 @@ def fair_share_between_keys():
                     ttft[who] = (time.time() - t, time.time() - t0)
             return who
 
+        flood = [("flood%d" % i, [(i * 7 + k) % 900 + 1 for k in range(200)], 4) for i in range(24)]
+        sent = {}
+
         def quiet_later(_):
-            time.sleep(0.4)  # after the flood is queued
+            # once the whole flood is admitted (a fixed sleep raced a fast machine's prefill)
+            deadline = time.time() + 30
+            while st.ClusterStatus(pb.ClusterStatusRequest(), timeout=10, metadata=md(QUIET_KEY)
+                                   ).counters.prompt_tokens < 200 * len(flood):
+                check(time.time() < deadline, "the flood was not admitted in 30 s")
+                time.sleep(0.005)
+            sent["t"] = time.time() - t0
             return one(("quiet", [1, 2, 3, 4], 4))
 
-        flood = [("flood%d" % i, [(i * 7 + k) % 900 + 1 for k in range(200)], 4) for i in range(24)]
         items = [lambda f=f: one(f) for f in flood] + [lambda: quiet_later(None)]
         run_parallel(lambda f: f(), items)
         q = ttft["quiet"][0]
         fl = sorted(v[0] for k, v in ttft.items() if k != "quiet")
+        waiting = sum(1 for k, v in ttft.items() if k != "quiet" and v[1] > sent["t"])
         after = sum(1 for k, v in ttft.items() if k != "quiet" and v[1] > ttft["quiet"][1])
-        print("quiet key's TTFT %.3f s; flood TTFT median %.3f s, max %.3f s; %d of 24 flood requests got "
-              "their first token after the quiet one" % (q, statistics.median(fl), fl[-1], after))
+        print("quiet key's TTFT %.3f s; flood TTFT median %.3f s, max %.3f s; %d of 24 flood requests still "
+              "without a first token when it was sent, %d got theirs after it" % (
+                  q, statistics.median(fl), fl[-1], waiting, after))
         check(q < statistics.median(fl), "quiet TTFT %.3f s not below the flood's median %.3f s" % (
             q, statistics.median(fl)))
-        check(after >= 8, "only %d flood requests after the quiet one: no fair share" % after)
+        check(waiting >= 12, "only %d flood requests waiting when the quiet one was sent" % waiting)
+        check(after >= waiting - 6, "only %d of the %d waiting flood requests after the quiet one: no fair share" % (
+            after, waiting))
         c.stop()
 
 
