@@ -105,16 +105,17 @@ void moe_threadpool_run(moe_threadpool_t *pool, moe_task_fn fn, void *arg, int n
 
 /* ---- linear algebra ---- */
 /* y[t*n_out + r] = sum_c x[t*n_in + c] * W[r, c]   for t < n_tok, r < n_out.
- * W is row-major (n_out, n_in) of dtype wt: F32, BF16 or F16 (exact products, f32 accumulation),
- * or Q8 / Q4 (n_in a multiple of MOE_QK). Quantized, n_tok < 48: x is quantized once per call to
- * int8 blocks of MOE_QK with an f32 scale each, block dot products are exact integers, scaled and
- * accumulated in f32; n_tok >= 48: weights are dequantized on the fly and x stays f32 (see
- * docs/kernels.md for the error of each). x: (n_tok, n_in) f32, y: (n_tok, n_out) f32, no
- * aliasing. Rows of W are split across the pool's threads and each weight row is read once for
- * all n_tok tokens. Allocation: none, except Q8/Q4 with n_tok < 48, which keep the quantized x
- * in a scratch buffer of the calling thread (at most 47 x n_in x 1.125 bytes) that grows when a
- * call needs more than any before it on that thread and is freed when the thread exits
- * (moe_matmul_reserve sizes it up front). */
+ * W is row-major (n_out, n_in) of dtype wt: F32, BF16 or F16 (exact products, f32 accumulation;
+ * bf16 from AVX-512 on with x as hi + lo bf16), or Q8 / Q4 (n_in a multiple of MOE_QK): x is
+ * quantized once per call to int8 blocks of MOE_QK with an f32 scale each, block dot products are
+ * exact integers, scaled and accumulated in f32 (docs/kernels.md gives the error of each, and why
+ * every n_tok takes the same path). x: (n_tok, n_in) f32, y: (n_tok, n_out) f32, no aliasing.
+ * Rows of W are split across the pool's threads and each weight row is read once for all n_tok
+ * tokens. Allocation: the x a call prepares once for all its row tasks (Q8/Q4: quantized, n_tok x
+ * n_in x 1.125 bytes; AMX bf16 from 16 tokens on: as B tiles, about 4 bytes per value) lives in a
+ * scratch buffer of the calling thread that grows when a call needs more than any before it on
+ * that thread and is freed when the thread exits (moe_matmul_reserve sizes it up front); the
+ * float rows keep their own per-thread scratch. */
 void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
                 int n_tok, int n_in, int n_out);
 /* One matmul of a moe_matmul_batch: y(n_tok, n_out) = x(n_tok, n_in) * W^T, as moe_matmul. */
@@ -129,11 +130,11 @@ typedef struct {
 /* Runs n independent matmuls (e.g. gate and up of every expert a step routed tokens to) in one
  * pool run, their rows split into tasks together: one synchronisation instead of n, no thread idle
  * at the tail of each small matrix. Every y is bit-identical to what moe_matmul gives for its desc
- * alone (an output's arithmetic never depends on the row split). Descs may share an x (it is
- * quantized once for Q8/Q4); no y may overlap another y or any x. More than MOE_MATMUL_BATCH_MAX
- * descs run in several pool runs. Allocation as moe_matmul: the calling thread's Q8/Q4 scratch
- * holds every distinct quantized x of the batch at once (if it cannot grow, each desc runs alone
- * through moe_matmul's fallback, same results). */
+ * alone (an output's arithmetic never depends on the row split). Descs may share an x (same
+ * pointer, n_tok and n_in: it is prepared once); no y may overlap another y or any x. More than
+ * MOE_MATMUL_BATCH_MAX descs run in several pool runs. Allocation as moe_matmul: the calling
+ * thread's scratch holds every distinct prepared x of the batch at once (if it cannot grow, each
+ * desc runs alone, a quantized x one token at a time on the stack, same results). */
 void moe_matmul_batch(moe_threadpool_t *pool, const moe_matmul_desc *descs, int n);
 /* Single-threaded variant, for callers that already split work across threads (per expert). */
 void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,

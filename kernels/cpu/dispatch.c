@@ -15,11 +15,11 @@
 static const moe_kernel_ops ops_scalar = {
     moe_matmul_rows_scalar, moe_dot_f32_scalar,    moe_axpy_f32_scalar,      moe_attn_scores_scalar,
     moe_attn_accum_scalar,  moe_quantize_x_scalar, moe_matmul_rows_q_scalar, 4,
-    moe_attn_exp_scalar, moe_silu_mul_scalar};
+    moe_attn_exp_scalar, moe_silu_mul_scalar, NULL, NULL, NULL};
 static const moe_kernel_ops ops_avx2 = {
     moe_matmul_rows_avx2, moe_dot_f32_avx2,    moe_axpy_f32_avx2,      moe_attn_scores_avx2,
     moe_attn_accum_avx2,  moe_quantize_x_avx2, moe_matmul_rows_q_avx2, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, NULL, NULL, NULL};
 /* Per kernel, not per machine: an AVX-512 CPU runs each kernel on the fastest code measured for
  * it, which is not always the AVX-512 one. Attention is memory bound: the AVX2 chunk kernels
  * serve AVX-512 CPUs as well. The int8 rows of the quantized matmul are the VNNI ones
@@ -45,12 +45,12 @@ static const moe_kernel_ops ops_avx2 = {
 static const moe_kernel_ops ops_avx512 = {
     moe_matmul_rows_avx512, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,   moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, NULL, NULL, NULL};
 /* MOE_BF16_X=round: the same table with x rounded to one bf16 (moe_matmul_rows_avx512_xbf16). */
 static const moe_kernel_ops ops_avx512_xbf16 = {
     moe_matmul_rows_avx512_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,         moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, NULL, NULL, NULL};
 
 /* An Intel CPU whose best level is avx512 (AVX512_BF16 without AMX, or AMX not granted by the
  * OS or hypervisor): the AVX-512 table with bf16 on the AVX2 rows. vdpbf16ps issues once per
@@ -63,7 +63,7 @@ static const moe_kernel_ops ops_avx512_xbf16 = {
 static const moe_kernel_ops ops_avx512_intel = {
     moe_matmul_rows_avx2,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, NULL, NULL, NULL};
 
 /* AMX CPUs: the AVX-512 table with the bf16 rows on the tiles (matmul_amx.c). bf16 on AMX for
  * every n_tok (batch invariance forbids switching paths by n_tok): measured on an Intel Xeon
@@ -73,11 +73,12 @@ static const moe_kernel_ops ops_avx512_intel = {
 static const moe_kernel_ops ops_amx = {
     moe_matmul_rows_amx,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, moe_amx_x_bytes, moe_amx_x_prep, moe_matmul_rows_amx_px};
 static const moe_kernel_ops ops_amx_xbf16 = {
     moe_matmul_rows_amx_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,      moe_quantize_x_avx2, moe_matmul_rows_q_avx512, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2};
+    moe_attn_exp_avx2, moe_silu_mul_avx2, moe_amx_x_bytes_xbf16, moe_amx_x_prep_xbf16,
+    moe_matmul_rows_amx_px_xbf16};
 
 /* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */
 static _Atomic int bf16_x_round = -1;

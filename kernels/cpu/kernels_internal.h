@@ -108,7 +108,19 @@ typedef struct {
     moe_attn_exp_fn attn_exp;
     /* moe_silu_mul */
     void (*silu_mul)(float *gate, const float *up, int n);
+    /* bf16 weights on x prepared once per matmul (matmul.c), for a table whose bf16 rows would
+     * otherwise build an x layout in every call (AMX: the B tiles); NULL in the others.
+     * rows_x_bytes: the prepared x of n_tok tokens of n_in; rows_x_prep: tokens [t0, t0 + nt) of
+     * x (its row 0 at x) into it, t0 a multiple of MOE_ROWS_X_TOK_ALIGN, the same bytes however
+     * the tokens are split; matmul_rows_px: matmul_rows for bf16 weights reading it, the same
+     * bits as matmul_rows. */
+    size_t (*rows_x_bytes)(int n_tok, int n_in);
+    void (*rows_x_prep)(void *xp, const float *x, int t0, int nt, int n_in);
+    void (*matmul_rows_px)(float *y, const void *xp, const void *w, int n_tok, int n_in, int n_out,
+                           int r0, int r1);
 } moe_kernel_ops;
+/* Token granularity of moe_kernel_ops.rows_x_prep's pieces (AMX: a whole number of B tiles). */
+#define MOE_ROWS_X_TOK_ALIGN 16
 
 /* The table of the active ISA (moe_kernels_isa()); never NULL. */
 const moe_kernel_ops *moe_kernels_ops(void);
@@ -206,6 +218,15 @@ void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, 
                          int n_in, int n_out, int r0, int r1);
 void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                                int n_in, int n_out, int r0, int r1);
+/* Their prepared x (moe_kernel_ops.rows_x_bytes and the two after it). */
+size_t moe_amx_x_bytes(int n_tok, int n_in);
+size_t moe_amx_x_bytes_xbf16(int n_tok, int n_in);
+void moe_amx_x_prep(void *xp, const float *x, int t0, int nt, int n_in);
+void moe_amx_x_prep_xbf16(void *xp, const float *x, int t0, int nt, int n_in);
+void moe_matmul_rows_amx_px(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                            int n_out, int r0, int r1);
+void moe_matmul_rows_amx_px_xbf16(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                                  int n_out, int r0, int r1);
 float moe_dot_f32_avx512(const float *a, const float *b, int n);
 void moe_axpy_f32_avx512(float *y, float a, const float *x, int n);
 

@@ -87,57 +87,6 @@ static void check_args(moe_dtype wt, int n_in)
     MOE_KASSERT(!is_quant(wt) || n_in % MOE_QK == 0);
 }
 
-/* ---- row split ---- */
-
-typedef struct {
-    const moe_kernel_ops *ops;
-    float *y;
-    const float *x;
-    const int8_t *xq; /* quantized path: x as int8 blocks and their scales */
-    const float *xd;
-    const void *w;
-    moe_dtype wt;
-    int n_tok, n_in, n_out;
-    int rows_per_task;
-} matmul_job;
-
-static void run_rows(const matmul_job *j, int r0, int r1)
-{
-    if (j->xq)
-        j->ops->matmul_rows_q(j->y, j->xq, j->xd, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
-    else
-        j->ops->matmul_rows(j->y, j->x, j->w, j->wt, j->n_tok, j->n_in, j->n_out, r0, r1);
-}
-
-static void matmul_task(void *arg, int task, int thread)
-{
-    (void)thread;
-    const matmul_job *j = arg;
-    int r0 = task * j->rows_per_task;
-    int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
-    run_rows(j, r0, r1);
-}
-
-static void split_rows(moe_threadpool_t *pool, matmul_job *j)
-{
-    int nt = moe_threadpool_size(pool);
-    if (nt <= 1 || j->n_out <= j->ops->row_block) {
-        run_rows(j, 0, j->n_out);
-        return;
-    }
-    /* About 4 tasks per thread so a slow thread (a busy core) is balanced by the others, in
-     * whole row blocks so the kernel's register tile is always full except at the very end. */
-    int rb = j->ops->row_block;
-    int blocks = (j->n_out + rb - 1) / rb;
-    int target = nt * 4;
-    int blocks_per_task = (blocks + target - 1) / target;
-    if (blocks_per_task < 1)
-        blocks_per_task = 1;
-    j->rows_per_task = blocks_per_task * rb;
-    int n_tasks = (j->n_out + j->rows_per_task - 1) / j->rows_per_task;
-    moe_threadpool_run(pool, matmul_task, j, n_tasks);
-}
-
 /* ---- per-thread scratch buffers ----
  * One buffer of each kind per thread, grown only when a call needs more than any before on that
  * thread, freed by a pthread key destructor when the thread exits. */
@@ -146,7 +95,7 @@ typedef struct {
     size_t cap;
 } thread_buf;
 
-enum { BUF_QX, BUF_ROWS, BUF_KINDS };
+enum { BUF_X, BUF_ROWS, BUF_KINDS };
 static pthread_key_t buf_keys[BUF_KINDS];
 static int buf_keys_ok[BUF_KINDS];
 static pthread_once_t buf_keys_once = PTHREAD_ONCE_INIT;
@@ -187,9 +136,9 @@ int moe_kernels_test_no_scratch_on(void)
     return test_no_scratch;
 }
 
-/* The quantized path's x as int8 blocks: the thread that calls moe_matmul quantizes x into it
- * before the pool reads it. */
-static _Thread_local thread_buf qx_buf;
+/* Every x a call prepares once for its row tasks (below): the thread that calls moe_matmul fills
+ * it before the pool reads it. */
+static _Thread_local thread_buf x_buf;
 
 static size_t qx_bytes(int n_tok, int n_in)
 {
@@ -197,7 +146,7 @@ static size_t qx_bytes(int n_tok, int n_in)
     return (size_t)n_tok * (size_t)n_in + (size_t)n_tok * (size_t)(n_in / MOE_QK) * sizeof(float);
 }
 
-static void *scratch_get(size_t need) { return thread_buf_get(&qx_buf, BUF_QX, need); }
+static void *scratch_get(size_t need) { return thread_buf_get(&x_buf, BUF_X, need); }
 
 int moe_matmul_reserve(int n_tok, int n_in)
 {
@@ -206,158 +155,259 @@ int moe_matmul_reserve(int n_tok, int n_in)
     return scratch_get(qx_bytes(n_tok, (n_in + MOE_QK - 1) / MOE_QK * MOE_QK)) ? 0 : -1;
 }
 
-/* Without scratch: one token at a time through a stack buffer. The arithmetic of an output does
- * not depend on how tokens are grouped, so the result is bit-identical. */
-#define QX_STACK_IN 32768
-
-static __attribute__((noinline)) void matmul_q_by_token(moe_threadpool_t *pool, matmul_job *j)
-{
-    _Alignas(64) int8_t q[QX_STACK_IN];
-    float d[QX_STACK_IN / MOE_QK];
-    MOE_KASSERT(j->n_in <= QX_STACK_IN && "quantized matmul: out of memory for the x scratch");
-    matmul_job one = *j;
-    one.n_tok = 1;
-    one.xq = q;
-    one.xd = d;
-    for (int t = 0; t < j->n_tok; t++) {
-        j->ops->quantize_x(q, d, j->x + (size_t)t * j->n_in, 1, j->n_in);
-        one.y = j->y + (size_t)t * j->n_out;
-        split_rows(pool, &one);
-    }
-}
-
-static void matmul_any(moe_threadpool_t *pool, float *y, const float *x, const void *w,
-                       moe_dtype wt, int n_tok, int n_in, int n_out)
-{
-    check_args(wt, n_in);
-    if (n_tok <= 0 || n_out <= 0)
-        return;
-    matmul_job j = {moe_kernels_ops(), y, x, NULL, NULL, w, wt, n_tok, n_in, n_out, n_out};
-    if (is_quant(wt)) {
-        int8_t *q = scratch_get(qx_bytes(n_tok, n_in));
-        if (!q) {
-            matmul_q_by_token(pool, &j);
-            return;
-        }
-        float *d = (float *)(q + (size_t)n_tok * n_in);
-        j.ops->quantize_x(q, d, x, n_tok, n_in);
-        j.xq = q;
-        j.xd = d;
-    }
-    split_rows(pool, &j);
-}
-
-void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
-                       int n_out)
-{
-    matmul_any(NULL, y, x, w, wt, n_tok, n_in, n_out);
-}
-
-void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
-                int n_tok, int n_in, int n_out)
-{
-    matmul_any(pool, y, x, w, wt, n_tok, n_in, n_out);
-}
-
 /* ---- the float rows' per-thread scratch ----
  * For the x layout a float kernel builds once per call or token chunk (AVX2 bf16: x de-interleaved;
- * AVX-512 bf16: x as bf16). Owned by the thread that runs the rows (a pool worker), one rows call
- * at a time. */
+ * AVX-512 bf16: x as bf16; AMX: B tiles when x was not prepared). Owned by the thread that runs
+ * the rows (a pool worker), one rows call at a time. */
 static _Thread_local thread_buf rows_buf;
 
 void *moe_rows_scratch(size_t bytes) { return thread_buf_get(&rows_buf, BUF_ROWS, bytes); }
 
-/* ---- several matmuls in one pool run ---- */
+/* ---- the row tasks ----
+ * A call (moe_matmul: one desc; moe_matmul_batch: up to MOE_MATMUL_BATCH_MAX) is one pool run of
+ * row tasks over all its descs: about 4 tasks per thread, so a slow thread (a busy core) is
+ * balanced by the others, in whole row blocks so the kernel's register tile is always full except
+ * at the very end. Before it, each distinct x that needs it is prepared once (below). */
 
 typedef struct {
     const moe_kernel_ops *ops;
     const moe_matmul_desc *d;
     int n;
     int rows_per_task;
-    const int8_t *xq[MOE_MATMUL_BATCH_MAX]; /* NULL: the f32 path */
-    const float *xd[MOE_MATMUL_BATCH_MAX];
     int task_off[MOE_MATMUL_BATCH_MAX + 1]; /* first task of each desc */
+    int8_t *xq[MOE_MATMUL_BATCH_MAX]; /* Q8/Q4: x as int8 blocks and their scales */
+    float *xd[MOE_MATMUL_BATCH_MAX];
+    void *xp[MOE_MATMUL_BATCH_MAX]; /* bf16: x in the rows' layout, or NULL */
+    /* x preparation: the desc that owns each distinct x, and pieces of PREP_TOK tokens */
+    int owner[MOE_MATMUL_BATCH_MAX];
+    int piece_off[MOE_MATMUL_BATCH_MAX + 1];
 } batch_job;
+
+static void plan_tasks(batch_job *b, int threads)
+{
+    int blocks = 0, rb = b->ops->row_block;
+    for (int i = 0; i < b->n; i++)
+        if (b->d[i].n_tok > 0)
+            blocks += (b->d[i].n_out + rb - 1) / rb;
+    int target = threads * 4;
+    int blocks_per_task = threads <= 1 ? blocks : (blocks + target - 1) / target;
+    b->rows_per_task = (blocks_per_task > 0 ? blocks_per_task : 1) * rb;
+    b->task_off[0] = 0;
+    for (int i = 0; i < b->n; i++) {
+        const moe_matmul_desc *d = &b->d[i];
+        int tasks =
+            d->n_tok > 0 && d->n_out > 0 ? (d->n_out + b->rows_per_task - 1) / b->rows_per_task : 0;
+        b->task_off[i + 1] = b->task_off[i] + tasks;
+    }
+}
+
+/* The desc whose range [off[i], off[i + 1]) holds task k. */
+static int desc_of(const int *off, int k)
+{
+    int i = 0;
+    while (k >= off[i + 1])
+        i++;
+    return i;
+}
 
 static void batch_task(void *arg, int task, int thread)
 {
     (void)thread;
     const batch_job *b = arg;
-    int i = 0;
-    while (task >= b->task_off[i + 1])
-        i++;
+    int i = desc_of(b->task_off, task);
     const moe_matmul_desc *d = &b->d[i];
     int r0 = (task - b->task_off[i]) * b->rows_per_task;
     int r1 = r0 + b->rows_per_task < d->n_out ? r0 + b->rows_per_task : d->n_out;
     if (b->xq[i])
         b->ops->matmul_rows_q(d->y, b->xq[i], b->xd[i], d->w, d->wt, d->n_tok, d->n_in, d->n_out,
                               r0, r1);
+    else if (b->xp[i])
+        b->ops->matmul_rows_px(d->y, b->xp[i], d->w, d->n_tok, d->n_in, d->n_out, r0, r1);
     else
         b->ops->matmul_rows(d->y, d->x, d->w, d->wt, d->n_tok, d->n_in, d->n_out, r0, r1);
 }
 
-static int needs_qx(const moe_matmul_desc *d)
+static void run_tasks(moe_threadpool_t *pool, batch_job *b, int threads)
 {
-    return is_quant(d->wt);
+    if (b->task_off[b->n] > 0)
+        moe_threadpool_run(threads > 1 ? pool : NULL, batch_task, b, b->task_off[b->n]);
 }
 
-/* The desc before i whose x this one can reuse once quantized, or -1. */
-static int same_x(const moe_matmul_desc *d, int i)
+/* ---- x prepared once ----
+ * Q8/Q4 always quantize x (every n_tok: batch invariance). bf16 on a table with rows_x_prep (AMX)
+ * converts x into the rows' layout once where two or more tasks read it (a projection split across
+ * threads; gate and up of an expert; q, k and v), instead of in each task: measured, each of a
+ * small-model prefill's tasks converting all of x again took 15% of the CPU samples (perf). Descs
+ * with the same x, n_tok and n_in share it. Large x (PREP_POOL_MIN_TOK tokens or more in all) is
+ * prepared by the pool in pieces of PREP_TOK tokens, each token's bytes the same whichever piece
+ * it is in, the rest by the calling thread. */
+enum { PREP_NONE, PREP_QUANT, PREP_ROWS };
+#define PREP_TOK 64
+#define PREP_POOL_MIN_TOK 128
+/* Below this many tokens a bf16 x is left to the tasks: the rows' layout pads it to whole tiles
+ * (AMX: 8 tokens, 8x the bytes of x at one token), which the other cores read slower than they
+ * convert x themselves (decode b=1 4% more CPU time with it prepared). */
+#define PREP_ROWS_MIN_TOK 16
+_Static_assert(PREP_TOK % MOE_ROWS_X_TOK_ALIGN == 0, "a piece starts on a rows_x_prep boundary");
+
+static int prep_kind(const moe_kernel_ops *ops, const moe_matmul_desc *d)
 {
-    for (int k = 0; k < i; k++)
-        if (needs_qx(&d[k]) && d[k].x == d[i].x && d[k].n_tok == d[i].n_tok &&
-            d[k].n_in == d[i].n_in)
-            return k;
-    return -1;
+    if (d->n_tok <= 0 || d->n_out <= 0)
+        return PREP_NONE;
+    if (is_quant(d->wt))
+        return PREP_QUANT;
+    return d->wt == MOE_DT_BF16 && ops->rows_x_prep && d->n_tok >= PREP_ROWS_MIN_TOK ? PREP_ROWS
+                                                                                     : PREP_NONE;
+}
+
+static size_t prep_bytes(const batch_job *b, int i)
+{
+    const moe_matmul_desc *d = &b->d[i];
+    size_t n = prep_kind(b->ops, d) == PREP_QUANT ? qx_bytes(d->n_tok, d->n_in)
+                                                  : b->ops->rows_x_bytes(d->n_tok, d->n_in);
+    return (n + 63) & ~(size_t)63;
+}
+
+static void prep_piece(const batch_job *b, int i, int t0)
+{
+    const moe_matmul_desc *d = &b->d[i];
+    int nt = d->n_tok - t0 < PREP_TOK ? d->n_tok - t0 : PREP_TOK;
+    if (b->xq[i]) {
+        int nb = d->n_in / MOE_QK;
+        b->ops->quantize_x(b->xq[i] + (size_t)t0 * d->n_in, b->xd[i] + (size_t)t0 * nb,
+                           d->x + (size_t)t0 * d->n_in, nt, d->n_in);
+    } else {
+        b->ops->rows_x_prep(b->xp[i], d->x, t0, nt, d->n_in);
+    }
+}
+
+static void prep_task(void *arg, int piece, int thread)
+{
+    (void)thread;
+    const batch_job *b = arg;
+    int i = desc_of(b->piece_off, piece);
+    prep_piece(b, i, (piece - b->piece_off[i]) * PREP_TOK);
+}
+
+/* Chooses which x to prepare, places them in the calling thread's scratch and fills them. Returns
+ * 0, or -1 when a quantized x found no scratch (nothing prepared then); a bf16 x that finds none
+ * is left to the tasks, as when it is read by one task only. */
+static int prepare_x(moe_threadpool_t *pool, batch_job *b, int threads)
+{
+    const moe_matmul_desc *d = b->d;
+    int kind[MOE_MATMUL_BATCH_MAX], readers[MOE_MATMUL_BATCH_MAX], quant = 0;
+    for (int i = 0; i < b->n; i++) {
+        kind[i] = prep_kind(b->ops, &d[i]);
+        readers[i] = 0;
+        b->owner[i] = i;
+        for (int k = 0; k < i && kind[i] != PREP_NONE; k++)
+            if (kind[k] == kind[i] && b->owner[k] == k && d[k].x == d[i].x &&
+                d[k].n_tok == d[i].n_tok && d[k].n_in == d[i].n_in) {
+                b->owner[i] = k;
+                break;
+            }
+        readers[b->owner[i]] += b->task_off[i + 1] - b->task_off[i];
+        quant |= kind[i] == PREP_QUANT;
+    }
+    size_t need = 0;
+    for (int i = 0; i < b->n; i++) {
+        if (kind[i] == PREP_ROWS && readers[b->owner[i]] < 2)
+            kind[i] = PREP_NONE;
+        if (kind[i] != PREP_NONE && b->owner[i] == i)
+            need += prep_bytes(b, i);
+    }
+    char *p = need ? scratch_get(need) : NULL;
+    if (need && !p) {
+        if (quant)
+            return -1;
+        for (int i = 0; i < b->n; i++) /* only bf16 x: the tasks convert it */
+            kind[i] = PREP_NONE;
+    }
+    int tokens = 0;
+    b->piece_off[0] = 0;
+    for (int i = 0; i < b->n; i++) {
+        int k = b->owner[i], pieces = 0;
+        if (kind[i] != PREP_NONE && k == i) {
+            if (kind[i] == PREP_QUANT) {
+                b->xq[i] = (int8_t *)p;
+                b->xd[i] = (float *)(p + (size_t)d[i].n_tok * d[i].n_in);
+            } else {
+                b->xp[i] = p;
+            }
+            p += prep_bytes(b, i);
+            pieces = (d[i].n_tok + PREP_TOK - 1) / PREP_TOK;
+            tokens += d[i].n_tok;
+        } else if (kind[i] != PREP_NONE) {
+            b->xq[i] = b->xq[k];
+            b->xd[i] = b->xd[k];
+            b->xp[i] = b->xp[k];
+        }
+        b->piece_off[i + 1] = b->piece_off[i] + pieces;
+    }
+    if (threads > 1 && tokens >= PREP_POOL_MIN_TOK)
+        moe_threadpool_run(pool, prep_task, b, b->piece_off[b->n]);
+    else
+        for (int q = 0; q < b->piece_off[b->n]; q++)
+            prep_task(b, q, 0);
+    return 0;
+}
+
+/* Without scratch for a quantized x: one token at a time through a stack buffer. The arithmetic of
+ * an output does not depend on how tokens are grouped, so the result is bit-identical. */
+#define QX_STACK_IN 32768
+
+static __attribute__((noinline)) void matmul_q_by_token(moe_threadpool_t *pool,
+                                                        const moe_matmul_desc *d)
+{
+    _Alignas(64) int8_t q[QX_STACK_IN];
+    float xd[QX_STACK_IN / MOE_QK];
+    MOE_KASSERT(d->n_in <= QX_STACK_IN && "quantized matmul: out of memory for the x scratch");
+    int threads = moe_threadpool_size(pool);
+    for (int t = 0; t < d->n_tok; t++) {
+        moe_matmul_desc one = *d;
+        one.n_tok = 1;
+        one.x = d->x + (size_t)t * d->n_in;
+        one.y = d->y + (size_t)t * d->n_out;
+        batch_job *b = &(batch_job){.ops = moe_kernels_ops(), .d = &one, .n = 1};
+        b->ops->quantize_x(q, xd, one.x, 1, one.n_in);
+        b->xq[0] = q;
+        b->xd[0] = xd;
+        plan_tasks(b, threads);
+        run_tasks(pool, b, threads);
+    }
 }
 
 static void batch_run(moe_threadpool_t *pool, const moe_matmul_desc *d, int n)
 {
     batch_job *b = &(batch_job){.ops = moe_kernels_ops(), .d = d, .n = n};
-    size_t need = 0;
-    int blocks = 0, rb = b->ops->row_block;
-    for (int i = 0; i < n; i++) {
+    int threads = moe_threadpool_size(pool);
+    for (int i = 0; i < n; i++)
         check_args(d[i].wt, d[i].n_in);
-        if (needs_qx(&d[i]) && d[i].n_out > 0 && same_x(d, i) < 0)
-            need += qx_bytes(d[i].n_tok, d[i].n_in);
-        if (d[i].n_tok > 0)
-            blocks += (d[i].n_out + rb - 1) / rb;
-    }
-    int8_t *q = need ? scratch_get(need) : NULL;
-    if (need && !q) {
-        for (int i = 0; i < n; i++)
-            matmul_any(pool, d[i].y, d[i].x, d[i].w, d[i].wt, d[i].n_tok, d[i].n_in, d[i].n_out);
+    plan_tasks(b, threads);
+    if (prepare_x(pool, b, threads) == 0) {
+        run_tasks(pool, b, threads);
         return;
     }
-    for (int i = 0; i < n; i++) {
-        if (!needs_qx(&d[i]) || d[i].n_out <= 0)
-            continue;
-        int k = same_x(d, i);
-        if (k >= 0) {
-            b->xq[i] = b->xq[k];
-            b->xd[i] = b->xd[k];
-            continue;
-        }
-        float *xd = (float *)(q + (size_t)d[i].n_tok * d[i].n_in);
-        b->ops->quantize_x(q, xd, d[i].x, d[i].n_tok, d[i].n_in);
-        b->xq[i] = q;
-        b->xd[i] = xd;
-        q += qx_bytes(d[i].n_tok, d[i].n_in);
+    for (int i = 0; i < n; i++) { /* out of scratch: each desc alone, the quantized by token */
+        if (is_quant(d[i].wt) && d[i].n_tok > 0 && d[i].n_out > 0)
+            matmul_q_by_token(pool, &d[i]);
+        else
+            batch_run(pool, &d[i], 1);
     }
-    /* As split_rows: about 4 tasks per thread over all the rows, in whole row blocks. */
-    int nt = moe_threadpool_size(pool);
-    int target = nt * 4;
-    int blocks_per_task = nt <= 1 ? blocks : (blocks + target - 1) / target;
-    b->rows_per_task = (blocks_per_task > 0 ? blocks_per_task : 1) * rb;
-    b->task_off[0] = 0;
-    for (int i = 0; i < n; i++) {
-        int tasks = d[i].n_tok > 0 && d[i].n_out > 0
-                        ? (d[i].n_out + b->rows_per_task - 1) / b->rows_per_task
-                        : 0;
-        b->task_off[i + 1] = b->task_off[i] + tasks;
-    }
-    if (b->task_off[n] > 0)
-        moe_threadpool_run(nt > 1 ? pool : NULL, batch_task, b, b->task_off[n]);
+}
+
+void moe_matmul_serial(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
+                       int n_out)
+{
+    moe_matmul_desc d = {y, x, w, wt, n_tok, n_in, n_out};
+    batch_run(NULL, &d, 1);
+}
+
+void moe_matmul(moe_threadpool_t *pool, float *y, const float *x, const void *w, moe_dtype wt,
+                int n_tok, int n_in, int n_out)
+{
+    moe_matmul_desc d = {y, x, w, wt, n_tok, n_in, n_out};
+    batch_run(pool, &d, 1);
 }
 
 void moe_matmul_batch(moe_threadpool_t *pool, const moe_matmul_desc *descs, int n)

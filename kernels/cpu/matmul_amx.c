@@ -307,6 +307,60 @@ static void rows_bf16(float *y, const float *x, const uint16_t *w, int n_tok, in
     tiles_end();
 }
 
+/* ---- x prepared once per matmul ----
+ * matmul.c converts x into B tiles once for all the row tasks that read it (a projection split
+ * across threads, gate and up of one expert, q, k and v), where each task would otherwise convert
+ * all of x again: the tiles of n_tok tokens are the 64-token chunks' tiles one after another (a
+ * chunk is a whole number of token tiles), so the rows read the same bytes either way. */
+static size_t x_tiles_bytes(int n_tok, int n_in, int NX)
+{
+    const int tpt = TCOL / NX;
+    return (size_t)((n_tok + tpt - 1) / tpt) * n_ksteps(n_in) * TBYTES;
+}
+
+static void x_tiles_prep(void *xp, const float *x, int t0, int nt, int n_in, int NX)
+{
+    const int tpt = TCOL / NX;
+    MOE_KASSERT(t0 % tpt == 0 && MOE_ROWS_X_TOK_ALIGN % tpt == 0);
+    x_to_tiles((uint32_t *)xp + (size_t)(t0 / tpt) * n_ksteps(n_in) * (TBYTES / 4),
+               x + (size_t)t0 * n_in, nt, n_in, NX);
+}
+
+static void rows_prepared(float *y, const void *xp, const uint16_t *w, int n_tok, int n_in,
+                          int n_out, int r0, int r1, int NX)
+{
+    const int tpt = TCOL / NX, chunk = n_tok >= AMX_CHUNK_MIN_TOK ? AMX_TOKC : n_tok;
+    const uint32_t *xa = xp;
+    tiles_begin();
+    for (int tc = 0; tc < n_tok; tc += chunk) {
+        int nt = n_tok - tc < chunk ? n_tok - tc : chunk;
+        rows_tiles(y + (size_t)tc * n_out, xa + (size_t)(tc / tpt) * n_ksteps(n_in) * (TBYTES / 4),
+                   w, nt, n_in, n_out, r0, r1, NX);
+    }
+    tiles_end();
+}
+
+size_t moe_amx_x_bytes(int n_tok, int n_in) { return x_tiles_bytes(n_tok, n_in, 2); }
+size_t moe_amx_x_bytes_xbf16(int n_tok, int n_in) { return x_tiles_bytes(n_tok, n_in, 1); }
+void moe_amx_x_prep(void *xp, const float *x, int t0, int nt, int n_in)
+{
+    x_tiles_prep(xp, x, t0, nt, n_in, 2);
+}
+void moe_amx_x_prep_xbf16(void *xp, const float *x, int t0, int nt, int n_in)
+{
+    x_tiles_prep(xp, x, t0, nt, n_in, 1);
+}
+void moe_matmul_rows_amx_px(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                            int n_out, int r0, int r1)
+{
+    rows_prepared(y, xp, w, n_tok, n_in, n_out, r0, r1, 2);
+}
+void moe_matmul_rows_amx_px_xbf16(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                                  int n_out, int r0, int r1)
+{
+    rows_prepared(y, xp, w, n_tok, n_in, n_out, r0, r1, 1);
+}
+
 /* bf16: the tiles, x as NX bf16 parts, for every n_tok (batch invariance); f32/f16 as on AVX-512
  * CPUs without AMX (the AVX2 rows). */
 static void rows_any(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
@@ -331,6 +385,34 @@ void moe_matmul_rows_amx_xbf16(float *y, const float *x, const void *w, moe_dtyp
 }
 
 #else /* built without the flags (a compiler without AMX): never dispatched */
+
+size_t moe_amx_x_bytes(int n_tok, int n_in) { return moe_amx_x_bytes_xbf16(n_tok, n_in); }
+size_t moe_amx_x_bytes_xbf16(int n_tok, int n_in)
+{
+    (void)n_tok, (void)n_in;
+    MOE_KASSERT(!"moe_amx_x_bytes: built without AMX");
+    return 0;
+}
+void moe_amx_x_prep(void *xp, const float *x, int t0, int nt, int n_in)
+{
+    moe_amx_x_prep_xbf16(xp, x, t0, nt, n_in);
+}
+void moe_amx_x_prep_xbf16(void *xp, const float *x, int t0, int nt, int n_in)
+{
+    (void)xp, (void)x, (void)t0, (void)nt, (void)n_in;
+    MOE_KASSERT(!"moe_amx_x_prep: built without AMX");
+}
+void moe_matmul_rows_amx_px(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                            int n_out, int r0, int r1)
+{
+    moe_matmul_rows_amx_px_xbf16(y, xp, w, n_tok, n_in, n_out, r0, r1);
+}
+void moe_matmul_rows_amx_px_xbf16(float *y, const void *xp, const void *w, int n_tok, int n_in,
+                                  int n_out, int r0, int r1)
+{
+    (void)y, (void)xp, (void)w, (void)n_tok, (void)n_in, (void)n_out, (void)r0, (void)r1;
+    MOE_KASSERT(!"moe_matmul_rows_amx_px: built without AMX");
+}
 
 void moe_matmul_rows_amx(float *y, const float *x, const void *w, moe_dtype wt, int n_tok, int n_in,
                          int n_out, int r0, int r1)

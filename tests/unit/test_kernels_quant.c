@@ -374,9 +374,11 @@ Test(quant, reserve)
     cr_assert_eq(moe_matmul_reserve(0, 0), 0);
 }
 
-/* moe_matmul_batch: every desc's y bit-identical to moe_matmul on it alone, for every dtype (Q8/Q4
- * on both sides of the int8 / f32-panel switch), shared and distinct x, odd shapes, empty descs,
- * more descs than one run takes, every ISA, 1-4 threads, and without scratch. */
+/* moe_matmul_batch: every desc's y bit-identical to moe_matmul_serial on it alone, for every dtype
+ * (Q8/Q4 on both sides of the AVX2 decode / prefill tile switch), shared and distinct x (x
+ * prepared once for all the tasks that read it, by the pool from 128 tokens on), odd shapes, empty
+ * descs, more descs than one run takes, every ISA (AVX-512 and AMX: x as hi + lo and rounded),
+ * 1-4 threads, and without scratch. */
 typedef struct {
     moe_matmul_desc d;
     float *yref;
@@ -394,20 +396,55 @@ static void batch_check(batch_case *bc, int n, moe_threadpool_t *pool, const cha
     }
     moe_matmul_batch(pool, descs, n);
     for (int i = 0; i < n; i++)
-        cr_assert_arr_eq(bc[i].d.y, bc[i].yref, (size_t)bc[i].d.n_tok * bc[i].d.n_out * sizeof(float),
+        cr_assert_arr_eq(bc[i].d.y, bc[i].yref,
+                         (size_t)bc[i].d.n_tok * bc[i].d.n_out * sizeof(float),
                          "%s: desc %d (%s n_tok=%d n_in=%d n_out=%d), %d threads", what, i,
                          moe_dtype_name(bc[i].d.wt), bc[i].d.n_tok, bc[i].d.n_in, bc[i].d.n_out,
                          moe_threadpool_size(pool));
 }
 
+/* bc: n_out x n_in uniform weights in wt, on x (not owned), y and yref allocated. */
+static void batch_case_init(batch_case *bc, const float *x, moe_dtype wt, int n_tok, int n_in,
+                            int n_out)
+{
+    size_t nw = (size_t)n_out * n_in;
+    float *wf = xmalloc(sizeof(float) * (nw ? nw : 1));
+    for (size_t k = 0; k < nw; k++)
+        wf[k] = rng_uniform(-1.0f, 1.0f);
+    void *w = xmalloc(nw * 4 + 64);
+    if (wt == MOE_DT_Q8 || wt == MOE_DT_Q4) {
+        cr_assert_eq(moe_quantize(w, wt, wf, MOE_DT_F32, nw), 0);
+    } else if (wt == MOE_DT_F32) {
+        memcpy(w, wf, nw * 4);
+    } else {
+        uint16_t *h = w;
+        for (size_t k = 0; k < nw; k++)
+            h[k] = wt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[k]) : moe_f32_to_f16(wf[k]);
+    }
+    free(wf);
+    size_t ny = (size_t)n_tok * n_out;
+    bc->d = (moe_matmul_desc){xmalloc(sizeof(float) * (ny ? ny : 1)), x, w, wt, n_tok, n_in, n_out};
+    bc->yref = xmalloc(sizeof(float) * (ny ? ny : 1));
+    bc->w = w;
+}
+
+static void batch_case_free(batch_case *bc)
+{
+    free(bc->d.y);
+    free(bc->w);
+    free(bc->yref);
+}
+
+/* Every ISA (both x modes from AVX-512 on), 1-4 threads and without scratch: batch_check against
+ * each desc alone through moe_matmul_serial. */
+static void batch_sweep(batch_case *bc, int n, moe_threadpool_t **pools);
+
 Test(quant, matmul_batch, .timeout = 120)
 {
-    moe_isa isas[MOE_N_ISA];
-    int n_isa = supported_isas(isas);
     moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
                                   moe_threadpool_create(4)};
     static const moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16, MOE_DT_Q8, MOE_DT_Q4};
-    static const int toks[] = {1, 1, 2, 3, 5, 16, 47, 48, 53};
+    static const int toks[] = {1, 1, 2, 3, 5, 16, 47, 48, 53, 130, 200};
     enum { N = 72 }; /* > MOE_MATMUL_BATCH_MAX: two runs */
     cr_assert_gt(N, MOE_MATMUL_BATCH_MAX);
     batch_case bc[N];
@@ -417,7 +454,7 @@ Test(quant, matmul_batch, .timeout = 120)
         bool q = wt == MOE_DT_Q8 || wt == MOE_DT_Q4;
         int n_in = q ? ((int)(rng_next() % 6) + 1) * MOE_QK : (int)(rng_next() % 90) + 1;
         int n_out = i % 11 == 5 ? 0 : (int)(rng_next() % 70) + 1; /* some empty */
-        int n_tok = i < 40 ? 1 : toks[rng_next() % 9];
+        int n_tok = i < 40 ? 1 : toks[rng_next() % (sizeof toks / sizeof *toks)];
         /* Every third desc shares the previous one's x when the shapes allow (gate and up). */
         bool share = i > 0 && i % 3 == 2 && bc[i - 1].d.n_in == n_in && bc[i - 1].d.n_tok == n_tok;
         if (i > 0 && i % 3 == 2 && !share) { /* force a shareable shape */
@@ -439,52 +476,75 @@ Test(quant, matmul_batch, .timeout = 120)
                 x[k] = rng_uniform(-2.0f, 2.0f);
             xs[i] = x;
         }
-        size_t nw = (size_t)n_out * n_in;
-        float *wf = xmalloc(sizeof(float) * (nw ? nw : 1));
-        for (size_t k = 0; k < nw; k++)
-            wf[k] = rng_uniform(-1.0f, 1.0f);
-        void *w = xmalloc(nw * 4 + 64);
-        if (q) {
-            cr_assert_eq(moe_quantize(w, wt, wf, MOE_DT_F32, nw), 0);
-        } else if (wt == MOE_DT_F32) {
-            memcpy(w, wf, nw * 4);
-        } else {
-            uint16_t *h = w;
-            for (size_t k = 0; k < nw; k++)
-                h[k] = wt == MOE_DT_BF16 ? moe_f32_to_bf16(wf[k]) : moe_f32_to_f16(wf[k]);
-        }
-        free(wf);
-        size_t ny = (size_t)n_tok * n_out;
-        bc[i].d = (moe_matmul_desc){xmalloc(sizeof(float) * (ny ? ny : 1)), x, w, wt, n_tok,
-                                    n_in, n_out};
-        bc[i].yref = xmalloc(sizeof(float) * (ny ? ny : 1));
-        bc[i].w = w;
+        batch_case_init(&bc[i], x, wt, n_tok, n_in, n_out);
     }
-    char what[64];
-    for (int s = 0; s < n_isa; s++) {
-        cr_assert_eq(moe_kernels_force_isa(isas[s]), isas[s]);
-        for (int i = 0; i < N; i++)
-            moe_matmul(pools[1], bc[i].yref, bc[i].d.x, bc[i].d.w, bc[i].d.wt, bc[i].d.n_tok,
-                       bc[i].d.n_in, bc[i].d.n_out);
-        snprintf(what, sizeof what, "%s", moe_isa_name(isas[s]));
-        for (int p = 0; p < 4; p++) {
-            batch_check(bc, N, pools[p], what);
-            batch_check(bc + 50, 7, pools[p], what); /* a short batch */
-        }
-        moe_kernels_test_no_scratch(1);
-        snprintf(what, sizeof what, "%s without scratch", moe_isa_name(isas[s]));
-        batch_check(bc, N, pools[2], what);
-        moe_kernels_test_no_scratch(0);
-    }
+    batch_sweep(bc, N, pools);
     moe_matmul_batch(pools[1], NULL, 0); /* nothing to do */
     for (int i = 0; i < N; i++) {
         free(xs[i]);
-        free(bc[i].d.y);
-        free(bc[i].w);
-        free(bc[i].yref);
+        batch_case_free(&bc[i]);
     }
     for (int p = 1; p < 4; p++)
         moe_threadpool_free(pools[p]);
+}
+
+/* A prefill's batches as the forward pass makes them: q, k and v (and gate and up) on one x of 200
+ * tokens, one matrix split across every thread, Q8/Q4 beside bf16 on that x, another x of 130:
+ * x prepared once by the pool, in pieces, and read by many tasks. */
+Test(quant, matmul_batch_prefill, .timeout = 120)
+{
+    moe_threadpool_t *pools[4] = {NULL, moe_threadpool_create(2), moe_threadpool_create(3),
+                                  moe_threadpool_create(4)};
+    enum { T = 200, T2 = 130, IN = 96, N = 7 };
+    float *x = xmalloc(sizeof(float) * T * IN), *x2 = xmalloc(sizeof(float) * T2 * IN);
+    for (int k = 0; k < T * IN; k++)
+        x[k] = rng_uniform(-2.0f, 2.0f);
+    for (int k = 0; k < T2 * IN; k++)
+        x2[k] = rng_uniform(-2.0f, 2.0f);
+    batch_case bc[N];
+    batch_case_init(&bc[0], x, MOE_DT_BF16, T, IN, 300);
+    batch_case_init(&bc[1], x, MOE_DT_BF16, T, IN, 40);
+    batch_case_init(&bc[2], x, MOE_DT_BF16, T, IN, 17);
+    batch_case_init(&bc[3], x, MOE_DT_Q8, T, IN, 50);
+    batch_case_init(&bc[4], x, MOE_DT_Q4, T, IN, 33);
+    batch_case_init(&bc[5], x2, MOE_DT_BF16, T2, IN, 70);
+    batch_case_init(&bc[6], x2, MOE_DT_Q8, T2, IN, 70);
+    batch_sweep(bc, N, pools);
+    for (int i = 0; i < N; i++)
+        batch_case_free(&bc[i]);
+    free(x);
+    free(x2);
+    for (int p = 1; p < 4; p++)
+        moe_threadpool_free(pools[p]);
+}
+
+static void batch_sweep(batch_case *bc, int n, moe_threadpool_t **pools)
+{
+    moe_isa isas[MOE_N_ISA];
+    int n_isa = supported_isas(isas);
+    char what[64];
+    for (int s = 0; s < n_isa; s++) {
+        for (int round = 0; round < 1 + (isas[s] >= MOE_ISA_AVX512); round++) {
+            cr_assert_eq(moe_kernels_force_isa(isas[s]), isas[s]);
+            moe_kernels_test_bf16_x_round(round);
+            for (int i = 0; i < n; i++)
+                moe_matmul_serial(bc[i].yref, bc[i].d.x, bc[i].d.w, bc[i].d.wt, bc[i].d.n_tok,
+                                  bc[i].d.n_in, bc[i].d.n_out);
+            snprintf(what, sizeof what, "%s%s", moe_isa_name(isas[s]),
+                     round ? " (MOE_BF16_X=round)" : "");
+            for (int p = 0; p < 4; p++) {
+                batch_check(bc, n, pools[p], what);
+                if (n > 57)
+                    batch_check(bc + 50, 7, pools[p], what); /* a short batch */
+            }
+            moe_kernels_test_no_scratch(1);
+            snprintf(what, sizeof what, "%s%s without scratch", moe_isa_name(isas[s]),
+                     round ? " (MOE_BF16_X=round)" : "");
+            batch_check(bc, n, pools[2], what);
+            moe_kernels_test_no_scratch(0);
+        }
+        moe_kernels_test_bf16_x_round(0);
+    }
 }
 
 /* ---- the AVX512-VNNI int8 rows (quant_avx512.c), called directly ----
