@@ -97,7 +97,9 @@ AI void zscores_block(float *s, int s_stride, const float *qp, int np, int npb, 
                 a[j][i] = _mm512_fmadd_ps(kv, qv[j], a[j][i]);
         }
     }
-    if (t < steps) { /* the tail: masked lanes are 0 * 0 on both sides */
+    /* The tail: masked lanes are 0 * 0 on both sides. Its own copy of the step: one loop with a
+     * mask on every step ran the 8-query tiles at 0.96x the 8-lane time instead of 0.85x. */
+    if (t < steps) {
         __m512 qv[ZS_PAIRS];
 #pragma GCC unroll 4
         for (int j = 0; j < npb; j++)
