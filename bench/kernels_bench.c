@@ -323,12 +323,13 @@ static void qprefill(int max_threads)
 }
 
 /* ---- prefill attention: every query of a 512-token prompt against its causal prefix ----
- * One thread, `small`-like heads (4 KV heads x 3 query heads, head_dim 64, blocks of 16): one
- * moe_attention call per (token, KV head) as the forward pass did, against moe_attention_multi
- * over tiles of 1..16 consecutive tokens. Best of 5, interleaved. */
-static void attn_prefill(void)
+ * One thread, `small`'s heads by default (4 KV heads x 3 query heads, head_dim 64; `attn HD NKV G`
+ * for others, e.g. 128 16 1 as OLMoE), blocks of 16: one moe_attention call per (token, KV head)
+ * as the forward pass did, against moe_attention_multi over tiles of 1..16 consecutive tokens.
+ * Best of 5, interleaved. */
+static void attn_prefill(int HD, int NKV, int G)
 {
-    enum { T = 512, NKV = 4, G = 3, HD = 64, BS = 16 };
+    enum { T = 512, BS = 16 };
     int nb = T / BS;
     size_t hs = (size_t)BS * HD, bf = hs * NKV, qdim = (size_t)NKV * G * HD;
     float *k = malloc(bf * nb * sizeof *k), *v = malloc(bf * nb * sizeof *v);
@@ -472,7 +473,13 @@ int main(int argc, char **argv)
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
     if (strcmp(mode, "attn") == 0) {
-        attn_prefill();
+        int hd = argc > 3 ? atoi(argv[3]) : 64, nkv = argc > 4 ? atoi(argv[4]) : 4,
+            g = argc > 5 ? atoi(argv[5]) : 3;
+        if (hd < 1 || hd > 512 || nkv < 1 || nkv > 64 || g < 1 || g > 64) {
+            fprintf(stderr, "kernels_bench: attn HEAD_DIM (1-512) N_KV (1-64) GROUP (1-64)\n");
+            return 2;
+        }
+        attn_prefill(hd, nkv, g);
         return 0;
     }
     if (strcmp(mode, "qprefill") == 0) {

@@ -6,11 +6,14 @@
 #include "kernels/cpu/kernels_internal.h"
 
 /* Context tokens per chunk; query heads of one KV group handled together (their K/V rows are
- * shared); query heads per pass over the context (bounds the running-softmax state). */
-#define ATT_CHUNK 32
+ * shared); query heads per pass over the context (bounds the running-softmax state). 64 tokens
+ * per chunk against 32: prefill attention 0.90x the time at head_dim 64 and 0.95x at 128, decode
+ * 0.93-0.96x / within noise (kernels_bench 1 attn [128 16 1], bench/RESULTS.md "Issue 16,
+ * attention context chunks"). */
+#define ATT_CHUNK 64
 #define ATT_HEADS 8
 #define ATT_PASS_HEADS 64
-/* Rows (query x head) per kernel call: their chunk scores (4 KiB) stay in L1 beside the chunk's
+/* Rows (query x head) per kernel call: their chunk scores (8 KiB) stay in L1 beside the chunk's
  * K/V rows. */
 #define ATT_ROWS 32
 
@@ -62,7 +65,7 @@ static inline const float *kv_row(const float *const *base, const moe_kv_view *k
 /* The shared body of moe_attention and moe_attention_multi: query i (q + i * q_stride, out + i *
  * out_stride) attends to context [0, n_ctx0 + i). Each query's arithmetic is exactly that of a
  * single query (the same chunks, the same per-row kernel arithmetic and softmax updates); the
- * queries only share the walk over the context and the kernel calls, so each K/V chunk (32 rows)
+ * queries only share the walk over the context and the kernel calls, so each K/V chunk (64 rows)
  * is loaded from L2/L3 once and each K/V vector loaded from L1 feeds several rows' FMAs. */
 static void attention_q(float *out, size_t out_stride, const float *q, size_t q_stride,
                         const moe_kv_view *kv, int n_q, int n_ctx0, int n_head, int n_kv_head,

@@ -21,7 +21,7 @@ double moe_attn_exp_avx2(float *s, int nc, float m_in, float *m_out)
     /* The chunk's max first (exact in any order: 8 lanes, then across them; a NaN score is
      * skipped as the scalar compare does, max_ps returning its second operand), then the softmax
      * numerators: 32 scalar expf calls cost more than the chunk's score and value FMAs together.
-     * The sum is taken in f32 lanes (at most 32 terms in [0, 1]: relative error below 2^-19) and
+     * The sum is taken in f32 lanes (at most 64 terms in [0, 1]: relative error below 2^-18) and
      * the caller adds it to its double total. */
     __m256 mv = _mm256_set1_ps(m_in);
     int c = 0;

@@ -1264,7 +1264,7 @@ Test(kernels, attention_chunk_kernels, .timeout = 120)
 }
 
 /* The attention chunk's softmax numerators: the AVX2 polynomial exp against exp (2 ulp, absolute
- * 2e-38: 0 below -87), the returned sum against a double sum, every chunk length 1..32,
+ * 2e-38: 0 below -87), the returned sum against a double sum, every chunk length 1..64,
  * NaN propagation; the scalar kernel is expf itself. */
 Test(kernels, attention_exp)
 {
@@ -1273,9 +1273,9 @@ Test(kernels, attention_exp)
     for (int ii = 0; ii < n_isa; ii++) {
         moe_kernels_force_isa(isas[ii]);
         moe_attn_exp_fn ex = moe_kernels_ops()->attn_exp;
-        float s[32], in[32];
-        for (int it = 0; it < 400; it++) {
-            int nc = it % 32 + 1;
+        float s[64], in[64];
+        for (int it = 0; it < 640; it++) {
+            int nc = it % 64 + 1;
             float range = it < 200 ? 100.f : 2.f;
             for (int c = 0; c < nc; c++)
                 in[c] = s[c] = rng_uniform(-range, 0.f) + (c == 7 ? 1e-3f : 0.f);
