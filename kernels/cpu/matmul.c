@@ -178,9 +178,7 @@ typedef struct {
     int8_t *xq[MOE_MATMUL_BATCH_MAX]; /* Q8/Q4: x as int8 blocks and their scales */
     float *xd[MOE_MATMUL_BATCH_MAX];
     void *xp[MOE_MATMUL_BATCH_MAX]; /* bf16: x in the rows' layout, or NULL */
-    /* x preparation: the desc that owns each distinct x, and pieces of PREP_TOK tokens */
-    int owner[MOE_MATMUL_BATCH_MAX];
-    int piece_off[MOE_MATMUL_BATCH_MAX + 1];
+    int piece_off[MOE_MATMUL_BATCH_MAX + 1]; /* x preparation: first piece of each desc */
 } batch_job;
 
 static void plan_tasks(batch_job *b, int threads)
@@ -227,10 +225,9 @@ static void batch_task(void *arg, int task, int thread)
         b->ops->matmul_rows(d->y, d->x, d->w, d->wt, d->n_tok, d->n_in, d->n_out, r0, r1);
 }
 
-static void run_tasks(moe_threadpool_t *pool, batch_job *b, int threads)
+static void run_tasks(moe_threadpool_t *pool, batch_job *b)
 {
-    if (b->task_off[b->n] > 0)
-        moe_threadpool_run(threads > 1 ? pool : NULL, batch_task, b, b->task_off[b->n]);
+    moe_threadpool_run(pool, batch_task, b, b->task_off[b->n]);
 }
 
 /* ---- x prepared once ----
@@ -260,11 +257,11 @@ static int prep_kind(const moe_kernel_ops *ops, const moe_matmul_desc *d)
                                                                                      : PREP_NONE;
 }
 
-static size_t prep_bytes(const batch_job *b, int i)
+static size_t prep_bytes(const batch_job *b, int i, int kind)
 {
     const moe_matmul_desc *d = &b->d[i];
-    size_t n = prep_kind(b->ops, d) == PREP_QUANT ? qx_bytes(d->n_tok, d->n_in)
-                                                  : b->ops->rows_x_bytes(d->n_tok, d->n_in);
+    size_t n = kind == PREP_QUANT ? qx_bytes(d->n_tok, d->n_in)
+                                  : b->ops->rows_x_bytes(d->n_tok, d->n_in);
     return (n + 63) & ~(size_t)63;
 }
 
@@ -292,29 +289,31 @@ static void prep_task(void *arg, int piece, int thread)
 /* Chooses which x to prepare, places them in the calling thread's scratch and fills them. Returns
  * 0, or -1 when a quantized x found no scratch (nothing prepared then); a bf16 x that finds none
  * is left to the tasks, as when it is read by one task only. */
-static int prepare_x(moe_threadpool_t *pool, batch_job *b, int threads)
+static int prepare_x(moe_threadpool_t *pool, batch_job *b)
 {
     const moe_matmul_desc *d = b->d;
-    int kind[MOE_MATMUL_BATCH_MAX], readers[MOE_MATMUL_BATCH_MAX], quant = 0;
+    /* owner[i]: the desc whose x desc i reads (itself, or the first with the same x) */
+    int kind[MOE_MATMUL_BATCH_MAX], owner[MOE_MATMUL_BATCH_MAX], readers[MOE_MATMUL_BATCH_MAX];
+    int quant = 0;
     for (int i = 0; i < b->n; i++) {
         kind[i] = prep_kind(b->ops, &d[i]);
         readers[i] = 0;
-        b->owner[i] = i;
+        owner[i] = i;
         for (int k = 0; k < i && kind[i] != PREP_NONE; k++)
-            if (kind[k] == kind[i] && b->owner[k] == k && d[k].x == d[i].x &&
+            if (kind[k] == kind[i] && owner[k] == k && d[k].x == d[i].x &&
                 d[k].n_tok == d[i].n_tok && d[k].n_in == d[i].n_in) {
-                b->owner[i] = k;
+                owner[i] = k;
                 break;
             }
-        readers[b->owner[i]] += b->task_off[i + 1] - b->task_off[i];
+        readers[owner[i]] += b->task_off[i + 1] - b->task_off[i];
         quant |= kind[i] == PREP_QUANT;
     }
     size_t need = 0;
     for (int i = 0; i < b->n; i++) {
-        if (kind[i] == PREP_ROWS && readers[b->owner[i]] < 2)
+        if (kind[i] == PREP_ROWS && readers[owner[i]] < 2)
             kind[i] = PREP_NONE;
-        if (kind[i] != PREP_NONE && b->owner[i] == i)
-            need += prep_bytes(b, i);
+        if (kind[i] != PREP_NONE && owner[i] == i)
+            need += prep_bytes(b, i, kind[i]);
     }
     char *p = need ? scratch_get(need) : NULL;
     if (need && !p) {
@@ -326,7 +325,7 @@ static int prepare_x(moe_threadpool_t *pool, batch_job *b, int threads)
     int tokens = 0;
     b->piece_off[0] = 0;
     for (int i = 0; i < b->n; i++) {
-        int k = b->owner[i], pieces = 0;
+        int k = owner[i], pieces = 0;
         if (kind[i] != PREP_NONE && k == i) {
             if (kind[i] == PREP_QUANT) {
                 b->xq[i] = (int8_t *)p;
@@ -334,7 +333,7 @@ static int prepare_x(moe_threadpool_t *pool, batch_job *b, int threads)
             } else {
                 b->xp[i] = p;
             }
-            p += prep_bytes(b, i);
+            p += prep_bytes(b, i, kind[i]);
             pieces = (d[i].n_tok + PREP_TOK - 1) / PREP_TOK;
             tokens += d[i].n_tok;
         } else if (kind[i] != PREP_NONE) {
@@ -344,7 +343,7 @@ static int prepare_x(moe_threadpool_t *pool, batch_job *b, int threads)
         }
         b->piece_off[i + 1] = b->piece_off[i] + pieces;
     }
-    if (threads > 1 && tokens >= PREP_POOL_MIN_TOK)
+    if (tokens >= PREP_POOL_MIN_TOK)
         moe_threadpool_run(pool, prep_task, b, b->piece_off[b->n]);
     else
         for (int q = 0; q < b->piece_off[b->n]; q++)
@@ -373,7 +372,7 @@ static __attribute__((noinline)) void matmul_q_by_token(moe_threadpool_t *pool,
         b->xq[0] = q;
         b->xd[0] = xd;
         plan_tasks(b, threads);
-        run_tasks(pool, b, threads);
+        run_tasks(pool, b);
     }
 }
 
@@ -384,8 +383,8 @@ static void batch_run(moe_threadpool_t *pool, const moe_matmul_desc *d, int n)
     for (int i = 0; i < n; i++)
         check_args(d[i].wt, d[i].n_in);
     plan_tasks(b, threads);
-    if (prepare_x(pool, b, threads) == 0) {
-        run_tasks(pool, b, threads);
+    if (prepare_x(pool, b) == 0) {
+        run_tasks(pool, b);
         return;
     }
     for (int i = 0; i < n; i++) { /* out of scratch: each desc alone, the quantized by token */
