@@ -166,29 +166,34 @@ static moe_status lex_string(lexer *L)
 static bool is_digit(char c) { return c >= '0' && c <= '9'; }
 static bool is_name0(char c) { return c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 
-/* digits with jinja2's optional single underscores between them; appends to buf */
-static size_t digits(const lexer *L, size_t j, char *buf, size_t *bl, size_t cap)
+/* The end of a run of digits with jinja2's optional single underscores between them. */
+static size_t digits_end(const lexer *L, size_t j)
 {
     while (j < L->n && (is_digit(L->s[j]) ||
                         (L->s[j] == '_' && j + 1 < L->n && is_digit(L->s[j + 1]) && j > 0 &&
-                         is_digit(L->s[j - 1])))) {
-        if (L->s[j] != '_' && *bl + 1 < cap)
-            buf[(*bl)++] = L->s[j];
+                         is_digit(L->s[j - 1]))))
         j++;
-    }
     return j;
 }
 
-static moe_status lex_number(lexer *L)
+static bool is_base_digit(char c, int base)
 {
-    char buf[128];
-    size_t bl = 0;
-    size_t j = digits(L, L->i, buf, &bl, sizeof(buf));
+    if (base == 16)
+        return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+    return c >= '0' && c < '0' + base;
+}
+
+/* The end of a float literal as jinja2's float_re reads it (digits, then a fraction, an
+ * exponent or both), or `start` when what is there is no float. */
+static size_t float_end(const lexer *L, size_t start)
+{
+    if (start > 0 && L->s[start - 1] == '.') /* (?<!\.): `a.0.1` is two attribute steps */
+        return start;
+    size_t j = digits_end(L, start);
     bool is_float = false;
     if (j + 1 < L->n && L->s[j] == '.' && is_digit(L->s[j + 1])) {
         is_float = true;
-        buf[bl++] = '.';
-        j = digits(L, j + 1, buf, &bl, sizeof(buf));
+        j = digits_end(L, j + 1);
     }
     if (j < L->n && (L->s[j] == 'e' || L->s[j] == 'E')) {
         size_t k = j + 1;
@@ -196,27 +201,77 @@ static moe_status lex_number(lexer *L)
             k++;
         if (k < L->n && is_digit(L->s[k])) {
             is_float = true;
-            buf[bl++] = 'e';
-            if (L->s[j + 1] == '-')
-                buf[bl++] = '-';
-            j = digits(L, k, buf, &bl, sizeof(buf));
+            j = digits_end(L, k);
         }
     }
-    buf[bl] = '\0';
+    return is_float ? j : start;
+}
+
+/* An integer literal as jinja2's integer_re reads it: 0b / 0o / 0x and their digits, a
+ * decimal without leading zeros, or zeros alone (so `007` is `00` then `7`, a syntax error
+ * there and here). Sets where its digits start and their base. */
+static size_t int_end(const lexer *L, size_t start, size_t *digits_from, int *base)
+{
+    *digits_from = start;
+    *base = 10;
+    if (L->s[start] != '0')
+        return digits_end(L, start);
+    if (start + 2 < L->n) {
+        char p = (char)(L->s[start + 1] | 0x20);
+        int b = p == 'b' ? 2 : p == 'o' ? 8 : p == 'x' ? 16 : 0;
+        size_t j = start + 2;
+        if (b && j < L->n && L->s[j] == '_')
+            j++;
+        if (b && j < L->n && is_base_digit(L->s[j], b)) {
+            while (j < L->n && (is_base_digit(L->s[j], b) ||
+                                (L->s[j] == '_' && j + 1 < L->n && is_base_digit(L->s[j + 1], b))))
+                j++;
+            *digits_from = start + 2;
+            *base = b;
+            return j;
+        }
+    }
+    size_t j = start + 1;
+    while (j < L->n && (L->s[j] == '0' || (L->s[j] == '_' && j + 1 < L->n && L->s[j + 1] == '0')))
+        j++;
+    return j;
+}
+
+static moe_status lex_number(lexer *L)
+{
+    size_t from = L->i, j = float_end(L, L->i);
+    bool is_float = j > L->i;
+    int base = 10;
+    if (!is_float)
+        j = int_end(L, L->i, &from, &base);
+    /* strtod / strtoull read the literal as written less its underscores, however long: a
+     * copy bounded by the literal itself, never a fixed buffer that would cut digits off */
+    char *text = malloc(j - from + 1);
+    if (!text)
+        return moe_error(MOE_ERR_NOMEM, "chat template: number literal");
+    size_t len = 0;
+    for (size_t c = from; c < j; c++)
+        if (L->s[c] != '_')
+            text[len++] = L->s[c];
+    text[len] = '\0';
     jtok *t = push(L, is_float ? TK_FLOAT : TK_INT);
-    if (!t)
-        return moe_error(MOE_ERR_NOMEM, "chat template: too many tokens");
-    if (is_float) {
-        t->fval = strtod(buf, NULL);
+    moe_status st = MOE_OK;
+    if (!t) {
+        st = moe_error(MOE_ERR_NOMEM, "chat template: too many tokens");
+    } else if (is_float) {
+        t->fval = strtod(text, NULL);
     } else {
         errno = 0;
-        unsigned long long v = strtoull(buf, NULL, 10);
+        unsigned long long v = strtoull(text, NULL, base);
         if (errno || v > INT64_MAX)
-            return lex_err(L, "integer literal out of range");
-        t->ival = (int64_t)v;
+            st = lex_err(L, "integer literal out of range");
+        else
+            t->ival = (int64_t)v;
     }
-    L->i = j;
-    return MOE_OK;
+    free(text);
+    if (st == MOE_OK)
+        L->i = j;
+    return st;
 }
 
 static int two_char_op(char a, char b)

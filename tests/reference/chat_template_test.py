@@ -146,6 +146,11 @@ CONSTRUCTS = {
                  "{{ none }} {{ true }} {{ [1, 'a', none, false, 2.5] }} {{ {'k': 'v', 'n': 1} }} {{ (1,) }} "
                  "{{ (1, 2) }} {{ 'yes' if messages else 'no' }} {{ 'x' if false }}|{{ -3|abs }} {{ 2.567|round(2) }} "
                  "{{ '12'|int + 1 }} {{ 'x'|int }} {{ '2.5'|float }} {{ 10|string ~ 'x' }} {{ messages|count }}",
+    # literals longer than any fixed buffer (fuzz_jinja found a 128-byte one overrun), underscores
+    "numbers": "{{ 1_000 + 2_5 }} {{ 1_0.2_5e1_0 }} {{ 0.%s }} {{ %se-200 }} {{ %s1.5 }} "
+               "{{ 1.%s1E+2 }} {{ 12345678901234567 }} {{ 0x1F + 0o17 + 0B_101 }} {{ 00 + 0_0 }} "
+               "{{ 01.5 + 1e1_0 }} {{ messages.0.role }}" % ("1" * 300, "9" * 200, "0" * 150, "0" * 140),
+    "leading_zero": "{{ 007 }}",
     "tojson": "{{ messages|tojson }}\n{{ messages|tojson(indent=2) }}\n{{ {'a': [1, {'b': none}], 'c': 'é\\t'}|tojson }}"
               "{{ tools|tojson if tools is defined else 'no tools' }}",
     "whitespace": "A  {%- if true %}  B  {% endif -%}  C\n  {% for m in messages %}\n    {{ m.role }}\n  {% endfor %}\n"
