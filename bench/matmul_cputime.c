@@ -1,12 +1,13 @@
 /* A/B timing of one matmul shape on a shared machine: moe_matmul_serial (one thread) timed by
  * the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), best of REPS, so that time the scheduler gives
  * to other engineers' processes is not counted (contention for caches and memory still is).
- * Usage: matmul_cputime N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]
+ * Usage: matmul_cputime N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab|abz]
  *   e.g. matmul_cputime 1024 2048 1,2,4,16,512 bf16 5
  * Prints one line per n_tok: ms and GFLOP/s (2 * n_tok * n_out * n_in per call).
  * q8/q4 with "ab": the int8 row kernels themselves, AVX2 (A) against AVX512-VNNI (B), called in
  * turn (A B, B A, A B ...) on the same quantized x, best of REPS each, plus a bitwise check of the
- * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI.
+ * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI. "abz": the
+ * VNNI rows (A) against the same with the zmm Q4 batch tiles (B, moe_matmul_rows_q_avx512z).
  * matmul_cputime probe (AVX-512 CPUs): the throughput of the instructions those kernels are made
  * of, 10 independent ones per loop: FMA, vdpbf16ps and vpdpbusd on ymm, vpdpbusd on zmm (does a
  * 512-bit op do twice the work per second?), vpdpbusd mixed with FMA (do they share pipes?) and the
@@ -168,7 +169,7 @@ int main(int argc, char **argv)
 #endif
     if (argc < 4) {
         fprintf(stderr,
-                "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab]\n"
+                "usage: %s N_OUT N_IN N_TOK_LIST [f32|bf16|f16|q8|q4] [REPS] [ab|abz]\n"
                 "       %s probe | amxloop\n",
                 argv[0], argv[0]);
         return 2;
@@ -182,8 +183,13 @@ int main(int argc, char **argv)
                                              : MOE_DT_BF16;
     int quant = dt == MOE_DT_Q8 || dt == MOE_DT_Q4;
     int reps = argc > 5 ? atoi(argv[5]) : 20;
-    int ab = argc > 6 && strcmp(argv[6], "ab") == 0;
-    if (ab && (!quant || moe_kernels_isa() != MOE_ISA_AVX512)) {
+    /* ab: the AVX2 int8 rows (A) against the VNNI ones (B); abz: the VNNI rows (A) against the
+     * same with the zmm Q4 batch tiles (B) */
+    int abz = argc > 6 && strcmp(argv[6], "abz") == 0;
+    int ab = abz || (argc > 6 && strcmp(argv[6], "ab") == 0);
+    moe_matmul_rows_q_fn kern_a = abz ? moe_matmul_rows_q_avx512 : moe_matmul_rows_q_avx2;
+    moe_matmul_rows_q_fn kern_b = abz ? moe_matmul_rows_q_avx512z : moe_matmul_rows_q_avx512;
+    if (ab && (!quant || moe_kernels_isa() < MOE_ISA_AVX512)) {
         fprintf(stderr, "matmul_cputime: ab needs q8/q4 and an AVX512-VNNI CPU (isa %s)\n",
                 moe_isa_name(moe_kernels_isa()));
         return 2;
@@ -230,7 +236,9 @@ int main(int argc, char **argv)
         x[i] = frand();
     printf("# matmul_cputime: isa %s, %s, one thread, best of %d%s\n",
            moe_isa_name(moe_kernels_isa()), moe_dtype_name(dt), reps,
-           ab ? ", int8 rows avx2 (A) vs avx512-vnni (B) alternated" : "");
+           abz  ? ", int8 rows avx512-vnni (A) vs the zmm Q4 tiles (B) alternated"
+           : ab ? ", int8 rows avx2 (A) vs avx512-vnni (B) alternated"
+                : "");
     snprintf(list, sizeof list, "%s", argv[3]);
     for (char *p = strtok(list, ","); p; p = strtok(NULL, ",")) {
         int nt = atoi(p);
@@ -242,10 +250,8 @@ int main(int argc, char **argv)
                 for (int k = 0; k < 2; k++) {
                     int vnni = (k + r) % 2;
                     double t0 = cpu_s();
-                    if (vnni)
-                        moe_matmul_rows_q_avx512(y2, xq, xd, w, dt, nt, n_in, n_out, 0, n_out);
-                    else
-                        moe_matmul_rows_q_avx2(y, xq, xd, w, dt, nt, n_in, n_out, 0, n_out);
+                    (vnni ? kern_b : kern_a)(vnni ? y2 : y, xq, xd, w, dt, nt, n_in, n_out, 0,
+                                             n_out);
                     double t = cpu_s() - t0;
                     if (vnni)
                         bb = t < bb ? t : bb;
@@ -254,8 +260,8 @@ int main(int argc, char **argv)
                 }
             }
             int same = memcmp(y, y2, sizeof(float) * (size_t)nt * n_out) == 0;
-            printf("%dx%d n_tok=%-3d avx2 %8.3f ms %6.1f GFLOP/s  vnni %8.3f ms %6.1f GFLOP/s  "
-                   "vnni/avx2 speed %.2fx%s\n",
+            printf("%dx%d n_tok=%-3d A %8.3f ms %6.1f GFLOP/s  B %8.3f ms %6.1f GFLOP/s  "
+                   "B/A speed %.2fx%s\n",
                    n_out, n_in, nt, ba * 1e3, 2.0 * nt * (double)n / ba / 1e9, bb * 1e3,
                    2.0 * nt * (double)n / bb / 1e9, ba / bb, same ? "" : "  BITS DIFFER");
             if (!same)

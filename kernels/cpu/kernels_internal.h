@@ -190,6 +190,9 @@ void moe_silu_mul_avx2(float *gate, const float *up, int n);
 /* quant_avx512.c: the int8 matmul with AVX512-VNNI vpdpbusd (same bits as the AVX2 one). */
 void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
+/* The same with the Q4 batch tiles on zmm (quant_avx512.c q4_tile_z; Intel CPUs, same bits). */
+void moe_matmul_rows_q_avx512z(float *y, const int8_t *xq, const float *xd, const void *w,
+                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1);
 /* matmul_avx512.c: bf16 weights on vdpbf16ps, f32/f16 through moe_matmul_rows_avx2. x is fed as
  * hi + lo bf16 (within 2^-16 of x) or, by the _xbf16 variant (MOE_BF16_X=round), as one bf16
  * (within 2^-8): other bits and a larger error bound than the f32-x kernels, docs/kernels.md. */

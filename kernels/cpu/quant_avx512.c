@@ -243,6 +243,138 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         }
 }
 
+/* ---- Q4 tile on 512-bit vectors: NP row pairs x NTP token pairs ----
+ * On Intel a zmm vpdpbusd does twice a ymm one's work per cycle (`matmul_cputime probe` on the
+ * issue 16 Xeon: 550-560 against 222-238 int8 GOP/s; on Zen 4 the two are equal, see
+ * moe_matmul_rows_q_avx512z). The same integer lanes and FMAs as q4_tile's interleaved layout,
+ * two tokens per register: 128-bit lane j (j = 0..3) holds group j of [row A token t, row B
+ * token t, row A token t + 1, row B token t + 1], so each float lane runs exactly the
+ * accumulator chain of one ymm lane (the same integer, the same product d_w * d_x, the same FMA
+ * in block order) and the output sums the four 128-bit lanes as (l0 + l2) + (l1 + l3), hsum4's
+ * order: the bits of every other kernel. The block scale of a lane is then one 16-byte
+ * broadcast load from the group's table ({pA t, pB t, pA t+1, pB t+1} adjacent); W and x reach
+ * their lanes with one vpermd each (per pair, per token pair and half). */
+#define QZ_MAXP 4
+#define QZ_MAXTP 3
+#define QZ_MAXT (2 * QZ_MAXTP)
+/* An odd NT leaves the last pair's second half on a copy of its first token (computed, not
+ * stored); `single` (one row, NP = 1) the same for row B, as in q4_tile. */
+AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                  int n_in, int n_out, int r, int t0, int NP, int NT, int single, const char *pf)
+{
+    const int NTP = (NT + 1) / 2;
+    int nb = n_in / MOE_QK;
+    const __m512i zero = _mm512_setzero_si512(), m4 = _mm512_set1_epi8(0x0f);
+    const __m512i eight = _mm512_set1_epi8(8);
+    const __m512i wix = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
+    const __m512i xlo = _mm512_setr_epi32(0, 0, 8, 8, 1, 1, 9, 9, 2, 2, 10, 10, 3, 3, 11, 11);
+    const __m512i xhi = _mm512_setr_epi32(4, 4, 12, 12, 5, 5, 13, 13, 6, 6, 14, 14, 7, 7, 15, 15);
+    __m512 acc[QZ_MAXP][QZ_MAXTP];
+    const moe_block_q4 *wa[QZ_MAXP], *wb[QZ_MAXP];
+    const int8_t *xr[2 * QZ_MAXTP];
+    const float *dr[2 * QZ_MAXTP];
+    /* d_w * d_x of the group: [token pair][pair][block][A t, B t, A t + 1, B t + 1] */
+    float pr[QZ_MAXTP][QZ_MAXP][QG][4] __attribute__((aligned(32)));
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
+        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+#pragma GCC unroll 3
+        for (int tp = 0; tp < NTP; tp++)
+            acc[p][tp] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 6
+    for (int t = 0; t < 2 * NTP; t++) {
+        int tt = t < NT ? t : NT - 1;
+        xr[t] = xq + (size_t)(t0 + tt) * n_in;
+        dr[t] = xd + (size_t)(t0 + tt) * nb;
+    }
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[QZ_MAXT];
+#pragma GCC unroll 6
+        for (int t = 0; t < 2 * NTP; t++)
+            dx[t] = xscales8(dr[t], b0, g);
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; p++) {
+            __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);
+            __m256 db = single ? da : scales8((const char *)wb[p], sizeof(moe_block_q4), b0, g);
+#pragma GCC unroll 3
+            for (int tp = 0; tp < NTP; tp++) {
+                __m256 a0 = _mm256_mul_ps(da, dx[2 * tp]), b0v = _mm256_mul_ps(db, dx[2 * tp]);
+                __m256 a1 = _mm256_mul_ps(da, dx[2 * tp + 1]), b1 = _mm256_mul_ps(db, dx[2 * tp + 1]);
+                /* a 4 x 8 transpose: u = {a0_k, b0_k} pairs (k = 0, 1, 4, 5 / 2, 3, 6, 7), v the
+                 * same for token t + 1, q the 4-tuples (k = 0, 4 / 1, 5 / 2, 6 / 3, 7) */
+                __m256d u0 = _mm256_castps_pd(_mm256_unpacklo_ps(a0, b0v));
+                __m256d u1 = _mm256_castps_pd(_mm256_unpackhi_ps(a0, b0v));
+                __m256d v0 = _mm256_castps_pd(_mm256_unpacklo_ps(a1, b1));
+                __m256d v1 = _mm256_castps_pd(_mm256_unpackhi_ps(a1, b1));
+                __m256 q0 = _mm256_castpd_ps(_mm256_unpacklo_pd(u0, v0));
+                __m256 q1 = _mm256_castpd_ps(_mm256_unpackhi_pd(u0, v0));
+                __m256 q2 = _mm256_castpd_ps(_mm256_unpacklo_pd(u1, v1));
+                __m256 q3 = _mm256_castpd_ps(_mm256_unpackhi_pd(u1, v1));
+                _mm256_store_ps(pr[tp][p][0], _mm256_permute2f128_ps(q0, q1, 0x20));
+                _mm256_store_ps(pr[tp][p][2], _mm256_permute2f128_ps(q2, q3, 0x20));
+                _mm256_store_ps(pr[tp][p][4], _mm256_permute2f128_ps(q0, q1, 0x31));
+                _mm256_store_ps(pr[tp][p][6], _mm256_permute2f128_ps(q2, q3, 0x31));
+            }
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m512i lo[QZ_MAXP], hi[QZ_MAXP];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
+                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; p++) {
+                __m256i v = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
+                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                __m512i wv = _mm512_permutexvar_epi32(wix, _mm512_castsi256_si512(v));
+                lo[p] = _mm512_and_si512(wv, m4);
+                hi[p] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+            }
+#pragma GCC unroll 3
+            for (int tp = 0; tp < NTP; tp++) {
+                __m512i xv = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(
+                        _mm256_loadu_si256((const __m256i *)(xr[2 * tp] + (size_t)b * MOE_QK))),
+                    _mm256_loadu_si256((const __m256i *)(xr[2 * tp + 1] + (size_t)b * MOE_QK)), 1);
+                __m512i xl = _mm512_permutexvar_epi32(xlo, xv);
+                __m512i xh = _mm512_permutexvar_epi32(xhi, xv);
+                /* -8 * (x_4j..4j+3 + x_16+4j..16+4j+3) of each token, in both rows' lanes */
+                __m512i ncc = _mm512_sub_epi32(
+                    zero, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, xl), eight, xh));
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++) {
+                    __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ncc, lo[p], xl), hi[p], xh);
+                    __m512 sc = _mm512_broadcast_f32x4(_mm_load_ps(pr[tp][p][k]));
+                    acc[p][tp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), sc, acc[p][tp]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 3
+        for (int tp = 0; tp < NTP; tp++) {
+            __m512 a = acc[p][tp];
+            __m128 s = _mm_add_ps(_mm_add_ps(_mm512_castps512_ps128(a), _mm512_extractf32x4_ps(a, 2)),
+                                  _mm_add_ps(_mm512_extractf32x4_ps(a, 1), _mm512_extractf32x4_ps(a, 3)));
+            float o[4];
+            _mm_storeu_ps(o, s);
+            float *y0 = y + (size_t)(t0 + 2 * tp) * n_out + r + 2 * p;
+            y0[0] = o[0];
+            if (!single)
+                y0[1] = o[1];
+            if (2 * tp + 1 < NT) {
+                y0[n_out] = o[2];
+                if (!single)
+                    y0[n_out + 1] = o[3];
+            }
+        }
+}
+
 /* pf: the next row tile to prefetch (prefetch_step), or NULL. */
 typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
                           size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
@@ -284,17 +416,38 @@ Q4_TILE(8, 1)
 Q4_TILE(8, 2)
 Q4_TILE(8, 3)
 Q4_TILE(8, 4)
-/* Every tile, [rows][tokens - 1] */
-static const q_tile_fn tiles_q8[QV_MAXR + 1][QV_MAXT] = {
+/* Q4 on zmm: NR rows (NR / 2 pairs, or one row alone) x NT tokens (2 to 6) */
+#define Q4Z_TILE(NR, NT)                                                                           \
+    static void q4z_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
+                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
+                                     const char *pf)                                               \
+    {                                                                                              \
+        q4_tile_z(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, \
+                  pf);                                                                             \
+    }
+#define Q4Z_TILES(NR) Q4Z_TILE(NR, 4) Q4Z_TILE(NR, 5) Q4Z_TILE(NR, 6)
+Q4Z_TILES(8)
+Q4Z_TILES(4)
+Q4Z_TILES(2)
+Q4Z_TILES(1)
+/* Every tile, [rows][tokens - 1]; the zmm Q4 table has QZ_MAXT columns, the others QV_MAXT */
+static const q_tile_fn tiles_q8[QV_MAXR + 1][QZ_MAXT] = {
     [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
     [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
     [4] = {q8_tile_4x1, q8_tile_4x2, q8_tile_4x3, q8_tile_4x4},
     [8] = {q8_tile_8x1}};
-static const q_tile_fn tiles_q4[QV_MAXR + 1][QV_MAXT] = {
+static const q_tile_fn tiles_q4[QV_MAXR + 1][QZ_MAXT] = {
     [1] = {q4_tile_1x1, q4_tile_1x2, q4_tile_1x3, q4_tile_1x4},
     [2] = {q4_tile_2x1, q4_tile_2x2, q4_tile_2x3, q4_tile_2x4},
     [4] = {q4_tile_4x1, q4_tile_4x2, q4_tile_4x3, q4_tile_4x4},
     [8] = {q4_tile_8x1, q4_tile_8x2, q4_tile_8x3, q4_tile_8x4}};
+/* Q4 with the zmm tiles from four tokens on: 2 and 3 keep q4_tile (abz: 2 equal, 3 on zmm, a
+ * half-empty pair, 0.83-0.86x), one token its decode layout */
+#define Q4Z_ROW(NR)                                                                                \
+    {q4_tile_##NR##x1, q4_tile_##NR##x2, q4_tile_##NR##x3, q4z_tile_##NR##x4, q4z_tile_##NR##x5, \
+     q4z_tile_##NR##x6}
+static const q_tile_fn tiles_q4z[QV_MAXR + 1][QZ_MAXT] = {
+    [1] = Q4Z_ROW(1), [2] = Q4Z_ROW(2), [4] = Q4Z_ROW(4), [8] = Q4Z_ROW(8)};
 
 /* Tiles (measured on Zen 4, one thread, bench/matmul_cputime ab; bench/RESULTS.md): one token, 8
  * rows side by side (Q4: 4 pairs), 1.1-1.3x faster than 4; more tokens, Q8 4 rows x 4 tokens (best
@@ -310,15 +463,16 @@ static const q_tile_fn tiles_q4[QV_MAXR + 1][QV_MAXT] = {
 #define QP_TOKC 96
 #define Q_TOKC (MOE_Q_PREFILL_TOK - 1)
 
-void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
-                              moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+/* tiles: [rows][tokens - 1], batch tiles of up to nt_max tokens */
+static void rows_q(float *y, const int8_t *xq, const float *xd, const void *w, moe_dtype wt,
+                   int n_tok, int n_in, int n_out, int r0, int r1,
+                   const q_tile_fn (*tiles)[QZ_MAXT], int nt_max)
 {
-    const q_tile_fn(*tiles)[QV_MAXT] = wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4;
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
     int prefill = n_tok >= MOE_Q_PREFILL_TOK;
     int nr = n_tok == 1 ? 8 : wt == MOE_DT_Q8 ? QV_NR_Q8 : QV_NR_Q4;
-    int nt = n_tok == 1 ? 1 : QV_NT;
+    int nt = n_tok == 1 ? 1 : nt_max;
     int tokc = prefill ? QP_TOKC : Q_TOKC;
     for (int tc = 0; tc < n_tok; tc += tokc) {
         int te = tc + tokc < n_tok ? tc + tokc : n_tok;
@@ -329,8 +483,10 @@ void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const
             const char *pf = !prefill && r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
                                  ? wc + (size_t)(r + rn) * row_bytes
                                  : NULL;
-            for (int t = tc; t < te; t += nt) {
-                int tn = te - t < nt ? te - t : nt;
+            for (int t = tc, tn; t < te; t += tn) {
+                tn = te - t < nt ? te - t : nt;
+                if (nt == QZ_MAXT && te - t == nt + 1) /* 7 tokens: 4 + 3, no token alone */
+                    tn = 4;
                 tiles[rn][tn - 1](y, xq, xd, wc, row_bytes, n_in, n_out, r, t, t == tc ? pf : NULL);
             }
             r += rn;
@@ -338,7 +494,29 @@ void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const
     }
 }
 
+void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
+                              moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4,
+           QV_NT);
+}
+
+void moe_matmul_rows_q_avx512z(float *y, const int8_t *xq, const float *xd, const void *w,
+                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    if (wt == MOE_DT_Q8)
+        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q8, QV_NT);
+    else
+        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q4z, QZ_MAXT);
+}
+
 #else /* built without the flags: never dispatched */
+
+void moe_matmul_rows_q_avx512z(float *y, const int8_t *xq, const float *xd, const void *w,
+                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_q_scalar(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1);
+}
 
 void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const void *w,
                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)

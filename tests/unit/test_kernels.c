@@ -100,14 +100,18 @@ Test(kernels, cpu_vendor_matches_proc_cpuinfo)
 }
 
 /* The Intel rule: at avx512 by the CPU's own choice an Intel CPU runs bf16 on the AVX2 rows
- * (vdpbf16ps rows measured slower there); everything else in its table is the AVX-512 one. */
+ * (vdpbf16ps rows measured slower there) and the Q4 batch tiles on zmm (as the amx tables);
+ * everything else in its table is the AVX-512 one. */
 Test(kernels, intel_rule_tables)
 {
     const moe_kernel_ops *rule = moe_kernels_table(MOE_ISA_AVX512, 0, 1);
     const moe_kernel_ops *plain = moe_kernels_table(MOE_ISA_AVX512, 0, 0);
     cr_assert(rule->matmul_rows == moe_matmul_rows_avx2);
     cr_assert(plain->matmul_rows == moe_matmul_rows_avx512);
-    cr_assert(rule->matmul_rows_q == plain->matmul_rows_q && rule->quantize_x == plain->quantize_x);
+    cr_assert(plain->matmul_rows_q == moe_matmul_rows_q_avx512);
+    cr_assert(rule->matmul_rows_q == moe_matmul_rows_q_avx512z);
+    cr_assert(moe_kernels_table(MOE_ISA_AMX, 0, 0)->matmul_rows_q == moe_matmul_rows_q_avx512z);
+    cr_assert(rule->quantize_x == plain->quantize_x);
     cr_assert(rule->attn_scores == plain->attn_scores && rule->attn_accum == plain->attn_accum &&
               rule->attn_exp == plain->attn_exp && rule->dot_f32 == plain->dot_f32 &&
               rule->axpy_f32 == plain->axpy_f32 && rule->silu_mul == plain->silu_mul &&

@@ -552,7 +552,9 @@ static void batch_sweep(batch_case *bc, int n, moe_threadpool_t **pools)
  * the AVX2 kernel's: on row ranges that start and end inside its tiles (8-row decode tiles, 4-row
  * batch tiles, the 2- and 1-row tails), token counts on both sides of every tile and chunk switch
  * (1..9, 17, 47, 48, 64, 130), decode tiles with and without prefetch, and x blocks that are all
- * zero or hold a NaN (that token's outputs NaN, in every kernel). */
+ * zero or hold a NaN (that token's outputs NaN, in every kernel). The same for its variant with
+ * the zmm Q4 batch tiles (moe_matmul_rows_q_avx512z: 4-6 token tiles, odd ones with a copied
+ * half, one-row tiles, 7 tokens as 4 + 3). */
 static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
     size_t nw = (size_t)n_in * n_out, ny = (size_t)n_tok * n_out;
@@ -562,7 +564,7 @@ static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int 
     int8_t *xq = xmalloc((size_t)n_tok * n_in);
     float *xd = xmalloc((size_t)n_tok * nb * sizeof *xd);
     float *ys = xmalloc(ny * sizeof *ys), *y2 = xmalloc(ny * sizeof *y2),
-          *yv = xmalloc(ny * sizeof *yv);
+          *yv = xmalloc(ny * sizeof *yv), *yz = xmalloc(ny * sizeof *yz);
     for (size_t b = 0; b < nw / MOE_QK; b++)
         fill_block(wf + b * MOE_QK, (int)(rng_next() % 7));
     for (size_t i = 0; i < (size_t)n_tok * n_in; i++)
@@ -577,24 +579,27 @@ static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int 
     cr_assert_eq(moe_quantize(w, qt, wf, MOE_DT_F32, nw), 0);
     moe_quantize_x_scalar(xq, xd, x, n_tok, n_in);
     for (size_t k = 0; k < ny; k++)
-        ys[k] = y2[k] = yv[k] = -1.f; /* rows outside [r0, r1) must stay untouched */
+        ys[k] = y2[k] = yv[k] = yz[k] = -1.f; /* rows outside [r0, r1) must stay untouched */
     moe_matmul_rows_q_scalar(ys, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
     moe_matmul_rows_q_avx2(y2, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
     moe_matmul_rows_q_avx512(yv, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
+    moe_matmul_rows_q_avx512z(yz, xq, xd, w, qt, n_tok, n_in, n_out, r0, r1);
     for (int t = 0; t < n_tok; t++)
         for (int r = 0; r < n_out; r++) {
             size_t k = (size_t)t * n_out + r;
-            uint32_t bs, b2, bv;
+            uint32_t bs, b2, bv, bz;
             memcpy(&bs, &ys[k], 4);
             memcpy(&b2, &y2[k], 4);
             memcpy(&bv, &yv[k], 4);
-            cr_assert(bv == bs && bv == b2,
+            memcpy(&bz, &yz[k], 4);
+            cr_assert(bv == bs && bv == b2 && bz == bs,
                       "vnni %s n_tok=%d n_in=%d n_out=%d rows [%d,%d): y[t=%d][r=%d] vnni %.9g "
-                      "(%08x) scalar %.9g (%08x) avx2 %.9g (%08x)",
+                      "(%08x) zmm tiles %.9g (%08x) scalar %.9g (%08x) avx2 %.9g (%08x)",
                       moe_dtype_name(qt), n_tok, n_in, n_out, r0, r1, t, r, (double)yv[k], bv,
-                      (double)ys[k], bs, (double)y2[k], b2);
+                      (double)yz[k], bz, (double)ys[k], bs, (double)y2[k], b2);
             if (r < r0 || r >= r1)
-                cr_assert_eq(yv[k], -1.f, "row %d outside [%d,%d) written", r, r0, r1);
+                cr_assert(yv[k] == -1.f && yz[k] == -1.f, "row %d outside [%d,%d) written", r,
+                          r0, r1);
             else if (n_tok > 1 && t == n_tok - 1)
                 cr_assert(isnan(yv[k]), "NaN x block: t=%d r=%d finite", t, r);
         }
@@ -606,6 +611,7 @@ static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int 
     free(ys);
     free(y2);
     free(yv);
+    free(yz);
 }
 
 static bool cpu_has_vnni(void)
