@@ -77,11 +77,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) {
-        xr[t] = xq + (size_t)(t0 + t) * n_in;
-        dr[t] = xd + (size_t)(t0 + t) * nb;
-    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, NT, NT);
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[4];
@@ -150,19 +146,13 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     const float *dr[4];
     /* d_w * d_x of the group: [token][pair][row A, row B][block] */
     float pr[4][4][2][QG] __attribute__((aligned(32)));
+    q4_pair_rows(wa, wb, w, row_bytes, r, NP, single);
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; p++) {
-        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
-        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+    for (int p = 0; p < NP; p++)
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             acc[p][t] = _mm256_setzero_ps();
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) {
-        xr[t] = xq + (size_t)(t0 + t) * n_in;
-        dr[t] = xd + (size_t)(t0 + t) * nb;
-    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, NT, NT);
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[4];
@@ -187,9 +177,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
                               (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
-                __m256i v = _mm256_inserti128_si256(
-                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
-                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
                 lo[p] = _mm256_and_si256(v, m4);
                 hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }

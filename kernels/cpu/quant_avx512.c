@@ -47,11 +47,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) {
-        xr[t] = xq + (size_t)(t0 + t) * n_in;
-        dr[t] = xd + (size_t)(t0 + t) * nb;
-    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, NT, NT);
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QV_MAXT];
@@ -143,19 +139,13 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     const float *dr[QV_MAXT];
     /* d_w * d_x of the group: [token][pair][block][row A, row B] */
     float pr[QV_MAXT][QV_MAXR / 2][QG][2] __attribute__((aligned(32)));
+    q4_pair_rows(wa, wb, w, row_bytes, r, NP, single);
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; p++) {
-        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
-        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+    for (int p = 0; p < NP; p++)
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
             acc[p][t] = _mm256_setzero_ps();
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) {
-        xr[t] = xq + (size_t)(t0 + t) * n_in;
-        dr[t] = xd + (size_t)(t0 + t) * nb;
-    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, NT, NT);
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QV_MAXT];
@@ -183,9 +173,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
                               (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
-                __m256i v = _mm256_inserti128_si256(
-                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
-                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
                 if (il)
                     v = _mm256_permutexvar_epi32(ilv, v);
                 lo[p] = _mm256_and_si256(v, m4);
@@ -275,20 +263,13 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
     const float *dr[2 * QZ_MAXTP];
     /* d_w * d_x of the group: [token pair][pair][block][A t, B t, A t + 1, B t + 1] */
     float pr[QZ_MAXTP][QZ_MAXP][QG][4] __attribute__((aligned(32)));
+    q4_pair_rows(wa, wb, w, row_bytes, r, NP, single);
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; p++) {
-        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
-        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+    for (int p = 0; p < NP; p++)
 #pragma GCC unroll 3
         for (int tp = 0; tp < NTP; tp++)
             acc[p][tp] = _mm512_setzero_ps();
-    }
-#pragma GCC unroll 6
-    for (int t = 0; t < 2 * NTP; t++) {
-        int tt = t < NT ? t : NT - 1;
-        xr[t] = xq + (size_t)(t0 + tt) * n_in;
-        dr[t] = xd + (size_t)(t0 + tt) * nb;
-    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, 2 * NTP, NT);
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QZ_MAXT];
@@ -327,9 +308,7 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
                               (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
-                __m256i v = _mm256_inserti128_si256(
-                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wa[p][b].q)),
-                    _mm_loadu_si128((const __m128i *)wb[p][b].q), 1);
+                __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
                 __m512i wv = _mm512_permutexvar_epi32(wix, _mm512_castsi256_si512(v));
                 lo[p] = _mm512_and_si512(wv, m4);
                 hi[p] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
@@ -387,15 +366,14 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
     {                                                                                              \
         q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                          \
     }
-/* Q4: NR rows = NP pairs, or one row alone (NR = 1). */
-#define Q4_TILE(NR, NT)                                                                            \
-    static void q4_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
-                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
-                                    const char *pf)                                                \
+/* Q4: NR rows = NP pairs, or one row alone (NR = 1); BODY q4_tile or q4_tile_z. */
+#define Q4_TILE_AS(FN, BODY, NR, NT)                                                               \
+    static void FN(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,   \
+                   int n_in, int n_out, int r, int t0, const char *pf)                             \
     {                                                                                              \
-        q4_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1,    \
-                pf);                                                                               \
+        BODY(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, pf);  \
     }
+#define Q4_TILE(NR, NT) Q4_TILE_AS(q4_tile_##NR##x##NT, q4_tile, NR, NT)
 #define Q_TILES(T)                                                                                 \
     T(4, 4)                                                                                        \
     T(4, 3)                                                                                        \
@@ -416,15 +394,8 @@ Q4_TILE(8, 1)
 Q4_TILE(8, 2)
 Q4_TILE(8, 3)
 Q4_TILE(8, 4)
-/* Q4 on zmm: NR rows (NR / 2 pairs, or one row alone) x NT tokens (2 to 6) */
-#define Q4Z_TILE(NR, NT)                                                                           \
-    static void q4z_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
-                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
-                                     const char *pf)                                               \
-    {                                                                                              \
-        q4_tile_z(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, \
-                  pf);                                                                             \
-    }
+/* Q4 on zmm: NT tokens (4 to 6) */
+#define Q4Z_TILE(NR, NT) Q4_TILE_AS(q4z_tile_##NR##x##NT, q4_tile_z, NR, NT)
 #define Q4Z_TILES(NR) Q4Z_TILE(NR, 4) Q4Z_TILE(NR, 5) Q4Z_TILE(NR, 6)
 Q4Z_TILES(8)
 Q4Z_TILES(4)

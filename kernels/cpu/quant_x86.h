@@ -29,6 +29,38 @@ AI float hsum4(__m128 v)
     return _mm_cvtss_f32(s);
 }
 
+/* A Q4 tile's NP row pairs from row r (row B is row A for a one-row tile, `single`). */
+AI void q4_pair_rows(const moe_block_q4 **wa, const moe_block_q4 **wb, const char *w,
+                     size_t row_bytes, int r, int NP, int single)
+{
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+        wa[p] = (const moe_block_q4 *)(w + (size_t)(r + 2 * p) * row_bytes);
+        wb[p] = single ? wa[p] : (const moe_block_q4 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+    }
+}
+
+/* One block of a row pair's codes: row A's 16 bytes low, row B's high. */
+AI __m256i q4_pair_block(const moe_block_q4 *a, const moe_block_q4 *b)
+{
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a->q)),
+                                   _mm_loadu_si128((const __m128i *)b->q), 1);
+}
+
+/* Quantized x and block scales of a tile's n token slots from token t0; slots from nt on repeat
+ * token nt - 1 (the zmm tiles' half-used last pair), nt = n elsewhere. */
+AI void q_token_rows(const int8_t **xr, const float **dr, const int8_t *xq, const float *xd,
+                     int n_in, int t0, int n, int nt)
+{
+    int nb = n_in / MOE_QK;
+#pragma GCC unroll 6
+    for (int t = 0; t < n; t++) {
+        int tt = t < nt ? t : nt - 1;
+        xr[t] = xq + (size_t)(t0 + tt) * n_in;
+        dr[t] = xd + (size_t)(t0 + tt) * nb;
+    }
+}
+
 /* Decode prefetch. The rows of a decode tile are one contiguous block of memory and so are the
  * next tile's; with short rows (768 inputs: 816 bytes of Q8) each tile is 8 streams of a dozen
  * cache lines, too short for the hardware prefetcher to ramp up on. So each block step of a tile
