@@ -153,12 +153,13 @@ def add(cl, pool, **kw):
     return cl.add_instance(pool, host_label=name, **kw)
 
 
-def strike(cl, pools, work, tokens, victim_pool, act, pool_args=None):
+def strike(cl, pools, work, tokens, victim_pool, act, pool_args=None, pool_env=None):
     """The body of the instance fault tests: one instance per entry of pools (pool_args[i]: its
-    flags), the workload streaming, and once `tokens` tokens streamed act(proc) on the process
-    of the busiest ready instance of victim_pool. Returns (streams, victim proc)."""
+    flags, pool_env[i]: its environment), the workload streaming, and once `tokens` tokens
+    streamed act(proc) on the process of the busiest ready instance of victim_pool. Returns
+    (streams, victim proc)."""
     for i, p in enumerate(pools):
-        add(cl, p, args=(pool_args or {}).get(i, ()))
+        add(cl, p, args=(pool_args or {}).get(i, ()), env=(pool_env or {}).get(i))
     cl.wait_ready(len(pools))
     s = Streams(cl, work)
     s.wait_tokens(tokens)
@@ -214,14 +215,18 @@ def kill9_decode_instance_loses_no_request():
 
 @test
 def kill9_prefill_instance_loses_no_request():
-    """Prefill instances that take 16 prompt tokens a step keep a queue of prompts, so the kill
-    lands while some are mid-prefill (resumed, on the same decode instance: a new sequence id)
-    and others are handing their KV off (the decode side waits for an offer that died)."""
+    """Prefill instances that take 16 prompt tokens a step, each step slowed to ~30 ms by the
+    layer-delay hook (the tiny model would otherwise prefill the whole workload in a fraction of
+    a second, before the kill), keep a queue of prompts, so the kill lands while one is
+    mid-prefill with its KV pushed layer by layer to the decode side (resumed, on the same
+    decode instance: a new sequence id) and others wait in the queue or hand their KV off (the
+    decode side waits for an offer that died)."""
     with ElasticCluster() as cl:
         slow = ["--batch-tokens", "16", "--max-seqs", "2"]
+        slow_env = {"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "10"}
         work = workload(16, max_new=16, id_lens=(200, 300))
         s, _ = strike(cl, ("prefill", "prefill", "decode"), work, 4, pb.POOL_KIND_PREFILL, killed,
-                      pool_args={0: slow, 1: slow})
+                      pool_args={0: slow, 1: slow}, pool_env={0: slow_env, 1: slow_env})
         st = check_lost_one(cl, work, s)
         print("requests resumed: %d" % st.counters.requests_resumed)
         cl.stop()
