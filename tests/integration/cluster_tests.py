@@ -316,8 +316,8 @@ def cancel_disconnect_deadline_free_kv():
 def cancel_storm_frees_kv_at_once_over_mpi():
     """elastic_tests.cancel_storm over the mpirun launch (KV over MPI): KV back at zero at once,
     no transfer counted as failed."""
-    from elastic_tests import STORM_ARGS, cancel_storm
-    with Cluster(np=4, args=STORM_ARGS, env={"MOE_LOG_LEVEL": "debug"}) as c:
+    from elastic_tests import STORM_ARGS, STORM_ENV, cancel_storm
+    with Cluster(np=4, args=STORM_ARGS, env=dict(STORM_ENV, MOE_LOG_LEVEL="debug")) as c:
         cancel_storm(c, c.stderr)
         stop_ok(c)
 

@@ -235,6 +235,10 @@ def kill9_prefill_instance_loses_no_request():
 # Instance flags of the cancel storms: prefill chunks small enough that cancels land mid-push,
 # and KV timeouts and leases far longer than the storm's wait for zero KV.
 STORM_ARGS = ["--batch-tokens", "32", "--kv-timeout-ms", "60000", "--kv-lease-ms", "60000"]
+# And each layer slowed by 3 ms (the test hook), so that a 400-token prompt's push lasts 13 steps
+# of ~10 ms: unslowed, the tiny model pushed it so fast that on a loaded machine (2 CPU hogs) no
+# cancel of cancel_pushes' 0-58 ms sweep landed inside one.
+STORM_ENV = {"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "3"}
 
 
 def cancel_pushes(cl, logs, tries=30):
@@ -317,7 +321,7 @@ def cancel_storm_frees_kv_at_once_and_counts_no_failure():
     """cancel_storm over the elastic launch (KV over UCX)."""
     with ElasticCluster(env={"MOE_LOG_LEVEL": "debug"}) as cl:
         for p in ("prefill", "decode", "decode"):
-            add(cl, p, args=STORM_ARGS)
+            add(cl, p, args=STORM_ARGS, env=STORM_ENV if p == "prefill" else None)
         cl.wait_ready(3)
         cancel_storm(cl, lambda: "".join(p.stderr() for p in cl.instances))
         cl.stop()
