@@ -7,7 +7,7 @@
  * q8/q4 with "ab": the int8 row kernels themselves, AVX2 (A) against AVX512-VNNI (B), called in
  * turn (A B, B A, A B ...) on the same quantized x, best of REPS each, plus a bitwise check of the
  * two outputs (they must match: moe_matmul_rows_q_fn). Needs a CPU with AVX512-VNNI. "abz": the
- * VNNI rows (A) against the same with the zmm Q4 batch tiles (B, moe_matmul_rows_q_avx512z).
+ * VNNI rows (A) against the same with the zmm Q8/Q4 batch tiles (B, moe_matmul_rows_q_avx512z).
  * matmul_cputime probe (AVX-512 CPUs): the throughput of the instructions those kernels are made
  * of, 10 independent ones per loop: FMA, vdpbf16ps and vpdpbusd on ymm, vpdpbusd on zmm (does a
  * 512-bit op do twice the work per second?), vpdpbusd mixed with FMA (do they share pipes?) and the
@@ -184,7 +184,7 @@ int main(int argc, char **argv)
     int quant = dt == MOE_DT_Q8 || dt == MOE_DT_Q4;
     int reps = argc > 5 ? atoi(argv[5]) : 20;
     /* ab: the AVX2 int8 rows (A) against the VNNI ones (B); abz: the VNNI rows (A) against the
-     * same with the zmm Q4 batch tiles (B) */
+     * same with the zmm Q8/Q4 batch tiles (B) */
     int abz = argc > 6 && strcmp(argv[6], "abz") == 0;
     int ab = abz || (argc > 6 && strcmp(argv[6], "ab") == 0);
     moe_matmul_rows_q_fn kern_a = abz ? moe_matmul_rows_q_avx512 : moe_matmul_rows_q_avx2;
@@ -236,7 +236,7 @@ int main(int argc, char **argv)
         x[i] = frand();
     printf("# matmul_cputime: isa %s, %s, one thread, best of %d%s\n",
            moe_isa_name(moe_kernels_isa()), moe_dtype_name(dt), reps,
-           abz  ? ", int8 rows avx512-vnni (A) vs the zmm Q4 tiles (B) alternated"
+           abz  ? ", int8 rows avx512-vnni (A) vs the zmm batch tiles (B) alternated"
            : ab ? ", int8 rows avx2 (A) vs avx512-vnni (B) alternated"
                 : "");
     snprintf(list, sizeof list, "%s", argv[3]);

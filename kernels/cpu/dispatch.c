@@ -60,11 +60,12 @@ static const moe_kernel_ops ops_avx512_xbf16 = {
  * 53-60 against 99-101). Batch invariance keeps one path for every n_tok, so the AVX2 rows. Only
  * when avx512 is the CPU's own choice: MOE_ISA=avx512 or a test forcing the level asks for the
  * AVX-512 kernels and gets the vdpbf16ps rows (so they stay tested on Intel CPUs).
- * Intel tables (this one and the amx ones) take the Q4 batch tiles on zmm
+ * Intel tables (this one and the amx ones) take the Q8 and Q4 batch tiles on zmm
  * (moe_matmul_rows_q_avx512z, same bits): a zmm vpdpbusd does twice a ymm one's work per cycle
- * there (not on Zen 4, which keeps ops_avx512's ymm tiles); `matmul_cputime ... q4 9 abz` on the
- * issue 16 Xeon, 6-token tiles 1.20x, 16-512 tokens 1.10-1.16x, 1-4 tokens equal
- * (bench/RESULTS.md "Issue 16, Q4 batch tiles on zmm"). */
+ * there (not on Zen 4, which keeps ops_avx512's ymm tiles); `matmul_cputime ... q4|q8 9 abz` on
+ * the issue 16 Xeon: Q4 6-token tiles 1.20x, 16-512 tokens 1.10-1.16x, Q8 6 tokens 1.12x, 64-512
+ * tokens 1.10-1.12x, 1-4 tokens equal (bench/RESULTS.md "Issue 16, Q4 batch tiles on zmm" and
+ * "Q8 batch tiles on zmm"). */
 static const moe_kernel_ops ops_avx512_intel = {
     moe_matmul_rows_avx2,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512z, 16,
@@ -308,16 +309,16 @@ const char *moe_kernels_describe(void)
     case MOE_ISA_AMX:
         return use_bf16_x_round()
                    ? "isa=amx: matmul float=bf16:amx-tiles-xround (MOE_BF16_X=round) "
-                     "f32/f16:avx2 quant=avx512-vnni:q4-zmm attention=avx512vl silu=avx2 dot/axpy=avx512"
+                     "f32/f16:avx2 quant=avx512-vnni:zmm-batch attention=avx512vl silu=avx2 dot/axpy=avx512"
                    : "isa=amx: matmul float=bf16:amx-tiles-xsplit f32/f16:avx2 "
-                     "quant=avx512-vnni:q4-zmm attention=avx512vl silu=avx2 dot/axpy=avx512";
+                     "quant=avx512-vnni:zmm-batch attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX512:
         if (use_bf16_x_round())
             return "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
                    "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
         return bf16_on_avx2_rows()
                    ? "isa=avx512: matmul float=avx2 (Intel: vdpbf16ps rows measured slower) "
-                     "quant=avx512-vnni:q4-zmm attention=avx512vl silu=avx2 dot/axpy=avx512"
+                     "quant=avx512-vnni:zmm-batch attention=avx512vl silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
                      "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
     case MOE_ISA_AVX2:

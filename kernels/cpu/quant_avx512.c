@@ -354,6 +354,100 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
         }
 }
 
+/* ---- Q8 tile on 512-bit vectors: NR rows x NTP token pairs ----
+ * q8_tile's batch arithmetic (x + 128 times w from the -128 * sum(w) correction, one FMA per
+ * block by the group's d_w * d_x), two tokens per register interleaved by int32 lane: lane 2j
+ * runs ymm lane j of token t, lane 2j + 1 that of token t + 1. So W's lane j goes to both (one
+ * vpermd per row and block, shared by every token pair, and the correction formed on it), x of
+ * a token pair is one vpermt2d of its two 32-byte loads, and the block scale {p_t, p_t+1} is one
+ * 8-byte broadcast from the group's table. Every float lane runs exactly the chain of one ymm
+ * lane; the output de-interleaves (one vpermps) and sums each token's 8 lanes with hsum8: the
+ * bits of q8_tile. An odd NT leaves the last pair's second half on a copy of its first token
+ * (computed, not stored), as in q4_tile_z. */
+AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                  int n_in, int n_out, int r, int t0, int NR, int NT, const char *pf)
+{
+    const int NTP = (NT + 1) / 2;
+    int nb = n_in / MOE_QK;
+    const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8((char)0x80);
+    const __m512i wdup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i xilv = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i deint = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    __m512 acc[QV_MAXR][QZ_MAXTP];
+    const moe_block_q8 *wr[QV_MAXR];
+    const int8_t *xr[2 * QZ_MAXTP];
+    const float *dr[2 * QZ_MAXTP];
+    /* d_w * d_x of the group: [token pair][row][block][token t, token t + 1] */
+    float pr[QZ_MAXTP][QV_MAXR][QG][2] __attribute__((aligned(32)));
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; i++) {
+        wr[i] = (const moe_block_q8 *)(w + (size_t)(r + i) * row_bytes);
+#pragma GCC unroll 3
+        for (int tp = 0; tp < NTP; tp++)
+            acc[i][tp] = _mm512_setzero_ps();
+    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, 2 * NTP, NT);
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[QZ_MAXT];
+#pragma GCC unroll 6
+        for (int t = 0; t < 2 * NTP; t++)
+            dx[t] = xscales8(dr[t], b0, g);
+#pragma GCC unroll 8
+        for (int i = 0; i < NR; i++) {
+            __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
+#pragma GCC unroll 3
+            for (int tp = 0; tp < NTP; tp++) {
+                __m256 a = _mm256_mul_ps(dw, dx[2 * tp]), c = _mm256_mul_ps(dw, dx[2 * tp + 1]);
+                /* {a_k, c_k}: unpack gives k = 0, 1, 4, 5 and 2, 3, 6, 7; back in order */
+                __m256 u0 = _mm256_unpacklo_ps(a, c), u1 = _mm256_unpackhi_ps(a, c);
+                _mm256_store_ps(pr[tp][i][0], _mm256_permute2f128_ps(u0, u1, 0x20));
+                _mm256_store_ps(pr[tp][i][4], _mm256_permute2f128_ps(u0, u1, 0x31));
+            }
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m512i wv[QV_MAXR], nc[QV_MAXR];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
+                              (size_t)NR * sizeof(moe_block_q8));
+#pragma GCC unroll 8
+            for (int i = 0; i < NR; i++) {
+                wv[i] = _mm512_permutexvar_epi32(
+                    wdup, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)wr[i][b].q)));
+                nc[i] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv[i]));
+            }
+#pragma GCC unroll 3
+            for (int tp = 0; tp < NTP; tp++) {
+                __m256i xa = _mm256_loadu_si256((const __m256i *)(xr[2 * tp] + (size_t)b * MOE_QK));
+                __m256i xb =
+                    _mm256_loadu_si256((const __m256i *)(xr[2 * tp + 1] + (size_t)b * MOE_QK));
+                __m512i xo =
+                    _mm512_xor_si512(_mm512_permutex2var_epi32(_mm512_castsi256_si512(xa), xilv,
+                                                               _mm512_castsi256_si512(xb)),
+                                     bias);
+#pragma GCC unroll 8
+                for (int i = 0; i < NR; i++) {
+                    __m512i l = _mm512_dpbusd_epi32(nc[i], xo, wv[i]);
+                    __m512 sc = _mm512_castpd_ps(
+                        _mm512_broadcastsd_pd(_mm_load_sd((const double *)pr[tp][i][k])));
+                    acc[i][tp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), sc, acc[i][tp]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; i++)
+#pragma GCC unroll 3
+        for (int tp = 0; tp < NTP; tp++) {
+            __m512 d = _mm512_permutexvar_ps(deint, acc[i][tp]);
+            float *y0 = y + (size_t)(t0 + 2 * tp) * n_out + r + i;
+            y0[0] = hsum8(_mm512_castps512_ps256(d));
+            if (2 * tp + 1 < NT)
+                y0[n_out] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+        }
+}
+
 /* pf: the next row tile to prefetch (prefetch_step), or NULL. */
 typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
                           size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
@@ -394,6 +488,18 @@ Q4_TILE(8, 1)
 Q4_TILE(8, 2)
 Q4_TILE(8, 3)
 Q4_TILE(8, 4)
+/* Q8 on zmm: NT tokens (5 and 6) */
+#define Q8Z_TILE(NR, NT)                                                                           \
+    static void q8z_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
+                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
+                                     const char *pf)                                               \
+    {                                                                                              \
+        q8_tile_z(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                        \
+    }
+#define Q8Z_TILES(NR) Q8Z_TILE(NR, 5) Q8Z_TILE(NR, 6)
+Q8Z_TILES(4)
+Q8Z_TILES(2)
+Q8Z_TILES(1)
 /* Q4 on zmm: NT tokens (4 to 6) */
 #define Q4Z_TILE(NR, NT) Q4_TILE_AS(q4z_tile_##NR##x##NT, q4_tile_z, NR, NT)
 #define Q4Z_TILES(NR) Q4Z_TILE(NR, 4) Q4Z_TILE(NR, 5) Q4Z_TILE(NR, 6)
@@ -401,7 +507,7 @@ Q4Z_TILES(8)
 Q4Z_TILES(4)
 Q4Z_TILES(2)
 Q4Z_TILES(1)
-/* Every tile, [rows][tokens - 1]; the zmm Q4 table has QZ_MAXT columns, the others QV_MAXT */
+/* Every tile, [rows][tokens - 1]; the zmm tables have QZ_MAXT columns, the others QV_MAXT */
 static const q_tile_fn tiles_q8[QV_MAXR + 1][QZ_MAXT] = {
     [1] = {q8_tile_1x1, q8_tile_1x2, q8_tile_1x3, q8_tile_1x4},
     [2] = {q8_tile_2x1, q8_tile_2x2, q8_tile_2x3, q8_tile_2x4},
@@ -419,6 +525,14 @@ static const q_tile_fn tiles_q4[QV_MAXR + 1][QZ_MAXT] = {
      q4z_tile_##NR##x6}
 static const q_tile_fn tiles_q4z[QV_MAXR + 1][QZ_MAXT] = {
     [1] = Q4Z_ROW(1), [2] = Q4Z_ROW(2), [4] = Q4Z_ROW(4), [8] = Q4Z_ROW(8)};
+/* Q8 with the zmm tiles for 5 and 6 tokens: 2-4 keep q8_tile (abz: 2 0.91x, 3 0.83x, 4
+ * 0.97-0.99x on zmm: the per-row W permute and correction and the per-pair x permute are shared
+ * by too few products) */
+#define Q8Z_ROW(NR)                                                                                \
+    {q8_tile_##NR##x1, q8_tile_##NR##x2, q8_tile_##NR##x3, q8_tile_##NR##x4, q8z_tile_##NR##x5,    \
+     q8z_tile_##NR##x6}
+static const q_tile_fn tiles_q8z[QV_MAXR + 1][QZ_MAXT] = {
+    [1] = Q8Z_ROW(1), [2] = Q8Z_ROW(2), [4] = Q8Z_ROW(4), [8] = {q8_tile_8x1}};
 
 /* Tiles (measured on Zen 4, one thread, bench/matmul_cputime ab; bench/RESULTS.md): one token, 8
  * rows side by side (Q4: 4 pairs), 1.1-1.3x faster than 4; more tokens, Q8 4 rows x 4 tokens (best
@@ -476,7 +590,7 @@ void moe_matmul_rows_q_avx512z(float *y, const int8_t *xq, const float *xd, cons
                                moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
     if (wt == MOE_DT_Q8)
-        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q8, QV_NT);
+        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q8z, QZ_MAXT);
     else
         rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q4z, QZ_MAXT);
 }

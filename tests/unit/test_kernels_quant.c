@@ -553,8 +553,8 @@ static void batch_sweep(batch_case *bc, int n, moe_threadpool_t **pools)
  * batch tiles, the 2- and 1-row tails), token counts on both sides of every tile and chunk switch
  * (1..9, 17, 47, 48, 64, 130), decode tiles with and without prefetch, and x blocks that are all
  * zero or hold a NaN (that token's outputs NaN, in every kernel). The same for its variant with
- * the zmm Q4 batch tiles (moe_matmul_rows_q_avx512z: 4-6 token tiles, odd ones with a copied
- * half, one-row tiles, 7 tokens as 4 + 3). */
+ * the zmm Q8 and Q4 batch tiles (moe_matmul_rows_q_avx512z: Q4 4-6 token tiles, Q8 5 and 6, odd
+ * ones with a copied half, one-row tiles, 7 tokens as 4 + 3). */
 static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
     size_t nw = (size_t)n_in * n_out, ny = (size_t)n_tok * n_out;
