@@ -69,7 +69,7 @@ static const moe_kernel_ops ops_avx512_xbf16 = {
 static const moe_kernel_ops ops_avx512_intel = {
     moe_matmul_rows_avx2,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512z, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2, NULL, NULL, NULL};
+    moe_attn_exp_avx512, moe_silu_mul_avx2, NULL, NULL, NULL};
 
 /* AMX CPUs: the AVX-512 table with the bf16 rows on the tiles (matmul_amx.c). bf16 on AMX for
  * every n_tok (batch invariance forbids switching paths by n_tok): measured on an Intel Xeon
@@ -79,11 +79,11 @@ static const moe_kernel_ops ops_avx512_intel = {
 static const moe_kernel_ops ops_amx = {
     moe_matmul_rows_amx,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512z, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2, moe_amx_x_bytes, moe_amx_x_prep, moe_matmul_rows_amx_px};
+    moe_attn_exp_avx512, moe_silu_mul_avx2, moe_amx_x_bytes, moe_amx_x_prep, moe_matmul_rows_amx_px};
 static const moe_kernel_ops ops_amx_xbf16 = {
     moe_matmul_rows_amx_xbf16, moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512,      moe_quantize_x_avx2, moe_matmul_rows_q_avx512z, 16,
-    moe_attn_exp_avx2, moe_silu_mul_avx2, moe_amx_x_bytes_xbf16, moe_amx_x_prep_xbf16,
+    moe_attn_exp_avx512, moe_silu_mul_avx2, moe_amx_x_bytes_xbf16, moe_amx_x_prep_xbf16,
     moe_matmul_rows_amx_px_xbf16};
 
 /* -1: not decided yet (MOE_BF16_X read at the first use); 0/1 afterwards or from the test hook. */

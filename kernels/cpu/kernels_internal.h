@@ -181,6 +181,7 @@ void moe_attn_scores_avx2(float *s, int s_stride, const float *const *q, int nr,
 void moe_attn_accum_avx2(float *const *o, const float *alpha, const float *p, int p_stride,
                          int nr, const float *const *v, const int *nc, int head_dim);
 double moe_attn_exp_avx2(float *s, int nc, float m_in, float *m_out);
+double moe_attn_exp_avx512(float *s, int nc, float m_in, float *m_out);
 void moe_attn_scores_avx512(float *s, int s_stride, const float *const *q, int nr,
                             const float *const *k, int nc, int head_dim, float scale);
 void moe_attn_accum_avx512(float *const *o, const float *alpha, const float *p, int p_stride,

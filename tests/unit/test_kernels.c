@@ -100,8 +100,8 @@ Test(kernels, cpu_vendor_matches_proc_cpuinfo)
 }
 
 /* The Intel rule: at avx512 by the CPU's own choice an Intel CPU runs bf16 on the AVX2 rows
- * (vdpbf16ps rows measured slower there) and the Q4 batch tiles on zmm (as the amx tables);
- * everything else in its table is the AVX-512 one. */
+ * (vdpbf16ps rows measured slower there), the Q8/Q4 batch tiles on zmm and the 16-lane softmax
+ * exp (as the amx tables); everything else in its table is the AVX-512 one. */
 Test(kernels, intel_rule_tables)
 {
     const moe_kernel_ops *rule = moe_kernels_table(MOE_ISA_AVX512, 0, 1);
@@ -112,8 +112,10 @@ Test(kernels, intel_rule_tables)
     cr_assert(rule->matmul_rows_q == moe_matmul_rows_q_avx512z);
     cr_assert(moe_kernels_table(MOE_ISA_AMX, 0, 0)->matmul_rows_q == moe_matmul_rows_q_avx512z);
     cr_assert(rule->quantize_x == plain->quantize_x);
+    cr_assert(rule->attn_exp == moe_attn_exp_avx512 && plain->attn_exp == moe_attn_exp_avx2);
+    cr_assert(moe_kernels_table(MOE_ISA_AMX, 0, 0)->attn_exp == moe_attn_exp_avx512);
     cr_assert(rule->attn_scores == plain->attn_scores && rule->attn_accum == plain->attn_accum &&
-              rule->attn_exp == plain->attn_exp && rule->dot_f32 == plain->dot_f32 &&
+              rule->dot_f32 == plain->dot_f32 &&
               rule->axpy_f32 == plain->axpy_f32 && rule->silu_mul == plain->silu_mul &&
               rule->row_block == plain->row_block);
     /* MOE_BF16_X=round asks for the vdpbf16ps rows with x rounded: the rule does not apply. */
@@ -1304,6 +1306,45 @@ Test(kernels, attention_exp)
         cr_assert(fabs(e[1] - 0.36787944117) <= 1e-7);
         cr_assert(e[2] >= 0.f && e[2] <= 2e-38f && e[3] == 0.f);
         cr_assert(isnan(e[4]) && isnan(sum), "%s: NaN must propagate", moe_isa_name(isas[ii]));
+    }
+}
+
+/* The 16-lane softmax numerators (moe_attn_exp_avx512, the Intel tables' choice) against the
+ * 8-lane ones bit for bit: every exp and the returned sum, at every chunk length 1..64 (the
+ * 16-lane loop, its tail below and above 8 lanes), with m_in above and below the scores, scores
+ * under -87, -inf and NaN. Skipped, saying so, on CPUs without AVX-512. */
+Test(kernels, attention_exp_avx512_bits)
+{
+    moe_isa was = moe_kernels_isa();
+    bool has = moe_kernels_force_isa(MOE_ISA_AVX512) == MOE_ISA_AVX512;
+    moe_kernels_force_isa(was);
+    if (!has) {
+        printf("kernels/attention_exp_avx512_bits: skipped, this CPU lacks AVX-512 (best isa %s)\n",
+               moe_isa_name(moe_kernels_isa()));
+        cr_skip_test("this CPU lacks AVX-512");
+    }
+    printf("kernels/attention_exp_avx512_bits: 16-lane exp against the 8-lane one\n");
+    for (int it = 0; it < 1280; it++) {
+        int nc = it % 64 + 1;
+        float a[64], b[64];
+        float range = it % 3 == 0 ? 100.f : 3.f;
+        for (int c = 0; c < nc; c++)
+            a[c] = b[c] = rng_uniform(-range, range);
+        if (it % 7 == 1)
+            a[it % nc] = b[it % nc] = NAN;
+        if (it % 5 == 2)
+            a[(it / 5) % nc] = b[(it / 5) % nc] = -INFINITY;
+        float m_in = it % 2 ? -INFINITY : rng_uniform(-range, 2 * range), ma, mb;
+        double sa = moe_attn_exp_avx2(a, nc, m_in, &ma);
+        double sb = moe_attn_exp_avx512(b, nc, m_in, &mb);
+        cr_assert(memcmp(&ma, &mb, sizeof ma) == 0, "nc=%d: max %.9g vs %.9g", nc, (double)ma,
+                  (double)mb);
+        cr_assert(memcmp(&sa, &sb, sizeof sa) == 0 || (isnan(sa) && isnan(sb)),
+                  "nc=%d: sum %.17g (avx2) vs %.17g (avx512)", nc, sa, sb);
+        for (int c = 0; c < nc; c++)
+            cr_assert(memcmp(&a[c], &b[c], sizeof a[c]) == 0 || (isnan(a[c]) && isnan(b[c])),
+                      "nc=%d c=%d: exp %.9g (avx2) vs %.9g (avx512)", nc, c, (double)a[c],
+                      (double)b[c]);
     }
 }
 
