@@ -81,9 +81,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[4];
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, NT, b0, g);
 #pragma GCC unroll 8
         for (int i = 0; i < NR && NT > 1; i++) { /* one token: per block (see QG) */
             __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
@@ -156,9 +154,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[4];
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, NT, b0, g);
 #pragma GCC unroll 4
         for (int p = 0; p < NP && NT > 1; p++) { /* one token: per block (see QG) */
             __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);

@@ -51,9 +51,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QV_MAXT];
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, NT, b0, g);
 #pragma GCC unroll 8
         for (int i = 0; i < NR && NT > 1; i++) { /* one token: per block (see QG) */
             __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
@@ -149,21 +147,14 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QV_MAXT];
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, NT, b0, g);
 #pragma GCC unroll 4
         for (int p = 0; p < NP && NT > 1; p++) { /* one token: per block (see QG) */
             __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);
             __m256 db = single ? da : scales8((const char *)wb[p], sizeof(moe_block_q4), b0, g);
 #pragma GCC unroll 4
-            for (int t = 0; t < NT; t++) {
-                __m256 pa = _mm256_mul_ps(da, dx[t]), pb = _mm256_mul_ps(db, dx[t]);
-                /* {pA_k, pB_k}: unpack gives k = 0, 1, 4, 5 and 2, 3, 6, 7; back in order */
-                __m256 u0 = _mm256_unpacklo_ps(pa, pb), u1 = _mm256_unpackhi_ps(pa, pb);
-                _mm256_store_ps(pr[t][p][0], _mm256_permute2f128_ps(u0, u1, 0x20));
-                _mm256_store_ps(pr[t][p][4], _mm256_permute2f128_ps(u0, u1, 0x31));
-            }
+            for (int t = 0; t < NT; t++)
+                store_scale_pairs(pr[t][p][0], _mm256_mul_ps(da, dx[t]), _mm256_mul_ps(db, dx[t]));
         }
         for (int k = 0; k < g; k++) {
             int b = b0 + k;
@@ -273,9 +264,7 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QZ_MAXT];
-#pragma GCC unroll 6
-        for (int t = 0; t < 2 * NTP; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, 2 * NTP, b0, g);
 #pragma GCC unroll 4
         for (int p = 0; p < NP; p++) {
             __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q4), b0, g);
@@ -390,19 +379,14 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
     for (int b0 = 0; b0 < nb; b0 += QG) {
         int g = nb - b0 < QG ? nb - b0 : QG;
         __m256 dx[QZ_MAXT];
-#pragma GCC unroll 6
-        for (int t = 0; t < 2 * NTP; t++)
-            dx[t] = xscales8(dr[t], b0, g);
+        xscales_tile(dx, dr, 2 * NTP, b0, g);
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++) {
             __m256 dw = scales8((const char *)wr[i], sizeof(moe_block_q8), b0, g);
 #pragma GCC unroll 3
             for (int tp = 0; tp < NTP; tp++) {
-                __m256 a = _mm256_mul_ps(dw, dx[2 * tp]), c = _mm256_mul_ps(dw, dx[2 * tp + 1]);
-                /* {a_k, c_k}: unpack gives k = 0, 1, 4, 5 and 2, 3, 6, 7; back in order */
-                __m256 u0 = _mm256_unpacklo_ps(a, c), u1 = _mm256_unpackhi_ps(a, c);
-                _mm256_store_ps(pr[tp][i][0], _mm256_permute2f128_ps(u0, u1, 0x20));
-                _mm256_store_ps(pr[tp][i][4], _mm256_permute2f128_ps(u0, u1, 0x31));
+                store_scale_pairs(pr[tp][i][0], _mm256_mul_ps(dw, dx[2 * tp]),
+                                  _mm256_mul_ps(dw, dx[2 * tp + 1]));
             }
         }
         for (int k = 0; k < g; k++) {

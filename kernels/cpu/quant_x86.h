@@ -128,6 +128,24 @@ AI __m256 xscales8(const float *d, int b0, int g)
     return _mm256_maskload_ps(d + b0, _mm256_cmpgt_epi32(_mm256_set1_epi32(g), lane));
 }
 
+/* d_x of group b0 (g blocks) for each of a tile's n token slots. */
+AI void xscales_tile(__m256 *dx, const float *const *dr, int n, int b0, int g)
+{
+#pragma GCC unroll 6
+    for (int t = 0; t < n; t++)
+        dx[t] = xscales8(dr[t], b0, g);
+}
+
+/* {a_k, b_k} for k = 0..7 at dst (16 floats, 32-byte aligned): a group's scale products of two
+ * rows or two tokens side by side, so that a block's pair is one 8-byte broadcast (the unpacks
+ * give k = 0, 1, 4, 5 and 2, 3, 6, 7; the lane permutes put them back in order). */
+AI void store_scale_pairs(float *dst, __m256 a, __m256 b)
+{
+    __m256 u0 = _mm256_unpacklo_ps(a, b), u1 = _mm256_unpackhi_ps(a, b);
+    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u1, 0x20));
+    _mm256_store_ps(dst + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* Row tiles up to this size prefetch the next one (prefetch_step) in their first token tile (the
  * one that reads them from memory); bigger ones (8-row decode tiles of more than ~3800 Q8 / ~7200
  * Q4 inputs) stream well on their own, and a whole tile ahead would push the current one out of
