@@ -84,14 +84,24 @@ class Roof:
     def __init__(self, r, bw=None):
         self.bw = (bw if bw else r.get("bandwidth_gbs", r["triad_gbs"])) * 1e9
         self.peak = r["bf16_peak_gflops"] * 1e9
+        # The int8 unit our q8/q4 rows multiply on (vpdpbusd or the AVX2 pair; roofline.c): their
+        # compute ceiling, where the bf16 peak (AMX tiles) is a unit they never use. Older probes
+        # lack it: the bf16 peak then, as before.
+        i8 = r.get("int8_dot_gops")
+        self.int8 = i8 * 1e9 if isinstance(i8, float) else None
         self.at_size = bw is not None
+
+    def for_format(self, fmt):
+        """The compute peak of our rows in format fmt ("bf16", "q8", "q4")."""
+        return self.int8 if fmt in ("q8", "q4") and self.int8 else self.peak
 
     def sized(self, bw_file: Path):
         """The same peaks with the bandwidth measured at one model's own size (bw_<fmt>.txt)."""
         b = kv(bw_file).get("bandwidth_gbs")
         if not isinstance(b, float):
             return self
-        r = Roof({"bandwidth_gbs": b, "triad_gbs": b, "bf16_peak_gflops": self.peak * 1e-9}, b)
+        r = Roof({"bandwidth_gbs": b, "triad_gbs": b, "bf16_peak_gflops": self.peak * 1e-9,
+                  "int8_dot_gops": self.int8 * 1e-9 if self.int8 else None}, b)
         r.mib = kv(bw_file).get("bandwidth_mib")
         return r
 
@@ -100,10 +110,11 @@ class Roof:
         size), FLOPs not counted."""
         return batch / (bytes_step / self.bw)
 
-    def decode(self, bytes_step, flops_step, batch):
-        """tokens/s when a step is bound by whichever of bytes or FLOPs takes longer."""
-        t = max(bytes_step / self.bw, flops_step / self.peak)
-        return batch / t, ("memory" if bytes_step / self.bw >= flops_step / self.peak else "compute")
+    def decode(self, bytes_step, flops_step, batch, fmt="bf16"):
+        """tokens/s when a step is bound by whichever of bytes or FLOPs (on fmt's unit) takes longer."""
+        peak = self.for_format(fmt)
+        t = max(bytes_step / self.bw, flops_step / peak)
+        return batch / t, ("memory" if bytes_step / self.bw >= flops_step / peak else "compute")
 
     def prefill(self, flops_per_token):
         return self.peak / flops_per_token
@@ -141,7 +152,8 @@ def preset_rows(name, d: Path, roof: Roof, targets):
             bound = ""
             if ol is not None:
                 bytes_step = o[f"decode_b{B}_weight_bytes_per_step"] + o[f"decode_b{B}_kv_bytes_per_step"]
-                oroof, bound = rf.decode(bytes_step, B * o[f"decode_b{B}_flops_per_token"], B)
+                oroof, bound = rf.decode(bytes_step, B * o[f"decode_b{B}_flops_per_token"], B,
+                                         OUR_FORMAT[lf])
                 mroof = rf.mem_only(bytes_step, B)
             l = llama[lf]
             ll = l.get(f"decode_b{B}_tok_s") if l else None
@@ -188,9 +200,13 @@ def preset_rows(name, d: Path, roof: Roof, targets):
             rows.append((name, f"prefill {int(b[f'{ko}_tokens'])}", lf, ol, roofp if ol else None, ll,
                          roofp if ll else None, "compute", busy_of(o if ol else None, l, f"{ko}_others_cpu", f"{kl}_others_cpu")))
             if ol is not None:
+                own = ""  # q8/q4: the share of the int8 unit the rows actually run on
+                if OUR_FORMAT[lf] != "bf16" and roof.int8:
+                    own = (f"; of the int8 unit our q8/q4 rows run on, "
+                           f"{pct(o[f'{ko}_gflops'] * 1e9 / roof.int8)} of {roof.int8 * 1e-9:.1f} GOP/s")
                 targets.append((f"{name} prefill {int(b[f'{ko}_tokens'])} {lf} >= 50% of the matrix peak (issue 16)",
                                 ol / roofp >= 0.5,
-                                f"{pct(ol / roofp)} ({o[f'{ko}_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s)"))
+                                f"{pct(ol / roofp)} ({o[f'{ko}_gflops']:.1f} of {roof.peak * 1e-9:.1f} GFLOP/s{own})"))
     return rows
 
 
@@ -258,7 +274,7 @@ def build(run: Path):
     r = dict(probes[0])
     for k in ("triad_gbs", "read_gbs", "bandwidth_gbs", "f32_fma_gflops", "bf16_cvt_fma_gflops",
               "bf16_dpbf16_gflops", "bf16_dpbf16_split_x_gflops", "bf16_amx_gflops",
-              "bf16_amx_split_x_gflops", "bf16_peak_gflops"):
+              "bf16_amx_split_x_gflops", "bf16_peak_gflops", "int8_dot_gops"):
         vals = [p[k] for p in probes if isinstance(p.get(k), float)]
         if vals:
             r[k] = max(vals)
@@ -302,6 +318,9 @@ def build(run: Path):
             rl("AMX with x as hi + lo (two tile columns per token: half the above)",
                "bf16_amx_split_x_gflops", "GFLOP/s")
     rl(f"**bf16 peak (prefill roofline)**: {r.get('bf16_peak_path', '')}", "bf16_peak_gflops", "GFLOP/s")
+    if isinstance(r.get("int8_dot_gops"), float):
+        rl(f"**int8 dot (our q8/q4 rows' unit: their decode compute ceiling)**: {r.get('int8_dot_path', '')}",
+           "int8_dot_gops", "GOP/s")
     L.append("")
     L.append("### Engine vs roofline vs llama.cpp")
     L.append("")
@@ -317,8 +336,10 @@ def build(run: Path):
                 "experts only (attention, router, lm_head stay bf16), llama.cpp's Q8_0/Q4_0 quantize "
                 "every matrix, so at the same row label llama.cpp reads fewer bytes")
     L.append("tok/s; *% roof* = the figure over its own roofline. Decode roofline = min(bandwidth / bytes "
-             "read per step, peak / FLOPs per step) x batch; prefill roofline = bf16 peak / FLOPs per "
-             "prompt token. Each engine's decode roofline uses the bytes its own weights occupy: "
+             "read per step, peak / FLOPs per step) x batch, the peak of the unit the rows run on (bf16: "
+             "the bf16 peak; our q8/q4: the int8 dot); prefill roofline = bf16 peak (the matrix peak) / "
+             "FLOPs per prompt token, the q8/q4 targets giving the int8 unit's share too. Each engine's "
+             "decode roofline uses the bytes its own weights occupy: "
              f"{what}.")
     L.append("")
     L.append(f"Last column: the share of the machine's CPU time other work took during the timed window "

@@ -177,8 +177,18 @@ static void bw_body(team *t, int id)
  * Each loop runs NACC independent accumulator chains; 12 chains cover 4-cycle FMA latency on two
  * FMA pipes (8 needed) with room to spare on Zen 3 / Ice Lake / Sapphire Rapids. */
 #define NACC 12
+#define NACC_I8 4 /* the AVX2 int8 probe's chains, each with its own operand (peak_int8_avx2) */
 
-enum { PEAK_F32_AVX2 = 0, PEAK_BF16_AVX2, PEAK_F32_AVX512, PEAK_BF16_DP, PEAK_BF16_AMX, PEAK_F32_SCALAR };
+enum {
+    PEAK_F32_AVX2 = 0,
+    PEAK_BF16_AVX2,
+    PEAK_F32_AVX512,
+    PEAK_BF16_DP,
+    PEAK_BF16_AMX,
+    PEAK_INT8_AVX2,
+    PEAK_INT8_VNNI,
+    PEAK_F32_SCALAR
+};
 
 /* One AMX step: 4 tdpbf16ps of 16 x 16 outputs x 32 bf16 products each (the kernels' block). */
 #define AMX_TDP_PER_ITER 4
@@ -191,6 +201,8 @@ static double peak_flops_per_iter(int kind)
     case PEAK_F32_AVX512: return NACC * 16 * 2;
     case PEAK_BF16_DP: return NACC * 16 * 2 * 2; /* 16 lanes x 2 bf16 pairs x (mul + add) */
     case PEAK_BF16_AMX: return AMX_TDP_PER_ITER * 16 * 16 * 32 * 2;
+    case PEAK_INT8_AVX2: return NACC_I8 * 32 * 2; /* 32 u8 x s8 products (mul + add) per chain step */
+    case PEAK_INT8_VNNI: return NACC * 64 * 2; /* zmm vpdpbusd: 16 lanes x 4 products */
     default: return NACC * 2;
     }
 }
@@ -279,6 +291,51 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_bf16_dp(long it
     return _mm512_reduce_add_ps(s);
 }
 
+/* The int8 dot of the Q8/Q4 rows (quant_avx2.c): vpmaddubsw (u8 x s8 pairs into s16), vpmaddwd by
+ * ones (into s32), vpaddd, per 32 products. Each chain has its own operand, passed through an
+ * empty asm every step, so the products are neither shared between chains nor hoisted out of
+ * the loop (the empty asm adds no latency, so successive steps' products overlap); NACC_I8
+ * chains cover the accumulator chain, one vpaddd, and leave the 16 ymm registers unspilled. */
+__attribute__((target("avx2"))) static double peak_int8_avx2(long iters)
+{
+    /* Named registers, not arrays: an asm operand on an array element kept the array on the
+     * stack (a load and a store per step). */
+    const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+    __m256i a0 = _mm256_set1_epi8(3), a1 = _mm256_set1_epi8(4), a2 = _mm256_set1_epi8(5);
+    __m256i a3 = _mm256_set1_epi8(6);
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+#define I8_STEP(a, c) c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+    for (long i = 0; i < iters; i++) {
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
+        I8_STEP(a0, c0);
+        I8_STEP(a1, c1);
+        I8_STEP(a2, c2);
+        I8_STEP(a3, c3);
+    }
+#undef I8_STEP
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3));
+    return (double)_mm256_extract_epi32(s, 0);
+}
+
+/* AVX512-VNNI: vpdpbusd multiplies 16 x 4 u8 x s8 pairs and adds them into 16 s32 lanes (zmm:
+ * what the Intel tables' batch tiles use; on Zen 4 a zmm one costs two ymm ones, the same rate). */
+__attribute__((target("avx512f,avx512vnni"))) static double peak_int8_vnni(long iters)
+{
+    __m512i acc[NACC];
+    const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+    for (int j = 0; j < NACC; j++)
+        acc[j] = _mm512_setzero_si512();
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int j = 0; j < NACC; j++)
+            acc[j] = _mm512_dpbusd_epi32(acc[j], a, b);
+    }
+    __m512i s = acc[0];
+    for (int j = 1; j < NACC; j++)
+        s = _mm512_add_epi32(s, acc[j]);
+    return (double)_mm512_reduce_add_epi32(s);
+}
+
 /* AMX: the kernels' block (matmul_amx.c), 4 C tiles from 2 A and 2 B tiles, with the operands
  * loaded once (registers only, like the other peaks); 4 independent accumulator tiles cover the
  * instruction's latency. The process must have been granted the tile state (moe_kernels_isa()
@@ -347,6 +404,8 @@ static void peak_body(team *t, int id)
         case PEAK_F32_AVX512: v += peak_f32_avx512(t->iters); break;
         case PEAK_BF16_DP: v += peak_bf16_dp(t->iters); break;
         case PEAK_BF16_AMX: v += peak_bf16_amx(t->iters); break;
+        case PEAK_INT8_AVX2: v += peak_int8_avx2(t->iters); break;
+        case PEAK_INT8_VNNI: v += peak_int8_vnni(t->iters); break;
         default: v += peak_f32_scalar(t->iters); break;
         }
         double dc = thread_cpu_s() - c0;
@@ -414,6 +473,8 @@ int main(int argc, char **argv)
     g_has_avx2 = has_avx2;
     int has_avx512 = __builtin_cpu_supports("avx512f");
     int has_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+    /* the int8 unit the Q8/Q4 rows run on: VNNI where the kernels chose avx512 or amx */
+    int has_vnni = has_avx512 && __builtin_cpu_supports("avx512vnni") && moe_kernels_isa() >= MOE_ISA_AVX512;
     /* AMX only where the kernels chose it: that is where the tile state was granted */
     int has_amx = moe_kernels_isa() == MOE_ISA_AMX;
     printf("# roofline: %d threads, kernels ISA %s, CPU avx2+fma=%d avx512f=%d avx512bf16=%d "
@@ -493,6 +554,16 @@ int main(int argc, char **argv)
         printf("bf16_amx_gflops=n/a\n");
     }
     printf("bf16_peak_gflops=%.1f\n", bf16_peak);
+    /* The int8 unit the Q8/Q4 rows multiply on (their decode and prefill compute ceiling; they
+     * add one f32 FMA per 32 products besides, not counted): vpdpbusd where AVX512-VNNI is (the
+     * kernels' choice there), else the AVX2 vpmaddubsw + vpmaddwd pair. Not AMX int8: the
+     * kernels do not use it (docs/kernels.md). GOP/s, a multiply and an add per product. */
+    if (has_vnni || has_avx2) {
+        printf("int8_dot_gops=%.1f\n", peak_gflops(threads, has_vnni ? PEAK_INT8_VNNI : PEAK_INT8_AVX2));
+        printf("int8_dot_path=%s\n", has_vnni ? "vpdpbusd (AVX512-VNNI, zmm)" : "vpmaddubsw + vpmaddwd (AVX2)");
+    } else {
+        printf("int8_dot_gops=n/a\n");
+    }
     printf("bf16_peak_path=%s\n", bf16_amx >= bf16_peak && has_amx ? "tdpbf16ps (AMX-BF16 tiles)"
                                    : bf16_dp > f32                  ? "vdpbf16ps (AVX512_BF16, zmm)"
                                                 : has_avx512 ? "f32-fma (AVX-512 or AVX2, the faster)"
