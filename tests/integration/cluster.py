@@ -61,6 +61,10 @@ def small_model():
     return out
 
 
+# Lines of the mpirun job's log a failed test prints (run.sh shows a failure's last 80 lines).
+CLUSTER_LOG_TAIL_LINES = 20
+
+
 class Cluster:
     """One moe-serve job. Use as a context manager; stop() drains it with SIGTERM to rank 0.
     mpirun_args go to mpirun; wrap(cmd) returns the command line that runs cmd (e.g. in a
@@ -194,12 +198,19 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.kill()
+        tail = []
+        if exc[0] is not None:  # the job's last words, for a CI log whose machine is gone
+            self.log.flush()
+            with open(self.log.name, errors="replace") as f:
+                tail = f.read().splitlines()[-CLUSTER_LOG_TAIL_LINES:]
         for f in (self.log, self.out):
             f.close()
             if exc[0] is None:
                 os.unlink(f.name)
             else:
                 sys.stderr.write("cluster log kept: %s\n" % f.name)
+        for line in tail:
+            sys.stderr.write("  cluster| %s\n" % line)
         return False
 
 

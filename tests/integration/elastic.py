@@ -27,6 +27,11 @@ def local_spawn(cmd, env, out, err):
     return subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
 
 
+# Lines of each process's log a failed test prints (tests/integration/run.sh shows the last 80
+# lines of a failed test's output).
+LOG_TAIL_LINES = 8
+
+
 class Proc:
     """One process of the cluster with its logs."""
 
@@ -65,12 +70,18 @@ class Proc:
             self.proc.wait()
 
     def close(self, keep):
+        """keep (a failed test): the logs stay, and the last lines of this process's log go to
+        stderr, so that a failure in CI, whose machine and /tmp are gone afterwards, carries the
+        cluster's own account of it."""
+        tail = self.stderr().splitlines()[-LOG_TAIL_LINES:] if keep else []
         for f in (self.out, self.err):
             f.close()
             if keep:
                 sys.stderr.write("%s log kept: %s\n" % (self.name, f.name))
             else:
                 os.unlink(f.name)
+        for line in tail:
+            sys.stderr.write("  %s| %s\n" % (self.name, line))
 
 
 class ElasticCluster:

@@ -95,7 +95,7 @@ for t in "${tests[@]}"; do
     [ $rc -eq 124 ] && out="$out
 (timed out after ${per_test_timeout} s)"
     echo "FAIL $t (${secs} s)"
-    echo "$out" | tail -40 | sed 's/^/    /'
+    echo "$out" | tail -80 | sed 's/^/    /'
   fi
 done
 if [ $failed -gt 0 ]; then
