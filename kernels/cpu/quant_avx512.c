@@ -343,6 +343,40 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
         }
 }
 
+/* ---- helpers of the zmm Q8 tiles: two 8-lane chains interleaved by int32 lane ---- */
+
+/* Lane 2j = a's lane j, lane 2j + 1 = b's (vpermt2d). */
+AI __m512i interleave_lanes(__m256i a, __m256i b)
+{
+    const __m512i ilv = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    return _mm512_permutex2var_epi32(_mm512_castsi256_si512(a), ilv, _mm512_castsi256_si512(b));
+}
+
+/* Lanes 2j and 2j + 1 = v's lane j (vpermd). */
+AI __m512i double_lanes(__m256i v)
+{
+    const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    return _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(v));
+}
+
+/* acc + lanes * {pair[0], pair[1]} repeated: each chain's block FMA with its own scale. */
+AI __m512 fma_pair_scale(__m512 acc, __m512i lanes, const float *pair)
+{
+    __m512 sc = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd((const double *)pair)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), sc, acc);
+}
+
+/* The two interleaved chains' sums, each hsum8 of its 8 lanes in order: *a the even lanes', *b
+ * (if not NULL) the odd ones'. */
+AI void store_chain_sums(float *a, float *b, __m512 acc)
+{
+    const __m512i deint = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    __m512 d = _mm512_permutexvar_ps(deint, acc);
+    *a = hsum8(_mm512_castps512_ps256(d));
+    if (b)
+        *b = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+}
+
 /* ---- Q8 tile on 512-bit vectors: NR rows x NTP token pairs ----
  * q8_tile's batch arithmetic (x + 128 times w from the -128 * sum(w) correction, one FMA per
  * block by the group's d_w * d_x), two tokens per register interleaved by int32 lane: lane 2j
@@ -359,9 +393,6 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
     const int NTP = (NT + 1) / 2;
     int nb = n_in / MOE_QK;
     const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8((char)0x80);
-    const __m512i wdup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    const __m512i xilv = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i deint = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     __m512 acc[QV_MAXR][QZ_MAXTP];
     const moe_block_q8 *wr[QV_MAXR];
     const int8_t *xr[2 * QZ_MAXTP];
@@ -397,8 +428,7 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
                               (size_t)NR * sizeof(moe_block_q8));
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++) {
-                wv[i] = _mm512_permutexvar_epi32(
-                    wdup, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)wr[i][b].q)));
+                wv[i] = double_lanes(_mm256_loadu_si256((const __m256i *)wr[i][b].q));
                 nc[i] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv[i]));
             }
 #pragma GCC unroll 3
@@ -406,17 +436,11 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
                 __m256i xa = _mm256_loadu_si256((const __m256i *)(xr[2 * tp] + (size_t)b * MOE_QK));
                 __m256i xb =
                     _mm256_loadu_si256((const __m256i *)(xr[2 * tp + 1] + (size_t)b * MOE_QK));
-                __m512i xo =
-                    _mm512_xor_si512(_mm512_permutex2var_epi32(_mm512_castsi256_si512(xa), xilv,
-                                                               _mm512_castsi256_si512(xb)),
-                                     bias);
+                __m512i xo = _mm512_xor_si512(interleave_lanes(xa, xb), bias);
 #pragma GCC unroll 8
-                for (int i = 0; i < NR; i++) {
-                    __m512i l = _mm512_dpbusd_epi32(nc[i], xo, wv[i]);
-                    __m512 sc = _mm512_castpd_ps(
-                        _mm512_broadcastsd_pd(_mm_load_sd((const double *)pr[tp][i][k])));
-                    acc[i][tp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), sc, acc[i][tp]);
-                }
+                for (int i = 0; i < NR; i++)
+                    acc[i][tp] = fma_pair_scale(acc[i][tp], _mm512_dpbusd_epi32(nc[i], xo, wv[i]),
+                                                pr[tp][i][k]);
             }
         }
     }
@@ -424,11 +448,83 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
     for (int i = 0; i < NR; i++)
 #pragma GCC unroll 3
         for (int tp = 0; tp < NTP; tp++) {
-            __m512 d = _mm512_permutexvar_ps(deint, acc[i][tp]);
             float *y0 = y + (size_t)(t0 + 2 * tp) * n_out + r + i;
-            y0[0] = hsum8(_mm512_castps512_ps256(d));
-            if (2 * tp + 1 < NT)
-                y0[n_out] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+            store_chain_sums(y0, 2 * tp + 1 < NT ? y0 + n_out : NULL, acc[i][tp]);
+        }
+}
+
+/* ---- Q8 tile on 512-bit vectors: NP row pairs x NT tokens ----
+ * q8_tile_z with the roles of rows and tokens swapped, for the few tokens an expert gets in
+ * batched decode (2-4): int32 lane 2j runs ymm lane j of row A, lane 2j + 1 that of row B. So a
+ * row pair's block is one vpermt2d of its two 32-byte loads (shared by every token, the
+ * correction formed on it), x's lane j goes to both (one vpermd per token and block, shared by
+ * every pair), and the block scale {pA, pB} is one 8-byte broadcast from the group's table.
+ * Every float lane runs exactly the chain of one ymm lane; the output de-interleaves (one
+ * vpermps) and sums each row's 8 lanes with hsum8: the bits of q8_tile. `single` (one row, NP =
+ * 1): row B is a copy of row A (computed, not stored). */
+#define QR_MAXP 4
+AI void q8_tile_zr(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,
+                   int n_in, int n_out, int r, int t0, int NP, int NT, int single, const char *pf)
+{
+    int nb = n_in / MOE_QK;
+    const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8((char)0x80);
+    __m512 acc[QR_MAXP][QV_MAXT];
+    const moe_block_q8 *wa[QR_MAXP], *wb[QR_MAXP];
+    const int8_t *xr[QV_MAXT];
+    const float *dr[QV_MAXT];
+    /* d_w * d_x of the group: [token][pair][block][row A, row B] */
+    float pr[QV_MAXT][QR_MAXP][QG][2] __attribute__((aligned(32)));
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+        wa[p] = (const moe_block_q8 *)(w + (size_t)(r + 2 * p) * row_bytes);
+        wb[p] = single ? wa[p] : (const moe_block_q8 *)(w + (size_t)(r + 2 * p + 1) * row_bytes);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            acc[p][t] = _mm512_setzero_ps();
+    }
+    q_token_rows(xr, dr, xq, xd, n_in, t0, NT, NT);
+    for (int b0 = 0; b0 < nb; b0 += QG) {
+        int g = nb - b0 < QG ? nb - b0 : QG;
+        __m256 dx[QV_MAXT];
+        xscales_tile(dx, dr, NT, b0, g);
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; p++) {
+            __m256 da = scales8((const char *)wa[p], sizeof(moe_block_q8), b0, g);
+            __m256 db = single ? da : scales8((const char *)wb[p], sizeof(moe_block_q8), b0, g);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++)
+                store_scale_pairs(pr[t][p][0], _mm256_mul_ps(da, dx[t]), _mm256_mul_ps(db, dx[t]));
+        }
+        for (int k = 0; k < g; k++) {
+            int b = b0 + k;
+            __m512i wv[QR_MAXP], nc[QR_MAXP];
+            if (pf) /* see prefetch_step */
+                prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q8),
+                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q8));
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; p++) {
+                __m256i va = _mm256_loadu_si256((const __m256i *)wa[p][b].q);
+                __m256i vb = _mm256_loadu_si256((const __m256i *)wb[p][b].q);
+                wv[p] = interleave_lanes(va, vb);
+                nc[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv[p]));
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[t] + (size_t)b * MOE_QK));
+                __m512i xo = _mm512_xor_si512(double_lanes(xv), bias);
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++)
+                    acc[p][t] = fma_pair_scale(acc[p][t], _mm512_dpbusd_epi32(nc[p], xo, wv[p]),
+                                               pr[t][p][k]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            float *yt = y + (size_t)(t0 + t) * n_out + r + 2 * p;
+            store_chain_sums(yt, single ? NULL : yt + 1, acc[p][t]);
         }
 }
 
@@ -484,6 +580,20 @@ Q4_TILE(8, 4)
 Q8Z_TILES(4)
 Q8Z_TILES(2)
 Q8Z_TILES(1)
+/* Q8 on zmm in row pairs: NT tokens (2 to 4); NR rows = NR / 2 pairs, or one row alone */
+#define Q8R_TILE(NR, NT)                                                                           \
+    static void q8r_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
+                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
+                                     const char *pf)                                               \
+    {                                                                                              \
+        q8_tile_zr(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, \
+                   pf);                                                                            \
+    }
+#define Q8R_TILES(NR) Q8R_TILE(NR, 2) Q8R_TILE(NR, 3) Q8R_TILE(NR, 4)
+Q8R_TILES(8)
+Q8R_TILES(4)
+Q8R_TILES(2)
+Q8R_TILES(1)
 /* Q4 on zmm: NT tokens (4 to 6) */
 #define Q4Z_TILE(NR, NT) Q4_TILE_AS(q4z_tile_##NR##x##NT, q4_tile_z, NR, NT)
 #define Q4Z_TILES(NR) Q4Z_TILE(NR, 4) Q4Z_TILE(NR, 5) Q4Z_TILE(NR, 6)
@@ -509,14 +619,15 @@ static const q_tile_fn tiles_q4[QV_MAXR + 1][QZ_MAXT] = {
      q4z_tile_##NR##x6}
 static const q_tile_fn tiles_q4z[QV_MAXR + 1][QZ_MAXT] = {
     [1] = Q4Z_ROW(1), [2] = Q4Z_ROW(2), [4] = Q4Z_ROW(4), [8] = Q4Z_ROW(8)};
-/* Q8 with the zmm tiles for 5 and 6 tokens: 2-4 keep q8_tile (abz: 2 0.91x, 3 0.83x, 4
- * 0.97-0.99x on zmm: the per-row W permute and correction and the per-pair x permute are shared
- * by too few products) */
+/* Q8 on zmm: 2-4 tokens in row pairs (q8_tile_zr, 8 rows: QR_NR_Q8), 5 and 6 in token pairs
+ * (q8_tile_z, 4 rows; token pairs for 2-4 measured 0.91x / 0.83x / 0.97-0.99x the ymm tiles: the
+ * per-row W permute and correction and the per-pair x permute were shared by too few products) */
 #define Q8Z_ROW(NR)                                                                                \
-    {q8_tile_##NR##x1, q8_tile_##NR##x2, q8_tile_##NR##x3, q8_tile_##NR##x4, q8z_tile_##NR##x5,    \
+    {q8_tile_##NR##x1, q8r_tile_##NR##x2, q8r_tile_##NR##x3, q8r_tile_##NR##x4, q8z_tile_##NR##x5, \
      q8z_tile_##NR##x6}
 static const q_tile_fn tiles_q8z[QV_MAXR + 1][QZ_MAXT] = {
-    [1] = Q8Z_ROW(1), [2] = Q8Z_ROW(2), [4] = Q8Z_ROW(4), [8] = {q8_tile_8x1}};
+    [1] = Q8Z_ROW(1), [2] = Q8Z_ROW(2), [4] = Q8Z_ROW(4),
+    [8] = {q8_tile_8x1, q8r_tile_8x2, q8r_tile_8x3, q8r_tile_8x4}};
 
 /* Tiles (measured on Zen 4, one thread, bench/matmul_cputime ab; bench/RESULTS.md): one token, 8
  * rows side by side (Q4: 4 pairs), 1.1-1.3x faster than 4; more tokens, Q8 4 rows x 4 tokens (best
@@ -529,18 +640,22 @@ static const q_tile_fn tiles_q8z[QV_MAXR + 1][QZ_MAXT] = {
 #define QV_NR_Q8 4
 #define QV_NR_Q4 8
 #define QV_NT 4
+/* Intel, Q8, 2-4 tokens (batched decode's share of an expert): 8 rows, 4 pairs of q8_tile_zr
+ * (abz against the ymm 4 x NT tiles: 2 tokens 1.00-1.08x, 3 1.08-1.10x, 4 1.09-1.10x; with 4 rows,
+ * 2 pairs, 0.97-1.07x / 1.07-1.09x / 1.02-1.03x) */
+#define QR_NR_Q8 8
 #define QP_TOKC 96
 #define Q_TOKC (MOE_Q_PREFILL_TOK - 1)
 
-/* tiles: [rows][tokens - 1], batch tiles of up to nt_max tokens */
+/* tiles: [rows][tokens - 1], batch tiles of up to nt_max tokens and nr_batch rows */
 static void rows_q(float *y, const int8_t *xq, const float *xd, const void *w, moe_dtype wt,
                    int n_tok, int n_in, int n_out, int r0, int r1,
-                   const q_tile_fn (*tiles)[QZ_MAXT], int nt_max)
+                   const q_tile_fn (*tiles)[QZ_MAXT], int nt_max, int nr_batch)
 {
     size_t row_bytes = moe_dtype_row_bytes(wt, (size_t)n_in);
     const char *wc = w;
     int prefill = n_tok >= MOE_Q_PREFILL_TOK;
-    int nr = n_tok == 1 ? 8 : wt == MOE_DT_Q8 ? QV_NR_Q8 : QV_NR_Q4;
+    int nr = n_tok == 1 ? 8 : nr_batch;
     int nt = n_tok == 1 ? 1 : nt_max;
     int tokc = prefill ? QP_TOKC : Q_TOKC;
     for (int tc = 0; tc < n_tok; tc += tokc) {
@@ -567,16 +682,17 @@ void moe_matmul_rows_q_avx512(float *y, const int8_t *xq, const float *xd, const
                               moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
     rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, wt == MOE_DT_Q8 ? tiles_q8 : tiles_q4,
-           QV_NT);
+           QV_NT, wt == MOE_DT_Q8 ? QV_NR_Q8 : QV_NR_Q4);
 }
 
 void moe_matmul_rows_q_avx512z(float *y, const int8_t *xq, const float *xd, const void *w,
                                moe_dtype wt, int n_tok, int n_in, int n_out, int r0, int r1)
 {
     if (wt == MOE_DT_Q8)
-        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q8z, QZ_MAXT);
+        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q8z, QZ_MAXT,
+               n_tok <= QV_NT ? QR_NR_Q8 : QV_NR_Q8);
     else
-        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q4z, QZ_MAXT);
+        rows_q(y, xq, xd, w, wt, n_tok, n_in, n_out, r0, r1, tiles_q4z, QZ_MAXT, QV_NR_Q4);
 }
 
 #else /* built without the flags: never dispatched */
