@@ -533,21 +533,23 @@ typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const cha
                           size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
 
 /* One out-of-line function per shape: readable code and a small binary. */
-#define Q8_TILE(NR, NT)                                                                            \
-    static void q8_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,    \
-                                    size_t row_bytes, int n_in, int n_out, int r, int t0,          \
-                                    const char *pf)                                                \
+/* Tiles of NR rows; BODY q8_tile or q8_tile_z. */
+#define ROW_TILE_AS(FN, BODY, NR, NT)                                                              \
+    static void FN(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,   \
+                   int n_in, int n_out, int r, int t0, const char *pf)                             \
     {                                                                                              \
-        q8_tile(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                          \
+        BODY(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                             \
     }
-/* Q4: NR rows = NP pairs, or one row alone (NR = 1); BODY q4_tile or q4_tile_z. */
-#define Q4_TILE_AS(FN, BODY, NR, NT)                                                               \
+/* Tiles of row pairs: NR rows = NP pairs, or one row alone (NR = 1); BODY q4_tile, q4_tile_z or
+ * q8_tile_zr. */
+#define PAIR_TILE_AS(FN, BODY, NR, NT)                                                             \
     static void FN(float *y, const int8_t *xq, const float *xd, const char *w, size_t row_bytes,   \
                    int n_in, int n_out, int r, int t0, const char *pf)                             \
     {                                                                                              \
         BODY(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, pf);  \
     }
-#define Q4_TILE(NR, NT) Q4_TILE_AS(q4_tile_##NR##x##NT, q4_tile, NR, NT)
+#define Q8_TILE(NR, NT) ROW_TILE_AS(q8_tile_##NR##x##NT, q8_tile, NR, NT)
+#define Q4_TILE(NR, NT) PAIR_TILE_AS(q4_tile_##NR##x##NT, q4_tile, NR, NT)
 #define Q_TILES(T)                                                                                 \
     T(4, 4)                                                                                        \
     T(4, 3)                                                                                        \
@@ -569,33 +571,20 @@ Q4_TILE(8, 2)
 Q4_TILE(8, 3)
 Q4_TILE(8, 4)
 /* Q8 on zmm: NT tokens (5 and 6) */
-#define Q8Z_TILE(NR, NT)                                                                           \
-    static void q8z_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
-                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
-                                     const char *pf)                                               \
-    {                                                                                              \
-        q8_tile_z(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR, NT, pf);                        \
-    }
+#define Q8Z_TILE(NR, NT) ROW_TILE_AS(q8z_tile_##NR##x##NT, q8_tile_z, NR, NT)
 #define Q8Z_TILES(NR) Q8Z_TILE(NR, 5) Q8Z_TILE(NR, 6)
 Q8Z_TILES(4)
 Q8Z_TILES(2)
 Q8Z_TILES(1)
 /* Q8 on zmm in row pairs: NT tokens (2 to 4); NR rows = NR / 2 pairs, or one row alone */
-#define Q8R_TILE(NR, NT)                                                                           \
-    static void q8r_tile_##NR##x##NT(float *y, const int8_t *xq, const float *xd, const char *w,   \
-                                     size_t row_bytes, int n_in, int n_out, int r, int t0,         \
-                                     const char *pf)                                               \
-    {                                                                                              \
-        q8_tile_zr(y, xq, xd, w, row_bytes, n_in, n_out, r, t0, NR == 1 ? 1 : NR / 2, NT, NR == 1, \
-                   pf);                                                                            \
-    }
+#define Q8R_TILE(NR, NT) PAIR_TILE_AS(q8r_tile_##NR##x##NT, q8_tile_zr, NR, NT)
 #define Q8R_TILES(NR) Q8R_TILE(NR, 2) Q8R_TILE(NR, 3) Q8R_TILE(NR, 4)
 Q8R_TILES(8)
 Q8R_TILES(4)
 Q8R_TILES(2)
 Q8R_TILES(1)
 /* Q4 on zmm: NT tokens (4 to 6) */
-#define Q4Z_TILE(NR, NT) Q4_TILE_AS(q4z_tile_##NR##x##NT, q4_tile_z, NR, NT)
+#define Q4Z_TILE(NR, NT) PAIR_TILE_AS(q4z_tile_##NR##x##NT, q4_tile_z, NR, NT)
 #define Q4Z_TILES(NR) Q4Z_TILE(NR, 4) Q4Z_TILE(NR, 5) Q4Z_TILE(NR, 6)
 Q4Z_TILES(8)
 Q4Z_TILES(4)

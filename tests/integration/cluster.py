@@ -61,6 +61,13 @@ def small_model():
     return out
 
 
+def with_test_hooks(env):
+    """Opens the test hooks' gate (common/test_hook.h) in env when it sets any MOE_TEST_* hook."""
+    if any(k.startswith("MOE_TEST_") for k in env):
+        env["MOE_TEST_HOOKS"] = "1"
+    return env
+
+
 # Lines of the mpirun job's log a failed test prints (run.sh shows a failure's last 80 lines).
 CLUSTER_LOG_TAIL_LINES = 20
 
@@ -83,8 +90,7 @@ class Cluster:
         e.setdefault("MOE_LOG_LEVEL", "info")
         if env:
             e.update(env)
-        if any(k.startswith("MOE_TEST_") for k in e):
-            e["MOE_TEST_HOOKS"] = "1"  # the hooks' gate (common/test_hook.h)
+        with_test_hooks(e)
         cmd = ["mpirun", "--oversubscribe", "-np", str(np)] + list(mpirun_args) + [os.path.join(build_dir(), "moe-serve"),
                "--model", model, "--listen", "127.0.0.1:0", "--threads", "1", "--kv-blocks", "512",
                # A rank starved of CPU for seconds (two cores, parallel builds) is not what most

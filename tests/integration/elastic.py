@@ -18,7 +18,7 @@ import health_pb2
 import health_pb2_grpc
 import moeserve_pb2 as pb
 import moeserve_pb2_grpc as pbg
-from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check
+from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check, with_test_hooks
 
 TOKEN = "moeserve-test-token-0123456789"
 
@@ -147,6 +147,7 @@ class ElasticCluster:
         e = dict(self.env)
         if env:
             e.update(env)
+        with_test_hooks(e)
         p = Proc(host_label or "%s%d" % (pool, len(self.instances)), cmd, e, spawn or self.spawn)
         self.instances.append(p)
         return p

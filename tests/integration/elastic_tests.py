@@ -223,7 +223,7 @@ def kill9_prefill_instance_loses_no_request():
     decode side waits for an offer that died)."""
     with ElasticCluster() as cl:
         slow = ["--batch-tokens", "16", "--max-seqs", "2"]
-        slow_env = {"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "10"}
+        slow_env = {"MOE_TEST_LAYER_DELAY_MS": "10"}
         work = workload(16, max_new=16, id_lens=(200, 300))
         s, _ = strike(cl, ("prefill", "prefill", "decode"), work, 4, pb.POOL_KIND_PREFILL, killed,
                       pool_args={0: slow, 1: slow}, pool_env={0: slow_env, 1: slow_env})
@@ -238,7 +238,7 @@ STORM_ARGS = ["--batch-tokens", "32", "--kv-timeout-ms", "60000", "--kv-lease-ms
 # And each layer slowed by 3 ms (the test hook), so that a 400-token prompt's push lasts 13 steps
 # of ~10 ms: unslowed, the tiny model pushed it so fast that on a loaded machine (2 CPU hogs) no
 # cancel of cancel_pushes' 0-58 ms sweep landed inside one.
-STORM_ENV = {"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "3"}
+STORM_ENV = {"MOE_TEST_LAYER_DELAY_MS": "3"}
 
 
 def cancel_pushes(cl, logs, tries=30):
@@ -364,7 +364,7 @@ def long_engine_step_keeps_its_heartbeat():
     of the model's 3 layers), well past the 1.5 s heartbeat timeout: it keeps heartbeating from
     between layers, so nothing is fenced or resumed, and the outputs equal moe-generate's."""
     with ElasticCluster(heartbeat_timeout_ms=1500) as cl:
-        add(cl, "prefill", env={"MOE_TEST_HOOKS": "1", "MOE_TEST_LAYER_DELAY_MS": "800"})
+        add(cl, "prefill", env={"MOE_TEST_LAYER_DELAY_MS": "800"})
         add(cl, "decode")
         cl.wait_ready(2)
         work = workload(4, max_new=8)

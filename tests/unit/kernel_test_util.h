@@ -3,6 +3,7 @@
 #define MOE_TESTS_KERNEL_TEST_UTIL_H
 
 #include <criterion/criterion.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include "kernels/kernels.h"
@@ -12,6 +13,15 @@ static inline void *xmalloc(size_t n)
     void *p = malloc(n ? n : 1);
     cr_assert_not_null(p);
     return p;
+}
+
+/* Whether this CPU runs isa's kernels; the ISA in use stays as it was. */
+static inline bool cpu_runs_isa(moe_isa isa)
+{
+    moe_isa was = moe_kernels_isa();
+    bool has = moe_kernels_force_isa(isa) == isa;
+    moe_kernels_force_isa(was);
+    return has;
 }
 
 /* Every ISA there is: the size of an array supported_isas fills. */

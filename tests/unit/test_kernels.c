@@ -1315,10 +1315,7 @@ Test(kernels, attention_exp)
  * under -87, -inf and NaN. Skipped, saying so, on CPUs without AVX-512. */
 Test(kernels, attention_exp_avx512_bits)
 {
-    moe_isa was = moe_kernels_isa();
-    bool has = moe_kernels_force_isa(MOE_ISA_AVX512) == MOE_ISA_AVX512;
-    moe_kernels_force_isa(was);
-    if (!has) {
+    if (!cpu_runs_isa(MOE_ISA_AVX512)) {
         printf("kernels/attention_exp_avx512_bits: skipped, this CPU lacks AVX-512 (best isa %s)\n",
                moe_isa_name(moe_kernels_isa()));
         cr_skip_test("this CPU lacks AVX-512");

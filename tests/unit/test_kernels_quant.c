@@ -616,10 +616,7 @@ static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int 
 
 static bool cpu_has_vnni(void)
 {
-    moe_isa was = moe_kernels_isa();
-    bool has = moe_kernels_force_isa(MOE_ISA_AVX512) == MOE_ISA_AVX512;
-    moe_kernels_force_isa(was);
-    return has;
+    return cpu_runs_isa(MOE_ISA_AVX512);
 }
 
 static void vnni_sweep(moe_dtype qt)
