@@ -511,8 +511,11 @@ def signal_mpirun_of_ep2_instance(sig, sigkill_timeout_s=4):
     exit status."""
     with ElasticCluster() as cl:
         add(cl, "prefill")
-        ep = add(cl, "decode", ep=2, sigkill_timeout_s=sigkill_timeout_s)
-        add(cl, "decode")
+        # Decode steps slowed (2 ms a layer): on a fast host a 300-token request took ~0.1 s, so
+        # the drain found nothing left to move (CI: 792 requests, no migration).
+        slow = {"MOE_TEST_LAYER_DELAY_MS": "2"}
+        ep = add(cl, "decode", ep=2, sigkill_timeout_s=sigkill_timeout_s, env=slow)
+        add(cl, "decode", env=slow)
         cl.wait_ready(4)
         # Long enough that a request placed on it is still running when the drain moves it.
         work = workload(8, max_new=300)

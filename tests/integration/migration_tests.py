@@ -96,7 +96,10 @@ def forced_migrations_keep_outputs_exact():
     unmigrated outputs, indices contiguous (no gap, no duplicate), KV back to zero."""
     reqs = workload(8, 90)
     refs = [ref_of(r) for r in reqs]
-    with Cluster(np=4, args=LAYOUT, env={"MOE_TEST_MIGRATE_EVERY": "4"}) as c:
+    # Steps slowed (1 ms a layer) so that migrations keep pace with decode: on a fast host a
+    # request was first moved at its last tokens and ended before it could move back.
+    env = {"MOE_TEST_MIGRATE_EVERY": "4", "MOE_TEST_LAYER_DELAY_MS": "1"}
+    with Cluster(np=4, args=LAYOUT, env=env) as c:
         run_and_compare(c, reqs, refs)
         st = c.wait_idle()
         g = st.migration
