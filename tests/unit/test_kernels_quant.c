@@ -614,14 +614,9 @@ static void vnni_case(moe_dtype qt, int n_tok, int n_in, int n_out, int r0, int 
     free(yz);
 }
 
-static bool cpu_has_vnni(void)
-{
-    return cpu_runs_isa(MOE_ISA_AVX512);
-}
-
 static void vnni_sweep(moe_dtype qt)
 {
-    if (!cpu_has_vnni()) {
+    if (!cpu_runs_isa(MOE_ISA_AVX512)) { /* the AVX-512 level requires VNNI (dispatch.c) */
         printf("quant/vnni_%s: skipped, this CPU lacks AVX512-VNNI (best isa %s)\n",
                moe_dtype_name(qt), moe_isa_name(moe_kernels_isa()));
         cr_skip_test("this CPU lacks AVX512-VNNI");
