@@ -29,7 +29,8 @@ const char *moe_isa_name(moe_isa isa);
 moe_isa moe_kernels_force_isa(moe_isa isa);
 /* Which code each kernel runs under the active ISA, one line for logs (a static string): the
  * choice is per kernel, never a path measured slower than another this CPU has (on AVX-512 CPUs
- * f32/f16 weights run the AVX2 rows, and so does bf16 on an Intel CPU left at avx512;
+ * f32/f16 weights run the AVX2 rows, and so does bf16 on an Intel CPU left at avx512, from 4
+ * tokens on with that arithmetic on zmm registers;
  * docs/kernels.md, ISA dispatch). */
 const char *moe_kernels_describe(void);
 

@@ -59,7 +59,10 @@ static const moe_kernel_ops ops_avx512_xbf16 = {
  * 31.5-33.4 GFLOP/s, from memory) and lose from 4 tokens on (53-61 against 78-105; 512 tokens
  * 53-60 against 99-101). Batch invariance keeps one path for every n_tok, so the AVX2 rows. Only
  * when avx512 is the CPU's own choice: MOE_ISA=avx512 or a test forcing the level asks for the
- * AVX-512 kernels and gets the vdpbf16ps rows (so they stay tested on Intel CPUs).
+ * AVX-512 kernels and gets the vdpbf16ps rows (so they stay tested on Intel CPUs). The AVX2
+ * rows' arithmetic runs on zmm there from 4 tokens on (matmul_wide_avx512.c: two tokens' 8-lane
+ * accumulators per register, the same bits), since the 8-lane FMAs used half of the two 512-bit
+ * FMA ports (bench/RESULTS.md "Issue 16, the AVX2 bf16 rows on zmm").
  * Intel tables (this one and the amx ones) take the Q8 and Q4 batch tiles on zmm
  * (moe_matmul_rows_q_avx512z, same bits): a zmm vpdpbusd does twice a ymm one's work per cycle
  * there (not on Zen 4, which keeps ops_avx512's ymm tiles); `matmul_cputime ... q4|q8 9 abz` on
@@ -67,7 +70,7 @@ static const moe_kernel_ops ops_avx512_xbf16 = {
  * tokens 1.10-1.12x, 1-4 tokens equal (bench/RESULTS.md "Issue 16, Q4 batch tiles on zmm" and
  * "Q8 batch tiles on zmm"). */
 static const moe_kernel_ops ops_avx512_intel = {
-    moe_matmul_rows_avx2,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
+    moe_matmul_rows_wide_avx512,  moe_dot_f32_avx512,  moe_axpy_f32_avx512,    moe_attn_scores_avx512,
     moe_attn_accum_avx512, moe_quantize_x_avx2, moe_matmul_rows_q_avx512z, 16,
     moe_attn_exp_avx512, moe_silu_mul_avx2, NULL, NULL, NULL};
 
@@ -317,7 +320,8 @@ const char *moe_kernels_describe(void)
             return "isa=avx512: matmul float=bf16:avx512-dpbf16-xround (MOE_BF16_X=round) "
                    "f32/f16:avx2 quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";
         return bf16_on_avx2_rows()
-                   ? "isa=avx512: matmul float=avx2 (Intel: vdpbf16ps rows measured slower) "
+                   ? "isa=avx512: matmul float=avx2-arith:zmm-token-pairs (Intel: vdpbf16ps rows "
+                     "measured slower) "
                      "quant=avx512-vnni:zmm-batch attention=avx512vl silu=avx2 dot/axpy=avx512"
                    : "isa=avx512: matmul float=bf16:avx512-dpbf16-xsplit f32/f16:avx2 "
                      "quant=avx512-vnni attention=avx512vl silu=avx2 dot/axpy=avx512";

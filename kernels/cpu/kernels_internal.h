@@ -201,6 +201,10 @@ void moe_matmul_rows_avx512(float *y, const float *x, const void *w, moe_dtype w
                             int n_in, int n_out, int r0, int r1);
 void moe_matmul_rows_avx512_xbf16(float *y, const float *x, const void *w, moe_dtype wt,
                                   int n_tok, int n_in, int n_out, int r0, int r1);
+/* matmul_wide_avx512.c: the AVX2 rows' bf16 arithmetic, two tokens' 8-lane accumulators per zmm
+ * (the same bits as moe_matmul_rows_avx2); f32/f16 and fewer than 4 tokens through it. */
+void moe_matmul_rows_wide_avx512(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                                 int n_in, int n_out, int r0, int r1);
 /* The AMX tile configuration (ldtilecfg's 64-byte operand, palette 1) and the one the kernels
  * use: tiles 0-7 all 16 rows x 64 bytes (matmul_amx.c; bench/roofline's AMX peak loads it too). A
  * constant in .rodata, not a stack struct filled before the load: the compiler does not see

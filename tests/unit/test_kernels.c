@@ -99,14 +99,14 @@ Test(kernels, cpu_vendor_matches_proc_cpuinfo)
     cr_assert_eq(moe_kernels_cpu_is_intel(), intel);
 }
 
-/* The Intel rule: at avx512 by the CPU's own choice an Intel CPU runs bf16 on the AVX2 rows
- * (vdpbf16ps rows measured slower there), the Q8/Q4 batch tiles on zmm and the 16-lane softmax
+/* The Intel rule: at avx512 by the CPU's own choice an Intel CPU runs bf16 with the AVX2 rows'
+ * arithmetic, on zmm token pairs (vdpbf16ps rows measured slower there), the Q8/Q4 batch tiles on zmm and the 16-lane softmax
  * exp (as the amx tables); everything else in its table is the AVX-512 one. */
 Test(kernels, intel_rule_tables)
 {
     const moe_kernel_ops *rule = moe_kernels_table(MOE_ISA_AVX512, 0, 1);
     const moe_kernel_ops *plain = moe_kernels_table(MOE_ISA_AVX512, 0, 0);
-    cr_assert(rule->matmul_rows == moe_matmul_rows_avx2);
+    cr_assert(rule->matmul_rows == moe_matmul_rows_wide_avx512);
     cr_assert(plain->matmul_rows == moe_matmul_rows_avx512);
     cr_assert(plain->matmul_rows_q == moe_matmul_rows_q_avx512);
     cr_assert(rule->matmul_rows_q == moe_matmul_rows_q_avx512z);
@@ -150,8 +150,9 @@ Test(kernels, intel_rule_at_the_default)
     cr_log_info("avx512 by default on %s: %s", intel ? "Intel" : "another vendor",
                 moe_kernels_describe());
     cr_assert(moe_kernels_ops()->matmul_rows ==
-              (intel ? moe_matmul_rows_avx2 : moe_matmul_rows_avx512));
-    cr_assert(strstr(moe_kernels_describe(), intel ? "matmul float=avx2" : "avx512-dpbf16-xsplit"),
+              (intel ? moe_matmul_rows_wide_avx512 : moe_matmul_rows_avx512));
+    cr_assert(strstr(moe_kernels_describe(), intel ? "matmul float=avx2-arith:zmm-token-pairs"
+                                                   : "avx512-dpbf16-xsplit"),
               "%s", moe_kernels_describe());
 }
 
@@ -708,6 +709,64 @@ Test(kernels, matmul_bf16_amx_shapes, .timeout = 300)
     moe_kernels_test_bf16_x_round(1);
     amx_shapes(); /* MOE_BF16_X=round */
     moe_kernels_test_bf16_x_round(0);
+}
+
+/* The AVX2 bf16 rows' arithmetic on zmm token pairs (matmul_wide_avx512.c, the Intel avx512
+ * table) against the AVX2 rows themselves, bit for bit: every pair-tile and row-tile remainder (4
+ * rows x 4 pairs; odd token counts leave a lone last token), the 4-token threshold, token chunks of
+ * 16 from 48 tokens on, n_in tails of 1..15, row ranges starting off a tile, negative zeros and
+ * infinities in x, and the no-scratch fallback. */
+static void wide_vs_avx2(int n_tok, int n_in, int n_out, int r0, int r1)
+{
+    size_t nw = (size_t)n_out * n_in, nx = (size_t)n_tok * n_in, ny = (size_t)n_tok * n_out;
+    uint16_t *w = malloc(nw * sizeof *w);
+    float *x = malloc(nx * sizeof *x), *ya = malloc(ny * sizeof *ya), *yb = malloc(ny * sizeof *yb);
+    cr_assert(w && x && ya && yb);
+    for (size_t i = 0; i < nw; i++)
+        w[i] = moe_f32_to_bf16(rng_uniform(-1.f, 1.f));
+    fill(x, nx, -2.f, 2.f);
+    x[nx / 2] = -0.f;
+    if (nx > 3)
+        x[nx - 2] = INFINITY;
+    for (size_t i = 0; i < ny; i++)
+        ya[i] = yb[i] = (float)i; /* rows outside [r0, r1) must stay as they are */
+    moe_matmul_rows_avx2(ya, x, w, MOE_DT_BF16, n_tok, n_in, n_out, r0, r1);
+    moe_matmul_rows_wide_avx512(yb, x, w, MOE_DT_BF16, n_tok, n_in, n_out, r0, r1);
+    for (size_t i = 0; i < ny; i++) {
+        uint32_t a, b;
+        memcpy(&a, &ya[i], 4);
+        memcpy(&b, &yb[i], 4);
+        cr_assert_eq(a, b, "n_tok %d n_in %d n_out %d rows [%d, %d): y[%zu][%zu] %a (avx2) vs %a "
+                     "(zmm pairs)", n_tok, n_in, n_out, r0, r1, i / n_out, i % n_out,
+                     (double)ya[i], (double)yb[i]);
+    }
+    free(w);
+    free(x);
+    free(ya);
+    free(yb);
+}
+
+Test(kernels, matmul_bf16_zmm_pairs_bits, .timeout = 240)
+{
+    if (!cpu_runs_isa(MOE_ISA_AVX512)) {
+        cr_log_info("SKIPPED: this CPU has no AVX-512 (F/BW/VL/DQ/BF16/VNNI): the zmm token-pair "
+                    "rows cannot run here");
+        return;
+    }
+    cr_log_info("ran the zmm token-pair bf16 rows (AVX-512) against the AVX2 rows");
+    static const int n_toks[] = {1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 47, 48, 49, 64, 67};
+    static const int n_ins[] = {1, 7, 15, 16, 17, 31, 48, 226, 1030};
+    static const int n_outs[] = {1, 3, 4, 5, 7, 13, 37};
+    for (size_t a = 0; a < sizeof n_toks / sizeof *n_toks; a++)
+        for (size_t b = 0; b < sizeof n_ins / sizeof *n_ins; b++)
+            for (size_t c = 0; c < sizeof n_outs / sizeof *n_outs; c++)
+                wide_vs_avx2(n_toks[a], n_ins[b], n_outs[c], 0, n_outs[c]);
+    /* a task's row range, as moe_matmul splits them (off a 4-row tile on both ends) */
+    wide_vs_avx2(9, 226, 37, 3, 30);
+    wide_vs_avx2(50, 2080, 70, 16, 48);
+    moe_kernels_test_no_scratch(1);
+    wide_vs_avx2(9, 226, 13, 0, 13);
+    moe_kernels_test_no_scratch(0);
 }
 
 /* The per-kernel choice is stated, and names the ISA of every kernel. */
