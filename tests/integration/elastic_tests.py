@@ -153,6 +153,16 @@ def add(cl, pool, **kw):
     return cl.add_instance(pool, host_label=name, **kw)
 
 
+# Decode steps slowed 2 ms a layer (the layer-delay hook) in the tests that strike a decode
+# instance mid-stream: unslowed, the tiny model decoded the whole workload in a fraction of a
+# second, and on a fast or loaded host the streams could finish before the fault landed (CI: a
+# SIGSTOP after every request had ended was undone by SIGCONT before any heartbeat timeout, so
+# nothing was fenced; a 300-token request took ~0.1 s, so a drain found nothing to move).
+DECODE_SLOW_ENV = {"MOE_TEST_LAYER_DELAY_MS": "2"}
+DECODE_VICTIMS = ("prefill", "decode", "decode")
+DECODE_VICTIMS_ENV = {1: DECODE_SLOW_ENV, 2: DECODE_SLOW_ENV}
+
+
 def strike(cl, pools, work, tokens, victim_pool, act, pool_args=None, pool_env=None):
     """The body of the instance fault tests: one instance per entry of pools (pool_args[i]: its
     flags, pool_env[i]: its environment), the workload streaming, and once `tokens` tokens
@@ -208,7 +218,8 @@ def elastic_greedy_matches_moe_generate():
 def kill9_decode_instance_loses_no_request():
     with ElasticCluster() as cl:
         work = workload(16)
-        s, _ = strike(cl, ("prefill", "decode", "decode"), work, 16 * 8, pb.POOL_KIND_DECODE, killed)
+        s, _ = strike(cl, DECODE_VICTIMS, work, 16 * 8, pb.POOL_KIND_DECODE, killed,
+                      pool_env=DECODE_VICTIMS_ENV)
         check_lost_one(cl, work, s)
         cl.stop()
 
@@ -333,8 +344,8 @@ def sigstop_decode_is_fenced_then_rejoins():
     elsewhere); continued, it drops its stale KV, rejoins under a new member id and serves."""
     with ElasticCluster(heartbeat_timeout_ms=1000) as cl:
         work = workload(16)
-        s, victim = strike(cl, ("prefill", "decode", "decode"), work, 16 * 8, pb.POOL_KIND_DECODE,
-                           lambda v: v.signal(signal.SIGSTOP))
+        s, victim = strike(cl, DECODE_VICTIMS, work, 16 * 8, pb.POOL_KIND_DECODE,
+                           lambda v: v.signal(signal.SIGSTOP), pool_env=DECODE_VICTIMS_ENV)
         check_outputs(work, s.join())
         victim.signal(signal.SIGCONT)
         deadline = time.time() + 20
@@ -405,8 +416,8 @@ def stalled_coordinator_loses_nothing():
 def sigterm_instance_drains_by_migration_and_exits_0():
     with ElasticCluster() as cl:
         work = workload(12, max_new=440)  # near the 512 context: the drain must find requests to move
-        s, victim = strike(cl, ("prefill", "decode", "decode"), work, 12 * 8, pb.POOL_KIND_DECODE,
-                           lambda v: v.signal(signal.SIGTERM))
+        s, victim = strike(cl, DECODE_VICTIMS, work, 12 * 8, pb.POOL_KIND_DECODE,
+                           lambda v: v.signal(signal.SIGTERM), pool_env=DECODE_VICTIMS_ENV)
         check(victim.wait(60) == 0, "the leaving instance exited %s" % victim.proc.returncode)
         check_outputs(work, s.join())
         st = cl.wait_idle()
@@ -511,11 +522,8 @@ def signal_mpirun_of_ep2_instance(sig, sigkill_timeout_s=4):
     exit status."""
     with ElasticCluster() as cl:
         add(cl, "prefill")
-        # Decode steps slowed (2 ms a layer): on a fast host a 300-token request took ~0.1 s, so
-        # the drain found nothing left to move (CI: 792 requests, no migration).
-        slow = {"MOE_TEST_LAYER_DELAY_MS": "2"}
-        ep = add(cl, "decode", ep=2, sigkill_timeout_s=sigkill_timeout_s, env=slow)
-        add(cl, "decode", env=slow)
+        ep = add(cl, "decode", ep=2, sigkill_timeout_s=sigkill_timeout_s, env=DECODE_SLOW_ENV)
+        add(cl, "decode", env=DECODE_SLOW_ENV)
         cl.wait_ready(4)
         # Long enough that a request placed on it is still running when the drain moves it.
         work = workload(8, max_new=300)
