@@ -166,6 +166,13 @@ int moe_kernels_test_no_scratch_on(void);
  * or under the no-scratch hook. Valid until that thread's next call. */
 void *moe_rows_scratch(size_t bytes);
 
+/* The AVX2 bf16 rows' x length per token: n_in rounded up to 16, zero-padded (x_split in
+ * matmul_avx2.c; matmul_wide_avx512.c's token pairs use it too). */
+static inline int moe_bf16_split_n(int n_in)
+{
+    return (n_in + 15) & ~15;
+}
+
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1);

@@ -90,17 +90,13 @@ AI size_t elem_size(int wt)
     return wt == MOE_DT_F32 ? 4 : 2;
 }
 
-/* bf16's x layout: n_in rounded up to 16 (zero-padded); each 16-block of a token's x holds its 8
- * even then its 8 odd entries, so that x_split(x)[k .. k+8) and [k+8 .. k+16) meet the two
- * halves of load_w_half(w, k). */
-AI int split_n(int n_in)
-{
-    return (n_in + 15) & ~15;
-}
+/* bf16's x layout: n_in rounded up to 16 (moe_bf16_split_n, zero-padded); each 16-block of a
+ * token's x holds its 8 even then its 8 odd entries, so that x_split(x)[k .. k+8) and
+ * [k+8 .. k+16) meet the two halves of load_w_half(w, k). */
 
 static void x_split(float *xs, const float *x, int n_tok, int n_in)
 {
-    int np = split_n(n_in);
+    int np = moe_bf16_split_n(n_in);
     const __m256i ev = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     for (int t = 0; t < n_tok; t++) {
         const float *xt = x + (size_t)t * n_in;
@@ -390,11 +386,11 @@ static __attribute__((noinline)) void rows_bf16_by_token(float *y, const float *
                                                          int r1)
 {
     _Alignas(64) float xs[XS_STACK_FLOATS];
-    MOE_KASSERT(split_n(n_in) <= XS_STACK_FLOATS &&
+    MOE_KASSERT(moe_bf16_split_n(n_in) <= XS_STACK_FLOATS &&
                 "moe_matmul (avx2, bf16): out of memory for the x scratch");
     for (int t = 0; t < n_tok; t++) {
         x_split(xs, x + (size_t)t * n_in, 1, n_in);
-        dot_rows(y + (size_t)t * n_out, xs, (size_t)split_n(n_in), w, MOE_DT_BF16, 1, n_in, n_out,
+        dot_rows(y + (size_t)t * n_out, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, 1, n_in, n_out,
                  r0, r1);
     }
 }
@@ -405,7 +401,7 @@ static void rows_float(float *y, const float *x, const void *w, int wt, int n_to
     int chunk = n_tok >= DOT_CHUNK_MIN_TOK ? DOT_TOKC : n_tok;
     float *xs = NULL;
     if (wt == MOE_DT_BF16) {
-        xs = moe_rows_scratch((size_t)chunk * (size_t)split_n(n_in) * sizeof *xs);
+        xs = moe_rows_scratch((size_t)chunk * (size_t)moe_bf16_split_n(n_in) * sizeof *xs);
         if (!xs) {
             rows_bf16_by_token(y, x, w, n_tok, n_in, n_out, r0, r1);
             return;
@@ -421,7 +417,7 @@ static void rows_float(float *y, const float *x, const void *w, int wt, int n_to
             break;
         case MOE_DT_BF16:
             x_split(xs, xc, nt, n_in);
-            dot_rows(yc, xs, (size_t)split_n(n_in), w, MOE_DT_BF16, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, nt, n_in, n_out, r0, r1);
             break;
         default:
             dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F16, nt, n_in, n_out, r0, r1);

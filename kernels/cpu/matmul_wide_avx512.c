@@ -37,12 +37,6 @@
 /* Row tiles of at most this many bytes prefetch the next one (as matmul_avx2.c's decode tiles). */
 #define WIDE_PF_MAX_TILE_BYTES 16384
 
-/* n_in rounded up to 16: the AVX2 rows' x_split length. */
-static inline int wide_n16(int n_in)
-{
-    return (n_in + 15) & ~15;
-}
-
 /* The pair layout of tokens t and t + 1 (x1 NULL: a zero token): per 16 inputs k..k+16, 32
  * floats: t's 8 even entries, t+1's 8 even, t's 8 odd, t+1's 8 odd (x_split's halves of the two
  * tokens interleaved by 8); the tail zero-padded to 16. */
@@ -67,7 +61,7 @@ static inline __attribute__((always_inline)) void
 wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int r, int p0, int nt,
           int NR, int NP, const char *pf)
 {
-    const int n16 = wide_n16(n_in), nk = n_in & ~15;
+    const int n16 = moe_bf16_split_n(n_in), nk = n_in & ~15;
     const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[WIDE_NR][WIDE_NP];
     const uint16_t *wr[WIDE_NR];
@@ -84,30 +78,22 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
         xr[p] = xp + (size_t)(p0 + p) * 2 * n16;
     for (int k = 0; k < n16; k += 16) {
         __m512 we[WIDE_NR], wo[WIDE_NR];
-        if (k < nk) {
-            if (pf) {
-                /* each step consumes NR * 32 bytes of this tile: as many of the next one */
-                const char *pp = pf + (size_t)k * NR * 2;
+        if (pf && k < nk) {
+            /* each step consumes NR * 32 bytes of this tile: as many of the next one */
+            const char *pp = pf + (size_t)k * NR * 2;
 #pragma GCC unroll 4
-                for (int c = 0; c < NR * 32; c += 64)
-                    _mm_prefetch(pp + c, _MM_HINT_T0);
-            }
+            for (int c = 0; c < NR * 32; c += 64)
+                _mm_prefetch(pp + c, _MM_HINT_T0);
+        }
 #pragma GCC unroll 4
-            for (int i = 0; i < NR; i++) {
-                __m512i v = _mm512_broadcast_i32x8(_mm256_loadu_si256((const __m256i *)(wr[i] + k)));
-                we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                wo[i] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
-            }
-        } else {
+        for (int i = 0; i < NR; i++) {
             /* the last n_in % 16 weights zero-padded to 16, both halves FMAed as on AVX2 */
-            __mmask16 m = (__mmask16)((1u << (n_in - k)) - 1u);
-#pragma GCC unroll 4
-            for (int i = 0; i < NR; i++) {
-                __m256i t = _mm256_maskz_loadu_epi16(m, wr[i] + k);
-                __m512i v = _mm512_broadcast_i32x8(t);
-                we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                wo[i] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
-            }
+            __m256i h = k < nk ? _mm256_loadu_si256((const __m256i *)(wr[i] + k))
+                               : _mm256_maskz_loadu_epi16((__mmask16)((1u << (n_in - k)) - 1u),
+                                                          wr[i] + k);
+            __m512i v = _mm512_broadcast_i32x8(h);
+            we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[i] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
         }
 #pragma GCC unroll 4
         for (int p = 0; p < NP; p++) {
@@ -190,7 +176,7 @@ void moe_matmul_rows_wide_avx512(float *y, const float *x, const void *w, moe_dt
 {
     int chunk = n_tok >= WIDE_CHUNK_MIN_TOK ? WIDE_TOKC : n_tok;
     float *xp = wt == MOE_DT_BF16 && n_tok >= WIDE_MIN_TOK
-                    ? moe_rows_scratch((size_t)(chunk + 1) * (size_t)wide_n16(n_in) * sizeof *xp)
+                    ? moe_rows_scratch((size_t)(chunk + 1) * (size_t)moe_bf16_split_n(n_in) * sizeof *xp)
                     : NULL;
     if (!xp) {
         /* f32/f16, few tokens, or no scratch (the AVX2 rows' own stack fallback): the same bits */
@@ -201,7 +187,7 @@ void moe_matmul_rows_wide_avx512(float *y, const float *x, const void *w, moe_dt
         int nt = n_tok - tc < chunk ? n_tok - tc : chunk;
         const float *xc = x + (size_t)tc * n_in;
         for (int t = 0; t < nt; t += 2)
-            wide_pair_x(xp + (size_t)t * wide_n16(n_in), xc + (size_t)t * n_in,
+            wide_pair_x(xp + (size_t)t * moe_bf16_split_n(n_in), xc + (size_t)t * n_in,
                         t + 1 < nt ? xc + (size_t)(t + 1) * n_in : NULL, n_in);
         wide_rows(y + (size_t)tc * n_out, xp, (const uint16_t *)w, n_in, n_out, r0, r1, nt);
     }
