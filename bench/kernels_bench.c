@@ -393,15 +393,23 @@ static void attn_prefill(int HD, int NKV, int G)
 }
 
 /* ---- the grouped expert product of a batched decode step ----
- * 64 experts of the OLMoE gate/up shape (1024 x 2048), every one touched with n_tok tokens (the
- * tokens a step routes to it), all run in moe_matmul_batch pool runs as the MoE layer runs them.
- * Their weights (bf16 512 MiB, Q8 272, Q4 144) are far beyond the caches, so each step reads them
- * from DRAM: the time against a read of the same bytes, interleaved round by round (best of each),
- * says how many times the weights are streamed (about once whatever n_tok while the step stays
- * memory bound) and how far the product is from its memory roofline. */
-static void experts_bench(int n_threads)
+ * E experts of ROWS x COLS (default 64 of the OLMoE gate/up shape, 1024 x 2048), every one touched
+ * with n_tok tokens (the tokens a step routes to it), all run in moe_matmul_batch pool runs as the
+ * MoE layer runs them. Their weights (default bf16 512 MiB, Q8 272, Q4 144) are far beyond the
+ * caches, so each step reads them from DRAM: the time against a read of the same bytes,
+ * interleaved round by round (best of each), says how many times the weights are streamed (about
+ * once whatever n_tok while the step stays memory bound) and how far the product is from its
+ * memory roofline. */
+typedef struct {
+    int experts, rows, cols;
+    int dtypes; /* bit 0 bf16, 1 q8, 2 q4 */
+    int toks[16], n_toks;
+} experts_args;
+
+static void experts_bench(int n_threads, const experts_args *a)
 {
-    enum { E = 64, ROWS = 1024, COLS = 2048, MAXT = 47 };
+    enum { MAXT = 64 };
+    const int E = a->experts, ROWS = a->rows, COLS = a->cols;
     const size_t n = (size_t)ROWS * COLS;
     moe_threadpool_t *pool = moe_threadpool_create(n_threads);
     float *wf = malloc(n * sizeof(float));
@@ -420,8 +428,14 @@ static void experts_bench(int n_threads)
            "read of the same bytes, then the product)\n",
            E, ROWS, COLS, n_threads, moe_isa_name(moe_kernels_isa()));
     static const moe_dtype dts[] = {MOE_DT_BF16, MOE_DT_Q8, MOE_DT_Q4};
-    static const int toks[] = {1, 2, 4, 8, 16, 32, 40, 47};
+    moe_matmul_desc *ds = malloc((size_t)2 * E * sizeof *ds);
+    if (!ds) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
     for (int d = 0; d < 3; d++) {
+        if (!(a->dtypes & (1 << d)))
+            continue;
         moe_dtype dt = dts[d];
         size_t mb = moe_dtype_row_bytes(dt, COLS) * ROWS, bytes = 2 * E * mb;
         for (int m = 0; m < 2 * E; m++) {
@@ -432,9 +446,8 @@ static void experts_bench(int n_threads)
             else
                 moe_quantize(dst, dt, wf, MOE_DT_F32, n);
         }
-        for (size_t k = 0; k < sizeof toks / sizeof *toks; k++) {
-            int nt = toks[k];
-            moe_matmul_desc ds[2 * E];
+        for (int k = 0; k < a->n_toks; k++) {
+            int nt = a->toks[k];
             for (int e = 0; e < E; e++)
                 for (int g = 0; g < 2; g++)
                     ds[2 * e + g] = (moe_matmul_desc){
@@ -457,10 +470,56 @@ static void experts_bench(int n_threads)
         }
     }
     moe_threadpool_free(pool);
+    free(ds);
     free(wf);
     free(x);
     free(y);
     free(w);
+}
+
+/* experts [E ROWS COLS [DTYPES [TOKENS]]]: DTYPES a comma list of bf16, q8, q4; TOKENS of n_tok
+ * (1-64). Returns 0, or -1 with a message for a bad argument. */
+static int experts_parse(experts_args *a, int argc, char **argv)
+{
+    *a = (experts_args){64, 1024, 2048, 7, {1, 2, 4, 8, 16, 32, 40, 47}, 8};
+    if (argc > 3) {
+        if (argc < 6) {
+            fprintf(stderr, "kernels_bench: experts [E ROWS COLS [DTYPES [TOKENS]]]\n");
+            return -1;
+        }
+        a->experts = atoi(argv[3]), a->rows = atoi(argv[4]), a->cols = atoi(argv[5]);
+        if (a->experts < 1 || a->experts > 4096 || a->rows < 1 || a->cols < MOE_QK ||
+            a->cols % MOE_QK) {
+            fprintf(stderr, "kernels_bench: experts E (1-4096) ROWS (>= 1) COLS (a multiple of "
+                            "%d)\n", MOE_QK);
+            return -1;
+        }
+    }
+    if (argc > 6) {
+        a->dtypes = 0;
+        char *list = strdup(argv[6]);
+        for (char *t = strtok(list, ","); t; t = strtok(NULL, ","))
+            a->dtypes |= strcmp(t, "bf16") == 0 ? 1 : strcmp(t, "q8") == 0 ? 2
+                         : strcmp(t, "q4") == 0 ? 4 : 8;
+        free(list);
+        if (a->dtypes == 0 || a->dtypes & 8) {
+            fprintf(stderr, "kernels_bench: experts DTYPES: a comma list of bf16, q8, q4\n");
+            return -1;
+        }
+    }
+    if (argc > 7) {
+        a->n_toks = 0;
+        char *list = strdup(argv[7]);
+        for (char *t = strtok(list, ","); t && a->n_toks < 16; t = strtok(NULL, ","))
+            a->toks[a->n_toks++] = atoi(t);
+        free(list);
+        for (int k = 0; k < a->n_toks; k++)
+            if (a->toks[k] < 1 || a->toks[k] > 64) {
+                fprintf(stderr, "kernels_bench: experts TOKENS: a comma list of 1-64\n");
+                return -1;
+            }
+    }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -468,8 +527,8 @@ int main(int argc, char **argv)
     int max_threads = argc > 1 ? atoi(argv[1]) : 2;
     /* argv[2]: quick (fewer reps, n_tok <= 64, no prefill), or one section only: matvec,
      * batched, prefill, qprefill (bf16/Q8/Q4 prefill shapes, ours only), attn (prefill
-     * attention, per token against multi-query tiles), experts (the grouped expert product of a
-     * batched decode step, against a read of its bytes). */
+     * attention, per token against multi-query tiles), experts [E ROWS COLS [DTYPES [TOKENS]]]
+     * (the grouped expert product of a batched decode step, against a read of its bytes). */
     const char *mode = argc > 2 ? argv[2] : "";
     int quick = strcmp(mode, "quick") == 0;
     if (strcmp(mode, "attn") == 0) {
@@ -491,7 +550,10 @@ int main(int argc, char **argv)
         __builtin_cpu_init();
         have_avx2 = __builtin_cpu_supports("avx2");
 #endif
-        experts_bench(max_threads);
+        experts_args ea;
+        if (experts_parse(&ea, argc, argv) != 0)
+            return 2;
+        experts_bench(max_threads, &ea);
         return 0;
     }
     int prefill = !*mode || strcmp(mode, "prefill") == 0;

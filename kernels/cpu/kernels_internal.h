@@ -173,9 +173,78 @@ static inline int moe_bf16_split_n(int n_in)
     return (n_in + 15) & ~15;
 }
 
+/* ---- Decode prefetch of the next row tile (the SIMD row kernels, float and int8) ----
+ * With a few tokens per call (decode, a batched step's share of an expert) a row kernel streams its
+ * weights from memory in row tiles of 1-8 rows, one contiguous block, and so is the next tile. The
+ * hardware prefetchers ramp up badly on that: each row is a short stream (768 bf16 inputs: 24
+ * cache lines; a row of 2048 bf16 is one 4 KiB page, where the L2 streamer stops). So the first
+ * token tile of a row tile (the one that reads it from memory; the others re-read it from cache)
+ * prefetches the next tile at the pace it consumes its own: each step of `step` bytes asks for as
+ * many bytes of the next tile from byte `off` on, so the prefetches run one tile ahead of the
+ * loads, never more. Into which cache, and for which tile sizes, is a rule per kernel and CPU
+ * (moe_pf_rule; MOE_PF_NONE: the tile is big enough to stream well on the hardware prefetcher
+ * alone), each as measured:
+ * - L1 (prefetcht0) holds one of the core's few L1 fill buffers for the whole trip to memory, which
+ *   caps the misses in flight; L2 (prefetcht1) does not, but the loads then miss L1.
+ * - moe_pf_rows_float (the AVX2 rows on other CPUs than below): up to 16 KiB into L1. On Zen 3
+ *   384x768 bf16 matvecs from DRAM ran at 55-65% of a long stream's GB/s without it; a whole
+ *   32-64 KiB tile ahead into L1 evicts the one being read (4096x4096 lost 20%).
+ * - moe_pf_rows_float_intel (the AVX2 rows and the zmm token pairs under dispatch.c's Intel rule):
+ *   up to 64 KiB into L2. On the Intel Xeon of issue 16 (`kernels_bench 2 experts 64 1024 2048
+ *   bf16`, 2 threads, weights from DRAM) 1-2 tokens per matrix went from 77-80% of a plain read to
+ *   88-91%, 4 tokens from 69% to 80%; engine decode of OLMoE b=16 +7-9%. Weights that sit in the
+ *   last-level cache prefer L1 (the small preset's b=1 decode, largely cache-resident: 4-9% slower
+ *   into L2), but served models stream from DRAM. bench/RESULTS.md "Issue 16, decode prefetch
+ *   into L2".
+ * - moe_pf_rows_vdpbf16ps (matmul_avx512.c, Zen 4): up to 16 KiB into L2: the 2048x1024 decode
+ *   matvec from DRAM 10-20% faster than into L1; prefetching its 32 KiB tiles too (either cache)
+ *   made 1024x2048 15-20% slower there.
+ * - moe_pf_rows_int8 (Q8/Q4): up to 32 KiB into L1. Their unpacking keeps them nearer their
+ *   compute bound than their memory one at 1-2 tokens, and loads that miss L1 stall it (Q4 one
+ *   token, OLMoE gate/up from DRAM, Intel Xeon: 5.4-5.7 ms into L1, 7.0 into L2, same run). */
+typedef enum { MOE_PF_NONE, MOE_PF_L1, MOE_PF_L2 } moe_pf_level;
+typedef moe_pf_level (*moe_pf_rule)(size_t tile_bytes);
+
+static inline moe_pf_level moe_pf_rows_float(size_t tile_bytes)
+{
+    return tile_bytes <= 16384 ? MOE_PF_L1 : MOE_PF_NONE;
+}
+
+static inline moe_pf_level moe_pf_rows_float_intel(size_t tile_bytes)
+{
+    return tile_bytes <= 65536 ? MOE_PF_L2 : MOE_PF_NONE;
+}
+
+static inline moe_pf_level moe_pf_rows_vdpbf16ps(size_t tile_bytes)
+{
+    return tile_bytes <= 16384 ? MOE_PF_L2 : MOE_PF_NONE;
+}
+
+static inline moe_pf_level moe_pf_rows_int8(size_t tile_bytes)
+{
+    return tile_bytes <= 32768 ? MOE_PF_L1 : MOE_PF_NONE;
+}
+
+static inline void moe_prefetch_step(const char *next_tile, size_t off, size_t step,
+                                     moe_pf_level level)
+{
+    /* A step that does not end on a line boundary requests that line again in the next step:
+     * harmless (it is in flight or in cache). __builtin_prefetch locality 3 = prefetcht0, 2 =
+     * prefetcht1 on x86 (constants: level is known at every call site after inlining). */
+    for (size_t c = off & ~(size_t)63; c < off + step; c += 64) {
+        if (level == MOE_PF_L2)
+            __builtin_prefetch(next_tile + c, 0, 2);
+        else
+            __builtin_prefetch(next_tile + c, 0, 3);
+    }
+}
+
 /* Defined in matmul_avx2.c / matmul_avx512.c: only called when the CPU has the ISA. */
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1);
+/* The same rows with another decode prefetch rule (matmul_wide_avx512.c: the Intel one). */
+void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                             int n_in, int n_out, int r0, int r1, moe_pf_rule pf_rule);
 float moe_dot_f32_avx2(const float *a, const float *b, int n);
 /* quant_avx2.c; the AVX-512 table uses these too. */
 void moe_quantize_x_avx2(int8_t *q, float *d, const float *x, int n_tok, int n_in);

@@ -9,9 +9,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* Decode matvec tiles of at most this many bytes get the next tile prefetched (dot_rows_nr). */
-#define PF_MAX_TILE_BYTES 16384
-
 /* ---- numerics ----
  * Every output y[t][r] is one 8-lane f32 accumulator over k in steps of 16, FMA, each step two
  * FMAs per lane (the "first" and "second" 8 of the step), the last partial step zero-padded
@@ -139,7 +136,8 @@ AI void tile_fma(__m256 acc[8][4], const __m256 wv[8], const float *const xr[4],
  * loop below (per 16-k step and output, the even FMA then the odd one), but GCC's allocation of
  * that loop's 16 live registers (12 accumulators, 3 weights, 1 x) spilled an accumulator to the
  * stack on every step (a store-to-load chain that ran the tile at ~60% of its FMA rate). pp: the
- * bytes to prefetch, 96 per step (the tile's own rows when there is no next tile: harmless). */
+ * bytes to prefetch, 96 per step, into L2 as moe_prefetch_step (the tile's own rows when there is
+ * no next tile: harmless). */
 AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *const xr[4], int n16,
                       const char *pp)
 {
@@ -162,8 +160,8 @@ AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *co
             "vmovups 320(%[av]), %%ymm10\n\t"
             "vmovups 352(%[av]), %%ymm11\n\t"
             "1:\n\t"
-            "prefetcht0 (%[pp])\n\t"
-            "prefetcht0 64(%[pp])\n\t"
+            "prefetcht1 (%[pp])\n\t"
+            "prefetcht1 64(%[pp])\n\t"
             "vmovdqu (%[w0],%[k],2), %%ymm12\n\t"
             "vmovdqu (%[w1],%[k],2), %%ymm13\n\t"
             "vmovdqu (%[w2],%[k],2), %%ymm14\n\t"
@@ -236,7 +234,7 @@ AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *co
 
 /* x: the tokens' rows, xs_stride floats apart (bf16: the x_split layout; f32/f16: x itself). */
 AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int wt, int n_in,
-                 int n_out, int r, int t0, int NR, int NT, const char *pf)
+                 int n_out, int r, int t0, int NR, int NT, const char *pf, moe_pf_level pfl)
 {
     __m256 acc[8][4];
     const char *wr[8];
@@ -255,19 +253,13 @@ AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int 
     const int ks = wt == MOE_DT_BF16 ? 16 : 8, nk = n_in / ks * ks;
     int k0 = 0;
     if (wt == MOE_DT_BF16 && NR == 3 && NT == 4 && nk > 0) {
-        bf16_3x4_loop(acc, wr, xr, nk, pf ? pf : wr[0]);
+        bf16_3x4_loop(acc, wr, xr, nk, pf && pfl == MOE_PF_L1 ? pf : wr[0]);
         k0 = nk;
     }
     for (int k = k0; k < nk; k += ks) {
-        if (pf) {
-            /* The NR rows of this tile are one contiguous block, and so are the next tile's: each
-             * step consumes NR * ks weights here and prefetches as many bytes of the next tile,
-             * so the next tile is in cache when it starts. */
-            const char *p = pf + (size_t)k * (size_t)NR * elem_size(wt);
-#pragma GCC unroll 8
-            for (size_t c = 0; c < (size_t)NR * ks * elem_size(wt); c += 64)
-                _mm_prefetch(p + c, _MM_HINT_T0);
-        }
+        if (pf) /* each step consumes NR * ks weights: see moe_prefetch_step */
+            moe_prefetch_step(pf, (size_t)k * (size_t)NR * elem_size(wt),
+                              (size_t)NR * ks * elem_size(wt), pfl);
 #pragma GCC unroll 2
         for (int h = 0; h < ks / 8; h++) {
             __m256 wv[8];
@@ -306,48 +298,44 @@ AI void dot_tile(float *y, const float *x, size_t xs_stride, const void *w, int 
 /* One row tile's tokens in tiles of NT <= 4 (the last 1..NT-1 wide); the first token tile
  * prefetches. */
 AI void dot_row_tile(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
-                     int n_out, int r, int NR, int NT, const char *pf)
+                     int n_out, int r, int NR, int NT, const char *pf, moe_pf_level pfl)
 {
     int t = 0;
     for (; t + NT <= n_tok; t += NT)
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, NT, t == 0 ? pf : NULL);
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, NT, t == 0 ? pf : NULL, pfl);
     switch (n_tok - t) {
     case 3:
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL);
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 3, t == 0 ? pf : NULL, pfl);
         break;
     case 2:
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 2, t == 0 ? pf : NULL);
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 2, t == 0 ? pf : NULL, pfl);
         break;
     case 1:
-        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 1, t == 0 ? pf : NULL);
+        dot_tile(y, x, xs, w, wt, n_in, n_out, r, t, NR, 1, t == 0 ? pf : NULL, pfl);
         break;
     default:
         break;
     }
 }
 
-/* Rows [r0, r1) in tiles of NR rows x NT tokens, the last rows one at a time.
- * Prefetch: with rows of n_in <= 1024 bf16 a tile's NR rows are NR short streams (24 cache lines
- * each for n_in = 768) that the hardware prefetcher barely ramps up on: 384x768 bf16 matvecs ran
- * at 55-65% of a long stream's speed on Zen 3. So the first token tile of each row tile (the one
- * that reads the weights from memory; the others re-read them from L1) prefetches the next row
- * tile of this task (its rows are one contiguous block). This matters for decode (n_tok = 1) and
- * for the few tokens per expert of a batched decode step (MoE: batch x top_k / n_experts). Bigger
- * tiles stream well without it, and a whole tile ahead (>= 32 KB) would evict L1: 4096x4096 lost
- * 20% with it. */
+/* Rows [r0, r1) in tiles of NR rows x NT tokens, the last rows one at a time. The first token
+ * tile of each row tile prefetches the next row tile of this task (moe_prefetch_step): this
+ * matters for decode (n_tok = 1) and for the few tokens per expert of a batched decode step (MoE:
+ * batch x top_k / n_experts); on Zen 3 384x768 bf16 matvecs ran at 55-65% of a long stream's
+ * speed without it. */
 AI void dot_rows_nr(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
-                    int n_out, int r0, int r1, int NR, int NT)
+                    int n_out, int r0, int r1, int NR, int NT, moe_pf_rule pf_rule)
 {
     int r = r0;
-    const size_t tile_bytes = (size_t)NR * n_in * elem_size(wt);
+    const moe_pf_level pfl = pf_rule((size_t)NR * n_in * elem_size(wt));
     for (; r + NR <= r1; r += NR) {
-        const char *pf = r + 2 * NR <= r1 && tile_bytes <= PF_MAX_TILE_BYTES
+        const char *pf = r + 2 * NR <= r1 && pfl != MOE_PF_NONE
                              ? (const char *)w + (size_t)(r + NR) * n_in * elem_size(wt)
                              : NULL;
-        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, NR, NT, pf);
+        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, NR, NT, pf, pfl);
     }
     for (; r < r1; r++)
-        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, 1, NT, NULL);
+        dot_row_tile(y, x, xs, w, wt, n_tok, n_in, n_out, r, 1, NT, NULL, MOE_PF_NONE);
 }
 
 /* Tile shapes measured on Zen 3 (one core): n_tok = 1 is memory bound, 8 rows stream at once;
@@ -357,14 +345,15 @@ AI void dot_rows_nr(float *y, const float *x, size_t xs, const void *w, int wt, 
  * 80-90 GFLOP/s, 2x6, 2x4 and 4x3 measured slower. The weight tile is read from memory once; the
  * other token tiles re-read it from L1/L2. */
 AI void dot_rows(float *y, const float *x, size_t xs, const void *w, int wt, int n_tok, int n_in,
-                 int n_out, int r0, int r1)
+                 int n_out, int r0, int r1, moe_pf_rule pf_rule)
 {
     if (n_tok == 1)
-        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 8, 1);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 8, 1, pf_rule);
     else if (n_tok == 2)
-        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, wt == MOE_DT_BF16 ? 4 : 5, 2);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, wt == MOE_DT_BF16 ? 4 : 5, 2,
+                    pf_rule);
     else
-        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 3, 4);
+        dot_rows_nr(y, x, xs, w, wt, n_tok, n_in, n_out, r0, r1, 3, 4, pf_rule);
 }
 
 /* Token chunks from DOT_CHUNK_MIN_TOK tokens on (prefill): the chunk's x (DOT_TOKC x n_in floats:
@@ -383,27 +372,27 @@ AI void dot_rows(float *y, const float *x, size_t xs, const void *w, int wt, int
 
 static __attribute__((noinline)) void rows_bf16_by_token(float *y, const float *x, const void *w,
                                                          int n_tok, int n_in, int n_out, int r0,
-                                                         int r1)
+                                                         int r1, moe_pf_rule pf_rule)
 {
     _Alignas(64) float xs[XS_STACK_FLOATS];
     MOE_KASSERT(moe_bf16_split_n(n_in) <= XS_STACK_FLOATS &&
                 "moe_matmul (avx2, bf16): out of memory for the x scratch");
     for (int t = 0; t < n_tok; t++) {
         x_split(xs, x + (size_t)t * n_in, 1, n_in);
-        dot_rows(y + (size_t)t * n_out, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, 1, n_in, n_out,
-                 r0, r1);
+        dot_rows(y + (size_t)t * n_out, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, 1, n_in,
+                 n_out, r0, r1, pf_rule);
     }
 }
 
 static void rows_float(float *y, const float *x, const void *w, int wt, int n_tok, int n_in,
-                       int n_out, int r0, int r1)
+                       int n_out, int r0, int r1, moe_pf_rule pf_rule)
 {
     int chunk = n_tok >= DOT_CHUNK_MIN_TOK ? DOT_TOKC : n_tok;
     float *xs = NULL;
     if (wt == MOE_DT_BF16) {
         xs = moe_rows_scratch((size_t)chunk * (size_t)moe_bf16_split_n(n_in) * sizeof *xs);
         if (!xs) {
-            rows_bf16_by_token(y, x, w, n_tok, n_in, n_out, r0, r1);
+            rows_bf16_by_token(y, x, w, n_tok, n_in, n_out, r0, r1, pf_rule);
             return;
         }
     }
@@ -413,14 +402,15 @@ static void rows_float(float *y, const float *x, const void *w, int wt, int n_to
         float *yc = y + (size_t)tc * n_out;
         switch (wt) {
         case MOE_DT_F32:
-            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F32, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F32, nt, n_in, n_out, r0, r1, pf_rule);
             break;
         case MOE_DT_BF16:
             x_split(xs, xc, nt, n_in);
-            dot_rows(yc, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xs, (size_t)moe_bf16_split_n(n_in), w, MOE_DT_BF16, nt, n_in, n_out, r0,
+                     r1, pf_rule);
             break;
         default:
-            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F16, nt, n_in, n_out, r0, r1);
+            dot_rows(yc, xc, (size_t)n_in, w, MOE_DT_F16, nt, n_in, n_out, r0, r1, pf_rule);
             break;
         }
     }
@@ -431,7 +421,15 @@ void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt,
 {
     MOE_KASSERT((wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16) &&
                 "moe_matmul (avx2): weight dtype must be F32, BF16 or F16 (Q8/Q4: matmul_rows_q)");
-    rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+    rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
+}
+
+void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                             int n_in, int n_out, int r0, int r1, moe_pf_rule pf_rule)
+{
+    MOE_KASSERT((wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16) &&
+                "moe_matmul (avx2): weight dtype must be F32, BF16 or F16 (Q8/Q4: matmul_rows_q)");
+    rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1, pf_rule);
 }
 
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
@@ -468,6 +466,13 @@ void moe_axpy_f32_avx2(float *y, float a, const float *x, int n)
 void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                           int n_in, int n_out, int r0, int r1)
 {
+    moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                             int n_in, int n_out, int r0, int r1, moe_pf_rule pf_rule)
+{
+    (void)pf_rule;
     moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
 }
 

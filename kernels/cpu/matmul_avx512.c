@@ -112,9 +112,6 @@ AI void x_to_bf16(uint16_t *xb, const float *x, int n_tok, int n_in, int NX)
     }
 }
 
-/* Decode matvec tiles of at most this many bytes get the next tile prefetched (see dot_rows_nr). */
-#define PF_MAX_TILE_BYTES 16384
-
 /* NR rows x NT tokens of accumulators from row r, token t0. xb: the tokens' bf16 rows, xs apart.
  * pf: the next row tile to prefetch, or NULL. */
 AI void dot_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int n_in, int n_out,
@@ -134,16 +131,9 @@ AI void dot_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int
         xr[t] = xb + (size_t)(t0 + t) * xs;
     const int nk = n_in / DP_K * DP_K;
     for (int k = 0; k < nk; k += DP_K) {
-        if (pf) {
-            /* The NR rows of this tile are one contiguous block, and so are the next tile's:
-             * each step prefetches as many bytes of the next tile as it consumes of this one.
-             * Into L2 (T1), not L1: on Zen 4 the 2048x1024 decode matvec from DRAM streamed
-             * 10-20% faster so (bench/RESULTS.md, issue 16 b=1 section). */
-            const char *p = pf + (size_t)k * NR * 2;
-#pragma GCC unroll 8
-            for (int c = 0; c < NR * DP_K * 2; c += 64)
-                _mm_prefetch(p + c, _MM_HINT_T1);
-        }
+        if (pf) /* see moe_prefetch_step */
+            moe_prefetch_step(pf, (size_t)k * NR * 2, (size_t)NR * DP_K * 2,
+                              moe_pf_rows_vdpbf16ps((size_t)NR * n_in * 2));
         __m512i wv[8];
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++)
@@ -227,7 +217,7 @@ AI void dot_row_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w,
 }
 
 /* Rows [r0, r1) in tiles of NR rows, the last rows one at a time. As on the AVX2 path, the first
- * token tile of a row tile of at most PF_MAX_TILE_BYTES prefetches the next row tile: short rows
+ * token tile of a row tile prefetches the next one (moe_pf_rows_vdpbf16ps): short rows
  * are short streams the hardware prefetcher barely ramps up on. */
 AI void dot_rows_nr(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int n_tok, int n_in,
                     int n_out, int r0, int r1, int NR, int NT, int NX)
@@ -235,7 +225,7 @@ AI void dot_rows_nr(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, 
     int r = r0;
     const size_t tile_bytes = (size_t)NR * n_in * 2;
     for (; r + NR <= r1; r += NR) {
-        const char *pf = r + 2 * NR <= r1 && tile_bytes <= PF_MAX_TILE_BYTES
+        const char *pf = r + 2 * NR <= r1 && moe_pf_rows_vdpbf16ps(tile_bytes) != MOE_PF_NONE
                              ? (const char *)(w + (size_t)(r + NR) * n_in)
                              : NULL;
         dot_row_tile(y, xb, xs, w, n_tok, n_in, n_out, r, NR, NT, NX, pf);

@@ -34,8 +34,6 @@
  * meets it; fewer tokens go in one chunk, so every weight row streams once per call. */
 #define WIDE_TOKC 16
 #define WIDE_CHUNK_MIN_TOK 48
-/* Row tiles of at most this many bytes prefetch the next one (as matmul_avx2.c's decode tiles). */
-#define WIDE_PF_MAX_TILE_BYTES 16384
 
 /* The pair layout of tokens t and t + 1 (x1 NULL: a zero token): per 16 inputs k..k+16, 32
  * floats: t's 8 even entries, t+1's 8 even, t's 8 odd, t+1's 8 odd (x_split's halves of the two
@@ -78,13 +76,9 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
         xr[p] = xp + (size_t)(p0 + p) * 2 * n16;
     for (int k = 0; k < n16; k += 16) {
         __m512 we[WIDE_NR], wo[WIDE_NR];
-        if (pf && k < nk) {
-            /* each step consumes NR * 32 bytes of this tile: as many of the next one */
-            const char *pp = pf + (size_t)k * NR * 2;
-#pragma GCC unroll 4
-            for (int c = 0; c < NR * 32; c += 64)
-                _mm_prefetch(pp + c, _MM_HINT_T0);
-        }
+        if (pf && k < nk) /* each step consumes NR * 32 bytes: see moe_prefetch_step */
+            moe_prefetch_step(pf, (size_t)k * NR * 2, (size_t)NR * 32,
+                              moe_pf_rows_float_intel((size_t)NR * n_in * 2));
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             /* the last n_in % 16 weights zero-padded to 16, both halves FMAed as on AVX2 */
@@ -151,7 +145,7 @@ static void wide_rows(float *y, const float *xp, const uint16_t *w, int n_in, in
     int n_pairs = (nt + 1) / 2, r = r0;
     const size_t tile_bytes = (size_t)WIDE_NR * n_in * sizeof(uint16_t);
     for (; r + WIDE_NR <= r1; r += WIDE_NR) {
-        const char *pf = r + 2 * WIDE_NR <= r1 && tile_bytes <= WIDE_PF_MAX_TILE_BYTES
+        const char *pf = r + 2 * WIDE_NR <= r1 && moe_pf_rows_float_intel(tile_bytes) != MOE_PF_NONE
                              ? (const char *)(w + (size_t)(r + WIDE_NR) * n_in)
                              : NULL;
         wide_row_tile(y, xp, w, n_in, n_out, r, n_pairs, nt, WIDE_NR, pf);
@@ -180,7 +174,7 @@ void moe_matmul_rows_wide_avx512(float *y, const float *x, const void *w, moe_dt
                     : NULL;
     if (!xp) {
         /* f32/f16, few tokens, or no scratch (the AVX2 rows' own stack fallback): the same bits */
-        moe_matmul_rows_avx2(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+        moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float_intel);
         return;
     }
     for (int tc = 0; tc < n_tok; tc += chunk) {

@@ -92,9 +92,9 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         for (int k = 0; k < g; k++) {
             int b = b0 + k;
             __m256i wv[8];
-            if (pf) /* see prefetch_step */
-                prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
-                              (size_t)NR * sizeof(moe_block_q8));
+            if (pf) /* see moe_prefetch_step */
+                moe_prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
+                              (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++)
                 wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
@@ -168,9 +168,9 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         for (int k = 0; k < g; k++) {
             int b = b0 + k;
             __m256i lo[4], hi[4];
-            if (pf) /* see prefetch_step */
-                prefetch_step(pf, (size_t)b * (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4),
-                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4));
+            if (pf) /* see moe_prefetch_step */
+                moe_prefetch_step(pf, (size_t)b * (single ? 1 : 2 * NP) * sizeof(moe_block_q4),
+                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
                 __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
@@ -217,7 +217,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
         }
 }
 
-/* pf: the next row tile to prefetch (prefetch_step), or NULL. */
+/* pf: the next row tile to prefetch (moe_prefetch_step), or NULL. */
 typedef void (*q_tile_fn)(float *y, const int8_t *xq, const float *xd, const char *w,
                           size_t row_bytes, int n_in, int n_out, int r, int t0, const char *pf);
 
@@ -332,7 +332,8 @@ void moe_matmul_rows_q_avx2(float *y, const int8_t *xq, const float *xd, const v
         for (int r = r0; r < r1;) {
             int rn = r + nr <= r1 ? nr : r + 2 <= r1 ? 2 : 1;
             /* The next row tile of this task, prefetched by the first token tile of this one */
-            const char *pf = r + 2 * rn <= r1 && (size_t)rn * row_bytes <= PF_MAX_TILE
+            const char *pf = r + 2 * rn <= r1 &&
+                                     moe_pf_rows_int8((size_t)rn * row_bytes) != MOE_PF_NONE
                                  ? wc + (size_t)(r + rn) * row_bytes
                                  : NULL;
             for (int t = tc; t < te; t += nt) {

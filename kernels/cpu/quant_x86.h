@@ -1,6 +1,7 @@
 /* Helpers shared by the x86 int8 kernels of the quantized matmul (quant_avx2.c, quant_avx512.c):
- * the lane sums of the documented output order, the scale-product tables and decode prefetch. Only
- * included by files built with at least -mavx2 -mfma -mf16c. */
+ * the lane sums of the documented output order and the scale-product tables (decode prefetch:
+ * moe_prefetch_step in kernels_internal.h). Only included by files built with at least -mavx2
+ * -mfma -mf16c. */
 #ifndef MOE_KERNELS_CPU_QUANT_X86_H
 #define MOE_KERNELS_CPU_QUANT_X86_H
 
@@ -59,20 +60,6 @@ AI void q_token_rows(const int8_t **xr, const float **dr, const int8_t *xq, cons
         xr[t] = xq + (size_t)(t0 + tt) * n_in;
         dr[t] = xd + (size_t)(t0 + tt) * nb;
     }
-}
-
-/* Decode prefetch. The rows of a decode tile are one contiguous block of memory and so are the
- * next tile's; with short rows (768 inputs: 816 bytes of Q8) each tile is 8 streams of a dozen
- * cache lines, too short for the hardware prefetcher to ramp up on. So each block step of a tile
- * consumes `step` bytes of weights and prefetches as many of the next tile (from byte `off` of
- * it): the next tile is in cache when it starts, and the prefetches run one tile ahead of the
- * loads, never more (a whole tile of at most PF_MAX_TILE bytes). */
-AI void prefetch_step(const char *pf, size_t off, size_t step)
-{
-    /* Lines already requested by the previous step are requested again when a step does not end on
-     * a line boundary: harmless (the line is in flight or in L1). */
-    for (size_t c = off & ~(size_t)63; c < off + step; c += 64)
-        _mm_prefetch(pf + c, _MM_HINT_T0);
 }
 
 /* ---- Scale products of a group of up to QG blocks ----
@@ -146,10 +133,5 @@ AI void store_scale_pairs(float *dst, __m256 a, __m256 b)
     _mm256_store_ps(dst + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* Row tiles up to this size prefetch the next one (prefetch_step) in their first token tile (the
- * one that reads them from memory); bigger ones (8-row decode tiles of more than ~3800 Q8 / ~7200
- * Q4 inputs) stream well on their own, and a whole tile ahead would push the current one out of
- * L1. */
-#define PF_MAX_TILE 32768
 
 #endif
