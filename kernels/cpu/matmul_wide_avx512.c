@@ -23,16 +23,20 @@
 
 #include "kernels/cpu/quant_x86.h" /* hsum8: the AVX2 rows' horizontal sum order */
 
-/* Rows x token pairs per tile: 16 accumulators, 4 even + 4 odd weight registers and an x one,
- * 25 of the 32 zmm registers. */
+/* Rows x token pairs per tile: 20 accumulators, 4 even + 4 odd weight registers, an x one and
+ * the odd-half mask, 30 of the 32 zmm registers. Each step's weight conversion (a shift and an AND
+ * per row, on the FMA ports) is shared by 5 pairs instead of 4: 512 tokens 1.03-1.09x, 10 and 20
+ * tokens 1.10-1.24x, other counts equal (bench/RESULTS.md "Issue 16, zmm pair tiles of 5");
+ * tiles of 2 x 8, 3 x 5, 3 x 6 and 3 x 7 measured slower. */
 #define WIDE_NR 4
-#define WIDE_NP 4
+#define WIDE_NP 5
 /* Fewer tokens go to the AVX2 rows (see the file comment). */
 #define WIDE_MIN_TOK 4
-/* From WIDE_CHUNK_MIN_TOK tokens on (prefill), tokens in chunks of WIDE_TOKC, so the chunk's x
- * (WIDE_TOKC x n_in floats: 128 KB at n_in = 2048) stays in L2 while every row tile of the task
- * meets it; fewer tokens go in one chunk, so every weight row streams once per call. */
-#define WIDE_TOKC 16
+/* From WIDE_CHUNK_MIN_TOK tokens on (prefill), tokens in chunks of WIDE_TOKC (two pair tiles),
+ * so the chunk's x (WIDE_TOKC x n_in floats: 160 KB at n_in = 2048) stays in L2 while every row
+ * tile of the task meets it; fewer tokens go in one chunk, so every weight row streams once per
+ * call. */
+#define WIDE_TOKC 20
 #define WIDE_CHUNK_MIN_TOK 48
 
 /* The pair layout of tokens t and t + 1 (x1 NULL: a zero token): per 16 inputs k..k+16, 32
@@ -67,11 +71,11 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
 #pragma GCC unroll 4
     for (int i = 0; i < NR; i++) {
         wr[i] = w + (size_t)(r + i) * n_in;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
             acc[i][p] = _mm512_setzero_ps();
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int p = 0; p < NP; p++)
         xr[p] = xp + (size_t)(p0 + p) * 2 * n16;
     for (int k = 0; k < n16; k += 16) {
@@ -89,14 +93,14 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
             we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             wo[i] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NP; p++) {
             __m512 xe = _mm512_loadu_ps(xr[p] + 2 * k);
 #pragma GCC unroll 4
             for (int i = 0; i < NR; i++)
                 acc[i][p] = _mm512_fmadd_ps(we[i], xe, acc[i][p]);
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NP; p++) {
             __m512 xo = _mm512_loadu_ps(xr[p] + 2 * k + 16);
 #pragma GCC unroll 4
@@ -106,7 +110,7 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
     }
 #pragma GCC unroll 4
     for (int i = 0; i < NR; i++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NP; p++) {
             int t = 2 * (p0 + p);
             y[(size_t)t * n_out + r + i] = hsum8(_mm512_castps512_ps256(acc[i][p]));
@@ -125,6 +129,9 @@ wide_row_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out,
     for (; p + WIDE_NP <= n_pairs; p += WIDE_NP)
         wide_tile(y, xp, w, n_in, n_out, r, p, nt, NR, WIDE_NP, p == 0 ? pf : NULL);
     switch (n_pairs - p) {
+    case 4:
+        wide_tile(y, xp, w, n_in, n_out, r, p, nt, NR, 4, p == 0 ? pf : NULL);
+        break;
     case 3:
         wide_tile(y, xp, w, n_in, n_out, r, p, nt, NR, 3, p == 0 ? pf : NULL);
         break;

@@ -713,8 +713,8 @@ Test(kernels, matmul_bf16_amx_shapes, .timeout = 300)
 
 /* The AVX2 bf16 rows' arithmetic on zmm token pairs (matmul_wide_avx512.c, the Intel avx512
  * table) against the AVX2 rows themselves, bit for bit: every pair-tile and row-tile remainder (4
- * rows x 4 pairs; odd token counts leave a lone last token), the 4-token threshold, token chunks of
- * 16 from 48 tokens on, n_in tails of 1..15, row ranges starting off a tile, negative zeros and
+ * rows x 5 pairs; odd token counts leave a lone last token), the 4-token threshold, token chunks of
+ * 20 from 48 tokens on (48, 49, 64 and 67 end on chunks of 8, 9, 4 and 7), n_in tails of 1..15, row ranges starting off a tile, negative zeros and
  * infinities in x, and the no-scratch fallback. */
 static void wide_vs_avx2(int n_tok, int n_in, int n_out, int r0, int r1)
 {
