@@ -9,6 +9,8 @@
 
 #define AI static inline __attribute__((always_inline))
 
+#include "kernels/cpu/quant_x86.h" /* hsum8, the horizontal sum order of every output */
+
 /* ---- numerics ----
  * Every output y[t][r] is one 8-lane f32 accumulator over k in steps of 16, FMA, each step two
  * FMAs per lane (the "first" and "second" 8 of the step), the last partial step zero-padded
@@ -71,15 +73,6 @@ AI __m256 load_x_tail(const float *x, int n)
     float buf[8] = {0};
     memcpy(buf, x, (size_t)n * sizeof(float));
     return _mm256_loadu_ps(buf);
-}
-
-AI float hsum8(__m256 v)
-{
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    __m128 s = _mm_add_ps(lo, hi);          /* l + l+4 */
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s)); /* + (l+2) */
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));  /* + (l+1) */
-    return _mm_cvtss_f32(s);
 }
 
 AI size_t elem_size(int wt)

@@ -1,7 +1,8 @@
 /* Helpers shared by the x86 int8 kernels of the quantized matmul (quant_avx2.c, quant_avx512.c):
  * the lane sums of the documented output order and the scale-product tables (decode prefetch:
- * moe_prefetch_step in kernels_internal.h). Only included by files built with at least -mavx2
- * -mfma -mf16c. */
+ * moe_prefetch_step in kernels_internal.h). hsum8 is the float rows' horizontal sum too
+ * (matmul_avx2.c, matmul_wide_avx512.c). Only included by files built with at least -mavx2 -mfma
+ * -mf16c. */
 #ifndef MOE_KERNELS_CPU_QUANT_X86_H
 #define MOE_KERNELS_CPU_QUANT_X86_H
 
@@ -16,9 +17,9 @@
 AI float hsum8(__m256 v)
 {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    __m128 s = _mm_add_ps(lo, hi);
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    __m128 s = _mm_add_ps(lo, hi);          /* l + l+4 */
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s)); /* + (l+2) */
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));  /* + (l+1) */
     return _mm_cvtss_f32(s);
 }
 
