@@ -129,8 +129,8 @@ AI void tile_fma(__m256 acc[8][4], const __m256 wv[8], const float *const xr[4],
  * loop below (per 16-k step and output, the even FMA then the odd one), but GCC's allocation of
  * that loop's 16 live registers (12 accumulators, 3 weights, 1 x) spilled an accumulator to the
  * stack on every step (a store-to-load chain that ran the tile at ~60% of its FMA rate). pp: the
- * bytes to prefetch, 96 per step, into L2 as moe_prefetch_step (the tile's own rows when there is
- * no next tile: harmless). */
+ * bytes to prefetch, 96 per step, into L1 (the tile's own rows when there is no next tile or the
+ * rule wants another cache: harmless; under the Intel rule 4+ tokens go to the zmm token pairs). */
 AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *const xr[4], int n16,
                       const char *pp)
 {
@@ -153,8 +153,8 @@ AI void bf16_3x4_loop(__m256 acc[8][4], const char *const wr[8], const float *co
             "vmovups 320(%[av]), %%ymm10\n\t"
             "vmovups 352(%[av]), %%ymm11\n\t"
             "1:\n\t"
-            "prefetcht1 (%[pp])\n\t"
-            "prefetcht1 64(%[pp])\n\t"
+            "prefetcht0 (%[pp])\n\t"
+            "prefetcht0 64(%[pp])\n\t"
             "vmovdqu (%[w0],%[k],2), %%ymm12\n\t"
             "vmovdqu (%[w1],%[k],2), %%ymm13\n\t"
             "vmovdqu (%[w2],%[k],2), %%ymm14\n\t"

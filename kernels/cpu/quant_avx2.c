@@ -94,7 +94,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
             __m256i wv[8];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
-                              (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
+                                  (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++)
                 wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
@@ -170,7 +170,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
             __m256i lo[4], hi[4];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (single ? 1 : 2 * NP) * sizeof(moe_block_q4),
-                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
+                                  (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
                 __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);

@@ -64,7 +64,7 @@ AI void q8_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
             __m256i wv[QV_MAXR];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
-                              (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
+                                  (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++)
                 wv[i] = _mm256_loadu_si256((const __m256i *)wr[i][b].q);
@@ -161,7 +161,7 @@ AI void q4_tile(float *y, const int8_t *xq, const float *xd, const char *w, size
             __m256i lo[QV_MAXR / 2], hi[QV_MAXR / 2];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (single ? 1 : 2 * NP) * sizeof(moe_block_q4),
-                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
+                                  (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
                 __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
@@ -294,7 +294,7 @@ AI void q4_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
             __m512i lo[QZ_MAXP], hi[QZ_MAXP];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (single ? 1 : 2 * NP) * sizeof(moe_block_q4),
-                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
+                                  (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q4), MOE_PF_L1);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
                 __m256i v = q4_pair_block(&wa[p][b], &wb[p][b]);
@@ -425,7 +425,7 @@ AI void q8_tile_z(float *y, const int8_t *xq, const float *xd, const char *w, si
             __m512i wv[QV_MAXR], nc[QV_MAXR];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (size_t)NR * sizeof(moe_block_q8),
-                              (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
+                                  (size_t)NR * sizeof(moe_block_q8), MOE_PF_L1);
 #pragma GCC unroll 8
             for (int i = 0; i < NR; i++) {
                 wv[i] = double_lanes(_mm256_loadu_si256((const __m256i *)wr[i][b].q));
@@ -500,7 +500,7 @@ AI void q8_tile_zr(float *y, const int8_t *xq, const float *xd, const char *w, s
             __m512i wv[QR_MAXP], nc[QR_MAXP];
             if (pf) /* see moe_prefetch_step */
                 moe_prefetch_step(pf, (size_t)b * (single ? 1 : 2 * NP) * sizeof(moe_block_q8),
-                              (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q8), MOE_PF_L1);
+                                  (size_t)(single ? 1 : 2 * NP) * sizeof(moe_block_q8), MOE_PF_L1);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
                 __m256i va = _mm256_loadu_si256((const __m256i *)wa[p][b].q);
