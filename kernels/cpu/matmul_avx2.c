@@ -409,20 +409,18 @@ static void rows_float(float *y, const float *x, const void *w, int wt, int n_to
     }
 }
 
-void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                          int n_in, int n_out, int r0, int r1)
-{
-    MOE_KASSERT((wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16) &&
-                "moe_matmul (avx2): weight dtype must be F32, BF16 or F16 (Q8/Q4: matmul_rows_q)");
-    rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
-}
-
 void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                              int n_in, int n_out, int r0, int r1, moe_pf_rule pf_rule)
 {
     MOE_KASSERT((wt == MOE_DT_F32 || wt == MOE_DT_BF16 || wt == MOE_DT_F16) &&
                 "moe_matmul (avx2): weight dtype must be F32, BF16 or F16 (Q8/Q4: matmul_rows_q)");
     rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1, pf_rule);
+}
+
+void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                          int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
 }
 
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
@@ -456,17 +454,17 @@ void moe_axpy_f32_avx2(float *y, float a, const float *x, int n)
 
 #else /* built without the flags (not x86, or a compiler that ignored them): never dispatched */
 
-void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                          int n_in, int n_out, int r0, int r1)
-{
-    moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
-}
-
 void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
                              int n_in, int n_out, int r0, int r1, moe_pf_rule pf_rule)
 {
     (void)pf_rule;
     moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
+}
+
+void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                          int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
 }
 
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
