@@ -23,7 +23,7 @@ import moeserve_pb2 as pb
 import moeserve_pb2_grpc as pbg
 from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check, registrar, test_main
 from elastic import ElasticCluster, Proc
-from elastic_tests import Streams, check_outputs, workload
+from elastic_tests import DECODE_SLOW_ENV, Streams, check_outputs, workload
 
 TESTS = {}
 test = registrar(TESTS)
@@ -88,11 +88,12 @@ class Pods:
         self.pods[name] = p
         return p
 
-    def instance(self, name, pool):
-        """An E = 1 instance pod (components/pools-deployment), its pod name as host label."""
+    def instance(self, name, pool, **env):
+        """An E = 1 instance pod (components/pools-deployment), its pod name as host label; env:
+        more of its environment (a test hook)."""
         return self.start(name, MOE_ROLE="instance", MOE_POOL=pool, MOE_COORDINATOR_ADDR=self.cluster,
                           MOE_COORDINATOR_API=self.api, MOE_HOST_LABEL=name, MOE_THREADS="1",
-                          MOE_INSTANCE_ARGS="--kv-blocks 512 --heartbeat-ms 100")
+                          MOE_INSTANCE_ARGS="--kv-blocks 512 --heartbeat-ms 100", **env)
 
     def ready(self, pod):
         """The pod's readiness probe (moeserve-ready): True when it exits 0."""
@@ -211,10 +212,13 @@ def pods_serve_and_scale_up():
 @test
 def pods_prestop_drains_without_losing_a_request():
     """The busiest decode pod's preStop hook during 12 live streams: its requests migrate, the
-    hook returns once the instance has exited 0, every stream equals moe-generate."""
+    hook returns once the instance has exited 0, every stream equals moe-generate. The decode pods
+    are slowed (DECODE_SLOW_ENV): unslowed, a quick CPU (a Zen 4 CI run) decoded all 12 x 400
+    tokens in 0.35 s, before the hook ran, and the drain found nothing to move."""
+    slow = dict(DECODE_SLOW_ENV, MOE_TEST_HOOKS="1")
     with Pods() as c:
-        pods = [c.instance("moeserve-prefill-0", "prefill"), c.instance("moeserve-decode-0", "decode"),
-                c.instance("moeserve-decode-1", "decode")]
+        pods = [c.instance("moeserve-prefill-0", "prefill"), c.instance("moeserve-decode-0", "decode", **slow),
+                c.instance("moeserve-decode-1", "decode", **slow)]
         c.wait_ready(pods)
         work = workload(12, max_new=400)
         s = Streams(c, work)
