@@ -189,16 +189,18 @@ static inline int moe_bf16_split_n(int n_in)
  * - moe_pf_rows_float (the AVX2 rows on other CPUs than below): up to 16 KiB into L1. On Zen 3
  *   384x768 bf16 matvecs from DRAM ran at 55-65% of a long stream's GB/s without it; a whole
  *   32-64 KiB tile ahead into L1 evicts the one being read (4096x4096 lost 20%).
- * - moe_pf_rows_float_intel (the AVX2 rows and the zmm token pairs under dispatch.c's Intel rule):
- *   up to 64 KiB into L2. On the Intel Xeon of issue 16 (`kernels_bench 2 experts 64 1024 2048
- *   bf16`, 2 threads, weights from DRAM) 1-2 tokens per matrix went from 77-80% of a plain read to
- *   88-91%, 4 tokens from 69% to 80%; engine decode of OLMoE b=16 +7-9%. Weights that sit in the
- *   last-level cache prefer L1 (the small preset's b=1 decode, largely cache-resident: 4-9% slower
- *   into L2), but served models stream from DRAM. bench/RESULTS.md "Issue 16, decode prefetch
- *   into L2".
- * - moe_pf_rows_vdpbf16ps (matmul_avx512.c, Zen 4): up to 16 KiB into L2: the 2048x1024 decode
- *   matvec from DRAM 10-20% faster than into L1; prefetching its 32 KiB tiles too (either cache)
- *   made 1024x2048 15-20% slower there.
+ * - moe_pf_rows_into_l2 (the AVX2 rows and the zmm token pairs under dispatch.c's Intel rule; the
+ *   vdpbf16ps rows of matmul_avx512.c, Zen 4): up to 64 KiB into L2. On the Intel Xeon of issue
+ *   16 (`kernels_bench 2 experts 64 1024 2048 bf16`, 2 threads, weights from DRAM) 1-2 tokens per
+ *   matrix went from 77-80% of a plain read to 88-91%, 4 tokens from 69% to 80%; engine decode of
+ *   OLMoE b=16 +7-9%. Weights that sit in the last-level cache prefer L1 (the small preset's b=1
+ *   decode, largely cache-resident: 4-9% slower into L2), but served models stream from DRAM.
+ *   bench/RESULTS.md "Issue 16, decode prefetch into L2". On Zen 4 (the vdpbf16ps rows, same
+ *   command, quiet machine) the 32 KiB one-token tiles of 1024x2048 went from 84-92% of the read
+ *   to 90-99%, the 50304x2048 lm_head 85-89% -> 95-100%, 1024x4096 at 1-4 tokens 1.02-1.25x; OLMoE
+ *   b=1 decode +7-10% (bench/RESULTS.md "Issue 16, Zen 4 again"). The earlier Zen 4 rule (up to
+ *   16 KiB: prefetching 32 KiB tiles measured 15-20% slower) had been measured with the
+ *   machine's bandwidth at half its quiet figure.
  * - moe_pf_rows_int8 (Q8/Q4): up to 32 KiB into L1. Their unpacking keeps them nearer their
  *   compute bound than their memory one at 1-2 tokens, and loads that miss L1 stall it (Q4 one
  *   token, OLMoE gate/up from DRAM, Intel Xeon: 5.4-5.7 ms into L1, 7.0 into L2, same run). */
@@ -210,14 +212,9 @@ static inline moe_pf_level moe_pf_rows_float(size_t tile_bytes)
     return tile_bytes <= 16384 ? MOE_PF_L1 : MOE_PF_NONE;
 }
 
-static inline moe_pf_level moe_pf_rows_float_intel(size_t tile_bytes)
+static inline moe_pf_level moe_pf_rows_into_l2(size_t tile_bytes)
 {
     return tile_bytes <= 65536 ? MOE_PF_L2 : MOE_PF_NONE;
-}
-
-static inline moe_pf_level moe_pf_rows_vdpbf16ps(size_t tile_bytes)
-{
-    return tile_bytes <= 16384 ? MOE_PF_L2 : MOE_PF_NONE;
 }
 
 static inline moe_pf_level moe_pf_rows_int8(size_t tile_bytes)

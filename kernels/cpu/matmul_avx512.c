@@ -133,7 +133,7 @@ AI void dot_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int
     for (int k = 0; k < nk; k += DP_K) {
         if (pf) /* see moe_prefetch_step */
             moe_prefetch_step(pf, (size_t)k * NR * 2, (size_t)NR * DP_K * 2,
-                              moe_pf_rows_vdpbf16ps((size_t)NR * n_in * 2));
+                              moe_pf_rows_into_l2((size_t)NR * n_in * 2));
         __m512i wv[8];
 #pragma GCC unroll 8
         for (int i = 0; i < NR; i++)
@@ -217,7 +217,7 @@ AI void dot_row_tile(float *y, const uint16_t *xb, size_t xs, const uint16_t *w,
 }
 
 /* Rows [r0, r1) in tiles of NR rows, the last rows one at a time. As on the AVX2 path, the first
- * token tile of a row tile prefetches the next one (moe_pf_rows_vdpbf16ps): short rows
+ * token tile of a row tile prefetches the next one (moe_pf_rows_into_l2): short rows
  * are short streams the hardware prefetcher barely ramps up on. */
 AI void dot_rows_nr(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, int n_tok, int n_in,
                     int n_out, int r0, int r1, int NR, int NT, int NX)
@@ -225,7 +225,7 @@ AI void dot_rows_nr(float *y, const uint16_t *xb, size_t xs, const uint16_t *w, 
     int r = r0;
     const size_t tile_bytes = (size_t)NR * n_in * 2;
     for (; r + NR <= r1; r += NR) {
-        const char *pf = r + 2 * NR <= r1 && moe_pf_rows_vdpbf16ps(tile_bytes) != MOE_PF_NONE
+        const char *pf = r + 2 * NR <= r1 && moe_pf_rows_into_l2(tile_bytes) != MOE_PF_NONE
                              ? (const char *)(w + (size_t)(r + NR) * n_in)
                              : NULL;
         dot_row_tile(y, xb, xs, w, n_tok, n_in, n_out, r, NR, NT, NX, pf);

@@ -82,7 +82,7 @@ wide_tile(float *y, const float *xp, const uint16_t *w, int n_in, int n_out, int
         __m512 we[WIDE_NR], wo[WIDE_NR];
         if (pf && k < nk) /* each step consumes NR * 32 bytes: see moe_prefetch_step */
             moe_prefetch_step(pf, (size_t)k * NR * 2, (size_t)NR * 32,
-                              moe_pf_rows_float_intel((size_t)NR * n_in * 2));
+                              moe_pf_rows_into_l2((size_t)NR * n_in * 2));
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             /* the last n_in % 16 weights zero-padded to 16, both halves FMAed as on AVX2 */
@@ -152,7 +152,7 @@ static void wide_rows(float *y, const float *xp, const uint16_t *w, int n_in, in
     int n_pairs = (nt + 1) / 2, r = r0;
     const size_t tile_bytes = (size_t)WIDE_NR * n_in * sizeof(uint16_t);
     for (; r + WIDE_NR <= r1; r += WIDE_NR) {
-        const char *pf = r + 2 * WIDE_NR <= r1 && moe_pf_rows_float_intel(tile_bytes) != MOE_PF_NONE
+        const char *pf = r + 2 * WIDE_NR <= r1 && moe_pf_rows_into_l2(tile_bytes) != MOE_PF_NONE
                              ? (const char *)(w + (size_t)(r + WIDE_NR) * n_in)
                              : NULL;
         wide_row_tile(y, xp, w, n_in, n_out, r, n_pairs, nt, WIDE_NR, pf);
@@ -181,7 +181,7 @@ void moe_matmul_rows_wide_avx512(float *y, const float *x, const void *w, moe_dt
                     : NULL;
     if (!xp) {
         /* f32/f16, few tokens, or no scratch (the AVX2 rows' own stack fallback): the same bits */
-        moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float_intel);
+        moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_into_l2);
         return;
     }
     for (int tc = 0; tc < n_tok; tc += chunk) {
