@@ -417,12 +417,6 @@ void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype 
     rows_float(y, x, w, wt, n_tok, n_in, n_out, r0, r1, pf_rule);
 }
 
-void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                          int n_in, int n_out, int r0, int r1)
-{
-    moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
-}
-
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -461,12 +455,6 @@ void moe_matmul_rows_avx2_pf(float *y, const float *x, const void *w, moe_dtype 
     moe_matmul_rows_scalar(y, x, w, wt, n_tok, n_in, n_out, r0, r1);
 }
 
-void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
-                          int n_in, int n_out, int r0, int r1)
-{
-    moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
-}
-
 float moe_dot_f32_avx2(const float *a, const float *b, int n)
 {
     return moe_dot_f32_scalar(a, b, n);
@@ -478,3 +466,10 @@ void moe_axpy_f32_avx2(float *y, float a, const float *x, int n)
 }
 
 #endif
+
+/* The default prefetch rule (moe_pf_rows_float): one definition for both builds above. */
+void moe_matmul_rows_avx2(float *y, const float *x, const void *w, moe_dtype wt, int n_tok,
+                          int n_in, int n_out, int r0, int r1)
+{
+    moe_matmul_rows_avx2_pf(y, x, w, wt, n_tok, n_in, n_out, r0, r1, moe_pf_rows_float);
+}

@@ -21,7 +21,7 @@ import health_pb2
 import health_pb2_grpc
 import moeserve_pb2 as pb
 import moeserve_pb2_grpc as pbg
-from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check, registrar, test_main
+from cluster import MODEL, MPI_ENV, TestFailure, build_dir, check, registrar, test_main, with_test_hooks
 from elastic import ElasticCluster, Proc
 from elastic_tests import DECODE_SLOW_ENV, Streams, check_outputs, workload
 
@@ -83,6 +83,7 @@ class Pods:
     def start(self, name, **env):
         e = dict(self.env)
         e.update(env)
+        with_test_hooks(e)
         p = Proc(name, [ENTRYPOINT], e, pod_spawn)
         p.pod_env = e
         self.pods[name] = p
@@ -215,10 +216,9 @@ def pods_prestop_drains_without_losing_a_request():
     hook returns once the instance has exited 0, every stream equals moe-generate. The decode pods
     are slowed (DECODE_SLOW_ENV): unslowed, a quick CPU (a Zen 4 CI run) decoded all 12 x 400
     tokens in 0.35 s, before the hook ran, and the drain found nothing to move."""
-    slow = dict(DECODE_SLOW_ENV, MOE_TEST_HOOKS="1")
     with Pods() as c:
-        pods = [c.instance("moeserve-prefill-0", "prefill"), c.instance("moeserve-decode-0", "decode", **slow),
-                c.instance("moeserve-decode-1", "decode", **slow)]
+        pods = [c.instance("moeserve-prefill-0", "prefill"), c.instance("moeserve-decode-0", "decode", **DECODE_SLOW_ENV),
+                c.instance("moeserve-decode-1", "decode", **DECODE_SLOW_ENV)]
         c.wait_ready(pods)
         work = workload(12, max_new=400)
         s = Streams(c, work)
